@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with Python 3.10+:
+#   make demo   installs the package into .venv and starts the demo on http://127.0.0.1:8000
+#   make test   installs the test dependencies into .venv and runs lint, types and the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: demo test install lint types pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+demo: install
+	$(BIN)/python -m examples.demo
+
+lint: install
+	$(BIN)/ruff check agentsight_middleware tests examples
+	$(BIN)/ruff format --check agentsight_middleware tests examples
+
+types: install
+	$(BIN)/mypy --strict agentsight_middleware
+
+pytest: install
+	$(BIN)/python -m pytest -q
+
+test: lint types pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,114 @@
+"""The constructor and public methods shared by the ASGI and WSGI middleware."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from ._config import Settings
+from ._conversation import ID_SOURCES
+from ._core import Core
+from ._facts import DEFAULT_NON_BROWSER_AGENTS
+from ._tracker import TrackerDelivery
+
+__all__ = ["MiddlewareBase"]
+
+
+class MiddlewareBase:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        widget_pages: Iterable[str | re.Pattern[str]] = (),
+        chat_routes: Iterable[str | re.Pattern[str]] = (),
+        tracker: Any = None,
+        trusted_proxies: Sequence[str] | int | None = None,
+        cookie_name: str = "agentsight_conversation_id",
+        cookie_max_age: int | None = 1800,
+        conversation_id_sources: Sequence[str] = ID_SOURCES,
+        conversation_id_header: str = "X-Conversation-ID",
+        conversation_id_field: str = "conversation_id",
+        max_body_peek: int = 64 * 1024,
+        non_browser_agents: Iterable[str] = DEFAULT_NON_BROWSER_AGENTS,
+        source: str | None = "web",
+        environment: str | None = None,
+        customer_id: Callable[[Any], Any] | None = None,
+        metadata: Mapping[str, Any] | Callable[[Any], Mapping[str, Any] | None] | None = None,
+        tracker_timeout: float = 5.0,
+        queue_size: int = 10_000,
+    ) -> None:
+        """Wrap ``app``.
+
+        :param widget_pages: paths of pages that show the chat widget; a real page
+            view of one calls ``initialize_conversation`` (``is_used: false``).
+        :param chat_routes: chat API routes (``"POST /api/chat"``,
+            ``"/api/chat/{conversation_id}/messages"``); a request to one calls
+            ``get_or_create_conversation`` (``is_used: true``) before the app runs.
+        :param tracker: an object with ``initialize_conversation()`` and
+            ``get_or_create_conversation()``, such as ``agentsight.ConversationTracker()``.
+        :param trusted_proxies: IPs/CIDRs of your reverse proxies (or a hop count);
+            only then are ``Forwarded`` / ``X-Forwarded-For`` believed.
+        :param cookie_name: the cookie carrying the conversation id from page to chat.
+        :param cookie_max_age: seconds of inactivity after which a visit is a new
+            conversation (refreshed on every page view); None for a session cookie.
+        :param conversation_id_sources: where a chat request's id is looked for, in order.
+        :param conversation_id_header: the header source's name.
+        :param conversation_id_field: the name of the path parameter, query parameter,
+            JSON field and form field that carry the id.
+        :param max_body_peek: at most this many body bytes are read to find an id.
+        :param non_browser_agents: user-agent substrings of probes, monitors and
+            scripts whose page loads are never views.
+        :param source: the conversation's ``source`` field.
+        :param environment: ``"production"`` or ``"development"``; None leaves it
+            to the tracker (the SDK reads ``AGENTSIGHT_ENVIRONMENT``).
+        :param customer_id: ``callable(request) -> id | None`` for signed-in users.
+        :param metadata: a dict, or ``callable(request) -> dict``, merged into the metadata.
+        :param tracker_timeout: seconds a chat request waits for the tracker at most (ASGI).
+        :param queue_size: page views waiting for the background worker at most.
+        """
+        self.app = app
+        settings = Settings(
+            widget_pages=widget_pages,
+            chat_routes=chat_routes,
+            trusted_proxies=trusted_proxies,
+            cookie_name=cookie_name,
+            cookie_max_age=cookie_max_age,
+            conversation_id_sources=conversation_id_sources,
+            conversation_id_header=conversation_id_header,
+            conversation_id_field=conversation_id_field,
+            max_body_peek=max_body_peek,
+            non_browser_agents=non_browser_agents,
+            source=source,
+            environment=environment,
+            customer_id=customer_id,
+            metadata=metadata,
+            tracker_timeout=tracker_timeout,
+        )
+        if tracker is None:
+            raise ValueError(
+                "tracker= is required: pass an object with initialize_conversation() and "
+                "get_or_create_conversation(), e.g. agentsight.ConversationTracker()"
+            )
+        delivery = TrackerDelivery(
+            tracker,
+            source=settings.source,
+            environment=settings.environment,
+            timeout=settings.tracker_timeout,
+            queue_size=queue_size,
+        )
+        self._settings = settings
+        self._core = Core(settings, delivery)
+        self._match = settings.rules.match
+
+    def stats(self) -> dict[str, int]:
+        """Counts of the background work: submitted, processed, dropped, errors, queued..."""
+        return self._core.delivery.stats()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued page views are handed to the tracker; False on time-out."""
+        return self._core.delivery.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and stop the background worker (also done at interpreter exit)."""
+        self._core.delivery.close(timeout)

@@ -1,0 +1,182 @@
+"""Peek at a request body for a conversation id, then hand the app the very same bytes.
+
+Only the first ``limit`` bytes are ever held. Under ASGI the messages read are
+replayed unchanged (same chunking, same ``more_body`` flags, a
+``http.disconnect`` included), then ``receive`` is passed through. Under WSGI
+the bytes read are served again before the rest of the original stream.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import IO, Any
+
+__all__ = ["ReplayInput", "peek_asgi", "peek_wsgi"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+
+def _declared_length(value: str | None) -> int | None:
+    """``Content-Length`` as an int; -1 when present but not a number."""
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() else -1
+
+
+async def peek_asgi(
+    receive: Receive, content_length: str | None, limit: int
+) -> tuple[bytes, Receive]:
+    """``(body, receive_for_the_app)``; ``body`` is b"" unless complete and within ``limit``."""
+    declared = _declared_length(content_length)
+    if declared is not None and not 0 < declared <= limit:
+        return b"", receive  # too big, empty or nonsense: do not touch the stream
+
+    messages: deque[Message] = deque()
+    chunks: list[bytes] = []
+    size = 0
+    complete = False
+    error: BaseException | None = None
+    try:
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break  # http.disconnect: the app will see it next
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if not message.get("more_body", False):
+                complete = size <= limit
+                break
+            if size > limit:
+                break
+    except Exception as exc:
+        # The server's receive failed; the app must meet the same failure, at the
+        # same point of the stream, rather than have it swallowed here.
+        error = exc
+
+    async def replay() -> Message:
+        if messages:
+            return messages.popleft()
+        nonlocal error
+        if error is not None:
+            exc, error = error, None
+            raise exc
+        return await receive()
+
+    return (b"".join(chunks) if complete else b""), replay
+
+
+class ReplayInput(io.RawIOBase):
+    """A ``wsgi.input`` that serves ``head`` first, then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: IO[bytes] | None, error: BaseException | None = None):
+        super().__init__()
+        self._head = head
+        self._pos = 0
+        self._stream = stream
+        self._error = error
+
+    def readable(self) -> bool:
+        return True
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        left = len(self._head) - self._pos
+        if left > 0:
+            n = min(left, len(view))
+            view[:n] = self._head[self._pos : self._pos + n]
+            self._pos += n
+            return n
+        self._raise_pending()
+        if self._stream is None or not len(view):
+            return 0
+        data = self._stream.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        head = (
+            self._head[self._pos :]
+            if size is None or size < 0
+            else self._head[self._pos : self._pos + size]
+        )
+        self._pos += len(head)
+        if size is not None and 0 <= size <= len(head):
+            return head
+        self._raise_pending()
+        if self._stream is None:
+            return head
+        rest = (
+            self._stream.read() if size is None or size < 0 else self._stream.read(size - len(head))
+        )
+        return head + rest
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = (
+            len(self._head) if size is None or size < 0 else min(len(self._head), self._pos + size)
+        )
+        end = self._head.find(b"\n", self._pos, limit)
+        stop = limit if end < 0 else end + 1
+        line = self._head[self._pos : stop]
+        self._pos = stop
+        if end >= 0 or (size is not None and 0 <= size <= len(line)):
+            return line
+        self._raise_pending()
+        if self._stream is None:
+            return line
+        more = (
+            self._stream.readline()
+            if size is None or size < 0
+            else self._stream.readline(size - len(line))
+        )
+        return line + more
+
+
+def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
+    """The body if it fits in ``limit``, else b""; ``wsgi.input`` is replaced by a replay."""
+    stream = environ.get("wsgi.input")
+    if stream is None:
+        return b""
+    declared = _declared_length(environ.get("CONTENT_LENGTH") or None)
+    if declared is not None:
+        if not 0 < declared <= limit:
+            return b""
+        want = declared
+        # Never read past Content-Length: on a plain socket that read would block.
+        rest: IO[bytes] | None = None
+    elif environ.get("wsgi.input_terminated"):
+        want = limit + 1  # one byte more tells "too big" from "exactly the limit"
+        rest = stream
+    else:
+        return b""  # no length and no terminated stream: the app could not read it either
+
+    chunks: list[bytes] = []
+    got = 0
+    error: BaseException | None = None
+    try:
+        while got < want:
+            chunk = stream.read(want - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except Exception as exc:
+        error = exc
+    head = b"".join(chunks)
+    environ["wsgi.input"] = ReplayInput(head, rest, error)
+    if error is not None or got > limit or (declared is not None and got != declared):
+        return b""
+    return head

@@ -1,0 +1,210 @@
+"""Configuration shared by the ASGI and WSGI middleware: validated once, at start-up.
+
+Every argument is checked in :class:`Settings` so that a mistake fails when the
+app starts, with a message that names the argument and says what to write
+instead, never on the first request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from ._conversation import ID_SOURCES, clean_id, cookie_value, form_field, json_field, query_field
+from ._facts import DEFAULT_NON_BROWSER_AGENTS, TrustedProxies, compile_agent_matcher
+from ._rules import RuleSet
+
+__all__ = ["NEED_BODY", "Settings", "normalise_environment"]
+
+#: ``Settings.find_id`` answer meaning "the id may be in the body: read it and ask again".
+NEED_BODY: Any = object()
+
+_ENVIRONMENTS = {
+    "production": "production",
+    "prod": "production",
+    "development": "development",
+    "dev": "development",
+}
+# RFC 6265 cookie-name (an RFC 9110 token).
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def normalise_environment(value: str, *, argument: str = "environment") -> str:
+    slug = _ENVIRONMENTS.get(value.strip().lower()) if isinstance(value, str) else None
+    if slug is None:
+        raise ValueError(
+            f"{argument}={value!r} is not an AgentSight environment; "
+            "use 'production' or 'development' (or 'prod' / 'dev')"
+        )
+    return slug
+
+
+def _positive_number(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or math.isinf(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class Settings:
+    """Everything derivable from the arguments, computed once."""
+
+    def __init__(
+        self,
+        *,
+        widget_pages: Iterable[str | re.Pattern[str]] = (),
+        chat_routes: Iterable[str | re.Pattern[str]] = (),
+        trusted_proxies: Sequence[str] | int | None = None,
+        cookie_name: str = "agentsight_conversation_id",
+        cookie_max_age: int | None = 1800,
+        conversation_id_sources: Sequence[str] = ID_SOURCES,
+        conversation_id_header: str = "X-Conversation-ID",
+        conversation_id_field: str = "conversation_id",
+        max_body_peek: int = 64 * 1024,
+        non_browser_agents: Iterable[str] = DEFAULT_NON_BROWSER_AGENTS,
+        source: str | None = "web",
+        environment: str | None = None,
+        customer_id: Callable[[Any], Any] | None = None,
+        metadata: Mapping[str, Any] | Callable[[Any], Mapping[str, Any] | None] | None = None,
+        tracker_timeout: float = 5.0,
+    ) -> None:
+        self.rules = RuleSet(widget_pages, chat_routes)
+        if not self.rules:
+            raise ValueError(
+                "no rules: pass widget_pages=[...] (pages that show the chat widget, e.g. ['/']) "
+                "and/or chat_routes=[...] (chat API routes, e.g. ['POST /api/chat'])"
+            )
+        self.trusted_proxies = TrustedProxies(trusted_proxies)
+        self.is_non_browser = compile_agent_matcher(non_browser_agents)
+
+        if not isinstance(cookie_name, str) or not _TOKEN_RE.fullmatch(cookie_name):
+            raise ValueError(
+                f"cookie_name={cookie_name!r} is not a valid cookie name; "
+                "use letters, digits and '_' (e.g. 'agentsight_conversation_id')"
+            )
+        self.cookie_name = cookie_name
+        if cookie_max_age is not None and (
+            isinstance(cookie_max_age, bool)
+            or not isinstance(cookie_max_age, int)
+            or cookie_max_age <= 0
+        ):
+            raise ValueError(
+                f"cookie_max_age must be a positive number of seconds or None "
+                f"(a browser-session cookie), got {cookie_max_age!r}"
+            )
+        self.cookie_max_age = cookie_max_age
+        attrs = "; Path=/; SameSite=Lax"
+        if cookie_max_age is not None:
+            attrs += f"; Max-Age={cookie_max_age}"
+        # Not HttpOnly: the widget's script reads the id to send it with chat requests.
+        self._cookie_attrs = attrs.encode("latin-1")
+
+        if isinstance(conversation_id_sources, str):
+            raise ValueError(
+                "conversation_id_sources must be a list such as ['header', 'cookie'], "
+                "not a single string"
+            )
+        sources = tuple(conversation_id_sources)
+        unknown = [s for s in sources if s not in ID_SOURCES]
+        if unknown or len(set(sources)) != len(sources):
+            raise ValueError(
+                f"conversation_id_sources={list(sources)!r}: each of {', '.join(ID_SOURCES)} "
+                f"may appear once (unknown: {unknown!r})"
+            )
+        self.id_sources = sources
+        if not isinstance(conversation_id_header, str) or not _TOKEN_RE.fullmatch(
+            conversation_id_header
+        ):
+            raise ValueError(
+                f"conversation_id_header={conversation_id_header!r} is not a valid header name"
+            )
+        self.id_header = conversation_id_header.lower()
+        if not isinstance(conversation_id_field, str) or not conversation_id_field:
+            raise ValueError("conversation_id_field must be a non-empty string")
+        self.id_field = conversation_id_field
+
+        if (
+            isinstance(max_body_peek, bool)
+            or not isinstance(max_body_peek, int)
+            or max_body_peek < 0
+        ):
+            raise ValueError(
+                f"max_body_peek must be a number of bytes >= 0 (0 turns body lookup off), "
+                f"got {max_body_peek!r}"
+            )
+        self.max_body_peek = max_body_peek
+        self.reads_body = max_body_peek > 0 and ("json" in sources or "form" in sources)
+
+        if source is not None and not isinstance(source, str):
+            raise ValueError(f"source must be a string such as 'web' or None, got {source!r}")
+        self.source = source
+        self.environment = None if environment is None else normalise_environment(environment)
+
+        if customer_id is not None and not callable(customer_id):
+            raise ValueError(
+                "customer_id must be a callable taking the request and returning an id or None"
+            )
+        self.customer_id_hook = customer_id
+        if metadata is not None and not (callable(metadata) or isinstance(metadata, Mapping)):
+            raise ValueError(
+                "metadata must be a dict, or a callable taking the request and returning a dict"
+            )
+        self.metadata_hook = metadata
+        self.tracker_timeout = _positive_number("tracker_timeout", tracker_timeout)
+
+    def set_cookie(self, conversation_id: str, *, secure: bool) -> bytes:
+        value = f"{self.cookie_name}={conversation_id}".encode("latin-1") + self._cookie_attrs
+        return value + b"; Secure" if secure else value
+
+    def find_id(
+        self,
+        params: Mapping[str, str],
+        headers: Mapping[str, str],
+        query: str,
+        body: bytes | None,
+    ) -> tuple[str, str] | None:
+        """``(id, source)`` from the first configured source that has a valid id.
+
+        Returns :data:`NEED_BODY` when a body source comes next and ``body`` is
+        None: the glue then reads (peeks at) the body and asks again.
+        """
+        field = self.id_field
+        for source in self.id_sources:
+            value: str | None = None
+            if source == "path":
+                raw = params.get(field)
+                value = clean_id(raw)
+            elif source == "header":
+                raw = headers.get(self.id_header)
+                value = clean_id(raw.strip()) if raw else None
+            elif source == "query":
+                value = query_field(query, field) if query else None
+            elif source == "json" or source == "form":
+                kind = _body_kind(headers.get("content-type"))
+                if kind != source or not self.max_body_peek:
+                    continue
+                if body is None:
+                    return NEED_BODY  # type: ignore[no-any-return]
+                value = json_field(body, field) if kind == "json" else form_field(body, field)
+            elif source == "cookie":
+                raw = headers.get("cookie")
+                value = cookie_value(raw, self.cookie_name) if raw else None
+            if value is not None:
+                return value, source
+        return None
+
+
+def _body_kind(content_type: str | None) -> str | None:
+    if not content_type:
+        return None
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return "json"
+    if media == "application/x-www-form-urlencoded":
+        return "form"
+    return None

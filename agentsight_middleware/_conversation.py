@@ -1,0 +1,170 @@
+"""The conversation a request belongs to: its id, where the id came from, and the
+request facts gathered for it.
+
+Everything here is pure: parsing of cookies, query strings and bodies works on
+``str``/``bytes`` handed over by the ASGI or WSGI glue, so both share it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ._facts import best_language, classify_user_agent, page_url, redact_url
+
+__all__ = [
+    "ID_SOURCES",
+    "MINTED",
+    "Conversation",
+    "clean_id",
+    "cookie_value",
+    "form_field",
+    "is_valid_id",
+    "json_field",
+    "mint_id",
+    "query_field",
+]
+
+#: Where a chat request's conversation id may be found, in the default order of lookup.
+ID_SOURCES = ("path", "header", "query", "json", "form", "cookie")
+#: ``Conversation.id_source`` when no id was found and the middleware made one.
+MINTED = "minted"
+
+# Ids travel in cookies, headers and URLs and end up in the API's 255-character
+# string fields: only accept a conservative alphabet and length so that a hostile
+# value can neither break a Set-Cookie header nor be rejected by the backend.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:~-]{0,127}")
+
+
+def is_valid_id(value: str) -> bool:
+    return _ID_RE.fullmatch(value) is not None
+
+
+def mint_id() -> str:
+    """A fresh id shaped like the official SDK's: ``conv_`` + 12 lowercase hex digits."""
+    return "conv_" + secrets.token_hex(6)
+
+
+def clean_id(value: object) -> str | None:
+    """``value`` as an id if it is one we accept (integers are taken as their digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, str) and is_valid_id(value):
+        return value
+    return None
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header, or None.
+
+    A hand-rolled scan rather than ``http.cookies``: that parser is slow, and it
+    gives up on the whole header when any other cookie of the site is malformed.
+    """
+    if name not in header:
+        return None
+    for part in header.split(";"):
+        key, sep, value = part.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return clean_id(value)
+    return None
+
+
+def query_field(query: str, name: str) -> str | None:
+    if name not in query:
+        return None
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return clean_id(value)
+    return None
+
+
+def form_field(body: bytes, name: str) -> str | None:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return query_field(text, name)
+
+
+def json_field(body: bytes, name: str) -> str | None:
+    """The top-level string (or integer) field ``name`` of a JSON object body."""
+    # Most chat bodies carry no id: skip the parse when the key cannot be there.
+    if name.encode() not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(data, dict):
+        return clean_id(data.get(name))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """What the middleware knows about the conversation of one request.
+
+    Handlers find it as ``request.state.agentsight`` (ASGI),
+    ``environ["agentsight.conversation"]`` (WSGI) or ``current_conversation()``.
+    The raw header values are kept and the derived facts (language, device, URL)
+    are computed on first use, so that building one costs the request almost
+    nothing and the slow parts run in the background worker.
+    """
+
+    id: str
+    #: ``path``, ``header``, ``query``, ``json``, ``form``, ``cookie`` or ``minted``.
+    id_source: str
+    #: ``widget`` or ``chat``.
+    kind: str
+    #: The rule that matched, as configured.
+    rule: str
+    client_ip: str | None
+    user_agent: str
+    accept_language: str | None
+    scheme: str
+    host: str | None
+    path: str
+    query: str
+    referrer: str | None = None
+    customer_id: str | None = None
+    extra_metadata: Mapping[str, Any] | None = None
+
+    @property
+    def language(self) -> str | None:
+        return best_language(self.accept_language)
+
+    @property
+    def device(self) -> str | None:
+        return classify_user_agent(self.user_agent)[0]
+
+    @property
+    def is_bot(self) -> bool:
+        return classify_user_agent(self.user_agent)[1]
+
+    @property
+    def url(self) -> str:
+        """The page URL as the client asked for it, secret-looking query parameters removed."""
+        return page_url(self.scheme, self.host, self.path, self.query)
+
+    def metadata(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "page_path": self.path,
+            "page_url": self.url,
+            "referrer": redact_url(self.referrer) if self.referrer else None,
+            "user_agent": self.user_agent[:255] or None,
+            "rule": self.rule,
+            "conversation_id_source": self.id_source,
+        }
+        if self.extra_metadata:
+            data.update(self.extra_metadata)
+        return data

@@ -1,0 +1,173 @@
+"""Decisions shared by the ASGI and WSGI glue: is this a page view, and what is
+the conversation of this request. The glue only translates its protocol into
+the plain ``str`` mappings used here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._config import Settings
+from ._conversation import Conversation
+from ._facts import client_ip, client_scheme
+from ._rules import Match
+from ._tracker import TrackerDelivery
+
+__all__ = ["HEADER_KEYS", "Core", "current_conversation", "is_html_success"]
+
+#: The request headers the middleware reads; everything else is never decoded.
+HEADER_KEYS = (
+    "accept",
+    "accept-language",
+    "content-length",
+    "content-type",
+    "cookie",
+    "forwarded",
+    "host",
+    "purpose",
+    "referer",
+    "sec-fetch-dest",
+    "sec-purpose",
+    "user-agent",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-moz",
+    "x-purpose",
+    "x-real-ip",
+)
+# Headers that may be sent more than once and mean a list when combined.
+COMMA_JOINED = frozenset({"forwarded", "x-forwarded-for"})
+
+_current: contextvars.ContextVar[Conversation | None] = contextvars.ContextVar(
+    "agentsight_conversation", default=None
+)
+
+
+def current_conversation() -> Conversation | None:
+    """The conversation of the request being handled, or None outside a tracked request.
+
+    Works in async handlers, in sync handlers that Starlette runs in its thread
+    pool (the context is copied there), and under WSGI.
+    """
+    return _current.get()
+
+
+def is_html_success(status: int, content_type: str | None) -> bool:
+    if not 200 <= status < 300 or status == 204:
+        return False
+    if not content_type:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return media in ("text/html", "application/xhtml+xml")
+
+
+class Core:
+    def __init__(self, settings: Settings, delivery: TrackerDelivery) -> None:
+        self.settings = settings
+        self.delivery = delivery
+        self.current = _current
+
+    def is_page_view_request(self, headers: Mapping[str, str]) -> bool:
+        """Cheap request-side tests of a real page view (the response is checked later)."""
+        accept = headers.get("accept")
+        if not accept:
+            return False
+        accept = accept.lower()
+        if "text/html" not in accept and "application/xhtml+xml" not in accept:
+            return False
+        dest = headers.get("sec-fetch-dest")
+        if dest is not None and dest.strip().lower() != "document":
+            return False
+        for name in ("sec-purpose", "purpose", "x-purpose", "x-moz"):
+            value = headers.get(name)
+            if value is not None and (
+                "prefetch" in value.lower()
+                or "prerender" in value.lower()
+                or "preview" in value.lower()
+            ):
+                return False
+        return not self.settings.is_non_browser(headers.get("user-agent", ""))
+
+    def conversation(
+        self,
+        *,
+        match: Match,
+        conversation_id: str,
+        id_source: str,
+        headers: Mapping[str, str],
+        peer: str | None,
+        scheme: str,
+        host: str | None,
+        path: str,
+        query: str,
+        request: Callable[[], Any],
+    ) -> Conversation:
+        settings = self.settings
+        forwarded = headers.get("forwarded")
+        ip = client_ip(
+            peer,
+            forwarded=forwarded,
+            x_forwarded_for=headers.get("x-forwarded-for"),
+            x_real_ip=headers.get("x-real-ip"),
+            trusted=settings.trusted_proxies,
+        )
+        scheme = client_scheme(
+            scheme,
+            forwarded=forwarded,
+            x_forwarded_proto=headers.get("x-forwarded-proto"),
+            peer=peer,
+            trusted=settings.trusted_proxies,
+        )
+        customer_id = None
+        extra: Mapping[str, Any] | None = None
+        if settings.customer_id_hook is not None or settings.metadata_hook is not None:
+            req = request()
+            customer_id = self._customer_id(req)
+            extra = self._metadata(req)
+        return Conversation(
+            id=conversation_id,
+            id_source=id_source,
+            kind=match.rule.kind,
+            rule=match.rule.source,
+            client_ip=ip,
+            user_agent=headers.get("user-agent", ""),
+            accept_language=headers.get("accept-language"),
+            scheme=scheme,
+            host=host,
+            path=path,
+            query=query,
+            referrer=headers.get("referer"),
+            customer_id=customer_id,
+            extra_metadata=extra,
+        )
+
+    def _customer_id(self, request: Any) -> str | None:
+        hook = self.settings.customer_id_hook
+        if hook is None:
+            return None
+        try:
+            value = hook(request)
+        except Exception as exc:
+            self.delivery.log_once("customer_id hook", exc)
+            return None
+        if value is None or isinstance(value, bool):
+            return None
+        return str(value)
+
+    def _metadata(self, request: Any) -> Mapping[str, Any] | None:
+        hook = self.settings.metadata_hook
+        if hook is None or isinstance(hook, Mapping):
+            return hook
+        try:
+            value = hook(request)
+        except Exception as exc:
+            self.delivery.log_once("metadata hook", exc)
+            return None
+        if value is not None and not isinstance(value, Mapping):
+            self.delivery.log_once(
+                "metadata hook", TypeError(f"returned {type(value).__name__}, not a dict")
+            )
+            return None
+        return value

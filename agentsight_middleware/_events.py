@@ -1,0 +1,54 @@
+"""The record handed from the request path to the background worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._conversation import Conversation
+
+__all__ = ["ENGAGE", "INITIALIZE", "Event", "tracker_kwargs"]
+
+#: A widget page was viewed: the visitor had the chance to chat (``is_used: false``).
+INITIALIZE = "initialize"
+#: A chat request: the visitor really chatted (``is_used: true``).
+ENGAGE = "engage"
+
+# The AgentSight API rejects string fields longer than this (the 0.1.x SDK clamps too).
+MAX_FIELD = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    conversation: Conversation
+    #: ``time.time()`` when the request was seen, not when the event is delivered.
+    timestamp: float
+
+
+def _clamp(value: str | None) -> str | None:
+    return value[:MAX_FIELD] if value else value
+
+
+def tracker_kwargs(
+    conversation: Conversation, *, source: str | None, environment: str | None
+) -> dict[str, Any]:
+    """Keyword arguments for ``initialize_conversation`` / ``get_or_create_conversation``.
+
+    This parses the user agent, so it runs off the event loop: in the worker for
+    page views, in a thread for chat requests.
+    """
+    kwargs: dict[str, Any] = {
+        "conversation_id": conversation.id,
+        "customer_id": _clamp(conversation.customer_id),
+        "customer_ip_address": conversation.client_ip,
+        "device": conversation.device,
+        "source": _clamp(source),
+        "language": conversation.language,
+        "metadata": conversation.metadata(),
+    }
+    # Only pass an environment the user chose: otherwise the tracker's own
+    # configuration (``AGENTSIGHT_ENVIRONMENT`` for the SDK) decides.
+    if environment is not None:
+        kwargs["environment"] = environment
+    return kwargs

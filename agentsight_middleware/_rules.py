@@ -1,0 +1,383 @@
+"""Classify a request's (method, path) as a widget page view or a chat API call.
+
+Rules are parsed, validated and compiled once, when the middleware is built.
+``RuleSet.match`` then runs on every request of the host app, so the common
+case, a path that matches no rule, costs one dict lookup and one
+``str.startswith`` and allocates nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = ["CHAT", "WIDGET", "Match", "Rule", "RuleSet"]
+
+WIDGET = "widget"
+CHAT = "chat"
+
+_HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+# HEAD carries no body and OPTIONS is a CORS preflight: counting either would
+# double every chat sent from a browser on another origin.
+_NEVER_CHAT = frozenset({"HEAD", "OPTIONS"})
+
+_CONVERTORS = {
+    "float": r"[0-9]+(?:\.[0-9]+)?",
+    "int": "[0-9]+",
+    "path": ".*",
+    "str": "[^/]+",
+    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+
+# Methods are only looked for when the text does not start with "/", so a
+# path that happens to contain spaces is never mistaken for "METHOD path".
+_METHODS_THEN_PATH = re.compile(r"([A-Za-z]+(?:\s*[,|]\s*[A-Za-z]+)*)\s+(.*)", re.DOTALL)
+_ONLY_METHODS = re.compile(r"[A-Za-z]+(?:\s*[,|]\s*[A-Za-z]+)*\s*")
+_METHOD_SEPARATOR = re.compile(r"\s*[,|]\s*")
+# A lone "{" or "}" is reported as unbalanced; "{...}" must not nest.
+_SPECIAL = re.compile(r"\*\*?|\{([^{}]*)\}|[{}]")
+
+# Characters that are always literal in a regex (outside a class). Used to read
+# a safe literal prefix off a user's compiled regex for the prefilter.
+_REGEX_LITERAL = frozenset("/_-~%,;=@:!&'")
+_QUANTIFIERS = frozenset("*?{")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One configured rule; ``source`` is the text as given, for logs and metadata."""
+
+    kind: str
+    source: str
+    methods: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A request that matched ``rule``, with the path parameters it captured."""
+
+    rule: Rule
+    params: dict[str, str]
+
+
+# (group name in the combined regex, parameter name as the user spelled it)
+_Groups = tuple[tuple[str, str], ...]
+
+
+class _Compiled(NamedTuple):
+    rule: Rule
+    exact: str | None  # the path, for rules without wildcards or parameters
+    regex: str | None  # source of a generated (glob/template) pattern
+    user: re.Pattern[str] | None  # a regex the user compiled
+    groups: _Groups
+    prefix: str  # literal text every matching path starts with
+    position: int  # index among all rules; names the rule's regex groups
+
+
+class _Matcher(NamedTuple):
+    regex: re.Pattern[str]
+    # Generated rules share one alternation; ``lastgroup`` names the winner.
+    # None for a user regex, which is matched on its own.
+    dispatch: dict[str | None, tuple[Rule, _Groups]] | None
+    rule: Rule | None
+
+
+class _Table(NamedTuple):
+    exact: dict[str, Rule]
+    prefixes: tuple[str, ...]
+    matchers: tuple[_Matcher, ...]
+
+
+class RuleSet:
+    """The widget-page and chat-route rules, compiled for fast per-request matching."""
+
+    __slots__ = ("_other", "_tables", "rules")
+
+    def __init__(
+        self,
+        widget_pages: Iterable[str | re.Pattern[str]],
+        chat_routes: Iterable[str | re.Pattern[str]],
+    ) -> None:
+        compiled: list[_Compiled] = []
+        # Chat rules go first: precedence is "chat beats widget", and building
+        # every table in precedence order lets the first hit win.
+        for argument, kind, items in (
+            ("chat_routes", CHAT, chat_routes),
+            ("widget_pages", WIDGET, widget_pages),
+        ):
+            for index, item in enumerate(_as_list(argument, items)):
+                where = f"{argument}[{index}]"
+                compiled.append(_compile(where, kind, item, len(compiled)))
+        self.rules: tuple[Rule, ...] = tuple(c.rule for c in compiled)
+        # One table per method so that method filtering costs nothing at match
+        # time; ``_other`` serves extension methods, which only default chat
+        # rules can match.
+        self._tables = {method: _build_table(compiled, method) for method in _HTTP_METHODS}
+        self._other = _build_table(compiled, None)
+
+    def match(self, method: str, path: str) -> Match | None:
+        """Return the rule matching this request, or None."""
+        table = self._tables.get(method)
+        if table is None:
+            table = self._tables.get(method.upper(), self._other)
+        exact, prefixes, matchers = table
+        rule = exact.get(path)
+        if rule is None:
+            # The per-request miss path: keep it to this one test.
+            if path.startswith(prefixes):
+                return _scan(matchers, path, chat_only=False)
+            return None
+        if rule.kind == CHAT or not path.startswith(prefixes):
+            return Match(rule, {})
+        # An exact widget page still loses to a chat pattern.
+        return _scan(matchers, path, chat_only=True) or Match(rule, {})
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def __repr__(self) -> str:
+        widget = [r.source for r in self.rules if r.kind == WIDGET]
+        chat = [r.source for r in self.rules if r.kind == CHAT]
+        return f"RuleSet(widget_pages={widget!r}, chat_routes={chat!r})"
+
+
+def _scan(matchers: tuple[_Matcher, ...], path: str, *, chat_only: bool) -> Match | None:
+    for regex, dispatch, rule in matchers:
+        found = regex.fullmatch(path)
+        if found is None:
+            continue
+        if dispatch is not None:
+            rule, groups = dispatch[found.lastgroup]
+            params = {name: found[group] for group, name in groups}
+        elif rule is not None:
+            params = {k: v for k, v in found.groupdict().items() if v is not None}
+        else:  # pragma: no cover - every matcher has one or the other
+            continue
+        # Matchers run in precedence order, chat rules first, so the first
+        # widget hit means no chat pattern matches this path.
+        if chat_only and rule.kind == WIDGET:
+            return None
+        return Match(rule, params)
+    return None
+
+
+def _as_list(argument: str, items: Iterable[str | re.Pattern[str]]) -> list[str | re.Pattern[str]]:
+    # A bare string is iterable, so without this check "/pricing" would become
+    # nine one-character rules and fail with a confusing message.
+    if isinstance(items, (str, bytes)):
+        raise ValueError(
+            f"{argument} must be a list of patterns, not a single string: "
+            f"write {argument}=[{items!r}]"
+        )
+    if isinstance(items, re.Pattern):
+        raise ValueError(
+            f"{argument} must be a list of patterns, not a single regex: "
+            f"write {argument}=[re.compile({items.pattern!r})]"
+        )
+    try:
+        return list(items)
+    except TypeError:
+        raise ValueError(
+            f"{argument} must be a list of patterns, not {type(items).__name__}"
+        ) from None
+
+
+def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
+    if isinstance(item, re.Pattern):
+        pattern = item.pattern
+        if isinstance(pattern, bytes):
+            example = pattern.decode(errors="replace")
+            raise ValueError(
+                f"{where}: bytes regex {item!r} cannot match a str path; "
+                f"compile a str pattern instead, e.g. re.compile({example!r})"
+            )
+        if not pattern:
+            raise ValueError(f"{where}: empty regex; it would only match an empty path")
+        rule = Rule(kind, pattern, None)
+        return _Compiled(rule, None, None, item, (), _regex_prefix(item), position)
+    if not isinstance(item, str):
+        raise ValueError(
+            f"{where}: expected a str or re.Pattern[str], got {type(item).__name__} ({item!r})"
+        )
+    if not item:
+        raise ValueError(f"{where}: empty pattern; use '/' for the site root")
+    methods: frozenset[str] | None = None
+    path = item
+    if not item.startswith("/"):
+        split = _METHODS_THEN_PATH.fullmatch(item)
+        if split is not None:
+            methods = _parse_methods(where, kind, item, split[1])
+            path = split[2]
+        elif _ONLY_METHODS.fullmatch(item) and all(
+            token.upper() in _HTTP_METHODS for token in _METHOD_SEPARATOR.split(item.strip())
+        ):
+            raise ValueError(f"{where}: no path in {item!r}; write e.g. '{item.strip()} /api/chat'")
+    if not path.startswith("/"):
+        example = "/" + path.lstrip().lstrip("/")
+        raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {example!r})")
+    rule = Rule(kind, item, methods)
+    regex, groups, prefix = _translate(where, item, path, position)
+    if regex is None:
+        return _Compiled(rule, path, None, None, (), path, position)
+    return _Compiled(rule, None, regex, None, groups, prefix, position)
+
+
+def _parse_methods(where: str, kind: str, item: str, text: str) -> frozenset[str]:
+    methods = []
+    for token in _METHOD_SEPARATOR.split(text):
+        method = token.upper()
+        if method not in _HTTP_METHODS:
+            raise ValueError(
+                f"{where}: {token!r} is not an HTTP method in {item!r}; "
+                f"use one of {', '.join(sorted(_HTTP_METHODS))}"
+            )
+        if kind == WIDGET and method != "GET":
+            raise ValueError(
+                f"{where}: widget pages are page views and only match GET, "
+                f"not {token!r} in {item!r}; drop the method or move the rule to chat_routes"
+            )
+        if kind == CHAT and method in _NEVER_CHAT:
+            raise ValueError(
+                f"{where}: {token!r} requests never count as a chat (HEAD and OPTIONS "
+                f"are excluded), so {item!r} could not match; remove {token!r}"
+            )
+        methods.append(method)
+    return frozenset(methods)
+
+
+def _translate(where: str, item: str, path: str, position: int) -> tuple[str | None, _Groups, str]:
+    """Turn a glob/template path into regex source; None means an exact path."""
+    parts: list[str] = []
+    groups: list[tuple[str, str]] = []
+    prefix: str | None = None
+    literal_start = 0
+    for special in _SPECIAL.finditer(path):
+        token = special[0]
+        if token == "{" or token == "}":
+            side = "opening '{' has no closing '}'" if token == "{" else "'}' has no opening '{'"
+            raise ValueError(
+                f"{where}: unbalanced braces in {item!r}: {side} at column {special.start()}; "
+                "write parameters as '{name}' or '{name:int}'"
+            )
+        if prefix is None:
+            prefix = path[: special.start()]
+        parts.append(re.escape(path[literal_start : special.start()]))
+        literal_start = special.end()
+        if token == "**":
+            parts.append(".*")
+        elif token == "*":
+            parts.append("[^/]*")
+        else:
+            name, colon, convertor = special[1].partition(":")
+            if not name:
+                raise ValueError(
+                    f"{where}: parameter {token!r} has no name in {item!r}; "
+                    "name it, e.g. '{id}' or '{id:int}'"
+                )
+            if not name.isidentifier():
+                raise ValueError(
+                    f"{where}: parameter name {name!r} in {item!r} is not an identifier; "
+                    "use letters, digits and '_', not starting with a digit"
+                )
+            if any(name == existing for _, existing in groups):
+                raise ValueError(
+                    f"{where}: duplicate parameter {name!r} in {item!r}; "
+                    "give each parameter a distinct name"
+                )
+            if not colon:
+                convertor = "str"
+            if convertor not in _CONVERTORS:
+                raise ValueError(
+                    f"{where}: unknown convertor {convertor!r} in {item!r}; "
+                    f"use one of {', '.join(sorted(_CONVERTORS))}"
+                )
+            # User names may clash across rules sharing one alternation, so
+            # groups get positional names and are mapped back on a hit.
+            group = f"r{position}_{len(groups)}"
+            groups.append((group, name))
+            parts.append(f"(?P<{group}>{_CONVERTORS[convertor]})")
+    if prefix is None:
+        return None, (), path
+    parts.append(re.escape(path[literal_start:]))
+    return "".join(parts), tuple(groups), prefix
+
+
+def _regex_prefix(pattern: re.Pattern[str]) -> str:
+    """Literal text every fullmatch of ``pattern`` starts with; "" if unsure.
+
+    Deliberately conservative: a wrong prefix would silently drop matches,
+    while a too-short one only costs speed.
+    """
+    if pattern.flags & (re.IGNORECASE | re.VERBOSE):
+        return ""
+    text = pattern.pattern
+    # Any "|" might be a top-level alternation that makes the prefix optional.
+    if "|" in text:
+        return ""
+    # "^" is a no-op at the start of a fullmatch.
+    if text.startswith("^") and text[1:2] and text[1:2] in _REGEX_LITERAL:
+        text = text[1:]
+    end = 0
+    while end < len(text) and (text[end].isalnum() or text[end] in _REGEX_LITERAL):
+        end += 1
+    # A quantifier after the last literal may make that character optional.
+    if end and text[end : end + 1] in _QUANTIFIERS:
+        end -= 1
+    return text[:end]
+
+
+def _applies(rule: Rule, method: str | None) -> bool:
+    """Whether ``rule`` can match ``method``; None stands for any extension method."""
+    if rule.kind == WIDGET:
+        return method == "GET"
+    if rule.methods is None:
+        return method not in _NEVER_CHAT
+    return method in rule.methods
+
+
+def _build_table(compiled: list[_Compiled], method: str | None) -> _Table:
+    exact: dict[str, Rule] = {}
+    prefixes: set[str] = set()
+    matchers: list[_Matcher] = []
+    run: list[_Compiled] = []
+
+    def flush_run() -> None:
+        if run:
+            # Group names derive from the rule's global position, as its
+            # parameter groups do, so they are unique within any alternation.
+            source = "|".join(f"(?P<r{c.position}>{c.regex})" for c in run)
+            dispatch: dict[str | None, tuple[Rule, _Groups]] = {
+                f"r{c.position}": (c.rule, c.groups) for c in run
+            }
+            # DOTALL: a decoded path may hold "\n" and "**" promises anything.
+            matchers.append(_Matcher(re.compile(source, re.DOTALL), dispatch, None))
+            run.clear()
+
+    for c in compiled:
+        if not _applies(c.rule, method):
+            continue
+        if c.exact is not None:
+            # First rule wins; chat rules come first, so they win over widgets.
+            exact.setdefault(c.exact, c.rule)
+            continue
+        prefixes.add(c.prefix)
+        if c.user is None:
+            run.append(c)
+        else:
+            flush_run()
+            matchers.append(_Matcher(c.user, None, c.rule))
+    flush_run()
+    return _Table(exact, _minimal_prefixes(prefixes), tuple(matchers))
+
+
+def _minimal_prefixes(prefixes: set[str]) -> tuple[str, ...]:
+    # A prefix that extends a shorter one adds nothing to the startswith test.
+    kept: list[str] = []
+    for prefix in sorted(prefixes, key=len):
+        if not any(prefix.startswith(shorter) for shorter in kept):
+            kept.append(prefix)
+    return tuple(sorted(kept))

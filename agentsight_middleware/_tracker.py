@@ -1,0 +1,151 @@
+"""Hands conversations to a user-supplied tracker such as the classic SDK's
+``agentsight.ConversationTracker`` (any object with its two methods).
+
+- ``initialize_conversation`` (page view) runs in the background worker: the
+  classic SDK sends it at once over blocking HTTP (15 s timeout, 3 retries), so it
+  must never hold up the page.
+- ``get_or_create_conversation`` (chat request) runs *before* the app handles the
+  request and is waited for, so that a handler using the SDK finds the
+  conversation in place. Coroutine methods are awaited; blocking ones go to a
+  thread under ASGI, never onto the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ._dispatch import Dispatcher
+from ._events import Event, tracker_kwargs
+from ._log import LogOnce
+
+__all__ = ["TrackerDelivery", "check_tracker"]
+
+_METHODS = ("initialize_conversation", "get_or_create_conversation")
+
+
+def check_tracker(tracker: object) -> None:
+    missing = [m for m in _METHODS if not callable(getattr(tracker, m, None))]
+    if missing:
+        raise ValueError(
+            f"tracker={type(tracker).__name__} object lacks {' and '.join(missing)}(); pass an "
+            "object with initialize_conversation() and get_or_create_conversation(), such as "
+            "agentsight.ConversationTracker() or agentsight_middleware.testing.RecordingTracker()"
+        )
+
+
+class TrackerDelivery:
+    def __init__(
+        self,
+        tracker: Any,
+        *,
+        source: str | None,
+        environment: str | None,
+        timeout: float,
+        queue_size: int = 10_000,
+    ) -> None:
+        check_tracker(tracker)
+        self.tracker = tracker
+        self._source = source
+        self._environment = environment
+        self._timeout = timeout
+        self._initialize = tracker.initialize_conversation
+        self._engage = tracker.get_or_create_conversation
+        self._initialize_is_async = inspect.iscoroutinefunction(self._initialize)
+        self._engage_is_async = inspect.iscoroutinefunction(self._engage)
+        self.log_once = LogOnce()
+        self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
+            self._deliver_initialize, maxsize=queue_size
+        )
+        self.skipped_bots = 0
+        self.errors = 0
+        self.timeouts = 0
+
+    def _kwargs(self, event: Event) -> dict[str, Any]:
+        return tracker_kwargs(
+            event.conversation, source=self._source, environment=self._environment
+        )
+
+    # -- page views: background ------------------------------------------------------
+
+    def initialize(self, event: Event, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue a page view; returns at once. ``loop`` runs a coroutine tracker's call."""
+        self._dispatcher.submit((event, loop))
+
+    def _deliver_initialize(self, item: tuple[Event, asyncio.AbstractEventLoop | None]) -> None:
+        event, loop = item
+        # The bot test parses the user agent (slow when cold), hence here and not
+        # on the request path; the cheap probe/script test already ran there.
+        if event.conversation.is_bot:
+            self.skipped_bots += 1
+            return
+        try:
+            kwargs = self._kwargs(event)
+            if not self._initialize_is_async:
+                self._initialize(**kwargs)
+            elif loop is not None and loop.is_running():
+                # A coroutine tracker may hold loop-bound resources (an AsyncClient):
+                # run it on the app's loop, without making the worker wait for it.
+                future = asyncio.run_coroutine_threadsafe(self._initialize(**kwargs), loop)
+                future.add_done_callback(self._check_future)
+            else:
+                asyncio.run(self._initialize(**kwargs))
+        except Exception as exc:
+            self.errors += 1
+            self.log_once("tracker.initialize_conversation()", exc)
+
+    def _check_future(self, future: Future[Any]) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            self.errors += 1
+            self.log_once("tracker.initialize_conversation()", exc)
+
+    # -- chat requests: before the handler -----------------------------------------
+
+    def engage_sync(self, event: Event) -> None:
+        """Under WSGI: in the request's own thread, so the SDK's state is set for the handler."""
+        try:
+            kwargs = self._kwargs(event)
+            if self._engage_is_async:
+                asyncio.run(self._engage(**kwargs))
+            else:
+                self._engage(**kwargs)
+        except Exception as exc:
+            self.errors += 1
+            self.log_once("tracker.get_or_create_conversation()", exc)
+
+    async def engage_async(self, event: Event) -> None:
+        """Under ASGI: awaited in the request's task, bounded by ``tracker_timeout``."""
+        try:
+            with anyio.move_on_after(self._timeout) as scope:
+                if self._engage_is_async:
+                    await self._engage(**self._kwargs(event))
+                else:
+                    call: Callable[[], Any] = lambda: self._engage(**self._kwargs(event))  # noqa: E731
+                    await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+            if scope.cancelled_caught:
+                self.timeouts += 1
+                self.log_once(
+                    f"tracker.get_or_create_conversation() (timed out after {self._timeout:g} s)",
+                    TimeoutError(),
+                )
+        except Exception as exc:
+            self.errors += 1
+            self.log_once("tracker.get_or_create_conversation()", exc)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self._dispatcher.flush(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        self._dispatcher.close(timeout)
+
+    def stats(self) -> dict[str, int]:
+        stats: dict[str, int] = dict(self._dispatcher.stats())
+        stats.update(skipped_bots=self.skipped_bots, errors=self.errors, timeouts=self.timeouts)
+        return stats

@@ -1,0 +1,196 @@
+"""WSGI glue: Flask, Django, plain Werkzeug, any PEP 3333 app.
+
+::
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(flask_app.wsgi_app, widget_pages=["/"],
+                                                  chat_routes=["POST /api/chat"], tracker=tracker)
+
+Requests whose path matches no rule go straight to the app.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any
+
+from ._base import MiddlewareBase
+from ._body import peek_wsgi
+from ._config import NEED_BODY
+from ._conversation import MINTED, Conversation, cookie_value, mint_id
+from ._core import HEADER_KEYS, is_html_success
+from ._events import ENGAGE, INITIALIZE, Event
+from ._rules import WIDGET, Match
+
+__all__ = ["AgentSightWSGIMiddleware"]
+
+Environ = MutableMapping[str, Any]
+StartResponse = Callable[..., Any]
+
+#: Where handlers find the request's :class:`~agentsight_middleware.Conversation`.
+ENVIRON_KEY = "agentsight.conversation"
+
+
+def _environ_key(header: str) -> str:
+    if header in ("content-type", "content-length"):
+        return header.upper().replace("-", "_")
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
+class AgentSightWSGIMiddleware(MiddlewareBase):
+    """Tracks chat-widget page views and chat requests of a WSGI app."""
+
+    def __init__(self, app: Any, **options: Any) -> None:
+        super().__init__(app, **options)
+        names = (*HEADER_KEYS, self._settings.id_header)
+        self._environ_keys = tuple((name, _environ_key(name)) for name in names)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        if not path.isascii():
+            # PEP 3333 hands the path over as latin-1-decoded bytes; rules are text.
+            path = path.encode("latin-1", "replace").decode("utf-8", "replace")
+        match = self._match(environ.get("REQUEST_METHOD", "GET"), path)
+        if match is None:
+            return self.app(environ, start_response)  # type: ignore[no-any-return]
+        if match.rule.kind == WIDGET:
+            return self._widget(environ, start_response, match, path)
+        return self._chat(environ, start_response, match, path)
+
+    def _headers(self, environ: Environ) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, key in self._environ_keys:
+            value = environ.get(key)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    def _conversation(
+        self,
+        environ: Environ,
+        headers: dict[str, str],
+        match: Match,
+        path: str,
+        conversation_id: str,
+        id_source: str,
+    ) -> Conversation:
+        host = headers.get("host")
+        if host is None and environ.get("SERVER_NAME"):
+            host = f"{environ['SERVER_NAME']}:{environ.get('SERVER_PORT', '')}".rstrip(":")
+        conversation = self._core.conversation(
+            match=match,
+            conversation_id=conversation_id,
+            id_source=id_source,
+            headers=headers,
+            peer=environ.get("REMOTE_ADDR"),
+            scheme=environ.get("wsgi.url_scheme", "http"),
+            host=host,
+            path=path,
+            query=environ.get("QUERY_STRING", ""),
+            request=lambda: _werkzeug_request(environ),
+        )
+        environ[ENVIRON_KEY] = conversation
+        return conversation
+
+    def _widget(
+        self, environ: Environ, start_response: StartResponse, match: Match, path: str
+    ) -> Iterable[bytes]:
+        started = time.time()
+        core = self._core
+        settings = self._settings
+        headers = self._headers(environ)
+        cookie = headers.get("cookie")
+        conversation_id = cookie_value(cookie, settings.cookie_name) if cookie else None
+        if conversation_id is None:
+            conversation_id, id_source = mint_id(), MINTED
+        else:
+            id_source = "cookie"
+        conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
+        token = core.current.set(conversation)
+        try:
+            if not core.is_page_view_request(headers):
+                return self.app(environ, start_response)  # type: ignore[no-any-return]
+            set_cookie = (
+                "Set-Cookie",
+                settings.set_cookie(conversation_id, secure=conversation.scheme == "https").decode(
+                    "latin-1"
+                ),
+            )
+            delivery = core.delivery
+
+            def wrapped_start_response(
+                status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Any:
+                # A second call with exc_info is the error path: never a view.
+                if exc_info is None and is_html_success(
+                    _status_code(status), _content_type(response_headers)
+                ):
+                    response_headers = [*response_headers, set_cookie]
+                    if id_source == MINTED:
+                        delivery.initialize(Event(INITIALIZE, conversation, started))
+                return start_response(status, response_headers, exc_info)
+
+            return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
+        finally:
+            core.current.reset(token)
+
+    def _chat(
+        self, environ: Environ, start_response: StartResponse, match: Match, path: str
+    ) -> Iterable[bytes]:
+        started = time.time()
+        core = self._core
+        settings = self._settings
+        headers = self._headers(environ)
+        query = environ.get("QUERY_STRING", "")
+        found = settings.find_id(match.params, headers, query, None)
+        if found is NEED_BODY:
+            found = settings.find_id(
+                match.params, headers, query, peek_wsgi(environ, settings.max_body_peek)
+            )
+        if found is None:
+            conversation_id, id_source = mint_id(), MINTED
+        else:
+            conversation_id, id_source = found
+        conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
+        token = core.current.set(conversation)
+        try:
+            # In the request's own thread, before the app: a handler using the SDK
+            # finds the conversation already in place.
+            core.delivery.engage_sync(Event(ENGAGE, conversation, started))
+            if id_source != MINTED and id_source != "cookie":
+                return self.app(environ, start_response)  # type: ignore[no-any-return]
+            set_cookie = (
+                "Set-Cookie",
+                settings.set_cookie(conversation_id, secure=conversation.scheme == "https").decode(
+                    "latin-1"
+                ),
+            )
+
+            def wrapped_start_response(
+                status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Any:
+                return start_response(status, [*response_headers, set_cookie], exc_info)
+
+            return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
+        finally:
+            core.current.reset(token)
+
+
+def _status_code(status: str) -> int:
+    code = status[:3]
+    return int(code) if code.isdigit() else 0
+
+
+def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == "content-type":
+            return value
+    return None
+
+
+def _werkzeug_request(environ: Environ) -> Any:
+    # Imported here: only apps that configure a request hook pay for it. Shallow:
+    # a hook must not consume the body the app is about to read.
+    from werkzeug.wrappers import Request
+
+    return Request(environ, shallow=True)  # type: ignore[arg-type]

@@ -1,0 +1,23 @@
+"""Django under ASGI (uvicorn examples.django_site.asgi:application)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.django_site.settings")
+
+from django.core.asgi import get_asgi_application
+
+from agentsight_middleware import AgentSightMiddleware
+
+from ..common import make_tracker
+
+
+def create_application(tracker: Any) -> AgentSightMiddleware:
+    return AgentSightMiddleware(
+        get_asgi_application(), widget_pages=["/"], chat_routes=["POST /api/chat/"], tracker=tracker
+    )
+
+
+application = create_application(make_tracker())

@@ -1,0 +1,755 @@
+"""The ASGI middleware in front of real Starlette / FastAPI apps, driven through
+``httpx.ASGITransport`` (the app's own code paths, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from agentsight_middleware import AgentSightMiddleware, Conversation, current_conversation
+from agentsight_middleware.testing import RecordingTracker
+
+from .conftest import BROWSER, CHROME_DESKTOP, GOOGLEBOT, IPHONE
+
+pytestmark = pytest.mark.anyio
+
+PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
+
+
+async def page(request: Request) -> Response:
+    return HTMLResponse(PAGE)
+
+
+async def json_page(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def missing(request: Request) -> Response:
+    return HTMLResponse("<h1>not found</h1>", status_code=404)
+
+
+async def broken(request: Request) -> Response:
+    return HTMLResponse("<h1>oops</h1>", status_code=500)
+
+
+async def moved(request: Request) -> Response:
+    return RedirectResponse("/", status_code=302)
+
+
+async def chat(request: Request) -> Response:
+    body = await request.body()
+    conversation: Conversation = request.state.agentsight
+    current = current_conversation()
+    return JSONResponse(
+        {
+            "body": body.decode("latin-1"),
+            "state_id": conversation.id,
+            "contextvar_id": current.id if current else None,
+            "id_source": conversation.id_source,
+        }
+    )
+
+
+def sync_chat(request: Request) -> Response:
+    # Runs in Starlette's thread pool: the context variable must have followed.
+    current = current_conversation()
+    return JSONResponse({"contextvar_id": current.id if current else None})
+
+
+async def stream(request: Request) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield f"data: {i}\n\n".encode()
+            await asyncio.sleep(0)
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text("hi")
+    await websocket.close()
+
+
+def make_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/pricing", page),
+            Route("/docs/{rest:path}", page),
+            Route("/json", json_page),
+            Route("/missing", missing),
+            Route("/broken", broken),
+            Route("/moved", moved),
+            Route("/other", page),
+            Route("/api/chat", chat, methods=["POST", "GET"]),
+            Route("/api/chat/{conversation_id}/messages", chat, methods=["POST"]),
+            Route("/api/sync-chat", sync_chat, methods=["POST"]),
+            Route("/api/stream", stream, methods=["POST"]),
+            WebSocketRoute("/ws", ws),
+        ]
+    )
+
+
+WIDGETS = ["/", "/pricing", "/docs/*", "/json", "/missing", "/broken", "/moved"]
+CHATS = [
+    "POST /api/chat",
+    "/api/chat/{conversation_id}/messages",
+    "POST /api/sync-chat",
+    "POST /api/stream",
+]
+
+
+def wrap(tracker: Any, **options: Any) -> AgentSightMiddleware:
+    options.setdefault("widget_pages", WIDGETS)
+    options.setdefault("chat_routes", CHATS)
+    return AgentSightMiddleware(make_app(), tracker=tracker, **options)
+
+
+def client(app: Any, peer: str = "203.0.113.7") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(peer, 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://shop.test")
+
+
+def cookie_of(response: httpx.Response) -> str | None:
+    for value in response.headers.get_list("set-cookie"):
+        if value.startswith("agentsight_conversation_id="):
+            return value
+    return None
+
+
+# -- page views -----------------------------------------------------------------------
+
+
+async def test_page_view_initializes_one_conversation_with_request_facts(
+    tracker: RecordingTracker,
+) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.get("/pricing?utm_source=ad&token=s3cret#top", headers=BROWSER)
+    assert response.status_code == 200
+    assert response.text == PAGE
+    set_cookie = cookie_of(response)
+    assert set_cookie is not None
+    conversation_id = set_cookie.split(";")[0].split("=", 1)[1]
+    assert conversation_id.startswith("conv_")
+    assert len(conversation_id) == 17
+    assert "Path=/" in set_cookie
+    assert "SameSite=Lax" in set_cookie
+    assert "Max-Age=1800" in set_cookie
+    assert "HttpOnly" not in set_cookie
+    assert "Secure" not in set_cookie  # plain http
+
+    assert mw.flush(5)
+    assert tracker.used == []
+    [call] = tracker.initialized
+    assert call["conversation_id"] == conversation_id
+    assert call["customer_ip_address"] == "203.0.113.7"
+    assert call["device"] == "desktop"
+    assert call["language"] == "en-US"
+    assert call["source"] == "web"
+    assert "environment" not in call  # left to the tracker's own configuration
+    meta = call["metadata"]
+    assert meta["page_path"] == "/pricing"
+    assert meta["page_url"] == "http://shop.test/pricing?utm_source=ad"
+    assert meta["user_agent"] == CHROME_DESKTOP
+    assert meta["rule"] == "/pricing"
+    assert meta["conversation_id_source"] == "minted"
+
+
+async def test_page_view_runs_off_the_request_path(tracker: RecordingTracker) -> None:
+    release = threading.Event()
+
+    class SlowTracker(RecordingTracker):
+        def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            release.wait(10)  # like the classic SDK's blocking HTTP call
+            super().initialize_conversation(conversation_id, **kwargs)
+
+    slow = SlowTracker()
+    mw = wrap(slow)
+    async with client(mw) as c:
+        started = time.perf_counter()
+        response = await c.get("/", headers=BROWSER)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert elapsed < 2, "the page waited for initialize_conversation"
+    assert slow.initialized == []
+    release.set()
+    slow.wait_for(initialized=1)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        pytest.param("/", {**BROWSER, "accept": "application/json"}, id="accepts-json-only"),
+        pytest.param("/", {**BROWSER, "accept": "*/*"}, id="accepts-anything"),
+        pytest.param("/", {k: v for k, v in BROWSER.items() if k != "accept"}, id="no-accept"),
+        pytest.param("/", {**BROWSER, "sec-fetch-dest": "image"}, id="sec-fetch-dest-image"),
+        pytest.param("/", {**BROWSER, "sec-fetch-dest": "empty"}, id="fetch-from-script"),
+        pytest.param("/", {**BROWSER, "sec-purpose": "prefetch"}, id="sec-purpose-prefetch"),
+        pytest.param(
+            "/", {**BROWSER, "sec-purpose": "prefetch;prerender"}, id="sec-purpose-prerender"
+        ),
+        pytest.param("/", {**BROWSER, "purpose": "prefetch"}, id="purpose-prefetch"),
+        pytest.param("/", {**BROWSER, "user-agent": "kube-probe/1.29"}, id="kube-probe"),
+        pytest.param(
+            "/", {**BROWSER, "user-agent": "ELB-HealthChecker/2.0"}, id="elb-health-checker"
+        ),
+        pytest.param("/", {**BROWSER, "user-agent": "GoogleHC/1.0"}, id="google-hc"),
+        pytest.param("/", {**BROWSER, "user-agent": "curl/8.5.0"}, id="curl"),
+        pytest.param("/", {**BROWSER, "user-agent": "python-requests/2.32.3"}, id="requests"),
+        pytest.param("/", {**BROWSER, "user-agent": ""}, id="empty-user-agent"),
+        pytest.param("/json", BROWSER, id="json-answer"),
+        pytest.param("/missing", BROWSER, id="404"),
+        pytest.param("/broken", BROWSER, id="500"),
+        pytest.param("/moved", BROWSER, id="redirect"),
+        pytest.param("/other", BROWSER, id="not-a-widget-page"),
+    ],
+)
+async def test_not_a_page_view(
+    tracker: RecordingTracker, path: str, headers: dict[str, str]
+) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.get(path, headers=headers, follow_redirects=False)
+    assert cookie_of(response) is None
+    assert mw.flush(5)
+    assert tracker.calls == []
+
+
+async def test_head_is_not_a_page_view(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.head("/", headers=BROWSER)
+    assert response.status_code == 200
+    assert cookie_of(response) is None
+    assert mw.flush(5)
+    assert tracker.calls == []
+
+
+async def test_bots_are_filtered_in_the_background(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        await c.get("/", headers={**BROWSER, "user-agent": GOOGLEBOT})
+        c.cookies.clear()  # a different visitor
+        await c.get("/", headers=BROWSER)
+    assert mw.flush(5)
+    assert len(tracker.initialized) == 1
+    assert mw.stats()["skipped_bots"] == 1
+
+
+async def test_reload_keeps_the_conversation(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        first = await c.get("/", headers=BROWSER)
+        # httpx keeps the cookie like a browser would
+        second = await c.get("/pricing", headers=BROWSER)
+    first_id = cookie_of(first).split(";")[0]  # type: ignore[union-attr]
+    second_cookie = cookie_of(second)
+    assert second_cookie is not None, "the cookie's expiry slides on every view"
+    assert second_cookie.split(";")[0] == first_id
+    assert mw.flush(5)
+    assert len(tracker.initialized) == 1
+
+
+async def test_mobile_device_and_docs_glob(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.get("/docs/intro", headers={**BROWSER, "user-agent": IPHONE})
+    assert response.status_code == 200
+    assert mw.flush(5)
+    [call] = tracker.initialized
+    assert call["device"] == "mobile"
+    assert call["metadata"]["rule"] == "/docs/*"
+
+
+async def test_https_cookie_is_secure(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    transport = httpx.ASGITransport(app=mw)
+    async with httpx.AsyncClient(transport=transport, base_url="https://shop.test") as c:
+        response = await c.get("/", headers=BROWSER)
+    assert "Secure" in (cookie_of(response) or "")
+
+
+async def test_app_set_cookie_headers_are_kept(tracker: RecordingTracker) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/html"), (b"set-cookie", b"session=abc")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    async with client(mw) as c:
+        response = await c.get("/", headers=BROWSER)
+    cookies = response.headers.get_list("set-cookie")
+    assert cookies[0] == "session=abc"
+    assert cookies[1].startswith("agentsight_conversation_id=conv_")
+
+
+# -- chat requests ----------------------------------------------------------------------
+
+
+async def test_chat_calls_get_or_create_before_the_handler(tracker: RecordingTracker) -> None:
+    seen_by_handler: list[list[str]] = []
+
+    async def handler(request: Request) -> Response:
+        seen_by_handler.append([call["conversation_id"] for call in tracker.used])
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/api/chat", handler, methods=["POST"])])
+    mw = AgentSightMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    async with client(mw) as c:
+        response = await c.post("/api/chat", headers={"x-conversation-id": "conv_0123456789ab"})
+    assert response.text == "ok"
+    assert seen_by_handler == [["conv_0123456789ab"]]
+    [call] = tracker.used
+    assert call["customer_ip_address"] == "203.0.113.7"
+    assert call["metadata"]["conversation_id_source"] == "header"
+
+
+async def test_page_then_chat_share_one_conversation(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        await c.get("/", headers=BROWSER)
+        response = await c.post(
+            "/api/chat", json={"message": "hi"}, headers={"user-agent": CHROME_DESKTOP}
+        )
+    assert mw.flush(5)
+    [initialized] = tracker.initialized
+    [used] = tracker.used
+    assert used["conversation_id"] == initialized["conversation_id"]
+    data = response.json()
+    assert data["state_id"] == data["contextvar_id"] == used["conversation_id"]
+    assert data["id_source"] == "cookie"
+    assert used["device"] == "desktop"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "url", "source"),
+    [
+        pytest.param({}, "/api/chat/conv_00000000000a/messages", "path", id="path"),
+        pytest.param(
+            {"headers": {"x-conversation-id": "conv_00000000000a"}},
+            "/api/chat",
+            "header",
+            id="header",
+        ),
+        pytest.param({}, "/api/chat?conversation_id=conv_00000000000a", "query", id="query"),
+        pytest.param(
+            {"json": {"conversation_id": "conv_00000000000a", "message": "hi"}},
+            "/api/chat",
+            "json",
+            id="json",
+        ),
+        pytest.param(
+            {"data": {"conversation_id": "conv_00000000000a", "message": "hi"}},
+            "/api/chat",
+            "form",
+            id="form",
+        ),
+        pytest.param(
+            {"headers": {"cookie": "theme=dark; agentsight_conversation_id=conv_00000000000a"}},
+            "/api/chat",
+            "cookie",
+            id="cookie",
+        ),
+    ],
+)
+async def test_chat_id_sources(
+    tracker: RecordingTracker, kwargs: dict[str, Any], url: str, source: str
+) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.post(url, **kwargs)
+    assert response.status_code == 200
+    [used] = tracker.used
+    assert used["conversation_id"] == "conv_00000000000a"
+    assert used["metadata"]["conversation_id_source"] == source
+
+
+async def test_chat_id_lookup_order(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        await c.post(
+            "/api/chat?conversation_id=from-query",
+            json={"conversation_id": "from-json"},
+            headers={"x-conversation-id": "from-header", "cookie": "agentsight_conversation_id=c"},
+        )
+        await c.post(
+            "/api/chat",
+            json={"conversation_id": "from-json"},
+            headers={"cookie": "agentsight_conversation_id=from-cookie"},
+        )
+    assert [u["conversation_id"] for u in tracker.used] == ["from-header", "from-json"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param("x" * 200, id="too-long"),
+        pytest.param("conv 1", id="space"),
+        pytest.param("conv;1", id="semicolon"),
+        pytest.param("<script>", id="markup"),
+        pytest.param("", id="empty"),
+    ],
+)
+async def test_bad_ids_are_not_used(tracker: RecordingTracker, bad: str) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.post(
+            "/api/chat",
+            json={"conversation_id": bad},
+            headers={"cookie": "agentsight_conversation_id=conv_fromcookie01"},
+        )
+    assert response.json()["body"] == json.dumps({"conversation_id": bad}, separators=(",", ":"))
+    assert tracker.used[0]["conversation_id"] == "conv_fromcookie01"
+
+
+async def test_chat_without_any_id_mints_one_and_sets_the_cookie(
+    tracker: RecordingTracker,
+) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        first = await c.post("/api/chat", json={"message": "hi"})
+        second = await c.post("/api/chat", json={"message": "again"})
+    [a, b] = tracker.used
+    assert a["metadata"]["conversation_id_source"] == "minted"
+    assert a["conversation_id"].startswith("conv_")
+    assert cookie_of(first) is not None
+    assert b["conversation_id"] == a["conversation_id"]
+    assert b["metadata"]["conversation_id_source"] == "cookie"
+    assert second.status_code == 200
+
+
+async def test_options_preflight_is_not_a_chat(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        await c.options("/api/chat/conv_00000000000a/messages")
+    assert tracker.used == []
+
+
+async def test_context_follows_sync_handlers_into_the_thread_pool(
+    tracker: RecordingTracker,
+) -> None:
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.post("/api/sync-chat", headers={"x-conversation-id": "conv_sync"})
+    assert response.json() == {"contextvar_id": "conv_sync"}
+    assert current_conversation() is None
+
+
+async def test_streaming_chat_response_passes_through(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    async with (
+        client(mw) as c,
+        c.stream("POST", "/api/stream", headers={"x-conversation-id": "conv_stream"}) as response,
+    ):
+        chunks = [chunk async for chunk in response.aiter_raw()]
+    assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert tracker.used[0]["conversation_id"] == "conv_stream"
+
+
+# -- the host app is never harmed --------------------------------------------------------
+
+
+class RaisingTracker:
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        raise RuntimeError("backend exploded")
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        raise RuntimeError("backend exploded")
+
+
+async def test_a_raising_tracker_changes_nothing_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mw = wrap(RaisingTracker())
+    with caplog.at_level(logging.DEBUG, logger="agentsight_middleware"):
+        async with client(mw) as c:
+            pages = [await c.get("/", headers=BROWSER) for _ in range(3)]
+            chats = [await c.post("/api/chat", json={"m": i}) for i in range(3)]
+        assert mw.flush(5)
+    assert all(p.status_code == 200 and p.text == PAGE for p in pages)
+    assert [c.json()["body"] for c in chats] == ['{"m":0}', '{"m":1}', '{"m":2}']
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2  # one for each method, not one per request
+    assert all("backend exploded" in (r.exc_text or "") for r in errors)
+    assert mw.stats()["errors"] == 4  # one page view (then the cookie holds) + three chats
+
+
+async def test_a_hanging_tracker_costs_at_most_the_timeout() -> None:
+    class HangingTracker(RecordingTracker):
+        def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            time.sleep(3)
+
+    mw = wrap(HangingTracker(), tracker_timeout=0.2)
+    async with client(mw) as c:
+        started = time.perf_counter()
+        response = await c.post("/api/chat", json={"m": 1})
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    assert elapsed < 1.5
+    assert mw.stats()["timeouts"] == 1
+
+
+async def test_coroutine_tracker_methods_are_awaited() -> None:
+    calls: list[tuple[str, str, bool]] = []
+
+    class AsyncTracker:
+        async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            await asyncio.sleep(0)
+            calls.append(("initialize", conversation_id, True))
+
+        async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            await asyncio.sleep(0)
+            calls.append(("engage", conversation_id, True))
+
+    mw = wrap(AsyncTracker())
+    async with client(mw) as c:
+        await c.get("/", headers=BROWSER)
+        await c.post("/api/chat", json={})
+        assert mw.flush(5)
+        for _ in range(100):  # the initialize coroutine runs on this loop
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+    assert sorted(kind for kind, _, _ in calls) == ["engage", "initialize"]
+    assert calls[0][1] == calls[1][1]
+
+
+async def test_websocket_and_lifespan_pass_through(tracker: RecordingTracker) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+        if scope["type"] == "lifespan":
+            message = await receive()
+            await send({"type": "lifespan.startup.complete"})
+            seen.append(message["type"])
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], chat_routes=["/ws"], tracker=tracker)
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    await mw({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    assert seen == ["lifespan", "lifespan.startup", "websocket"]
+    assert sent == [{"type": "lifespan.startup.complete"}]
+    assert tracker.calls == []
+
+
+async def test_unmatched_paths_are_untouched(tracker: RecordingTracker) -> None:
+    received: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        received.append((scope, receive, send))
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "http", "method": "GET", "path": "/elsewhere", "headers": []}
+    await mw(scope, receive, send)
+    [(got_scope, got_receive, got_send)] = received
+    assert got_scope is scope
+    assert "state" not in scope
+    assert got_receive is receive
+    assert got_send is send
+
+
+# -- proxies, mounts, hooks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted", "headers", "expected"),
+    [
+        pytest.param(
+            "203.0.113.7",
+            None,
+            {"x-forwarded-for": "1.2.3.4"},
+            "203.0.113.7",
+            id="untrusted-peer-ignores-xff",
+        ),
+        pytest.param(
+            "10.0.0.2",
+            ["10.0.0.0/8"],
+            {"x-forwarded-for": "198.51.100.9"},
+            "198.51.100.9",
+            id="trusted-proxy",
+        ),
+        pytest.param(
+            "10.0.0.2",
+            ["10.0.0.0/8"],
+            {"x-forwarded-for": "6.6.6.6, 198.51.100.9, 10.0.0.3"},
+            "198.51.100.9",
+            id="forged-leftmost-entry-ignored",
+        ),
+        pytest.param(
+            "10.0.0.2",
+            ["10.0.0.0/8"],
+            {"forwarded": 'for="[2001:db8::17]:4711";proto=https'},
+            "2001:db8::17",
+            id="rfc7239",
+        ),
+        pytest.param(
+            "10.0.0.2",
+            ["10.0.0.0/8"],
+            {"x-forwarded-for": "unknown"},
+            None,
+            id="garbage-gives-none",
+        ),
+        pytest.param(
+            "10.0.0.2",
+            1,
+            {"x-forwarded-for": "6.6.6.6, 198.51.100.9"},
+            "198.51.100.9",
+            id="hop-count",
+        ),
+    ],
+)
+async def test_client_ip(
+    tracker: RecordingTracker,
+    peer: str,
+    trusted: Any,
+    headers: dict[str, str],
+    expected: str | None,
+) -> None:
+    mw = wrap(tracker, trusted_proxies=trusted)
+    async with client(mw, peer=peer) as c:
+        await c.post("/api/chat", json={}, headers=headers)
+    assert tracker.used[0]["customer_ip_address"] == expected
+
+
+async def test_mounted_app_matches_the_path_the_client_sent(tracker: RecordingTracker) -> None:
+    inner = AgentSightMiddleware(
+        make_app(),
+        widget_pages=["/shop/pricing"],
+        chat_routes=["POST /shop/api/chat"],
+        tracker=tracker,
+    )
+    outer = Starlette(routes=[Mount("/shop", app=inner)])
+    async with client(outer) as c:
+        page_response = await c.get("/shop/pricing", headers=BROWSER)
+        await c.post("/shop/api/chat", json={})
+    assert page_response.status_code == 200
+    assert inner.flush(5)
+    assert tracker.initialized[0]["metadata"]["page_path"] == "/shop/pricing"
+    assert tracker.used[0]["metadata"]["page_path"] == "/shop/api/chat"
+
+
+async def test_customer_id_and_metadata_hooks(tracker: RecordingTracker) -> None:
+    def customer(request: Request) -> str | None:
+        return request.headers.get("x-user")
+
+    mw = wrap(
+        tracker,
+        customer_id=customer,
+        metadata=lambda request: {"plan": request.query_params.get("plan")},
+        environment="prod",
+        source="shop",
+    )
+    async with client(mw) as c:
+        await c.post("/api/chat?plan=pro", json={"x": 1}, headers={"x-user": "u-42"})
+    [used] = tracker.used
+    assert used["customer_id"] == "u-42"
+    assert used["metadata"]["plan"] == "pro"
+    assert used["environment"] == "production"
+    assert used["source"] == "shop"
+
+
+async def test_a_raising_hook_changes_nothing(tracker: RecordingTracker) -> None:
+    def customer(request: Request) -> str:
+        raise KeyError("no session")
+
+    mw = wrap(tracker, customer_id=customer)
+    async with client(mw) as c:
+        response = await c.post("/api/chat", json={"x": 1})
+    assert response.status_code == 200
+    assert tracker.used[0]["customer_id"] is None
+
+
+async def test_fastapi_add_middleware_one_liner(tracker: RecordingTracker) -> None:
+    app = FastAPI()
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return PAGE
+
+    @app.post("/api/chat")
+    async def chat_endpoint(request: Request) -> dict[str, str]:
+        return {"conversation_id": request.state.agentsight.id}
+
+    app.add_middleware(
+        AgentSightMiddleware, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    async with client(app) as c:
+        await c.get("/", headers=BROWSER)
+        response = await c.post("/api/chat", json={"message": "hi"})
+    tracker.wait_for(initialized=1, used=1)
+    assert response.json()["conversation_id"] == tracker.initialized[0]["conversation_id"]
+
+
+def test_construction_errors_name_the_argument(tracker: RecordingTracker) -> None:
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: AgentSightMiddleware(make_app(), tracker=tracker), "no rules"),
+        (lambda: AgentSightMiddleware(make_app(), widget_pages=["/"]), "tracker= is required"),
+        (
+            lambda: AgentSightMiddleware(make_app(), widget_pages=["/"], tracker=object()),
+            "lacks initialize_conversation",
+        ),
+        (
+            lambda: AgentSightMiddleware(make_app(), widget_pages="/", tracker=tracker),
+            "widget_pages",
+        ),
+        (lambda: wrap(tracker, environment="staging"), "environment='staging'"),
+        (lambda: wrap(tracker, cookie_name="bad name"), "cookie_name"),
+        (lambda: wrap(tracker, cookie_max_age=-5), "cookie_max_age"),
+        (
+            lambda: wrap(tracker, conversation_id_sources=["header", "body"]),
+            "conversation_id_sources",
+        ),
+        (lambda: wrap(tracker, conversation_id_sources="header"), "conversation_id_sources"),
+        (lambda: wrap(tracker, max_body_peek=-1), "max_body_peek"),
+        (lambda: wrap(tracker, tracker_timeout=0), "tracker_timeout"),
+        (lambda: wrap(tracker, customer_id="user"), "customer_id"),
+        (lambda: wrap(tracker, metadata=["x"]), "metadata"),
+        (lambda: wrap(tracker, trusted_proxies="10.0.0.1"), "trusted proxies must be a list"),
+    ]
+    for build, expected in cases:
+        with pytest.raises(ValueError, match=expected):
+            build()

@@ -1,0 +1,222 @@
+"""Peeking at a chat body must hand the app exactly the same bytes, however they arrive."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware._body import ReplayInput, peek_asgi, peek_wsgi
+from agentsight_middleware.testing import RecordingTracker
+
+chunkings = st.lists(st.binary(max_size=300), max_size=8)
+
+
+def _messages(chunks: list[bytes], disconnect: bool) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks
+    ]
+    if disconnect:
+        messages.append({"type": "http.disconnect"})
+    else:
+        messages.append({"type": "http.request", "body": b"", "more_body": False})
+    return messages
+
+
+def _run_asgi(
+    messages: list[dict[str, Any]], content_type: bytes, limit: int
+) -> tuple[list[dict[str, Any]], RecordingTracker]:
+    tracker = RecordingTracker()
+    seen: list[dict[str, Any]] = []
+    total = len(messages)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for _ in range(total):
+            seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = AgentSightMiddleware(app, chat_routes=["POST /chat"], tracker=tracker, max_body_peek=limit)
+    pending = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/chat",
+        "headers": [(b"content-type", content_type)],
+        "client": ("127.0.0.1", 1),
+    }
+    anyio.run(mw, scope, receive, send)
+    return seen, tracker
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    chunks=chunkings,
+    disconnect=st.booleans(),
+    content_type=st.sampled_from([b"application/json", b"application/x-www-form-urlencoded"]),
+    limit=st.integers(min_value=0, max_value=700),
+)
+def test_asgi_replay_is_message_exact(
+    chunks: list[bytes], disconnect: bool, content_type: bytes, limit: int
+) -> None:
+    messages = _messages(chunks, disconnect)
+    seen, tracker = _run_asgi([dict(m) for m in messages], content_type, limit)
+    assert seen == messages
+    assert len(tracker.used) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(prefix=st.binary(max_size=200), split=st.integers(min_value=0, max_value=60))
+def test_asgi_finds_the_id_in_a_chunked_json_body(prefix: bytes, split: int) -> None:
+    body = b'{"conversation_id": "conv_abcdefabcdef", "pad": "' + prefix.hex().encode() + b'"}'
+    chunks = [body[:split], body[split:]]
+    seen, tracker = _run_asgi(_messages(chunks, False), b"application/json", 64 * 1024)
+    assert b"".join(m.get("body", b"") for m in seen) == body
+    assert tracker.used[0]["conversation_id"] == "conv_abcdefabcdef"
+
+
+def test_asgi_body_over_the_limit_is_not_parsed_but_replayed() -> None:
+    body = b'{"conversation_id": "conv_abcdefabcdef", "pad": "' + b"x" * 5000 + b'"}'
+    messages = _messages([body[:3000], body[3000:]], False)
+    seen, tracker = _run_asgi([dict(m) for m in messages], b"application/json", 4096)
+    assert seen == messages
+    assert tracker.used[0]["metadata"]["conversation_id_source"] == "minted"
+
+
+def test_asgi_declared_length_over_the_limit_is_not_read() -> None:
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return {"type": "http.request", "body": b"{}"}
+
+    body, replay = anyio.run(peek_asgi, receive, "999999", 1024)
+    assert body == b""
+    assert replay is receive
+    assert calls == 0
+
+
+def test_asgi_receive_error_reaches_the_app_after_the_bytes_read() -> None:
+    messages = [{"type": "http.request", "body": b'{"a":', "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        raise OSError("connection reset")
+
+    async def scenario() -> None:
+        body, replay = await peek_asgi(receive, None, 1024)
+        assert body == b""
+        assert (await replay())["body"] == b'{"a":'
+        with pytest.raises(OSError, match="connection reset"):
+            await replay()
+
+    anyio.run(scenario)
+
+
+# -- WSGI -----------------------------------------------------------------------------------
+
+
+def _wsgi_environ(body: bytes, declared: bool) -> dict[str, Any]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/chat",
+        "CONTENT_TYPE": "application/json",
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": "http",
+        "REMOTE_ADDR": "127.0.0.1",
+    }
+    if declared:
+        environ["CONTENT_LENGTH"] = str(len(body))
+    else:
+        environ["wsgi.input_terminated"] = True
+    return environ
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    body=st.binary(max_size=2000),
+    declared=st.booleans(),
+    limit=st.integers(min_value=0, max_value=2100),
+    reads=st.lists(st.integers(min_value=-1, max_value=700), max_size=6),
+    mode=st.sampled_from(["read", "readline", "readinto", "iter"]),
+)
+def test_wsgi_replay_is_byte_exact(
+    body: bytes, declared: bool, limit: int, reads: list[int], mode: str
+) -> None:
+    got = bytearray()
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        stream = environ["wsgi.input"]
+        if mode == "iter":
+            for line in stream:
+                got.extend(line)
+        else:
+            for size in [*reads, -1]:
+                if mode == "read":
+                    got.extend(stream.read(size))
+                elif mode == "readline":
+                    while chunk := stream.readline(size):
+                        got.extend(chunk)
+                        if size >= 0:
+                            break
+                elif size > 0:
+                    buffer = bytearray(size)
+                    n = stream.readinto(buffer)
+                    got.extend(buffer[:n])
+            got.extend(stream.read())
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    tracker = RecordingTracker()
+    mw = AgentSightWSGIMiddleware(
+        app, chat_routes=["POST /chat"], tracker=tracker, max_body_peek=limit
+    )
+    result = mw(_wsgi_environ(body, declared), lambda status, headers, exc_info=None: None)
+    assert list(result) == [b"ok"]
+    assert bytes(got) == body
+    assert len(tracker.used) == 1
+
+
+def test_wsgi_short_body_from_a_disconnected_client() -> None:
+    environ = _wsgi_environ(b'{"conversation_id": "c1"', declared=False)
+    environ["CONTENT_LENGTH"] = "100"  # the client promised more than it sent
+    del environ["wsgi.input_terminated"]
+    assert peek_wsgi(environ, 1024) == b""
+    assert environ["wsgi.input"].read() == b'{"conversation_id": "c1"'
+
+
+def test_wsgi_read_error_is_raised_after_the_bytes_read() -> None:
+    class Broken(io.RawIOBase):
+        def __init__(self) -> None:
+            self.sent = False
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int = -1) -> bytes:
+            if not self.sent:
+                self.sent = True
+                return b'{"a"'
+            raise OSError("client went away")
+
+    environ: dict[str, Any] = {"wsgi.input": Broken(), "CONTENT_LENGTH": "50"}
+    assert peek_wsgi(environ, 1024) == b""
+    stream = environ["wsgi.input"]
+    assert isinstance(stream, ReplayInput)
+    assert stream.read(4) == b'{"a"'
+    with pytest.raises(OSError, match="client went away"):
+        stream.read(1)

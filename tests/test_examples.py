@@ -1,0 +1,148 @@
+"""Every example app, driven like a visitor would: load the page, then chat.
+
+The demo also runs under a real uvicorn server on 127.0.0.1, and the Django
+project under Werkzeug's real WSGI server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from werkzeug.serving import make_server
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware.testing import RecordingTracker
+
+from .conftest import BROWSER
+
+
+def _check(tracker: RecordingTracker, page_cookie: str, chat_json: dict[str, Any]) -> None:
+    conversation_id = page_cookie.split(";")[0].split("=", 1)[1]
+    tracker.wait_for(initialized=1, used=1)
+    assert tracker.initialized[0]["conversation_id"] == conversation_id
+    assert tracker.used[0]["conversation_id"] == conversation_id
+    assert chat_json["conversation_id"] == conversation_id
+    assert chat_json["reply"] == "You said: hello"
+
+
+ASGI_EXAMPLES = {
+    "demo (FastAPI)": lambda t: importlib.import_module("examples.demo").create_app(t),
+    "starlette": lambda t: importlib.import_module("examples.starlette_app").create_app(t),
+    "django asgi": lambda t: importlib.import_module(
+        "examples.django_site.asgi"
+    ).create_application(t),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", list(ASGI_EXAMPLES))
+async def test_asgi_examples(name: str, tracker: RecordingTracker) -> None:
+    app = ASGI_EXAMPLES[name](tracker)
+    chat_path = "/api/chat/" if "django" in name else "/api/chat"
+    transport = httpx.ASGITransport(app=app, client=("198.51.100.1", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+        page = await client.get("/", headers=BROWSER)
+        assert page.status_code == 200
+        assert "chat-form" in page.text
+        chat = await client.post(chat_path, json={"message": "hello"})
+    _check(tracker, page.headers["set-cookie"], chat.json())
+
+
+WSGI_EXAMPLES: dict[str, Callable[[RecordingTracker], Any]] = {
+    "flask": lambda t: importlib.import_module("examples.flask_app").create_app(t),
+    "django wsgi": lambda t: importlib.import_module(
+        "examples.django_site.wsgi"
+    ).create_application(t),
+}
+
+
+@pytest.mark.parametrize("name", list(WSGI_EXAMPLES))
+def test_wsgi_examples(name: str, tracker: RecordingTracker) -> None:
+    app = WSGI_EXAMPLES[name](tracker)
+    chat_path = "/api/chat/" if "django" in name else "/api/chat"
+    client = Client(app)
+    page = client.get("/", headers=BROWSER)
+    assert page.status_code == 200
+    assert "chat-form" in page.get_data(as_text=True)
+    chat = client.post(chat_path, json={"message": "hello"})
+    _check(tracker, page.headers["Set-Cookie"], chat.get_json())
+
+
+@pytest.fixture
+def uvicorn_demo(tracker: RecordingTracker) -> Iterator[str]:
+    from examples.demo import create_app
+
+    config = uvicorn.Config(create_app(tracker), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        threading.Event().wait(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_demo_under_real_uvicorn(uvicorn_demo: str, tracker: RecordingTracker) -> None:
+    with httpx.Client(base_url=uvicorn_demo) as client:
+        page = client.get("/", headers=BROWSER)
+        chat = client.post("/api/chat", json={"message": "hello"})
+    _check(tracker, page.headers["set-cookie"], chat.json())
+    assert tracker.initialized[0]["customer_ip_address"] == "127.0.0.1"
+
+
+def test_concurrent_visitors_under_real_uvicorn(
+    uvicorn_demo: str, tracker: RecordingTracker
+) -> None:
+    async def visitor(client: httpx.AsyncClient) -> tuple[str, str]:
+        page = await client.get("/", headers=BROWSER)
+        chat = await client.post("/api/chat", json={"message": "hello"})
+        return page.cookies["agentsight_conversation_id"], chat.json()["conversation_id"]
+
+    async def crowd() -> list[tuple[str, str]]:
+        clients = [httpx.AsyncClient(base_url=uvicorn_demo) for _ in range(12)]
+        try:
+            return await asyncio.gather(*(visitor(c) for c in clients))
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    pairs = asyncio.run(crowd())
+    assert all(page_id == chat_id for page_id, chat_id in pairs)
+    assert len({page_id for page_id, _ in pairs}) == 12
+    tracker.wait_for(initialized=12, used=12)
+    assert {c["conversation_id"] for c in tracker.initialized} == {p for p, _ in pairs}
+    assert {c["conversation_id"] for c in tracker.used} == {p for p, _ in pairs}
+
+
+def test_django_under_real_wsgi_server(tracker: RecordingTracker) -> None:
+    from examples.django_site.wsgi import create_application
+
+    app = create_application(tracker)
+    assert isinstance(app, AgentSightWSGIMiddleware)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.server_port}") as client:
+            page = client.get("/", headers=BROWSER)
+            chat = client.post("/api/chat/", json={"message": "hello"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    _check(tracker, page.headers["set-cookie"], chat.json())
+    assert isinstance(AgentSightMiddleware, type)

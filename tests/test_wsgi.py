@@ -1,0 +1,208 @@
+"""The WSGI middleware in front of a real Flask app, through Werkzeug's test client
+and through Werkzeug's real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from flask import Flask, Response, jsonify, request, stream_with_context
+from werkzeug.serving import make_server
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware, Conversation, current_conversation
+from agentsight_middleware.testing import RecordingTracker
+
+from .conftest import BROWSER, GOOGLEBOT, IPHONE
+
+PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
+
+
+def make_flask(tracker: RecordingTracker | None = None) -> Flask:
+    app = Flask(__name__)
+
+    @app.get("/")
+    @app.get("/pricing")
+    def page() -> str:
+        return PAGE
+
+    @app.get("/json")
+    def json_page() -> Any:
+        return jsonify(ok=True)
+
+    @app.get("/missing")
+    def missing() -> Any:
+        return PAGE, 404
+
+    @app.get("/boom")
+    def boom() -> Any:
+        raise RuntimeError("handler failed")
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        conversation: Conversation = request.environ["agentsight.conversation"]
+        current = current_conversation()
+        seen = [c["conversation_id"] for c in tracker.used] if tracker else []
+        return jsonify(
+            body=request.get_data(as_text=True),
+            environ_id=conversation.id,
+            contextvar_id=current.id if current else None,
+            seen_by_handler=seen,
+        )
+
+    @app.post("/api/stream")
+    def stream() -> Response:
+        def generate() -> Iterator[str]:
+            yield from ("a", "b", "c")
+
+        return Response(stream_with_context(generate()), mimetype="text/plain")
+
+    return app
+
+
+def wrap(tracker: Any, **options: Any) -> AgentSightWSGIMiddleware:
+    app = make_flask(tracker if isinstance(tracker, RecordingTracker) else None)
+    options.setdefault("widget_pages", ["/", "/pricing", "/json", "/missing", "/boom"])
+    options.setdefault("chat_routes", ["POST /api/chat", "POST /api/stream"])
+    app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, tracker=tracker, **options)  # type: ignore[method-assign]
+    return app  # type: ignore[return-value]
+
+
+def middleware_of(app: Any) -> AgentSightWSGIMiddleware:
+    mw = app.wsgi_app
+    assert isinstance(mw, AgentSightWSGIMiddleware)
+    return mw
+
+
+def test_flask_page_then_chat(tracker: RecordingTracker) -> None:
+    app = wrap(tracker)
+    client = Client(app)
+    page = client.get("/pricing", headers=BROWSER, environ_base={"REMOTE_ADDR": "198.51.100.4"})
+    assert page.status_code == 200
+    assert page.get_data(as_text=True) == PAGE
+    cookie = page.headers["Set-Cookie"]
+    conversation_id = cookie.split(";")[0].split("=", 1)[1]
+    chat = client.post(
+        "/api/chat", json={"message": "hi"}, environ_base={"REMOTE_ADDR": "198.51.100.4"}
+    )
+    data = chat.get_json()
+    assert data["body"] == '{"message": "hi"}'
+    assert data["environ_id"] == data["contextvar_id"] == conversation_id
+    assert data["seen_by_handler"] == [conversation_id], "get_or_create ran before the handler"
+    assert middleware_of(app).flush(5)
+    [initialized] = tracker.initialized
+    assert initialized["conversation_id"] == conversation_id
+    assert initialized["customer_ip_address"] == "198.51.100.4"
+    assert initialized["device"] == "desktop"
+    assert initialized["language"] == "en-US"
+    assert initialized["metadata"]["page_url"] == "http://localhost/pricing"
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        pytest.param("/json", BROWSER, id="json-answer"),
+        pytest.param("/missing", BROWSER, id="404"),
+        pytest.param("/", {**BROWSER, "accept": "*/*"}, id="accepts-anything"),
+        pytest.param("/", {**BROWSER, "user-agent": "kube-probe/1.29"}, id="kube-probe"),
+        pytest.param("/", {**BROWSER, "sec-purpose": "prefetch"}, id="prefetch"),
+    ],
+)
+def test_flask_not_a_page_view(
+    tracker: RecordingTracker, path: str, headers: dict[str, str]
+) -> None:
+    app = wrap(tracker)
+    response = Client(app).get(path, headers=headers)
+    assert "Set-Cookie" not in response.headers
+    assert middleware_of(app).flush(5)
+    assert tracker.calls == []
+
+
+def test_flask_error_page_is_not_a_view_and_is_unchanged(tracker: RecordingTracker) -> None:
+    app = wrap(tracker)
+    response = Client(app).get("/boom", headers=BROWSER)
+    assert response.status_code == 500
+    assert middleware_of(app).flush(5)
+    assert tracker.calls == []
+
+
+def test_flask_bot_and_mobile(tracker: RecordingTracker) -> None:
+    app = wrap(tracker)
+    Client(app).get("/", headers={**BROWSER, "user-agent": GOOGLEBOT})
+    Client(app).get("/", headers={**BROWSER, "user-agent": IPHONE})
+    assert middleware_of(app).flush(5)
+    [call] = tracker.initialized
+    assert call["device"] == "mobile"
+
+
+def test_flask_streaming_chat_passes_through(tracker: RecordingTracker) -> None:
+    app = wrap(tracker)
+    response = Client(app).post("/api/stream", headers={"X-Conversation-ID": "conv_s"})
+    assert response.get_data() == b"abc"
+    assert tracker.used[0]["conversation_id"] == "conv_s"
+
+
+def test_script_name_mount(tracker: RecordingTracker) -> None:
+    app = wrap(tracker, widget_pages=["/app/pricing"], chat_routes=["POST /app/api/chat"])
+    client = Client(app)
+    base = "http://localhost/app/"  # SCRIPT_NAME=/app, as a server mounting the app there sets
+    client.get("/pricing", headers=BROWSER, base_url=base)
+    client.post("/api/chat", json={}, base_url=base)
+    assert middleware_of(app).flush(5)
+    assert tracker.initialized[0]["metadata"]["page_path"] == "/app/pricing"
+    assert tracker.used[0]["metadata"]["page_path"] == "/app/api/chat"
+
+
+def test_raising_tracker_leaves_flask_untouched() -> None:
+    class Raising:
+        def initialize_conversation(self, conversation_id: str, **kw: Any) -> None:
+            raise RuntimeError("down")
+
+        def get_or_create_conversation(self, conversation_id: str, **kw: Any) -> None:
+            raise RuntimeError("down")
+
+    app = wrap(Raising())
+    client = Client(app)
+    assert client.get("/", headers=BROWSER).get_data(as_text=True) == PAGE
+    assert client.post("/api/chat", json={"a": 1}).get_json()["body"] == '{"a": 1}'
+    assert middleware_of(app).stats()["errors"] >= 1
+
+
+@pytest.fixture
+def live_flask(tracker: RecordingTracker) -> Iterator[tuple[str, Any]]:
+    app = wrap(tracker, trusted_proxies=["127.0.0.1"])
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", app
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_real_werkzeug_server_chunked_body_and_proxy(
+    live_flask: tuple[str, Any], tracker: RecordingTracker
+) -> None:
+    url, app = live_flask
+
+    def body() -> Iterator[bytes]:
+        yield b'{"conversation_id": '
+        time.sleep(0.01)
+        yield b'"conv_chunked00001", "message": "hi"}'
+
+    with httpx.Client(base_url=url) as client:
+        page = client.get("/", headers={**BROWSER, "x-forwarded-for": "6.6.6.6, 192.0.2.10"})
+        assert page.status_code == 200
+        response = client.post(
+            "/api/chat", content=body(), headers={"content-type": "application/json"}
+        )
+    assert response.json()["body"] == '{"conversation_id": "conv_chunked00001", "message": "hi"}'
+    assert middleware_of(app).flush(5)
+    assert tracker.initialized[0]["customer_ip_address"] == "192.0.2.10"
+    assert tracker.used[0]["conversation_id"] == "conv_chunked00001"
