@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._config import Settings
 from ._conversation import ID_SOURCES
-from ._core import Core
+from ._core import Core, Delivery
+from ._credentials import Credentials
+from ._delivery import BackgroundDelivery
 from ._facts import DEFAULT_NON_BROWSER_AGENTS
 from ._tracker import TrackerDelivery
+from .sinks.http import HttpSink
+from .sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
 
 __all__ = ["MiddlewareBase"]
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 class MiddlewareBase:
@@ -37,6 +47,11 @@ class MiddlewareBase:
         metadata: Mapping[str, Any] | Callable[[Any], Mapping[str, Any] | None] | None = None,
         tracker_timeout: float = 5.0,
         queue_size: int = 10_000,
+        api_key: str | None = None,
+        endpoint: str | None = None,
+        outbox: str | os.PathLike[str] | None = None,
+        shutdown_timeout: float = 5.0,
+        delivery_concurrency: int = 8,
     ) -> None:
         """Wrap ``app``.
 
@@ -65,7 +80,16 @@ class MiddlewareBase:
         :param customer_id: ``callable(request) -> id | None`` for signed-in users.
         :param metadata: a dict, or ``callable(request) -> dict``, merged into the metadata.
         :param tracker_timeout: seconds a chat request waits for the tracker at most (ASGI).
-        :param queue_size: page views waiting for the background worker at most.
+        :param queue_size: events waiting in memory for the background worker at most;
+            past it the newest are dropped and counted.
+        :param api_key: an AgentSight API key (default: ``AGENTSIGHT_API_KEY``); with one
+            and no ``tracker``, the built-in client sends both calls to the API.
+        :param endpoint: the API's base URL (default: ``AGENTSIGHT_API_ENDPOINT`` or
+            ``https://api.agentsight.io``).
+        :param outbox: a SQLite file that keeps every event until the API accepted it,
+            across crashes and restarts; several processes may share it.
+        :param shutdown_timeout: seconds spent delivering what is left at shutdown.
+        :param delivery_concurrency: requests in flight to the API at most.
         """
         self.app = app
         settings = Settings(
@@ -85,18 +109,46 @@ class MiddlewareBase:
             metadata=metadata,
             tracker_timeout=tracker_timeout,
         )
-        if tracker is None:
-            raise ValueError(
-                "tracker= is required: pass an object with initialize_conversation() and "
-                "get_or_create_conversation(), e.g. agentsight.ConversationTracker()"
+        _positive_int("queue_size", queue_size)
+        _positive_int("delivery_concurrency", delivery_concurrency)
+        if (
+            isinstance(shutdown_timeout, bool)
+            or not isinstance(shutdown_timeout, (int, float))
+            or (shutdown_timeout < 0)
+        ):
+            raise ValueError(f"shutdown_timeout must be seconds >= 0, got {shutdown_timeout!r}")
+        delivery: Delivery
+        if tracker is not None:
+            if api_key is not None or outbox is not None:
+                raise ValueError(
+                    "pass either tracker= (your own tracker does the sending) or api_key= / "
+                    "outbox= (the built-in client sends), not both"
+                )
+            delivery = TrackerDelivery(
+                tracker,
+                source=settings.source,
+                environment=settings.environment,
+                timeout=settings.tracker_timeout,
+                queue_size=queue_size,
             )
-        delivery = TrackerDelivery(
-            tracker,
-            source=settings.source,
-            environment=settings.environment,
-            timeout=settings.tracker_timeout,
-            queue_size=queue_size,
-        )
+        else:
+            credentials = Credentials.resolve(
+                api_key=api_key, endpoint=endpoint, environment=settings.environment
+            )
+            if credentials is None:
+                raise ValueError(
+                    "no tracker= and no API key: pass api_key= (or set AGENTSIGHT_API_KEY), "
+                    "or tracker= an object with initialize_conversation() and "
+                    "get_or_create_conversation(), e.g. agentsight.ConversationTracker()"
+                )
+            store: Outbox = SQLiteOutbox(outbox) if outbox is not None else MemoryOutbox(queue_size)
+            delivery = BackgroundDelivery(
+                lambda: HttpSink(credentials, outbox=store, concurrency=delivery_concurrency),
+                source=settings.source,
+                environment=credentials.environment,
+                queue_size=queue_size,
+                shutdown_timeout=shutdown_timeout,
+            )
         self._settings = settings
         self._core = Core(settings, delivery)
         self._match = settings.rules.match

@@ -11,11 +11,16 @@ from typing import Any
 
 from ._config import Settings
 from ._conversation import Conversation
+from ._delivery import BackgroundDelivery
 from ._facts import client_ip, client_scheme
+from ._log import LogOnce
 from ._rules import Match
 from ._tracker import TrackerDelivery
 
-__all__ = ["HEADER_KEYS", "Core", "current_conversation", "is_html_success"]
+__all__ = ["HEADER_KEYS", "Core", "Delivery", "current_conversation", "is_html_success"]
+
+#: What takes the events: a user's tracker, or the built-in background worker.
+Delivery = TrackerDelivery | BackgroundDelivery
 
 #: The request headers the middleware reads; everything else is never decoded.
 HEADER_KEYS = (
@@ -64,9 +69,10 @@ def is_html_success(status: int, content_type: str | None) -> bool:
 
 
 class Core:
-    def __init__(self, settings: Settings, delivery: TrackerDelivery) -> None:
+    def __init__(self, settings: Settings, delivery: Delivery) -> None:
         self.settings = settings
         self.delivery = delivery
+        self.log_once = LogOnce()
         self.current = _current
 
     def is_page_view_request(self, headers: Mapping[str, str]) -> bool:
@@ -150,7 +156,7 @@ class Core:
         try:
             value = hook(request)
         except Exception as exc:
-            self.delivery.log_once("customer_id hook", exc)
+            self.log_once("customer_id hook", exc)
             return None
         if value is None or isinstance(value, bool):
             return None
@@ -163,10 +169,10 @@ class Core:
         try:
             value = hook(request)
         except Exception as exc:
-            self.delivery.log_once("metadata hook", exc)
+            self.log_once("metadata hook", exc)
             return None
         if value is not None and not isinstance(value, Mapping):
-            self.delivery.log_once(
+            self.log_once(
                 "metadata hook", TypeError(f"returned {type(value).__name__}, not a dict")
             )
             return None

@@ -9,13 +9,13 @@ process that serves, so a worker inherited across ``fork()`` (gunicorn
 from __future__ import annotations
 
 import atexit
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ._fork import reset_in_child
 from ._log import logger
 
 __all__ = ["Dispatcher", "DispatcherStats"]
@@ -43,7 +43,7 @@ class Dispatcher(Generic[T]):
         self._name = name
         self._shutdown_timeout = shutdown_timeout
         self._lock = threading.Lock()
-        self._pid = -1
+        self._started = False
         self._queue: queue.Queue[object] = queue.Queue(maxsize)
         self._thread: threading.Thread | None = None
         self._atexit_registered = False
@@ -51,6 +51,16 @@ class Dispatcher(Generic[T]):
         self.processed = 0
         self.failed = 0
         self.dropped = 0
+        reset_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._started = False
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        if not self._started:
+            self._start()
 
     def submit(self, item: T) -> bool:
         """Queue ``item`` for the worker; False (and counted) when the queue is full.
@@ -58,7 +68,7 @@ class Dispatcher(Generic[T]):
         When full, the newest item is the one dropped: the queue holds what was
         seen first, and memory stays bounded however long the backend is away.
         """
-        if self._pid != os.getpid():
+        if not self._started:
             self._start()
         try:
             self._queue.put_nowait(item)
@@ -76,14 +86,14 @@ class Dispatcher(Generic[T]):
 
     def _start(self) -> None:
         with self._lock:
-            if self._pid == os.getpid():
+            if self._started:
                 return
             # After a fork the parent's queue may hold items its worker owned and
             # a lock state copied mid-use: start clean rather than inherit them.
             self._queue = queue.Queue(self._maxsize)
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
-            self._pid = os.getpid()
+            self._started = True
             if not self._atexit_registered:
                 atexit.register(self.close)
                 self._atexit_registered = True
@@ -105,7 +115,7 @@ class Dispatcher(Generic[T]):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is handled; False on time-out."""
-        if self._pid != os.getpid():
+        if not self._started:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         q = self._queue
@@ -119,7 +129,7 @@ class Dispatcher(Generic[T]):
 
     def close(self, timeout: float | None = None) -> None:
         """Flush within ``timeout`` (default: the shutdown timeout) and stop the worker."""
-        if self._pid != os.getpid() or self._thread is None:
+        if not self._started or self._thread is None:
             return
         limit = self._shutdown_timeout if timeout is None else timeout
         if not self.flush(limit):
@@ -132,7 +142,7 @@ class Dispatcher(Generic[T]):
         self._queue.put(_STOP)
         self._thread.join(limit)
         self._thread = None
-        self._pid = -1
+        self._started = False
 
     def stats(self) -> DispatcherStats:
         return DispatcherStats(

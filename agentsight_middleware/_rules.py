@@ -21,8 +21,8 @@ CHAT = "chat"
 _HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
-# HEAD carries no body and OPTIONS is a CORS preflight: counting either would
-# double every chat sent from a browser on another origin.
+# A browser sends an OPTIONS preflight before every cross-origin chat POST, and
+# HEAD is a probe with no body: counting either would inflate the chat count.
 _NEVER_CHAT = frozenset({"HEAD", "OPTIONS"})
 
 _CONVERTORS = {

@@ -139,6 +139,9 @@ class TrackerDelivery:
             self.errors += 1
             self.log_once("tracker.get_or_create_conversation()", exc)
 
+    def ensure_started(self) -> None:
+        self._dispatcher.ensure_started()
+
     def flush(self, timeout: float | None = None) -> bool:
         return self._dispatcher.flush(timeout)
 

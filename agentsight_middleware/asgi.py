@@ -16,6 +16,9 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from ._base import MiddlewareBase
 from ._body import peek_asgi
 from ._config import NEED_BODY
@@ -43,6 +46,8 @@ class AgentSightMiddleware(MiddlewareBase):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                send = self._lifespan_send(send)
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -59,6 +64,20 @@ class AgentSightMiddleware(MiddlewareBase):
             await self._widget(scope, receive, send, match, path)
         else:
             await self._chat(scope, receive, send, match, path)
+
+    def _lifespan_send(self, send: Send) -> Send:
+        async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                # In the serving process, after any fork: events left in a durable
+                # outbox by the last run are sent now, not at the first page view.
+                self._core.delivery.ensure_started()
+            elif message["type"] == "lifespan.shutdown.complete":
+                # Deliver what is queued while the server still waits for us; in a
+                # thread, because closing joins the worker thread.
+                await anyio.to_thread.run_sync(self.close)
+            await send(message)
+
+        return lifespan_send
 
     def _headers(self, scope: Scope) -> dict[str, str]:
         keys = self._header_keys

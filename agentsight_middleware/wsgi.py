@@ -20,6 +20,7 @@ from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, cookie_value, mint_id
 from ._core import HEADER_KEYS, is_html_success
 from ._events import ENGAGE, INITIALIZE, Event
+from ._fork import reset_in_child
 from ._rules import WIDGET, Match
 
 __all__ = ["AgentSightWSGIMiddleware"]
@@ -44,8 +45,18 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         super().__init__(app, **options)
         names = (*HEADER_KEYS, self._settings.id_header)
         self._environ_keys = tuple((name, _environ_key(name)) for name in names)
+        self._idle = True
+        reset_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._idle = True
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if self._idle:
+            # WSGI has no start-up hook: the first request of the serving process
+            # starts the worker, so a durable outbox left by the last run is sent.
+            self._idle = False
+            self._core.delivery.ensure_started()
         path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         if not path.isascii():
             # PEP 3333 hands the path over as latin-1-decoded bytes; rules are text.

@@ -727,7 +727,10 @@ async def test_fastapi_add_middleware_one_liner(tracker: RecordingTracker) -> No
 def test_construction_errors_name_the_argument(tracker: RecordingTracker) -> None:
     cases: list[tuple[Callable[[], object], str]] = [
         (lambda: AgentSightMiddleware(make_app(), tracker=tracker), "no rules"),
-        (lambda: AgentSightMiddleware(make_app(), widget_pages=["/"]), "tracker= is required"),
+        (
+            lambda: AgentSightMiddleware(make_app(), widget_pages=["/"]),
+            "no tracker= and no API key",
+        ),
         (
             lambda: AgentSightMiddleware(make_app(), widget_pages=["/"], tracker=object()),
             "lacks initialize_conversation",

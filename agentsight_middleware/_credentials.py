@@ -1,0 +1,69 @@
+"""API key, endpoint and environment, read the way the official SDK reads them."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ._config import normalise_environment
+
+__all__ = ["API_KEY_RE", "DEFAULT_ENDPOINT", "Credentials", "mask_key"]
+
+API_KEY_RE = re.compile(r"ags_[a-f0-9]{32}_[a-f0-9]{6}", re.IGNORECASE)
+DEFAULT_ENDPOINT = "https://api.agentsight.io"
+
+
+def mask_key(key: str) -> str:
+    """Enough of a key to tell two apart in a log, never enough to use it."""
+    return key[:8] + "********" if len(key) > 12 else "********"
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    api_key: str
+    endpoint: str
+    environment: str | None
+
+    def __repr__(self) -> str:
+        return (
+            f"Credentials(api_key={mask_key(self.api_key)!r}, endpoint={self.endpoint!r}, "
+            f"environment={self.environment!r})"
+        )
+
+    @property
+    def conversations_url(self) -> str:
+        # The backend has APPEND_SLASH off: the trailing slash is part of the route.
+        return self.endpoint.rstrip("/") + "/api/conversations/"
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        api_key: str | None,
+        endpoint: str | None,
+        environment: str | None,
+        env: Mapping[str, str] | None = None,
+    ) -> Credentials | None:
+        """Arguments first, then ``AGENTSIGHT_*`` variables; None when there is no key."""
+        env = os.environ if env is None else env
+        key = api_key if api_key is not None else env.get("AGENTSIGHT_API_KEY")
+        if key is None or not key.strip():
+            return None
+        key = key.strip()
+        if not API_KEY_RE.fullmatch(key):
+            where = "api_key=" if api_key is not None else "AGENTSIGHT_API_KEY"
+            raise ValueError(
+                f"{where} {mask_key(key)!r} is not an AgentSight API key: keys look like "
+                "ags_<32 hex digits>_<6 hex digits>; copy it again from the AgentSight dashboard"
+            )
+        base = endpoint if endpoint is not None else env.get("AGENTSIGHT_API_ENDPOINT")
+        base = (base or DEFAULT_ENDPOINT).strip()
+        if not base.startswith(("http://", "https://")):
+            raise ValueError(
+                f"endpoint {base!r} must be an http:// or https:// URL, e.g. {DEFAULT_ENDPOINT!r}"
+            )
+        chosen = environment if environment is not None else env.get("AGENTSIGHT_ENVIRONMENT")
+        slug = None if not chosen else normalise_environment(chosen)
+        return cls(api_key=key, endpoint=base, environment=slug)

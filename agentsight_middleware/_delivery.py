@@ -1,0 +1,247 @@
+"""The background worker behind the built-in sinks (AgentSight API, local store).
+
+The request path only appends a small immutable :class:`Event` to a deque: no
+lock, no I/O, no parsing. One worker thread per process runs an event loop
+that picks the events up every few milliseconds, does the slow parts (user
+agent parsing, payload building, JSON) and hands them to the sink.
+
+The worker starts on the first event in the process that serves: after a
+``fork()`` (gunicorn ``--preload``, uWSGI) the parent's thread does not exist
+in the child, so a changed pid starts a fresh worker instead of queueing into
+a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ._events import INITIALIZE, Event
+from ._fork import reset_in_child
+from ._log import logger
+from ._payload import build_payload
+
+__all__ = ["BackgroundDelivery", "Sink"]
+
+# How long the worker sleeps when there is nothing to do. Also the longest an
+# event waits in memory before a durable sink has it on disk.
+_INTAKE_INTERVAL = 0.02
+_BATCH = 500
+
+
+class Sink(Protocol):
+    @property
+    def durable(self) -> bool:
+        """True when undelivered events survive a restart (a durable outbox, a local file)."""
+        ...
+
+    async def start(self) -> None: ...
+    async def put(self, payloads: list[dict[str, Any]]) -> None: ...
+    def pending(self) -> int: ...
+    async def drain(self, deadline: float) -> int: ...
+    async def aclose(self) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+
+
+class BackgroundDelivery:
+    def __init__(
+        self,
+        sink_factory: Callable[[], Sink],
+        *,
+        source: str | None,
+        environment: str | None,
+        queue_size: int = 10_000,
+        shutdown_timeout: float = 5.0,
+        name: str = "agentsight-delivery",
+    ) -> None:
+        self._sink_factory = sink_factory
+        self._source = source
+        self._environment = environment
+        self._queue_size = queue_size
+        self._shutdown_timeout = shutdown_timeout
+        self._name = name
+        self._lock = threading.Lock()
+        self._started = False
+        self._intake: deque[Event] = deque()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: Sink | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._atexit = False
+        self.enqueued = 0
+        self.dropped = 0
+        self.skipped_bots = 0
+        self.errors = 0
+        reset_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._started = False
+        self._thread = None
+        self._loop = None
+        self._sink = None
+        self._lock = threading.Lock()  # may have been held by another thread at fork time
+        self._intake = deque()
+
+    # -- request path ---------------------------------------------------------------
+
+    def submit(self, event: Event) -> None:
+        if not self._started:
+            self._start()
+        intake = self._intake
+        if len(intake) >= self._queue_size:
+            # The newest is dropped: memory stays bounded and what was seen
+            # first (the page view before its chat) is what is kept.
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("event queue full (%d): %d dropped", self._queue_size, self.dropped)
+            return
+        intake.append(event)
+        self.enqueued += 1
+
+    def initialize(self, event: Event, loop: Any = None) -> None:
+        self.submit(event)
+
+    def engage_sync(self, event: Event) -> None:
+        self.submit(event)
+
+    async def engage_async(self, event: Event) -> None:
+        self.submit(event)
+
+    # -- worker ---------------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start the worker now (at app start-up): a durable outbox is sent without waiting
+        for the first event."""
+        if not self._started:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._intake = deque()
+            self._stopping = threading.Event()
+            self._ready = threading.Event()
+            self._thread = threading.Thread(target=self._thread_main, name=self._name, daemon=True)
+            self._thread.start()
+            self._started = True
+            if not self._atexit:
+                atexit.register(self.close)
+                self._atexit = True
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:
+            logger.exception("the delivery worker stopped")
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            sink = self._sink_factory()
+            await sink.start()
+        except Exception:
+            self._ready.set()
+            raise
+        self._sink = sink
+        self._ready.set()
+        try:
+            while not self._stopping.is_set():
+                if not await self._take():
+                    await asyncio.sleep(_INTAKE_INTERVAL)
+            while await self._take():
+                pass
+            deadline = time.monotonic() + self._shutdown_timeout
+            left = await sink.drain(deadline)
+            if left:
+                logger.warning(
+                    "%d event(s) not delivered within %.1f s at shutdown%s",
+                    left,
+                    self._shutdown_timeout,
+                    "; they stay in the outbox for the next start"
+                    if sink.durable
+                    else " and are lost",
+                )
+        finally:
+            await sink.aclose()
+
+    async def _take(self) -> int:
+        intake = self._intake
+        batch: list[dict[str, Any]] = []
+        while intake and len(batch) < _BATCH:
+            event = intake.popleft()
+            try:
+                # Parsing the user agent is the slow part: here, never on the request path.
+                if event.kind == INITIALIZE and event.conversation.is_bot:
+                    self.skipped_bots += 1
+                    continue
+                batch.append(
+                    build_payload(event, source=self._source, environment=self._environment)
+                )
+            except Exception:
+                self.errors += 1
+                logger.exception("could not build an event")
+        if batch:
+            assert self._sink is not None
+            try:
+                await self._sink.put(batch)
+            except Exception:
+                self.errors += len(batch)
+                logger.exception("could not hand %d event(s) to the sink", len(batch))
+        return len(batch)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event so far is delivered (or stored); False on time-out."""
+        if not self._started or self._thread is None:
+            return True
+        deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
+        self._ready.wait(max(deadline - time.monotonic(), 0))
+        sink, loop = self._sink, self._loop
+        if sink is None or loop is None:
+            return not self._intake
+        while time.monotonic() < deadline:
+            if not self._intake:
+                future = asyncio.run_coroutine_threadsafe(sink.drain(deadline), loop)
+                try:
+                    return future.result(max(deadline - time.monotonic(), 0) + 1) == 0
+                except Exception:
+                    return False
+            time.sleep(0.005)
+        return False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Deliver what can be delivered within ``timeout`` and stop the worker."""
+        if not self._started or self._thread is None:
+            return
+        if timeout is not None:
+            self._shutdown_timeout = timeout
+        self._stopping.set()
+        self._thread.join(self._shutdown_timeout + 5)
+        self._thread = None
+        self._started = False
+
+    def stats(self) -> dict[str, int]:
+        stats = {
+            "enqueued": self.enqueued,
+            "dropped": self.dropped,
+            "skipped_bots": self.skipped_bots,
+            "errors": self.errors,
+            "queued": len(self._intake),
+        }
+        sink = self._sink
+        if sink is not None:
+            for key, value in sink.stats().items():
+                stats[key] = stats.get(key, 0) + value
+            try:
+                stats["pending"] = sink.pending()
+            except Exception:
+                stats["pending"] = -1
+        return stats

@@ -1,0 +1,1 @@
+"""Where events go: the AgentSight API (``http``), waiting in an ``outbox`` on the way."""

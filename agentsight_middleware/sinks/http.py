@@ -1,0 +1,255 @@
+"""The built-in AgentSight client: ``POST /api/conversations/`` over a pooled httpx client.
+
+It runs on the background worker's event loop, several requests in flight,
+one conversation's events strictly in order (the outbox sees to that), and
+it never raises into anything: every outcome is counted, every kind of
+failure logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import httpx
+
+from ..__version__ import __version__
+from .._credentials import Credentials, mask_key
+from .._log import logger
+from .._retry import ACCEPTED, REJECTED, RETRY, THROTTLED, backoff, classify, retry_after
+from .outbox import Outbox, OutboxItem
+
+__all__ = ["HttpSink"]
+
+# How often the pump looks for work it was not told about: rows whose retry
+# time came, or rows another process put into a shared outbox file.
+_POLL = 0.1
+
+
+def _api_error(response: httpx.Response) -> str:
+    """The server's words, from a Django REST framework error body."""
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(data, dict):
+        if "detail" in data:
+            return str(data["detail"])
+        return "; ".join(
+            f"{field}: {', '.join(map(str, errors)) if isinstance(errors, list) else errors}"
+            for field, errors in data.items()
+        )
+    return str(data)[:200]
+
+
+class HttpSink:
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        outbox: Outbox,
+        concurrency: int = 8,
+        timeout: float = 15.0,
+        max_attempts: int = 6,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._credentials = credentials
+        self._url = credentials.conversations_url
+        self._outbox = outbox
+        self._concurrency = concurrency
+        self._timeout = timeout
+        # Only bounds the in-memory queue: a durable outbox keeps an event until
+        # the API accepts it, however long the outage.
+        self._max_attempts = max_attempts
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._paused_until = 0.0
+        self._logged: set[Any] = set()
+        self.sent = 0
+        self.retried = 0
+        self.throttled = 0
+        self.rejected = 0
+        self.failed = 0
+        self.dropped = 0
+
+    @property
+    def durable(self) -> bool:
+        return self._outbox.durable
+
+    def __repr__(self) -> str:
+        return f"HttpSink(url={self._url!r}, api_key={mask_key(self._credentials.api_key)!r})"
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=self._timeout,
+            limits=httpx.Limits(
+                max_connections=self._concurrency, max_keepalive_connections=self._concurrency
+            ),
+            headers={
+                "Authorization": f"Api-Key {self._credentials.api_key}",
+                "Content-Type": "application/json",
+                "User-Agent": f"agentsight-middleware/{__version__}",
+            },
+            transport=self._transport,
+            # A proxy set for the app's own outgoing traffic is not ours to use.
+            trust_env=False,
+        )
+        self._wake = asyncio.Event()
+        self._pump = asyncio.get_running_loop().create_task(self._run())
+
+    async def put(self, payloads: list[dict[str, Any]]) -> None:
+        items = [
+            (p["conversation_id"], json.dumps(p, separators=(",", ":")).encode()) for p in payloads
+        ]
+        accepted = self._outbox.put(items)
+        if accepted < len(items):
+            self.dropped += len(items) - accepted
+            self._log_once(
+                "full",
+                "queue full: %d event(s) dropped (in-memory queue holds %d while the API is "
+                "unreachable; pass outbox='path.sqlite3' to keep every event on disk)",
+                len(items) - accepted,
+                self._outbox.depth(),
+                level="warning",
+            )
+        assert self._wake is not None
+        self._wake.set()
+
+    def pending(self) -> int:
+        return self._outbox.depth()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        wake = self._wake
+        while True:
+            now = time.time()
+            if now < self._paused_until:
+                await asyncio.sleep(self._paused_until - now)
+                continue
+            free = self._concurrency - len(self._in_flight)
+            items = self._outbox.claim(free, now) if free > 0 else []
+            for item in items:
+                task = asyncio.get_running_loop().create_task(self._send(item))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            if not items:
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _POLL)
+
+    async def _send(self, item: OutboxItem) -> None:
+        assert self._client is not None
+        assert self._wake is not None
+        try:
+            response = await self._client.post(self._url, content=item.body)
+        except httpx.HTTPError as exc:
+            self._retry(item, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        else:
+            outcome = classify(response.status_code)
+            if outcome == ACCEPTED:
+                self._outbox.ack([item])
+                self.sent += 1
+            elif outcome == THROTTLED:
+                self.throttled += 1
+                wait = retry_after(response.headers.get("retry-after"), now=time.time())
+                self._paused_until = max(self._paused_until, time.time() + wait)
+                self._outbox.retry(item, self._paused_until)
+                self._log_once(
+                    "429",
+                    "the AgentSight API is throttling (429); pausing delivery for %.1f s",
+                    wait,
+                    level="warning",
+                )
+            elif outcome == RETRY:
+                self._retry(item, f"HTTP {response.status_code}")
+            else:
+                assert outcome == REJECTED
+                self._reject(item, response)
+        finally:
+            self._wake.set()
+
+    def _retry(self, item: OutboxItem, reason: str) -> None:
+        if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
+            self._outbox.discard(item)
+            self.failed += 1
+            self._log_once(
+                "failed",
+                "gave up on an event after %d attempts (%s); pass outbox='path.sqlite3' to keep "
+                "events on disk until the API is back",
+                self._max_attempts,
+                reason,
+            )
+            return
+        self.retried += 1
+        self._outbox.retry(item, time.time() + backoff(item.attempts + 1))
+        self._log_once(
+            "retry",
+            "the AgentSight API is unreachable (%s); retrying with backoff",
+            reason,
+            level="warning",
+        )
+
+    def _reject(self, item: OutboxItem, response: httpx.Response) -> None:
+        self._outbox.discard(item)
+        self.rejected += 1
+        status = response.status_code
+        if status in (401, 403):
+            self._log_once(
+                status,
+                "the AgentSight API refused the API key %s (%d: %s); events are dropped until "
+                "the key is fixed",
+                mask_key(self._credentials.api_key),
+                status,
+                _api_error(response),
+            )
+        else:
+            self._log_once(
+                status,
+                "the AgentSight API rejected an event (%d: %s); it will not be retried",
+                status,
+                _api_error(response),
+            )
+
+    def _log_once(self, key: Any, message: str, *args: Any, level: str = "error") -> None:
+        if key in self._logged:
+            logger.debug(message, *args)
+            return
+        self._logged.add(key)
+        getattr(logger, level)(message, *args)
+
+    async def drain(self, deadline: float) -> int:
+        """Wait until nothing is waiting or in flight, or ``deadline`` (monotonic); what is left."""
+        while time.monotonic() < deadline:
+            if not self._in_flight and self._outbox.depth() == 0:
+                return 0
+            await asyncio.sleep(0.01)
+        return self._outbox.depth()
+
+    async def aclose(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        for task in list(self._in_flight):
+            task.cancel()
+        await asyncio.gather(
+            *(t for t in (self._pump, *self._in_flight) if t is not None), return_exceptions=True
+        )
+        if self._client is not None:
+            await self._client.aclose()
+        self._outbox.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "sent": self.sent,
+            "retried": self.retried,
+            "throttled": self.throttled,
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "in_flight": len(self._in_flight),
+        }

@@ -1,0 +1,226 @@
+"""Events waiting to be accepted by the AgentSight API: in memory, or on disk.
+
+Both keep the order of each conversation: only the oldest waiting event of a
+conversation can be claimed, and not while an earlier one is in flight or
+waiting for a retry, so the ``is_used: false`` record always reaches the API
+before the ``is_used: true`` one of the same id.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
+
+
+@dataclass(slots=True)
+class OutboxItem:
+    id: int
+    conversation_id: str
+    body: bytes
+    attempts: int = 0
+    not_before: float = 0.0
+    leased: bool = False
+
+
+class Outbox(Protocol):
+    durable: bool
+
+    def put(self, items: list[tuple[str, bytes]]) -> int: ...
+    def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
+    def ack(self, items: list[OutboxItem]) -> None: ...
+    def retry(self, item: OutboxItem, not_before: float) -> None: ...
+    def discard(self, item: OutboxItem) -> None: ...
+    def depth(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class MemoryOutbox:
+    """Bounded: past ``max_items`` the newest events are refused (and counted by the caller)."""
+
+    durable = False
+
+    def __init__(self, max_items: int) -> None:
+        self._max = max_items
+        self._items: OrderedDict[int, OutboxItem] = OrderedDict()
+        self._next_id = 0
+        self._in_flight: set[str] = set()
+
+    def put(self, items: list[tuple[str, bytes]]) -> int:
+        room = max(self._max - len(self._items), 0)
+        for conversation_id, body in items[:room]:
+            self._next_id += 1
+            self._items[self._next_id] = OutboxItem(self._next_id, conversation_id, body)
+        return min(room, len(items))
+
+    def claim(self, limit: int, now: float) -> list[OutboxItem]:
+        picked: list[OutboxItem] = []
+        blocked = set(self._in_flight)
+        for item in self._items.values():
+            if item.conversation_id in blocked:
+                continue
+            blocked.add(item.conversation_id)
+            if item.not_before > now:
+                continue
+            item.leased = True
+            self._in_flight.add(item.conversation_id)
+            picked.append(item)
+            if len(picked) >= limit:
+                break
+        return picked
+
+    def ack(self, items: list[OutboxItem]) -> None:
+        for item in items:
+            self._items.pop(item.id, None)
+            self._in_flight.discard(item.conversation_id)
+
+    def retry(self, item: OutboxItem, not_before: float) -> None:
+        item.attempts += 1
+        item.not_before = not_before
+        item.leased = False
+        self._in_flight.discard(item.conversation_id)
+
+    def discard(self, item: OutboxItem) -> None:
+        self.ack([item])
+
+    def depth(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    lease_until REAL NOT NULL DEFAULT 0,
+    lease_owner TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_conversation ON outbox (conversation_id, id);
+"""
+
+# The oldest row of each conversation, free to take. A leased or delayed head
+# row blocks the rows behind it, which keeps each conversation in order even
+# when several processes share the file.
+_CLAIM = """
+SELECT id, conversation_id, body, attempts FROM outbox AS o
+WHERE lease_until <= :now AND not_before <= :now
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox AS p WHERE p.conversation_id = o.conversation_id AND p.id < o.id
+  )
+ORDER BY id LIMIT :limit
+"""
+
+
+class SQLiteOutbox:
+    """Every event on disk (SQLite, WAL) until the API has accepted it.
+
+    Several processes may share one file: a claimed row carries a lease with
+    the claimer's name, so no two processes send the same row, and a process
+    killed mid-send only delays its rows until the lease runs out.
+    """
+
+    durable = True
+
+    def __init__(self, path: str | os.PathLike[str], *, lease: float = 120.0) -> None:
+        self.path = Path(path)
+        self._lease = lease
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._connect()  # at construction: a path that cannot be opened fails at start-up
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        # After fork the parent's connection must not be used: open our own.
+        conn = sqlite3.connect(
+            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process (the OS holds the writes);
+        # only a power cut can lose the last commits, and that is not worth an fsync each.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+        self._pid = os.getpid()
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        return conn
+
+    def put(self, items: list[tuple[str, bytes]]) -> int:
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT INTO outbox (conversation_id, body) VALUES (?, ?)", items)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return len(items)
+
+    def claim(self, limit: int, now: float) -> list[OutboxItem]:
+        with self._lock:
+            conn = self._connect()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
+                conn.executemany(
+                    "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
+                    [(now + self._lease, self._owner, row[0]) for row in rows],
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return [OutboxItem(row[0], row[1], row[2], row[3], leased=True) for row in rows]
+
+    def ack(self, items: list[OutboxItem]) -> None:
+        if not items:
+            return
+        with self._lock:
+            conn = self._connect()
+            conn.executemany(
+                "DELETE FROM outbox WHERE id = ? AND lease_owner = ?",
+                [(item.id, self._owner) for item in items],
+            )
+
+    def retry(self, item: OutboxItem, not_before: float) -> None:
+        with self._lock:
+            self._connect().execute(
+                "UPDATE outbox SET attempts = attempts + 1, not_before = ?, lease_until = 0, "
+                "lease_owner = NULL WHERE id = ? AND lease_owner = ?",
+                (not_before, item.id, self._owner),
+            )
+
+    def discard(self, item: OutboxItem) -> None:
+        self.ack([item])
+
+    def depth(self) -> int:
+        with self._lock:
+            row = self._connect().execute("SELECT count(*) FROM outbox").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                # Hand our leases back: the next start (or a sibling) sends them at once.
+                self._conn.execute(
+                    "UPDATE outbox SET lease_until = 0, lease_owner = NULL WHERE lease_owner = ?",
+                    (self._owner,),
+                )
+                self._conn.close()
+            self._conn = None

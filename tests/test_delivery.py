@@ -1,0 +1,395 @@
+"""The built-in client against the stand-in AgentSight API, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from agentsight_middleware import AgentSightMiddleware
+from agentsight_middleware._credentials import Credentials
+from agentsight_middleware._retry import classify, retry_after
+from agentsight_middleware.sinks.outbox import SQLiteOutbox
+from agentsight_middleware.testing import StandInAgentSightAPI
+
+from .conftest import BROWSER, CHROME_DESKTOP
+
+pytestmark = pytest.mark.anyio
+
+
+async def page(request: Request) -> Response:
+    return HTMLResponse("<p>shop</p>")
+
+
+async def chat(request: Request) -> Response:
+    await request.body()
+    return JSONResponse({"ok": True})
+
+
+def make_app() -> Starlette:
+    return Starlette(routes=[Route("/", page), Route("/api/chat", chat, methods=["POST"])])
+
+
+@pytest.fixture
+def api() -> Iterator[StandInAgentSightAPI]:
+    with StandInAgentSightAPI() as server:
+        yield server
+
+
+def wrap(api: StandInAgentSightAPI, **options: Any) -> AgentSightMiddleware:
+    options.setdefault("api_key", api.api_key)
+    options.setdefault("endpoint", api.url)
+    return AgentSightMiddleware(
+        make_app(), widget_pages=["/"], chat_routes=["POST /api/chat"], **options
+    )
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4000))
+    return httpx.AsyncClient(transport=transport, base_url="https://shop.test")
+
+
+async def visit(c: httpx.AsyncClient, chats: int = 1) -> None:
+    c.cookies.clear()
+    await c.get("/", headers=BROWSER)
+    for i in range(chats):
+        await c.post(
+            "/api/chat",
+            json={"message": i},
+            headers={"user-agent": CHROME_DESKTOP, "accept-language": "en-US"},
+        )
+
+
+async def test_page_and_chat_reach_the_api_as_the_sdk_sends_them(
+    api: StandInAgentSightAPI,
+) -> None:
+    mw = wrap(api)
+    async with client(mw) as c:
+        await visit(c)
+    assert mw.flush(10)
+    first, second = api.conversations
+    assert first["is_used"] is False
+    assert second["is_used"] is True
+    assert first["conversation_id"] == second["conversation_id"]
+    for body in (first, second):
+        assert set(body) == {
+            "timestamp",
+            "conversation_id",
+            "customer_id",
+            "customer_ip_address",
+            "device",
+            "source",
+            "language",
+            "name",
+            "environment",
+            "metadata",
+            "is_used",
+        }
+        assert body["customer_ip_address"] == "203.0.113.9"
+        assert body["device"] == "desktop"
+        assert body["language"] == "en-US"
+        assert body["environment"] == "production"
+        assert body["source"] == "web"
+    assert first["metadata"]["page_url"] == "https://shop.test/"
+    request = api.requests[0]
+    assert request.path == "/api/conversations/"
+    assert request.headers["authorization"] == f"Api-Key {api.api_key}"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["user-agent"].startswith("agentsight-middleware/")
+    stats = mw.stats()
+    assert stats["sent"] == 2
+    assert stats["enqueued"] == 2
+    assert stats["pending"] == 0
+    mw.close()
+
+
+async def test_environment_variables_configure_the_client(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTSIGHT_API_KEY", api.api_key)
+    monkeypatch.setenv("AGENTSIGHT_API_ENDPOINT", api.url + "/")
+    monkeypatch.setenv("AGENTSIGHT_ENVIRONMENT", "dev")
+    mw = AgentSightMiddleware(make_app(), widget_pages=["/"], chat_routes=["POST /api/chat"])
+    async with client(mw) as c:
+        await visit(c)
+    assert mw.flush(10)
+    assert [b["environment"] for b in api.conversations] == ["development", "development"]
+    assert api.requests[0].path == "/api/conversations/"  # no doubled slash
+    mw.close()
+
+
+async def test_a_slow_api_costs_the_app_nothing(api: StandInAgentSightAPI) -> None:
+    api.set_latency(0.5)
+    mw = wrap(api)
+    async with client(mw) as c:
+        started = time.perf_counter()
+        for _ in range(10):
+            await visit(c)
+        elapsed = time.perf_counter() - started
+    assert elapsed < 1.0, f"20 requests took {elapsed:.2f} s behind a 0.5 s API"
+    assert mw.flush(15)
+    assert len(api.conversations) == 20
+    mw.close()
+
+
+async def test_outage_then_recovery_delivers_everything_in_order(
+    api: StandInAgentSightAPI,
+) -> None:
+    api.fail_next(6, status=503)
+    api.drop_next(2)
+    mw = wrap(api, delivery_concurrency=4)
+    async with client(mw) as c:
+        for _ in range(5):
+            await visit(c, chats=2)
+    assert mw.flush(30)
+    bodies = api.conversations
+    assert len(bodies) == 15
+    by_conversation: dict[str, list[bool]] = {}
+    for body in bodies:
+        by_conversation.setdefault(body["conversation_id"], []).append(body["is_used"])
+    assert len(by_conversation) == 5
+    assert all(flags == [False, True, True] for flags in by_conversation.values())
+    assert mw.stats()["retried"] >= 8
+    mw.close()
+
+
+async def test_429_pauses_delivery_for_retry_after(api: StandInAgentSightAPI) -> None:
+    api.throttle_next(1, retry_after="1")
+    mw = wrap(api)
+    async with client(mw) as c:
+        await visit(c, chats=0)
+    started = time.monotonic()
+    assert mw.flush(10)
+    assert time.monotonic() - started >= 0.9
+    assert len(api.conversations) == 1
+    assert mw.stats()["throttled"] == 1
+    mw.close()
+
+
+async def test_refused_key_is_logged_once_masked_and_not_retried(
+    api: StandInAgentSightAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    other_key = "ags_" + "0" * 32 + "_abcdef"
+    mw = wrap(api, api_key=other_key)
+    with caplog.at_level(logging.INFO, logger="agentsight_middleware"):
+        async with client(mw) as c:
+            for _ in range(3):
+                await visit(c)
+        assert mw.flush(10)
+    assert len(api.requests) == 6  # each tried once, none retried
+    assert mw.stats()["rejected"] == 6
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "refused the API key ags_0000********" in errors[0]
+    assert other_key not in caplog.text
+    mw.close()
+
+
+async def test_memory_queue_is_bounded_while_the_api_is_down() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there
+    mw = AgentSightMiddleware(
+        make_app(),
+        widget_pages=["/"],
+        api_key="ags_" + "1" * 32 + "_abcdef",
+        endpoint=dead,
+        queue_size=5,
+        shutdown_timeout=0.2,
+    )
+    async with client(mw) as c:
+        for _ in range(20):
+            await visit(c, chats=0)
+    time.sleep(0.3)
+    stats = mw.stats()
+    assert stats["pending"] <= 5
+    assert stats["dropped"] >= 15
+    mw.close()
+
+
+def test_bad_keys_and_endpoints_fail_at_start_up() -> None:
+    with pytest.raises(ValueError, match=r"ags_<32 hex digits>_<6 hex digits>") as info:
+        AgentSightMiddleware(make_app(), widget_pages=["/"], api_key="sk-live-1234567890abcdef")
+    assert "1234567890abcdef" not in str(info.value)
+    with pytest.raises(ValueError, match="http:// or https://"):
+        AgentSightMiddleware(
+            make_app(), widget_pages=["/"], api_key="ags_" + "1" * 32 + "_abcdef", endpoint="api"
+        )
+    with pytest.raises(ValueError, match="either tracker="):
+        AgentSightMiddleware(
+            make_app(), widget_pages=["/"], api_key="ags_" + "1" * 32 + "_abcdef", tracker=object()
+        )
+
+
+def test_credentials_repr_masks_the_key() -> None:
+    key = "ags_" + "a" * 32 + "_bbbbbb"
+    credentials = Credentials.resolve(api_key=key, endpoint=None, environment=None, env={})
+    assert credentials is not None
+    assert key not in repr(credentials)
+    assert credentials.conversations_url == "https://api.agentsight.io/api/conversations/"
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, "accepted"),
+        (201, "accepted"),
+        (400, "rejected"),
+        (401, "rejected"),
+        (403, "rejected"),
+        (404, "rejected"),
+        (408, "retry"),
+        (429, "throttled"),
+        (500, "retry"),
+        (502, "retry"),
+        (503, "retry"),
+    ],
+)
+def test_classify(status: int, outcome: str) -> None:
+    assert classify(status) == outcome
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("3", 3.0),
+        ("120", 30.0),
+        (None, 1.0),
+        ("soon", 1.0),
+        ("Wed, 25 Nov 2026 12:00:05 GMT", 5.0),
+        ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0),
+    ],
+)
+def test_retry_after(header: str | None, expected: float) -> None:
+    now = 1795608000.0  # 2026-11-25 12:00:00 UTC
+    assert retry_after(header, now=now) == pytest.approx(expected)
+
+
+# -- the durable outbox ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(port: int, outbox: Path, api_url: str, api_key: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "AGENTSIGHT_API_KEY": api_key, "AGENTSIGHT_API_ENDPOINT": api_url}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.apps.outbox_app", str(port), str(outbox)],
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/missing", timeout=0.5)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the app did not start")
+
+
+def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox.sqlite3"
+    api = StandInAgentSightAPI()  # not started yet: the API is down
+    port = _free_port()
+    api_port = _free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    process = _serve(port, outbox, api_url, api.api_key)
+    ids = []
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            for _ in range(40):
+                c.cookies.clear()
+                response = c.get("/", headers=BROWSER)
+                ids.append(response.cookies["agentsight_conversation_id"])
+        time.sleep(0.2)  # the stated window: events reach the disk within ~20 ms
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    api = StandInAgentSightAPI(port=api_port, api_keys=[api.api_key])
+    with api:
+        process = _serve(port, outbox, api_url, api.api_key)
+        try:
+            api.wait_for(conversations=40, timeout=20)
+            time.sleep(0.3)  # would a duplicate arrive?
+        finally:
+            process.terminate()
+            process.wait(10)
+        received = [b["conversation_id"] for b in api.conversations]
+    assert sorted(received) == sorted(ids), "every event enqueued before the kill, once"
+    assert SQLiteOutbox(outbox).depth() == 0
+
+
+def _drain_outbox(outbox: str, url: str, key: str) -> None:
+    """Runs in a child process: deliver what is in the shared outbox, then stop."""
+    mw = AgentSightMiddleware(
+        make_app(), widget_pages=["/"], api_key=key, endpoint=url, outbox=outbox
+    )
+    # Start the worker without a request: submit nothing, just start and flush.
+    mw._core.delivery._start()  # type: ignore[union-attr]
+    time.sleep(2.0)
+    mw.close(5)
+
+
+def test_processes_sharing_an_outbox_send_each_event_once(
+    api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    import json
+    import multiprocessing
+
+    outbox = tmp_path / "shared.sqlite3"
+    store = SQLiteOutbox(outbox)
+    rows = [
+        (
+            f"conv_{i:012x}",
+            json.dumps(
+                {
+                    "timestamp": "2026-11-25T12:00:00+00:00",
+                    "conversation_id": f"conv_{i:012x}",
+                    "customer_id": None,
+                    "customer_ip_address": None,
+                    "device": None,
+                    "source": "web",
+                    "language": None,
+                    "name": None,
+                    "environment": "production",
+                    "metadata": None,
+                    "is_used": False,
+                }
+            ).encode(),
+        )
+        for i in range(300)
+    ]
+    store.put(rows)
+    store.close()
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_drain_outbox, args=(str(outbox), api.url, api.api_key))
+        for _ in range(3)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    received = [b["conversation_id"] for b in api.conversations]
+    assert len(received) == 300
+    assert len(set(received)) == 300
+    assert SQLiteOutbox(outbox).depth() == 0
