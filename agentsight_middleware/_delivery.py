@@ -113,6 +113,9 @@ class BackgroundDelivery:
     async def engage_async(self, event: Event) -> None:
         self.submit(event)
 
+    def scope(self, event: Event) -> None:
+        return None
+
     # -- worker ---------------------------------------------------------------------
 
     def ensure_started(self) -> None:

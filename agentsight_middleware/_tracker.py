@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import anyio
@@ -40,6 +41,34 @@ def check_tracker(tracker: object) -> None:
         )
 
 
+@contextmanager
+def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> Iterator[None]:
+    """Enter ``manager`` around the app without ever letting it change the outcome:
+    a failing enter or exit is logged, and the app's own exception always propagates."""
+    try:
+        manager.__enter__()
+    except Exception as exc:
+        owner.errors += 1
+        owner.log_once("tracker.conversation_scope() enter", exc)
+        yield
+        return
+    try:
+        yield
+    except BaseException as app_exc:
+        try:
+            manager.__exit__(type(app_exc), app_exc, app_exc.__traceback__)
+        except Exception as exc:
+            owner.errors += 1
+            owner.log_once("tracker.conversation_scope() exit", exc)
+        raise
+    else:
+        try:
+            manager.__exit__(None, None, None)
+        except Exception as exc:
+            owner.errors += 1
+            owner.log_once("tracker.conversation_scope() exit", exc)
+
+
 class TrackerDelivery:
     def __init__(
         self,
@@ -59,6 +88,10 @@ class TrackerDelivery:
         self._engage = tracker.get_or_create_conversation
         self._initialize_is_async = inspect.iscoroutinefunction(self._initialize)
         self._engage_is_async = inspect.iscoroutinefunction(self._engage)
+        scope = getattr(tracker, "conversation_scope", None)
+        self._scope: Callable[..., AbstractContextManager[Any]] | None = (
+            scope if callable(scope) else None
+        )
         self.log_once = LogOnce()
         self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
             self._deliver_initialize, maxsize=queue_size
@@ -138,6 +171,26 @@ class TrackerDelivery:
         except Exception as exc:
             self.errors += 1
             self.log_once("tracker.get_or_create_conversation()", exc)
+
+    # -- the handler's scope --------------------------------------------------------
+
+    def scope(self, event: Event) -> AbstractContextManager[None] | None:
+        """The tracker's ``conversation_scope(...)`` for a chat request, if it has one.
+
+        Trackers whose SDK keeps the current conversation in context variables
+        (the OpenTelemetry-based SDK) need the handler to run *inside* a scope;
+        entered in the request's task, it reaches async handlers, sync handlers
+        in the thread pool (the context is copied) and WSGI handlers alike.
+        """
+        if self._scope is None:
+            return None
+        try:
+            manager = self._scope(**self._kwargs(event))
+        except Exception as exc:
+            self.errors += 1
+            self.log_once("tracker.conversation_scope()", exc)
+            return None
+        return _guarded(manager, self)
 
     def ensure_started(self) -> None:
         self._dispatcher.ensure_started()

@@ -184,24 +184,36 @@ class AgentSightMiddleware(MiddlewareBase):
         scope.setdefault("state", {})["agentsight"] = conversation
         token = core.current.set(conversation)
         try:
-            await core.delivery.engage_async(Event(ENGAGE, conversation, started))
-            if id_source == MINTED or id_source == "cookie":
-                # Keep later chat requests of this browser on the same conversation
-                # (and slide the cookie's expiry while the visitor is chatting).
-                set_cookie = settings.set_cookie(
-                    conversation_id, secure=conversation.scheme == "https"
-                )
-
-                async def send_wrapper(message: Message) -> None:
-                    if message["type"] == "http.response.start":
-                        message = _with_cookie(message, set_cookie)
-                    await send(message)
-
-                await self.app(scope, receive, send_wrapper)
+            event = Event(ENGAGE, conversation, started)
+            await core.delivery.engage_async(event)
+            handler_scope = core.delivery.scope(event)
+            if handler_scope is not None:
+                with handler_scope:
+                    await self._call_chat_app(scope, receive, send, conversation)
             else:
-                await self.app(scope, receive, send)
+                await self._call_chat_app(scope, receive, send, conversation)
         finally:
             core.current.reset(token)
+
+    async def _call_chat_app(
+        self, scope: Scope, receive: Receive, send: Send, conversation: Conversation
+    ) -> None:
+        id_source = conversation.id_source
+        if id_source == MINTED or id_source == "cookie":
+            # Keep later chat requests of this browser on the same conversation
+            # (and slide the cookie's expiry while the visitor is chatting).
+            set_cookie = self._settings.set_cookie(
+                conversation.id, secure=conversation.scheme == "https"
+            )
+
+            async def send_wrapper(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = _with_cookie(message, set_cookie)
+                await send(message)
+
+            await self.app(scope, receive, send_wrapper)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _content_type(message: Message) -> str | None:

@@ -167,24 +167,35 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         try:
             # In the request's own thread, before the app: a handler using the SDK
             # finds the conversation already in place.
-            core.delivery.engage_sync(Event(ENGAGE, conversation, started))
-            if id_source != MINTED and id_source != "cookie":
-                return self.app(environ, start_response)  # type: ignore[no-any-return]
-            set_cookie = (
-                "Set-Cookie",
-                settings.set_cookie(conversation_id, secure=conversation.scheme == "https").decode(
-                    "latin-1"
-                ),
-            )
-
-            def wrapped_start_response(
-                status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
-            ) -> Any:
-                return start_response(status, [*response_headers, set_cookie], exc_info)
-
-            return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
+            event = Event(ENGAGE, conversation, started)
+            core.delivery.engage_sync(event)
+            handler_scope = core.delivery.scope(event)
+            if handler_scope is None:
+                return self._call_chat_app(environ, start_response, conversation)
+            with handler_scope:
+                return self._call_chat_app(environ, start_response, conversation)
         finally:
             core.current.reset(token)
+
+    def _call_chat_app(
+        self, environ: Environ, start_response: StartResponse, conversation: Conversation
+    ) -> Iterable[bytes]:
+        if conversation.id_source != MINTED and conversation.id_source != "cookie":
+            return self.app(environ, start_response)  # type: ignore[no-any-return]
+        # Keep later chat requests of this browser on the same conversation.
+        set_cookie = (
+            "Set-Cookie",
+            self._settings.set_cookie(
+                conversation.id, secure=conversation.scheme == "https"
+            ).decode("latin-1"),
+        )
+
+        def wrapped_start_response(
+            status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            return start_response(status, [*response_headers, set_cookie], exc_info)
+
+        return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
 
 
 def _status_code(status: str) -> int:
