@@ -12,10 +12,13 @@ from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
 from ._credentials import Credentials
 from ._delivery import BackgroundDelivery
-from ._facts import DEFAULT_NON_BROWSER_AGENTS
+from ._facts import DEFAULT_NON_BROWSER_AGENTS, ForwardedHeader
+from ._log import logger
+from ._store import DEFAULT_PATH, LocalStore
 from ._tracker import TrackerDelivery
 from .sinks.http import HttpSink
 from .sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
+from .sinks.store import StoreSink
 
 __all__ = ["MiddlewareBase"]
 
@@ -34,6 +37,7 @@ class MiddlewareBase:
         chat_routes: Iterable[str | re.Pattern[str]] = (),
         tracker: Any = None,
         trusted_proxies: Sequence[str] | int | None = None,
+        trusted_proxy_header: ForwardedHeader = "auto",
         cookie_name: str = "agentsight_conversation_id",
         cookie_max_age: int | None = 1800,
         conversation_id_sources: Sequence[str] = ID_SOURCES,
@@ -52,6 +56,7 @@ class MiddlewareBase:
         outbox: str | os.PathLike[str] | None = None,
         shutdown_timeout: float = 5.0,
         delivery_concurrency: int = 8,
+        local_store: str | os.PathLike[str] | None = None,
     ) -> None:
         """Wrap ``app``.
 
@@ -64,6 +69,9 @@ class MiddlewareBase:
             ``get_or_create_conversation()``, such as ``agentsight.ConversationTracker()``.
         :param trusted_proxies: IPs/CIDRs of your reverse proxies (or a hop count);
             only then are ``Forwarded`` / ``X-Forwarded-For`` believed.
+        :param trusted_proxy_header: the one header your proxy writes (``"forwarded"``,
+            ``"x-forwarded-for"``, ``"x-real-ip"``); the default ``"auto"`` takes the
+            first present, which a client can exploit when the proxy only appends to one.
         :param cookie_name: the cookie carrying the conversation id from page to chat.
         :param cookie_max_age: seconds of inactivity after which a visit is a new
             conversation (refreshed on every page view); None for a session cookie.
@@ -90,12 +98,15 @@ class MiddlewareBase:
             across crashes and restarts; several processes may share it.
         :param shutdown_timeout: seconds spent delivering what is left at shutdown.
         :param delivery_concurrency: requests in flight to the API at most.
+        :param local_store: with no tracker and no API key, the SQLite file that keeps
+            the events (default ``./agentsight-events.sqlite3``).
         """
         self.app = app
         settings = Settings(
             widget_pages=widget_pages,
             chat_routes=chat_routes,
             trusted_proxies=trusted_proxies,
+            trusted_proxy_header=trusted_proxy_header,
             cookie_name=cookie_name,
             cookie_max_age=cookie_max_age,
             conversation_id_sources=conversation_id_sources,
@@ -109,46 +120,17 @@ class MiddlewareBase:
             metadata=metadata,
             tracker_timeout=tracker_timeout,
         )
-        _positive_int("queue_size", queue_size)
-        _positive_int("delivery_concurrency", delivery_concurrency)
-        if (
-            isinstance(shutdown_timeout, bool)
-            or not isinstance(shutdown_timeout, (int, float))
-            or (shutdown_timeout < 0)
-        ):
-            raise ValueError(f"shutdown_timeout must be seconds >= 0, got {shutdown_timeout!r}")
-        delivery: Delivery
-        if tracker is not None:
-            if api_key is not None or outbox is not None:
-                raise ValueError(
-                    "pass either tracker= (your own tracker does the sending) or api_key= / "
-                    "outbox= (the built-in client sends), not both"
-                )
-            delivery = TrackerDelivery(
-                tracker,
-                source=settings.source,
-                environment=settings.environment,
-                timeout=settings.tracker_timeout,
-                queue_size=queue_size,
-            )
-        else:
-            credentials = Credentials.resolve(
-                api_key=api_key, endpoint=endpoint, environment=settings.environment
-            )
-            if credentials is None:
-                raise ValueError(
-                    "no tracker= and no API key: pass api_key= (or set AGENTSIGHT_API_KEY), "
-                    "or tracker= an object with initialize_conversation() and "
-                    "get_or_create_conversation(), e.g. agentsight.ConversationTracker()"
-                )
-            store: Outbox = SQLiteOutbox(outbox) if outbox is not None else MemoryOutbox(queue_size)
-            delivery = BackgroundDelivery(
-                lambda: HttpSink(credentials, outbox=store, concurrency=delivery_concurrency),
-                source=settings.source,
-                environment=credentials.environment,
-                queue_size=queue_size,
-                shutdown_timeout=shutdown_timeout,
-            )
+        delivery = _choose_delivery(
+            settings,
+            tracker=tracker,
+            api_key=api_key,
+            endpoint=endpoint,
+            outbox=outbox,
+            local_store=local_store,
+            queue_size=queue_size,
+            shutdown_timeout=shutdown_timeout,
+            delivery_concurrency=delivery_concurrency,
+        )
         self._settings = settings
         self._core = Core(settings, delivery)
         self._match = settings.rules.match
@@ -164,3 +146,73 @@ class MiddlewareBase:
     def close(self, timeout: float | None = None) -> None:
         """Flush and stop the background worker (also done at interpreter exit)."""
         self._core.delivery.close(timeout)
+
+
+def _choose_delivery(
+    settings: Settings,
+    *,
+    tracker: Any,
+    api_key: str | None,
+    endpoint: str | None,
+    outbox: str | os.PathLike[str] | None,
+    local_store: str | os.PathLike[str] | None,
+    queue_size: int,
+    shutdown_timeout: float,
+    delivery_concurrency: int,
+) -> Delivery:
+    """Your tracker if given; else the built-in client if there is a key; else the local store."""
+    _positive_int("queue_size", queue_size)
+    _positive_int("delivery_concurrency", delivery_concurrency)
+    if (
+        isinstance(shutdown_timeout, bool)
+        or not isinstance(shutdown_timeout, (int, float))
+        or shutdown_timeout < 0
+    ):
+        raise ValueError(f"shutdown_timeout must be seconds >= 0, got {shutdown_timeout!r}")
+    if tracker is not None:
+        if api_key is not None or outbox is not None:
+            raise ValueError(
+                "pass either tracker= (your own tracker does the sending) or api_key= / "
+                "outbox= (the built-in client sends), not both"
+            )
+        return TrackerDelivery(
+            tracker,
+            source=settings.source,
+            environment=settings.environment,
+            timeout=settings.tracker_timeout,
+            queue_size=queue_size,
+        )
+    credentials = Credentials.resolve(
+        api_key=api_key, endpoint=endpoint, environment=settings.environment
+    )
+    if credentials is not None:
+        store: Outbox = SQLiteOutbox(outbox) if outbox is not None else MemoryOutbox(queue_size)
+        return BackgroundDelivery(
+            lambda: HttpSink(credentials, outbox=store, concurrency=delivery_concurrency),
+            source=settings.source,
+            environment=credentials.environment,
+            queue_size=queue_size,
+            shutdown_timeout=shutdown_timeout,
+        )
+    if outbox is not None:
+        raise ValueError(
+            "outbox= needs an API key: pass api_key= (or set AGENTSIGHT_API_KEY); "
+            "without one, events are kept in the local store (local_store=)"
+        )
+    local = LocalStore(local_store if local_store is not None else DEFAULT_PATH)
+    logger.warning(
+        "no AGENTSIGHT_API_KEY: keeping AgentSight events in %s. "
+        "'agentsight-middleware report --db %s' shows the interaction rate; "
+        "set AGENTSIGHT_API_KEY (or api_key=) to send events to AgentSight, and "
+        "'agentsight-middleware send --db %s' sends the ones kept so far",
+        local.path,
+        local.path,
+        local.path,
+    )
+    return BackgroundDelivery(
+        lambda: StoreSink(local),
+        source=settings.source,
+        environment=settings.environment,
+        queue_size=queue_size,
+        shutdown_timeout=shutdown_timeout,
+    )

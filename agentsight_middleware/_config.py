@@ -13,7 +13,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._conversation import ID_SOURCES, clean_id, cookie_value, form_field, json_field, query_field
-from ._facts import DEFAULT_NON_BROWSER_AGENTS, TrustedProxies, compile_agent_matcher
+from ._facts import (
+    DEFAULT_NON_BROWSER_AGENTS,
+    ForwardedHeader,
+    TrustedProxies,
+    compile_agent_matcher,
+)
 from ._rules import RuleSet
 
 __all__ = ["NEED_BODY", "Settings", "normalise_environment"]
@@ -58,6 +63,7 @@ class Settings:
         widget_pages: Iterable[str | re.Pattern[str]] = (),
         chat_routes: Iterable[str | re.Pattern[str]] = (),
         trusted_proxies: Sequence[str] | int | None = None,
+        trusted_proxy_header: ForwardedHeader = "auto",
         cookie_name: str = "agentsight_conversation_id",
         cookie_max_age: int | None = 1800,
         conversation_id_sources: Sequence[str] = ID_SOURCES,
@@ -77,7 +83,7 @@ class Settings:
                 "no rules: pass widget_pages=[...] (pages that show the chat widget, e.g. ['/']) "
                 "and/or chat_routes=[...] (chat API routes, e.g. ['POST /api/chat'])"
             )
-        self.trusted_proxies = TrustedProxies(trusted_proxies)
+        self.trusted_proxies = TrustedProxies(trusted_proxies, header=trusted_proxy_header)
         self.is_non_browser = compile_agent_matcher(non_browser_agents)
 
         if not isinstance(cookie_name, str) or not _TOKEN_RE.fullmatch(cookie_name):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ._facts import best_language, classify_user_agent, page_url, redact_url
+from ._facts import MAX_URL_LENGTH, best_language, classify_user_agent, page_url, redact_url
 
 __all__ = [
     "ID_SOURCES",
@@ -158,7 +158,7 @@ class Conversation:
 
     def metadata(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "page_path": self.path,
+            "page_path": self.path[:MAX_URL_LENGTH],
             "page_url": self.url,
             "referrer": redact_url(self.referrer) if self.referrer else None,
             "user_agent": self.user_agent[:255] or None,

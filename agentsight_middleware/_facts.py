@@ -169,7 +169,9 @@ class TrustedProxies:
         header: ForwardedHeader = "auto",
     ) -> None:
         if header not in _HEADER_CHOICES:
-            raise ValueError(f"header must be one of {_HEADER_CHOICES}, got {header!r}")
+            raise ValueError(
+                f"trusted_proxy_header must be one of {', '.join(_HEADER_CHOICES)}, got {header!r}"
+            )
         self.header: ForwardedHeader = header
         self._trust_all = False
         self._hops = 0
@@ -437,6 +439,10 @@ def client_ip(
     return address
 
 
+# WebSocket upgrades arrive as ws/wss; the page the visitor saw was http/https.
+_PAGE_SCHEMES: Final = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+
+
 def client_scheme(
     scheme: str,
     *,
@@ -467,9 +473,7 @@ def client_scheme(
         value = x_forwarded_proto.rpartition(",")[2]
     if value is None or len(value) > 16:
         return scheme
-    proto = value.strip().strip('"').strip().lower()
-    # WebSocket upgrades arrive as ws/wss; the page the visitor saw was http/https.
-    return {"http": "http", "https": "https", "ws": "http", "wss": "https"}.get(proto, scheme)
+    return _PAGE_SCHEMES.get(value.strip().strip('"').strip().lower(), scheme)
 
 
 # ---------------------------------------------------------------------------

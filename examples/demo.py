@@ -1,7 +1,9 @@
 """The demo: a shop page with a chat widget, an echo chat endpoint, the middleware in front.
 
 Run it with ``make demo`` (or ``python -m examples.demo``), open the URL it prints,
-chat a little, then press Ctrl-C to see the interaction rate.
+chat a little, then press Ctrl-C to see the interaction rate. With no
+``AGENTSIGHT_API_KEY`` the events are kept in ``agentsight-events.sqlite3``; with one,
+they go to AgentSight.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from fastapi.responses import HTMLResponse
 
 from agentsight_middleware import AgentSightMiddleware
 
-from .common import WIDGET_PAGE, ConsoleTracker, make_tracker, reply_to
+from .common import WIDGET_PAGE, reply_to
 
 
-def create_app(tracker: Any) -> FastAPI:
+def create_app(**options: Any) -> FastAPI:
+    """The demo app; ``options`` go to the middleware (``tracker=``, ``local_store=``...)."""
     app = FastAPI(title="AgentSight middleware demo")
 
     @app.get("/", response_class=HTMLResponse)
@@ -33,28 +36,34 @@ def create_app(tracker: Any) -> FastAPI:
             "conversation_id": request.state.agentsight.id,
         }
 
-    # The one line this project is about:
+    # The one line this project is about (no tracker: the API key, else the local store):
     app.add_middleware(
-        AgentSightMiddleware, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+        AgentSightMiddleware, widget_pages=["/"], chat_routes=["POST /api/chat"], **options
     )
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
+    import os
+
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    from agentsight_middleware._store import DEFAULT_PATH
+    from agentsight_middleware.cli import main as cli
+
+    parser = argparse.ArgumentParser(description="AgentSight middleware demo shop")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--db", default=DEFAULT_PATH, help="local events file (no API key)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    tracker = make_tracker()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    has_key = bool(os.environ.get("AGENTSIGHT_API_KEY"))
+    app = create_app() if has_key else create_app(local_store=args.db)
     print(f"Demo shop with a chat widget: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    try:
-        uvicorn.run(create_app(tracker), host=args.host, port=args.port, log_level="warning")
-    finally:
-        if isinstance(tracker, ConsoleTracker):
-            print(tracker.summary())
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    if not has_key:
+        print()
+        cli(["report", "--db", args.db])
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from flask import Flask, jsonify, request
 
 from agentsight_middleware import AgentSightWSGIMiddleware
 
-from .common import WIDGET_PAGE, make_tracker, reply_to
+from .common import WIDGET_PAGE, reply_to
 
 
-def create_app(tracker: Any) -> Flask:
+def create_app(**options: Any) -> Flask:
     app = Flask(__name__)
 
     @app.get("/")
@@ -27,9 +27,10 @@ def create_app(tracker: Any) -> Flask:
         )
 
     app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+        app.wsgi_app, widget_pages=["/"], chat_routes=["POST /api/chat"], **options
     )
     return app
 
 
-app = create_app(make_tracker())
+# No tracker: AGENTSIGHT_API_KEY if set, else the local store (agentsight-events.sqlite3).
+app = create_app()

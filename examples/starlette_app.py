@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from agentsight_middleware import AgentSightMiddleware
 
-from .common import WIDGET_PAGE, make_tracker, reply_to
+from .common import WIDGET_PAGE, reply_to
 
 
 async def index(request: Request) -> Response:
@@ -28,11 +28,10 @@ async def chat(request: Request) -> Response:
     )
 
 
-def create_app(tracker: Any) -> AgentSightMiddleware:
+def create_app(**options: Any) -> AgentSightMiddleware:
     app = Starlette(routes=[Route("/", index), Route("/api/chat", chat, methods=["POST"])])
-    return AgentSightMiddleware(
-        app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
-    )
+    return AgentSightMiddleware(app, widget_pages=["/"], chat_routes=["POST /api/chat"], **options)
 
 
-app = create_app(make_tracker())
+# No tracker: AGENTSIGHT_API_KEY if set, else the local store (agentsight-events.sqlite3).
+app = create_app()

@@ -728,8 +728,8 @@ def test_construction_errors_name_the_argument(tracker: RecordingTracker) -> Non
     cases: list[tuple[Callable[[], object], str]] = [
         (lambda: AgentSightMiddleware(make_app(), tracker=tracker), "no rules"),
         (
-            lambda: AgentSightMiddleware(make_app(), widget_pages=["/"]),
-            "no tracker= and no API key",
+            lambda: AgentSightMiddleware(make_app(), widget_pages=["/"], outbox="x.sqlite3"),
+            "outbox= needs an API key",
         ),
         (
             lambda: AgentSightMiddleware(make_app(), widget_pages=["/"], tracker=object()),
@@ -756,3 +756,14 @@ def test_construction_errors_name_the_argument(tracker: RecordingTracker) -> Non
     for build, expected in cases:
         with pytest.raises(ValueError, match=expected):
             build()
+
+
+async def test_pinned_proxy_header_ignores_a_spoofed_forwarded(tracker: RecordingTracker) -> None:
+    # nginx appends to X-Forwarded-For and passes the client's own Forwarded through.
+    headers = {"forwarded": "for=1.2.3.4", "x-forwarded-for": "198.51.100.20"}
+    auto = wrap(tracker, trusted_proxies=["10.0.0.0/8"])
+    pinned = wrap(tracker, trusted_proxies=["10.0.0.0/8"], trusted_proxy_header="x-forwarded-for")
+    for mw in (auto, pinned):
+        async with client(mw, peer="10.0.0.2") as c:
+            await c.post("/api/chat", json={}, headers=headers)
+    assert [u["customer_ip_address"] for u in tracker.used] == ["1.2.3.4", "198.51.100.20"]

@@ -306,6 +306,20 @@ def _serve(port: int, outbox: Path, api_url: str, api_key: str) -> subprocess.Po
     raise RuntimeError("the app did not start")
 
 
+def _outbox_rows(path: Path) -> int:
+    import sqlite3
+
+    if not path.exists():
+        return 0
+    conn = sqlite3.connect(path, timeout=5)
+    try:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+    finally:
+        conn.close()
+
+
 def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox.sqlite3"
     api = StandInAgentSightAPI()  # not started yet: the API is down
@@ -320,7 +334,11 @@ def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
                 c.cookies.clear()
                 response = c.get("/", headers=BROWSER)
                 ids.append(response.cookies["agentsight_conversation_id"])
-        time.sleep(0.2)  # the stated window: events reach the disk within ~20 ms
+        # Events reach the disk within ~20 ms on an idle machine; on a loaded one
+        # give the worker its time, then kill: what is on disk must all arrive.
+        deadline = time.monotonic() + 10
+        while _outbox_rows(outbox) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(10)
@@ -335,7 +353,7 @@ def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
             process.wait(10)
         received = [b["conversation_id"] for b in api.conversations]
     assert sorted(received) == sorted(ids), "every event enqueued before the kill, once"
-    assert SQLiteOutbox(outbox).depth() == 0
+    assert _outbox_rows(outbox) == 0
 
 
 def _drain_outbox(outbox: str, url: str, key: str) -> None:
@@ -392,4 +410,22 @@ def test_processes_sharing_an_outbox_send_each_event_once(
     received = [b["conversation_id"] for b in api.conversations]
     assert len(received) == 300
     assert len(set(received)) == 300
-    assert SQLiteOutbox(outbox).depth() == 0
+    assert _outbox_rows(outbox) == 0
+
+
+async def test_metadata_json_cannot_hold_is_sent_as_text_or_dropped_alone(
+    api: StandInAgentSightAPI,
+) -> None:
+    import datetime
+
+    values = iter([{"when": datetime.date(2026, 11, 25)}, {"ratio": float("nan")}, {"ok": 1}])
+    mw = wrap(api, metadata=lambda request: next(values))
+    async with client(mw) as c:
+        for _ in range(3):
+            await visit(c, chats=0)
+    assert mw.flush(10)
+    bodies = api.conversations
+    assert [b["metadata"].get("when") for b in bodies] == ["2026-11-25", None]
+    assert bodies[1]["metadata"]["ok"] == 1
+    assert mw.stats()["failed"] == 1
+    mw.close()

@@ -34,11 +34,11 @@ def _check(tracker: RecordingTracker, page_cookie: str, chat_json: dict[str, Any
 
 
 ASGI_EXAMPLES = {
-    "demo (FastAPI)": lambda t: importlib.import_module("examples.demo").create_app(t),
-    "starlette": lambda t: importlib.import_module("examples.starlette_app").create_app(t),
+    "demo (FastAPI)": lambda t: importlib.import_module("examples.demo").create_app(tracker=t),
+    "starlette": lambda t: importlib.import_module("examples.starlette_app").create_app(tracker=t),
     "django asgi": lambda t: importlib.import_module(
         "examples.django_site.asgi"
-    ).create_application(t),
+    ).create_application(tracker=t),
 }
 
 
@@ -57,10 +57,10 @@ async def test_asgi_examples(name: str, tracker: RecordingTracker) -> None:
 
 
 WSGI_EXAMPLES: dict[str, Callable[[RecordingTracker], Any]] = {
-    "flask": lambda t: importlib.import_module("examples.flask_app").create_app(t),
+    "flask": lambda t: importlib.import_module("examples.flask_app").create_app(tracker=t),
     "django wsgi": lambda t: importlib.import_module(
         "examples.django_site.wsgi"
-    ).create_application(t),
+    ).create_application(tracker=t),
 }
 
 
@@ -80,7 +80,9 @@ def test_wsgi_examples(name: str, tracker: RecordingTracker) -> None:
 def uvicorn_demo(tracker: RecordingTracker) -> Iterator[str]:
     from examples.demo import create_app
 
-    config = uvicorn.Config(create_app(tracker), host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(
+        create_app(tracker=tracker), host="127.0.0.1", port=0, log_level="warning"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -131,7 +133,7 @@ def test_concurrent_visitors_under_real_uvicorn(
 def test_django_under_real_wsgi_server(tracker: RecordingTracker) -> None:
     from examples.django_site.wsgi import create_application
 
-    app = create_application(tracker)
+    app = create_application(tracker=tracker)
     assert isinstance(app, AgentSightWSGIMiddleware)
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

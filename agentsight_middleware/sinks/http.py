@@ -104,9 +104,17 @@ class HttpSink:
         self._pump = asyncio.get_running_loop().create_task(self._run())
 
     async def put(self, payloads: list[dict[str, Any]]) -> None:
-        items = [
-            (p["conversation_id"], json.dumps(p, separators=(",", ":")).encode()) for p in payloads
-        ]
+        items = []
+        for payload in payloads:
+            try:
+                # Strict JSON: the API refuses NaN/Infinity, and a value JSON cannot
+                # hold (a datetime in user metadata) is sent as its text.
+                body = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=str)
+            except ValueError as exc:
+                self.failed += 1
+                self._log_once("json", "an event could not be sent as JSON (%s); dropped", exc)
+                continue
+            items.append((payload["conversation_id"], body.encode()))
         accepted = self._outbox.put(items)
         if accepted < len(items):
             self.dropped += len(items) - accepted

@@ -124,6 +124,39 @@ ORDER BY id LIMIT :limit
 """
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but not ours to signal
+    return True
+
+
+def _release_dead_leases(conn: sqlite3.Connection) -> None:
+    """Free the rows held by processes of this host that no longer exist.
+
+    A process killed mid-send (SIGKILL, OOM) leaves its rows leased; without
+    this, a restart would wait out the lease before sending them.
+    """
+    host = socket.gethostname()
+    owners = conn.execute(
+        "SELECT DISTINCT lease_owner FROM outbox WHERE lease_owner IS NOT NULL"
+    ).fetchall()
+    for (owner,) in owners:
+        # Owners are "host:pid:random"; the host itself may contain ":" (never the pid).
+        owner_host, _, rest = str(owner).rpartition(":")[0].rpartition(":")
+        if owner_host != host or not rest.isdigit():
+            continue
+        pid = int(rest)
+        if pid != os.getpid() and not _pid_alive(pid):
+            conn.execute(
+                "UPDATE outbox SET lease_until = 0, lease_owner = NULL WHERE lease_owner = ?",
+                (owner,),
+            )
+
+
 class SQLiteOutbox:
     """Every event on disk (SQLite, WAL) until the API has accepted it.
 
@@ -134,7 +167,7 @@ class SQLiteOutbox:
 
     durable = True
 
-    def __init__(self, path: str | os.PathLike[str], *, lease: float = 120.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lease: float = 60.0) -> None:
         self.path = Path(path)
         self._lease = lease
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -158,6 +191,7 @@ class SQLiteOutbox:
         self._conn = conn
         self._pid = os.getpid()
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        _release_dead_leases(conn)
         return conn
 
     def put(self, items: list[tuple[str, bytes]]) -> int:

@@ -11,13 +11,12 @@ from django.core.asgi import get_asgi_application
 
 from agentsight_middleware import AgentSightMiddleware
 
-from ..common import make_tracker
 
-
-def create_application(tracker: Any) -> AgentSightMiddleware:
+def create_application(**options: Any) -> AgentSightMiddleware:
     return AgentSightMiddleware(
-        get_asgi_application(), widget_pages=["/"], chat_routes=["POST /api/chat/"], tracker=tracker
+        get_asgi_application(), widget_pages=["/"], chat_routes=["POST /api/chat/"], **options
     )
 
 
-application = create_application(make_tracker())
+# No tracker: AGENTSIGHT_API_KEY if set, else the local store (agentsight-events.sqlite3).
+application = create_application()

@@ -11,13 +11,12 @@ from django.core.wsgi import get_wsgi_application
 
 from agentsight_middleware import AgentSightWSGIMiddleware
 
-from ..common import make_tracker
 
-
-def create_application(tracker: Any) -> AgentSightWSGIMiddleware:
+def create_application(**options: Any) -> AgentSightWSGIMiddleware:
     return AgentSightWSGIMiddleware(
-        get_wsgi_application(), widget_pages=["/"], chat_routes=["POST /api/chat/"], tracker=tracker
+        get_wsgi_application(), widget_pages=["/"], chat_routes=["POST /api/chat/"], **options
     )
 
 
-application = create_application(make_tracker())
+# No tracker: AGENTSIGHT_API_KEY if set, else the local store (agentsight-events.sqlite3).
+application = create_application()

@@ -1,0 +1,439 @@
+"""The local events file: what the middleware keeps when there is no AgentSight API key.
+
+Each row is one API body (:func:`agentsight_middleware._payload.build_payload`), kept verbatim
+for a later replay to the API, plus a few columns pulled out of it so that the report can group
+a million rows in SQL.
+
+Concurrency model: one writer thread per process, several processes (``gunicorn -w 4``) on one
+file. WAL lets readers (the ``report`` command) run beside the writers, ``busy_timeout`` makes a
+writer wait for another one instead of failing, and each write is one short ``BEGIN IMMEDIATE``
+transaction so that no process holds the write lock for long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+__all__ = [
+    "BUSY_TIMEOUT",
+    "DEFAULT_PATH",
+    "SCHEMA_VERSION",
+    "LocalStore",
+    "StoreError",
+    "StoreNotFoundError",
+    "connect_readonly",
+    "mark_sent",
+    "unsent",
+]
+
+DEFAULT_PATH = "agentsight-events.sqlite3"
+
+#: Bumped on every schema change; ``PRAGMA user_version`` holds the file's.
+SCHEMA_VERSION = 1
+
+#: Seconds a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT = 5.0
+
+# The largest number of ``?`` in one statement on every SQLite still in use (3.32 raised it).
+_MAX_VARIABLES = 999
+
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {schema}events (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    is_used INTEGER NOT NULL,
+    conversation_id TEXT NOT NULL,
+    customer_id TEXT,
+    customer_ip_address TEXT,
+    device TEXT,
+    source TEXT,
+    language TEXT,
+    name TEXT,
+    environment TEXT,
+    page_path TEXT,
+    payload TEXT NOT NULL,
+    sent_at REAL
+)
+"""
+
+# events_conversation leads with conversation_id, so it serves lookups by conversation;
+# the columns after it make it covering for the report's per-conversation GROUP BY, which
+# then never reads the wide rows (the payload): about half the report's time on a million
+# events, for a few percent of write speed.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
+    "CREATE INDEX IF NOT EXISTS events_conversation ON events"
+    " (conversation_id, is_used, ts, page_path, device, language, source)",
+)
+
+_INSERT = """
+INSERT INTO events (
+    ts, is_used, conversation_id, customer_id, customer_ip_address, device, source,
+    language, name, environment, page_path, payload
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_T = TypeVar("_T")
+
+# Key order kept and no ASCII escaping: a row keeps the body the API will get. One encoder
+# for all rows: json.dumps builds a new one per call when given options.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+_Row = tuple[
+    float, int, str, Any, Any, Any, Any, Any, Any, Any, Any, str
+]  # the order of _INSERT's columns
+
+
+class StoreError(Exception):
+    """The events file cannot be used: not SQLite, someone else's database, a newer schema."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """There is no events file (yet) at the path."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(
+            f"no events file at {os.fspath(path)}; run your app with the middleware first"
+        )
+
+
+def _timestamp(value: Any) -> float:
+    if not isinstance(value, str):
+        raise ValueError(f"payload timestamp must be an ISO 8601 string, not {value!r}")
+    # Python 3.10's fromisoformat does not read the "Z" that other producers write.
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"payload timestamp {value!r} is not ISO 8601") from None
+    if moment.tzinfo is None:
+        # The API reads a naive time as UTC; so does the report.
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _row(payload: Mapping[str, Any]) -> _Row:
+    conversation_id = payload.get("conversation_id")
+    if not isinstance(conversation_id, str) or not conversation_id:
+        raise ValueError(f"payload has no conversation_id: {payload!r}")
+    metadata = payload.get("metadata")
+    page_path = metadata.get("page_path") if isinstance(metadata, Mapping) else None
+    return (
+        _timestamp(payload.get("timestamp")),
+        1 if payload.get("is_used") else 0,
+        conversation_id,
+        payload.get("customer_id"),
+        payload.get("customer_ip_address"),
+        payload.get("device"),
+        payload.get("source"),
+        payload.get("language"),
+        payload.get("name"),
+        payload.get("environment"),
+        page_path,
+        _ENCODER.encode(payload),
+    )
+
+
+def _describe(path: str) -> str:
+    return os.path.abspath(path)
+
+
+def _wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
+    return StoreError(f"{_describe(path)} is not a usable events file: {exc}")
+
+
+def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{_describe(path)} has events schema {version}, newer than this "
+            f"agentsight-middleware understands ({SCHEMA_VERSION}): upgrade the package"
+        )
+    # Two processes may both find a new file empty: the write lock makes one create the
+    # schema and the other see it done.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version == 0:
+            (tables,) = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()
+            if tables:
+                raise StoreError(
+                    f"{_describe(path)} is a SQLite database but not an agentsight events "
+                    "file; choose another path"
+                )
+            conn.execute(_TABLE.format(schema=""))
+            for statement in _INDEXES:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _retry_locked(action: Callable[[], _T], deadline: float) -> _T:
+    # Switching a new file to WAL needs an exclusive lock, and SQLite may report that
+    # contention at once instead of calling the busy handler: retry until the deadline.
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
+# Connections a forked child inherited. SQLite forbids using them across fork(), closing
+# included (a close may checkpoint or unlock on the parent's behalf), and letting them be
+# garbage-collected would close them: they are kept here, untouched, for the child's life.
+_INHERITED: list[sqlite3.Connection] = []
+
+_LIVE_STORES: weakref.WeakSet[LocalStore] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for store in list(_LIVE_STORES):
+        store._close_before_fork()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_LIVE_STORES):
+        store._forget_after_fork()
+
+
+class LocalStore:
+    """Appends API bodies to a SQLite file; safe for one writer thread in each of many processes.
+
+    The file is opened at the first :meth:`write` (so importing and configuring the
+    middleware in a pre-fork master opens nothing), and reopened in a forked child.
+    A directory that does not exist is an error at that first write; it is not created,
+    since a typo in the path should not scatter files.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = os.fspath(path)
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        _LIVE_STORES.add(self)
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self._path!r})"
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def write(self, payloads: Sequence[Mapping[str, Any]]) -> int:
+        """Append ``payloads`` in one transaction (all or none); returns the rows written.
+
+        Raises ``ValueError`` for a payload without a conversation id or ISO timestamp
+        (before anything is written), :class:`StoreError` for a file that is not an events
+        file, ``FileNotFoundError`` for a missing directory, and ``sqlite3.OperationalError``
+        when another process held the write lock longer than :data:`BUSY_TIMEOUT`.
+        """
+        # Parsed and serialised before taking the write lock: other processes wait on it.
+        rows = [_row(payload) for payload in payloads]
+        if not rows:
+            return 0
+        with self._transaction() as conn:
+            conn.executemany(_INSERT, rows)
+        return len(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT leaves the transaction open; the next BEGIN would fail.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._connection()
+
+    def _connection(self) -> sqlite3.Connection:
+        pid = os.getpid()
+        if self._conn is not None and self._pid != pid:
+            # A fork the at-fork hooks did not see (they cover os.fork and multiprocessing).
+            _INHERITED.append(self._conn)
+            self._conn = None
+        if self._conn is None:
+            self._conn = self._open()
+            self._pid = pid
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"cannot create the events file {self._path}: directory {directory} does not exist"
+            )
+        # isolation_level=None: the module must not open transactions behind our back;
+        # every write is an explicit BEGIN IMMEDIATE. check_same_thread=False: close() may
+        # come from another thread than the writer's (at exit); self._lock serialises them.
+        try:
+            conn = sqlite3.connect(
+                self._path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.DatabaseError as exc:
+            raise _wrap_database_error(self._path, exc) from exc
+        try:
+            deadline = time.monotonic() + BUSY_TIMEOUT
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            # A file system without shared memory (some network mounts) refuses WAL and
+            # stays in its journal mode: still correct across processes, only slower.
+            _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone(), deadline)
+            # In WAL, NORMAL never corrupts; a power cut may lose the last commits, which
+            # is an acceptable price for analytics events and saves an fsync per batch.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            _retry_locked(lambda: _ensure_schema(conn, self._path), deadline)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise _wrap_database_error(self._path, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _close_before_fork(self) -> None:
+        # Closing in the parent is always safe, and then the child inherits nothing; the
+        # parent reopens at its next write. Never block a fork on a slow writer.
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT):
+            return
+        try:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+                self._conn = None
+        finally:
+            self._lock.release()
+
+    def _forget_after_fork(self) -> None:
+        # The lock may have been copied while held by a thread that does not exist here.
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def unsent(store: LocalStore, limit: int, after_id: int = 0) -> list[tuple[int, dict[str, Any]]]:
+    """Up to ``limit`` events not yet replayed to the API, oldest first, with ``id > after_id``.
+
+    Pass the last id of a batch as ``after_id`` to page on even when a batch could not be
+    marked sent (the API refused it), so one bad event cannot stall a replay.
+    """
+    if limit <= 0:
+        return []
+    with store._reading() as conn:
+        rows = conn.execute(
+            "SELECT id, payload FROM events WHERE id > ? AND sent_at IS NULL ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ).fetchall()
+    return [(row_id, json.loads(payload)) for row_id, payload in rows]
+
+
+def mark_sent(store: LocalStore, ids: Sequence[int], *, at: float | None = None) -> int:
+    """Record that the API accepted the events ``ids``; returns how many were newly marked.
+
+    Already-marked rows keep their first ``sent_at``, so a replay interrupted and run
+    again neither resends nor re-dates them.
+    """
+    if not ids:
+        return 0
+    when = time.time() if at is None else at
+    marked = 0
+    with store._transaction() as conn:
+        for start in range(0, len(ids), _MAX_VARIABLES - 1):
+            chunk = list(ids[start : start + _MAX_VARIABLES - 1])
+            marks = ",".join("?" * len(chunk))
+            cursor = conn.execute(
+                f"UPDATE events SET sent_at = ? WHERE sent_at IS NULL AND id IN ({marks})",
+                [when, *chunk],
+            )
+            marked += cursor.rowcount
+    return marked
+
+
+def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
+    """A read-only connection to an events file, for reports; the caller closes it.
+
+    It is in autocommit mode (``isolation_level=None``): the caller opens the read
+    transaction it wants.
+
+    Raises :class:`StoreNotFoundError` when there is no file and :class:`StoreError` when it
+    is not an events file. A file with no tables at all (an empty file, or one created but
+    never written) reads as an events file with no events.
+    """
+    text = os.fspath(path)
+    if not os.path.isfile(text):
+        raise StoreNotFoundError(text)
+    # mode=ro: a report must never create, migrate or lock out the writers.
+    uri = "file:" + urllib.parse.quote(os.path.abspath(text)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+    try:
+        # Before any temporary table: changing temp_store drops them. The report's GROUP BYs
+        # sort in temporary storage, which has no business on disk.
+        conn.execute("PRAGMA temp_store = MEMORY")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{_describe(text)} has events schema {version}, newer than this "
+                f"agentsight-middleware understands ({SCHEMA_VERSION}): upgrade the package"
+            )
+        tables = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if tables and "events" not in tables:
+            raise StoreError(
+                f"{_describe(text)} is a SQLite database but not an agentsight events file"
+            )
+        if not tables:
+            # A temporary table shadows nothing and needs no write access to the file:
+            # the report's queries then run unchanged and find no rows.
+            conn.execute(_TABLE.format(schema="temp."))
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise _wrap_database_error(text, exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn

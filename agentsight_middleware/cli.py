@@ -1,0 +1,186 @@
+"""``agentsight-middleware``: the command line.
+
+Each subcommand is an entry of :data:`SUBCOMMANDS`: a one-line help, a function that adds
+its arguments to its parser, and a function that runs it and returns the exit code.
+Exit codes: 0 done, 1 the command failed (a missing or unusable events file, an unwritable
+output), 2 a usage error (argparse's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from ._report import DIMENSIONS, build_report, format_text, parse_since, render_html
+from ._store import DEFAULT_PATH, StoreError
+
+__all__ = ["PROG", "SUBCOMMANDS", "Subcommand", "main"]
+
+PROG = "agentsight-middleware"
+
+
+class Subcommand(NamedTuple):
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _since(text: str) -> float:
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _ByAction(argparse.Action):
+    """``--by page --by hour`` and ``--by page,hour`` both add to one ordered list."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        chosen: list[str] = list(getattr(namespace, self.dest) or [])
+        for name in str(values).split(","):
+            name = name.strip().lower()
+            if not name:
+                continue
+            if name not in DIMENSIONS:
+                parser.error(
+                    f"argument --by: unknown breakdown {name!r} "
+                    f"(choose from {', '.join(DIMENSIONS)})"
+                )
+            if name not in chosen:
+                chosen.append(name)
+        setattr(namespace, self.dest, chosen)
+
+
+def _configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default=DEFAULT_PATH,
+        help=f"the events file the middleware writes (default: {DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "--since",
+        metavar="WHEN",
+        type=_since,
+        help="only events from then on: a duration back from now (7d, 24h, 30m) "
+        "or a UTC date (2026-11-01)",
+    )
+    parser.add_argument(
+        "--by",
+        metavar="NAME",
+        action=_ByAction,
+        help=f"breakdowns to show, repeatable or comma separated: {', '.join(DIMENSIONS)} "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of a table"
+    )
+    parser.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write the report as one self-contained HTML page with charts",
+    )
+
+
+def _write_html(path: str, page: str) -> None:
+    # Written beside the target then renamed: a browser tab reloading it never sees half.
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(page)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    by = args.by if args.by else list(DIMENSIONS)
+    try:
+        report = build_report(args.db, since=args.since, by=by)
+    except (StoreError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    if args.html:
+        try:
+            _write_html(args.html, render_html(report))
+        except OSError as exc:
+            return _fail(f"cannot write {args.html}: {exc.strerror or exc}")
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_text(report))
+    if args.html:
+        print(f"HTML report written to {args.html}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+#: Subcommand name -> how to parse and run it, in the order ``--help`` lists them.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "report": Subcommand(
+        "show the interaction rate from the local events file",
+        _configure_report,
+        _run_report,
+    ),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .__version__ import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tools for the AgentSight middleware's local events file.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        code: int = args.run(args)
+    except BrokenPipeError:
+        # `... report | head`: the reader left, not an error worth a traceback. Point
+        # stdout at devnull so the interpreter's final flush does not fail again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

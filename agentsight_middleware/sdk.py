@@ -1,0 +1,339 @@
+"""Adapters that make the official ``agentsight`` SDK safe to use behind the middleware.
+
+Classic SDK (0.0.12 - 0.0.44, ``ConversationTracker``)::
+
+    from agentsight import ConversationTracker
+    from agentsight_middleware.sdk import ClassicTracker
+
+    tracker = ConversationTracker()
+    app.add_middleware(AgentSightMiddleware, widget_pages=["/"],
+                       chat_routes=["POST /api/chat"], tracker=ClassicTracker(tracker))
+
+    @app.post("/api/chat")
+    def chat(body: Chat) -> dict[str, str]:
+        tracker.track_human_message(body.message)     # 0.0.12-0.0.18: track_question
+        reply = answer(body.message)
+        tracker.track_agent_message(reply)            # 0.0.12-0.0.18: track_answer
+        tracker.send_tracked_data()
+        return {"reply": reply}
+
+The classic tracker keeps "the current conversation" in ``tracker.config.conversation_id``,
+one attribute shared by every thread and task of the process (0.0.4x even makes the
+tracker a process-wide singleton). ``get_or_create_conversation`` writes it, and every
+``track_*`` call and ``send_tracked_data`` read it back later, so two visitors chatting at
+the same time file their messages under each other's conversation. :class:`ClassicTracker`
+turns that attribute into a per-request value: inside a chat request it reads and writes a
+cell held in a :class:`contextvars.ContextVar` that the middleware sets around the handler
+(async handlers, sync handlers in Starlette's thread pool and WSGI handlers all see it);
+outside a request it behaves exactly as before.
+
+OpenTelemetry-based SDK (0.1.x)::
+
+    import agentsight
+    from agentsight_middleware.sdk import AgentSightSDK
+
+    agentsight.init()
+    app.add_middleware(AgentSightMiddleware, widget_pages=["/"],
+                       chat_routes=["POST /api/chat"], tracker=AgentSightSDK())
+
+    @app.post("/api/chat")
+    async def chat(body: Chat) -> dict[str, str]:
+        with agentsight.turn():
+            agentsight.user_message(body.message)
+            reply = await answer(body.message)
+            agentsight.agent_message(reply)
+        return {"reply": reply}
+
+Neither import needs the SDK installed until an adapter is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from ._log import logger
+
+__all__ = ["AgentSightSDK", "ClassicTracker", "adapt_tracker", "is_classic_tracker"]
+
+#: The conversation fields the middleware hands a tracker, besides the id.
+_FIELDS = (
+    "customer_id",
+    "customer_ip_address",
+    "device",
+    "source",
+    "language",
+    "name",
+    "environment",
+    "metadata",
+)
+
+# -- classic SDK: a per-request ``config.conversation_id`` ------------------------------
+
+# A mutable cell, not the value itself: what the SDK writes inside a request (its
+# ``get_or_create_conversation`` does, so may ``tracker.configure(conversation_id=...)``)
+# is then seen by the rest of that request even across a context copy (the thread a
+# sync handler runs in gets a copy of the request's context).
+_cell: ContextVar[list[Any] | None] = ContextVar(
+    "agentsight_middleware_classic_conversation_id", default=None
+)
+_MARK = "_agentsight_middleware_per_request"
+_classes: dict[type, type] = {}
+_classes_lock = threading.Lock()
+
+
+class _PerRequestConversationId:
+    """A data descriptor replacing the SDK config's plain ``conversation_id`` attribute."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        cell = _cell.get()
+        if cell is not None:
+            return cell[0]
+        return obj.__dict__.get("conversation_id")
+
+    def __set__(self, obj: object, value: Any) -> None:
+        cell = _cell.get()
+        if cell is not None:
+            cell[0] = value
+        else:
+            obj.__dict__["conversation_id"] = value
+
+
+def _per_request_class(base: type) -> type:
+    with _classes_lock:
+        cls = _classes.get(base)
+        if cls is None:
+            cls = type(
+                base.__name__,
+                (base,),
+                {
+                    "conversation_id": _PerRequestConversationId(),
+                    "__module__": base.__module__,
+                    "__qualname__": base.__qualname__,
+                    "__doc__": base.__doc__,
+                    _MARK: True,
+                },
+            )
+            _classes[base] = cls
+        return cls
+
+
+def _make_per_request(config: object) -> None:
+    """Give ``config`` (the SDK's ``Config`` dataclass) a per-request ``conversation_id``.
+
+    The object keeps its identity (the SDK's HTTP client holds it too); only its class
+    becomes a subclass whose ``conversation_id`` is the descriptor above.
+    """
+    if getattr(type(config), _MARK, False):
+        return  # already done (the 0.0.4x tracker is a singleton: wrapped twice is common)
+    if not hasattr(config, "__dict__") or not hasattr(config, "conversation_id"):
+        raise TypeError(
+            f"tracker.config ({type(config).__name__}) has no conversation_id attribute "
+            "this adapter can make per-request; is this the classic agentsight SDK "
+            "(0.0.12 - 0.0.44)?"
+        )
+    try:
+        config.__class__ = _per_request_class(type(config))
+    except TypeError as exc:  # pragma: no cover - only for exotic config classes
+        raise TypeError(
+            f"cannot make {type(config).__name__}.conversation_id per-request: {exc}"
+        ) from exc
+
+
+@contextmanager
+def _bound(conversation_id: str) -> Iterator[None]:
+    token = _cell.set([conversation_id])
+    try:
+        yield
+    finally:
+        try:
+            _cell.reset(token)
+        except ValueError:  # exited in another context than entered: clear it there
+            _cell.set(None)
+
+
+def _accepted_keywords(method: Callable[..., Any]) -> frozenset[str] | None:
+    """The keyword names ``method`` takes, or None when it takes ``**kwargs``."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+
+
+def _only(fields: Mapping[str, Any], accepted: frozenset[str] | None) -> dict[str, Any]:
+    if accepted is None:
+        return dict(fields)
+    return {key: value for key, value in fields.items() if key in accepted}
+
+
+def is_classic_tracker(tracker: object) -> bool:
+    """True for the classic SDK's ``ConversationTracker`` (and look-alikes): an object
+    with ``send_tracked_data()`` whose ``config`` carries the current conversation id."""
+    return (
+        not isinstance(tracker, ClassicTracker)
+        and callable(getattr(tracker, "send_tracked_data", None))
+        and callable(getattr(tracker, "get_or_create_conversation", None))
+        and hasattr(getattr(tracker, "config", None), "conversation_id")
+    )
+
+
+class ClassicTracker:
+    """Makes a classic ``agentsight.ConversationTracker`` (0.0.12 - 0.0.44) safe under
+    concurrent requests; pass it as the middleware's ``tracker``.
+
+    The wrapped tracker's ``config.conversation_id`` becomes per-request: inside a chat
+    request every SDK call (``track_human_message`` / ``track_question``,
+    ``track_agent_message`` / ``track_answer``, ``track_action``, ``send_tracked_data``...)
+    uses that request's conversation, whichever tracker reference the handler calls and
+    whatever other requests run at the same time. Outside requests nothing changes.
+
+    Keep calling the SDK as before, from the request's own context: directly in the
+    handler (async or sync), or in a thread that got a copy of it
+    (``starlette.concurrency.run_in_threadpool``, ``anyio.to_thread.run_sync``,
+    ``contextvars.copy_context().run``). A bare ``threading.Thread`` does not get it.
+
+    Other attributes are the wrapped tracker's, so ``ClassicTracker(t).send_tracked_data()``
+    works too.
+    """
+
+    def __init__(self, tracker: Any) -> None:
+        if isinstance(tracker, ClassicTracker):
+            tracker = tracker.__dict__["tracker"]
+        if not is_classic_tracker(tracker):
+            raise TypeError(
+                f"ClassicTracker() needs the classic agentsight SDK's ConversationTracker "
+                f"(0.0.12 - 0.0.44), got {type(tracker).__name__}; for agentsight 0.1 and "
+                "later use AgentSightSDK()"
+            )
+        _make_per_request(tracker.config)
+        self.tracker = tracker
+        self._initialize_keywords = _accepted_keywords(tracker.initialize_conversation)
+        self._engage_keywords = _accepted_keywords(tracker.get_or_create_conversation)
+
+    def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
+        """A page view: sent at once by the SDK (``is_used: false``). Run by the middleware's
+        background worker, bound to the conversation in case the SDK reads the config."""
+        with _bound(conversation_id):
+            self.tracker.initialize_conversation(
+                conversation_id, **_only(fields, self._initialize_keywords)
+            )
+
+    def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
+        """A chat request: the SDK stores an ``is_used: true`` conversation item under
+        ``conversation_id``; the handler's ``send_tracked_data()`` sends it with the messages.
+        """
+        with _bound(conversation_id):
+            self.tracker.get_or_create_conversation(
+                conversation_id, **_only(fields, self._engage_keywords)
+            )
+
+    def conversation_scope(
+        self, conversation_id: str, **fields: Any
+    ) -> AbstractContextManager[None]:
+        """Entered by the middleware around the chat handler."""
+        return _bound(conversation_id)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tracker":  # not set yet: __init__ failed
+            raise AttributeError(name)
+        return getattr(self.tracker, name)
+
+    def __repr__(self) -> str:
+        return f"ClassicTracker({self.tracker!r})"
+
+
+# -- OpenTelemetry-based SDK (0.1.x) -------------------------------------------------------
+
+
+def _import_agentsight() -> Any:
+    try:
+        agentsight = importlib.import_module("agentsight")
+    except ImportError as exc:
+        raise ImportError(
+            "AgentSightSDK() needs the agentsight SDK 0.1 or later: pip install 'agentsight>=0.1'"
+        ) from exc
+    missing = [
+        name
+        for name in ("open_conversation", "conversation", "is_enabled", "init")
+        if not callable(getattr(agentsight, name, None))
+    ]
+    if missing:
+        raise ImportError(
+            f"the installed agentsight SDK lacks {', '.join(missing)}(): AgentSightSDK() needs "
+            "0.1 or later (for 0.0.x's ConversationTracker use ClassicTracker)"
+        )
+    return agentsight
+
+
+def _sdk_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    # The middleware's names are the SDK's keyword names; anything else (and None,
+    # which the SDK treats as absent anyway) is left out.
+    return {key: value for key, value in fields.items() if key in _FIELDS and value is not None}
+
+
+class AgentSightSDK:
+    """The middleware's tracker for the OpenTelemetry-based ``agentsight`` SDK (0.1.x).
+
+    - a page view calls ``agentsight.open_conversation(id, **fields)``: a ``conversation``
+      span (the visit, ``is_used: false``), exported with the SDK's next batch;
+    - a chat request runs the handler inside ``agentsight.conversation(id, **fields)``, so
+      the handler's ``agentsight.turn()`` / ``user_message()`` / ``agent_message()`` (and
+      the SDK's LLM instrumentation) are filed under the visitor's conversation with the
+      IP, device, language, source and metadata the middleware found. The first turn is
+      what marks the conversation engaged.
+
+    ``init_options``, if given, are passed to ``agentsight.init()`` (which ignores a second
+    call); otherwise call ``agentsight.init()`` yourself at start-up.
+    """
+
+    def __init__(self, **init_options: Any) -> None:
+        self._sdk = _import_agentsight()
+        if init_options:
+            self._sdk.init(**init_options)
+        self._warned = False
+
+    def _check_enabled(self) -> None:
+        if self._warned or self._sdk.is_enabled():
+            return
+        self._warned = True
+        logger.warning(
+            "agentsight.init() has not been called (or found no valid AGENTSIGHT_API_KEY): "
+            "the SDK records nothing. Call it at start-up or pass AgentSightSDK(**init_options)."
+        )
+
+    def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
+        self._check_enabled()
+        self._sdk.open_conversation(conversation_id, **_sdk_fields(fields))
+
+    def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
+        """Nothing to do before the handler: in 0.1.x the handler's first turn marks the
+        conversation engaged, and the scope carries the fields."""
+
+    def conversation_scope(
+        self, conversation_id: str, **fields: Any
+    ) -> AbstractContextManager[Any]:
+        self._check_enabled()
+        manager: AbstractContextManager[Any] = self._sdk.conversation(
+            conversation_id, **_sdk_fields(fields)
+        )
+        return manager
+
+
+def adapt_tracker(tracker: Any) -> Any:
+    """``tracker`` made safe for the middleware: a classic ``ConversationTracker`` is
+    wrapped in :class:`ClassicTracker`; anything else is returned unchanged."""
+    return ClassicTracker(tracker) if is_classic_tracker(tracker) else tracker

@@ -1,0 +1,164 @@
+"""A chat app using the classic ``agentsight`` SDK (0.0.12 - 0.0.44) behind the middleware.
+
+Run by ``tests/test_sdk_classic.py`` under an SDK venv's interpreter as::
+
+    python -m tests.apps.sdk_classic_app FRAMEWORK MODE FD
+
+FRAMEWORK is ``fastapi-sync`` (a ``def`` endpoint: Starlette's thread pool),
+``fastapi-async`` (an ``async def`` endpoint) or ``flask`` (threaded werkzeug server);
+MODE is ``naive`` (the middleware calls the ``ConversationTracker``'s
+``initialize_conversation`` / ``get_or_create_conversation`` directly) or ``adapter``
+(``tracker=ClassicTracker(ConversationTracker())``); FD is a listening socket.
+AGENTSIGHT_API_KEY and AGENTSIGHT_API_ENDPOINT point the SDK at the stand-in API.
+
+The chat handler does only what an app using the SDK does: record the visitor's
+message, "think" (a short sleep standing in for the LLM), record the reply, send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from agentsight import ConversationTracker
+from pydantic import BaseModel
+
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware.sdk import ClassicTracker
+
+#: How long the "LLM" takes: long enough for concurrent requests to overlap.
+THINK_SECONDS = 0.05
+
+tracker = ConversationTracker()
+# 0.0.4x: track_human_message / track_agent_message; 0.0.12 - 0.0.18: track_question / ...
+track_user: Callable[[str], None] = (
+    getattr(tracker, "track_human_message", None) or tracker.track_question
+)
+track_agent: Callable[[str], None] = (
+    getattr(tracker, "track_agent_message", None) or tracker.track_answer
+)
+
+
+class Chat(BaseModel):
+    message: str
+
+
+def reply_to(message: str) -> str:
+    return f"echo: {message}"
+
+
+def send() -> str | None:
+    """``send_tracked_data()``; a tracking failure must not fail the chat."""
+    try:
+        tracker.send_tracked_data()
+    except Exception as exc:  # NoDataToSendException when another request took our data
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def chat_blocking(message: str) -> dict[str, Any]:
+    track_user(message)
+    time.sleep(THINK_SECONDS)
+    reply = reply_to(message)
+    track_agent(reply)
+    return {"reply": reply, "tracking_error": send()}
+
+
+def options(mode: str) -> dict[str, Any]:
+    if mode == "naive":
+        # The middleware calling the SDK's two methods as it calls any tracker, as a
+        # naive middleware does (and as ours would if it ever adapted a classic
+        # tracker by itself: this keeps showing what the SDK does on its own).
+        middleware_tracker: Any = SimpleNamespace(
+            initialize_conversation=tracker.initialize_conversation,
+            get_or_create_conversation=tracker.get_or_create_conversation,
+        )
+    else:
+        middleware_tracker = ClassicTracker(tracker)
+    return {
+        "widget_pages": ["/"],
+        "chat_routes": ["POST /api/chat"],
+        "tracker": middleware_tracker,
+    }
+
+
+def fastapi_app(framework: str, mode: str) -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, PlainTextResponse
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI()
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return "<html><body>chat widget</body></html>"
+
+    @app.get("/health", response_class=PlainTextResponse)
+    def health() -> str:
+        return "ok"
+
+    if framework == "fastapi-sync":
+
+        @app.post("/api/chat")
+        def chat(body: Chat) -> dict[str, Any]:
+            return chat_blocking(body.message)
+
+    else:
+
+        @app.post("/api/chat")
+        async def chat_async(body: Chat) -> dict[str, Any]:
+            track_user(body.message)
+            await asyncio.sleep(THINK_SECONDS)
+            reply = reply_to(body.message)
+            track_agent(reply)
+            # Blocking HTTP: off the event loop (the thread gets the request's context).
+            error = await run_in_threadpool(send)
+            return {"reply": reply, "tracking_error": error}
+
+    app.add_middleware(AgentSightMiddleware, **options(mode))
+    return app
+
+
+def flask_app(mode: str) -> Any:
+    from flask import Flask, jsonify, request
+
+    app = Flask(__name__)
+
+    @app.get("/")
+    def page() -> str:
+        return "<html><body>chat widget</body></html>"
+
+    @app.get("/health")
+    def health() -> str:
+        return "ok"
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        return jsonify(chat_blocking(request.get_json()["message"]))
+
+    app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, **options(mode))  # type: ignore[method-assign]
+    return app
+
+
+def main() -> None:
+    framework, mode, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if framework == "flask":
+        from werkzeug.serving import make_server
+
+        server = make_server("127.0.0.1", 0, flask_app(mode), threaded=True, fd=fd)
+        server.serve_forever()
+    else:
+        import uvicorn
+
+        config = uvicorn.Config(
+            fastapi_app(framework, mode), fd=fd, log_level="warning", lifespan="on"
+        )
+        uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

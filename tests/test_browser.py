@@ -1,0 +1,148 @@
+"""A real browser (Debian's headless Chromium, driven by Playwright) against the demo
+served by uvicorn on 127.0.0.1, with the local store behind it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from agentsight_middleware._report import build_report
+from examples.demo import create_app
+
+from .conftest import IPHONE
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# What the workplace's probe found necessary: no sandbox as root, and no
+# background traffic to hosts this closed network cannot reach.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    config = uvicorn.Config(
+        create_app(local_store=db), host="127.0.0.1", port=0, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/", db
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def events(db: Path) -> list[dict[str, Any]]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT conversation_id, is_used, device, language FROM events ORDER BY id"
+        ).fetchall()
+    conn.close()
+    return [dict(row) for row in rows]
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def chat(page: Page, message: str) -> None:
+    page.fill("#message", message)
+    page.press("#message", "Enter")
+    page.wait_for_selector(f"#log p.bot:has-text('You said: {message}')")
+
+
+def test_page_reload_chat_and_a_second_visitor(
+    browser: Browser, demo: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, db = demo
+    first = browser.new_context(locale="fr-FR")
+    page = first.new_page()
+    page.goto(url)
+    wait_until(lambda: len(events(db)) == 1, "the first page view")
+    [view] = events(db)
+    assert view["is_used"] == 0
+    assert view["device"] == "desktop"
+    assert view["language"] == "fr-FR"
+    conversation_id = view["conversation_id"]
+    assert page.evaluate("conversationId()") == conversation_id
+
+    page.reload()
+    page.wait_for_selector("#chat-toggle")
+    time.sleep(0.3)
+    assert {e["conversation_id"] for e in events(db)} == {conversation_id}, "the cookie holds"
+
+    page.click("#chat-toggle")
+    chat(page, "hello")
+    chat(page, "how much is it?")
+    wait_until(lambda: len(events(db)) == 3, "two chat requests")
+    used = [e for e in events(db) if e["is_used"]]
+    assert [e["conversation_id"] for e in used] == [conversation_id, conversation_id]
+    page.screenshot(path=str(tmp_path / "demo.png"))
+    if os.environ.get("AGENTSIGHT_SCREENSHOT"):
+        shutil.copy(tmp_path / "demo.png", os.environ["AGENTSIGHT_SCREENSHOT"])
+
+    second = browser.new_context(locale="en-GB")
+    second.new_page().goto(url)
+    wait_until(lambda: len({e["conversation_id"] for e in events(db)}) == 2, "a second visitor")
+    first.close()
+    second.close()
+
+    report = build_report(db)
+    assert report.initialized == 2
+    assert report.used == 1
+    assert report.interaction_rate_percent == 50.0
+
+
+def test_mobile_browser_is_a_mobile_device(browser: Browser, demo: tuple[str, Path]) -> None:
+    url, db = demo
+    context = browser.new_context(
+        user_agent=IPHONE, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    context.new_page().goto(url)
+    wait_until(lambda: len(events(db)) == 1, "the page view")
+    assert events(db)[0]["device"] == "mobile"
+    context.close()

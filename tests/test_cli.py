@@ -1,0 +1,224 @@
+"""``agentsight-middleware report``: text, JSON and HTML output, options, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from agentsight_middleware import cli
+from agentsight_middleware._report import build_report
+from agentsight_middleware._store import DEFAULT_PATH
+
+from .test_report import DAY3, charts, dataset, write
+
+HEADLINE = "4 conversations initialized, 2 used: interaction rate 50.0 %, 2 abandoned (50.0 %)"
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return write(tmp_path / "events.sqlite3", dataset())
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_text_report(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "report", "--db", str(db))
+    assert code == 0
+    assert HEADLINE in out
+    assert "By page (widget placement), first page view" in out
+    assert err == ""
+
+
+def test_default_db_is_in_the_working_directory(
+    db: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db.rename(db.with_name(DEFAULT_PATH))
+    monkeypatch.chdir(db.parent)
+    code, out, _ = run(capsys, "report")
+    assert code == 0
+    assert HEADLINE in out
+
+
+def test_json_matches_the_report(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "report", "--db", str(db), "--json")
+    assert code == 0
+    data = json.loads(out)
+    expected = build_report(db).to_dict()
+    assert data.pop("generated_at") == pytest.approx(expected.pop("generated_at"), abs=60)
+    assert data == expected
+    assert data["interaction_rate_percent"] == 50.0
+    assert data["breakdowns"]["page"][0] == {
+        "key": "/pricing",
+        "initialized": 2,
+        "used": 1,
+        "interaction_rate_percent": 50.0,
+    }
+
+
+def test_by_repeatable_and_comma_separated(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "report", "--db", str(db), "--json", "--by", "page,device", "--by", "HOUR,page"
+    )
+    assert code == 0
+    assert list(json.loads(out)["breakdowns"]) == ["page", "device", "hour"]
+
+
+def test_by_unknown_is_a_usage_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["report", "--db", str(db), "--by", "page,browser"])
+    assert exited.value.code == 2
+    assert "unknown breakdown 'browser'" in capsys.readouterr().err
+
+
+def test_since(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "report", "--db", str(db), "--json", "--since", "2026-11-22")
+    assert code == 0
+    data = json.loads(out)
+    assert (data["events"], data["initialized"], data["used"]) == (4, 2, 1)
+    assert data["since"] == DAY3
+    code, out, _ = run(capsys, "report", "--db", str(db), "--since", "2030-01-01")
+    assert code == 0
+    assert "No events yet (since 2030-01-01 00:00 UTC)." in out
+    code, out, _ = run(capsys, "report", "--db", str(db), "--since", "7d")
+    assert code == 0
+    assert "(since " in out
+
+
+def test_since_junk_is_a_usage_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["report", "--db", str(db), "--since", "last tuesday"])
+    assert exited.value.code == 2
+    assert "cannot read 'last tuesday' as a start time" in capsys.readouterr().err
+
+
+def test_missing_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "nope.sqlite3"
+    code, out, err = run(capsys, "report", "--db", str(path))
+    assert code == 1
+    assert out == ""
+    assert err == (
+        f"agentsight-middleware: no events file at {path}; run your app with the middleware first\n"
+    )
+    assert not path.exists()
+
+
+def test_not_an_events_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not sqlite\n" * 500)
+    code, _, err = run(capsys, "report", "--db", str(path))
+    assert code == 1
+    assert "is not a usable events file" in err
+
+
+def test_empty_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "e.sqlite3"
+    path.touch()
+    code, out, _ = run(capsys, "report", "--db", str(path))
+    assert code == 0
+    assert "No events yet" in out
+    code, out, _ = run(capsys, "report", "--db", str(path), "--json")
+    assert json.loads(out)["interaction_rate_percent"] is None
+
+
+def test_html(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "report.html"
+    code, out, err = run(capsys, "report", "--db", str(db), "--html", str(target))
+    assert code == 0
+    assert HEADLINE in out
+    assert err == f"HTML report written to {target}\n"
+    page = target.read_text(encoding="utf-8")
+    assert "<script" not in page
+    assert "<link" not in page
+    assert "http://" not in page
+    assert "https://" not in page
+    found = charts(page)
+    assert page.count("<svg") == len(found.charts) == 6
+    report = build_report(db)
+    assert found.charts["chart-page"] == [
+        (str(row.key), row.interaction_rate_percent) for row in report.breakdowns["page"]
+    ]
+    assert [value for _, value in found.charts["chart-daily"]] == [
+        day.interaction_rate_percent for day in report.daily if day.initialized
+    ]
+    assert list(tmp_path.glob("report.html.tmp*")) == []
+
+
+def test_html_with_json(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "report.html"
+    code, out, _ = run(capsys, "report", "--db", str(db), "--json", "--html", str(target))
+    assert code == 0
+    assert json.loads(out)["used"] == 2
+    assert target.exists()
+
+
+def test_html_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "e.sqlite3"
+    path.touch()
+    target = tmp_path / "report.html"
+    assert run(capsys, "report", "--db", str(path), "--html", str(target))[0] == 0
+    page = target.read_text(encoding="utf-8")
+    assert "No events yet" in page
+    assert "<svg" not in page
+
+
+def test_html_unwritable(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "missing-dir" / "report.html"
+    code, out, err = run(capsys, "report", "--db", str(db), "--html", str(target))
+    assert code == 1
+    assert out == ""
+    assert f"cannot write {target}" in err
+
+
+def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys)
+    assert code == 2
+    assert "report" in err
+
+
+def test_help_lists_report(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+    assert exited.value.code == 0
+    assert "show the interaction rate" in capsys.readouterr().out
+
+
+def test_subcommands_are_pluggable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--name", default="world")
+
+    def hello(args: argparse.Namespace) -> int:
+        print(f"hello {args.name}")
+        return 3
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "hello", cli.Subcommand("say hello", configure, hello))
+    assert run(capsys, "hello", "--name", "you") == (3, "hello you\n", "")
+
+
+def test_console_script_is_declared() -> None:
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == cli.PROG]
+    assert script.value == "agentsight_middleware.cli:main"
+    assert script.load() is cli.main
+
+
+def test_runs_as_a_module(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agentsight_middleware.cli", "report", "--db", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert "no events file at" in done.stderr

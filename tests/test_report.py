@@ -1,0 +1,587 @@
+"""The report's figures on hand-computed data, its SQL against a Python reference, and its
+renderings (terminal text, HTML with SVG charts)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sqlite3
+from collections import Counter
+from contextlib import closing
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentsight_middleware import _report, _store
+from agentsight_middleware._report import (
+    DEFAULT_BY,
+    Report,
+    build_report,
+    format_text,
+    parse_since,
+    render_html,
+)
+from agentsight_middleware._store import LocalStore, StoreError, StoreNotFoundError
+
+from .test_store import make_payload
+
+DAY1 = datetime(2026, 11, 20, tzinfo=timezone.utc).timestamp()
+DAY3 = DAY1 + 2 * 86400
+HOUR = 3600.0
+
+
+def dataset() -> list[dict[str, Any]]:
+    """4 conversations initialized, 2 used, 1 chat without a page view.
+
+    ======  ===========================================  ==================
+    conv    events                                       counts as
+    ======  ===========================================  ==================
+    c1      /pricing view day 1 10:00, chat 10:05        used (/pricing)
+    c2      / view day 1 11:00, /pricing view 11:02      abandoned (/)
+    c3      /docs view day 3 12:00, chat 12:01           used (/docs)
+    c4      /pricing view day 3 23:30                    abandoned
+    c5      chat day 3 09:00, no view                    without page view
+    ======  ===========================================  ==================
+
+    Rows are written out of time order (c2's second view and c3's chat first) so that
+    "first page view" must come from the timestamps, not from the row order.
+    """
+    return [
+        make_payload("conv_c1", at=DAY1 + 10 * HOUR, page="/pricing"),
+        make_payload("conv_c1", used=True, at=DAY1 + 10 * HOUR + 300, page="/api/chat"),
+        make_payload("conv_c2", at=DAY1 + 11 * HOUR + 120, page="/pricing", device="mobile"),
+        make_payload("conv_c2", at=DAY1 + 11 * HOUR, page="/", device="mobile", language="fr-FR"),
+        make_payload(
+            "conv_c3", used=True, at=DAY3 + 12 * HOUR + 60, page="/api/chat", device="desktop"
+        ),
+        make_payload(
+            "conv_c3", at=DAY3 + 12 * HOUR, page="/docs", device="tablet", language="de-DE"
+        ),
+        make_payload("conv_c4", at=DAY3 + 23.5 * HOUR, page="/pricing"),
+        make_payload("conv_c5", used=True, at=DAY3 + 9 * HOUR, page="/api/chat"),
+    ]
+
+
+def write(path: Path, payloads: list[dict[str, Any]]) -> Path:
+    with LocalStore(path) as store:
+        store.write(payloads)
+    return path
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return write(tmp_path / "events.sqlite3", dataset())
+
+
+def table(report: Report, name: str) -> list[tuple[Any, int, int, float | None]]:
+    return [
+        (row.key, row.initialized, row.used, row.interaction_rate_percent)
+        for row in report.breakdowns[name]
+    ]
+
+
+def test_totals(db: Path) -> None:
+    report = build_report(db, now=DAY3 + 86400)
+    assert (report.events, report.initialized, report.used) == (8, 4, 2)
+    assert report.used_without_page_view == 1
+    assert report.interaction_rate_percent == 50.0
+    assert (report.abandoned, report.abandoned_percent) == (2, 50.0)
+    assert report.first_event_at == pytest.approx(DAY1 + 10 * HOUR)
+    assert report.last_event_at == pytest.approx(DAY3 + 23.5 * HOUR)
+    assert report.generated_at == DAY3 + 86400
+    assert report.since is None
+    assert report.path == str(db)
+    assert not report.is_empty
+
+
+def test_breakdowns_use_the_first_page_view(db: Path) -> None:
+    report = build_report(db)
+    assert list(report.breakdowns) == list(DEFAULT_BY)
+    assert table(report, "page") == [
+        ("/pricing", 2, 1, 50.0),
+        ("/docs", 1, 1, 100.0),
+        ("/", 1, 0, 0.0),
+    ]
+    assert table(report, "device") == [
+        ("desktop", 2, 1, 50.0),
+        ("tablet", 1, 1, 100.0),
+        ("mobile", 1, 0, 0.0),
+    ]
+    assert table(report, "language") == [
+        ("en-US", 2, 1, 50.0),
+        ("de-DE", 1, 1, 100.0),
+        ("fr-FR", 1, 0, 0.0),
+    ]
+    assert table(report, "hour") == [
+        (10, 1, 1, 100.0),
+        (12, 1, 1, 100.0),
+        (11, 1, 0, 0.0),
+        (23, 1, 0, 0.0),
+    ]
+    assert table(report, "source") == [("web", 4, 2, 50.0)]
+
+
+def test_daily_trend_fills_gaps(db: Path) -> None:
+    daily = [
+        (day.date, day.initialized, day.used, day.interaction_rate_percent)
+        for day in build_report(db).daily
+    ]
+    assert daily == [
+        ("2026-11-20", 2, 1, 50.0),
+        ("2026-11-21", 0, 0, None),
+        ("2026-11-22", 2, 1, 50.0),
+    ]
+
+
+def test_missing_keys_group_as_none(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "e.sqlite3",
+        [
+            make_payload("conv_a", device=None, language=None, page=None, source=None),
+            make_payload("conv_b", device=None, language=None),
+            make_payload("conv_b", used=True),
+            make_payload("conv_c"),
+        ],
+    )
+    report = build_report(path, by=["device", "page"])
+    assert table(report, "device") == [(None, 2, 1, 50.0), ("desktop", 1, 0, 0.0)]
+    assert table(report, "page") == [("/pricing", 2, 1, 50.0), (None, 1, 0, 0.0)]
+
+
+def test_by_chooses_and_orders_breakdowns(db: Path) -> None:
+    report = build_report(db, by=("hour", "page", "hour"))
+    assert list(report.breakdowns) == ["hour", "page"]
+    assert build_report(db, by=()).breakdowns == {}
+    assert build_report(db, by="device").breakdowns.keys() == {"device"}
+    with pytest.raises(ValueError, match="unknown breakdown 'browser': choose from page"):
+        build_report(db, by=["browser"])
+
+
+def test_since_counts_events_from_then_on(db: Path) -> None:
+    report = build_report(db, since=DAY3)
+    assert (report.events, report.initialized, report.used) == (4, 2, 1)
+    assert report.used_without_page_view == 1
+    assert table(report, "page") == [("/docs", 1, 1, 100.0), ("/pricing", 1, 0, 0.0)]
+    assert [day.date for day in report.daily] == ["2026-11-22"]
+    assert report.since == DAY3
+
+
+def test_since_between_view_and_chat(db: Path) -> None:
+    # c1's view is before the window and its chat inside: a chat without a page view.
+    report = build_report(db, since=DAY1 + 10 * HOUR + 60)
+    assert (report.initialized, report.used, report.used_without_page_view) == (3, 1, 2)
+
+
+def test_since_after_everything_is_empty(db: Path) -> None:
+    report = build_report(db, since=DAY3 + 2 * 86400)
+    assert report.is_empty
+    assert (report.initialized, report.used, report.interaction_rate_percent) == (0, 0, None)
+    assert report.breakdowns == dict.fromkeys(DEFAULT_BY, ())
+
+
+def test_selective_since_reads_the_time_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 100 days of traffic and a one-day window: the report reads through the ts index, and
+    # must count exactly what the scan of the conversation index counts.
+    payloads = []
+    for day, n in itertools.product(range(100), range(8)):
+        cid = f"conv_{day:02d}_{n:02d}"
+        payloads.append(make_payload(cid, at=DAY1 + day * 86400 + n * 60, page=f"/p{n % 3}"))
+        if n % 4 == 0:
+            payloads.append(make_payload(cid, used=True, at=DAY1 + day * 86400 + n * 60 + 5))
+    path = write(tmp_path / "e.sqlite3", payloads)
+    since = DAY1 + 99 * 86400
+    hints: list[str] = []
+    real_hint = _report._scan_hint
+
+    def spy(conn: sqlite3.Connection, events: int, since: float | None) -> str:
+        hints.append(real_hint(conn, events, since))
+        return hints[-1]
+
+    monkeypatch.setattr(_report, "_scan_hint", spy)
+    through_time_index = build_report(path, since=since, now=0)
+    monkeypatch.setattr(_report, "_scan_hint", lambda *_: "")
+    through_conversations = build_report(path, since=since, now=0)
+    assert hints == ["INDEXED BY events_ts"]
+    assert through_time_index == through_conversations
+    assert (through_time_index.events, through_time_index.initialized) == (10, 8)
+    assert through_time_index.used == 2
+    assert table(through_time_index, "page")[0] == ("/p0", 3, 1, pytest.approx(100 / 3))
+    with closing(_store.connect_readonly(path)) as conn:
+        assert _report._scan_hint(conn, 800, since) == ""
+        assert _report._scan_hint(conn, 10, None) == ""
+
+
+def test_report_does_not_wait_for_a_writer(db: Path) -> None:
+    with LocalStore(db) as store, store._transaction() as conn:
+        conn.execute("SELECT 1")  # the write lock is held for the whole block
+        report = build_report(db)
+    assert report.initialized == 4
+
+
+def test_report_never_writes(db: Path) -> None:
+    before = db.read_bytes()
+    build_report(db)
+    assert db.read_bytes() == before
+
+
+def test_empty_events_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.sqlite3", [make_payload("conv_a")])
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("DELETE FROM events")
+        conn.commit()
+    report = build_report(path)
+    assert report.is_empty
+    assert report.to_dict() == {
+        "path": str(path),
+        "generated_at": report.generated_at,
+        "since": None,
+        "events": 0,
+        "first_event_at": None,
+        "last_event_at": None,
+        "initialized": 0,
+        "used": 0,
+        "used_without_page_view": 0,
+        "interaction_rate_percent": None,
+        "abandoned": 0,
+        "abandoned_percent": None,
+        "breakdowns": {name: [] for name in DEFAULT_BY},
+        "daily": [],
+    }
+
+
+def test_zero_byte_file_reads_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    path.touch()
+    assert build_report(path).is_empty
+    assert path.stat().st_size == 0
+
+
+def test_only_chats(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.sqlite3", [make_payload("conv_a", used=True)])
+    report = build_report(path)
+    assert (report.events, report.initialized, report.used_without_page_view) == (1, 0, 1)
+    assert report.interaction_rate_percent is None
+    assert report.breakdowns["page"] == ()
+    assert report.daily == ()
+    assert "1 chat without a page view" in format_text(report)
+    assert "No page views in this period" in render_html(report)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.sqlite3"
+    with pytest.raises(StoreNotFoundError, match=r"no events file at .*absent.sqlite3; run your"):
+        build_report(path)
+    assert not path.exists()
+
+
+def test_not_an_events_file(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    path.write_bytes(b"\x00" * 4096)
+    with pytest.raises(StoreError):
+        build_report(path)
+
+
+# --------------------------------------------------------------------------- property
+
+CONVERSATIONS = [f"conv_{n}" for n in range(6)]
+event = st.tuples(
+    st.sampled_from(CONVERSATIONS),
+    st.booleans(),
+    st.integers(0, 3),  # day
+    st.integers(0, 23),  # hour
+    st.sampled_from(["/", "/pricing", None]),
+    st.sampled_from(["desktop", "mobile", None]),
+)
+_files = itertools.count()
+
+
+def reference(payloads: list[dict[str, Any]]) -> tuple[int, int, int, Counter[Any]]:
+    first: dict[str, dict[str, Any]] = {}
+    chats = set()
+    for payload in sorted(payloads, key=lambda p: p["timestamp"]):
+        cid = payload["conversation_id"]
+        if payload["is_used"]:
+            chats.add(cid)
+        else:
+            first.setdefault(cid, payload)
+    used = first.keys() & chats
+    pages = Counter((p["metadata"]["page_path"], cid in used) for cid, p in first.items())
+    return len(first), len(used), len(chats - first.keys()), pages
+
+
+@settings(max_examples=40, deadline=None)
+@given(events=st.lists(event, max_size=25))
+def test_property_matches_a_python_reference(
+    tmp_path_factory: pytest.TempPathFactory, events: list[tuple[Any, ...]]
+) -> None:
+    payloads = [
+        # A distinct second per event: the first page view is never a tie.
+        make_payload(
+            cid, used=used, at=DAY1 + day * 86400 + hour * HOUR + i, page=page, device=device
+        )
+        for i, (cid, used, day, hour, page, device) in enumerate(events)
+    ]
+    path = tmp_path_factory.mktemp("prop") / f"e{next(_files)}.sqlite3"
+    write(path, payloads) if payloads else path.touch()
+    report = build_report(path)
+
+    assert 0 <= report.used <= report.initialized
+    assert report.abandoned == report.initialized - report.used
+    if report.initialized:
+        assert report.interaction_rate_percent is not None
+        assert 0 <= report.interaction_rate_percent <= 100
+        assert report.abandoned_percent is not None
+        assert math.isclose(report.interaction_rate_percent + report.abandoned_percent, 100)
+    else:
+        assert report.interaction_rate_percent is None
+    for name, rows in report.breakdowns.items():
+        assert sum(row.initialized for row in rows) == report.initialized, name
+        assert sum(row.used for row in rows) == report.used, name
+        assert [row.initialized for row in rows] == sorted(
+            (row.initialized for row in rows), reverse=True
+        )
+    assert sum(day.initialized for day in report.daily) == report.initialized
+
+    initialized, used, orphans, pages = reference(payloads)
+    assert (report.initialized, report.used, report.used_without_page_view) == (
+        initialized,
+        used,
+        orphans,
+    )
+    assert report.events == len(payloads)
+    got = Counter()
+    for row in report.breakdowns["page"]:
+        got[(row.key, True)] += row.used
+        got[(row.key, False)] += row.initialized - row.used
+    assert +got == pages
+
+
+# --------------------------------------------------------------------------- since
+
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7d", NOW - 7 * 86400),
+        ("24h", NOW - 86400),
+        ("30m", NOW - 1800),
+        ("90s", NOW - 90),
+        ("2w", NOW - 14 * 86400),
+        (" 7D ", NOW - 7 * 86400),
+        ("2026-11-01", datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp()),
+        ("2026-11-01T08:30", datetime(2026, 11, 1, 8, 30, tzinfo=timezone.utc).timestamp()),
+        ("2026-11-01T08:30+02:00", datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc).timestamp()),
+        ("2026-11-01T08:30Z", datetime(2026, 11, 1, 8, 30, tzinfo=timezone.utc).timestamp()),
+    ],
+)
+def test_parse_since(text: str, expected: float) -> None:
+    assert parse_since(text, now=NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "7", "7y", "-7d", "7 days", "2026-13-01", "0d", "d"])
+def test_parse_since_rejects_junk(text: str) -> None:
+    with pytest.raises(ValueError, match=r"cannot .*start time"):
+        parse_since(text, now=NOW)
+
+
+def test_parse_since_defaults_to_now() -> None:
+    import time
+
+    assert abs(parse_since("1h") - (time.time() - 3600)) < 5
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_text_report(db: Path) -> None:
+    text = format_text(build_report(db))
+    assert (
+        "4 conversations initialized, 2 used: interaction rate 50.0 %, 2 abandoned (50.0 %)" in text
+    )
+    assert "1 chat without a page view (not counted in the rate)" in text
+    assert "8 events from 2026-11-20 10:00 to 2026-11-22 23:30 UTC" in text
+    lines = text.splitlines()
+    start = lines.index("By page (widget placement), first page view")
+    page_table = lines[start + 1 : start + 5]
+    assert page_table[0].split() == ["page", "initialized", "used", "rate"]
+    assert page_table[1].split() == ["/pricing", "2", "1", "50.0", "%"]
+    # Right-aligned numbers: every line of the table ends at the same column.
+    assert len({len(line) for line in page_table}) == 1
+    assert "  10:00" in text
+    assert ["2026-11-21", "0", "0", "n/a"] in [line.split() for line in lines]
+
+
+def test_text_report_singular_and_since(db: Path) -> None:
+    text = format_text(build_report(db, since=DAY3 + 23 * HOUR))
+    assert "1 conversation initialized, 0 used: interaction rate 0.0 %, 1 abandoned (100.0 %)" in (
+        text
+    )
+    assert "(since 2026-11-22 23:00 UTC)" in text
+
+
+def test_text_report_empty(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    path.touch()
+    text = format_text(build_report(path))
+    assert "No events yet" in text
+
+
+def test_text_report_keeps_escape_sequences_off_the_terminal(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.sqlite3", [make_payload("conv_a", page="/\x1b[2J\x1b[31mhi")])
+    text = format_text(build_report(path))
+    assert "\x1b" not in text
+    assert "/\\x1b[2J\\x1b[31mhi" in text
+
+
+def test_text_report_long_lists_are_cut(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "e.sqlite3", [make_payload(f"conv_{n}", page=f"/p/{n}") for n in range(25)]
+    )
+    text = format_text(build_report(path, by=["page"]), max_rows=20)
+    assert "... and 5 more (--json lists all)" in text
+
+
+# --------------------------------------------------------------------------- html
+
+
+class Charts(HTMLParser):
+    """Collects each <svg>'s id and title, and its elements' data-label/data-value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.charts: dict[str, list[tuple[str, float]]] = {}
+        self.titles: dict[str, str] = {}
+        self.tags: Counter[str] = Counter()
+        self.links: list[tuple[str, str]] = []
+        self._svg: str | None = None
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        self.tags[tag] += 1
+        for name in ("src", "href"):
+            if found.get(name):
+                self.links.append((tag, str(found[name])))
+        if tag == "svg":
+            self._svg = str(found["id"])
+            self.charts[self._svg] = []
+        elif tag == "title" and self._svg is not None and self._svg not in self.titles:
+            self._in_title = True
+        elif "data-value" in found and self._svg is not None:
+            self.charts[self._svg].append(
+                (str(found["data-label"]), float(str(found["data-value"])))
+            )
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self._svg = None
+        self._in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title and self._svg is not None:
+            self.titles[self._svg] = data
+
+
+def charts(page: str) -> Charts:
+    parser = Charts()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def test_html_report(db: Path) -> None:
+    report = build_report(db)
+    page = render_html(report)
+    assert page.startswith("<!DOCTYPE html>")
+    found = charts(page)
+    assert list(found.charts) == [
+        "chart-page",
+        "chart-device",
+        "chart-language",
+        "chart-hour",
+        "chart-source",
+        "chart-daily",
+    ]
+    assert found.titles["chart-page"] == "Interaction rate by page (widget placement)"
+    assert all(found.titles.get(chart) for chart in found.charts)
+    assert found.charts["chart-page"] == [("/pricing", 50.0), ("/docs", 100.0), ("/", 0.0)]
+    assert found.charts["chart-device"] == [("desktop", 50.0), ("tablet", 100.0), ("mobile", 0.0)]
+    assert found.charts["chart-hour"] == [
+        ("10:00", 100.0),
+        ("11:00", 0.0),
+        ("12:00", 100.0),
+        ("23:00", 0.0),
+    ]
+    # Days without page views are gaps, not zeros.
+    assert found.charts["chart-daily"] == [("2026-11-20", 50.0), ("2026-11-22", 50.0)]
+    assert "4 conversations initialized, 2 used: interaction rate 50.0 %" in page
+    for name, rows in report.breakdowns.items():
+        if name == "hour":
+            continue
+        assert found.charts[f"chart-{name}"] == [
+            ("(none)" if row.key is None else str(row.key), row.interaction_rate_percent)
+            for row in rows
+        ]
+
+
+def test_html_is_self_contained(db: Path) -> None:
+    page = render_html(build_report(db))
+    found = charts(page)
+    assert found.links == []
+    assert found.tags["script"] == 0
+    assert found.tags["link"] == 0
+    assert found.tags["img"] == 0
+    assert "http://" not in page
+    assert "https://" not in page
+    assert "url(" not in page
+    assert "@import" not in page
+
+
+def test_html_escapes_visitor_text(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "e.sqlite3",
+        [make_payload("conv_a", page='/"><script>alert(1)</script>', language="<b>x</b>")],
+    )
+    page = render_html(build_report(path))
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert charts(page).charts["chart-page"] == [('/"><script>alert(1)</script>', 0.0)]
+
+
+def test_html_exact_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "e.sqlite3",
+        [make_payload(f"conv_{n}") for n in range(3)] + [make_payload("conv_0", used=True)],
+    )
+    report = build_report(path, by=["page"])
+    (value,) = charts(render_html(report)).charts["chart-page"]
+    assert value == ("/pricing", report.interaction_rate_percent)
+    assert value[1] == 1 / 3 * 100
+
+
+def test_html_empty_report(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite3"
+    path.touch()
+    page = render_html(build_report(path))
+    assert "No events yet" in page
+    assert "<svg" not in page
+
+
+def test_html_many_days_and_one_day(tmp_path: Path) -> None:
+    many = write(
+        tmp_path / "many.sqlite3",
+        [make_payload(f"conv_{d}", at=DAY1 + d * 86400) for d in range(60)],
+    )
+    assert len(charts(render_html(build_report(many))).charts["chart-daily"]) == 60
+    one = write(tmp_path / "one.sqlite3", [make_payload("conv_a")])
+    assert charts(render_html(build_report(one))).charts["chart-daily"] == [("2026-11-24", 0.0)]

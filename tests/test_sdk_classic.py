@@ -1,0 +1,296 @@
+"""The classic ``agentsight`` SDK (0.0.12 - 0.0.44) behind the middleware, for real.
+
+Each test serves ``tests/apps/sdk_classic_app.py`` in a subprocess running an
+isolated venv with the pinned SDK, points the SDK at the stand-in API started here,
+and has 12 visitors (each with its own cookie jar) load the widget page and then
+chat at the same moment. The stand-in records every ``/api/conversations/`` and
+``/api/track/`` post, which tells which conversation each message was filed under.
+
+What really happens (issue 5): the SDK keeps the current conversation in
+``tracker.config.conversation_id``, one attribute for the whole process.
+``get_or_create_conversation`` sets it, the handler's ``track_*`` calls and
+``send_tracked_data`` read it later, so concurrent chat requests file their
+messages under each other's conversation (or lose them: ``send_tracked_data`` of
+one request sends, then deletes, another request's items). ``ClassicTracker``
+makes the attribute per-request, and then every message lands where it belongs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
+from tests.apps.sdk_harness import Visitor, app_python, drive_visitors, make_visitors, serve
+
+MODULE = "tests.apps.sdk_classic_app"
+#: The last release of each classic generation (0.0.43 is 0.0.44's code; 0.0.12 is
+#: 0.0.18's without the ``name`` field).
+CLASSIC = ["0.0.44", "0.0.18"]
+VISITORS = 12
+MESSAGES = 2  # chat requests per visitor, one after the other
+WAIT = 20.0  # seconds the stand-in is waited for, at most
+
+
+@pytest.fixture(params=CLASSIC)
+def sdk_version(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def api() -> Iterator[StandInAgentSightAPI]:
+    # A fresh stand-in per test: its conversation rows are numbered from 1, so the
+    # ``conversation`` key of a message post (the row the SDK got back when it
+    # posted the conversation) is the index of that row in ``api.conversations``.
+    with StandInAgentSightAPI() as stand_in:
+        yield stand_in
+
+
+@dataclass
+class Filing:
+    """Where the message posts went."""
+
+    expected: int  # messages the visitors' requests tracked: a user and an agent message each
+    posts: int  # /api/track/ posts received
+    wrong_id: int  # posts whose conversation_id is another visitor's
+    wrong_row: int  # right conversation_id, but linked to no row or another's (``conversation``)
+    lost: int  # messages never posted under their own conversation
+    details: list[str]
+
+    @property
+    def misfiled(self) -> int:
+        return self.wrong_id + self.wrong_row
+
+    def __str__(self) -> str:
+        return (
+            f"{self.misfiled}/{self.posts} posts misfiled ({self.wrong_id} under another "
+            f"visitor's conversation_id, {self.wrong_row} linked to no or another row), "
+            f"{self.lost}/{self.expected} messages never filed right; e.g. {self.details[:3]}"
+        )
+
+
+def filing(api: StandInAgentSightAPI, visitors: list[Visitor]) -> Filing:
+    owner: dict[str, str | None] = {}
+    for visitor in visitors:
+        for message in visitor.messages:
+            owner[message] = visitor.conversation_id
+            owner[f"echo: {message}"] = visitor.conversation_id
+    rows = api.conversations
+    wrong_id = wrong_row = 0
+    delivered: Counter[str] = Counter()
+    details: list[str] = []
+    posts = api.messages
+    for post in posts:
+        content = post.get("content")
+        expected = owner.get(content) if isinstance(content, str) else None
+        key = post.get("conversation")
+        row = rows[key - 1] if isinstance(key, int) and 0 < key <= len(rows) else None
+        filed = f"{content!r} of {expected} filed under {post.get('conversation_id')}"
+        if expected is None or post.get("conversation_id") != expected:
+            wrong_id += 1
+            details.append(filed)
+        elif row is None or row["conversation_id"] != expected or row["is_used"] is not True:
+            wrong_row += 1
+            details.append(f"{filed}, row {key} ({row['conversation_id'] if row else None})")
+        else:
+            delivered[content] += 1
+    lost = sum(1 for content in owner if delivered[content] == 0)
+    return Filing(len(owner), len(posts), wrong_id, wrong_row, lost, details)
+
+
+def run(
+    sdk_version: str, framework: str, mode: str, api: StandInAgentSightAPI
+) -> tuple[list[Visitor], Filing]:
+    python = app_python(sdk_version)
+    env = {"AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+    visitors = make_visitors(VISITORS, MESSAGES)
+    with serve(python, MODULE, [framework, mode], env) as url:
+        drive_visitors(url, visitors)
+        # Page views are sent by the middleware's background worker: wait for them
+        # while the app still runs. Message posts were sent before each response.
+        api.wait_for(
+            lambda a: sum(1 for c in a.conversations if c["is_used"] is False) >= VISITORS,
+            timeout=WAIT,
+        )
+    return visitors, filing(api, visitors)
+
+
+def record(name: str, result: Filing) -> None:
+    """Kept for the report: ``pytest -s`` shows what really happened."""
+    print(f"\n[{name}] {result}")
+
+
+# -- what really happens ---------------------------------------------------------------------
+
+
+def test_naive_tracker_files_messages_under_other_visitors_conversations(
+    sdk_version: str, api: StandInAgentSightAPI
+) -> None:
+    """The reported set-up: uvicorn, a sync FastAPI handler, and a middleware calling the
+    tracker's ``get_or_create_conversation`` before the handler (no adapter)."""
+    visitors, result = run(sdk_version, "fastapi-sync", "naive", api)
+    record(f"{sdk_version} naive fastapi-sync", result)
+    assert result.misfiled + result.lost > 0, "the race did not show: is the handler concurrent?"
+    # Some requests even find their data gone: another request sent and deleted it.
+    assert any(reply["tracking_error"] for v in visitors for reply in v.replies) or result.lost
+
+
+def test_naive_tracker_under_flask_too(api: StandInAgentSightAPI) -> None:
+    """Not an ASGI artefact: threaded WSGI servers race the same way."""
+    _, result = run("0.0.44", "flask", "naive", api)
+    record("0.0.44 naive flask", result)
+    assert result.misfiled + result.lost > 0
+
+
+# -- made correct --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["fastapi-sync", "fastapi-async", "flask"])
+def test_classic_tracker_files_every_message_under_its_own_conversation(
+    sdk_version: str, framework: str, api: StandInAgentSightAPI
+) -> None:
+    visitors, result = run(sdk_version, framework, "adapter", api)
+    record(f"{sdk_version} adapter {framework}", result)
+    assert [reply["tracking_error"] for v in visitors for reply in v.replies] == [None] * (
+        VISITORS * MESSAGES
+    )
+    assert (result.misfiled, result.lost) == (0, 0), str(result)
+    assert result.posts == result.expected == VISITORS * MESSAGES * 2, "each message posted once"
+    assert_conversations(api, visitors)
+
+
+def assert_conversations(api: StandInAgentSightAPI, visitors: list[Visitor]) -> None:
+    """Issue 4's end-to-end promise: ``is_used: false`` on the page load, ``is_used: true``
+    on every chat request, all under the visitor's one id, with the facts the middleware
+    found (the visitor's IP, device and language)."""
+    rows = api.conversations
+    for visitor in visitors:
+        assert visitor.conversation_id is not None
+        mine = [row for row in rows if row["conversation_id"] == visitor.conversation_id]
+        assert [row["is_used"] for row in mine].count(False) == 1, mine
+        assert [row["is_used"] for row in mine].count(True) == MESSAGES, mine
+        mobile = visitor.index % 2 == 1
+        for row in mine:
+            assert row["customer_ip_address"] == "127.0.0.1"
+            assert row["device"] == ("mobile" if mobile else "desktop")
+            assert row["language"] == ("fr-FR" if mobile else "en-US")
+            assert row["source"] == "web"
+            assert row["environment"] in ("production", "development")
+            assert row["metadata"]["page_path"] in ("/", "/api/chat")
+    assert len(rows) == VISITORS * (1 + MESSAGES), "no conversation posted for nobody"
+
+
+def test_the_middleware_runs_without_the_sdk_installed() -> None:
+    """``agentsight_middleware.sdk`` imports without the SDK (the main venv has none)."""
+    import importlib.util
+
+    from agentsight_middleware import sdk
+
+    if importlib.util.find_spec("agentsight") is not None:
+        pytest.skip("the agentsight SDK is installed in this environment")
+    with pytest.raises(TypeError, match="classic agentsight SDK"):
+        sdk.ClassicTracker(object())
+    with pytest.raises(ImportError, match="pip install"):
+        sdk.AgentSightSDK()
+
+
+# -- the adapter, in process (no SDK needed: a stand-in with the SDK's shape) ---------------
+
+
+class _Config:
+    """Shaped like the SDK's ``Config`` dataclass: a plain ``conversation_id`` attribute."""
+
+    def __init__(self) -> None:
+        self.conversation_id: str | None = None
+        self.environment = None
+
+
+class _ClassicLike:
+    """The classic tracker's relevant behaviour (agentsight 0.0.44 main_client.py)."""
+
+    def __init__(self) -> None:
+        self.config = _Config()
+        self.items: dict[str | None, list[tuple[str, Any]]] = {}
+
+    def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
+        self.items.setdefault("sent", []).append(("initialize", conversation_id))
+
+    def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
+        self.config.conversation_id = conversation_id
+        time.sleep(0)
+        self.items.setdefault(self.config.conversation_id, []).append(("conversation", fields))
+
+    def track_question(self, question: str) -> None:
+        self.items.setdefault(self.config.conversation_id, []).append(("question", question))
+
+    def send_tracked_data(self) -> list[tuple[str, Any]]:
+        return self.items.pop(self.config.conversation_id)
+
+
+def test_classic_tracker_is_per_request_and_leaves_the_rest_alone() -> None:
+    import contextvars
+    import threading
+
+    from agentsight_middleware.sdk import ClassicTracker, adapt_tracker
+
+    inner = _ClassicLike()
+    inner.config.conversation_id = "outside"
+    tracker = adapt_tracker(inner)
+    assert isinstance(tracker, ClassicTracker)
+    assert adapt_tracker(tracker) is tracker
+    plain = RecordingTracker()
+    assert adapt_tracker(plain) is plain, "other trackers are left alone"
+    assert ClassicTracker(tracker).tracker is inner, "wrapping twice wraps the SDK's tracker"
+    assert type(inner.config).__name__ == "_Config"
+    assert isinstance(inner.config, _Config)
+    barrier = threading.Barrier(2)
+    sent: dict[str, Any] = {}
+
+    def request(cid: str) -> None:
+        tracker.get_or_create_conversation(cid, device="desktop")
+        with tracker.conversation_scope(cid):
+            barrier.wait(5)
+            inner.track_question(f"from {cid}")
+            barrier.wait(5)
+            # The handler's thread (Starlette's pool) runs in a copy of the context:
+            sent[cid] = contextvars.copy_context().run(tracker.send_tracked_data)
+
+    threads = [threading.Thread(target=request, args=(c,)) for c in ("conv_a", "conv_b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert sent == {
+        cid: [("conversation", {"device": "desktop"}), ("question", f"from {cid}")]
+        for cid in ("conv_a", "conv_b")
+    }
+    assert inner.config.conversation_id == "outside", "outside requests: as before"
+    inner.config.conversation_id = "changed"
+    assert inner.config.conversation_id == "changed"
+    with tracker.conversation_scope("conv_c"):
+        inner.config.conversation_id = "set_inside"  # e.g. tracker.configure(conversation_id=)
+        assert inner.config.conversation_id == "set_inside"
+    assert inner.config.conversation_id == "changed"
+    tracker.initialize_conversation("conv_d", device="mobile", unknown_field=1)
+    assert inner.items["sent"] == [("initialize", "conv_d")]
+
+
+def test_classic_tracker_passes_only_fields_the_sdk_takes() -> None:
+    from agentsight_middleware.sdk import ClassicTracker
+
+    received: list[dict[str, Any]] = []
+
+    class Old(_ClassicLike):
+        # 0.0.12 has no ``name`` parameter: nothing it does not take is passed.
+        def initialize_conversation(  # type: ignore[override]
+            self, conversation_id: str, customer_id: str | None = None, device: str | None = None
+        ) -> None:
+            received.append({"conversation_id": conversation_id, "device": device})
+
+    ClassicTracker(Old()).initialize_conversation("conv_x", device="mobile", name="n", source="w")
+    assert received == [{"conversation_id": "conv_x", "device": "mobile"}]

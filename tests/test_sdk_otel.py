@@ -1,0 +1,218 @@
+"""The OpenTelemetry-based ``agentsight`` SDK (0.1.x) behind the middleware, for real.
+
+``tests/apps/sdk_otel_app.py`` runs in a subprocess with agentsight 0.1.4 in an
+isolated venv; its chat handler does only ``with agentsight.turn():
+agentsight.user_message(...); agentsight.agent_message(...)``. The middleware's
+``AgentSightSDK()`` tracker opens the conversation on the page view
+(``agentsight.open_conversation``) and runs the handler inside
+``agentsight.conversation(<visitor's id>, ip, device, language, ...)``.
+
+What the SDK sends to ``/api/ingest/`` (agentsight 0.1.4 ``sdk/exporter.py``) is not
+OTLP protobuf but JSON: ``{"sdk": {...}, "conversations": [{"conversation_id", the
+conversation fields, "metadata", "spans": [...]}]}``, gzip-compressed only when
+``GET /api/me/`` advertised ``gzip-ingest`` (the stand-in answers 404 there).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import types
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from agentsight_middleware.testing import StandInAgentSightAPI
+from tests.apps.sdk_harness import Visitor, app_python, drive_visitors, make_visitors, serve
+
+SDK = "0.1.4"
+MODULE = "tests.apps.sdk_otel_app"
+VISITORS = 12
+MESSAGES = 2
+WAIT = 20.0
+
+CONVERSATION_ID = "agentsight.conversation.id"
+MESSAGE_CONTENT = "agentsight.message.content"
+MESSAGE_SENDER = "agentsight.message.sender"
+
+
+def ingested_spans(api: StandInAgentSightAPI) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(conversation block, span) for every span the stand-in received."""
+    found = []
+    for request in api.ingested:
+        body = request.json
+        if body is None and request.headers.get("content-encoding") == "gzip":
+            body = json.loads(gzip.decompress(request.body))
+        assert isinstance(body, dict), f"ingest body is not the SDK's JSON: {request!r}"
+        assert body["sdk"]["name"] == "agentsight-python"
+        for block in body["conversations"]:
+            for span in block["spans"]:
+                found.append((block, span))
+    return found
+
+
+def _count(api: StandInAgentSightAPI, kind: str) -> int:
+    return sum(1 for _, span in ingested_spans(api) if span["kind"] == kind)
+
+
+@pytest.mark.parametrize("framework", ["fastapi-async", "fastapi-sync", "flask"])
+def test_turns_land_in_the_visitors_conversation_with_the_middlewares_facts(
+    framework: str,
+) -> None:
+    python = app_python(SDK)
+    visitors = make_visitors(VISITORS, MESSAGES)
+    with StandInAgentSightAPI() as api:
+        env = {"AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+        with serve(python, MODULE, [framework], env) as url:
+            drive_visitors(url, visitors)
+            api.wait_for(
+                lambda a: (
+                    _count(a, "turn") >= VISITORS * MESSAGES
+                    and _count(a, "conversation") >= VISITORS
+                ),
+                timeout=WAIT,
+            )
+        spans = ingested_spans(api)
+    misfiled = check_filing(spans, visitors)
+    print(f"\n[{SDK} AgentSightSDK {framework}] {misfiled}/{VISITORS * MESSAGES} turns misfiled")
+    assert misfiled == 0
+
+
+def check_filing(
+    spans: list[tuple[dict[str, Any], dict[str, Any]]], visitors: list[Visitor]
+) -> int:
+    owner = {m: v for v in visitors for m in v.messages}
+    by_id = {v.conversation_id: v for v in visitors}
+    assert len(by_id) == VISITORS, "every visitor got its own conversation id (cookie)"
+    kinds: Counter[tuple[str | None, str]] = Counter()
+    misfiled = 0
+    for block, span in spans:
+        cid = block["conversation_id"]
+        assert span["attributes"][CONVERSATION_ID] == cid
+        visitor = by_id.get(cid)
+        assert visitor is not None, f"a conversation of nobody: {cid}"
+        kinds[cid, span["kind"]] += 1
+        # The middleware's facts, on the block (the conversation row) and on every span.
+        mobile = visitor.index % 2 == 1
+        facts = {
+            "customer_ip_address": "127.0.0.1",
+            "device": "mobile" if mobile else "desktop",
+            "language": "fr-FR" if mobile else "en-US",
+            "source": "web",
+        }
+        assert {key: block.get(key) for key in facts} == facts
+        assert span["attributes"]["agentsight.conversation.device"] == facts["device"]
+        assert span["attributes"]["agentsight.conversation.customer_ip"] == "127.0.0.1"
+        metadata = json.loads(span["attributes"]["agentsight.conversation.metadata"])
+        if span["kind"] == "conversation":
+            assert span["name"] == "conversation_opened"
+            assert metadata["page_path"] == "/", "the visit: the widget page"
+            assert span["events"] == []
+        else:
+            assert span["kind"] == "turn"
+            assert metadata["page_path"] == "/api/chat"
+            assert span["attributes"]["agentsight.turn.complete"] is True
+            events = [e["attributes"] for e in span["events"]]
+            assert [e[MESSAGE_SENDER] for e in events] == ["end_user", "agent"]
+            message = events[0][MESSAGE_CONTENT]
+            assert events[1][MESSAGE_CONTENT] == f"echo: {message}"
+            if owner[message] is not visitor:
+                misfiled += 1
+    for visitor in visitors:
+        assert kinds[visitor.conversation_id, "conversation"] == 1, "one visit (is_used: false)"
+        assert kinds[visitor.conversation_id, "turn"] == MESSAGES, "its turns (engaged)"
+    return misfiled
+
+
+# -- the adapter, in process, against a fake ``agentsight`` module -----------------------------
+
+
+class FakeSDK(types.ModuleType):
+    """The surface of agentsight 0.1.x the adapter uses, recording its calls."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__("agentsight")
+        self.enabled = enabled
+        self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+
+    def init(self, **options: Any) -> bool:
+        self.calls.append(("init", None, options))
+        self.enabled = True
+        return True
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def open_conversation(self, conversation_id: str, **fields: Any) -> None:
+        self.calls.append(("open_conversation", conversation_id, fields))
+
+    @contextmanager
+    def conversation(self, conversation_id: str | None = None, **fields: Any) -> Iterator[None]:
+        self.calls.append(("conversation", conversation_id, fields))
+        yield
+
+
+@pytest.fixture
+def fake_sdk(monkeypatch: pytest.MonkeyPatch) -> FakeSDK:
+    sdk = FakeSDK(enabled=False)
+    monkeypatch.setitem(sys.modules, "agentsight", sdk)
+    return sdk
+
+
+FIELDS = {
+    "conversation_id": "conv_1",
+    "customer_id": "cust",
+    "customer_ip_address": "203.0.113.9",
+    "device": "mobile",
+    "source": "web",
+    "language": "fr-FR",
+    "environment": "production",
+    "metadata": {"page_path": "/"},
+}
+
+
+def test_agentsight_sdk_maps_the_middlewares_calls(
+    fake_sdk: FakeSDK, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agentsight_middleware.sdk import AgentSightSDK
+
+    tracker = AgentSightSDK()
+    assert fake_sdk.calls == [], "no init() unless asked: the app may call it itself"
+    tracker.initialize_conversation(**FIELDS)
+    assert "agentsight.init() has not been called" in caplog.text
+    tracker.get_or_create_conversation(**FIELDS)
+    with tracker.conversation_scope(**{**FIELDS, "customer_id": None, "unknown": 1}):
+        pass
+    fields = {k: v for k, v in FIELDS.items() if k != "conversation_id"}
+    assert fake_sdk.calls == [
+        ("open_conversation", "conv_1", fields),
+        ("conversation", "conv_1", {k: v for k, v in fields.items() if k != "customer_id"}),
+    ]
+
+
+def test_agentsight_sdk_can_init_the_sdk(
+    fake_sdk: FakeSDK, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agentsight_middleware.sdk import AgentSightSDK
+
+    tracker = AgentSightSDK(export_interval_ms=100)
+    tracker.initialize_conversation(conversation_id="conv_2")
+    assert fake_sdk.calls == [
+        ("init", None, {"export_interval_ms": 100}),
+        ("open_conversation", "conv_2", {}),
+    ]
+    assert "has not been called" not in caplog.text
+
+
+def test_agentsight_sdk_refuses_the_classic_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentsight_middleware.sdk import AgentSightSDK
+
+    classic = types.ModuleType("agentsight")
+    classic.ConversationTracker = object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "agentsight", classic)
+    with pytest.raises(ImportError, match="ClassicTracker"):
+        AgentSightSDK()

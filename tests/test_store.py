@@ -1,0 +1,421 @@
+"""The local events file: schema, verbatim payloads, many processes, replay bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sqlite3
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentsight_middleware import _store
+from agentsight_middleware._store import (
+    DEFAULT_PATH,
+    SCHEMA_VERSION,
+    LocalStore,
+    StoreError,
+    StoreNotFoundError,
+    connect_readonly,
+    mark_sent,
+    unsent,
+)
+
+#: 2026-11-24 13:08:17.234473 UTC, the brief's example.
+BASE = datetime(2026, 11, 24, 13, 8, 17, 234473, tzinfo=timezone.utc).timestamp()
+
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+)
+
+
+def make_payload(
+    conversation_id: str,
+    *,
+    used: bool = False,
+    at: float = BASE,
+    page: str | None = "/pricing",
+    device: str | None = "desktop",
+    language: str | None = "en-US",
+    source: str | None = "web",
+    ip: str | None = "203.0.113.7",
+) -> dict[str, Any]:
+    """An API body as the middleware builds it (``_payload.build_payload``)."""
+    path = page or "/"
+    return {
+        "timestamp": datetime.fromtimestamp(at, timezone.utc).isoformat(),
+        "conversation_id": conversation_id,
+        "customer_id": None,
+        "customer_ip_address": ip,
+        "device": device,
+        "source": source,
+        "language": language,
+        "name": None,
+        "environment": "production",
+        "metadata": {
+            "page_path": page,
+            "page_url": f"https://shop.example{path}",
+            "referrer": "https://www.google.com/",
+            "user_agent": CHROME,
+            "rule": path,
+            "conversation_id_source": "cookie" if used else "minted",
+        },
+        "is_used": used,
+    }
+
+
+def rows(path: Path, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / DEFAULT_PATH
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[LocalStore]:
+    with LocalStore(db) as opened:
+        yield opened
+
+
+def test_schema_wal_and_version(store: LocalStore, db: Path) -> None:
+    assert store.write([make_payload("conv_0123456789ab")]) == 1
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+    assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    columns = [row[1] for row in rows(db, "PRAGMA table_info(events)")]
+    assert columns == [
+        "id",
+        "ts",
+        "is_used",
+        "conversation_id",
+        "customer_id",
+        "customer_ip_address",
+        "device",
+        "source",
+        "language",
+        "name",
+        "environment",
+        "page_path",
+        "payload",
+        "sent_at",
+    ]
+    indexes = {row[0]: row[1] for row in rows(db, "SELECT name, sql FROM sqlite_master")}
+    assert "ON events (ts)" in indexes["events_ts"]
+    assert "ON events (conversation_id," in indexes["events_conversation"]
+
+
+def test_busy_timeout_is_set(store: LocalStore) -> None:
+    store.write([make_payload("conv_a")])
+    with store._reading() as conn:
+        assert conn.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+
+
+def test_row_columns_and_verbatim_payload(store: LocalStore, db: Path) -> None:
+    view = make_payload("conv_0123456789ab", page="/prix/été", language="fr-FR", device=None)
+    chat = make_payload("conv_0123456789ab", used=True, at=BASE + 30, page="/api/chat")
+    assert store.write([view, chat]) == 2
+    stored = rows(
+        db,
+        "SELECT ts, is_used, conversation_id, customer_ip_address, device, source, language,"
+        " name, environment, page_path, payload, sent_at FROM events ORDER BY id",
+    )
+    assert stored[0][:10] == (
+        pytest.approx(BASE, abs=1e-6),
+        0,
+        "conv_0123456789ab",
+        "203.0.113.7",
+        None,
+        "web",
+        "fr-FR",
+        None,
+        "production",
+        "/prix/été",
+    )
+    assert stored[1][:3] == (pytest.approx(BASE + 30, abs=1e-6), 1, "conv_0123456789ab")
+    assert stored[1][9] == "/api/chat"
+    # The body the API will get: same keys in the same order, non-ASCII unescaped.
+    assert json.loads(stored[0][10]) == view
+    assert list(json.loads(stored[0][10])) == list(view)
+    assert "été" in stored[0][10]
+    assert stored[0][11] is None
+
+
+def test_payload_from_the_middleware(store: LocalStore, db: Path) -> None:
+    from agentsight_middleware._conversation import Conversation
+    from agentsight_middleware._events import INITIALIZE, Event
+    from agentsight_middleware._payload import build_payload
+
+    conversation = Conversation(
+        id="conv_0123456789ab",
+        id_source="minted",
+        kind="widget",
+        rule="/pricing",
+        client_ip="203.0.113.7",
+        user_agent=CHROME,
+        accept_language="en-us,en;q=0.9",
+        scheme="https",
+        host="shop.example",
+        path="/pricing",
+        query="",
+    )
+    payload = build_payload(Event(INITIALIZE, conversation, BASE), source="web", environment=None)
+    store.write([payload])
+    ((ts, page, device, language, body),) = rows(
+        db, "SELECT ts, page_path, device, language, payload FROM events"
+    )
+    assert ts == pytest.approx(BASE, abs=1e-6)
+    assert (page, device, language) == ("/pricing", "desktop", "en-US")
+    assert json.loads(body) == payload
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        ("2026-11-24T13:08:17.234473+00:00", BASE),
+        ("2026-11-24T13:08:17.234473Z", BASE),
+        ("2026-11-24T13:08:17.234473", BASE),
+        ("2026-11-24T15:08:17.234473+02:00", BASE),
+    ],
+)
+def test_timestamp_forms(store: LocalStore, db: Path, timestamp: str, expected: float) -> None:
+    payload = make_payload("conv_a")
+    payload["timestamp"] = timestamp
+    store.write([payload])
+    assert rows(db, "SELECT ts FROM events") == [(pytest.approx(expected, abs=1e-6),)]
+
+
+def test_lazy_open_and_empty_batch(db: Path) -> None:
+    store = LocalStore(db)
+    assert store.write([]) == 0
+    assert not db.exists()
+    store.close()
+    assert repr(store) == f"LocalStore({str(db)!r})"
+    assert store.path == str(db)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"timestamp": None}, "ISO 8601 string"),
+        ({"timestamp": "yesterday"}, "not ISO 8601"),
+        ({"conversation_id": ""}, "no conversation_id"),
+        ({"conversation_id": None}, "no conversation_id"),
+    ],
+)
+def test_bad_payload_rejects_the_whole_batch(
+    store: LocalStore, db: Path, change: dict[str, Any], message: str
+) -> None:
+    store.write([make_payload("conv_first")])
+    bad = {**make_payload("conv_bad"), **change}
+    with pytest.raises(ValueError, match=message):
+        store.write([make_payload("conv_ok"), bad])
+    assert store.write([make_payload("conv_after")]) == 1
+    assert rows(db, "SELECT conversation_id FROM events ORDER BY id") == [
+        ("conv_first",),
+        ("conv_after",),
+    ]
+
+
+def test_failed_insert_rolls_back(store: LocalStore, db: Path) -> None:
+    def die_mid_batch() -> None:
+        with store._transaction() as conn:
+            conn.execute(
+                "INSERT INTO events (ts, is_used, conversation_id, payload) VALUES (1, 0, 'x', '')"
+            )
+            raise RuntimeError("the worker died mid-batch")
+
+    store.write([make_payload("conv_first")])
+    with pytest.raises(RuntimeError):
+        die_mid_batch()
+    assert store.write([make_payload("conv_after")]) == 1
+    assert rows(db, "SELECT conversation_id FROM events ORDER BY id") == [
+        ("conv_first",),
+        ("conv_after",),
+    ]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-dir" / "events.sqlite3"
+    store = LocalStore(path)  # nothing happens yet
+    with pytest.raises(FileNotFoundError, match=r"directory .*no-such-dir does not exist"):
+        store.write([make_payload("conv_a")])
+    assert not path.parent.exists()
+    store.close()
+
+
+def test_not_an_events_file(tmp_path: Path) -> None:
+    text = tmp_path / "notes.sqlite3"
+    text.write_text("this is not a database, it is a shopping list\n" * 100)
+    with LocalStore(text) as store, pytest.raises(StoreError, match="not a usable events file"):
+        store.write([make_payload("conv_a")])
+    with pytest.raises(StoreError, match="not a usable events file"):
+        connect_readonly(text)
+
+    other = tmp_path / "other.sqlite3"
+    with closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    with LocalStore(other) as store, pytest.raises(StoreError, match="not an agentsight events"):
+        store.write([make_payload("conv_a")])
+    with pytest.raises(StoreError, match="not an agentsight events"):
+        connect_readonly(other)
+
+
+def test_newer_schema_is_refused(store: LocalStore, db: Path) -> None:
+    store.write([make_payload("conv_a")])
+    store.close()
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with LocalStore(db) as newer, pytest.raises(StoreError, match="upgrade the package"):
+        newer.write([make_payload("conv_b")])
+    with pytest.raises(StoreError, match="upgrade the package"):
+        connect_readonly(db)
+
+
+def test_missing_file_for_readers(tmp_path: Path) -> None:
+    path = tmp_path / "absent.sqlite3"
+    with pytest.raises(StoreNotFoundError) as caught:
+        connect_readonly(path)
+    assert isinstance(caught.value, FileNotFoundError)
+    assert str(caught.value) == (
+        f"no events file at {path}; run your app with the middleware first"
+    )
+    assert not path.exists()
+
+
+def test_close_then_write_reopens(store: LocalStore, db: Path) -> None:
+    store.write([make_payload("conv_a")])
+    store.close()
+    store.close()
+    store.write([make_payload("conv_b")])
+    assert rows(db, "SELECT count(*) FROM events") == [(2,)]
+
+
+def test_unsent_and_mark_sent(store: LocalStore) -> None:
+    store.write([make_payload(f"conv_{n}", at=BASE + n) for n in range(5)])
+    first = unsent(store, 2)
+    assert [row_id for row_id, _ in first] == [1, 2]
+    assert first[0][1] == make_payload("conv_0", at=BASE)
+    assert mark_sent(store, [1, 2], at=BASE + 100) == 2
+    # Idempotent: a replay interrupted and run again marks nothing twice.
+    assert mark_sent(store, [1, 2], at=BASE + 200) == 0
+    assert [row_id for row_id, _ in unsent(store, 10)] == [3, 4, 5]
+    # Paging past a batch the API refused (3 stays unsent).
+    assert [row_id for row_id, _ in unsent(store, 10, after_id=3)] == [4, 5]
+    assert unsent(store, 0) == []
+    assert mark_sent(store, []) == 0
+    with store._reading() as conn:
+        assert conn.execute("SELECT id, sent_at FROM events WHERE id <= 2").fetchall() == [
+            (1, BASE + 100),
+            (2, BASE + 100),
+        ]
+
+
+def test_mark_sent_many_ids(store: LocalStore) -> None:
+    store.write([make_payload(f"conv_{n}") for n in range(2500)])
+    ids = [row_id for row_id, _ in unsent(store, 5000)]
+    assert len(ids) == 2500
+    assert mark_sent(store, ids) == 2500
+    assert unsent(store, 10) == []
+
+
+def _write_in_process(path: str, prefix: str, count: int, start: Any) -> None:
+    # Both children start writing together, however long each took to import.
+    start.wait(timeout=60)
+    with LocalStore(path) as store:
+        for batch in range(0, count, 100):
+            store.write(
+                [make_payload(f"{prefix}{n:06d}", at=BASE + n) for n in range(batch, batch + 100)]
+            )
+
+
+def test_two_processes_write_concurrently(db: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    workers = [
+        context.Process(target=_write_in_process, args=(str(db), prefix, 5000, start))
+        for prefix in ("conv_a", "conv_b")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert rows(db, "SELECT count(*), count(DISTINCT conversation_id) FROM events") == [
+        (10000, 10000)
+    ]
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    # The two writers really interleaved (a process ran while the other had not finished).
+    runs = rows(
+        db,
+        "SELECT count(*) FROM (SELECT substr(conversation_id, 1, 6) AS who,"
+        " lag(substr(conversation_id, 1, 6)) OVER (ORDER BY id) AS before FROM events)"
+        " WHERE who != before",
+    )
+    assert runs[0][0] >= 1
+
+
+def _write_in_forked_child(store: LocalStore) -> None:
+    store.write([make_payload("conv_child", at=BASE + 1)])
+    store.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork on Windows")
+def test_fork_gets_its_own_connection(store: LocalStore, db: Path) -> None:
+    store.write([make_payload("conv_parent", at=BASE)])
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() in a process that has threads; this test
+        # forks precisely to check that the store survives it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = multiprocessing.get_context("fork").Process(
+            target=_write_in_forked_child, args=(store,)
+        )
+        child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    store.write([make_payload("conv_parent_again", at=BASE + 2)])
+    assert rows(db, "SELECT conversation_id FROM events ORDER BY ts") == [
+        ("conv_parent",),
+        ("conv_child",),
+        ("conv_parent_again",),
+    ]
+
+
+def test_changed_pid_without_fork_hooks_reopens(
+    store: LocalStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.write([make_payload("conv_before")])
+    inherited = store._conn
+    real_pid = os.getpid()
+    monkeypatch.setattr(_store.os, "getpid", lambda: real_pid + 1)
+    try:
+        store.write([make_payload("conv_after")])
+        assert store._conn is not inherited
+        # The "inherited" connection is parked, not closed, and never used again.
+        assert _store._INHERITED[-1] is inherited
+    finally:
+        monkeypatch.undo()
+        # In this (real, single) process closing it is safe; a forked child never does.
+        _store._INHERITED.remove(inherited)  # type: ignore[arg-type]
+        assert inherited is not None
+        inherited.close()
+    assert rows(db, "SELECT count(*) FROM events") == [(2,)]
+
+
+def test_close_from_another_thread(store: LocalStore, db: Path) -> None:
+    import threading
+
+    writer = threading.Thread(target=store.write, args=([make_payload("conv_t")],))
+    writer.start()
+    writer.join()
+    store.close()
+    assert rows(db, "SELECT count(*) FROM events") == [(1,)]
