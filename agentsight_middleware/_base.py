@@ -16,6 +16,7 @@ from ._facts import DEFAULT_NON_BROWSER_AGENTS, ForwardedHeader
 from ._log import logger
 from ._store import DEFAULT_PATH, LocalStore
 from ._tracker import TrackerDelivery
+from .sdk import adapt_tracker
 from .sinks.http import HttpSink
 from .sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
 from .sinks.store import StoreSink
@@ -175,8 +176,15 @@ def _choose_delivery(
                 "pass either tracker= (your own tracker does the sending) or api_key= / "
                 "outbox= (the built-in client sends), not both"
             )
+        adapted = adapt_tracker(tracker)
+        if adapted is not tracker:
+            logger.info(
+                "tracker is a classic agentsight ConversationTracker: wrapped in "
+                "agentsight_middleware.sdk.ClassicTracker so that concurrent chat requests "
+                "keep their own conversation id"
+            )
         return TrackerDelivery(
-            tracker,
+            adapted,
             source=settings.source,
             environment=settings.environment,
             timeout=settings.tracker_timeout,

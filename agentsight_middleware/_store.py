@@ -262,9 +262,13 @@ class LocalStore:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            if self._pid == os.getpid():
+                conn.close()
+            else:
+                _INHERITED.append(conn)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -88,6 +88,9 @@ class TrackerDelivery:
         self._engage = tracker.get_or_create_conversation
         self._initialize_is_async = inspect.iscoroutinefunction(self._initialize)
         self._engage_is_async = inspect.iscoroutinefunction(self._engage)
+        # An adapter whose engage call does nothing (the SDK's scope does the work)
+        # says so, and the chat request is spared a useless trip to a thread.
+        self._skip_engage = bool(getattr(tracker, "agentsight_skip_engage", False))
         scope = getattr(tracker, "conversation_scope", None)
         self._scope: Callable[..., AbstractContextManager[Any]] | None = (
             scope if callable(scope) else None
@@ -143,6 +146,8 @@ class TrackerDelivery:
 
     def engage_sync(self, event: Event) -> None:
         """Under WSGI: in the request's own thread, so the SDK's state is set for the handler."""
+        if self._skip_engage:
+            return
         try:
             kwargs = self._kwargs(event)
             if self._engage_is_async:
@@ -155,6 +160,8 @@ class TrackerDelivery:
 
     async def engage_async(self, event: Event) -> None:
         """Under ASGI: awaited in the request's task, bounded by ``tracker_timeout``."""
+        if self._skip_engage:
+            return
         try:
             with anyio.move_on_after(self._timeout) as scope:
                 if self._engage_is_async:

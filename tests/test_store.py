@@ -396,7 +396,7 @@ def test_changed_pid_without_fork_hooks_reopens(
     store.write([make_payload("conv_before")])
     inherited = store._conn
     real_pid = os.getpid()
-    monkeypatch.setattr(_store.os, "getpid", lambda: real_pid + 1)
+    monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)
     try:
         store.write([make_payload("conv_after")])
         assert store._conn is not inherited
