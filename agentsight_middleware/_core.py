@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._config import Settings
-from ._conversation import Conversation
+from ._conversation import MINTED, Conversation, cookie_value, mint_id
 from ._delivery import BackgroundDelivery
 from ._facts import client_ip, client_scheme
 from ._log import LogOnce
@@ -74,6 +74,12 @@ class Core:
         self.delivery = delivery
         self.log_once = LogOnce()
         self.current = _current
+
+    def widget_id(self, headers: Mapping[str, str]) -> tuple[str, str]:
+        """``(id, source)`` for a widget page: the visit's cookie, else a fresh id."""
+        cookie = headers.get("cookie")
+        found = cookie_value(cookie, self.settings.cookie_name) if cookie else None
+        return (found, "cookie") if found is not None else (mint_id(), MINTED)
 
     def is_page_view_request(self, headers: Mapping[str, str]) -> bool:
         """Cheap request-side tests of a real page view (the response is checked later)."""

@@ -22,7 +22,7 @@ import anyio.to_thread
 from ._base import MiddlewareBase
 from ._body import peek_asgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, cookie_value, mint_id
+from ._conversation import MINTED, Conversation, mint_id
 from ._core import COMMA_JOINED, HEADER_KEYS, is_html_success
 from ._events import ENGAGE, INITIALIZE, Event
 from ._rules import WIDGET, Match
@@ -129,12 +129,7 @@ class AgentSightMiddleware(MiddlewareBase):
         core = self._core
         settings = self._settings
         headers = self._headers(scope)
-        cookie = headers.get("cookie")
-        conversation_id = cookie_value(cookie, settings.cookie_name) if cookie else None
-        if conversation_id is None:
-            conversation_id, id_source = mint_id(), MINTED
-        else:
-            id_source = "cookie"
+        conversation_id, id_source = core.widget_id(headers)
         conversation = self._conversation(scope, headers, match, path, conversation_id, id_source)
         scope.setdefault("state", {})["agentsight"] = conversation
         token = core.current.set(conversation)

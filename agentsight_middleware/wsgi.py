@@ -17,7 +17,7 @@ from typing import Any
 from ._base import MiddlewareBase
 from ._body import peek_wsgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, cookie_value, mint_id
+from ._conversation import MINTED, Conversation, mint_id
 from ._core import HEADER_KEYS, is_html_success
 from ._events import ENGAGE, INITIALIZE, Event
 from ._fork import reset_in_child
@@ -110,12 +110,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         core = self._core
         settings = self._settings
         headers = self._headers(environ)
-        cookie = headers.get("cookie")
-        conversation_id = cookie_value(cookie, settings.cookie_name) if cookie else None
-        if conversation_id is None:
-            conversation_id, id_source = mint_id(), MINTED
-        else:
-            id_source = "cookie"
+        conversation_id, id_source = core.widget_id(headers)
         conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
         token = core.current.set(conversation)
         try:
