@@ -28,6 +28,7 @@ from typing import Any
 from ._store import connect_readonly
 
 __all__ = [
+    "DEFAULT_BY",
     "DIMENSIONS",
     "DailyRow",
     "GroupRow",
@@ -317,9 +318,9 @@ def _scan_hint(conn: sqlite3.Connection, events: int, since: float | None) -> st
 def _breakdowns(conn: sqlite3.Connection, dimensions: list[str]) -> dict[str, tuple[GroupRow, ...]]:
     if not dimensions:
         return {}
-    # SQLite groups by sorting. Sorting every conversation once into a small cube of
-    # (page, device, ...) combinations, then each breakdown from the cube, beats one full
-    # sort per breakdown several times over on a large file.
+    # SQLite groups by sorting. Sorting the conversations once into a small cube of
+    # (page, device, ...) combinations, then each breakdown from the cube, takes about half
+    # the time of one sort of every conversation per breakdown (measured, five breakdowns).
     columns = ", ".join(
         f"{_HOUR} AS hour" if name == "hour" else f"{DIMENSIONS[name]}" for name in dimensions
     )

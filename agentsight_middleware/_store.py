@@ -89,9 +89,8 @@ _T = TypeVar("_T")
 # for all rows: json.dumps builds a new one per call when given options.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-_Row = tuple[
-    float, int, str, Any, Any, Any, Any, Any, Any, Any, Any, str
-]  # the order of _INSERT's columns
+# One row for _INSERT, in its column order.
+_Row = tuple[float, int, str, Any, Any, Any, Any, Any, Any, Any, Any, str]
 
 
 class StoreError(Exception):
@@ -117,7 +116,8 @@ def _timestamp(value: Any) -> float:
     except ValueError:
         raise ValueError(f"payload timestamp {value!r} is not ISO 8601") from None
     if moment.tzinfo is None:
-        # The API reads a naive time as UTC; so does the report.
+        # The middleware writes UTC; a time without an offset is taken to be UTC too, not
+        # the local time of whichever machine runs the report.
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
 
@@ -181,7 +181,8 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 

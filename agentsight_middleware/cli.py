@@ -133,6 +133,73 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- send
+
+
+def _configure_send(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default=DEFAULT_PATH,
+        help=f"the events file to replay (default: {DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="AgentSight API key (default: AGENTSIGHT_API_KEY)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="API base URL (default: AGENTSIGHT_API_ENDPOINT or https://api.agentsight.io)",
+    )
+
+
+def _run_send(args: argparse.Namespace) -> int:
+    from ._credentials import Credentials
+    from ._replay import replay
+
+    try:
+        credentials = Credentials.resolve(
+            api_key=args.api_key, endpoint=args.endpoint, environment=None
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+    if credentials is None:
+        return _fail("no API key: set AGENTSIGHT_API_KEY or pass --api-key")
+    try:
+        summary = replay(args.db, credentials, progress=sys.stderr)
+    except (StoreError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}")
+    if summary.first_error:
+        print(f"first failure: {summary.first_error}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--db", metavar="PATH", default=DEFAULT_PATH)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    # The demo is the checkout's examples/demo.py (FastAPI is a test dependency, not ours).
+    sys.path.insert(0, os.getcwd())
+    try:
+        from examples.demo import main as demo
+    except ImportError:
+        return _fail(
+            "the demo lives in the repository's examples/ folder: run it from a checkout "
+            "(make demo)"
+        )
+    demo(["--host", args.host, "--port", str(args.port), "--db", args.db])
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 #: Subcommand name -> how to parse and run it, in the order ``--help`` lists them.
@@ -142,6 +209,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _configure_report,
         _run_report,
     ),
+    "send": Subcommand(
+        "replay the local events file to the AgentSight API (idempotent)",
+        _configure_send,
+        _run_send,
+    ),
+    "demo": Subcommand(
+        "start the demo shop with a chat widget (from a checkout)",
+        _configure_demo,
+        _run_demo,
+    ),
 }
 
 
@@ -150,7 +227,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Tools for the AgentSight middleware's local events file.",
+        description="Tools for the AgentSight middleware: report and send the local "
+        "events file, run the demo.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

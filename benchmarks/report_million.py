@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -108,19 +109,18 @@ def fill(path: str, count: int) -> float:
     return time.perf_counter() - start
 
 
-def write_speed(directory: str, batches: int = 500, size: int = 100) -> float:
+def write_speed(batches: int = 500, size: int = 100) -> float:
     """Rows per second through ``LocalStore.write`` in batches of ``size``, as the worker does."""
     payloads = list(synthetic(batches * size, time.time(), seed=2))
-    path = os.path.join(directory, "write-speed.sqlite3")
-    with LocalStore(path) as store:
+    with (
+        tempfile.TemporaryDirectory(prefix="agentsight-bench-") as directory,
+        LocalStore(os.path.join(directory, "write-speed.sqlite3")) as store,
+    ):
         store.write(payloads[:size])  # open the file and create the schema first
         start = time.perf_counter()
         for n in range(1, batches):
             store.write(payloads[n * size : (n + 1) * size])
         seconds = time.perf_counter() - start
-    for name in os.listdir(directory):
-        if name.startswith("write-speed.sqlite3"):
-            os.remove(os.path.join(directory, name))
     return (batches - 1) * size / seconds
 
 
@@ -130,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="events file to build or reuse (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary file")
     args = parser.parse_args(argv)
-    directory = tempfile.mkdtemp(prefix="agentsight-bench-")
-    speeds = [write_speed(directory) for _ in range(3)]
+    speeds = [write_speed() for _ in range(3)]
     print(
         f"LocalStore.write, batches of 100: best {max(speeds):,.0f} rows/s, "
         f"worst {min(speeds):,.0f} rows/s"
     )
-    path = args.db or os.path.join(directory, "events.sqlite3")
+    directory = None
+    path = args.db
+    if path is None:
+        directory = tempfile.mkdtemp(prefix="agentsight-bench-")
+        path = os.path.join(directory, "events.sqlite3")
     if not os.path.exists(path):
         seconds = fill(path, args.events)
         print(f"wrote {args.events:,} events in {seconds:.1f} s ({args.events / seconds:,.0f}/s)")
@@ -153,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({report.events:,} events, {report.initialized:,} initialized, "
             f"{report.used:,} used, rate {report.interaction_rate_percent:.1f} %)"
         )
-    if not args.db and not args.keep:
-        for name in os.listdir(directory):
-            os.remove(os.path.join(directory, name))
-        os.rmdir(directory)
+    if directory is not None and not args.keep:
+        shutil.rmtree(directory)
     return 0
 
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 from agentsight_middleware.testing import RecordingTracker
 
@@ -34,3 +36,29 @@ def anyio_backend() -> str:
 @pytest.fixture
 def tracker() -> Iterator[RecordingTracker]:
     return RecordingTracker()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# What the workplace's probe found necessary: no sandbox as root, and no
+# background traffic to hosts this closed network cannot reach.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if CHROMIUM is None:
+        pytest.fail("Debian's chromium is not installed: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
