@@ -429,3 +429,70 @@ async def test_metadata_json_cannot_hold_is_sent_as_text_or_dropped_alone(
     assert bodies[1]["metadata"]["ok"] == 1
     assert mw.stats()["failed"] == 1
     mw.close()
+
+
+async def test_a_hanging_api_leaves_the_app_fast(api: StandInAgentSightAPI) -> None:
+    api.hang_next(50)
+    mw = wrap(api, shutdown_timeout=0.5)
+    async with client(mw) as c:
+        started = time.perf_counter()
+        for _ in range(10):
+            await visit(c)
+        elapsed = time.perf_counter() - started
+    assert elapsed < 1.0, f"20 requests took {elapsed:.2f} s behind a hanging API"
+    assert mw.stats()["enqueued"] == 20
+    mw.close()
+
+
+def _start(command: list[str], port: int, api: StandInAgentSightAPI) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+    process = subprocess.Popen(command, env=env, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/missing", timeout=0.5)
+            return process
+        except httpx.TransportError:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command} exited with {process.returncode}") from None
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{command} did not start")
+
+
+def _page_views(port: int, count: int) -> None:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+        for _ in range(count):
+            c.cookies.clear()
+            assert c.get("/", headers=BROWSER).status_code == 200
+
+
+def test_lifespan_shutdown_delivers_what_is_queued(api: StandInAgentSightAPI) -> None:
+    api.set_latency(0.2)  # 30 events at 8 in flight: ~0.8 s of sending still to do
+    port = _free_port()
+    process = _start(
+        [sys.executable, "-m", "tests.apps.delivery_app", "asgi", str(port)], port, api
+    )
+    try:
+        _page_views(port, 30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises SIGTERM for its exit status.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    assert len(api.conversations) == 30
+
+
+def test_gunicorn_preload_workers_deliver(api: StandInAgentSightAPI) -> None:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", f"127.0.0.1:{port}",
+        "--log-level", "warning", "tests.apps.delivery_app:flask_app",
+    ]  # fmt: skip
+    process = _start(command, port, api)
+    try:
+        _page_views(port, 20)
+        api.wait_for(conversations=20, timeout=15)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert len({b["conversation_id"] for b in api.conversations}) == 20
