@@ -8,11 +8,11 @@ Everything here is pure: parsing of cookies, query strings and bodies works on
 from __future__ import annotations
 
 import json
+import os
 import re
-import secrets
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from ._facts import MAX_URL_LENGTH, best_language, classify_user_agent, page_url, redact_url
@@ -45,9 +45,41 @@ def is_valid_id(value: str) -> bool:
     return _ID_RE.fullmatch(value) is not None
 
 
-def mint_id() -> str:
-    """A fresh id shaped like the official SDK's: ``conv_`` + 12 lowercase hex digits."""
-    return "conv_" + secrets.token_hex(6)
+class _Minter:
+    """Ids from the OS's random source, read 6 KiB at a time.
+
+    One ``os.urandom`` call per id is a system call on every page view; a
+    buffer amortises it to nothing while ids stay unguessable (a guessable id
+    would let a stranger's chat land in someone else's conversation).
+    """
+
+    _SIZE = 6 * 1024
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hex = ""
+        self._pos = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            pos = self._pos
+            if pos >= len(self._hex):
+                self._hex = os.urandom(self._SIZE).hex()
+                pos = 0
+            self._pos = pos + 12
+            return "conv_" + self._hex[pos : pos + 12]
+
+    def _after_fork(self) -> None:
+        # A child must not hand out the ids its parent (or siblings) will too.
+        self._lock = threading.Lock()
+        self._hex = ""
+        self._pos = 0
+
+
+#: A fresh id shaped like the official SDK's: ``conv_`` + 12 lowercase hex digits.
+mint_id = _Minter()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=mint_id._after_fork)
 
 
 def clean_id(value: object) -> str | None:
@@ -110,15 +142,16 @@ def json_field(body: bytes, name: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Conversation:
+class Conversation(NamedTuple):
     """What the middleware knows about the conversation of one request.
 
     Handlers find it as ``request.state.agentsight`` (ASGI),
     ``environ["agentsight.conversation"]`` (WSGI) or ``current_conversation()``.
     The raw header values are kept and the derived facts (language, device, URL)
     are computed on first use, so that building one costs the request almost
-    nothing and the slow parts run in the background worker.
+    nothing and the slow parts run in the background worker. (A named tuple: one
+    is built per tracked request, and a frozen dataclass of 15 fields costs
+    several microseconds more to build.)
     """
 
     id: str

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._conversation import Conversation
 
@@ -18,8 +17,9 @@ ENGAGE = "engage"
 MAX_FIELD = 255
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
+    """What the request path hands to the worker; a tuple because one is built per event."""
+
     kind: str
     conversation: Conversation
     #: ``time.time()`` when the request was seen, not when the event is delivered.

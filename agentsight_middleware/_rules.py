@@ -56,9 +56,12 @@ class Rule:
     methods: frozenset[str] | None
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """A request that matched ``rule``, with the path parameters it captured."""
+class Match(NamedTuple):
+    """A request that matched ``rule``, with the path parameters it captured.
+
+    A named tuple rather than a frozen dataclass: one is built on every matching
+    request, and a tuple is built in C (a frozen dataclass costs ~0.5 us more).
+    """
 
     rule: Rule
     params: dict[str, str]

@@ -178,6 +178,8 @@ class HttpSink:
             response = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._post, item.body
             )
+        except RuntimeError:
+            return  # shutting down: the pool is gone; a durable outbox keeps the event
         except httpx.HTTPError as exc:
             self._retry(item, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         else:
