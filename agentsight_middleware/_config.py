@@ -7,6 +7,7 @@ instead, never on the first request.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -159,6 +160,7 @@ class Settings:
                 "metadata must be a dict, or a callable taking the request and returning a dict"
             )
         self.metadata_hook = metadata
+        self.has_hooks = customer_id is not None or metadata is not None
         self.tracker_timeout = _positive_number("tracker_timeout", tracker_timeout)
 
     def set_cookie(self, conversation_id: str, *, secure: bool) -> bytes:
@@ -178,19 +180,23 @@ class Settings:
         None: the glue then reads (peeks at) the body and asks again.
         """
         field = self.id_field
-        for source in self.id_sources:
+        kind = _body_kind(headers.get("content-type")) if self.reads_body else None
+        sources = self.id_sources
+        if body is not None and kind is not None:
+            # The second call, with the body: the sources before it were tried already.
+            sources = sources[sources.index(kind) :] if kind in sources else ()
+        for source in sources:
             value: str | None = None
             if source == "path":
                 raw = params.get(field)
-                value = clean_id(raw)
+                value = clean_id(raw) if raw else None
             elif source == "header":
                 raw = headers.get(self.id_header)
                 value = clean_id(raw.strip()) if raw else None
             elif source == "query":
                 value = query_field(query, field) if query else None
             elif source == "json" or source == "form":
-                kind = _body_kind(headers.get("content-type"))
-                if kind != source or not self.max_body_peek:
+                if kind != source:
                     continue
                 if body is None:
                     return NEED_BODY  # type: ignore[no-any-return]
@@ -203,6 +209,7 @@ class Settings:
         return None
 
 
+@functools.lru_cache(maxsize=64)
 def _body_kind(content_type: str | None) -> str | None:
     if not content_type:
         return None

@@ -90,6 +90,11 @@ def _normalise_ip(host: str) -> str | None:
     return str(address)
 
 
+def peer_address(value: str | None) -> str | None:
+    """The socket peer as a canonical IP, or None (a unix socket path, garbage)."""
+    return _address(value)
+
+
 def _address(value: str | None) -> str | None:
     if not value or len(value) > _MAX_ADDRESS_CHARS:
         return None

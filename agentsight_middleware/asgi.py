@@ -110,16 +110,17 @@ class AgentSightMiddleware(MiddlewareBase):
         if host is None and server:
             host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
         return self._core.conversation(
-            match=match,
-            conversation_id=conversation_id,
-            id_source=id_source,
-            headers=headers,
-            peer=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            host=host,
-            path=path,
-            query=scope.get("query_string", b"").decode("latin-1"),
-            request=lambda: _starlette_request(scope),
+            match,
+            conversation_id,
+            id_source,
+            headers,
+            client[0] if client else None,
+            scope.get("scheme", "http"),
+            host,
+            path,
+            scope.get("query_string", b"").decode("latin-1"),
+            _starlette_request,
+            scope,
         )
 
     async def _widget(

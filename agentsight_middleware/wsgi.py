@@ -89,16 +89,17 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         if host is None and environ.get("SERVER_NAME"):
             host = f"{environ['SERVER_NAME']}:{environ.get('SERVER_PORT', '')}".rstrip(":")
         conversation = self._core.conversation(
-            match=match,
-            conversation_id=conversation_id,
-            id_source=id_source,
-            headers=headers,
-            peer=environ.get("REMOTE_ADDR"),
-            scheme=environ.get("wsgi.url_scheme", "http"),
-            host=host,
-            path=path,
-            query=environ.get("QUERY_STRING", ""),
-            request=lambda: _werkzeug_request(environ),
+            match,
+            conversation_id,
+            id_source,
+            headers,
+            environ.get("REMOTE_ADDR"),
+            environ.get("wsgi.url_scheme", "http"),
+            host,
+            path,
+            environ.get("QUERY_STRING", ""),
+            _werkzeug_request,
+            environ,
         )
         environ[ENVIRON_KEY] = conversation
         return conversation
