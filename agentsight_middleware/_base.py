@@ -10,16 +10,11 @@ from typing import Any
 from ._config import Settings
 from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
-from ._credentials import Credentials
-from ._delivery import BackgroundDelivery
+from ._delivery import BackgroundDelivery, Sink
 from ._facts import DEFAULT_NON_BROWSER_AGENTS, ForwardedHeader
 from ._log import logger
-from ._store import DEFAULT_PATH, LocalStore
 from ._tracker import TrackerDelivery
 from .sdk import adapt_tracker
-from .sinks.http import HttpSink
-from .sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
-from .sinks.store import StoreSink
 
 __all__ = ["MiddlewareBase"]
 
@@ -162,6 +157,13 @@ def _choose_delivery(
     delivery_concurrency: int,
 ) -> Delivery:
     """Your tracker if given; else the built-in client if there is a key; else the local store."""
+    # Imported here, not at module level: an app that passes tracker= never loads
+    # httpx or sqlite3, and importing the package stays cheap for every app.
+    from ._credentials import Credentials
+    from ._store import DEFAULT_PATH, LocalStore
+    from .sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
+    from .sinks.store import StoreSink
+
     _positive_int("queue_size", queue_size)
     _positive_int("delivery_concurrency", delivery_concurrency)
     if (
@@ -195,8 +197,14 @@ def _choose_delivery(
     )
     if credentials is not None:
         store: Outbox = SQLiteOutbox(outbox) if outbox is not None else MemoryOutbox(queue_size)
+
+        def http_sink() -> Sink:
+            from .sinks.http import HttpSink  # httpx: loaded by the worker thread
+
+            return HttpSink(credentials, outbox=store, concurrency=delivery_concurrency)
+
         return BackgroundDelivery(
-            lambda: HttpSink(credentials, outbox=store, concurrency=delivery_concurrency),
+            http_sink,
             source=settings.source,
             environment=credentials.environment,
             queue_size=queue_size,

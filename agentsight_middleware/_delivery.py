@@ -13,18 +13,20 @@ a dead one.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import INITIALIZE, Event
 from ._fork import reset_in_child
 from ._log import logger
 from ._payload import build_payload
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["BackgroundDelivery", "Sink"]
 
@@ -139,12 +141,16 @@ class BackgroundDelivery:
                 self._atexit = True
 
     def _thread_main(self) -> None:
+        import asyncio  # here: a WSGI app that never sends an event never loads it
+
         try:
             asyncio.run(self._main())
         except Exception:
             logger.exception("the delivery worker stopped")
 
     async def _main(self) -> None:
+        import asyncio
+
         self._loop = asyncio.get_running_loop()
         try:
             sink = self._sink_factory()
@@ -212,6 +218,8 @@ class BackgroundDelivery:
             return not self._intake
         while time.monotonic() < deadline:
             if not self._intake:
+                import asyncio
+
                 future = asyncio.run_coroutine_threadsafe(sink.drain(deadline), loop)
                 try:
                     return future.result(max(deadline - time.monotonic(), 0) + 1) == 0

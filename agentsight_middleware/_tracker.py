@@ -12,19 +12,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
-
-import anyio
-import anyio.to_thread
+from typing import TYPE_CHECKING, Any
 
 from ._dispatch import Dispatcher
 from ._events import Event, tracker_kwargs
 from ._log import LogOnce
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["TrackerDelivery", "check_tracker"]
 
@@ -128,9 +127,13 @@ class TrackerDelivery:
             elif loop is not None and loop.is_running():
                 # A coroutine tracker may hold loop-bound resources (an AsyncClient):
                 # run it on the app's loop, without making the worker wait for it.
+                import asyncio
+
                 future = asyncio.run_coroutine_threadsafe(self._initialize(**kwargs), loop)
                 future.add_done_callback(self._check_future)
             else:
+                import asyncio
+
                 asyncio.run(self._initialize(**kwargs))
         except Exception as exc:
             self.errors += 1
@@ -151,6 +154,8 @@ class TrackerDelivery:
         try:
             kwargs = self._kwargs(event)
             if self._engage_is_async:
+                import asyncio
+
                 asyncio.run(self._engage(**kwargs))
             else:
                 self._engage(**kwargs)
@@ -162,6 +167,9 @@ class TrackerDelivery:
         """Under ASGI: awaited in the request's task, bounded by ``tracker_timeout``."""
         if self._skip_engage:
             return
+        import anyio  # the ASGI server has loaded it already (Starlette's own dependency)
+        import anyio.to_thread
+
         try:
             with anyio.move_on_after(self._timeout) as scope:
                 if self._engage_is_async:

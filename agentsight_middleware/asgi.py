@@ -11,13 +11,9 @@ go straight to the app.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
-import anyio
-import anyio.to_thread
+from typing import TYPE_CHECKING, Any
 
 from ._base import MiddlewareBase
 from ._body import peek_asgi
@@ -26,6 +22,9 @@ from ._conversation import MINTED, Conversation, mint_id
 from ._core import COMMA_JOINED, HEADER_KEYS, is_html_success
 from ._events import ENGAGE, INITIALIZE, Event
 from ._rules import WIDGET, Match
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["AgentSightMiddleware"]
 
@@ -74,6 +73,8 @@ class AgentSightMiddleware(MiddlewareBase):
             elif message["type"] == "lifespan.shutdown.complete":
                 # Deliver what is queued while the server still waits for us; in a
                 # thread, because closing joins the worker thread.
+                import anyio.to_thread
+
                 await anyio.to_thread.run_sync(self.close)
             await send(message)
 
@@ -225,6 +226,8 @@ def _with_cookie(message: Message, set_cookie: bytes) -> Message:
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
+    import asyncio  # loaded already: we run inside it
+
     try:
         return asyncio.get_running_loop()
     except RuntimeError:  # trio, or no loop
