@@ -7,6 +7,7 @@ Everything here is pure: parsing of cookies, query strings and bodies works on
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -98,16 +99,19 @@ def cookie_value(header: str, name: str) -> str | None:
 
     A hand-rolled scan rather than ``http.cookies``: that parser is slow, and it
     gives up on the whole header when any other cookie of the site is malformed.
+    ``find`` jumps to the candidates instead of splitting every cookie of the site.
     """
-    if name not in header:
-        return None
-    for part in header.split(";"):
-        key, sep, value = part.partition("=")
-        if sep and key.strip() == name:
-            value = value.strip()
+    target = name + "="
+    start = header.find(target)
+    while start >= 0:
+        # A real match starts the header or follows "; " (not "xname=").
+        if start == 0 or header[start - 1] in "; \t":
+            end = header.find(";", start)
+            value = header[start + len(target) : end if end >= 0 else len(header)].strip()
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             return clean_id(value)
+        start = header.find(target, start + 1)
     return None
 
 
@@ -128,11 +132,33 @@ def form_field(body: bytes, name: str) -> str | None:
     return query_field(text, name)
 
 
+@functools.lru_cache(maxsize=8)
+def _json_key(name: str) -> re.Pattern[bytes]:
+    # The key with a string or integer value. A match can only be a real key: an
+    # escaped quote inside a string value (\") cannot end the pattern's '"'.
+    return re.compile(
+        rb'"'
+        + re.escape(name.encode())
+        + rb'"\s*:\s*(?:"([A-Za-z0-9_.:~-]{1,128})"|(-?\d{1,30})\b)'
+    )
+
+
 def json_field(body: bytes, name: str) -> str | None:
-    """The top-level string (or integer) field ``name`` of a JSON object body."""
-    # Most chat bodies carry no id: skip the parse when the key cannot be there.
+    """The top-level string (or integer) field ``name`` of a JSON object body.
+
+    ``json.loads`` costs ~15 us on 1 KB and ~400 us on 64 KB here, so the body is
+    scanned for the key instead; the match is taken when it sits at the top level
+    (one more "{" than "}" before it), and a full parse settles anything unclear.
+    """
+    # Most chat bodies carry no id: skip everything when the key cannot be there.
     if name.encode() not in body:
         return None
+    match = _json_key(name).search(body)
+    if match is not None:
+        before = body[: match.start()]
+        if before.count(b"{") - before.count(b"}") == 1 and b"[" not in before:
+            value = match.group(1) or match.group(2)
+            return clean_id(value.decode("ascii"))
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
