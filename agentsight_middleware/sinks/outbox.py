@@ -13,7 +13,7 @@ import secrets
 import socket
 import sqlite3
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,55 +44,64 @@ class Outbox(Protocol):
 
 
 class MemoryOutbox:
-    """Bounded: past ``max_items`` the newest events are refused (and counted by the caller)."""
+    """Bounded: past ``max_items`` the newest events are refused (and counted by the caller).
+
+    Events wait in one queue per conversation: a claim looks at the head of each
+    conversation only, so many events of one conversation cost nothing extra.
+    """
 
     durable = False
 
     def __init__(self, max_items: int) -> None:
         self._max = max_items
-        self._items: OrderedDict[int, OutboxItem] = OrderedDict()
+        self._queues: OrderedDict[str, deque[OutboxItem]] = OrderedDict()
+        self._size = 0
         self._next_id = 0
-        self._in_flight: set[str] = set()
 
     def put(self, items: list[tuple[str, bytes]]) -> int:
-        room = max(self._max - len(self._items), 0)
+        room = max(self._max - self._size, 0)
         for conversation_id, body in items[:room]:
             self._next_id += 1
-            self._items[self._next_id] = OutboxItem(self._next_id, conversation_id, body)
-        return min(room, len(items))
+            queue = self._queues.get(conversation_id)
+            if queue is None:
+                queue = self._queues[conversation_id] = deque()
+            queue.append(OutboxItem(self._next_id, conversation_id, body))
+        accepted = min(room, len(items))
+        self._size += accepted
+        return accepted
 
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
         picked: list[OutboxItem] = []
-        blocked = set(self._in_flight)
-        for item in self._items.values():
-            if item.conversation_id in blocked:
+        for queue in self._queues.values():
+            head = queue[0]
+            # A head in flight or waiting for its retry blocks its conversation.
+            if head.leased or head.not_before > now:
                 continue
-            blocked.add(item.conversation_id)
-            if item.not_before > now:
-                continue
-            item.leased = True
-            self._in_flight.add(item.conversation_id)
-            picked.append(item)
+            head.leased = True
+            picked.append(head)
             if len(picked) >= limit:
                 break
         return picked
 
     def ack(self, items: list[OutboxItem]) -> None:
         for item in items:
-            self._items.pop(item.id, None)
-            self._in_flight.discard(item.conversation_id)
+            queue = self._queues.get(item.conversation_id)
+            if queue and queue[0] is item:
+                queue.popleft()
+                self._size -= 1
+                if not queue:
+                    del self._queues[item.conversation_id]
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
         item.attempts += 1
         item.not_before = not_before
         item.leased = False
-        self._in_flight.discard(item.conversation_id)
 
     def discard(self, item: OutboxItem) -> None:
         self.ack([item])
 
     def depth(self) -> int:
-        return len(self._items)
+        return self._size
 
     def close(self) -> None:
         pass

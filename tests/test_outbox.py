@@ -1,0 +1,62 @@
+"""The outboxes keep each conversation in order and never hand out one event twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentsight_middleware.sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
+
+
+def _outboxes(tmp_path: Path) -> list[Outbox]:
+    return [MemoryOutbox(10_000), SQLiteOutbox(tmp_path / "o.sqlite3")]
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["memory", "sqlite"])
+def test_one_event_per_conversation_in_flight_and_in_order(tmp_path: Path, kind: int) -> None:
+    outbox = _outboxes(tmp_path)[kind]
+    outbox.put([("a", b"a1"), ("a", b"a2"), ("b", b"b1"), ("a", b"a3")])
+    now = time.time()
+    first = outbox.claim(10, now)
+    assert [i.body for i in first] == [b"a1", b"b1"]
+    assert outbox.claim(10, now) == []  # both conversations are in flight
+    outbox.retry(first[0], now + 60)  # a1 waits: a2 must not overtake it
+    assert outbox.claim(10, now) == []
+    outbox.ack([first[1]])
+    [again] = outbox.claim(10, now + 61)
+    assert again.body == b"a1"
+    assert again.attempts == 1
+    outbox.ack([again])
+    assert [i.body for i in outbox.claim(10, now + 61)] == [b"a2"]
+    assert outbox.depth() == 2
+    outbox.close()
+
+
+def test_memory_outbox_is_bounded() -> None:
+    outbox = MemoryOutbox(3)
+    assert outbox.put([(str(i), b"x") for i in range(5)]) == 3
+    assert outbox.depth() == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from("abcd"), min_size=1, max_size=40), st.integers(1, 5))
+def test_memory_outbox_delivers_everything_in_per_conversation_order(
+    conversations: list[str], batch: int
+) -> None:
+    outbox = MemoryOutbox(1000)
+    outbox.put([(c, f"{c}{n}".encode()) for n, c in enumerate(conversations)])
+    delivered: list[bytes] = []
+    while outbox.depth():
+        claimed = outbox.claim(batch, time.time())
+        assert claimed
+        assert len({i.conversation_id for i in claimed}) == len(claimed)
+        outbox.ack(claimed)
+        delivered += [i.body for i in claimed]
+    assert sorted(delivered) == sorted(f"{c}{n}".encode() for n, c in enumerate(conversations))
+    for c in "abcd":
+        mine = [int(b[1:]) for b in delivered if b[:1] == c.encode()]
+        assert mine == sorted(mine)
