@@ -16,7 +16,16 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
-from ._facts import MAX_URL_LENGTH, best_language, classify_user_agent, page_url, redact_url
+from ._facts import (
+    MAX_URL_LENGTH,
+    TrustedProxies,
+    best_language,
+    classify_user_agent,
+    client_ip,
+    page_url,
+    peer_address,
+    redact_url,
+)
 
 __all__ = [
     "ID_SOURCES",
@@ -187,7 +196,8 @@ class Conversation(NamedTuple):
     kind: str
     #: The rule that matched, as configured.
     rule: str
-    client_ip: str | None
+    #: The socket peer as the server reported it (see :attr:`client_ip` for the visitor).
+    peer: str | None
     user_agent: str
     accept_language: str | None
     scheme: str
@@ -197,6 +207,24 @@ class Conversation(NamedTuple):
     referrer: str | None = None
     customer_id: str | None = None
     extra_metadata: Mapping[str, Any] | None = None
+    #: ``(Forwarded, X-Forwarded-For, X-Real-IP)`` when the peer may be a trusted proxy.
+    forwarding: tuple[str | None, str | None, str | None] | None = None
+    trusted_proxies: TrustedProxies | None = None
+
+    @property
+    def client_ip(self) -> str | None:
+        """The visitor's IP: the peer, or what trusted proxies say (computed when asked,
+        which is in the background worker, not on the request path)."""
+        if self.forwarding is None or self.trusted_proxies is None:
+            return peer_address(self.peer)
+        forwarded, x_forwarded_for, x_real_ip = self.forwarding
+        return client_ip(
+            self.peer,
+            forwarded=forwarded,
+            x_forwarded_for=x_forwarded_for,
+            x_real_ip=x_real_ip,
+            trusted=self.trusted_proxies,
+        )
 
     @property
     def language(self) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 from ._config import Settings
 from ._conversation import MINTED, Conversation, cookie_value, mint_id
 from ._delivery import BackgroundDelivery
-from ._facts import client_ip, client_scheme, peer_address
+from ._facts import client_scheme
 from ._log import LogOnce
 from ._rules import Match
 from ._tracker import TrackerDelivery
@@ -132,15 +132,12 @@ class Core:
         """
         settings = self.settings
         trusted = settings.trusted_proxies
+        forwarding = None
         if trusted:
             forwarded = headers.get("forwarded")
-            ip = client_ip(
-                peer,
-                forwarded=forwarded,
-                x_forwarded_for=headers.get("x-forwarded-for"),
-                x_real_ip=headers.get("x-real-ip"),
-                trusted=trusted,
-            )
+            # The scheme now (the cookie's Secure flag depends on it); the client IP
+            # later, in the worker: walking forwarding chains costs microseconds.
+            forwarding = (forwarded, headers.get("x-forwarded-for"), headers.get("x-real-ip"))
             scheme = client_scheme(
                 scheme,
                 forwarded=forwarded,
@@ -148,9 +145,6 @@ class Core:
                 peer=peer,
                 trusted=trusted,
             )
-        else:
-            # Nobody to believe: the socket peer is the client, whatever headers say.
-            ip = peer_address(peer)
         customer_id = None
         extra: Mapping[str, Any] | None = None
         if settings.has_hooks:
@@ -164,7 +158,7 @@ class Core:
                 id_source,
                 rule.kind,
                 rule.source,
-                ip,
+                peer,
                 headers.get("user-agent", ""),
                 headers.get("accept-language"),
                 scheme,
@@ -174,6 +168,8 @@ class Core:
                 headers.get("referer"),
                 customer_id,
                 extra,
+                forwarding,
+                trusted if forwarding is not None else None,
             )
         )
 
