@@ -35,14 +35,34 @@ async def peek_asgi(
     if declared is not None and not 0 < declared <= limit:
         return b"", receive  # too big, empty or nonsense: do not touch the stream
 
+    first_error: BaseException | None = None
+    try:
+        first: Message | None = await receive()
+    except Exception as exc:
+        first, first_error = None, exc
+    if first is not None and first["type"] == "http.request" and not first.get("more_body", False):
+        # The common case: the whole body in one message. Hand that very message
+        # back first, then the server's receive, with no buffering machinery.
+        pending: Message | None = first
+
+        async def replay_one() -> Message:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()
+
+        body = first.get("body", b"")
+        return (body if len(body) <= limit else b""), replay_one
+
     messages: deque[Message] = deque()
     chunks: list[bytes] = []
     size = 0
     complete = False
-    error: BaseException | None = None
+    error = first_error
     try:
-        while True:
-            message = await receive()
+        message = first
+        while message is not None:
             messages.append(message)
             if message["type"] != "http.request":
                 break  # http.disconnect: the app will see it next
@@ -54,6 +74,7 @@ async def peek_asgi(
                 break
             if size > limit:
                 break
+            message = await receive()
     except Exception as exc:
         # The server's receive failed; the app must meet the same failure, at the
         # same point of the stream, rather than have it swallowed here.

@@ -220,3 +220,25 @@ def test_wsgi_read_error_is_raised_after_the_bytes_read() -> None:
     assert stream.read(4) == b'{"a"'
     with pytest.raises(OSError, match="client went away"):
         stream.read(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=st.binary(max_size=500), limit=st.integers(min_value=1, max_value=600))
+def test_asgi_single_message_body(body: bytes, limit: int) -> None:
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    seen, tracker = _run_asgi([dict(m) for m in messages], b"application/json", limit)
+    assert seen == messages
+    assert len(tracker.used) == 1
+
+
+def test_asgi_first_receive_error_reaches_the_app() -> None:
+    async def receive() -> dict[str, Any]:
+        raise OSError("reset before any byte")
+
+    async def scenario() -> None:
+        body, replay = await peek_asgi(receive, None, 1024)
+        assert body == b""
+        with pytest.raises(OSError, match="reset before any byte"):
+            await replay()
+
+    anyio.run(scenario)
