@@ -160,7 +160,7 @@ def test_payload_from_the_middleware(store: LocalStore, db: Path) -> None:
         id_source="minted",
         kind="widget",
         rule="/pricing",
-        client_ip="203.0.113.7",
+        peer="203.0.113.7",
         user_agent=CHROME,
         accept_language="en-us,en;q=0.9",
         scheme="https",
