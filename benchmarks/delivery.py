@@ -1,0 +1,642 @@
+"""How fast one process delivers events to the AgentSight API, and what enqueueing costs.
+
+    .venv/bin/pip install -r benchmarks/requirements.txt
+    .venv/bin/python benchmarks/delivery.py [--events 20000] [--sdk-calls 1000] [--json]
+    .venv/bin/python benchmarks/delivery.py --profile 2000   # + where the worker's CPU goes
+
+The stand-in AgentSight API runs in a child process on 127.0.0.1 (as the real API runs on
+another machine); this process plays the web server. Each row submits ``--events`` page
+views (first visits: each mints an id and enqueues one ``initialize`` event) through
+``AgentSightMiddleware`` around a raw ASGI page, as fast as one event loop can, and times
+from the first request until the stand-in has accepted them all. A row that is not done
+within ``--row-seconds`` reports the rate it reached by then (what was queued is then
+dropped at close, or left in the outbox file, which is deleted).
+
+Rows: the in-memory queue (sized to hold the burst); the default ``queue_size`` (how much of
+a 20,000-request burst it keeps); the durable SQLite ``outbox=``; the classic SDK's
+blocking ``initialize_conversation`` (agentsight 0.0.44 in its own venv under
+``.sdk-venvs/``, created here if missing), called sequentially; and the stand-in's own
+ceiling, measured with a minimal asyncio HTTP/1.1 client over 8 keep-alive connections.
+
+``--profile N`` delivers N more events while a sampler reads the stacks of all background
+threads every millisecond, weighting each sample by the CPU that thread used since the
+last one (its own CPU clock), and splits the CPU per event by package.
+
+The enqueue cost is ``BackgroundDelivery.submit`` (and ``Event`` + submit) timed alone on
+the request thread. Targets: >= 2,000 events/s delivered, enqueue < 5 µs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overhead import (
+    CHROME,
+    NullSink,
+    StandInProcess,
+    conditions,
+    discard,
+    machine_info,
+    page_headers,
+    print_machine,
+    receiver,
+)
+
+from agentsight_middleware import AgentSightMiddleware
+
+ROOT = Path(__file__).resolve().parent.parent
+SDK_VERSION = "0.0.44"
+SDK_VENV = ROOT / ".sdk-venvs" / f"agentsight-{SDK_VERSION}"
+TARGET_RATE = 2000.0
+TARGET_ENQUEUE_US = 5.0
+
+PAGE = b"<!doctype html><html><body><h1>Shop</h1><script src=/w.js></script></body></html>"
+
+
+async def page_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The smallest HTML page: the middleware is the only work."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/html; charset=utf-8")],
+        }
+    )
+    await send({"type": "http.response.body", "body": PAGE})
+
+
+def page_view_scope() -> dict[str, Any]:
+    """A first visit to the widget page, as Chrome sends it through one proxy."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("10.0.0.5", 8000),
+        "client": ("10.0.0.2", 51234),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in page_headers(cookie=None)],
+    }
+
+
+@dataclass
+class Row:
+    name: str
+    events: int
+    submit_us: float | None = None  # per request through the middleware, during the burst
+    delivered: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+    worker_cpu_us: float | None = None  # CPU of this process's other threads per event
+    dropped: int = 0
+    note: str = ""
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.seconds if self.seconds else 0.0
+
+
+def burst(
+    api: StandInProcess,
+    name: str,
+    events: int,
+    row_seconds: float,
+    *,
+    wait: bool = True,
+    on_start: Callable[[Any], None] | None = None,
+    on_end: Callable[[Any], None] | None = None,
+    **options: Any,
+) -> Row:
+    """``events`` first visits through the middleware, timed until the stand-in has them."""
+    mw = AgentSightMiddleware(
+        page_app,
+        widget_pages=["/"],
+        trusted_proxies=["10.0.0.0/8"],
+        api_key=api.api_key,
+        endpoint=api.url,
+        **options,
+    )
+    loop = asyncio.new_event_loop()
+    template = page_view_scope()
+    # Start the worker (and warm the user-agent cache) before the clock starts.
+    loop.run_until_complete(mw(dict(template), receiver(()), discard))
+    mw.flush(30)
+    baseline = api.accepted()
+    scopes = [dict(template) for _ in range(events)]
+    receives = [receiver(()) for _ in range(events)]
+
+    async def submit_all() -> None:
+        for scope, receive in zip(scopes, receives, strict=True):
+            await mw(scope, receive, discard)
+
+    row = Row(name, events)
+    if on_start is not None:
+        on_start(mw)
+    cpu, own = time.process_time(), time.thread_time()
+    started = time.monotonic()
+    loop.run_until_complete(submit_all())
+    row.submit_us = (time.monotonic() - started) / events * 1e6
+    loop.close()
+    if wait:
+        left = max(row_seconds - (time.monotonic() - started), 0.1)
+        accepted = api.wait_for(baseline + events, left) - baseline
+        row.seconds = time.monotonic() - started
+        row.delivered = accepted
+        row.complete = accepted >= events
+        row.worker_cpu_us = (
+            ((time.process_time() - cpu) - (time.thread_time() - own)) / accepted * 1e6
+            if accepted
+            else None
+        )
+    else:
+        # Only how much of the burst the queue kept: wait until the worker took it all.
+        deadline = time.monotonic() + row_seconds
+        while mw.stats().get("queued", 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if on_end is not None:
+        on_end(mw)
+    row.stats = mw.stats()
+    row.dropped = row.stats.get("dropped", 0)
+    mw.close(1.0)
+    api.trim()
+    return row
+
+
+def enqueue_cost(n: int) -> dict[str, float]:
+    """µs per ``submit`` of a built event, and per ``Event(...)`` + submit, best of 5."""
+    from agentsight_middleware._conversation import Conversation
+    from agentsight_middleware._delivery import BackgroundDelivery
+    from agentsight_middleware._events import INITIALIZE, Event
+
+    conversation = Conversation(
+        id="conv_0123456789ab",
+        id_source="minted",
+        kind="widget",
+        rule="/",
+        peer="203.0.113.7",
+        user_agent=CHROME,
+        accept_language="en-US,en;q=0.9",
+        scheme="https",
+        host="shop.example.com",
+        path="/",
+        query="",
+    )
+    # The request-path side is the shipped one; only the sink behind the worker differs,
+    # so that 100,000 timing events need not travel.
+    delivery = BackgroundDelivery(NullSink, source="web", environment=None, queue_size=n + 1)
+    delivery.ensure_started()
+    event = Event(INITIALIZE, conversation, 0.0)
+    submit = delivery.submit
+    best_submit = best_both = float("inf")
+    for _ in range(5):
+        delivery.flush(30)
+        started = time.perf_counter_ns()
+        for _ in range(n):
+            submit(event)
+        best_submit = min(best_submit, (time.perf_counter_ns() - started) / n / 1000)
+        delivery.flush(30)
+        started = time.perf_counter_ns()
+        for _ in range(n):
+            submit(Event(INITIALIZE, conversation, 0.0))
+        best_both = min(best_both, (time.perf_counter_ns() - started) / n / 1000)
+    delivery.close(10)
+    return {"submit_us": best_submit, "event_and_submit_us": best_both}
+
+
+# ---------------------------------------------------------------------------
+# The classic SDK, in its own venv
+# ---------------------------------------------------------------------------
+
+_SDK_CHILD = r"""
+import json, sys, time
+import agentsight
+from agentsight import ConversationTracker
+
+tracker = ConversationTracker()
+n = int(sys.argv[1])
+ids = [f"conv_{i:012x}" for i in range(0x5D0000, 0x5D0000 + n)]
+metadata = {"page_path": "/", "page_url": "https://shop.example.com/", "rule": "/"}
+errors = 0
+cpu = time.process_time()
+started = time.perf_counter()
+for conversation_id in ids:
+    try:
+        tracker.initialize_conversation(
+            conversation_id=conversation_id,
+            customer_ip_address="203.0.113.7",
+            device="desktop",
+            source="web",
+            language="en-US",
+            environment="production",
+            metadata=metadata,
+        )
+    except Exception:
+        errors += 1
+seconds = time.perf_counter() - started
+cpu = time.process_time() - cpu
+print(json.dumps({"seconds": seconds, "cpu": cpu, "errors": errors}))
+"""
+
+
+def sdk_python(progress: Callable[[str], None]) -> Path | None:
+    """The SDK venv's python, created (venv + pip install) when it does not exist yet."""
+    python = SDK_VENV / "bin" / "python"
+    if python.exists():
+        # The SDK builds a tracker at import time, which wants a (well-formed) key.
+        env = {**os.environ, "AGENTSIGHT_API_KEY": f"ags_{'0' * 32}_{'0' * 6}"}
+        check = subprocess.run(
+            [str(python), "-I", "-c", "import agentsight"],
+            capture_output=True,
+            check=False,
+            env=env,
+        )
+        if check.returncode == 0:
+            return python
+    progress(f"creating {SDK_VENV} (agentsight=={SDK_VERSION})")
+    try:
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(SDK_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", f"agentsight=={SDK_VERSION}"],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        progress(f"could not create the SDK venv: {exc}")
+        return None
+    return python
+
+
+def sdk_row(api: StandInProcess, calls: int, progress: Callable[[str], None]) -> Row:
+    row = Row(f"classic SDK {SDK_VERSION}: initialize_conversation, sequential", calls)
+    python = sdk_python(progress)
+    if python is None:
+        row.note = "SDK venv unavailable"
+        return row
+    baseline = api.accepted()
+    env = {
+        **os.environ,
+        "AGENTSIGHT_API_KEY": api.api_key,
+        "AGENTSIGHT_API_ENDPOINT": api.url,
+        "AGENTSIGHT_LOG_LEVEL": "ERROR",
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(python), "-I", "-c", _SDK_CHILD, str(calls)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        row.note = f"SDK run failed: {done.stderr.strip()[-300:]}"
+        return row
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    row.delivered = api.wait_for(baseline + calls, 10) - baseline
+    row.seconds = result["seconds"]
+    row.worker_cpu_us = result["cpu"] / calls * 1e6
+    row.complete = row.delivered >= calls and not result["errors"]
+    row.note = (
+        f"one blocking POST per call in the caller's thread ({result['errors']} errors); "
+        f"CPU column: the SDK process's CPU per call; {time.monotonic() - started:.1f} s "
+        f"with start-up"
+    )
+    api.trim()
+    return row
+
+
+# ---------------------------------------------------------------------------
+# The stand-in's own ceiling
+# ---------------------------------------------------------------------------
+
+
+async def _raw_client(url: str, api_key: str, bodies: list[bytes], connections: int) -> int:
+    host, _, port = url.removeprefix("http://").partition(":")
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    head = (
+        f"POST /api/conversations/ HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Api-Key {api_key}\r\nContent-Type: application/json\r\n"
+    )
+    accepted = 0
+
+    async def worker() -> None:
+        nonlocal accepted
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while not queue.empty():
+                body = queue.get_nowait()
+                writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                status = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in status.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if status.startswith(b"HTTP/1.1 201"):
+                    accepted += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return accepted
+
+
+def ceiling_row(api: StandInProcess, n: int) -> Row:
+    """What the stand-in accepts from a minimal client: the server side's limit here."""
+    body = {
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "customer_id": None,
+        "customer_ip_address": "203.0.113.7",
+        "device": "desktop",
+        "source": "web",
+        "language": "en-US",
+        "name": None,
+        "environment": "production",
+        "metadata": {"page_path": "/", "page_url": "https://shop.example.com/"},
+        "is_used": False,
+    }
+    bodies = [
+        json.dumps({**body, "conversation_id": f"conv_{i:012x}"}).encode()
+        for i in range(0x7E0000, 0x7E0000 + n)
+    ]
+    started, cpu = time.monotonic(), time.thread_time()
+    accepted = asyncio.run(_raw_client(api.url, api.api_key, bodies, 8))
+    row = Row("stand-in ceiling: minimal asyncio client, 8 connections", n)
+    row.seconds = time.monotonic() - started
+    row.worker_cpu_us = (time.thread_time() - cpu) / n * 1e6
+    row.delivered = accepted
+    row.complete = accepted == n
+    row.note = (
+        "prebuilt bodies, no payload building: the server's limit on this machine; "
+        "CPU column: this client's CPU per POST"
+    )
+    api.trim()
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Where the worker's CPU goes
+# ---------------------------------------------------------------------------
+
+# Innermost frames that say what a thread is doing, whatever called it.
+_INNER: tuple[tuple[str, str], ...] = (
+    ("<frozen importlib", "imports"),
+    ("/asyncio/", "event loop (asyncio)"),
+    ("/selectors.py", "event loop (asyncio)"),
+    ("/concurrent/futures/", "thread handoff (executor, queues, locks)"),
+    ("/threading.py", "thread handoff (executor, queues, locks)"),
+    ("/queue.py", "thread handoff (executor, queues, locks)"),
+)
+# Otherwise the nearest frame, inside out, from a package we know.
+_OUTER: tuple[tuple[str, str], ...] = (
+    ("/httpx/", "HTTP client (httpx, httpcore, h11, anyio)"),
+    ("/httpcore/", "HTTP client (httpx, httpcore, h11, anyio)"),
+    ("/h11/", "HTTP client (httpx, httpcore, h11, anyio)"),
+    ("/anyio/", "HTTP client (httpx, httpcore, h11, anyio)"),
+    ("/user_agents/", "user-agent parsing (user_agents, ua_parser)"),
+    ("/ua_parser", "user-agent parsing (user_agents, ua_parser)"),
+    ("/json/", "JSON encoding"),
+    ("/sqlite3/", "outbox"),
+    ("/sinks/outbox", "outbox"),
+    ("/sinks/http", "our HTTP sink"),
+    ("/_payload", "payload building"),
+    ("/_events", "payload building"),
+    ("/_facts", "payload building"),
+    ("/_conversation", "payload building"),
+    ("/_delivery", "our worker loop"),
+)
+
+
+def _classify(frame: Any) -> str:
+    inner = frame.f_code.co_filename
+    for needle, bucket in _INNER:
+        if needle in inner:
+            return bucket
+    while frame is not None:
+        file = frame.f_code.co_filename
+        for needle, bucket in _OUTER:
+            if needle in file:
+                return bucket
+        frame = frame.f_back
+    return f"other ({os.path.basename(inner)})"
+
+
+class ThreadSampler(threading.Thread):
+    """Samples every background thread's stack, weighted by the CPU it used in between.
+
+    ``time.pthread_getcpuclockid`` gives each thread's own CPU clock, so time a thread
+    spends waiting (for the network, a lock, the GIL) weighs nothing.
+    """
+
+    def __init__(self, interval: float = 0.001) -> None:
+        super().__init__(name="bench-sampler", daemon=True)
+        self.interval = interval
+        self.totals: dict[str, int] = {}
+        self.threads: set[str] = set()
+        self._stop_event = threading.Event()
+        self._skip = {threading.main_thread().ident}
+
+    def run(self) -> None:
+        self._skip.add(threading.get_ident())
+        last: dict[int, int] = {}
+        names = {t.ident: t.name for t in threading.enumerate()}
+        while not self._stop_event.wait(self.interval):
+            for ident, frame in sys._current_frames().items():
+                if ident in self._skip:
+                    continue
+                try:
+                    now = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
+                except (OSError, OverflowError):
+                    continue
+                before = last.get(ident)
+                last[ident] = now
+                if before is None or now <= before:
+                    continue
+                if ident not in names:
+                    names = {t.ident: t.name for t in threading.enumerate()}
+                self.threads.add(names.get(ident, str(ident)).split("_")[0])
+                bucket = _classify(frame)
+                self.totals[bucket] = self.totals.get(bucket, 0) + now - before
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def worker_profile(api: StandInProcess, events: int) -> tuple[Row, list[tuple[str, float]]]:
+    """Deliver ``events`` with the sampler on (after the warm-up); µs CPU per event by bucket."""
+    sampler = ThreadSampler()
+    row = burst(
+        api,
+        "profiled",
+        events,
+        300,
+        queue_size=events,
+        on_start=lambda mw: sampler.start(),
+        on_end=lambda mw: sampler.stop(),
+    )
+    delivered = max(row.delivered, 1)
+    ranked = sorted(
+        ((k, v / delivered / 1000) for k, v in sampler.totals.items()), key=lambda x: -x[1]
+    )
+    row.note = "threads: " + ", ".join(sorted(sampler.threads))
+    return row, ranked
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--events", type=int, default=20_000, help="page views per row")
+    parser.add_argument("--sdk-calls", type=int, default=1000, help="0 skips the SDK row")
+    parser.add_argument(
+        "--row-seconds",
+        type=float,
+        default=40.0,
+        help="longest wait for one row's delivery; the rate reached is reported (default 40)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also deliver N events while sampling the background threads, and show "
+        "where their CPU goes",
+    )
+    args = parser.parse_args(argv)
+    if args.events < 1:
+        parser.error("--events must be >= 1")
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    began = time.monotonic()
+    info = machine_info()
+    info["conditions_before"] = conditions()
+    rows: list[Row] = []
+    n = args.events
+    with StandInProcess() as api, tempfile.TemporaryDirectory() as tmp:
+        progress("enqueue cost")
+        enqueue = enqueue_cost(n)
+        progress(f"in-memory queue, queue_size={n}")
+        rows.append(burst(api, f"ours, in-memory queue (queue_size={n:,})", n, args.row_seconds,
+                          queue_size=n))  # fmt: skip
+        progress("default queue_size")
+        row = burst(api, "ours, default queue_size=10,000: burst kept", n, 30, wait=False)
+        row.note = f"{row.dropped:,} of {n:,} dropped (queue full)" if row.dropped else "none lost"
+        rows.append(row)
+        progress("SQLite outbox")
+        rows.append(burst(api, "ours, outbox= SQLite (durable)", n, args.row_seconds,
+                          queue_size=n, outbox=os.path.join(tmp, "outbox.sqlite3")))  # fmt: skip
+        if args.sdk_calls:
+            progress(f"classic SDK, {args.sdk_calls} calls")
+            rows.append(sdk_row(api, args.sdk_calls, progress))
+        progress("stand-in ceiling")
+        rows.append(ceiling_row(api, min(n, 5000)))
+        profile: list[tuple[str, float]] = []
+        profiled: Row | None = None
+        if args.profile:
+            progress(f"worker profile, {args.profile} events")
+            profiled, profile = worker_profile(api, args.profile)
+        accepted = api.trim()
+        statuses = api.statuses()
+    info["conditions_after"] = conditions()
+    elapsed = time.monotonic() - began
+    problems = [f"the stand-in answered {statuses}"] if set(statuses) - {200, 201} else []
+    for row in rows:
+        bad = {k: v for k, v in row.stats.items() if k in ("errors", "rejected", "failed") and v}
+        if bad:
+            problems.append(f"{row.name}: {bad}")
+
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "machine": info,
+                    "enqueue": enqueue,
+                    "rows": [{**asdict(r), "events_per_s": round(r.rate, 1)} for r in rows],
+                    "standin": {"accepted": accepted, "statuses": statuses},
+                    "worker_profile_us_per_event": dict(profile),
+                    "problems": problems,
+                    "seconds": round(elapsed, 1),
+                },
+                indent=2,
+            )
+        )
+        return 1 if problems else 0
+
+    print_machine(info)
+    print()
+    print(f"Delivery from one process to the stand-in AgentSight API on loopback ({n:,} events)")
+    print(f"  {'':<58}{'events/s':>9}{'delivered':>11}{'s':>7}{'req µs':>8}{'bg µs/ev':>9}")
+    for row in rows:
+        rate = f"{row.rate:,.0f}" if row.seconds else "-"
+        done = f"{row.delivered:,}" + ("" if row.complete or not row.seconds else "*")
+        seconds = f"{row.seconds:.1f}" if row.seconds else "-"
+        submit = f"{row.submit_us:.1f}" if row.submit_us is not None else "-"
+        cpu = f"{row.worker_cpu_us:,.0f}" if row.worker_cpu_us is not None else "-"
+        if not row.seconds:
+            done = "-"
+        print(f"  {row.name:<58}{rate:>9}{done:>11}{seconds:>7}{submit:>8}{cpu:>9}")
+        if row.note:
+            print(f"      {row.note}")
+    print(
+        "  *: not all delivered within --row-seconds; the rate is what was reached by then.\n"
+        "  req µs: one request through the middleware (raw ASGI page) during the burst.\n"
+        "  bg µs/ev: CPU of the process's other threads (worker, senders) per delivered event."
+    )
+    print()
+    print(
+        f"Enqueue on the request path: submit() {enqueue['submit_us']:.2f} µs, "
+        f"Event(...) + submit() {enqueue['event_and_submit_us']:.2f} µs per event"
+    )
+    best = max((r.rate for r in rows if r.name.startswith("ours, in-memory queue (")), default=0)
+    print(
+        f"Targets: delivery >= {TARGET_RATE:,.0f} events/s: "
+        f"{'met' if best >= TARGET_RATE else 'NOT met'} ({best:,.0f}); enqueue < "
+        f"{TARGET_ENQUEUE_US:g} µs: "
+        f"{'met' if enqueue['event_and_submit_us'] < TARGET_ENQUEUE_US else 'NOT met'}"
+    )
+    if profiled is not None:
+        total = sum(us for _, us in profile)
+        print()
+        print(
+            f"Background CPU per delivered event, by where it goes ({profiled.delivered:,} "
+            f"events at {profiled.rate:,.0f}/s; stacks sampled every ms, weighted by each "
+            f"thread's CPU; {profiled.note}):"
+        )
+        for bucket, us in profile:
+            print(f"  {bucket:<56}{us:>8,.0f} µs {us / total:>6.1%}")
+    print(f"Stand-in API accepted {accepted:,} events in all; answers: {statuses}")
+    if problems:
+        print("PROBLEMS: " + "; ".join(problems))
+    print(f"({elapsed:.0f} s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
