@@ -28,12 +28,12 @@ from ._payload import build_payload
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["BackgroundDelivery", "Sink"]
+__all__ = ["BATCH", "BackgroundDelivery", "Sink"]
 
 # How long the worker sleeps when there is nothing to do. Also the longest an
 # event waits in memory before a durable sink has it on disk.
 _INTAKE_INTERVAL = 0.02
-_BATCH = 500
+BATCH = 100
 
 
 class Sink(Protocol):
@@ -45,6 +45,7 @@ class Sink(Protocol):
     async def start(self) -> None: ...
     async def put(self, payloads: list[dict[str, Any]]) -> None: ...
     def pending(self) -> int: ...
+    def backed_up(self) -> bool: ...
     async def drain(self, deadline: float) -> int: ...
     async def aclose(self) -> None: ...
     def stats(self) -> dict[str, int]: ...
@@ -80,6 +81,7 @@ class BackgroundDelivery:
         self.dropped = 0
         self.skipped_bots = 0
         self.errors = 0
+        self._drop_logged_at = -60.0
         reset_in_child(self._after_fork)
 
     def _after_fork(self) -> None:
@@ -100,8 +102,15 @@ class BackgroundDelivery:
             # The newest is dropped: memory stays bounded and what was seen
             # first (the page view before its chat) is what is kept.
             self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("event queue full (%d): %d dropped", self._queue_size, self.dropped)
+            now = time.monotonic()
+            # Once, then at most once a minute: a flood of identical lines helps nobody.
+            if now - self._drop_logged_at >= 60.0:
+                self._drop_logged_at = now
+                logger.warning(
+                    "event queue full (%d waiting for the worker): %d event(s) dropped so far",
+                    self._queue_size,
+                    self.dropped,
+                )
             return
         intake.append(event)
         self.enqueued += 1
@@ -162,8 +171,15 @@ class BackgroundDelivery:
         self._ready.set()
         try:
             while not self._stopping.is_set():
-                if not await self._take():
+                # Yield after every batch: the sink's sender tasks run on this same
+                # loop, and a steady stream of events must not starve them.
+                if sink.backed_up():
+                    # Backpressure: events wait in the intake (bounded, drops counted
+                    # there) rather than being built only to be refused by the sink.
                     await asyncio.sleep(_INTAKE_INTERVAL)
+                    continue
+                taken = await self._take()
+                await asyncio.sleep(0 if taken else _INTAKE_INTERVAL)
             while await self._take():
                 pass
             deadline = time.monotonic() + self._shutdown_timeout
@@ -183,7 +199,7 @@ class BackgroundDelivery:
     async def _take(self) -> int:
         intake = self._intake
         batch: list[dict[str, Any]] = []
-        while intake and len(batch) < _BATCH:
+        while intake and len(batch) < BATCH:
             event = intake.popleft()
             try:
                 # Parsing the user agent is the slow part: here, never on the request path.
@@ -236,6 +252,13 @@ class BackgroundDelivery:
             self._shutdown_timeout = timeout
         self._stopping.set()
         self._thread.join(self._shutdown_timeout + 5)
+        if self._thread.is_alive():
+            logger.warning(
+                "the delivery worker did not finish within %.1f s at shutdown; %d event(s) "
+                "still waiting in memory are lost",
+                self._shutdown_timeout + 5,
+                len(self._intake),
+            )
         self._thread = None
         self._started = False
 

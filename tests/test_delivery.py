@@ -155,7 +155,7 @@ async def test_outage_then_recovery_delivers_everything_in_order(
     async with client(mw) as c:
         for _ in range(5):
             await visit(c, chats=2)
-    assert mw.flush(30)
+    assert mw.flush(60)
     bodies = api.conversations
     assert len(bodies) == 15
     by_conversation: dict[str, list[bool]] = {}
@@ -496,3 +496,39 @@ def test_gunicorn_preload_workers_deliver(api: StandInAgentSightAPI) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
     assert len({b["conversation_id"] for b in api.conversations}) == 20
+
+
+async def test_delivery_keeps_going_under_a_steady_stream_of_events(
+    api: StandInAgentSightAPI,
+) -> None:
+    """The worker once took events as long as any were waiting and never let its
+    sender tasks run: under steady load nothing was sent until the load stopped."""
+    mw = wrap(api)
+    headers = [(k.encode(), v.encode()) for k, v in BROWSER.items() if k != "user-agent"]
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async with client(mw) as c:
+        await visit(c, chats=0)
+    assert mw.flush(10)  # the worker is up (its start-up is not what is tested)
+    sent_before = mw.stats()["sent"]
+    sent_during_load = 0
+    deadline = time.monotonic() + 1.0
+    n = 0
+    while time.monotonic() < deadline:  # a busy server: requests back to back
+        n += 1
+        # A new user agent each time: the worker's slowest case (a cold parse each).
+        agent = (b"user-agent", CHROME_DESKTOP.replace("126.0.0.0", f"126.0.{n}.0").encode())
+        scope = {
+            "type": "http", "method": "GET", "path": "/", "root_path": "",
+            "query_string": b"", "headers": [*headers, agent], "client": ("203.0.113.9", 1),
+            "server": ("shop.test", 80), "scheme": "http",
+        }  # fmt: skip
+        await mw(scope, receive, send)
+        sent_during_load = mw.stats()["sent"] - sent_before
+    assert sent_during_load > 0, mw.stats()
+    mw.close(0.5)

@@ -55,6 +55,7 @@ class HttpSink:
         concurrency: int = 8,
         timeout: float = 15.0,
         max_attempts: int = 6,
+        max_pending: int = 10_000,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._credentials = credentials
@@ -65,6 +66,7 @@ class HttpSink:
         # Only bounds the in-memory queue: a durable outbox keeps an event until
         # the API accepts it, however long the outage.
         self._max_attempts = max_attempts
+        self._max_pending = max_pending
         self._transport = transport
         self._http: httpx.BaseTransport | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -142,7 +144,7 @@ class HttpSink:
             self._log_once(
                 "full",
                 "queue full: %d event(s) dropped (in-memory queue holds %d while the API is "
-                "unreachable; pass outbox='path.sqlite3' to keep every event on disk)",
+                "slow or unreachable; pass outbox='path.sqlite3' to keep every event on disk)",
                 len(items) - accepted,
                 self._outbox.depth(),
                 level="warning",
@@ -152,6 +154,17 @@ class HttpSink:
 
     def pending(self) -> int:
         return self._outbox.depth()
+
+    def backed_up(self) -> bool:
+        """True while enough events are built and waiting to keep every sender busy.
+
+        Sending then comes first: the worker builds no more until the senders
+        have caught up, and events wait unbuilt (and bounded) in the intake. A
+        durable outbox takes everything at once: on disk is the point of it.
+        """
+        if self._outbox.durable:
+            return False
+        return self._outbox.depth() >= min(self._max_pending, 4 * self._concurrency)
 
     async def _run(self) -> None:
         assert self._wake is not None

@@ -40,6 +40,9 @@ class StoreSink:
     def pending(self) -> int:
         return 0
 
+    def backed_up(self) -> bool:
+        return False
+
     async def drain(self, deadline: float) -> int:
         await asyncio.sleep(0)
         return 0
