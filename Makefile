@@ -18,8 +18,8 @@ demo: install
 	$(BIN)/python -m examples.demo
 
 lint: install
-	$(BIN)/ruff check agentsight_middleware tests examples
-	$(BIN)/ruff format --check agentsight_middleware tests examples
+	$(BIN)/ruff check agentsight_middleware tests examples benchmarks
+	$(BIN)/ruff format --check agentsight_middleware tests examples benchmarks
 
 types: install
 	$(BIN)/mypy --strict agentsight_middleware
