@@ -6,42 +6,26 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page
 
 from agentsight_middleware._report import build_report
 from examples.demo import create_app
 
-from .conftest import IPHONE
+from .conftest import IPHONE, uvicorn_server
 
 
 @pytest.fixture
 def demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
     db = tmp_path / "events.sqlite3"
-    config = uvicorn.Config(
-        create_app(local_store=db), host="127.0.0.1", port=0, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/", db
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with uvicorn_server(create_app(local_store=db)) as url:
+        yield url + "/", db
 
 
 def events(db: Path) -> list[dict[str, Any]]:

@@ -14,14 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from werkzeug.serving import make_server
 from werkzeug.test import Client
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import BROWSER
+from .conftest import BROWSER, uvicorn_server
 
 
 def _check(tracker: RecordingTracker, page_cookie: str, chat_json: dict[str, Any]) -> None:
@@ -80,22 +79,8 @@ def test_wsgi_examples(name: str, tracker: RecordingTracker) -> None:
 def uvicorn_demo(tracker: RecordingTracker) -> Iterator[str]:
     from examples.demo import create_app
 
-    config = uvicorn.Config(
-        create_app(tracker=tracker), host="127.0.0.1", port=0, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        threading.Event().wait(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with uvicorn_server(create_app(tracker=tracker)) as url:
+        yield url
 
 
 def test_demo_under_real_uvicorn(uvicorn_demo: str, tracker: RecordingTracker) -> None:
