@@ -180,9 +180,21 @@ class BackgroundDelivery:
                     continue
                 taken = await self._take()
                 await asyncio.sleep(0 if taken else _INTAKE_INTERVAL)
-            while await self._take():
-                pass
+            # Shutdown: everything within one time limit, building included, so
+            # that a long backlog cannot keep the worker (and the process) alive.
             deadline = time.monotonic() + self._shutdown_timeout
+            while self._intake and time.monotonic() < deadline:
+                if sink.backed_up():
+                    await asyncio.sleep(_INTAKE_INTERVAL)
+                    continue
+                await self._take()
+                await asyncio.sleep(0)
+            if self._intake:
+                logger.warning(
+                    "%d event(s) still waiting to be built at shutdown are lost",
+                    len(self._intake),
+                )
+                self._intake.clear()
             left = await sink.drain(deadline)
             if left:
                 logger.warning(

@@ -43,6 +43,11 @@ def retry_after(value: str | None, *, now: float, default: float = 1.0) -> float
     return default
 
 
+# Our own source: the app's global ``random`` state (seeded by its tests, say) is not
+# ours to advance from a background thread, and forked workers must not share a sequence.
+_jitter = random.SystemRandom()
+
+
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 60.0) -> float:
     """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s ... capped.
 
@@ -50,4 +55,4 @@ def backoff(attempt: int, *, base: float = 0.5, cap: float = 60.0) -> float:
     not hit by all of them at the same instant.
     """
     ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
-    return ceiling / 2 + random.random() * ceiling / 2
+    return ceiling / 2 + _jitter.random() * ceiling / 2
