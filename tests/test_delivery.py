@@ -531,4 +531,10 @@ async def test_delivery_keeps_going_under_a_steady_stream_of_events(
         await mw(scope, receive, send)
         sent_during_load = mw.stats()["sent"] - sent_before
     assert sent_during_load > 0, mw.stats()
+    # A backlog of thousands still to build: shutdown keeps to its time limit and the
+    # worker really stops (it must not go on sending behind the app's back).
+    worker = mw._core.delivery._thread  # type: ignore[union-attr]
+    assert worker is not None
     mw.close(0.5)
+    worker.join(15)  # the backlog would take the old worker minutes
+    assert not worker.is_alive()

@@ -83,6 +83,7 @@ class HttpSink:
         self._wake: asyncio.Event | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._paused_until = 0.0
+        self._closing = False
         self._logged: set[Any] = set()
         self.sent = 0
         self.retried = 0
@@ -169,7 +170,9 @@ class HttpSink:
     async def _run(self) -> None:
         assert self._wake is not None
         wake = self._wake
-        while True:
+        # A flag as well as cancel(): on Python 3.11, wait_for() can swallow a
+        # cancellation that lands as its timeout fires, and the loop would go on.
+        while not self._closing:
             now = time.time()
             if now < self._paused_until:
                 await asyncio.sleep(self._paused_until - now)
@@ -277,6 +280,9 @@ class HttpSink:
         return self._outbox.depth()
 
     async def aclose(self) -> None:
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
         if self._pump is not None:
             self._pump.cancel()
         for task in list(self._in_flight):
