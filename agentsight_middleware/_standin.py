@@ -350,22 +350,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         if route == TRACK_PATH:
-            errors = _validate_track(data)
-            if errors:
-                self._reject(api, body, received_at, 400, errors, parsed=data)
-                return
-            assert isinstance(data, dict)
-            record = self._recorded(body, 201, received_at, data)
-            self._send(201, api._accept_message(record, data))
-            return
-
-        errors = _validate_conversation(data)
+            validate, accept = _validate_track, api._accept_message
+        else:
+            validate, accept = _validate_conversation, api._accept_conversation
+        errors = validate(data)
         if errors:
             self._reject(api, body, received_at, 400, errors, parsed=data)
             return
         assert isinstance(data, dict)
         record = self._recorded(body, 201, received_at, data)
-        self._send(201, api._accept_conversation(record, data))
+        self._send(201, accept(record, data))
 
 
 @dataclass(frozen=True)
