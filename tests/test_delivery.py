@@ -216,8 +216,12 @@ async def test_memory_queue_is_bounded_while_the_api_is_down() -> None:
             await visit(c, chats=0)
     time.sleep(0.3)
     stats = mw.stats()
-    assert stats["pending"] <= 5
-    assert stats["dropped"] >= 15
+    # queue_size events wait for the worker and as many for the API (README),
+    # however the 20 arrivals interleave with the worker: at least 10 dropped.
+    assert stats["queued"] <= 5, stats
+    assert stats["pending"] <= 5, stats
+    assert stats["enqueued"] + stats["dropped"] == 20, stats
+    assert stats["dropped"] >= 10, stats
     mw.close()
 
 

@@ -1,0 +1,405 @@
+"""The direct HTTP/1.1 pool against real sockets: a scripted asyncio server for the
+protocol's corners, a TLS server with a real certificate chain, and a real proxy
+(pproxy) for the path that goes through httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import httpx
+import pytest
+import trustme
+
+from agentsight_middleware._credentials import Credentials
+from agentsight_middleware.sinks._http11 import Http11Pool
+from agentsight_middleware.sinks.http import HttpSink, environment_proxy
+from agentsight_middleware.sinks.outbox import MemoryOutbox
+from agentsight_middleware.testing import StandInAgentSightAPI
+
+pytestmark = pytest.mark.anyio
+
+HEADERS = [(b"Content-Type", b"application/json")]
+OK = b'HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{"id":1}'
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return lines[0], headers, body
+
+
+class Scripted:
+    """A real TCP server on 127.0.0.1 whose answer to each request is a coroutine."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        self._writers.append(writer)
+        # Swallowing the cancellation at shutdown: on Python 3.11 asyncio logs a
+        # spurious error for a cancelled stream handler task.
+        with contextlib.suppress(
+            ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, asyncio.CancelledError
+        ):
+            await self.handler(reader, writer)
+        writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ssl_context)
+        port = self._server.sockets[0].getsockname()[1]
+        scheme = "https" if ssl_context else "http"
+        try:
+            yield f"{scheme}://localhost:{port}/api/conversations/"
+        finally:
+            self._server.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for writer in self._writers:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            await self._server.wait_closed()
+
+
+def keep_alive(answer: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    return handler
+
+
+async def test_keeps_the_connection_alive_and_sends_host_and_length() -> None:
+    seen: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            seen.append(await read_request(reader))
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=4, timeout=5)
+        for i in range(20):
+            reply = await pool.post(HEADERS, b'{"n":%d}' % i)
+            assert (reply.status, reply.body) == (201, b'{"id":1}')
+        pool.close()
+    assert server.connections == 1
+    assert len(seen) == 20
+    line, headers, body = seen[-1]
+    assert line == b"POST /api/conversations/ HTTP/1.1"
+    assert headers[b"host"] == b"localhost:" + url.split(":")[2].split("/")[0].encode()
+    assert headers[b"content-length"] == b"8"
+    assert body == b'{"n":19}'
+
+
+async def test_concurrent_requests_use_separate_connections() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.05)
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=8, timeout=5)
+        replies = await asyncio.gather(*(pool.post(HEADERS, b"{}") for _ in range(8)))
+        assert [r.status for r in replies] == [201] * 8
+        # Then they are all reused: no new connection for the next round.
+        await asyncio.gather(*(pool.post(HEADERS, b"{}") for _ in range(8)))
+        pool.close()
+    assert server.connections == 8
+
+
+async def test_chunked_answer_and_retry_after_header() -> None:
+    answer = (
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4\r\n{"de\r\na\r\ntail":"x"}\r\n0\r\n\r\n'
+    )
+    server = Scripted(keep_alive(answer))
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=1, timeout=5)
+        reply = await pool.post(HEADERS, b"{}")
+        again = await pool.post(HEADERS, b"{}")
+        pool.close()
+    assert reply.status == 429
+    assert reply.header(b"retry-after") == "7"
+    assert reply.body == b'{"detail":"x"}'
+    assert again.status == 429
+    assert server.connections == 1
+
+
+async def test_connection_close_and_http10_answers_open_a_new_connection() -> None:
+    answers = [
+        b"HTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 201 Created\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}",
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answers.pop(0))
+        await writer.drain()
+        # Keeps the socket open: the client must close it on its own.
+        await asyncio.sleep(1)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=2, timeout=5)
+        assert [(await pool.post(HEADERS, b"{}")).status for _ in range(3)] == [201] * 3
+        pool.close()
+    assert server.connections == 3
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)  # keep-alive promised, then closed while idle
+        await writer.drain()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=2, timeout=5)
+        assert (await pool.post(HEADERS, b"{}")).status == 201
+        await asyncio.sleep(0.1)  # the close reaches the client's loop
+        assert (await pool.post(HEADERS, b"{}")).status == 201
+        pool.close()
+    assert server.connections == 2
+
+
+async def test_expired_idle_connections_are_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=2, timeout=5)
+        await pool.post(HEADERS, b"{}")
+        real = time.monotonic
+        monkeypatch.setattr(time, "monotonic", lambda: real() + 60)
+        await pool.post(HEADERS, b"{}")
+        pool.close()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"", "without sending a response"),
+        (b'HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\n{"id"', "disconnected"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "invalid response"),
+        (b"HTTP/1.1 201 Created\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1_100_000, "large"),
+    ],
+    ids=["closed-at-once", "cut-mid-body", "garbage", "too-large"],
+)
+async def test_broken_answers_raise_httpx_protocol_errors(answer: bytes, message: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=1, timeout=5)
+        with pytest.raises(httpx.RemoteProtocolError, match=message):
+            await pool.post(HEADERS, b"{}")
+        # The broken connection is gone; a good server answer works on a new one.
+        server.handler = keep_alive(OK)
+        assert (await pool.post(HEADERS, b"{}")).status == 201
+        pool.close()
+    assert server.connections == 2
+
+
+async def test_a_hanging_server_times_out_and_the_connection_is_dropped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=1, timeout=0.2)
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await pool.post(HEADERS, b"{}")
+        assert time.monotonic() - started < 2
+        server.handler = keep_alive(OK)
+        assert (await pool.post(HEADERS, b"{}")).status == 201
+        pool.close()
+    assert server.connections == 2
+
+
+async def test_refused_connection_is_a_connect_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pool = Http11Pool(f"http://127.0.0.1:{port}/x/", max_connections=1, timeout=5)
+    with pytest.raises(httpx.ConnectError):
+        await pool.post(HEADERS, b"{}")
+
+
+async def test_a_cancelled_request_never_leaves_its_connection_in_the_pool() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.3)
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, max_connections=1, timeout=5)
+        task = asyncio.ensure_future(pool.post(HEADERS, b"{}"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The late answer to the cancelled request must not be read as this one's.
+        assert (await pool.post(HEADERS, b'{"second":1}')).status == 201
+        pool.close()
+    assert server.connections == 2
+
+
+def test_rejects_urls_it_cannot_reach() -> None:
+    with pytest.raises(ValueError, match="not an http"):
+        Http11Pool("ftp://example.com/", max_connections=1, timeout=1)
+
+
+# ---------------------------------------------------------------------------
+# TLS: the real API is https
+# ---------------------------------------------------------------------------
+
+
+async def test_https_with_a_verified_certificate() -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+
+    server = Scripted(keep_alive(OK))
+    async with server.running(server_context) as url:
+        assert url.startswith("https://")
+        pool = Http11Pool(url, max_connections=1, timeout=5, ssl_context=client_context)
+        assert (await pool.post(HEADERS, b"{}")).status == 201
+        assert (await pool.post(HEADERS, b"{}")).status == 201
+        pool.close()
+
+        # The default context (httpx's: certifi's roots) does not trust this CA.
+        untrusting = Http11Pool(url, max_connections=1, timeout=5)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.post(HEADERS, b"{}")
+    # The refused handshake never reaches the server's handler.
+    assert server.connections == 1
+
+
+# ---------------------------------------------------------------------------
+# Through a proxy: httpx's transport
+# ---------------------------------------------------------------------------
+
+
+def test_environment_proxy_follows_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    assert environment_proxy("https://api.agentsight.io/api/conversations/") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert environment_proxy("https://api.agentsight.io/x/") == "http://proxy.internal:3128"
+    assert environment_proxy("http://api.agentsight.io/x/") is None
+    monkeypatch.setenv("NO_PROXY", "agentsight.io")
+    assert environment_proxy("https://api.agentsight.io/x/") is None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pproxy() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pproxy", "-l", f"http://127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def deliver(sink: HttpSink, n: int) -> None:
+    await sink.start()
+    payloads = [
+        {
+            "conversation_id": f"conv_{i:012x}",
+            "is_used": False,
+            "timestamp": "2026-11-25T10:00:00+00:00",
+            "environment": "production",
+        }
+        for i in range(n)
+    ]
+    await sink.put(payloads)
+    await sink.drain(time.monotonic() + 10)
+    await sink.aclose()
+
+
+async def test_a_proxy_from_the_environment_is_used(
+    monkeypatch: pytest.MonkeyPatch, pproxy: str
+) -> None:
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with StandInAgentSightAPI() as api:
+        credentials = Credentials(api.api_key, api.url, "production")
+
+        # A proxy that is not there: nothing can arrive, which shows it is asked.
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+        sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=2, max_attempts=1)
+        await deliver(sink, 3)
+        assert sink.stats()["failed"] == 3
+        assert api.conversations == []
+
+        monkeypatch.setenv("HTTP_PROXY", pproxy)
+        sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=2)
+        await deliver(sink, 5)
+        assert sink.stats()["sent"] == 5
+        assert sorted(c["conversation_id"] for c in api.conversations) == [
+            f"conv_{i:012x}" for i in range(5)
+        ]
