@@ -92,10 +92,12 @@ class Scripted:
             await self._server.wait_closed()
 
 
-def keep_alive(answer: bytes) -> Handler:
+def keep_alive(answer: bytes, delay: float = 0.0) -> Handler:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await read_request(reader)
+            if delay:
+                await asyncio.sleep(delay)
             writer.write(answer)
             await writer.drain()
 
@@ -127,13 +129,7 @@ async def test_keeps_the_connection_alive_and_sends_host_and_length() -> None:
 
 
 async def test_concurrent_requests_use_separate_connections() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await asyncio.sleep(0.05)
-            writer.write(OK)
-
-    server = Scripted(handler)
+    server = Scripted(keep_alive(OK, delay=0.05))
     async with server.running() as url:
         pool = Http11Pool(url, max_connections=8, timeout=5)
         replies = await asyncio.gather(*(pool.post(HEADERS, b"{}") for _ in range(8)))
@@ -268,13 +264,7 @@ async def test_refused_connection_is_a_connect_error() -> None:
 
 
 async def test_a_cancelled_request_never_leaves_its_connection_in_the_pool() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            await asyncio.sleep(0.3)
-            writer.write(OK)
-
-    server = Scripted(handler)
+    server = Scripted(keep_alive(OK, delay=0.3))
     async with server.running() as url:
         pool = Http11Pool(url, max_connections=1, timeout=5)
         task = asyncio.ensure_future(pool.post(HEADERS, b"{}"))
