@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, Literal
 from urllib.parse import quote, unquote_plus, urlsplit
 
+from ._device import _classify as _classify
+from ._device import classify_user_agent
+
 __all__ = [
     "DEFAULT_NON_BROWSER_AGENTS",
     "MAX_URL_LENGTH",
@@ -163,6 +166,7 @@ class TrustedProxies:
         "_hops",
         "_literals",
         "_networks",
+        "_peers",
         "_trust_all",
         "header",
     )
@@ -223,6 +227,9 @@ class TrustedProxies:
         self._enabled = self._trust_all or self._hops > 0 or bool(literals or networks)
         # Bounded: a busy site sees many distinct peers; this is a hot path.
         self._contains: Callable[[str], bool] = functools.lru_cache(maxsize=1024)(self._lookup)
+        # Raw peer text -> is a proxy. Behind a proxy the same few peers come every
+        # request, and a plain dict costs a fraction of the normalise + lookup calls.
+        self._peers: dict[str | None, bool] = {}
 
     def _add_entry(self, entry: object, literals: set[str], networks: list[_IPNetwork]) -> None:
         if not isinstance(entry, str):
@@ -312,6 +319,18 @@ class TrustedProxies:
         if self._trust_all or self._hops:
             return True
         return peer_address is not None and peer_address in self
+
+    def peer_is_proxy(self, peer: str | None) -> bool:
+        """Whether the socket peer as the server reported it (not normalised) is a proxy."""
+        peers = self._peers
+        found = peers.get(peer)
+        if found is None:
+            found = self._peer_is_proxy(_address(peer))
+            if len(peers) >= 1024:
+                # Directly exposed apps see every visitor as a peer: stay bounded.
+                peers.clear()
+            peers[peer] = found
+        return found
 
     def __repr__(self) -> str:
         if self._hops:
@@ -461,7 +480,20 @@ def client_scheme(
     Uses the right-most ``proto=`` of ``Forwarded`` (else ``X-Forwarded-Proto``):
     the one asserted by the proxy nearest to us, the only one we can vouch for.
     """
-    if not trusted._peer_is_proxy(_address(peer)):
+    return forwarded_scheme(scheme, forwarded, x_forwarded_proto, peer, trusted)
+
+
+def forwarded_scheme(
+    scheme: str,
+    forwarded: str | None,
+    x_forwarded_proto: str | None,
+    peer: str | None,
+    trusted: TrustedProxies,
+) -> str:
+    """:func:`client_scheme` with positional arguments, for the request path."""
+    if not forwarded and not x_forwarded_proto:
+        return scheme  # the common case for direct traffic, decided without the peer
+    if not trusted.peer_is_proxy(peer):
         return scheme
     mode = trusted.header
     value: str | None = None
@@ -478,6 +510,9 @@ def client_scheme(
         value = x_forwarded_proto.rpartition(",")[2]
     if value is None or len(value) > 16:
         return scheme
+    known = _PAGE_SCHEMES.get(value)
+    if known is not None:
+        return known  # what proxies send: already bare and lower case
     return _PAGE_SCHEMES.get(value.strip().strip('"').strip().lower(), scheme)
 
 
@@ -900,35 +935,6 @@ def redact_url(url: str) -> str | None:
 # Device
 # ---------------------------------------------------------------------------
 
-
-@functools.lru_cache(maxsize=4096)
-def _classify(user_agent: str) -> tuple[str | None, bool]:
-    # Imported here: user_agents costs ~110 ms to import, which apps that never see
-    # a chat page (or short-lived CLI/test processes) should not pay.
-    import user_agents  # type: ignore[import-untyped]
-
-    try:
-        parsed = user_agents.parse(user_agent)
-        is_bot = bool(parsed.is_bot)
-        if parsed.is_tablet:
-            device: str | None = "tablet"
-        elif parsed.is_mobile:
-            device = "mobile"
-        elif parsed.is_pc:
-            device = "desktop"
-        else:
-            device = None
-    except Exception:
-        # A third-party parser must not be able to break request handling.
-        return None, False
-    return device, is_bot
-
-
-def classify_user_agent(ua: str) -> tuple[str | None, bool]:
-    """``(device, is_bot)``: device is "mobile", "tablet", "desktop" or None."""
-    if not ua or ua.isspace():
-        return None, False
-    # Browsers identify themselves within the first few hundred chars; the cap
-    # bounds the parser's regex work (a cold parse is ~0.4 ms and grows with length)
-    # and keeps padded, forged agents from pinning big keys in the cache.
-    return _classify(ua[:_MAX_USER_AGENT])
+# classify_user_agent and its cache (_classify) live in _device, which keeps user-agents'
+# rules but swaps its slow parser for ua-parser 1.0's compiled resolvers (issue #7); they
+# are imported above so that callers and tests of this module keep working.

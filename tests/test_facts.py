@@ -2,10 +2,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -983,28 +980,7 @@ def test_classify_user_agent_caches_truncated_keys() -> None:
     assert _facts._classify.cache_info().maxsize == 4096
 
 
-def test_classify_user_agent_survives_parser_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    import user_agents  # type: ignore[import-untyped]
-
-    def explode(ua: str) -> object:
-        raise RuntimeError("parser bug")
-
-    monkeypatch.setattr(user_agents, "parse", explode)
-    _facts._classify.cache_clear()
-    try:
-        assert classify_user_agent(BROWSERS["firefox-linux"]) == (None, False)
-    finally:
-        _facts._classify.cache_clear()
-
-
-def test_import_is_cheap() -> None:
-    code = (
-        "import sys, agentsight_middleware._facts as f\n"
-        "assert 'user_agents' not in sys.modules, 'user_agents imported eagerly'\n"
-        "f.classify_user_agent('curl/8.5.0')\n"
-        "assert 'user_agents' in sys.modules\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+# Parser errors and lazy imports of the device classifier: tests/test_device.py.
 
 
 # ---------------------------------------------------------------------------

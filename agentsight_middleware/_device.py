@@ -1,0 +1,279 @@
+"""A visitor's device class and bot flag from its User-Agent, fast enough for the worker.
+
+``user_agents.parse`` runs uap-core's ~1,270 regexes one by one in Python's ``re``:
+0.4-1 ms for each agent it has not seen, far short of the 5,000 distinct agents a second
+the worker must keep up with (issue #7). ua-parser 1.0 runs the same rules through
+google-re2 at ~50 us an agent. This module takes that resolver's browser, OS and device
+families and applies user-agents' own rules to them (``_is_tablet`` and friends mirror
+``user_agents.parsers.UserAgent`` line for line), so the classification is user-agents'
+without its parser: the same verdict on all 30,872 agents of uap-core's test suites.
+
+ua-parser-rs (~25 us an agent) was measured and not taken: to keep its automata small it
+widens the catch-all bot rule ``^.{0,100}(bot|...)`` to ``^.*``, which also flags real
+desktop browsers with "Abbott", "Daum" or "WordPress" past the 100th character as bots,
+and bots' page views are not tracked.
+
+Two inputs differ, both junk: re2's ``\\d``/``\\w`` are ASCII (so "LG-T\u00b2500" is no
+longer a phone), and a lone surrogate cannot be encoded for re2 (no verdict; headers
+decoded as latin-1, as ASGI and WSGI do, never hold one). tests/test_device.py pins both.
+
+Nothing heavy is imported before the first call: ua_parser costs ~80 ms to import and
+the re2 resolver ~0.1 s and ~6 MB to build (its automata grow with the variety of agents
+seen, to ~36 MB over uap-core's whole corpus), which processes that never classify an
+agent (CLIs, tests, apps without a chat page) should not pay.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from ua_parser import Domain, Matchers, Resolver
+
+__all__ = ["backend", "classify_user_agent"]
+
+Classification = tuple[str | None, bool]
+Version = tuple[str | None, str | None, str | None]
+
+# The same cap as _facts._MAX_USER_AGENT (a test keeps them equal). Browsers identify
+# themselves within the first few hundred chars; the cap bounds the regex work and keeps
+# padded, forged agents from pinning big keys in the cache.
+_MAX_USER_AGENT: Final = 512
+
+# user_agents.parsers' family lists, copied so the fast path need not import user_agents
+# (~150 ms, and ~6 MB of compiled regexes it would never use). Only the lists that decide
+# tablet, mobile, PC and bot are here.
+_MOBILE_DEVICE_FAMILIES: Final = frozenset(
+    {
+        "iPhone",
+        "iPod",
+        "Generic Smartphone",
+        "Generic Feature Phone",
+        "PlayStation Vita",
+        "iOS-Device",
+    }
+)
+_PC_OS_FAMILIES: Final = frozenset({"Windows 95", "Windows 98", "Solaris"})
+_MOBILE_OS_FAMILIES: Final = frozenset(
+    {
+        "Windows Phone",
+        "Windows Phone OS",
+        "Symbian OS",
+        "Bada",
+        "Windows CE",
+        "Windows Mobile",
+        "Maemo",
+    }
+)
+_MOBILE_BROWSER_FAMILIES: Final = frozenset(
+    {
+        "IE Mobile",
+        "Opera Mobile",
+        "Opera Mini",
+        "Chrome Mobile",
+        "Chrome Mobile WebView",
+        "Chrome Mobile iOS",
+    }
+)
+_TABLET_DEVICE_FAMILIES: Final = frozenset(
+    {
+        "iPad",
+        "BlackBerry Playbook",
+        "Blackberry Playbook",
+        "Kindle",
+        "Kindle Fire",
+        "Kindle Fire HD",
+        "Galaxy Tab",
+        "Xoom",
+        "Dell Streak",
+    }
+)
+
+
+# ---------------------------------------------------------------------------
+# user-agents' rules, as pure functions of the parsed families
+# ---------------------------------------------------------------------------
+
+
+def _version_string(version: Version) -> str:
+    # user_agents.parsers.parse_version: numeric parts go through int() ("07" -> "7"),
+    # patch_minor is dropped, missing parts are skipped.
+    return ".".join(
+        str(int(part)) if part.isdigit() else part for part in version if part is not None
+    )
+
+
+def _is_tablet(ua: str, browser: str, os: str, os_version: Version, device: str) -> bool:
+    if device in _TABLET_DEVICE_FAMILIES:
+        return True
+    # Newer Android tablets drop "Mobile" from their agent; Firefox says "Mobile" on both.
+    if os == "Android" and "Mobile Safari" not in ua and browser != "Firefox Mobile":
+        return True
+    if os == "Windows" and _version_string(os_version).startswith("RT"):
+        return True
+    return os == "Firefox OS" and "Mobile" not in browser
+
+
+def _is_mobile(ua: str, browser: str, os: str, device: str) -> bool:
+    # Only asked once _is_tablet said no, so user-agents' "and not is_tablet" is implied.
+    return (
+        device in _MOBILE_DEVICE_FAMILIES
+        or browser in _MOBILE_BROWSER_FAMILIES
+        or os in ("Android", "Firefox OS")
+        or (os == "BlackBerry OS" and device != "Blackberry Playbook")
+        or os in _MOBILE_OS_FAMILIES
+        or "J2ME" in ua
+        or "MIDP" in ua
+        or "iPhone;" in ua
+        or "Googlebot-Mobile" in ua
+        or (device == "Spider" and "Mobile" in browser)
+        or ("NokiaBrowser" in ua and "Mobile" in ua)
+    )
+
+
+def _is_pc(ua: str, os: str, os_version: Version) -> bool:
+    if "Windows NT" in ua or os in _PC_OS_FAMILIES:
+        return True
+    if os == "Windows" and _version_string(os_version) == "ME":
+        return True
+    if os == "Mac OS X" and "Silk" not in ua:
+        return True
+    # Maemo says "Linux" and "X11" but is a phone OS.
+    if "Maemo" in ua:
+        return False
+    return "Chrome OS" in os or ("Linux" in ua and "X11" in ua)
+
+
+def _from_families(
+    ua: str, browser: str, os: str, os_version: Version, device: str
+) -> Classification:
+    """``(device, is_bot)`` from the parsed families, by user-agents' rules.
+
+    ``os_version`` is (major, minor, patch) as parsed; only Windows' is ever read.
+    """
+    if _is_tablet(ua, browser, os, os_version, device):
+        kind: str | None = "tablet"
+    elif _is_mobile(ua, browser, os, device):
+        kind = "mobile"
+    elif _is_pc(ua, os, os_version):
+        kind = "desktop"
+    else:
+        kind = None
+    return kind, device == "Spider"
+
+
+# ---------------------------------------------------------------------------
+# Parsers
+# ---------------------------------------------------------------------------
+
+_NO_VERSION: Final[Version] = (None, None, None)
+
+
+def _with_resolver(resolver: Resolver, domains: Domain, ua: str) -> Classification:
+    result = resolver(ua, domains)
+    # A domain no rule matched is None in ua-parser 1.0; the pre-1.0 parser that
+    # user-agents reads called it "Other".
+    browser = result.user_agent.family if result.user_agent is not None else "Other"
+    device = result.device.family if result.device is not None else "Other"
+    parsed_os = result.os
+    if parsed_os is None:
+        return _from_families(ua, browser, "Other", _NO_VERSION, device)
+    version = (parsed_os.major, parsed_os.minor, parsed_os.patch)
+    return _from_families(ua, browser, parsed_os.family, version, device)
+
+
+def _with_user_agents(ua: str) -> Classification:
+    import user_agents  # type: ignore[import-untyped]
+
+    parsed = user_agents.parse(ua)
+    if parsed.is_tablet:
+        kind: str | None = "tablet"
+    elif parsed.is_mobile:
+        kind = "mobile"
+    elif parsed.is_pc:
+        kind = "desktop"
+    else:
+        kind = None
+    return kind, bool(parsed.is_bot)
+
+
+def _re2_resolver() -> Callable[[Matchers], Resolver]:
+    from ua_parser.re2 import Resolver as Re2Resolver
+
+    return Re2Resolver
+
+
+def _python_resolver() -> Callable[[Matchers], Resolver]:
+    from ua_parser import BasicResolver
+
+    # uap-core's rules in Python's re, as user-agents runs them: no faster than
+    # user-agents, but without the second compiled copy of the rules it would load.
+    return BasicResolver
+
+
+# ua-parser 1.0's resolvers, fastest first: ~50 us and ~1 ms an agent here.
+_RESOLVERS: Final = (
+    ("re2", _re2_resolver),
+    ("ua-parser", _python_resolver),
+)
+
+
+def _build() -> tuple[str, Callable[[str], Classification]]:
+    try:
+        from ua_parser import Domain, load_lazy_builtins
+
+        # Lazy matchers hold the rules as strings: the compiled resolvers build their
+        # own automata from them, the pure-Python one compiles a rule when it needs it.
+        matchers = load_lazy_builtins()
+    except Exception:
+        # ua-parser < 1.0 (user-agents accepts 0.10): its parser is all there is.
+        return "user-agents", _with_user_agents
+    for name, load in _RESOLVERS:
+        try:
+            resolver = load()(matchers)
+        except Exception:
+            # Not installed, or cannot take some rule of a newer uap-core: the next
+            # engine will do.
+            continue
+        return name, functools.partial(_with_resolver, resolver, Domain.ALL)
+    return "user-agents", _with_user_agents
+
+
+_lock = threading.Lock()
+_engine: tuple[str, Callable[[str], Classification]] | None = None
+
+
+def _get_engine() -> tuple[str, Callable[[str], Classification]]:
+    global _engine
+    engine = _engine
+    if engine is None:
+        # Building takes ~0.3 s and ~30 MB: two threads racing must not both pay it.
+        with _lock:
+            if _engine is None:
+                _engine = _build()
+            engine = _engine
+    return engine
+
+
+def backend() -> str:
+    """Which parser classifies: "re2", "ua-parser" or "user-agents"."""
+    return _get_engine()[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _classify(user_agent: str) -> Classification:
+    try:
+        return _get_engine()[1](user_agent)
+    except Exception:
+        # A third-party parser must not be able to break request handling.
+        return None, False
+
+
+def classify_user_agent(ua: str) -> Classification:
+    """``(device, is_bot)``: device is "mobile", "tablet", "desktop" or None."""
+    if not ua or ua.isspace():
+        return None, False
+    return _classify(ua[:_MAX_USER_AGENT])
