@@ -108,6 +108,11 @@ class Settings:
             attrs += f"; Max-Age={cookie_max_age}"
         # Not HttpOnly: the widget's script reads the id to send it with chat requests.
         self._cookie_attrs = attrs.encode("latin-1")
+        # Set-Cookie built from precomputed pieces, indexed by "secure": it is on the
+        # path of every page view.
+        self._cookie_start = f"{cookie_name}=".encode("latin-1")
+        self._cookie_ends = (self._cookie_attrs, self._cookie_attrs + b"; Secure")
+        self._cookie_text = (f"{cookie_name}=", attrs, attrs + "; Secure")
 
         if isinstance(conversation_id_sources, str):
             raise ValueError(
@@ -164,8 +169,13 @@ class Settings:
         self.tracker_timeout = _positive_number("tracker_timeout", tracker_timeout)
 
     def set_cookie(self, conversation_id: str, *, secure: bool) -> bytes:
-        value = f"{self.cookie_name}={conversation_id}".encode("latin-1") + self._cookie_attrs
-        return value + b"; Secure" if secure else value
+        return self._cookie_start + conversation_id.encode("latin-1") + self._cookie_ends[secure]
+
+    def set_cookie_text(self, conversation_id: str, secure: bool) -> str:
+        """:meth:`set_cookie` as the ``str`` a WSGI header holds."""
+        start, plain, with_secure = self._cookie_text
+        # Ids are ASCII (validated or minted), so this equals the bytes decoded as latin-1.
+        return start + conversation_id + (with_secure if secure else plain)
 
     def find_id(
         self,

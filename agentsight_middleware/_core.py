@@ -13,7 +13,7 @@ from typing import Any
 from ._config import Settings
 from ._conversation import MINTED, Conversation, cookie_value, mint_id
 from ._delivery import BackgroundDelivery
-from ._facts import client_scheme
+from ._facts import forwarded_scheme
 from ._log import LogOnce
 from ._rules import Match
 from ._tracker import TrackerDelivery
@@ -45,6 +45,8 @@ HEADER_KEYS = (
 )
 # Headers that may be sent more than once and mean a list when combined.
 COMMA_JOINED = frozenset({"forwarded", "x-forwarded-for"})
+# Prefetches and previews announce themselves in one of these.
+_PURPOSE_HEADERS = ("sec-purpose", "purpose", "x-purpose", "x-moz")
 
 # Conversation's fields in order, as one tuple: tuple.__new__ is ~5x cheaper than
 # the named tuple's keyword constructor on this path.
@@ -81,6 +83,9 @@ class Core:
         self.delivery = delivery
         self.log_once = LogOnce()
         self.current = _current
+        # ``TrustedProxies.__bool__`` is a Python call; asked once here, not per request.
+        self._trusts_proxies = bool(settings.trusted_proxies)
+        self._is_non_browser = settings.is_non_browser
 
     def widget_id(self, headers: Mapping[str, str]) -> tuple[str, str]:
         """``(id, source)`` for a widget page: the visit's cookie, else a fresh id."""
@@ -90,24 +95,25 @@ class Core:
 
     def is_page_view_request(self, headers: Mapping[str, str]) -> bool:
         """Cheap request-side tests of a real page view (the response is checked later)."""
-        accept = headers.get("accept")
+        get = headers.get
+        accept = get("accept")
         if not accept:
             return False
-        accept = accept.lower()
+        # Browsers send these in lower case: lowering is only needed to say "no".
         if "text/html" not in accept and "application/xhtml+xml" not in accept:
-            return False
-        dest = headers.get("sec-fetch-dest")
-        if dest is not None and dest.strip().lower() != "document":
-            return False
-        for name in ("sec-purpose", "purpose", "x-purpose", "x-moz"):
-            value = headers.get(name)
-            if value is not None and (
-                "prefetch" in value.lower()
-                or "prerender" in value.lower()
-                or "preview" in value.lower()
-            ):
+            accept = accept.lower()
+            if "text/html" not in accept and "application/xhtml+xml" not in accept:
                 return False
-        return not self.settings.is_non_browser(headers.get("user-agent", ""))
+        dest = get("sec-fetch-dest")
+        if dest is not None and dest != "document" and dest.strip().lower() != "document":
+            return False
+        for name in _PURPOSE_HEADERS:
+            value = get(name)
+            if value is not None:
+                value = value.lower()
+                if "prefetch" in value or "prerender" in value or "preview" in value:
+                    return False
+        return not self._is_non_browser(get("user-agent", ""))
 
     def conversation(
         self,
@@ -131,20 +137,16 @@ class Core:
         request, and keyword calls cost it microseconds.
         """
         settings = self.settings
-        trusted = settings.trusted_proxies
+        get = headers.get
         forwarding = None
-        if trusted:
-            forwarded = headers.get("forwarded")
+        trusted = None
+        if self._trusts_proxies:
+            trusted = settings.trusted_proxies
+            forwarded = get("forwarded")
             # The scheme now (the cookie's Secure flag depends on it); the client IP
             # later, in the worker: walking forwarding chains costs microseconds.
-            forwarding = (forwarded, headers.get("x-forwarded-for"), headers.get("x-real-ip"))
-            scheme = client_scheme(
-                scheme,
-                forwarded=forwarded,
-                x_forwarded_proto=headers.get("x-forwarded-proto"),
-                peer=peer,
-                trusted=trusted,
-            )
+            forwarding = (forwarded, get("x-forwarded-for"), get("x-real-ip"))
+            scheme = forwarded_scheme(scheme, forwarded, get("x-forwarded-proto"), peer, trusted)
         customer_id = None
         extra: Mapping[str, Any] | None = None
         if settings.has_hooks:
@@ -159,17 +161,17 @@ class Core:
                 rule.kind,
                 rule.source,
                 peer,
-                headers.get("user-agent", ""),
-                headers.get("accept-language"),
+                get("user-agent", ""),
+                get("accept-language"),
                 scheme,
                 host,
                 path,
                 query,
-                headers.get("referer"),
+                get("referer"),
                 customer_id,
                 extra,
                 forwarding,
-                trusted if forwarding is not None else None,
+                trusted,
             )
         )
 

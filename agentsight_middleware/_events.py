@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._conversation import Conversation
 
-__all__ = ["ENGAGE", "INITIALIZE", "Event", "tracker_kwargs"]
+__all__ = ["ENGAGE", "INITIALIZE", "Event", "new_event", "tracker_kwargs"]
 
 #: A widget page was viewed: the visitor had the chance to chat (``is_used: false``).
 INITIALIZE = "initialize"
@@ -24,6 +26,13 @@ class Event(NamedTuple):
     conversation: Conversation
     #: ``time.time()`` when the request was seen, not when the event is delivered.
     timestamp: float
+
+
+#: ``new_event((kind, conversation, timestamp))``: tuple.__new__ skips the named
+#: tuple's Python-level constructor, which costs the request path ~0.2 us.
+new_event: Callable[[tuple[str, Conversation, float]], Event] = functools.partial(
+    tuple.__new__, Event
+)
 
 
 def _clamp(value: str | None) -> str | None:

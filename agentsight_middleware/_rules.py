@@ -98,7 +98,7 @@ class _Table(NamedTuple):
 class RuleSet:
     """The widget-page and chat-route rules, compiled for fast per-request matching."""
 
-    __slots__ = ("_other", "_tables", "rules")
+    __slots__ = ("_other", "_tables", "exact_matches", "prefixes", "rules")
 
     def __init__(
         self,
@@ -121,6 +121,22 @@ class RuleSet:
         # rules can match.
         self._tables = {method: _build_table(compiled, method) for method in _HTTP_METHODS}
         self._other = _build_table(compiled, None)
+        # The glue's per-request prefilter, inlined in its ``__call__``: a path that
+        # is not a key of ``exact_matches`` and does not start with one of
+        # ``prefixes`` matches no rule under any method, so most requests never
+        # call ``match``. The union over every table keeps that a safe "no".
+        tables = (*self._tables.values(), self._other)
+        self.prefixes: tuple[str, ...] = _minimal_prefixes(
+            {prefix for table in tables for prefix in table.prefixes}
+        )
+        # An exact path's answer depends on nothing but (method, path), so it is
+        # worked out here once; methods not listed (extension or lower-case ones)
+        # go to ``match``. The Match objects, and their empty params, are shared
+        # by all requests: nothing ever mutates them.
+        self.exact_matches: dict[str, dict[str, Match | None]] = {
+            path: {method: self.match(method, path) for method in _HTTP_METHODS}
+            for path in {path for table in tables for path in table.exact}
+        }
 
     def match(self, method: str, path: str) -> Match | None:
         """Return the rule matching this request, or None."""

@@ -20,7 +20,7 @@ from ._body import peek_asgi
 from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, mint_id
 from ._core import COMMA_JOINED, HEADER_KEYS, is_html_success
-from ._events import ENGAGE, INITIALIZE, Event
+from ._events import ENGAGE, INITIALIZE, new_event
 from ._rules import WIDGET, Match
 
 if TYPE_CHECKING:
@@ -42,6 +42,9 @@ class AgentSightMiddleware(MiddlewareBase):
         keys = {key: key for key in HEADER_KEYS}
         keys[self._settings.id_header] = self._settings.id_header
         self._header_keys = {key.encode("latin-1"): value for key, value in keys.items()}
+        rules = self._settings.rules
+        self._exact_matches = rules.exact_matches
+        self._prefixes = rules.prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,16 +53,25 @@ class AgentSightMiddleware(MiddlewareBase):
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        root_path: str = scope.get("root_path", "")
+        root_path = scope.get("root_path")
         # Servers and routers disagree on whether ``path`` includes ``root_path``;
         # rules are written against the path the client sent, so rebuild it.
         if root_path and not path.startswith(root_path):
             path = root_path + path
-        match = self._match(scope["method"], path)
+        # RuleSet.match's answer without calling it for most requests (see
+        # ``RuleSet.exact_matches``): this runs on every request of the app.
+        by_method = self._exact_matches.get(path)
+        if by_method is None:
+            if not path.startswith(self._prefixes):
+                await self.app(scope, receive, send)
+                return
+            match = self._match(scope["method"], path)
+        else:
+            method = scope["method"]
+            match = by_method[method] if method in by_method else self._match(method, path)
         if match is None:
             await self.app(scope, receive, send)
-            return
-        if match.rule.kind == WIDGET:
+        elif match.rule.kind == WIDGET:
             await self._widget(scope, receive, send, match, path)
         else:
             await self._chat(scope, receive, send, match, path)
@@ -81,19 +93,19 @@ class AgentSightMiddleware(MiddlewareBase):
         return lifespan_send
 
     def _headers(self, scope: Scope) -> dict[str, str]:
-        keys = self._header_keys
+        get = self._header_keys.get
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
-            key = keys.get(raw_name)
+            key = get(raw_name)
             if key is None:
                 continue
-            value = raw_value.decode("latin-1")
             if key not in headers:
-                headers[key] = value
+                headers[key] = raw_value.decode("latin-1")
             elif key == "cookie":
-                headers[key] += "; " + value  # HTTP/2 splits cookies over several fields
+                # HTTP/2 splits cookies over several fields
+                headers[key] += "; " + raw_value.decode("latin-1")
             elif key in COMMA_JOINED:
-                headers[key] += ", " + value
+                headers[key] += ", " + raw_value.decode("latin-1")
         return headers
 
     def _conversation(
@@ -104,12 +116,16 @@ class AgentSightMiddleware(MiddlewareBase):
         path: str,
         conversation_id: str,
         id_source: str,
+        query: str | None = None,
     ) -> Conversation:
         client = scope.get("client")
-        server = scope.get("server")
         host = headers.get("host")
-        if host is None and server:
-            host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+        if host is None:
+            server = scope.get("server")
+            if server:
+                host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+        if query is None:
+            query = scope.get("query_string", b"").decode("latin-1")
         return self._core.conversation(
             match,
             conversation_id,
@@ -119,7 +135,7 @@ class AgentSightMiddleware(MiddlewareBase):
             scope.get("scheme", "http"),
             host,
             path,
-            scope.get("query_string", b"").decode("latin-1"),
+            query,
             _starlette_request,
             scope,
         )
@@ -129,35 +145,35 @@ class AgentSightMiddleware(MiddlewareBase):
     ) -> None:
         started = time.time()
         core = self._core
-        settings = self._settings
         headers = self._headers(scope)
         conversation_id, id_source = core.widget_id(headers)
         conversation = self._conversation(scope, headers, match, path, conversation_id, id_source)
         scope.setdefault("state", {})["agentsight"] = conversation
-        token = core.current.set(conversation)
+        current = core.current
+        token = current.set(conversation)
         try:
             if scope["method"] != "GET" or not core.is_page_view_request(headers):
                 await self.app(scope, receive, send)
                 return
-            set_cookie = settings.set_cookie(conversation_id, secure=conversation.scheme == "https")
-            delivery = core.delivery
+            set_cookie = (
+                b"set-cookie",
+                self._settings.set_cookie(conversation_id, secure=conversation.scheme == "https"),
+            )
+            # Only a new id is a new chance to chat: a reload or the next page of
+            # the same visit keeps the conversation (and its cookie).
+            initialize = core.delivery.initialize if id_source == MINTED else None
 
             async def send_wrapper(message: Message) -> None:
-                if message["type"] == "http.response.start" and is_html_success(
-                    message["status"], _content_type(message)
-                ):
-                    message = _with_cookie(message, set_cookie)
-                    # Only a new id is a new chance to chat: a reload or the next
-                    # page of the same visit keeps the conversation (and its cookie).
-                    if id_source == MINTED:
-                        delivery.initialize(
-                            Event(INITIALIZE, conversation, started), _running_loop()
-                        )
+                if message["type"] == "http.response.start" and _is_html_success(message):
+                    # A new message and header list: the app may reuse its own objects.
+                    message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
+                    if initialize is not None:
+                        initialize(new_event((INITIALIZE, conversation, started)), _get_loop())
                 await send(message)
 
             await self.app(scope, receive, send_wrapper)
         finally:
-            core.current.reset(token)
+            current.reset(token)
 
     async def _chat(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str
@@ -177,40 +193,49 @@ class AgentSightMiddleware(MiddlewareBase):
             conversation_id, id_source = mint_id(), MINTED
         else:
             conversation_id, id_source = found
-        conversation = self._conversation(scope, headers, match, path, conversation_id, id_source)
+        conversation = self._conversation(
+            scope, headers, match, path, conversation_id, id_source, query
+        )
         scope.setdefault("state", {})["agentsight"] = conversation
-        token = core.current.set(conversation)
+        current = core.current
+        token = current.set(conversation)
         try:
-            event = Event(ENGAGE, conversation, started)
-            await core.delivery.engage_async(event)
-            handler_scope = core.delivery.scope(event)
-            if handler_scope is not None:
-                with handler_scope:
-                    await self._call_chat_app(scope, receive, send, conversation)
+            delivery = core.delivery
+            event = new_event((ENGAGE, conversation, started))
+            await delivery.engage_async(event)
+            handler_scope = delivery.scope(event)
+            app_send = send
+            if id_source == MINTED or id_source == "cookie":
+                # Keep later chat requests of this browser on the same conversation
+                # (and slide the cookie's expiry while the visitor is chatting).
+                set_cookie = (
+                    b"set-cookie",
+                    settings.set_cookie(conversation_id, secure=conversation.scheme == "https"),
+                )
+
+                async def send_wrapper(message: Message) -> None:
+                    if message["type"] == "http.response.start":
+                        message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
+                    await send(message)
+
+                app_send = send_wrapper
+            if handler_scope is None:
+                await self.app(scope, receive, app_send)
             else:
-                await self._call_chat_app(scope, receive, send, conversation)
+                with handler_scope:
+                    await self.app(scope, receive, app_send)
         finally:
-            core.current.reset(token)
+            current.reset(token)
 
-    async def _call_chat_app(
-        self, scope: Scope, receive: Receive, send: Send, conversation: Conversation
-    ) -> None:
-        id_source = conversation.id_source
-        if id_source == MINTED or id_source == "cookie":
-            # Keep later chat requests of this browser on the same conversation
-            # (and slide the cookie's expiry while the visitor is chatting).
-            set_cookie = self._settings.set_cookie(
-                conversation.id, secure=conversation.scheme == "https"
-            )
 
-            async def send_wrapper(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message = _with_cookie(message, set_cookie)
-                await send(message)
-
-            await self.app(scope, receive, send_wrapper)
-        else:
-            await self.app(scope, receive, send)
+def _is_html_success(message: Message) -> bool:
+    """Whether an ``http.response.start`` message starts a successful HTML page."""
+    content_type = None
+    for name, value in message.get("headers", ()):
+        if name.lower() == b"content-type":
+            content_type = bytes(value).decode("latin-1")
+            break
+    return is_html_success(message["status"], content_type)
 
 
 def _content_type(message: Message) -> str | None:
@@ -226,12 +251,18 @@ def _with_cookie(message: Message, set_cookie: bytes) -> Message:
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None under trio (or with no loop)."""
+    global _get_loop
     import asyncio  # loaded already: we run inside it
 
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # trio, or no loop
-        return None
+    # Never raises, unlike get_running_loop: trio apps would pay for an exception.
+    _get_loop = asyncio._get_running_loop
+    return _get_loop()
+
+
+# Replaced by asyncio's own function on first use: importing asyncio here would
+# load it into trio apps, and a function-level import costs every page view.
+_get_loop: Callable[[], asyncio.AbstractEventLoop | None] = _running_loop
 
 
 def _starlette_request(scope: Scope) -> Any:

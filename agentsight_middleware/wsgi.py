@@ -19,7 +19,7 @@ from ._body import peek_wsgi
 from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, mint_id
 from ._core import HEADER_KEYS, is_html_success
-from ._events import ENGAGE, INITIALIZE, Event
+from ._events import ENGAGE, INITIALIZE, new_event
 from ._fork import reset_in_child
 from ._rules import WIDGET, Match
 
@@ -45,6 +45,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         super().__init__(app, **options)
         names = (*HEADER_KEYS, self._settings.id_header)
         self._environ_keys = tuple((name, _environ_key(name)) for name in names)
+        rules = self._settings.rules
+        self._exact_matches = rules.exact_matches
+        self._prefixes = rules.prefixes
         self._idle = True
         reset_in_child(self._after_fork)
 
@@ -61,7 +64,16 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         if not path.isascii():
             # PEP 3333 hands the path over as latin-1-decoded bytes; rules are text.
             path = path.encode("latin-1", "replace").decode("utf-8", "replace")
-        match = self._match(environ.get("REQUEST_METHOD", "GET"), path)
+        # RuleSet.match's answer without calling it for most requests (see
+        # ``RuleSet.exact_matches``): this runs on every request of the app.
+        by_method = self._exact_matches.get(path)
+        if by_method is None:
+            if not path.startswith(self._prefixes):
+                return self.app(environ, start_response)  # type: ignore[no-any-return]
+            match = self._match(environ.get("REQUEST_METHOD", "GET"), path)
+        else:
+            method = environ.get("REQUEST_METHOD", "GET")
+            match = by_method[method] if method in by_method else self._match(method, path)
         if match is None:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
         if match.rule.kind == WIDGET:
@@ -69,9 +81,10 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         return self._chat(environ, start_response, match, path)
 
     def _headers(self, environ: Environ) -> dict[str, str]:
+        get = environ.get
         headers: dict[str, str] = {}
         for name, key in self._environ_keys:
-            value = environ.get(key)
+            value = get(key)
             if value is not None:
                 headers[name] = value
         return headers
@@ -85,19 +98,20 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         conversation_id: str,
         id_source: str,
     ) -> Conversation:
+        get = environ.get
         host = headers.get("host")
-        if host is None and environ.get("SERVER_NAME"):
-            host = f"{environ['SERVER_NAME']}:{environ.get('SERVER_PORT', '')}".rstrip(":")
+        if host is None and get("SERVER_NAME"):
+            host = f"{environ['SERVER_NAME']}:{get('SERVER_PORT', '')}".rstrip(":")
         conversation = self._core.conversation(
             match,
             conversation_id,
             id_source,
             headers,
-            environ.get("REMOTE_ADDR"),
-            environ.get("wsgi.url_scheme", "http"),
+            get("REMOTE_ADDR"),
+            get("wsgi.url_scheme", "http"),
             host,
             path,
-            environ.get("QUERY_STRING", ""),
+            get("QUERY_STRING", ""),
             _werkzeug_request,
             environ,
         )
@@ -109,21 +123,21 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
     ) -> Iterable[bytes]:
         started = time.time()
         core = self._core
-        settings = self._settings
         headers = self._headers(environ)
         conversation_id, id_source = core.widget_id(headers)
         conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
-        token = core.current.set(conversation)
+        current = core.current
+        token = current.set(conversation)
         try:
             if not core.is_page_view_request(headers):
                 return self.app(environ, start_response)  # type: ignore[no-any-return]
             set_cookie = (
                 "Set-Cookie",
-                settings.set_cookie(conversation_id, secure=conversation.scheme == "https").decode(
-                    "latin-1"
-                ),
+                self._settings.set_cookie_text(conversation_id, conversation.scheme == "https"),
             )
-            delivery = core.delivery
+            # Only a new id is a new chance to chat: a reload or the next page of
+            # the same visit keeps the conversation (and its cookie).
+            initialize = core.delivery.initialize if id_source == MINTED else None
 
             def wrapped_start_response(
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
@@ -133,13 +147,13 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                     _status_code(status), _content_type(response_headers)
                 ):
                     response_headers = [*response_headers, set_cookie]
-                    if id_source == MINTED:
-                        delivery.initialize(Event(INITIALIZE, conversation, started))
+                    if initialize is not None:
+                        initialize(new_event((INITIALIZE, conversation, started)))
                 return start_response(status, response_headers, exc_info)
 
             return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
         finally:
-            core.current.reset(token)
+            current.reset(token)
 
     def _chat(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str
@@ -159,39 +173,35 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             conversation_id, id_source = found
         conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
-        token = core.current.set(conversation)
+        current = core.current
+        token = current.set(conversation)
         try:
             # In the request's own thread, before the app: a handler using the SDK
             # finds the conversation already in place.
-            event = Event(ENGAGE, conversation, started)
-            core.delivery.engage_sync(event)
-            handler_scope = core.delivery.scope(event)
+            delivery = core.delivery
+            event = new_event((ENGAGE, conversation, started))
+            delivery.engage_sync(event)
+            handler_scope = delivery.scope(event)
+            app_start_response = start_response
+            if id_source == MINTED or id_source == "cookie":
+                # Keep later chat requests of this browser on the same conversation.
+                set_cookie = (
+                    "Set-Cookie",
+                    settings.set_cookie_text(conversation_id, conversation.scheme == "https"),
+                )
+
+                def wrapped_start_response(
+                    status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+                ) -> Any:
+                    return start_response(status, [*response_headers, set_cookie], exc_info)
+
+                app_start_response = wrapped_start_response
             if handler_scope is None:
-                return self._call_chat_app(environ, start_response, conversation)
+                return self.app(environ, app_start_response)  # type: ignore[no-any-return]
             with handler_scope:
-                return self._call_chat_app(environ, start_response, conversation)
+                return self.app(environ, app_start_response)  # type: ignore[no-any-return]
         finally:
-            core.current.reset(token)
-
-    def _call_chat_app(
-        self, environ: Environ, start_response: StartResponse, conversation: Conversation
-    ) -> Iterable[bytes]:
-        if conversation.id_source != MINTED and conversation.id_source != "cookie":
-            return self.app(environ, start_response)  # type: ignore[no-any-return]
-        # Keep later chat requests of this browser on the same conversation.
-        set_cookie = (
-            "Set-Cookie",
-            self._settings.set_cookie(
-                conversation.id, secure=conversation.scheme == "https"
-            ).decode("latin-1"),
-        )
-
-        def wrapped_start_response(
-            status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> Any:
-            return start_response(status, [*response_headers, set_cookie], exc_info)
-
-        return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
+            current.reset(token)
 
 
 def _status_code(status: str) -> int:
