@@ -238,18 +238,6 @@ def _is_html_success(message: Message) -> bool:
     return is_html_success(message["status"], content_type)
 
 
-def _content_type(message: Message) -> str | None:
-    for name, value in message.get("headers", ()):
-        if name.lower() == b"content-type":
-            return bytes(value).decode("latin-1")
-    return None
-
-
-def _with_cookie(message: Message, set_cookie: bytes) -> Message:
-    # A new message and header list: the app may reuse its own objects.
-    return {**message, "headers": [*message.get("headers", ()), (b"set-cookie", set_cookie)]}
-
-
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop, or None under trio (or with no loop)."""
     global _get_loop

@@ -1138,6 +1138,9 @@ class NullSink:
     def pending(self) -> int:
         return 0
 
+    def backed_up(self) -> bool:
+        return False
+
     async def drain(self, deadline: float) -> int:
         return 0
 
@@ -1163,8 +1166,7 @@ def asgi_pieces(
     from agentsight_middleware._body import peek_asgi
     from agentsight_middleware._config import NEED_BODY
     from agentsight_middleware._conversation import MINTED, Conversation, cookie_value, mint_id
-    from agentsight_middleware._core import is_html_success
-    from agentsight_middleware._events import ENGAGE, INITIALIZE, Event
+    from agentsight_middleware._events import ENGAGE, INITIALIZE, new_event
     from agentsight_middleware._facts import client_ip, client_scheme
     from agentsight_middleware._rules import WIDGET
 
@@ -1177,10 +1179,18 @@ def asgi_pieces(
         if scope["type"] != "http":
             return None
         where = scope["path"]
-        root = scope.get("root_path", "")
+        root = scope.get("root_path")
         if root and not where.startswith(root):
             where = root + where
-        return mw._match(scope["method"], where)
+        # As AgentSightMiddleware.__call__: exact paths answered from a table, other
+        # paths prefiltered by their prefix before the full matcher.
+        by_method = mw._exact_matches.get(where)
+        if by_method is None:
+            if not where.startswith(mw._prefixes):
+                return None
+            return mw._match(scope["method"], where)
+        verb = scope["method"]
+        return by_method[verb] if verb in by_method else mw._match(verb, where)
 
     p.sync("dispatch: scope reads + rule match", dispatch)
     match = mw._match(method, path)
@@ -1279,7 +1289,7 @@ def asgi_pieces(
 
     p.sync("scope state + contextvar set/reset", state_and_context)
     p.sync("time.time()", time.time)
-    set_cookie = settings.set_cookie(conversation_id, secure=True)
+    set_cookie = (b"set-cookie", settings.set_cookie(conversation_id, secure=True))
     start = {
         "type": "http.response.start",
         "status": 200,
@@ -1289,10 +1299,8 @@ def asgi_pieces(
 
     async def through_wrapper() -> None:
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start" and is_html_success(
-                message["status"], glue._content_type(message)
-            ):
-                message = glue._with_cookie(message, set_cookie)
+            if message["type"] == "http.response.start" and glue._is_html_success(message):
+                message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
             await discard(message)
 
         await send_wrapper(start)
@@ -1322,23 +1330,23 @@ def asgi_pieces(
             )
         p.sync("settings.set_cookie", lambda: settings.set_cookie(conversation_id, secure=True))
         p.add(
-            "send wrapper: closure + content-type + _with_cookie + 2 awaits",
+            "send wrapper: closure + HTML check + Set-Cookie + 2 awaits",
             lambda: _async_ns(loop, through_wrapper, direct, number),
         )
         if source == MINTED:
-            p.sync("Event(...)", lambda: Event(INITIALIZE, conversation, 0.0))
-            running_loop = glue._running_loop
+            p.sync("new_event(...)", lambda: new_event((INITIALIZE, conversation, 0.0)))
+            running_loop = glue._get_loop
 
             async def probe() -> None:
                 running_loop()
 
-            p.add("_running_loop()", lambda: _async_ns(loop, probe, _nothing, number))
-            event = Event(INITIALIZE, conversation, 0.0)
+            p.add("_get_loop()", lambda: _async_ns(loop, probe, _nothing, number))
+            event = new_event((INITIALIZE, conversation, 0.0))
             p.sync("delivery.initialize (enqueue)", lambda: delivery.initialize(event, None), 1000)
             delivery.flush(30)
     else:
-        p.sync("Event(...)", lambda: Event(ENGAGE, conversation, 0.0))
-        event = Event(ENGAGE, conversation, 0.0)
+        p.sync("new_event(...)", lambda: new_event((ENGAGE, conversation, 0.0)))
+        event = new_event((ENGAGE, conversation, 0.0))
 
         async def engage() -> None:
             await delivery.engage_async(event)
@@ -1354,14 +1362,14 @@ def asgi_pieces(
             async def chat_wrapper() -> None:
                 async def send_wrapper(message: Message) -> None:
                     if message["type"] == "http.response.start":
-                        message = glue._with_cookie(message, set_cookie)
+                        message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
                     await discard(message)
 
                 await send_wrapper(start)
                 await send_wrapper(body_message)
 
             p.add(
-                "send wrapper: closure + _with_cookie + 2 awaits",
+                "send wrapper: closure + Set-Cookie + 2 awaits",
                 lambda: _async_ns(loop, chat_wrapper, direct, number),
             )
     return p
@@ -1380,7 +1388,14 @@ def wsgi_pieces(mw: Any, kind: Kind, number: int) -> Pieces:
         where = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         if not where.isascii():
             where = where.encode("latin-1", "replace").decode("utf-8", "replace")
-        return mw._match(environ.get("REQUEST_METHOD", "GET"), where)
+        # As AgentSightWSGIMiddleware.__call__ (see the ASGI twin above).
+        by_method = mw._exact_matches.get(where)
+        if by_method is None:
+            if not where.startswith(mw._prefixes):
+                return None
+            return mw._match(environ.get("REQUEST_METHOD", "GET"), where)
+        verb = environ.get("REQUEST_METHOD", "GET")
+        return by_method[verb] if verb in by_method else mw._match(verb, where)
 
     p.sync("dispatch: path + rule match", dispatch)
     match = mw._match(kind.method, kind.path)
