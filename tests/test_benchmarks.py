@@ -1,0 +1,80 @@
+"""The benchmark scripts still run against the current code.
+
+They reach into private names (the profile replays the request path piece by piece)
+and implement the sink protocol themselves, so a change to the package can break them
+without any other test noticing: a stand-in sink without ``backed_up()`` once left the
+enqueue-cost worker dead and its figures meaningless. Each script runs here with tiny
+sizes and without the peers (those are benchmark-only installs); nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+
+
+def ran_cleanly(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # A dead worker or a failed assertion in a background thread prints a traceback
+    # without changing the exit status.
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_overhead_with_profile() -> None:
+    result = run(
+        "overhead.py", "--no-peers", "--requests", "60", "--runs", "1", "--warmup", "10",
+        "--profile", "--json",
+    )  # fmt: skip
+    ran_cleanly(result)
+    data: dict[str, Any] = json.loads(result.stdout)
+    text = json.dumps(data)
+    # Every request kind of the issue is measured, both interfaces.
+    for row in ("no rule", "first visit", "returning", "cookie", "header", "1 KB", "64 KB"):
+        assert row in text, row
+    assert "asgi" in text.lower()
+    assert "wsgi" in text.lower()
+
+
+def test_delivery_small_burst() -> None:
+    result = run("delivery.py", "--events", "300", "--sdk-calls", "0", "--row-seconds", "30")
+    ran_cleanly(result)
+    assert "Stand-in API accepted" in result.stdout
+    assert "PROBLEMS" not in result.stdout
+    assert "enqueue < 5 µs" in result.stdout
+
+
+def test_useragents_counts_distinct_agents() -> None:
+    result = run(
+        "useragents.py", "--count", "300", "--old-count", "50", "--cached-distinct", "50",
+        "--cached-calls", "2000", "--repeat", "1", "--json",
+    )  # fmt: skip
+    ran_cleanly(result)
+    assert "5,000" in result.stdout or "5000" in result.stdout
+
+
+@pytest.mark.parametrize("events", [2_000])
+def test_report_million_small(events: int) -> None:
+    result = run("report_million.py", "--events", str(events))
+    ran_cleanly(result)
+    assert f"{events:,}" in result.stdout
