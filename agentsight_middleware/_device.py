@@ -3,24 +3,34 @@
 ``user_agents.parse`` runs uap-core's ~1,270 regexes one by one in Python's ``re``:
 0.4-1 ms for each agent it has not seen, far short of the 5,000 distinct agents a second
 the worker must keep up with (issue #7). ua-parser 1.0 runs the same rules through
-google-re2 at ~50 us an agent. This module takes that resolver's browser, OS and device
-families and applies user-agents' own rules to them (``_is_tablet`` and friends mirror
-``user_agents.parsers.UserAgent`` line for line), so the classification is user-agents'
-without its parser: the same verdict on all 30,872 agents of uap-core's test suites.
+ua-parser-rs's compiled automata at ~25-35 us an agent. This module takes that resolver's
+browser, OS and device families and applies user-agents' own rules to them
+(``_is_tablet`` and friends mirror ``user_agents.parsers.UserAgent`` line for line), so
+the classification is user-agents' without its parser.
 
-ua-parser-rs (~25 us an agent) was measured and not taken: to keep its automata small it
-widens the catch-all bot rule ``^.{0,100}(bot|...)`` to ``^.*``, which also flags real
-desktop browsers with "Abbott", "Daum" or "WordPress" past the 100th character as bots,
-and bots' page views are not tracked.
+Two engines were measured and not taken:
 
-Two inputs differ, both junk: re2's ``\\d``/``\\w`` are ASCII (so "LG-T\u00b2500" is no
-longer a phone), and a lone surrogate cannot be encoded for re2 (no verdict; headers
-decoded as latin-1, as ASGI and WSGI do, never hold one). tests/test_device.py pins both.
+* google-re2 (~50 us an agent) releases the GIL inside every match. While the app's own
+  thread is busy, each release costs the worker a whole switch interval (5 ms) to get it
+  back: 188 agents/s with the request thread spinning, against 24,895/s for ua-parser-rs,
+  which keeps the GIL and so gets its fair share.
+* ua-parser-rs alone widens the catch-all bot rule ``^.{0,100}(bot|...)`` to ``^.*`` to
+  keep its automata small, which would also flag real browsers with "Abbott", "Daum" or
+  "WordPress" past the 100th character as bots (their page views are not tracked). So a
+  "Spider" verdict, and only that one, is checked again with Python's ``re`` on the device
+  rules, in order, so the verdict is user-agents'. That costs ~0.4 ms for an agent not
+  seen before, which is rare: crawlers use a few agents each (the cache keeps them), and
+  with 4 % crawlers among 20,000 distinct agents the worker still classifies ~24,000/s.
+
+Two inputs still differ, both junk: ua-parser-rs's ``\\d``/``\\w`` are ASCII (so
+"LG-T\u00b2500" is no longer a phone), and a lone surrogate cannot cross into Rust (no
+verdict; headers decoded as latin-1, as ASGI and WSGI do, never hold one).
+tests/test_device.py pins both.
 
 Nothing heavy is imported before the first call: ua_parser costs ~80 ms to import and
-the re2 resolver ~0.1 s and ~6 MB to build (its automata grow with the variety of agents
-seen, to ~36 MB over uap-core's whole corpus), which processes that never classify an
-agent (CLIs, tests, apps without a chat page) should not pay.
+the Rust resolver ~0.2-0.3 s and ~30 MB to build (its lazy automata then grow with the
+variety of agents seen), which processes that never classify an agent (CLIs, tests, apps
+without a chat page) should not pay.
 """
 
 from __future__ import annotations
@@ -172,12 +182,20 @@ def _from_families(
 _NO_VERSION: Final[Version] = (None, None, None)
 
 
-def _with_resolver(resolver: Resolver, domains: Domain, ua: str) -> Classification:
+def _with_resolver(
+    resolver: Resolver, domains: Domain, ua: str, spiders: Resolver | None = None
+) -> Classification:
     result = resolver(ua, domains)
     # A domain no rule matched is None in ua-parser 1.0; the pre-1.0 parser that
     # user-agents reads called it "Other".
     browser = result.user_agent.family if result.user_agent is not None else "Other"
     device = result.device.family if result.device is not None else "Other"
+    if device == "Spider" and spiders is not None:
+        # See the module's docstring: the bot verdict is re-read with Python's re.
+        from ua_parser import Domain
+
+        checked = spiders(ua, Domain.DEVICE).device
+        device = checked.family if checked is not None else "Other"
     parsed_os = result.os
     if parsed_os is None:
         return _from_families(ua, browser, "Other", _NO_VERSION, device)
@@ -200,10 +218,10 @@ def _with_user_agents(ua: str) -> Classification:
     return kind, bool(parsed.is_bot)
 
 
-def _re2_resolver() -> Callable[[Matchers], Resolver]:
-    from ua_parser.re2 import Resolver as Re2Resolver
+def _rust_resolver() -> Callable[[Matchers], Resolver]:
+    from ua_parser.regex import Resolver as RustResolver
 
-    return Re2Resolver
+    return RustResolver
 
 
 def _python_resolver() -> Callable[[Matchers], Resolver]:
@@ -214,9 +232,9 @@ def _python_resolver() -> Callable[[Matchers], Resolver]:
     return BasicResolver
 
 
-# ua-parser 1.0's resolvers, fastest first: ~50 us and ~1 ms an agent here.
+# ua-parser 1.0's resolvers, fastest first: ~25-35 us and ~1 ms an agent here.
 _RESOLVERS: Final = (
-    ("re2", _re2_resolver),
+    ("ua-parser-rs", _rust_resolver),
     ("ua-parser", _python_resolver),
 )
 
@@ -238,7 +256,8 @@ def _build() -> tuple[str, Callable[[str], Classification]]:
             # Not installed, or cannot take some rule of a newer uap-core: the next
             # engine will do.
             continue
-        return name, functools.partial(_with_resolver, resolver, Domain.ALL)
+        spiders = _python_resolver()(matchers) if name == "ua-parser-rs" else None
+        return name, functools.partial(_with_resolver, resolver, Domain.ALL, spiders=spiders)
     return "user-agents", _with_user_agents
 
 
@@ -259,7 +278,7 @@ def _get_engine() -> tuple[str, Callable[[str], Classification]]:
 
 
 def backend() -> str:
-    """Which parser classifies: "re2", "ua-parser" or "user-agents"."""
+    """Which parser classifies: "ua-parser-rs", "ua-parser" or "user-agents"."""
     return _get_engine()[0]
 
 

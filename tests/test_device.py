@@ -897,8 +897,8 @@ def generated() -> list[str]:
 
 #: Real crawlers whose bot keyword comes after the 100th character: user-agents' rule
 #: ``^.{0,100}(bot|...)`` does not see it, and neither do we (same verdict, same rule).
-#: ua-parser-rs would call them bots, and with them real browsers that carry such a word
-#: late ("Abbott", "Daum"): that is why it is not the resolver used (see _device).
+#: ua-parser-rs alone would call them bots, and with them real browsers that carry such a
+#: word late ("Abbott", "Daum"): _device re-reads its "Spider" verdicts with Python's re.
 LATE_BOT_KEYWORD: Final[dict[str, tuple[str, Classification, Classification]]] = {
     "applebot": (
         f"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_5) {SAFARI_IOS} Version/13.1.1 "
@@ -927,15 +927,15 @@ LATE_BOT_KEYWORD: Final[dict[str, tuple[str, Classification, Classification]]] =
     ),
 }
 
-#: Where re2 and user-agents part ways, on purpose: (agent, user-agents' verdict, ours).
+#: Where ua-parser-rs and user-agents part ways, on purpose: (agent, user-agents' verdict, ours).
 #: The pure-Python resolver agrees with user-agents on all of them (see
 #: test_python_resolver_matches_user_agents_everywhere), so the rules mirrored in _device are
 #: not the cause.
 DIFFERENT_ON_PURPOSE: Final[dict[str, tuple[str, Classification, Classification]]] = {
-    # re2 reads \w and \d as ASCII; Python's re also takes "²" or "é".
+    # ua-parser-rs reads \w and \d as ASCII; Python's re also takes "²" or "é".
     # Headers are ASCII in practice (and latin-1 at worst), so only junk like this moves.
     "superscript-model": ("LG-T²500", ("mobile", False), (None, False)),
-    # re2 takes UTF-8: a lone surrogate cannot be encoded for it, so no verdict.
+    # Rust strings are UTF-8: a lone surrogate cannot reach ua-parser-rs, so no verdict.
     # Headers decoded as latin-1 (ASGI and WSGI alike) never hold one.
     "lone-surrogate": (
         f"Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) \ud800 {SAFARI_IOS}",
@@ -966,9 +966,51 @@ def _everything() -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def test_the_re2_resolver_is_the_one_in_use() -> None:
-    # google-re2 is a dependency: without it every new agent costs ~1 ms again.
-    assert backend() == "re2"
+def test_the_rust_resolver_is_the_one_in_use() -> None:
+    # ua-parser-rs is a dependency: without it every new agent costs ~1 ms again.
+    assert backend() == "ua-parser-rs"
+
+
+#: Real browsers whose agent carries a bot keyword of uap-core's catch-all rule past the
+#: 100th character (an app's own token, a company name): people, not bots.
+LATE_KEYWORD_BROWSERS: Final = [
+    f"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    f"Chrome/126.0.0.0 Safari/537.36 {token}"
+    for token in ("AbbottIntranet/2.1", "DaumApps/4.0", "WordPress.com/12", "YahooMobile/1.0")
+]
+
+
+@pytest.mark.parametrize("user_agent", LATE_KEYWORD_BROWSERS)
+def test_a_late_keyword_does_not_make_a_browser_a_bot(user_agent: str) -> None:
+    assert user_agent.rindex(" ") + 1 > 100  # where the token starts
+    assert reference(user_agent) == ("desktop", False)
+    assert classify_user_agent(user_agent) == ("desktop", False)
+
+
+def test_the_worker_gets_its_share_while_the_request_thread_is_busy() -> None:
+    # An engine that releases the GIL inside each match (google-re2 does) waits a whole
+    # switch interval to get it back while the app's thread is busy: it classified 188
+    # agents in a second here, and the worker fell behind any real load.
+    classify_user_agent(CORPUS["iphone-safari"][0])  # the engine is built
+    done = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        n = 0
+        while not stop.is_set():
+            classify_user_agent(f"Mozilla/5.0 (X11; Linux x86_64) Gecko/20100101 Firefox/{n}.0")
+            n += 1
+        done.append(n)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    deadline = time.monotonic() + 1.0
+    spins = 0
+    while time.monotonic() < deadline:  # a busy request thread: pure Python, no I/O
+        spins += 1
+    stop.set()
+    thread.join()
+    assert done[0] > 2_000, done
 
 
 @pytest.mark.parametrize(
@@ -1035,7 +1077,7 @@ def test_the_mirrored_rules_read_the_windows_version() -> None:
 
 
 def test_python_resolver_matches_user_agents_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    _block(monkeypatch, "re2", "ua_parser.re2")
+    _block(monkeypatch, "ua_parser_rs", "ua_parser.regex")
     _rebuild(monkeypatch)
     assert backend() == "ua-parser"
     agents = _everything() + [ua for ua, _, _ in DIFFERENT_ON_PURPOSE.values()]
@@ -1043,12 +1085,12 @@ def test_python_resolver_matches_user_agents_everywhere(monkeypatch: pytest.Monk
 
 
 def test_a_resolver_that_fails_to_build_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ua_parser.re2
+    import ua_parser.regex
 
     def broken(self: object, matchers: object) -> None:
-        raise ValueError("regex parse error")  # what a rule new to re2 would do
+        raise ValueError("regex parse error")  # what a rule new to ua-parser-rs would do
 
-    monkeypatch.setattr(ua_parser.re2.Resolver, "__init__", broken)
+    monkeypatch.setattr(ua_parser.regex.Resolver, "__init__", broken)
     _rebuild(monkeypatch)
     assert backend() == "ua-parser"
     assert classify_user_agent(CORPUS["iphone-safari"][0]) == ("mobile", False)
@@ -1149,10 +1191,10 @@ def test_hostile_agents_never_raise(user_agent: str) -> None:
 def test_importing_the_package_loads_no_parser() -> None:
     code = (
         "import sys, agentsight_middleware, agentsight_middleware._facts as f\n"
-        "heavy = ('ua_parser', 're2', 'user_agents')\n"
+        "heavy = ('ua_parser', 'ua_parser_rs', 'user_agents')\n"
         "assert not [m for m in heavy if m in sys.modules], 'a parser was imported eagerly'\n"
         "assert f.classify_user_agent('curl/8.5.0') == (None, False)\n"
-        "assert 're2' in sys.modules\n"
+        "assert 'ua_parser_rs' in sys.modules\n"
         "assert 'user_agents' not in sys.modules, 'the fast path needs no user_agents'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
