@@ -31,7 +31,11 @@ __all__ = ["Visitor", "app_python", "drive_visitors", "serve"]
 
 #: What the apps import besides the SDK: our package's dependencies (our package
 #: itself comes from the work tree, through PYTHONPATH) and the frameworks.
-_APP_IMPORTS = "import fastapi, flask, httpx, starlette, uvicorn, user_agents, werkzeug"
+#: A venv made before a dependency was added lacks it: name every one here.
+_APP_IMPORTS = (
+    "import fastapi, flask, h11, httpx, starlette, uvicorn, user_agents, werkzeug\n"
+    "import ua_parser.regex, ua_parser_rs"
+)
 _FRAMEWORKS = ("fastapi", "uvicorn", "flask")
 _INSTALL_TIMEOUT = 300.0
 _START_TIMEOUT = 30.0
