@@ -25,13 +25,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from agentsight import ConversationTracker
-from pydantic import BaseModel
 
-from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware.sdk import ClassicTracker
-
-#: How long the "LLM" takes: long enough for concurrent requests to overlap.
-THINK_SECONDS = 0.05
+from tests.apps.sdk_shop import THINK_SECONDS, fastapi_shop, flask_shop, reply_to, serve
 
 tracker = ConversationTracker()
 # 0.0.4x: track_human_message / track_agent_message; 0.0.12 - 0.0.18: track_question / ...
@@ -41,14 +37,6 @@ track_user: Callable[[str], None] = (
 track_agent: Callable[[str], None] = (
     getattr(tracker, "track_agent_message", None) or tracker.track_answer
 )
-
-
-class Chat(BaseModel):
-    message: str
-
-
-def reply_to(message: str) -> str:
-    return f"echo: {message}"
 
 
 def send() -> str | None:
@@ -86,78 +74,26 @@ def options(mode: str) -> dict[str, Any]:
     }
 
 
-def fastapi_app(framework: str, mode: str) -> Any:
-    from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, PlainTextResponse
+async def chat_async(message: str) -> dict[str, Any]:
     from starlette.concurrency import run_in_threadpool
 
-    app = FastAPI()
-
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return "<html><body>chat widget</body></html>"
-
-    @app.get("/health", response_class=PlainTextResponse)
-    def health() -> str:
-        return "ok"
-
-    if framework == "fastapi-sync":
-
-        @app.post("/api/chat")
-        def chat(body: Chat) -> dict[str, Any]:
-            return chat_blocking(body.message)
-
-    else:
-
-        @app.post("/api/chat")
-        async def chat_async(body: Chat) -> dict[str, Any]:
-            track_user(body.message)
-            await asyncio.sleep(THINK_SECONDS)
-            reply = reply_to(body.message)
-            track_agent(reply)
-            # Blocking HTTP: off the event loop (the thread gets the request's context).
-            error = await run_in_threadpool(send)
-            return {"reply": reply, "tracking_error": error}
-
-    app.add_middleware(AgentSightMiddleware, **options(mode))
-    return app
-
-
-def flask_app(mode: str) -> Any:
-    from flask import Flask, jsonify, request
-
-    app = Flask(__name__)
-
-    @app.get("/")
-    def page() -> str:
-        return "<html><body>chat widget</body></html>"
-
-    @app.get("/health")
-    def health() -> str:
-        return "ok"
-
-    @app.post("/api/chat")
-    def chat() -> Any:
-        return jsonify(chat_blocking(request.get_json()["message"]))
-
-    app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, **options(mode))  # type: ignore[method-assign]
-    return app
+    track_user(message)
+    await asyncio.sleep(THINK_SECONDS)
+    reply = reply_to(message)
+    track_agent(reply)
+    # Blocking HTTP: off the event loop (the thread gets the request's context).
+    error = await run_in_threadpool(send)
+    return {"reply": reply, "tracking_error": error}
 
 
 def main() -> None:
     framework, mode, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if framework == "flask":
-        from werkzeug.serving import make_server
-
-        server = make_server("127.0.0.1", 0, flask_app(mode), threaded=True, fd=fd)
-        server.serve_forever()
+        serve(framework, fd, lambda: flask_shop(options(mode), chat_blocking))
     else:
-        import uvicorn
-
-        config = uvicorn.Config(
-            fastapi_app(framework, mode), fd=fd, log_level="warning", lifespan="on"
+        serve(
+            framework, fd, lambda: fastapi_shop(framework, options(mode), chat_blocking, chat_async)
         )
-        uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -21,21 +21,9 @@ import time
 from typing import Any
 
 import agentsight
-from pydantic import BaseModel
 
-from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware.sdk import AgentSightSDK
-
-#: How long the "LLM" takes: long enough for concurrent requests to overlap.
-THINK_SECONDS = 0.05
-
-
-class Chat(BaseModel):
-    message: str
-
-
-def reply_to(message: str) -> str:
-    return f"echo: {message}"
+from tests.apps.sdk_shop import THINK_SECONDS, fastapi_shop, flask_shop, reply_to, serve
 
 
 def chat_blocking(message: str) -> dict[str, Any]:
@@ -56,74 +44,21 @@ def options() -> dict[str, Any]:
     }
 
 
-def fastapi_app(framework: str) -> Any:
-    from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, PlainTextResponse
-
-    app = FastAPI()
-
-    @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
-        return "<html><body>chat widget</body></html>"
-
-    @app.get("/health", response_class=PlainTextResponse)
-    def health() -> str:
-        return "ok"
-
-    if framework == "fastapi-sync":
-
-        @app.post("/api/chat")
-        def chat(body: Chat) -> dict[str, Any]:
-            return chat_blocking(body.message)
-
-    else:
-
-        @app.post("/api/chat")
-        async def chat_async(body: Chat) -> dict[str, Any]:
-            with agentsight.turn():
-                agentsight.user_message(body.message)
-                await asyncio.sleep(THINK_SECONDS)
-                reply = reply_to(body.message)
-                agentsight.agent_message(reply)
-            return {"reply": reply}
-
-    app.add_middleware(AgentSightMiddleware, **options())
-    return app
-
-
-def flask_app() -> Any:
-    from flask import Flask, jsonify, request
-
-    app = Flask(__name__)
-
-    @app.get("/")
-    def page() -> str:
-        return "<html><body>chat widget</body></html>"
-
-    @app.get("/health")
-    def health() -> str:
-        return "ok"
-
-    @app.post("/api/chat")
-    def chat() -> Any:
-        return jsonify(chat_blocking(request.get_json()["message"]))
-
-    app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, **options())  # type: ignore[method-assign]
-    return app
+async def chat_async(message: str) -> dict[str, Any]:
+    with agentsight.turn():
+        agentsight.user_message(message)
+        await asyncio.sleep(THINK_SECONDS)
+        reply = reply_to(message)
+        agentsight.agent_message(reply)
+    return {"reply": reply}
 
 
 def main() -> None:
     framework, fd = sys.argv[1], int(sys.argv[2])
     if framework == "flask":
-        from werkzeug.serving import make_server
-
-        server = make_server("127.0.0.1", 0, flask_app(), threaded=True, fd=fd)
-        server.serve_forever()
+        serve(framework, fd, lambda: flask_shop(options(), chat_blocking))
     else:
-        import uvicorn
-
-        config = uvicorn.Config(fastapi_app(framework), fd=fd, log_level="warning", lifespan="on")
-        uvicorn.Server(config).run()
+        serve(framework, fd, lambda: fastapi_shop(framework, options(), chat_blocking, chat_async))
 
 
 if __name__ == "__main__":
