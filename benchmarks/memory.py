@@ -47,9 +47,6 @@ import json
 import os
 import platform
 import re
-import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +56,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
+
+from standin_cli import StandInCLI, free_port, generate_api_key
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -393,58 +392,11 @@ def run_child(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class StandIn:
-    """``python -m agentsight_middleware._standin`` in its own process on 127.0.0.1."""
-
-    def __init__(self, latency: float = 0.0) -> None:
-        self.api_key = f"ags_{secrets.token_hex(16)}_{secrets.token_hex(3)}"
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "agentsight_middleware._standin",
-            "--port",
-            str(self.port),
-            "--api-key",
-            self.api_key,
-        ]
-        if latency:
-            command += ["--latency", str(latency)]
-        self._proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()
-        if "listening" not in line:
-            raise RuntimeError(f"the stand-in did not start: {line}{self._proc.stdout.read()}")
-
-    def stop(self) -> int:
-        """Stop it; how many requests it received (its own count)."""
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self._proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            out, _ = self._proc.communicate()
-        for line in out.splitlines():
-            if line.startswith("Stopped after"):
-                return int(line.split()[2])
-        return -1
-
-
 def run_scenario(
     name: str, args: argparse.Namespace, progress: Callable[[str], None]
 ) -> tuple[ChildResult, list[str], int | None]:
     """Run one scenario in a child; its result, its log lines, and the stand-in's count."""
-    standin: StandIn | None = None
+    standin: StandInCLI | None = None
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -458,11 +410,11 @@ def run_scenario(
         str(args.user_agents),
     ]
     if name == "backend up":
-        standin = StandIn()
+        standin = StandInCLI()
         command += ["--endpoint", standin.url, "--api-key", standin.api_key]
     elif name == "backend down":
-        key = f"ags_{secrets.token_hex(16)}_{secrets.token_hex(3)}"
-        command += ["--endpoint", f"http://127.0.0.1:{_free_port()}", "--api-key", key]
+        key = generate_api_key()
+        command += ["--endpoint", f"http://127.0.0.1:{free_port()}", "--api-key", key]
     result = ChildResult(name)
     received: int | None = None
     with tempfile.TemporaryFile("w+") as log:

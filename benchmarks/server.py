@@ -59,7 +59,6 @@ import contextlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import socket
@@ -74,6 +73,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
+
+from standin_cli import StandInCLI
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -274,16 +275,6 @@ def sdk_app() -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _api_key() -> str:
-    return f"ags_{secrets.token_hex(16)}_{secrets.token_hex(3)}"
-
-
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -321,50 +312,6 @@ def background_cpu_seconds(pid: int) -> float:
                 if int(task) != each:
                     total += _ticks(f"/proc/{each}/task/{task}/stat")
     return total / _TICK
-
-
-class StandIn:
-    """``python -m agentsight_middleware._standin`` in its own process on 127.0.0.1."""
-
-    def __init__(self, latency: float) -> None:
-        self.latency = latency
-        self.api_key = _api_key()
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "agentsight_middleware._standin",
-            "--port",
-            str(self.port),
-            "--api-key",
-            self.api_key,
-            "--latency",
-            str(latency),
-        ]
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "listening" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"the stand-in did not start: {line}{self.proc.stdout.read()}")
-        self.received: int | None = None
-
-    def stop(self) -> int | None:
-        """Stop it; the number of requests it says it received."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        for line in out.splitlines():
-            if line.startswith("Stopped after"):
-                self.received = int(line.split()[2])
-        return self.received
 
 
 @dataclass
@@ -711,7 +658,7 @@ def wait_drained(server: Server, seconds: float) -> tuple[dict[str, Any], float,
 
 def measure(
     server: Server,
-    standin: StandIn,
+    standin: StandInCLI,
     kind: Kind,
     row: Row,
     args: argparse.Namespace,
@@ -814,7 +761,7 @@ def run_server(
     plan: Plan, *, args: argparse.Namespace, wrk: str, tmp: Path, progress: Callable[[str], None]
 ) -> ServerRun:
     section, stack, variant, latency = plan.section, plan.stack, plan.variant, plan.latency
-    standin = StandIn(latency)
+    standin = StandInCLI(latency)
     name = f"{stack} {variant}" + (f", API +{latency * 1000:.0f} ms" if latency else "")
     run = ServerRun(name, [])
     try:

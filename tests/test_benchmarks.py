@@ -5,6 +5,7 @@ and implement the sink protocol themselves, so a change to the package can break
 without any other test noticing: a stand-in sink without ``backed_up()`` once left the
 enqueue-cost worker dead and its figures meaningless. Each script runs here with tiny
 sizes and without the peers (those are benchmark-only installs); nothing is timed.
+server.py is left out: it needs Debian's wrk and real servers for minutes.
 """
 
 from __future__ import annotations
@@ -78,3 +79,10 @@ def test_report_million_small(events: int) -> None:
     result = run("report_million.py", "--events", str(events))
     ran_cleanly(result)
     assert f"{events:,}" in result.stdout
+
+
+def test_memory_small() -> None:
+    result = run("memory.py", "--requests", "3000", "--user-agents", "300")
+    ran_cleanly(result)
+    assert result.stdout.count("level-off") == 2  # backend up, backend down
+    assert "stand-in received" in result.stdout
