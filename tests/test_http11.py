@@ -54,7 +54,6 @@ class Scripted:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
-        self.requests: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -114,9 +113,9 @@ async def test_keeps_the_connection_alive_and_sends_host_and_length() -> None:
 
     server = Scripted(handler)
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=4, timeout=5)
+        pool = Http11Pool(url, headers=HEADERS, max_connections=4, timeout=5)
         for i in range(20):
-            reply = await pool.post(HEADERS, b'{"n":%d}' % i)
+            reply = await pool.post(b'{"n":%d}' % i)
             assert (reply.status, reply.body) == (201, b'{"id":1}')
         pool.close()
     assert server.connections == 1
@@ -131,11 +130,11 @@ async def test_keeps_the_connection_alive_and_sends_host_and_length() -> None:
 async def test_concurrent_requests_use_separate_connections() -> None:
     server = Scripted(keep_alive(OK, delay=0.05))
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=8, timeout=5)
-        replies = await asyncio.gather(*(pool.post(HEADERS, b"{}") for _ in range(8)))
+        pool = Http11Pool(url, headers=HEADERS, max_connections=8, timeout=5)
+        replies = await asyncio.gather(*(pool.post(b"{}") for _ in range(8)))
         assert [r.status for r in replies] == [201] * 8
         # Then they are all reused: no new connection for the next round.
-        await asyncio.gather(*(pool.post(HEADERS, b"{}") for _ in range(8)))
+        await asyncio.gather(*(pool.post(b"{}") for _ in range(8)))
         pool.close()
     assert server.connections == 8
 
@@ -147,9 +146,9 @@ async def test_chunked_answer_and_retry_after_header() -> None:
     )
     server = Scripted(keep_alive(answer))
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=1, timeout=5)
-        reply = await pool.post(HEADERS, b"{}")
-        again = await pool.post(HEADERS, b"{}")
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        reply = await pool.post(b"{}")
+        again = await pool.post(b"{}")
         pool.close()
     assert reply.status == 429
     assert reply.header(b"retry-after") == "7"
@@ -174,8 +173,8 @@ async def test_connection_close_and_http10_answers_open_a_new_connection() -> No
 
     server = Scripted(handler)
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=2, timeout=5)
-        assert [(await pool.post(HEADERS, b"{}")).status for _ in range(3)] == [201] * 3
+        pool = Http11Pool(url, headers=HEADERS, max_connections=2, timeout=5)
+        assert [(await pool.post(b"{}")).status for _ in range(3)] == [201] * 3
         pool.close()
     assert server.connections == 3
 
@@ -188,10 +187,10 @@ async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
 
     server = Scripted(handler)
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=2, timeout=5)
-        assert (await pool.post(HEADERS, b"{}")).status == 201
+        pool = Http11Pool(url, headers=HEADERS, max_connections=2, timeout=5)
+        assert (await pool.post(b"{}")).status == 201
         await asyncio.sleep(0.1)  # the close reaches the client's loop
-        assert (await pool.post(HEADERS, b"{}")).status == 201
+        assert (await pool.post(b"{}")).status == 201
         pool.close()
     assert server.connections == 2
 
@@ -199,11 +198,11 @@ async def test_an_idle_connection_the_server_closed_is_not_reused() -> None:
 async def test_expired_idle_connections_are_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
     server = Scripted(keep_alive(OK))
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=2, timeout=5)
-        await pool.post(HEADERS, b"{}")
+        pool = Http11Pool(url, headers=HEADERS, max_connections=2, timeout=5)
+        await pool.post(b"{}")
         real = time.monotonic
         monkeypatch.setattr(time, "monotonic", lambda: real() + 60)
-        await pool.post(HEADERS, b"{}")
+        await pool.post(b"{}")
         pool.close()
     assert server.connections == 2
 
@@ -226,12 +225,12 @@ async def test_broken_answers_raise_httpx_protocol_errors(answer: bytes, message
 
     server = Scripted(handler)
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=1, timeout=5)
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
         with pytest.raises(httpx.RemoteProtocolError, match=message):
-            await pool.post(HEADERS, b"{}")
+            await pool.post(b"{}")
         # The broken connection is gone; a good server answer works on a new one.
         server.handler = keep_alive(OK)
-        assert (await pool.post(HEADERS, b"{}")).status == 201
+        assert (await pool.post(b"{}")).status == 201
         pool.close()
     assert server.connections == 2
 
@@ -243,13 +242,13 @@ async def test_a_hanging_server_times_out_and_the_connection_is_dropped() -> Non
 
     server = Scripted(handler)
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=1, timeout=0.2)
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=0.2)
         started = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
-            await pool.post(HEADERS, b"{}")
+            await pool.post(b"{}")
         assert time.monotonic() - started < 2
         server.handler = keep_alive(OK)
-        assert (await pool.post(HEADERS, b"{}")).status == 201
+        assert (await pool.post(b"{}")).status == 201
         pool.close()
     assert server.connections == 2
 
@@ -258,29 +257,29 @@ async def test_refused_connection_is_a_connect_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    pool = Http11Pool(f"http://127.0.0.1:{port}/x/", max_connections=1, timeout=5)
+    pool = Http11Pool(f"http://127.0.0.1:{port}/x/", headers=HEADERS, max_connections=1, timeout=5)
     with pytest.raises(httpx.ConnectError):
-        await pool.post(HEADERS, b"{}")
+        await pool.post(b"{}")
 
 
 async def test_a_cancelled_request_never_leaves_its_connection_in_the_pool() -> None:
     server = Scripted(keep_alive(OK, delay=0.3))
     async with server.running() as url:
-        pool = Http11Pool(url, max_connections=1, timeout=5)
-        task = asyncio.ensure_future(pool.post(HEADERS, b"{}"))
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        task = asyncio.ensure_future(pool.post(b"{}"))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # The late answer to the cancelled request must not be read as this one's.
-        assert (await pool.post(HEADERS, b'{"second":1}')).status == 201
+        assert (await pool.post(b'{"second":1}')).status == 201
         pool.close()
     assert server.connections == 2
 
 
 def test_rejects_urls_it_cannot_reach() -> None:
     with pytest.raises(ValueError, match="not an http"):
-        Http11Pool("ftp://example.com/", max_connections=1, timeout=1)
+        Http11Pool("ftp://example.com/", headers=HEADERS, max_connections=1, timeout=1)
 
 
 # ---------------------------------------------------------------------------
@@ -298,15 +297,17 @@ async def test_https_with_a_verified_certificate() -> None:
     server = Scripted(keep_alive(OK))
     async with server.running(server_context) as url:
         assert url.startswith("https://")
-        pool = Http11Pool(url, max_connections=1, timeout=5, ssl_context=client_context)
-        assert (await pool.post(HEADERS, b"{}")).status == 201
-        assert (await pool.post(HEADERS, b"{}")).status == 201
+        pool = Http11Pool(
+            url, headers=HEADERS, max_connections=1, timeout=5, ssl_context=client_context
+        )
+        assert (await pool.post(b"{}")).status == 201
+        assert (await pool.post(b"{}")).status == 201
         pool.close()
 
         # The default context (httpx's: certifi's roots) does not trust this CA.
-        untrusting = Http11Pool(url, max_connections=1, timeout=5)
+        untrusting = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            await untrusting.post(HEADERS, b"{}")
+            await untrusting.post(b"{}")
     # The refused handshake never reaches the server's handler.
     assert server.connections == 1
 
@@ -393,3 +394,34 @@ async def test_a_proxy_from_the_environment_is_used(
         assert sorted(c["conversation_id"] for c in api.conversations) == [
             f"conv_{i:012x}" for i in range(5)
         ]
+
+
+async def test_a_header_h11_refuses_is_an_httpx_error_and_nothing_is_sent() -> None:
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=[(b"X-Bad", b"a\r\nb")], max_connections=1, timeout=5)
+        with pytest.raises(httpx.LocalProtocolError):
+            await pool.post(b"{}")
+        pool.close()
+    assert server.connections == 0  # refused before any connection was opened
+
+
+async def test_request_heads_are_cached_per_body_length_and_bounded() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, headers, body = await read_request(reader)
+            assert int(headers[b"content-length"]) == len(body)
+            seen.append(body)
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        bodies = [b"x" * n for n in (*range(1, 700, 1), 5, 1, 699)]
+        for body in bodies:
+            assert (await pool.post(body)).status == 201
+        assert len(pool._heads) <= 512
+        pool.close()
+    assert seen == bodies

@@ -122,7 +122,10 @@ class HttpSink:
     async def start(self) -> None:
         if self._transport is None and self._proxy is None:
             self._direct = Http11Pool(
-                self._url, max_connections=self._concurrency, timeout=self._timeout
+                self._url,
+                headers=self._headers,
+                max_connections=self._concurrency,
+                timeout=self._timeout,
             )
         else:
             self._http = self._transport or httpx.HTTPTransport(
@@ -137,7 +140,7 @@ class HttpSink:
 
     async def _post(self, body: bytes) -> Reply:
         if self._direct is not None:
-            return await self._direct.post(self._headers, body)
+            return await self._direct.post(body)
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self._post_blocking, body
         )
