@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from ._config import normalise_environment
 
@@ -64,6 +65,13 @@ class Credentials:
             raise ValueError(
                 f"endpoint {base!r} must be an http:// or https:// URL, e.g. {DEFAULT_ENDPOINT!r}"
             )
+        try:
+            parts = urlsplit(base)
+            parts.port  # noqa: B018 - raises for a port out of range or not a number
+        except ValueError as exc:
+            raise ValueError(f"endpoint {base!r} is not a valid URL: {exc}") from None
+        if not parts.hostname:
+            raise ValueError(f"endpoint {base!r} has no host, e.g. {DEFAULT_ENDPOINT!r}")
         chosen = environment if environment is not None else env.get("AGENTSIGHT_ENVIRONMENT")
         slug = None if not chosen else normalise_environment(chosen)
         return cls(api_key=key, endpoint=base, environment=slug)

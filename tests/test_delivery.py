@@ -234,6 +234,12 @@ def test_bad_keys_and_endpoints_fail_at_start_up() -> None:
         AgentSightMiddleware(
             make_app(), widget_pages=["/"], api_key="ags_" + "1" * 32 + "_abcdef", endpoint="api"
         )
+    for endpoint, message in (("http://api:99999", "not a valid URL"), ("https://", "no host")):
+        with pytest.raises(ValueError, match=message):
+            AgentSightMiddleware(
+                make_app(), widget_pages=["/"], api_key="ags_" + "1" * 32 + "_abcdef",
+                endpoint=endpoint,
+            )  # fmt: skip
     with pytest.raises(ValueError, match="either tracker="):
         AgentSightMiddleware(
             make_app(), widget_pages=["/"], api_key="ags_" + "1" * 32 + "_abcdef", tracker=object()

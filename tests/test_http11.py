@@ -325,6 +325,9 @@ def test_environment_proxy_follows_no_proxy(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     assert environment_proxy("https://api.agentsight.io/x/") == "http://proxy.internal:3128"
     assert environment_proxy("http://api.agentsight.io/x/") is None
+    # No scheme means an HTTP proxy, as requests reads it.
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    assert environment_proxy("https://api.agentsight.io/x/") == "http://proxy.internal:3128"
     monkeypatch.setenv("NO_PROXY", "agentsight.io")
     assert environment_proxy("https://api.agentsight.io/x/") is None
 
@@ -425,3 +428,151 @@ async def test_request_heads_are_cached_per_body_length_and_bounded() -> None:
         assert len(pool._heads) <= 512
         pool.close()
     assert seen == bodies
+
+
+# ---------------------------------------------------------------------------
+# Found in review: each of these once stalled delivery or misread an answer
+# ---------------------------------------------------------------------------
+
+
+async def test_bytes_after_an_answer_are_not_read_as_the_next_answer() -> None:
+    def answer(text: bytes) -> bytes:
+        return b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, _, body = await read_request(reader)
+        # One write: this request's answer and one nobody asked for.
+        writer.write(answer(b"first:" + body) + answer(b"STALE"))
+        await reader.read()  # until the client hangs up
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        replies = [(await pool.post(b"%d" % n)).body for n in range(3)]
+        pool.close()
+    # Every connection is dropped after its stray bytes: each request gets its own answer.
+    assert replies == [b"first:0", b"first:1", b"first:2"]
+    assert server.connections == 3
+
+
+async def test_a_server_that_closes_at_once_fails_fast_not_at_the_timeout() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # accept, then close before any request (a draining balancer)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        started = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await pool.post(b"{}")
+        assert time.monotonic() - started < 2  # not three 5 s timeouts
+        pool.close()
+
+
+async def test_an_address_that_drops_packets_does_not_hide_one_that_works() -> None:
+    # The first address is a listener whose accept queue is full: the kernel drops
+    # further SYNs, as on a broken IPv6 route. The second one answers.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(hole.getsockname())
+        fillers.append(filler)
+    await asyncio.sleep(0.1)
+    server = Scripted(keep_alive(OK))
+    loop = asyncio.get_running_loop()
+    try:
+        async with server.running() as url:
+            good = ("127.0.0.1", int(url.split(":")[2].split("/")[0]))
+
+            async def two_addresses(*args: object, **kwargs: object) -> list[object]:
+                return [
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", hole.getsockname()),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", good),
+                ]
+
+            loop.getaddrinfo = two_addresses  # type: ignore[method-assign]
+            pool = Http11Pool(
+                "http://api.example/api/conversations/", headers=HEADERS, max_connections=1,
+                timeout=3,
+            )  # fmt: skip
+            started = time.monotonic()
+            assert (await pool.post(b"{}")).status == 201
+            assert time.monotonic() - started < 2
+            pool.close()
+    finally:
+        del loop.getaddrinfo  # type: ignore[method-assign]
+        for filler in fillers:
+            filler.close()
+        hole.close()
+
+
+async def test_endpoint_paths_are_percent_encoded_as_httpx_would() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, _, _ = await read_request(reader)
+            seen.append(line)
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        base = url.rsplit("/api/", 1)[0]
+        pool = Http11Pool(
+            base + "/über/my api/api/conversations/", headers=HEADERS, max_connections=1, timeout=5
+        )
+        assert (await pool.post(b"{}")).status == 201
+        pool.close()
+    assert seen == [b"POST /%C3%BCber/my%20api/api/conversations/ HTTP/1.1"]
+
+
+@pytest.mark.parametrize("proxy", ["ftp://proxy.internal:21", "socks5://127.0.0.1:1080"])
+async def test_a_proxy_httpx_cannot_use_is_skipped_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, proxy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SOCKS needs socksio, which is not a dependency: httpx refuses it at construction,
+    # and so once did the worker, for good.
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(
+            Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(100),
+            concurrency=2,
+        )  # fmt: skip
+        await deliver(sink, 4)
+        assert sink.stats()["sent"] == 4
+        assert len(api.conversations) == 4
+    assert "cannot be used" in caplog.text
+    assert "directly" in caplog.text
+
+
+async def test_an_unexpected_error_while_sending_is_retried_not_stuck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(
+            Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(100),
+            concurrency=1,
+        )  # fmt: skip
+        real_post = sink._post
+        failures = [KeyError("surprise")]
+
+        async def flaky(body: bytes) -> object:
+            if failures:
+                raise failures.pop()
+            return await real_post(body)
+
+        monkeypatch.setattr(sink, "_post", flaky)
+        monkeypatch.setattr("agentsight_middleware.sinks.http.backoff", lambda attempt: 0.0)
+        await deliver(sink, 3)
+        stats = sink.stats()
+    assert stats["sent"] == 3
+    assert stats["retried"] == 1
+    assert len(api.conversations) == 3

@@ -21,7 +21,6 @@ import asyncio
 import ssl
 import time
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 import h11
 import httpx
@@ -106,6 +105,11 @@ class _Connection(asyncio.Protocol):
 
     async def request(self, head: h11.Request, body: bytes, timeout: float) -> Reply:
         assert self._transport is not None
+        if self.lost or self._transport.is_closing():
+            # Closed by the server between connecting and now: a write would be
+            # dropped silently and the answer awaited until the timeout.
+            self.close()
+            raise httpx.RemoteProtocolError("server closed the connection before the request")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Reply] = loop.create_future()
         self._waiter = waiter
@@ -128,10 +132,13 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
             self._waiter = None
-        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+        if h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0]:
             h.start_next_cycle()
             self.idle_since = time.monotonic()
-        else:  # "Connection: close", or an HTTP/1.0 answer
+        else:
+            # "Connection: close", an HTTP/1.0 answer, or bytes after the answer that
+            # nobody asked for (read as the next request's answer, they would shift
+            # every reply on this connection by one).
             self.close()
         return reply
 
@@ -208,21 +215,22 @@ class Http11Pool:
         timeout: float,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        # httpx's URL model: IDNA hosts, percent-encoded paths and the default port
+        # left out of Host (RFC 9112), as httpx itself would send them.
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"not an http(s) URL: {url!r} ({exc})") from None
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._host = parsed.raw_host.decode("ascii")
+        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self._ssl: ssl.SSLContext | None = None
-        if parts.scheme == "https":
+        if parsed.scheme == "https":
             # httpx's own context: certifi's roots, as httpx.Client would verify.
             self._ssl = ssl_context or httpx.create_ssl_context()
-        # RFC 9112: the port is omitted from Host when it is the scheme's default.
-        netloc = parts.netloc.rpartition("@")[2]
-        self.host_header = netloc.encode("idna" if not netloc.isascii() else "ascii")
-        self.target = (parts.path or "/").encode("ascii") + (
-            b"?" + parts.query.encode("ascii") if parts.query else b""
-        )
+        self.host_header = parsed.netloc
+        self.target = parsed.raw_path
         self._headers = [(b"Host", self.host_header), *headers]
         self._heads: dict[int, h11.Request] = {}
         self._max = max_connections
@@ -240,6 +248,11 @@ class Http11Pool:
                     self._port,
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl is not None else None,
+                    # One time limit covers all of a host's addresses: without racing
+                    # them, an address that drops packets (a broken IPv6 route) would
+                    # use it all up and the working one would never be tried.
+                    happy_eyeballs_delay=0.25,
+                    interleave=1,
                 ),
                 self._timeout,
             )
@@ -247,8 +260,12 @@ class Http11Pool:
             raise httpx.ConnectTimeout(
                 f"connecting to {self._host}:{self._port} timed out"
             ) from None
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, UnicodeError) as exc:
+            # UnicodeError: a host name IDNA cannot encode (a label over 63 chars).
             raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from exc
+        if self._closed:  # closed while connecting (shutdown)
+            connection.close()
+            raise httpx.ConnectError("the connection pool is closed")
         return connection
 
     def _head(self, length: int) -> h11.Request:
@@ -287,11 +304,10 @@ class Http11Pool:
             raise httpx.LocalProtocolError(str(exc)) from exc
         except OSError as exc:
             raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from exc
-        if not self._closed and connection.usable(time.monotonic()):
-            if len(self._idle) < self._max:
-                self._idle.append(connection)
-            else:
-                connection.close()
+        if not self._closed and len(self._idle) < self._max and connection.usable(time.monotonic()):
+            self._idle.append(connection)
+        else:
+            connection.close()
         return reply
 
     def close(self) -> None:

@@ -62,7 +62,8 @@ def environment_proxy(url: str) -> str | None:
     proxy = proxies.get(parts.scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass(parts.netloc):
         return None
-    return proxy
+    # "proxy.corp:3128" means an HTTP proxy to requests (and httpx's own env handling).
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 class HttpSink:
@@ -120,7 +121,27 @@ class HttpSink:
         return f"HttpSink(url={self._url!r}, api_key={mask_key(self._credentials.api_key)!r})"
 
     async def start(self) -> None:
-        if self._transport is None and self._proxy is None:
+        if self._transport is None and self._proxy is not None:
+            try:
+                self._transport = httpx.HTTPTransport(
+                    limits=httpx.Limits(
+                        max_connections=self._concurrency,
+                        max_keepalive_connections=self._concurrency,
+                    ),
+                    proxy=self._proxy,
+                )
+            except (ValueError, ImportError) as exc:
+                # A proxy httpx cannot use (an unknown scheme; SOCKS without socksio)
+                # must not stop delivery: the worker would die with it.
+                self._log_once(
+                    "proxy",
+                    "the proxy %r from the environment cannot be used (%s); connecting to the "
+                    "AgentSight API directly",
+                    self._proxy,
+                    exc,
+                    level="warning",
+                )
+        if self._transport is None:
             self._direct = Http11Pool(
                 self._url,
                 headers=self._headers,
@@ -128,12 +149,7 @@ class HttpSink:
                 timeout=self._timeout,
             )
         else:
-            self._http = self._transport or httpx.HTTPTransport(
-                limits=httpx.Limits(
-                    max_connections=self._concurrency, max_keepalive_connections=self._concurrency
-                ),
-                proxy=self._proxy,
-            )
+            self._http = self._transport
             self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="agentsight-http")
         self._wake = asyncio.Event()
         self._pump = asyncio.get_running_loop().create_task(self._run())
@@ -225,10 +241,17 @@ class HttpSink:
         assert self._wake is not None
         try:
             reply = await self._post(item.body)
-        except RuntimeError:
-            return  # shutting down: the pool is gone; a durable outbox keeps the event
         except httpx.HTTPError as exc:
             self._retry(item, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        except Exception as exc:
+            if self._closing:
+                return  # shutting down (the executor is gone): a durable outbox keeps it
+            # Anything else must not leave the event claimed for ever (its
+            # conversation's later events wait behind it): retried like an outage.
+            self._log_once(
+                "unexpected", "unexpected error sending an event: %r", exc, level="warning"
+            )
+            self._retry(item, f"{type(exc).__name__}: {exc}")
         else:
             outcome = classify(reply.status)
             if outcome == ACCEPTED:
