@@ -83,6 +83,9 @@ def test_report_million_small(events: int) -> None:
 
 def test_memory_small() -> None:
     result = run("memory.py", "--requests", "3000", "--user-agents", "300")
-    ran_cleanly(result)
+    # Exit status 2 is the verdict "not level yet", which 3,000 requests cannot judge
+    # (caches are still filling); 1 would be a child that failed.
+    assert result.returncode in (0, 2), result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stdout.count("level-off") == 2  # backend up, backend down
     assert "stand-in received" in result.stdout
