@@ -202,19 +202,9 @@ def make_agents(count: int, seed: int = 7) -> list[str]:
 
 
 def before_7(ua: str) -> tuple[str | None, bool]:
-    """_facts.classify_user_agent before issue #7, without its cache (every agent is new)."""
-    import user_agents  # type: ignore[import-untyped]
-
-    parsed = user_agents.parse(ua[: _device._MAX_USER_AGENT])
-    if parsed.is_tablet:
-        kind: str | None = "tablet"
-    elif parsed.is_mobile:
-        kind = "mobile"
-    elif parsed.is_pc:
-        kind = "desktop"
-    else:
-        kind = None
-    return kind, bool(parsed.is_bot)
+    """_facts.classify_user_agent before issue #7, without its cache (every agent is new):
+    the same code as _device's last-resort engine."""
+    return _device._with_user_agents(ua[: _device._MAX_USER_AGENT])
 
 
 def rss_mb() -> float:
