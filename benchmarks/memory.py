@@ -45,7 +45,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -53,10 +52,10 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
+from machine import describe
 from standin_cli import StandInCLI, free_port, generate_api_key
 
 Scope = MutableMapping[str, Any]
@@ -466,34 +465,17 @@ def _read_child(
 
 
 def machine() -> dict[str, Any]:
-    model = "?"
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    versions = {}
-    for name in (
-        "agentsight-middleware",
-        "starlette",
-        "anyio",
-        "httpx",
-        "httpcore",
-        "user-agents",
-        "ua-parser",
-    ):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "-"
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "load_1min": round(os.getloadavg()[0], 2),
-        "packages": versions,
-    }
+    return describe(
+        (
+            "agentsight-middleware",
+            "starlette",
+            "anyio",
+            "httpx",
+            "httpcore",
+            "user-agents",
+            "ua-parser",
+        )
+    )
 
 
 def level_off(result: ChildResult, bare: ChildResult) -> dict[str, float]:

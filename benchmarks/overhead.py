@@ -49,8 +49,9 @@ import timeit
 from array import array
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
+
+from machine import cpu_model, package_versions
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 
@@ -403,23 +404,9 @@ PACKAGES = (
 
 
 def machine_info() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.partition(":")[2].strip()
-                    break
-    except OSError:
-        model = platform.processor() or "?"
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = package_versions(PACKAGES)
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": f"{platform.python_implementation()} {platform.python_version()}",

@@ -70,10 +70,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
+from machine import cpu_model, package_versions
 from standin_cli import StandInCLI
 
 HERE = Path(__file__).resolve().parent
@@ -808,32 +808,24 @@ def run_server(
 
 
 def machine(wrk: str, sdk_python: str | None) -> dict[str, Any]:
-    model = "?"
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    packages: dict[str, str | None] = {}
-    for name in (
-        "agentsight-middleware",
-        "uvicorn",
-        "gunicorn",
-        "fastapi",
-        "starlette",
-        "pydantic",
-        "flask",
-        "werkzeug",
-        "httpx",
-        "httpcore",
-        "h11",
-        "uvloop",
-        "httptools",
-    ):
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = None
+    model = cpu_model()
+    packages = package_versions(
+        (
+            "agentsight-middleware",
+            "uvicorn",
+            "gunicorn",
+            "fastapi",
+            "starlette",
+            "pydantic",
+            "flask",
+            "werkzeug",
+            "httpx",
+            "httpcore",
+            "h11",
+            "uvloop",
+            "httptools",
+        )
+    )
     version = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
     sdk = None
     if sdk_python:

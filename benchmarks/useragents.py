@@ -32,14 +32,14 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import random
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from typing import Any
+
+from machine import describe
 
 from agentsight_middleware import _device
 
@@ -253,29 +253,9 @@ def pin_to_one_core() -> int | None:
 
 
 def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    model = line.partition(":")[2].strip()
-                    break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("user-agents", "ua-parser", "ua-parser-builtins", "ua-parser-rs", "google-re2"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "-"
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "platform": platform.platform(),
-        "load_1min": round(os.getloadavg()[0], 2),
-        "packages": versions,
-    }
+    return describe(
+        ("user-agents", "ua-parser", "ua-parser-builtins", "ua-parser-rs", "google-re2")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
