@@ -1,18 +1,22 @@
-"""A small keep-alive pool of HTTP/1.1 connections for one origin, on asyncio and h11.
+"""A small keep-alive pool of HTTP/1.1 connections for one origin, on asyncio.
 
 The worker sends one short JSON ``POST`` per event to one host, and every
 microsecond it spends is taken from the host app's own process. httpx's
 transport (httpcore over h11) measured ~0.4 ms of CPU per request here from a
 single thread and ~0.8 ms from the threads that its blocking API needs, which
-caps a process near 900 events/s; ``httpx.AsyncClient`` was slower still. The
-same h11 state machine driven straight from an ``asyncio.Protocol`` costs
-~0.15-0.2 ms and sends 4,000+ requests/s. h11 is httpcore's own HTTP/1.1
-engine (installed with httpx), so parsing, framing and validation are the
-same well-tested code; only pooling and I/O are ours.
+caps a process near 900 events/s; ``httpx.AsyncClient`` was slower still. Driving
+the connections straight from an ``asyncio.Protocol`` removes most of that.
 
-Errors are raised as httpx's exception types, so callers handle one family.
-When the endpoint must be reached through a proxy, the sink uses httpx's own
-transport instead (see ``http.py``).
+Answers are parsed by one of two engines, as uvicorn does on the server side:
+
+* ``httptools`` (llhttp, the C parser of Node.js; uvicorn's fast path): ~2 µs
+  to parse an answer, and the request is written as one prebuilt byte string;
+* ``h11`` (httpcore's own pure-Python engine, installed with httpx): ~65 µs per
+  exchange; used where httptools is not installed (PyPy).
+
+Both frame the same bytes, follow the same keep-alive rules and raise httpx's
+exception types, so callers handle one family. When the endpoint must be reached
+through a proxy, the sink uses httpx's own transport instead (see ``http.py``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import h11
 import httpx
 
-__all__ = ["Http11Pool", "Reply"]
+try:
+    import httptools
+except ImportError:  # PyPy, or a platform without a wheel: h11 does the parsing
+    httptools = None  # type: ignore[assignment]
+
+__all__ = ["ENGINES", "Http11Pool", "Reply"]
+
+Engine = Literal["httptools", "h11"]
+#: The engines this interpreter can use, fastest first.
+ENGINES: tuple[Engine, ...] = ("httptools", "h11") if httptools is not None else ("h11",)
 
 # httpcore's default: a connection idle longer than this may be closed by the
 # server at any moment, and a request written into such a connection is lost
@@ -34,7 +47,7 @@ KEEPALIVE_EXPIRY = 5.0
 # The API answers a small JSON object; anything bigger is not its answer.
 MAX_RESPONSE_BODY = 1 << 20
 # h11 events are immutable and validate their headers when built (a third of h11's
-# cost per request): the request heads are built once per body length and reused.
+# cost per request): its request heads are built once per body length and reused.
 _HEADS_CACHED = 512
 _END = h11.EndOfMessage()
 
@@ -46,21 +59,62 @@ class Reply(NamedTuple):
 
     def header(self, name: bytes) -> str | None:
         for key, value in self.headers:
-            if key == name:  # h11 lower-cases names
+            if key == name:  # both engines lower-case names
                 return value.decode("latin-1")
         return None
 
 
+class _Framing:
+    """The request bytes both engines send: one method, target and header set."""
+
+    def __init__(self, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self._target = target
+        self._headers = headers
+        self._prefix: bytes | None = None
+        self._heads: dict[int, h11.Request] = {}
+
+    def check(self) -> None:
+        """Refuse the headers h11 would refuse (once, before anything is sent)."""
+        if self._prefix is None:
+            h11.Request(
+                method=b"POST",
+                target=self._target,
+                headers=[*self._headers, (b"Content-Length", b"0")],
+            )
+            lines = b"".join(b"%s: %s\r\n" % pair for pair in self._headers)
+            self._prefix = b"POST %s HTTP/1.1\r\n%s" % (self._target, lines)
+
+    def raw(self, body: bytes) -> bytes:
+        prefix = self._prefix
+        assert prefix is not None, "check() first"
+        return b"%sContent-Length: %d\r\n\r\n%s" % (prefix, len(body), body)
+
+    def h11_head(self, length: int) -> h11.Request:
+        head = self._heads.get(length)
+        if head is None:
+            if len(self._heads) >= _HEADS_CACHED:
+                self._heads.clear()
+            head = self._heads[length] = h11.Request(
+                method=b"POST",
+                target=self._target,
+                headers=[*self._headers, (b"Content-Length", str(length).encode("ascii"))],
+            )
+        return head
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
-        self._h11 = h11.Connection(h11.CLIENT)
+    """One connection, one request at a time; the subclasses read the answers."""
+
+    def __init__(self, framing: _Framing) -> None:
+        self._framing = framing
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Reply] | None = None
-        self._status = 0
         self._eof_seen = False
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._buffer: list[bytes] = []
-        self._size = 0
+        self._idle = True  # between exchanges, and the last one left it reusable
         self.lost = False
         self.idle_since = time.monotonic()
 
@@ -69,15 +123,6 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._h11.receive_data(data)
-        except RuntimeError:
-            # Data after the connection was declared unusable: nobody waits for it.
-            self.close()
-            return
-        self._pump()
 
     def eof_received(self) -> bool | None:
         self._eof()
@@ -91,19 +136,20 @@ class _Connection(asyncio.Protocol):
 
     def usable(self, now: float) -> bool:
         return (
-            not self.lost
+            self._idle
+            and not self.lost
             and self._transport is not None
             and not self._transport.is_closing()
-            and self._h11.our_state is h11.IDLE
             and now - self.idle_since < KEEPALIVE_EXPIRY
         )
 
     def close(self) -> None:
         self.lost = True
+        self._idle = False
         if self._transport is not None:
             self._transport.close()
 
-    async def request(self, head: h11.Request, body: bytes, timeout: float) -> Reply:
+    async def request(self, body: bytes, timeout: float) -> Reply:
         assert self._transport is not None
         if self.lost or self._transport.is_closing():
             # Closed by the server between connecting and now: a write would be
@@ -113,16 +159,11 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Reply] = loop.create_future()
         self._waiter = waiter
-        self._buffer = []
-        self._size = 0
-        self._status = 0
+        self._idle = False
         # A timer rather than wait_for(): no extra task per request.
         timer = loop.call_later(timeout, self._time_out, waiter, timeout)
-        h = self._h11
         try:
-            self._transport.write(
-                (h.send(head) or b"") + (h.send(h11.Data(data=body)) or b"") + (h.send(_END) or b"")
-            )
+            self._transport.write(self._frame(body))
             reply = await waiter
         except BaseException:
             # Timed out, cancelled (shutdown) or failed mid-exchange: what the
@@ -132,8 +173,8 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
             self._waiter = None
-        if h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0]:
-            h.start_next_cycle()
+        if not self.lost and self._next_cycle():
+            self._idle = True
             self.idle_since = time.monotonic()
         else:
             # "Connection: close", an HTTP/1.0 answer, or bytes after the answer that
@@ -146,6 +187,159 @@ class _Connection(asyncio.Protocol):
     def _time_out(waiter: asyncio.Future[Reply], timeout: float) -> None:
         if not waiter.done():
             waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout:g} s"))
+
+    def _fail(self, message: str) -> None:
+        self.close()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(httpx.RemoteProtocolError(message))
+
+    def _disconnected(self, status_seen: bool) -> None:
+        self._fail(
+            "server disconnected in the middle of its response"
+            if status_seen
+            else "server disconnected without sending a response"
+        )
+
+    def _frame(self, body: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _next_cycle(self) -> bool:
+        raise NotImplementedError
+
+    def _eof(self) -> None:
+        raise NotImplementedError
+
+
+class _FastConnection(_Connection):
+    """Answers parsed by httptools (llhttp); the request is one prebuilt byte string."""
+
+    def __init__(self, framing: _Framing) -> None:
+        super().__init__(framing)
+        assert httptools is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._size = 0
+        self._framed = False  # Content-Length or Transfer-Encoding: the end is known
+        self._in_headers = False
+        self._complete = False
+        self._keep_alive = False
+        self._stray = False
+
+    def _frame(self, body: bytes) -> bytes:
+        self._status = 0
+        self._headers = []
+        self._body = []
+        self._size = 0
+        self._complete = False
+        return self._framing.raw(body)
+
+    def _next_cycle(self) -> bool:
+        return self._complete and self._keep_alive and not self._stray
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.close()  # bytes nobody asked for: the stream is out of step
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _TooLarge):
+                self._fail("invalid response from the server: response body too large")
+            else:
+                self._fail(f"invalid response from the server: {exc}")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # After a complete answer this is stray bytes: the reply stands, the
+            # connection goes.
+            self._fail(f"invalid response from the server: {type(exc).__name__} {exc}")
+
+    # llhttp's callbacks, within feed_data()
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._stray = True  # a second answer to one request
+        self._headers = []
+        self._framed = False
+        self._in_headers = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" or name == b"transfer-encoding":
+            self._framed = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > MAX_RESPONSE_BODY:
+            raise _TooLarge
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._status < 200:
+            return  # 100 Continue and the like: the real answer follows
+        if self._complete:
+            return
+        self._complete = True
+        self._keep_alive = self._parser.should_keep_alive()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(Reply(self._status, self._headers, b"".join(self._body)))
+
+    def _eof(self) -> None:
+        self._eof_seen = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._status >= 200 and not self._framed and not self._complete:
+                # Neither a length nor chunks: the body ends where the connection does.
+                self._complete = True
+                self._keep_alive = False
+                waiter.set_result(Reply(self._status, self._headers, b"".join(self._body)))
+            else:
+                self._disconnected(bool(self._status) or self._in_headers)
+        self.close()
+
+
+class _H11Connection(_Connection):
+    """Answers parsed (and requests framed) by h11's state machine."""
+
+    def __init__(self, framing: _Framing) -> None:
+        super().__init__(framing)
+        self._h11 = h11.Connection(h11.CLIENT)
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._buffer: list[bytes] = []
+        self._size = 0
+
+    def _frame(self, body: bytes) -> bytes:
+        self._buffer = []
+        self._size = 0
+        self._status = 0
+        h = self._h11
+        head = self._framing.h11_head(len(body))
+        return (h.send(head) or b"") + (h.send(h11.Data(data=body)) or b"") + (h.send(_END) or b"")
+
+    def _next_cycle(self) -> bool:
+        h = self._h11
+        if h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0]:
+            h.start_next_cycle()
+            return True
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._h11.receive_data(data)
+        except RuntimeError:
+            # Data after the connection was declared unusable: nobody waits for it.
+            self.close()
+            return
+        self._pump()
 
     def _pump(self) -> None:
         waiter = self._waiter
@@ -173,14 +367,10 @@ class _Connection(asyncio.Protocol):
                     raise h11.RemoteProtocolError("server closed the connection")
                 # InformationalResponse (100 Continue): wait for the real one.
         except h11.RemoteProtocolError as exc:
-            self.close()
             if not self._eof_seen:
-                message = f"invalid response from the server: {exc}"
-            elif self._status:
-                message = "server disconnected in the middle of its response"
+                self._fail(f"invalid response from the server: {exc}")
             else:
-                message = "server disconnected without sending a response"
-            waiter.set_exception(httpx.RemoteProtocolError(message))
+                self._disconnected(bool(self._status))
 
     def _eof(self) -> None:
         self._eof_seen = True
@@ -193,9 +383,7 @@ class _Connection(asyncio.Protocol):
             else:
                 self._pump()
             if not waiter.done():
-                waiter.set_exception(
-                    httpx.RemoteProtocolError("server disconnected without sending a response")
-                )
+                self._disconnected(False)
         self.close()
 
 
@@ -214,6 +402,7 @@ class Http11Pool:
         max_connections: int,
         timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        engine: Engine | None = None,
     ) -> None:
         # httpx's URL model: IDNA hosts, percent-encoded paths and the default port
         # left out of Host (RFC 9112), as httpx itself would send them.
@@ -223,6 +412,10 @@ class Http11Pool:
             raise ValueError(f"not an http(s) URL: {url!r} ({exc})") from None
         if parsed.scheme not in ("http", "https") or not parsed.raw_host:
             raise ValueError(f"not an http(s) URL: {url!r}")
+        if engine is not None and engine not in ENGINES:
+            raise ValueError(f"HTTP engine {engine!r} is not available here; one of {ENGINES}")
+        self.engine: Engine = engine or ENGINES[0]
+        self._connection_class = _FastConnection if self.engine == "httptools" else _H11Connection
         self._host = parsed.raw_host.decode("ascii")
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self._ssl: ssl.SSLContext | None = None
@@ -231,8 +424,7 @@ class Http11Pool:
             self._ssl = ssl_context or httpx.create_ssl_context()
         self.host_header = parsed.netloc
         self.target = parsed.raw_path
-        self._headers = [(b"Host", self.host_header), *headers]
-        self._heads: dict[int, h11.Request] = {}
+        self._framing = _Framing(self.target, [(b"Host", self.host_header), *headers])
         self._max = max_connections
         self._timeout = timeout
         self._idle: list[_Connection] = []
@@ -240,10 +432,11 @@ class Http11Pool:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        cls, framing = self._connection_class, self._framing
         try:
             _, connection = await asyncio.wait_for(
                 loop.create_connection(
-                    _Connection,
+                    lambda: cls(framing),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -268,24 +461,12 @@ class Http11Pool:
             raise httpx.ConnectError("the connection pool is closed")
         return connection
 
-    def _head(self, length: int) -> h11.Request:
-        head = self._heads.get(length)
-        if head is None:
-            if len(self._heads) >= _HEADS_CACHED:
-                self._heads.clear()
-            head = self._heads[length] = h11.Request(
-                method=b"POST",
-                target=self.target,
-                headers=[*self._headers, (b"Content-Length", str(length).encode("ascii"))],
-            )
-        return head
-
     async def post(self, body: bytes) -> Reply:
         """POST ``body`` with the pool's headers (Host and Content-Length added)."""
         if self._closed:
             raise httpx.ConnectError("the connection pool is closed")
         try:
-            head = self._head(len(body))
+            self._framing.check()
         except h11.LocalProtocolError as exc:  # a header h11 will not send
             raise httpx.LocalProtocolError(str(exc)) from exc
         now = time.monotonic()
@@ -299,7 +480,7 @@ class Http11Pool:
         if connection is None:
             connection = await self._connect()
         try:
-            reply = await connection.request(head, body, self._timeout)
+            reply = await connection.request(body, self._timeout)
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc)) from exc
         except OSError as exc:
