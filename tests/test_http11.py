@@ -24,7 +24,7 @@ from agentsight_middleware._credentials import Credentials
 from agentsight_middleware.sinks import _http11
 from agentsight_middleware.sinks._http11 import Http11Pool
 from agentsight_middleware.sinks.http import HttpSink, environment_proxy
-from agentsight_middleware.sinks.outbox import MemoryOutbox
+from agentsight_middleware.sinks.outbox import MemoryOutbox, OutboxItem
 from agentsight_middleware.testing import StandInAgentSightAPI
 
 pytestmark = pytest.mark.anyio
@@ -679,3 +679,65 @@ async def test_an_unexpected_error_while_sending_is_retried_not_stuck(
     assert stats["sent"] == 3
     assert stats["retried"] == 1
     assert len(api.conversations) == 3
+
+
+# ---------------------------------------------------------------------------
+# The sink's senders: long-lived, woken by work
+# ---------------------------------------------------------------------------
+
+
+def direct_sink(url: str, outbox: MemoryOutbox, concurrency: int) -> HttpSink:
+    endpoint = url.split("/api/")[0]
+    return HttpSink(
+        Credentials("key", endpoint, "production"), outbox=outbox, concurrency=concurrency
+    )
+
+
+async def test_a_burst_keeps_every_sender_busy_and_no_more() -> None:
+    in_flight = peak = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_flight, peak
+        while True:
+            await read_request(reader)
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.05)
+            in_flight -= 1
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=4)
+        await deliver(sink, 12)
+    assert sink.stats()["sent"] == 12
+    assert peak == 4
+    assert server.connections == 4
+
+
+async def test_an_idle_sink_looks_for_work_ten_times_a_second_not_once_per_sender(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    outbox = MemoryOutbox(100)
+    claims = 0
+    real_claim = outbox.claim
+
+    def counting_claim(limit: int, now: float) -> list[OutboxItem]:
+        nonlocal claims
+        claims += 1
+        return real_claim(limit, now)
+
+    monkeypatch.setattr(outbox, "claim", counting_claim)
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        sink = direct_sink(url, outbox, concurrency=8)
+        await sink.start()
+        await asyncio.sleep(0.05)  # every sender has looked once and waits
+        claims = 0
+        await asyncio.sleep(0.5)
+        # New work wakes a sender at once, whatever the tick.
+        await sink.put([{"conversation_id": "conv_0123456789ab", "is_used": False}])
+        await sink.drain(time.monotonic() + 5)
+        await sink.aclose()
+    assert 2 <= claims <= 10  # 8 senders polling on their own would make 40+
+    assert sink.stats()["sent"] == 1

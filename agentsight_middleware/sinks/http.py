@@ -6,19 +6,19 @@ it never raises into anything: every outcome is counted, every kind of
 failure logged once.
 
 Direct connections go through ``_http11.Http11Pool`` (asyncio with llhttp's or
-h11's parser, ~6x less CPU per event than httpx's transport; why in that module). An endpoint behind a
-proxy (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, minus ``NO_PROXY``, as
-``requests`` and so the official SDK honour them) goes through httpx's transport,
-which speaks to proxies, from a few sender threads.
+h11's parser, ~6x less CPU per event than httpx's transport; why in that module).
+An endpoint behind a proxy (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, minus
+``NO_PROXY``, as ``requests`` and so the official SDK honour them) goes through
+httpx's transport, which speaks to proxies, from a few sender threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,6 +66,26 @@ def environment_proxy(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
+class _Bell:
+    """Wakes waiting senders, as many as there is work for."""
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def ring(self, n: int) -> None:
+        waiters = self._waiters
+        while n > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # not cancelled
+                waiter.set_result(None)
+                n -= 1
+
+
 class HttpSink:
     def __init__(
         self,
@@ -100,9 +120,12 @@ class HttpSink:
             (b"User-Agent", f"agentsight-middleware/{__version__}".encode("latin-1")),
         ]
         self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-        self._pump: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bell = _Bell()
+        # Claimed from the outbox, waiting for a free sender: claims come in batches
+        # (one query for a SQLite outbox), sends one at a time per sender.
+        self._ready: deque[OutboxItem] = deque()
+        self._busy = 0
         self._paused_until = 0.0
         self._closing = False
         self._logged: set[Any] = set()
@@ -151,8 +174,11 @@ class HttpSink:
         else:
             self._http = self._transport
             self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="agentsight-http")
-        self._wake = asyncio.Event()
-        self._pump = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        # Long-lived senders rather than a task per event: a task costs more to
+        # create and finish than llhttp takes to parse the answer.
+        self._tasks = [loop.create_task(self._sender()) for _ in range(self._concurrency)]
+        self._tasks.append(loop.create_task(self._tick()))
 
     async def _post(self, body: bytes) -> Reply:
         if self._direct is not None:
@@ -199,8 +225,7 @@ class HttpSink:
                 self._outbox.depth(),
                 level="warning",
             )
-        assert self._wake is not None
-        self._wake.set()
+        self._bell.ring(len(items))
 
     def pending(self) -> int:
         return self._outbox.depth()
@@ -216,29 +241,36 @@ class HttpSink:
             return False
         return self._outbox.depth() >= min(self._max_pending, 4 * self._concurrency)
 
-    async def _run(self) -> None:
-        assert self._wake is not None
-        wake = self._wake
-        # A flag as well as cancel(): on Python 3.11, wait_for() can swallow a
-        # cancellation that lands as its timeout fires, and the loop would go on.
+    async def _tick(self) -> None:
+        """Now and then, one sender looks for work nobody announced: rows whose retry
+        time came, or rows another process put into a shared outbox file."""
+        while True:
+            await asyncio.sleep(_POLL)
+            self._bell.ring(1)
+
+    async def _sender(self) -> None:
+        ready, bell, outbox = self._ready, self._bell, self._outbox
+        # A flag as well as cancel(): a cancellation must not be taken for an outcome.
         while not self._closing:
             now = time.time()
             if now < self._paused_until:
                 await asyncio.sleep(self._paused_until - now)
                 continue
-            free = self._concurrency - len(self._in_flight)
-            items = self._outbox.claim(free, now) if free > 0 else []
-            for item in items:
-                task = asyncio.get_running_loop().create_task(self._send(item))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-            if not items:
-                wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), _POLL)
+            if not ready:
+                claimed = outbox.claim(self._concurrency - self._busy, now)
+                if not claimed:
+                    await bell.wait()
+                    continue
+                ready.extend(claimed)
+                bell.ring(len(claimed) - 1)  # the others are for senders that wait
+            item = ready.popleft()
+            self._busy += 1
+            try:
+                await self._send(item)
+            finally:
+                self._busy -= 1
 
     async def _send(self, item: OutboxItem) -> None:
-        assert self._wake is not None
         try:
             reply = await self._post(item.body)
         except httpx.HTTPError as exc:
@@ -273,8 +305,6 @@ class HttpSink:
             else:
                 assert outcome == REJECTED
                 self._reject(item, reply)
-        finally:
-            self._wake.set()
 
     def _retry(self, item: OutboxItem, reason: str) -> None:
         if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
@@ -328,22 +358,16 @@ class HttpSink:
     async def drain(self, deadline: float) -> int:
         """Wait until nothing is waiting or in flight, or ``deadline`` (monotonic); what is left."""
         while time.monotonic() < deadline:
-            if not self._in_flight and self._outbox.depth() == 0:
+            if not self._busy and self._outbox.depth() == 0:
                 return 0
             await asyncio.sleep(0.01)
         return self._outbox.depth()
 
     async def aclose(self) -> None:
         self._closing = True
-        if self._wake is not None:
-            self._wake.set()
-        if self._pump is not None:
-            self._pump.cancel()
-        for task in list(self._in_flight):
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(
-            *(t for t in (self._pump, *self._in_flight) if t is not None), return_exceptions=True
-        )
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._pool is not None:
             # Sender threads finish their request (bounded by the timeout) on their own.
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -361,5 +385,5 @@ class HttpSink:
             "rejected": self.rejected,
             "failed": self.failed,
             "dropped": self.dropped,
-            "in_flight": len(self._in_flight),
+            "in_flight": self._busy,
         }
