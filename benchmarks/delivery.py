@@ -18,9 +18,9 @@ blocking ``initialize_conversation`` (agentsight 0.0.44 in its own venv under
 ``.sdk-venvs/``, created here if missing), called sequentially; and the stand-in's own
 ceiling, measured with a minimal asyncio HTTP/1.1 client over 8 keep-alive connections.
 
-``--profile N`` delivers N more events while a sampler reads the stacks of all background
-threads every millisecond, weighting each sample by the CPU that thread used since the
-last one (its own CPU clock), and splits the CPU per event by package.
+``--profile N`` delivers N more events with cProfile running inside the worker thread,
+timed by that thread's own CPU clock, and splits the worker's CPU per event by where
+it goes (payload building, JSON, HTTP client, socket system calls, event loop...).
 
 The enqueue cost is ``BackgroundDelivery.submit`` (and ``Event`` + submit) timed alone on
 the request thread. Targets: >= 2,000 events/s delivered, enqueue < 5 µs.
@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -398,112 +400,112 @@ def ceiling_row(api: StandInProcess, n: int) -> Row:
 # Where the worker's CPU goes
 # ---------------------------------------------------------------------------
 
-# Innermost frames that say what a thread is doing, whatever called it.
-_INNER: tuple[tuple[str, str], ...] = (
+# Where a function's own time goes, by the file it is defined in (first match wins).
+_BUCKETS: tuple[tuple[str, str], ...] = (
     ("<frozen importlib", "imports"),
-    # Socket writes happen inside asyncio's transports: on loopback the kernel's
-    # send path (which delivers to the receiver) is most of this bucket.
-    ("/asyncio/", "event loop and socket I/O (asyncio)"),
-    ("/selectors.py", "event loop and socket I/O (asyncio)"),
-    ("/concurrent/futures/", "thread handoff (executor, queues, locks)"),
-    ("/threading.py", "thread handoff (executor, queues, locks)"),
-    ("/queue.py", "thread handoff (executor, queues, locks)"),
-)
-# Otherwise the nearest frame, inside out, from a package we know.
-_OUTER: tuple[tuple[str, str], ...] = (
-    ("/httpx/", "HTTP client (httpx, httpcore, h11, anyio)"),
-    ("/httpcore/", "HTTP client (httpx, httpcore, h11, anyio)"),
-    ("/h11/", "HTTP client (httpx, httpcore, h11, anyio)"),
-    ("/anyio/", "HTTP client (httpx, httpcore, h11, anyio)"),
-    ("/user_agents/", "user-agent parsing (user_agents, ua_parser)"),
-    ("/ua_parser", "user-agent parsing (user_agents, ua_parser)"),
-    ("/json/", "JSON encoding"),
+    ("/asyncio/", "event loop (asyncio)"),
+    ("/selectors.py", "event loop (asyncio)"),
+    ("/httptools/", "HTTP client (pool, parser)"),
+    ("/h11/", "HTTP client (pool, parser)"),
+    ("/sinks/_http11", "HTTP client (pool, parser)"),
+    ("/httpx/", "HTTP client (pool, parser)"),
+    ("/sinks/http", "HTTP sink (senders, outcomes)"),
     ("/sqlite3/", "outbox"),
     ("/sinks/outbox", "outbox"),
-    ("/sinks/_http11", "HTTP client (h11 pool)"),
-    ("/sinks/http", "our HTTP sink"),
+    ("/json/", "JSON encoding"),
+    ("/user_agents/", "user agents"),
+    ("/ua_parser", "user agents"),
+    ("/_device", "user agents"),
     ("/_payload", "payload building"),
     ("/_events", "payload building"),
     ("/_facts", "payload building"),
     ("/_conversation", "payload building"),
-    ("/_delivery", "our worker loop"),
+    ("/urllib/", "payload building"),
+    ("/datetime", "payload building"),
+    ("/_delivery", "worker loop"),
 )
 
 
-def _classify(frame: Any) -> str:
-    inner = frame.f_code.co_filename
-    for needle, bucket in _INNER:
-        if needle in inner:
+def _bucket(file: str, name: str) -> str | None:
+    if file == "~":  # a built-in function: named for the system calls, else its caller's
+        if "of '_socket.socket'" in name:
+            return "socket system calls"
+        if "of 'select.epoll'" in name:
+            return "waiting (epoll)"
+        return None
+    for needle, bucket in _BUCKETS:
+        if needle in file:
             return bucket
-    while frame is not None:
-        file = frame.f_code.co_filename
-        for needle, bucket in _OUTER:
-            if needle in file:
-                return bucket
-        frame = frame.f_back
-    return f"other ({os.path.basename(inner)})"
+    return f"other ({os.path.basename(file)})"
 
 
-class ThreadSampler(threading.Thread):
-    """Samples every background thread's stack, weighted by the CPU it used in between.
+def split_profile(stats: dict[Any, Any]) -> dict[str, float]:
+    """Seconds of own time per bucket; a built-in's time goes to its biggest caller."""
+    totals: dict[str, float] = {}
+    for (file, _, name), (_, _, own, _, callers) in stats.items():
+        bucket = _bucket(file, name)
+        if bucket is None:
+            caller = max(callers.items(), key=lambda kv: kv[1][2], default=None)
+            bucket = "other (built-ins)"
+            if caller is not None:
+                (caller_file, _, caller_name), _ = caller
+                bucket = _bucket(caller_file, caller_name) or bucket
+        totals[bucket] = totals.get(bucket, 0.0) + own
+    return totals
 
-    ``time.pthread_getcpuclockid`` gives each thread's own CPU clock, so time a thread
-    spends waiting (for the network, a lock, the GIL) weighs nothing.
+
+class WorkerProfiler:
+    """cProfile inside the delivery worker's thread; the time it waits in epoll left out.
+
+    A sampler in another thread of the same process cannot do this: it only runs when
+    the worker lets go of the GIL, which is in its socket and epoll calls, so those
+    would get every sample. cProfile is exact about calls but adds a cost to each,
+    so it shows shares (call-heavy Python code a little over-weighted), which are
+    applied to the CPU per event measured without it. Its clock is perf_counter:
+    a thread CPU clock is a system call per reading here, which would swamp the shares.
     """
 
-    def __init__(self, interval: float = 0.001) -> None:
-        super().__init__(name="bench-sampler", daemon=True)
-        self.interval = interval
-        self.totals: dict[str, int] = {}
-        self.threads: set[str] = set()
-        self._stop_event = threading.Event()
-        self._skip = {threading.main_thread().ident}
+    def __init__(self) -> None:
+        self.profile = cProfile.Profile(time.perf_counter)
 
-    def run(self) -> None:
-        self._skip.add(threading.get_ident())
-        last: dict[int, int] = {}
-        names = {t.ident: t.name for t in threading.enumerate()}
-        while not self._stop_event.wait(self.interval):
-            for ident, frame in sys._current_frames().items():
-                if ident in self._skip:
-                    continue
-                try:
-                    now = time.clock_gettime_ns(time.pthread_getcpuclockid(ident))
-                except (OSError, OverflowError):
-                    continue
-                before = last.get(ident)
-                last[ident] = now
-                if before is None or now <= before:
-                    continue
-                if ident not in names:
-                    names = {t.ident: t.name for t in threading.enumerate()}
-                self.threads.add(names.get(ident, str(ident)).split("_")[0])
-                bucket = _classify(frame)
-                self.totals[bucket] = self.totals.get(bucket, 0) + now - before
+    def _in_worker(self, mw: Any, action: Callable[[], None]) -> None:
+        loop = mw._core.delivery._loop
+        done = threading.Event()
 
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
+        def run() -> None:
+            action()
+            done.set()
+
+        loop.call_soon_threadsafe(run)
+        if not done.wait(10):
+            raise RuntimeError("the delivery worker did not run the profiler's call")
+
+    def start(self, mw: Any) -> None:
+        self._in_worker(mw, self.profile.enable)
+
+    def stop(self, mw: Any) -> None:
+        self._in_worker(mw, self.profile.disable)
+
+    def shares(self) -> list[tuple[str, float]]:
+        totals = split_profile(pstats.Stats(self.profile).stats)  # type: ignore[attr-defined]
+        totals.pop("waiting (epoll)", None)
+        whole = sum(totals.values()) or 1.0
+        shares: dict[str, float] = {}
+        for bucket, seconds in totals.items():
+            share = seconds / whole
+            key = bucket if share >= 0.005 or not bucket.startswith("other") else "other"
+            shares[key] = shares.get(key, 0.0) + share
+        return sorted(shares.items(), key=lambda kv: -kv[1])
 
 
 def worker_profile(api: StandInProcess, events: int) -> tuple[Row, list[tuple[str, float]]]:
-    """Deliver ``events`` with the sampler on (after the warm-up); µs CPU per event by bucket."""
-    sampler = ThreadSampler()
+    """Deliver ``events`` (in-memory queue) under the profiler; each bucket's share."""
+    profiler = WorkerProfiler()
     row = burst(
-        api,
-        "profiled",
-        events,
-        300,
-        queue_size=events,
-        on_start=lambda mw: sampler.start(),
-        on_end=lambda mw: sampler.stop(),
-    )
-    delivered = max(row.delivered, 1)
-    ranked = sorted(
-        ((k, v / delivered / 1000) for k, v in sampler.totals.items()), key=lambda x: -x[1]
-    )
-    row.note = "threads: " + ", ".join(sorted(sampler.threads))
-    return row, ranked
+        api, "profiled", events, 300, queue_size=events,
+        on_start=profiler.start, on_end=profiler.stop,
+    )  # fmt: skip
+    return row, profiler.shares()
 
 
 # ---------------------------------------------------------------------------
@@ -583,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "enqueue": enqueue,
                     "rows": [{**asdict(r), "events_per_s": round(r.rate, 1)} for r in rows],
                     "standin": {"accepted": accepted, "statuses": statuses},
-                    "worker_profile_us_per_event": dict(profile),
+                    "worker_profile_shares": dict(profile),
                     "problems": problems,
                     "seconds": round(elapsed, 1),
                 },
@@ -625,15 +627,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'met' if enqueue['event_and_submit_us'] < TARGET_ENQUEUE_US else 'NOT met'}"
     )
     if profiled is not None:
-        total = sum(us for _, us in profile)
+        # The shares are applied to the in-memory row's CPU: same work, measured unprofiled.
+        base = rows[0].worker_cpu_us or 0.0
         print()
         print(
-            f"Background CPU per delivered event, by where it goes ({profiled.delivered:,} "
-            f"events at {profiled.rate:,.0f}/s; stacks sampled every ms, weighted by each "
-            f"thread's CPU; {profiled.note}):"
+            f"Worker CPU per delivered event, by where it goes ({profiled.delivered:,} events "
+            f"under cProfile in the worker thread, waits in epoll left out; its shares "
+            f"applied to the in-memory row's {base:,.0f} µs):"
         )
-        for bucket, us in profile:
-            print(f"  {bucket:<56}{us:>8,.0f} µs {us / total:>6.1%}")
+        for bucket, share in profile:
+            print(f"  {bucket:<56}{share * base:>8,.1f} µs {share:>6.1%}")
     print(f"Stand-in API accepted {accepted:,} events in all; answers: {statuses}")
     if problems:
         print("PROBLEMS: " + "; ".join(problems))

@@ -65,6 +65,18 @@ def test_delivery_small_burst() -> None:
     assert "enqueue < 5 µs" in result.stdout
 
 
+def test_delivery_profile_splits_the_worker_cpu() -> None:
+    result = run("delivery.py", "--events", "300", "--sdk-calls", "0", "--profile", "400", "--json")
+    ran_cleanly(result)
+    shares = json.loads(result.stdout)["worker_profile_shares"]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    # The work the worker does per event shows up where it is, not all under the
+    # event loop (as a sampler in another thread once showed it).
+    for bucket in ("payload building", "HTTP client (pool, parser)", "socket system calls"):
+        assert shares.get(bucket, 0) > 0.02, shares
+    assert max(shares.values()) < 0.6, shares
+
+
 def test_useragents_counts_distinct_agents() -> None:
     result = run(
         "useragents.py", "--count", "300", "--old-count", "50", "--cached-distinct", "50",
