@@ -888,6 +888,23 @@ def test_page_url_clamps() -> None:
     assert long_query.endswith("k=vvvvvvvv")
 
 
+def test_url_caches_answer_as_the_uncached_functions_and_skip_long_urls() -> None:
+    _facts._page_url_cached.cache_clear()
+    _facts._redact_url_cached.cache_clear()
+    for args in (("https", "shop.example.com", "/p", "q=1&token=x"), ("http", None, "/a b", "")):
+        assert page_url(*args) == page_url(*args) == _facts._page_url(*args)
+    assert _facts._page_url_cached.cache_info().hits == 2
+    referrer = "https://www.google.com/search?q=shoes&api_key=x"
+    assert redact_url(referrer) == redact_url(referrer) == _facts._redact_url(referrer)
+    assert _facts._redact_url_cached.cache_info().hits == 1
+    # A forged huge URL is answered, but never kept: a flood of them cannot fill memory.
+    huge = "x=" + "a" * 100_000
+    assert page_url("https", "example.com", "/", huge) == "https://example.com/"  # cut whole
+    assert redact_url("https://example.com/?" + huge) is not None
+    assert _facts._page_url_cached.cache_info().currsize == 2
+    assert _facts._redact_url_cached.cache_info().currsize == 1
+
+
 REFERER_CASES = [
     (
         "typical",
