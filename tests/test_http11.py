@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from agentsight_middleware._credentials import Credentials
 from agentsight_middleware.sinks import _http11
 from agentsight_middleware.sinks._http11 import Http11Pool
 from agentsight_middleware.sinks.http import HttpSink, environment_proxy
-from agentsight_middleware.sinks.outbox import MemoryOutbox, OutboxItem
+from agentsight_middleware.sinks.outbox import MemoryOutbox, OutboxItem, SQLiteOutbox
 from agentsight_middleware.testing import StandInAgentSightAPI
 
 pytestmark = pytest.mark.anyio
@@ -686,7 +687,7 @@ async def test_an_unexpected_error_while_sending_is_retried_not_stuck(
 # ---------------------------------------------------------------------------
 
 
-def direct_sink(url: str, outbox: MemoryOutbox, concurrency: int) -> HttpSink:
+def direct_sink(url: str, outbox: MemoryOutbox | SQLiteOutbox, concurrency: int) -> HttpSink:
     endpoint = url.split("/api/")[0]
     return HttpSink(
         Credentials("key", endpoint, "production"), outbox=outbox, concurrency=concurrency
@@ -741,3 +742,27 @@ async def test_an_idle_sink_looks_for_work_ten_times_a_second_not_once_per_sende
         await sink.aclose()
     assert 2 <= claims <= 10  # 8 senders polling on their own would make 40+
     assert sink.stats()["sent"] == 1
+
+
+async def test_a_durable_outbox_is_acknowledged_in_batches_and_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3")
+    acks: list[int] = []
+    real_ack = outbox.ack
+
+    def counting_ack(items: list[OutboxItem]) -> None:
+        acks.append(len(items))
+        real_ack(items)
+
+    monkeypatch.setattr(outbox, "ack", counting_ack)
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        sink = direct_sink(url, outbox, concurrency=8)
+        await deliver(sink, 200)
+    assert sink.stats()["sent"] == 200
+    assert sum(acks) == 200
+    assert len(acks) < 200  # answers read in one loop iteration share a transaction
+    reopened = SQLiteOutbox(tmp_path / "outbox.sqlite3")
+    assert reopened.depth() == 0  # nothing left to send again at the next start
+    reopened.close()

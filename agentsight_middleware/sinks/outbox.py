@@ -236,10 +236,17 @@ class SQLiteOutbox:
             return
         with self._lock:
             conn = self._connect()
-            conn.executemany(
-                "DELETE FROM outbox WHERE id = ? AND lease_owner = ?",
-                [(item.id, self._owner) for item in items],
-            )
+            # One transaction for the lot: in autocommit mode each DELETE would be its own.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    "DELETE FROM outbox WHERE id = ? AND lease_owner = ?",
+                    [(item.id, self._owner) for item in items],
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
         with self._lock:
