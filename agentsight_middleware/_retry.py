@@ -33,7 +33,8 @@ def retry_after(value: str | None, *, now: float, default: float = 1.0) -> float
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date, RFC 9110)."""
     if value:
         value = value.strip()
-        if value.isdigit():
+        # isascii() too: "²" and other Unicode digits pass isdigit() but not float().
+        if value.isascii() and value.isdigit():
             return min(float(value), MAX_RETRY_AFTER)
         try:
             when: float = parsedate_to_datetime(value).timestamp()

@@ -283,6 +283,8 @@ def test_classify(status: int, outcome: str) -> None:
         ("soon", 1.0),
         ("Wed, 25 Nov 2026 12:00:05 GMT", 5.0),
         ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0),
+        ("\u00b2", 1.0),  # a Unicode digit: isdigit() says yes, float() says no
+        ("\u0663", 1.0),  # ARABIC-INDIC DIGIT THREE: float() reads it, the RFC does not
     ],
 )
 def test_retry_after(header: str | None, expected: float) -> None:

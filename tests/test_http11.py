@@ -766,3 +766,82 @@ async def test_a_durable_outbox_is_acknowledged_in_batches_and_emptied(
     reopened = SQLiteOutbox(tmp_path / "outbox.sqlite3")
     assert reopened.depth() == 0  # nothing left to send again at the next start
     reopened.close()
+
+
+# ---------------------------------------------------------------------------
+# Found in review of the httptools engine and the senders
+# ---------------------------------------------------------------------------
+
+LAX_ANSWERS = [
+    b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 201 Created\nContent-Length: 2\n\n{}",
+    b"HTTP/1.1 201 Created\r\nX-Note: one\r\n two\r\nContent-Length: 2\r\n\r\n{}",
+]
+
+
+@pytest.mark.parametrize("answer", LAX_ANSWERS, ids=["doubled-length", "bare-lf", "folded"])
+async def test_answers_only_h11_reads_switch_the_pool_to_h11(
+    engine: str, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Scripted(keep_alive(answer))
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        if engine == "httptools":
+            # llhttp refuses it (it could smuggle a request); this exchange is lost...
+            with pytest.raises(_http11.UnreadableAnswer):
+                await pool.post(b"{}")
+            assert "reading answers with h11 from now on" in caplog.text
+        # ...and from then on the pool reads as httpx would.
+        for _ in range(2):
+            assert (await pool.post(b"{}")).status == 201
+        assert pool.engine == "h11"
+        pool.close()
+
+
+async def test_a_status_below_100_fails_at_once_not_at_the_timeout() -> None:
+    server = Scripted(keep_alive(b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\n{}"))
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=30)
+        with pytest.raises(httpx.RemoteProtocolError):
+            await asyncio.wait_for(pool.post(b"{}"), 5)
+        pool.close()
+
+
+async def test_senders_survive_unexpected_errors_and_deliver_everything(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("agentsight_middleware.sinks.http.backoff", lambda attempt: 0.0)
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=2)
+        real_send = sink._send
+        failures = [RuntimeError("bug 1"), RuntimeError("bug 2"), RuntimeError("bug 3")]
+
+        async def flaky(item: OutboxItem) -> None:
+            if failures:
+                raise failures.pop()
+            await real_send(item)
+
+        monkeypatch.setattr(sink, "_send", flaky)
+        await deliver(sink, 10)
+    # More failures than senders: none of them died of it.
+    assert sink.stats()["sent"] == 10
+    assert "unexpected error in the delivery sender" in caplog.text
+
+
+async def test_a_conversation_s_events_follow_each_other_without_waiting_for_the_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the tick out of the way, only wake-ups can move a conversation's next event:
+    # one lost after a (deferred) acknowledgement would leave the rest undelivered.
+    monkeypatch.setattr("agentsight_middleware.sinks.http._POLL", 3600.0)
+    server = Scripted(keep_alive(OK))
+    for outbox in (MemoryOutbox(100), SQLiteOutbox(tmp_path / "outbox.sqlite3")):
+        async with server.running() as url:
+            sink = direct_sink(url, outbox, concurrency=4)
+            await sink.start()
+            await sink.put([{"conversation_id": "conv_0123456789ab", "n": n} for n in range(20)])
+            left = await sink.drain(time.monotonic() + 10)
+            await sink.aclose()
+        assert left == 0, type(outbox).__name__
+        assert sink.stats()["sent"] == 20

@@ -14,8 +14,11 @@ Answers are parsed by one of two engines, as uvicorn does on the server side:
 * ``h11`` (httpcore's own pure-Python engine, installed with httpx): ~65 µs per
   exchange; used where httptools is not installed (PyPy).
 
-Both frame the same bytes, follow the same keep-alive rules and raise httpx's
-exception types, so callers handle one family. When the endpoint must be reached
+Both frame the same bytes and raise httpx's exception types, so callers handle
+one family. llhttp is the stricter reader (it refuses what could smuggle a
+request: a doubled Content-Length, bare LF line ends, folded headers); an
+answer only h11 accepts makes the pool read with h11 from then on, so a server
+that httpx could talk to is never refused. When the endpoint must be reached
 through a proxy, the sink uses httpx's own transport instead (see ``http.py``).
 """
 
@@ -29,12 +32,14 @@ from typing import Literal, NamedTuple
 import h11
 import httpx
 
+from .._log import logger
+
 try:
     import httptools
 except ImportError:  # PyPy, or a platform without a wheel: h11 does the parsing
     httptools = None  # type: ignore[assignment]
 
-__all__ = ["ENGINES", "Http11Pool", "Reply"]
+__all__ = ["ENGINES", "Http11Pool", "Reply", "UnreadableAnswer"]
 
 Engine = Literal["httptools", "h11"]
 #: The engines this interpreter can use, fastest first.
@@ -104,6 +109,14 @@ class _Framing:
 
 class _TooLarge(Exception):
     pass
+
+
+class _BadStatus(Exception):
+    pass
+
+
+class UnreadableAnswer(httpx.RemoteProtocolError):
+    """An answer llhttp refused: the pool reads the next ones with h11, as httpx would."""
 
 
 class _Connection(asyncio.Protocol):
@@ -188,11 +201,11 @@ class _Connection(asyncio.Protocol):
         if not waiter.done():
             waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout:g} s"))
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, error: type[httpx.RemoteProtocolError] | None = None) -> None:
         self.close()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(httpx.RemoteProtocolError(message))
+            waiter.set_exception((error or httpx.RemoteProtocolError)(message))
 
     def _disconnected(self, status_seen: bool) -> None:
         self._fail(
@@ -249,12 +262,18 @@ class _FastConnection(_Connection):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _TooLarge):
                 self._fail("invalid response from the server: response body too large")
+            elif isinstance(exc.__context__, _BadStatus):
+                self._fail(f"invalid response from the server: status {self._status}")
             else:
                 self._fail(f"invalid response from the server: {exc}")
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             # After a complete answer this is stray bytes: the reply stands, the
-            # connection goes.
-            self._fail(f"invalid response from the server: {type(exc).__name__} {exc}")
+            # connection goes. Before, it may be an answer that llhttp, strict against
+            # request smuggling, refuses and h11 reads (a doubled Content-Length, bare
+            # LF line ends, folded headers): the pool then changes engine.
+            self._fail(
+                f"invalid response from the server: {type(exc).__name__} {exc}", UnreadableAnswer
+            )
 
     # llhttp's callbacks, within feed_data()
 
@@ -274,6 +293,8 @@ class _FastConnection(_Connection):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._status = self._parser.get_status_code()
+        if self._status < 100:
+            raise _BadStatus  # else taken for an interim answer: waited out to the timeout
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -481,6 +502,17 @@ class Http11Pool:
             connection = await self._connect()
         try:
             reply = await connection.request(body, self._timeout)
+        except UnreadableAnswer as exc:
+            if self.engine == "httptools":
+                logger.warning(
+                    "an answer from %s could not be read by httptools (%s); reading answers "
+                    "with h11 from now on",
+                    self._host,
+                    exc,
+                )
+                self.engine = "h11"
+                self._connection_class = _H11Connection
+            raise
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc)) from exc
         except OSError as exc:

@@ -251,29 +251,49 @@ class HttpSink:
 
     async def _sender(self) -> None:
         ready, bell, outbox = self._ready, self._bell, self._outbox
-        durable = outbox.durable
         # A flag as well as cancel(): a cancellation must not be taken for an outcome.
         while not self._closing:
             now = time.time()
             if now < self._paused_until:
                 await asyncio.sleep(self._paused_until - now)
                 continue
-            if not ready:
-                # A claim on disk is a transaction: take enough for every sender at once.
-                # (Claimed rows are leased for a minute, longer than any pause for a 429.)
-                wanted = self._concurrency if durable else self._concurrency - self._busy
-                claimed = outbox.claim(wanted, now)
-                if not claimed:
-                    await bell.wait()
-                    continue
-                ready.extend(claimed)
-                bell.ring(len(claimed) - 1)  # the others are for senders that wait
-            item = ready.popleft()
-            self._busy += 1
+            item = None
             try:
-                await self._send(item)
-            finally:
-                self._busy -= 1
+                if not ready:
+                    # Only as many as there are free senders: a claimed row waiting here
+                    # would be holding its lease (a shared outbox's guard against double
+                    # sends) while time runs.
+                    claimed = outbox.claim(self._concurrency - self._busy, now)
+                    if not claimed:
+                        await bell.wait()
+                        continue
+                    ready.extend(claimed)
+                    bell.ring(len(claimed) - 1)  # the others are for senders that wait
+                item = ready.popleft()
+                self._busy += 1
+                try:
+                    await self._send(item)
+                finally:
+                    self._busy -= 1
+            except Exception as exc:
+                # A sender that died here would take a share of the delivery capacity
+                # with it, silently, and leave its event claimed (and its conversation
+                # stuck) for good: the outbox failing, a handler's bug.
+                self._log_once(
+                    "sender", "unexpected error in the delivery sender: %r", exc, level="error"
+                )
+                if item is not None:
+                    self._release(item, backoff(item.attempts + 1))
+                await asyncio.sleep(_POLL)
+
+    def _release(self, item: OutboxItem, delay: float) -> None:
+        """Give a claimed item back for a later attempt, whatever state the outbox is in."""
+        try:
+            self._outbox.retry(item, time.time() + delay)
+        except Exception as exc:
+            # The item stays claimed here; a durable outbox's lease runs out and it is
+            # sent again later, the memory outbox keeps it blocked until restart.
+            self._log_once("release", "could not give an event back to the outbox: %r", exc)
 
     async def _send(self, item: OutboxItem) -> None:
         try:
@@ -324,7 +344,16 @@ class HttpSink:
     def _flush_acks(self) -> None:
         acks, self._acks = self._acks, []
         if acks:
-            self._outbox.ack(acks)
+            try:
+                self._outbox.ack(acks)
+            except Exception as exc:
+                # The rows stay on disk, leased: sent again when the lease runs out.
+                self._log_once("ack", "could not mark %d sent event(s) in the outbox: %r",
+                               len(acks), exc)  # fmt: skip
+                return
+            # Each acknowledged row may have a next event of its conversation behind it,
+            # which no claim could take before the row was gone.
+            self._bell.ring(len(acks))
 
     def _retry(self, item: OutboxItem, reason: str) -> None:
         if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
