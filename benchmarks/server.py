@@ -28,6 +28,10 @@ Rows (section ``uvicorn`` and ``gunicorn``):
 * ``chat, id in cookie``: ``POST /api/chat`` with a JSON body and the conversation id in
   the cookie (a new id per request), one ``engage`` event each.
 
+Variant ``path only`` (widget and chat rows): the middleware with its events thrown away
+where they would be queued (``BackgroundDelivery.submit`` made a no-op in the server
+process), to tell the request path's cost from delivery's.
+
 Section ``manual``: the AgentSight docs' manual flow, a FastAPI app whose
 ``POST /api/track-interaction`` (called by the page's script) calls the classic SDK's
 blocking ``initialize_conversation`` inside an ``async def`` (agentsight 0.0.44 in its
@@ -130,6 +134,13 @@ REPLY = "Yes, we ship to Canada: 3-5 business days."
 def _middleware_options() -> dict[str, Any] | None:
     if os.environ.get("BENCH_MIDDLEWARE") != "1":
         return None
+    if os.environ.get("BENCH_NO_DELIVERY") == "1":
+        # The "path only" rows: everything the middleware does on the request path, and
+        # events thrown away where they would be queued, so that the cost of the request
+        # path and the cost of delivery can be told apart.
+        from agentsight_middleware._delivery import BackgroundDelivery
+
+        BackgroundDelivery.submit = lambda self, event: None  # type: ignore[method-assign]
     return {
         "widget_pages": ["/"],
         "chat_routes": ["POST /api/chat"],
@@ -755,6 +766,7 @@ class Plan:
 
 VARIANTS = ("bare", "middleware")
 SDK = "manual (SDK)"
+PATH_ONLY = "path only"
 
 
 def run_server(
@@ -769,7 +781,8 @@ def run_server(
             {
                 "BENCH_API_KEY": standin.api_key,
                 "BENCH_ENDPOINT": standin.url,
-                "BENCH_MIDDLEWARE": "1" if variant == "middleware" else "0",
+                "BENCH_MIDDLEWARE": "1" if variant in ("middleware", PATH_ONLY) else "0",
+                "BENCH_NO_DELIVERY": "1" if variant == PATH_ONLY else "0",
             }
         )
         if variant == SDK:
@@ -862,7 +875,7 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
     print(head)
     print("-" * len(head))
     for row in rows:
-        api = f"{row.api_latency_ms:.0f}ms" if row.variant != "bare" else "-"
+        api = f"{row.api_latency_ms:.0f}ms" if row.variant not in ("bare", PATH_ONLY) else "-"
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
         errors = row.errors + row.non_2xx
         print(
@@ -1010,9 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
     if "uvicorn" in sections:
         command = uvicorn_command(python, "fastapi_app")
         plans += [Plan("uvicorn", "uvicorn+FastAPI", v, command, kinds) for v in VARIANTS]
+        plans.append(Plan("uvicorn", "uvicorn+FastAPI", PATH_ONLY, command, [WIDGET, CHAT]))
     if "gunicorn" in sections:
         command = gunicorn_command(python)
         plans += [Plan("gunicorn", "gunicorn+Flask", v, command, kinds) for v in VARIANTS]
+        plans.append(Plan("gunicorn", "gunicorn+Flask", PATH_ONLY, command, [WIDGET, CHAT]))
     if "manual" in sections:
         for latency in (0.0, 0.05):
             if sdk_python:
