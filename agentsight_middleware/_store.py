@@ -186,6 +186,24 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
         raise
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit connection, rolled back on error.
+
+    IMMEDIATE takes the write lock at the start, so a writer waits (busy timeout) for
+    another one instead of failing halfway through.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # A failed COMMIT leaves the transaction open; the next BEGIN would fail.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _retry_locked(action: Callable[[], _T], deadline: float) -> _T:
     # Switching a new file to WAL needs an exclusive lock, and SQLite may report that
     # contention at once instead of calling the busy handler: retry until the deadline.
@@ -275,15 +293,8 @@ class LocalStore:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT leaves the transaction open; the next BEGIN would fail.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .._store import write_transaction
+
 __all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
 
 
@@ -206,29 +208,19 @@ class SQLiteOutbox:
     def put(self, items: list[tuple[str, bytes]]) -> int:
         with self._lock:
             conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 conn.executemany("INSERT INTO outbox (conversation_id, body) VALUES (?, ?)", items)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         return len(items)
 
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
         with self._lock:
             conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
                 conn.executemany(
                     "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
                     [(now + self._lease, self._owner, row[0]) for row in rows],
                 )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         return [OutboxItem(row[0], row[1], row[2], row[3], leased=True) for row in rows]
 
     def ack(self, items: list[OutboxItem]) -> None:
@@ -237,16 +229,11 @@ class SQLiteOutbox:
         with self._lock:
             conn = self._connect()
             # One transaction for the lot: in autocommit mode each DELETE would be its own.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(conn):
                 conn.executemany(
                     "DELETE FROM outbox WHERE id = ? AND lease_owner = ?",
                     [(item.id, self._owner) for item in items],
                 )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
         with self._lock:
