@@ -78,14 +78,17 @@ class _Framing:
         self._prefix: bytes | None = None
         self._heads: dict[int, h11.Request] = {}
 
+    def _build_head(self, length: int) -> h11.Request:
+        return h11.Request(
+            method=b"POST",
+            target=self._target,
+            headers=[*self._headers, (b"Content-Length", str(length).encode("ascii"))],
+        )
+
     def check(self) -> None:
         """Refuse the headers h11 would refuse (once, before anything is sent)."""
         if self._prefix is None:
-            h11.Request(
-                method=b"POST",
-                target=self._target,
-                headers=[*self._headers, (b"Content-Length", b"0")],
-            )
+            self._build_head(0)
             lines = b"".join(b"%s: %s\r\n" % pair for pair in self._headers)
             self._prefix = b"POST %s HTTP/1.1\r\n%s" % (self._target, lines)
 
@@ -99,11 +102,7 @@ class _Framing:
         if head is None:
             if len(self._heads) >= _HEADS_CACHED:
                 self._heads.clear()
-            head = self._heads[length] = h11.Request(
-                method=b"POST",
-                target=self._target,
-                headers=[*self._headers, (b"Content-Length", str(length).encode("ascii"))],
-            )
+            head = self._heads[length] = self._build_head(length)
         return head
 
 
@@ -126,7 +125,6 @@ class _Connection(asyncio.Protocol):
         self._framing = framing
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[Reply] | None = None
-        self._eof_seen = False
         self._idle = True  # between exchanges, and the last one left it reusable
         self.lost = False
         self.idle_since = time.monotonic()
@@ -305,23 +303,22 @@ class _FastConnection(_Connection):
     def on_message_complete(self) -> None:
         if self._status < 200:
             return  # 100 Continue and the like: the real answer follows
-        if self._complete:
-            return
+        if not self._complete:
+            self._answer(self._parser.should_keep_alive())
+
+    def _answer(self, keep_alive: bool) -> None:
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = keep_alive
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(Reply(self._status, self._headers, b"".join(self._body)))
 
     def _eof(self) -> None:
-        self._eof_seen = True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             if self._status >= 200 and not self._framed and not self._complete:
                 # Neither a length nor chunks: the body ends where the connection does.
-                self._complete = True
-                self._keep_alive = False
-                waiter.set_result(Reply(self._status, self._headers, b"".join(self._body)))
+                self._answer(keep_alive=False)
             else:
                 self._disconnected(bool(self._status) or self._in_headers)
         self.close()
@@ -333,6 +330,7 @@ class _H11Connection(_Connection):
     def __init__(self, framing: _Framing) -> None:
         super().__init__(framing)
         self._h11 = h11.Connection(h11.CLIENT)
+        self._eof_seen = False
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._buffer: list[bytes] = []
