@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -62,3 +63,36 @@ def test_memory_outbox_delivers_everything_in_per_conversation_order(
     for c in "abcd":
         mine = [int(b[1:]) for b in delivered if b[:1] == c.encode()]
         assert mine == sorted(mine)
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails, as one does on a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.fail_next_commit = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.fail_next_commit:
+            self.fail_next_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_a_failed_commit_is_rolled_back_and_the_outbox_goes_on(tmp_path: Path) -> None:
+    outbox = SQLiteOutbox(tmp_path / "o.sqlite3")
+    real = outbox._connect()
+    failing = _FailingCommit(real)
+    outbox._conn = failing  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        outbox.put([("a", b"lost")])
+    # Left open, the transaction would make every later write fail ("cannot start a
+    # transaction within a transaction") and keep the lost row half-written.
+    assert not real.in_transaction
+    assert outbox.put([("b", b"kept")]) == 1
+    assert [i.body for i in outbox.claim(10, time.time())] == [b"kept"]
+    outbox._conn = real
+    outbox.close()
