@@ -76,8 +76,9 @@ class MiddlewareBase:
         :param conversation_id_field: the name of the path parameter, query parameter,
             JSON field and form field that carry the id.
         :param max_body_peek: at most this many body bytes are read to find an id.
-        :param non_browser_agents: user-agent substrings of probes, monitors and
-            scripts whose page loads are never views.
+        :param non_browser_agents: user-agent substrings (any case) of probes,
+            monitors and scripts whose page loads are never views (dropped by the
+            background worker, with bots).
         :param source: the conversation's ``source`` field.
         :param environment: ``"production"`` or ``"development"``; None leaves it
             to the tracker (the SDK reads ``AGENTSIGHT_ENVIRONMENT``).
@@ -194,6 +195,7 @@ def _choose_delivery(
             environment=settings.environment,
             timeout=settings.tracker_timeout,
             queue_size=queue_size,
+            is_probe=settings.is_non_browser,
         )
     credentials = Credentials.resolve(
         api_key=api_key, endpoint=endpoint, environment=settings.environment
@@ -221,6 +223,7 @@ def _choose_delivery(
             environment=credentials.environment,
             queue_size=queue_size,
             shutdown_timeout=shutdown_timeout,
+            is_probe=settings.is_non_browser,
         )
     if outbox is not None:
         raise ValueError(
@@ -243,4 +246,5 @@ def _choose_delivery(
         environment=settings.environment,
         queue_size=queue_size,
         shutdown_timeout=shutdown_timeout,
+        is_probe=settings.is_non_browser,
     )

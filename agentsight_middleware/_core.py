@@ -85,7 +85,6 @@ class Core:
         self.current = _current
         # ``TrustedProxies.__bool__`` is a Python call; asked once here, not per request.
         self._trusts_proxies = bool(settings.trusted_proxies)
-        self._is_non_browser = settings.is_non_browser
 
     def widget_id(self, headers: Mapping[str, str]) -> tuple[str, str]:
         """``(id, source)`` for a widget page: the visit's cookie, else a fresh id."""
@@ -113,7 +112,11 @@ class Core:
                 value = value.lower()
                 if "prefetch" in value or "prerender" in value or "preview" in value:
                     return False
-        return not self._is_non_browser(get("user-agent", ""))
+        # Probes and monitors (``non_browser_agents``) are told apart by the worker:
+        # matching an unseen user agent costs microseconds, so a bot rotating its
+        # user agent would make every request pay. Every browser sends one, though.
+        user_agent = get("user-agent")
+        return user_agent is not None and user_agent != "" and not user_agent.isspace()
 
     def conversation(
         self,

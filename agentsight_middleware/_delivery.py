@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._events import INITIALIZE, Event
+from ._events import Event, is_robot_view
 from ._fork import reset_in_child
 from ._log import logger
 from ._payload import build_payload
@@ -61,8 +61,10 @@ class BackgroundDelivery:
         queue_size: int = 10_000,
         shutdown_timeout: float = 5.0,
         name: str = "agentsight-delivery",
+        is_probe: Callable[[str], bool] | None = None,
     ) -> None:
         self._sink_factory = sink_factory
+        self._is_probe = is_probe
         self._source = source
         self._environment = environment
         self._queue_size = queue_size
@@ -215,7 +217,7 @@ class BackgroundDelivery:
             event = intake.popleft()
             try:
                 # Parsing the user agent is the slow part: here, never on the request path.
-                if event.kind == INITIALIZE and event.conversation.is_bot:
+                if is_robot_view(event, self._is_probe):
                     self.skipped_bots += 1
                     continue
                 batch.append(

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from ._conversation import Conversation
 
-__all__ = ["ENGAGE", "INITIALIZE", "Event", "new_event", "tracker_kwargs"]
+__all__ = ["ENGAGE", "INITIALIZE", "Event", "is_robot_view", "new_event", "tracker_kwargs"]
 
 #: A widget page was viewed: the visitor had the chance to chat (``is_used: false``).
 INITIALIZE = "initialize"
@@ -33,6 +33,21 @@ class Event(NamedTuple):
 new_event: Callable[[tuple[str, Conversation, float]], Event] = functools.partial(
     tuple.__new__, Event
 )
+
+
+def is_robot_view(event: Event, is_probe: Callable[[str], bool] | None) -> bool:
+    """Whether ``event`` is a page view by a probe, monitor, script or crawler.
+
+    Slow for a user agent not seen before (a regex over it, then ua-parser), so
+    it runs in the background: a bot rotating its user agent would otherwise make
+    every one of its requests pay, and the host app's requests with them.
+    """
+    if event.kind != INITIALIZE:
+        return False
+    conversation = event.conversation
+    if is_probe is not None and is_probe(conversation.user_agent):
+        return True
+    return conversation.is_bot
 
 
 def _clamp(value: str | None) -> str | None:

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._dispatch import Dispatcher
-from ._events import Event, tracker_kwargs
+from ._events import Event, is_robot_view, tracker_kwargs
 from ._log import LogOnce
 
 if TYPE_CHECKING:
@@ -77,8 +77,10 @@ class TrackerDelivery:
         environment: str | None,
         timeout: float,
         queue_size: int = 10_000,
+        is_probe: Callable[[str], bool] | None = None,
     ) -> None:
         check_tracker(tracker)
+        self._is_probe = is_probe
         self.tracker = tracker
         self._source = source
         self._environment = environment
@@ -115,9 +117,9 @@ class TrackerDelivery:
 
     def _deliver_initialize(self, item: tuple[Event, asyncio.AbstractEventLoop | None]) -> None:
         event, loop = item
-        # The bot test parses the user agent (slow when cold), hence here and not
-        # on the request path; the cheap probe/script test already ran there.
-        if event.conversation.is_bot:
+        # The bot and probe tests read the user agent (slow when it is new), hence
+        # here and not on the request path.
+        if is_robot_view(event, self._is_probe):
             self.skipped_bots += 1
             return
         try:

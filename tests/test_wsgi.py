@@ -108,7 +108,7 @@ def test_flask_page_then_chat(tracker: RecordingTracker) -> None:
         pytest.param("/json", BROWSER, id="json-answer"),
         pytest.param("/missing", BROWSER, id="404"),
         pytest.param("/", {**BROWSER, "accept": "*/*"}, id="accepts-anything"),
-        pytest.param("/", {**BROWSER, "user-agent": "kube-probe/1.29"}, id="kube-probe"),
+        pytest.param("/", {**BROWSER, "user-agent": ""}, id="empty-user-agent"),
         pytest.param("/", {**BROWSER, "sec-purpose": "prefetch"}, id="prefetch"),
     ],
 )
@@ -130,13 +130,16 @@ def test_flask_error_page_is_not_a_view_and_is_unchanged(tracker: RecordingTrack
     assert tracker.calls == []
 
 
-def test_flask_bot_and_mobile(tracker: RecordingTracker) -> None:
+def test_flask_bot_probe_and_mobile(tracker: RecordingTracker) -> None:
     app = wrap(tracker)
     Client(app).get("/", headers={**BROWSER, "user-agent": GOOGLEBOT})
+    probe = Client(app).get("/", headers={**BROWSER, "user-agent": "kube-probe/1.29"})
+    assert "Set-Cookie" in probe.headers  # told apart in the background, not here
     Client(app).get("/", headers={**BROWSER, "user-agent": IPHONE})
     assert middleware_of(app).flush(5)
     [call] = tracker.initialized
     assert call["device"] == "mobile"
+    assert middleware_of(app).stats()["skipped_bots"] == 2
 
 
 def test_flask_streaming_chat_passes_through(tracker: RecordingTracker) -> None:
