@@ -716,6 +716,88 @@ async def test_a_burst_keeps_every_sender_busy_and_no_more() -> None:
     assert server.connections == 4
 
 
+def slow_api(seconds: float) -> tuple[Scripted, list[int]]:
+    """A server answering each request after ``seconds``; ``[in flight now, peak]``."""
+    counts = [0, 0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            counts[0] += 1
+            counts[1] = max(counts[1], counts[0])
+            await asyncio.sleep(seconds)
+            counts[0] -= 1
+            writer.write(OK)
+
+    return Scripted(handler), counts
+
+
+async def test_senders_grow_while_a_slow_api_keeps_them_all_waiting() -> None:
+    # 8 senders over a 0.2 s round trip carry 40 events/s: the backlog makes them
+    # double, up to the limit, and no further.
+    server, counts = slow_api(0.2)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=24)
+        await sink.start()
+        await sink.put(
+            [{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(150)]
+        )
+        await asyncio.sleep(0.05)
+        first_peak = counts[1]
+        await sink.drain(time.monotonic() + 10)
+        await sink.aclose()
+    assert first_peak == 8
+    assert sink.stats()["sent"] == 150
+    assert counts[1] == 24
+    assert server.connections == 24
+
+
+async def test_a_sink_that_keeps_up_keeps_its_first_senders() -> None:
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        for i in range(30):
+            await sink.put([{"conversation_id": f"conv_{i:012x}", "is_used": False}])
+            await asyncio.sleep(0.01)  # a steady trickle, answered at once
+        await sink.drain(time.monotonic() + 5)
+        senders = sink._senders
+        await sink.aclose()
+    assert sink.stats()["sent"] == 30
+    assert senders == 8
+    assert server.connections <= 8
+
+
+async def test_a_throttled_sink_does_not_grow() -> None:
+    # Every sender idle under a 429 pause is not a slow API: more connections would
+    # only knock harder once the pause ends.
+    with StandInAgentSightAPI() as api:
+        api.throttle_next(1, retry_after="1")
+        sink = HttpSink(
+            Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(1000),
+            concurrency=64,
+        )  # fmt: skip
+        await sink.start()
+        await sink.put(
+            [
+                {
+                    "conversation_id": f"conv_{i:012x}",
+                    "is_used": False,
+                    "timestamp": "2026-11-25T10:00:00+00:00",
+                    "environment": "production",
+                }
+                for i in range(100)
+            ]
+        )
+        await asyncio.sleep(0.5)
+        paused_senders = sink._senders
+        await sink.drain(time.monotonic() + 10)
+        await sink.aclose()
+    assert paused_senders == 8
+    assert sink.stats()["sent"] == 100
+    assert sink.stats()["throttled"] == 1
+
+
 async def test_an_idle_sink_looks_for_work_ten_times_a_second_not_once_per_sender(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -37,6 +37,11 @@ __all__ = ["HttpSink"]
 # How often the pump looks for work it was not told about: rows whose retry
 # time came, or rows another process put into a shared outbox file.
 _POLL = 0.1
+# Senders at start; more only while the API is slow enough that every one of them
+# is waiting for an answer with work queued behind: requests in flight are what
+# bounds delivery over a long round trip (64 at 50 ms carry ~1,280 events/s), and
+# a fast API needs few, so few connections are opened to it.
+_FIRST_SENDERS = 8
 
 
 def _api_error(reply: Reply) -> str:
@@ -92,7 +97,7 @@ class HttpSink:
         credentials: Credentials,
         *,
         outbox: Outbox,
-        concurrency: int = 8,
+        concurrency: int = 64,
         timeout: float = 15.0,
         max_attempts: int = 6,
         max_pending: int = 10_000,
@@ -121,6 +126,7 @@ class HttpSink:
         ]
         self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
         self._tasks: list[asyncio.Task[None]] = []
+        self._senders = 0
         self._bell = _Bell()
         # Claimed from the outbox, waiting for a free sender: claims come in batches
         # (one query for a SQLite outbox), sends one at a time per sender.
@@ -175,11 +181,28 @@ class HttpSink:
         else:
             self._http = self._transport
             self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="agentsight-http")
-        loop = asyncio.get_running_loop()
         # Long-lived senders rather than a task per event: a task costs more to
         # create and finish than llhttp takes to parse the answer.
-        self._tasks = [loop.create_task(self._sender()) for _ in range(self._concurrency)]
-        self._tasks.append(loop.create_task(self._tick()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._tick()))
+        self._add_senders(min(self._concurrency, _FIRST_SENDERS))
+
+    def _add_senders(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.extend(loop.create_task(self._sender()) for _ in range(n))
+        self._senders += n
+
+    def _grow(self) -> None:
+        """Double the senders (up to ``concurrency``) when all are waiting for answers
+        and events wait behind them."""
+        senders = self._senders
+        if (
+            senders < self._concurrency
+            and self._busy >= senders
+            and not self._closing
+            and time.time() >= self._paused_until
+            and (self._ready or self._outbox.depth() > self._busy)
+        ):
+            self._add_senders(min(senders, self._concurrency - senders))
 
     async def _post(self, body: bytes) -> Reply:
         if self._direct is not None:
@@ -240,13 +263,14 @@ class HttpSink:
         """
         if self._outbox.durable:
             return False
-        return self._outbox.depth() >= min(self._max_pending, 4 * self._concurrency)
+        return self._outbox.depth() >= min(self._max_pending, 4 * max(self._senders, 1))
 
     async def _tick(self) -> None:
         """Now and then, one sender looks for work nobody announced: rows whose retry
         time came, or rows another process put into a shared outbox file."""
         while True:
             await asyncio.sleep(_POLL)
+            self._grow()
             self._bell.ring(1)
 
     async def _sender(self) -> None:
@@ -263,7 +287,7 @@ class HttpSink:
                     # Only as many as there are free senders: a claimed row waiting here
                     # would be holding its lease (a shared outbox's guard against double
                     # sends) while time runs.
-                    claimed = outbox.claim(self._concurrency - self._busy, now)
+                    claimed = outbox.claim(self._senders - self._busy, now)
                     if not claimed:
                         await bell.wait()
                         continue
