@@ -551,3 +551,33 @@ async def test_delivery_keeps_going_under_a_steady_stream_of_events(
     mw.close(0.5)
     worker.join(15)  # the backlog would take the old worker minutes
     assert not worker.is_alive()
+
+
+async def test_an_idle_worker_backs_off_to_fifty_looks_a_second(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under load the intake is looked at every 5 ms (smaller bursts towards the API);
+    # an idle app must not pay for that: the worker backs off to every 20 ms.
+    mw = wrap(api)
+    delivery = mw._core.delivery
+    takes = 0
+    real_take = delivery._take  # type: ignore[union-attr]
+
+    async def counting_take() -> int:
+        nonlocal takes
+        takes += 1
+        return await real_take()
+
+    monkeypatch.setattr(delivery, "_take", counting_take)
+    async with client(mw) as c:
+        await visit(c)
+    assert mw.flush(10)
+    takes = 0
+    time.sleep(1.0)  # the worker has its own thread and loop
+    idle_takes = takes
+    async with client(mw) as c:
+        await visit(c)  # events again: found within the idle interval
+    assert mw.flush(10)
+    mw.close()
+    assert 10 <= idle_takes <= 55
+    assert mw.stats()["sent"] == 4
