@@ -32,6 +32,11 @@ Variant ``path only`` (widget and chat rows): the middleware with its events thr
 where they would be queued (``BackgroundDelivery.submit`` made a no-op in the server
 process), to tell the request path's cost from delivery's.
 
+Section ``paced``: the same servers and rows under a bounded load, well below what
+either serves saturated (``PACED_LOAD``: each of wrk's connections pauses
+``connections / load`` between requests, with wrk's ``delay()`` hook), so that bare and
+middleware serve the same requests/s and their latencies compare like for like.
+
 Section ``manual``: the AgentSight docs' manual flow, a FastAPI app whose
 ``POST /api/track-interaction`` (called by the page's script) calls the classic SDK's
 blocking ``initialize_conversation`` inside an ``async def`` (agentsight 0.0.44 in its
@@ -53,7 +58,7 @@ row, sent while wrk ran (and the rate), sent after it (the script waits up to
 queued, and its background threads' CPU per event; then, once each server has stopped,
 the number of requests the stand-in says it received against what the middleware (or
 the SDK app) reported sent. Server logs (anything the middleware or the SDK printed) are
-shown at the end. A full run takes about 3 minutes.
+shown at the end. A full run takes about 4 minutes.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real class of the
@@ -83,7 +88,10 @@ from standin_cli import StandInCLI
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SDK_VERSION = "0.0.44"
-SECTIONS = ("uvicorn", "gunicorn", "manual")
+SECTIONS = ("uvicorn", "gunicorn", "paced", "manual")
+#: Section ``paced``: the load each server is offered, well below what it serves bare or
+#: with the middleware, as a site that is not saturated sees it.
+PACED_LOAD = {"uvicorn": 2000.0, "gunicorn": 1000.0}
 START_TIMEOUT = 30.0
 COOKIE = "agentsight_conversation_id"
 
@@ -472,6 +480,14 @@ wrk.body = __BODY__
 wrk.headers = __HEADERS__
 local dynamic = __DYNAMIC__
 local n = 0
+-- Paced rows: each connection waits this long (ms) before its next request, which
+-- bounds the load offered instead of sending as fast as the server answers.
+local pace = __PACE__
+if pace > 0 then
+  function delay()
+    return pace
+  end
+end
 
 function request()
   if not dynamic then
@@ -521,7 +537,7 @@ class Kind:
     def dynamic(self) -> bool:
         return "__ID__" in (self.body or "") or any("__ID__" in v for v in self.headers.values())
 
-    def lua(self) -> str:
+    def lua(self, pace_ms: int = 0) -> str:
         pairs = (f"[{_lua_string(k)}] = {_lua_string(v)}" for k, v in self.headers.items())
         headers = "{" + ", ".join(pairs) + "}"
         return (
@@ -530,6 +546,7 @@ class Kind:
             .replace("__BODY__", _lua_string(self.body))
             .replace("__HEADERS__", headers)
             .replace("__DYNAMIC__", "true" if self.dynamic else "false")
+            .replace("__PACE__", str(pace_ms))
         )
 
     def example(self, n: int) -> tuple[str, dict[str, str], bytes | None]:
@@ -579,11 +596,18 @@ def ensure_wrk() -> str:
 
 
 def run_wrk(
-    wrk: str, url: str, kind: Kind, seconds: float, connections: int, threads: int, tmp: Path
+    wrk: str,
+    url: str,
+    kind: Kind,
+    seconds: float,
+    connections: int,
+    threads: int,
+    tmp: Path,
+    pace_ms: int = 0,
 ) -> dict[str, Any]:
     """Run wrk; the JSON line its ``done()`` printed."""
     script = tmp / f"{kind.key}.lua"
-    script.write_text(kind.lua())
+    script.write_text(kind.lua(pace_ms))
     command = [
         wrk,
         "--threads",
@@ -636,6 +660,8 @@ class Row:
     kind: str
     label: str
     api_latency_ms: float | None = None
+    #: Paced rows: the load offered (requests/s at most); 0 = as fast as answered.
+    offered: float = 0.0
     rps: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
@@ -682,7 +708,10 @@ def measure(
     cpu_background = background_cpu_seconds(server.proc.pid)
     cpu_children = _children_cpu()
     started = time.monotonic()
-    result = run_wrk(wrk, server.url, kind, args.seconds, args.connections, args.threads, tmp)
+    pace_ms = round(args.connections / row.offered * 1000) if row.offered else 0
+    result = run_wrk(
+        wrk, server.url, kind, args.seconds, args.connections, args.threads, tmp, pace_ms
+    )
     wall = time.monotonic() - started
     after_load = server.stats()
     row.server_cpu = (cpu_seconds(server.proc.pid) - cpu_server) / wall * 100
@@ -762,6 +791,7 @@ class Plan:
     command: list[str]
     kinds: list[Kind]
     latency: float = 0.0  # the stand-in's, seconds
+    offered: float = 0.0  # requests/s offered in paced rows; 0 = saturating
 
 
 VARIANTS = ("bare", "middleware")
@@ -796,7 +826,9 @@ def run_server(
                 wait_drained(server, args.drain_seconds)
             for kind in plan.kinds:
                 progress(f"  {name}: {kind.label} ({args.seconds:g} s)")
-                row = Row(section, stack, variant, kind.key, kind.label, latency * 1000)
+                row = Row(
+                    section, stack, variant, kind.key, kind.label, latency * 1000, plan.offered
+                )
                 run.rows.append(measure(server, standin, kind, row, args, wrk, tmp))
             if variant == "middleware":
                 last = server.stats()
@@ -1028,6 +1060,13 @@ def main(argv: list[str] | None = None) -> int:
         command = gunicorn_command(python)
         plans += [Plan("gunicorn", "gunicorn+Flask", v, command, kinds) for v in VARIANTS]
         plans.append(Plan("gunicorn", "gunicorn+Flask", PATH_ONLY, command, [WIDGET, CHAT]))
+    if "paced" in sections:
+        for stack, command, load in (
+            ("uvicorn+FastAPI", uvicorn_command(python, "fastapi_app"), PACED_LOAD["uvicorn"]),
+            ("gunicorn+Flask", gunicorn_command(python), PACED_LOAD["gunicorn"]),
+        ):
+            plans += [Plan("paced", stack, v, command, kinds, offered=load) for v in VARIANTS]
+            plans.append(Plan("paced", stack, PATH_ONLY, command, [WIDGET, CHAT], offered=load))
     if "manual" in sections:
         for latency in (0.0, 0.05):
             if sdk_python:
@@ -1078,6 +1117,10 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "uvicorn": "== uvicorn (1 worker) + FastAPI ==",
                 "gunicorn": "== gunicorn (1 sync worker) + Flask ==",
+                "paced": "== Paced, as a site that is not saturated sees it: each wrk "
+                "connection pauses between requests, offering at most "
+                f"{PACED_LOAD['uvicorn']:,.0f} req/s to uvicorn and "
+                f"{PACED_LOAD['gunicorn']:,.0f} to gunicorn; compare the latencies ==",
                 "manual": "== The docs' manual flow (classic SDK in an async def) vs the "
                 "middleware; 'x bare' here = x the SDK app at the same API latency ==",
             }[section]
