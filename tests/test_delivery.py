@@ -581,3 +581,23 @@ async def test_an_idle_worker_backs_off_to_fifty_looks_a_second(
     mw.close()
     assert 10 <= idle_takes <= 55
     assert mw.stats()["sent"] == 4
+
+
+async def test_probes_and_bots_never_reach_the_api(api: StandInAgentSightAPI) -> None:
+    mw = wrap(api)
+    async with client(mw) as c:
+        for agent in (
+            "kube-probe/1.29",
+            "curl/8.5.0",
+            "Googlebot/2.1 (+http://www.google.com/bot.html)",
+        ):
+            c.cookies.clear()
+            response = await c.get("/", headers={**BROWSER, "user-agent": agent})
+            assert response.status_code == 200
+        await visit(c, chats=0)
+    assert mw.flush(10)
+    mw.close()
+    stats = mw.stats()
+    assert stats["skipped_bots"] == 3
+    assert stats["sent"] == 1
+    assert [c["metadata"]["user_agent"] for c in api.conversations] == [BROWSER["user-agent"]]
