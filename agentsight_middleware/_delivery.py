@@ -221,10 +221,14 @@ class BackgroundDelivery:
             await sink.aclose()
 
     async def _take(self) -> int:
+        """Build up to BATCH payloads and hand them to the sink; how many events were taken
+        (bots and probes included: the intake was not idle)."""
         intake = self._intake
         batch: list[dict[str, Any]] = []
+        taken = 0
         while intake and len(batch) < BATCH:
             event = intake.popleft()
+            taken += 1
             try:
                 # Parsing the user agent is the slow part: here, never on the request path.
                 if is_robot_view(event, self._is_probe):
@@ -243,7 +247,7 @@ class BackgroundDelivery:
             except Exception:
                 self.errors += len(batch)
                 logger.exception("could not hand %d event(s) to the sink", len(batch))
-        return len(batch)
+        return taken
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -579,7 +579,7 @@ async def test_an_idle_worker_backs_off_to_fifty_looks_a_second(
         await visit(c)  # events again: found within the idle interval
     assert mw.flush(10)
     mw.close()
-    assert 10 <= idle_takes <= 55
+    assert 10 <= idle_takes <= 60  # ~50 at 20 ms; 200 if it kept looking every 5 ms
     assert mw.stats()["sent"] == 4
 
 

@@ -736,20 +736,81 @@ async def test_senders_grow_while_a_slow_api_keeps_them_all_waiting() -> None:
     # 8 senders over a 0.2 s round trip carry 40 events/s: the backlog makes them
     # double, up to the limit, and no further.
     server, counts = slow_api(0.2)
+    peaks_before_growth: list[int] = []
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=24)
+        real_add = sink._add_senders
+
+        def add_senders(n: int) -> None:
+            peaks_before_growth.append(counts[1])
+            real_add(n)
+
+        sink._add_senders = add_senders  # type: ignore[method-assign]
         await sink.start()
         await sink.put(
             [{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(150)]
         )
-        await asyncio.sleep(0.05)
-        first_peak = counts[1]
         await sink.drain(time.monotonic() + 10)
         await sink.aclose()
-    assert first_peak == 8
+    # Started with 8 (nothing in flight yet), grew once all 8 were waiting, then at 16.
+    assert peaks_before_growth == [0, 8, 16]
     assert sink.stats()["sent"] == 150
     assert counts[1] == 24
     assert server.connections == 24
+
+
+async def test_one_conversation_never_makes_the_senders_grow() -> None:
+    # Its events go one at a time, in order: a backlog of them is no work for more
+    # senders, however slow the API.
+    server, counts = slow_api(0.05)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await sink.put([{"conversation_id": "conv_000000000001", "is_used": i} for i in range(12)])
+        await sink.drain(time.monotonic() + 10)
+        senders = sink._senders
+        await sink.aclose()
+    assert sink.stats()["sent"] == 12
+    assert counts[1] == 1
+    assert senders == 8
+
+
+async def test_claims_never_take_more_than_the_free_senders() -> None:
+    # A claimed row holds its lease (a shared outbox's guard against double sends):
+    # claiming for senders that do not exist would let leases run out unsent.
+    outbox = MemoryOutbox(1000)
+    asked: list[tuple[int, int, int]] = []
+    real_claim = outbox.claim
+    server, _ = slow_api(0.02)
+    async with server.running() as url:
+        sink = direct_sink(url, outbox, concurrency=64)
+
+        def claim(limit: int, now: float) -> list[OutboxItem]:
+            asked.append((limit, sink._senders, sink._busy))
+            return real_claim(limit, now)
+
+        outbox.claim = claim  # type: ignore[method-assign]
+        await deliver(sink, 200)
+    assert sink.stats()["sent"] == 200
+    assert asked
+    assert all(0 < limit <= senders - busy for limit, senders, busy in asked)
+
+
+async def test_built_events_wait_in_memory_for_four_rounds_of_the_senders_at_most() -> None:
+    # Backpressure: past four per sender in the memory outbox, the worker stops
+    # building (events wait unbuilt, and bounded, in its intake).
+    server, _ = slow_api(1.0)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        payloads = [{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(33)]
+        await sink.put(payloads[:31])
+        await asyncio.sleep(0.05)
+        below = sink.backed_up()
+        await sink.put(payloads[31:])
+        above = sink.backed_up()
+        await sink.aclose()
+    assert (below, above) == (False, True)  # 8 senders: backed up from 32 waiting
 
 
 async def test_a_sink_that_keeps_up_keeps_its_first_senders() -> None:

@@ -9,7 +9,8 @@ Direct connections go through ``_http11.Http11Pool`` (asyncio with llhttp's or
 h11's parser, ~6x less CPU per event than httpx's transport; why in that module).
 An endpoint behind a proxy (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, minus
 ``NO_PROXY``, as ``requests`` and so the official SDK honour them) goes through
-httpx's transport, which speaks to proxies, from a few sender threads.
+httpx's transport, which speaks to proxies, from sender threads (as many as
+requests in flight).
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ __all__ = ["HttpSink"]
 # How often the pump looks for work it was not told about: rows whose retry
 # time came, or rows another process put into a shared outbox file.
 _POLL = 0.1
-# Senders at start; more only while the API is slow enough that every one of them
-# is waiting for an answer with work queued behind: requests in flight are what
-# bounds delivery over a long round trip (64 at 50 ms carry ~1,280 events/s), and
-# a fast API needs few, so few connections are opened to it.
+# Senders at start; doubled while every one is waiting for an answer and work they
+# could take waits behind them: requests in flight are what bounds delivery over a
+# long round trip (64 at 50 ms carry ~1,280 events/s), while a trickle of events
+# never needs more than a few connections.
 _FIRST_SENDERS = 8
 
 
@@ -127,6 +128,7 @@ class HttpSink:
         self._timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
         self._tasks: list[asyncio.Task[None]] = []
         self._senders = 0
+        self._claims_full = False
         self._bell = _Bell()
         # Claimed from the outbox, waiting for a free sender: claims come in batches
         # (one query for a SQLite outbox), sends one at a time per sender.
@@ -193,15 +195,16 @@ class HttpSink:
 
     def _grow(self) -> None:
         """Double the senders (up to ``concurrency``) when all are waiting for answers
-        and events wait behind them."""
+        and, since the last look, a claim found as much work as it could take.
+
+        Evidence from claims rather than the outbox's depth: rows waiting for their
+        retry time, or behind their conversation's event in flight, are no work for
+        another sender (a hanging API would otherwise get every connection). A 429
+        pause needs no test: paused senders are not busy.
+        """
+        claims_full, self._claims_full = self._claims_full, False
         senders = self._senders
-        if (
-            senders < self._concurrency
-            and self._busy >= senders
-            and not self._closing
-            and time.time() >= self._paused_until
-            and (self._ready or self._outbox.depth() > self._busy)
-        ):
+        if senders < self._concurrency and self._busy >= senders and claims_full:
             self._add_senders(min(senders, self._concurrency - senders))
 
     async def _post(self, body: bytes) -> Reply:
@@ -270,7 +273,10 @@ class HttpSink:
         time came, or rows another process put into a shared outbox file."""
         while True:
             await asyncio.sleep(_POLL)
-            self._grow()
+            try:
+                self._grow()
+            except Exception as exc:  # this task must outlive anything: it is the poll
+                self._log_once("grow", "could not add delivery senders: %r", exc)
             self._bell.ring(1)
 
     async def _sender(self) -> None:
@@ -287,10 +293,13 @@ class HttpSink:
                     # Only as many as there are free senders: a claimed row waiting here
                     # would be holding its lease (a shared outbox's guard against double
                     # sends) while time runs.
-                    claimed = outbox.claim(self._senders - self._busy, now)
+                    limit = self._senders - self._busy
+                    claimed = outbox.claim(limit, now)
                     if not claimed:
                         await bell.wait()
                         continue
+                    if len(claimed) >= limit:
+                        self._claims_full = True
                     ready.extend(claimed)
                     bell.ring(len(claimed) - 1)  # the others are for senders that wait
                 item = ready.popleft()
