@@ -98,7 +98,7 @@ class MiddlewareBase:
         :param delivery_concurrency: requests in flight to the API at most; delivery
             capacity is about this divided by the API's round-trip time (64 / 50 ms
             = 1,280 events/s). Eight at first, doubled while all are waiting for
-            answers with events queued, so a fast API sees few connections.
+            answers with events queued and the API accepts events.
         :param local_store: with no tracker and no API key, the SQLite file that keeps
             the events (default ``./agentsight-events.sqlite3``).
         """

@@ -35,7 +35,8 @@ process), to tell the request path's cost from delivery's.
 Section ``paced``: the same servers and rows under a bounded load, well below what
 either serves saturated (``PACED_LOAD``: each of wrk's connections pauses
 ``connections / load`` between requests, with wrk's ``delay()`` hook), so that bare and
-middleware serve the same requests/s and their latencies compare like for like.
+middleware are offered the same load (closed loop: a slower server gets a little less)
+and their latencies compare like for like.
 
 Section ``manual``: the AgentSight docs' manual flow, a FastAPI app whose
 ``POST /api/track-interaction`` (called by the page's script) calls the classic SDK's
@@ -708,7 +709,7 @@ def measure(
     cpu_background = background_cpu_seconds(server.proc.pid)
     cpu_children = _children_cpu()
     started = time.monotonic()
-    pace_ms = round(args.connections / row.offered * 1000) if row.offered else 0
+    pace_ms = max(1, round(args.connections / row.offered * 1000)) if row.offered else 0
     result = run_wrk(
         wrk, server.url, kind, args.seconds, args.connections, args.threads, tmp, pace_ms
     )

@@ -775,6 +775,23 @@ async def test_one_conversation_never_makes_the_senders_grow() -> None:
     assert senders == 8
 
 
+async def test_a_hanging_api_gets_no_more_connections_for_work_no_sender_could_take() -> None:
+    # Eight conversations in flight, each with events queued behind: nothing another
+    # sender could take, so no more connections to an API that does not answer.
+    server, counts = slow_api(0.8)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await sink.put(
+            [{"conversation_id": f"conv_{i % 8:012x}", "is_used": False} for i in range(32)]
+        )
+        await asyncio.sleep(0.5)  # five looks by the poll, all eight senders waiting
+        senders = sink._senders
+        await sink.aclose()
+    assert counts[1] == 8
+    assert senders == 8
+
+
 async def test_claims_never_take_more_than_the_free_senders() -> None:
     # A claimed row holds its lease (a shared outbox's guard against double sends):
     # claiming for senders that do not exist would let leases run out unsent.

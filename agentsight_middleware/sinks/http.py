@@ -129,6 +129,7 @@ class HttpSink:
         self._tasks: list[asyncio.Task[None]] = []
         self._senders = 0
         self._claims_full = False
+        self._sent_at_last_look = 0
         self._bell = _Bell()
         # Claimed from the outbox, waiting for a free sender: claims come in batches
         # (one query for a SQLite outbox), sends one at a time per sender.
@@ -194,17 +195,19 @@ class HttpSink:
         self._senders += n
 
     def _grow(self) -> None:
-        """Double the senders (up to ``concurrency``) when all are waiting for answers
-        and, since the last look, a claim found as much work as it could take.
+        """Double the senders (up to ``concurrency``) when, since the last look, the API
+        accepted events and a claim found as much work as it could take, and all
+        senders are now waiting for answers: a slow API, not a sick one.
 
         Evidence from claims rather than the outbox's depth: rows waiting for their
         retry time, or behind their conversation's event in flight, are no work for
-        another sender (a hanging API would otherwise get every connection). A 429
-        pause needs no test: paused senders are not busy.
+        another sender. An API that accepts nothing (hanging, failing) gets no more
+        connections than it has. A 429 pause needs no test: paused senders are not busy.
         """
         claims_full, self._claims_full = self._claims_full, False
+        accepted, self._sent_at_last_look = self.sent - self._sent_at_last_look, self.sent
         senders = self._senders
-        if senders < self._concurrency and self._busy >= senders and claims_full:
+        if senders < self._concurrency and self._busy >= senders and claims_full and accepted:
             self._add_senders(min(senders, self._concurrency - senders))
 
     async def _post(self, body: bytes) -> Reply:
