@@ -23,7 +23,9 @@ Ours sends for real: ``api_key`` / ``endpoint`` point at the stand-in AgentSight
 running in a child process (as the real API would be, on another machine), so the
 worker's delivery competes with the requests as it does in production. At the end the
 middleware's stats must show every enqueued event delivered, and the stand-in must have
-accepted exactly as many; the run fails otherwise.
+accepted exactly as many; the run fails otherwise. Then each target of the request path
+is judged (``TARGETS_US``, p50 added over bare; the rotating user agent against the
+first visit; every ASGI row against OpenTelemetry's), met or missed with the figure.
 
 ``--profile`` adds a breakdown of our hot path per request kind: each piece (header
 reading, rule match, cookie parse, client_ip, Conversation, Event, send wrapper...)
@@ -1042,6 +1044,69 @@ def as_json(stacks: list[Stack], cells: dict[tuple[str, str], Cell]) -> list[dic
     return out
 
 
+#: The request-path targets (p50 added over the bare app, µs): ASGI, WSGI.
+TARGETS_US: dict[str, tuple[float, float]] = {
+    "norule": (0.5, 1.0),
+    "first": (5.0, 5.0),
+    "return": (5.0, 5.0),
+    "chat_cookie": (8.0, 8.0),
+    "chat_header": (8.0, 8.0),
+    "chat_1k": (15.0, 15.0),
+}
+#: A new user agent on every request may cost this much more than a repeated one (noise).
+ROTATING_SLACK_US = 1.0
+
+
+def targets(
+    interface: str, stacks: list[Stack], cells: dict[tuple[str, str], Cell]
+) -> list[dict[str, Any]]:
+    """Each target of the request path: the figure reached and whether it is met."""
+    base_name = stacks[0].name
+    ours = next(s.name for s in stacks if s.ours is not None)
+    otel = next((s.name for s in stacks if s.name.startswith("opentelemetry")), None)
+    column = 0 if interface == "asgi" else 1
+
+    def added(stack: str, key: str) -> float | None:
+        if (stack, key) not in cells:
+            return None
+        return cells[stack, key].p50_us - cells[base_name, key].p50_us
+
+    out: list[dict[str, Any]] = []
+    labels = {kind.key: kind.label for kind in KINDS}
+    for key, limits in TARGETS_US.items():
+        value = added(ours, key)
+        if value is not None:
+            limit = limits[column]
+            out.append(
+                {"target": f"{labels[key]}: at most +{limit:g} µs", "reached": f"+{value:.1f} µs",
+                 "met": value <= limit}
+            )  # fmt: skip
+    rotating, repeated = added(ours, "bot_ua"), added(ours, "first")
+    if rotating is not None and repeated is not None:
+        out.append(
+            {
+                "target": "a new user agent every request costs no more than a repeated one",
+                "reached": f"+{rotating:.1f} vs +{repeated:.1f} µs",
+                "met": rotating <= repeated + ROTATING_SLACK_US,
+            }
+        )
+    if interface == "asgi" and otel is not None:
+        ratios = []
+        for kind in KINDS:
+            theirs, mine = added(otel, kind.key), added(ours, kind.key)
+            if theirs is not None and mine is not None:
+                ratios.append(theirs / mine if mine > theirs / 100 else 100.0)
+        if ratios:
+            out.append(
+                {
+                    "target": "every row at least 10x lighter than OpenTelemetry (ASGI)",
+                    "reached": f"lightest margin {min(ratios):.1f}x",
+                    "met": min(ratios) >= 10,
+                }
+            )
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Profile of our hot path
 # ---------------------------------------------------------------------------
@@ -1640,6 +1705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": args.runs,
             "plans": plans,
             "results": {i: as_json(stacks[i], cells[i]) for i in interfaces},
+            "targets": {i: targets(i, stacks[i], cells[i]) for i in interfaces},
             "middleware_stats": stats,
             "standin": {"accepted": accepted, "statuses": statuses},
             "profile": {k: v for k, v in profile_data.items() if not k.startswith("_")},
@@ -1679,6 +1745,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "own span processing; it runs without network (its exporter sends to a closed local\n"
         "port and fails quietly in the background)."
     )
+    print()
+    for interface in interfaces:
+        print(f"Targets, {interface.upper()} (p50 added over the bare app):")
+        for verdict in targets(interface, stacks[interface], cells[interface]):
+            mark = "met   " if verdict["met"] else "MISSED"
+            print(f"  {mark} {verdict['target']}: {verdict['reached']}")
     print()
     for interface in interfaces:
         shown = ", ".join(f"{k}={v}" for k, v in stats[interface].items())

@@ -53,6 +53,10 @@ process, by its threads other than the main one (the middleware's worker and HTT
 sender threads: the endpoints are ``async def`` and gunicorn's sync worker serves on its
 main thread), by the stand-in and by wrk.
 
+Targets, judged at the end of a run: with the middleware, at least 97 % of bare's
+requests/s on widget and chat rows, 99 % on the no-rule row; in section ``paced``, p99
+at most bare's + 1 ms.
+
 Delivery check, for the middleware rows: the events the middleware enqueued during the
 row, sent while wrk ran (and the rate), sent after it (the script waits up to
 ``--drain-seconds`` for the queues to empty), dropped at a full queue, given up, still
@@ -919,6 +923,36 @@ def print_table(rows: list[Row], args: argparse.Namespace) -> None:
         )
 
 
+def server_targets(rows: list[Row]) -> list[dict[str, Any]]:
+    """The real-server targets: requests/s against bare when saturated (tracked routes
+    97 %, others 99 %), and p99 at most bare's + 1 ms under the paced load."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if row.variant not in ("middleware", PATH_ONLY) or row.section == "manual":
+            continue
+        bare = next(
+            (r for r in rows if (r.section, r.stack, r.kind, r.variant)
+             == (row.section, row.stack, row.kind, "bare")),
+            None,
+        )  # fmt: skip
+        if bare is None or not bare.rps:
+            continue
+        what = f"{row.stack} {row.variant}, {row.label.split(':')[0]}"
+        if row.section == "paced":
+            out.append(
+                {"target": f"paced, {what}: p99 at most bare + 1 ms",
+                 "reached": f"{row.p99_ms:.1f} vs {bare.p99_ms:.1f} ms",
+                 "met": row.p99_ms <= bare.p99_ms + 1.0}
+            )  # fmt: skip
+        else:
+            least = 0.99 if row.kind == NO_RULE.key else 0.97
+            out.append(
+                {"target": f"{what}: at least {least:.2f}x bare requests/s",
+                 "reached": f"{row.rps / bare.rps:.2f}x", "met": row.rps >= least * bare.rps}
+            )  # fmt: skip
+    return out
+
+
 def print_delivery(runs: list[ServerRun]) -> None:
     print(
         "Delivery check: events enqueued during the row, sent while wrk ran ('sent in', at "
@@ -1128,6 +1162,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_table(chosen, args)
         print()
+    verdicts = server_targets(rows)
+    if verdicts:
+        print("Targets (the 'path only' rows show what the request path alone reaches):")
+        for verdict in verdicts:
+            mark = "met   " if verdict["met"] else "MISSED"
+            print(f"  {mark} {verdict['target']}: {verdict['reached']}")
+        print()
     print_delivery(runs)
     print()
     print_logs(runs)
@@ -1140,6 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "options": vars(args),
             "rows": [asdict(row) for row in rows],
+            "targets": verdicts,
             "servers": [
                 {
                     "name": run.name,

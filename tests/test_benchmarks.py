@@ -55,6 +55,11 @@ def test_overhead_with_profile() -> None:
         assert row in text, row
     assert "asgi" in text.lower()
     assert "wsgi" in text.lower()
+    # Each target of the request path is judged, with the figure reached.
+    for interface in ("asgi", "wsgi"):
+        verdicts = data["targets"][interface]
+        assert len(verdicts) == 7, verdicts  # six request kinds and the rotating user agent
+        assert all(isinstance(v["met"], bool) and "µs" in v["reached"] for v in verdicts)
 
 
 def test_delivery_small_burst() -> None:
