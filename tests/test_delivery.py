@@ -600,4 +600,5 @@ async def test_probes_and_bots_never_reach_the_api(api: StandInAgentSightAPI) ->
     stats = mw.stats()
     assert stats["skipped_bots"] == 3
     assert stats["sent"] == 1
+    assert stats["senders"] == 8  # a trickle never makes delivery grow
     assert [c["metadata"]["user_agent"] for c in api.conversations] == [BROWSER["user-agent"]]

@@ -768,7 +768,7 @@ async def test_one_conversation_never_makes_the_senders_grow() -> None:
         await sink.start()
         await sink.put([{"conversation_id": "conv_000000000001", "is_used": i} for i in range(12)])
         await sink.drain(time.monotonic() + 10)
-        senders = sink._senders
+        senders = sink.stats()["senders"]
         await sink.aclose()
     assert sink.stats()["sent"] == 12
     assert counts[1] == 1
@@ -786,7 +786,7 @@ async def test_a_hanging_api_gets_no_more_connections_for_work_no_sender_could_t
             [{"conversation_id": f"conv_{i % 8:012x}", "is_used": False} for i in range(32)]
         )
         await asyncio.sleep(0.5)  # five looks by the poll, all eight senders waiting
-        senders = sink._senders
+        senders = sink.stats()["senders"]
         await sink.aclose()
     assert counts[1] == 8
     assert senders == 8
@@ -839,7 +839,7 @@ async def test_a_sink_that_keeps_up_keeps_its_first_senders() -> None:
             await sink.put([{"conversation_id": f"conv_{i:012x}", "is_used": False}])
             await asyncio.sleep(0.01)  # a steady trickle, answered at once
         await sink.drain(time.monotonic() + 5)
-        senders = sink._senders
+        senders = sink.stats()["senders"]
         await sink.aclose()
     assert sink.stats()["sent"] == 30
     assert senders == 8
@@ -868,7 +868,7 @@ async def test_a_throttled_sink_does_not_grow() -> None:
             ]
         )
         await asyncio.sleep(0.5)
-        paused_senders = sink._senders
+        paused_senders = sink.stats()["senders"]
         await sink.drain(time.monotonic() + 10)
         await sink.aclose()
     assert paused_senders == 8

@@ -472,4 +472,6 @@ class HttpSink:
             "failed": self.failed,
             "dropped": self.dropped,
             "in_flight": self._busy,
+            # How far delivery has grown towards ``concurrency`` (see _grow).
+            "senders": self._senders,
         }
