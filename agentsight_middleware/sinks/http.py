@@ -45,6 +45,12 @@ _POLL = 0.1
 _FIRST_SENDERS = 8
 
 
+# Strict JSON: the API refuses NaN/Infinity, and a value JSON cannot hold (a
+# datetime in user metadata) is sent as its text. One encoder for all events:
+# json.dumps builds a new one per call when given options (~1.2 us an event).
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+
+
 def _api_error(reply: Reply) -> str:
     """The server's words, from a Django REST framework error body."""
     try:
@@ -236,9 +242,7 @@ class HttpSink:
         items = []
         for payload in payloads:
             try:
-                # Strict JSON: the API refuses NaN/Infinity, and a value JSON cannot
-                # hold (a datetime in user metadata) is sent as its text.
-                body = json.dumps(payload, separators=(",", ":"), allow_nan=False, default=str)
+                body = _encode(payload)
             except ValueError as exc:
                 self.failed += 1
                 self._log_once("json", "an event could not be sent as JSON (%s); dropped", exc)
