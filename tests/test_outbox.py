@@ -39,6 +39,21 @@ def test_one_event_per_conversation_in_flight_and_in_order(tmp_path: Path, kind:
     outbox.close()
 
 
+@pytest.mark.parametrize("kind", [0, 1], ids=["memory", "sqlite"])
+def test_oldest_events_first_so_a_busy_conversation_takes_turns(tmp_path: Path, kind: int) -> None:
+    # Both outboxes hand out the oldest free events first: a conversation whose event
+    # was just sent goes behind the others instead of being served again at once.
+    outbox = _outbox(tmp_path, kind)
+    outbox.put([("a", b"a1"), ("b", b"b1"), ("c", b"c1"), ("a", b"a2")])
+    now = time.time()
+    [first] = outbox.claim(1, now)
+    assert first.body == b"a1"
+    outbox.ack([first])
+    assert [i.body for i in outbox.claim(2, now)] == [b"b1", b"c1"]
+    assert [i.body for i in outbox.claim(2, now)] == [b"a2"]
+    outbox.close()
+
+
 def test_memory_outbox_is_bounded() -> None:
     outbox = MemoryOutbox(3)
     assert outbox.put([(str(i), b"x") for i in range(5)]) == 3

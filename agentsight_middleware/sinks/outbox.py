@@ -83,6 +83,11 @@ class MemoryOutbox:
             picked.append(head)
             if len(picked) >= limit:
                 break
+        # Conversations in flight go to the back: the next claim then meets free heads
+        # first instead of stepping over every event in flight (one per sender, up to 64).
+        move_to_end = self._queues.move_to_end
+        for item in picked:
+            move_to_end(item.conversation_id)
         return picked
 
     def ack(self, items: list[OutboxItem]) -> None:
