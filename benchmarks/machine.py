@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
-__all__ = ["cpu_model", "describe", "package_versions"]
+__all__ = ["cpu_model", "describe", "package_versions", "verdict_lines"]
 
 
 def cpu_model() -> str:
@@ -43,3 +43,10 @@ def describe(packages: Iterable[str]) -> dict[str, Any]:
         "load_1min": round(os.getloadavg()[0], 2),
         "packages": package_versions(packages, missing="-"),
     }
+
+
+def verdict_lines(verdicts: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per target a benchmark judged: met or MISSED, and the figure reached."""
+    return [
+        f"  {'met   ' if v['met'] else 'MISSED'} {v['target']}: {v['reached']}" for v in verdicts
+    ]

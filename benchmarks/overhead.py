@@ -53,7 +53,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from dataclasses import dataclass, field
 from typing import Any
 
-from machine import cpu_model, package_versions
+from machine import cpu_model, package_versions, verdict_lines
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 
@@ -1748,9 +1748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for interface in interfaces:
         print(f"Targets, {interface.upper()} (p50 added over the bare app):")
-        for verdict in targets(interface, stacks[interface], cells[interface]):
-            mark = "met   " if verdict["met"] else "MISSED"
-            print(f"  {mark} {verdict['target']}: {verdict['reached']}")
+        for line in verdict_lines(targets(interface, stacks[interface], cells[interface])):
+            print(line)
     print()
     for interface in interfaces:
         shown = ", ".join(f"{k}={v}" for k, v in stats[interface].items())

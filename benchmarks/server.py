@@ -87,7 +87,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from machine import cpu_model, package_versions
+from machine import cpu_model, package_versions, verdict_lines
 from standin_cli import StandInCLI
 
 HERE = Path(__file__).resolve().parent
@@ -1165,9 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = server_targets(rows)
     if verdicts:
         print("Targets (the 'path only' rows show what the request path alone reaches):")
-        for verdict in verdicts:
-            mark = "met   " if verdict["met"] else "MISSED"
-            print(f"  {mark} {verdict['target']}: {verdict['reached']}")
+        for line in verdict_lines(verdicts):
+            print(line)
         print()
     print_delivery(runs)
     print()
