@@ -180,17 +180,21 @@ class Settings:
     def find_id(
         self,
         params: Mapping[str, str],
-        headers: Mapping[str, str],
+        id_header: str | None,
+        content_type: str | None,
+        cookie: str | None,
         query: str,
         body: bytes | None,
     ) -> tuple[str, str] | None:
         """``(id, source)`` from the first configured source that has a valid id.
 
-        Returns :data:`NEED_BODY` when a body source comes next and ``body`` is
-        None: the glue then reads (peeks at) the body and asks again.
+        ``id_header`` is the value of the configured id header and ``cookie`` the
+        ``Cookie`` header, as the glue read them. Returns :data:`NEED_BODY` when a body
+        source comes next and ``body`` is None: the glue then reads (peeks at) the
+        body and asks again.
         """
         field = self.id_field
-        kind = _body_kind(headers.get("content-type")) if self.reads_body else None
+        kind = _body_kind(content_type) if self.reads_body else None
         sources = self.id_sources
         if body is not None and kind is not None:
             # The second call, with the body: the sources before it were tried already.
@@ -201,8 +205,7 @@ class Settings:
                 raw = params.get(field)
                 value = clean_id(raw) if raw else None
             elif source == "header":
-                raw = headers.get(self.id_header)
-                value = clean_id(raw.strip()) if raw else None
+                value = clean_id(id_header.strip()) if id_header else None
             elif source == "query":
                 value = query_field(query, field) if query else None
             elif source == "json" or source == "form":
@@ -212,8 +215,7 @@ class Settings:
                     return NEED_BODY  # type: ignore[no-any-return]
                 value = json_field(body, field) if kind == "json" else form_field(body, field)
             elif source == "cookie":
-                raw = headers.get("cookie")
-                value = cookie_value(raw, self.cookie_name) if raw else None
+                value = cookie_value(cookie, self.cookie_name) if cookie else None
             if value is not None:
                 return value, source
         return None

@@ -12,8 +12,9 @@ import json
 import os
 import re
 import threading
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from ._facts import (
@@ -37,6 +38,7 @@ __all__ = [
     "is_valid_id",
     "json_field",
     "mint_id",
+    "pending_conversation",
     "query_field",
 ]
 
@@ -178,81 +180,255 @@ def json_field(body: bytes, name: str) -> str | None:
     return None
 
 
-class Conversation(NamedTuple):
+#: Conversation's facts read from the request only when first asked for: in the
+#: background worker, or by a handler that looks at them.
+_LAZY_FIELDS = (
+    "peer",
+    "user_agent",
+    "accept_language",
+    "scheme",
+    "host",
+    "query",
+    "referrer",
+    "forwarding",
+    "trusted_proxies",
+)
+_FIELDS = (
+    "id",
+    "id_source",
+    "kind",
+    "rule",
+    "peer",
+    "user_agent",
+    "accept_language",
+    "scheme",
+    "host",
+    "path",
+    "query",
+    "referrer",
+    "customer_id",
+    "extra_metadata",
+    "forwarding",
+    "trusted_proxies",
+)
+
+#: Reads the lazy facts, in ``_LAZY_FIELDS`` order, from what the glue kept of a request.
+Facts = Callable[[Any], tuple[Any, ...]]
+
+
+# Where each field sits: ``self[i]`` for the first seven, ``self._facts()[i]`` for
+# the lazy ones (``_LAZY_FIELDS`` order). The methods below index them directly.
+def _lazy(index: int) -> Any:
+    def get(self: Conversation) -> Any:
+        return self._facts()[index]
+
+    get.__name__ = _LAZY_FIELDS[index]
+    return property(get)
+
+
+class Conversation(tuple[Any, ...]):
     """What the middleware knows about the conversation of one request.
 
     Handlers find it as ``request.state.agentsight`` (ASGI),
     ``environ["agentsight.conversation"]`` (WSGI) or ``current_conversation()``.
-    The raw header values are kept and the derived facts (language, device, URL)
-    are computed on first use, so that building one costs the request almost
-    nothing and the slow parts run in the background worker. (A named tuple: one
-    is built per tracked request, and a frozen dataclass of 15 fields costs
-    several microseconds more to build.)
+    Read-only. The request path keeps the raw header values it was given and
+    decodes them on first use of any of the request facts (``user_agent``,
+    ``host``, ``client_ip``...); the derived facts (language, device, URL) are
+    computed when asked. So building one costs the request almost nothing, and
+    the slow parts run in the background worker. (A tuple: it is built in C,
+    several times faster than an object that guards its attributes.)
     """
 
-    id: str
-    #: ``path``, ``header``, ``query``, ``json``, ``form``, ``cookie`` or ``minted``.
-    id_source: str
-    #: ``widget`` or ``chat``.
-    kind: str
-    #: The rule that matched, as configured.
-    rule: str
-    #: The socket peer as the server reported it (see :attr:`client_ip` for the visitor).
-    peer: str | None
-    user_agent: str
-    accept_language: str | None
-    scheme: str
-    host: str | None
-    path: str
-    query: str
-    referrer: str | None = None
-    customer_id: str | None = None
-    extra_metadata: Mapping[str, Any] | None = None
-    #: ``(Forwarded, X-Forwarded-For, X-Real-IP)`` when the peer may be a trusted proxy.
-    forwarding: tuple[str | None, str | None, str | None] | None = None
-    trusted_proxies: TrustedProxies | None = None
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        id: str
+        #: ``path``, ``header``, ``query``, ``json``, ``form``, ``cookie`` or ``minted``.
+        id_source: str
+        #: ``widget`` or ``chat``.
+        kind: str
+        #: The rule that matched, as configured.
+        rule: str
+        path: str
+        customer_id: str | None
+        extra_metadata: Mapping[str, Any] | None
+        #: The socket peer as the server reported it (see :attr:`client_ip` for the visitor).
+        peer: str | None
+        user_agent: str
+        accept_language: str | None
+        scheme: str
+        host: str | None
+        query: str
+        referrer: str | None
+        #: ``(Forwarded, X-Forwarded-For, X-Real-IP)`` when the peer may be a trusted proxy.
+        forwarding: tuple[str | None, str | None, str | None] | None
+        trusted_proxies: TrustedProxies | None
+    else:
+        id = property(itemgetter(0))
+        id_source = property(itemgetter(1))
+        kind = property(itemgetter(2))
+        rule = property(itemgetter(3))
+        path = property(itemgetter(4))
+        customer_id = property(itemgetter(5))
+        extra_metadata = property(itemgetter(6))
+        peer = _lazy(0)
+        user_agent = _lazy(1)
+        accept_language = _lazy(2)
+        scheme = _lazy(3)
+        host = _lazy(4)
+        query = _lazy(5)
+        referrer = _lazy(6)
+        forwarding = _lazy(7)
+        trusted_proxies = _lazy(8)
+
+    def __new__(
+        cls,
+        id: str,
+        id_source: str,
+        kind: str,
+        rule: str,
+        peer: str | None,
+        user_agent: str,
+        accept_language: str | None,
+        scheme: str,
+        host: str | None,
+        path: str,
+        query: str,
+        referrer: str | None = None,
+        customer_id: str | None = None,
+        extra_metadata: Mapping[str, Any] | None = None,
+        forwarding: tuple[str | None, str | None, str | None] | None = None,
+        trusted_proxies: TrustedProxies | None = None,
+    ) -> Conversation:
+        facts = (
+            peer,
+            user_agent,
+            accept_language,
+            scheme,
+            host,
+            query,
+            referrer,
+            forwarding,
+            trusted_proxies,
+        )
+        return tuple.__new__(
+            cls, (id, id_source, kind, rule, path, customer_id, extra_metadata, [facts])
+        )
+
+    def _facts(self) -> tuple[Any, ...]:
+        # Element 7 is a one-item list: the facts (one per lazy field), or the pair
+        # ``(facts, raw)`` to read them from. Two threads filling it at once compute
+        # the same facts; the raw values are dropped once read.
+        box: list[Any] = self[7]
+        facts = box[0]
+        if len(facts) == 2:
+            read, raw = facts
+            facts = box[0] = read(raw)
+        return facts  # type: ignore[no-any-return]
+
+    def _astuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Conversation):
+            return NotImplemented
+        return self._astuple() == other._astuple()
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)
+        return f"Conversation({fields})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Conversation, self._astuple())
 
     @property
     def client_ip(self) -> str | None:
         """The visitor's IP: the peer, or what trusted proxies say (computed when asked,
         which is in the background worker, not on the request path)."""
-        if self.forwarding is None or self.trusted_proxies is None:
-            return peer_address(self.peer)
-        forwarded, x_forwarded_for, x_real_ip = self.forwarding
+        peer, *_, forwarding, trusted = self._facts()
+        if forwarding is None or trusted is None:
+            return peer_address(peer)
+        forwarded, x_forwarded_for, x_real_ip = forwarding
         return client_ip(
-            self.peer,
+            peer,
             forwarded=forwarded,
             x_forwarded_for=x_forwarded_for,
             x_real_ip=x_real_ip,
-            trusted=self.trusted_proxies,
+            trusted=trusted,
         )
 
     @property
     def language(self) -> str | None:
-        return best_language(self.accept_language)
+        return best_language(self._facts()[2])
 
     @property
     def device(self) -> str | None:
-        return classify_user_agent(self.user_agent)[0]
+        return classify_user_agent(self._facts()[1])[0]
 
     @property
     def is_bot(self) -> bool:
-        return classify_user_agent(self.user_agent)[1]
+        return classify_user_agent(self._facts()[1])[1]
 
     @property
     def url(self) -> str:
         """The page URL as the client asked for it, secret-looking query parameters removed."""
-        return page_url(self.scheme, self.host, self.path, self.query)
+        facts = self._facts()
+        return page_url(facts[3], facts[4], self[4], facts[5])
 
     def metadata(self) -> dict[str, Any]:
+        facts = self._facts()
+        referrer = facts[6]
         data: dict[str, Any] = {
-            "page_path": self.path[:MAX_URL_LENGTH],
-            "page_url": self.url,
-            "referrer": redact_url(self.referrer) if self.referrer else None,
-            "user_agent": self.user_agent[:255] or None,
-            "rule": self.rule,
-            "conversation_id_source": self.id_source,
+            "page_path": self[4][:MAX_URL_LENGTH],
+            "page_url": page_url(facts[3], facts[4], self[4], facts[5]),
+            "referrer": redact_url(referrer) if referrer else None,
+            "user_agent": facts[1][:255] or None,
+            "rule": self[3],
+            "conversation_id_source": self[1],
         }
-        if self.extra_metadata:
-            data.update(self.extra_metadata)
+        extra = self[6]
+        if extra:
+            data.update(extra)
         return data
+
+
+_new_conversation = functools.partial(tuple.__new__, Conversation)
+
+
+def pending_conversation(
+    conversation_id: str,
+    id_source: str,
+    kind: str,
+    rule: str,
+    path: str,
+    customer_id: str | None,
+    extra_metadata: Mapping[str, Any] | None,
+    facts: Facts,
+    raw: Any,
+    /,
+) -> Conversation:
+    """A :class:`Conversation` whose request facts are ``facts(raw)``, read on first use.
+
+    The request path's constructor: ``raw`` is what the glue kept of the request
+    (header values as it received them, no decoding), so the request pays for
+    none of the facts it does not look at itself.
+    """
+    return _new_conversation(
+        (
+            conversation_id,
+            id_source,
+            kind,
+            rule,
+            path,
+            customer_id,
+            extra_metadata,
+            [(facts, raw)],
+        )
+    )

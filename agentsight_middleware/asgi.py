@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 from ._base import MiddlewareBase
 from ._body import peek_asgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, mint_id
-from ._core import COMMA_JOINED, HEADER_KEYS, is_html_success
+from ._conversation import MINTED, Conversation, mint_id, pending_conversation
+from ._core import is_html, is_page_view
+from ._delivery import BackgroundDelivery
 from ._events import ENGAGE, INITIALIZE, new_event
+from ._facts import forwarded_scheme
 from ._rules import WIDGET, Match
 
 if TYPE_CHECKING:
@@ -39,9 +41,14 @@ class AgentSightMiddleware(MiddlewareBase):
 
     def __init__(self, app: Any, **options: Any) -> None:
         super().__init__(app, **options)
-        keys = {key: key for key in HEADER_KEYS}
-        keys[self._settings.id_header] = self._settings.id_header
-        self._header_keys = {key.encode("latin-1"): value for key, value in keys.items()}
+        self._id_header = self._settings.id_header.encode("latin-1")
+        #: The trusted proxies, or None when no proxy is trusted.
+        self._trusted = self._settings.trusted_proxies if self._core.trusts_proxies else None
+        self._has_hooks = self._settings.has_hooks
+        delivery = self._core.delivery
+        # The built-in worker takes events with one append: no coroutine to await, no
+        # handler scope to ask for, no event loop for a coroutine tracker.
+        self._submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
         rules = self._settings.rules
         self._exact_matches = rules.exact_matches
         self._prefixes = rules.prefixes
@@ -92,83 +99,110 @@ class AgentSightMiddleware(MiddlewareBase):
 
         return lifespan_send
 
-    def _headers(self, scope: Scope) -> dict[str, str]:
-        get = self._header_keys.get
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope["headers"]:
-            key = get(raw_name)
-            if key is None:
-                continue
-            if key not in headers:
-                headers[key] = raw_value.decode("latin-1")
-            elif key == "cookie":
-                # HTTP/2 splits cookies over several fields
-                headers[key] += "; " + raw_value.decode("latin-1")
-            elif key in COMMA_JOINED:
-                headers[key] += ", " + raw_value.decode("latin-1")
-        return headers
-
     def _conversation(
         self,
         scope: Scope,
-        headers: dict[str, str],
+        headers: dict[bytes, bytes],
         match: Match,
         path: str,
         conversation_id: str,
         id_source: str,
-        query: str | None = None,
     ) -> Conversation:
-        client = scope.get("client")
-        host = headers.get("host")
-        if host is None:
-            server = scope.get("server")
-            if server:
-                host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
-        if query is None:
-            query = scope.get("query_string", b"").decode("latin-1")
-        return self._core.conversation(
-            match,
+        get = headers.get
+        customer_id = extra = None
+        if self._has_hooks:
+            customer_id, extra = self._core.hooks(_starlette_request, scope)
+        rule = match.rule
+        trusted = self._trusted
+        return pending_conversation(
             conversation_id,
             id_source,
-            headers,
-            client[0] if client else None,
-            scope.get("scheme", "http"),
-            host,
+            rule.kind,
+            rule.source,
             path,
-            query,
-            _starlette_request,
-            scope,
+            customer_id,
+            extra,
+            _facts,
+            (
+                scope.get("client"),
+                scope.get("server"),
+                scope.get("scheme", "http"),
+                scope.get("query_string", b""),
+                get(b"user-agent"),
+                get(b"accept-language"),
+                get(b"referer"),
+                get(b"host"),
+                # Forwarding headers only when proxies are trusted: the client IP
+                # is read from them in the worker, where walking a chain costs nothing.
+                *(
+                    (
+                        get(b"forwarded"),
+                        get(b"x-forwarded-for"),
+                        get(b"x-real-ip"),
+                        get(b"x-forwarded-proto"),
+                        trusted,
+                    )
+                    if trusted is not None
+                    else _UNTRUSTED
+                ),
+            ),
         )
+
+    def _is_secure(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        """Whether the visitor used HTTPS, for the cookie's Secure flag."""
+        scheme: str = scope.get("scheme", "http")
+        trusted = self._trusted
+        if trusted is not None:
+            forwarded = headers.get(b"forwarded")
+            proto = headers.get(b"x-forwarded-proto")
+            if forwarded is not None or proto is not None:
+                client = scope.get("client")
+                scheme = forwarded_scheme(
+                    scheme,
+                    None if forwarded is None else forwarded.decode("latin-1"),
+                    None if proto is None else proto.decode("latin-1"),
+                    client[0] if client else None,
+                    trusted,
+                )
+        return scheme == "https"
 
     async def _widget(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str
     ) -> None:
         started = time.time()
         core = self._core
-        headers = self._headers(scope)
-        conversation_id, id_source = core.widget_id(headers)
+        headers = _header_dict(scope)
+        cookie = headers.get(b"cookie")
+        conversation_id, id_source = core.widget_id(
+            None if cookie is None else cookie.decode("latin-1")
+        )
         conversation = self._conversation(scope, headers, match, path, conversation_id, id_source)
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
         token = current.set(conversation)
         try:
-            if scope["method"] != "GET" or not core.is_page_view_request(headers):
+            if scope["method"] != "GET" or not _is_page_view(headers):
                 await self.app(scope, receive, send)
                 return
             set_cookie = (
                 b"set-cookie",
-                self._settings.set_cookie(conversation_id, secure=conversation.scheme == "https"),
+                self._settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),
             )
             # Only a new id is a new chance to chat: a reload or the next page of
             # the same visit keeps the conversation (and its cookie).
-            initialize = core.delivery.initialize if id_source == MINTED else None
+            minted = id_source == MINTED
+            submit = self._submit
 
             async def send_wrapper(message: Message) -> None:
                 if message["type"] == "http.response.start" and _is_html_success(message):
                     # A new message and header list: the app may reuse its own objects.
                     message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
-                    if initialize is not None:
-                        initialize(new_event((INITIALIZE, conversation, started)), _get_loop())
+                    if minted:
+                        event = new_event((INITIALIZE, conversation, started))
+                        if submit is not None:
+                            submit(event)
+                        else:
+                            core.delivery.initialize(event, _get_loop())
                 await send(message)
 
             await self.app(scope, receive, send_wrapper)
@@ -181,36 +215,48 @@ class AgentSightMiddleware(MiddlewareBase):
         started = time.time()
         core = self._core
         settings = self._settings
-        headers = self._headers(scope)
+        headers = _header_dict(scope)
+        get = headers.get
         query = scope.get("query_string", b"").decode("latin-1")
-        found = settings.find_id(match.params, headers, query, None)
+        raw_id = get(self._id_header)
+        raw_type = get(b"content-type")
+        raw_cookie = get(b"cookie")
+        id_header = None if raw_id is None else raw_id.decode("latin-1")
+        content_type = None if raw_type is None else raw_type.decode("latin-1")
+        cookie = None if raw_cookie is None else raw_cookie.decode("latin-1")
+        found = settings.find_id(match.params, id_header, content_type, cookie, query, None)
         if found is NEED_BODY:
+            length = get(b"content-length")
             body, receive = await peek_asgi(
-                receive, headers.get("content-length"), settings.max_body_peek
+                receive,
+                None if length is None else length.decode("latin-1"),
+                settings.max_body_peek,
             )
-            found = settings.find_id(match.params, headers, query, body)
+            found = settings.find_id(match.params, id_header, content_type, cookie, query, body)
         if found is None:
             conversation_id, id_source = mint_id(), MINTED
         else:
             conversation_id, id_source = found
-        conversation = self._conversation(
-            scope, headers, match, path, conversation_id, id_source, query
-        )
+        conversation = self._conversation(scope, headers, match, path, conversation_id, id_source)
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
         token = current.set(conversation)
         try:
-            delivery = core.delivery
             event = new_event((ENGAGE, conversation, started))
-            await delivery.engage_async(event)
-            handler_scope = delivery.scope(event)
+            handler_scope = None
+            if self._submit is not None:
+                self._submit(event)
+            else:
+                delivery = core.delivery
+                await delivery.engage_async(event)
+                handler_scope = delivery.scope(event)
             app_send = send
             if id_source == MINTED or id_source == "cookie":
                 # Keep later chat requests of this browser on the same conversation
                 # (and slide the cookie's expiry while the visitor is chatting).
                 set_cookie = (
                     b"set-cookie",
-                    settings.set_cookie(conversation_id, secure=conversation.scheme == "https"),
+                    settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),
                 )
 
                 async def send_wrapper(message: Message) -> None:
@@ -228,14 +274,129 @@ class AgentSightMiddleware(MiddlewareBase):
             current.reset(token)
 
 
+_PURPOSES = (b"sec-purpose", b"purpose", b"x-purpose", b"x-moz")
+# Names the glue reads when they are sent more than once: cookies are split over
+# several fields by HTTP/2, and a list header means the list of all its fields.
+_JOINED = {
+    b"cookie": b"; ",
+    b"forwarded": b", ",
+    b"x-forwarded-for": b", ",
+    **dict.fromkeys(_PURPOSES, b", "),
+}
+
+
+def _header_dict(scope: Scope) -> dict[bytes, bytes]:
+    """The request's headers by name (lower case, as ASGI servers send them).
+
+    ``dict()`` builds it in C, several times faster than a loop over the fields;
+    only a request that repeats a name takes the slow path, which joins the fields
+    of a list header and keeps the first of any other.
+    """
+    raw = scope["headers"]
+    if type(raw) is not list:
+        raw = list(raw)
+    headers = dict(raw)
+    if len(headers) == len(raw):
+        return headers
+    headers = {}
+    for name, value in raw:
+        if name not in headers:
+            headers[name] = value
+        else:
+            joiner = _JOINED.get(name)
+            if joiner is not None:
+                headers[name] = headers[name] + joiner + value
+    return headers
+
+
+_UNTRUSTED = (None, None, None, None, None)
+
+
+def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A conversation's request facts (``_conversation._LAZY_FIELDS``) from what the
+    request path kept of the scope and headers; called on first use, mostly by the worker."""
+    (client, server, scheme, query, user_agent, language, referer, raw_host, forwarded,
+     forwarded_for, real_ip, proto, trusted) = raw  # fmt: skip
+    peer = client[0] if client else None
+    host: str | None
+    if raw_host is not None:
+        host = raw_host.decode("latin-1")
+    elif server:
+        host = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+    else:
+        host = None
+    forwarding = None
+    if trusted is not None:
+        forwarding = (
+            None if forwarded is None else forwarded.decode("latin-1"),
+            None if forwarded_for is None else forwarded_for.decode("latin-1"),
+            None if real_ip is None else real_ip.decode("latin-1"),
+        )
+        if forwarded is not None or proto is not None:
+            scheme = forwarded_scheme(
+                scheme,
+                forwarding[0],
+                None if proto is None else proto.decode("latin-1"),
+                peer,
+                trusted,
+            )
+    return (
+        peer,
+        "" if user_agent is None else user_agent.decode("latin-1"),
+        None if language is None else language.decode("latin-1"),
+        scheme,
+        host,
+        query.decode("latin-1"),
+        None if referer is None else referer.decode("latin-1"),
+        forwarding,
+        trusted,
+    )
+
+
+def _is_page_view(headers: dict[bytes, bytes]) -> bool:
+    get = headers.get
+    purpose = None
+    if (
+        b"sec-purpose" in headers
+        or b"purpose" in headers
+        or b"x-purpose" in headers
+        or b"x-moz" in headers
+    ):
+        purpose = ", ".join(get(name, b"").decode("latin-1") for name in _PURPOSES)
+    accept = get(b"accept")
+    dest = get(b"sec-fetch-dest")
+    user_agent = get(b"user-agent")
+    return is_page_view(
+        None if accept is None else accept.decode("latin-1"),
+        None if dest is None else dest.decode("latin-1"),
+        purpose,
+        None if user_agent is None else user_agent.decode("latin-1"),
+    )
+
+
+# ``http.response.start`` content types seen, and whether each is HTML: a page's
+# responses carry one or two distinct values, and parsing one costs a microsecond.
+_HTML_TYPES: dict[bytes, bool] = {}
+
+
 def _is_html_success(message: Message) -> bool:
     """Whether an ``http.response.start`` message starts a successful HTML page."""
-    content_type = None
+    status = message["status"]
+    if not 200 <= status < 300 or status == 204:
+        return False
     for name, value in message.get("headers", ()):
-        if name.lower() == b"content-type":
-            content_type = bytes(value).decode("latin-1")
-            break
-    return is_html_success(message["status"], content_type)
+        # Frameworks send lower case; the length test spares lower() on the others.
+        if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
+            if type(value) is not bytes:
+                value = bytes(value)
+            known = _HTML_TYPES.get(value)
+            if known is None:
+                known = is_html(value.decode("latin-1"))
+                if len(_HTML_TYPES) >= 64:
+                    _HTML_TYPES.clear()  # a site minting content types: stay bounded
+                _HTML_TYPES[value] = known
+            return known
+    return False
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -17,9 +17,11 @@ from typing import Any
 from ._base import MiddlewareBase
 from ._body import peek_wsgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, mint_id
-from ._core import HEADER_KEYS, is_html_success
+from ._conversation import MINTED, Conversation, mint_id, pending_conversation
+from ._core import is_html_success, is_page_view
+from ._delivery import BackgroundDelivery
 from ._events import ENGAGE, INITIALIZE, new_event
+from ._facts import forwarded_scheme
 from ._fork import reset_in_child
 from ._rules import WIDGET, Match
 
@@ -43,8 +45,13 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
 
     def __init__(self, app: Any, **options: Any) -> None:
         super().__init__(app, **options)
-        names = (*HEADER_KEYS, self._settings.id_header)
-        self._environ_keys = tuple((name, _environ_key(name)) for name in names)
+        self._id_key = _environ_key(self._settings.id_header)
+        #: The trusted proxies, or None when no proxy is trusted.
+        self._trusted = self._settings.trusted_proxies if self._core.trusts_proxies else None
+        self._has_hooks = self._settings.has_hooks
+        delivery = self._core.delivery
+        # The built-in worker takes events with one append (see the ASGI glue).
+        self._submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
         rules = self._settings.rules
         self._exact_matches = rules.exact_matches
         self._prefixes = rules.prefixes
@@ -80,64 +87,92 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             return self._widget(environ, start_response, match, path)
         return self._chat(environ, start_response, match, path)
 
-    def _headers(self, environ: Environ) -> dict[str, str]:
-        get = environ.get
-        headers: dict[str, str] = {}
-        for name, key in self._environ_keys:
-            value = get(key)
-            if value is not None:
-                headers[name] = value
-        return headers
-
     def _conversation(
         self,
         environ: Environ,
-        headers: dict[str, str],
         match: Match,
         path: str,
         conversation_id: str,
         id_source: str,
     ) -> Conversation:
         get = environ.get
-        host = headers.get("host")
-        if host is None and get("SERVER_NAME"):
-            host = f"{environ['SERVER_NAME']}:{get('SERVER_PORT', '')}".rstrip(":")
-        conversation = self._core.conversation(
-            match,
+        customer_id = extra = None
+        if self._has_hooks:
+            customer_id, extra = self._core.hooks(_werkzeug_request, environ)
+        rule = match.rule
+        trusted = self._trusted
+        # The environ's values, not the environ: the app may change it, and a queued
+        # event must not keep a request's whole environ (and body stream) alive.
+        conversation = pending_conversation(
             conversation_id,
             id_source,
-            headers,
-            get("REMOTE_ADDR"),
-            get("wsgi.url_scheme", "http"),
-            host,
+            rule.kind,
+            rule.source,
             path,
-            get("QUERY_STRING", ""),
-            _werkzeug_request,
-            environ,
+            customer_id,
+            extra,
+            _facts,
+            (
+                get("REMOTE_ADDR"),
+                get("HTTP_HOST"),
+                get("SERVER_NAME"),
+                get("SERVER_PORT"),
+                get("wsgi.url_scheme", "http"),
+                get("QUERY_STRING", ""),
+                get("HTTP_USER_AGENT", ""),
+                get("HTTP_ACCEPT_LANGUAGE"),
+                get("HTTP_REFERER"),
+                # Forwarding headers only when proxies are trusted: the client IP
+                # is read from them in the worker, where walking a chain costs nothing.
+                *(
+                    (
+                        get("HTTP_FORWARDED"),
+                        get("HTTP_X_FORWARDED_FOR"),
+                        get("HTTP_X_REAL_IP"),
+                        get("HTTP_X_FORWARDED_PROTO"),
+                        trusted,
+                    )
+                    if trusted is not None
+                    else _UNTRUSTED
+                ),
+            ),
         )
         environ[ENVIRON_KEY] = conversation
         return conversation
+
+    def _is_secure(self, environ: Environ) -> bool:
+        """Whether the visitor used HTTPS, for the cookie's Secure flag."""
+        get = environ.get
+        scheme: str = get("wsgi.url_scheme", "http")
+        trusted = self._trusted
+        if trusted is not None:
+            forwarded = get("HTTP_FORWARDED")
+            proto = get("HTTP_X_FORWARDED_PROTO")
+            if forwarded or proto:
+                scheme = forwarded_scheme(scheme, forwarded, proto, get("REMOTE_ADDR"), trusted)
+        return scheme == "https"
 
     def _widget(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str
     ) -> Iterable[bytes]:
         started = time.time()
         core = self._core
-        headers = self._headers(environ)
-        conversation_id, id_source = core.widget_id(headers)
-        conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
+        conversation_id, id_source = core.widget_id(environ.get("HTTP_COOKIE"))
+        conversation = self._conversation(environ, match, path, conversation_id, id_source)
         current = core.current
         token = current.set(conversation)
         try:
-            if not core.is_page_view_request(headers):
+            if not _is_page_view(environ):
                 return self.app(environ, start_response)  # type: ignore[no-any-return]
             set_cookie = (
                 "Set-Cookie",
-                self._settings.set_cookie_text(conversation_id, conversation.scheme == "https"),
+                self._settings.set_cookie_text(conversation_id, self._is_secure(environ)),
             )
             # Only a new id is a new chance to chat: a reload or the next page of
             # the same visit keeps the conversation (and its cookie).
-            initialize = core.delivery.initialize if id_source == MINTED else None
+            initialize = None
+            if id_source == MINTED:
+                initialize = self._submit or core.delivery.initialize
 
             def wrapped_start_response(
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
@@ -161,33 +196,37 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         started = time.time()
         core = self._core
         settings = self._settings
-        headers = self._headers(environ)
-        query = environ.get("QUERY_STRING", "")
-        found = settings.find_id(match.params, headers, query, None)
+        get = environ.get
+        query = get("QUERY_STRING", "")
+        id_header, content_type, cookie = get(self._id_key), get("CONTENT_TYPE"), get("HTTP_COOKIE")
+        found = settings.find_id(match.params, id_header, content_type, cookie, query, None)
         if found is NEED_BODY:
-            found = settings.find_id(
-                match.params, headers, query, peek_wsgi(environ, settings.max_body_peek)
-            )
+            body = peek_wsgi(environ, settings.max_body_peek)
+            found = settings.find_id(match.params, id_header, content_type, cookie, query, body)
         if found is None:
             conversation_id, id_source = mint_id(), MINTED
         else:
             conversation_id, id_source = found
-        conversation = self._conversation(environ, headers, match, path, conversation_id, id_source)
+        conversation = self._conversation(environ, match, path, conversation_id, id_source)
         current = core.current
         token = current.set(conversation)
         try:
             # In the request's own thread, before the app: a handler using the SDK
             # finds the conversation already in place.
-            delivery = core.delivery
             event = new_event((ENGAGE, conversation, started))
-            delivery.engage_sync(event)
-            handler_scope = delivery.scope(event)
+            handler_scope = None
+            if self._submit is not None:
+                self._submit(event)
+            else:
+                delivery = core.delivery
+                delivery.engage_sync(event)
+                handler_scope = delivery.scope(event)
             app_start_response = start_response
             if id_source == MINTED or id_source == "cookie":
                 # Keep later chat requests of this browser on the same conversation.
                 set_cookie = (
                     "Set-Cookie",
-                    settings.set_cookie_text(conversation_id, conversation.scheme == "https"),
+                    settings.set_cookie_text(conversation_id, self._is_secure(environ)),
                 )
 
                 def wrapped_start_response(
@@ -202,6 +241,42 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 return self.app(environ, app_start_response)  # type: ignore[no-any-return]
         finally:
             current.reset(token)
+
+
+_UNTRUSTED = (None, None, None, None, None)
+
+
+def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A conversation's request facts (``_conversation._LAZY_FIELDS``) from the environ
+    values the request path kept; called on first use, mostly by the worker."""
+    (peer, host, server_name, server_port, scheme, query, user_agent, language, referer,
+     forwarded, forwarded_for, real_ip, proto, trusted) = raw  # fmt: skip
+    if host is None and server_name:
+        host = f"{server_name}:{server_port or ''}".rstrip(":")
+    forwarding = None
+    if trusted is not None:
+        forwarding = (forwarded, forwarded_for, real_ip)
+        if forwarded or proto:
+            scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted)
+    return (peer, user_agent, language, scheme, host, query, referer, forwarding, trusted)
+
+
+_PURPOSES = ("HTTP_SEC_PURPOSE", "HTTP_PURPOSE", "HTTP_X_PURPOSE", "HTTP_X_MOZ")
+
+
+def _is_page_view(environ: Environ) -> bool:
+    get = environ.get
+    purpose = None
+    if (
+        "HTTP_SEC_PURPOSE" in environ
+        or "HTTP_PURPOSE" in environ
+        or "HTTP_X_PURPOSE" in environ
+        or "HTTP_X_MOZ" in environ
+    ):
+        purpose = ", ".join(str(get(key, "")) for key in _PURPOSES)
+    return is_page_view(
+        get("HTTP_ACCEPT"), get("HTTP_SEC_FETCH_DEST"), purpose, get("HTTP_USER_AGENT")
+    )
 
 
 def _status_code(status: str) -> int:

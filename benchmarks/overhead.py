@@ -1217,9 +1217,8 @@ def asgi_pieces(
     from agentsight_middleware import asgi as glue
     from agentsight_middleware._body import peek_asgi
     from agentsight_middleware._config import NEED_BODY
-    from agentsight_middleware._conversation import MINTED, Conversation, cookie_value, mint_id
+    from agentsight_middleware._conversation import MINTED, cookie_value, mint_id
     from agentsight_middleware._events import ENGAGE, INITIALIZE, new_event
-    from agentsight_middleware._facts import client_ip, client_scheme
     from agentsight_middleware._rules import WIDGET
 
     p = Pieces(number)
@@ -1248,11 +1247,16 @@ def asgi_pieces(
     match = mw._match(method, path)
     if match is None:
         return p
-    p.sync("header reading (_headers)", lambda: mw._headers(scope))
-    headers = mw._headers(scope)
+    p.sync("header dict (_header_dict: dict() in C)", lambda: glue._header_dict(scope))
+    headers = glue._header_dict(scope)
+
+    def text(name: bytes) -> str | None:
+        value = headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    id_header, content_type, cookie = text(mw._id_header), text(b"content-type"), text(b"cookie")
     widget = match.rule.kind == WIDGET
     if widget:
-        cookie = headers.get("cookie")
         if cookie:
             name = settings.cookie_name
             p.sync("cookie parse (cookie_value)", lambda: cookie_value(cookie, name))
@@ -1262,10 +1266,13 @@ def asgi_pieces(
             p.sync("mint_id (secrets.token_hex)", mint_id)
             conversation_id, source = mint_id(), MINTED
     else:
-        p.sync("find_id, no body", lambda: settings.find_id(match.params, headers, "", None))
-        found = settings.find_id(match.params, headers, "", None)
+        p.sync(
+            "find_id, no body",
+            lambda: settings.find_id(match.params, id_header, content_type, cookie, "", None),
+        )
+        found = settings.find_id(match.params, id_header, content_type, cookie, "", None)
         if found is NEED_BODY:
-            length = headers.get("content-length")
+            length = text(b"content-length")
             limit = settings.max_body_peek
 
             async def peeked() -> None:
@@ -1285,51 +1292,17 @@ def asgi_pieces(
             body = b"".join(m["body"] for m in messages)
             p.sync(
                 "find_id with body (json_field)",
-                lambda: settings.find_id(match.params, headers, "", body),
+                lambda: settings.find_id(match.params, id_header, content_type, cookie, "", body),
                 max(number // (1 + len(body) // 2048), 200),
             )
-            found = settings.find_id(match.params, headers, "", body)
+            found = settings.find_id(match.params, id_header, content_type, cookie, "", body)
         conversation_id, source = found if found else (mint_id(), MINTED)
-    trusted = settings.trusted_proxies
-    peer = scope["client"][0]
-    fwd, xff = headers.get("forwarded"), headers.get("x-forwarded-for")
-    xri, xfp = headers.get("x-real-ip"), headers.get("x-forwarded-proto")
     p.sync(
-        "  client_ip",
-        lambda: client_ip(peer, forwarded=fwd, x_forwarded_for=xff, x_real_ip=xri, trusted=trusted),
-    )
-    p.sync(
-        "  client_scheme",
-        lambda: client_scheme(
-            "http", forwarded=fwd, x_forwarded_proto=xfp, peer=peer, trusted=trusted
-        ),
-    )
-    ip = client_ip(peer, forwarded=fwd, x_forwarded_for=xff, x_real_ip=xri, trusted=trusted)
-
-    def construct() -> object:
-        return Conversation(
-            id=conversation_id,
-            id_source=source,
-            kind=match.rule.kind,
-            rule=match.rule.source,
-            peer=ip,
-            user_agent=headers.get("user-agent", ""),
-            accept_language=headers.get("accept-language"),
-            scheme="https",
-            host=headers.get("host"),
-            path=path,
-            query="",
-            referrer=headers.get("referer"),
-            customer_id=None,
-            extra_metadata=None,
-        )
-
-    p.sync("  Conversation(...) construction", construct)
-    for piece in p.items[-3:]:
-        piece.note = "part of the next line"
-    p.sync(
-        "_conversation (client_ip + client_scheme + Conversation + kwargs)",
+        "_conversation (raw values kept; decoded in the worker)",
         lambda: mw._conversation(scope, headers, match, path, conversation_id, source),
+    )
+    p.sync(
+        "_is_secure (trusted-proxy scheme, for the cookie)", lambda: mw._is_secure(scope, headers)
     )
     conversation = mw._conversation(scope, headers, match, path, conversation_id, source)
     current = core.current
@@ -1363,18 +1336,18 @@ def asgi_pieces(
         await discard(body_message)
 
     if widget:
-        p.sync("is_page_view_request", lambda: core.is_page_view_request(headers))
+        p.sync("page-view test (_is_page_view)", lambda: glue._is_page_view(headers))
         if kind.key == "bot_ua":
             agents = [AGENTS.next() for _ in range(number * 6)]
             fresh = iter(agents)
 
             def new_agent() -> object:
-                return core.is_page_view_request({**headers, "user-agent": next(fresh)})
+                return glue._is_page_view({**headers, b"user-agent": next(fresh).encode()})
 
             copy_only = iter(agents)
 
             def copy_headers() -> object:
-                return {**headers, "x": next(copy_only)}
+                return {**headers, b"x": next(copy_only).encode()}
 
             p.add(
                 "  ... with a new user agent (lru miss)",
@@ -1429,6 +1402,7 @@ def asgi_pieces(
 
 def wsgi_pieces(mw: Any, kind: Kind, number: int) -> Pieces:
     """The WSGI-specific pieces (the shared ones cost the same as under ASGI)."""
+    from agentsight_middleware import wsgi as wsgi_glue
     from agentsight_middleware._body import peek_wsgi
     from agentsight_middleware._config import NEED_BODY
     from agentsight_middleware._rules import WIDGET
@@ -1453,11 +1427,18 @@ def wsgi_pieces(mw: Any, kind: Kind, number: int) -> Pieces:
     match = mw._match(kind.method, kind.path)
     if match is None:
         return p
-    p.sync("header reading (_headers: 18 environ.get)", lambda: mw._headers(environ))
-    headers = mw._headers(environ)
+    p.sync(
+        "_conversation (environ values kept)",
+        lambda: mw._conversation(environ, match, kind.path, KNOWN_ID, "cookie"),
+    )
     settings = mw._settings
-    if match.rule.kind != WIDGET:
-        found = settings.find_id(match.params, headers, "", None)
+    if match.rule.kind == WIDGET:
+        p.sync("page-view test (_is_page_view)", lambda: wsgi_glue._is_page_view(environ))
+    else:
+        get = environ.get
+        found = settings.find_id(
+            match.params, get(mw._id_key), get("CONTENT_TYPE"), get("HTTP_COOKIE"), "", None
+        )
         if found is NEED_BODY:
 
             def peeked() -> object:

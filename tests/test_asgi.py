@@ -802,3 +802,76 @@ async def test_pinned_proxy_header_ignores_a_spoofed_forwarded(tracker: Recordin
         async with client(mw, peer="10.0.0.2") as c:
             await c.post("/api/chat", json={}, headers=headers)
     assert [u["customer_ip_address"] for u in tracker.used] == ["1.2.3.4", "198.51.100.20"]
+
+
+async def _raw_call(
+    app: Any, method: str, path: str, headers: Any, body: bytes = b""
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One request straight through ASGI, with ``headers`` exactly as given."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "2",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "client": ("10.0.0.2", 50000),
+        "server": ("shop.test", 80),
+        "headers": headers,
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = sent[0]
+    return start["status"], list(start["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_repeated_header_fields_read_as_one(tracker: RecordingTracker) -> None:
+    # HTTP/2 servers hand over one field per cookie; proxies may add a second
+    # X-Forwarded-For field. A list header means all its fields; any other, the first.
+    mw = wrap(tracker, trusted_proxies=["10.0.0.0/8"])
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    headers = (  # a tuple, not a list: ASGI only promises an iterable
+        (b"host", b"shop.test"),
+        (b"cookie", b"theme=dark"),
+        (b"cookie", b"agentsight_conversation_id=conv_split01; lang=en"),
+        (b"x-forwarded-for", b"6.6.6.6, 198.51.100.9"),
+        (b"x-forwarded-for", b"198.51.100.10"),
+        (b"host", b"evil.test"),
+        (b"content-type", b"application/json"),
+        *browser,
+    )
+    status, _, body = await _raw_call(mw, "POST", "/api/chat", headers, b"{}")
+    assert status == 200
+    assert json.loads(body)["state_id"] == "conv_split01"
+    status, response_headers, _ = await _raw_call(mw, "GET", "/", iter(headers))
+    assert status == 200
+    cookies = [value for name, value in response_headers if name == b"set-cookie"]
+    assert len(cookies) == 1
+    assert cookies[0].startswith(b"agentsight_conversation_id=conv_split01;")
+    assert mw.flush(5)
+    used = tracker.used[0]
+    assert used["conversation_id"] == "conv_split01"
+    assert used["customer_ip_address"] == "198.51.100.10"  # the last field's last hop
+    assert used["metadata"]["page_url"] == "http://shop.test/api/chat"  # the first Host
+    assert tracker.initialized == []  # a returning visit: its id came in the cookie
+
+
+async def test_a_repeated_purpose_header_still_marks_a_prefetch(tracker: RecordingTracker) -> None:
+    mw = wrap(tracker)
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    headers = [*browser, (b"sec-purpose", b"x-unknown"), (b"sec-purpose", b"prefetch")]
+    status, response_headers, _ = await _raw_call(mw, "GET", "/", headers)
+    assert status == 200
+    assert not any(name == b"set-cookie" for name, _ in response_headers)
+    assert mw.flush(5)
+    assert tracker.initialized == []

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import pickle
 from http.cookies import SimpleCookie
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentsight_middleware._conversation import clean_id, cookie_value, json_field
+from agentsight_middleware._conversation import (
+    _LAZY_FIELDS,
+    Conversation,
+    clean_id,
+    cookie_value,
+    json_field,
+    pending_conversation,
+)
+from agentsight_middleware._facts import TrustedProxies
 
 ids = st.one_of(
     st.from_regex(r"conv_[0-9a-f]{12}", fullmatch=True),
@@ -70,3 +80,63 @@ def test_cookie_value_matches_the_stdlib(value: str, others: list[tuple[str, str
     assert cookie_value(header, name) == parsed[name].value == value
     # A longer cookie name ending in ours is another cookie, whatever comes first.
     assert cookie_value(f"x{name}=conv_000000000000; {header}", name) == value
+
+
+def _full() -> dict[str, Any]:
+    return {
+        "id": "conv_0123456789ab",
+        "id_source": "cookie",
+        "kind": "widget",
+        "rule": "/pricing",
+        "peer": "10.0.0.2",
+        "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X)",
+        "accept_language": "de-CH,de;q=0.9",
+        "scheme": "https",
+        "host": "shop.example",
+        "path": "/pricing",
+        "query": "utm_source=x&token=secret",
+        "referrer": "https://search.example/?q=shoes",
+        "customer_id": "cust_1",
+        "extra_metadata": {"plan": "pro"},
+        "forwarding": (None, "198.51.100.9", None),
+        "trusted_proxies": TrustedProxies(["10.0.0.0/8"]),
+    }
+
+
+def test_a_pending_conversation_reads_its_facts_once_on_first_use() -> None:
+    fields = _full()
+    calls: list[object] = []
+
+    def facts(raw: object) -> tuple[Any, ...]:
+        calls.append(raw)
+        return tuple(fields[name] for name in _LAZY_FIELDS)
+
+    pending = pending_conversation(
+        fields["id"], "cookie", "widget", "/pricing", "/pricing", "cust_1", {"plan": "pro"},
+        facts, "raw request",
+    )  # fmt: skip
+    assert pending.id == "conv_0123456789ab"
+    assert pending.path == "/pricing"
+    assert calls == []  # nothing read for the eager fields
+    assert pending.user_agent == fields["user_agent"]
+    assert pending.client_ip == "198.51.100.9"
+    assert (pending.language, pending.device, pending.scheme) == ("de-CH", "mobile", "https")
+    assert pending.url == "https://shop.example/pricing?utm_source=x"  # the token dropped
+    assert calls == ["raw request"]  # read once, then kept
+    eager = Conversation(**fields)
+    assert pending == eager
+    assert pending.metadata() == eager.metadata()
+    assert pending.metadata()["plan"] == "pro"
+    direct = Conversation(**{**fields, "forwarding": None, "trusted_proxies": None})
+    assert pickle.loads(pickle.dumps(direct)) == direct
+    assert repr(pending) == repr(eager)
+    assert repr(eager).startswith("Conversation(id='conv_0123456789ab', id_source='cookie'")
+
+
+def test_a_conversation_is_read_only() -> None:
+    conversation = Conversation(**_full())
+    with pytest.raises(AttributeError):
+        conversation.id = "conv_other"
+    with pytest.raises(AttributeError):
+        conversation.anything = 1  # type: ignore[attr-defined]
+    assert conversation != Conversation(**{**_full(), "query": ""})
