@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import gc
 import io
 import itertools
@@ -49,6 +50,7 @@ import threading
 import time
 import timeit
 from array import array
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,7 @@ from typing import Any
 from machine import cpu_model, package_versions, verdict_lines
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware._conversation import mint_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -531,6 +534,140 @@ class WSGIPassThrough:
         return self.app(environ, start_response)
 
 
+#: The yardstick's row name.
+LEAST = "hand-written minimum (yardstick)"
+#: The request kinds the hand-written minimum handles (it reads no bodies).
+LEAST_KINDS = frozenset({"norule", "first", "return", "chat_cookie", "chat_header"})
+_LEAST_COOKIE = b"; Path=/; Max-Age=1800; SameSite=Lax; Secure; HttpOnly"
+
+
+class LeastTracker:
+    """A yardstick, not a peer: the least any ASGI middleware must do for these targets.
+
+    Widget page: find our cookie in the headers, mint an id when there is none, put it in
+    a context variable, add a Set-Cookie to a 2xx response and queue an event on a first
+    visit. Chat: take the id from the header or the cookie, set the context variable,
+    queue an event. No page-view tests, no proxies, no request facts, no hooks, no body
+    lookup: whatever ours costs above this row is what its features cost. Ids come
+    from our own minting function, which any tracker needs in some form.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.events: deque[tuple[str, str, Any]] = deque()
+        self.current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            "least", default=None
+        )
+
+    def _find(self, headers: Any, header: bytes) -> str | None:
+        for name, value in headers:
+            if name == header:
+                return str(value.decode("latin-1"))
+            if name == b"cookie":
+                text = value.decode("latin-1")
+                at = text.find(COOKIE_NAME + "=")
+                if at >= 0:
+                    end = text.find(";", at)
+                    return str(text[at + len(COOKIE_NAME) + 1 : end if end >= 0 else None])
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == "/":
+            cid = self._find(scope["headers"], b"")
+            first = cid is None
+            if cid is None:
+                cid = mint_id()
+            cookie = (b"set-cookie", COOKIE_NAME.encode() + b"=" + cid.encode() + _LEAST_COOKIE)
+            events = self.events
+
+            async def send_cookie(message: Message) -> None:
+                if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                    message = {**message, "headers": [*message.get("headers", ()), cookie]}
+                    if first:
+                        events.append(("initialize", cid, scope))
+                await send(message)
+
+            token = self.current.set(cid)
+            try:
+                await self.app(scope, receive, send_cookie)
+            finally:
+                self.current.reset(token)
+        elif path == "/api/chat":
+            cid = self._find(scope["headers"], b"x-conversation-id") or mint_id()
+            token = self.current.set(cid)
+            self.events.append(("engage", cid, scope))
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.current.reset(token)
+        else:
+            await self.app(scope, receive, send)
+
+
+class WSGILeastTracker:
+    """:class:`LeastTracker` for WSGI."""
+
+    def __init__(self, app: WSGIApp) -> None:
+        self.app = app
+        self.events: deque[tuple[str, str, Any]] = deque()
+        self.current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            "least", default=None
+        )
+
+    @staticmethod
+    def _cookie(environ: dict[str, Any]) -> str | None:
+        text = environ.get("HTTP_COOKIE")
+        if text:
+            at = text.find(COOKIE_NAME + "=")
+            if at >= 0:
+                end = text.find(";", at)
+                return str(text[at + len(COOKIE_NAME) + 1 : end if end >= 0 else None])
+        return None
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path == "/":
+            cid = self._cookie(environ)
+            first = cid is None
+            if cid is None:
+                cid = mint_id()
+            cookie = ("Set-Cookie", f"{COOKIE_NAME}={cid}" + _LEAST_COOKIE.decode())
+            events = self.events
+
+            def cookie_start_response(
+                status: str, headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Any:
+                if exc_info is None and status[:1] == "2":
+                    headers = [*headers, cookie]
+                    if first:
+                        events.append(("initialize", cid, environ))
+                return start_response(status, headers, exc_info)
+
+            token = self.current.set(cid)
+            try:
+                return self.app(environ, cookie_start_response)
+            finally:
+                self.current.reset(token)
+        if path == "/api/chat":
+            cid = environ.get("HTTP_X_CONVERSATION_ID") or self._cookie(environ) or mint_id()
+            token = self.current.set(cid)
+            self.events.append(("engage", cid, environ))
+            try:
+                return self.app(environ, start_response)
+            finally:
+                self.current.reset(token)
+        return self.app(environ, start_response)
+
+
+def _least(app: Any, *, asgi: bool) -> Stack:
+    least = LeastTracker(app) if asgi else WSGILeastTracker(app)
+    return Stack(LEAST, least, least.events.clear, kinds=LEAST_KINDS)
+
+
 def _tracer_provider() -> tuple[Any, Callable[[], None]]:
     """An SDK TracerProvider exporting to nowhere, batched as in production."""
     from opentelemetry.sdk.trace import TracerProvider
@@ -563,7 +700,11 @@ def ours_options(api: StandInProcess) -> dict[str, Any]:
 
 def asgi_stacks(api: StandInProcess, *, peers: bool = True) -> list[Stack]:
     app = starlette_app()
-    stacks = [Stack("bare Starlette app", app), Stack("pass-through (floor)", PassThrough(app))]
+    stacks = [
+        Stack("bare Starlette app", app),
+        Stack("pass-through (floor)", PassThrough(app)),
+        _least(app, asgi=True),
+    ]
     if not peers:
         mw = AgentSightMiddleware(app, **ours_options(api))
         return [*stacks, Stack("agentsight-middleware (ours)", mw, lambda: _flush_ours(mw), mw)]
@@ -648,7 +789,11 @@ def _apitally_stack() -> list[Stack]:
 
 def wsgi_stacks(api: StandInProcess, *, peers: bool = True) -> list[Stack]:
     app = flask_app()
-    stacks = [Stack("bare Flask app", app), Stack("pass-through (floor)", WSGIPassThrough(app))]
+    stacks = [
+        Stack("bare Flask app", app),
+        Stack("pass-through (floor)", WSGIPassThrough(app)),
+        _least(app, asgi=False),
+    ]
     if not peers:
         mw = AgentSightWSGIMiddleware(app, **ours_options(api))
         return [*stacks, Stack("agentsight-middleware (ours)", mw, lambda: _flush_ours(mw), mw)]
@@ -1077,8 +1222,12 @@ def targets(
         value = added(ours, key)
         if value is not None:
             limit = limits[column]
+            reached = f"+{value:.1f} µs"
+            least = added(LEAST, key)
+            if least is not None:
+                reached += f" (hand-written minimum +{least:.1f})"
             out.append(
-                {"target": f"{labels[key]}: at most +{limit:g} µs", "reached": f"+{value:.1f} µs",
+                {"target": f"{labels[key]}: at most +{limit:g} µs", "reached": reached,
                  "met": value <= limit}
             )  # fmt: skip
     rotating, repeated = added(ours, "bot_ua"), added(ours, "first")
@@ -1217,7 +1366,7 @@ def asgi_pieces(
     from agentsight_middleware import asgi as glue
     from agentsight_middleware._body import peek_asgi
     from agentsight_middleware._config import NEED_BODY
-    from agentsight_middleware._conversation import MINTED, cookie_value, mint_id
+    from agentsight_middleware._conversation import MINTED, cookie_value
     from agentsight_middleware._events import ENGAGE, INITIALIZE, new_event
     from agentsight_middleware._rules import WIDGET
 
