@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._config import Settings
-from ._conversation import MINTED, Conversation, cookie_value, mint_id
+from ._conversation import Conversation
 from ._delivery import BackgroundDelivery
 from ._log import LogOnce
 from ._tracker import TrackerDelivery
@@ -86,11 +86,6 @@ class Core:
         # ``TrustedProxies.__bool__`` is a Python call; asked once here, not per request.
         #: Whether the glue must read the forwarding headers.
         self.trusts_proxies = bool(settings.trusted_proxies)
-
-    def widget_id(self, cookie: str | None) -> tuple[str, str]:
-        """``(id, source)`` for a widget page: the visit's cookie, else a fresh id."""
-        found = cookie_value(cookie, self.settings.cookie_name) if cookie else None
-        return (found, "cookie") if found is not None else (mint_id(), MINTED)
 
     def hooks(
         self, make_request: Callable[[Any], Any], raw: Any

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._base import MiddlewareBase
 from ._body import peek_asgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, mint_id, pending_conversation
+from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
 from ._core import is_html, is_page_view
 from ._delivery import BackgroundDelivery
 from ._events import ENGAGE, INITIALIZE, new_event
@@ -45,6 +45,8 @@ class AgentSightMiddleware(MiddlewareBase):
         #: The trusted proxies, or None when no proxy is trusted.
         self._trusted = self._settings.trusted_proxies if self._core.trusts_proxies else None
         self._has_hooks = self._settings.has_hooks
+        self._cookie_name = self._settings.cookie_name
+        self._secure: dict[tuple[str, str | None, bytes | None], bool] = {}
         delivery = self._core.delivery
         # The built-in worker takes events with one append: no coroutine to await, no
         # handler scope to ask for, no event loop for a coroutine tracker.
@@ -112,70 +114,70 @@ class AgentSightMiddleware(MiddlewareBase):
         customer_id = extra = None
         if self._has_hooks:
             customer_id, extra = self._core.hooks(_starlette_request, scope)
-        rule = match.rule
         trusted = self._trusted
-        return pending_conversation(
-            conversation_id,
-            id_source,
-            rule.kind,
-            rule.source,
-            path,
-            customer_id,
-            extra,
-            _facts,
-            (
-                scope.get("client"),
-                scope.get("server"),
-                scope.get("scheme", "http"),
-                scope.get("query_string", b""),
-                get(b"user-agent"),
-                get(b"accept-language"),
-                get(b"referer"),
-                get(b"host"),
-                # Forwarding headers only when proxies are trusted: the client IP
-                # is read from them in the worker, where walking a chain costs nothing.
-                *(
-                    (
-                        get(b"forwarded"),
-                        get(b"x-forwarded-for"),
-                        get(b"x-real-ip"),
-                        get(b"x-forwarded-proto"),
-                        trusted,
-                    )
-                    if trusted is not None
-                    else _UNTRUSTED
-                ),
-            ),
+        # Forwarding headers only when proxies are trusted: the client IP is read
+        # from them in the worker, where walking a chain costs the request nothing.
+        raw = (
+            scope.get("client"),
+            scope.get("server"),
+            scope.get("scheme", "http"),
+            scope.get("query_string", b""),
+            get(b"user-agent"),
+            get(b"accept-language"),
+            get(b"referer"),
+            get(b"host"),
+            trusted,
+            None if trusted is None else get(b"forwarded"),
+            None if trusted is None else get(b"x-forwarded-for"),
+            None if trusted is None else get(b"x-real-ip"),
+            None if trusted is None else get(b"x-forwarded-proto"),
         )
+        rule = match.rule
+        return pending_conversation(
+            conversation_id, id_source, rule.kind, rule.source, path, customer_id, extra,
+            _facts, raw,
+        )  # fmt: skip
 
     def _is_secure(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag."""
         scheme: str = scope.get("scheme", "http")
         trusted = self._trusted
-        if trusted is not None:
-            forwarded = headers.get(b"forwarded")
-            proto = headers.get(b"x-forwarded-proto")
-            if forwarded is not None or proto is not None:
-                client = scope.get("client")
-                scheme = forwarded_scheme(
-                    scheme,
-                    None if forwarded is None else forwarded.decode("latin-1"),
-                    None if proto is None else proto.decode("latin-1"),
-                    client[0] if client else None,
-                    trusted,
-                )
-        return scheme == "https"
+        if trusted is None:
+            return scheme == "https"
+        forwarded = headers.get(b"forwarded")
+        proto = headers.get(b"x-forwarded-proto")
+        if forwarded is None and proto is None:
+            return scheme == "https"
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if forwarded is None:
+            # Behind a proxy, the same few (peer, proto) pairs come back on every
+            # request: the answer is looked up, not worked out again.
+            key = (scheme, peer, proto)
+            secure = self._secure.get(key)
+            if secure is None:
+                text = proto.decode("latin-1")  # type: ignore[union-attr]
+                secure = forwarded_scheme(scheme, None, text, peer, trusted) == "https"
+                if len(self._secure) >= 1024:
+                    self._secure.clear()  # clients sending their own values: stay bounded
+                self._secure[key] = secure
+            return secure
+        text = forwarded.decode("latin-1")
+        proto_text = None if proto is None else proto.decode("latin-1")
+        return forwarded_scheme(scheme, text, proto_text, peer, trusted) == "https"
 
     async def _widget(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str
     ) -> None:
-        started = time.time()
         core = self._core
         headers = _header_dict(scope)
         cookie = headers.get(b"cookie")
-        conversation_id, id_source = core.widget_id(
-            None if cookie is None else cookie.decode("latin-1")
-        )
+        found = cookie_value(cookie.decode("latin-1"), self._cookie_name) if cookie else None
+        if found is None:
+            # Only a new id is a new chance to chat, hence the only view with an event.
+            conversation_id, id_source, started = mint_id(), MINTED, time.time()
+        else:
+            conversation_id, id_source, started = found, "cookie", 0.0
         conversation = self._conversation(scope, headers, match, path, conversation_id, id_source)
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
@@ -309,14 +311,11 @@ def _header_dict(scope: Scope) -> dict[bytes, bytes]:
     return headers
 
 
-_UNTRUSTED = (None, None, None, None, None)
-
-
 def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
     """A conversation's request facts (``_conversation._LAZY_FIELDS``) from what the
     request path kept of the scope and headers; called on first use, mostly by the worker."""
-    (client, server, scheme, query, user_agent, language, referer, raw_host, forwarded,
-     forwarded_for, real_ip, proto, trusted) = raw  # fmt: skip
+    (client, server, scheme, query, user_agent, language, referer, raw_host, trusted,
+     forwarded, forwarded_for, real_ip, proto) = raw  # fmt: skip
     peer = client[0] if client else None
     host: str | None
     if raw_host is not None:
@@ -355,6 +354,22 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _is_page_view(headers: dict[bytes, bytes]) -> bool:
     get = headers.get
+    accept = get(b"accept")
+    user_agent = get(b"user-agent")
+    # A browser's navigation, decided on the bytes: what nearly every page view
+    # sends. Anything else goes through the full test below.
+    if (
+        accept is not None
+        and b"text/html" in accept
+        and get(b"sec-fetch-dest", b"document") == b"document"
+        and user_agent is not None
+        and b"!" <= user_agent[:1] <= b"~"
+        and b"sec-purpose" not in headers
+        and b"purpose" not in headers
+        and b"x-purpose" not in headers
+        and b"x-moz" not in headers
+    ):
+        return True
     purpose = None
     if (
         b"sec-purpose" in headers
@@ -363,9 +378,7 @@ def _is_page_view(headers: dict[bytes, bytes]) -> bool:
         or b"x-moz" in headers
     ):
         purpose = ", ".join(get(name, b"").decode("latin-1") for name in _PURPOSES)
-    accept = get(b"accept")
     dest = get(b"sec-fetch-dest")
-    user_agent = get(b"user-agent")
     return is_page_view(
         None if accept is None else accept.decode("latin-1"),
         None if dest is None else dest.decode("latin-1"),

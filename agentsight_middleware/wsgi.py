@@ -17,7 +17,7 @@ from typing import Any
 from ._base import MiddlewareBase
 from ._body import peek_wsgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, mint_id, pending_conversation
+from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
 from ._core import is_html_success, is_page_view
 from ._delivery import BackgroundDelivery
 from ._events import ENGAGE, INITIALIZE, new_event
@@ -49,6 +49,8 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         #: The trusted proxies, or None when no proxy is trusted.
         self._trusted = self._settings.trusted_proxies if self._core.trusts_proxies else None
         self._has_hooks = self._settings.has_hooks
+        self._cookie_name = self._settings.cookie_name
+        self._secure: dict[tuple[str, str | None, str | None], bool] = {}
         delivery = self._core.delivery
         # The built-in worker takes events with one append (see the ASGI glue).
         self._submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
@@ -99,44 +101,31 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         customer_id = extra = None
         if self._has_hooks:
             customer_id, extra = self._core.hooks(_werkzeug_request, environ)
-        rule = match.rule
         trusted = self._trusted
         # The environ's values, not the environ: the app may change it, and a queued
         # event must not keep a request's whole environ (and body stream) alive.
-        conversation = pending_conversation(
-            conversation_id,
-            id_source,
-            rule.kind,
-            rule.source,
-            path,
-            customer_id,
-            extra,
-            _facts,
-            (
-                get("REMOTE_ADDR"),
-                get("HTTP_HOST"),
-                get("SERVER_NAME"),
-                get("SERVER_PORT"),
-                get("wsgi.url_scheme", "http"),
-                get("QUERY_STRING", ""),
-                get("HTTP_USER_AGENT", ""),
-                get("HTTP_ACCEPT_LANGUAGE"),
-                get("HTTP_REFERER"),
-                # Forwarding headers only when proxies are trusted: the client IP
-                # is read from them in the worker, where walking a chain costs nothing.
-                *(
-                    (
-                        get("HTTP_FORWARDED"),
-                        get("HTTP_X_FORWARDED_FOR"),
-                        get("HTTP_X_REAL_IP"),
-                        get("HTTP_X_FORWARDED_PROTO"),
-                        trusted,
-                    )
-                    if trusted is not None
-                    else _UNTRUSTED
-                ),
-            ),
+        # Forwarding headers only when proxies are trusted (read in the worker).
+        raw = (
+            get("REMOTE_ADDR"),
+            get("HTTP_HOST"),
+            get("SERVER_NAME"),
+            get("SERVER_PORT"),
+            get("wsgi.url_scheme", "http"),
+            get("QUERY_STRING", ""),
+            get("HTTP_USER_AGENT", ""),
+            get("HTTP_ACCEPT_LANGUAGE"),
+            get("HTTP_REFERER"),
+            trusted,
+            None if trusted is None else get("HTTP_FORWARDED"),
+            None if trusted is None else get("HTTP_X_FORWARDED_FOR"),
+            None if trusted is None else get("HTTP_X_REAL_IP"),
+            None if trusted is None else get("HTTP_X_FORWARDED_PROTO"),
         )
+        rule = match.rule
+        conversation = pending_conversation(
+            conversation_id, id_source, rule.kind, rule.source, path, customer_id, extra,
+            _facts, raw,
+        )  # fmt: skip
         environ[ENVIRON_KEY] = conversation
         return conversation
 
@@ -145,19 +134,36 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         get = environ.get
         scheme: str = get("wsgi.url_scheme", "http")
         trusted = self._trusted
-        if trusted is not None:
-            forwarded = get("HTTP_FORWARDED")
-            proto = get("HTTP_X_FORWARDED_PROTO")
-            if forwarded or proto:
-                scheme = forwarded_scheme(scheme, forwarded, proto, get("REMOTE_ADDR"), trusted)
-        return scheme == "https"
+        if trusted is None:
+            return scheme == "https"
+        forwarded = get("HTTP_FORWARDED")
+        proto = get("HTTP_X_FORWARDED_PROTO")
+        if not forwarded and not proto:
+            return scheme == "https"
+        peer = get("REMOTE_ADDR")
+        if not forwarded:
+            # The same few (peer, proto) pairs on every request (see the ASGI glue).
+            key = (scheme, peer, proto)
+            secure = self._secure.get(key)
+            if secure is None:
+                secure = forwarded_scheme(scheme, None, proto, peer, trusted) == "https"
+                if len(self._secure) >= 1024:
+                    self._secure.clear()
+                self._secure[key] = secure
+            return secure
+        return forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
 
     def _widget(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str
     ) -> Iterable[bytes]:
-        started = time.time()
         core = self._core
-        conversation_id, id_source = core.widget_id(environ.get("HTTP_COOKIE"))
+        cookie = environ.get("HTTP_COOKIE")
+        found = cookie_value(cookie, self._cookie_name) if cookie else None
+        if found is None:
+            # Only a new id is a new chance to chat, hence the only view with an event.
+            conversation_id, id_source, started = mint_id(), MINTED, time.time()
+        else:
+            conversation_id, id_source, started = found, "cookie", 0.0
         conversation = self._conversation(environ, match, path, conversation_id, id_source)
         current = core.current
         token = current.set(conversation)
@@ -243,14 +249,11 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             current.reset(token)
 
 
-_UNTRUSTED = (None, None, None, None, None)
-
-
 def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
     """A conversation's request facts (``_conversation._LAZY_FIELDS``) from the environ
     values the request path kept; called on first use, mostly by the worker."""
     (peer, host, server_name, server_port, scheme, query, user_agent, language, referer,
-     forwarded, forwarded_for, real_ip, proto, trusted) = raw  # fmt: skip
+     trusted, forwarded, forwarded_for, real_ip, proto) = raw  # fmt: skip
     if host is None and server_name:
         host = f"{server_name}:{server_port or ''}".rstrip(":")
     forwarding = None

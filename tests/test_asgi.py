@@ -875,3 +875,26 @@ async def test_a_repeated_purpose_header_still_marks_a_prefetch(tracker: Recordi
     assert not any(name == b"set-cookie" for name, _ in response_headers)
     assert mw.flush(5)
     assert tracker.initialized == []
+
+
+async def test_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
+    tracker: RecordingTracker,
+) -> None:
+    # The answer for (peer, X-Forwarded-Proto) is remembered: a spoofing client
+    # sending the proxy's header must not get the proxy's answer, nor the reverse.
+    mw = wrap(tracker, trusted_proxies=["10.0.0.0/8"])
+    https = {**BROWSER, "x-forwarded-proto": "https"}
+    for peer, headers, secure in [
+        ("10.0.0.2", https, True),
+        ("203.0.113.7", https, False),
+        ("10.0.0.2", https, True),
+        ("10.0.0.2", {**BROWSER, "x-forwarded-proto": "http"}, False),
+        ("203.0.113.7", https, False),
+        ("10.0.0.2", {**BROWSER, "forwarded": "for=198.51.100.9;proto=https"}, True),
+        ("10.0.0.2", {**BROWSER, "forwarded": "for=198.51.100.9;proto=http", **https}, False),
+    ]:
+        async with client(mw, peer=peer) as c:
+            response = await c.get("/", headers=headers)
+        cookie = cookie_of(response) or ""
+        assert cookie, (peer, headers)
+        assert ("Secure" in cookie) is secure, (peer, headers)

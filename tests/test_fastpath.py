@@ -156,3 +156,28 @@ def test_wsgi_extension_method_still_matches() -> None:
         assert "agentsight.conversation" in environ
     finally:
         mw.close()
+
+
+_VALUES = st.sampled_from(
+    [b"", b" ", b"\xa0", b"text/html", b"TEXT/HTML", b"*/*", b"document", b"Document",
+     b"empty", b"prefetch", b"x", b"Mozilla/5.0", b" Mozilla", b"text/html,*/*;q=0.8"]
+)  # fmt: skip
+_NAMES = st.sampled_from(
+    [b"accept", b"sec-fetch-dest", b"user-agent", b"sec-purpose", b"purpose", b"x-purpose",
+     b"x-moz", b"cookie"]
+)  # fmt: skip
+
+
+@given(st.dictionaries(_NAMES, _VALUES, max_size=8))
+def test_page_view_fast_path_agrees_with_the_full_test(headers: dict[bytes, bytes]) -> None:
+    from agentsight_middleware._core import is_page_view
+    from agentsight_middleware.asgi import _is_page_view
+
+    def text(name: bytes) -> str | None:
+        value = headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+    purposes = [text(name) for name in (b"sec-purpose", b"purpose", b"x-purpose", b"x-moz")]
+    purpose = ", ".join(p or "" for p in purposes) if any(p is not None for p in purposes) else None
+    expected = is_page_view(text(b"accept"), text(b"sec-fetch-dest"), purpose, text(b"user-agent"))
+    assert _is_page_view(headers) is expected
