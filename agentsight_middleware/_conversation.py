@@ -13,7 +13,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping
-from operator import itemgetter
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -216,73 +216,108 @@ _FIELDS = (
 Facts = Callable[[Any], tuple[Any, ...]]
 
 
-# Where each field sits: ``self[i]`` for the first seven, ``self._facts()[i]`` for
-# the lazy ones (``_LAZY_FIELDS`` order). The methods below index them directly.
-def _lazy(index: int) -> Any:
+def _lazy(index: int, doc: str) -> Any:
     def get(self: Conversation) -> Any:
         return self._facts()[index]
 
     get.__name__ = _LAZY_FIELDS[index]
-    return property(get)
+    return property(get, doc=doc)
 
 
-class Conversation(tuple[Any, ...]):
+class Conversation:
     """What the middleware knows about the conversation of one request.
 
     Handlers find it as ``request.state.agentsight`` (ASGI),
     ``environ["agentsight.conversation"]`` (WSGI) or ``current_conversation()``.
-    Read-only. The request path keeps the raw header values it was given and
-    decodes them on first use of any of the request facts (``user_agent``,
-    ``host``, ``client_ip``...); the derived facts (language, device, URL) are
-    computed when asked. So building one costs the request almost nothing, and
-    the slow parts run in the background worker. (A tuple: it is built in C,
-    several times faster than an object that guards its attributes.)
+    Read-only, and not a sequence: read its attributes (``as_dict()`` gives them all).
+    The request path keeps the raw header values it was given and decodes them on
+    first use of any of the request facts (``user_agent``, ``host``, ``client_ip``...);
+    the derived facts (language, device, URL) are computed when asked. So building
+    one costs the request almost nothing, and the slow parts run in the background
+    worker.
     """
 
-    __slots__ = ()
+    # Private slots behind read-only properties: filling slots directly is what
+    # makes one cheap to build (an object guarding ``__setattr__`` costs ~1 us more).
+    __slots__ = ("_customer_id", "_extra", "_id", "_id_source", "_kind", "_path", "_rule", "_state")
+    __match_args__ = (
+        "id",
+        "id_source",
+        "kind",
+        "rule",
+        "peer",
+        "user_agent",
+        "accept_language",
+        "scheme",
+        "host",
+        "path",
+        "query",
+        "referrer",
+        "customer_id",
+        "extra_metadata",
+        "forwarding",
+        "trusted_proxies",
+    )
 
     if TYPE_CHECKING:
-        id: str
-        #: ``path``, ``header``, ``query``, ``json``, ``form``, ``cookie`` or ``minted``.
-        id_source: str
-        #: ``widget`` or ``chat``.
-        kind: str
-        #: The rule that matched, as configured.
-        rule: str
-        path: str
-        customer_id: str | None
-        extra_metadata: Mapping[str, Any] | None
-        #: The socket peer as the server reported it (see :attr:`client_ip` for the visitor).
-        peer: str | None
-        user_agent: str
-        accept_language: str | None
-        scheme: str
-        host: str | None
-        query: str
-        referrer: str | None
-        #: ``(Forwarded, X-Forwarded-For, X-Real-IP)`` when the peer may be a trusted proxy.
-        forwarding: tuple[str | None, str | None, str | None] | None
-        trusted_proxies: TrustedProxies | None
-    else:
-        id = property(itemgetter(0))
-        id_source = property(itemgetter(1))
-        kind = property(itemgetter(2))
-        rule = property(itemgetter(3))
-        path = property(itemgetter(4))
-        customer_id = property(itemgetter(5))
-        extra_metadata = property(itemgetter(6))
-        peer = _lazy(0)
-        user_agent = _lazy(1)
-        accept_language = _lazy(2)
-        scheme = _lazy(3)
-        host = _lazy(4)
-        query = _lazy(5)
-        referrer = _lazy(6)
-        forwarding = _lazy(7)
-        trusted_proxies = _lazy(8)
 
-    def __new__(
-        cls,
+        @property
+        def id(self) -> str: ...
+        @property
+        def id_source(self) -> str: ...
+        @property
+        def kind(self) -> str: ...
+        @property
+        def rule(self) -> str: ...
+        @property
+        def path(self) -> str: ...
+        @property
+        def customer_id(self) -> str | None: ...
+        @property
+        def extra_metadata(self) -> Mapping[str, Any] | None: ...
+        @property
+        def peer(self) -> str | None: ...
+        @property
+        def user_agent(self) -> str: ...
+        @property
+        def accept_language(self) -> str | None: ...
+        @property
+        def scheme(self) -> str: ...
+        @property
+        def host(self) -> str | None: ...
+        @property
+        def query(self) -> str: ...
+        @property
+        def referrer(self) -> str | None: ...
+        @property
+        def forwarding(self) -> tuple[str | None, str | None, str | None] | None: ...
+        @property
+        def trusted_proxies(self) -> TrustedProxies | None: ...
+    else:
+        id = property(attrgetter("_id"), doc="The conversation id.")
+        id_source = property(
+            attrgetter("_id_source"),
+            doc="``path``, ``header``, ``query``, ``json``, ``form``, ``cookie`` or ``minted``.",
+        )
+        kind = property(attrgetter("_kind"), doc="``widget`` or ``chat``.")
+        rule = property(attrgetter("_rule"), doc="The rule that matched, as configured.")
+        path = property(attrgetter("_path"), doc="The path the client asked for.")
+        customer_id = property(attrgetter("_customer_id"), doc="From the ``customer_id`` hook.")
+        extra_metadata = property(attrgetter("_extra"), doc="From the ``metadata`` hook.")
+        peer = _lazy(0, "The socket peer as the server reported it (see ``client_ip``).")
+        user_agent = _lazy(1, "The ``User-Agent`` header, or ``''``.")
+        accept_language = _lazy(2, "The ``Accept-Language`` header.")
+        scheme = _lazy(3, "``http`` or ``https``, as the visitor used it (trusted proxies told).")
+        host = _lazy(4, "The ``Host`` header, or the server's address.")
+        query = _lazy(5, "The query string, decoded as latin-1.")
+        referrer = _lazy(6, "The ``Referer`` header.")
+        forwarding = _lazy(
+            7, "``(Forwarded, X-Forwarded-For, X-Real-IP)`` when the peer may be a trusted proxy."
+        )
+        trusted_proxies = _lazy(8, "The trusted proxies, when any are configured.")
+
+    def __init__(
+        self,
         id: str,
         id_source: str,
         kind: str,
@@ -299,8 +334,15 @@ class Conversation(tuple[Any, ...]):
         extra_metadata: Mapping[str, Any] | None = None,
         forwarding: tuple[str | None, str | None, str | None] | None = None,
         trusted_proxies: TrustedProxies | None = None,
-    ) -> Conversation:
-        facts = (
+    ) -> None:
+        self._id = id
+        self._id_source = id_source
+        self._kind = kind
+        self._rule = rule
+        self._path = path
+        self._customer_id = customer_id
+        self._extra = extra_metadata
+        self._state: tuple[Any, ...] = (
             peer,
             user_agent,
             accept_language,
@@ -311,20 +353,20 @@ class Conversation(tuple[Any, ...]):
             forwarding,
             trusted_proxies,
         )
-        return tuple.__new__(
-            cls, (id, id_source, kind, rule, path, customer_id, extra_metadata, [facts])
-        )
 
     def _facts(self) -> tuple[Any, ...]:
-        # Element 7 is a one-item list: the facts (one per lazy field), or the pair
-        # ``(facts, raw)`` to read them from. Two threads filling it at once compute
-        # the same facts; the raw values are dropped once read.
-        box: list[Any] = self[7]
-        facts = box[0]
+        # ``_state`` holds the facts (one per lazy field), or the pair ``(read, raw)``
+        # to read them from. Two threads filling it at once compute the same facts;
+        # the raw values are dropped once read.
+        facts = self._state
         if len(facts) == 2:
             read, raw = facts
-            facts = box[0] = read(raw)
-        return facts  # type: ignore[no-any-return]
+            facts = self._state = read(raw)
+        return facts
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name, in the order of the constructor's arguments."""
+        return {name: getattr(self, name) for name in _FIELDS}
 
     def _astuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in _FIELDS)
@@ -334,19 +376,15 @@ class Conversation(tuple[Any, ...]):
             return NotImplemented
         return self._astuple() == other._astuple()
 
-    def __ne__(self, other: object) -> bool:
-        equal = self.__eq__(other)
-        return equal if equal is NotImplemented else not equal
-
     def __hash__(self) -> int:
         return hash(self._astuple())
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)
-        return f"Conversation({fields})"
+        return f"{type(self).__name__}({fields})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Conversation, self._astuple())
+        return (type(self), self._astuple())
 
     @property
     def client_ip(self) -> str | None:
@@ -380,26 +418,26 @@ class Conversation(tuple[Any, ...]):
     def url(self) -> str:
         """The page URL as the client asked for it, secret-looking query parameters removed."""
         facts = self._facts()
-        return page_url(facts[3], facts[4], self[4], facts[5])
+        return page_url(facts[3], facts[4], self._path, facts[5])
 
     def metadata(self) -> dict[str, Any]:
         facts = self._facts()
         referrer = facts[6]
         data: dict[str, Any] = {
-            "page_path": self[4][:MAX_URL_LENGTH],
-            "page_url": page_url(facts[3], facts[4], self[4], facts[5]),
+            "page_path": self._path[:MAX_URL_LENGTH],
+            "page_url": page_url(facts[3], facts[4], self._path, facts[5]),
             "referrer": redact_url(referrer) if referrer else None,
             "user_agent": facts[1][:255] or None,
-            "rule": self[3],
-            "conversation_id_source": self[1],
+            "rule": self._rule,
+            "conversation_id_source": self._id_source,
         }
-        extra = self[6]
+        extra = self._extra
         if extra:
             data.update(extra)
         return data
 
 
-_new_conversation = functools.partial(tuple.__new__, Conversation)
+_new = object.__new__
 
 
 def pending_conversation(
@@ -420,15 +458,13 @@ def pending_conversation(
     (header values as it received them, no decoding), so the request pays for
     none of the facts it does not look at itself.
     """
-    return _new_conversation(
-        (
-            conversation_id,
-            id_source,
-            kind,
-            rule,
-            path,
-            customer_id,
-            extra_metadata,
-            [(facts, raw)],
-        )
-    )
+    conversation: Conversation = _new(Conversation)
+    conversation._id = conversation_id
+    conversation._id_source = id_source
+    conversation._kind = kind
+    conversation._rule = rule
+    conversation._path = path
+    conversation._customer_id = customer_id
+    conversation._extra = extra_metadata
+    conversation._state = (facts, raw)
+    return conversation

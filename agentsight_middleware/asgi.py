@@ -150,21 +150,29 @@ class AgentSightMiddleware(MiddlewareBase):
             return scheme == "https"
         client = scope.get("client")
         peer = client[0] if client else None
-        if forwarded is None:
-            # Behind a proxy, the same few (peer, proto) pairs come back on every
-            # request: the answer is looked up, not worked out again.
-            key = (scheme, peer, proto)
+        # Behind a proxy, the same few (peer, proto) pairs come back on every request:
+        # the answer is looked up, not worked out again. Only short values are kept:
+        # a client sending its own must not make the cache hold its headers.
+        key = (scheme, peer, proto) if forwarded is None and len(proto or b"") <= 16 else None
+        if key is not None:
             secure = self._secure.get(key)
-            if secure is None:
-                text = proto.decode("latin-1")  # type: ignore[union-attr]
-                secure = forwarded_scheme(scheme, None, text, peer, trusted) == "https"
-                if len(self._secure) >= 1024:
-                    self._secure.clear()  # clients sending their own values: stay bounded
-                self._secure[key] = secure
-            return secure
-        text = forwarded.decode("latin-1")
-        proto_text = None if proto is None else proto.decode("latin-1")
-        return forwarded_scheme(scheme, text, proto_text, peer, trusted) == "https"
+            if secure is not None:
+                return secure
+        secure = (
+            forwarded_scheme(
+                scheme,
+                None if forwarded is None else forwarded.decode("latin-1"),
+                None if proto is None else proto.decode("latin-1"),
+                peer,
+                trusted,
+            )
+            == "https"
+        )
+        if key is not None:
+            if len(self._secure) >= 1024:
+                self._secure.clear()  # clients sending their own values: stay bounded
+            self._secure[key] = secure
+        return secure
 
     async def _widget(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str

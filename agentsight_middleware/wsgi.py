@@ -141,17 +141,18 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         if not forwarded and not proto:
             return scheme == "https"
         peer = get("REMOTE_ADDR")
-        if not forwarded:
-            # The same few (peer, proto) pairs on every request (see the ASGI glue).
-            key = (scheme, peer, proto)
+        # The same few (peer, proto) pairs on every request (see the ASGI glue).
+        key = (scheme, peer, proto) if not forwarded and len(proto or "") <= 16 else None
+        if key is not None:
             secure = self._secure.get(key)
-            if secure is None:
-                secure = forwarded_scheme(scheme, None, proto, peer, trusted) == "https"
-                if len(self._secure) >= 1024:
-                    self._secure.clear()
-                self._secure[key] = secure
-            return secure
-        return forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
+            if secure is not None:
+                return secure
+        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
+        if key is not None:
+            if len(self._secure) >= 1024:
+                self._secure.clear()
+            self._secure[key] = secure
+        return secure
 
     def _widget(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str

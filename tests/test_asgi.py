@@ -892,9 +892,15 @@ async def test_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
         ("203.0.113.7", https, False),
         ("10.0.0.2", {**BROWSER, "forwarded": "for=198.51.100.9;proto=https"}, True),
         ("10.0.0.2", {**BROWSER, "forwarded": "for=198.51.100.9;proto=http", **https}, False),
+        # Long values are never cached (a client could fill the cache with its headers),
+        # and still answered: a proxy appends its own value to the client's.
+        ("10.0.0.2", {**BROWSER, "x-forwarded-proto": "x" * 4000 + ", https"}, True),
+        ("203.0.113.7", {**BROWSER, "x-forwarded-proto": "y" * 4000 + ", https"}, False),
     ]:
         async with client(mw, peer=peer) as c:
             response = await c.get("/", headers=headers)
         cookie = cookie_of(response) or ""
         assert cookie, (peer, headers)
         assert ("Secure" in cookie) is secure, (peer, headers)
+    assert all(len(key[2] or b"") <= 16 for key in mw._secure)
+    assert len(mw._secure) == 3  # (peer, proto): both peers' "https", the proxy's "http"

@@ -133,10 +133,23 @@ def test_a_pending_conversation_reads_its_facts_once_on_first_use() -> None:
     assert repr(eager).startswith("Conversation(id='conv_0123456789ab', id_source='cookie'")
 
 
-def test_a_conversation_is_read_only() -> None:
-    conversation = Conversation(**_full())
+def test_a_conversation_is_read_only_and_not_a_sequence() -> None:
+    fields = _full()
+    conversation = Conversation(**fields)
     with pytest.raises(AttributeError):
-        conversation.id = "conv_other"
+        conversation.id = "conv_other"  # type: ignore[misc]
     with pytest.raises(AttributeError):
         conversation.anything = 1  # type: ignore[attr-defined]
     assert conversation != Conversation(**{**_full(), "query": ""})
+    # Its fields are attributes: unpacking or serialising it as a sequence fails
+    # loudly rather than handing out a layout that has changed before.
+    with pytest.raises(TypeError):
+        tuple(conversation)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        json.dumps(conversation)
+    assert conversation.as_dict() == fields
+    match conversation:
+        case Conversation(cid, source, kind):
+            assert (cid, source, kind) == ("conv_0123456789ab", "cookie", "widget")
+        case _:
+            pytest.fail("no match")

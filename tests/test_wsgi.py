@@ -209,3 +209,24 @@ def test_real_werkzeug_server_chunked_body_and_proxy(
     assert middleware_of(app).flush(5)
     assert tracker.initialized[0]["customer_ip_address"] == "192.0.2.10"
     assert tracker.used[0]["conversation_id"] == "conv_chunked00001"
+
+
+def test_flask_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
+    tracker: RecordingTracker,
+) -> None:
+    app = wrap(tracker, trusted_proxies=["10.0.0.0/8"])
+    https = {**BROWSER, "X-Forwarded-Proto": "https"}
+    for peer, headers, secure in [
+        ("10.0.0.2", https, True),
+        ("203.0.113.7", https, False),
+        ("10.0.0.2", https, True),
+        ("10.0.0.2", {**BROWSER, "X-Forwarded-Proto": "http"}, False),
+        ("10.0.0.2", {**BROWSER, "Forwarded": "for=198.51.100.9;proto=https"}, True),
+        ("10.0.0.2", {**BROWSER, "X-Forwarded-Proto": "x" * 4000 + ", https"}, True),
+        ("203.0.113.7", {**BROWSER, "X-Forwarded-Proto": "y" * 4000 + ", https"}, False),
+    ]:
+        page = Client(app).get("/", headers=headers, environ_base={"REMOTE_ADDR": peer})
+        assert ("Secure" in page.headers["Set-Cookie"]) is secure, (peer, headers)
+    cache = middleware_of(app)._secure
+    assert len(cache) == 3
+    assert all(len(key[2] or "") <= 16 for key in cache)
