@@ -133,8 +133,15 @@ class MiddlewareBase:
             delivery_concurrency=delivery_concurrency,
         )
         self._settings = settings
-        self._core = Core(settings, delivery)
+        self._core = core = Core(settings, delivery)
         self._match = settings.rules.match
+        # What the glue reads on every tracked request, as plain attributes.
+        self._exact_matches = settings.rules.exact_matches
+        self._prefixes = settings.rules.prefixes
+        self._trusted = core.trusted
+        self._has_hooks = settings.has_hooks
+        self._cookie_name = settings.cookie_name
+        self._submit = core.submit
 
     def stats(self) -> dict[str, int]:
         """Counts of the background work: submitted, processed, dropped, errors, queued..."""

@@ -193,24 +193,6 @@ _LAZY_FIELDS = (
     "forwarding",
     "trusted_proxies",
 )
-_FIELDS = (
-    "id",
-    "id_source",
-    "kind",
-    "rule",
-    "peer",
-    "user_agent",
-    "accept_language",
-    "scheme",
-    "host",
-    "path",
-    "query",
-    "referrer",
-    "customer_id",
-    "extra_metadata",
-    "forwarding",
-    "trusted_proxies",
-)
 
 #: Reads the lazy facts, in ``_LAZY_FIELDS`` order, from what the glue kept of a request.
 Facts = Callable[[Any], tuple[Any, ...]]
@@ -240,6 +222,7 @@ class Conversation:
     # Private slots behind read-only properties: filling slots directly is what
     # makes one cheap to build (an object guarding ``__setattr__`` costs ~1 us more).
     __slots__ = ("_customer_id", "_extra", "_id", "_id_source", "_kind", "_path", "_rule", "_state")
+    # The constructor's arguments, in order (``_FIELDS``).
     __match_args__ = (
         "id",
         "id_source",
@@ -436,6 +419,8 @@ class Conversation:
             data.update(extra)
         return data
 
+
+_FIELDS: tuple[str, ...] = Conversation.__match_args__
 
 _new = object.__new__
 

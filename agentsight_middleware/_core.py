@@ -12,6 +12,7 @@ from typing import Any
 from ._config import Settings
 from ._conversation import Conversation
 from ._delivery import BackgroundDelivery
+from ._facts import forwarded_scheme
 from ._log import LogOnce
 from ._tracker import TrackerDelivery
 
@@ -84,8 +85,38 @@ class Core:
         self.log_once = LogOnce()
         self.current = _current
         # ``TrustedProxies.__bool__`` is a Python call; asked once here, not per request.
-        #: Whether the glue must read the forwarding headers.
-        self.trusts_proxies = bool(settings.trusted_proxies)
+        #: The trusted proxies, or None when none are: the glue reads the forwarding
+        #: headers only then.
+        self.trusted = settings.trusted_proxies if settings.trusted_proxies else None
+        # Whether each (scheme, peer, X-Forwarded-Proto) seen is HTTPS; see is_secure.
+        self._secure: dict[tuple[str, str | None, str | None], bool] = {}
+        # The built-in worker takes events with one append: no coroutine to await, no
+        # handler scope to ask for, no event loop for a coroutine tracker.
+        #: ``delivery.submit`` for the built-in worker, else None.
+        self.submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
+
+    def is_secure(
+        self, scheme: str, peer: str | None, forwarded: str | None, proto: str | None
+    ) -> bool:
+        """Whether the visitor used HTTPS, for the cookie's Secure flag: ``scheme`` as the
+        server saw it, or what a trusted proxy says in ``Forwarded`` / ``X-Forwarded-Proto``."""
+        trusted = self.trusted
+        if trusted is None or (not forwarded and not proto):
+            return scheme == "https"
+        # Behind a proxy, the same few (peer, proto) pairs come back on every request:
+        # the answer is looked up, not worked out again. Only short values are kept:
+        # a client sending its own must not make the cache hold its headers.
+        key = (scheme, peer, proto) if not forwarded and len(proto or "") <= 16 else None
+        if key is not None:
+            secure = self._secure.get(key)
+            if secure is not None:
+                return secure
+        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
+        if key is not None:
+            if len(self._secure) >= 1024:
+                self._secure.clear()  # clients sending their own values: stay bounded
+            self._secure[key] = secure
+        return secure
 
     def hooks(
         self, make_request: Callable[[Any], Any], raw: Any

@@ -20,7 +20,6 @@ from ._body import peek_asgi
 from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
 from ._core import is_html, is_page_view
-from ._delivery import BackgroundDelivery
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._rules import WIDGET, Match
@@ -42,18 +41,6 @@ class AgentSightMiddleware(MiddlewareBase):
     def __init__(self, app: Any, **options: Any) -> None:
         super().__init__(app, **options)
         self._id_header = self._settings.id_header.encode("latin-1")
-        #: The trusted proxies, or None when no proxy is trusted.
-        self._trusted = self._settings.trusted_proxies if self._core.trusts_proxies else None
-        self._has_hooks = self._settings.has_hooks
-        self._cookie_name = self._settings.cookie_name
-        self._secure: dict[tuple[str, str | None, bytes | None], bool] = {}
-        delivery = self._core.delivery
-        # The built-in worker takes events with one append: no coroutine to await, no
-        # handler scope to ask for, no event loop for a coroutine tracker.
-        self._submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
-        rules = self._settings.rules
-        self._exact_matches = rules.exact_matches
-        self._prefixes = rules.prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -141,38 +128,17 @@ class AgentSightMiddleware(MiddlewareBase):
     def _is_secure(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag."""
         scheme: str = scope.get("scheme", "http")
-        trusted = self._trusted
-        if trusted is None:
+        if self._trusted is None:
             return scheme == "https"
         forwarded = headers.get(b"forwarded")
         proto = headers.get(b"x-forwarded-proto")
-        if forwarded is None and proto is None:
-            return scheme == "https"
         client = scope.get("client")
-        peer = client[0] if client else None
-        # Behind a proxy, the same few (peer, proto) pairs come back on every request:
-        # the answer is looked up, not worked out again. Only short values are kept:
-        # a client sending its own must not make the cache hold its headers.
-        key = (scheme, peer, proto) if forwarded is None and len(proto or b"") <= 16 else None
-        if key is not None:
-            secure = self._secure.get(key)
-            if secure is not None:
-                return secure
-        secure = (
-            forwarded_scheme(
-                scheme,
-                None if forwarded is None else forwarded.decode("latin-1"),
-                None if proto is None else proto.decode("latin-1"),
-                peer,
-                trusted,
-            )
-            == "https"
+        return self._core.is_secure(
+            scheme,
+            client[0] if client else None,
+            None if forwarded is None else forwarded.decode("latin-1"),
+            None if proto is None else proto.decode("latin-1"),
         )
-        if key is not None:
-            if len(self._secure) >= 1024:
-                self._secure.clear()  # clients sending their own values: stay bounded
-            self._secure[key] = secure
-        return secure
 
     async def _widget(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str

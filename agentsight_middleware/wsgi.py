@@ -19,7 +19,6 @@ from ._body import peek_wsgi
 from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
 from ._core import is_html_success, is_page_view
-from ._delivery import BackgroundDelivery
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
@@ -46,17 +45,6 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
     def __init__(self, app: Any, **options: Any) -> None:
         super().__init__(app, **options)
         self._id_key = _environ_key(self._settings.id_header)
-        #: The trusted proxies, or None when no proxy is trusted.
-        self._trusted = self._settings.trusted_proxies if self._core.trusts_proxies else None
-        self._has_hooks = self._settings.has_hooks
-        self._cookie_name = self._settings.cookie_name
-        self._secure: dict[tuple[str, str | None, str | None], bool] = {}
-        delivery = self._core.delivery
-        # The built-in worker takes events with one append (see the ASGI glue).
-        self._submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
-        rules = self._settings.rules
-        self._exact_matches = rules.exact_matches
-        self._prefixes = rules.prefixes
         self._idle = True
         reset_in_child(self._after_fork)
 
@@ -132,27 +120,12 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
     def _is_secure(self, environ: Environ) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag."""
         get = environ.get
-        scheme: str = get("wsgi.url_scheme", "http")
-        trusted = self._trusted
-        if trusted is None:
-            return scheme == "https"
-        forwarded = get("HTTP_FORWARDED")
-        proto = get("HTTP_X_FORWARDED_PROTO")
-        if not forwarded and not proto:
-            return scheme == "https"
-        peer = get("REMOTE_ADDR")
-        # The same few (peer, proto) pairs on every request (see the ASGI glue).
-        key = (scheme, peer, proto) if not forwarded and len(proto or "") <= 16 else None
-        if key is not None:
-            secure = self._secure.get(key)
-            if secure is not None:
-                return secure
-        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
-        if key is not None:
-            if len(self._secure) >= 1024:
-                self._secure.clear()
-            self._secure[key] = secure
-        return secure
+        return self._core.is_secure(
+            get("wsgi.url_scheme", "http"),
+            get("REMOTE_ADDR"),
+            get("HTTP_FORWARDED"),
+            get("HTTP_X_FORWARDED_PROTO"),
+        )
 
     def _widget(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str

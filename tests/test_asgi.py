@@ -902,5 +902,5 @@ async def test_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
         cookie = cookie_of(response) or ""
         assert cookie, (peer, headers)
         assert ("Secure" in cookie) is secure, (peer, headers)
-    assert all(len(key[2] or b"") <= 16 for key in mw._secure)
-    assert len(mw._secure) == 3  # (peer, proto): both peers' "https", the proxy's "http"
+    assert all(len(key[2] or b"") <= 16 for key in mw._core._secure)
+    assert len(mw._core._secure) == 3  # (peer, proto): both peers' "https", the proxy's "http"
