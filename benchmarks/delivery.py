@@ -15,8 +15,9 @@ dropped at close, or left in the outbox file, which is deleted).
 Rows: the in-memory queue (sized to hold the burst); the default ``queue_size`` (how much of
 a 20,000-request burst it keeps); the durable SQLite ``outbox=``; the classic SDK's
 blocking ``initialize_conversation`` (agentsight 0.0.44 in its own venv under
-``.sdk-venvs/``, created here if missing), called sequentially; and the stand-in's own
-ceiling, measured with a minimal asyncio HTTP/1.1 client over 8 keep-alive connections.
+``.sdk-venvs/``, created here if missing), called sequentially; and what the stand-in
+serves to a minimal asyncio HTTP/1.1 client sending one request at a time on each of 8
+keep-alive connections (the middleware pipelines, which costs both ends less per event).
 
 ``--profile N`` delivers N more events with cProfile running inside the worker thread,
 timed by that thread's own CPU clock, and splits the worker's CPU per event by where
@@ -326,7 +327,7 @@ def sdk_row(api: StandInProcess, calls: int, progress: Callable[[str], None]) ->
 
 
 # ---------------------------------------------------------------------------
-# The stand-in's own ceiling
+# The stand-in, one request at a time per connection
 # ---------------------------------------------------------------------------
 
 
@@ -364,7 +365,7 @@ async def _raw_client(url: str, api_key: str, bodies: list[bytes], connections: 
 
 
 def ceiling_row(api: StandInProcess, n: int) -> Row:
-    """What the stand-in accepts from a minimal client: the server side's limit here."""
+    """What the stand-in accepts from a minimal client sending one request at a time."""
     body = {
         "timestamp": "2026-01-01T00:00:00+00:00",
         "customer_id": None,
@@ -383,14 +384,14 @@ def ceiling_row(api: StandInProcess, n: int) -> Row:
     ]
     started, cpu = time.monotonic(), time.thread_time()
     accepted = asyncio.run(_raw_client(api.url, api.api_key, bodies, 8))
-    row = Row("stand-in ceiling: minimal asyncio client, 8 connections", n)
+    row = Row("stand-in, minimal client: 8 connections, 1 request each", n)
     row.seconds = time.monotonic() - started
     row.worker_cpu_us = (time.thread_time() - cpu) / n * 1e6
     row.delivered = accepted
     row.complete = accepted == n
     row.note = (
-        "prebuilt bodies, no payload building: the server's limit on this machine; "
-        "CPU column: this client's CPU per POST"
+        "prebuilt bodies, no payload building, no pipelining: the stand-in's limit for "
+        "such a client on this machine; CPU column: this client's CPU per POST"
     )
     api.trim()
     return row
@@ -560,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sdk_calls:
             progress(f"classic SDK, {args.sdk_calls} calls")
             rows.append(sdk_row(api, args.sdk_calls, progress))
-        progress("stand-in ceiling")
+        progress("stand-in, one request at a time")
         rows.append(ceiling_row(api, min(n, 5000)))
         profile: list[tuple[str, float]] = []
         profiled: Row | None = None

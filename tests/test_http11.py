@@ -665,20 +665,24 @@ async def test_an_unexpected_error_while_sending_is_retried_not_stuck(
             Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(100),
             concurrency=1,
         )  # fmt: skip
-        real_post = sink._post
+        real_post_many = sink._post_many
         failures = [KeyError("surprise")]
+        failed: list[int] = []
 
-        async def flaky(body: bytes) -> object:
+        async def flaky(bodies: list[bytes]) -> object:
             if failures:
+                failed.append(len(bodies))
                 raise failures.pop()
-            return await real_post(body)
+            return await real_post_many(bodies)
 
-        monkeypatch.setattr(sink, "_post", flaky)
+        monkeypatch.setattr(sink, "_post_many", flaky)
         monkeypatch.setattr("agentsight_middleware.sinks.http.backoff", lambda attempt: 0.0)
         await deliver(sink, 3)
         stats = sink.stats()
     assert stats["sent"] == 3
-    assert stats["retried"] == 1
+    # Every event of the failed exchange (one, or a pipeline of them) was retried.
+    assert failed
+    assert stats["retried"] == failed[0]
     assert len(api.conversations) == 3
 
 
@@ -732,10 +736,13 @@ def slow_api(seconds: float) -> tuple[Scripted, list[int]]:
     return Scripted(handler), counts
 
 
-async def test_senders_grow_while_a_slow_api_keeps_them_all_waiting() -> None:
-    # 8 senders over a 0.2 s round trip carry 40 events/s: the backlog makes them
-    # double, up to the limit, and no further.
-    server, counts = slow_api(0.2)
+async def test_senders_grow_while_a_slow_api_keeps_them_all_waiting(engine: str) -> None:
+    # 8 senders over a slow round trip carry few events a second: the backlog makes them
+    # double, up to the limit, and no further. With httptools each sender also pipelines
+    # up to 16 requests, so the backlog must outlast 8 and then 16 full pipelines; the
+    # server still answers each connection's requests one at a time.
+    n, seconds = (150, 0.2) if engine == "h11" else (420, 0.1)
+    server, counts = slow_api(seconds)
     peaks_before_growth: list[int] = []
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=24)
@@ -747,14 +754,12 @@ async def test_senders_grow_while_a_slow_api_keeps_them_all_waiting() -> None:
 
         sink._add_senders = add_senders  # type: ignore[method-assign]
         await sink.start()
-        await sink.put(
-            [{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(150)]
-        )
-        await sink.drain(time.monotonic() + 10)
+        await sink.put([{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(n)])
+        await sink.drain(time.monotonic() + 15)
         await sink.aclose()
     # Started with 8 (nothing in flight yet), grew once all 8 were waiting, then at 16.
     assert peaks_before_growth == [0, 8, 16]
-    assert sink.stats()["sent"] == 150
+    assert sink.stats()["sent"] == n
     assert counts[1] == 24
     assert server.connections == 24
 
@@ -792,7 +797,7 @@ async def test_a_hanging_api_gets_no_more_connections_for_work_no_sender_could_t
     assert senders == 8
 
 
-async def test_claims_never_take_more_than_the_free_senders() -> None:
+async def test_claims_never_take_more_than_the_free_senders(engine: str) -> None:
     # A claimed row holds its lease (a shared outbox's guard against double sends):
     # claiming for senders that do not exist would let leases run out unsent.
     outbox = MemoryOutbox(1000)
@@ -810,24 +815,31 @@ async def test_claims_never_take_more_than_the_free_senders() -> None:
         await deliver(sink, 200)
     assert sink.stats()["sent"] == 200
     assert asked
-    assert all(0 < limit <= senders - busy for limit, senders, busy in asked)
+    depth = 16 if engine == "httptools" else 1  # requests one connection carries at once
+    assert all(0 < limit <= (senders - busy) * depth for limit, senders, busy in asked)
 
 
-async def test_built_events_wait_in_memory_for_four_rounds_of_the_senders_at_most() -> None:
-    # Backpressure: past four per sender in the memory outbox, the worker stops
-    # building (events wait unbuilt, and bounded, in its intake).
+async def test_built_events_wait_in_memory_for_four_rounds_of_the_senders_at_most(
+    engine: str,
+) -> None:
+    # Backpressure: past four rounds of what the senders take (one request each, or a
+    # pipeline of 16 with httptools) in the memory outbox, the worker stops building
+    # (events wait unbuilt, and bounded, in its intake).
+    rounds = 4 * 8 * (16 if engine == "httptools" else 1)  # 8 senders at first
     server, _ = slow_api(1.0)
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
         await sink.start()
-        payloads = [{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(33)]
-        await sink.put(payloads[:31])
+        payloads = [
+            {"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(rounds + 1)
+        ]
+        await sink.put(payloads[: rounds - 1])
         await asyncio.sleep(0.05)
         below = sink.backed_up()
-        await sink.put(payloads[31:])
+        await sink.put(payloads[rounds - 1 :])
         above = sink.backed_up()
         await sink.aclose()
-    assert (below, above) == (False, True)  # 8 senders: backed up from 32 waiting
+    assert (below, above) == (False, True)
 
 
 async def test_a_sink_that_keeps_up_keeps_its_first_senders() -> None:
@@ -974,15 +986,15 @@ async def test_senders_survive_unexpected_errors_and_deliver_everything(
     server = Scripted(keep_alive(OK))
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(100), concurrency=2)
-        real_send = sink._send
+        real_send = sink._send_many
         failures = [RuntimeError("bug 1"), RuntimeError("bug 2"), RuntimeError("bug 3")]
 
-        async def flaky(item: OutboxItem) -> None:
+        async def flaky(items: list[OutboxItem]) -> None:
             if failures:
                 raise failures.pop()
-            await real_send(item)
+            await real_send(items)
 
-        monkeypatch.setattr(sink, "_send", flaky)
+        monkeypatch.setattr(sink, "_send_many", flaky)
         await deliver(sink, 10)
     # More failures than senders: none of them died of it.
     assert sink.stats()["sent"] == 10
@@ -1005,3 +1017,177 @@ async def test_a_conversation_s_events_follow_each_other_without_waiting_for_the
             await sink.aclose()
         assert left == 0, type(outbox).__name__
         assert sink.stats()["sent"] == 20
+
+
+# ---------------------------------------------------------------------------
+# Pipelining (httptools): several requests written at once on a proven connection
+# ---------------------------------------------------------------------------
+
+
+def echo(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 201 Created\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+
+
+class Reads:
+    """A real server that answers every request with its own body, and notes how many
+    requests each read from the socket held (per connection)."""
+
+    def __init__(self) -> None:
+        self.reads: list[list[int]] = []
+        self.bodies: list[bytes] = []
+
+    async def handler(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts: list[int] = []
+        self.reads.append(counts)
+        buffer = b""
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                return
+            buffer += data
+            held = 0
+            while b"\r\n\r\n" in buffer:
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(rest) < length:
+                    break
+                body, buffer = rest[:length], rest[length:]
+                self.bodies.append(body)
+                writer.write(echo(body))
+                held += 1
+            counts.append(held)
+
+
+async def test_a_proven_connection_carries_a_pipeline_and_answers_keep_their_order(
+    engine: str,
+) -> None:
+    reads = Reads()
+    server = Scripted(reads.handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        bodies = [b'{"n":%d}' % i for i in range(20)]
+        results = await pool.post_many(bodies)
+        depth = pool.depth
+        pool.close()
+    assert [r.body for r in results if isinstance(r, _http11.Reply)] == bodies
+    assert reads.bodies == bodies
+    assert server.connections == 1
+    if engine == "httptools":
+        # One request alone on the new connection, then the rest written at once.
+        assert depth == 16
+        assert reads.reads[0][0] == 1
+        assert max(reads.reads[0]) > 1
+    else:
+        assert depth == 1  # h11's client cannot pipeline
+        assert set(reads.reads[0]) == {1}
+
+
+async def test_an_answer_mid_pipeline_may_fail_alone(engine: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, _, body = await read_request(reader)
+            if body == b"bad":
+                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}")
+            else:
+                writer.write(echo(body))
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        await pool.post(b"warm-up")
+        results = await pool.post_many([b"a", b"bad", b"c"])
+        pool.close()
+    statuses = [r.status for r in results if isinstance(r, _http11.Reply)]
+    assert statuses == [201, 400, 201]
+    assert server.connections == 1
+
+
+async def test_requests_after_an_announced_close_are_not_sent_and_go_again_uncounted(
+    engine: str,
+) -> None:
+    # A server that closes every connection after its third answer, saying so (a
+    # keep-alive limit, as nginx's keepalive_requests): what it had not answered was
+    # never processed, so it is sent again at once and is not a failed attempt.
+    processed: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for n in range(3):
+            _, _, body = await read_request(reader)
+            processed.append(body)
+            writer.write(echo(b"{}", b"Connection: close\r\n" if n == 2 else b""))
+        await writer.drain()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
+        await deliver(sink, 40)
+        stats = sink.stats()
+    assert stats["sent"] == 40
+    assert (stats["retried"], stats["failed"]) == (0, 0)
+    assert len(processed) == 40  # each event once: none processed twice
+    assert len(set(processed)) == 40
+
+
+async def test_a_server_that_drops_the_rest_of_a_pipeline_gets_one_request_at_a_time(
+    engine: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It reads a request with one recv() and throws away what came with it: the rest of
+    # the pipeline is never answered. They time out; the pool stops pipelining. (h11
+    # never pipelines: such a server simply works.)
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await reader.read(1 << 20)
+            if not data:
+                return
+            writer.write(OK)
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=0.3)
+        assert (await pool.post(b"{}")).status == 201
+        results = await pool.post_many([b"1", b"2", b"3"])
+        after = await pool.post_many([b"4", b"5", b"6"])
+        depth = pool.depth
+        pool.close()
+    assert depth == 1
+    assert [r.status for r in after if isinstance(r, _http11.Reply)] == [201] * 3
+    if engine == "httptools":
+        assert isinstance(results[0], _http11.Reply)
+        assert all(isinstance(r, httpx.ReadTimeout) for r in results[1:])
+        assert "left 2 of 3 pipelined request(s) unanswered" in caplog.text
+    else:
+        assert [r.status for r in results if isinstance(r, _http11.Reply)] == [201] * 3
+        assert "pipelined" not in caplog.text
+
+
+async def test_bytes_after_a_pipeline_s_answers_drop_the_connection_not_the_answers() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for n in range(4):
+            _, _, body = await read_request(reader)
+            # After the last answer, one nobody asked for.
+            writer.write(echo(body) + (echo(b"STALE") if n == 3 else b""))
+        await reader.read()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        await pool.post(b"0")
+        results = await pool.post_many([b"1", b"2", b"3"])
+        idle = len(pool._idle)
+        pool.close()
+    assert [r.body for r in results if isinstance(r, _http11.Reply)] == [b"1", b"2", b"3"]
+    assert idle == 0  # out of step: never reused
+
+
+async def test_pipelined_delivery_to_the_stand_in_sends_each_event_once() -> None:
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(
+            Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(5000),
+            concurrency=4,
+        )  # fmt: skip
+        await deliver(sink, 2000)
+        stats = sink.stats()
+        ids = [c["conversation_id"] for c in api.conversations]
+    assert stats["sent"] == 2000
+    assert (stats["retried"], stats["failed"]) == (0, 0)
+    assert sorted(ids) == sorted(f"conv_{i:012x}" for i in range(2000))

@@ -39,7 +39,7 @@ try:
 except ImportError:  # PyPy, or a platform without a wheel: h11 does the parsing
     httptools = None  # type: ignore[assignment]
 
-__all__ = ["ENGINES", "Http11Pool", "Reply", "UnreadableAnswer"]
+__all__ = ["ENGINES", "PIPELINE", "Http11Pool", "NotSent", "Reply", "UnreadableAnswer"]
 
 Engine = Literal["httptools", "h11"]
 #: The engines this interpreter can use, fastest first.
@@ -55,6 +55,15 @@ MAX_RESPONSE_BODY = 1 << 20
 # cost per request): its request heads are built once per body length and reused.
 _HEADS_CACHED = 512
 _END = h11.EndOfMessage()
+#: Requests written at once on one connection (HTTP/1.1 pipelining, RFC 9112 9.3.2),
+#: httptools engine only: one write and one read for up to this many events instead of
+#: one of each per event. Measured on loopback: ~33 us of client CPU per request one at
+#: a time, ~8 us at this depth.
+PIPELINE = 16
+# A server that leaves part of a pipeline unanswered without announcing a close (it read
+# only the first request, or a proxy in front of it mishandles pipelines) gets one request
+# per connection at a time for this long; then pipelining is tried again.
+PIPELINE_PAUSE = 300.0
 
 
 class Reply(NamedTuple):
@@ -106,6 +115,15 @@ class _Framing:
         return head
 
 
+class _Tally:
+    """Shared by a pool's connections: answers as they arrive, before their exchange ends."""
+
+    __slots__ = ("accepted",)
+
+    def __init__(self) -> None:
+        self.accepted = 0  # 2xx answers
+
+
 class _TooLarge(Exception):
     pass
 
@@ -118,15 +136,27 @@ class UnreadableAnswer(httpx.RemoteProtocolError):
     """An answer llhttp refused: the pool reads the next ones with h11, as httpx would."""
 
 
-class _Connection(asyncio.Protocol):
-    """One connection, one request at a time; the subclasses read the answers."""
+class NotSent(httpx.TransportError):
+    """A request the server never processed: an earlier answer on its connection said the
+    connection would close (RFC 9112 9.6: no later request on it is processed). It can be
+    sent again at once, without counting as a failed attempt."""
 
-    def __init__(self, framing: _Framing) -> None:
+
+class _Connection(asyncio.Protocol):
+    """One connection, one exchange at a time (one request, or a pipeline of them); the
+    subclasses read the answers."""
+
+    def __init__(self, framing: _Framing, tally: _Tally) -> None:
         self._framing = framing
+        self._tally = tally
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[Reply] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._replies: list[Reply] = []
+        self._expected = 0
         self._idle = True  # between exchanges, and the last one left it reusable
         self.lost = False
+        #: It has answered a whole exchange and stayed open: it may carry a pipeline.
+        self.proven = False
         self.idle_since = time.monotonic()
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -160,42 +190,61 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    async def request(self, body: bytes, timeout: float) -> Reply:
+    async def exchange(self, bodies: list[bytes], timeout: float) -> list[Reply | Exception]:
+        """Write every body at once and read their answers in order: one result per body,
+        a ``Reply`` or the error that stands for it. Raises only if cancelled."""
         assert self._transport is not None
+        n = len(bodies)
         if self.lost or self._transport.is_closing():
             # Closed by the server between connecting and now: a write would be
             # dropped silently and the answer awaited until the timeout.
             self.close()
-            raise httpx.RemoteProtocolError("server closed the connection before the request")
+            return [
+                httpx.RemoteProtocolError("server closed the connection before the request")
+            ] * n
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Reply] = loop.create_future()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiter = waiter
         self._idle = False
-        # A timer rather than wait_for(): no extra task per request.
+        self._replies = []
+        self._expected = n
+        # A timer rather than wait_for(): no extra task per exchange.
         timer = loop.call_later(timeout, self._time_out, waiter, timeout)
+        error: Exception | None = None
         try:
-            self._transport.write(self._frame(body))
-            reply = await waiter
+            self._transport.write(self._frame(bodies))
+            await waiter
+        except httpx.HTTPError as exc:
+            error = exc
+        except h11.LocalProtocolError as exc:  # a header h11 will not send
+            error = httpx.LocalProtocolError(str(exc))
+        except OSError as exc:
+            error = httpx.WriteError(f"{type(exc).__name__}: {exc}")
         except BaseException:
-            # Timed out, cancelled (shutdown) or failed mid-exchange: what the
-            # server has seen is unknown, so this connection is never reused.
+            # Cancelled (shutdown): what the server has seen is unknown, so this
+            # connection is never reused.
             self.close()
             raise
         finally:
             timer.cancel()
             self._waiter = None
-        if not self.lost and self._next_cycle():
+        results: list[Reply | Exception] = list(self._replies[:n])
+        if error is None and len(results) == n and not self.lost and self._next_cycle():
             self._idle = True
+            self.proven = True
             self.idle_since = time.monotonic()
         else:
-            # "Connection: close", an HTTP/1.0 answer, or bytes after the answer that
+            # Timed out or failed mid-exchange (what the server has seen is unknown);
+            # "Connection: close", an HTTP/1.0 answer, or bytes after the answers that
             # nobody asked for (read as the next request's answer, they would shift
             # every reply on this connection by one).
             self.close()
-        return reply
+        if len(results) < n:
+            results += [error if error is not None else _not_sent()] * (n - len(results))
+        return results
 
     @staticmethod
-    def _time_out(waiter: asyncio.Future[Reply], timeout: float) -> None:
+    def _time_out(waiter: asyncio.Future[None], timeout: float) -> None:
         if not waiter.done():
             waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout:g} s"))
 
@@ -212,7 +261,7 @@ class _Connection(asyncio.Protocol):
             else "server disconnected without sending a response"
         )
 
-    def _frame(self, body: bytes) -> bytes:
+    def _frame(self, bodies: list[bytes]) -> bytes:
         raise NotImplementedError
 
     def _next_cycle(self) -> bool:
@@ -222,11 +271,16 @@ class _Connection(asyncio.Protocol):
         raise NotImplementedError
 
 
-class _FastConnection(_Connection):
-    """Answers parsed by httptools (llhttp); the request is one prebuilt byte string."""
+def _not_sent() -> NotSent:
+    return NotSent("the server closed the connection after an earlier answer, as it announced")
 
-    def __init__(self, framing: _Framing) -> None:
-        super().__init__(framing)
+
+class _FastConnection(_Connection):
+    """Answers parsed by httptools (llhttp); each request is one prebuilt byte string, and
+    several can be written at once (pipelined)."""
+
+    def __init__(self, framing: _Framing, tally: _Tally) -> None:
+        super().__init__(framing, tally)
         assert httptools is not None
         self._parser = httptools.HttpResponseParser(self)
         self._status = 0
@@ -235,20 +289,19 @@ class _FastConnection(_Connection):
         self._size = 0
         self._framed = False  # Content-Length or Transfer-Encoding: the end is known
         self._in_headers = False
-        self._complete = False
+        self._complete = False  # the answer being read is whole
         self._keep_alive = False
         self._stray = False
 
-    def _frame(self, body: bytes) -> bytes:
+    def _frame(self, bodies: list[bytes]) -> bytes:
         self._status = 0
-        self._headers = []
-        self._body = []
-        self._size = 0
         self._complete = False
-        return self._framing.raw(body)
+        self._keep_alive = True
+        raw = self._framing.raw
+        return raw(bodies[0]) if len(bodies) == 1 else b"".join(map(raw, bodies))
 
     def _next_cycle(self) -> bool:
-        return self._complete and self._keep_alive and not self._stray
+        return len(self._replies) == self._expected and self._keep_alive and not self._stray
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -276,11 +329,15 @@ class _FastConnection(_Connection):
     # llhttp's callbacks, within feed_data()
 
     def on_message_begin(self) -> None:
-        if self._complete:
-            self._stray = True  # a second answer to one request
+        if len(self._replies) >= self._expected or not self._keep_alive:
+            self._stray = True  # an answer to no request
+        self._status = 0
         self._headers = []
+        self._body = []
+        self._size = 0
         self._framed = False
         self._in_headers = True
+        self._complete = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -304,20 +361,32 @@ class _FastConnection(_Connection):
         if self._status < 200:
             return  # 100 Continue and the like: the real answer follows
         if not self._complete:
+            self._complete = True
             self._answer(self._parser.should_keep_alive())
 
     def _answer(self, keep_alive: bool) -> None:
-        self._complete = True
+        if self._stray or len(self._replies) >= self._expected:
+            return
         self._keep_alive = keep_alive
+        self._replies.append(Reply(self._status, self._headers, b"".join(self._body)))
+        if self._status < 300:
+            self._tally.accepted += 1
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Reply(self._status, self._headers, b"".join(self._body)))
+        # An answer that closes the connection ends the exchange: the server processes
+        # no request after it (the rest of a pipeline is not sent, see NotSent).
+        if (
+            waiter is not None
+            and not waiter.done()
+            and (not keep_alive or len(self._replies) == self._expected)
+        ):
+            waiter.set_result(None)
 
     def _eof(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             if self._status >= 200 and not self._framed and not self._complete:
                 # Neither a length nor chunks: the body ends where the connection does.
+                self._complete = True
                 self._answer(keep_alive=False)
             else:
                 self._disconnected(bool(self._status) or self._in_headers)
@@ -325,10 +394,11 @@ class _FastConnection(_Connection):
 
 
 class _H11Connection(_Connection):
-    """Answers parsed (and requests framed) by h11's state machine."""
+    """Answers parsed (and requests framed) by h11's state machine, one request at a time
+    (h11's client cannot pipeline)."""
 
-    def __init__(self, framing: _Framing) -> None:
-        super().__init__(framing)
+    def __init__(self, framing: _Framing, tally: _Tally) -> None:
+        super().__init__(framing, tally)
         self._h11 = h11.Connection(h11.CLIENT)
         self._eof_seen = False
         self._status = 0
@@ -336,7 +406,8 @@ class _H11Connection(_Connection):
         self._buffer: list[bytes] = []
         self._size = 0
 
-    def _frame(self, body: bytes) -> bytes:
+    def _frame(self, bodies: list[bytes]) -> bytes:
+        (body,) = bodies
         self._buffer = []
         self._size = 0
         self._status = 0
@@ -380,7 +451,10 @@ class _H11Connection(_Connection):
                         raise h11.RemoteProtocolError("response body too large")
                     self._buffer.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
-                    waiter.set_result(Reply(self._status, self._headers, b"".join(self._buffer)))
+                    self._replies.append(Reply(self._status, self._headers, b"".join(self._buffer)))
+                    if self._status < 300:
+                        self._tally.accepted += 1
+                    waiter.set_result(None)
                     return
                 elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                     raise h11.RemoteProtocolError("server closed the connection")
@@ -407,10 +481,11 @@ class _H11Connection(_Connection):
 
 
 class Http11Pool:
-    """Keep-alive connections to the origin of ``url``, each used by one request at a time.
+    """Keep-alive connections to the origin of ``url``, each used by one exchange at a time.
 
-    The caller bounds concurrency (the sink never has more requests in flight
-    than ``max_connections``); the pool only reuses and opens connections.
+    The caller bounds concurrency (the sink never has more exchanges in flight
+    than ``max_connections``); the pool only reuses and opens connections, and
+    pipelines several requests on one connection when it is safe to (``depth``).
     """
 
     def __init__(
@@ -448,14 +523,29 @@ class Http11Pool:
         self._timeout = timeout
         self._idle: list[_Connection] = []
         self._closed = False
+        self._no_pipelining_until = 0.0
+        self._tally = _Tally()
+
+    @property
+    def accepted(self) -> int:
+        """2xx answers so far, counted as they arrive (a pipeline's first ones before
+        its last)."""
+        return self._tally.accepted
+
+    @property
+    def depth(self) -> int:
+        """How many requests ``post_many`` writes at once on one connection now."""
+        if self.engine != "httptools" or time.monotonic() < self._no_pipelining_until:
+            return 1
+        return PIPELINE
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        cls, framing = self._connection_class, self._framing
+        cls, framing, tally = self._connection_class, self._framing, self._tally
         try:
             _, connection = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: cls(framing),
+                    lambda: cls(framing, tally),
                     self._host,
                     self._port,
                     ssl=self._ssl,
@@ -482,12 +572,28 @@ class Http11Pool:
 
     async def post(self, body: bytes) -> Reply:
         """POST ``body`` with the pool's headers (Host and Content-Length added)."""
+        (result,) = await self.post_many([body])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def post_many(self, bodies: list[bytes]) -> list[Reply | Exception]:
+        """POST each body, in order, on one connection; one result per body: its ``Reply``,
+        or the ``httpx.HTTPError`` that stands for it (``NotSent``: never processed, send
+        it again). Raises only if cancelled.
+
+        Up to ``depth`` requests are written at once (pipelined), and only on a
+        connection that has already answered a request and stayed open: a new one
+        carries one request first (RFC 9112 9.3.2: what a server does with a pipeline
+        on a connection it is about to refuse is unknown).
+        """
+        n = len(bodies)
         if self._closed:
-            raise httpx.ConnectError("the connection pool is closed")
+            return [httpx.ConnectError("the connection pool is closed")] * n
         try:
             self._framing.check()
         except h11.LocalProtocolError as exc:  # a header h11 will not send
-            raise httpx.LocalProtocolError(str(exc)) from exc
+            return [httpx.LocalProtocolError(str(exc))] * n
         now = time.monotonic()
         connection = None
         while self._idle:
@@ -497,29 +603,55 @@ class Http11Pool:
                 break
             candidate.close()
         if connection is None:
-            connection = await self._connect()
-        try:
-            reply = await connection.request(body, self._timeout)
-        except UnreadableAnswer as exc:
-            if self.engine == "httptools":
-                logger.warning(
-                    "an answer from %s could not be read by httptools (%s); reading answers "
-                    "with h11 from now on",
-                    self._host,
-                    exc,
-                )
-                self.engine = "h11"
-                self._connection_class = _H11Connection
-            raise
-        except h11.LocalProtocolError as exc:
-            raise httpx.LocalProtocolError(str(exc)) from exc
-        except OSError as exc:
-            raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from exc
+            try:
+                connection = await self._connect()
+            except httpx.HTTPError as exc:
+                return [exc] * n
+        results: list[Reply | Exception] = []
+        while len(results) < n:
+            if results and not connection.usable(time.monotonic()):
+                # The server closed it after answering all it was sent so far, as it
+                # said it would: the rest were never sent.
+                results += [_not_sent()] * (n - len(results))
+                break
+            depth = self.depth if connection.proven else 1
+            batch = bodies[len(results) : len(results) + depth]
+            answered = await connection.exchange(batch, self._timeout)
+            results += answered
+            self._learn(len(batch), answered)
         if not self._closed and len(self._idle) < self._max and connection.usable(time.monotonic()):
             self._idle.append(connection)
         else:
             connection.close()
-        return reply
+        return results
+
+    def _learn(self, written: int, answered: list[Reply | Exception]) -> None:
+        """What an exchange tells about the server: which engine reads it, whether it pipelines."""
+        if self.engine == "httptools" and any(isinstance(r, UnreadableAnswer) for r in answered):
+            logger.warning(
+                "an answer from %s could not be read by httptools (%s); reading answers "
+                "with h11 from now on",
+                self._host,
+                next(r for r in answered if isinstance(r, UnreadableAnswer)),
+            )
+            self.engine = "h11"
+            self._connection_class = _H11Connection
+        if written > 1 and isinstance(answered[0], Reply):
+            lost = [r for r in answered if isinstance(r, Exception) and not isinstance(r, NotSent)]
+            if lost:
+                # Answered, then silent or cut off without announcing it: a server (or a
+                # proxy in front of it) that does not read pipelines. The requests left
+                # are retried as after any failure; the next ones go one at a time.
+                self._no_pipelining_until = time.monotonic() + PIPELINE_PAUSE
+                logger.warning(
+                    "%s left %d of %d pipelined request(s) unanswered (%s); sending one "
+                    "request per connection at a time for the next %d s",
+                    self._host,
+                    len(lost),
+                    written,
+                    lost[0],
+                    PIPELINE_PAUSE,
+                )
 
     def close(self) -> None:
         self._closed = True

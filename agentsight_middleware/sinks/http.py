@@ -30,7 +30,7 @@ from ..__version__ import __version__
 from .._credentials import Credentials, mask_key
 from .._log import logger
 from .._retry import ACCEPTED, REJECTED, RETRY, THROTTLED, backoff, classify, retry_after
-from ._http11 import Http11Pool, Reply
+from ._http11 import Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
 
 __all__ = ["HttpSink"]
@@ -140,7 +140,8 @@ class HttpSink:
         # Claimed from the outbox, waiting for a free sender: claims come in batches
         # (one query for a SQLite outbox), sends one at a time per sender.
         self._ready: deque[OutboxItem] = deque()
-        self._busy = 0
+        self._busy = 0  # senders waiting for answers
+        self._in_flight = 0  # events in their requests
         self._acks: list[OutboxItem] = []
         self._paused_until = 0.0
         self._closing = False
@@ -202,7 +203,7 @@ class HttpSink:
 
     def _grow(self) -> None:
         """Double the senders (up to ``concurrency``) when, since the last look, the API
-        accepted events and a claim found as much work as it could take, and all
+        accepted events, the last claim found as much work as it could take, and all
         senders are now waiting for answers: a slow API, not a sick one.
 
         Evidence from claims rather than the outbox's depth: rows waiting for their
@@ -210,11 +211,29 @@ class HttpSink:
         another sender. An API that accepts nothing (hanging, failing) gets no more
         connections than it has. A 429 pause needs no test: paused senders are not busy.
         """
-        claims_full, self._claims_full = self._claims_full, False
-        accepted, self._sent_at_last_look = self.sent - self._sent_at_last_look, self.sent
+        claims_full = self._claims_full
+        # The pool's count moves as answers arrive, the sink's once a pipeline is over.
+        progress = self._direct.accepted if self._direct is not None else self.sent
+        accepted, self._sent_at_last_look = progress - self._sent_at_last_look, progress
         senders = self._senders
         if senders < self._concurrency and self._busy >= senders and claims_full and accepted:
             self._add_senders(min(senders, self._concurrency - senders))
+
+    def _depth(self) -> int:
+        """Events one sender takes at a time: one request each, written at once (pipelined)
+        when the direct pool can."""
+        return self._direct.depth if self._direct is not None else 1
+
+    async def _post_many(self, bodies: list[bytes]) -> list[Reply | Exception]:
+        if self._direct is not None:
+            return await self._direct.post_many(bodies)
+        results: list[Reply | Exception] = []
+        for body in bodies:
+            try:
+                results.append(await self._post(body))
+            except httpx.HTTPError as exc:
+                results.append(exc)
+        return results
 
     async def _post(self, body: bytes) -> Reply:
         if self._direct is not None:
@@ -273,7 +292,8 @@ class HttpSink:
         """
         if self._outbox.durable:
             return False
-        return self._outbox.depth() >= min(self._max_pending, 4 * max(self._senders, 1))
+        rounds = 4 * max(self._senders, 1) * self._depth()
+        return self._outbox.depth() >= min(self._max_pending, rounds)
 
     async def _tick(self) -> None:
         """Now and then, one sender looks for work nobody announced: rows whose retry
@@ -294,35 +314,45 @@ class HttpSink:
             if now < self._paused_until:
                 await asyncio.sleep(self._paused_until - now)
                 continue
-            item = None
+            items: list[OutboxItem] = []
             try:
+                depth = self._depth()
                 if not ready:
-                    # Only as many as there are free senders: a claimed row waiting here
+                    # Only as many as the free senders take: a claimed row waiting here
                     # would be holding its lease (a shared outbox's guard against double
                     # sends) while time runs.
-                    limit = self._senders - self._busy
+                    limit = (self._senders - self._busy) * depth
                     claimed = outbox.claim(limit, now)
                     if not claimed:
                         await bell.wait()
                         continue
-                    if len(claimed) >= limit:
-                        self._claims_full = True
+                    # Until a claim finds less than it could take: a sender busy with a
+                    # long pipeline claims rarely, and the backlog it left is still there.
+                    self._claims_full = len(claimed) >= limit
                     ready.extend(claimed)
-                    bell.ring(len(claimed) - 1)  # the others are for senders that wait
-                item = ready.popleft()
+                # Spread over the free senders first, one connection each, and pipeline
+                # only the rest: a server answers a connection's requests one after the
+                # other, so its connections, not a pipeline's depth, are its parallelism.
+                free = max(self._senders - self._busy, 1)
+                take = min(depth, -(-len(ready) // free))
+                items = [ready.popleft() for _ in range(take)]
+                if ready:
+                    bell.ring(min(free - 1, len(ready)))  # the others are for senders that wait
                 self._busy += 1
+                self._in_flight += len(items)
                 try:
-                    await self._send(item)
+                    await self._send_many(items)
                 finally:
                     self._busy -= 1
+                    self._in_flight -= len(items)
             except Exception as exc:
                 # A sender that died here would take a share of the delivery capacity
-                # with it, silently, and leave its event claimed (and its conversation
+                # with it, silently, and leave its events claimed (and their conversations
                 # stuck) for good: the outbox failing, a handler's bug.
                 self._log_once(
                     "sender", "unexpected error in the delivery sender: %r", exc, level="error"
                 )
-                if item is not None:
+                for item in items:
                     self._release(item, backoff(item.attempts + 1))
                 await asyncio.sleep(_POLL)
 
@@ -335,21 +365,44 @@ class HttpSink:
             # sent again later, the memory outbox keeps it blocked until restart.
             self._log_once("release", "could not give an event back to the outbox: %r", exc)
 
-    async def _send(self, item: OutboxItem) -> None:
+    async def _send_many(self, items: list[OutboxItem]) -> None:
+        results: list[Reply | Exception]
         try:
-            reply = await self._post(item.body)
-        except httpx.HTTPError as exc:
-            self._retry(item, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            results = await self._post_many([item.body for item in items])
         except Exception as exc:
+            results = [exc] * len(items)
+        for item, result in zip(items, results, strict=True):
+            try:
+                self._outcome(item, result)
+            except Exception as exc:
+                # One event's bookkeeping failing (the outbox) must not leave the others
+                # of its pipeline claimed for ever.
+                self._log_once(
+                    "sender", "unexpected error in the delivery sender: %r", exc, level="error"
+                )
+                self._release(item, backoff(item.attempts + 1))
+
+    def _outcome(self, item: OutboxItem, result: Reply | Exception) -> None:
+        if isinstance(result, NotSent):
+            # Never processed (its connection closed, as announced, before it): the
+            # next sender takes it at once, and it is no failed attempt.
+            self._ready.appendleft(item)
+            self._bell.ring(1)
+        elif isinstance(result, httpx.HTTPError):
+            self._retry(
+                item, f"{type(result).__name__}: {result}" if str(result) else type(result).__name__
+            )
+        elif isinstance(result, Exception):
             if self._closing:
                 return  # shutting down (the executor is gone): a durable outbox keeps it
             # Anything else must not leave the event claimed for ever (its
             # conversation's later events wait behind it): retried like an outage.
             self._log_once(
-                "unexpected", "unexpected error sending an event: %r", exc, level="warning"
+                "unexpected", "unexpected error sending an event: %r", result, level="warning"
             )
-            self._retry(item, f"{type(exc).__name__}: {exc}")
+            self._retry(item, f"{type(result).__name__}: {result}")
         else:
+            reply = result
             outcome = classify(reply.status)
             if outcome == ACCEPTED:
                 self._ack(item)
@@ -447,7 +500,7 @@ class HttpSink:
     async def drain(self, deadline: float) -> int:
         """Wait until nothing is waiting or in flight, or ``deadline`` (monotonic); what is left."""
         while time.monotonic() < deadline:
-            if not self._busy and self._outbox.depth() == 0:
+            if not self._in_flight and self._outbox.depth() == 0:
                 return 0
             await asyncio.sleep(0.01)
         return self._outbox.depth()
@@ -475,7 +528,7 @@ class HttpSink:
             "rejected": self.rejected,
             "failed": self.failed,
             "dropped": self.dropped,
-            "in_flight": self._busy,
+            "in_flight": self._in_flight,
             # How far delivery has grown towards ``concurrency`` (see _grow).
             "senders": self._senders,
         }
