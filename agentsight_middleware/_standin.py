@@ -6,33 +6,28 @@ Django REST framework shape), records everything it receives, and can inject
 faults (errors, throttling, dropped connections, latency, hangs) so clients can
 be tested against the failure modes of the real service without network access.
 
-Standard library only, so it can be used from any environment (including the
-CLI: ``python -m agentsight_middleware._standin --port 8765``).
+It serves on one asyncio event loop of its own (``_standin_server.py``), from a
+test, or from the CLI: ``python -m agentsight_middleware._standin --port 8765``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import json
 import re
 import secrets
-import selectors
 import signal
-import socket
-import socketserver
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
+
+from ._standin_server import Answer, Request, Server
 
 __all__ = [
     "API_KEY_PATTERN",
@@ -63,13 +58,8 @@ _STRING_FIELDS = (
 _MAX_STRING_LENGTH = 255
 _ENVIRONMENTS = frozenset({"production", "development", "prod", "dev"})
 
-# Large enough for any OTLP batch the SDK sends; small enough that a runaway
-# client cannot exhaust memory of the test process.
-_MAX_BODY_BYTES = 10 * 1024 * 1024
-# "Forever" for a hung request, but bounded so an abandoned server's threads end.
-_HANG_SECONDS = 600.0
-# How long stop() waits for connection threads to finish after shutting their
-# sockets down; they normally take microseconds.
+# How long stop() waits for the server's thread to close its connections; it
+# normally takes microseconds.
 _STOP_JOIN_SECONDS = 5.0
 
 _REDACTED = "<redacted>"
@@ -125,241 +115,19 @@ _NOT_JSON = object()
 _UNSET = object()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "agentsight-standin"
-    sys_version = ""
-    # Responses are written with a single send, but the client's next request on
-    # a keep-alive connection must not wait for a delayed ACK either.
-    disable_nagle_algorithm = True
-    server: _Server
-    _headers: dict[str, str]
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Silence http.server's per-request stderr logging: it would flood test
-        # output and benchmarks.
-        pass
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = do_POST
-
-    # -- request plumbing --------------------------------------------------
-
-    def _read_body(self) -> bytes | None:
-        """Read the request body; answer and return None if it is unreadable."""
-        if "chunked" in self._headers.get("transfer-encoding", "").lower():
-            return self._read_chunked()
-        raw_length = self._headers.get("content-length")
-        if raw_length is None:
-            return b""
-        try:
-            length = int(raw_length)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            self._send(400, {"detail": "Invalid Content-Length header."})
-            return None
-        if length > _MAX_BODY_BYTES:
-            self.close_connection = True
-            self._send(413, {"detail": "Request body too large."})
-            return None
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            return None
-        return body
-
-    def _read_chunked(self) -> bytes | None:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                self._send(400, {"detail": "Malformed chunked body."})
-                return None
-            if size == 0:
-                # Trailers (if any) end with an empty line.
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > _MAX_BODY_BYTES:
-                self.close_connection = True
-                self._send(413, {"detail": "Request body too large."})
-                return None
-            chunk = self.rfile.read(size)
-            self.rfile.readline(1024)
-            if len(chunk) != size:
-                self.close_connection = True
-                return None
-            chunks.append(chunk)
-
-    def _send(
-        self,
-        status: int,
-        payload: object,
-        extra_headers: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        reason = self.responses.get(status, ("",))[0]
-        lines = [
-            f"{self.protocol_version} {status} {reason}",
-            f"Server: {self.server_version}",
-            f"Date: {formatdate(usegmt=True)}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in extra_headers)
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        # One write: header and body in a single segment keeps keep-alive
-        # round trips fast under benchmark load.
-        self.wfile.write(head if self.command == "HEAD" else head + body)
-
-    # -- the request pipeline ----------------------------------------------
-
-    def _handle(self) -> None:
-        received_at = time.time()
-        # email.message.Message lookups are linear scans that lower-case every
-        # name; one pass into a dict is cheaper than repeated get() calls.
-        headers: dict[str, str] = {}
-        for name, value in self.headers.items():
-            key = name.lower()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        self._headers = headers
-        body = self._read_body()
-        if body is None:
-            return
-        api = self.server.api
-        fault, latency, release = api._next_fault()
-        if fault is not None and fault.kind == "hang":
-            api._record(self._recorded(body, 0, received_at))
-            # Waiting on an event (not sleeping) lets stop()/reset() release us.
-            release.wait(_HANG_SECONDS)
-            self.close_connection = True
-            return
-        if latency > 0:
-            release.wait(latency)
-        if fault is None:
-            self._validate_and_answer(api, body, received_at)
-        elif fault.kind == "drop":
-            api._record(self._recorded(body, 0, received_at))
-            self.close_connection = True
-        elif fault.kind == "throttle":
-            api._record(self._recorded(body, 429, received_at))
-            detail = "Request was throttled."
-            if fault.retry_after.isdigit():
-                seconds = int(fault.retry_after)
-                unit = "second" if seconds == 1 else "seconds"
-                detail = f"Request was throttled. Expected available in {seconds} {unit}."
-            self._send(429, {"detail": detail}, [("Retry-After", fault.retry_after)])
-        else:
-            api._record(self._recorded(body, fault.status, received_at))
-            self._send(fault.status, {"detail": "Injected failure (stand-in fault injection)."})
-
-    def _recorded(
-        self, body: bytes, status: int, received_at: float, parsed: object = _UNSET
-    ) -> RecordedRequest:
-        if parsed is _UNSET:
-            parsed = _parse_json(body) if body else _NOT_JSON
-        return RecordedRequest(
-            method=self.command,
-            path=self.path,
-            # Each record gets its own copy: callers may mutate what they read.
-            headers=dict(self._headers),
-            body=body,
-            json=None if parsed is _NOT_JSON or isinstance(parsed, _JSONError) else parsed,
-            status=status,
-            received_at=received_at,
-        )
-
-    def _reject(
-        self,
-        api: StandInAgentSightAPI,
-        body: bytes,
-        received_at: float,
-        status: int,
-        payload: object,
-        extra_headers: Sequence[tuple[str, str]] = (),
-        parsed: object = _UNSET,
-    ) -> None:
-        api._record(self._recorded(body, status, received_at, parsed))
-        self._send(status, payload, extra_headers)
-
-    def _validate_and_answer(
-        self, api: StandInAgentSightAPI, body: bytes, received_at: float
-    ) -> None:
-        route = self.path.split("?", 1)[0]
-        if route not in _ROUTES:
-            self._reject(api, body, received_at, 404, {"detail": "Not found."})
-            return
-        if self.command != "POST":
-            self._reject(
-                api,
-                body,
-                received_at,
-                405,
-                {"detail": f'Method "{self.command}" not allowed.'},
-                [("Allow", "POST")],
-            )
-            return
-
-        auth_error = api._check_auth(self._headers.get("authorization"))
-        if auth_error is not None:
-            status, detail = auth_error
-            extra = [("WWW-Authenticate", "Api-Key")] if status == 401 else []
-            self._reject(api, body, received_at, status, {"detail": detail}, extra)
-            return
-
-        if route == INGEST_PATH:
-            # OTLP payloads are usually protobuf: accept anything, keep raw bytes.
-            record = self._recorded(body, 200, received_at)
-            api._accept_ingest(record)
-            self._send(200, {})
-            return
-
-        content_type = self._headers.get("content-type", "")
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if body and media_type != "application/json" and not media_type.endswith("+json"):
-            self._reject(
-                api,
-                body,
-                received_at,
-                415,
-                {"detail": f'Unsupported media type "{content_type}" in request.'},
-            )
-            return
-        # DRF treats an empty body as empty data, so field errors follow.
-        data = _parse_json(body) if body else {}
-        if isinstance(data, _JSONError):
-            self._reject(
-                api,
-                body,
-                received_at,
-                400,
-                {"detail": f"JSON parse error - {data.message}"},
-                parsed=_NOT_JSON,
-            )
-            return
-
-        if route == TRACK_PATH:
-            validate, accept = _validate_track, api._accept_message
-        else:
-            validate, accept = _validate_conversation, api._accept_conversation
-        errors = validate(data)
-        if errors:
-            self._reject(api, body, received_at, 400, errors, parsed=data)
-            return
-        assert isinstance(data, dict)
-        record = self._recorded(body, 201, received_at, data)
-        self._send(201, accept(record, data))
+def _recorded(request: Request, status: int, parsed: object = _UNSET) -> RecordedRequest:
+    if parsed is _UNSET:
+        parsed = _parse_json(request.body) if request.body else _NOT_JSON
+    return RecordedRequest(
+        method=request.method,
+        path=request.path,
+        # Each record gets its own copy: callers may mutate what they read.
+        headers=dict(request.headers),
+        body=request.body,
+        json=None if parsed is _NOT_JSON or isinstance(parsed, _JSONError) else parsed,
+        status=status,
+        received_at=request.received_at,
+    )
 
 
 @dataclass(frozen=True)
@@ -470,105 +238,6 @@ def _is_iso_datetime(value: object) -> bool:
     return True
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # stop() shuts connections down itself and waits with a deadline; the
-    # default close-time join could block forever on idle keep-alive clients.
-    block_on_close = False
-    # Benchmarks open many connections at once; the default backlog of 5 would
-    # make the kernel refuse or delay them.
-    request_queue_size = 1024
-
-    def __init__(self, address: tuple[str, int], api: StandInAgentSightAPI) -> None:
-        self.api = api
-        self._connections: set[socket.socket] = set()
-        self._connections_done = threading.Condition()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self._wake_r, self._wake_w = socket.socketpair()
-        try:
-            super().__init__(address, _Handler)
-        except BaseException:
-            self._wake_r.close()
-            self._wake_w.close()
-            raise
-        # Readiness can be stale (client reset before accept); never block in accept().
-        self.socket.setblocking(False)
-
-    def serve_until_woken(self) -> None:
-        """Accept connections until :meth:`wake` is called.
-
-        Unlike serve_forever(), which polls for shutdown() every half second,
-        this sleeps on a socketpair: stop() is immediate (every test fixture
-        pays for it) and an idle server uses no CPU.
-        """
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.socket, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while True:
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    self._accept_one()
-
-    def _accept_one(self) -> None:
-        try:
-            request, client_address = self.get_request()
-        except OSError:
-            return
-        try:
-            self.process_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-            with self._connections_done:
-                self._connections.discard(request)
-            self.shutdown_request(request)
-
-    def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind() calls socket.getfqdn(), a reverse DNS lookup
-        # that can take seconds in sandboxes; nothing here needs the FQDN.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_done:
-            self._connections.add(request)
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._connections_done:
-                self._connections.discard(request)
-                self._connections_done.notify_all()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients vanishing mid-request (timeouts, dropped connections, stop())
-        # are normal here; anything else is a bug worth a traceback.
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handle_error(request, client_address)
-
-    def close_connections(self, timeout: float) -> None:
-        with self._connections_done:
-            for conn in self._connections:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-            self._connections_done.wait_for(lambda: not self._connections, timeout)
-
-
 class StandInAgentSightAPI:
     """A local, real-HTTP stand-in for the AgentSight API.
 
@@ -607,11 +276,9 @@ class StandInAgentSightAPI:
         self._ingested: list[RecordedRequest] = []
         self._faults: deque[_Fault] = deque()
         self._latency = 0.0
-        self._release = threading.Event()
         self._next_conversation_id = 1
         self._next_message_id = 1
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: Server | None = None
         self._url: str | None = None
         self._stopped = False
 
@@ -634,35 +301,22 @@ class StandInAgentSightAPI:
             return self
         if self._stopped:
             raise RuntimeError("a stopped StandInAgentSightAPI cannot be restarted")
-        with self._cond:
-            self._release = threading.Event()
-        server = _Server((self._host, self._port), self)
-        host, port = server.socket.getsockname()[:2]
-        display_host = f"[{host}]" if ":" in str(host) else str(host)
+        server = Server(self, self._host, self._port)
+        server.start()
+        host, port = server.address
+        display_host = f"[{host}]" if ":" in host else host
         self._url = f"http://{display_host}:{port}"
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_until_woken,
-            name=f"agentsight-standin:{port}",
-            daemon=True,
-        )
-        self._thread.start()
         return self
 
     def stop(self) -> None:
         """Stop serving, release hung requests and close every connection."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
+        server = self._server
+        if server is None:
             return
-        self._server = self._thread = None
+        self._server = None
         self._stopped = True
-        with self._cond:
-            self._release.set()
-        server.wake()
-        # Joining first guarantees no connection is accepted after the sweep.
-        thread.join(_STOP_JOIN_SECONDS)
-        server.close_connections(_STOP_JOIN_SECONDS)
-        server.server_close()
+        server.stop(_STOP_JOIN_SECONDS)
 
     def __enter__(self) -> StandInAgentSightAPI:
         return self.start()
@@ -765,9 +419,9 @@ class StandInAgentSightAPI:
             self._ingested.clear()
             self._faults.clear()
             self._latency = 0.0
-            self._release.set()
-            self._release = threading.Event()
             self._cond.notify_all()
+        if self._server is not None:
+            self._server.release()
 
     # -- fault injection ----------------------------------------------------
 
@@ -804,12 +458,96 @@ class StandInAgentSightAPI:
         with self._cond:
             self._faults.extend([fault] * n)
 
-    # -- called by the handler ------------------------------------------------
+    # -- called by the server, on its thread ---------------------------------------
 
-    def _next_fault(self) -> tuple[_Fault | None, float, threading.Event]:
+    def _decide(self, request: Request) -> Answer:
+        """What the server does with ``request``; recorded here, as answered."""
         with self._cond:
             fault = self._faults.popleft() if self._faults else None
-            return fault, self._latency, self._release
+            latency = self._latency
+        if fault is not None and fault.kind == "hang":
+            self._record(_recorded(request, 0))
+            return Answer(0, hang=True)
+        if latency > 0:
+            # Decided when the delay is over, as a slow backend would: a request
+            # is recorded once its answer is about to go.
+            return Answer(0, delay=latency, then=lambda: self._answer(request, fault))
+        return self._answer(request, fault)
+
+    def _answer(self, request: Request, fault: _Fault | None) -> Answer:
+        if fault is None:
+            return self._validate_and_answer(request)
+        if fault.kind == "drop":
+            self._record(_recorded(request, 0))
+            return Answer(0)
+        if fault.kind == "throttle":
+            self._record(_recorded(request, 429))
+            detail = "Request was throttled."
+            if fault.retry_after.isdigit():
+                seconds = int(fault.retry_after)
+                unit = "second" if seconds == 1 else "seconds"
+                detail = f"Request was throttled. Expected available in {seconds} {unit}."
+            return Answer(429, {"detail": detail}, [("Retry-After", fault.retry_after)])
+        self._record(_recorded(request, fault.status))
+        return Answer(fault.status, {"detail": "Injected failure (stand-in fault injection)."})
+
+    def _reject(
+        self,
+        request: Request,
+        status: int,
+        payload: object,
+        extra_headers: Sequence[tuple[str, str]] = (),
+        parsed: object = _UNSET,
+    ) -> Answer:
+        self._record(_recorded(request, status, parsed))
+        return Answer(status, payload, extra_headers)
+
+    def _validate_and_answer(self, request: Request) -> Answer:
+        route = request.path.split("?", 1)[0]
+        if route not in _ROUTES:
+            return self._reject(request, 404, {"detail": "Not found."})
+        if request.method != "POST":
+            return self._reject(
+                request,
+                405,
+                {"detail": f'Method "{request.method}" not allowed.'},
+                [("Allow", "POST")],
+            )
+        headers = request.headers
+        auth_error = self._check_auth(headers.get("authorization"))
+        if auth_error is not None:
+            status, detail = auth_error
+            extra = [("WWW-Authenticate", "Api-Key")] if status == 401 else []
+            return self._reject(request, status, {"detail": detail}, extra)
+
+        body = request.body
+        if route == INGEST_PATH:
+            # OTLP payloads are usually protobuf: accept anything, keep raw bytes.
+            self._accept_ingest(_recorded(request, 200))
+            return Answer(200, {})
+
+        content_type = headers.get("content-type", "")
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if body and media_type != "application/json" and not media_type.endswith("+json"):
+            return self._reject(
+                request, 415, {"detail": f'Unsupported media type "{content_type}" in request.'}
+            )
+        # DRF treats an empty body as empty data, so field errors follow.
+        data = _parse_json(body) if body else {}
+        if isinstance(data, _JSONError):
+            return self._reject(
+                request, 400, {"detail": f"JSON parse error - {data.message}"}, parsed=_NOT_JSON
+            )
+
+        if route == TRACK_PATH:
+            validate, accept = _validate_track, self._accept_message
+        else:
+            validate, accept = _validate_conversation, self._accept_conversation
+        errors = validate(data)
+        if errors:
+            return self._reject(request, 400, errors, parsed=data)
+        assert isinstance(data, dict)
+        return Answer(201, accept(_recorded(request, 201, data), data))
 
     def _check_auth(self, header: str | None) -> tuple[int, str] | None:
         if not header:

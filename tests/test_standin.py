@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 import agentsight_middleware
+from agentsight_middleware import _standin_server
 from agentsight_middleware._standin import (
     API_KEY_PATTERN,
     RecordedRequest,
@@ -46,6 +47,16 @@ def conversation(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+@pytest.fixture(autouse=True, params=["httptools", "h11"])
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The request parser of every stand-in the test starts (the CLI's subprocess aside)."""
+    name: str = request.param
+    assert _standin_server.httptools is not None, "httptools is not installed here"
+    if name == "h11":
+        monkeypatch.setattr(_standin_server, "httptools", None)
+    return name
 
 
 @pytest.fixture
@@ -744,3 +755,132 @@ def test_cli_serves_until_terminated() -> None:
             out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err
     assert "Stopped after 1 request(s)." in out
+
+
+# -- HTTP on the wire: raw sockets --------------------------------------------------
+
+
+def raw_exchange(api: StandInAgentSightAPI, data: bytes, answers: int) -> list[bytes]:
+    """Send ``data`` as it is; the first ``answers`` answers, each head and body whole."""
+    import socket
+
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        buffer = b""
+        out: list[bytes] = []
+        while len(out) < answers:
+            while b"\r\n\r\n" not in buffer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return out
+                buffer += chunk
+            head, _, rest = buffer.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(rest) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+            out.append(head + b"\r\n\r\n" + rest[:length])
+            buffer = rest[length:]
+        return out
+
+
+def post_bytes(api: StandInAgentSightAPI, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /api/conversations/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Api-Key %s\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (api.api_key.encode(), extra, len(body), body)
+    )
+
+
+def test_pipelined_requests_are_answered_in_order(api: StandInAgentSightAPI) -> None:
+    bodies = [json.dumps(conversation(conversation_id=f"p{i}")).encode() for i in range(5)]
+    answers = raw_exchange(api, b"".join(post_bytes(api, body) for body in bodies), 5)
+    assert [json.loads(a.split(b"\r\n\r\n", 1)[1])["conversation_id"] for a in answers] == [
+        f"p{i}" for i in range(5)
+    ]
+    assert all(a.startswith(b"HTTP/1.1 201 Created\r\n") for a in answers)
+
+
+def test_a_held_answer_holds_the_pipeline_behind_it(api: StandInAgentSightAPI) -> None:
+    # One connection, answered in order: the second waits for the first's latency.
+    api.set_latency(0.2)
+    started = time.perf_counter()
+    data = post_bytes(api, json.dumps(conversation(conversation_id="a")).encode())
+    data += post_bytes(api, json.dumps(conversation(conversation_id="b")).encode())
+    answers = raw_exchange(api, data, 2)
+    assert time.perf_counter() - started >= 0.4
+    assert [json.loads(a.split(b"\r\n\r\n", 1)[1])["conversation_id"] for a in answers] == [
+        "a",
+        "b",
+    ]
+
+
+def test_reset_releases_a_delayed_answer_at_once(api: StandInAgentSightAPI) -> None:
+    api.set_latency(30)
+    answers: list[bytes] = []
+    body = json.dumps(conversation()).encode()
+    caller = threading.Thread(
+        target=lambda: answers.extend(raw_exchange(api, post_bytes(api, body), 1))
+    )
+    started = time.perf_counter()
+    caller.start()
+    time.sleep(0.1)
+    api.reset()
+    caller.join(5)
+    assert time.perf_counter() - started < 2
+    assert answers
+    assert answers[0].startswith(b"HTTP/1.1 201")
+
+
+def test_a_malformed_request_gets_400_and_the_connection_closed(
+    api: StandInAgentSightAPI,
+) -> None:
+    answers = raw_exchange(api, b"NOT HTTP AT ALL\r\n\r\n", 2)
+    assert len(answers) == 1
+    assert answers[0].startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"Connection: close" in answers[0]
+    assert api.requests == []
+
+
+def test_an_invalid_content_length_gets_400(api: StandInAgentSightAPI) -> None:
+    data = b"POST /api/conversations/ HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n{}"
+    [answer] = raw_exchange(api, data, 1)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_body_over_the_limit_gets_413(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_standin_server, "MAX_BODY_BYTES", 1000)
+    [answer] = raw_exchange(api, post_bytes(api, b"x" * 5000), 1)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in answer
+    assert api.requests == []
+
+
+def test_expect_100_continue_is_answered_before_the_body(api: StandInAgentSightAPI) -> None:
+    import socket
+
+    body = json.dumps(conversation()).encode()
+    head = post_bytes(api, body, b"Expect: 100-continue\r\n")[: -len(body)]
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+
+
+def test_http10_without_keep_alive_is_closed_after_its_answer(api: StandInAgentSightAPI) -> None:
+    body = json.dumps(conversation()).encode()
+    data = post_bytes(api, body).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    answers = raw_exchange(api, data + data, 2)
+    assert len(answers) == 1
+    assert b"Connection: close" in answers[0]
