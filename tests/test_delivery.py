@@ -553,11 +553,13 @@ async def test_delivery_keeps_going_under_a_steady_stream_of_events(
     assert not worker.is_alive()
 
 
-async def test_an_idle_worker_backs_off_to_fifty_looks_a_second(
+async def test_an_idle_worker_parks_and_the_next_event_wakes_it(
     api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Under load the intake is looked at every 5 ms (smaller bursts towards the API);
-    # an idle app must not pay for that: the worker backs off to every 20 ms.
+    # once it has been quiet for 20 ms the worker parks: no looks, no GIL taken from the
+    # app's threads, until the next event (or close()) wakes it.
+    monkeypatch.setattr("agentsight_middleware._delivery._DOZE", 5.0)
     mw = wrap(api)
     delivery = mw._core.delivery
     takes = 0
@@ -572,14 +574,21 @@ async def test_an_idle_worker_backs_off_to_fifty_looks_a_second(
     async with client(mw) as c:
         await visit(c)
     assert mw.flush(10)
+    time.sleep(0.2)  # backs off (5, 10, 20 ms), then parks; the worker has its own thread
     takes = 0
-    time.sleep(1.0)  # the worker has its own thread and loop
+    time.sleep(1.0)
     idle_takes = takes
+    started = time.monotonic()
     async with client(mw) as c:
-        await visit(c)  # events again: found within the idle interval
+        await visit(c)  # events again: they wake it
     assert mw.flush(10)
+    woke_in = time.monotonic() - started
+    started = time.monotonic()
     mw.close()
-    assert 10 <= idle_takes <= 60  # ~50 at 20 ms; 200 if it kept looking every 5 ms
+    closed_in = time.monotonic() - started
+    assert idle_takes == 0  # 50 if it kept looking every 20 ms
+    assert woke_in < 1.0  # delivered at once, not after the 5 s doze
+    assert closed_in < 1.0
     assert mw.stats()["sent"] == 4
 
 

@@ -1191,3 +1191,29 @@ async def test_pipelined_delivery_to_the_stand_in_sends_each_event_once() -> Non
     assert stats["sent"] == 2000
     assert (stats["retried"], stats["failed"]) == (0, 0)
     assert sorted(ids) == sorted(f"conv_{i:012x}" for i in range(2000))
+
+
+async def test_an_idle_memory_sink_stops_looking_until_work_comes() -> None:
+    # Nothing waiting in memory: nothing to look for. The poll sleeps until put() wakes it,
+    # and the work put then is delivered (and growth looked at) as usual.
+    server = Scripted(keep_alive(OK))
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=8)
+        looks = 0
+        real_grow = sink._grow
+
+        def grow() -> None:
+            nonlocal looks
+            looks += 1
+            real_grow()
+
+        sink._grow = grow  # type: ignore[method-assign]
+        await sink.start()
+        await asyncio.sleep(0.5)
+        idle_looks = looks
+        await sink.put([{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(5)])
+        left = await sink.drain(time.monotonic() + 5)
+        await sink.aclose()
+    assert idle_looks == 0  # 5 at one look every 0.1 s
+    assert left == 0
+    assert sink.stats()["sent"] == 5

@@ -38,6 +38,9 @@ __all__ = ["HttpSink"]
 # How often the pump looks for work it was not told about: rows whose retry
 # time came, or rows another process put into a shared outbox file.
 _POLL = 0.1
+# With nothing waiting in a memory outbox there is nothing to look for: the poll sleeps
+# this long, or until put() brings work (an idle process's threads stay quiet).
+_IDLE_POLL = 1.0
 # Senders at start; doubled while every one is waiting for an answer and work they
 # could take waits behind them: requests in flight are what bounds delivery over a
 # long round trip (64 at 50 ms carry ~1,280 events/s), while a trickle of events
@@ -144,6 +147,7 @@ class HttpSink:
         self._in_flight = 0  # events in their requests
         self._acks: list[OutboxItem] = []
         self._paused_until = 0.0
+        self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
         self._logged: set[Any] = set()
         self.sent = 0
@@ -279,6 +283,9 @@ class HttpSink:
                 level="warning",
             )
         self._bell.ring(len(items))
+        idle_tick, self._idle_tick = self._idle_tick, None
+        if idle_tick is not None and not idle_tick.done():
+            idle_tick.set_result(None)
 
     def pending(self) -> int:
         return self._outbox.depth()
@@ -298,8 +305,20 @@ class HttpSink:
     async def _tick(self) -> None:
         """Now and then, one sender looks for work nobody announced: rows whose retry
         time came, or rows another process put into a shared outbox file."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(_POLL)
+            outbox = self._outbox
+            if outbox.durable or outbox.depth() or self._busy or self._ready:
+                await asyncio.sleep(_POLL)
+            else:
+                self._idle_tick = idle_tick = loop.create_future()
+                timer = loop.call_later(_IDLE_POLL, _resolve, idle_tick)
+                try:
+                    await idle_tick
+                finally:
+                    timer.cancel()
+                    self._idle_tick = None
+                continue
             try:
                 self._grow()
             except Exception as exc:  # this task must outlive anything: it is the poll
@@ -532,3 +551,8 @@ class HttpSink:
             # How far delivery has grown towards ``concurrency`` (see _grow).
             "senders": self._senders,
         }
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
