@@ -140,6 +140,8 @@ def _parse_json(body: bytes) -> Any:
         return json.loads(body)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         return _JSONError(str(exc))
+    except RecursionError:
+        return _JSONError("nested too deeply")
 
 
 def _validate_track(data: Any) -> dict[str, list[str]]:

@@ -89,6 +89,7 @@ class Answer:
 class _Parser(Protocol):
     def feed_data(self, data: bytes) -> None: ...
     def get_method(self) -> bytes: ...
+    def get_http_version(self) -> str: ...
     def should_keep_alive(self) -> bool: ...
 
 
@@ -108,10 +109,14 @@ class _H11Parser:
         self._callbacks = callbacks
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         self._method = b""
+        self._version = "1.1"
         self._keep_alive = True
 
     def get_method(self) -> bytes:
         return self._method
+
+    def get_http_version(self) -> str:
+        return self._version
 
     def should_keep_alive(self) -> bool:
         return self._keep_alive
@@ -128,6 +133,7 @@ class _H11Parser:
                 return
             if isinstance(event, h11.Request):
                 self._method = event.method
+                self._version = event.http_version.decode("ascii")
                 connection = b", ".join(v for k, v in event.headers if k == b"connection").lower()
                 self._keep_alive = (
                     b"close" not in connection
@@ -143,7 +149,8 @@ class _H11Parser:
                 callbacks.on_body(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 callbacks.on_message_complete()
-                rest = self._h11.trailing_data[0]
+                # A CRLF between requests is to be ignored (RFC 9112 2.2), as llhttp does.
+                rest = bytes(self._h11.trailing_data[0]).lstrip(b"\r\n")
                 self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
                 if rest:
                     self._h11.receive_data(rest)
@@ -158,8 +165,11 @@ class _Connection(asyncio.Protocol):
         self._parser: _Parser = (
             httptools.HttpRequestParser(self) if httptools is not None else _H11Parser(self)
         )
-        self._queue: deque[tuple[Request | None, bool, bool]] = deque()
+        # (request, keep-alive, what is wrong with it: "" when nothing)
+        self._queue: deque[tuple[Request | None, bool, str]] = deque()
         self._busy = False
+        self._expecting = False  # a request's head asked for 100 Continue
+        self._upgrade = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._url = b""
@@ -173,6 +183,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        # A client that does not read its answers must not make us buffer without end.
+        transport.set_write_buffer_limits(high=256 * 1024)
         with contextlib.suppress(OSError):
             # Answers are one write each; the client's next request must not wait
             # for a delayed ACK either.
@@ -184,11 +196,24 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except Exception:
+        except Exception as exc:
+            if httptools is not None and isinstance(exc, httptools.HttpParserUpgrade):
+                # The request that asked to upgrade has been queued with its refusal.
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                return
             # Whatever the parser refuses (a broken request line, an invalid
             # Content-Length, malformed chunks): one answer, then the connection goes.
-            self._queue.append((None, False, False))
+            self._queue.append((None, False, "Malformed request."))
             self._next()
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -200,6 +225,8 @@ class _Connection(asyncio.Protocol):
     # -- parser callbacks -------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._expecting = False
+        self._upgrade = False
         self._url = b""
         self._headers = {}
         self._body = []
@@ -216,8 +243,17 @@ class _Connection(asyncio.Protocol):
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
 
     def on_headers_complete(self) -> None:
-        if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        headers = self._headers
+        # This server does not switch protocols (h2c, websocket): such a request is
+        # refused, once, whichever parser read it (llhttp stops at its head).
+        self._upgrade = "upgrade" in headers and "upgrade" in headers.get("connection", "").lower()
+        if (
+            headers.get("expect", "").lower() == "100-continue"
+            and self._parser.get_http_version() == "1.1"
+            and not self._upgrade
+        ):
+            self._expecting = True
+            self._continue()
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -229,6 +265,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self._parser
+        self._expecting = False
         request = Request(
             parser.get_method().decode("latin-1"),
             self._url.decode("latin-1"),
@@ -236,32 +273,68 @@ class _Connection(asyncio.Protocol):
             b"".join(self._body),
             time.time(),
         )
-        self._queue.append((request, parser.should_keep_alive(), self._too_large))
+        wrong = ""
+        if self._upgrade:
+            wrong = "Protocol upgrade is not supported."
+        elif self._too_large:
+            wrong = "Request body too large."
+        elif "host" not in self._headers and parser.get_http_version() == "1.1":
+            wrong = "Malformed request."  # RFC 9112 3.2: a 1.1 request must name its host
+        self._queue.append((request, parser.should_keep_alive() and not wrong, wrong))
         self._next()
 
     # -- answering, in order ------------------------------------------------
 
+    def _continue(self) -> None:
+        """The 100 Continue a request's head asked for, once every answer before it went."""
+        if self._expecting and not self._queue and not self._busy and not self._closing:
+            self._expecting = False
+            if self._transport is not None:
+                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     def _next(self) -> None:
+        """Answer what is queued, in order, until a request is held or the queue is empty.
+        A loop, not a recursion: thousands of pipelined requests may be waiting."""
         while self._queue and not self._busy and not self._closing:
-            request, keep_alive, too_large = self._queue.popleft()
-            if request is None:
-                self._write(400, {"detail": "Malformed request."}, (), close=True, head=False)
+            request, keep_alive, wrong = self._queue.popleft()
+            if request is None or wrong:
+                status = 413 if wrong == "Request body too large." else 400
+                self._write(status, {"detail": wrong}, (), close=True, head=False)
                 return
-            if too_large:
-                self._write(413, {"detail": "Request body too large."}, (), close=True, head=False)
+            try:
+                answer = self._server.api._decide(request)
+            except Exception as exc:
+                self._fail(exc)
                 return
-            answer = self._server.api._decide(request)
             if answer.hang:
                 self._busy = True
                 self._hold(HANG_SECONDS, self._close)
                 return
             if answer.delay > 0:
                 self._busy = True
-                self._hold(
-                    answer.delay, functools.partial(self._finish, request, answer, keep_alive)
-                )
+                self._hold(answer.delay, functools.partial(self._held, request, answer, keep_alive))
                 return
             self._finish(request, answer, keep_alive)
+        self._continue()
+
+    def _held(self, request: Request, answer: Answer, keep_alive: bool) -> None:
+        self._busy = False
+        try:
+            self._finish(request, answer, keep_alive)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self._next()
+
+    def _fail(self, exc: Exception) -> None:
+        # A bug in the stand-in itself (or input it cannot hold, such as JSON nested past
+        # the interpreter's limit): answered, not left hanging, and said on stderr.
+        import traceback
+
+        traceback.print_exception(exc)
+        self._write(
+            500, {"detail": f"stand-in error: {type(exc).__name__}"}, (), close=True, head=False
+        )
 
     def _hold(self, seconds: float, then: Callable[[], None]) -> None:
         """Run ``then`` after ``seconds``, or at once when the API releases what it holds."""
@@ -278,22 +351,18 @@ class _Connection(asyncio.Protocol):
             then()
 
     def _finish(self, request: Request, answer: Answer, keep_alive: bool) -> None:
-        self._busy = False
         if answer.then is not None:
             answer = answer.then()
         if answer.status == 0:  # dropped: read, then closed without a word
             self._close()
             return
-        close = not keep_alive
         self._write(
             answer.status,
             answer.payload,
             answer.extra_headers,
-            close=close,
+            close=not keep_alive,
             head=request.method == "HEAD",
         )
-        if not close:
-            self._next()
 
     def _write(
         self,
@@ -332,6 +401,12 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         if self._transport is not None:
             self._transport.close()
+
+    def _abort(self) -> None:
+        """Stop: whatever is still buffered for a client that does not read is dropped."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
 
 
 class Server:
@@ -401,7 +476,7 @@ class Server:
             loop.run_forever()
         finally:
             for connection in list(self.connections):
-                connection._close()
+                connection._abort()
             # Let the transports finish closing before the loop goes.
             loop.run_until_complete(asyncio.sleep(0))
             loop.close()
@@ -413,18 +488,23 @@ class Server:
 
     def _release_all(self) -> None:
         for connection in list(self.held):
-            connection._release()
+            try:
+                connection._release()
+            except Exception as exc:  # one connection's trouble must not hold the others
+                connection._fail(exc)
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, release what is held, close every connection."""
 
         def shut() -> None:
-            if self._server is not None:
-                self._server.close()
-            self._release_all()
-            for connection in list(self.connections):
-                connection._close()
-            self._loop.stop()
+            try:
+                if self._server is not None:
+                    self._server.close()
+                self._release_all()
+            finally:
+                for connection in list(self.connections):
+                    connection._abort()
+                self._loop.stop()
 
         if self._thread.is_alive():
             with contextlib.suppress(RuntimeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -884,3 +885,106 @@ def test_http10_without_keep_alive_is_closed_after_its_answer(api: StandInAgentS
     answers = raw_exchange(api, data + data, 2)
     assert len(answers) == 1
     assert b"Connection: close" in answers[0]
+
+
+# -- found in review of the asyncio server ------------------------------------------
+
+
+def test_thousands_of_pipelined_requests_behind_a_held_one_are_all_answered(
+    api: StandInAgentSightAPI,
+) -> None:
+    # Answering them once released must not recurse once per request.
+    api.set_latency(0.3)
+    data = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * 3000
+    started = time.perf_counter()
+    threading.Timer(0.1, api.reset).start()  # releases the held one early
+    answers = raw_exchange(api, data, 3000)
+    assert len(answers) == 3000
+    assert all(a.startswith(b"HTTP/1.1 404 ") for a in answers)
+    assert time.perf_counter() - started < 5
+
+
+def test_100_continue_waits_for_the_answers_before_it(api: StandInAgentSightAPI) -> None:
+    import socket
+
+    api.set_latency(0.3)
+    first = post_bytes(api, json.dumps(conversation(conversation_id="a")).encode())
+    body = json.dumps(conversation(conversation_id="b")).encode()
+    second_head = post_bytes(api, body, b"Expect: 100-continue\r\n")[: -len(body)]
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(first + second_head)
+        received = b""
+        while b"100 Continue" not in received:
+            received += sock.recv(65536)
+        # The first request's answer came first, then the interim one for the second.
+        assert received.index(b"HTTP/1.1 201") < received.index(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        rest = sock.recv(65536)
+        while b'"conversation_id":"b"' not in rest:
+            rest += sock.recv(65536)
+    assert [c["conversation_id"] for c in api.conversations] == ["a", "b"]
+
+
+def test_stop_ends_a_connection_whose_client_does_not_read() -> None:
+    import socket
+
+    api = StandInAgentSightAPI().start()
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        request = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(40):  # answers never read, until the server stops reading too
+                sock.send(request * 1000)
+                time.sleep(0.01)
+        sock.settimeout(5)
+        started = time.perf_counter()
+        api.stop()
+        assert time.perf_counter() - started < 2
+        # What was buffered for it is dropped: the client sees its connection end (EOF or
+        # reset) instead of waiting for ever on a socket nobody serves.
+        try:
+            while sock.recv(1 << 16):
+                pass
+            ended = "eof"
+        except ConnectionResetError:
+            ended = "reset"
+        except TimeoutError:
+            ended = "still open"
+    assert ended in ("eof", "reset")
+
+
+def test_a_protocol_upgrade_is_refused_once_by_either_parser(api: StandInAgentSightAPI) -> None:
+    body = json.dumps(conversation()).encode()
+    data = post_bytes(
+        api, body, b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AA\r\n"
+    )
+    answers = raw_exchange(api, data, 2)
+    assert len(answers) == 1
+    assert answers[0].startswith(b"HTTP/1.1 400 ")
+    assert b"Protocol upgrade is not supported." in answers[0]
+    assert api.requests == []
+
+
+def test_both_parsers_skip_a_crlf_between_requests_and_want_a_host(
+    api: StandInAgentSightAPI,
+) -> None:
+    answers = raw_exchange(
+        api, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 2
+    )
+    assert [a[:12] for a in answers] == [b"HTTP/1.1 404"] * 2
+    [answer] = raw_exchange(api, b"GET /nope HTTP/1.1\r\n\r\n", 1)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_json_nested_past_the_recursion_limit_is_a_parse_error(
+    api: StandInAgentSightAPI, client: httpx.Client
+) -> None:
+    response = client.post(
+        CONVERSATIONS, content=b"[" * 100_000, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "JSON parse error" in response.json()["detail"]

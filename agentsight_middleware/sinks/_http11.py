@@ -45,10 +45,11 @@ Engine = Literal["httptools", "h11"]
 #: The engines this interpreter can use, fastest first.
 ENGINES: tuple[Engine, ...] = ("httptools", "h11") if httptools is not None else ("h11",)
 
-# httpcore's default: a connection idle longer than this may be closed by the
-# server at any moment, and a request written into such a connection is lost
-# with an ambiguous error. Opening a new one is cheaper than that retry.
-KEEPALIVE_EXPIRY = 5.0
+# A connection idle longer than this may be closed by the server at any moment, and
+# a request written into such a connection is lost with an ambiguous error: opening a
+# new one is cheaper than that retry. Under the 5 s that uvicorn (and httpcore) use,
+# so that a server closing at exactly 5 s never races a pipeline written at 5 s.
+KEEPALIVE_EXPIRY = 4.0
 # The API answers a small JSON object; anything bigger is not its answer.
 MAX_RESPONSE_BODY = 1 << 20
 # h11 events are immutable and validate their headers when built (a third of h11's
@@ -137,9 +138,10 @@ class UnreadableAnswer(httpx.RemoteProtocolError):
 
 
 class NotSent(httpx.TransportError):
-    """A request the server never processed: an earlier answer on its connection said the
-    connection would close (RFC 9112 9.6: no later request on it is processed). It can be
-    sent again at once, without counting as a failed attempt."""
+    """A request that got no answer because of what happened before it on its connection:
+    an earlier answer said the connection would close (RFC 9112 9.6: no later request on
+    it is processed), or an earlier request of its pipeline got no answer (the failure is
+    that one's). It is sent again at once, without counting as a failed attempt."""
 
 
 class _Connection(asyncio.Protocol):
@@ -153,6 +155,11 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._replies: list[Reply] = []
         self._expected = 0
+        self._timeout = 0.0
+        self._progress_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        #: The answers an exchange had when it was cancelled.
+        self.partial: list[Reply] = []
         self._idle = True  # between exchanges, and the last one left it reusable
         self.lost = False
         #: It has answered a whole exchange and stayed open: it may carry a pipeline.
@@ -208,8 +215,11 @@ class _Connection(asyncio.Protocol):
         self._idle = False
         self._replies = []
         self._expected = n
-        # A timer rather than wait_for(): no extra task per exchange.
-        timer = loop.call_later(timeout, self._time_out, waiter, timeout)
+        # A timer rather than wait_for(): no extra task per exchange. It measures time
+        # without an answer: a pipeline's last request may wait for all the others.
+        self._timeout = timeout
+        self._progress_at = time.monotonic()
+        self._timer = loop.call_later(timeout, self._time_out)
         error: Exception | None = None
         try:
             self._transport.write(self._frame(bodies))
@@ -222,11 +232,14 @@ class _Connection(asyncio.Protocol):
             error = httpx.WriteError(f"{type(exc).__name__}: {exc}")
         except BaseException:
             # Cancelled (shutdown): what the server has seen is unknown, so this
-            # connection is never reused.
+            # connection is never reused. The answers already read stand.
+            self.partial = self._replies[:n]
             self.close()
             raise
         finally:
-            timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._waiter = None
         results: list[Reply | Exception] = list(self._replies[:n])
         if error is None and len(results) == n and not self.lost and self._next_cycle():
@@ -240,13 +253,25 @@ class _Connection(asyncio.Protocol):
             # every reply on this connection by one).
             self.close()
         if len(results) < n:
-            results += [error if error is not None else _not_sent()] * (n - len(results))
+            # A server answers in order: the failure is the first unanswered request's,
+            # and the ones behind it go again uncounted.
+            if error is not None:
+                results.append(error)
+            results += [_not_sent()] * (n - len(results))
         return results
 
-    @staticmethod
-    def _time_out(waiter: asyncio.Future[None], timeout: float) -> None:
-        if not waiter.done():
-            waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout:g} s"))
+    def _time_out(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        quiet = time.monotonic() - self._progress_at
+        if quiet < self._timeout:
+            # An answer came meanwhile: the time runs from it.
+            self._timer = asyncio.get_running_loop().call_later(
+                self._timeout - quiet, self._time_out
+            )
+            return
+        waiter.set_exception(httpx.ReadTimeout(f"no answer within {self._timeout:g} s"))
 
     def _fail(self, message: str, error: type[httpx.RemoteProtocolError] | None = None) -> None:
         self.close()
@@ -272,7 +297,7 @@ class _Connection(asyncio.Protocol):
 
 
 def _not_sent() -> NotSent:
-    return NotSent("the server closed the connection after an earlier answer, as it announced")
+    return NotSent("not answered: what came before it on its connection ended the exchange")
 
 
 class _FastConnection(_Connection):
@@ -369,6 +394,7 @@ class _FastConnection(_Connection):
             return
         self._keep_alive = keep_alive
         self._replies.append(Reply(self._status, self._headers, b"".join(self._body)))
+        self._progress_at = time.monotonic()
         if self._status < 300:
             self._tally.accepted += 1
         waiter = self._waiter
@@ -533,11 +559,23 @@ class Http11Pool:
         return self._tally.accepted
 
     @property
-    def depth(self) -> int:
-        """How many requests ``post_many`` writes at once on one connection now."""
+    def max_depth(self) -> int:
+        """How many requests one connection may carry at once with this server now."""
         if self.engine != "httptools" or time.monotonic() < self._no_pipelining_until:
             return 1
         return PIPELINE
+
+    @property
+    def depth(self) -> int:
+        """How many requests ``post_many`` would write at once now: a pipeline only on a
+        proven idle connection (a new one carries one request first, and events taken
+        for it would only wait, their outbox lease running)."""
+        depth = self.max_depth
+        if depth > 1:
+            now = time.monotonic()
+            if not any(c.proven and c.usable(now) for c in self._idle):
+                return 1
+        return depth
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -577,10 +615,13 @@ class Http11Pool:
             raise result
         return result
 
-    async def post_many(self, bodies: list[bytes]) -> list[Reply | Exception]:
+    async def post_many(
+        self, bodies: list[bytes], results: list[Reply | Exception] | None = None
+    ) -> list[Reply | Exception]:
         """POST each body, in order, on one connection; one result per body: its ``Reply``,
-        or the ``httpx.HTTPError`` that stands for it (``NotSent``: never processed, send
-        it again). Raises only if cancelled.
+        or the ``httpx.HTTPError`` that stands for it (``NotSent``: send it again, it does
+        not count as an attempt). Raises only if cancelled; ``results``, if given, is
+        filled as answers come, so a caller that is cancelled keeps the ones it got.
 
         Up to ``depth`` requests are written at once (pipelined), and only on a
         connection that has already answered a request and stayed open: a new one
@@ -588,12 +629,15 @@ class Http11Pool:
         on a connection it is about to refuse is unknown).
         """
         n = len(bodies)
+        results = [] if results is None else results
         if self._closed:
-            return [httpx.ConnectError("the connection pool is closed")] * n
+            results += [httpx.ConnectError("the connection pool is closed")] * n
+            return results
         try:
             self._framing.check()
         except h11.LocalProtocolError as exc:  # a header h11 will not send
-            return [httpx.LocalProtocolError(str(exc))] * n
+            results += [httpx.LocalProtocolError(str(exc))] * n
+            return results
         now = time.monotonic()
         connection = None
         while self._idle:
@@ -606,19 +650,27 @@ class Http11Pool:
             try:
                 connection = await self._connect()
             except httpx.HTTPError as exc:
-                return [exc] * n
-        results: list[Reply | Exception] = []
-        while len(results) < n:
-            if results and not connection.usable(time.monotonic()):
-                # The server closed it after answering all it was sent so far, as it
-                # said it would: the rest were never sent.
-                results += [_not_sent()] * (n - len(results))
+                results += [exc] * n
+                return results
+        start = len(results)
+        while len(results) - start < n:
+            done = len(results) - start
+            if done and not connection.usable(time.monotonic()):
+                # The server closed it after answering all it was sent so far (as it
+                # said it would, or the answer was its last): the rest were never sent.
+                results += [_not_sent()] * (n - done)
                 break
-            depth = self.depth if connection.proven else 1
-            batch = bodies[len(results) : len(results) + depth]
-            answered = await connection.exchange(batch, self._timeout)
+            pipelining = connection.proven and self.engine == "httptools"
+            if pipelining and time.monotonic() < self._no_pipelining_until:
+                pipelining = False
+            batch = bodies[done : done + (PIPELINE if pipelining else 1)]
+            try:
+                answered = await connection.exchange(batch, self._timeout)
+            except BaseException:
+                results += connection.partial
+                raise
             results += answered
-            self._learn(len(batch), answered)
+        self._learn(n, results[start:])
         if not self._closed and len(self._idle) < self._max and connection.usable(time.monotonic()):
             self._idle.append(connection)
         else:
@@ -626,7 +678,8 @@ class Http11Pool:
         return results
 
     def _learn(self, written: int, answered: list[Reply | Exception]) -> None:
-        """What an exchange tells about the server: which engine reads it, whether it pipelines."""
+        """What one ``post_many`` tells about the server: which engine reads it, and
+        whether it answers all of what one connection carries."""
         if self.engine == "httptools" and any(isinstance(r, UnreadableAnswer) for r in answered):
             logger.warning(
                 "an answer from %s could not be read by httptools (%s); reading answers "
@@ -640,14 +693,15 @@ class Http11Pool:
             lost = [r for r in answered if isinstance(r, Exception) and not isinstance(r, NotSent)]
             if lost:
                 # Answered, then silent or cut off without announcing it: a server (or a
-                # proxy in front of it) that does not read pipelines. The requests left
-                # are retried as after any failure; the next ones go one at a time.
+                # proxy in front of it) that does not read pipelines, or closes kept-alive
+                # connections unannounced. The request the failure hit is retried as after
+                # any failure, the rest at once; the next ones go one at a time.
                 self._no_pipelining_until = time.monotonic() + PIPELINE_PAUSE
                 logger.warning(
-                    "%s left %d of %d pipelined request(s) unanswered (%s); sending one "
-                    "request per connection at a time for the next %d s",
+                    "%s left %d of %d request(s) on one connection unanswered (%s); sending "
+                    "one request per connection at a time for the next %d s",
                     self._host,
-                    len(lost),
+                    sum(1 for r in answered if not isinstance(r, Reply)),
                     written,
                     lost[0],
                     PIPELINE_PAUSE,

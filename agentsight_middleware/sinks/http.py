@@ -228,10 +228,12 @@ class HttpSink:
         when the direct pool can."""
         return self._direct.depth if self._direct is not None else 1
 
-    async def _post_many(self, bodies: list[bytes]) -> list[Reply | Exception]:
+    async def _post_many(
+        self, bodies: list[bytes], results: list[Reply | Exception]
+    ) -> list[Reply | Exception]:
+        """One result per body, appended to ``results`` as they come."""
         if self._direct is not None:
-            return await self._direct.post_many(bodies)
-        results: list[Reply | Exception] = []
+            return await self._direct.post_many(bodies, results)
         for body in bodies:
             try:
                 results.append(await self._post(body))
@@ -299,7 +301,9 @@ class HttpSink:
         """
         if self._outbox.durable:
             return False
-        rounds = 4 * max(self._senders, 1) * self._depth()
+        rounds = (
+            4 * max(self._senders, 1) * (self._direct.max_depth if self._direct is not None else 1)
+        )
         return self._outbox.depth() >= min(self._max_pending, rounds)
 
     async def _tick(self) -> None:
@@ -375,6 +379,14 @@ class HttpSink:
                     self._release(item, backoff(item.attempts + 1))
                 await asyncio.sleep(_POLL)
 
+    def _release_unsent(self, item: OutboxItem) -> None:
+        try:
+            self._outbox.release(item)
+        except Exception as exc:
+            self._log_once("release", "could not give an event back to the outbox: %r", exc)
+            return
+        self._bell.ring(1)
+
     def _release(self, item: OutboxItem, delay: float) -> None:
         """Give a claimed item back for a later attempt, whatever state the outbox is in."""
         try:
@@ -385,11 +397,20 @@ class HttpSink:
             self._log_once("release", "could not give an event back to the outbox: %r", exc)
 
     async def _send_many(self, items: list[OutboxItem]) -> None:
-        results: list[Reply | Exception]
+        results: list[Reply | Exception] = []
         try:
-            results = await self._post_many([item.body for item in items])
+            await self._post_many([item.body for item in items], results)
+        except asyncio.CancelledError:
+            # Shutting down mid-pipeline: what the API has already accepted is marked
+            # so (a durable outbox would send it again at the next start otherwise).
+            for item, result in zip(items, results, strict=False):
+                if isinstance(result, Reply) and classify(result.status) == ACCEPTED:
+                    self._ack(item)
+                    self.sent += 1
+            raise
         except Exception as exc:
-            results = [exc] * len(items)
+            results = results[: len(items)]
+            results += [exc] * (len(items) - len(results))
         for item, result in zip(items, results, strict=True):
             try:
                 self._outcome(item, result)
@@ -403,10 +424,9 @@ class HttpSink:
 
     def _outcome(self, item: OutboxItem, result: Reply | Exception) -> None:
         if isinstance(result, NotSent):
-            # Never processed (its connection closed, as announced, before it): the
-            # next sender takes it at once, and it is no failed attempt.
-            self._ready.appendleft(item)
-            self._bell.ring(1)
+            # Unanswered for what came before it on its connection: back to the outbox
+            # as it was (its lease given back, no attempt counted), claimable at once.
+            self._release_unsent(item)
         elif isinstance(result, httpx.HTTPError):
             self._retry(
                 item, f"{type(result).__name__}: {result}" if str(result) else type(result).__name__

@@ -40,6 +40,7 @@ class Outbox(Protocol):
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
     def ack(self, items: list[OutboxItem]) -> None: ...
     def retry(self, item: OutboxItem, not_before: float) -> None: ...
+    def release(self, item: OutboxItem) -> None: ...
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
     def close(self) -> None: ...
@@ -102,6 +103,10 @@ class MemoryOutbox:
     def retry(self, item: OutboxItem, not_before: float) -> None:
         item.attempts += 1
         item.not_before = not_before
+        item.leased = False
+
+    def release(self, item: OutboxItem) -> None:
+        """Give a claimed item back as it was: not an attempt, claimable at once."""
         item.leased = False
 
     def discard(self, item: OutboxItem) -> None:
@@ -246,6 +251,16 @@ class SQLiteOutbox:
                 "UPDATE outbox SET attempts = attempts + 1, not_before = ?, lease_until = 0, "
                 "lease_owner = NULL WHERE id = ? AND lease_owner = ?",
                 (not_before, item.id, self._owner),
+            )
+
+    def release(self, item: OutboxItem) -> None:
+        """Give a claimed row back as it was: not an attempt, claimable at once (by any
+        process sharing the file)."""
+        with self._lock:
+            self._connect().execute(
+                "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
+                "WHERE id = ? AND lease_owner = ?",
+                (item.id, self._owner),
             )
 
     def discard(self, item: OutboxItem) -> None:
