@@ -1,0 +1,84 @@
+"""The API body the worker builds for each event."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from agentsight_middleware._conversation import Conversation
+from agentsight_middleware._events import ENGAGE, INITIALIZE, Event, tracker_kwargs
+from agentsight_middleware._payload import build_payload, iso_timestamp
+
+CHROME = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+)
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),  # up to 2100
+        # Whole seconds, and microseconds on the rounding edge (x.5 us), both ways.
+        st.integers(min_value=0, max_value=4_102_444_800).map(float),
+        st.integers(min_value=0, max_value=10**12).map(lambda n: n / 1e6 + 0.5e-6),
+    )
+)
+@example(1764133697.9999996)  # rounds up into the next second
+@example(1764133697.0000004)
+@example(0.0)
+def test_iso_timestamp_is_datetime_isoformat_character_for_character(seconds: float) -> None:
+    expected = datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+    assert iso_timestamp(seconds) == expected
+    assert iso_timestamp(seconds) == expected  # the second's text, now from the cache
+
+
+def _conversation(**fields: Any) -> Conversation:
+    base: dict[str, Any] = {
+        "id": "conv_0123456789ab",
+        "id_source": "cookie",
+        "kind": "widget",
+        "rule": "/",
+        "peer": "203.0.113.7",
+        "user_agent": CHROME,
+        "accept_language": "de-CH,de;q=0.9,en;q=0.8",
+        "scheme": "https",
+        "host": "shop.example",
+        "path": "/pricing",
+        "query": "utm_source=news",
+        "referrer": "https://www.example.org/a",
+    }
+    base.update(fields)
+    return Conversation(**base)
+
+
+@pytest.mark.parametrize("kind", [INITIALIZE, ENGAGE])
+@pytest.mark.parametrize(
+    ("fields", "source", "environment"),
+    [
+        ({}, "web", None),
+        ({"customer_id": "c" * 300, "extra_metadata": {"plan": "pro"}}, "s" * 300, "development"),
+        ({"customer_id": "", "peer": None, "user_agent": ""}, None, None),
+        ({"customer_id": "cust-1", "accept_language": None}, "", "production"),
+    ],
+    ids=["plain", "clamped", "empty", "no-language"],
+)
+def test_the_payload_carries_the_trackers_fields(
+    kind: str, fields: dict[str, Any], source: str | None, environment: str | None
+) -> None:
+    # The SDK trackers get tracker_kwargs(); the API body must say the same things.
+    conversation = _conversation(**fields)
+    payload = build_payload(
+        Event(kind, conversation, 1764133697.25), source=source, environment=environment
+    )
+    expected = tracker_kwargs(conversation, source=source, environment=None)
+    assert payload == {
+        "timestamp": "2025-11-26T05:08:17.250000+00:00",
+        **expected,
+        "name": None,
+        "environment": environment or "production",
+        "is_used": kind == ENGAGE,
+    }
