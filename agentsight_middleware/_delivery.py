@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._events import Event, is_robot_view
 from ._fork import reset_in_child
 from ._log import logger
+from ._park import park, resolve
 from ._payload import build_payload
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class BackgroundDelivery:
         if parked is not None and loop is not None:
             # RuntimeError: the loop is closed, the worker is gone.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, parked)
+                loop.call_soon_threadsafe(resolve, parked)
 
     def initialize(self, event: Event, loop: Any = None) -> None:
         self.submit(event)
@@ -255,11 +256,9 @@ class BackgroundDelivery:
         if self._intake or self._stopping.is_set():
             self._parked = None
             return
-        timer = loop.call_later(_DOZE, _resolve, parked)
         try:
-            await parked
+            await park(parked, _DOZE)
         finally:
-            timer.cancel()
             self._parked = None
 
     async def _take(self) -> int:
@@ -350,8 +349,3 @@ class BackgroundDelivery:
             except Exception:
                 stats["pending"] = -1
         return stats
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -1198,3 +1198,17 @@ def test_importing_the_package_loads_no_parser() -> None:
         "assert 'user_agents' not in sys.modules, 'the fast path needs no user_agents'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_importing_the_package_loads_no_event_loop_http_or_database_module() -> None:
+    # What the README promises for start-up time: these load when first needed, in the
+    # worker (a thread started by the first event), not when an app imports us.
+    code = (
+        "import sys, agentsight_middleware\n"
+        "from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware\n"
+        "import agentsight_middleware._delivery, agentsight_middleware._park\n"
+        "late = ('asyncio', 'httpx', 'httptools', 'h11', 'sqlite3')\n"
+        "loaded = [m for m in late if m in sys.modules]\n"
+        "assert not loaded, f'imported eagerly: {loaded}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -29,6 +29,7 @@ import httpx
 from ..__version__ import __version__
 from .._credentials import Credentials, mask_key
 from .._log import logger
+from .._park import park, resolve
 from .._retry import ACCEPTED, REJECTED, RETRY, THROTTLED, backoff, classify, retry_after
 from ._http11 import Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
@@ -286,8 +287,8 @@ class HttpSink:
             )
         self._bell.ring(len(items))
         idle_tick, self._idle_tick = self._idle_tick, None
-        if idle_tick is not None and not idle_tick.done():
-            idle_tick.set_result(None)
+        if idle_tick is not None:
+            resolve(idle_tick)
 
     def pending(self) -> int:
         return self._outbox.depth()
@@ -316,11 +317,9 @@ class HttpSink:
                 await asyncio.sleep(_POLL)
             else:
                 self._idle_tick = idle_tick = loop.create_future()
-                timer = loop.call_later(_IDLE_POLL, _resolve, idle_tick)
                 try:
-                    await idle_tick
+                    await park(idle_tick, _IDLE_POLL)
                 finally:
-                    timer.cancel()
                     self._idle_tick = None
                 continue
             try:
@@ -571,8 +570,3 @@ class HttpSink:
             # How far delivery has grown towards ``concurrency`` (see _grow).
             "senders": self._senders,
         }
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
