@@ -38,7 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 class AgentSightMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of an ASGI app."""
 
-    def __init__(self, app: Any, **options: Any) -> None:
+    def __init__(self, app: Any, /, **options: Any) -> None:
         super().__init__(app, **options)
         self._id_header = self._settings.id_header.encode("latin-1")
 

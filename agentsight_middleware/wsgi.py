@@ -42,7 +42,7 @@ def _environ_key(header: str) -> str:
 class AgentSightWSGIMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of a WSGI app."""
 
-    def __init__(self, app: Any, **options: Any) -> None:
+    def __init__(self, app: Any, /, **options: Any) -> None:
         super().__init__(app, **options)
         self._id_key = _environ_key(self._settings.id_header)
         self._idle = True

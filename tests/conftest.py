@@ -39,7 +39,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def tracker() -> Iterator[RecordingTracker]:
+def tracker() -> RecordingTracker:
     return RecordingTracker()
 
 

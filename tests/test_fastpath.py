@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -100,7 +101,7 @@ def test_exact_matches_cover_every_standard_method() -> None:
         for method, match in by_method.items():
             assert match == rules.match(method, path)
     assert rules.exact_matches["/api/chat"]["POST"] is not None
-    assert rules.exact_matches["/api/chat"]["POST"].rule.kind == "chat"  # type: ignore[union-attr]
+    assert rules.exact_matches["/api/chat"]["POST"].rule.kind == "chat"
     assert rules.exact_matches["/api/chat"]["GET"].rule.kind == "widget"  # type: ignore[union-attr]
     assert rules.exact_matches["/"]["HEAD"] is None
 
@@ -114,7 +115,7 @@ def test_no_prefix_rules_mean_an_empty_prefix_tuple() -> None:
 @pytest.mark.anyio
 async def test_asgi_extension_and_lower_case_methods_still_match() -> None:
     tracker = RecordingTracker()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -123,13 +124,13 @@ async def test_asgi_extension_and_lower_case_methods_still_match() -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     mw = AgentSightMiddleware(app, chat_routes=["/api/chat"], tracker=tracker)
     try:
         for method in ("PROPFIND", "post"):
-            scope = {
+            scope: dict[str, Any] = {
                 "type": "http",
                 "method": method,
                 "path": "/api/chat",

@@ -82,7 +82,7 @@ class Scripted:
         self.connections += 1
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._writers.append(writer)
         # Swallowing the cancellation at shutdown: on Python 3.11 asyncio logs a
         # spurious error for a cancelled stream handler task.
@@ -600,7 +600,7 @@ async def test_an_address_that_drops_packets_does_not_hide_one_that_works() -> N
                     (socket.AF_INET, socket.SOCK_STREAM, 6, "", good),
                 ]
 
-            loop.getaddrinfo = two_addresses  # type: ignore[method-assign]
+            loop.getaddrinfo = two_addresses  # type: ignore[method-assign,assignment]
             pool = Http11Pool(
                 "http://api.example/api/conversations/", headers=HEADERS, max_connections=1,
                 timeout=3,
@@ -610,7 +610,7 @@ async def test_an_address_that_drops_packets_does_not_hide_one_that_works() -> N
             assert time.monotonic() - started < 2
             pool.close()
     finally:
-        del loop.getaddrinfo  # type: ignore[method-assign]
+        del loop.getaddrinfo
         for filler in fillers:
             filler.close()
         hole.close()

@@ -3,6 +3,10 @@ public leaks from the package's top level."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import agentsight_middleware
 import agentsight_middleware.sdk
 import agentsight_middleware.testing
@@ -40,3 +44,32 @@ def test_version_is_semver() -> None:
     assert re.fullmatch(
         r"\d+\.\d+\.\d+(\.dev\d+|[ab]\d+|rc\d+)?", agentsight_middleware.__version__
     )
+
+
+def test_the_readme_one_liners_type_check_under_mypy_strict(tmp_path: Path) -> None:
+    # What a user's type checker sees: Starlette's add_middleware() wants a factory whose
+    # app argument is positional-only (with **options, a keyword "app" could go either way).
+    usage = tmp_path / "usage.py"
+    usage.write_text(
+        "from fastapi import FastAPI\n"
+        "from flask import Flask\n"
+        "from starlette.applications import Starlette\n"
+        "from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware\n"
+        "\n"
+        "api = FastAPI()\n"
+        'api.add_middleware(AgentSightMiddleware, widget_pages=["/"], chat_routes=["POST /chat"])\n'
+        "star = Starlette()\n"
+        'star.add_middleware(AgentSightMiddleware, widget_pages=["/"])\n'
+        "raw = AgentSightMiddleware(star, widget_pages=['/'])\n"
+        "flask = Flask(__name__)\n"
+        # (Flask types wsgi_app as a method: replacing it needs this with or without us.)
+        'flask.wsgi_app = AgentSightWSGIMiddleware(flask.wsgi_app, widget_pages=["/"])'
+        "  # type: ignore[method-assign]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(usage)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

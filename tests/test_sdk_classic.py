@@ -98,6 +98,7 @@ def filing(api: StandInAgentSightAPI, visitors: list[Visitor]) -> Filing:
             wrong_row += 1
             details.append(f"{filed}, row {key} ({row['conversation_id'] if row else None})")
         else:
+            assert isinstance(content, str)  # expected was found for it
             delivered[content] += 1
     lost = sum(1 for content in owner if delivered[content] == 0)
     return Filing(len(owner), len(posts), wrong_id, wrong_row, lost, details)

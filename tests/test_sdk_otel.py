@@ -163,7 +163,7 @@ def fake_sdk(monkeypatch: pytest.MonkeyPatch) -> FakeSDK:
     return sdk
 
 
-FIELDS = {
+FIELDS: dict[str, Any] = {
     "conversation_id": "conv_1",
     "customer_id": "cust",
     "customer_ip_address": "203.0.113.9",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from agentsight import ConversationTracker
+from agentsight import ConversationTracker  # type: ignore[import-not-found]  # SDK venv only
 
 from agentsight_middleware.sdk import ClassicTracker
 from tests.apps.sdk_shop import THINK_SECONDS, fastapi_shop, flask_shop, reply_to, serve

@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-import agentsight
+import agentsight  # type: ignore[import-not-found]  # only in the SDK's own venv
 
 from agentsight_middleware.sdk import AgentSightSDK
 from tests.apps.sdk_shop import THINK_SECONDS, fastapi_shop, flask_shop, reply_to, serve
