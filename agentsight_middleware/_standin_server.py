@@ -123,6 +123,12 @@ class _H11Parser:
 
     def feed_data(self, data: bytes) -> None:
         callbacks = self._callbacks
+        if self._h11.their_state is h11.IDLE and not self._h11.trailing_data[0]:
+            # Between requests: a CRLF is to be ignored (RFC 9112 2.2), as llhttp does,
+            # however the segments cut it.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
         self._h11.receive_data(data)
         while True:
             try:
@@ -170,6 +176,7 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._expecting = False  # a request's head asked for 100 Continue
         self._upgrade = False
+        self._done_reading = False  # after a refused upgrade or a request it cannot parse
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._url = b""
@@ -192,16 +199,17 @@ class _Connection(asyncio.Protocol):
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._done_reading:
             return
         try:
             self._parser.feed_data(data)
         except Exception as exc:
+            # Nothing more is read from this connection: its last answer closes it.
+            self._done_reading = True
+            if self._transport is not None:
+                self._transport.pause_reading()
             if httptools is not None and isinstance(exc, httptools.HttpParserUpgrade):
-                # The request that asked to upgrade has been queued with its refusal.
-                if self._transport is not None:
-                    self._transport.pause_reading()
-                return
+                return  # the request that asked to upgrade is queued with its refusal
             # Whatever the parser refuses (a broken request line, an invalid
             # Content-Length, malformed chunks): one answer, then the connection goes.
             self._queue.append((None, False, "Malformed request."))
@@ -212,7 +220,7 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._closing:
+        if self._transport is not None and not self._closing and not self._done_reading:
             self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:

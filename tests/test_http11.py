@@ -8,6 +8,7 @@ must behave the same whichever one this interpreter has."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl
@@ -1322,3 +1323,41 @@ async def test_a_hanging_api_holds_one_event_per_connection_not_a_pipeline() -> 
         await sink.aclose()
     assert in_flight == 2  # one per sender (two senders: concurrency=2)
     assert claimed == 2
+
+
+async def test_a_pipeline_longer_than_the_outbox_lease_sends_each_event_once(
+    tmp_path: Path,
+) -> None:
+    # Found in a second review: a slow API that answers a connection's requests one after
+    # the other keeps a pipeline going past the SQLite lease (each answer restarts the
+    # time limit). The leases of events in flight are renewed, so no other claim takes
+    # them meanwhile and sends them again.
+    seen: collections.Counter[bytes] = collections.Counter()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, _, body = await read_request(reader)
+            seen[body] += 1
+            await asyncio.sleep(0.3)
+            writer.write(echo(b"{}"))
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        endpoint = url.split("/api/")[0]
+        sink = HttpSink(
+            Credentials("key", endpoint, "production"),
+            outbox=SQLiteOutbox(tmp_path / "outbox.sqlite3", lease=1.5),
+            concurrency=2,
+            timeout=1.0,
+        )
+        await sink.start()
+        await sink.put([{"conversation_id": "warm-up", "is_used": False}])
+        await sink.drain(time.monotonic() + 5)
+        await sink.put([{"conversation_id": f"c{i}", "is_used": False} for i in range(24)])
+        left = await sink.drain(time.monotonic() + 30)
+        stats = sink.stats()
+        await sink.aclose()
+    assert left == 0
+    assert len(seen) == 25
+    assert max(seen.values()) == 1, [body for body, n in seen.items() if n > 1]
+    assert stats["sent"] == 25

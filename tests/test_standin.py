@@ -988,3 +988,24 @@ def test_json_nested_past_the_recursion_limit_is_a_parse_error(
     )
     assert response.status_code == 400
     assert "JSON parse error" in response.json()["detail"]
+
+
+def test_a_crlf_before_a_request_is_skipped_however_the_segments_cut_it(
+    api: StandInAgentSightAPI,
+) -> None:
+    import socket
+
+    request = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    host, port = api.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        for chunks in (
+            [request],
+            [b"\r\n" + request],
+            [b"\r\n", request],
+            [b"\r", b"\n" + request],
+        ):
+            for chunk in chunks:
+                sock.sendall(chunk)
+                time.sleep(0.02)  # each its own segment
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 404 "), (chunks, answer[:40])

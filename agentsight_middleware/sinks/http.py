@@ -146,6 +146,8 @@ class HttpSink:
         self._ready: deque[OutboxItem] = deque()
         self._busy = 0  # senders waiting for answers
         self._in_flight = 0  # events in their requests
+        # The claimed events being sent, by sender: their leases are renewed while they are.
+        self._flying: dict[int, list[OutboxItem]] = {}
         self._acks: list[OutboxItem] = []
         self._paused_until = 0.0
         self._idle_tick: asyncio.Future[None] | None = None
@@ -326,7 +328,25 @@ class HttpSink:
                 self._grow()
             except Exception as exc:  # this task must outlive anything: it is the poll
                 self._log_once("grow", "could not add delivery senders: %r", exc)
+            try:
+                self._renew_leases()
+            except Exception as exc:
+                # Not renewed, a lease runs out as it would have: another claim may then
+                # send its event a second time, which the API absorbs (same id).
+                self._log_once("renew", "could not renew the leases of events in flight: %r", exc)
             self._bell.ring(1)
+
+    def _renew_leases(self) -> None:
+        """Past half their lease, the claims of events still in flight or waiting for a
+        sender are renewed (one transaction), so no other claim can take them meanwhile."""
+        lease = self._outbox.lease
+        if lease is None:
+            return
+        old = time.time() - lease / 2
+        stale = [item for items in self._flying.values() for item in items if item.leased_at < old]
+        stale += [item for item in self._ready if item.leased_at < old]
+        if stale:
+            self._outbox.renew(stale, time.time())
 
     async def _sender(self) -> None:
         ready, bell, outbox = self._ready, self._bell, self._outbox
@@ -362,11 +382,14 @@ class HttpSink:
                     bell.ring(min(free - 1, len(ready)))  # the others are for senders that wait
                 self._busy += 1
                 self._in_flight += len(items)
+                flying = self._flying
+                flying[id(items)] = items
                 try:
                     await self._send_many(items)
                 finally:
                     self._busy -= 1
                     self._in_flight -= len(items)
+                    del flying[id(items)]
             except Exception as exc:
                 # A sender that died here would take a share of the delivery capacity
                 # with it, silently, and leave its events claimed (and their conversations

@@ -31,16 +31,21 @@ class OutboxItem:
     attempts: int = 0
     not_before: float = 0.0
     leased: bool = False
+    #: When its lease was taken or last renewed (time.time()).
+    leased_at: float = 0.0
 
 
 class Outbox(Protocol):
     durable: bool
+    #: Seconds a claim holds a row against other claimers, or None (no expiry).
+    lease: float | None
 
     def put(self, items: list[tuple[str, bytes]]) -> int: ...
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
     def ack(self, items: list[OutboxItem]) -> None: ...
     def retry(self, item: OutboxItem, not_before: float) -> None: ...
     def release(self, item: OutboxItem) -> None: ...
+    def renew(self, items: list[OutboxItem], now: float) -> None: ...
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
     def close(self) -> None: ...
@@ -54,6 +59,7 @@ class MemoryOutbox:
     """
 
     durable = False
+    lease: float | None = None  # a claim holds until it is acknowledged or given back
 
     def __init__(self, max_items: int) -> None:
         self._max = max_items
@@ -108,6 +114,9 @@ class MemoryOutbox:
     def release(self, item: OutboxItem) -> None:
         """Give a claimed item back as it was: not an attempt, claimable at once."""
         item.leased = False
+
+    def renew(self, items: list[OutboxItem], now: float) -> None:
+        pass
 
     def discard(self, item: OutboxItem) -> None:
         self.ack([item])
@@ -190,6 +199,7 @@ class SQLiteOutbox:
 
     def __init__(self, path: str | os.PathLike[str], *, lease: float = 60.0) -> None:
         self.path = Path(path)
+        self.lease: float | None = lease
         self._lease = lease
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.Lock()
@@ -231,7 +241,9 @@ class SQLiteOutbox:
                     "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
                     [(now + self._lease, self._owner, row[0]) for row in rows],
                 )
-        return [OutboxItem(row[0], row[1], row[2], row[3], leased=True) for row in rows]
+        return [
+            OutboxItem(row[0], row[1], row[2], row[3], leased=True, leased_at=now) for row in rows
+        ]
 
     def ack(self, items: list[OutboxItem]) -> None:
         if not items:
@@ -262,6 +274,22 @@ class SQLiteOutbox:
                 "WHERE id = ? AND lease_owner = ?",
                 (item.id, self._owner),
             )
+
+    def renew(self, items: list[OutboxItem], now: float) -> None:
+        """Extend the leases of rows this process is still sending: a pipeline to a slow
+        API may take longer than a lease, and an expired one lets another claim send the
+        row again. A process that dies stops renewing, and its rows free up as before."""
+        if not items:
+            return
+        with self._lock:
+            conn = self._connect()
+            with write_transaction(conn):
+                conn.executemany(
+                    "UPDATE outbox SET lease_until = ? WHERE id = ? AND lease_owner = ?",
+                    [(now + self._lease, item.id, self._owner) for item in items],
+                )
+        for item in items:
+            item.leased_at = now
 
     def discard(self, item: OutboxItem) -> None:
         self.ack([item])
