@@ -660,10 +660,7 @@ class Http11Pool:
                 # said it would, or the answer was its last): the rest were never sent.
                 results += [_not_sent()] * (n - done)
                 break
-            pipelining = connection.proven and self.engine == "httptools"
-            if pipelining and time.monotonic() < self._no_pipelining_until:
-                pipelining = False
-            batch = bodies[done : done + (PIPELINE if pipelining else 1)]
+            batch = bodies[done : done + (self.max_depth if connection.proven else 1)]
             try:
                 answered = await connection.exchange(batch, self._timeout)
             except BaseException:

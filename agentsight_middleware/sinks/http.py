@@ -145,7 +145,6 @@ class HttpSink:
         # (one query for a SQLite outbox), sends one at a time per sender.
         self._ready: deque[OutboxItem] = deque()
         self._busy = 0  # senders waiting for answers
-        self._in_flight = 0  # events in their requests
         # The claimed events being sent, by sender: their leases are renewed while they are.
         self._flying: dict[int, list[OutboxItem]] = {}
         self._acks: list[OutboxItem] = []
@@ -225,6 +224,11 @@ class HttpSink:
         senders = self._senders
         if senders < self._concurrency and self._busy >= senders and claims_full and accepted:
             self._add_senders(min(senders, self._concurrency - senders))
+
+    @property
+    def _in_flight(self) -> int:
+        """Events in requests now."""
+        return sum(map(len, self._flying.values()))
 
     def _depth(self) -> int:
         """Events one sender takes at a time: one request each, written at once (pipelined)
@@ -342,11 +346,12 @@ class HttpSink:
         lease = self._outbox.lease
         if lease is None:
             return
-        old = time.time() - lease / 2
+        now = time.time()
+        old = now - lease / 2
         stale = [item for items in self._flying.values() for item in items if item.leased_at < old]
         stale += [item for item in self._ready if item.leased_at < old]
         if stale:
-            self._outbox.renew(stale, time.time())
+            self._outbox.renew(stale, now)
 
     async def _sender(self) -> None:
         ready, bell, outbox = self._ready, self._bell, self._outbox
@@ -381,14 +386,12 @@ class HttpSink:
                 if ready:
                     bell.ring(min(free - 1, len(ready)))  # the others are for senders that wait
                 self._busy += 1
-                self._in_flight += len(items)
                 flying = self._flying
                 flying[id(items)] = items
                 try:
                     await self._send_many(items)
                 finally:
                     self._busy -= 1
-                    self._in_flight -= len(items)
                     del flying[id(items)]
             except Exception as exc:
                 # A sender that died here would take a share of the delivery capacity
@@ -427,8 +430,7 @@ class HttpSink:
             # so (a durable outbox would send it again at the next start otherwise).
             for item, result in zip(items, results, strict=False):
                 if isinstance(result, Reply) and classify(result.status) == ACCEPTED:
-                    self._ack(item)
-                    self.sent += 1
+                    self._outcome(item, result)
             raise
         except Exception as exc:
             results = results[: len(items)]

@@ -245,17 +245,21 @@ class SQLiteOutbox:
             OutboxItem(row[0], row[1], row[2], row[3], leased=True, leased_at=now) for row in rows
         ]
 
-    def ack(self, items: list[OutboxItem]) -> None:
-        if not items:
+    def _for_each(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """``sql`` once per row, all in one transaction: in autocommit mode each statement
+        would be its own."""
+        if not rows:
             return
         with self._lock:
             conn = self._connect()
-            # One transaction for the lot: in autocommit mode each DELETE would be its own.
             with write_transaction(conn):
-                conn.executemany(
-                    "DELETE FROM outbox WHERE id = ? AND lease_owner = ?",
-                    [(item.id, self._owner) for item in items],
-                )
+                conn.executemany(sql, rows)
+
+    def ack(self, items: list[OutboxItem]) -> None:
+        self._for_each(
+            "DELETE FROM outbox WHERE id = ? AND lease_owner = ?",
+            [(item.id, self._owner) for item in items],
+        )
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
         with self._lock:
@@ -279,15 +283,10 @@ class SQLiteOutbox:
         """Extend the leases of rows this process is still sending: a pipeline to a slow
         API may take longer than a lease, and an expired one lets another claim send the
         row again. A process that dies stops renewing, and its rows free up as before."""
-        if not items:
-            return
-        with self._lock:
-            conn = self._connect()
-            with write_transaction(conn):
-                conn.executemany(
-                    "UPDATE outbox SET lease_until = ? WHERE id = ? AND lease_owner = ?",
-                    [(now + self._lease, item.id, self._owner) for item in items],
-                )
+        self._for_each(
+            "UPDATE outbox SET lease_until = ? WHERE id = ? AND lease_owner = ?",
+            [(now + self._lease, item.id, self._owner) for item in items],
+        )
         for item in items:
             item.leased_at = now
 
