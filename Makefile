@@ -22,7 +22,7 @@ lint: install
 	$(BIN)/ruff format --check agentsight_middleware tests examples benchmarks
 
 types: install
-	$(BIN)/mypy --strict agentsight_middleware tests
+	$(BIN)/mypy --strict agentsight_middleware tests examples benchmarks
 
 # The browser tests drive Debian's Chromium (never a downloaded browser build).
 chromium:

@@ -577,10 +577,9 @@ class LeastTracker:
             return
         path = scope["path"]
         if path == "/":
-            cid = self._find(scope["headers"], b"")
-            first = cid is None
-            if cid is None:
-                cid = mint_id()
+            found = self._find(scope["headers"], b"")
+            first = found is None
+            cid = mint_id() if found is None else found
             cookie = (b"set-cookie", COOKIE_NAME.encode() + b"=" + cid.encode() + _LEAST_COOKIE)
             events = self.events
 
@@ -631,10 +630,9 @@ class WSGILeastTracker:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "")
         if path == "/":
-            cid = self._cookie(environ)
-            first = cid is None
-            if cid is None:
-                cid = mint_id()
+            found = self._cookie(environ)
+            first = found is None
+            cid = mint_id() if found is None else found
             cookie = ("Set-Cookie", f"{COOKIE_NAME}={cid}" + _LEAST_COOKIE.decode())
             events = self.events
 
