@@ -24,7 +24,12 @@ def _declared_length(value: str | None) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    return int(value) if value.isdigit() else -1
+    # ASCII digits only: str.isdigit() also says yes to "²" and other digits int()
+    # refuses, and past 4,300 digits int() refuses any string. Eighteen digits is
+    # already an exabyte: a longer value is nonsense too.
+    if value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    return -1
 
 
 async def peek_asgi(
@@ -172,15 +177,19 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     if stream is None:
         return b""
     declared = _declared_length(environ.get("CONTENT_LENGTH") or None)
-    if declared is not None:
-        if not 0 < declared <= limit:
-            return b""
-        want = declared
-        # Never read past Content-Length: on a plain socket that read would block.
-        rest: IO[bytes] | None = None
-    elif environ.get("wsgi.input_terminated"):
+    if declared is not None and not 0 < declared <= limit:
+        return b""
+    rest: IO[bytes] | None
+    if environ.get("wsgi.input_terminated"):
+        # The stream ends with the body, whatever Content-Length says (a de-chunked
+        # body keeps the header, and Werkzeug then ignores it): read it as the app
+        # would, and serve the rest of the stream after the bytes read.
         want = limit + 1  # one byte more tells "too big" from "exactly the limit"
         rest = stream
+    elif declared is not None:
+        want = declared
+        # Never read past Content-Length: on a plain socket that read would block.
+        rest = None
     else:
         return b""  # no length and no terminated stream: the app could not read it either
 

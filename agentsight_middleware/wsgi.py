@@ -10,8 +10,10 @@ Requests whose path matches no rule go straight to the app.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable, Iterable, MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ._base import MiddlewareBase
@@ -139,36 +141,31 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             conversation_id, id_source, started = found, "cookie", 0.0
         conversation = self._conversation(environ, match, path, conversation_id, id_source)
-        current = core.current
-        token = current.set(conversation)
-        try:
-            if not _is_page_view(environ):
-                return self.app(environ, start_response)  # type: ignore[no-any-return]
-            set_cookie = (
-                "Set-Cookie",
-                self._settings.set_cookie_text(conversation_id, self._is_secure(environ)),
-            )
-            # Only a new id is a new chance to chat: a reload or the next page of
-            # the same visit keeps the conversation (and its cookie).
-            initialize = None
-            if id_source == MINTED:
-                initialize = self._submit or core.delivery.initialize
+        if not _is_page_view(environ):
+            return _respond(self.app, environ, start_response, core.current, conversation, None)
+        set_cookie = (
+            "Set-Cookie",
+            self._settings.set_cookie_text(conversation_id, self._is_secure(environ)),
+        )
+        # Only a new id is a new chance to chat: a reload or the next page of
+        # the same visit keeps the conversation (and its cookie).
+        initialize = None
+        if id_source == MINTED:
+            initialize = self._submit or core.delivery.initialize
 
-            def wrapped_start_response(
-                status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
-            ) -> Any:
-                # A second call with exc_info is the error path: never a view.
-                if exc_info is None and is_html_success(
-                    _status_code(status), _content_type(response_headers)
-                ):
-                    response_headers = [*response_headers, set_cookie]
-                    if initialize is not None:
-                        initialize(new_event((INITIALIZE, conversation, started)))
-                return start_response(status, response_headers, exc_info)
+        def wrapped_start_response(
+            status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
+            # A second call with exc_info is the error path: never a view.
+            if exc_info is None and is_html_success(
+                _status_code(status), _content_type(response_headers)
+            ):
+                response_headers = [*response_headers, set_cookie]
+                if initialize is not None:
+                    initialize(new_event((INITIALIZE, conversation, started)))
+            return _start(start_response, status, response_headers, exc_info)
 
-            return self.app(environ, wrapped_start_response)  # type: ignore[no-any-return]
-        finally:
-            current.reset(token)
+        return _respond(self.app, environ, wrapped_start_response, core.current, conversation, None)
 
     def _chat(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str
@@ -188,39 +185,137 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             conversation_id, id_source = found
         conversation = self._conversation(environ, match, path, conversation_id, id_source)
-        current = core.current
-        token = current.set(conversation)
-        try:
-            # In the request's own thread, before the app: a handler using the SDK
-            # finds the conversation already in place.
-            event = new_event((ENGAGE, conversation, started))
-            handler_scope = None
-            if self._submit is not None:
-                self._submit(event)
-            else:
-                delivery = core.delivery
+        # In the request's own thread, before the app: a handler using the SDK
+        # finds the conversation already in place.
+        event = new_event((ENGAGE, conversation, started))
+        handler_scope = None
+        if self._submit is not None:
+            self._submit(event)
+        else:
+            delivery = core.delivery
+            current = core.current
+            token = current.set(conversation)
+            try:
                 delivery.engage_sync(event)
-                handler_scope = delivery.scope(event)
-            app_start_response = start_response
-            if id_source == MINTED or id_source == "cookie":
-                # Keep later chat requests of this browser on the same conversation.
-                set_cookie = (
-                    "Set-Cookie",
-                    settings.set_cookie_text(conversation_id, self._is_secure(environ)),
-                )
+            finally:
+                current.reset(token)
+            handler_scope = delivery.scope(event)
+        app_start_response = start_response
+        if id_source == MINTED or id_source == "cookie":
+            # Keep later chat requests of this browser on the same conversation.
+            set_cookie = (
+                "Set-Cookie",
+                settings.set_cookie_text(conversation_id, self._is_secure(environ)),
+            )
 
-                def wrapped_start_response(
-                    status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
-                ) -> Any:
-                    return start_response(status, [*response_headers, set_cookie], exc_info)
+            def wrapped_start_response(
+                status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Any:
+                return _start(start_response, status, [*response_headers, set_cookie], exc_info)
 
-                app_start_response = wrapped_start_response
-            if handler_scope is None:
-                return self.app(environ, app_start_response)  # type: ignore[no-any-return]
-            with handler_scope:
-                return self.app(environ, app_start_response)  # type: ignore[no-any-return]
+            app_start_response = wrapped_start_response
+        return _respond(
+            self.app, environ, app_start_response, core.current, conversation, handler_scope
+        )
+
+
+def _respond(
+    app: Any,
+    environ: Environ,
+    start_response: StartResponse,
+    current: contextvars.ContextVar[Conversation | None],
+    conversation: Conversation,
+    handler_scope: AbstractContextManager[None] | None,
+) -> Iterable[bytes]:
+    """The app's response, called and iterated with the conversation current.
+
+    A WSGI app may produce its body after it returns (Flask's
+    ``stream_with_context``, Django's ``StreamingHttpResponse``): the handler's
+    generator runs while the server iterates. So the call, every step of the
+    iteration and ``close()`` run in one context of their own, in which the
+    conversation is set and the tracker's scope stays entered until ``close()``,
+    as an ASGI app's whole response runs inside the middleware's call.
+    """
+    context = contextvars.copy_context()
+    context.run(current.set, conversation)
+    if handler_scope is not None:
+        context.run(handler_scope.__enter__)
+    try:
+        result = context.run(app, environ, start_response)
+    except BaseException as exc:
+        if handler_scope is not None:
+            # The guarded scope logs its own failures and lets the app's error go on.
+            context.run(handler_scope.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    if type(result) is list or type(result) is tuple or _is_file(result, environ):
+        # No code of the app's runs while these are read (and a server's fast
+        # paths for them, len() or sendfile, must still see them).
+        if handler_scope is not None:
+            context.run(handler_scope.__exit__, None, None, None)
+        return result  # type: ignore[no-any-return]
+    return _InContext(result, context, handler_scope)
+
+
+def _is_file(result: object, environ: Environ) -> bool:
+    wrapper = environ.get("wsgi.file_wrapper")
+    return isinstance(wrapper, type) and isinstance(result, wrapper)
+
+
+class _InContext:
+    """An app's response iterable whose steps and ``close()`` run in ``context``."""
+
+    __slots__ = ("_close", "_context", "_next", "_scope")
+
+    def __init__(
+        self,
+        result: Iterable[bytes],
+        context: contextvars.Context,
+        scope: AbstractContextManager[None] | None,
+    ) -> None:
+        self._context = context
+        self._scope = scope
+        self._close = getattr(result, "close", None)
+        try:
+            self._next = context.run(iter, result).__next__
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> _InContext:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return self._context.run(self._next)
+        except StopIteration:
+            # The body is complete: leave the scope now rather than at close(), which
+            # a server should call but a test client may never.
+            self._leave()
+            raise
+
+    def close(self) -> None:
+        # PEP 3333: the server calls this once, however the iteration ended.
+        close, self._close = self._close, None
+        try:
+            if close is not None:
+                self._context.run(close)
         finally:
-            current.reset(token)
+            self._leave()
+
+    def _leave(self) -> None:
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            self._context.run(scope.__exit__, None, None, None)
+
+
+def _start(
+    start_response: StartResponse, status: str, headers: list[tuple[str, str]], exc_info: Any
+) -> Any:
+    # Two arguments unless there is an error to report: PEP 3333 servers take
+    # three, but test harnesses and hand-written servers often take two.
+    if exc_info is None:
+        return start_response(status, headers)
+    return start_response(status, headers, exc_info)
 
 
 def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:

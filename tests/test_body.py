@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
-from agentsight_middleware._body import ReplayInput, peek_asgi, peek_wsgi
+from agentsight_middleware._body import ReplayInput, _declared_length, peek_asgi, peek_wsgi
 from agentsight_middleware.testing import RecordingTracker
 
 chunkings = st.lists(st.binary(max_size=300), max_size=8)
@@ -242,3 +242,34 @@ def test_asgi_first_receive_error_reaches_the_app() -> None:
             await replay()
 
     anyio.run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("12", 12),
+        (" 12 ", 12),
+        ("0", 0),
+        ("", -1),
+        ("-1", -1),
+        ("+5", -1),
+        ("1_000", -1),
+        ("\xb2", -1),  # str.isdigit() says yes, int() says no
+        ("\u0663", -1),  # an Arabic-Indic three: a digit, not ASCII
+        ("9" * 18, 10**18 - 1),
+        ("9" * 19, -1),
+        ("1" * 4301, -1),  # past int()'s limit for strings
+    ],
+)
+def test_declared_length(value: str | None, expected: int | None) -> None:
+    assert _declared_length(value) == expected
+
+
+@pytest.mark.parametrize("length", ["\xb2", "1" * 4301])
+def test_asgi_nonsense_length_leaves_the_stream_alone(length: str) -> None:
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("read")
+
+    body, replay = anyio.run(peek_asgi, receive, length, 1024)
+    assert (body, replay) == (b"", receive)

@@ -4,6 +4,7 @@ based SDK attributes work to a conversation through context variables."""
 from __future__ import annotations
 
 import contextvars
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -112,4 +113,130 @@ def test_wsgi_handler_runs_inside_the_scope() -> None:
     )
     response = Client(app).post("/chat", headers={"X-Conversation-ID": "conv_wsgi"})
     assert response.get_json() == {"active": "conv_wsgi"}
+    assert tracker.exits == [None]
+
+
+def _streaming_flask(tracker: ScopedTracker, seen: list[tuple[str, str | None, str | None]]) -> Any:
+    from flask import Response, stream_with_context
+
+    from agentsight_middleware import current_conversation
+
+    app = Flask(__name__)
+
+    def note(where: str) -> None:
+        current = current_conversation()
+        seen.append((where, active.get(), current.id if current else None))
+
+    @app.post("/chat")
+    def chat() -> Any:
+        note("handler")
+
+        def tokens() -> Iterator[str]:
+            for token in ("a", "b"):
+                note(f"stream {token}")
+                yield token
+
+        return Response(stream_with_context(tokens()), mimetype="text/plain")
+
+    app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, chat_routes=["POST /chat"], tracker=tracker
+    )
+    return app
+
+
+def test_wsgi_streamed_body_runs_inside_the_scope_on_a_real_server() -> None:
+    # A streamed answer is produced while the server iterates, after the app returned:
+    # the conversation and the tracker's scope must still be those of the request.
+    import threading
+
+    from werkzeug.serving import make_server
+
+    tracker = ScopedTracker()
+    seen: list[tuple[str, str | None, str | None]] = []
+    server = make_server("127.0.0.1", 0, _streaming_flask(tracker, seen), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/chat"
+        for cid in ("conv_one", "conv_two"):
+            response = httpx.post(url, headers={"x-conversation-id": cid})
+            assert response.text == "ab"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [
+        (where, cid, cid)
+        for cid in ("conv_one", "conv_two")
+        for where in ("handler", "stream a", "stream b")
+    ]
+    # Entered once per request, left once the server closed the response.
+    assert tracker.exits == [None, None]
+
+
+def test_wsgi_scope_is_left_at_close_not_before() -> None:
+    tracker = ScopedTracker()
+    seen: list[tuple[str, str | None, str | None]] = []
+    app = _streaming_flask(tracker, seen)
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/chat",
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "HTTP_X_CONVERSATION_ID": "conv_late",
+    }
+    result = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    assert tracker.exits == []
+    assert active.get() is None  # the caller's own context is left as it was
+    iterator = iter(result)
+    assert next(iterator) == b"a"
+    assert tracker.exits == []  # still inside while the body is produced
+    assert next(iterator) == b"b"
+    assert tracker.exits == []
+    with pytest.raises(StopIteration):
+        next(iterator)
+    assert tracker.exits == [None]  # left when the body is complete
+    result.close()
+    result.close()  # a second close is harmless
+    assert tracker.exits == [None]
+    assert [s[1] for s in seen] == ["conv_late"] * 3
+    # A response abandoned half-way is left at close().
+    result = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    assert next(iter(result)) == b"a"
+    assert tracker.exits == [None]
+    result.close()
+    assert tracker.exits == [None, None]
+
+
+def test_wsgi_error_while_streaming_propagates_and_close_leaves_the_scope() -> None:
+    tracker = ScopedTracker()
+    closed: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            yield b"first"
+            raise ValueError("generator failed")
+
+        def close(self) -> None:
+            closed.append(active.get() == "conv_err")
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /chat"], tracker=tracker)
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/chat",
+        "wsgi.input": io.BytesIO(b""),
+        "HTTP_X_CONVERSATION_ID": "conv_err",
+    }
+    result: Any = mw(environ, lambda status, headers, exc_info=None: None)
+    iterator = iter(result)
+    assert next(iterator) == b"first"
+    with pytest.raises(ValueError, match="generator failed"):
+        next(iterator)
+    result.close()
+    assert closed == [True]  # the app's close ran once, inside the request's context
     assert tracker.exits == [None]

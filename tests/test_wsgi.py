@@ -3,6 +3,7 @@ and through Werkzeug's real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -230,3 +231,123 @@ def test_flask_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
     cache = middleware_of(app)._core._secure
     assert len(cache) == 3
     assert all(len(key[2] or "") <= 16 for key in cache)
+
+
+def _raw_exchange(port: int, request_bytes: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _echo_flask(wrap_it: bool) -> Any:
+    app = Flask(__name__)
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        return jsonify(body=request.get_data(as_text=True))
+
+    if wrap_it:
+        app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+            app.wsgi_app, chat_routes=["POST /api/chat"], tracker=RecordingTracker()
+        )
+    return app
+
+
+_CHUNKED = b'{"conversation_id": "conv_abc", "message": "hello"}'
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        # str.isdigit() takes a superscript two; int() does not.
+        (b"Content-Length: \xb2\r\n", b"{}"),
+        # Past 4,300 digits int() refuses any string.
+        (b"Content-Length: " + b"1" * 4301 + b"\r\n", b"{}"),
+        # De-chunked by the server, which keeps the header: the stream is the body.
+        (
+            b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(_CHUNKED), _CHUNKED),
+        ),
+    ],
+    ids=["superscript-length", "4301-digit-length", "chunked-with-length"],
+)
+def test_odd_request_bodies_reach_the_app_as_without_us(head: bytes, body: bytes) -> None:
+    # Werkzeug's development server (flask run) lets these through; the app's answer
+    # must be the same with the middleware in front.
+    answers = []
+    for wrap_it in (False, True):
+        server = make_server("127.0.0.1", 0, _echo_flask(wrap_it), threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            answers.append(
+                _raw_exchange(
+                    server.server_port,
+                    b"POST /api/chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    + head
+                    + b"Connection: close\r\n\r\n"
+                    + body,
+                )
+            )
+        finally:
+            server.shutdown()
+            server.server_close()
+    plain, wrapped = (answer.split(b"\r\n\r\n", 1) for answer in answers)
+    assert plain[0].split(b"\r\n")[0] == wrapped[0].split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    assert wrapped[1] == plain[1]
+
+
+def test_a_two_argument_start_response_is_called_with_two() -> None:
+    # PEP 3333 servers take exc_info, but test harnesses are often written without it.
+    calls: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        calls.append((status, headers))
+
+    app = wrap(RecordingTracker())
+    for method, path in (("GET", "/"), ("POST", "/api/chat")):
+        environ = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": path,
+            "SERVER_NAME": "t",
+            "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(b"{}"),
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": "2",
+            "HTTP_ACCEPT": "text/html",
+            "HTTP_USER_AGENT": "Mozilla/5.0",
+        }
+        result = middleware_of(app)(environ, start_response)
+        b"".join(result)
+        getattr(result, "close", lambda: None)()
+    assert [status for status, _ in calls] == ["200 OK", "200 OK"]
+    assert all(any(name == "Set-Cookie" for name, _ in headers) for _, headers in calls)
+
+
+def test_list_and_file_responses_are_handed_over_as_they_are() -> None:
+    # Servers take fast paths on these (len() for Content-Length, sendfile).
+    from werkzeug.wsgi import FileWrapper
+
+    body = [b"<p>hi</p>"]
+    wrapped_file = FileWrapper(io.BytesIO(b"file body"))
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return wrapped_file if environ["PATH_INFO"] == "/file" else body
+
+    mw = AgentSightWSGIMiddleware(app, widget_pages=["/", "/file"], tracker=RecordingTracker())
+    for path, expected in (("/", body), ("/file", wrapped_file)):
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": path,
+            "wsgi.file_wrapper": FileWrapper,
+            "HTTP_ACCEPT": "text/html",
+            "HTTP_USER_AGENT": "Mozilla/5.0",
+        }
+        assert mw(environ, lambda status, headers, exc_info=None: None) is expected
