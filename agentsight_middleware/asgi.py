@@ -52,7 +52,10 @@ class AgentSightMiddleware(MiddlewareBase):
         root_path = scope.get("root_path")
         # Servers and routers disagree on whether ``path`` includes ``root_path``;
         # rules are written against the path the client sent, so rebuild it.
-        if root_path and not path.startswith(root_path):
+        if root_path and not (
+            path.startswith(root_path)
+            and (len(path) == len(root_path) or path[len(root_path)] == "/")
+        ):
             path = root_path + path
         # RuleSet.match's answer without calling it for most requests (see
         # ``RuleSet.exact_matches``): this runs on every request of the app.
@@ -170,15 +173,21 @@ class AgentSightMiddleware(MiddlewareBase):
             submit = self._submit
 
             async def send_wrapper(message: Message) -> None:
-                if message["type"] == "http.response.start" and _is_html_success(message):
-                    # A new message and header list: the app may reuse its own objects.
-                    message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
-                    if minted:
-                        event = new_event((INITIALIZE, conversation, started))
-                        if submit is not None:
-                            submit(event)
-                        else:
-                            core.delivery.initialize(event, _get_loop())
+                if message["type"] == "http.response.start":
+                    headers = message.get("headers", ())
+                    if type(headers) is not list and type(headers) is not tuple:
+                        # Any iterable will do (ASGI): read a one-shot one only once.
+                        headers = list(headers)
+                        message = {**message, "headers": headers}
+                    if _is_html_success(message):
+                        # A new message and header list: the app may reuse its own objects.
+                        message = {**message, "headers": [*headers, set_cookie]}
+                        if minted:
+                            event = new_event((INITIALIZE, conversation, started))
+                            if submit is not None:
+                                submit(event)
+                            else:
+                                core.delivery.initialize(event, _get_loop())
                 await send(message)
 
             await self.app(scope, receive, send_wrapper)
@@ -253,10 +262,17 @@ class AgentSightMiddleware(MiddlewareBase):
 _PURPOSES = (b"sec-purpose", b"purpose", b"x-purpose", b"x-moz")
 # Names the glue reads when they are sent more than once: cookies are split over
 # several fields by HTTP/2, and a list header means the list of all its fields.
+# The forwarding headers above all: a proxy that adds its own field after the
+# client's (HAProxy's add-header, Apache's RequestHeader add) must be the one
+# believed, as WSGI servers, which join repeated fields, already have it.
 _JOINED = {
     b"cookie": b"; ",
     b"forwarded": b", ",
     b"x-forwarded-for": b", ",
+    b"x-real-ip": b", ",
+    b"x-forwarded-proto": b", ",
+    b"accept": b", ",
+    b"accept-language": b", ",
     **dict.fromkeys(_PURPOSES, b", "),
 }
 

@@ -904,3 +904,130 @@ async def test_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
         assert ("Secure" in cookie) is secure, (peer, headers)
     assert all(len(key[2] or b"") <= 16 for key in mw._core._secure)
     assert len(mw._core._secure) == 3  # (peer, proto): both peers' "https", the proxy's "http"
+
+
+async def test_a_proxy_adding_its_own_field_is_believed_as_under_wsgi() -> None:
+    # HAProxy's add-header or Apache's "RequestHeader add" append the proxy's field after
+    # the one the client sent. WSGI servers join the two; ASGI passes both on. The client's
+    # must win under neither: not its IP, not its https.
+    from agentsight_middleware import AgentSightWSGIMiddleware
+
+    options: dict[str, Any] = {
+        "widget_pages": ["/"],
+        "trusted_proxies": ["10.0.0.0/8"],
+        "trusted_proxy_header": "x-real-ip",
+    }
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    client_sent = [(b"x-real-ip", b"6.6.6.6"), (b"x-forwarded-proto", b"https")]
+    proxy_added = [(b"x-real-ip", b"198.51.100.77"), (b"x-forwarded-proto", b"http")]
+    asgi_tracker = RecordingTracker()
+    mw = wrap(asgi_tracker, **options)
+    _, headers, _ = await _raw_call(mw, "GET", "/", [*browser, *client_sent, *proxy_added])
+    [asgi_cookie] = [value.decode() for name, value in headers if name == b"set-cookie"]
+    assert mw.flush(5)
+
+    def page_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<p>hi</p>"]
+
+    wsgi_tracker = RecordingTracker()
+    wsgi = AgentSightWSGIMiddleware(page_app, tracker=wsgi_tracker, **options)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "REMOTE_ADDR": "10.0.0.2",
+        "SERVER_NAME": "shop.test",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        **{"HTTP_" + name.upper().replace("-", "_"): value for name, value in BROWSER.items()},
+        # As gunicorn and Werkzeug hand over a repeated field.
+        "HTTP_X_REAL_IP": "6.6.6.6,198.51.100.77",
+        "HTTP_X_FORWARDED_PROTO": "https,http",
+    }
+    wsgi_headers: list[tuple[str, str]] = []
+    wsgi(environ, lambda status, headers, exc_info=None: wsgi_headers.extend(headers))
+    [wsgi_cookie] = [value for name, value in wsgi_headers if name == "Set-Cookie"]
+    assert wsgi.flush(5)
+    for cookie, [event] in (
+        (asgi_cookie, asgi_tracker.initialized),
+        (wsgi_cookie, wsgi_tracker.initialized),
+    ):
+        assert "Secure" not in cookie
+        assert event["customer_ip_address"] != "6.6.6.6"
+        assert event["metadata"]["page_url"].startswith("http://")
+    assert (
+        asgi_tracker.initialized[0]["customer_ip_address"]
+        == wsgi_tracker.initialized[0]["customer_ip_address"]
+    )
+
+
+async def test_headers_given_as_a_one_shot_iterable_all_reach_the_server(
+    tracker: RecordingTracker,
+) -> None:
+    # ASGI allows any iterable of headers; a generator can be read only once.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = (
+            pair for pair in [(b"content-type", b"text/html"), (b"cache-control", b"max-age=60")]
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    _, headers, body = await _raw_call(mw, "GET", "/", browser)
+    assert [name for name, _ in headers] == [b"content-type", b"cache-control", b"set-cookie"]
+    assert body == b"<p>hi</p>"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/shop/shopping-cart", "/shopping-cart"],
+    ids=["path-includes-root-path", "path-without-root-path"],
+)
+async def test_root_path_is_added_at_a_segment_boundary(
+    tracker: RecordingTracker, path: str
+) -> None:
+    # uvicorn puts root_path into path, hypercorn does not: "/shopping-cart" under the
+    # mount point "/shop" is "/shop/shopping-cart", not a path that already has it.
+    mw = AgentSightMiddleware(make_app(), widget_pages=["/shop/shopping-cart"], tracker=tracker)
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/html")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"<p>cart</p>"})
+
+    mw.app = app
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "/shop",
+        "query_string": b"",
+        "client": ("203.0.113.7", 50000),
+        "server": ("shop.test", 80),
+        "headers": [(name.encode(), value.encode()) for name, value in BROWSER.items()],
+    }
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await mw(scope, receive, send)
+    assert seen == [path]  # the app's scope is untouched
+    assert any(name == b"set-cookie" for name, _ in sent[0]["headers"])
+    assert mw.flush(5)
+    assert tracker.initialized[0]["metadata"]["page_path"] == "/shop/shopping-cart"
