@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["TrackerDelivery", "check_tracker"]
 
 _METHODS = ("initialize_conversation", "get_or_create_conversation")
+
+#: Blocking ``get_or_create_conversation`` calls that may run at once under ASGI.
+ENGAGE_THREADS = 16
 
 
 def check_tracker(tracker: object) -> None:
@@ -68,6 +72,38 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
             owner.log_once("tracker.conversation_scope() exit", exc)
 
 
+class _Slot:
+    """One blocking call's claim on a semaphore, given back exactly once: by its thread
+    when the call ran, or by the request when the call never started (anyio drops a
+    call cancelled before a worker thread took it)."""
+
+    __slots__ = ("_lock", "_semaphore", "_state")
+
+    _PENDING, _RUNNING, _GIVEN_UP = 0, 1, 2
+
+    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+        self._lock = threading.Lock()
+        self._state = self._PENDING
+
+    def start(self) -> bool:
+        with self._lock:
+            if self._state != self._PENDING:
+                return False
+            self._state = self._RUNNING
+            return True
+
+    def done(self) -> None:
+        self._semaphore.release()
+
+    def give_up(self) -> None:
+        with self._lock:
+            if self._state != self._PENDING:
+                return
+            self._state = self._GIVEN_UP
+        self._semaphore.release()
+
+
 class TrackerDelivery:
     def __init__(
         self,
@@ -100,6 +136,13 @@ class TrackerDelivery:
         self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
             self._deliver_initialize, maxsize=queue_size
         )
+        # Blocking engage calls run in threads of their own number, never on the
+        # app's: a slow tracker on anyio's default limiter held the 40 threads
+        # Starlette runs every sync endpoint in. A slot is given back when the call
+        # returns, not when the request stops waiting for it, so a hung tracker
+        # holds at most this many threads (and chat requests go on without it).
+        self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
+        self._engage_limiter: Any = None
         self.skipped_bots = 0
         self.errors = 0
         self.timeouts = 0
@@ -177,8 +220,33 @@ class TrackerDelivery:
                 if self._engage_is_async:
                     await self._engage(**self._kwargs(event))
                 else:
-                    call: Callable[[], Any] = lambda: self._engage(**self._kwargs(event))  # noqa: E731
-                    await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+                    kwargs = self._kwargs(event)
+                    if not self._engage_slots.acquire(blocking=False):
+                        self.timeouts += 1
+                        self.log_once(
+                            f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
+                            "calls still running)",
+                            TimeoutError(),
+                        )
+                        return
+                    slot = _Slot(self._engage_slots)
+
+                    def call() -> None:
+                        if slot.start():
+                            try:
+                                self._engage(**kwargs)
+                            finally:
+                                slot.done()
+
+                    if self._engage_limiter is None:
+                        # Never waited on: the slots keep the calls below its total.
+                        self._engage_limiter = anyio.CapacityLimiter(ENGAGE_THREADS)
+                    try:
+                        await anyio.to_thread.run_sync(
+                            call, abandon_on_cancel=True, limiter=self._engage_limiter
+                        )
+                    finally:
+                        slot.give_up()
             if scope.cancelled_caught:
                 self.timeouts += 1
                 self.log_once(

@@ -553,6 +553,83 @@ async def test_a_hanging_tracker_costs_at_most_the_timeout() -> None:
     assert mw.stats()["timeouts"] == 1
 
 
+def test_a_slow_tracker_leaves_the_apps_thread_pool_alone() -> None:
+    # Starlette runs sync endpoints on anyio's default limiter (40 threads): blocking
+    # tracker calls must not take those, or an untracked endpoint waits for the tracker.
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from .conftest import uvicorn_server
+
+    release = threading.Event()
+    entered: list[str] = []
+
+    class BlockedTracker(RecordingTracker):
+        def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            entered.append(conversation_id)
+            release.wait(20)
+
+    app = FastAPI()
+
+    @app.post("/api/chat")
+    async def chat_endpoint() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/health")
+    def health() -> dict[str, bool]:  # sync: run on anyio's default limiter
+        return {"ok": True}
+
+    app.add_middleware(
+        AgentSightMiddleware, chat_routes=["POST /api/chat"], tracker=BlockedTracker()
+    )
+
+    async def scenario(url: str) -> None:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
+            chats = [asyncio.create_task(c.post("/api/chat", json={})) for _ in range(45)]
+            while len(entered) < 16:
+                await asyncio.sleep(0.01)
+            # Every tracker slot is blocked: the sync endpoint still gets a thread.
+            health_response = await c.get("/health", timeout=10)
+            assert health_response.json() == {"ok": True}
+            release.set()
+            answers = await asyncio.gather(*chats)
+        assert all(answer.status_code == 200 for answer in answers)
+
+    with uvicorn_server(app) as url:
+        try:
+            asyncio.run(scenario(url))
+        finally:
+            release.set()
+    assert len(entered) == 16  # the other 29 chats went on without the tracker
+
+
+async def test_a_hung_tracker_holds_a_bounded_number_of_threads() -> None:
+    from agentsight_middleware._tracker import ENGAGE_THREADS
+
+    hang = threading.Event()
+
+    class HungTracker(RecordingTracker):
+        def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            hang.wait(30)
+
+    mw = wrap(HungTracker(), tracker_timeout=0.05)
+    before = threading.active_count()
+    try:
+        async with client(mw) as c:
+            for _ in range(10):
+                answers = [c.post("/api/chat", json={}) for _ in range(10)]
+                for answer in answers:
+                    assert (await answer).status_code == 200
+        # Each timed-out call keeps its thread until the tracker returns; new calls
+        # beyond the slots are skipped instead of starting more threads.
+        assert threading.active_count() - before <= ENGAGE_THREADS + 2
+        assert mw.stats()["timeouts"] == 100
+    finally:
+        hang.set()
+
+
 async def test_coroutine_tracker_methods_are_awaited() -> None:
     calls: list[tuple[str, str, bool]] = []
 
