@@ -24,6 +24,17 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+def _the_app(app: Any, options: dict[str, Any], name: str) -> Any:
+    """The wrapped app, given positionally or as ``app=``."""
+    if "app" in options:
+        if app is not None:
+            raise TypeError(f"{name}() got the app twice: positionally and as app=")
+        app = options.pop("app")
+    if app is None:
+        raise TypeError(f"{name}() needs the app it wraps: {name}(app, widget_pages=[...], ...)")
+    return app
+
+
 class MiddlewareBase:
     def __init__(
         self,

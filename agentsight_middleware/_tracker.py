@@ -48,11 +48,16 @@ def check_tracker(tracker: object) -> None:
 def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> Iterator[None]:
     """Enter ``manager`` around the app without ever letting it change the outcome:
     a failing enter or exit is logged, and the app's own exception always propagates."""
+    entered = False
     try:
         manager.__enter__()
+        entered = True
     except Exception as exc:
         owner.errors += 1
         owner.log_once("tracker.conversation_scope() enter", exc)
+    if not entered:
+        # Outside the except block: the app's own exception must not carry ours
+        # as its __context__ ("During handling of the above exception...").
         yield
         return
     try:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from ._base import MiddlewareBase
+from ._base import MiddlewareBase, _the_app
 from ._body import peek_asgi
 from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
@@ -38,11 +38,16 @@ Send = Callable[[Message], Awaitable[None]]
 class AgentSightMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of an ASGI app."""
 
-    def __init__(self, app: Any, /, **options: Any) -> None:
-        super().__init__(app, **options)
+    def __init__(self, app: Any = None, /, **options: Any) -> None:
+        # Positional for Starlette's add_middleware() (its factory protocol passes the
+        # app positional-only), or app= as Litestar's DefineMiddleware passes it.
+        super().__init__(_the_app(app, options, "AgentSightMiddleware"), **options)
         self._id_header = self._settings.id_header.encode("latin-1")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    # Typed Any: frameworks type ASGI differently (Starlette with mappings, Litestar
+    # and asgiref with TypedDicts that a mapping parameter does not accept), and an
+    # app handed to either must type-check there.
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 send = self._lifespan_send(send)

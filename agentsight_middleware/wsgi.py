@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ._base import MiddlewareBase
+from ._base import MiddlewareBase, _the_app
 from ._body import peek_wsgi
 from ._config import NEED_BODY
 from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
@@ -44,8 +44,10 @@ def _environ_key(header: str) -> str:
 class AgentSightWSGIMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of a WSGI app."""
 
-    def __init__(self, app: Any, /, **options: Any) -> None:
-        super().__init__(app, **options)
+    def __init__(self, app: Any = None, /, **options: Any) -> None:
+        # Positional for Starlette's add_middleware() (its factory protocol passes the
+        # app positional-only), or app= as Litestar's DefineMiddleware passes it.
+        super().__init__(_the_app(app, options, "AgentSightWSGIMiddleware"), **options)
         self._id_key = _environ_key(self._settings.id_header)
         self._idle = True
         reset_in_child(self._after_fork)

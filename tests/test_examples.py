@@ -38,6 +38,7 @@ ASGI_EXAMPLES = {
     "django asgi": lambda t: importlib.import_module(
         "examples.django_site.asgi"
     ).create_application(tracker=t),
+    "litestar": lambda t: importlib.import_module("examples.litestar_app").create_app(tracker=t),
 }
 
 
@@ -133,3 +134,32 @@ def test_django_under_real_wsgi_server(tracker: RecordingTracker) -> None:
         thread.join(5)
     _check(tracker, page.headers["set-cookie"], chat.json())
     assert isinstance(AgentSightMiddleware, type)
+
+
+def test_litestar_under_real_uvicorn(tracker: RecordingTracker) -> None:
+    # Litestar builds the middleware itself, passing the app as app=; a chunked body
+    # must reach request.json() whole after the peek.
+    from examples.litestar_app import create_app
+
+    def body() -> Iterator[bytes]:
+        yield b'{"message": '
+        yield b'"hello"}'
+
+    with uvicorn_server(create_app(tracker=tracker)) as url, httpx.Client(base_url=url) as client:
+        page = client.get("/", headers=BROWSER)
+        chat = client.post(
+            "/api/chat", content=body(), headers={"content-type": "application/json"}
+        )
+    assert chat.status_code == 201  # Litestar's default for POST, unchanged
+    _check(tracker, page.headers["set-cookie"], chat.json())
+    assert tracker.initialized[0]["customer_ip_address"] == "127.0.0.1"
+
+
+def test_app_given_twice_or_not_at_all_is_a_clear_error() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not called")
+
+    with pytest.raises(TypeError, match="got the app twice"):
+        AgentSightMiddleware(app, app=app, widget_pages=["/"])
+    with pytest.raises(TypeError, match=r"needs the app it wraps"):
+        AgentSightWSGIMiddleware(widget_pages=["/"])

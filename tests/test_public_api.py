@@ -61,6 +61,9 @@ def test_the_readme_one_liners_type_check_under_mypy_strict(tmp_path: Path) -> N
         "star = Starlette()\n"
         'star.add_middleware(AgentSightMiddleware, widget_pages=["/"])\n'
         "raw = AgentSightMiddleware(star, widget_pages=['/'])\n"
+        "from litestar import Litestar\n"
+        "from litestar.middleware import DefineMiddleware\n"
+        "lite = Litestar(middleware=[DefineMiddleware(AgentSightMiddleware, widget_pages=['/'])])\n"
         "flask = Flask(__name__)\n"
         # (Flask types wsgi_app as a method: replacing it needs this with or without us.)
         'flask.wsgi_app = AgentSightWSGIMiddleware(flask.wsgi_app, widget_pages=["/"])'

@@ -240,3 +240,50 @@ def test_wsgi_error_while_streaming_propagates_and_close_leaves_the_scope() -> N
     result.close()
     assert closed == [True]  # the app's close ran once, inside the request's context
     assert tracker.exits == [None]
+
+
+@pytest.mark.anyio
+async def test_a_broken_scope_is_not_chained_to_the_apps_exception() -> None:
+    # Tracebacks (and error trackers) must show the app's error alone, not "during
+    # handling of the above exception" a tracker failure.
+    class AppError(Exception):
+        pass
+
+    def wsgi_app(environ: Any, start_response: Any) -> Any:
+        raise AppError("handler failed")
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        raise AppError("handler failed")
+
+    asgi = AgentSightMiddleware(
+        asgi_app, chat_routes=["POST /chat"], tracker=ScopedTracker(fail_enter=True)
+    )
+    wsgi = AgentSightWSGIMiddleware(
+        wsgi_app, chat_routes=["POST /chat"], tracker=ScopedTracker(fail_enter=True)
+    )
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/chat",
+        "headers": [(b"x-conversation-id", b"conv_x")],
+        "query_string": b"",
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing is sent")
+
+    with pytest.raises(AppError) as asgi_error:
+        await asgi(scope, receive, send)
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/chat",
+        "wsgi.input": io.BytesIO(b""),
+        "HTTP_X_CONVERSATION_ID": "conv_x",
+    }
+    with pytest.raises(AppError) as wsgi_error:
+        wsgi(environ, lambda status, headers, exc_info=None: None)
+    assert asgi_error.value.__context__ is None
+    assert wsgi_error.value.__context__ is None
