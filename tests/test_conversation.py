@@ -8,7 +8,7 @@ from http.cookies import SimpleCookie
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentsight_middleware._conversation import (
@@ -153,3 +153,89 @@ def test_a_conversation_is_read_only_and_not_a_sequence() -> None:
             assert (cid, source, kind) == ("conv_0123456789ab", "cookie", "widget")
         case _:
             pytest.fail("no match")
+
+
+_tricky_text = st.text(alphabet='{}[]":,\\ abconversation_id0123.', max_size=14)
+_json_keys = st.sampled_from(["conversation_id", "message", "meta"]) | _tricky_text
+
+
+def _json_object(pairs: list[tuple[str, str]]) -> str:
+    # Written by hand: a dict cannot hold the repeated keys a client may send.
+    return "{" + ", ".join(f"{json.dumps(key)}: {value}" for key, value in pairs) + "}"
+
+
+_json_texts: Any = st.recursive(
+    (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(10**15), max_value=10**15)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | _tricky_text
+        | ids
+    ).map(json.dumps),
+    lambda children: (
+        st.lists(children, max_size=3).map(lambda items: "[" + ", ".join(items) + "]")
+        | st.lists(st.tuples(_json_keys, children), max_size=3).map(_json_object)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(pairs=st.lists(st.tuples(_json_keys, _json_texts), max_size=5))
+def test_json_field_reads_what_a_full_parse_reads(pairs: list[tuple[str, str]]) -> None:
+    # Strings holding braces, brackets, quotes and the key itself, nested objects with
+    # the key, repeated keys (the last wins), floats: the scan must never disagree.
+    body = _json_object(pairs).encode()
+    assert json_field(body, "conversation_id") == clean_id(json.loads(body).get("conversation_id"))
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"message": "my regex ends in }", "meta": {"conversation_id": "conv_nested"}, '
+            b'"conversation_id": "conv_top"}',
+            "conv_top",
+        ),
+        (b'{"text": "bye :}", "meta": {"conversation_id": "conv_nested"}}', None),
+        (b'{"q\\"conversation_id": "evil", "conversation_id": "real"}', "real"),
+        (b'{"conversation_id": 12.5}', None),
+        (b'{"conversation_id": 12}', "12"),
+        (b'{"conversation_id": "first", "conversation_id": "last"}', "last"),
+        (b'{"message": "hi", "conversation_id": "conv_plain"}', "conv_plain"),
+    ],
+    ids=[
+        "brace-in-a-string-then-nested",
+        "only-nested",
+        "escaped-quote-in-a-key",
+        "float",
+        "integer",
+        "repeated-key",
+        "plain",
+    ],
+)
+def test_json_field_cases_from_review(body: bytes, expected: str | None) -> None:
+    assert json_field(body, "conversation_id") == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        # Another cookie's value (a page can write spaces into one) is not our cookie.
+        ("msg=hello agentsight_conversation_id=conv_evil0000000", None),
+        ("msg=hello agentsight_conversation_id=conv_evil0000000; "
+         "agentsight_conversation_id=conv_good0000000", "conv_good0000000"),
+        # An empty or broken first one (a longer path's) does not hide a good one.
+        ("agentsight_conversation_id=; agentsight_conversation_id=conv_good0000000",
+         "conv_good0000000"),
+        ("agentsight_conversation_id=bad value; agentsight_conversation_id=conv_good0000000",
+         "conv_good0000000"),
+        ("a=1;agentsight_conversation_id=conv_tight000000", "conv_tight000000"),
+        ("a=1; \t agentsight_conversation_id=conv_blanks00000", "conv_blanks00000"),
+        ('agentsight_conversation_id="conv_quoted00000"', "conv_quoted00000"),
+        ("agentsight_conversation_id=conv_a; agentsight_conversation_id=conv_b", "conv_a"),
+    ],
+)  # fmt: skip
+def test_cookie_value_cases_from_review(header: str, expected: str | None) -> None:
+    assert cookie_value(header, "agentsight_conversation_id") == expected
