@@ -1,16 +1,25 @@
 """``agentsight-middleware send``: deliver a local events file to the AgentSight API.
 
-For events gathered before there was an API key. Idempotent: an event the API
-accepted is marked in the file and never sent again, so an interrupted replay
-is simply run again.
+For events gathered before there was an API key. Run it again after any failure
+or interruption: an event is marked in the file as soon as the API has accepted
+it, and a marked event is never sent again. (The one window left is the API
+accepting an event and the process dying before the mark: that event is sent
+again by the next run, as any retried request may be.)
+
+A conversation's events go in the order they were recorded, one after the other
+(its page view before its chat, as live delivery sends them); different
+conversations go in parallel. When an event fails, the later events of its
+conversation are left for the next run rather than sent out of order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -19,12 +28,20 @@ import httpx
 from .__version__ import __version__
 from ._credentials import Credentials
 from ._retry import ACCEPTED, REJECTED, THROTTLED, backoff, classify, retry_after
-from ._store import LocalStore, connect_readonly, mark_sent, unsent
+from ._store import LocalStore, connect_readonly, count_unsent, mark_sent, unsent
 
-__all__ = ["ReplaySummary", "replay"]
+__all__ = ["ReplayBusyError", "ReplaySummary", "replay"]
 
 _BATCH = 200
 _ATTEMPTS = 4
+#: A 429 waits and is not an attempt, up to this many times for one event.
+_THROTTLES = 10
+#: Seconds without an answer other than 429 or a network error before the run gives up.
+_STALLED = 60.0
+
+
+class ReplayBusyError(Exception):
+    """Another ``send`` is replaying the same events file."""
 
 
 @dataclass
@@ -33,8 +50,163 @@ class ReplaySummary:
     #: Already sent by an earlier run: not sent again.
     skipped: int = 0
     failed: int = 0
+    #: Not tried: after an earlier event of their conversation failed, or the run stopped.
+    left: int = 0
     #: The server's words for the first refusal, to show the user.
     first_error: str | None = None
+    #: Why the run stopped before the end, if it did.
+    stopped: str | None = None
+    interrupted: bool = False
+
+
+class _Run:
+    """What the sending threads share: whether to stop, and the API's throttle."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reason: str | None = None
+        self._lock = threading.Lock()
+        self._resume_at = 0.0
+        self._stalled_since: float | None = None
+
+    def halt(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+        self.stop.set()
+
+    def throttle(self, seconds: float) -> None:
+        # One 429 pauses every thread: the others would only be throttled too.
+        with self._lock:
+            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+
+    def wait_turn(self) -> bool:
+        """False when the run is stopping; sleeps out a throttle first."""
+        while True:
+            delay = self._resume_at - time.monotonic()
+            if delay <= 0 or self.stop.wait(delay):
+                return not self.stop.is_set()
+
+    def answered(self) -> None:
+        with self._lock:
+            self._stalled_since = None
+
+    def stalled(self, why: str) -> None:
+        """No answer but a throttle or a network error: give up after ``_STALLED`` s of it."""
+        now = time.monotonic()
+        with self._lock:
+            if self._stalled_since is None:
+                self._stalled_since = now
+            give_up = now - self._stalled_since > _STALLED
+        if give_up:
+            self.halt(f"{why} for {_STALLED:g} s: run send again later")
+
+
+# What _post says about one event.
+_SENT, _FAILED, _NOT_TRIED = "sent", "failed", "not tried"
+
+
+def _looks_like_the_api(response: httpx.Response) -> bool:
+    # The API answers a JSON object carrying the conversation's numeric "id": a
+    # mistyped endpoint answering 200 with a web page must not mark events sent.
+    try:
+        data = response.json()
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("id"), int)
+
+
+def _post(
+    client: httpx.Client, url: str, payload: dict[str, Any] | None, run: _Run
+) -> tuple[str, str | None]:
+    """(outcome, error) after bounded retries of what can be retried."""
+    if payload is None:
+        return _FAILED, "the events file holds this event's payload as invalid JSON"
+    error: str | None = None
+    attempt = throttles = 0
+    while attempt < _ATTEMPTS:
+        if not run.wait_turn():
+            return _NOT_TRIED, None
+        try:
+            response = client.post(url, json=payload)
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            run.stalled(f"the API could not be reached ({error})")
+        else:
+            outcome = classify(response.status_code)
+            if outcome == THROTTLED:
+                run.stalled("the API kept throttling")
+            else:
+                run.answered()
+            if outcome == ACCEPTED:
+                if _looks_like_the_api(response):
+                    return _SENT, None
+                run.halt(
+                    f"{url} answered {response.status_code} with something other than the "
+                    "AgentSight API's answer (a JSON object with an id): check --endpoint"
+                )
+                return _NOT_TRIED, None
+            error = f"HTTP {response.status_code}: {response.text[:200]}"
+            if response.status_code in (401, 403):
+                run.halt(f"the API refused the key ({error})")
+                return _NOT_TRIED, None
+            if outcome == REJECTED:
+                return _FAILED, error
+            if outcome == THROTTLED and throttles < _THROTTLES:
+                throttles += 1
+                run.throttle(retry_after(response.headers.get("retry-after"), now=time.time()))
+                continue
+        attempt += 1
+        if attempt < _ATTEMPTS and run.stop.wait(backoff(attempt)):
+            return _NOT_TRIED, None
+    return _FAILED, error
+
+
+@dataclass
+class _Outcome:
+    accepted: list[int]
+    failed: int = 0
+    left: int = 0
+    error: str | None = None
+
+
+def _send_conversation(
+    client: httpx.Client,
+    url: str,
+    rows: list[tuple[int, dict[str, Any] | None]],
+    run: _Run,
+) -> _Outcome:
+    """One conversation's events, in order, each once the one before is accepted."""
+    outcome = _Outcome(accepted=[])
+    for index, (row_id, payload) in enumerate(rows):
+        result, error = _post(client, url, payload, run)
+        if result == _SENT:
+            outcome.accepted.append(row_id)
+            continue
+        if result == _FAILED:
+            outcome.failed, outcome.error = 1, error
+            index += 1
+        outcome.left = len(rows) - index
+        break
+    return outcome
+
+
+@contextlib.contextmanager
+def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Holds ``<file>.send-lock`` so that two runs (cron and a person) never send twice."""
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: runs there must not overlap
+        yield
+        return
+    with open(os.fspath(path) + ".send-lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ReplayBusyError(
+                f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
+            ) from None
+        yield
 
 
 def _counts(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -46,29 +218,6 @@ def _counts(path: str | os.PathLike[str]) -> tuple[int, int]:
     return int(total), int(done)
 
 
-def _post(client: httpx.Client, url: str, payload: dict[str, Any]) -> tuple[bool, str | None]:
-    """(accepted, error) after bounded retries of what can be retried."""
-    error: str | None = None
-    for attempt in range(1, _ATTEMPTS + 1):
-        try:
-            response = client.post(url, json=payload)
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        else:
-            outcome = classify(response.status_code)
-            if outcome == ACCEPTED:
-                return True, None
-            error = f"HTTP {response.status_code}: {response.text[:200]}"
-            if outcome == REJECTED:
-                return False, error
-            if outcome == THROTTLED:
-                time.sleep(retry_after(response.headers.get("retry-after"), now=time.time()))
-                continue
-        if attempt < _ATTEMPTS:
-            time.sleep(backoff(attempt))
-    return False, error
-
-
 def replay(
     path: str | os.PathLike[str],
     credentials: Credentials,
@@ -77,33 +226,84 @@ def replay(
     progress: TextIO | None = None,
     transport: httpx.BaseTransport | None = None,
 ) -> ReplaySummary:
-    """Send every not-yet-sent event of ``path``; ``progress`` gets a bar when it is a terminal."""
+    """Send every not-yet-sent event of ``path``; ``progress`` gets a bar when it is a terminal.
+
+    Ctrl-C stops it: requests under way finish and are recorded, and the summary
+    says ``interrupted``.
+    """
+    from .sinks.http import environment_proxy
+
     total, done = _counts(path)
     summary = ReplaySummary(skipped=done)
-    todo = total - done
-    show: Callable[[int], None] = _progress_bar(progress, todo)
+    show: Callable[[int], None] = _progress_bar(progress, total - done)
     url = credentials.conversations_url
     headers = {
         "Authorization": f"Api-Key {credentials.api_key}",
         "User-Agent": f"agentsight-middleware/{__version__}",
     }
+    run = _Run()
+    # The proxy the environment names, as live delivery uses it (sinks/http.py).
+    proxy = None if transport is not None else environment_proxy(url)
     with (
+        _only_sender(path),
         LocalStore(path) as store,
-        httpx.Client(headers=headers, timeout=15.0, transport=transport, trust_env=False) as client,
+        httpx.Client(
+            headers=headers, timeout=15.0, transport=transport, proxy=proxy, trust_env=False
+        ) as client,
         ThreadPoolExecutor(concurrency) as pool,
     ):
+        # Conversations with an event not sent in this run: their later events wait.
+        held: set[Any] = set()
         after = 0
-        while batch := unsent(store, _BATCH, after):
-            after = batch[-1][0]
-            results = list(pool.map(lambda row: _post(client, url, row[1]), batch))
-            accepted = [row[0] for row, (ok, _) in zip(batch, results, strict=True) if ok]
-            mark_sent(store, accepted)
-            summary.sent += len(accepted)
-            for ok, error in results:
-                if not ok:
-                    summary.failed += 1
-                    summary.first_error = summary.first_error or error
-            show(summary.sent + summary.failed)
+        pending: dict[Future[_Outcome], Any] = {}
+
+        def record(future: Future[_Outcome], conversation: Any) -> None:
+            outcome = future.result()
+            # At once, not at the end of the batch: an interrupted run must not
+            # leave accepted events unmarked, to be sent again.
+            mark_sent(store, outcome.accepted)
+            summary.sent += len(outcome.accepted)
+            summary.failed += outcome.failed
+            summary.left += outcome.left
+            if outcome.error and summary.first_error is None:
+                summary.first_error = outcome.error
+            if outcome.failed or outcome.left:
+                held.add(conversation)
+
+        try:
+            while not run.stop.is_set() and (batch := unsent(store, _BATCH, after)):
+                after = batch[-1][0]
+                conversations: dict[Any, list[tuple[int, dict[str, Any] | None]]] = {}
+                for row_id, payload in batch:
+                    conversation = (
+                        payload.get("conversation_id") if payload is not None else ("row", row_id)
+                    )
+                    if conversation in held:
+                        summary.left += 1
+                    else:
+                        conversations.setdefault(conversation, []).append((row_id, payload))
+                pending = {
+                    pool.submit(_send_conversation, client, url, rows, run): conversation
+                    for conversation, rows in conversations.items()
+                }
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        record(future, pending.pop(future))
+                    show(summary.sent + summary.failed)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            run.halt("interrupted")
+            for future, conversation in pending.items():
+                if future.cancel():
+                    summary.left += len(conversations[conversation])
+                else:
+                    wait([future])
+                    record(future, conversation)
+        summary.stopped = run.reason
+        if run.stop.is_set():
+            # Stopped early: what the loop did not reach is left too.
+            summary.left += count_unsent(store, after)
     show(-1)
     return summary
 

@@ -32,6 +32,7 @@ __all__ = [
     "StoreError",
     "StoreNotFoundError",
     "connect_readonly",
+    "count_unsent",
     "mark_sent",
     "unsent",
 ]
@@ -371,11 +372,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
-def unsent(store: LocalStore, limit: int, after_id: int = 0) -> list[tuple[int, dict[str, Any]]]:
+def unsent(
+    store: LocalStore, limit: int, after_id: int = 0
+) -> list[tuple[int, dict[str, Any] | None]]:
     """Up to ``limit`` events not yet replayed to the API, oldest first, with ``id > after_id``.
 
     Pass the last id of a batch as ``after_id`` to page on even when a batch could not be
-    marked sent (the API refused it), so one bad event cannot stall a replay.
+    marked sent (the API refused it), so one bad event cannot stall a replay. A payload
+    that is not a JSON object (a file edited by hand) comes back as None.
     """
     if limit <= 0:
         return []
@@ -384,7 +388,24 @@ def unsent(store: LocalStore, limit: int, after_id: int = 0) -> list[tuple[int, 
             "SELECT id, payload FROM events WHERE id > ? AND sent_at IS NULL ORDER BY id LIMIT ?",
             (after_id, limit),
         ).fetchall()
-    return [(row_id, json.loads(payload)) for row_id, payload in rows]
+    return [(row_id, _payload_or_none(payload)) for row_id, payload in rows]
+
+
+def _payload_or_none(text: object) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def count_unsent(store: LocalStore, after_id: int = 0) -> int:
+    """How many events with ``id > after_id`` are not yet replayed."""
+    with store._reading() as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM events WHERE id > ? AND sent_at IS NULL", (after_id,)
+        ).fetchone()
+    return int(count)
 
 
 def mark_sent(store: LocalStore, ids: Sequence[int], *, at: float | None = None) -> int:

@@ -157,7 +157,7 @@ def _configure_send(parser: argparse.ArgumentParser) -> None:
 
 def _run_send(args: argparse.Namespace) -> int:
     from ._credentials import Credentials
-    from ._replay import replay
+    from ._replay import ReplayBusyError, replay
 
     try:
         credentials = Credentials.resolve(
@@ -169,12 +169,19 @@ def _run_send(args: argparse.Namespace) -> int:
         return _fail("no API key: set AGENTSIGHT_API_KEY or pass --api-key")
     try:
         summary = replay(args.db, credentials, progress=sys.stderr)
-    except (StoreError, FileNotFoundError) as exc:
+    except (StoreError, ReplayBusyError, FileNotFoundError) as exc:
         return _fail(str(exc))
-    print(f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}")
+    line = f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}"
+    if summary.left:
+        line += f", left {summary.left} for the next run"
+    print(line)
+    if summary.stopped:
+        print(f"stopped: {summary.stopped}", file=sys.stderr)
     if summary.first_error:
         print(f"first failure: {summary.first_error}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    if summary.interrupted:
+        return 130  # the shell's code for Ctrl-C
+    return 1 if summary.failed or summary.left else 0
 
 
 # --------------------------------------------------------------------------- demo

@@ -78,3 +78,151 @@ def test_send_without_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     key = "ags_" + "1" * 32 + "_abcdef"
     assert main(["send", "--db", str(tmp_path / "none.sqlite3"), "--api-key", key]) == 1
     assert "no events file at" in capsys.readouterr().err
+
+
+def _visits(path: Path, count: int) -> Path:
+    # Each visitor views the page, then chats: the two events of a conversation are adjacent.
+    with LocalStore(path) as store:
+        for i in range(count):
+            cid = f"conv_{i:012x}"
+            store.write([make_payload(cid, used=False), make_payload(cid, used=True)])
+    return path
+
+
+def test_send_keeps_each_conversations_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = _visits(tmp_path / "events.sqlite3", 300)
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.002)
+        assert main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]) == 0
+        first_seen: dict[str, bool] = {}
+        for body in api.conversations:
+            first_seen.setdefault(body["conversation_id"], body["is_used"])
+    assert len(first_seen) == 300
+    # The chat (is_used true) never reaches the API before its page view.
+    assert not any(first_seen.values())
+    assert "sent 600" in capsys.readouterr().out
+
+
+def test_a_failed_event_holds_back_the_rest_of_its_conversation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "events.sqlite3"
+    bad_view = make_payload("conv_bad000000001", used=False)
+    bad_view["environment"] = "staging"  # the API answers 400
+    with LocalStore(db) as store:
+        store.write([bad_view, make_payload("conv_ok0000000001", used=False)])
+        store.write([make_payload("conv_bad000000001", used=True)])
+    with StandInAgentSightAPI() as api:
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        assert main(args) == 1
+        sent = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
+    captured = capsys.readouterr()
+    assert sent == [("conv_ok0000000001", False)]
+    assert "sent 1, skipped 0 (sent before), failed 1, left 1 for the next run" in captured.out
+
+
+def test_send_stops_on_a_refused_key_and_on_an_endpoint_that_is_not_the_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    db = _file(tmp_path / "events.sqlite3", 40)
+    with StandInAgentSightAPI() as api:
+        wrong_key = "ags_" + "0" * 32 + "_000000"
+        assert main(["send", "--db", str(db), "--api-key", wrong_key, "--endpoint", api.url]) == 1
+        # Stopped at once: not one request per event with a key the API refuses.
+        assert len(api.requests) <= 8
+    captured = capsys.readouterr()
+    assert "stopped: the API refused the key" in captured.err
+    assert "left 40 for the next run" in captured.out
+
+    class Website(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # a site's catch-all page, answering 200
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b"<!doctype html><p>Welcome</p>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Website)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{site.server_port}"
+        assert main(["send", "--db", str(db), "--api-key", wrong_key, "--endpoint", url]) == 1
+    finally:
+        site.shutdown()
+        site.server_close()
+    captured = capsys.readouterr()
+    assert "check --endpoint" in captured.err
+    # Nothing was marked sent: the right endpoint afterwards gets every event.
+    with StandInAgentSightAPI() as api:
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        assert main(args) == 0
+        assert len(api.conversations) == 40
+
+
+def test_send_gives_up_on_an_unreachable_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from agentsight_middleware import _replay
+
+    monkeypatch.setattr(_replay, "_STALLED", 0.5)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: connections are refused
+    db = _file(tmp_path / "events.sqlite3", 200)
+    key = "ags_" + "1" * 32 + "_abcdef"
+    assert (
+        main(["send", "--db", str(db), "--api-key", key, "--endpoint", f"http://127.0.0.1:{port}"])
+        == 1
+    )
+    captured = capsys.readouterr()
+    assert "stopped: the API could not be reached" in captured.err
+    assert "sent 0," in captured.out
+    assert "left 200 for the next run" in captured.out
+
+
+def test_an_interrupted_send_marks_what_was_accepted_and_the_next_run_sends_the_rest(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = _visits(tmp_path / "events.sqlite3", 400)
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.02)
+        env = {**os.environ, "AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+        command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # A second run while the first holds the file is refused, not run alongside.
+        deadline = time.monotonic() + 30
+        while len(api.conversations) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "another `send` is replaying" in second.stderr
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 130, err
+        received = len(api.conversations)
+        assert 100 <= received < 800
+        assert f"sent {received}," in out.decode()
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert f"skipped {received} (sent before)" in again.stdout
+        bodies = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
+    # Every event once: nothing the first run had sent went again.
+    assert len(bodies) == len(set(bodies)) == 800
