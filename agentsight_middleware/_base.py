@@ -221,15 +221,18 @@ def _choose_delivery(
         api_key=api_key, endpoint=endpoint, environment=settings.environment
     )
     if credentials is not None:
-        # One batch of headroom: the worker stops taking events once the outbox is
-        # full, but a batch already taken must still fit.
-        store: Outbox = (
-            SQLiteOutbox(outbox) if outbox is not None else MemoryOutbox(queue_size + BATCH)
-        )
+        # Opened now: a path that cannot be opened fails at start-up.
+        durable = SQLiteOutbox(outbox) if outbox is not None else None
 
         def http_sink() -> Sink:
             from .sinks.http import HttpSink  # httpx: loaded by the worker thread
 
+            # A memory outbox belongs to one process's worker: a child forked after
+            # the parent's worker started gets its own, not a copy of the parent's
+            # events (which the parent sends) and leases (which nobody would end).
+            # One batch of headroom: the worker stops taking events once the outbox
+            # is full, but a batch already taken must still fit.
+            store: Outbox = durable if durable is not None else MemoryOutbox(queue_size + BATCH)
             return HttpSink(
                 credentials,
                 outbox=store,

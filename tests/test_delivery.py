@@ -611,3 +611,67 @@ async def test_probes_and_bots_never_reach_the_api(api: StandInAgentSightAPI) ->
     assert stats["sent"] == 1
     assert stats["senders"] == 8  # a trickle never makes delivery grow
     assert [c["metadata"]["user_agent"] for c in api.conversations] == [BROWSER["user-agent"]]
+
+
+def test_a_fork_after_the_worker_started_gets_an_outbox_of_its_own() -> None:
+    # gunicorn without --preload forks before any request, but a server that forks
+    # later (or an app that forks a helper) must not send the parent's queued events
+    # again, nor inherit leases of events the parent had in flight.
+    import collections
+    import os
+    import warnings
+
+    from flask import Flask
+    from werkzeug.test import Client
+
+    from agentsight_middleware import AgentSightWSGIMiddleware
+
+    from .conftest import BROWSER
+
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.5)  # slow: the parent's events wait in its outbox at fork
+        flask_app = Flask(__name__)
+        flask_app.get("/", endpoint="page")(lambda: "<!doctype html><p>hi</p>")
+        flask_app.post("/api/chat", endpoint="chat")(lambda: {"ok": True})
+        mw = AgentSightWSGIMiddleware(
+            flask_app.wsgi_app,
+            widget_pages=["/"],
+            chat_routes=["POST /api/chat"],
+            api_key=api.api_key,
+            endpoint=api.url,
+            delivery_concurrency=1,
+        )
+
+        def view() -> str:
+            response = Client(mw).get("/", headers=BROWSER)
+            return str(response.headers["Set-Cookie"]).split(";")[0].split("=", 1)[1]
+
+        parent_ids = [view() for _ in range(6)]
+        time.sleep(0.2)
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: a chat of a conversation the parent had in flight, a view
+            try:
+                os.close(read_end)
+                Client(mw).post(
+                    "/api/chat", json={"conversation_id": parent_ids[0]}, headers=BROWSER
+                )
+                own = view()
+                flushed = mw.flush(15)
+                os.write(write_end, f"{own} {flushed}".encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        api.set_latency(0)
+        os.waitpid(pid, 0)
+        child_view, child_flushed = os.read(read_end, 1024).decode().split()
+        os.close(read_end)
+        assert mw.flush(15)
+        sent = collections.Counter((b["conversation_id"], b["is_used"]) for b in api.conversations)
+    assert child_flushed == "True"
+    assert all(count == 1 for count in sent.values()), sent
+    assert all(sent[(cid, False)] == 1 for cid in parent_ids)
+    assert sent[(child_view, False)] == 1
+    assert sent[(parent_ids[0], True)] == 1

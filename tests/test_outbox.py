@@ -112,3 +112,33 @@ def test_a_failed_commit_is_rolled_back_and_the_outbox_goes_on(tmp_path: Path) -
     assert [i.body for i in outbox.claim(10, time.time())] == [b"kept"]
     outbox._conn = real
     outbox.close()
+
+
+def _use_outbox_in_child(outbox: SQLiteOutbox) -> None:
+    # Runs in a forked child: the parent's lock was held at fork by a thread that
+    # does not exist here.
+    outbox.put([("conv_child", b"{}")])
+    assert outbox.depth() == 2
+    outbox.close()
+
+
+def test_a_lock_held_at_fork_does_not_hang_the_child(tmp_path: Path) -> None:
+    import multiprocessing
+    import sys
+    import warnings
+
+    if sys.platform == "win32":
+        pytest.fail("runs where fork exists; this suite runs on Linux")
+    outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3")
+    outbox.put([("conv_parent", b"{}")])
+    with outbox._lock, warnings.catch_warnings():  # the parent's worker, inside a call
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        child = multiprocessing.get_context("fork").Process(
+            target=_use_outbox_in_child, args=(outbox,)
+        )
+        child.start()
+        child.join(timeout=20)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+    assert outbox.depth() == 2  # the parent goes on with its own connection

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .._store import write_transaction
+from .._fork import reset_in_child
+from .._store import _INHERITED, write_transaction
 
 __all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
 
@@ -206,6 +207,16 @@ class SQLiteOutbox:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._connect()  # at construction: a path that cannot be opened fails at start-up
+        reset_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        # The lock may have been copied while held by the parent's worker, which
+        # does not exist here; the parent's connection is kept referenced, never used
+        # (closing it here could undo the parent's locks: SQLite's advice after fork).
+        self._lock = threading.Lock()
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+            self._conn = None
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
