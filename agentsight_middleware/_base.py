@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._config import Settings
+from ._config import Settings, normalise_environment
 from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
 from ._delivery import BATCH, BackgroundDelivery, Sink
@@ -33,6 +33,20 @@ def _the_app(app: Any, options: dict[str, Any], name: str) -> Any:
     if app is None:
         raise TypeError(f"{name}() needs the app it wraps: {name}(app, widget_pages=[...], ...)")
     return app
+
+
+def _open_outbox(path: str | os.PathLike[str]) -> Any:
+    import sqlite3  # loaded by the outbox anyway, and only then
+
+    from .sinks.outbox import SQLiteOutbox
+
+    try:
+        return SQLiteOutbox(path)
+    except sqlite3.Error as exc:
+        raise ValueError(
+            f"outbox={os.fspath(path)!r} cannot be used as an SQLite outbox ({exc}): "
+            "check that its folder exists and is writable, or pass another path"
+        ) from None
 
 
 class MiddlewareBase:
@@ -185,7 +199,7 @@ def _choose_delivery(
     # httpx or sqlite3, and importing the package stays cheap for every app.
     from ._credentials import Credentials
     from ._store import DEFAULT_PATH, LocalStore
-    from .sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
+    from .sinks.outbox import MemoryOutbox, Outbox
     from .sinks.store import StoreSink
 
     _positive_int("queue_size", queue_size)
@@ -222,7 +236,7 @@ def _choose_delivery(
     )
     if credentials is not None:
         # Opened now: a path that cannot be opened fails at start-up.
-        durable = SQLiteOutbox(outbox) if outbox is not None else None
+        durable = _open_outbox(outbox) if outbox is not None else None
 
         def http_sink() -> Sink:
             from .sinks.http import HttpSink  # httpx: loaded by the worker thread
@@ -254,6 +268,21 @@ def _choose_delivery(
             "without one, events are kept in the local store (local_store=)"
         )
     local = LocalStore(local_store if local_store is not None else DEFAULT_PATH)
+    folder = os.path.dirname(os.path.abspath(local.path))
+    if not os.path.isdir(folder):
+        # Checked now: the file itself is only opened at the first event, and a typo
+        # must not surface as an error logged for every page view.
+        raise ValueError(
+            f"local_store={os.fspath(local.path)!r}: the folder {folder!r} does not exist; "
+            "create it or pass another path"
+        )
+    # As an API key's environment would be (AGENTSIGHT_ENVIRONMENT unless given): `send`
+    # replays the stored bodies as they are.
+    environment = settings.environment
+    if environment is None and os.environ.get("AGENTSIGHT_ENVIRONMENT"):
+        environment = normalise_environment(
+            os.environ["AGENTSIGHT_ENVIRONMENT"], argument="AGENTSIGHT_ENVIRONMENT"
+        )
     logger.warning(
         "no AGENTSIGHT_API_KEY: keeping AgentSight events in %s. "
         "'agentsight-middleware report --db %s' shows the interaction rate; "
@@ -266,7 +295,7 @@ def _choose_delivery(
     return BackgroundDelivery(
         lambda: StoreSink(local),
         source=settings.source,
-        environment=settings.environment,
+        environment=environment,
         queue_size=queue_size,
         shutdown_timeout=shutdown_timeout,
         is_probe=settings.is_non_browser,

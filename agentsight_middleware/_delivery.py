@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import Event, is_robot_view
 from ._fork import reset_in_child
-from ._log import logger
+from ._log import LogOnce, logger
 from ._park import park, resolve
 from ._payload import build_payload
 
@@ -96,6 +96,9 @@ class BackgroundDelivery:
         self.dropped = 0
         self.skipped_bots = 0
         self.errors = 0
+        # A store that cannot be written (a deleted directory, a corrupt file) fails
+        # every batch: one traceback, not one per batch.
+        self._log_once = LogOnce()
         self._drop_logged_at = -60.0
         reset_in_child(self._after_fork)
 
@@ -278,16 +281,16 @@ class BackgroundDelivery:
                 batch.append(
                     build_payload(event, source=self._source, environment=self._environment)
                 )
-            except Exception:
+            except Exception as exc:
                 self.errors += 1
-                logger.exception("could not build an event")
+                self._log_once("building an event", exc)
         if batch:
             assert self._sink is not None
             try:
                 await self._sink.put(batch)
-            except Exception:
+            except Exception as exc:
                 self.errors += len(batch)
-                logger.exception("could not hand %d event(s) to the sink", len(batch))
+                self._log_once(f"{type(self._sink).__name__}.put()", exc)
         return taken
 
     # -- lifecycle --------------------------------------------------------------------
