@@ -170,7 +170,9 @@ def parse_since(text: str, *, now: float | None = None) -> float:
         if amount == 0:
             raise ValueError(f"cannot use {text!r} as a start time: a duration must not be 0")
         current = time.time() if now is None else now
-        return current - amount * _UNITS[match.group(2).lower()]
+        # No event is older than 1970: a longer look back means all of them (and a
+        # start before year 1 could not even be shown as a date).
+        return max(current - amount * _UNITS[match.group(2).lower()], 0.0)
     stripped = text.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ].+)?", stripped):
         try:
@@ -180,7 +182,7 @@ def parse_since(text: str, *, now: float | None = None) -> float:
         else:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=timezone.utc)
-            return moment.timestamp()
+            return max(moment.timestamp(), 0.0)
     raise ValueError(
         f"cannot read {text!r} as a start time: use a duration such as 7d, 24h or 30m, "
         "or a date such as 2026-11-01"

@@ -198,7 +198,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.getcwd())
     try:
         from examples.demo import main as demo
-    except ImportError:
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != "examples":
+            # In a checkout, but a package the demo needs is missing.
+            return _fail(f"the demo needs {exc.name}: run `make demo`, which installs it")
         return _fail(
             "the demo lives in the repository's examples/ folder: run it from a checkout "
             "(make demo)"

@@ -13,9 +13,10 @@ import pytest
 
 from agentsight_middleware import cli
 from agentsight_middleware._report import build_report
-from agentsight_middleware._store import DEFAULT_PATH
+from agentsight_middleware._store import DEFAULT_PATH, LocalStore
 
 from .test_report import DAY3, charts, dataset, write
+from .test_store import make_payload
 
 HEADLINE = "4 conversations initialized, 2 used: interaction rate 50.0 %, 2 abandoned (50.0 %)"
 
@@ -222,3 +223,28 @@ def test_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "no events file at" in done.stderr
+
+
+def test_report_since_far_back_reports_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "events.sqlite3"
+    with LocalStore(db) as store:
+        store.write([make_payload("conv_far000000001")])
+    assert cli.main(["report", "--db", str(db), "--since", "1000000d", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["initialized"] == 1
+
+
+def test_demo_names_a_missing_package() -> None:
+    # In a checkout without FastAPI: the message must name it, not send the user to a checkout.
+    code = (
+        "import sys; sys.modules['fastapi'] = None\n"
+        "from agentsight_middleware.cli import main\n"
+        "sys.exit(main(['demo']))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "the demo needs fastapi" in result.stderr

@@ -382,6 +382,9 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc).timestamp()
         ("2026-11-01T08:30", datetime(2026, 11, 1, 8, 30, tzinfo=timezone.utc).timestamp()),
         ("2026-11-01T08:30+02:00", datetime(2026, 11, 1, 6, 30, tzinfo=timezone.utc).timestamp()),
         ("2026-11-01T08:30Z", datetime(2026, 11, 1, 8, 30, tzinfo=timezone.utc).timestamp()),
+        # Further back than 1970 means every event (before year 1 no date could show it).
+        ("1000000d", 0.0),
+        ("0001-01-01", 0.0),
     ],
 )
 def test_parse_since(text: str, expected: float) -> None:
