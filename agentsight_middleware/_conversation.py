@@ -170,8 +170,8 @@ def json_field(body: bytes, name: str) -> str | None:
     scanned for the key instead. A match is taken only where nothing can make it
     mean something else: before it, the object's opening brace and no other, no
     bracket, no backslash (so no string holds a brace or a quote, and the match is
-    a key of the top level), and after it no second such key (the last one wins in
-    ``json.loads``). Anything else is settled by a full parse. A key written with
+    a key of the top level), and after it the key nowhere again (the last one wins
+    in ``json.loads``). Anything else is settled by a full parse. A key written with
     escapes (``conversation\u005fid``) is not looked for: no client writes one.
     """
     # Most chat bodies carry no id: skip everything when the key cannot be there.
@@ -186,7 +186,7 @@ def json_field(body: bytes, name: str) -> str | None:
             and body.find(b"}", 0, start) < 0
             and body.find(b"[", 0, start) < 0
             and body.find(b"\\", 0, start) < 0
-            and pattern.search(body, match.end()) is None
+            and body.find(b'"' + name.encode() + b'"', match.end()) < 0
         ):
             value = match.group(1) or match.group(2)
             return clean_id(value.decode("ascii"))

@@ -203,6 +203,7 @@ def test_json_field_reads_what_a_full_parse_reads(pairs: list[tuple[str, str]]) 
         (b'{"conversation_id": 12.5}', None),
         (b'{"conversation_id": 12}', "12"),
         (b'{"conversation_id": "first", "conversation_id": "last"}', "last"),
+        (b'{"conversation_id": 0, "conversation_id": null}', None),
         (b'{"message": "hi", "conversation_id": "conv_plain"}', "conv_plain"),
     ],
     ids=[
@@ -212,6 +213,7 @@ def test_json_field_reads_what_a_full_parse_reads(pairs: list[tuple[str, str]]) 
         "float",
         "integer",
         "repeated-key",
+        "repeated-key-last-null",
         "plain",
     ],
 )

@@ -71,6 +71,15 @@ def _api_error(reply: Reply) -> str:
     return str(data)[:200]
 
 
+def _is_api_answer(body: bytes) -> bool:
+    """Whether a 2xx body is the API's: a JSON object with the conversation's ``id``.
+
+    A look, not a parse (this runs for every event): enough to tell the API from
+    a web page or an empty answer.
+    """
+    return body.lstrip()[:1] == b"{" and b'"id"' in body
+
+
 def environment_proxy(url: str) -> str | None:
     """The proxy the environment names for ``url``, or None for a direct connection."""
     parts = urlsplit(url)
@@ -468,8 +477,21 @@ class HttpSink:
             reply = result
             outcome = classify(reply.status)
             if outcome == ACCEPTED:
-                self._ack(item)
-                self.sent += 1
+                if _is_api_answer(reply.body):
+                    self._ack(item)
+                    self.sent += 1
+                else:
+                    # A wrong endpoint (a site's catch-all page, a captive portal) that
+                    # answers 200: the events were not recorded, so they are kept.
+                    self._log_once(
+                        "not the API",
+                        "%s answered %d with something other than the AgentSight API's "
+                        "answer (a JSON object with an id): check the endpoint; the events "
+                        "are kept and sent again",
+                        self._url,
+                        reply.status,
+                    )
+                    self._retry(item, f"HTTP {reply.status}, not the AgentSight API's answer")
             elif outcome == THROTTLED:
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
