@@ -675,3 +675,55 @@ def test_a_fork_after_the_worker_started_gets_an_outbox_of_its_own() -> None:
     assert all(sent[(cid, False)] == 1 for cid in parent_ids)
     assert sent[(child_view, False)] == 1
     assert sent[(parent_ids[0], True)] == 1
+
+
+async def test_an_endpoint_that_is_not_the_api_does_not_swallow_events(
+    api: StandInAgentSightAPI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A mistyped endpoint that answers 200 with a web page (a catch-all route, a captive
+    # portal) recorded nothing: the events stay in the outbox for the right endpoint.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Website(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b"<!doctype html><p>Welcome to our shop</p>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Website)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    outbox = tmp_path / "outbox.sqlite3"
+    try:
+        mw = wrap(api, endpoint=f"http://127.0.0.1:{site.server_port}", outbox=outbox)
+        with caplog.at_level(logging.INFO, logger="agentsight_middleware"):
+            async with client(mw) as c:
+                for _ in range(3):
+                    await visit(c)
+            assert not mw.flush(1.5)
+            stats = mw.stats()
+            mw.close(1)
+    finally:
+        site.shutdown()
+        site.server_close()
+    assert stats["sent"] == 0
+    assert stats["retried"] >= 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "check the endpoint" in errors[0]
+    # The right endpoint, same outbox: every event of the first run arrives.
+    mw = wrap(api, outbox=outbox)
+    mw._core.delivery.ensure_started()
+    api.wait_for(conversations=6, timeout=15)
+    assert mw.flush(10)
+    assert len(api.conversations) == 6
+    mw.close()
