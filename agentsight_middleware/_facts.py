@@ -483,6 +483,26 @@ def client_scheme(
     return forwarded_scheme(scheme, forwarded, x_forwarded_proto, peer, trusted)
 
 
+def _nearest_proto(elements: list[dict[str, str]], trusted: TrustedProxies) -> str | None:
+    """``proto`` of the nearest ``Forwarded`` element that states one, among those our
+    proxies wrote: walked from the right, as :func:`client_ip` walks ``for``, and never
+    past the element of the first hop we do not trust (what is left of it, the client
+    may have written)."""
+    hops = trusted.hop_count
+    for walked, element in enumerate(reversed(elements), start=1):
+        proto = element.get("proto")
+        if proto is not None:
+            return proto
+        if hops:
+            if walked >= hops:
+                return None
+        else:
+            address = _hop_address(element.get("for"))
+            if address is None or address not in trusted:
+                return None
+    return None
+
+
 def forwarded_scheme(
     scheme: str,
     forwarded: str | None,
@@ -501,10 +521,8 @@ def forwarded_scheme(
         elements = _forwarded_elements(forwarded)
         if elements is None:
             return scheme
-        protos = [element["proto"] for element in elements if "proto" in element]
-        if protos:
-            value = protos[-1]
-        elif mode == "forwarded":
+        value = _nearest_proto(elements, trusted)
+        if value is None and mode == "forwarded":
             return scheme
     if value is None and mode != "forwarded" and x_forwarded_proto:
         value = x_forwarded_proto.rpartition(",")[2]
