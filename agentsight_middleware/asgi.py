@@ -216,12 +216,18 @@ class AgentSightMiddleware(MiddlewareBase):
         cookie = None if raw_cookie is None else raw_cookie.decode("latin-1")
         found = settings.find_id(match.params, id_header, content_type, cookie, query, None)
         if found is NEED_BODY:
-            length = get(b"content-length")
-            body, receive = await peek_asgi(
-                receive,
-                None if length is None else length.decode("latin-1"),
-                settings.max_body_peek,
-            )
+            if b"expect" in headers:
+                # The client waits for a go-ahead (100 Continue) before it sends the
+                # body: reading it would give one on the app's behalf, to an app that
+                # may refuse the request unread. The later sources still count.
+                body = b""
+            else:
+                length = get(b"content-length")
+                body, receive = await peek_asgi(
+                    receive,
+                    None if length is None else length.decode("latin-1"),
+                    settings.max_body_peek,
+                )
             found = settings.find_id(match.params, id_header, content_type, cookie, query, body)
         if found is None:
             conversation_id, id_source = mint_id(), MINTED

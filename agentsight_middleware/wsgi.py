@@ -180,7 +180,8 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         id_header, content_type, cookie = get(self._id_key), get("CONTENT_TYPE"), get("HTTP_COOKIE")
         found = settings.find_id(match.params, id_header, content_type, cookie, query, None)
         if found is NEED_BODY:
-            body = peek_wsgi(environ, settings.max_body_peek)
+            # Not when the client waits for a go-ahead: reading would give it (see asgi.py).
+            body = b"" if "HTTP_EXPECT" in environ else peek_wsgi(environ, settings.max_body_peek)
             found = settings.find_id(match.params, id_header, content_type, cookie, query, body)
         if found is None:
             conversation_id, id_source = mint_id(), MINTED

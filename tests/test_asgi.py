@@ -630,6 +630,37 @@ async def test_a_hung_tracker_holds_a_bounded_number_of_threads() -> None:
         hang.set()
 
 
+def test_a_client_waiting_for_100_continue_gets_the_apps_own_answer(
+    tracker: RecordingTracker,
+) -> None:
+    # An app that refuses a chat unread (401, 413, 429) must refuse it as it would alone:
+    # peeking at the body would have the server send 100 Continue on the app's behalf.
+    import socket
+
+    from .conftest import uvicorn_server
+
+    async def guarded_chat(request: Request) -> Response:
+        if request.headers.get("authorization") != "Bearer ok":
+            return PlainTextResponse("unauthorized", status_code=401)
+        return PlainTextResponse(str(len(await request.body())))
+
+    app = Starlette(routes=[Route("/api/chat", guarded_chat, methods=["POST"])])
+    mw = AgentSightMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    with uvicorn_server(mw) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 30\r\nExpect: 100-continue\r\n"
+                b"Cookie: agentsight_conversation_id=conv_waiting0000\r\n\r\n"
+            )
+            answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert mw.flush(5)
+    # The id is still found where it can be without the body.
+    assert tracker.used[0]["conversation_id"] == "conv_waiting0000"
+
+
 async def test_coroutine_tracker_methods_are_awaited() -> None:
     calls: list[tuple[str, str, bool]] = []
 

@@ -351,3 +351,27 @@ def test_list_and_file_responses_are_handed_over_as_they_are() -> None:
             "HTTP_USER_AGENT": "Mozilla/5.0",
         }
         assert mw(environ, lambda status, headers, exc_info=None: None) is expected
+
+
+def test_expect_100_continue_leaves_the_body_to_the_app(tracker: RecordingTracker) -> None:
+    class Unread(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise AssertionError("the middleware read a body the client has not sent")
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+        return [b"unauthorized"]
+
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/chat",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "30",
+        "HTTP_EXPECT": "100-continue",
+        "HTTP_COOKIE": "agentsight_conversation_id=conv_waiting0000",
+        "wsgi.input": Unread(),
+    }
+    assert list(mw(environ, lambda status, headers, exc_info=None: None)) == [b"unauthorized"]
+    assert mw.flush(5)
+    assert tracker.used[0]["conversation_id"] == "conv_waiting0000"
