@@ -1029,6 +1029,11 @@ def echo(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 201 Created\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
 
 
+def created(extra: bytes = b"") -> bytes:
+    """The API's answer to an accepted event (a sink counts nothing else as delivered)."""
+    return echo(b'{"id":1}', extra)
+
+
 class Reads:
     """A real server that answers every request with its own body, and notes how many
     requests each read from the socket held (per connection)."""
@@ -1115,7 +1120,7 @@ async def test_requests_after_an_announced_close_are_not_sent_and_go_again_uncou
         for n in range(3):
             _, _, body = await read_request(reader)
             processed.append(body)
-            writer.write(echo(b"{}", b"Connection: close\r\n" if n == 2 else b""))
+            writer.write(created(b"Connection: close\r\n" if n == 2 else b""))
         await writer.drain()
 
     server = Scripted(handler)
@@ -1257,9 +1262,9 @@ async def test_a_server_that_closes_unannounced_after_an_answer_costs_no_event(
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal seen
-        _, _, body = await read_request(reader)
+        _, _, _body = await read_request(reader)
         seen += 1
-        writer.write(echo(body))
+        writer.write(created())
         await writer.drain()
 
     server = Scripted(handler)
@@ -1280,10 +1285,10 @@ async def test_answers_read_before_a_shutdown_are_acknowledged(tmp_path: Path) -
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         answered = 0
         while True:
-            _, _, body = await read_request(reader)
+            _, _, _body = await read_request(reader)
             if answered < 3:
                 answered += 1
-                writer.write(echo(body))
+                writer.write(created())
 
     path = tmp_path / "outbox.sqlite3"
     server = Scripted(handler)
@@ -1339,7 +1344,7 @@ async def test_a_pipeline_longer_than_the_outbox_lease_sends_each_event_once(
             _, _, body = await read_request(reader)
             seen[body] += 1
             await asyncio.sleep(0.3)
-            writer.write(echo(b"{}"))
+            writer.write(created())
 
     server = Scripted(handler)
     async with server.running() as url:
