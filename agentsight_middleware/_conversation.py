@@ -29,6 +29,7 @@ from ._facts import (
 )
 
 __all__ = [
+    "APP",
     "ID_SOURCES",
     "MINTED",
     "Conversation",
@@ -40,12 +41,16 @@ __all__ = [
     "mint_id",
     "pending_conversation",
     "query_field",
+    "set_cookie_value",
+    "with_app_id",
 ]
 
 #: Where a chat request's conversation id may be found, in the default order of lookup.
 ID_SOURCES = ("path", "header", "query", "json", "form", "cookie")
 #: ``Conversation.id_source`` when no id was found and the middleware made one.
 MINTED = "minted"
+#: ``Conversation.id_source`` of a page view whose response set the id cookie itself.
+APP = "app"
 
 # Ids travel in cookies, headers and URLs and end up in the API's 255-character
 # string fields: only accept a conservative alphabet and length so that a hostile
@@ -299,7 +304,8 @@ class Conversation:
         id = property(attrgetter("_id"), doc="The conversation id.")
         id_source = property(
             attrgetter("_id_source"),
-            doc="``path``, ``header``, ``query``, ``json``, ``form``, ``cookie`` or ``minted``.",
+            doc="``path``, ``header``, ``query``, ``json``, ``form``, ``cookie``, ``minted``, "
+            "or ``app`` (the page's response set the cookie itself).",
         )
         kind = property(attrgetter("_kind"), doc="``widget`` or ``chat``.")
         rule = property(attrgetter("_rule"), doc="The rule that matched, as configured.")
@@ -472,3 +478,28 @@ def pending_conversation(
     conversation._extra = extra_metadata
     conversation._state = (facts, raw)
     return conversation
+
+
+def with_app_id(conversation: Conversation, conversation_id: str) -> Conversation:
+    """``conversation`` under the id the app's own ``Set-Cookie`` gave the browser."""
+    copy: Conversation = _new(Conversation)
+    copy._id = conversation_id
+    copy._id_source = APP
+    copy._kind = conversation._kind
+    copy._rule = conversation._rule
+    copy._path = conversation._path
+    copy._customer_id = conversation._customer_id
+    copy._extra = conversation._extra
+    copy._state = conversation._state
+    return copy
+
+
+def set_cookie_value(header: str, prefix: str) -> str | None:
+    """The id in a ``Set-Cookie`` value that starts with ``prefix`` (``name=``), if valid.
+
+    An empty or invalid value (the app deleting the cookie, say) gives None.
+    """
+    value = header[len(prefix) :].partition(";")[0].strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value if _ID_RE.fullmatch(value) is not None else None

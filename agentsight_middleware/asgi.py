@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any
 from ._base import MiddlewareBase, _the_app
 from ._body import peek_asgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
+from ._conversation import (
+    MINTED,
+    Conversation,
+    cookie_value,
+    mint_id,
+    pending_conversation,
+    set_cookie_value,
+    with_app_id,
+)
 from ._core import is_html, is_page_view
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
@@ -42,6 +50,7 @@ class AgentSightMiddleware(MiddlewareBase):
         # Positional for Starlette's add_middleware() (its factory protocol passes the
         # app positional-only), or app= as Litestar's DefineMiddleware passes it.
         super().__init__(_the_app(app, options, "AgentSightMiddleware"), **options)
+        self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
 
     # Typed Any: frameworks type ASGI differently (Starlette with mappings, Litestar
@@ -176,6 +185,14 @@ class AgentSightMiddleware(MiddlewareBase):
             # the same visit keeps the conversation (and its cookie).
             minted = id_source == MINTED
             submit = self._submit
+            cookie_prefix = self._cookie_prefix
+
+            def initialize(chosen: Conversation) -> None:
+                event = new_event((INITIALIZE, chosen, started or time.time()))
+                if submit is not None:
+                    submit(event)
+                else:
+                    core.delivery.initialize(event, _get_loop())
 
             async def send_wrapper(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -185,14 +202,21 @@ class AgentSightMiddleware(MiddlewareBase):
                         headers = list(headers)
                         message = {**message, "headers": headers}
                     if _is_html_success(message):
-                        # A new message and header list: the app may reuse its own objects.
-                        message = {**message, "headers": [*headers, set_cookie]}
-                        if minted:
-                            event = new_event((INITIALIZE, conversation, started))
-                            if submit is not None:
-                                submit(event)
-                            else:
-                                core.delivery.initialize(event, _get_loop())
+                        own = _app_cookie(headers, cookie_prefix)
+                        if own is _NOT_SET:
+                            # A new message and header list: the app may reuse its own objects.
+                            message = {**message, "headers": [*headers, set_cookie]}
+                            if minted:
+                                initialize(conversation)
+                        elif own is not None and (minted or own != conversation_id):
+                            # The app set the cookie itself (restoring a signed-in visitor's
+                            # conversation, say): its id is the one the browser keeps.
+                            assert isinstance(own, str)
+                            initialize(
+                                conversation
+                                if own == conversation_id
+                                else with_app_id(conversation, own)
+                            )
                 await send(message)
 
             await self.app(scope, receive, send_wrapper)
@@ -255,9 +279,15 @@ class AgentSightMiddleware(MiddlewareBase):
                     settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),
                 )
 
+                cookie_prefix = self._cookie_prefix
+
                 async def send_wrapper(message: Message) -> None:
                     if message["type"] == "http.response.start":
-                        message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
+                        headers = list(message.get("headers", ()))
+                        # Unless the app sets the cookie itself (a new conversation, say).
+                        if _app_cookie(headers, cookie_prefix) is _NOT_SET:
+                            headers.append(set_cookie)
+                        message = {**message, "headers": headers}
                     await send(message)
 
                 app_send = send_wrapper
@@ -391,6 +421,21 @@ def _is_page_view(headers: dict[bytes, bytes]) -> bool:
 # ``http.response.start`` content types seen, and whether each is HTML: a page's
 # responses carry one or two distinct values, and parsing one costs a microsecond.
 _HTML_TYPES: dict[bytes, bool] = {}
+
+
+_NOT_SET: Any = object()
+
+
+def _app_cookie(headers: Any, prefix: bytes) -> Any:
+    """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
+    none, None when it sets an empty or invalid one (deletes it, say)."""
+    for name, value in headers:
+        if (name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie")) and (
+            value.startswith(prefix)
+        ):
+            text = bytes(value).decode("latin-1")
+            return set_cookie_value(text, prefix.decode("latin-1"))
+    return _NOT_SET
 
 
 def _is_html_success(message: Message) -> bool:

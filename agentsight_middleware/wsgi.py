@@ -19,7 +19,15 @@ from typing import Any
 from ._base import MiddlewareBase, _the_app
 from ._body import peek_wsgi
 from ._config import NEED_BODY
-from ._conversation import MINTED, Conversation, cookie_value, mint_id, pending_conversation
+from ._conversation import (
+    MINTED,
+    Conversation,
+    cookie_value,
+    mint_id,
+    pending_conversation,
+    set_cookie_value,
+    with_app_id,
+)
 from ._core import is_html_success, is_page_view
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
@@ -48,6 +56,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         # Positional for Starlette's add_middleware() (its factory protocol passes the
         # app positional-only), or app= as Litestar's DefineMiddleware passes it.
         super().__init__(_the_app(app, options, "AgentSightWSGIMiddleware"), **options)
+        self._cookie_prefix = f"{self._settings.cookie_name}="
         self._id_key = _environ_key(self._settings.id_header)
         self._idle = True
         reset_in_child(self._after_fork)
@@ -151,9 +160,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         )
         # Only a new id is a new chance to chat: a reload or the next page of
         # the same visit keeps the conversation (and its cookie).
-        initialize = None
-        if id_source == MINTED:
-            initialize = self._submit or core.delivery.initialize
+        minted = id_source == MINTED
+        initialize = self._submit or core.delivery.initialize
+        cookie_prefix = self._cookie_prefix
 
         def wrapped_start_response(
             status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
@@ -162,9 +171,18 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             if exc_info is None and is_html_success(
                 _status_code(status), _content_type(response_headers)
             ):
-                response_headers = [*response_headers, set_cookie]
-                if initialize is not None:
-                    initialize(new_event((INITIALIZE, conversation, started)))
+                own = _app_cookie(response_headers, cookie_prefix)
+                if own is _NOT_SET:
+                    response_headers = [*response_headers, set_cookie]
+                    if minted:
+                        initialize(new_event((INITIALIZE, conversation, started)))
+                elif own is not None and (minted or own != conversation_id):
+                    # The app set the cookie itself: its id is the one the browser keeps.
+                    assert isinstance(own, str)
+                    chosen = (
+                        conversation if own == conversation_id else with_app_id(conversation, own)
+                    )
+                    initialize(new_event((INITIALIZE, chosen, started or time.time())))
             return _start(start_response, status, response_headers, exc_info)
 
         return _respond(self.app, environ, wrapped_start_response, core.current, conversation, None)
@@ -211,10 +229,15 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 settings.set_cookie_text(conversation_id, self._is_secure(environ)),
             )
 
+            cookie_prefix = self._cookie_prefix
+
             def wrapped_start_response(
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
             ) -> Any:
-                return _start(start_response, status, [*response_headers, set_cookie], exc_info)
+                # Unless the app sets the cookie itself (a new conversation, say).
+                if _app_cookie(response_headers, cookie_prefix) is _NOT_SET:
+                    response_headers = [*response_headers, set_cookie]
+                return _start(start_response, status, response_headers, exc_info)
 
             app_start_response = wrapped_start_response
         return _respond(
@@ -352,6 +375,18 @@ def _is_page_view(environ: Environ) -> bool:
     return is_page_view(
         get("HTTP_ACCEPT"), get("HTTP_SEC_FETCH_DEST"), purpose, get("HTTP_USER_AGENT")
     )
+
+
+_NOT_SET: Any = object()
+
+
+def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> Any:
+    """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
+    none, None when it sets an empty or invalid one (deletes it, say)."""
+    for name, value in headers:
+        if value.startswith(prefix) and name.lower() == "set-cookie":
+            return set_cookie_value(value, prefix)
+    return _NOT_SET
 
 
 def _status_code(status: str) -> int:

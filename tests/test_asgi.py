@@ -1139,3 +1139,59 @@ async def test_root_path_is_added_at_a_segment_boundary(
     assert any(name == b"set-cookie" for name, _ in sent[0]["headers"])
     assert mw.flush(5)
     assert tracker.initialized[0]["metadata"]["page_path"] == "/shop/shopping-cart"
+
+
+_OURS = "agentsight_conversation_id="
+
+
+@pytest.mark.parametrize(
+    ("request_cookie", "app_cookie", "events"),
+    [
+        # A first visit that the app gives a conversation of its own (a signed-in visitor).
+        (None, _OURS + "conv_restored0001; Path=/", [("conv_restored0001", "app")]),
+        # A returning visitor whose id the app re-sets as it is: nothing new.
+        ("conv_known0000001", _OURS + "conv_known0000001; Path=/", []),
+        # A returning visitor the app moves to another conversation: that one is new.
+        ("conv_known0000001", _OURS + "conv_moved0000001; Path=/", [("conv_moved0000001", "app")]),
+        # The app deletes the cookie: no id of ours goes back, and nothing is counted.
+        (None, _OURS + "; Max-Age=0; Path=/", []),
+    ],
+    ids=["first-visit", "same-id", "another-id", "deleted"],
+)  # fmt: skip
+async def test_the_apps_own_cookie_is_never_overridden(
+    tracker: RecordingTracker,
+    request_cookie: str | None,
+    app_cookie: str,
+    events: list[tuple[str, str]],
+) -> None:
+    async def restoring_page(request: Request) -> Response:
+        response = HTMLResponse(PAGE)
+        response.headers.append("set-cookie", "theme=dark; Path=/")
+        response.headers.append("set-cookie", app_cookie)
+        return response
+
+    async def new_chat(request: Request) -> Response:
+        response = JSONResponse({"ok": True})
+        response.headers.append("set-cookie", "agentsight_conversation_id=conv_fromchat00001")
+        return response
+
+    app = Starlette(
+        routes=[Route("/", restoring_page), Route("/api/chat", new_chat, methods=["POST"])]
+    )
+    mw = AgentSightMiddleware(
+        app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    async with client(mw) as c:
+        if request_cookie:
+            c.cookies.set("agentsight_conversation_id", request_cookie)
+        page_response = await c.get("/", headers=BROWSER)
+        chat_response = await c.post("/api/chat", json={})
+    assert page_response.headers.get_list("set-cookie") == ["theme=dark; Path=/", app_cookie]
+    assert chat_response.headers.get_list("set-cookie") == [
+        "agentsight_conversation_id=conv_fromchat00001"
+    ]
+    assert mw.flush(5)
+    assert [
+        (call["conversation_id"], call["metadata"]["conversation_id_source"])
+        for call in tracker.initialized
+    ] == events

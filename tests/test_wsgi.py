@@ -375,3 +375,56 @@ def test_expect_100_continue_leaves_the_body_to_the_app(tracker: RecordingTracke
     assert list(mw(environ, lambda status, headers, exc_info=None: None)) == [b"unauthorized"]
     assert mw.flush(5)
     assert tracker.used[0]["conversation_id"] == "conv_waiting0000"
+
+
+_OURS = "agentsight_conversation_id="
+
+
+@pytest.mark.parametrize(
+    ("request_cookie", "app_cookie", "events"),
+    [
+        (None, _OURS + "conv_restored0001; Path=/", [("conv_restored0001", "app")]),
+        ("conv_known0000001", _OURS + "conv_known0000001; Path=/", []),
+        ("conv_known0000001", _OURS + "conv_moved0000001; Path=/", [("conv_moved0000001", "app")]),
+        (None, _OURS + "; Max-Age=0; Path=/", []),
+    ],
+    ids=["first-visit", "same-id", "another-id", "deleted"],
+)  # fmt: skip
+def test_the_apps_own_cookie_is_never_overridden(
+    tracker: RecordingTracker,
+    request_cookie: str | None,
+    app_cookie: str,
+    events: list[tuple[str, str]],
+) -> None:
+    app = Flask(__name__)
+
+    @app.get("/")
+    def page() -> Any:
+        response = Response(PAGE, mimetype="text/html")
+        response.headers.add("Set-Cookie", "theme=dark; Path=/")
+        response.headers.add("Set-Cookie", app_cookie)
+        return response
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        response = jsonify(ok=True)
+        response.headers.add("Set-Cookie", "agentsight_conversation_id=conv_fromchat00001")
+        return response
+
+    app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    browser = Client(app)
+    if request_cookie:
+        browser.set_cookie("agentsight_conversation_id", request_cookie)
+    page_response = browser.get("/", headers=BROWSER)
+    chat_response = browser.post("/api/chat", json={})
+    assert page_response.headers.getlist("Set-Cookie") == ["theme=dark; Path=/", app_cookie]
+    assert chat_response.headers.getlist("Set-Cookie") == [
+        "agentsight_conversation_id=conv_fromchat00001"
+    ]
+    assert middleware_of(app).flush(5)
+    assert [
+        (call["conversation_id"], call["metadata"]["conversation_id_source"])
+        for call in tracker.initialized
+    ] == events
