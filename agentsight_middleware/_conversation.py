@@ -25,6 +25,7 @@ from ._facts import (
     client_ip,
     page_url,
     peer_address,
+    redact_path,
     redact_url,
 )
 
@@ -432,7 +433,7 @@ class Conversation:
         facts = self._facts()
         referrer = facts[6]
         data: dict[str, Any] = {
-            "page_path": self._path[:MAX_URL_LENGTH],
+            "page_path": redact_path(self._path)[:MAX_URL_LENGTH],
             "page_url": page_url(facts[3], facts[4], self._path, facts[5]),
             "referrer": redact_url(referrer) if referrer else None,
             "user_agent": facts[1][:255] or None,

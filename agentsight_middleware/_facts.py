@@ -29,6 +29,7 @@ __all__ = [
     "client_scheme",
     "compile_agent_matcher",
     "page_url",
+    "redact_path",
     "redact_query",
     "redact_url",
 ]
@@ -792,6 +793,7 @@ _SECRET_PARAM_NAMES: Final = frozenset(
         "code",  # OAuth authorization code
         "key",
         "pass",
+        "pw",
         "pwd",
         "pin",
         "otp",
@@ -810,6 +812,7 @@ _SECRET_PARAM_PARTS: Final = (
     "token",  # access_token, id_token, refresh_token, X-Amz-Security-Token
     "password",
     "passwd",
+    "passphrase",
     "secret",  # client_secret
     "apikey",
     "signature",  # X-Amz-Signature, X-Goog-Signature
@@ -828,17 +831,41 @@ _MAX_CACHED_PARAM_NAME: Final = 128
 
 def _secret_name_uncached(name: str) -> bool:
     compact = _NON_ALNUM.sub("", unquote_plus(name, errors="replace").lower())
-    return compact in _SECRET_PARAM_NAMES or any(part in compact for part in _SECRET_PARAM_PARTS)
+    return (
+        compact in _SECRET_PARAM_NAMES
+        # api_key, access_key, reset_key, license_key...
+        or compact.endswith("key")
+        or any(part in compact for part in _SECRET_PARAM_PARTS)
+    )
 
 
 _secret_name_cached = functools.lru_cache(maxsize=1024)(_secret_name_uncached)
 
 
 def _is_secret_param(param: str) -> bool:
-    name = param.partition("=")[0]
+    if ";" in param:
+        # Some servers split parameters on ";" too (a=1;access_token=...).
+        return any(_is_secret_name(part.partition("=")[0]) for part in param.split(";"))
+    return _is_secret_name(param.partition("=")[0])
+
+
+def _is_secret_name(name: str) -> bool:
     if len(name) > _MAX_CACHED_PARAM_NAME:
         return _secret_name_uncached(name)
     return _secret_name_cached(name)
+
+
+# A path parameter (";jsessionid=..." of servlet URL rewriting) up to the next segment.
+_PATH_PARAM = re.compile(r";([^/;=?#]*)=[^/;?#]*")
+
+
+def redact_path(path: str) -> str:
+    """``path`` without path parameters whose name looks secret."""
+    if ";" not in path:
+        return path
+    return _PATH_PARAM.sub(
+        lambda match: "" if _is_secret_name(match.group(1)) else match.group(0), path
+    )
 
 
 def _cut_query(query: str, limit: int) -> str:
@@ -902,7 +929,7 @@ def _clean_host(host: str, scheme: str) -> str | None:
 
 
 def _build_url(origin: str, path: str, query: str) -> str:
-    path = quote(path, safe=_PATH_SAFE, errors="replace")
+    path = quote(redact_path(path), safe=_PATH_SAFE, errors="replace")
     if not path.startswith("/"):
         path = "/" + path
     base = origin + path

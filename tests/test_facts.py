@@ -829,6 +829,13 @@ REDACT_CASES = [
         "utm_source=news&utm_medium=email&gclid=abc",
     ),
     ("non-ascii-name", "m\u00f6t=1&token=x", "m\u00f6t=1"),
+    # Found in review: names that slipped through.
+    (
+        "more-keys-and-passwords",
+        "access_key=1&reset_key=2&license-key=3&passphrase=4&pw=5&page=2",
+        "page=2",
+    ),
+    ("semicolon-separated", "a=1;access_token=x&b=2&c=3;d=4", "b=2&c=3;d=4"),
 ]
 
 
@@ -1243,3 +1250,10 @@ def test_user_agent_helpers_are_total(user_agent: str) -> None:
     assert device in (None, "mobile", "tablet", "desktop")
     assert isinstance(is_bot, bool)
     assert isinstance(compile_agent_matcher(DEFAULT_NON_BROWSER_AGENTS)(user_agent), bool)
+
+
+def test_secret_path_parameters_are_dropped() -> None:
+    # Servlet URL rewriting puts the session in the path (";jsessionid=..."), not the query.
+    url = page_url("https", "java.test", "/cart;jsessionid=SECRET0001;v=2/item", "x=1")
+    assert url == "https://java.test/cart;v=2/item?x=1"
+    assert redact_url("https://java.test/a;JSESSIONID=S1?b=2") == "https://java.test/a?b=2"
