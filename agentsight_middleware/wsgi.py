@@ -10,6 +10,7 @@ Requests whose path matches no rule go straight to the app.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import time
 from collections.abc import Callable, Iterable, MutableMapping
@@ -257,29 +258,53 @@ def _respond(
 
     A WSGI app may produce its body after it returns (Flask's
     ``stream_with_context``, Django's ``StreamingHttpResponse``): the handler's
-    generator runs while the server iterates. So the call, every step of the
-    iteration and ``close()`` run in one context of their own, in which the
-    conversation is set and the tracker's scope stays entered until ``close()``,
-    as an ASGI app's whole response runs inside the middleware's call.
+    generator runs while the server iterates. So the conversation stays set, and
+    the tracker's scope entered, until the body is complete or ``close()``, as an
+    ASGI app's whole response runs inside the middleware's call. All of it in the
+    server's own context, as before: what the app sets there, code around it still
+    sees (an outer middleware's access log, say).
     """
-    context = contextvars.copy_context()
-    context.run(current.set, conversation)
+    token = current.set(conversation)
     if handler_scope is not None:
-        context.run(handler_scope.__enter__)
+        handler_scope.__enter__()
     try:
-        result = context.run(app, environ, start_response)
+        result = app(environ, start_response)
     except BaseException as exc:
-        if handler_scope is not None:
-            # The guarded scope logs its own failures and lets the app's error go on.
-            context.run(handler_scope.__exit__, type(exc), exc, exc.__traceback__)
+        _leave(current, token, handler_scope, exc)
         raise
     if type(result) is list or type(result) is tuple or _is_file(result, environ):
         # No code of the app's runs while these are read (and a server's fast
         # paths for them, len() or sendfile, must still see them).
-        if handler_scope is not None:
-            context.run(handler_scope.__exit__, None, None, None)
+        _leave(current, token, handler_scope, None)
         return result  # type: ignore[no-any-return]
-    return _InContext(result, context, handler_scope)
+    streamed = _Streamed(result, current, token, handler_scope)
+    if hasattr(result, "__len__"):
+        # wsgiref and waitress work out a Content-Length from len() when there is one.
+        try:
+            return _SizedStreamed(streamed, len(result))
+        except Exception:
+            pass
+    return streamed
+
+
+def _leave(
+    current: contextvars.ContextVar[Conversation | None],
+    token: contextvars.Token[Conversation | None],
+    handler_scope: AbstractContextManager[None] | None,
+    exc: BaseException | None,
+) -> None:
+    try:
+        if handler_scope is not None:
+            # The guarded scope logs its own failures and lets the app's error go on.
+            if exc is None:
+                handler_scope.__exit__(None, None, None)
+            else:
+                handler_scope.__exit__(type(exc), exc, exc.__traceback__)
+    finally:
+        # ValueError: iterated in another thread's context than the call (a bridge
+        # running each step in a pool), which never had our value set.
+        with contextlib.suppress(ValueError):
+            current.reset(token)
 
 
 def _is_file(result: object, environ: Environ) -> bool:
@@ -287,36 +312,41 @@ def _is_file(result: object, environ: Environ) -> bool:
     return isinstance(wrapper, type) and isinstance(result, wrapper)
 
 
-class _InContext:
-    """An app's response iterable whose steps and ``close()`` run in ``context``."""
+class _Streamed:
+    """An app's response iterable that keeps the conversation current until it ends."""
 
-    __slots__ = ("_close", "_context", "_next", "_scope")
+    __slots__ = ("_close", "_current", "_next", "_scope", "_token")
 
     def __init__(
         self,
         result: Iterable[bytes],
-        context: contextvars.Context,
+        current: contextvars.ContextVar[Conversation | None],
+        token: contextvars.Token[Conversation | None],
         scope: AbstractContextManager[None] | None,
     ) -> None:
-        self._context = context
+        self._current: contextvars.ContextVar[Conversation | None] | None = current
+        self._token = token
         self._scope = scope
         self._close = getattr(result, "close", None)
         try:
-            self._next = context.run(iter, result).__next__
-        except BaseException:
-            self.close()
+            self._next = iter(result).__next__
+        except BaseException as exc:
+            self._leave(exc)
             raise
 
-    def __iter__(self) -> _InContext:
+    def __iter__(self) -> _Streamed:
         return self
 
     def __next__(self) -> bytes:
         try:
-            return self._context.run(self._next)
+            return self._next()
         except StopIteration:
-            # The body is complete: leave the scope now rather than at close(), which
-            # a server should call but a test client may never.
-            self._leave()
+            # The body is complete: leave now rather than at close(), which a server
+            # should call but a test client may never.
+            self._leave(None)
+            raise
+        except BaseException as exc:
+            self._leave(exc)
             raise
 
     def close(self) -> None:
@@ -324,14 +354,31 @@ class _InContext:
         close, self._close = self._close, None
         try:
             if close is not None:
-                self._context.run(close)
+                close()
         finally:
-            self._leave()
+            self._leave(None)
 
-    def _leave(self) -> None:
-        scope, self._scope = self._scope, None
-        if scope is not None:
-            self._context.run(scope.__exit__, None, None, None)
+    def _leave(self, exc: BaseException | None) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            _leave(current, self._token, self._scope, exc)
+
+
+class _SizedStreamed:
+    """:class:`_Streamed` of a response that has a length, which it keeps."""
+
+    __slots__ = ("_length", "_streamed", "close")
+
+    def __init__(self, streamed: _Streamed, length: int) -> None:
+        self._streamed = streamed
+        self._length = length
+        self.close = streamed.close
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> _Streamed:
+        return self._streamed
 
 
 def _start(

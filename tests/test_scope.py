@@ -188,7 +188,7 @@ def test_wsgi_scope_is_left_at_close_not_before() -> None:
     }
     result = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
     assert tracker.exits == []
-    assert active.get() is None  # the caller's own context is left as it was
+    assert active.get() == "conv_late"  # still current while the server reads the body
     iterator = iter(result)
     assert next(iterator) == b"a"
     assert tracker.exits == []  # still inside while the body is produced
@@ -197,6 +197,7 @@ def test_wsgi_scope_is_left_at_close_not_before() -> None:
     with pytest.raises(StopIteration):
         next(iterator)
     assert tracker.exits == [None]  # left when the body is complete
+    assert active.get() is None
     result.close()
     result.close()  # a second close is harmless
     assert tracker.exits == [None]
@@ -237,9 +238,43 @@ def test_wsgi_error_while_streaming_propagates_and_close_leaves_the_scope() -> N
     assert next(iterator) == b"first"
     with pytest.raises(ValueError, match="generator failed"):
         next(iterator)
+    # The scope is left with the error, as a handler raising inside it would be.
+    assert tracker.exits == ["ValueError"]
     result.close()
-    assert closed == [True]  # the app's close ran once, inside the request's context
-    assert tracker.exits == [None]
+    assert len(closed) == 1  # the app's close, once
+    assert tracker.exits == ["ValueError"]
+
+
+def test_context_variables_the_app_sets_stay_visible_around_it() -> None:
+    # An outer middleware (an access log, say) reads what the app set in the server's
+    # context, as it does without us: the app runs in that context, not a copy.
+    user: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
+    seen: list[str | None] = []
+
+    def app(environ: Any, start_response: Any) -> Any:
+        user.set(environ["HTTP_X_USER"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"ok"])  # a streamed body
+
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /chat"], tracker=ScopedTracker())
+
+    def access_log(environ: Any, start_response: Any) -> Any:
+        result = mw(environ, start_response)
+        seen.append(user.get())
+        return result
+
+    for name in ("ann", "bob"):
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/chat",
+            "wsgi.input": io.BytesIO(b""),
+            "HTTP_X_USER": name,
+        }
+        context = contextvars.copy_context()  # a server thread's context
+        result: Any = context.run(access_log, environ, lambda *args: None)
+        assert context.run(b"".join, result) == b"ok"
+        context.run(result.close)
+    assert seen == ["ann", "bob"]
 
 
 @pytest.mark.anyio
