@@ -147,7 +147,6 @@ class TrackerDelivery:
         # returns, not when the request stops waiting for it, so a hung tracker
         # holds at most this many threads (and chat requests go on without it).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
-        self._engage_limiter: Any = None
         self.skipped_bots = 0
         self.errors = 0
         self.timeouts = 0
@@ -243,12 +242,14 @@ class TrackerDelivery:
                             finally:
                                 slot.done()
 
-                    if self._engage_limiter is None:
-                        # Never waited on: the slots keep the calls below its total.
-                        self._engage_limiter = anyio.CapacityLimiter(ENGAGE_THREADS)
                     try:
+                        # A limiter of our own, never waited on (the slots keep the calls
+                        # below its total); one per call, as a limiter belongs to the
+                        # async backend (asyncio, trio) that made it.
                         await anyio.to_thread.run_sync(
-                            call, abandon_on_cancel=True, limiter=self._engage_limiter
+                            call,
+                            abandon_on_cancel=True,
+                            limiter=anyio.CapacityLimiter(ENGAGE_THREADS),
                         )
                     finally:
                         slot.give_up()

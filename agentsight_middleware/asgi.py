@@ -66,11 +66,14 @@ class AgentSightMiddleware(MiddlewareBase):
         root_path = scope.get("root_path")
         # Servers and routers disagree on whether ``path`` includes ``root_path``;
         # rules are written against the path the client sent, so rebuild it.
-        if root_path and not (
-            path.startswith(root_path)
-            and (len(path) == len(root_path) or path[len(root_path)] == "/")
-        ):
-            path = root_path + path
+        if root_path:
+            # At a segment boundary: "/shopping-cart" is not under "/shop"; and a
+            # root_path of "/" (or ending in one) must not double the slash.
+            base = root_path.rstrip("/")
+            if base and not (
+                path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/")
+            ):
+                path = base + path
         # RuleSet.match's answer without calling it for most requests (see
         # ``RuleSet.exact_matches``): this runs on every request of the app.
         by_method = self._exact_matches.get(path)
@@ -429,13 +432,15 @@ _NOT_SET: Any = object()
 def _app_cookie(headers: Any, prefix: bytes) -> Any:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
+    found: Any = _NOT_SET
     for name, value in headers:
         if (name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie")) and (
             value.startswith(prefix)
         ):
+            # The last one: it is the one the browser keeps (a delete, then a set).
             text = bytes(value).decode("latin-1")
-            return set_cookie_value(text, prefix.decode("latin-1"))
-    return _NOT_SET
+            found = set_cookie_value(text, prefix.decode("latin-1"))
+    return found
 
 
 def _is_html_success(message: Message) -> bool:

@@ -430,10 +430,12 @@ _NOT_SET: Any = object()
 def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> Any:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
+    found: Any = _NOT_SET
     for name, value in headers:
         if value.startswith(prefix) and name.lower() == "set-cookie":
-            return set_cookie_value(value, prefix)
-    return _NOT_SET
+            # The last one: it is the one the browser keeps (a delete, then a set).
+            found = set_cookie_value(value, prefix)
+    return found
 
 
 def _status_code(status: str) -> int:

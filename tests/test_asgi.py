@@ -1195,3 +1195,62 @@ async def test_the_apps_own_cookie_is_never_overridden(
         (call["conversation_id"], call["metadata"]["conversation_id_source"])
         for call in tracker.initialized
     ] == events
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path"), [("/", "/pricing"), ("/shop/", "/shop/pricing"), ("/shop/", "/pricing")]
+)
+async def test_a_root_path_ending_in_a_slash_is_not_doubled(
+    tracker: RecordingTracker, root_path: str, path: str
+) -> None:
+    # FastAPI(root_path="/") under uvicorn: rules are written against the path sent.
+    expected = "/pricing" if root_path == "/" else "/shop/pricing"
+    mw = AgentSightMiddleware(make_app(), widget_pages=[expected], tracker=tracker)
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "root_path": root_path,
+        "query_string": b"",
+        "headers": browser,
+        "client": ("203.0.113.7", 1),
+    }
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    mw.app = _html_app
+    await mw(scope, receive, send)
+    assert any(name == b"set-cookie" for name, _ in sent[0]["headers"])
+    assert mw.flush(5)
+    assert tracker.initialized[0]["metadata"]["page_path"] == expected
+
+
+async def _html_app(scope: Any, receive: Any, send: Any) -> None:
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]}
+    )
+    await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+
+async def test_the_last_of_the_apps_own_cookies_counts(tracker: RecordingTracker) -> None:
+    # Deleted, then set again in the same response: the browser keeps the second.
+    async def page_sets_twice(request: Request) -> Response:
+        response = HTMLResponse(PAGE)
+        response.delete_cookie("agentsight_conversation_id")
+        response.set_cookie("agentsight_conversation_id", "conv_final0000001")
+        return response
+
+    mw = AgentSightMiddleware(
+        Starlette(routes=[Route("/", page_sets_twice)]), widget_pages=["/"], tracker=tracker
+    )
+    async with client(mw) as c:
+        response = await c.get("/", headers=BROWSER)
+    assert len(response.headers.get_list("set-cookie")) == 2  # the app's, none of ours
+    assert mw.flush(5)
+    assert [call["conversation_id"] for call in tracker.initialized] == ["conv_final0000001"]

@@ -428,3 +428,22 @@ def test_the_apps_own_cookie_is_never_overridden(
         (call["conversation_id"], call["metadata"]["conversation_id_source"])
         for call in tracker.initialized
     ] == events
+
+
+def test_the_last_of_the_apps_own_cookies_counts(tracker: RecordingTracker) -> None:
+    app = Flask(__name__)
+
+    @app.get("/")
+    def page() -> Any:
+        response = Response(PAGE, mimetype="text/html")
+        response.delete_cookie("agentsight_conversation_id")
+        response.set_cookie("agentsight_conversation_id", "conv_final0000001")
+        return response
+
+    app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, widget_pages=["/"], tracker=tracker
+    )
+    response = Client(app).get("/", headers=BROWSER)
+    assert len(response.headers.getlist("Set-Cookie")) == 2  # the app's, none of ours
+    assert middleware_of(app).flush(5)
+    assert [call["conversation_id"] for call in tracker.initialized] == ["conv_final0000001"]
