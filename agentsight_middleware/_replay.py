@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, TextIO
 
 import httpx
 
 from .__version__ import __version__
 from ._credentials import Credentials
-from ._retry import ACCEPTED, REJECTED, THROTTLED, backoff, classify, retry_after
+from ._retry import ACCEPTED, REJECTED, RETRY, THROTTLED, backoff, classify, retry_after
 from ._store import LocalStore, connect_readonly, count_unsent, mark_sent, unsent
 
 __all__ = ["ReplayBusyError", "ReplaySummary", "replay"]
@@ -102,8 +104,10 @@ class _Run:
             self.halt(f"{why} for {_STALLED:g} s: run send again later")
 
 
-# What _post says about one event.
-_SENT, _FAILED, _NOT_TRIED = "sent", "failed", "not tried"
+# What _post says about one event. REFUSED: the API said no for good (a bad payload),
+# which later events of the conversation do not wait on; FAILED: it could not be
+# delivered for now, and they do.
+_SENT, _REFUSED, _FAILED, _NOT_TRIED = "sent", "refused", "failed", "not tried"
 
 
 def _looks_like_the_api(response: httpx.Response) -> bool:
@@ -121,7 +125,7 @@ def _post(
 ) -> tuple[str, str | None]:
     """(outcome, error) after bounded retries of what can be retried."""
     if payload is None:
-        return _FAILED, "the events file holds this event's payload as invalid JSON"
+        return _REFUSED, "the events file holds this event's payload as invalid JSON"
     error: str | None = None
     attempt = throttles = 0
     while attempt < _ATTEMPTS:
@@ -136,6 +140,8 @@ def _post(
             outcome = classify(response.status_code)
             if outcome == THROTTLED:
                 run.stalled("the API kept throttling")
+            elif outcome == RETRY:
+                run.stalled(f"the API kept failing (HTTP {response.status_code})")
             else:
                 run.answered()
             if outcome == ACCEPTED:
@@ -151,7 +157,7 @@ def _post(
                 run.halt(f"the API refused the key ({error})")
                 return _NOT_TRIED, None
             if outcome == REJECTED:
-                return _FAILED, error
+                return _REFUSED, error
             if outcome == THROTTLED and throttles < _THROTTLES:
                 throttles += 1
                 run.throttle(retry_after(response.headers.get("retry-after"), now=time.time()))
@@ -168,6 +174,8 @@ class _Outcome:
     failed: int = 0
     left: int = 0
     error: str | None = None
+    #: The conversation's later events must wait for the next run.
+    held: bool = False
 
 
 def _send_conversation(
@@ -176,19 +184,51 @@ def _send_conversation(
     rows: list[tuple[int, dict[str, Any] | None]],
     run: _Run,
 ) -> _Outcome:
-    """One conversation's events, in order, each once the one before is accepted."""
+    """One conversation's events, in order, each once the one before is done with."""
     outcome = _Outcome(accepted=[])
     for index, (row_id, payload) in enumerate(rows):
         result, error = _post(client, url, payload, run)
         if result == _SENT:
             outcome.accepted.append(row_id)
             continue
-        if result == _FAILED:
-            outcome.failed, outcome.error = 1, error
+        if result in (_REFUSED, _FAILED):
+            outcome.failed += 1
+            outcome.error = outcome.error or error
+            if result == _REFUSED:
+                # Refused for good: waiting would change nothing, as live delivery
+                # drops such an event and goes on with the next.
+                continue
             index += 1
         outcome.left = len(rows) - index
+        outcome.held = True
         break
     return outcome
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(run: _Run, summary: ReplaySummary) -> Iterator[None]:
+    """Ctrl-C asks the run to stop, rather than raising wherever the main thread is
+    (half-way through taking a future's lock, or between a request's answer and its
+    mark in the file). A second Ctrl-C stops at once, as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if summary.interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        summary.interrupted = True
+        run.halt("interrupted")
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(
+            signal.SIGINT, previous if previous is not None else signal.default_int_handler
+        )
 
 
 @contextlib.contextmanager
@@ -229,7 +269,8 @@ def replay(
     """Send every not-yet-sent event of ``path``; ``progress`` gets a bar when it is a terminal.
 
     Ctrl-C stops it: requests under way finish and are recorded, and the summary
-    says ``interrupted``.
+    says ``interrupted``. (Only when called in the main thread: that is where Python
+    delivers the signal.)
     """
     from .sinks.http import environment_proxy
 
@@ -267,10 +308,10 @@ def replay(
             summary.left += outcome.left
             if outcome.error and summary.first_error is None:
                 summary.first_error = outcome.error
-            if outcome.failed or outcome.left:
+            if outcome.held:
                 held.add(conversation)
 
-        try:
+        with _ctrl_c_stops(run, summary):
             while not run.stop.is_set() and (batch := unsent(store, _BATCH, after)):
                 after = batch[-1][0]
                 conversations: dict[Any, list[tuple[int, dict[str, Any] | None]]] = {}
@@ -282,24 +323,15 @@ def replay(
                         summary.left += 1
                     else:
                         conversations.setdefault(conversation, []).append((row_id, payload))
-                pending = {
-                    pool.submit(_send_conversation, client, url, rows, run): conversation
-                    for conversation, rows in conversations.items()
-                }
+                for conversation, rows in conversations.items():
+                    pending[pool.submit(_send_conversation, client, url, rows, run)] = conversation
+                # Once stopped, what has not started returns at once, untried.
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        record(future, pending.pop(future))
+                        record(future, pending[future])
+                        del pending[future]
                     show(summary.sent + summary.failed)
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            run.halt("interrupted")
-            for future, conversation in pending.items():
-                if future.cancel():
-                    summary.left += len(conversations[conversation])
-                else:
-                    wait([future])
-                    record(future, conversation)
         summary.stopped = run.reason
         if run.stop.is_set():
             # Stopped early: what the loop did not reach is left too.

@@ -171,6 +171,9 @@ def _run_send(args: argparse.Namespace) -> int:
         summary = replay(args.db, credentials, progress=sys.stderr)
     except (StoreError, ReplayBusyError, FileNotFoundError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        _fail("stopped at once: run send again (an event accepted this very moment may go twice)")
+        return 130
     line = f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}"
     if summary.left:
         line += f", left {summary.left} for the next run"

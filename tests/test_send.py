@@ -106,8 +106,28 @@ def test_send_keeps_each_conversations_order(
 
 
 def test_a_failed_event_holds_back_the_rest_of_its_conversation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentsight_middleware import _replay
+
+    monkeypatch.setattr(_replay, "backoff", lambda attempt: 0.0)
+    db = _visits(tmp_path / "events.sqlite3", 1)
+    with StandInAgentSightAPI() as api:
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        api.fail_next(4, status=503)  # every attempt at the page view
+        assert main(args) == 1
+        assert api.conversations == []  # the chat was not sent before its page view
+        assert "failed 1, left 1 for the next run" in capsys.readouterr().out
+        assert main(args) == 0  # the next run sends both, in order
+        sent = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
+    assert sent == [("conv_000000000000", False), ("conv_000000000000", True)]
+
+
+def test_an_event_the_api_refuses_does_not_hold_back_the_rest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A 400 is final (a bad payload): waiting would change nothing, and live delivery
+    # goes on with the next event too.
     db = tmp_path / "events.sqlite3"
     bad_view = make_payload("conv_bad000000001", used=False)
     bad_view["environment"] = "staging"  # the API answers 400
@@ -117,10 +137,16 @@ def test_a_failed_event_holds_back_the_rest_of_its_conversation(
     with StandInAgentSightAPI() as api:
         args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
         assert main(args) == 1
-        sent = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
-    captured = capsys.readouterr()
-    assert sent == [("conv_ok0000000001", False)]
-    assert "sent 1, skipped 0 (sent before), failed 1, left 1 for the next run" in captured.out
+        sent = sorted((b["conversation_id"], b["is_used"]) for b in api.conversations)
+        first = capsys.readouterr()
+        # The refused event stays in the file, unsent, and says so on every run.
+        assert main(args) == 1
+        again = capsys.readouterr()
+        assert len(api.conversations) == 2
+    assert sent == [("conv_bad000000001", True), ("conv_ok0000000001", False)]
+    assert "sent 2, skipped 0 (sent before), failed 1\n" in first.out
+    assert "HTTP 400" in first.err
+    assert "sent 0, skipped 2 (sent before), failed 1\n" in again.out
 
 
 def test_send_stops_on_a_refused_key_and_on_an_endpoint_that_is_not_the_api(
@@ -226,3 +252,22 @@ def test_an_interrupted_send_marks_what_was_accepted_and_the_next_run_sends_the_
         bodies = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
     # Every event once: nothing the first run had sent went again.
     assert len(bodies) == len(set(bodies)) == 800
+
+
+def test_send_gives_up_on_an_api_that_keeps_failing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agentsight_middleware import _replay
+
+    monkeypatch.setattr(_replay, "_STALLED", 0.5)
+    monkeypatch.setattr(_replay, "backoff", lambda attempt: 0.05)
+    db = _file(tmp_path / "events.sqlite3", 300)
+    with StandInAgentSightAPI() as api:
+        api.fail_next(10**6, status=503)
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "stopped: the API kept failing (HTTP 503)" in captured.err
+    assert "sent 0," in captured.out
+    # Not one conversation after another until all 300 have failed.
+    assert "left" in captured.out
