@@ -10,10 +10,9 @@ Requests whose path matches no rule go straight to the app.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import time
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -301,10 +300,13 @@ def _leave(
             else:
                 handler_scope.__exit__(type(exc), exc, exc.__traceback__)
     finally:
-        # ValueError: iterated in another thread's context than the call (a bridge
-        # running each step in a pool), which never had our value set.
-        with contextlib.suppress(ValueError):
+        # Not contextlib.suppress: it costs ~0.5 us a request.
+        try:  # noqa: SIM105
             current.reset(token)
+        except ValueError:
+            # Iterated in another thread's context than the call (a bridge running
+            # each step in a pool), which never had our value set.
+            pass
 
 
 def _is_file(result: object, environ: Environ) -> bool:
@@ -315,7 +317,7 @@ def _is_file(result: object, environ: Environ) -> bool:
 class _Streamed:
     """An app's response iterable that keeps the conversation current until it ends."""
 
-    __slots__ = ("_close", "_current", "_next", "_scope", "_token")
+    __slots__ = ("_body", "_close", "_current", "_scope", "_token")
 
     def __init__(
         self,
@@ -328,31 +330,30 @@ class _Streamed:
         self._token = token
         self._scope = scope
         self._close = getattr(result, "close", None)
+        # A generator delegating with ``yield from``: each step and the end of the
+        # body cost next to nothing (an iterator class paid ~2 us a request).
+        self._body = self._run(result)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._body
+
+    def _run(self, result: Iterable[bytes]) -> Iterator[bytes]:
         try:
-            self._next = iter(result).__next__
+            yield from result
+        except GeneratorExit:
+            raise  # abandoned half-way: close() leaves
         except BaseException as exc:
             self._leave(exc)
             raise
-
-    def __iter__(self) -> _Streamed:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return self._next()
-        except StopIteration:
-            # The body is complete: leave now rather than at close(), which a server
-            # should call but a test client may never.
-            self._leave(None)
-            raise
-        except BaseException as exc:
-            self._leave(exc)
-            raise
+        # The body is complete: leave now rather than at close(), which a server
+        # should call but a test client may never.
+        self._leave(None)
 
     def close(self) -> None:
         # PEP 3333: the server calls this once, however the iteration ended.
         close, self._close = self._close, None
         try:
+            self._body.close()  # type: ignore[attr-defined]  # a generator
             if close is not None:
                 close()
         finally:
@@ -377,8 +378,8 @@ class _SizedStreamed:
     def __len__(self) -> int:
         return self._length
 
-    def __iter__(self) -> _Streamed:
-        return self._streamed
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._streamed)
 
 
 def _start(
