@@ -247,6 +247,7 @@ def test_json_field_skips_the_repeated_key_scan_on_large_bodies() -> None:
     # Looking for a second key costs ~18 us on 64 KB, on every such request: past 8 KiB
     # the first key wins (json.loads would take the last, for a body no client sends).
     small = b'{"conversation_id": "first", "pad": "x", "conversation_id": "last"}'
-    large = b'{"conversation_id": "first", "pad": "' + b"x" * 9000 + b'", "conversation_id": "last"}'
+    pad = b"x" * 9000
+    large = b'{"conversation_id": "first", "pad": "' + pad + b'", "conversation_id": "last"}'
     assert json_field(small, "conversation_id") == "last"
     assert json_field(large, "conversation_id") == "first"
