@@ -190,13 +190,6 @@ class AgentSightMiddleware(MiddlewareBase):
             submit = self._submit
             cookie_prefix = self._cookie_prefix
 
-            def initialize(chosen: Conversation) -> None:
-                event = new_event((INITIALIZE, chosen, started or time.time()))
-                if submit is not None:
-                    submit(event)
-                else:
-                    core.delivery.initialize(event, _get_loop())
-
             async def send_wrapper(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     headers = message.get("headers", ())
@@ -204,22 +197,26 @@ class AgentSightMiddleware(MiddlewareBase):
                         # Any iterable will do (ASGI): read a one-shot one only once.
                         headers = list(headers)
                         message = {**message, "headers": headers}
-                    if _is_html_success(message):
-                        own = _app_cookie(headers, cookie_prefix)
-                        if own is _NOT_SET:
-                            # A new message and header list: the app may reuse its own objects.
-                            message = {**message, "headers": [*headers, set_cookie]}
-                            if minted:
-                                initialize(conversation)
-                        elif own is not None and (minted or own != conversation_id):
-                            # The app set the cookie itself (restoring a signed-in visitor's
-                            # conversation, say): its id is the one the browser keeps.
-                            assert isinstance(own, str)
-                            initialize(
-                                conversation
-                                if own == conversation_id
-                                else with_app_id(conversation, own)
-                            )
+                    own = _page_cookie(message["status"], headers, cookie_prefix)
+                    chosen = None
+                    if own is _NOT_SET:
+                        # A new message and header list: the app may reuse its own objects.
+                        message = {**message, "headers": [*headers, set_cookie]}
+                        if minted:
+                            chosen = conversation
+                    elif own is not _NOT_PAGE and own is not None:
+                        # The app set the cookie itself (restoring a signed-in visitor's
+                        # conversation, say): its id is the one the browser keeps.
+                        if own != conversation_id:
+                            chosen = with_app_id(conversation, own)
+                        elif minted:
+                            chosen = conversation
+                    if chosen is not None:
+                        event = new_event((INITIALIZE, chosen, started or time.time()))
+                        if submit is not None:
+                            submit(event)
+                        else:
+                            core.delivery.initialize(event, _get_loop())
                 await send(message)
 
             await self.app(scope, receive, send_wrapper)
@@ -443,13 +440,19 @@ def _app_cookie(headers: Any, prefix: bytes) -> Any:
     return found
 
 
-def _is_html_success(message: Message) -> bool:
-    """Whether an ``http.response.start`` message starts a successful HTML page."""
-    status = message["status"]
+_NOT_PAGE: Any = object()
+
+
+def _page_cookie(status: int, headers: Any, prefix: bytes) -> Any:
+    """For the start of a response: ``_NOT_PAGE`` unless it starts a successful HTML
+    page; else what the app's own ``Set-Cookie`` for our cookie says (see
+    :func:`_app_cookie`). One pass over the headers for both questions."""
     if not 200 <= status < 300 or status == 204:
-        return False
-    for name, value in message.get("headers", ()):
-        # Frameworks send lower case; the length test spares lower() on the others.
+        return _NOT_PAGE
+    html = False
+    own: Any = _NOT_SET
+    for name, value in headers:
+        # Frameworks send lower case; the length tests spare lower() on the others.
         if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
             if type(value) is not bytes:
                 value = bytes(value)
@@ -459,8 +462,13 @@ def _is_html_success(message: Message) -> bool:
                 if len(_HTML_TYPES) >= 64:
                     _HTML_TYPES.clear()  # a site minting content types: stay bounded
                 _HTML_TYPES[value] = known
-            return known
-    return False
+            html = known
+        elif (
+            name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie")
+        ) and value.startswith(prefix):
+            # The last one: it is the one the browser keeps (a delete, then a set).
+            own = set_cookie_value(bytes(value).decode("latin-1"), prefix.decode("latin-1"))
+    return own if html else _NOT_PAGE
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

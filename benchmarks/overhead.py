@@ -1475,8 +1475,11 @@ def asgi_pieces(
 
     async def through_wrapper() -> None:
         async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start" and glue._is_html_success(message):
-                message = {**message, "headers": [*message.get("headers", ()), set_cookie]}
+            if message["type"] == "http.response.start":
+                headers = message["headers"]
+                own = glue._page_cookie(message["status"], headers, b"agentsight_conversation_id=")
+                if own is glue._NOT_SET:
+                    message = {**message, "headers": [*headers, set_cookie]}
             await discard(message)
 
         await send_wrapper(start)
