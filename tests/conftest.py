@@ -85,3 +85,52 @@ def uvicorn_server(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def website_answering_200() -> Iterator[str]:
+    """A real server that answers every POST with 200 and a web page, as a site's
+    catch-all route (or a captive portal) at a mistyped API endpoint does; yields its URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Website(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b"<!doctype html><p>Welcome to our shop</p>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Website)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_port}"
+    finally:
+        site.shutdown()
+        site.server_close()
+        thread.join(5)
+
+
+_OURS = "agentsight_conversation_id="
+#: (cookie the request carries, the app's own Set-Cookie, page views reported as
+#: (id, id_source)): the app's own id cookie is never overridden (ASGI and WSGI).
+APP_COOKIE_CASES = [
+    # A first visit that the app gives a conversation of its own (a signed-in visitor).
+    pytest.param(None, _OURS + "conv_restored0001; Path=/", [("conv_restored0001", "app")],
+                 id="first-visit"),
+    # A returning visitor whose id the app re-sets as it is: nothing new.
+    pytest.param("conv_known0000001", _OURS + "conv_known0000001; Path=/", [], id="same-id"),
+    # A returning visitor the app moves to another conversation: that one is new.
+    pytest.param("conv_known0000001", _OURS + "conv_moved0000001; Path=/",
+                 [("conv_moved0000001", "app")], id="another-id"),
+    # The app deletes the cookie: no id of ours goes back, and nothing is counted.
+    pytest.param(None, _OURS + "; Max-Age=0; Path=/", [], id="deleted"),
+]  # fmt: skip

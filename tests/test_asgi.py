@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket
 from agentsight_middleware import AgentSightMiddleware, Conversation, current_conversation
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import BROWSER, CHROME_DESKTOP, GOOGLEBOT, IPHONE
+from .conftest import APP_COOKIE_CASES, BROWSER, CHROME_DESKTOP, GOOGLEBOT, IPHONE
 
 pytestmark = pytest.mark.anyio
 
@@ -1141,23 +1141,7 @@ async def test_root_path_is_added_at_a_segment_boundary(
     assert tracker.initialized[0]["metadata"]["page_path"] == "/shop/shopping-cart"
 
 
-_OURS = "agentsight_conversation_id="
-
-
-@pytest.mark.parametrize(
-    ("request_cookie", "app_cookie", "events"),
-    [
-        # A first visit that the app gives a conversation of its own (a signed-in visitor).
-        (None, _OURS + "conv_restored0001; Path=/", [("conv_restored0001", "app")]),
-        # A returning visitor whose id the app re-sets as it is: nothing new.
-        ("conv_known0000001", _OURS + "conv_known0000001; Path=/", []),
-        # A returning visitor the app moves to another conversation: that one is new.
-        ("conv_known0000001", _OURS + "conv_moved0000001; Path=/", [("conv_moved0000001", "app")]),
-        # The app deletes the cookie: no id of ours goes back, and nothing is counted.
-        (None, _OURS + "; Max-Age=0; Path=/", []),
-    ],
-    ids=["first-visit", "same-id", "another-id", "deleted"],
-)  # fmt: skip
+@pytest.mark.parametrize(("request_cookie", "app_cookie", "events"), APP_COOKIE_CASES)
 async def test_the_apps_own_cookie_is_never_overridden(
     tracker: RecordingTracker,
     request_cookie: str | None,

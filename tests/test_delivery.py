@@ -26,7 +26,7 @@ from agentsight_middleware._retry import classify, retry_after
 from agentsight_middleware.sinks.outbox import SQLiteOutbox
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER, CHROME_DESKTOP
+from .conftest import BROWSER, CHROME_DESKTOP, website_answering_200
 
 pytestmark = pytest.mark.anyio
 
@@ -682,29 +682,9 @@ async def test_an_endpoint_that_is_not_the_api_does_not_swallow_events(
 ) -> None:
     # A mistyped endpoint that answers 200 with a web page (a catch-all route, a captive
     # portal) recorded nothing: the events stay in the outbox for the right endpoint.
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Website(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["content-length"]))
-            body = b"<!doctype html><p>Welcome to our shop</p>"
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    site = ThreadingHTTPServer(("127.0.0.1", 0), Website)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
     outbox = tmp_path / "outbox.sqlite3"
-    try:
-        mw = wrap(api, endpoint=f"http://127.0.0.1:{site.server_port}", outbox=outbox)
+    with website_answering_200() as url:
+        mw = wrap(api, endpoint=url, outbox=outbox)
         with caplog.at_level(logging.INFO, logger="agentsight_middleware"):
             async with client(mw) as c:
                 for _ in range(3):
@@ -712,9 +692,6 @@ async def test_an_endpoint_that_is_not_the_api_does_not_swallow_events(
             assert not mw.flush(1.5)
             stats = mw.stats()
             mw.close(1)
-    finally:
-        site.shutdown()
-        site.server_close()
     assert stats["sent"] == 0
     assert stats["retried"] >= 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -10,6 +10,7 @@ from agentsight_middleware._store import LocalStore
 from agentsight_middleware.cli import main
 from agentsight_middleware.testing import StandInAgentSightAPI
 
+from .conftest import website_answering_200
 from .test_store import make_payload
 
 
@@ -152,9 +153,6 @@ def test_an_event_the_api_refuses_does_not_hold_back_the_rest(
 def test_send_stops_on_a_refused_key_and_on_an_endpoint_that_is_not_the_api(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     db = _file(tmp_path / "events.sqlite3", 40)
     with StandInAgentSightAPI() as api:
         wrong_key = "ags_" + "0" * 32 + "_000000"
@@ -165,27 +163,8 @@ def test_send_stops_on_a_refused_key_and_on_an_endpoint_that_is_not_the_api(
     assert "stopped: the API refused the key" in captured.err
     assert "left 40 for the next run" in captured.out
 
-    class Website(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # a site's catch-all page, answering 200
-            self.rfile.read(int(self.headers["content-length"]))
-            body = b"<!doctype html><p>Welcome</p>"
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    site = ThreadingHTTPServer(("127.0.0.1", 0), Website)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{site.server_port}"
+    with website_answering_200() as url:
         assert main(["send", "--db", str(db), "--api-key", wrong_key, "--endpoint", url]) == 1
-    finally:
-        site.shutdown()
-        site.server_close()
     captured = capsys.readouterr()
     assert "check --endpoint" in captured.err
     # Nothing was marked sent: the right endpoint afterwards gets every event.

@@ -18,7 +18,7 @@ from werkzeug.test import Client
 from agentsight_middleware import AgentSightWSGIMiddleware, Conversation, current_conversation
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import BROWSER, GOOGLEBOT, IPHONE
+from .conftest import APP_COOKIE_CASES, BROWSER, GOOGLEBOT, IPHONE
 
 PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
 
@@ -377,19 +377,7 @@ def test_expect_100_continue_leaves_the_body_to_the_app(tracker: RecordingTracke
     assert tracker.used[0]["conversation_id"] == "conv_waiting0000"
 
 
-_OURS = "agentsight_conversation_id="
-
-
-@pytest.mark.parametrize(
-    ("request_cookie", "app_cookie", "events"),
-    [
-        (None, _OURS + "conv_restored0001; Path=/", [("conv_restored0001", "app")]),
-        ("conv_known0000001", _OURS + "conv_known0000001; Path=/", []),
-        ("conv_known0000001", _OURS + "conv_moved0000001; Path=/", [("conv_moved0000001", "app")]),
-        (None, _OURS + "; Max-Age=0; Path=/", []),
-    ],
-    ids=["first-visit", "same-id", "another-id", "deleted"],
-)  # fmt: skip
+@pytest.mark.parametrize(("request_cookie", "app_cookie", "events"), APP_COOKIE_CASES)
 def test_the_apps_own_cookie_is_never_overridden(
     tracker: RecordingTracker,
     request_cookie: str | None,
