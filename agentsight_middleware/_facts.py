@@ -427,7 +427,8 @@ def client_ip(
 
     ``peer`` is the socket peer (ASGI ``scope["client"][0]``, WSGI ``REMOTE_ADDR``).
     The result is always something ``ipaddress.ip_address`` accepts, never a header
-    fragment and never a trusted proxy's own address.
+    fragment. It is a trusted proxy's address only when every hop is one (a request
+    that started inside the trusted network); the left-most hop is the origin then.
     """
     peer_address = _address(peer)
     if not trusted._peer_is_proxy(peer_address):
