@@ -426,17 +426,26 @@ _HTML_TYPES: dict[bytes, bool] = {}
 _NOT_SET: Any = object()
 
 
+def _latin1(value: Any) -> bytes:
+    """A header value as bytes: ASGI says bytes, but apps send bytearrays, and a ``str``
+    gets through some servers (h11 encodes it); the answer must be what it was without us."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        return value.encode("latin-1", "replace")
+    return bytes(value)
+
+
 def _app_cookie(headers: Any, prefix: bytes) -> Any:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
     found: Any = _NOT_SET
     for name, value in headers:
-        if (name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie")) and (
-            value.startswith(prefix)
-        ):
-            # The last one: it is the one the browser keeps (a delete, then a set).
-            text = bytes(value).decode("latin-1")
-            found = set_cookie_value(text, prefix.decode("latin-1"))
+        if name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
+            value = _latin1(value)
+            if value.startswith(prefix):
+                # The last one: it is the one the browser keeps (a delete, then a set).
+                found = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
     return found
 
 
@@ -449,13 +458,14 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> Any:
     :func:`_app_cookie`). One pass over the headers for both questions."""
     if not 200 <= status < 300 or status == 204:
         return _NOT_PAGE
-    html = False
+    html: bool | None = None
     own: Any = _NOT_SET
     for name, value in headers:
         # Frameworks send lower case; the length tests spare lower() on the others.
         if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
-            if type(value) is not bytes:
-                value = bytes(value)
+            if html is not None:
+                continue  # the first one counts, as under WSGI
+            value = _latin1(value)
             known = _HTML_TYPES.get(value)
             if known is None:
                 known = is_html(value.decode("latin-1"))
@@ -463,11 +473,11 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> Any:
                     _HTML_TYPES.clear()  # a site minting content types: stay bounded
                 _HTML_TYPES[value] = known
             html = known
-        elif (
-            name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie")
-        ) and value.startswith(prefix):
-            # The last one: it is the one the browser keeps (a delete, then a set).
-            own = set_cookie_value(bytes(value).decode("latin-1"), prefix.decode("latin-1"))
+        elif name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
+            value = _latin1(value)
+            if value.startswith(prefix):
+                # The last one: it is the one the browser keeps (a delete, then a set).
+                own = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
     return own if html else _NOT_PAGE
 
 

@@ -304,8 +304,9 @@ def _leave(
         try:  # noqa: SIM105
             current.reset(token)
         except ValueError:
-            # Iterated in another thread's context than the call (a bridge running
-            # each step in a pool), which never had our value set.
+            # Ended in another thread than the call (a bridge iterating in a pool):
+            # that thread never had our value set, and the calling thread's cannot
+            # be reached from here; its next tracked request sets its own.
             pass
 
 
@@ -330,8 +331,8 @@ class _Streamed:
         self._token = token
         self._scope = scope
         self._close = getattr(result, "close", None)
-        # A generator delegating with ``yield from``: each step and the end of the
-        # body cost next to nothing (an iterator class paid ~2 us a request).
+        # A generator: each step and the end of the body cost next to nothing (an
+        # iterator class paid ~2 us a request).
         self._body = self._run(result)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -339,7 +340,11 @@ class _Streamed:
 
     def _run(self, result: Iterable[bytes]) -> Iterator[bytes]:
         try:
-            yield from result
+            # Not ``yield from``: closing this generator would close the app's iterator
+            # too, and close() then calls the app's close() (a second time, for an
+            # iterable that is its own iterator, as Werkzeug's ClosingIterator is).
+            for chunk in result:  # noqa: UP028
+                yield chunk
         except GeneratorExit:
             raise  # abandoned half-way: close() leaves
         except BaseException as exc:
@@ -352,12 +357,17 @@ class _Streamed:
     def close(self) -> None:
         # PEP 3333: the server calls this once, however the iteration ended.
         close, self._close = self._close, None
+        body: Any = self._body  # a generator
         try:
-            self._body.close()  # type: ignore[attr-defined]  # a generator
+            try:  # noqa: SIM105 - suppress() costs ~0.5 us, and this runs per request
+                body.close()
+            except ValueError:
+                pass  # running in another thread (a watchdog closing): it leaves at its end
             if close is not None:
                 close()
         finally:
-            self._leave(None)
+            if not body.gi_running:
+                self._leave(None)
 
     def _leave(self, exc: BaseException | None) -> None:
         current, self._current = self._current, None

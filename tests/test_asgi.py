@@ -1238,3 +1238,43 @@ async def test_the_last_of_the_apps_own_cookies_counts(tracker: RecordingTracker
     assert len(response.headers.get_list("set-cookie")) == 2  # the app's, none of ours
     assert mw.flush(5)
     assert [call["conversation_id"] for call in tracker.initialized] == ["conv_final0000001"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # str values get through some servers (h11 encodes them): answered as without us.
+        [(b"content-type", "text/html"), (b"set-cookie", "theme=dark")],
+        [(b"content-type", b"application/json"), (b"set-cookie", "theme=dark")],
+        [(b"content-type", bytearray(b"text/html")), (b"set-cookie", bytearray(b"a=1"))],
+    ],
+    ids=["str-html", "str-json", "bytearray"],
+)
+async def test_odd_header_value_types_pass_through(
+    tracker: RecordingTracker, headers: list[tuple[bytes, Any]]
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(headers)})
+        await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+    mw = AgentSightMiddleware(
+        app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    for method, path in (("GET", "/"), ("POST", "/api/chat")):
+        status, sent_headers, body = await _raw_call(mw, method, path, browser)
+        assert status == 200
+        assert body == b"<p>hi</p>"
+        assert sent_headers[: len(headers)] == headers
+
+
+async def test_the_first_content_type_decides_as_under_wsgi(tracker: RecordingTracker) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        start = [(b"content-type", b"text/html"), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": start})
+        await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    _, headers, _ = await _raw_call(mw, "GET", "/", browser)
+    assert any(name == b"set-cookie" for name, _ in headers)

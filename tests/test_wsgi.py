@@ -435,3 +435,75 @@ def test_the_last_of_the_apps_own_cookies_counts(tracker: RecordingTracker) -> N
     assert len(response.headers.getlist("Set-Cookie")) == 2  # the app's, none of ours
     assert middleware_of(app).flush(5)
     assert [call["conversation_id"] for call in tracker.initialized] == ["conv_final0000001"]
+
+
+def test_a_body_abandoned_half_way_is_closed_once(tracker: RecordingTracker) -> None:
+    # A client gone mid-stream: the server stops iterating and calls close(). Flask's
+    # call_on_close callbacks (Werkzeug's ClosingIterator) must run once, as without us.
+    calls: list[str] = []
+    app = Flask(__name__)
+
+    @app.post("/api/chat")
+    def chat() -> Any:
+        def tokens() -> Iterator[str]:
+            yield from ("a", "b", "c")
+
+        response = Response(tokens(), mimetype="text/plain")
+        response.call_on_close(lambda: calls.append("closed"))
+        return response
+
+    results = []
+    for wrap_it in (False, True):
+        wsgi: Any = app.wsgi_app
+        if wrap_it:
+            wsgi = AgentSightWSGIMiddleware(wsgi, chat_routes=["POST /api/chat"], tracker=tracker)
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/api/chat",
+            "SERVER_NAME": "t",
+            "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(b""),
+            "HTTP_X_CONVERSATION_ID": "conv_gone",
+        }
+        result: Any = wsgi(environ, lambda status, headers, exc_info=None: None)
+        assert next(iter(result)) == b"a"
+        result.close()
+        results.append(calls.count("closed"))
+        calls.clear()
+    assert results == [1, 1]
+    assert current_conversation() is None
+
+
+def test_close_from_another_thread_during_a_step_is_as_without_us(
+    tracker: RecordingTracker,
+) -> None:
+    # A watchdog closing the response while the server thread is inside next().
+    inside, release = threading.Event(), threading.Event()
+    closed: list[int] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            inside.set()
+            release.wait(5)
+            yield b"late"
+
+        def close(self) -> None:
+            closed.append(1)
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/api/chat", "wsgi.input": io.BytesIO()}
+    result: Any = mw(environ, lambda status, headers, exc_info=None: None)
+    chunks: list[bytes] = []
+    server = threading.Thread(target=lambda: chunks.extend(result))
+    server.start()
+    assert inside.wait(5)
+    result.close()  # no "generator already executing"
+    release.set()
+    server.join(5)
+    assert closed == [1]
+    assert chunks == [b"late"]
