@@ -206,14 +206,34 @@ def _send_conversation(
 
 
 @contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ThreadPoolExecutor]:
+    """The senders; waited for at the end, but not after a second Ctrl-C (stop at once)."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="agentsight-send")
+    at_once = False
+    try:
+        yield pool
+    except KeyboardInterrupt:
+        at_once = True
+        raise
+    finally:
+        pool.shutdown(wait=not at_once, cancel_futures=True)
+
+
+@contextlib.contextmanager
 def _ctrl_c_stops(run: _Run, summary: ReplaySummary) -> Iterator[None]:
     """Ctrl-C asks the run to stop, rather than raising wherever the main thread is
     (half-way through taking a future's lock, or between a request's answer and its
     mark in the file). A second Ctrl-C stops at once, as usual."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        # Ignored (a shell's "send &"), or a handler not set from Python that could not
+        # be put back: leave it as it is.
+        or previous is signal.SIG_IGN
+        or previous is None
+    ):
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if summary.interrupted:
@@ -226,9 +246,7 @@ def _ctrl_c_stops(run: _Run, summary: ReplaySummary) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(
-            signal.SIGINT, previous if previous is not None else signal.default_int_handler
-        )
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -291,7 +309,7 @@ def replay(
         httpx.Client(
             headers=headers, timeout=15.0, transport=transport, proxy=proxy, trust_env=False
         ) as client,
-        ThreadPoolExecutor(concurrency) as pool,
+        _pool(concurrency) as pool,
     ):
         # Conversations with an event not sent in this run: their later events wait.
         held: set[Any] = set()

@@ -173,7 +173,11 @@ def _run_send(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
         _fail("stopped at once: run send again (an event accepted this very moment may go twice)")
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not a return: the senders still waiting for answers would hold the exit for up
+        # to their 15 s timeout.
+        os._exit(130)
     line = f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}"
     if summary.left:
         line += f", left {summary.left} for the next run"

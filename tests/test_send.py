@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +251,84 @@ def test_send_gives_up_on_an_api_that_keeps_failing(
     assert "sent 0," in captured.out
     # Not one conversation after another until all 300 have failed.
     assert "left" in captured.out
+
+
+def _silent_api() -> tuple[Any, str]:
+    """A real socket that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(100)
+    held: list[Any] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            held.append(connection)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
+    # The first asks the run to stop and waits for the requests under way (up to their
+    # 15 s timeout against an API that never answers); the second does not wait.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = _file(tmp_path / "events.sqlite3", 20)
+    server, url = _silent_api()
+    try:
+        env = {**os.environ, "AGENTSIGHT_API_KEY": "ags_" + "a" * 32 + "_abcdef",
+               "AGENTSIGHT_API_ENDPOINT": url}  # fmt: skip
+        command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
+        run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.5)
+        run.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert run.poll() is None  # still waiting for the requests under way
+        run.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = run.communicate(timeout=10)
+        waited = time.monotonic() - started
+    finally:
+        server.close()
+    assert run.returncode == 130
+    assert b"stopped at once" in err
+    assert waited < 5  # not the requests' 15 s timeout
+
+
+def test_send_leaves_an_ignored_ctrl_c_ignored(tmp_path: Path) -> None:
+    # "agentsight-middleware send &" from a shell: SIGINT is ignored, and a Ctrl-C meant
+    # for the shell's foreground job must not stop it.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = _file(tmp_path / "events.sqlite3", 200)  # 2-3 s at 0.1 s an answer
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.1)
+        code = (
+            "import signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "from agentsight_middleware.cli import main\n"
+            f"code = main(['send', '--db', {str(db)!r}, '--api-key', {api.api_key!r},"
+            f" '--endpoint', {api.url!r}])\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+            "sys.exit(code)\n"
+        )
+        run = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 0, err
+        assert len(api.conversations) == 200
