@@ -257,11 +257,13 @@ def _respond(
 
     A WSGI app may produce its body after it returns (Flask's
     ``stream_with_context``, Django's ``StreamingHttpResponse``): the handler's
-    generator runs while the server iterates. So the conversation stays set, and
-    the tracker's scope entered, until the body is complete or ``close()``, as an
-    ASGI app's whole response runs inside the middleware's call. All of it in the
-    server's own context, as before: what the app sets there, code around it still
-    sees (an outer middleware's access log, say).
+    generator runs while the server iterates. So the conversation is set again for
+    each step of the body (and its ``close()``), and the tracker's scope stays
+    entered until the body is complete or closed, as an ASGI app's whole response
+    runs inside the middleware's call. All of it in the server's own context, as
+    before (what the app sets there, code around it still sees), and between the
+    steps nothing of ours is left set: a harness that never reads or closes the
+    body (a test client) finds no stale conversation afterwards.
     """
     token = current.set(conversation)
     if handler_scope is not None:
@@ -269,14 +271,18 @@ def _respond(
     try:
         result = app(environ, start_response)
     except BaseException as exc:
-        _leave(current, token, handler_scope, exc)
+        if handler_scope is not None:
+            _exit_scope(handler_scope, exc)
         raise
+    finally:
+        _reset(current, token)
     if type(result) is list or type(result) is tuple or _is_file(result, environ):
         # No code of the app's runs while these are read (and a server's fast
         # paths for them, len() or sendfile, must still see them).
-        _leave(current, token, handler_scope, None)
+        if handler_scope is not None:
+            _exit_scope(handler_scope, None)
         return result  # type: ignore[no-any-return]
-    streamed = _Streamed(result, current, token, handler_scope)
+    streamed = _Streamed(result, current, conversation, handler_scope)
     if hasattr(result, "__len__"):
         # wsgiref and waitress work out a Content-Length from len() when there is one.
         try:
@@ -286,28 +292,23 @@ def _respond(
     return streamed
 
 
-def _leave(
+def _exit_scope(scope: AbstractContextManager[None], exc: BaseException | None) -> None:
+    # The guarded scope logs its own failures and lets the app's error go on.
+    if exc is None:
+        scope.__exit__(None, None, None)
+    else:
+        scope.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _reset(
     current: contextvars.ContextVar[Conversation | None],
     token: contextvars.Token[Conversation | None],
-    handler_scope: AbstractContextManager[None] | None,
-    exc: BaseException | None,
 ) -> None:
-    try:
-        if handler_scope is not None:
-            # The guarded scope logs its own failures and lets the app's error go on.
-            if exc is None:
-                handler_scope.__exit__(None, None, None)
-            else:
-                handler_scope.__exit__(type(exc), exc, exc.__traceback__)
-    finally:
-        # Not contextlib.suppress: it costs ~0.5 us a request.
-        try:  # noqa: SIM105
-            current.reset(token)
-        except ValueError:
-            # Ended in another thread than the call (a bridge iterating in a pool):
-            # that thread never had our value set, and the calling thread's cannot
-            # be reached from here; its next tracked request sets its own.
-            pass
+    # Not contextlib.suppress: it costs ~0.5 us a request.
+    try:  # noqa: SIM105
+        current.reset(token)
+    except ValueError:
+        pass  # the app reset the context itself (a context copied and run): nothing to undo
 
 
 def _is_file(result: object, environ: Environ) -> bool:
@@ -316,19 +317,19 @@ def _is_file(result: object, environ: Environ) -> bool:
 
 
 class _Streamed:
-    """An app's response iterable that keeps the conversation current until it ends."""
+    """An app's response iterable whose steps run with the conversation current."""
 
-    __slots__ = ("_body", "_close", "_current", "_scope", "_token")
+    __slots__ = ("_body", "_close", "_conversation", "_current", "_scope")
 
     def __init__(
         self,
         result: Iterable[bytes],
         current: contextvars.ContextVar[Conversation | None],
-        token: contextvars.Token[Conversation | None],
+        conversation: Conversation,
         scope: AbstractContextManager[None] | None,
     ) -> None:
-        self._current: contextvars.ContextVar[Conversation | None] | None = current
-        self._token = token
+        self._current = current
+        self._conversation = conversation
         self._scope = scope
         self._close = getattr(result, "close", None)
         # A generator: each step and the end of the body cost next to nothing (an
@@ -339,19 +340,33 @@ class _Streamed:
         return self._body
 
     def _run(self, result: Iterable[bytes]) -> Iterator[bytes]:
+        current, conversation = self._current, self._conversation
         try:
-            # Not ``yield from``: closing this generator would close the app's iterator
-            # too, and close() then calls the app's close() (a second time, for an
-            # iterable that is its own iterator, as Werkzeug's ClosingIterator is).
-            for chunk in result:  # noqa: UP028
+            token = current.set(conversation)
+            try:
+                steps = iter(result).__next__
+            finally:
+                _reset(current, token)
+            while True:
+                # Set for the step, reset before the server writes what it gave: a
+                # step may run in another thread's context than the last.
+                token = current.set(conversation)
+                try:
+                    chunk = steps()
+                except StopIteration:
+                    break
+                finally:
+                    _reset(current, token)
                 yield chunk
         except GeneratorExit:
-            raise  # abandoned half-way: close() leaves
+            # Abandoned half-way. Not passed on to the app's iterator (``yield from``
+            # would): close() calls the app's close(), once.
+            raise
         except BaseException as exc:
             self._leave(exc)
             raise
-        # The body is complete: leave now rather than at close(), which a server
-        # should call but a test client may never.
+        # The body is complete: leave the scope now rather than at close(), which a
+        # server should call but a test client may never.
         self._leave(None)
 
     def close(self) -> None:
@@ -364,15 +379,19 @@ class _Streamed:
             except ValueError:
                 pass  # running in another thread (a watchdog closing): it leaves at its end
             if close is not None:
-                close()
+                token = self._current.set(self._conversation)
+                try:
+                    close()
+                finally:
+                    _reset(self._current, token)
         finally:
             if not body.gi_running:
                 self._leave(None)
 
     def _leave(self, exc: BaseException | None) -> None:
-        current, self._current = self._current, None
-        if current is not None:
-            _leave(current, self._token, self._scope, exc)
+        scope, self._scope = self._scope, None
+        if scope is not None:
+            _exit_scope(scope, exc)
 
 
 class _SizedStreamed:

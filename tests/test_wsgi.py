@@ -507,3 +507,22 @@ def test_close_from_another_thread_during_a_step_is_as_without_us(
     server.join(5)
     assert closed == [1]
     assert chunks == [b"late"]
+
+
+def test_a_body_never_read_leaves_no_conversation_behind(tracker: RecordingTracker) -> None:
+    # A test client that never reads or closes a streamed body: the thread must not keep
+    # the conversation, or later code outside any request would see a stale one.
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return iter([b"<p>hi</p>"])
+
+    mw = AgentSightWSGIMiddleware(app, widget_pages=["/"], tracker=tracker)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "HTTP_ACCEPT": "text/html",
+        "HTTP_USER_AGENT": "Mozilla/5.0",
+    }
+    result = mw(environ, lambda status, headers, exc_info=None: None)
+    assert current_conversation() is None
+    assert result is not None
