@@ -275,7 +275,7 @@ def _respond(
             _exit_scope(handler_scope, exc)
         raise
     finally:
-        _reset(current, token)
+        current.reset(token)
     if type(result) is list or type(result) is tuple or _is_file(result, environ):
         # No code of the app's runs while these are read (and a server's fast
         # paths for them, len() or sendfile, must still see them).
@@ -300,20 +300,12 @@ def _exit_scope(scope: AbstractContextManager[None], exc: BaseException | None) 
         scope.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def _reset(
-    current: contextvars.ContextVar[Conversation | None],
-    token: contextvars.Token[Conversation | None],
-) -> None:
-    # Not contextlib.suppress: it costs ~0.5 us a request.
-    try:  # noqa: SIM105
-        current.reset(token)
-    except ValueError:
-        pass  # the app reset the context itself (a context copied and run): nothing to undo
-
-
 def _is_file(result: object, environ: Environ) -> bool:
     wrapper = environ.get("wsgi.file_wrapper")
     return isinstance(wrapper, type) and isinstance(result, wrapper)
+
+
+_END: Any = object()
 
 
 class _Streamed:
@@ -344,19 +336,22 @@ class _Streamed:
         try:
             token = current.set(conversation)
             try:
-                steps = iter(result).__next__
+                steps = iter(result)
             finally:
-                _reset(current, token)
+                current.reset(token)
+            # Set for each step, reset before the server writes what it gave: a step may
+            # run in another thread's context than the last. (Set and reset in one frame
+            # with no context switched between: the reset cannot fail.) next() with a
+            # default ends the loop without an exception in this frame.
+            set_, reset, end = current.set, current.reset, _END
             while True:
-                # Set for the step, reset before the server writes what it gave: a
-                # step may run in another thread's context than the last.
-                token = current.set(conversation)
+                token = set_(conversation)
                 try:
-                    chunk = steps()
-                except StopIteration:
-                    break
+                    chunk = next(steps, end)
                 finally:
-                    _reset(current, token)
+                    reset(token)
+                if chunk is end:
+                    break
                 yield chunk
         except GeneratorExit:
             # Abandoned half-way. Not passed on to the app's iterator (``yield from``
@@ -383,7 +378,7 @@ class _Streamed:
                 try:
                     close()
                 finally:
-                    _reset(self._current, token)
+                    self._current.reset(token)
         finally:
             if not body.gi_running:
                 self._leave(None)
