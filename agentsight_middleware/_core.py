@@ -10,13 +10,22 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._config import Settings
-from ._conversation import Conversation
+from ._conversation import Conversation, with_app_id
 from ._delivery import BackgroundDelivery
 from ._facts import forwarded_scheme
 from ._log import LogOnce
 from ._tracker import TrackerDelivery
 
-__all__ = ["Core", "Delivery", "current_conversation", "is_html", "is_html_success", "is_page_view"]
+__all__ = [
+    "NOT_SET",
+    "Core",
+    "Delivery",
+    "current_conversation",
+    "is_html",
+    "is_html_success",
+    "is_page_view",
+    "viewed_conversation",
+]
 
 #: What takes the events: a user's tracker, or the built-in background worker.
 Delivery = TrackerDelivery | BackgroundDelivery
@@ -45,6 +54,31 @@ def is_html(content_type: str | None) -> bool:
         return False
     media = content_type.partition(";")[0].strip().lower()
     return media in ("text/html", "application/xhtml+xml")
+
+
+#: What the glue's look at a response's ``Set-Cookie`` fields says when the app set
+#: none for our cookie (as opposed to None: it set an empty or invalid one).
+NOT_SET: Any = object()
+
+
+def viewed_conversation(
+    conversation: Conversation, minted: bool, app_id: str | None
+) -> Conversation | None:
+    """The conversation a successful page view reports, or None.
+
+    ``app_id`` is the id of the app's own ``Set-Cookie`` for our cookie (:data:`NOT_SET`
+    when it set none). Only an id new to the browser is a new chance to chat: the one
+    we minted, or one the app set that differs from the id the request carried.
+    """
+    if app_id is NOT_SET:
+        return conversation if minted else None
+    if app_id is None:
+        return None  # the app deleted the cookie (or set a broken one)
+    if app_id != conversation.id:
+        # The app set the cookie itself (restoring a signed-in visitor's conversation,
+        # say): its id is the one the browser keeps.
+        return with_app_id(conversation, app_id)
+    return conversation if minted else None
 
 
 def is_page_view(

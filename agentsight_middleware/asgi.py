@@ -25,9 +25,8 @@ from ._conversation import (
     mint_id,
     pending_conversation,
     set_cookie_value,
-    with_app_id,
 )
-from ._core import is_html, is_page_view
+from ._core import NOT_SET, is_html, is_page_view, viewed_conversation
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._rules import WIDGET, Match
@@ -198,19 +197,12 @@ class AgentSightMiddleware(MiddlewareBase):
                         headers = list(headers)
                         message = {**message, "headers": headers}
                     own = _page_cookie(message["status"], headers, cookie_prefix)
-                    chosen = None
-                    if own is _NOT_SET:
+                    if own is NOT_SET:
                         # A new message and header list: the app may reuse its own objects.
                         message = {**message, "headers": [*headers, set_cookie]}
-                        if minted:
-                            chosen = conversation
-                    elif own is not _NOT_PAGE and own is not None:
-                        # The app set the cookie itself (restoring a signed-in visitor's
-                        # conversation, say): its id is the one the browser keeps.
-                        if own != conversation_id:
-                            chosen = with_app_id(conversation, own)
-                        elif minted:
-                            chosen = conversation
+                    chosen = (
+                        None if own is _NOT_PAGE else viewed_conversation(conversation, minted, own)
+                    )
                     if chosen is not None:
                         event = new_event((INITIALIZE, chosen, started or time.time()))
                         if submit is not None:
@@ -285,7 +277,7 @@ class AgentSightMiddleware(MiddlewareBase):
                     if message["type"] == "http.response.start":
                         headers = list(message.get("headers", ()))
                         # Unless the app sets the cookie itself (a new conversation, say).
-                        if _app_cookie(headers, cookie_prefix) is _NOT_SET:
+                        if _app_cookie(headers, cookie_prefix) is NOT_SET:
                             headers.append(set_cookie)
                         message = {**message, "headers": headers}
                     await send(message)
@@ -423,9 +415,6 @@ def _is_page_view(headers: dict[bytes, bytes]) -> bool:
 _HTML_TYPES: dict[bytes, bool] = {}
 
 
-_NOT_SET: Any = object()
-
-
 def _latin1(value: Any) -> bytes:
     """A header value as bytes: ASGI says bytes, but apps send bytearrays, and a ``str``
     gets through some servers (h11 encodes it); the answer must be what it was without us."""
@@ -437,9 +426,9 @@ def _latin1(value: Any) -> bytes:
 
 
 def _app_cookie(headers: Any, prefix: bytes) -> Any:
-    """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
+    """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
-    found: Any = _NOT_SET
+    found: Any = NOT_SET
     for name, value in headers:
         if name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
             value = _latin1(value)
@@ -459,7 +448,7 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> Any:
     if not 200 <= status < 300 or status == 204:
         return _NOT_PAGE
     html: bool | None = None
-    own: Any = _NOT_SET
+    own: Any = NOT_SET
     for name, value in headers:
         # Frameworks send lower case; the length tests spare lower() on the others.
         if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):

@@ -26,9 +26,8 @@ from ._conversation import (
     mint_id,
     pending_conversation,
     set_cookie_value,
-    with_app_id,
 )
-from ._core import is_html_success, is_page_view
+from ._core import NOT_SET, is_html_success, is_page_view, viewed_conversation
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
@@ -172,16 +171,10 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 _status_code(status), _content_type(response_headers)
             ):
                 own = _app_cookie(response_headers, cookie_prefix)
-                if own is _NOT_SET:
+                if own is NOT_SET:
                     response_headers = [*response_headers, set_cookie]
-                    if minted:
-                        initialize(new_event((INITIALIZE, conversation, started)))
-                elif own is not None and (minted or own != conversation_id):
-                    # The app set the cookie itself: its id is the one the browser keeps.
-                    assert isinstance(own, str)
-                    chosen = (
-                        conversation if own == conversation_id else with_app_id(conversation, own)
-                    )
+                chosen = viewed_conversation(conversation, minted, own)
+                if chosen is not None:
                     initialize(new_event((INITIALIZE, chosen, started or time.time())))
             return _start(start_response, status, response_headers, exc_info)
 
@@ -235,7 +228,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
             ) -> Any:
                 # Unless the app sets the cookie itself (a new conversation, say).
-                if _app_cookie(response_headers, cookie_prefix) is _NOT_SET:
+                if _app_cookie(response_headers, cookie_prefix) is NOT_SET:
                     response_headers = [*response_headers, set_cookie]
                 return _start(start_response, status, response_headers, exc_info)
 
@@ -449,13 +442,10 @@ def _is_page_view(environ: Environ) -> bool:
     )
 
 
-_NOT_SET: Any = object()
-
-
 def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> Any:
-    """The id of the app's own ``Set-Cookie`` for our cookie: ``_NOT_SET`` when it sets
+    """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
-    found: Any = _NOT_SET
+    found: Any = NOT_SET
     for name, value in headers:
         if value.startswith(prefix) and name.lower() == "set-cookie":
             # The last one: it is the one the browser keeps (a delete, then a set).

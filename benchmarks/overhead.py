@@ -1369,6 +1369,7 @@ def asgi_pieces(
     from agentsight_middleware._body import peek_asgi
     from agentsight_middleware._config import NEED_BODY
     from agentsight_middleware._conversation import MINTED, cookie_value
+    from agentsight_middleware._core import NOT_SET
     from agentsight_middleware._events import ENGAGE, INITIALIZE, new_event
     from agentsight_middleware._rules import WIDGET
 
@@ -1478,7 +1479,7 @@ def asgi_pieces(
             if message["type"] == "http.response.start":
                 headers = message["headers"]
                 own = glue._page_cookie(message["status"], headers, b"agentsight_conversation_id=")
-                if own is glue._NOT_SET:
+                if own is NOT_SET:
                     message = {**message, "headers": [*headers, set_cookie]}
             await discard(message)
 
