@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._config import Settings, normalise_environment
+from ._config import Settings
 from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
 from ._delivery import BATCH, BackgroundDelivery, Sink
@@ -197,7 +197,7 @@ def _choose_delivery(
     """Your tracker if given; else the built-in client if there is a key; else the local store."""
     # Imported here, not at module level: an app that passes tracker= never loads
     # httpx or sqlite3, and importing the package stays cheap for every app.
-    from ._credentials import Credentials
+    from ._credentials import Credentials, resolve_environment
     from ._store import DEFAULT_PATH, LocalStore
     from .sinks.outbox import MemoryOutbox, Outbox
     from .sinks.store import StoreSink
@@ -278,11 +278,7 @@ def _choose_delivery(
         )
     # As an API key's environment would be (AGENTSIGHT_ENVIRONMENT unless given): `send`
     # replays the stored bodies as they are.
-    environment = settings.environment
-    if environment is None and os.environ.get("AGENTSIGHT_ENVIRONMENT"):
-        environment = normalise_environment(
-            os.environ["AGENTSIGHT_ENVIRONMENT"], argument="AGENTSIGHT_ENVIRONMENT"
-        )
+    environment = resolve_environment(settings.environment)
     logger.warning(
         "no AGENTSIGHT_API_KEY: keeping AgentSight events in %s. "
         "'agentsight-middleware report --db %s' shows the interaction rate; "

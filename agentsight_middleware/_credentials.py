@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from ._config import normalise_environment
 
-__all__ = ["API_KEY_RE", "DEFAULT_ENDPOINT", "Credentials", "mask_key"]
+__all__ = ["API_KEY_RE", "DEFAULT_ENDPOINT", "Credentials", "mask_key", "resolve_environment"]
 
 API_KEY_RE = re.compile(r"ags_[a-f0-9]{32}_[a-f0-9]{6}", re.IGNORECASE)
 DEFAULT_ENDPOINT = "https://api.agentsight.io"
@@ -19,6 +19,22 @@ DEFAULT_ENDPOINT = "https://api.agentsight.io"
 def mask_key(key: str) -> str:
     """Enough of a key to tell two apart in a log, never enough to use it."""
     return key[:8] + "********" if len(key) > 12 else "********"
+
+
+def resolve_environment(
+    environment: str | None, env: Mapping[str, str] | None = None
+) -> str | None:
+    """``environment`` if given, else ``AGENTSIGHT_ENVIRONMENT``, normalised; None if neither.
+
+    A value that is not an environment fails, naming where it came from.
+    """
+    chosen: str | None
+    if environment is not None:
+        chosen, argument = environment, "environment"
+    else:
+        chosen = (os.environ if env is None else env).get("AGENTSIGHT_ENVIRONMENT")
+        argument = "AGENTSIGHT_ENVIRONMENT"
+    return normalise_environment(chosen, argument=argument) if chosen else None
 
 
 @dataclass(frozen=True, repr=False)
@@ -72,6 +88,4 @@ class Credentials:
             raise ValueError(f"endpoint {base!r} is not a valid URL: {exc}") from None
         if not parts.hostname:
             raise ValueError(f"endpoint {base!r} has no host, e.g. {DEFAULT_ENDPOINT!r}")
-        chosen = environment if environment is not None else env.get("AGENTSIGHT_ENVIRONMENT")
-        slug = None if not chosen else normalise_environment(chosen)
-        return cls(api_key=key, endpoint=base, environment=slug)
+        return cls(api_key=key, endpoint=base, environment=resolve_environment(environment, env))
