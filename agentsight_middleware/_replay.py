@@ -314,7 +314,6 @@ def replay(
         # Conversations with an event not sent in this run: their later events wait.
         held: set[Any] = set()
         after = 0
-        pending: dict[Future[_Outcome], Any] = {}
 
         def record(future: Future[_Outcome], conversation: Any) -> None:
             outcome = future.result()
@@ -341,14 +340,15 @@ def replay(
                         summary.left += 1
                     else:
                         conversations.setdefault(conversation, []).append((row_id, payload))
-                for conversation, rows in conversations.items():
-                    pending[pool.submit(_send_conversation, client, url, rows, run)] = conversation
+                pending = {
+                    pool.submit(_send_conversation, client, url, rows, run): conversation
+                    for conversation, rows in conversations.items()
+                }
                 # Once stopped, what has not started returns at once, untried.
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        record(future, pending[future])
-                        del pending[future]
+                        record(future, pending.pop(future))
                     show(summary.sent + summary.failed)
         summary.stopped = run.reason
         if run.stop.is_set():
