@@ -7,11 +7,12 @@ instead, never on the first request.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final, Literal
 
 from ._conversation import ID_SOURCES, clean_id, cookie_value, form_field, json_field, query_field
 from ._facts import (
@@ -24,8 +25,13 @@ from ._rules import RuleSet
 
 __all__ = ["NEED_BODY", "Settings", "normalise_environment"]
 
+
+class _Body(enum.Enum):
+    NEEDED = "needed"
+
+
 #: ``Settings.find_id`` answer meaning "the id may be in the body: read it and ask again".
-NEED_BODY: Any = object()
+NEED_BODY: Final = _Body.NEEDED
 
 _ENVIRONMENTS = {
     "production": "production",
@@ -185,7 +191,7 @@ class Settings:
         cookie: str | None,
         query: str,
         body: bytes | None,
-    ) -> tuple[str, str] | None:
+    ) -> tuple[str, str] | Literal[_Body.NEEDED] | None:
         """``(id, source)`` from the first configured source that has a valid id.
 
         ``id_header`` is the value of the configured id header and ``cookie`` the
@@ -212,7 +218,7 @@ class Settings:
                 if kind != source:
                     continue
                 if body is None:
-                    return NEED_BODY  # type: ignore[no-any-return]
+                    return NEED_BODY
                 value = json_field(body, field) if kind == "json" else form_field(body, field)
             elif source == "cookie":
                 value = cookie_value(cookie, self.cookie_name) if cookie else None

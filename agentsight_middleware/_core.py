@@ -6,8 +6,9 @@ the conversation of this request. The glue only reads its protocol's headers
 from __future__ import annotations
 
 import contextvars
+import enum
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final, Literal, Union
 
 from ._config import Settings
 from ._conversation import Conversation, with_app_id
@@ -18,6 +19,7 @@ from ._tracker import TrackerDelivery
 
 __all__ = [
     "NOT_SET",
+    "AppCookie",
     "Core",
     "Delivery",
     "current_conversation",
@@ -56,13 +58,19 @@ def is_html(content_type: str | None) -> bool:
     return media in ("text/html", "application/xhtml+xml")
 
 
+class _Unset(enum.Enum):
+    NOT_SET = "not set"
+
+
 #: What the glue's look at a response's ``Set-Cookie`` fields says when the app set
 #: none for our cookie (as opposed to None: it set an empty or invalid one).
-NOT_SET: Any = object()
+NOT_SET: Final = _Unset.NOT_SET
+#: The id of the app's own ``Set-Cookie`` for our cookie, None, or :data:`NOT_SET`.
+AppCookie = Union[str, None, Literal[_Unset.NOT_SET]]  # noqa: UP007 (a runtime alias on 3.10)
 
 
 def viewed_conversation(
-    conversation: Conversation, minted: bool, app_id: str | None
+    conversation: Conversation, minted: bool, app_id: AppCookie
 ) -> Conversation | None:
     """The conversation a successful page view reports, or None.
 

@@ -11,9 +11,10 @@ go straight to the app.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ._base import MiddlewareBase, _the_app
 from ._body import peek_asgi
@@ -26,7 +27,7 @@ from ._conversation import (
     pending_conversation,
     set_cookie_value,
 )
-from ._core import NOT_SET, is_html, is_page_view, viewed_conversation
+from ._core import NOT_SET, AppCookie, is_html, is_page_view, viewed_conversation
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._rules import WIDGET, Match
@@ -245,7 +246,7 @@ class AgentSightMiddleware(MiddlewareBase):
                     settings.max_body_peek,
                 )
             found = settings.find_id(match.params, id_header, content_type, cookie, query, body)
-        if found is None:
+        if found is None or found is NEED_BODY:  # (asked with the body, it never needs it)
             conversation_id, id_source = mint_id(), MINTED
         else:
             conversation_id, id_source = found
@@ -425,10 +426,10 @@ def _latin1(value: Any) -> bytes:
     return bytes(value)
 
 
-def _app_cookie(headers: Any, prefix: bytes) -> Any:
+def _app_cookie(headers: Any, prefix: bytes) -> AppCookie:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
-    found: Any = NOT_SET
+    found: AppCookie = NOT_SET
     for name, value in headers:
         if name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
             value = _latin1(value)
@@ -438,17 +439,21 @@ def _app_cookie(headers: Any, prefix: bytes) -> Any:
     return found
 
 
-_NOT_PAGE: Any = object()
+class _Page(enum.Enum):
+    NOT_A_PAGE = "not a page"
 
 
-def _page_cookie(status: int, headers: Any, prefix: bytes) -> Any:
+_NOT_PAGE: Final = _Page.NOT_A_PAGE
+
+
+def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | Literal[_Page.NOT_A_PAGE]:
     """For the start of a response: ``_NOT_PAGE`` unless it starts a successful HTML
     page; else what the app's own ``Set-Cookie`` for our cookie says (see
     :func:`_app_cookie`). One pass over the headers for both questions."""
     if not 200 <= status < 300 or status == 204:
         return _NOT_PAGE
     html: bool | None = None
-    own: Any = NOT_SET
+    own: AppCookie = NOT_SET
     for name, value in headers:
         # Frameworks send lower case; the length tests spare lower() on the others.
         if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):

@@ -27,7 +27,7 @@ from ._conversation import (
     pending_conversation,
     set_cookie_value,
 )
-from ._core import NOT_SET, is_html_success, is_page_view, viewed_conversation
+from ._core import NOT_SET, AppCookie, is_html_success, is_page_view, viewed_conversation
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
@@ -194,7 +194,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             # Not when the client waits for a go-ahead: reading would give it (see asgi.py).
             body = b"" if "HTTP_EXPECT" in environ else peek_wsgi(environ, settings.max_body_peek)
             found = settings.find_id(match.params, id_header, content_type, cookie, query, body)
-        if found is None:
+        if found is None or found is NEED_BODY:  # (asked with the body, it never needs it)
             conversation_id, id_source = mint_id(), MINTED
         else:
             conversation_id, id_source = found
@@ -442,10 +442,10 @@ def _is_page_view(environ: Environ) -> bool:
     )
 
 
-def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> Any:
+def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> AppCookie:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
-    found: Any = NOT_SET
+    found: AppCookie = NOT_SET
     for name, value in headers:
         if value.startswith(prefix) and name.lower() == "set-cookie":
             # The last one: it is the one the browser keeps (a delete, then a set).
