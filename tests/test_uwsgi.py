@@ -1,0 +1,161 @@
+"""The WSGI middleware under uWSGI (pyuwsgi's binary wheel), a real server of its own kind.
+
+uWSGI builds the app in its master and forks the workers from it (no ``--lazy-apps``),
+runs several threads per worker, and hands files to ``wsgi.file_wrapper``, which is a
+function there (not a class) that returns the file object itself. Each is a way for a
+tracking middleware to go wrong that gunicorn and Werkzeug's server never show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agentsight_middleware.testing import StandInAgentSightAPI
+
+from .conftest import BROWSER
+
+ROOT = Path(__file__).parent.parent
+UWSGI = Path(sys.executable).with_name("uwsgi")  # pyuwsgi's entry point, a test dependency
+COOKIE = "agentsight_conversation_id"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> bytes:
+    # Bigger than one socket write: a file the server streams (or sends with sendfile).
+    body = b"<!doctype html><title>file</title>" + b"<p>" + os.urandom(150_000).hex().encode()
+    (tmp_path / "page.html").write_bytes(body)
+    return body
+
+
+@contextlib.contextmanager
+def serving(api: StandInAgentSightAPI, tmp_path: Path) -> Iterator[str]:
+    """uWSGI serving ``tests/apps/uwsgi_app.py``: its URL; stopped with SIGTERM on exit."""
+    assert UWSGI.exists(), f"{UWSGI} is missing: pip install pyuwsgi (a test dependency)"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AGENTSIGHT_API_KEY": api.api_key,
+        "AGENTSIGHT_API_ENDPOINT": api.url,
+        "UWSGI_TEST_PAGE": str(tmp_path / "page.html"),
+    }
+    command = [
+        str(UWSGI), "--http11-socket", f"127.0.0.1:{port}", "--module", "tests.apps.uwsgi_app:app",
+        "--pythonpath", str(ROOT), "--master", "--processes", "2", "--threads", "2",
+        "--die-on-term", "--need-app", "--disable-logging",
+    ]  # fmt: skip
+    log = (tmp_path / "uwsgi.log").open("wb")
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/missing", timeout=0.5)
+                break
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"uWSGI did not start:\n{(tmp_path / 'uwsgi.log').read_text()}"
+                    ) from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        finally:
+            log.close()
+
+
+@pytest.fixture
+def uwsgi(api: StandInAgentSightAPI, tmp_path: Path, page: bytes) -> Iterator[str]:
+    with serving(api, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def api() -> Iterator[StandInAgentSightAPI]:
+    with StandInAgentSightAPI() as api:
+        yield api
+
+
+def test_forked_threaded_workers_track_pages_and_chats(
+    uwsgi: str, api: StandInAgentSightAPI
+) -> None:
+    visitors = 12
+    chats: dict[str, str] = {}
+    for _ in range(visitors):
+        with httpx.Client(base_url=uwsgi) as c:
+            response = c.get("/", headers=BROWSER)
+            assert response.status_code == 200
+            assert response.text == "<!doctype html><p>shop</p>"
+            minted = c.cookies[COOKIE]
+            chat = c.post("/api/chat", json={"message": "hi"})
+            assert chat.status_code == 200
+            # The handler ran with the page view's conversation.
+            assert chat.json() == {"conversation_id": minted}
+            chats[minted] = minted
+    api.wait_for(conversations=2 * visitors, timeout=15)
+    by_id: dict[str, list[bool]] = {}
+    for body in api.conversations:
+        by_id.setdefault(body["conversation_id"], []).append(body["is_used"])
+    # One page view and one chat per visitor, each sent once, whichever worker served it.
+    assert by_id == {cid: [False, True] for cid in chats}
+
+
+def test_a_file_response_comes_through_whole(
+    uwsgi: str, api: StandInAgentSightAPI, page: bytes
+) -> None:
+    with httpx.Client(base_url=uwsgi) as c:
+        response = c.get("/file", headers=BROWSER)
+        assert response.status_code == 200
+        assert response.content == page
+        assert response.headers["content-length"] == str(len(page))
+        minted = c.cookies[COOKIE]
+    api.wait_for(conversations=1, timeout=15)
+    assert [(b["conversation_id"], b["is_used"]) for b in api.conversations] == [(minted, False)]
+
+
+def test_a_streamed_body_runs_with_the_conversation(uwsgi: str, api: StandInAgentSightAPI) -> None:
+    cid = "conv_0123456789ab"
+    with httpx.Client(base_url=uwsgi) as c:
+        response = c.post("/api/stream", json={"conversation_id": cid})
+    assert response.status_code == 200
+    assert response.text == f"a:{cid}\nb:{cid}\nc:{cid}\n"
+    api.wait_for(conversations=1, timeout=15)
+    assert [(b["conversation_id"], b["is_used"]) for b in api.conversations] == [(cid, True)]
+
+
+def test_shutdown_delivers_what_is_queued(
+    api: StandInAgentSightAPI, tmp_path: Path, page: bytes
+) -> None:
+    # A slow API: the page views are still waiting to be sent when uWSGI is told to stop;
+    # each worker's exit (atexit, which uWSGI runs) delivers them within shutdown_timeout.
+    api.set_latency(0.3)
+    with serving(api, tmp_path) as url, httpx.Client(base_url=url) as c:
+        for _ in range(16):
+            c.cookies.clear()
+            assert c.get("/", headers=BROWSER).status_code == 200
+        assert len(api.conversations) < 16  # still on their way
+    # Out of the block: uWSGI was sent SIGTERM and has exited.
+    assert len({b["conversation_id"] for b in api.conversations}) == 16
