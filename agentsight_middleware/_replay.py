@@ -29,7 +29,16 @@ import httpx
 
 from .__version__ import __version__
 from ._credentials import Credentials
-from ._retry import ACCEPTED, REJECTED, RETRY, THROTTLED, backoff, classify, retry_after
+from ._retry import (
+    ACCEPTED,
+    ELSEWHERE,
+    REJECTED,
+    RETRY,
+    THROTTLED,
+    backoff,
+    classify,
+    retry_after,
+)
 from ._store import LocalStore, connect_readonly, count_unsent, mark_sent, unsent
 
 __all__ = ["ReplayBusyError", "ReplaySummary", "replay"]
@@ -150,6 +159,14 @@ def _post(
                 run.halt(
                     f"{url} answered {response.status_code} with something other than the "
                     "AgentSight API's answer (a JSON object with an id): check --endpoint"
+                )
+                return _NOT_TRIED, None
+            if outcome == ELSEWHERE:
+                location = response.headers.get("location")
+                run.halt(
+                    f"{url} answered {response.status_code}"
+                    + (f" (redirecting to {location[:200]})" if location else "")
+                    + ": that is not the AgentSight API's conversations endpoint; check --endpoint"
                 )
                 return _NOT_TRIED, None
             error = f"HTTP {response.status_code}: {response.text[:200]}"

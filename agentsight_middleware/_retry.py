@@ -5,11 +5,26 @@ from __future__ import annotations
 import random
 from email.utils import parsedate_to_datetime
 
-__all__ = ["ACCEPTED", "REJECTED", "RETRY", "THROTTLED", "backoff", "classify", "retry_after"]
+__all__ = [
+    "ACCEPTED",
+    "ELSEWHERE",
+    "REJECTED",
+    "RETRY",
+    "THROTTLED",
+    "backoff",
+    "classify",
+    "retry_after",
+]
 
+#: 2xx: accepted if the body is the API's answer (a JSON object with an id); a 202 or
+#: 204 from something else is not (the callers look at the body).
 ACCEPTED = "accepted"
-#: 400/401/403/404...: the same request can never succeed; retrying only adds load.
+#: 400/401/403/413...: the same request can never succeed; retrying only adds load.
 REJECTED = "rejected"
+#: 3xx, 404, 405: not the API's conversations endpoint answering (``http://`` redirected
+#: to ``https://``, a login page, a wrong path): the endpoint is wrong, not the event,
+#: which is kept until it is fixed.
+ELSEWHERE = "elsewhere"
 #: 5xx, 408 and network errors: the backend may recover.
 RETRY = "retry"
 #: 429: wait what the backend says.
@@ -20,28 +35,40 @@ MAX_RETRY_AFTER = 30.0
 
 
 def classify(status: int) -> str:
-    if status in (200, 201):
+    if 200 <= status < 300:
         return ACCEPTED
     if status == 429:
         return THROTTLED
     if status >= 500 or status == 408:
         return RETRY
+    if 300 <= status < 400 or status in (404, 405):
+        # The API's list-create route exists and takes POST: these come from elsewhere.
+        return ELSEWHERE
     return REJECTED
 
 
+#: The least a 429 pauses for: "Retry-After: 0" (or a date our clock has passed)
+#: would otherwise resend at once, thousands of requests a second for as long as
+#: the API throttles.
+MIN_RETRY_AFTER = 1.0
+
+
 def retry_after(value: str | None, *, now: float, default: float = 1.0) -> float:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date, RFC 9110)."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date, RFC 9110),
+    at least :data:`MIN_RETRY_AFTER` and at most :data:`MAX_RETRY_AFTER`."""
     if value:
         value = value.strip()
         # isascii() too: "²" and other Unicode digits pass isdigit() but not float().
         if value.isascii() and value.isdigit():
-            return min(float(value), MAX_RETRY_AFTER)
-        try:
-            when: float = parsedate_to_datetime(value).timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return default
-        return min(max(when - now, 0.0), MAX_RETRY_AFTER)
-    return default
+            wait = float(value)
+        else:
+            try:
+                wait = parsedate_to_datetime(value).timestamp() - now
+            except (TypeError, ValueError, IndexError, OverflowError):
+                wait = default
+    else:
+        wait = default
+    return min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
 
 # Our own source: the app's global ``random`` state (seeded by its tests, say) is not

@@ -163,7 +163,8 @@ async def test_outage_then_recovery_delivers_everything_in_order(
         by_conversation.setdefault(body["conversation_id"], []).append(body["is_used"])
     assert len(by_conversation) == 5
     assert all(flags == [False, True, True] for flags in by_conversation.values())
-    assert mw.stats()["retried"] >= 8
+    # The 503s; a connection dropped as it was reused may be sent again at once, uncounted.
+    assert mw.stats()["retried"] >= 6
     mw.close()
 
 
@@ -259,10 +260,18 @@ def test_credentials_repr_masks_the_key() -> None:
     [
         (200, "accepted"),
         (201, "accepted"),
+        (202, "accepted"),  # the sink then checks that the body is the API's answer
+        (204, "accepted"),
+        (301, "elsewhere"),  # http:// redirected to https://: the endpoint is wrong
+        (302, "elsewhere"),
+        (307, "elsewhere"),
+        (308, "elsewhere"),
         (400, "rejected"),
         (401, "rejected"),
         (403, "rejected"),
-        (404, "rejected"),
+        (404, "elsewhere"),  # the API's conversations route exists and takes POST
+        (405, "elsewhere"),
+        (413, "rejected"),
         (408, "retry"),
         (429, "throttled"),
         (500, "retry"),
@@ -282,7 +291,10 @@ def test_classify(status: int, outcome: str) -> None:
         (None, 1.0),
         ("soon", 1.0),
         ("Wed, 25 Nov 2026 12:00:05 GMT", 5.0),
-        ("Wed, 25 Nov 2026 11:00:00 GMT", 0.0),
+        # Passed already (or clocks apart), or no wait at all: at least a second, not a
+        # resend at once for as long as the API throttles.
+        ("Wed, 25 Nov 2026 11:00:00 GMT", 1.0),
+        ("0", 1.0),
         ("\u00b2", 1.0),  # a Unicode digit: isdigit() says yes, float() says no
         ("\u0663", 1.0),  # ARABIC-INDIC DIGIT THREE: float() reads it, the RFC does not
     ],

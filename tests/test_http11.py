@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
+import json
+import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -963,7 +967,7 @@ async def test_answers_only_h11_reads_switch_the_pool_to_h11(
             # llhttp refuses it (it could smuggle a request); this exchange is lost...
             with pytest.raises(_http11.UnreadableAnswer):
                 await pool.post(b"{}")
-            assert "reading answers with h11 from now on" in caplog.text
+            assert "reading answers with h11 for the next 300 s" in caplog.text
         # ...and from then on the pool reads as httpx would.
         for _ in range(2):
             assert (await pool.post(b"{}")).status == 201
@@ -1158,11 +1162,12 @@ async def test_a_server_that_drops_the_rest_of_a_pipeline_gets_one_request_at_a_
     assert depth == 1
     assert [r.status for r in after if isinstance(r, _http11.Reply)] == [201] * 3
     if engine == "httptools":
-        # The failure is the first unanswered request's; the one behind it goes again
-        # without counting as an attempt.
+        # The one behind the request that timed out was written too, and a server may
+        # still process it: it fails with the same error (counted, backed off), rather
+        # than being sent again at once.
         assert isinstance(results[0], _http11.Reply)
         assert isinstance(results[1], httpx.ReadTimeout)
-        assert isinstance(results[2], _http11.NotSent)
+        assert isinstance(results[2], httpx.ReadTimeout)
         assert "left 2 of 3 request(s) on one connection unanswered" in caplog.text
     else:
         assert [r.status for r in results if isinstance(r, _http11.Reply)] == [201] * 3
@@ -1366,3 +1371,249 @@ async def test_a_pipeline_longer_than_the_outbox_lease_sends_each_event_once(
     assert len(seen) == 25
     assert max(seen.values()) == 1, [body for body, n in seen.items() if n > 1]
     assert stats["sent"] == 25
+
+
+# ---------------------------------------------------------------------------
+# Answers that are not the API's, throttling, and what a failure in a pipeline means
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://api.example/x\r\n"
+         b"Content-Length: 0\r\n\r\n", "answered 301 (redirecting to https://api.example/x)"),
+        (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n",
+         "answered 307 (redirecting to /login)"),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n"
+         b"<p>no</p>", "answered 404"),
+        (b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n", "answered 405"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", "answered 204 with something other"),
+        (b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n", "answered 202 with something"),
+    ],
+    ids=["301", "307", "404-html", "405", "204", "202-empty"],
+)  # fmt: skip
+async def test_answers_from_elsewhere_keep_the_events(
+    answer: bytes, said: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A wrong endpoint (http:// redirected to https://, a login page, a site's 404) is not
+    # the API refusing the event: the durable outbox keeps every row, and the log says
+    # what to fix, once.
+    server = Scripted(keep_alive(answer))
+    outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3")
+    async with server.running() as url:
+        sink = direct_sink(url, outbox, concurrency=2)
+        await sink.start()
+        await sink.put([{"conversation_id": f"c{i}", "is_used": False} for i in range(5)])
+        await asyncio.sleep(0.5)
+        stats = sink.stats()
+        await sink.aclose()
+    assert (stats["sent"], stats["rejected"]) == (0, 0)
+    assert stats["retried"] >= 5
+    assert SQLiteOutbox(tmp_path / "outbox.sqlite3").depth() == 5
+    assert said in caplog.text
+    assert "check the endpoint" in caplog.text
+    assert caplog.text.count("check the endpoint") == 1
+
+
+async def test_a_202_with_the_api_s_answer_is_accepted() -> None:
+    server = Scripted(keep_alive(b'HTTP/1.1 202 Accepted\r\nContent-Length: 8\r\n\r\n{"id":7}'))
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
+        await deliver(sink, 3)
+    assert sink.stats()["sent"] == 3
+
+
+async def test_429_paces_delivery_and_never_counts_as_a_failed_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "Retry-After: 0" once meant no wait at all (thousands of requests a second while
+    # throttled), and every 429 counted towards giving up: with max_attempts=2 the event
+    # was dropped at the second.
+    monkeypatch.setattr("agentsight_middleware._retry.MIN_RETRY_AFTER", 0.2)
+    times: list[float] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            times.append(time.monotonic())
+            if len(times) <= 4:
+                writer.write(
+                    b"HTTP/1.1 429 Too Many\r\nRetry-After: 0\r\nContent-Length: 0\r\n\r\n"
+                )
+            else:
+                writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        endpoint = url.split("/api/")[0]
+        sink = HttpSink(
+            Credentials("key", endpoint, "production"),
+            outbox=MemoryOutbox(10),
+            concurrency=1,
+            max_attempts=2,
+        )
+        await sink.start()
+        await sink.put([{"conversation_id": "c", "is_used": False}])
+        left = await sink.drain(time.monotonic() + 10)
+        stats = sink.stats()
+        await sink.aclose()
+    assert left == 0
+    assert (stats["sent"], stats["throttled"], stats["failed"]) == (1, 4, 0)
+    assert len(times) == 5
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= 0.19, gaps
+
+
+async def test_header_lines_without_end_are_refused_before_they_fill_memory() -> None:
+    # llhttp sets no limit on an answer's head: a server (or anything posing as one)
+    # sending header lines for ever once grew the process by gigabytes within the timeout.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 201 Created\r\n")
+        line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        while True:
+            writer.write(line * 64)
+            await writer.drain()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=30)
+        started = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await pool.post(b"{}")
+        elapsed = time.monotonic() - started
+        pool.close()
+    assert elapsed < 5  # refused at the limit, not at the 30 s timeout
+
+
+async def test_a_pipeline_behind_a_timeout_keeps_each_conversation_in_order() -> None:
+    # The first request of a pipeline takes longer than the timeout; the ones behind it
+    # were written and sit in the server's buffer. Sent again at once (as they once
+    # were), each conversation's next event overtook its stale copy: the server
+    # processed is_used false after true.
+    processed: list[tuple[str, bool]] = []
+    slow_done = False
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal slow_done
+        while True:
+            _, _, body = await read_request(reader)
+            event = json.loads(body)
+            if event["conversation_id"] == "slow" and not slow_done:
+                slow_done = True
+                await asyncio.sleep(1.0)  # longer than the timeout
+            processed.append((event["conversation_id"], event["is_used"]))
+            writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        endpoint = url.split("/api/")[0]
+        sink = HttpSink(
+            Credentials("key", endpoint, "production"),
+            outbox=MemoryOutbox(1000),
+            concurrency=1,
+            timeout=0.5,
+        )
+        await sink.start()
+        await sink.put([{"conversation_id": "warm-up", "is_used": False}])
+        await sink.drain(time.monotonic() + 5)
+        conversations = ["slow", *(f"c{i}" for i in range(7))]
+        await sink.put([{"conversation_id": c, "is_used": False} for c in conversations])
+        await sink.put([{"conversation_id": c, "is_used": True} for c in conversations])
+        left = await sink.drain(time.monotonic() + 20)
+        await asyncio.sleep(0.5)  # anything stale still in the server's buffer
+        await sink.aclose()
+    assert left == 0
+    last = dict(processed)  # each conversation's last processed event
+    assert all(last[c] is True for c in conversations), processed
+
+
+async def test_a_kept_alive_connection_closed_unannounced_is_no_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server that closes each connection after a few answers without saying so (a
+    # limit of requests per connection): what was written behind the last answer was
+    # not processed, and is sent again at once, uncounted and unlogged.
+    processed: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(5):
+            _, _, body = await read_request(reader)
+            processed.append(body)
+            writer.write(created())
+            await writer.drain()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=2)
+        await deliver(sink, 60)
+        stats = sink.stats()
+    assert (stats["sent"], stats["retried"], stats["failed"]) == (60, 0, 0)
+    assert len(processed) == len(set(processed)) == 60
+    assert "unreachable" not in caplog.text
+
+
+async def test_an_outage_after_a_recovery_is_logged_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agentsight_middleware")
+    with StandInAgentSightAPI() as api:
+        credentials = Credentials(api.api_key, api.url, "production")
+        sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=1)
+        await sink.start()
+        for _ in range(2):
+            api.fail_next(1, status=503)
+            await sink.put([{
+                "conversation_id": f"conv_{len(api.conversations):012x}", "is_used": False,
+                "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
+            }])  # fmt: skip
+            assert await sink.drain(time.monotonic() + 10) == 0
+        await sink.aclose()
+    assert caplog.text.count("unreachable (HTTP 503)") == 2
+    assert caplog.text.count("accepts events again") == 2
+
+
+def test_a_request_hanging_at_a_proxy_does_not_hold_up_the_exit(tmp_path: Path) -> None:
+    # The proxy path's requests run in threads; ThreadPoolExecutor's are joined at
+    # interpreter exit, which waited for the 15 s request timeout after shutdown_timeout.
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:  # a "proxy" that reads and never answers
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    child = (
+        "import asyncio, time\n"
+        "from agentsight_middleware.sinks.http import HttpSink\n"
+        "from agentsight_middleware.sinks.outbox import MemoryOutbox\n"
+        "from agentsight_middleware._credentials import Credentials\n"
+        "async def main():\n"
+        "    sink = HttpSink(Credentials('k', 'http://api.agentsight.test', 'production'),\n"
+        "                    outbox=MemoryOutbox(10), concurrency=2)\n"
+        "    await sink.start()\n"
+        "    await sink.put([{'conversation_id': 'c', 'is_used': False}])\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    await sink.aclose()\n"
+        "asyncio.run(main())\n"
+    )
+    env = {
+        **os.environ,
+        "HTTP_PROXY": f"http://127.0.0.1:{listener.getsockname()[1]}",
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    env.pop("http_proxy", None)
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", child], env=env, check=True, timeout=30)
+    elapsed = time.monotonic() - started
+    listener.close()
+    assert held  # the request reached the proxy, which never answered
+    assert elapsed < 8, f"exit took {elapsed:.1f} s"

@@ -52,6 +52,9 @@ ENGINES: tuple[Engine, ...] = ("httptools", "h11") if httptools is not None else
 KEEPALIVE_EXPIRY = 4.0
 # The API answers a small JSON object; anything bigger is not its answer.
 MAX_RESPONSE_BODY = 1 << 20
+# Status line, headers and trailers of one answer at most: llhttp sets no limit of its
+# own, and a server sending header lines without end would fill the process's memory.
+MAX_RESPONSE_HEAD = 64 * 1024
 # h11 events are immutable and validate their headers when built (a third of h11's
 # cost per request): its request heads are built once per body length and reused.
 _HEADS_CACHED = 512
@@ -65,6 +68,8 @@ PIPELINE = 16
 # only the first request, or a proxy in front of it mishandles pipelines) gets one request
 # per connection at a time for this long; then pipelining is tried again.
 PIPELINE_PAUSE = 300.0
+# After an answer only h11 could read, h11 reads this long; then httptools again.
+ENGINE_PAUSE = 300.0
 
 
 class Reply(NamedTuple):
@@ -138,10 +143,13 @@ class UnreadableAnswer(httpx.RemoteProtocolError):
 
 
 class NotSent(httpx.TransportError):
-    """A request that got no answer because of what happened before it on its connection:
-    an earlier answer said the connection would close (RFC 9112 9.6: no later request on
-    it is processed), or an earlier request of its pipeline got no answer (the failure is
-    that one's). It is sent again at once, without counting as a failed attempt."""
+    """A request the server did not process, as far as HTTP can tell: an earlier answer
+    said the connection would close (RFC 9112 9.6: no later request on it is processed),
+    or the server closed the connection at an answer's end, before any byte of this
+    request's answer (a kept-alive connection closed as it was reused, or a server's limit
+    of requests per connection). It is sent again at once, without counting as a failed
+    attempt. A request behind a timeout or a cut-off answer is not one of these: the
+    server may still process it, so it fails with the same error."""
 
 
 class _Connection(asyncio.Protocol):
@@ -161,6 +169,10 @@ class _Connection(asyncio.Protocol):
         #: The answers an exchange had when it was cancelled.
         self.partial: list[Reply] = []
         self._idle = True  # between exchanges, and the last one left it reusable
+        self._received = False  # any byte came in during the exchange
+        # The server closed the connection right after a complete answer (or, on a
+        # reused connection, before any byte): see NotSent.
+        self._closed_between = False
         self.lost = False
         #: It has answered a whole exchange and stayed open: it may carry a pipeline.
         self.proven = False
@@ -202,10 +214,15 @@ class _Connection(asyncio.Protocol):
         a ``Reply`` or the error that stands for it. Raises only if cancelled."""
         assert self._transport is not None
         n = len(bodies)
+        reused = self.proven
         if self.lost or self._transport.is_closing():
-            # Closed by the server between connecting and now: a write would be
-            # dropped silently and the answer awaited until the timeout.
+            # Closed by the server since its last answer (or since it was opened): a write
+            # would be dropped silently. Nothing was sent, but only a kept-alive connection
+            # closing is no failure: one closed at once (a draining balancer) would have
+            # the request sent again at once, and again, in a loop.
             self.close()
+            if reused:
+                return [_not_sent()] * n
             return [
                 httpx.RemoteProtocolError("server closed the connection before the request")
             ] * n
@@ -214,6 +231,8 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         self._idle = False
         self._replies = []
+        self._received = False
+        self._closed_between = False
         self._expected = n
         # A timer rather than wait_for(): no extra task per exchange. It measures time
         # without an answer: a pipeline's last request may wait for all the others.
@@ -253,11 +272,17 @@ class _Connection(asyncio.Protocol):
             # every reply on this connection by one).
             self.close()
         if len(results) < n:
-            # A server answers in order: the failure is the first unanswered request's,
-            # and the ones behind it go again uncounted.
-            if error is not None:
-                results.append(error)
-            results += [_not_sent()] * (n - len(results))
+            if error is None or (self._closed_between and (results or reused)):
+                # Announced, or closed at an answer's end with nothing of the next one.
+                # (On a new connection, a close before any answer is a failure: the
+                # server may have died processing the request.)
+                results += [_not_sent()] * (n - len(results))
+            else:
+                # Timed out or cut off: the requests behind it were written, and the server
+                # may still process them. Each fails with the error, counted and backed off
+                # like it: sent again at once, they could be processed twice, and a
+                # conversation's next event could overtake the stale copy.
+                results += [error] * (n - len(results))
         return results
 
     def _time_out(self) -> None:
@@ -280,6 +305,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception((error or httpx.RemoteProtocolError)(message))
 
     def _disconnected(self, status_seen: bool) -> None:
+        if not status_seen and (self._replies or not self._received):
+            self._closed_between = True
         self._fail(
             "server disconnected in the middle of its response"
             if status_seen
@@ -317,11 +344,13 @@ class _FastConnection(_Connection):
         self._complete = False  # the answer being read is whole
         self._keep_alive = False
         self._stray = False
+        self._unanswered = 0  # bytes read since the last whole answer
 
     def _frame(self, bodies: list[bytes]) -> bytes:
         self._status = 0
         self._complete = False
         self._keep_alive = True
+        self._unanswered = 0
         raw = self._framing.raw
         return raw(bodies[0]) if len(bodies) == 1 else b"".join(map(raw, bodies))
 
@@ -329,9 +358,18 @@ class _FastConnection(_Connection):
         return len(self._replies) == self._expected and self._keep_alive and not self._stray
 
     def data_received(self, data: bytes) -> None:
+        self._received = True
         waiter = self._waiter
         if waiter is None or waiter.done():
             self.close()  # bytes nobody asked for: the stream is out of step
+            return
+        self._unanswered += len(data)
+        if self._unanswered > MAX_RESPONSE_BODY + MAX_RESPONSE_HEAD or (
+            self._in_headers and self._unanswered > MAX_RESPONSE_HEAD
+        ):
+            # Counted per chunk read, since the last whole answer: an approximation that
+            # bounds what llhttp buffers (a header line without end) as well as the body.
+            self._fail("invalid response from the server: answer too large")
             return
         try:
             self._parser.feed_data(data)
@@ -390,6 +428,7 @@ class _FastConnection(_Connection):
             self._answer(self._parser.should_keep_alive())
 
     def _answer(self, keep_alive: bool) -> None:
+        self._unanswered = 0
         if self._stray or len(self._replies) >= self._expected:
             return
         self._keep_alive = keep_alive
@@ -415,7 +454,8 @@ class _FastConnection(_Connection):
                 self._complete = True
                 self._answer(keep_alive=False)
             else:
-                self._disconnected(bool(self._status) or self._in_headers)
+                # Of the answer being read, not one finished before it.
+                self._disconnected(self._in_headers or (self._status != 0 and not self._complete))
         self.close()
 
 
@@ -449,6 +489,7 @@ class _H11Connection(_Connection):
         return False
 
     def data_received(self, data: bytes) -> None:
+        self._received = True
         try:
             self._h11.receive_data(data)
         except RuntimeError:
@@ -550,6 +591,8 @@ class Http11Pool:
         self._idle: list[_Connection] = []
         self._closed = False
         self._no_pipelining_until = 0.0
+        # Reading with h11 after an answer httptools refused, until then (0: not so).
+        self._h11_until = 0.0
         self._tally = _Tally()
 
     @property
@@ -678,17 +721,26 @@ class Http11Pool:
         """What one ``post_many`` tells about the server: which engine reads it, and
         whether it answers all of what one connection carries."""
         if self.engine == "httptools" and any(isinstance(r, UnreadableAnswer) for r in answered):
+            # For a while, not for good: garbage from a broken proxy or a moment's
+            # misconfiguration is unreadable to h11 too, and h11 costs ~30x the CPU per
+            # answer (and pipelining).
             logger.warning(
                 "an answer from %s could not be read by httptools (%s); reading answers "
-                "with h11 from now on",
+                "with h11 for the next %d s",
                 self._host,
                 next(r for r in answered if isinstance(r, UnreadableAnswer)),
+                ENGINE_PAUSE,
             )
             self.engine = "h11"
             self._connection_class = _H11Connection
+            self._h11_until = time.monotonic() + ENGINE_PAUSE
+        elif self._h11_until and time.monotonic() >= self._h11_until:
+            self._h11_until = 0.0
+            self.engine = "httptools"
+            self._connection_class = _FastConnection
         if written > 1 and isinstance(answered[0], Reply):
             lost = [r for r in answered if isinstance(r, Exception) and not isinstance(r, NotSent)]
-            if lost:
+            if lost and time.monotonic() >= self._no_pipelining_until:
                 # Answered, then silent or cut off without announcing it: a server (or a
                 # proxy in front of it) that does not read pipelines, or closes kept-alive
                 # connections unannounced. The request the failure hit is retried as after

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
 import time
 import urllib.request
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,7 +33,16 @@ from ..__version__ import __version__
 from .._credentials import Credentials, mask_key
 from .._log import logger
 from .._park import park, resolve
-from .._retry import ACCEPTED, REJECTED, RETRY, THROTTLED, backoff, classify, retry_after
+from .._retry import (
+    ACCEPTED,
+    ELSEWHERE,
+    REJECTED,
+    RETRY,
+    THROTTLED,
+    backoff,
+    classify,
+    retry_after,
+)
 from ._http11 import Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
 
@@ -80,6 +92,13 @@ def _is_api_answer(body: bytes) -> bool:
     return body.lstrip()[:1] == b"{" and b'"id"' in body
 
 
+def _failure_kind(error: httpx.HTTPError) -> str:
+    """What kind of failure ``error`` is, for the log: one warning per kind and outage."""
+    if "CERTIFICATE_VERIFY_FAILED" in str(error):
+        return "certificate"
+    return type(error).__name__
+
+
 def environment_proxy(url: str) -> str | None:
     """The proxy the environment names for ``url``, or None for a direct connection."""
     parts = urlsplit(url)
@@ -89,6 +108,72 @@ def environment_proxy(url: str) -> str | None:
         return None
     # "proxy.corp:3128" means an HTTP proxy to requests (and httpx's own env handling).
     return proxy if "://" in proxy else f"http://{proxy}"
+
+
+_T = TypeVar("_T")
+
+
+class _DaemonThreads(Executor):
+    """Threads for the blocking requests of the proxy path, started as needed.
+
+    Not ``ThreadPoolExecutor``: the interpreter joins its threads at exit, so a request
+    hanging at a proxy would hold up the app's exit for the whole request timeout after
+    ``shutdown_timeout`` has run out. These are daemon threads: what they still wait for
+    at exit is dropped with them (a durable outbox keeps the event).
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._max = max_workers
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((future, lambda: fn(*args, **kwargs)))
+            if not self._idle.acquire(blocking=False) and self._workers < self._max:
+                self._workers += 1
+                threading.Thread(
+                    target=self._work, name=f"{self._name}_{self._workers}", daemon=True
+                ).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, call = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = call()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del job, future, call
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job[0].cancel()
+            for _ in range(self._workers):
+                self._jobs.put(None)
 
 
 class _Bell:
@@ -136,7 +221,7 @@ class HttpSink:
         self._proxy = None if transport is not None else environment_proxy(self._url)
         self._direct: Http11Pool | None = None
         self._http: httpx.BaseTransport | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _DaemonThreads | None = None
         # Host and Content-Length are added by whichever client sends.
         self._headers = [
             (b"Authorization", f"Api-Key {credentials.api_key}".encode("latin-1")),
@@ -161,6 +246,8 @@ class HttpSink:
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
         self._logged: set[Any] = set()
+        # A failure was logged since the last accepted event (see _recovered).
+        self._outage = False
         self.sent = 0
         self.retried = 0
         self.throttled = 0
@@ -205,7 +292,7 @@ class HttpSink:
             )
         else:
             self._http = self._transport
-            self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="agentsight-http")
+            self._pool = _DaemonThreads(self._concurrency, "agentsight-http")
         # Long-lived senders rather than a task per event: a task costs more to
         # create and finish than llhttp takes to parse the answer.
         self._tasks.append(asyncio.get_running_loop().create_task(self._tick()))
@@ -462,7 +549,13 @@ class HttpSink:
             self._release_unsent(item)
         elif isinstance(result, httpx.HTTPError):
             self._retry(
-                item, f"{type(result).__name__}: {result}" if str(result) else type(result).__name__
+                item,
+                f"{type(result).__name__}: {result}" if str(result) else type(result).__name__,
+                _failure_kind(result),
+                # No answer in time: the server may still be working through it (and
+                # through what was written behind it). Sent again at once, a conversation's
+                # next event could overtake the stale copy: not before as long again.
+                at_least=self._timeout if isinstance(result, httpx.TimeoutException) else 0.0,
             )
         elif isinstance(result, Exception):
             if self._closing:
@@ -472,7 +565,7 @@ class HttpSink:
             self._log_once(
                 "unexpected", "unexpected error sending an event: %r", result, level="warning"
             )
-            self._retry(item, f"{type(result).__name__}: {result}")
+            self._retry(item, f"{type(result).__name__}: {result}", "unexpected")
         else:
             reply = result
             outcome = classify(reply.status)
@@ -480,6 +573,8 @@ class HttpSink:
                 if _is_api_answer(reply.body):
                     self._ack(item)
                     self.sent += 1
+                    if self._outage:
+                        self._recovered()
                 else:
                     # A wrong endpoint (a site's catch-all page, a captive portal) that
                     # answers 200: the events were not recorded, so they are kept.
@@ -491,12 +586,26 @@ class HttpSink:
                         self._url,
                         reply.status,
                     )
-                    self._retry(item, f"HTTP {reply.status}, not the AgentSight API's answer")
+                    self._retry(item, f"HTTP {reply.status}, not the AgentSight API's answer", None)
+            elif outcome == ELSEWHERE:
+                location = reply.header(b"location")
+                self._log_once(
+                    "not the API",
+                    "%s answered %d%s: that is not the AgentSight API's conversations endpoint; "
+                    "check the endpoint (the events are kept and sent again)",
+                    self._url,
+                    reply.status,
+                    f" (redirecting to {location[:200]})" if location else "",
+                )
+                self._retry(item, f"HTTP {reply.status}, not the AgentSight API", None)
             elif outcome == THROTTLED:
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
                 self._paused_until = max(self._paused_until, time.time() + wait)
-                self._outbox.retry(item, self._paused_until)
+                # Pacing, not a failure: no attempt counted (the memory outbox gives up
+                # after a few), and no backoff grown by it.
+                self._outbox.defer(item, self._paused_until)
+                self._outage = True
                 self._log_once(
                     "429",
                     "the AgentSight API is throttling (429); pausing delivery for %.1f s",
@@ -504,10 +613,19 @@ class HttpSink:
                     level="warning",
                 )
             elif outcome == RETRY:
-                self._retry(item, f"HTTP {reply.status}")
+                self._retry(item, f"HTTP {reply.status}", f"HTTP {reply.status // 100}xx")
             else:
                 assert outcome == REJECTED
                 self._reject(item, reply)
+
+    def _recovered(self) -> None:
+        """After an outage that was logged: say it is over, and log the next one again."""
+        self._outage = False
+        self._logged -= {
+            key for key in self._logged if isinstance(key, tuple) and key[0] == "retry"
+        }
+        self._logged -= {"429", "failed", "not the API"}
+        logger.info("the AgentSight API accepts events again")
 
     def _ack(self, item: OutboxItem) -> None:
         if not self._outbox.durable:
@@ -533,7 +651,13 @@ class HttpSink:
             # which no claim could take before the row was gone.
             self._bell.ring(len(acks))
 
-    def _retry(self, item: OutboxItem, reason: str) -> None:
+    def _retry(
+        self, item: OutboxItem, reason: str, kind: str | None, *, at_least: float = 0.0
+    ) -> None:
+        """A failed attempt: ``item`` again after a backoff (or given up, in memory).
+        ``kind`` names the failure for the log (one warning per kind and outage), None
+        when the caller has logged it."""
+        self._outage = True
         if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
             self._outbox.discard(item)
             self.failed += 1
@@ -546,13 +670,22 @@ class HttpSink:
             )
             return
         self.retried += 1
-        self._outbox.retry(item, time.time() + backoff(item.attempts + 1))
-        self._log_once(
-            "retry",
-            "the AgentSight API is unreachable (%s); retrying with backoff",
-            reason,
-            level="warning",
-        )
+        self._outbox.retry(item, time.time() + max(backoff(item.attempts + 1), at_least))
+        if kind == "certificate":
+            self._log_once(
+                ("retry", kind),
+                "the AgentSight API's TLS certificate is not trusted here (%s): check the "
+                "endpoint, or the CA certificates of this machine; the events are kept and "
+                "sent again",
+                reason,
+            )
+        elif kind is not None:
+            self._log_once(
+                ("retry", kind),
+                "the AgentSight API is unreachable (%s); retrying with backoff",
+                reason,
+                level="warning",
+            )
 
     def _reject(self, item: OutboxItem, reply: Reply) -> None:
         self._outbox.discard(item)
@@ -597,7 +730,8 @@ class HttpSink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_acks()
         if self._pool is not None:
-            # Sender threads finish their request (bounded by the timeout) on their own.
+            # Sender threads finish their request (bounded by the timeout) on their own,
+            # or are dropped at exit (daemon threads).
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._http is not None:
             self._http.close()

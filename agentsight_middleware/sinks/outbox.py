@@ -45,6 +45,7 @@ class Outbox(Protocol):
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
     def ack(self, items: list[OutboxItem]) -> None: ...
     def retry(self, item: OutboxItem, not_before: float) -> None: ...
+    def defer(self, item: OutboxItem, not_before: float) -> None: ...
     def release(self, item: OutboxItem) -> None: ...
     def renew(self, items: list[OutboxItem], now: float) -> None: ...
     def discard(self, item: OutboxItem) -> None: ...
@@ -109,6 +110,11 @@ class MemoryOutbox:
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
         item.attempts += 1
+        item.not_before = not_before
+        item.leased = False
+
+    def defer(self, item: OutboxItem, not_before: float) -> None:
+        """Give a claimed item back for later without counting an attempt (a 429)."""
         item.not_before = not_before
         item.leased = False
 
@@ -277,6 +283,15 @@ class SQLiteOutbox:
             self._connect().execute(
                 "UPDATE outbox SET attempts = attempts + 1, not_before = ?, lease_until = 0, "
                 "lease_owner = NULL WHERE id = ? AND lease_owner = ?",
+                (not_before, item.id, self._owner),
+            )
+
+    def defer(self, item: OutboxItem, not_before: float) -> None:
+        """Give a claimed row back for later without counting an attempt (a 429)."""
+        with self._lock:
+            self._connect().execute(
+                "UPDATE outbox SET not_before = ?, lease_until = 0, lease_owner = NULL "
+                "WHERE id = ? AND lease_owner = ?",
                 (not_before, item.id, self._owner),
             )
 
