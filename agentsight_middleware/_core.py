@@ -174,12 +174,14 @@ class Core:
             return None
         try:
             value = hook(request)
+            if value is None or isinstance(value, bool):
+                return None
+            # In the try: a lazy user object whose __str__ raises must not fail the request.
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
         except Exception as exc:
             self.log_once("customer_id hook", exc)
             return None
-        if value is None or isinstance(value, bool):
-            return None
-        return str(value)
+        return text if text.strip() else None
 
     def _metadata(self, request: Any) -> Mapping[str, Any] | None:
         hook = self.settings.metadata_hook

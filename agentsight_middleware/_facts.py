@@ -861,9 +861,13 @@ _PATH_PARAM = re.compile(r";([^/;=?#]*)=[^/;?#]*")
 
 
 def redact_path(path: str) -> str:
-    """``path`` without path parameters whose name looks secret."""
+    """``path`` without path parameters whose name looks secret, cut to :data:`MAX_URL_LENGTH`."""
     if ";" not in path:
-        return path
+        return path[:MAX_URL_LENGTH]
+    # Cut first, as redact_query does: a path of thousands of parameters (a template chat
+    # route takes any) once cost the worker ~26 ms an event. A cut leaves a secret's whole
+    # name (and it goes) or no value of it.
+    path = path[:MAX_URL_LENGTH]
     return _PATH_PARAM.sub(
         lambda match: "" if _is_secret_name(match.group(1)) else match.group(0), path
     )

@@ -142,6 +142,10 @@ def _post(
             return _NOT_TRIED, None
         try:
             response = client.post(url, json=payload)
+        except (ValueError, TypeError) as exc:
+            # Kept by an older version (NaN in metadata): the API refuses it, and a crash
+            # here would stop every run at this row.
+            return _REFUSED, f"the event cannot be sent as JSON ({exc})"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
             run.stalled(f"the API could not be reached ({error})")

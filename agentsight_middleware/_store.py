@@ -88,7 +88,9 @@ _T = TypeVar("_T")
 
 # Key order kept and no ASCII escaping: a row keeps the body the API will get. One encoder
 # for all rows: json.dumps builds a new one per call when given options.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# A value JSON cannot hold (a date in user metadata) is kept as its text, as the built-in
+# client sends it; NaN and infinities are refused, as the API refuses them.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
 
 # One row for _INSERT, in its column order.
 _Row = tuple[float, int, str, Any, Any, Any, Any, Any, Any, Any, Any, str]
@@ -129,6 +131,12 @@ def _row(payload: Mapping[str, Any]) -> _Row:
         raise ValueError(f"payload has no conversation_id: {payload!r}")
     metadata = payload.get("metadata")
     page_path = metadata.get("page_path") if isinstance(metadata, Mapping) else None
+    if page_path is not None and not isinstance(page_path, str):
+        page_path = str(page_path)  # a metadata hook's own page_path: a column takes text
+    try:
+        body = _ENCODER.encode(payload)
+    except TypeError as exc:  # a dict key JSON cannot hold (a date, a tuple)
+        raise ValueError(f"payload cannot be stored as JSON: {exc}") from None
     return (
         _timestamp(payload.get("timestamp")),
         1 if payload.get("is_used") else 0,
@@ -141,7 +149,7 @@ def _row(payload: Mapping[str, Any]) -> _Row:
         payload.get("name"),
         payload.get("environment"),
         page_path,
-        _ENCODER.encode(payload),
+        body,
     )
 
 

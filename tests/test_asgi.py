@@ -846,6 +846,29 @@ async def test_a_raising_hook_changes_nothing(tracker: RecordingTracker) -> None
     assert tracker.used[0]["customer_id"] is None
 
 
+class _LazyUser:
+    """A framework's lazy user object: turning it into text raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("session store down")
+
+
+@pytest.mark.parametrize(
+    ("returned", "stored"),
+    [(_LazyUser(), None), (b"user-42", "user-42"), ("", None), ("  ", None), (42, "42")],
+    ids=["str-raises", "bytes", "empty", "blank", "int"],
+)
+async def test_a_customer_id_hook_s_odd_values(
+    tracker: RecordingTracker, returned: object, stored: str | None
+) -> None:
+    # str() of a lazy user once ran outside the hook's guard: the visitor got a 500.
+    mw = wrap(tracker, customer_id=lambda request: returned)
+    async with client(mw) as c:
+        response = await c.post("/api/chat", json={"x": 1})
+    assert response.status_code == 200
+    assert tracker.used[0]["customer_id"] == stored
+
+
 async def test_fastapi_add_middleware_one_liner(tracker: RecordingTracker) -> None:
     app = FastAPI()
 

@@ -1617,3 +1617,20 @@ def test_a_request_hanging_at_a_proxy_does_not_hold_up_the_exit(tmp_path: Path) 
     listener.close()
     assert held  # the request reached the proxy, which never answered
     assert elapsed < 8, f"exit took {elapsed:.1f} s"
+
+
+async def test_a_payload_json_cannot_hold_is_the_only_one_dropped() -> None:
+    # A metadata hook's dict with a date as a key raised TypeError out of put(), which
+    # only caught ValueError: the whole batch was lost.
+    import datetime
+
+    server = Scripted(keep_alive(created()))
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
+        await sink.start()
+        bad = {"conversation_id": "bad", "metadata": {datetime.date(2024, 5, 1): 1}}
+        await sink.put([{"conversation_id": "a"}, bad, {"conversation_id": "b"}])
+        assert await sink.drain(time.monotonic() + 5) == 0
+        stats = sink.stats()
+        await sink.aclose()
+    assert (stats["sent"], stats["failed"]) == (2, 1)

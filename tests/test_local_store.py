@@ -122,3 +122,70 @@ async def test_the_store_records_the_environment_variable(
     monkeypatch.setenv("AGENTSIGHT_ENVIRONMENT", "staging")
     with pytest.raises(ValueError, match="AGENTSIGHT_ENVIRONMENT='staging'"):
         _middleware(local_store=tmp_path / "other.sqlite3")
+
+
+@pytest.mark.anyio
+async def test_one_event_the_file_cannot_take_costs_no_other_its_place(tmp_path: Path) -> None:
+    # A metadata hook's date for one signed-in visitor once cost the up to 100 events of
+    # its batch (other visitors' page views) with one TypeError: a date is kept as its
+    # text (as the built-in client sends it), and a NaN (which the API refuses) is the
+    # only event refused.
+    import datetime
+    import json
+    import sqlite3
+
+    from agentsight_middleware._store import LocalStore
+    from agentsight_middleware.sinks.store import StoreSink
+
+    from .test_store import make_payload
+
+    db = tmp_path / "events.sqlite3"
+    sink = StoreSink(LocalStore(db))
+    dated = make_payload("conv_dated")
+    dated["metadata"] = {**dated["metadata"], "member_since": datetime.date(2024, 5, 1)}
+    odd = make_payload("conv_odd")
+    odd["metadata"] = {**odd["metadata"], "page_path": ["/a", "/b"], "score": 1.5}
+    nan = make_payload("conv_nan")
+    nan["metadata"] = {**nan["metadata"], "score": float("nan")}
+    batch = [make_payload(f"conv_{n:03d}") for n in range(5)]
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        await sink.put([*batch[:2], dated, nan, odd, *batch[2:]])
+    await sink.aclose()
+    assert (sink.stored, sink.failed) == (7, 1)
+    with sqlite3.connect(db) as conn:
+        kept = dict(conn.execute("SELECT conversation_id, payload FROM events").fetchall())
+    assert "conv_nan" not in kept
+    assert json.loads(kept["conv_dated"])["metadata"]["member_since"] == "2024-05-01"
+
+
+@pytest.mark.anyio
+async def test_a_batch_waits_for_a_lock_another_process_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A VACUUM, a backup or a database browser left in a transaction holds the write
+    # lock past SQLite's busy timeout: the batch was dropped, from a sink that says it
+    # keeps every event. It now waits (the worker's intake is bounded meanwhile).
+    import sqlite3
+    import threading
+
+    from agentsight_middleware import _store
+    from agentsight_middleware.sinks.store import StoreSink
+
+    from .test_store import make_payload
+
+    monkeypatch.setattr(_store, "BUSY_TIMEOUT", 0.2)
+    db = tmp_path / "events.sqlite3"
+    store = _store.LocalStore(db)
+    store.write([make_payload("conv_first")])  # the file exists, in WAL mode
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(1.5, holder.execute, ("COMMIT",)).start()
+    sink = StoreSink(store)
+    await sink.put([make_payload("conv_waited")])
+    await sink.aclose()
+    holder.close()
+    assert (sink.stored, sink.failed) == (1, 0)
+    assert "is locked by another process" in caplog.text
+    with sqlite3.connect(db) as conn:
+        ids = [row[0] for row in conn.execute("SELECT conversation_id FROM events ORDER BY id")]
+    assert ids == ["conv_first", "conv_waited"]

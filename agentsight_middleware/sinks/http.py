@@ -371,7 +371,7 @@ class HttpSink:
         for payload in payloads:
             try:
                 body = _encode(payload)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # NaN; a dict key JSON cannot hold
                 self.failed += 1
                 self._log_once("json", "an event could not be sent as JSON (%s); dropped", exc)
                 continue

@@ -7,11 +7,25 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
+from .._log import logger
+from .._retry import backoff
 from .._store import LocalStore
 
 __all__ = ["StoreSink"]
+
+
+#: Tries of a batch while another process holds the file's write lock (each waits up to
+#: the store's busy timeout, 5 s, plus a backoff): a VACUUM, a backup, a database browser
+#: left in a transaction. Events meanwhile wait in the worker's bounded intake.
+_LOCKED_TRIES = 12
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 class StoreSink:
@@ -31,11 +45,39 @@ class StoreSink:
     async def put(self, payloads: list[dict[str, Any]]) -> None:
         # SQLite blocks; this loop belongs to the worker thread and has nothing
         # else to do meanwhile, so a plain call is the cheapest correct choice.
-        try:
-            self.stored += self._store.write(payloads)
-        except Exception:
-            self.failed += len(payloads)
-            raise
+        for attempt in range(1, _LOCKED_TRIES + 1):
+            try:
+                self.stored += self._store.write(payloads)
+                return
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc) or attempt == _LOCKED_TRIES:
+                    self.failed += len(payloads)
+                    raise
+                if attempt == 1:
+                    logger.warning(
+                        "%s is locked by another process (%s); the events wait and are "
+                        "written when it is free",
+                        self._store.path,
+                        exc,
+                    )
+                await asyncio.sleep(backoff(attempt, cap=5.0))
+            except ValueError:
+                # A payload the file cannot take must not cost the batch's others theirs.
+                if len(payloads) == 1:
+                    self.failed += 1
+                    raise
+                first: ValueError | None = None
+                for payload in payloads:
+                    try:
+                        await self.put([payload])
+                    except ValueError as bad:
+                        first = first or bad
+                if first is not None:
+                    raise first from None
+                return
+            except Exception:
+                self.failed += len(payloads)
+                raise
 
     def pending(self) -> int:
         return 0
