@@ -171,7 +171,10 @@ def parse_since(text: str, *, now: float | None = None) -> float:
             raise ValueError(f"cannot use {text!r} as a start time: a duration must not be 0")
         current = time.time() if now is None else now
         # No event is older than 1970: a longer look back means all of them (and a
-        # start before year 1 could not even be shown as a date).
+        # start before year 1 could not even be shown as a date). A look back of hundreds
+        # of digits is as long: it must not overflow the float.
+        if amount > 10**12:
+            return 0.0
         return max(current - amount * _UNITS[match.group(2).lower()], 0.0)
     stripped = text.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ].+)?", stripped):
@@ -182,7 +185,11 @@ def parse_since(text: str, *, now: float | None = None) -> float:
         else:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=timezone.utc)
-            return max(moment.timestamp(), 0.0)
+            # Past year 9999 in UTC (9999-12-31T23:30-01:00) no date can show it.
+            try:
+                return max(moment.astimezone(timezone.utc).timestamp(), 0.0)
+            except OverflowError:
+                pass
     raise ValueError(
         f"cannot read {text!r} as a start time: use a duration such as 7d, 24h or 30m, "
         "or a date such as 2026-11-01"

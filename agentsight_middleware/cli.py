@@ -101,6 +101,17 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_html(path: str, page: str) -> None:
+    # Through a symlink (into a web root, say) to its target, not over the link itself.
+    path = os.path.realpath(path)
+    try:
+        with open(path, "rb") as existing:
+            head = existing.read(16)
+    except OSError:
+        head = b""
+    if head == b"SQLite format 3\x00":
+        # `report --html agentsight-events.sqlite3` (--html taken as a flag) once replaced
+        # the events file with the page.
+        raise ValueError("it is an SQLite database (the events file?), not a page")
     # Written beside the target then renamed: a browser tab reloading it never sees half.
     temporary = f"{path}.tmp{os.getpid()}"
     try:
@@ -124,6 +135,8 @@ def _run_report(args: argparse.Namespace) -> int:
             _write_html(args.html, render_html(report))
         except OSError as exc:
             return _fail(f"cannot write {args.html}: {exc.strerror or exc}")
+        except ValueError as exc:
+            return _fail(f"will not write {args.html}: {exc}")
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:

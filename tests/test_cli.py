@@ -248,3 +248,48 @@ def test_demo_names_a_missing_package() -> None:
     )
     assert result.returncode == 1
     assert "the demo needs fastapi" in result.stderr
+
+
+def test_html_never_overwrites_the_events_file(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `report --html agentsight-events.sqlite3` (--html read as a flag) once replaced the
+    # events file with the page.
+    before = db.read_bytes()
+    code, out, err = run(capsys, "report", "--db", str(db), "--html", str(db))
+    assert code == 1
+    assert out == ""
+    assert "will not write" in err
+    assert "SQLite database" in err
+    assert db.read_bytes() == before
+    assert build_report(db).initialized > 0
+
+
+def test_html_through_a_symlink_writes_its_target(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "site" / "report.html"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "report.html"
+    link.symlink_to(target)
+    code, _, _ = run(capsys, "report", "--db", str(db), "--html", str(link))
+    assert code == 0
+    assert link.is_symlink()  # not replaced by a file of its own
+    assert target.read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("since", ["1" + "0" * 400 + "d", "9999-12-31T23:30-01:00"])
+def test_since_too_far_is_no_crash(
+    db: Path, capsys: pytest.CaptureFixture[str], since: str
+) -> None:
+    # A look back of 400 digits overflowed the float; a start past year 9999 in UTC
+    # cannot be shown as a date. Both crashed with a traceback.
+    try:
+        code = cli.main(["report", "--db", str(db), "--since", since])
+    except SystemExit as exited:  # a usage error is a clean answer too
+        code = int(exited.code or 0)
+        assert "cannot read" in capsys.readouterr().err
+        assert code == 2
+    else:
+        assert code == 0
