@@ -17,10 +17,12 @@ Two engines were measured and not taken:
 * ua-parser-rs alone widens the catch-all bot rule ``^.{0,100}(bot|...)`` to ``^.*`` to
   keep its automata small, which would also flag real browsers with "Abbott", "Daum" or
   "WordPress" past the 100th character as bots (their page views are not tracked). So a
-  "Spider" verdict, and only that one, is checked again with Python's ``re`` on the device
-  rules, in order, so the verdict is user-agents'. That costs ~0.4 ms for an agent not
-  seen before, which is rare: crawlers use a few agents each (the cache keeps them), and
-  with 4 % crawlers among 20,000 distinct agents the worker still classifies ~24,000/s.
+  "Spider" verdict, and only that one, is checked again with Python's ``re`` (see
+  :class:`_SpiderCheck`): the leading Spider rules and, when the catch-all is the rule
+  that matched, only it and the few rules after it (~0.05-0.3 ms). Any other Spider
+  verdict runs all the device rules (0.4-7 ms, a crafted agent the most), within a time
+  budget: a bot flooding the worker with such agents gets ua-parser-rs's verdict once it
+  is spent, instead of costing every other visitor's event its place.
 
 Two inputs still differ, both junk: ua-parser-rs's ``\\d``/``\\w`` are ASCII (so
 "LG-T\u00b2500" is no longer a phone), and a lone surrogate cannot cross into Rust (no
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -182,8 +185,70 @@ def _from_families(
 _NO_VERSION: Final[Version] = (None, None, None)
 
 
+#: Seconds of each second that full re-checks of Spider verdicts may take (see _SpiderCheck).
+SPIDER_CHECK_BUDGET: Final = 0.05
+
+
+class _SpiderCheck:
+    """user-agents' device family for an agent ua-parser-rs called a Spider.
+
+    uap-core's device rules start with a few Spider rules and end with the catch-all
+    bot rule (which ua-parser-rs widens) and a few generic ones. ua-parser-rs answers with
+    the first rule that matched; its rules are Python's except for the widening. So when
+    the catch-all answered, every rule before it failed there and fails in Python too:
+    only the leading Spider rules, the catch-all and what follows need Python's re (~0.05-
+    0.3 ms). A Spider verdict from a leading rule that Python refuses (ua-parser-rs widens
+    those as well) needs all the rules (up to ~7 ms for a crafted agent): those run within
+    :data:`SPIDER_CHECK_BUDGET`, and past it ua-parser-rs's verdict stands.
+    """
+
+    def __init__(self, matchers: Matchers, budget: float = SPIDER_CHECK_BUDGET) -> None:
+        from ua_parser import BasicResolver
+
+        devices = list(matchers[2])
+        # Lazy and eager matchers carry these; a matcher that does not (a future ua-parser)
+        # leaves only the full check.
+        families = [getattr(rule, "family", None) for rule in devices]
+        spiders = [i for i, family in enumerate(families) if family == "Spider"]
+        leading = 0
+        while leading < len(devices) and families[leading] == "Spider":
+            leading += 1
+        self._full = BasicResolver(([], [], devices))
+        self._head: Resolver | None = None
+        self._tail: Resolver | None = None
+        self._catch_all_model: str | None = None
+        if spiders and spiders[-1] >= leading:
+            catch_all = spiders[-1]
+            self._head = BasicResolver(([], [], devices[:leading]))
+            self._tail = BasicResolver(([], [], devices[catch_all:]))
+            self._catch_all_model = getattr(devices[catch_all], "model", None)
+        self._rate = budget
+        self._tokens = budget
+        self._last = time.monotonic()
+
+    def __call__(self, ua: str, model: str | None) -> str:
+        from ua_parser import Domain
+
+        if self._head is not None and self._tail is not None:
+            found = self._head(ua, Domain.DEVICE).device
+            if found is not None:
+                return found.family
+            if model is not None and model == self._catch_all_model:
+                found = self._tail(ua, Domain.DEVICE).device
+                return found.family if found is not None else "Other"
+        now = time.monotonic()
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens <= 0:
+            return "Spider"  # spent: ua-parser-rs's verdict stands
+        started = time.perf_counter()
+        found = self._full(ua, Domain.DEVICE).device
+        self._tokens -= time.perf_counter() - started
+        return found.family if found is not None else "Other"
+
+
 def _with_resolver(
-    resolver: Resolver, domains: Domain, ua: str, spiders: Resolver | None = None
+    resolver: Resolver, domains: Domain, ua: str, spiders: _SpiderCheck | None = None
 ) -> Classification:
     result = resolver(ua, domains)
     # A domain no rule matched is None in ua-parser 1.0; the pre-1.0 parser that
@@ -192,10 +257,8 @@ def _with_resolver(
     device = result.device.family if result.device is not None else "Other"
     if device == "Spider" and spiders is not None:
         # See the module's docstring: the bot verdict is re-read with Python's re.
-        from ua_parser import Domain
-
-        checked = spiders(ua, Domain.DEVICE).device
-        device = checked.family if checked is not None else "Other"
+        assert result.device is not None
+        device = spiders(ua, result.device.model)
     parsed_os = result.os
     if parsed_os is None:
         return _from_families(ua, browser, "Other", _NO_VERSION, device)
@@ -256,7 +319,7 @@ def _build() -> tuple[str, Callable[[str], Classification]]:
             # Not installed, or cannot take some rule of a newer uap-core: the next
             # engine will do.
             continue
-        spiders = _python_resolver()(matchers) if name == "ua-parser-rs" else None
+        spiders = _SpiderCheck(matchers) if name == "ua-parser-rs" else None
         return name, functools.partial(_with_resolver, resolver, Domain.ALL, spiders=spiders)
     return "user-agents", _with_user_agents
 

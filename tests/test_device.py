@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import user_agents  # type: ignore[import-untyped]
@@ -1212,3 +1212,56 @@ def test_importing_the_package_loads_no_event_loop_http_or_database_module() -> 
         "assert not loaded, f'imported eagerly: {loaded}'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# -- the Spider re-check: bounded ------------------------------------------------------
+
+GOOGLEBOT_UA = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+WIDENED_IPHONE = "x" * 150 + " iPhone bot/1"  # ua-parser-rs: Spider; user-agents: an iPhone
+CRAFTED = "123456" + ";" * 500 + "bot"  # once ~6.5 ms in the worker, for every such agent
+
+
+def _spider_check(budget: float = _device.SPIDER_CHECK_BUDGET) -> Any:
+    from ua_parser import load_lazy_builtins
+
+    return _device._SpiderCheck(load_lazy_builtins(), budget)
+
+
+def test_a_catch_all_verdict_is_checked_without_the_full_rule_set() -> None:
+    # The catch-all answered in ua-parser-rs: every rule before it failed there, so only
+    # the leading Spider rules and the rules from the catch-all on are run in Python.
+    from ua_parser import Domain, load_lazy_builtins
+    from ua_parser.regex import Resolver as RustResolver
+
+    check = _spider_check()
+    rust = RustResolver(load_lazy_builtins())
+
+    def no_full_check(*args: Any) -> Any:
+        raise AssertionError("the full rule set ran")
+
+    check._full = no_full_check
+    for ua in (GOOGLEBOT_UA, CRAFTED, "Mozilla/5.0 (X11; Linux) " + "a" * 120 + " WordPress/6"):
+        device = rust(ua, Domain.ALL).device
+        assert device is not None
+        assert device.family == "Spider"
+        expected = reference(ua)[1]
+        assert (check(ua, device.model) == "Spider") is expected, ua
+
+
+def test_a_full_check_runs_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ua_parser import Domain, load_lazy_builtins
+    from ua_parser.regex import Resolver as RustResolver
+
+    rust = RustResolver(load_lazy_builtins())
+    device = rust(WIDENED_IPHONE, Domain.ALL).device
+    assert device is not None
+    assert (device.family, device.model) == ("Spider", "Smartphone")  # a widened leading rule
+    assert reference(WIDENED_IPHONE) == ("mobile", False)
+    assert _spider_check()(WIDENED_IPHONE, device.model) == "iPhone"
+    # Spent (a flood of such agents): ua-parser-rs's verdict stands, at no cost.
+    assert _spider_check(budget=0.0)(WIDENED_IPHONE, device.model) == "Spider"
+
+
+def test_a_crafted_agent_gets_user_agents_verdict() -> None:
+    assert classify_user_agent(CRAFTED) == reference(CRAFTED)
+    assert classify_user_agent(WIDENED_IPHONE) == reference(WIDENED_IPHONE)
