@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
@@ -32,6 +34,10 @@ _METHODS = ("initialize_conversation", "get_or_create_conversation")
 
 #: Blocking ``get_or_create_conversation`` calls that may run at once under ASGI.
 ENGAGE_THREADS = 16
+#: A coroutine tracker's ``initialize_conversation`` calls that may be running at once on
+#: the app's loop; past that, page views are dropped (and counted) rather than piling up
+#: tasks behind a tracker that hangs.
+INITIALIZE_IN_FLIGHT = 256
 
 
 def check_tracker(tracker: object) -> None:
@@ -150,6 +156,11 @@ class TrackerDelivery:
         self.skipped_bots = 0
         self.errors = 0
         self.timeouts = 0
+        self.dropped = 0
+        # A coroutine tracker's page views running on the app's loop: flush() and close()
+        # wait for them, as they wait for the worker's queue.
+        self._flying: set[Future[Any]] = set()
+        self._flying_lock = threading.Lock()
 
     def _kwargs(self, event: Event) -> dict[str, Any]:
         return tracker_kwargs(
@@ -178,7 +189,17 @@ class TrackerDelivery:
                 # run it on the app's loop, without making the worker wait for it.
                 import asyncio
 
-                future = asyncio.run_coroutine_threadsafe(self._initialize(**kwargs), loop)
+                with self._flying_lock:
+                    if len(self._flying) >= INITIALIZE_IN_FLIGHT:
+                        self.dropped += 1
+                        self.log_once(
+                            f"tracker.initialize_conversation() (dropped: "
+                            f"{INITIALIZE_IN_FLIGHT} calls still running)",
+                            TimeoutError(),
+                        )
+                        return
+                    future = asyncio.run_coroutine_threadsafe(self._bounded(kwargs), loop)
+                    self._flying.add(future)
                 future.add_done_callback(self._check_future)
             else:
                 import asyncio
@@ -188,9 +209,21 @@ class TrackerDelivery:
             self.errors += 1
             self.log_once("tracker.initialize_conversation()", exc)
 
+    async def _bounded(self, kwargs: dict[str, Any]) -> None:
+        import asyncio
+
+        await asyncio.wait_for(self._initialize(**kwargs), self._timeout)
+
     def _check_future(self, future: Future[Any]) -> None:
+        with self._flying_lock:
+            self._flying.discard(future)
         exc = None if future.cancelled() else future.exception()
-        if exc is not None:
+        if isinstance(exc, TimeoutError):
+            self.timeouts += 1
+            self.log_once(
+                f"tracker.initialize_conversation() (timed out after {self._timeout:g} s)", exc
+            )
+        elif exc is not None:
             self.errors += 1
             self.log_once("tracker.initialize_conversation()", exc)
 
@@ -287,12 +320,47 @@ class TrackerDelivery:
         self._dispatcher.ensure_started()
 
     def flush(self, timeout: float | None = None) -> bool:
-        return self._dispatcher.flush(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._dispatcher.flush(timeout):
+            return False
+        flying = self._waitable()
+        if not flying:
+            return True
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        _, pending = concurrent.futures.wait(flying, left)
+        return not pending
 
     def close(self, timeout: float | None = None) -> None:
         self._dispatcher.close(timeout)
+        # Page views a coroutine tracker is still handling on the app's loop: given the
+        # time the tracker may take (they time out by then), said when cut short.
+        flying = self._waitable()
+        if flying:
+            _, pending = concurrent.futures.wait(
+                flying, self._timeout if timeout is None else timeout
+            )
+            if pending:
+                from ._log import logger
+
+                logger.warning(
+                    "%d tracker.initialize_conversation() call(s) not finished at shutdown",
+                    len(pending),
+                )
+                for future in pending:
+                    future.cancel()
+
+    def _waitable(self) -> list[Future[Any]]:
+        """The page views running on the app's loop, unless this thread runs a loop (the
+        app's, say: waiting there would block the very calls waited for)."""
+        import asyncio
+
+        if asyncio._get_running_loop() is not None:
+            return []
+        with self._flying_lock:
+            return list(self._flying)
 
     def stats(self) -> dict[str, int]:
         stats: dict[str, int] = dict(self._dispatcher.stats())
         stats.update(skipped_bots=self.skipped_bots, errors=self.errors, timeouts=self.timeouts)
+        stats["dropped"] += self.dropped
         return stats

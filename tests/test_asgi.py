@@ -30,7 +30,14 @@ from starlette.websockets import WebSocket
 from agentsight_middleware import AgentSightMiddleware, Conversation, current_conversation
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import APP_COOKIE_CASES, BROWSER, CHROME_DESKTOP, GOOGLEBOT, IPHONE
+from .conftest import (
+    APP_COOKIE_CASES,
+    BROWSER,
+    CHROME_DESKTOP,
+    GOOGLEBOT,
+    IPHONE,
+    uvicorn_server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -684,6 +691,60 @@ async def test_coroutine_tracker_methods_are_awaited() -> None:
             await asyncio.sleep(0.01)
     assert sorted(kind for kind, _, _ in calls) == ["engage", "initialize"]
     assert calls[0][1] == calls[1][1]
+
+
+class _SlowAsyncTracker:
+    """A coroutine tracker whose page views take ``delay`` seconds (None: never end)."""
+
+    def __init__(self, delay: float | None) -> None:
+        self.delay = delay
+        self.started = 0
+        self.finished = 0
+
+    async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        self.started += 1
+        await asyncio.sleep(3600 if self.delay is None else self.delay)
+        self.finished += 1
+
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        pass
+
+
+def _page_app() -> Starlette:
+    return Starlette(routes=[Route("/", lambda request: HTMLResponse(PAGE))])
+
+
+def test_a_coroutine_tracker_s_page_views_finish_before_shutdown() -> None:
+    # They run on the app's loop, fire-and-forget from the worker: a lifespan shutdown
+    # once cancelled every one still running (20 of 20 here), silently.
+    tracker = _SlowAsyncTracker(0.5)
+    mw = AgentSightMiddleware(_page_app(), widget_pages=["/"], tracker=tracker)
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
+        for _ in range(20):
+            c.cookies.clear()
+            assert c.get("/", headers=BROWSER).status_code == 200
+    assert (tracker.started, tracker.finished) == (20, 20)
+
+
+def test_a_hanging_coroutine_tracker_holds_a_bounded_number_of_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each page view left a task on the app's loop for ever (3,000 page views, 3,000
+    # tasks, +42 MB), with no timeout and nothing counted.
+    from agentsight_middleware import _tracker
+
+    monkeypatch.setattr(_tracker, "INITIALIZE_IN_FLIGHT", 8)
+    tracker = _SlowAsyncTracker(None)
+    mw = AgentSightMiddleware(_page_app(), widget_pages=["/"], tracker=tracker, tracker_timeout=3.0)
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
+        for _ in range(30):
+            c.cookies.clear()
+            assert c.get("/", headers=BROWSER).status_code == 200
+        assert mw.flush(0.5) is False  # the 8 running calls do not finish...
+        assert mw.flush(10)  # ...until the tracker timeout ends them
+        stats = mw.stats()
+    assert tracker.started == 8
+    assert (stats["dropped"], stats["timeouts"], stats["processed"]) == (22, 8, 30)
 
 
 async def test_websocket_and_lifespan_pass_through(tracker: RecordingTracker) -> None:
