@@ -29,6 +29,7 @@ from ._payload import build_payload
 
 if TYPE_CHECKING:
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["BATCH", "BackgroundDelivery", "Sink"]
 
@@ -92,6 +93,7 @@ class BackgroundDelivery:
         self._ready = threading.Event()
         self._parked: asyncio.Future[None] | None = None
         self._atexit = False
+        self._resolver: Callable[[int, str], ThreadPoolExecutor] | None = None
         self.enqueued = 0
         self.dropped = 0
         self.skipped_bots = 0
@@ -172,6 +174,12 @@ class BackgroundDelivery:
             self._intake = deque()
             self._stopping = threading.Event()
             self._ready = threading.Event()
+            # Imported here, once, not by the worker: a process that exits right after its
+            # first event (a one-request job) would have the worker import it while the
+            # interpreter shuts down, which concurrent.futures' thread module refuses.
+            from ._threads import DaemonDefaultExecutor
+
+            self._resolver = DaemonDefaultExecutor
             self._thread = threading.Thread(target=self._thread_main, name=self._name, daemon=True)
             self._thread.start()
             self._started = True
@@ -190,7 +198,11 @@ class BackgroundDelivery:
     async def _main(self) -> None:
         import asyncio
 
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        # Host names are resolved in the loop's default executor: one that still works
+        # while the interpreter exits, when atexit delivers what is left.
+        assert self._resolver is not None
+        loop.set_default_executor(self._resolver(4, "agentsight-resolver"))
         try:
             sink = self._sink_factory()
             await sink.start()

@@ -716,3 +716,32 @@ async def test_an_endpoint_that_is_not_the_api_does_not_swallow_events(
     assert mw.flush(10)
     assert len(api.conversations) == 6
     mw.close()
+
+
+def test_events_left_at_exit_reach_an_endpoint_named_by_host(api: StandInAgentSightAPI) -> None:
+    # A process that exits right after serving (a one-request job, a recycled worker):
+    # atexit delivers what is left, and asyncio resolves the host name (the default
+    # endpoint is api.agentsight.io) in its loop's default executor, which took no work
+    # once the interpreter had begun to exit: nothing reached the API.
+    child = (
+        "import sys\n"
+        "from werkzeug.test import Client\n"
+        "from agentsight_middleware import AgentSightWSGIMiddleware\n"
+        "def page(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/html')])\n"
+        "    return [b'<p>shop</p>']\n"
+        "mw = AgentSightWSGIMiddleware(page, widget_pages=['/'], api_key=sys.argv[1],\n"
+        "                              endpoint=sys.argv[2])\n"
+        "headers = {'User-Agent': sys.argv[3], 'Accept': 'text/html'}\n"
+        "assert Client(mw).get('/', headers=headers).status_code == 200\n"
+    )  # the process then exits, the event still queued
+    endpoint = api.url.replace("127.0.0.1", "localhost")
+    assert "localhost" in endpoint
+    for _ in range(3):
+        subprocess.run(
+            [sys.executable, "-c", child, api.api_key, endpoint, BROWSER["user-agent"]],
+            check=True,
+            timeout=60,
+        )
+    api.wait_for(conversations=3, timeout=10)
+    assert len(api.conversations) == 3

@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -43,6 +39,7 @@ from .._retry import (
     classify,
     retry_after,
 )
+from .._threads import DaemonThreads
 from ._http11 import Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
 
@@ -110,72 +107,6 @@ def environment_proxy(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
-_T = TypeVar("_T")
-
-
-class _DaemonThreads(Executor):
-    """Threads for the blocking requests of the proxy path, started as needed.
-
-    Not ``ThreadPoolExecutor``: the interpreter joins its threads at exit, so a request
-    hanging at a proxy would hold up the app's exit for the whole request timeout after
-    ``shutdown_timeout`` has run out. These are daemon threads: what they still wait for
-    at exit is dropped with them (a durable outbox keeps the event).
-    """
-
-    def __init__(self, max_workers: int, name: str) -> None:
-        self._max = max_workers
-        self._name = name
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
-        self._jobs = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
-        self._lock = threading.Lock()
-        self._workers = 0
-        self._shutdown = False
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
-        future: Future[_T] = Future()
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._jobs.put((future, lambda: fn(*args, **kwargs)))
-            if not self._idle.acquire(blocking=False) and self._workers < self._max:
-                self._workers += 1
-                threading.Thread(
-                    target=self._work, name=f"{self._name}_{self._workers}", daemon=True
-                ).start()
-        return future
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            future, call = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = call()
-                except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-            del job, future, call
-            self._idle.release()
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shutdown = True
-            if cancel_futures:
-                while True:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is not None:
-                        job[0].cancel()
-            for _ in range(self._workers):
-                self._jobs.put(None)
-
-
 class _Bell:
     """Wakes waiting senders, as many as there is work for."""
 
@@ -221,7 +152,7 @@ class HttpSink:
         self._proxy = None if transport is not None else environment_proxy(self._url)
         self._direct: Http11Pool | None = None
         self._http: httpx.BaseTransport | None = None
-        self._pool: _DaemonThreads | None = None
+        self._pool: DaemonThreads | None = None
         # Host and Content-Length are added by whichever client sends.
         self._headers = [
             (b"Authorization", f"Api-Key {credentials.api_key}".encode("latin-1")),
@@ -292,7 +223,7 @@ class HttpSink:
             )
         else:
             self._http = self._transport
-            self._pool = _DaemonThreads(self._concurrency, "agentsight-http")
+            self._pool = DaemonThreads(self._concurrency, "agentsight-http")
         # Long-lived senders rather than a task per event: a task costs more to
         # create and finish than llhttp takes to parse the answer.
         self._tasks.append(asyncio.get_running_loop().create_task(self._tick()))

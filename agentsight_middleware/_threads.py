@@ -1,0 +1,95 @@
+"""Daemon threads for the background worker (see :class:`DaemonThreads`)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+__all__ = ["DaemonDefaultExecutor", "DaemonThreads"]
+
+_T = TypeVar("_T")
+
+
+class DaemonThreads(Executor):
+    """An executor of daemon threads, started as needed.
+
+    Not ``ThreadPoolExecutor``, for the worker's two uses of threads: its threads are
+    joined at interpreter exit (a request hanging at a proxy held up the app's exit for
+    the whole request timeout after ``shutdown_timeout`` ran out), and it takes no work
+    once the interpreter has begun to exit, which is when ``atexit`` delivers what is
+    left (asyncio resolves host names in its loop's default executor: with it, nothing
+    queued could be sent to ``api.agentsight.io`` at exit). What daemon threads still
+    wait for at exit is dropped with them (a durable outbox keeps the event).
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._max = max_workers
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._jobs.put((future, lambda: fn(*args, **kwargs)))
+            if not self._idle.acquire(blocking=False) and self._workers < self._max:
+                self._workers += 1
+                threading.Thread(
+                    target=self._work, name=f"{self._name}_{self._workers}", daemon=True
+                ).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, call = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = call()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del job, future, call
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job[0].cancel()
+            for _ in range(self._workers):
+                self._jobs.put(None)
+
+
+class DaemonDefaultExecutor(ThreadPoolExecutor):
+    """:class:`DaemonThreads` in the shape asyncio's ``set_default_executor`` insists on
+    (a ``ThreadPoolExecutor``): the worker loop's resolver of host names."""
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        super().__init__(max_workers)  # starts no thread: submit() never reaches it
+        self._daemons = DaemonThreads(max_workers, name)
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        return self._daemons.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._daemons.shutdown(wait, cancel_futures=cancel_futures)
+        super().shutdown(wait, cancel_futures=cancel_futures)
