@@ -47,6 +47,10 @@ _DOZE = 1.0
 # Idle, the worker backs off to _INTAKE_INTERVAL.
 _BUSY_INTERVAL = 0.005
 BATCH = 100
+# A worker that stopped on an error (its sink could not start: a certificate file missing,
+# an outbox unreadable) is started again after this long, by the next event: the cause
+# may be gone by then, and meanwhile events wait in the bounded intake.
+_RESTART_AFTER = 30.0
 
 
 class Sink(Protocol):
@@ -93,6 +97,7 @@ class BackgroundDelivery:
         self._ready = threading.Event()
         self._parked: asyncio.Future[None] | None = None
         self._atexit = False
+        self._restart_at = 0.0  # a stopped worker may start again from then (0: none stopped)
         self._resolver: Callable[[int, str], ThreadPoolExecutor] | None = None
         self.enqueued = 0
         self.dropped = 0
@@ -106,6 +111,7 @@ class BackgroundDelivery:
 
     def _after_fork(self) -> None:
         self._started = False
+        self._restart_at = 0.0
         self._thread = None
         self._loop = None
         self._sink = None
@@ -171,7 +177,11 @@ class BackgroundDelivery:
         with self._lock:
             if self._started:
                 return
-            self._intake = deque()
+            if self._restart_at:
+                if time.monotonic() < self._restart_at:
+                    return  # a worker stopped on an error: not yet (see _RESTART_AFTER)
+            else:
+                self._intake = deque()
             self._stopping = threading.Event()
             self._ready = threading.Event()
             # Imported here, once, not by the worker: a process that exits right after its
@@ -193,7 +203,17 @@ class BackgroundDelivery:
         try:
             asyncio.run(self._main())
         except Exception:
-            logger.exception("the delivery worker stopped")
+            logger.exception(
+                "the delivery worker stopped; events wait (up to queue_size) and it starts "
+                "again in %g s",
+                _RESTART_AFTER,
+            )
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._sink = None
+                    self._loop = None
+                    self._restart_at = time.monotonic() + _RESTART_AFTER
+                    self._started = False
 
     async def _main(self) -> None:
         import asyncio
@@ -310,7 +330,7 @@ class BackgroundDelivery:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event so far is delivered (or stored); False on time-out."""
         if not self._started or self._thread is None:
-            return True
+            return not self._intake  # none sent yet, or a worker stopped with events waiting
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         self._ready.wait(max(deadline - time.monotonic(), 0))
         sink, loop = self._sink, self._loop
@@ -331,6 +351,11 @@ class BackgroundDelivery:
     def close(self, timeout: float | None = None) -> None:
         """Deliver what can be delivered within ``timeout`` and stop the worker."""
         if not self._started or self._thread is None:
+            if self._intake:
+                logger.warning(
+                    "%d event(s) not delivered: the delivery worker had stopped (see its error)",
+                    len(self._intake),
+                )
             return
         if timeout is not None:
             self._shutdown_timeout = timeout

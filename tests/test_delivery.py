@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from starlette.routing import Route
 
 from agentsight_middleware import AgentSightMiddleware
 from agentsight_middleware._credentials import Credentials
+from agentsight_middleware._delivery import BackgroundDelivery
 from agentsight_middleware._retry import classify, retry_after
 from agentsight_middleware.sinks.outbox import SQLiteOutbox
 from agentsight_middleware.testing import StandInAgentSightAPI
@@ -745,3 +747,40 @@ def test_events_left_at_exit_reach_an_endpoint_named_by_host(api: StandInAgentSi
         )
     api.wait_for(conversations=3, timeout=10)
     assert len(api.conversations) == 3
+
+
+async def test_a_worker_that_stopped_on_an_error_starts_again(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its sink could not start (SSL_CERT_FILE naming a missing file, say): the worker
+    # thread died, and every later event waited in an intake nobody read, then was
+    # dropped as "queue full" (the worker was never started again).
+    monkeypatch.setattr("agentsight_middleware._delivery._RESTART_AFTER", 0.3)
+    mw = wrap(api)
+    delivery = mw._core.delivery
+    assert isinstance(delivery, BackgroundDelivery)
+    real_factory = delivery._sink_factory
+    starts = 0
+
+    def flaky_factory() -> Any:
+        nonlocal starts
+        starts += 1
+        if starts == 1:
+            raise OSError("[Errno 2] No such file or directory: '/missing/ca.pem'")
+        return real_factory()
+
+    monkeypatch.setattr(delivery, "_sink_factory", flaky_factory)
+    async with client(mw) as c:
+        await visit(c, chats=0)  # starts the worker, which stops on the error
+        for _ in range(100):
+            if not delivery._started:
+                break
+            await asyncio.sleep(0.01)
+        assert mw.flush(0.1) is False  # its event waits, and flush() says so
+        await asyncio.sleep(0.4)
+        await visit(c, chats=1)  # the next event starts it again
+    assert mw.flush(10)
+    mw.close()
+    assert starts == 2
+    assert "starts again in 0.3 s" in caplog.text
+    assert len(api.conversations) == 3  # the waiting page view, then a page view and a chat
