@@ -20,12 +20,12 @@ import sqlite3
 import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from ._store import connect_readonly
+from ._store import connect_readonly, wrap_database_error
 
 __all__ = [
     "DEFAULT_BY",
@@ -252,8 +252,13 @@ def build_report(
         conn.execute("BEGIN")
         try:
             return _build(conn, text_path, since, dimensions, generated_at)
+        except sqlite3.DatabaseError as exc:
+            # A damaged file (or a lock held past the busy timeout) found mid-report: said
+            # as such, not as a traceback.
+            raise wrap_database_error(text_path, exc) from exc
         finally:
-            conn.execute("ROLLBACK")
+            with suppress(sqlite3.Error):  # SQLite may have rolled back already
+                conn.execute("ROLLBACK")
 
 
 def _build(
@@ -351,6 +356,10 @@ def _breakdowns(conn: sqlite3.Connection, dimensions: list[str]) -> dict[str, tu
     return result
 
 
+#: The longest span of days whose empty days the daily trend lists.
+_MAX_FILLED_DAYS = 3660
+
+
 def _daily(conn: sqlite3.Connection) -> tuple[DailyRow, ...]:
     counts = {
         day: (int(n), int(u))
@@ -363,7 +372,12 @@ def _daily(conn: sqlite3.Connection) -> tuple[DailyRow, ...]:
         return ()
     epoch = date(1970, 1, 1)
     rows = []
-    for day in range(min(counts), max(counts) + 1):
+    first, last = min(counts), max(counts)
+    # Days without a page view are listed (as gaps) between the first and the last, but
+    # not across decades: one event from a clock set to 1970 or to the year 9000 made
+    # the list (and the JSON, and the chart) millions of days long.
+    days = range(first, last + 1) if last - first < _MAX_FILLED_DAYS else sorted(counts)
+    for day in days:
         n, u = counts.get(day, (0, 0))
         rows.append(DailyRow((epoch + timedelta(days=day)).isoformat(), n, u, _rate(u, n)))
     return tuple(rows)
@@ -448,8 +462,8 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
     lines += ["", headline(report)]
     if report.used_without_page_view:
         lines.append(
-            f"{_plural(report.used_without_page_view, 'chat')} without a page view "
-            "(not counted in the rate)"
+            f"{_plural(report.used_without_page_view, 'conversation')} chatted without a "
+            "page view (not counted in the rate)"
         )
     for name, rows in report.breakdowns.items():
         if not rows:
@@ -776,13 +790,14 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
             f"{report.abandoned:,}",
             f"abandoned ({_percent(report.abandoned_percent)})",
         ),
-        _figure(f"{report.used_without_page_view:,}", "chats without a page view"),
+        _figure(f"{report.used_without_page_view:,}", "conversations chatted without a page view"),
         "</ul>",
     ]
     if report.used_without_page_view:
         parts.append(
-            '<p class="note">Chats without a page view are not in the rate: their '
-            "conversation never showed the widget through the middleware.</p>"
+            '<p class="note">Conversations that chatted without a page view are not in the '
+            "rate: they never showed the widget through the middleware (or showed it before "
+            "the period).</p>"
         )
     for name, rows in report.breakdowns.items():
         chart_id = f"chart-{name}"

@@ -35,6 +35,7 @@ __all__ = [
     "count_unsent",
     "mark_sent",
     "unsent",
+    "wrap_database_error",
 ]
 
 DEFAULT_PATH = "agentsight-events.sqlite3"
@@ -157,8 +158,13 @@ def _describe(path: str) -> str:
     return os.path.abspath(path)
 
 
-def _wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
-    return StoreError(f"{_describe(path)} is not a usable events file: {exc}")
+def wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return StoreError(
+            f"{_describe(path)} is locked by another process ({text}): try again in a moment"
+        )
+    return StoreError(f"{_describe(path)} is not a usable events file: {text}")
 
 
 def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
@@ -335,7 +341,7 @@ class LocalStore:
                 self._path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
         except sqlite3.DatabaseError as exc:
-            raise _wrap_database_error(self._path, exc) from exc
+            raise wrap_database_error(self._path, exc) from exc
         try:
             deadline = time.monotonic() + BUSY_TIMEOUT
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
@@ -350,7 +356,7 @@ class LocalStore:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
-            raise _wrap_database_error(self._path, exc) from exc
+            raise wrap_database_error(self._path, exc) from exc
         except BaseException:
             conn.close()
             raise
@@ -467,7 +473,9 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         tables = {
             name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
-        if tables and "events" not in tables:
+        if tables and ("events" not in tables or version != SCHEMA_VERSION):
+            # The writer stamps its schema version: another app's table named "events"
+            # carries none, and the report's queries would fail on its columns.
             raise StoreError(
                 f"{_describe(text)} is a SQLite database but not an agentsight events file"
             )
@@ -477,7 +485,7 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
             conn.execute(_TABLE.format(schema="temp."))
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise _wrap_database_error(text, exc) from exc
+        raise wrap_database_error(text, exc) from exc
     except BaseException:
         conn.close()
         raise

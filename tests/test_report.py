@@ -270,7 +270,8 @@ def test_only_chats(tmp_path: Path) -> None:
     assert report.interaction_rate_percent is None
     assert report.breakdowns["page"] == ()
     assert report.daily == ()
-    assert "1 chat without a page view" in format_text(report)
+    # Conversations, not chat requests: c4 may have sent several.
+    assert "1 conversation chatted without a page view" in format_text(report)
     assert "No page views in this period" in render_html(report)
 
 
@@ -286,6 +287,56 @@ def test_not_an_events_file(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 4096)
     with pytest.raises(StoreError):
         build_report(path)
+
+
+def test_another_app_s_table_named_events_is_not_an_events_file(tmp_path: Path) -> None:
+    # It once passed the check (a table named "events"), then failed in a query with a
+    # raw sqlite3 traceback ("no such column: ts").
+    import sqlite3
+
+    path = tmp_path / "theirs.sqlite3"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.commit()
+    with pytest.raises(StoreError, match="not an agentsight events file"):
+        build_report(path)
+
+
+def test_a_damaged_events_file_is_a_store_error(db: Path) -> None:
+    # Damage past the header, found by a query mid-report: a StoreError (the CLI says it
+    # in one line), not a raw sqlite3.DatabaseError.
+    size = db.stat().st_size
+    assert size > 8192
+    with db.open("r+b") as file:
+        file.seek(4096)
+        file.write(b"\xff" * (size - 4096))
+    with pytest.raises(StoreError, match="not a usable events file"):
+        build_report(db)
+
+
+def test_one_event_from_a_wrong_clock_does_not_list_every_day_between(tmp_path: Path) -> None:
+    # A machine without a hardware clock (1970 until NTP) or a clock set to the year 9000:
+    # the daily trend once listed every day in between (2.5 M rows, 3.2 GB, 31 s).
+    year_9000 = datetime(9000, 1, 1, tzinfo=timezone.utc).timestamp()
+    path = write(
+        tmp_path / "clock.sqlite3",
+        [
+            make_payload("conv_1970", at=3600.0),
+            make_payload("conv_now", at=DAY1),
+            make_payload("conv_now2", at=DAY1 + 2 * 86400),
+            make_payload("conv_9000", at=year_9000),
+        ],
+    )
+    report = build_report(path)
+    assert [day.date for day in report.daily] == [
+        "1970-01-01",
+        datetime.fromtimestamp(DAY1, timezone.utc).date().isoformat(),
+        datetime.fromtimestamp(DAY1 + 2 * 86400, timezone.utc).date().isoformat(),
+        "9000-01-01",
+    ]
+    # Within ten years, the days between are listed (as gaps), as before.
+    near = build_report(write(tmp_path / "near.sqlite3", dataset()))
+    assert len(near.daily) == 3
 
 
 # --------------------------------------------------------------------------- property
@@ -411,7 +462,7 @@ def test_text_report(db: Path) -> None:
     assert (
         "4 conversations initialized, 2 used: interaction rate 50.0 %, 2 abandoned (50.0 %)" in text
     )
-    assert "1 chat without a page view (not counted in the rate)" in text
+    assert "1 conversation chatted without a page view (not counted in the rate)" in text
     assert "8 events from 2026-11-20 10:00 to 2026-11-22 23:30 UTC" in text
     lines = text.splitlines()
     start = lines.index("By page (widget placement), first page view")
