@@ -381,6 +381,31 @@ class Conversation:
             facts = self._state = read(raw)
         return facts
 
+    def _compact(self) -> None:
+        """Cut the request facts to what the event's payload can use.
+
+        For an event joining a backed-up queue (the API down or slow, thousands waiting):
+        a visitor's headers can be hundreds of KiB, and a queue bounded by its count of
+        events must also be bounded in bytes. Each fact keeps more than the payload reads
+        of it (user agent 512 chars, URLs 2 x 2,048 before their own cuts), so the payload
+        is the same; forwarding headers keep their end, where the trusted proxies wrote.
+        """
+        peer, agent, language, scheme, host, query, referrer, forwarding, trusted = self._facts()
+        if forwarding is not None:
+            forwarding = tuple(_keep_end(value) for value in forwarding)
+        keep = _KEEP
+        self._state = (
+            peer,
+            agent[:keep],
+            None if language is None else language[:keep],
+            scheme,
+            None if host is None else host[:keep],
+            query[:keep],
+            None if referrer is None else referrer[:keep],
+            forwarding,
+            trusted,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """Every field by name, in the order of the constructor's arguments."""
         return {name: getattr(self, name) for name in _FIELDS}
@@ -455,6 +480,18 @@ class Conversation:
 
 
 _FIELDS: tuple[str, ...] = Conversation.__match_args__
+
+#: The longest value of a request fact that Conversation._compact keeps.
+_KEEP = 2 * MAX_URL_LENGTH
+
+
+def _keep_end(value: str | None) -> str | None:
+    """The end of a forwarding header (the hops the nearest proxies added), whole hops only."""
+    if value is None or len(value) <= _KEEP:
+        return value
+    tail = value[-_KEEP:]
+    return tail[tail.find(",") + 1 :].lstrip()
+
 
 _new = object.__new__
 

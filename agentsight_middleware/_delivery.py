@@ -51,6 +51,9 @@ BATCH = 100
 # an outbox unreadable) is started again after this long, by the next event: the cause
 # may be gone by then, and meanwhile events wait in the bounded intake.
 _RESTART_AFTER = 30.0
+# From this many events waiting, each new one keeps only what its payload will use: a
+# worker this far behind is waiting for the API, and the queue must stay bounded in bytes.
+_COMPACT_AT = 500
 
 
 class Sink(Protocol):
@@ -85,6 +88,8 @@ class BackgroundDelivery:
         self._source = source
         self._environment = environment
         self._queue_size = queue_size
+        # Events joining a queue this deep are compacted (Conversation._compact).
+        self._compact_at = min(_COMPACT_AT, queue_size)
         self._shutdown_timeout = shutdown_timeout
         self._name = name
         self._lock = threading.Lock()
@@ -125,20 +130,26 @@ class BackgroundDelivery:
         if not self._started:
             self._start()
         intake = self._intake
-        if len(intake) >= self._queue_size:
-            # The newest is dropped: memory stays bounded and what was seen
-            # first (the page view before its chat) is what is kept.
-            self.dropped += 1
-            now = time.monotonic()
-            # Once, then at most once a minute: a flood of identical lines helps nobody.
-            if now - self._drop_logged_at >= 60.0:
-                self._drop_logged_at = now
-                logger.warning(
-                    "event queue full (%d waiting for the worker): %d event(s) dropped so far",
-                    self._queue_size,
-                    self.dropped,
-                )
-            return
+        if len(intake) >= self._compact_at:  # a backed-up worker: not the usual case
+            if len(intake) >= self._queue_size:
+                # The newest is dropped: memory stays bounded and what was seen
+                # first (the page view before its chat) is what is kept.
+                self.dropped += 1
+                now = time.monotonic()
+                # Once, then at most once a minute: a flood of identical lines helps nobody.
+                if now - self._drop_logged_at >= 60.0:
+                    self._drop_logged_at = now
+                    logger.warning(
+                        "event queue full (%d waiting for the worker): %d event(s) dropped so far",
+                        self._queue_size,
+                        self.dropped,
+                    )
+                return
+            # Bounded in bytes too: what waits keeps only what its payload will use.
+            try:
+                event.conversation._compact()
+            except Exception as exc:  # never the request's failure
+                self._log_once("compacting a queued event", exc)
         intake.append(event)
         self.enqueued += 1
         if self._parked is not None:

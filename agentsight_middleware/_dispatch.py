@@ -94,6 +94,10 @@ class Dispatcher(Generic[T]):
         self.submitted += 1
         return True
 
+    def waiting(self) -> int:
+        """Items queued for the worker now."""
+        return len(self._items)
+
     def _start(self) -> None:
         with self._lock:
             if self._started:

@@ -38,6 +38,8 @@ ENGAGE_THREADS = 16
 #: the app's loop; past that, page views are dropped (and counted) rather than piling up
 #: tasks behind a tracker that hangs.
 INITIALIZE_IN_FLIGHT = 256
+#: Page views joining a queue this deep are compacted (``Conversation._compact``).
+COMPACT_AT = 500
 
 
 def check_tracker(tracker: object) -> None:
@@ -171,6 +173,12 @@ class TrackerDelivery:
 
     def initialize(self, event: Event, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Queue a page view; returns at once. ``loop`` runs a coroutine tracker's call."""
+        if self._dispatcher.waiting() >= COMPACT_AT:
+            # A tracker this far behind: what waits keeps only what its call will use.
+            try:
+                event.conversation._compact()
+            except Exception as exc:  # never the request's failure
+                self.log_once("compacting a queued page view", exc)
         self._dispatcher.submit((event, loop))
 
     def _deliver_initialize(self, item: tuple[Event, asyncio.AbstractEventLoop | None]) -> None:

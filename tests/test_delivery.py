@@ -784,3 +784,54 @@ async def test_a_worker_that_stopped_on_an_error_starts_again(
     assert starts == 2
     assert "starts again in 0.3 s" in caplog.text
     assert len(api.conversations) == 3  # the waiting page view, then a page view and a chat
+
+
+async def test_a_backed_up_queue_keeps_only_what_the_payloads_use(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the API down, events wait unbuilt, each holding the raw headers of its request:
+    # 60 KiB headers made ~269 KiB an event, ~2.6 GB for a full queue of 10,000. Past
+    # _COMPACT_AT waiting, each new event keeps only what its payload reads, and the
+    # payload is the same.
+    from agentsight_middleware._events import INITIALIZE, new_event
+    from agentsight_middleware._payload import build_payload
+
+    monkeypatch.setattr(BackgroundDelivery, "_start", lambda self: None)  # events stay queued
+    mw = wrap(api, trusted_proxies=["10.0.0.0/8"])
+    delivery = mw._core.delivery
+    assert isinstance(delivery, BackgroundDelivery)
+    delivery._compact_at = 2
+    hops = ", ".join(f"198.51.{n // 250}.{n % 250}" for n in range(5000))
+    headers = {
+        **BROWSER,
+        "user-agent": CHROME_DESKTOP + " " + "x" * 60_000,
+        "accept-language": "de-CH, " + ", ".join(["en;q=0.1"] * 6000),
+        "referer": "https://search.example/?q=" + "a" * 60_000 + "&token=secret",
+        "x-forwarded-for": hops + ", 203.0.113.50, 10.1.2.3",
+    }
+    transport = httpx.ASGITransport(app=mw, client=("10.0.0.1", 4000))
+    async with httpx.AsyncClient(transport=transport, base_url="https://shop.test") as c:
+        for _ in range(4):
+            c.cookies.clear()
+            await c.get("/?utm=" + "b" * 60_000 + "&page=2", headers=headers)
+    events = list(delivery._intake)
+    assert len(events) == 4
+    full, _, compact, _ = events  # the first two joined a short queue, the others did not
+
+    def size(event: Any) -> int:
+        return sum(len(v) for v in event.conversation._facts() if isinstance(v, str)) + sum(
+            len(v or "") for v in event.conversation._facts()[7]
+        )
+
+    assert size(full) > 240_000
+    assert size(compact) < 25_000
+    for event in (full, compact):
+        assert event.conversation.client_ip == "203.0.113.50"
+    same_time = [new_event((INITIALIZE, e.conversation, 1.0)) for e in (full, compact)]
+    payloads = [build_payload(e, source="web", environment=None) for e in same_time]
+    assert payloads[0]["conversation_id"] != payloads[1]["conversation_id"]
+    for payload in payloads:
+        del payload["conversation_id"]
+    assert payloads[0] == payloads[1]
+    assert payloads[0]["language"] == "de-CH"
+    assert payloads[0]["device"] == "desktop"
