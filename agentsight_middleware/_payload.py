@@ -8,7 +8,13 @@ from typing import Any
 
 from ._events import ENGAGE, MAX_FIELD, Event
 
-__all__ = ["DEFAULT_ENVIRONMENT", "build_payload", "iso_timestamp"]
+__all__ = [
+    "DEFAULT_ENVIRONMENT",
+    "MAX_EVENT_CHARS",
+    "build_payload",
+    "iso_timestamp",
+    "without_extra_metadata",
+]
 
 # The classic SDK's generation of the "Track Interaction" docs (0.0.12-0.0.18)
 # defaults to production; 0.0.4x defaults to development. A middleware in front
@@ -59,3 +65,23 @@ def build_payload(event: Event, *, source: str | None, environment: str | None) 
         "metadata": conversation.metadata(),
         "is_used": event.kind == ENGAGE,
     }
+
+
+#: An event's JSON at most, in chars. Ours is ~1 KiB; only a metadata hook's values make
+#: more. Past it, the event goes without them (see without_extra_metadata): a queue of
+#: 10,000 such events would otherwise hold gigabytes, and the API's echo of a huge event
+#: (its answer holds the conversation) would pass the client's 1 MiB limit on answers.
+MAX_EVENT_CHARS = 64 * 1024
+
+#: The metadata keys the middleware writes (Conversation.metadata); the others are a hook's.
+OWN_METADATA = frozenset(
+    {"page_path", "page_url", "referrer", "user_agent", "rule", "conversation_id_source"}
+)
+
+
+def without_extra_metadata(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` with only the middleware's own metadata keys: the event still counts."""
+    metadata = payload.get("metadata")
+    if not isinstance(metadata, dict):
+        return payload
+    return {**payload, "metadata": {k: v for k, v in metadata.items() if k in OWN_METADATA}}

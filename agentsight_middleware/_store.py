@@ -93,6 +93,10 @@ _T = TypeVar("_T")
 # client sends it; NaN and infinities are refused, as the API refuses them.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
 
+# _payload.MAX_EVENT_CHARS (a test keeps them equal), without importing the request-path
+# modules into the CLI.
+_MAX_EVENT_CHARS = 64 * 1024
+
 # One row for _INSERT, in its column order.
 _Row = tuple[float, int, str, Any, Any, Any, Any, Any, Any, Any, Any, str]
 
@@ -136,6 +140,11 @@ def _row(payload: Mapping[str, Any]) -> _Row:
         page_path = str(page_path)  # a metadata hook's own page_path: a column takes text
     try:
         body = _ENCODER.encode(payload)
+        if len(body) > _MAX_EVENT_CHARS:
+            # As the built-in client sends it (see _payload.MAX_EVENT_CHARS).
+            from ._payload import without_extra_metadata
+
+            body = _ENCODER.encode(without_extra_metadata(dict(payload)))
     except TypeError as exc:  # a dict key JSON cannot hold (a date, a tuple)
         raise ValueError(f"payload cannot be stored as JSON: {exc}") from None
     return (

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -1634,3 +1635,29 @@ async def test_a_payload_json_cannot_hold_is_the_only_one_dropped() -> None:
         stats = sink.stats()
         await sink.aclose()
     assert (stats["sent"], stats["failed"]) == (2, 1)
+
+
+async def test_an_event_made_huge_by_a_hook_is_sent_without_the_hook_s_values(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A metadata hook returning a megabyte: a queue of such events held gigabytes, and
+    # the API's echo of one (its answer holds the conversation) passed our 1 MiB limit
+    # on answers, so it was sent again and again. It goes without the hook's values.
+    received: list[dict[str, Any]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, _, body = await read_request(reader)
+            received.append(json.loads(body))
+            writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
+        await sink.start()
+        metadata = {"page_path": "/", "rule": "/", "blob": "x" * 1_000_000}
+        await sink.put([{"conversation_id": "c", "metadata": metadata}])
+        assert await sink.drain(time.monotonic() + 5) == 0
+        await sink.aclose()
+    assert received == [{"conversation_id": "c", "metadata": {"page_path": "/", "rule": "/"}}]
+    assert "sent without them" in caplog.text

@@ -419,3 +419,18 @@ def test_close_from_another_thread(store: LocalStore, db: Path) -> None:
     writer.join()
     store.close()
     assert rows(db, "SELECT count(*) FROM events") == [(1,)]
+
+
+def test_an_event_made_huge_by_a_hook_is_kept_without_the_hook_s_values(
+    store: LocalStore, db: Path
+) -> None:
+    from agentsight_middleware import _payload, _store
+
+    assert _store._MAX_EVENT_CHARS == _payload.MAX_EVENT_CHARS
+    payload = make_payload("conv_huge")
+    payload["metadata"] = {**payload["metadata"], "blob": "x" * 1_000_000}
+    assert store.write([payload]) == 1
+    [(body,)] = rows(db, "SELECT payload FROM events")
+    kept = json.loads(body)["metadata"]
+    assert "blob" not in kept
+    assert kept["page_path"] == payload["metadata"]["page_path"]

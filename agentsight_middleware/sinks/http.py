@@ -29,6 +29,7 @@ from ..__version__ import __version__
 from .._credentials import Credentials, mask_key
 from .._log import logger
 from .._park import park, resolve
+from .._payload import MAX_EVENT_CHARS, without_extra_metadata
 from .._retry import (
     ACCEPTED,
     ELSEWHERE,
@@ -302,6 +303,16 @@ class HttpSink:
         for payload in payloads:
             try:
                 body = _encode(payload)
+                if len(body) > MAX_EVENT_CHARS:
+                    body = _encode(without_extra_metadata(payload))
+                    self._log_once(
+                        "too big",
+                        "an event was %d chars of JSON with the metadata hook's values, over the "
+                        "%d an event may be: sent without them",
+                        len(_encode(payload)),
+                        MAX_EVENT_CHARS,
+                        level="warning",
+                    )
             except (ValueError, TypeError) as exc:  # NaN; a dict key JSON cannot hold
                 self.failed += 1
                 self._log_once("json", "an event could not be sent as JSON (%s); dropped", exc)
