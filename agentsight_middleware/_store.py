@@ -163,6 +163,19 @@ def _row(payload: Mapping[str, Any]) -> _Row:
     )
 
 
+#: Seconds between looks at whether the events file is still the one this process opened.
+_RECHECK_PATH = 1.0
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``, or None when there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def _describe(path: str) -> str:
     return os.path.abspath(path)
 
@@ -271,6 +284,9 @@ class LocalStore:
         self._path = os.fspath(path)
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        # The file the connection has open, and when that was last checked (see _connection).
+        self._identity: tuple[int, int] | None = None
+        self._checked_at = 0.0
         self._lock = threading.Lock()
         _LIVE_STORES.add(self)
 
@@ -331,9 +347,22 @@ class LocalStore:
             # A fork the at-fork hooks did not see (they cover os.fork and multiprocessing).
             _INHERITED.append(self._conn)
             self._conn = None
+        if self._conn is not None:
+            now = time.monotonic()
+            if now - self._checked_at >= _RECHECK_PATH:
+                # The file moved or deleted under a running app (rotated after `send`,
+                # say): the open connection would go on writing into the old inode, and
+                # the report on the configured path would find nothing. At most once a
+                # second: one stat() call.
+                self._checked_at = now
+                if _identity(self._path) != self._identity:
+                    self._conn.close()
+                    self._conn = None
         if self._conn is None:
             self._conn = self._open()
             self._pid = pid
+            self._identity = _identity(self._path)
+            self._checked_at = time.monotonic()
         return self._conn
 
     def _open(self) -> sqlite3.Connection:

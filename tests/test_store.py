@@ -434,3 +434,28 @@ def test_an_event_made_huge_by_a_hook_is_kept_without_the_hook_s_values(
     kept = json.loads(body)["metadata"]
     assert "blob" not in kept
     assert kept["page_path"] == payload["metadata"]["page_path"]
+
+
+@pytest.mark.parametrize("how", ["move", "delete"])
+def test_a_store_moved_or_deleted_under_a_running_app_is_created_again(
+    store: LocalStore, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The README says to move or delete the file once sent: a running app's open
+    # connection went on writing into the old inode (the deleted file, or the archive),
+    # and the report on the configured path found no file at all.
+    from agentsight_middleware import _store
+
+    monkeypatch.setattr(_store, "_RECHECK_PATH", 0.0)
+    store.write([make_payload("conv_before")])
+    archive = tmp_path / "archive.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{db}{suffix}")
+        if source.exists():
+            if how == "move":
+                source.rename(f"{archive}{suffix}")
+            else:
+                source.unlink()
+    store.write([make_payload("conv_after")])
+    assert rows(db, "SELECT conversation_id FROM events") == [("conv_after",)]
+    if how == "move":
+        assert rows(archive, "SELECT conversation_id FROM events") == [("conv_before",)]
