@@ -1616,6 +1616,8 @@ def test_a_request_hanging_at_a_proxy_does_not_hold_up_the_exit(tmp_path: Path) 
     subprocess.run([sys.executable, "-c", child], env=env, check=True, timeout=30)
     elapsed = time.monotonic() - started
     listener.close()
+    for connection in held:
+        connection.close()
     assert held  # the request reached the proxy, which never answered
     assert elapsed < 8, f"exit took {elapsed:.1f} s"
 
