@@ -202,7 +202,12 @@ class _SpiderCheck:
     :data:`SPIDER_CHECK_BUDGET`, and past it ua-parser-rs's verdict stands.
     """
 
-    def __init__(self, matchers: Matchers, budget: float = SPIDER_CHECK_BUDGET) -> None:
+    def __init__(
+        self,
+        matchers: Matchers,
+        budget: float = SPIDER_CHECK_BUDGET,
+        compiled: Callable[[Matchers], Resolver] | None = None,
+    ) -> None:
         from ua_parser import BasicResolver
 
         devices = list(matchers[2])
@@ -216,24 +221,28 @@ class _SpiderCheck:
         self._full = BasicResolver(([], [], devices))
         self._head: Resolver | None = None
         self._tail: Resolver | None = None
-        self._catch_all_model: str | None = None
-        if spiders and spiders[-1] >= leading:
+        # The leading Spider rules as ua-parser-rs runs them (widened): whether one of them,
+        # not the catch-all, is what answered. Their models do not tell (rule 5 and the
+        # catch-all are both "Desktop").
+        self._compiled_head: Resolver | None = None
+        if spiders and spiders[-1] >= leading and compiled is not None:
             catch_all = spiders[-1]
             self._head = BasicResolver(([], [], devices[:leading]))
             self._tail = BasicResolver(([], [], devices[catch_all:]))
-            self._catch_all_model = getattr(devices[catch_all], "model", None)
+            self._compiled_head = compiled(([], [], devices[:leading]))
         self._rate = budget
         self._tokens = budget
         self._last = time.monotonic()
 
-    def __call__(self, ua: str, model: str | None) -> str:
+    def __call__(self, ua: str) -> str:
         from ua_parser import Domain
 
-        if self._head is not None and self._tail is not None:
+        if self._head is not None and self._tail is not None and self._compiled_head is not None:
             found = self._head(ua, Domain.DEVICE).device
             if found is not None:
                 return found.family
-            if model is not None and model == self._catch_all_model:
+            if self._compiled_head(ua, Domain.DEVICE).device is None:
+                # No leading rule answered in ua-parser-rs: the catch-all did.
                 found = self._tail(ua, Domain.DEVICE).device
                 return found.family if found is not None else "Other"
         now = time.monotonic()
@@ -257,8 +266,7 @@ def _with_resolver(
     device = result.device.family if result.device is not None else "Other"
     if device == "Spider" and spiders is not None:
         # See the module's docstring: the bot verdict is re-read with Python's re.
-        assert result.device is not None
-        device = spiders(ua, result.device.model)
+        device = spiders(ua)
     parsed_os = result.os
     if parsed_os is None:
         return _from_families(ua, browser, "Other", _NO_VERSION, device)
@@ -319,7 +327,7 @@ def _build() -> tuple[str, Callable[[str], Classification]]:
             # Not installed, or cannot take some rule of a newer uap-core: the next
             # engine will do.
             continue
-        spiders = _SpiderCheck(matchers) if name == "ua-parser-rs" else None
+        spiders = _SpiderCheck(matchers, compiled=load()) if name == "ua-parser-rs" else None
         return name, functools.partial(_with_resolver, resolver, Domain.ALL, spiders=spiders)
     return "user-agents", _with_user_agents
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._events import ENGAGE, MAX_FIELD, Event
@@ -12,6 +13,7 @@ __all__ = [
     "DEFAULT_ENVIRONMENT",
     "MAX_EVENT_CHARS",
     "build_payload",
+    "encode_event",
     "iso_timestamp",
     "without_extra_metadata",
 ]
@@ -85,3 +87,46 @@ def without_extra_metadata(payload: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         return payload
     return {**payload, "metadata": {k: v for k, v in metadata.items() if k in OWN_METADATA}}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities (which JSON cannot hold) as None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def encode_event(payload: dict[str, Any], encode: Callable[[Any], str]) -> tuple[str, str | None]:
+    """``(json, what was left out or None)`` for an event, by ``encode`` (strict JSON, with
+    ``default=str``): whatever a metadata hook returned, the event itself gets through.
+
+    NaN and infinities go as null; a value whose ``str()`` raises (a lazy user object) or
+    a key JSON cannot hold, and an event past :data:`MAX_EVENT_CHARS`, go without the
+    hook's metadata values. Raises only if the event cannot be encoded even so.
+    """
+    note = None
+    try:
+        body = encode(payload)
+    except ValueError:
+        payload = _finite(payload)
+        note = "NaN or infinity in the metadata hook's values, sent as null"
+        try:
+            body = encode(payload)
+        except Exception:
+            payload = without_extra_metadata(payload)
+            body = encode(payload)
+    except Exception as exc:
+        note = f"the metadata hook's values could not be sent as JSON ({exc!r}); left out"
+        payload = without_extra_metadata(payload)
+        body = encode(payload)
+    if len(body) > MAX_EVENT_CHARS:
+        note = (
+            f"an event was {len(body)} chars of JSON with the metadata hook's values, over "
+            f"the {MAX_EVENT_CHARS} an event may be; sent without them"
+        )
+        body = encode(without_extra_metadata(payload))
+    return body, note

@@ -150,7 +150,7 @@ def _post(
             error = f"{type(exc).__name__}: {exc}"
             run.stalled(f"the API could not be reached ({error})")
         else:
-            outcome = classify(response.status_code)
+            outcome = classify(response.status_code, response.content)
             if outcome == THROTTLED:
                 run.stalled("the API kept throttling")
             elif outcome == RETRY:

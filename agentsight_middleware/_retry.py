@@ -21,10 +21,14 @@ __all__ = [
 ACCEPTED = "accepted"
 #: 400/401/403/413...: the same request can never succeed; retrying only adds load.
 REJECTED = "rejected"
-#: 3xx, 404, 405: not the API's conversations endpoint answering (``http://`` redirected
-#: to ``https://``, a login page, a wrong path): the endpoint is wrong, not the event,
-#: which is kept until it is fixed.
+#: 3xx, 404, 405, 407, 421, 426, and a 400/401/403 that is not the API's JSON: not the
+#: API's conversations endpoint answering (``http://`` redirected to ``https://``, a login
+#: page, a wrong path, a proxy or firewall in between): the endpoint (or the way to it) is
+#: wrong, not the event, which is kept until it is fixed.
 ELSEWHERE = "elsewhere"
+
+# Answered by something other than the API's conversations route, whatever their body.
+_ELSEWHERE_STATUSES = frozenset({404, 405, 407, 421, 426})
 #: 5xx, 408 and network errors: the backend may recover.
 RETRY = "retry"
 #: 429: wait what the backend says.
@@ -34,15 +38,20 @@ THROTTLED = "throttled"
 MAX_RETRY_AFTER = 30.0
 
 
-def classify(status: int) -> str:
+def classify(status: int, body: bytes | None = None) -> str:
+    """What to do after an answer with ``status`` (and ``body``, when there is one)."""
     if 200 <= status < 300:
         return ACCEPTED
     if status == 429:
         return THROTTLED
     if status >= 500 or status == 408:
         return RETRY
-    if 300 <= status < 400 or status in (404, 405):
-        # The API's list-create route exists and takes POST: these come from elsewhere.
+    if 300 <= status < 400 or status in _ELSEWHERE_STATUSES:
+        # The API's list-create route exists, takes POST, and needs no proxy login.
+        return ELSEWHERE
+    if body is not None and status in (400, 401, 403) and body.lstrip()[:1] != b"{":
+        # The API refuses with a JSON object (Django REST framework's): a page is a proxy
+        # ("plain HTTP request sent to HTTPS port") or a firewall speaking, not the API.
         return ELSEWHERE
     return REJECTED
 

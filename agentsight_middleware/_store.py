@@ -141,12 +141,16 @@ def _row(payload: Mapping[str, Any]) -> _Row:
     try:
         body = _ENCODER.encode(payload)
         if len(body) > _MAX_EVENT_CHARS:
-            # As the built-in client sends it (see _payload.MAX_EVENT_CHARS).
-            from ._payload import without_extra_metadata
+            raise OverflowError(len(body))
+    except Exception:
+        # What a metadata hook returned (a NaN, a key JSON cannot hold, a value whose str()
+        # raises, a megabyte): kept as the built-in client sends it (_payload.encode_event).
+        from ._payload import encode_event
 
-            body = _ENCODER.encode(without_extra_metadata(dict(payload)))
-    except TypeError as exc:  # a dict key JSON cannot hold (a date, a tuple)
-        raise ValueError(f"payload cannot be stored as JSON: {exc}") from None
+        try:
+            body, _ = encode_event(dict(payload), _ENCODER.encode)
+        except Exception as exc:
+            raise ValueError(f"payload cannot be stored as JSON: {exc!r}") from None
     return (
         _timestamp(payload.get("timestamp")),
         1 if payload.get("is_used") else 0,

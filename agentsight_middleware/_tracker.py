@@ -161,7 +161,7 @@ class TrackerDelivery:
         self.dropped = 0
         # A coroutine tracker's page views running on the app's loop: flush() and close()
         # wait for them, as they wait for the worker's queue.
-        self._flying: set[Future[Any]] = set()
+        self._flying: dict[Future[Any], asyncio.AbstractEventLoop] = {}
         self._flying_lock = threading.Lock()
 
     def _kwargs(self, event: Event) -> dict[str, Any]:
@@ -199,6 +199,8 @@ class TrackerDelivery:
 
                 with self._flying_lock:
                     if len(self._flying) >= INITIALIZE_IN_FLIGHT:
+                        self._prune()
+                    if len(self._flying) >= INITIALIZE_IN_FLIGHT:
                         self.dropped += 1
                         self.log_once(
                             f"tracker.initialize_conversation() (dropped: "
@@ -207,31 +209,46 @@ class TrackerDelivery:
                         )
                         return
                     future = asyncio.run_coroutine_threadsafe(self._bounded(kwargs), loop)
-                    self._flying.add(future)
+                    self._flying[future] = loop
                 future.add_done_callback(self._check_future)
             else:
                 import asyncio
 
-                asyncio.run(self._initialize(**kwargs))
+                # Bounded here too: a hanging tracker must not hold the worker for good.
+                asyncio.run(self._bounded(kwargs))
         except Exception as exc:
-            self.errors += 1
-            self.log_once("tracker.initialize_conversation()", exc)
+            self._failed(exc)
 
     async def _bounded(self, kwargs: dict[str, Any]) -> None:
         import asyncio
 
         await asyncio.wait_for(self._initialize(**kwargs), self._timeout)
 
+    def _prune(self) -> None:
+        """Forget the calls of loops that stopped: they will never run, and must not hold
+        places or be waited for (a test harness closing its loop). Under the lock; not
+        cancelled here (their callbacks take the lock, and the loop is gone anyway)."""
+        for future, loop in list(self._flying.items()):
+            if loop.is_closed() or not loop.is_running():
+                del self._flying[future]
+
     def _check_future(self, future: Future[Any]) -> None:
         with self._flying_lock:
-            self._flying.discard(future)
+            self._flying.pop(future, None)
         exc = None if future.cancelled() else future.exception()
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, Exception):
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        import asyncio
+
+        # asyncio's own TimeoutError is not the built-in one before Python 3.11.
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
             self.timeouts += 1
             self.log_once(
                 f"tracker.initialize_conversation() (timed out after {self._timeout:g} s)", exc
             )
-        elif exc is not None:
+        else:
             self.errors += 1
             self.log_once("tracker.initialize_conversation()", exc)
 
@@ -334,7 +351,8 @@ class TrackerDelivery:
         flying = self._waitable()
         if not flying:
             return True
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        # Each call ends within tracker_timeout while its loop runs: that long at most.
+        left = self._timeout + 1 if deadline is None else max(deadline - time.monotonic(), 0.0)
         _, pending = concurrent.futures.wait(flying, left)
         return not pending
 
@@ -358,14 +376,14 @@ class TrackerDelivery:
                     future.cancel()
 
     def _waitable(self) -> list[Future[Any]]:
-        """The page views running on the app's loop, unless this thread runs a loop (the
-        app's, say: waiting there would block the very calls waited for)."""
+        """The page views running on loops that run, but not on this thread's own loop
+        (waiting there would block the very calls waited for)."""
         import asyncio
 
-        if asyncio._get_running_loop() is not None:
-            return []
+        here = asyncio._get_running_loop()
         with self._flying_lock:
-            return list(self._flying)
+            self._prune()
+            return [future for future, loop in self._flying.items() if loop is not here]
 
     def stats(self) -> dict[str, int]:
         stats: dict[str, int] = dict(self._dispatcher.stats())

@@ -747,6 +747,39 @@ def test_a_hanging_coroutine_tracker_holds_a_bounded_number_of_calls(
     assert (stats["dropped"], stats["timeouts"], stats["processed"]) == (22, 8, 30)
 
 
+def test_page_views_left_on_a_closed_loop_hold_no_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A harness that closes its loop without cancelling its tasks (run_until_complete, an
+    # old pytest-asyncio event_loop fixture): their calls never end. They once held their
+    # places for good (past 256, every later page view in the process was dropped) and
+    # flush() with no time limit waited for ever.
+    from agentsight_middleware import _tracker
+
+    monkeypatch.setattr(_tracker, "INITIALIZE_IN_FLIGHT", 2)
+    hanging = _SlowAsyncTracker(None)
+    mw = AgentSightMiddleware(_page_app(), widget_pages=["/"], tracker=hanging)
+
+    async def page_views(n: int, wait: float) -> None:
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+            for _ in range(n):
+                c.cookies.clear()
+                assert (await c.get("/", headers=BROWSER)).status_code == 200
+        await asyncio.sleep(wait)  # the worker hands them to this loop meanwhile
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(page_views(2, 0.3))
+    loop.close()  # their tasks never run again (and are never cancelled)
+    assert hanging.started == 2
+    started = time.monotonic()
+    assert mw.flush()  # none to wait for: their loop is gone
+    assert time.monotonic() - started < 2
+    hanging.delay = 0.0  # the tracker is healthy from now on
+    asyncio.run(page_views(1, 0.3))
+    assert mw.flush(5)
+    assert (hanging.started, hanging.finished) == (3, 1)
+    assert mw.stats()["dropped"] == 0
+
+
 async def test_websocket_and_lifespan_pass_through(tracker: RecordingTracker) -> None:
     seen: list[str] = []
 

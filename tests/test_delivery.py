@@ -273,6 +273,9 @@ def test_credentials_repr_masks_the_key() -> None:
         (403, "rejected"),
         (404, "elsewhere"),  # the API's conversations route exists and takes POST
         (405, "elsewhere"),
+        (407, "elsewhere"),  # a forward proxy asking for its login
+        (421, "elsewhere"),
+        (426, "elsewhere"),
         (413, "rejected"),
         (408, "retry"),
         (429, "throttled"),
@@ -283,6 +286,22 @@ def test_credentials_repr_masks_the_key() -> None:
 )
 def test_classify(status: int, outcome: str) -> None:
     assert classify(status) == outcome
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (400, b'{"timestamp": ["This field is required."]}', "rejected"),
+        (401, b'{"detail": "Invalid token."}', "rejected"),
+        (400, b"<html><h1>400 The plain HTTP request was sent to HTTPS port</h1>", "elsewhere"),
+        (403, b"<!doctype html><title>Access denied</title>", "elsewhere"),
+        (413, b"<html>413 Request Entity Too Large</html>", "rejected"),
+    ],
+)
+def test_a_refusal_that_is_not_the_api_s_json_is_from_elsewhere(
+    status: int, body: bytes, outcome: str
+) -> None:
+    assert classify(status, body) == outcome
 
 
 @pytest.mark.parametrize(
@@ -440,7 +459,7 @@ def test_processes_sharing_an_outbox_send_each_event_once(
     assert _outbox_rows(outbox) == 0
 
 
-async def test_metadata_json_cannot_hold_is_sent_as_text_or_dropped_alone(
+async def test_metadata_json_cannot_hold_is_sent_as_text_or_null(
     api: StandInAgentSightAPI,
 ) -> None:
     import datetime
@@ -451,10 +470,11 @@ async def test_metadata_json_cannot_hold_is_sent_as_text_or_dropped_alone(
         for _ in range(3):
             await visit(c, chats=0)
     assert mw.flush(10)
-    metadata = [b["metadata"] for b in api.conversations]  # two conversations, any order
-    assert sorted(m.get("when") or "" for m in metadata) == ["", "2026-11-25"]
-    assert sorted(m.get("ok", 0) for m in metadata) == [0, 1]
-    assert mw.stats()["failed"] == 1
+    metadata = [b["metadata"] for b in api.conversations]  # three conversations, any order
+    assert sorted(m.get("when") or "" for m in metadata) == ["", "", "2026-11-25"]
+    assert sorted(m.get("ok", 0) for m in metadata) == [0, 0, 1]
+    assert [m["ratio"] for m in metadata if "ratio" in m] == [None]  # NaN: the API refuses it
+    assert mw.stats()["failed"] == 0
     mw.close()
 
 

@@ -1530,12 +1530,12 @@ async def test_a_pipeline_behind_a_timeout_keeps_each_conversation_in_order() ->
     assert all(last[c] is True for c in conversations), processed
 
 
-async def test_a_kept_alive_connection_closed_unannounced_is_no_failure(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+async def test_a_kept_alive_connection_closed_unannounced_is_no_failure() -> None:
     # A server that closes each connection after a few answers without saying so (a
     # limit of requests per connection): what was written behind the last answer was
-    # not processed, and is sent again at once, uncounted and unlogged.
+    # not processed, and is sent again at once, uncounted. Only an event that is the
+    # first unanswered one twice in a row counts an attempt (as an event the server
+    # drops the connection on would: see the next test), which is rare here.
     processed: list[bytes] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1550,14 +1550,16 @@ async def test_a_kept_alive_connection_closed_unannounced_is_no_failure(
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=2)
         await deliver(sink, 60)
         stats = sink.stats()
-    assert (stats["sent"], stats["retried"], stats["failed"]) == (60, 0, 0)
+    assert (stats["sent"], stats["failed"]) == (60, 0)
+    assert stats["retried"] <= 6  # about one in five was counted before this release
     assert len(processed) == len(set(processed)) == 60
-    assert "unreachable" not in caplog.text
 
 
 async def test_an_outage_after_a_recovery_is_logged_again(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (A recovery is declared after _QUIET seconds without a failure: none here.)
+    monkeypatch.setattr("agentsight_middleware.sinks.http._QUIET", 0.0)
     caplog.set_level(logging.INFO, logger="agentsight_middleware")
     with StandInAgentSightAPI() as api:
         credentials = Credentials(api.api_key, api.url, "production")
@@ -1622,21 +1624,47 @@ def test_a_request_hanging_at_a_proxy_does_not_hold_up_the_exit(tmp_path: Path) 
     assert elapsed < 8, f"exit took {elapsed:.1f} s"
 
 
-async def test_a_payload_json_cannot_hold_is_the_only_one_dropped() -> None:
-    # A metadata hook's dict with a date as a key raised TypeError out of put(), which
-    # only caught ValueError: the whole batch was lost.
+class _LazyUser:
+    """A framework's lazy user object: its text raises (Django's in a thread with a loop)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("SynchronousOnlyOperation")
+
+
+async def test_what_json_cannot_hold_costs_no_event_its_place() -> None:
+    # A date as a dict key raised TypeError out of put(), which caught only ValueError:
+    # the whole batch was lost. A value whose str() raises did the same, and a NaN cost
+    # its event. Each event now goes, without the hook's values it cannot carry.
     import datetime
 
-    server = Scripted(keep_alive(created()))
+    received: list[dict[str, Any]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, _, body = await read_request(reader)
+            received.append(json.loads(body))
+            writer.write(created())
+
+    server = Scripted(handler)
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
         await sink.start()
-        bad = {"conversation_id": "bad", "metadata": {datetime.date(2024, 5, 1): 1}}
-        await sink.put([{"conversation_id": "a"}, bad, {"conversation_id": "b"}])
+        own = {"page_path": "/", "rule": "/"}
+        await sink.put([
+            {"conversation_id": "a"},
+            {"conversation_id": "date-key", "metadata": {**own, datetime.date(2024, 5, 1): 1}},
+            {"conversation_id": "lazy", "metadata": {**own, "user": _LazyUser()}},
+            {"conversation_id": "nan", "metadata": {**own, "score": float("nan"), "n": [1.5]}},
+            {"conversation_id": "b"},
+        ])  # fmt: skip
         assert await sink.drain(time.monotonic() + 5) == 0
         stats = sink.stats()
         await sink.aclose()
-    assert (stats["sent"], stats["failed"]) == (2, 1)
+    assert (stats["sent"], stats["failed"]) == (5, 0)
+    by_id = {event["conversation_id"]: event for event in received}
+    assert by_id["date-key"]["metadata"] == own
+    assert by_id["lazy"]["metadata"] == own
+    assert by_id["nan"]["metadata"] == {**own, "score": None, "n": [1.5]}
 
 
 async def test_an_event_made_huge_by_a_hook_is_sent_without_the_hook_s_values(
@@ -1663,3 +1691,142 @@ async def test_an_event_made_huge_by_a_hook_is_sent_without_the_hook_s_values(
         await sink.aclose()
     assert received == [{"conversation_id": "c", "metadata": {"page_path": "/", "rule": "/"}}]
     assert "sent without them" in caplog.text
+
+
+async def test_an_event_the_server_closes_the_connection_on_is_backed_off() -> None:
+    # A server (a worker crashing on it, a firewall) that drops the connection whenever
+    # one event arrives: on a kept-alive connection that was "closed before any answer",
+    # sent again at once, uncounted, on the next kept-alive connection, and the next:
+    # 114 sends in 15 s. Now one uncounted resend, then a counted, backed-off attempt.
+    poison_sends = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal poison_sends
+        while True:
+            _, _, body = await read_request(reader)
+            if b"poison" in body:
+                poison_sends += 1
+                writer.transport.abort()
+                return
+            writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        endpoint = url.split("/api/")[0]
+        sink = HttpSink(
+            Credentials("key", endpoint, "production"),
+            outbox=MemoryOutbox(1000),
+            concurrency=4,
+            max_attempts=3,
+        )
+        await sink.start()
+        await sink.put([{"conversation_id": f"warm{i}"} for i in range(40)])
+        assert await sink.drain(time.monotonic() + 5) == 0  # kept-alive connections now
+        await sink.put([{"conversation_id": "poison"}])
+        for i in range(30):  # other traffic meanwhile, which keeps connections alive
+            await sink.put([{"conversation_id": f"c{i}"}])
+            await asyncio.sleep(0.05)
+        left = await sink.drain(time.monotonic() + 10)
+        stats = sink.stats()
+        await sink.aclose()
+    assert left == 0
+    assert stats["failed"] == 1  # given up after its 3 attempts
+    assert poison_sends <= 2 * 3, poison_sends  # one uncounted resend per attempt at most
+
+
+async def test_intermittent_failures_are_one_outage_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 2 % of answers failing once logged a warning and a recovery line for each failure.
+    caplog.set_level(logging.INFO, logger="agentsight_middleware")
+    answered = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        while True:
+            await read_request(reader)
+            answered += 1
+            if answered % 7 == 0:
+                writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+            else:
+                writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=2)
+        await sink.start()
+        for i in range(10):
+            await sink.put([{"conversation_id": f"c{i}-{n}"} for n in range(10)])
+            await asyncio.sleep(0.05)
+        assert await sink.drain(time.monotonic() + 20) == 0
+        stats = sink.stats()
+        await sink.aclose()
+    assert stats["retried"] >= 5
+    assert caplog.text.count("unreachable (HTTP 503)") == 1
+    assert "accepts events again" not in caplog.text
+
+
+async def test_a_pipeline_of_big_answers_is_not_taken_for_an_endless_head(engine: str) -> None:
+    # The head limit once counted a whole read while the parser was inside some answer's
+    # head: a read ending inside a status line, then 16 answers of ~4.5 KB in the next,
+    # failed all 16 as "answer too large" (each already processed: sent again).
+    def answer(n: int) -> bytes:
+        body = b'{"id":%d,"page_url":"%s","referrer":"%s"}' % (n, b"u" * 2200, b"r" * 2200)
+        return echo(body)
+
+    batch = 16 if engine == "httptools" else 1  # h11 sends one request at a time
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer(0))  # the first request proves the connection
+        for start in range(1, 17, batch):
+            for _ in range(batch):
+                await read_request(reader)
+            data = b"".join(answer(n) for n in range(start, start + batch))
+            writer.write(data[:10])  # a read that ends inside a status line
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(data[10:])
+        await reader.read()
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        await pool.post(b"{}")
+        if engine == "httptools":
+            results = await pool.post_many([b"{}"] * 16)
+        else:  # h11 sends them one at a time
+            results = [await pool.post(b"{}") for _ in range(16)]
+        pool.close()
+    assert [r.status if isinstance(r, _http11.Reply) else r for r in results] == [201] * 16
+
+
+async def test_after_a_spell_of_h11_the_pool_pipelines_again_without_errors(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Going back to httptools, idle h11 connections were taken for pipelines: h11's
+    # framing then failed with a ValueError that escaped post_many. (A pool on h11 from
+    # the start reads the doubled Content-Length and never switches.)
+    monkeypatch.setattr(_http11, "ENGINE_PAUSE", 0.3)
+    bad = b"HTTP/1.1 201 Created\r\nContent-Length: 8\r\nContent-Length: 8\r\n\r\n" + b'{"id":1}'
+    answers = iter([bad])
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(next(answers, created()))
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=4, timeout=5)
+        await pool.post_many([b"{}"])  # doubled Content-Length: h11 from now on, for a while
+        assert pool.engine == "h11"
+        for _ in range(3):
+            assert (await pool.post(b"{}")).status == 201  # idle h11 connections, proven
+        await asyncio.sleep(0.4)
+        assert (await pool.post(b"{}")).status == 201  # httptools again (if it started so)
+        assert pool.engine == engine
+        await pool.post(b"{}")
+        results = await pool.post_many([b"{}"] * 8)
+        pool.close()
+    assert [r.status if isinstance(r, _http11.Reply) else r for r in results] == [201] * 8

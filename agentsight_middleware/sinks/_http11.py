@@ -39,7 +39,15 @@ try:
 except ImportError:  # PyPy, or a platform without a wheel: h11 does the parsing
     httptools = None  # type: ignore[assignment]
 
-__all__ = ["ENGINES", "PIPELINE", "Http11Pool", "NotSent", "Reply", "UnreadableAnswer"]
+__all__ = [
+    "ENGINES",
+    "PIPELINE",
+    "ClosedUnannounced",
+    "Http11Pool",
+    "NotSent",
+    "Reply",
+    "UnreadableAnswer",
+]
 
 Engine = Literal["httptools", "h11"]
 #: The engines this interpreter can use, fastest first.
@@ -272,10 +280,16 @@ class _Connection(asyncio.Protocol):
             # every reply on this connection by one).
             self.close()
         if len(results) < n:
-            if error is None or (self._closed_between and (results or reused)):
-                # Announced, or closed at an answer's end with nothing of the next one.
-                # (On a new connection, a close before any answer is a failure: the
-                # server may have died processing the request.)
+            if error is None:
+                # Announced (RFC 9112 9.6): nothing after it was processed.
+                results += [_not_sent()] * (n - len(results))
+            elif self._closed_between and (results or reused):
+                # Closed at an answer's end with nothing of the next one: a keep-alive limit,
+                # or a kept-alive connection closed as it was reused. Or the server dying on
+                # the first of them, each time it comes (see ClosedUnannounced). (On a new
+                # connection, a close before any answer is a failure: the same doubt, and
+                # nothing says the connection had worked before.)
+                results.append(_closed_unannounced())
                 results += [_not_sent()] * (n - len(results))
             else:
                 # Timed out or cut off: the requests behind it were written, and the server
@@ -323,6 +337,18 @@ class _Connection(asyncio.Protocol):
         raise NotImplementedError
 
 
+class ClosedUnannounced(NotSent):
+    """:class:`NotSent` for the first request left unanswered by a close nobody announced:
+    most likely never processed (a keep-alive limit), but it may be the request the server
+    dies on. Sent again at once once; if that happens to it again, it counts as an attempt
+    (see ``HttpSink._outcome``): a server dropping the connection on one event must not
+    have it sent on every connection in turn."""
+
+
+def _closed_unannounced() -> ClosedUnannounced:
+    return ClosedUnannounced("not answered: the server closed the connection without a word")
+
+
 def _not_sent() -> NotSent:
     return NotSent("not answered: what came before it on its connection ended the exchange")
 
@@ -344,13 +370,17 @@ class _FastConnection(_Connection):
         self._complete = False  # the answer being read is whole
         self._keep_alive = False
         self._stray = False
-        self._unanswered = 0  # bytes read since the last whole answer
+        # Bytes read in all, and the count at the end of the read in which the answer being
+        # read began: what came after it is that answer's, a lower bound of its size.
+        self._read = 0
+        self._chunk_end = 0
+        self._answer_base = 0
 
     def _frame(self, bodies: list[bytes]) -> bytes:
         self._status = 0
         self._complete = False
         self._keep_alive = True
-        self._unanswered = 0
+        self._answer_base = self._read
         raw = self._framing.raw
         return raw(bodies[0]) if len(bodies) == 1 else b"".join(map(raw, bodies))
 
@@ -363,14 +393,8 @@ class _FastConnection(_Connection):
         if waiter is None or waiter.done():
             self.close()  # bytes nobody asked for: the stream is out of step
             return
-        self._unanswered += len(data)
-        if self._unanswered > MAX_RESPONSE_BODY + MAX_RESPONSE_HEAD or (
-            self._in_headers and self._unanswered > MAX_RESPONSE_HEAD
-        ):
-            # Counted per chunk read, since the last whole answer: an approximation that
-            # bounds what llhttp buffers (a header line without end) as well as the body.
-            self._fail("invalid response from the server: answer too large")
-            return
+        self._read += len(data)
+        self._chunk_end = self._read
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -388,6 +412,17 @@ class _FastConnection(_Connection):
             self._fail(
                 f"invalid response from the server: {type(exc).__name__} {exc}", UnreadableAnswer
             )
+        else:
+            # llhttp buffers a head (a header line without end, trailers) with no limit of
+            # its own. The bytes read after the read in which the unfinished answer began
+            # are all its own: past the limits, it is refused (the limit is thus exceeded
+            # by one read at most; per answer, so a pipeline of big answers is no matter).
+            if not self._complete:
+                span = self._read - self._answer_base
+                if span > MAX_RESPONSE_BODY + MAX_RESPONSE_HEAD or (
+                    self._in_headers and span > MAX_RESPONSE_HEAD
+                ):
+                    self._fail("invalid response from the server: answer too large")
 
     # llhttp's callbacks, within feed_data()
 
@@ -401,6 +436,7 @@ class _FastConnection(_Connection):
         self._framed = False
         self._in_headers = True
         self._complete = False
+        self._answer_base = self._chunk_end
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
@@ -428,7 +464,6 @@ class _FastConnection(_Connection):
             self._answer(self._parser.should_keep_alive())
 
     def _answer(self, keep_alive: bool) -> None:
-        self._unanswered = 0
         if self._stray or len(self._replies) >= self._expected:
             return
         self._keep_alive = keep_alive
@@ -616,7 +651,9 @@ class Http11Pool:
         depth = self.max_depth
         if depth > 1:
             now = time.monotonic()
-            if not any(c.proven and c.usable(now) for c in self._idle):
+            if not any(
+                c.proven and c.usable(now) and type(c) is _FastConnection for c in self._idle
+            ):
                 return 1
         return depth
 
@@ -703,7 +740,8 @@ class Http11Pool:
                 # said it would, or the answer was its last): the rest were never sent.
                 results += [_not_sent()] * (n - done)
                 break
-            batch = bodies[done : done + (self.max_depth if connection.proven else 1)]
+            pipelines = connection.proven and type(connection) is _FastConnection
+            batch = bodies[done : done + (self.max_depth if pipelines else 1)]
             try:
                 answered = await connection.exchange(batch, self._timeout)
             except BaseException:
@@ -731,13 +769,11 @@ class Http11Pool:
                 next(r for r in answered if isinstance(r, UnreadableAnswer)),
                 ENGINE_PAUSE,
             )
-            self.engine = "h11"
-            self._connection_class = _H11Connection
+            self._switch("h11", _H11Connection)
             self._h11_until = time.monotonic() + ENGINE_PAUSE
         elif self._h11_until and time.monotonic() >= self._h11_until:
             self._h11_until = 0.0
-            self.engine = "httptools"
-            self._connection_class = _FastConnection
+            self._switch("httptools", _FastConnection)
         if written > 1 and isinstance(answered[0], Reply):
             lost = [r for r in answered if isinstance(r, Exception) and not isinstance(r, NotSent)]
             if lost and time.monotonic() >= self._no_pipelining_until:
@@ -755,6 +791,17 @@ class Http11Pool:
                     lost[0],
                     PIPELINE_PAUSE,
                 )
+
+    def _switch(self, engine: Engine, cls: type[_FastConnection] | type[_H11Connection]) -> None:
+        """Read with another engine from now on; the idle connections of the other one
+        go (an h11 connection cannot carry a pipeline, for one)."""
+        self.engine = engine
+        self._connection_class = cls
+        keep: list[_Connection] = [c for c in self._idle if type(c) is cls]
+        for connection in self._idle:
+            if type(connection) is not cls:
+                connection.close()
+        self._idle = keep
 
     def close(self) -> None:
         self._closed = True

@@ -29,7 +29,7 @@ from ..__version__ import __version__
 from .._credentials import Credentials, mask_key
 from .._log import logger
 from .._park import park, resolve
-from .._payload import MAX_EVENT_CHARS, without_extra_metadata
+from .._payload import encode_event
 from .._retry import (
     ACCEPTED,
     ELSEWHERE,
@@ -41,7 +41,7 @@ from .._retry import (
     retry_after,
 )
 from .._threads import DaemonThreads
-from ._http11 import Http11Pool, NotSent, Reply
+from ._http11 import ClosedUnannounced, Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
 
 __all__ = ["HttpSink"]
@@ -57,6 +57,10 @@ _IDLE_POLL = 1.0
 # long round trip (64 at 50 ms carry ~1,280 events/s), while a trickle of events
 # never needs more than a few connections.
 _FIRST_SENDERS = 8
+# Ids of events sent again uncounted, kept at most (a bound, not a limit one meets).
+_RESENT_KEPT = 10_000
+# A failure is "over" (logged again next time, and its end said) after this long without one.
+_QUIET = 60.0
 
 
 # Strict JSON: the API refuses NaN/Infinity, and a value JSON cannot hold (a
@@ -88,6 +92,12 @@ def _is_api_answer(body: bytes) -> bool:
     a web page or an empty answer.
     """
     return body.lstrip()[:1] == b"{" and b'"id"' in body
+
+
+def _maybe_processed(error: httpx.HTTPError) -> bool:
+    """Whether a request that failed so may still be processed by the server (it was sent,
+    and no answer came in time)."""
+    return isinstance(error, (httpx.ReadTimeout, httpx.WriteTimeout))
 
 
 def _failure_kind(error: httpx.HTTPError) -> str:
@@ -177,9 +187,12 @@ class HttpSink:
         self._paused_until = 0.0
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
+        # Events sent again uncounted once already (see _outcome: NotSent).
+        self._resent: set[int] = set()
         self._logged: set[Any] = set()
-        # A failure was logged since the last accepted event (see _recovered).
+        # A failure was logged, and when the last one was (see _recovered).
         self._outage = False
+        self._last_failure = 0.0
         self.sent = 0
         self.retried = 0
         self.throttled = 0
@@ -302,21 +315,13 @@ class HttpSink:
         items = []
         for payload in payloads:
             try:
-                body = _encode(payload)
-                if len(body) > MAX_EVENT_CHARS:
-                    body = _encode(without_extra_metadata(payload))
-                    self._log_once(
-                        "too big",
-                        "an event was %d chars of JSON with the metadata hook's values, over the "
-                        "%d an event may be: sent without them",
-                        len(_encode(payload)),
-                        MAX_EVENT_CHARS,
-                        level="warning",
-                    )
-            except (ValueError, TypeError) as exc:  # NaN; a dict key JSON cannot hold
+                body, note = encode_event(payload, _encode)
+            except Exception as exc:
                 self.failed += 1
                 self._log_once("json", "an event could not be sent as JSON (%s); dropped", exc)
                 continue
+            if note is not None:
+                self._log_once("json note", "%s", note, level="warning")
             items.append((payload["conversation_id"], body.encode()))
         accepted = self._outbox.put(items)
         if accepted < len(items):
@@ -486,6 +491,17 @@ class HttpSink:
 
     def _outcome(self, item: OutboxItem, result: Reply | Exception) -> None:
         if isinstance(result, NotSent):
+            if isinstance(result, ClosedUnannounced) and item.id in self._resent:
+                # Once, not again: an event on which the server closes the connection (a
+                # worker crashing on it, a firewall) would otherwise go out on every
+                # kept-alive connection in turn, uncounted, without a pause.
+                self._resent.discard(item.id)
+                self._retry(item, str(result), "NotSent")
+                return
+            if isinstance(result, ClosedUnannounced):
+                if len(self._resent) >= _RESENT_KEPT:
+                    self._resent.clear()
+                self._resent.add(item.id)
             # Unanswered for what came before it on its connection: back to the outbox
             # as it was (its lease given back, no attempt counted), claimable at once.
             self._release_unsent(item)
@@ -497,7 +513,7 @@ class HttpSink:
                 # No answer in time: the server may still be working through it (and
                 # through what was written behind it). Sent again at once, a conversation's
                 # next event could overtake the stale copy: not before as long again.
-                at_least=self._timeout if isinstance(result, httpx.TimeoutException) else 0.0,
+                at_least=self._timeout if _maybe_processed(result) else 0.0,
             )
         elif isinstance(result, Exception):
             if self._closing:
@@ -510,12 +526,12 @@ class HttpSink:
             self._retry(item, f"{type(result).__name__}: {result}", "unexpected")
         else:
             reply = result
-            outcome = classify(reply.status)
+            outcome = classify(reply.status, reply.body)
             if outcome == ACCEPTED:
                 if _is_api_answer(reply.body):
                     self._ack(item)
                     self.sent += 1
-                    if self._outage:
+                    if self._outage and time.monotonic() - self._last_failure >= _QUIET:
                         self._recovered()
                 else:
                     # A wrong endpoint (a site's catch-all page, a captive portal) that
@@ -548,6 +564,7 @@ class HttpSink:
                 # after a few), and no backoff grown by it.
                 self._outbox.defer(item, self._paused_until)
                 self._outage = True
+                self._last_failure = time.monotonic()
                 self._log_once(
                     "429",
                     "the AgentSight API is throttling (429); pausing delivery for %.1f s",
@@ -561,7 +578,8 @@ class HttpSink:
                 self._reject(item, reply)
 
     def _recovered(self) -> None:
-        """After an outage that was logged: say it is over, and log the next one again."""
+        """An event accepted after a minute without failures: the outage is over. Said,
+        and the next one is logged again (a 2 % failure rate is one outage, not many)."""
         self._outage = False
         self._logged -= {
             key for key in self._logged if isinstance(key, tuple) and key[0] == "retry"
@@ -570,6 +588,7 @@ class HttpSink:
         logger.info("the AgentSight API accepts events again")
 
     def _ack(self, item: OutboxItem) -> None:
+        self._resent.discard(item.id)
         if not self._outbox.durable:
             self._outbox.ack([item])
             return
@@ -600,6 +619,8 @@ class HttpSink:
         ``kind`` names the failure for the log (one warning per kind and outage), None
         when the caller has logged it."""
         self._outage = True
+        self._last_failure = time.monotonic()
+        self._resent.discard(item.id)
         if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
             self._outbox.discard(item)
             self.failed += 1

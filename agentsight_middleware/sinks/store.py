@@ -10,7 +10,7 @@ import asyncio
 import sqlite3
 from typing import Any
 
-from .._log import logger
+from .._log import LogOnce, logger
 from .._retry import backoff
 from .._store import LocalStore
 
@@ -33,6 +33,7 @@ class StoreSink:
 
     def __init__(self, store: LocalStore) -> None:
         self._store = store
+        self._log_once = LogOnce()
         self.stored = 0
         self.failed = 0
 
@@ -66,14 +67,11 @@ class StoreSink:
                 if len(payloads) == 1:
                     self.failed += 1
                     raise
-                first: ValueError | None = None
                 for payload in payloads:
                     try:
                         await self.put([payload])
-                    except ValueError as bad:
-                        first = first or bad
-                if first is not None:
-                    raise first from None
+                    except Exception as exc:  # counted by the inner put
+                        self._log_once("storing an event", exc)
                 return
             except Exception:
                 self.failed += len(payloads)
