@@ -697,10 +697,15 @@ async def test_an_unexpected_error_while_sending_is_retried_not_stuck(
 # ---------------------------------------------------------------------------
 
 
-def direct_sink(url: str, outbox: MemoryOutbox | SQLiteOutbox, concurrency: int) -> HttpSink:
+def direct_sink(
+    url: str, outbox: MemoryOutbox | SQLiteOutbox, concurrency: int, **options: Any
+) -> HttpSink:
     endpoint = url.split("/api/")[0]
     return HttpSink(
-        Credentials("key", endpoint, "production"), outbox=outbox, concurrency=concurrency
+        Credentials("key", endpoint, "production"),
+        outbox=outbox,
+        concurrency=concurrency,
+        **options,
     )
 
 
@@ -1354,12 +1359,8 @@ async def test_a_pipeline_longer_than_the_outbox_lease_sends_each_event_once(
 
     server = Scripted(handler)
     async with server.running() as url:
-        endpoint = url.split("/api/")[0]
-        sink = HttpSink(
-            Credentials("key", endpoint, "production"),
-            outbox=SQLiteOutbox(tmp_path / "outbox.sqlite3", lease=1.5),
-            concurrency=2,
-            timeout=1.0,
+        sink = direct_sink(
+            url, SQLiteOutbox(tmp_path / "outbox.sqlite3", lease=1.5), concurrency=2, timeout=1.0
         )
         await sink.start()
         await sink.put([{"conversation_id": "warm-up", "is_used": False}])
@@ -1447,13 +1448,7 @@ async def test_429_paces_delivery_and_never_counts_as_a_failed_attempt(
 
     server = Scripted(handler)
     async with server.running() as url:
-        endpoint = url.split("/api/")[0]
-        sink = HttpSink(
-            Credentials("key", endpoint, "production"),
-            outbox=MemoryOutbox(10),
-            concurrency=1,
-            max_attempts=2,
-        )
+        sink = direct_sink(url, MemoryOutbox(10), concurrency=1, max_attempts=2)
         await sink.start()
         await sink.put([{"conversation_id": "c", "is_used": False}])
         left = await sink.drain(time.monotonic() + 10)
@@ -1509,13 +1504,7 @@ async def test_a_pipeline_behind_a_timeout_keeps_each_conversation_in_order() ->
 
     server = Scripted(handler)
     async with server.running() as url:
-        endpoint = url.split("/api/")[0]
-        sink = HttpSink(
-            Credentials("key", endpoint, "production"),
-            outbox=MemoryOutbox(1000),
-            concurrency=1,
-            timeout=0.5,
-        )
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=1, timeout=0.5)
         await sink.start()
         await sink.put([{"conversation_id": "warm-up", "is_used": False}])
         await sink.drain(time.monotonic() + 5)
@@ -1712,13 +1701,7 @@ async def test_an_event_the_server_closes_the_connection_on_is_backed_off() -> N
 
     server = Scripted(handler)
     async with server.running() as url:
-        endpoint = url.split("/api/")[0]
-        sink = HttpSink(
-            Credentials("key", endpoint, "production"),
-            outbox=MemoryOutbox(1000),
-            concurrency=4,
-            max_attempts=3,
-        )
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=4, max_attempts=3)
         await sink.start()
         await sink.put([{"conversation_id": f"warm{i}"} for i in range(40)])
         assert await sink.drain(time.monotonic() + 5) == 0  # kept-alive connections now
