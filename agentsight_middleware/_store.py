@@ -486,6 +486,48 @@ def mark_sent(store: LocalStore, ids: Sequence[int], *, at: float | None = None)
     return marked
 
 
+def _open_readonly(text: str) -> tuple[sqlite3.Connection, int]:
+    """A read-only connection and the file's schema version."""
+    # mode=ro: a report must never create, migrate or lock out the writers.
+    uri = "file:" + urllib.parse.quote(os.path.abspath(text)) + "?mode=ro"
+    try:
+        return _first_read(
+            sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+        )
+    except sqlite3.OperationalError as exc:
+        # A WAL file's reader needs its -shm beside it, which a reader without write access
+        # to the folder (an admin reading the www-data app's file, a read-only volume) cannot
+        # create. With no -wal file, no writer is at work: the file is read as it is.
+        message = str(exc)
+        if not ("unable to open" in message or "readonly" in message):
+            raise wrap_database_error(text, exc) from exc
+        if os.path.exists(text + "-wal"):
+            raise StoreError(
+                f"{_describe(text)} cannot be read: SQLite needs to write its -shm file "
+                f"beside it ({message}); run the report as the app's user, or copy the "
+                "file (with its -wal) somewhere you can write"
+            ) from exc
+    conn = sqlite3.connect(
+        uri + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None
+    )
+    try:
+        return _first_read(conn)
+    except sqlite3.DatabaseError as exc:
+        raise wrap_database_error(text, exc) from exc
+
+
+def _first_read(conn: sqlite3.Connection) -> tuple[sqlite3.Connection, int]:
+    try:
+        # Before any temporary table: changing temp_store drops them. The report's GROUP BYs
+        # sort in temporary storage, which has no business on disk.
+        conn.execute("PRAGMA temp_store = MEMORY")
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn, int(version)
+
+
 def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     """A read-only connection to an events file, for reports; the caller closes it.
 
@@ -499,14 +541,8 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     text = os.fspath(path)
     if not os.path.isfile(text):
         raise StoreNotFoundError(text)
-    # mode=ro: a report must never create, migrate or lock out the writers.
-    uri = "file:" + urllib.parse.quote(os.path.abspath(text)) + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+    conn, version = _open_readonly(text)
     try:
-        # Before any temporary table: changing temp_store drops them. The report's GROUP BYs
-        # sort in temporary storage, which has no business on disk.
-        conn.execute("PRAGMA temp_store = MEMORY")
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{_describe(text)} has events schema {version}, newer than this "

@@ -639,3 +639,27 @@ def test_html_many_days_and_one_day(tmp_path: Path) -> None:
     assert len(charts(render_html(build_report(many))).charts["chart-daily"]) == 60
     one = write(tmp_path / "one.sqlite3", [make_payload("conv_a")])
     assert charts(render_html(build_report(one))).charts["chart-daily"] == [("2026-11-24", 0.0)]
+
+
+def test_a_reader_that_cannot_write_beside_the_file_still_reports(tmp_path: Path) -> None:
+    # An admin reporting on the www-data app's file, or a read-only volume: SQLite's -shm
+    # file for a WAL database cannot be created beside it, and the report said "not a
+    # usable events file: unable to open database file". With no writer at work (no -wal
+    # file), the file is read as it is. The folder is made immutable (chattr +i), which
+    # even root cannot write in.
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    db = write(folder / "events.sqlite3", dataset())
+    assert not Path(f"{db}-wal").exists()  # the writer closed: nothing in flight
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)]).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4): nothing else stops root writing here")
+    try:
+        assert subprocess.run(["touch", str(folder / "probe")]).returncode != 0
+        report = build_report(db)
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+    assert (report.initialized, report.used) == (4, 2)
