@@ -494,12 +494,14 @@ def _open_readonly(text: str) -> tuple[sqlite3.Connection, int]:
         return _first_read(
             sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
         )
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         # A WAL file's reader needs its -shm beside it, which a reader without write access
         # to the folder (an admin reading the www-data app's file, a read-only volume) cannot
         # create. With no -wal file, no writer is at work: the file is read as it is.
         message = str(exc)
-        if not ("unable to open" in message or "readonly" in message):
+        if not isinstance(exc, sqlite3.OperationalError) or not (
+            "unable to open" in message or "readonly" in message
+        ):
             raise wrap_database_error(text, exc) from exc
         if os.path.exists(text + "-wal"):
             raise StoreError(
