@@ -119,7 +119,8 @@ class MiddlewareBase:
             ``https://api.agentsight.io``).
         :param outbox: a SQLite file that keeps every event until the API accepted it,
             across crashes and restarts; several processes may share it.
-        :param shutdown_timeout: seconds spent delivering what is left at shutdown.
+        :param shutdown_timeout: seconds spent delivering what is left at shutdown (to the
+            API, the local store or the tracker).
         :param delivery_concurrency: connections to the API at most, each carrying one
             request, or up to 16 written at once (HTTP/1.1 pipelining) while events
             queue. Eight at first, doubled while all are waiting for answers with events
@@ -170,11 +171,14 @@ class MiddlewareBase:
         self._submit = core.submit
 
     def stats(self) -> dict[str, int]:
-        """Counts of the background work: submitted, processed, dropped, errors, queued..."""
+        """Counts of the background work; the keys depend on where events go (README,
+        "Visible"): ``enqueued``, ``sent``, ``retried``, ... with the built-in client,
+        ``stored`` with the local store, ``submitted``, ``processed``, ... with a tracker."""
         return self._core.delivery.stats()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until queued page views are handed to the tracker; False on time-out."""
+        """Wait until what was queued is delivered, stored or handed to the tracker; False
+        on time-out."""
         return self._core.delivery.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:
@@ -230,6 +234,7 @@ def _choose_delivery(
             timeout=settings.tracker_timeout,
             queue_size=queue_size,
             is_probe=settings.is_non_browser,
+            shutdown_timeout=shutdown_timeout,
         )
     credentials = Credentials.resolve(
         api_key=api_key, endpoint=endpoint, environment=settings.environment

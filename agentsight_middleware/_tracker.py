@@ -127,8 +127,10 @@ class TrackerDelivery:
         timeout: float,
         queue_size: int = 10_000,
         is_probe: Callable[[str], bool] | None = None,
+        shutdown_timeout: float = 5.0,
     ) -> None:
         check_tracker(tracker)
+        self._shutdown_timeout = shutdown_timeout
         self._is_probe = is_probe
         self.tracker = tracker
         self._source = source
@@ -147,7 +149,7 @@ class TrackerDelivery:
         )
         self.log_once = LogOnce()
         self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
-            self._deliver_initialize, maxsize=queue_size
+            self._deliver_initialize, maxsize=queue_size, shutdown_timeout=shutdown_timeout
         )
         # Blocking engage calls run in threads of their own number, never on the
         # app's: a slow tracker on anyio's default limiter held the 40 threads
@@ -363,7 +365,7 @@ class TrackerDelivery:
         flying = self._waitable()
         if flying:
             _, pending = concurrent.futures.wait(
-                flying, self._timeout if timeout is None else timeout
+                flying, self._shutdown_timeout if timeout is None else timeout
             )
             if pending:
                 from ._log import logger

@@ -1395,3 +1395,36 @@ async def test_the_first_content_type_decides_as_under_wsgi(tracker: RecordingTr
     browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
     _, headers, _ = await _raw_call(mw, "GET", "/", browser)
     assert any(name == b"set-cookie" for name, _ in headers)
+
+
+class _SlowTracker:
+    """A blocking tracker whose page views take ``delay`` seconds each."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.initialized = 0
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        time.sleep(self.delay)
+        self.initialized += 1
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        pass
+
+
+async def test_shutdown_timeout_bounds_a_tracker_s_shutdown_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # With tracker=, shutdown_timeout was ignored: shutdown always took 5 s.
+    slow = _SlowTracker(0.5)
+    mw = AgentSightMiddleware(_page_app(), widget_pages=["/"], tracker=slow, shutdown_timeout=1)
+    async with client(mw) as c:
+        for _ in range(20):
+            c.cookies.clear()
+            await c.get("/", headers=BROWSER)
+    started = time.monotonic()
+    mw.close()
+    elapsed = time.monotonic() - started
+    assert 0.8 < elapsed < 2.5, elapsed
+    assert slow.initialized < 20
+    assert "not delivered within 1.0 s" in caplog.text

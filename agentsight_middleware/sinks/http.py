@@ -57,6 +57,9 @@ _IDLE_POLL = 1.0
 # long round trip (64 at 50 ms carry ~1,280 events/s), while a trickle of events
 # never needs more than a few connections.
 _FIRST_SENDERS = 8
+# A wrong endpoint (see _retry.ELSEWHERE) is tried again this often, the events kept meanwhile.
+_ELSEWHERE_PAUSE = 30.0
+_KEPT = " (in memory up to queue_size; pass outbox='path.sqlite3' to keep every event on disk)"
 # Ids of events sent again uncounted, kept at most (a bound, not a limit one meets).
 _RESENT_KEPT = 10_000
 # A failure is "over" (logged again next time, and its end said) after this long without one.
@@ -539,23 +542,28 @@ class HttpSink:
                     self._log_once(
                         "not the API",
                         "%s answered %d with something other than the AgentSight API's "
-                        "answer (a JSON object with an id): check the endpoint; the events "
-                        "are kept and sent again",
+                        "answer (a JSON object with an id): check the endpoint; delivery "
+                        "pauses %g s at a time and the events are kept meanwhile%s",
                         self._url,
                         reply.status,
+                        _ELSEWHERE_PAUSE,
+                        _KEPT,
                     )
-                    self._retry(item, f"HTTP {reply.status}, not the AgentSight API's answer", None)
+                    self._elsewhere(item)
             elif outcome == ELSEWHERE:
                 location = reply.header(b"location")
                 self._log_once(
                     "not the API",
                     "%s answered %d%s: that is not the AgentSight API's conversations endpoint; "
-                    "check the endpoint (the events are kept and sent again)",
+                    "check the endpoint (delivery pauses %g s at a time and the events are "
+                    "kept meanwhile%s)",
                     self._url,
                     reply.status,
                     f" (redirecting to {location[:200]})" if location else "",
+                    _ELSEWHERE_PAUSE,
+                    _KEPT,
                 )
-                self._retry(item, f"HTTP {reply.status}, not the AgentSight API", None)
+                self._elsewhere(item)
             elif outcome == THROTTLED:
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
@@ -576,6 +584,17 @@ class HttpSink:
             else:
                 assert outcome == REJECTED
                 self._reject(item, reply)
+
+    def _elsewhere(self, item: OutboxItem) -> None:
+        """Something other than the API answered: no attempt counted (the event is not at
+        fault, and the in-memory outbox would give up on it), and delivery pauses rather
+        than sending every event to the wrong place in turn."""
+        self._paused_until = max(self._paused_until, time.time() + _ELSEWHERE_PAUSE)
+        self._outbox.defer(item, self._paused_until)
+        self._resent.discard(item.id)
+        self.retried += 1
+        self._outage = True
+        self._last_failure = time.monotonic()
 
     def _recovered(self) -> None:
         """An event accepted after a minute without failures: the outage is over. Said,
