@@ -589,8 +589,11 @@ class HttpSink:
         """Something other than the API answered: no attempt counted (the event is not at
         fault, and the in-memory outbox would give up on it), and delivery pauses rather
         than sending every event to the wrong place in turn."""
-        self._paused_until = max(self._paused_until, time.time() + _ELSEWHERE_PAUSE)
-        self._outbox.defer(item, self._paused_until)
+        now = time.time()
+        self._paused_until = max(self._paused_until, now + _ELSEWHERE_PAUSE)
+        # The pause is this process's: the row itself is due again at once, so that a
+        # process started with the endpoint fixed (sharing a durable outbox) sends it.
+        self._outbox.defer(item, now)
         self._resent.discard(item.id)
         self.retried += 1
         self._outage = True
