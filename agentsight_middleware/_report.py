@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from ._store import connect_readonly, wrap_database_error
+from ._store import check_unchanged, connect_readonly, wrap_database_error
 
 __all__ = [
     "DEFAULT_BY",
@@ -251,14 +251,18 @@ def build_report(
         # One read transaction: every query sees the same events while writers append.
         conn.execute("BEGIN")
         try:
-            return _build(conn, text_path, since, dimensions, generated_at)
+            report = _build(conn, text_path, since, dimensions, generated_at)
         except sqlite3.DatabaseError as exc:
             # A damaged file (or a lock held past the busy timeout) found mid-report: said
             # as such, not as a traceback.
-            raise wrap_database_error(text_path, exc) from exc
+            raise check_unchanged(conn) or wrap_database_error(text_path, exc) from exc
         finally:
             with suppress(sqlite3.Error):  # SQLite may have rolled back already
                 conn.execute("ROLLBACK")
+        changed = check_unchanged(conn)
+        if changed is not None:
+            raise changed
+        return report
 
 
 def _build(

@@ -31,6 +31,7 @@ __all__ = [
     "LocalStore",
     "StoreError",
     "StoreNotFoundError",
+    "check_unchanged",
     "connect_readonly",
     "count_unsent",
     "mark_sent",
@@ -503,19 +504,62 @@ def _open_readonly(text: str) -> tuple[sqlite3.Connection, int]:
             "unable to open" in message or "readonly" in message
         ):
             raise wrap_database_error(text, exc) from exc
+        if not os.access(text, os.R_OK):
+            raise StoreError(f"{_describe(text)} cannot be read: permission denied") from exc
         if os.path.exists(text + "-wal"):
             raise StoreError(
                 f"{_describe(text)} cannot be read: SQLite needs to write its -shm file "
                 f"beside it ({message}); run the report as the app's user, or copy the "
                 "file (with its -wal) somewhere you can write"
             ) from exc
-    conn = sqlite3.connect(
-        uri + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None
-    )
+    # Read as it is, without the locks a writer would wait for: taken as read only if the
+    # file is the same when the report is done (see check_unchanged).
+    before = _file_state(text)
+    try:
+        conn = sqlite3.connect(
+            uri + "&immutable=1",
+            uri=True,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,
+            factory=_ImmutableRead,
+        )
+    except sqlite3.DatabaseError as exc:
+        raise wrap_database_error(text, exc) from exc
+    assert isinstance(conn, _ImmutableRead)
+    conn.path, conn.state = text, before
     try:
         return _first_read(conn)
     except sqlite3.DatabaseError as exc:
-        raise wrap_database_error(text, exc) from exc
+        raise check_unchanged(conn) or wrap_database_error(text, exc) from exc
+
+
+class _ImmutableRead(sqlite3.Connection):
+    """A connection that reads a file as immutable, and what the file was when opened."""
+
+    path = ""
+    state: tuple[int, int, int, bool] | None = None
+
+
+def _file_state(text: str) -> tuple[int, int, int, bool] | None:
+    """What would change if a writer touched the file: inode, size, mtime, a -wal file."""
+    try:
+        info = os.stat(text)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns, os.path.exists(text + "-wal")
+
+
+def check_unchanged(conn: sqlite3.Connection) -> StoreError | None:
+    """For a connection that read the file as immutable (no locks: a reader that cannot
+    write beside the file), the error to raise if a writer changed it meanwhile, else None.
+    Such a read may have mixed old and new pages: its figures are not to be trusted."""
+    if not isinstance(conn, _ImmutableRead) or _file_state(conn.path) == conn.state:
+        return None
+    return StoreError(
+        f"{_describe(conn.path)} was written to while the report read it without locks (no "
+        "write access to its folder for SQLite's -shm file): run the report again, or as "
+        "the app's user"
+    )
 
 
 def _first_read(conn: sqlite3.Connection) -> tuple[sqlite3.Connection, int]:

@@ -1442,6 +1442,35 @@ async def test_a_wrong_endpoint_costs_no_event_once_fixed(monkeypatch: pytest.Mo
     assert stats["retried"] >= 10  # well past max_attempts: none of them counted
 
 
+async def test_one_event_refused_by_a_proxy_holds_up_no_other() -> None:
+    # A firewall's page (an HTML 403) for one event's body: taken for a wrong endpoint,
+    # it paused all delivery for 30 s at a time, and the other events waited (then were
+    # dropped as the queue filled). It is that event's failure: counted, given up in memory.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, _, body = await read_request(reader)
+            if b"blocked" in body:
+                page = b"<html>Access denied</html>"
+                writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (
+                    len(page), page))  # fmt: skip
+            else:
+                writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=2, max_attempts=3)
+        await sink.start()
+        await sink.put([{"conversation_id": "blocked"}])
+        for i in range(20):
+            await sink.put([{"conversation_id": f"c{i}"}])
+            await asyncio.sleep(0.05)
+        left = await sink.drain(time.monotonic() + 15)
+        stats = sink.stats()
+        await sink.aclose()
+    assert left == 0
+    assert (stats["sent"], stats["failed"]) == (20, 1)
+
+
 async def test_a_202_with_the_api_s_answer_is_accepted() -> None:
     server = Scripted(keep_alive(b'HTTP/1.1 202 Accepted\r\nContent-Length: 8\r\n\r\n{"id":7}'))
     async with server.running() as url:

@@ -660,6 +660,17 @@ def test_a_reader_that_cannot_write_beside_the_file_still_reports(tmp_path: Path
     try:
         assert subprocess.run(["touch", str(folder / "probe")]).returncode != 0
         report = build_report(db)
+        conn = _store.connect_readonly(db)  # read as it is, without locks
     finally:
         subprocess.run([chattr, "-i", str(folder)], check=True)
     assert (report.initialized, report.used) == (4, 2)
+    # Such a read takes no locks: a writer starting meanwhile (here, once the folder can be
+    # written again) may mix old and new pages into it. It is then refused, not trusted.
+    try:
+        assert _store.check_unchanged(conn) is None
+        write(db, [make_payload("conv_late")])
+        changed = _store.check_unchanged(conn)
+    finally:
+        conn.close()
+    assert changed is not None
+    assert "was written to while the report read it" in str(changed)

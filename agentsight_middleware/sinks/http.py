@@ -59,6 +59,8 @@ _IDLE_POLL = 1.0
 _FIRST_SENDERS = 8
 # A wrong endpoint (see _retry.ELSEWHERE) is tried again this often, the events kept meanwhile.
 _ELSEWHERE_PAUSE = 30.0
+# ... once this many events in a row got such an answer.
+_ELSEWHERE_RUN = 3
 _KEPT = " (in memory up to queue_size; pass outbox='path.sqlite3' to keep every event on disk)"
 # Ids of events sent again uncounted, kept at most (a bound, not a limit one meets).
 _RESENT_KEPT = 10_000
@@ -196,6 +198,8 @@ class HttpSink:
         # A failure was logged, and when the last one was (see _recovered).
         self._outage = False
         self._last_failure = 0.0
+        # Answers from elsewhere in a row, none accepted between (see _elsewhere).
+        self._elsewhere_run = 0
         self.sent = 0
         self.retried = 0
         self.throttled = 0
@@ -534,6 +538,7 @@ class HttpSink:
                 if _is_api_answer(reply.body):
                     self._ack(item)
                     self.sent += 1
+                    self._elsewhere_run = 0
                     if self._outage and time.monotonic() - self._last_failure >= _QUIET:
                         self._recovered()
                 else:
@@ -542,28 +547,29 @@ class HttpSink:
                     self._log_once(
                         "not the API",
                         "%s answered %d with something other than the AgentSight API's "
-                        "answer (a JSON object with an id): check the endpoint; delivery "
-                        "pauses %g s at a time and the events are kept meanwhile%s",
+                        "answer (a JSON object with an id): check the endpoint (while every "
+                        "event gets such an answer, delivery pauses %g s at a time and the "
+                        "events are kept%s)",
                         self._url,
                         reply.status,
                         _ELSEWHERE_PAUSE,
                         _KEPT,
                     )
-                    self._elsewhere(item)
+                    self._elsewhere(item, f"HTTP {reply.status}, not the AgentSight API's answer")
             elif outcome == ELSEWHERE:
                 location = reply.header(b"location")
                 self._log_once(
                     "not the API",
                     "%s answered %d%s: that is not the AgentSight API's conversations endpoint; "
-                    "check the endpoint (delivery pauses %g s at a time and the events are "
-                    "kept meanwhile%s)",
+                    "check the endpoint (while every event gets such an answer, delivery "
+                    "pauses %g s at a time and the events are kept%s)",
                     self._url,
                     reply.status,
                     f" (redirecting to {location[:200]})" if location else "",
                     _ELSEWHERE_PAUSE,
                     _KEPT,
                 )
-                self._elsewhere(item)
+                self._elsewhere(item, f"HTTP {reply.status}, not the AgentSight API")
             elif outcome == THROTTLED:
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
@@ -585,10 +591,17 @@ class HttpSink:
                 assert outcome == REJECTED
                 self._reject(item, reply)
 
-    def _elsewhere(self, item: OutboxItem) -> None:
-        """Something other than the API answered: no attempt counted (the event is not at
-        fault, and the in-memory outbox would give up on it), and delivery pauses rather
-        than sending every event to the wrong place in turn."""
+    def _elsewhere(self, item: OutboxItem, reason: str) -> None:
+        """Something other than the API answered. Once several events in a row got such an
+        answer with none accepted between (a wrong endpoint), delivery pauses, and no attempt
+        is counted: the events are not at fault, and the in-memory outbox would give up on
+        them. Before that (a proxy or firewall refusing one event), it is this event's
+        failure: counted and backed off like any, so that it neither holds up the rest nor
+        stays for ever."""
+        self._elsewhere_run += 1
+        if self._elsewhere_run < _ELSEWHERE_RUN:
+            self._retry(item, reason, None)
+            return
         now = time.time()
         self._paused_until = max(self._paused_until, now + _ELSEWHERE_PAUSE)
         # The pause is this process's: the row itself is due again at once, so that a
