@@ -1673,12 +1673,11 @@ class _LazyUser:
         raise RuntimeError("SynchronousOnlyOperation")
 
 
-async def test_what_json_cannot_hold_costs_no_event_its_place() -> None:
-    # A date as a dict key raised TypeError out of put(), which caught only ValueError:
-    # the whole batch was lost. A value whose str() raises did the same, and a NaN cost
-    # its event. Each event now goes, without the hook's values it cannot carry.
-    import datetime
-
+async def delivered_bodies(
+    payloads: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The JSON bodies a real server received for ``payloads`` put into a sink, and the
+    sink's stats once it has delivered them."""
     received: list[dict[str, Any]] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1691,17 +1690,27 @@ async def test_what_json_cannot_hold_costs_no_event_its_place() -> None:
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
         await sink.start()
-        own = {"page_path": "/", "rule": "/"}
-        await sink.put([
-            {"conversation_id": "a"},
-            {"conversation_id": "date-key", "metadata": {**own, datetime.date(2024, 5, 1): 1}},
-            {"conversation_id": "lazy", "metadata": {**own, "user": _LazyUser()}},
-            {"conversation_id": "nan", "metadata": {**own, "score": float("nan"), "n": [1.5]}},
-            {"conversation_id": "b"},
-        ])  # fmt: skip
+        await sink.put(payloads)
         assert await sink.drain(time.monotonic() + 5) == 0
         stats = sink.stats()
         await sink.aclose()
+    return received, stats
+
+
+async def test_what_json_cannot_hold_costs_no_event_its_place() -> None:
+    # A date as a dict key raised TypeError out of put(), which caught only ValueError:
+    # the whole batch was lost. A value whose str() raises did the same, and a NaN cost
+    # its event. Each event now goes, without the hook's values it cannot carry.
+    import datetime
+
+    own = {"page_path": "/", "rule": "/"}
+    received, stats = await delivered_bodies([
+        {"conversation_id": "a"},
+        {"conversation_id": "date-key", "metadata": {**own, datetime.date(2024, 5, 1): 1}},
+        {"conversation_id": "lazy", "metadata": {**own, "user": _LazyUser()}},
+        {"conversation_id": "nan", "metadata": {**own, "score": float("nan"), "n": [1.5]}},
+        {"conversation_id": "b"},
+    ])  # fmt: skip
     assert (stats["sent"], stats["failed"]) == (5, 0)
     by_id = {event["conversation_id"]: event for event in received}
     assert by_id["date-key"]["metadata"] == own
@@ -1715,22 +1724,8 @@ async def test_an_event_made_huge_by_a_hook_is_sent_without_the_hook_s_values(
     # A metadata hook returning a megabyte: a queue of such events held gigabytes, and
     # the API's echo of one (its answer holds the conversation) passed our 1 MiB limit
     # on answers, so it was sent again and again. It goes without the hook's values.
-    received: list[dict[str, Any]] = []
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            _, _, body = await read_request(reader)
-            received.append(json.loads(body))
-            writer.write(created())
-
-    server = Scripted(handler)
-    async with server.running() as url:
-        sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
-        await sink.start()
-        metadata = {"page_path": "/", "rule": "/", "blob": "x" * 1_000_000}
-        await sink.put([{"conversation_id": "c", "metadata": metadata}])
-        assert await sink.drain(time.monotonic() + 5) == 0
-        await sink.aclose()
+    metadata = {"page_path": "/", "rule": "/", "blob": "x" * 1_000_000}
+    received, _ = await delivered_bodies([{"conversation_id": "c", "metadata": metadata}])
     assert received == [{"conversation_id": "c", "metadata": {"page_path": "/", "rule": "/"}}]
     assert "sent without them" in caplog.text
 
