@@ -205,11 +205,10 @@ class _SpiderCheck:
     def __init__(
         self,
         matchers: Matchers,
+        compiled: Callable[[Matchers], Resolver],
         budget: float = SPIDER_CHECK_BUDGET,
-        compiled: Callable[[Matchers], Resolver] | None = None,
     ) -> None:
-        from ua_parser import BasicResolver
-
+        python = _python_resolver()
         devices = list(matchers[2])
         # Lazy and eager matchers carry these; a matcher that does not (a future ua-parser)
         # leaves only the full check.
@@ -218,18 +217,18 @@ class _SpiderCheck:
         leading = 0
         while leading < len(devices) and families[leading] == "Spider":
             leading += 1
-        self._full = BasicResolver(([], [], devices))
-        self._head: Resolver | None = None
-        self._tail: Resolver | None = None
-        # The leading Spider rules as ua-parser-rs runs them (widened): whether one of them,
-        # not the catch-all, is what answered. Their models do not tell (rule 5 and the
-        # catch-all are both "Desktop").
-        self._compiled_head: Resolver | None = None
-        if spiders and spiders[-1] >= leading and compiled is not None:
-            catch_all = spiders[-1]
-            self._head = BasicResolver(([], [], devices[:leading]))
-            self._tail = BasicResolver(([], [], devices[catch_all:]))
-            self._compiled_head = compiled(([], [], devices[:leading]))
+        self._full = python(([], [], devices))
+        # The leading Spider rules in Python; the same in ua-parser-rs (widened), which says
+        # whether one of them rather than the catch-all answered there (their models do not
+        # tell: rule 5 and the catch-all are both "Desktop"); the rules from the catch-all on
+        # in Python. None: rules not laid out so, only the full check.
+        self._split: tuple[Resolver, Resolver, Resolver] | None = None
+        if spiders and spiders[-1] >= leading:
+            self._split = (
+                python(([], [], devices[:leading])),
+                compiled(([], [], devices[:leading])),
+                python(([], [], devices[spiders[-1] :])),
+            )
         self._rate = budget
         self._tokens = budget
         self._last = time.monotonic()
@@ -237,13 +236,14 @@ class _SpiderCheck:
     def __call__(self, ua: str) -> str:
         from ua_parser import Domain
 
-        if self._head is not None and self._tail is not None and self._compiled_head is not None:
-            found = self._head(ua, Domain.DEVICE).device
+        if self._split is not None:
+            head, compiled_head, tail = self._split
+            found = head(ua, Domain.DEVICE).device
             if found is not None:
                 return found.family
-            if self._compiled_head(ua, Domain.DEVICE).device is None:
+            if compiled_head(ua, Domain.DEVICE).device is None:
                 # No leading rule answered in ua-parser-rs: the catch-all did.
-                found = self._tail(ua, Domain.DEVICE).device
+                found = tail(ua, Domain.DEVICE).device
                 return found.family if found is not None else "Other"
         now = time.monotonic()
         self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
@@ -327,7 +327,7 @@ def _build() -> tuple[str, Callable[[str], Classification]]:
             # Not installed, or cannot take some rule of a newer uap-core: the next
             # engine will do.
             continue
-        spiders = _SpiderCheck(matchers, compiled=load()) if name == "ua-parser-rs" else None
+        spiders = _SpiderCheck(matchers, load()) if name == "ua-parser-rs" else None
         return name, functools.partial(_with_resolver, resolver, Domain.ALL, spiders=spiders)
     return "user-agents", _with_user_agents
 

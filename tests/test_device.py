@@ -1225,7 +1225,7 @@ def _spider_check(budget: float = _device.SPIDER_CHECK_BUDGET) -> Any:
     from ua_parser import load_lazy_builtins
     from ua_parser.regex import Resolver as RustResolver
 
-    return _device._SpiderCheck(load_lazy_builtins(), budget, RustResolver)
+    return _device._SpiderCheck(load_lazy_builtins(), RustResolver, budget)
 
 
 def test_a_catch_all_verdict_is_checked_without_the_full_rule_set() -> None:
