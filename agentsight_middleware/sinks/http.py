@@ -544,32 +544,20 @@ class HttpSink:
                 else:
                     # A wrong endpoint (a site's catch-all page, a captive portal) that
                     # answers 200: the events were not recorded, so they are kept.
-                    self._log_once(
-                        "not the API",
-                        "%s answered %d with something other than the AgentSight API's "
-                        "answer (a JSON object with an id): check the endpoint (while every "
-                        "event gets such an answer, delivery pauses %g s at a time and the "
-                        "events are kept%s)",
-                        self._url,
-                        reply.status,
-                        _ELSEWHERE_PAUSE,
-                        _KEPT,
+                    self._elsewhere(
+                        item,
+                        reply,
+                        " with something other than the AgentSight API's answer (a JSON "
+                        "object with an id)",
                     )
-                    self._elsewhere(item, f"HTTP {reply.status}, not the AgentSight API's answer")
             elif outcome == ELSEWHERE:
                 location = reply.header(b"location")
-                self._log_once(
-                    "not the API",
-                    "%s answered %d%s: that is not the AgentSight API's conversations endpoint; "
-                    "check the endpoint (while every event gets such an answer, delivery "
-                    "pauses %g s at a time and the events are kept%s)",
-                    self._url,
-                    reply.status,
-                    f" (redirecting to {location[:200]})" if location else "",
-                    _ELSEWHERE_PAUSE,
-                    _KEPT,
+                redirect = f" (redirecting to {location[:200]})" if location else ""
+                self._elsewhere(
+                    item,
+                    reply,
+                    f"{redirect}: that is not the AgentSight API's conversations endpoint",
                 )
-                self._elsewhere(item, f"HTTP {reply.status}, not the AgentSight API")
             elif outcome == THROTTLED:
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
@@ -591,16 +579,26 @@ class HttpSink:
                 assert outcome == REJECTED
                 self._reject(item, reply)
 
-    def _elsewhere(self, item: OutboxItem, reason: str) -> None:
+    def _elsewhere(self, item: OutboxItem, reply: Reply, what: str) -> None:
         """Something other than the API answered. Once several events in a row got such an
         answer with none accepted between (a wrong endpoint), delivery pauses, and no attempt
         is counted: the events are not at fault, and the in-memory outbox would give up on
         them. Before that (a proxy or firewall refusing one event), it is this event's
         failure: counted and backed off like any, so that it neither holds up the rest nor
-        stays for ever."""
+        stays for ever. ``what`` says what the answer was, for the log."""
+        self._log_once(
+            "not the API",
+            "%s answered %d%s; check the endpoint (while every event gets such an answer, "
+            "delivery pauses %g s at a time and the events are kept%s)",
+            self._url,
+            reply.status,
+            what,
+            _ELSEWHERE_PAUSE,
+            _KEPT,
+        )
         self._elsewhere_run += 1
         if self._elsewhere_run < _ELSEWHERE_RUN:
-            self._retry(item, reason, None)
+            self._retry(item, f"HTTP {reply.status}, not the AgentSight API", None)
             return
         now = time.time()
         self._paused_until = max(self._paused_until, now + _ELSEWHERE_PAUSE)
