@@ -7,7 +7,9 @@ apart, so the interaction rate is used / initialized and never above 100 %.
 
 A conversation's page, device, language, source, hour and day are those of its *first*
 page view: where the widget was first offered is the placement that earned (or did not earn)
-the chat. With ``since``, only events at or after it count.
+the chat. With ``since``, only events at or after it count; with ``environment``, only the
+events of that AgentSight environment (``production``, ``development``, or ``none`` for
+events recorded without one).
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from ._store import check_unchanged, connect_readonly, wrap_database_error
 __all__ = [
     "DEFAULT_BY",
     "DIMENSIONS",
+    "NO_ENVIRONMENT",
     "DailyRow",
     "GroupRow",
     "Report",
     "build_report",
     "format_text",
     "headline",
+    "mixed_environments",
+    "parse_environment",
     "parse_since",
     "render_html",
 ]
@@ -61,6 +66,9 @@ _TITLES = {
 
 _DAY = 86400
 
+#: ``build_report(environment=...)`` for the events recorded without an environment.
+NO_ENVIRONMENT = "none"
+
 
 def _rate(used: int, initialized: int) -> float | None:
     return used / initialized * 100 if initialized else None
@@ -70,8 +78,8 @@ def _rate(used: int, initialized: int) -> float | None:
 class GroupRow:
     """One line of a breakdown: conversations initialized with this key, and used."""
 
-    #: The page path, device, language or source (None when the events had none), or the
-    #: UTC hour 0-23.
+    #: The page path, device, language, source or environment (None when the events had
+    #: none), or the UTC hour 0-23.
     key: str | int | None
     initialized: int
     used: int
@@ -126,6 +134,12 @@ class Report:
     breakdowns: Mapping[str, tuple[GroupRow, ...]]
     #: Every UTC day from the first page view to the last, in order.
     daily: tuple[DailyRow, ...]
+    #: The environment counted: ``production``, ``development``, :data:`NO_ENVIRONMENT`, or
+    #: None for every event whatever its environment.
+    environment: str | None = None
+    #: Conversations by environment, most initialized first: more than one row means the
+    #: figures above mix them (a developer's visits with the visitors').
+    environments: tuple[GroupRow, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -150,6 +164,8 @@ class Report:
                 name: [row.to_dict() for row in rows] for name, rows in self.breakdowns.items()
             },
             "daily": [row.to_dict() for row in self.daily],
+            "environment": self.environment,
+            "environments": [row.to_dict() for row in self.environments],
         }
 
 
@@ -218,7 +234,7 @@ def _dimensions(by: Sequence[str]) -> list[str]:
 _CONVERSATIONS = """
 CREATE TEMP TABLE conv AS
 SELECT MIN(CASE WHEN is_used = 0 THEN ts END) AS first_ts,
-       page_path, device, language, source,
+       page_path, device, language, source, environment,
        SUM(is_used) > 0 AS used
 FROM events {index} {where}
 GROUP BY conversation_id
@@ -235,15 +251,17 @@ def build_report(
     *,
     since: float | None = None,
     by: Sequence[str] = DEFAULT_BY,
+    environment: str | None = None,
     now: float | None = None,
 ) -> Report:
     """Read the events file at ``path`` and aggregate it (never writes to it).
 
     Raises :class:`~agentsight_middleware._store.StoreNotFoundError` (a ``FileNotFoundError``)
     when there is no file, :class:`~agentsight_middleware._store.StoreError` when it is not
-    an events file, and ``ValueError`` for an unknown breakdown name.
+    an events file, and ``ValueError`` for an unknown breakdown or environment name.
     """
     dimensions = _dimensions(by)
+    environment = parse_environment(environment)
     generated_at = time.time() if now is None else now
     text_path = os.fspath(path)
     with closing(connect_readonly(text_path)) as conn:
@@ -251,7 +269,7 @@ def build_report(
         # One read transaction: every query sees the same events while writers append.
         conn.execute("BEGIN")
         try:
-            report = _build(conn, text_path, since, dimensions, generated_at)
+            report = _build(conn, text_path, since, environment, dimensions, generated_at)
         except sqlite3.DatabaseError as exc:
             # A damaged file (or a lock held past the busy timeout) found mid-report: said
             # as such, not as a traceback.
@@ -265,15 +283,41 @@ def build_report(
         return report
 
 
+def parse_environment(name: str | None) -> str | None:
+    """The environment ``build_report`` counts, from what a user wrote (``prod``, say)."""
+    if name is None:
+        return None
+    if isinstance(name, str) and name.strip().lower() == NO_ENVIRONMENT:
+        return NO_ENVIRONMENT
+    from ._config import normalise_environment  # only when asked: it loads the request path
+
+    try:
+        return normalise_environment(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown environment {name!r}: choose from production, development (or prod, "
+            f"dev) and {NO_ENVIRONMENT} (events recorded without one)"
+        ) from None
+
+
 def _build(
     conn: sqlite3.Connection,
     path: str,
     since: float | None,
+    environment: str | None,
     dimensions: list[str],
     generated_at: float,
 ) -> Report:
-    where = "" if since is None else "WHERE ts >= :since"
-    params: dict[str, Any] = {} if since is None else {"since": since}
+    tests = []
+    params: dict[str, Any] = {}
+    if since is not None:
+        tests.append("ts >= :since")
+        params["since"] = since
+    if environment is not None:
+        # IS: NULL for the events recorded without an environment.
+        tests.append("environment IS :environment")
+        params["environment"] = None if environment == NO_ENVIRONMENT else environment
+    where = f"WHERE {' AND '.join(tests)}" if tests else ""
     events, first_at, last_at = conn.execute(
         f"SELECT COUNT(*), MIN(ts), MAX(ts) FROM events {where}", params
     ).fetchone()
@@ -293,8 +337,13 @@ def _build(
             abandoned_percent=None,
             breakdowns=dict.fromkeys(dimensions, ()),
             daily=(),
+            environment=environment,
         )
-    conn.execute(_CONVERSATIONS.format(index=_scan_hint(conn, events, since), where=where), params)
+    window = events
+    if since is not None and environment is not None:
+        # The time index reads every event of the window, whatever its environment.
+        (window,) = conn.execute("SELECT COUNT(*) FROM events WHERE ts >= ?", (since,)).fetchone()
+    conn.execute(_CONVERSATIONS.format(index=_scan_hint(conn, window, since), where=where), params)
     initialized, used, orphans = conn.execute(
         "SELECT COUNT(first_ts), TOTAL(first_ts IS NOT NULL AND used), TOTAL(first_ts IS NULL)"
         " FROM conv"
@@ -316,6 +365,8 @@ def _build(
         abandoned_percent=_rate(abandoned, initialized),
         breakdowns=_breakdowns(conn, dimensions),
         daily=_daily(conn),
+        environment=environment,
+        environments=_by_environment(conn),
     )
 
 
@@ -360,6 +411,14 @@ def _breakdowns(conn: sqlite3.Connection, dimensions: list[str]) -> dict[str, tu
     return result
 
 
+def _by_environment(conn: sqlite3.Connection) -> tuple[GroupRow, ...]:
+    rows = conn.execute(
+        "SELECT environment, COUNT(*) AS n, SUM(used) AS u FROM conv WHERE first_ts IS NOT NULL"
+        " GROUP BY environment ORDER BY n DESC, u DESC, environment IS NULL, environment"
+    )
+    return tuple(GroupRow(key, int(n), int(u), _rate(int(u), int(n))) for key, n, u in rows)
+
+
 #: The longest span of days whose empty days the daily trend lists.
 _MAX_FILLED_DAYS = 3660
 
@@ -398,11 +457,38 @@ def _utc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
+def _of_environment(report: Report) -> str:
+    if report.environment == NO_ENVIRONMENT:
+        return " recorded without an environment"
+    if report.environment is not None:
+        return f" of the {report.environment} environment"
+    return ""
+
+
 def _period(report: Report) -> str:
-    text = _plural(report.events, "event")
+    text = _plural(report.events, "event") + _of_environment(report)
     if report.first_event_at is not None and report.last_event_at is not None:
         text += f" from {_utc(report.first_event_at)} to {_utc(report.last_event_at)} UTC"
     return text
+
+
+def mixed_environments(report: Report) -> str | None:
+    """The warning for figures that mix environments, or None when they do not."""
+    if len(report.environments) < 2:
+        return None
+    counts = ", ".join(
+        f"{_key_text('environment', row.key)} {row.initialized:,} "
+        f"({_percent(row.interaction_rate_percent)})"
+        for row in report.environments
+    )
+    return (
+        f"These figures mix environments: conversations initialized by environment (rate) are "
+        f"{counts}. --environment NAME counts one ({', '.join(_environment_names(report))})."
+    )
+
+
+def _environment_names(report: Report) -> list[str]:
+    return [NO_ENVIRONMENT if row.key is None else str(row.key) for row in report.environments]
 
 
 def _plural(count: int, word: str) -> str:
@@ -455,6 +541,9 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
     """The terminal report: headline, then one aligned table per breakdown and the trend."""
     lines = [f"AgentSight interaction report: {_printable(report.path)}"]
     since = f" (since {_utc(report.since)} UTC)" if report.since is not None else ""
+    if report.is_empty and report.environment is not None:
+        lines += ["", f"No events{_of_environment(report)}{since}."]
+        return "\n".join(lines) + "\n"
     if report.is_empty:
         lines += [
             "",
@@ -464,6 +553,9 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
         return "\n".join(lines) + "\n"
     lines.append(f"{_period(report)}{since}")
     lines += ["", headline(report)]
+    mixed = mixed_environments(report)
+    if mixed is not None:
+        lines.append(_printable(mixed))
     if report.used_without_page_view:
         lines.append(
             f"{_plural(report.used_without_page_view, 'conversation')} chatted without a "
@@ -772,6 +864,14 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
     since = f", since {_utc(report.since)} UTC" if report.since is not None else ""
     generated = f"generated {_utc(report.generated_at)} UTC"
     meta = f'<p class="meta">{_e(report.path)}{_e(since)}, {_e(generated)}</p>'
+    if report.is_empty and report.environment is not None:
+        body = (
+            f"<h1>{title}</h1>{meta}"
+            '<section class="empty"><h2>No events</h2>'
+            f"<p>There are no events{_e(_of_environment(report))} in this file"
+            f"{_e(since.replace(',', '', 1))}.</p></section>"
+        )
+        return _page(title, body)
     if report.is_empty:
         body = (
             f"<h1>{title}</h1>{meta}"
@@ -797,6 +897,9 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
         _figure(f"{report.used_without_page_view:,}", "conversations chatted without a page view"),
         "</ul>",
     ]
+    mixed = mixed_environments(report)
+    if mixed is not None:
+        parts.append(f'<p class="note" id="mixed-environments">{_e(mixed)}</p>')
     if report.used_without_page_view:
         parts.append(
             '<p class="note">Conversations that chatted without a page view are not in the '

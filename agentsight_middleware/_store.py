@@ -42,7 +42,11 @@ __all__ = [
 DEFAULT_PATH = "agentsight-events.sqlite3"
 
 #: Bumped on every schema change; ``PRAGMA user_version`` holds the file's.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What reports read. Version 1's covering index lacks ``environment``: a report on such a
+# file reads every row for it (slower, the same figures) until the app's next start, whose
+# first write migrates the file.
+_READABLE = (1, 2)
 
 #: Seconds a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT = 5.0
@@ -76,7 +80,7 @@ CREATE TABLE IF NOT EXISTS {schema}events (
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
     "CREATE INDEX IF NOT EXISTS events_conversation ON events"
-    " (conversation_id, is_used, ts, page_path, device, language, source)",
+    " (conversation_id, is_used, ts, page_path, device, language, source, environment)",
 )
 
 _INSERT = """
@@ -220,6 +224,13 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
             conn.execute(_TABLE.format(schema=""))
             for statement in _INDEXES:
                 conn.execute(statement)
+        elif version == 1:
+            # The covering index gains the environment (reports filter and group on it).
+            # Rebuilt under the write lock, in the transaction: a crash leaves version 1
+            # whole, and other writers wait for it (about a second per million events).
+            conn.execute("DROP INDEX IF EXISTS events_conversation")
+            conn.execute(_INDEXES[1])
+        if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -597,7 +608,7 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         tables = {
             name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
-        if tables and ("events" not in tables or version != SCHEMA_VERSION):
+        if tables and ("events" not in tables or version not in _READABLE):
             # The writer stamps its schema version: another app's table named "events"
             # carries none, and the report's queries would fail on its columns.
             raise StoreError(

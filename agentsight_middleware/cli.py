@@ -15,7 +15,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from ._report import DIMENSIONS, build_report, format_text, parse_since, render_html
+from ._report import (
+    DIMENSIONS,
+    NO_ENVIRONMENT,
+    build_report,
+    format_text,
+    parse_environment,
+    parse_since,
+    render_html,
+)
 from ._store import DEFAULT_PATH, StoreError
 
 __all__ = ["PROG", "SUBCOMMANDS", "Subcommand", "main"]
@@ -40,6 +48,13 @@ def _fail(message: str) -> int:
 def _since(text: str) -> float:
     try:
         return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _environment(text: str) -> str | None:
+    try:
+        return parse_environment(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -91,6 +106,14 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
         "(default: all)",
     )
     parser.add_argument(
+        "--environment",
+        metavar="NAME",
+        type=_environment,
+        help="only events of this AgentSight environment: production, development (or prod, "
+        f"dev), or {NO_ENVIRONMENT} for events recorded without one (default: all, and the "
+        "report says when they mix)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print the report as JSON instead of a table"
     )
     parser.add_argument(
@@ -127,7 +150,7 @@ def _write_html(path: str, page: str) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     by = args.by if args.by else list(DIMENSIONS)
     try:
-        report = build_report(args.db, since=args.since, by=by)
+        report = build_report(args.db, since=args.since, by=by, environment=args.environment)
     except (StoreError, FileNotFoundError) as exc:
         return _fail(str(exc))
     if args.html:

@@ -15,7 +15,7 @@ from agentsight_middleware import cli
 from agentsight_middleware._report import build_report
 from agentsight_middleware._store import DEFAULT_PATH, LocalStore
 
-from .test_report import DAY3, charts, dataset, write
+from .test_report import DAY3, charts, dataset, mixed, write
 from .test_store import make_payload
 
 HEADLINE = "4 conversations initialized, 2 used: interaction rate 50.0 %, 2 abandoned (50.0 %)"
@@ -100,6 +100,28 @@ def test_since_junk_is_a_usage_error(db: Path, capsys: pytest.CaptureFixture[str
         cli.main(["report", "--db", str(db), "--since", "last tuesday"])
     assert exited.value.code == 2
     assert "cannot read 'last tuesday' as a start time" in capsys.readouterr().err
+
+
+def test_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = mixed(tmp_path / "events.sqlite3")
+    code, out, _ = run(capsys, "report", "--db", str(db))
+    assert code == 0
+    assert "These figures mix environments" in out
+    code, out, _ = run(capsys, "report", "--db", str(db), "--environment", "dev", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert (data["environment"], data["initialized"], data["used"]) == ("development", 2, 1)
+    code, out, _ = run(capsys, "report", "--db", str(db), "--environment", "production")
+    assert code == 0
+    assert HEADLINE in out
+    assert "mix environments" not in out
+
+
+def test_environment_junk_is_a_usage_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["report", "--db", str(db), "--environment", "staging"])
+    assert exited.value.code == 2
+    assert "unknown environment 'staging': choose from production" in capsys.readouterr().err
 
 
 def test_missing_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

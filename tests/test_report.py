@@ -253,6 +253,8 @@ def test_empty_events_file(tmp_path: Path) -> None:
         "abandoned_percent": None,
         "breakdowns": {name: [] for name in DEFAULT_BY},
         "daily": [],
+        "environment": None,
+        "environments": [],
     }
 
 
@@ -349,6 +351,7 @@ event = st.tuples(
     st.integers(0, 23),  # hour
     st.sampled_from(["/", "/pricing", None]),
     st.sampled_from(["desktop", "mobile", None]),
+    st.sampled_from(["production", "development", None]),
 )
 _files = itertools.count()
 
@@ -375,9 +378,14 @@ def test_property_matches_a_python_reference(
     payloads = [
         # A distinct second per event: the first page view is never a tie.
         make_payload(
-            cid, used=used, at=DAY1 + day * 86400 + hour * HOUR + i, page=page, device=device
+            cid,
+            used=used,
+            at=DAY1 + day * 86400 + hour * HOUR + i,
+            page=page,
+            device=device,
+            environment=environment,
         )
-        for i, (cid, used, day, hour, page, device) in enumerate(events)
+        for i, (cid, used, day, hour, page, device, environment) in enumerate(events)
     ]
     path = tmp_path_factory.mktemp("prop") / f"e{next(_files)}.sqlite3"
     write(path, payloads) if payloads else path.touch()
@@ -412,6 +420,154 @@ def test_property_matches_a_python_reference(
         got[(row.key, True)] += row.used
         got[(row.key, False)] += row.initialized - row.used
     assert +got == pages
+    # A conversation's environment is its first page view's: a breakdown of the same total.
+    assert sum(row.initialized for row in report.environments) == report.initialized
+    assert sum(row.used for row in report.environments) == report.used
+
+    for environment in ("production", "development", None):
+        alone = build_report(path, environment=environment or "none")
+        mine = [p for p in payloads if p["environment"] == environment]
+        initialized, used, orphans, _ = reference(mine)
+        assert (alone.initialized, alone.used, alone.used_without_page_view) == (
+            initialized,
+            used,
+            orphans,
+        )
+        assert alone.events == len(mine)
+        assert [row.key for row in alone.environments] == ([environment] if initialized else [])
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def mixed(path: Path) -> Path:
+    """The dataset (production) with a developer's visits and an event without environment.
+
+    development: d1 viewed and chatted, d2 viewed only; none: n1 viewed only.
+    """
+    return write(
+        path,
+        [
+            *dataset(),
+            make_payload("conv_d1", at=DAY1 + 9 * HOUR, page="/", environment="development"),
+            make_payload("conv_d1", used=True, at=DAY1 + 9 * HOUR + 5, environment="development"),
+            make_payload("conv_d2", at=DAY3 + 9 * HOUR, page="/", environment="development"),
+            make_payload("conv_n1", at=DAY3 + 10 * HOUR, page="/", environment=None),
+        ],
+    )
+
+
+def test_environments_are_counted_and_said_to_mix(tmp_path: Path) -> None:
+    path = mixed(tmp_path / "events.sqlite3")
+    report = build_report(path)
+    assert (report.initialized, report.used, report.environment) == (7, 3, None)
+    assert [(r.key, r.initialized, r.used) for r in report.environments] == [
+        ("production", 4, 2),
+        ("development", 2, 1),
+        (None, 1, 0),
+    ]
+    text = format_text(report)
+    assert (
+        "These figures mix environments: conversations initialized by environment (rate) are "
+        "production 4 (50.0 %), development 2 (50.0 %), (none) 1 (0.0 %). --environment NAME "
+        "counts one (production, development, none)."
+    ) in text
+    page = render_html(report)
+    assert 'id="mixed-environments"' in page
+    assert "These figures mix environments" in page
+    assert report.to_dict()["environments"][1] == {
+        "key": "development",
+        "initialized": 2,
+        "used": 1,
+        "interaction_rate_percent": 50.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("asked", "environment", "events", "initialized", "used"),
+    [
+        ("production", "production", 8, 4, 2),
+        (" PROD ", "production", 8, 4, 2),
+        ("dev", "development", 3, 2, 1),
+        ("none", "none", 1, 1, 0),
+    ],
+)
+def test_one_environment(
+    tmp_path: Path, asked: str, environment: str, events: int, initialized: int, used: int
+) -> None:
+    report = build_report(mixed(tmp_path / "events.sqlite3"), environment=asked)
+    assert (report.environment, report.events) == (environment, events)
+    assert (report.initialized, report.used) == (initialized, used)
+    assert sum(row.initialized for row in report.breakdowns["page"]) == initialized
+    assert len(report.environments) == 1
+    text = format_text(report)
+    assert "mix environments" not in text
+    assert report.to_dict()["environment"] == environment
+
+
+def test_one_environment_is_named_in_the_text(tmp_path: Path) -> None:
+    path = mixed(tmp_path / "events.sqlite3")
+    assert "3 events of the development environment from 2026-11-20 09:00" in format_text(
+        build_report(path, environment="development")
+    )
+    assert "1 event recorded without an environment from" in format_text(
+        build_report(path, environment="none")
+    )
+
+
+def test_an_environment_without_events(tmp_path: Path) -> None:
+    path = write(tmp_path / "events.sqlite3", dataset())
+    report = build_report(path, environment="development")
+    assert report.is_empty
+    assert "No events of the development environment." in format_text(report)
+    assert "No events yet" not in format_text(report)
+    page = render_html(report)
+    assert "There are no events of the development environment in this file." in page
+
+
+def test_environment_with_since_counts_both(tmp_path: Path) -> None:
+    path = mixed(tmp_path / "events.sqlite3")
+    report = build_report(path, since=DAY3, environment="development")
+    assert (report.events, report.initialized, report.used) == (1, 1, 0)
+
+
+def test_an_unknown_environment_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "events.sqlite3", dataset())
+    with pytest.raises(ValueError, match="unknown environment 'staging': choose from production"):
+        build_report(path, environment="staging")
+
+
+def test_a_version_1_file_is_read_then_migrated(tmp_path: Path) -> None:
+    path = mixed(tmp_path / "events.sqlite3")
+    expected = build_report(path, environment="development", now=0).to_dict()
+    # As version 1 wrote it: the covering index without the environment.
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP INDEX events_conversation")
+        conn.execute(
+            "CREATE INDEX events_conversation ON events"
+            " (conversation_id, is_used, ts, page_path, device, language, source)"
+        )
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    assert build_report(path, environment="development", now=0).to_dict() == expected
+    # The next app's first write brings it to the current version.
+    with LocalStore(path) as store:
+        store.write([make_payload("conv_e1", at=DAY3 + 11 * HOUR, environment="development")])
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (_store.SCHEMA_VERSION,)
+        (index,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'events_conversation'"
+        ).fetchone()
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT conversation_id, environment FROM events"
+                " WHERE environment IS 'development'"
+            )
+        )
+    assert index.endswith("source, environment)")
+    assert "COVERING INDEX events_conversation" in plan
+    assert build_report(path, environment="development").initialized == 3
 
 
 # --------------------------------------------------------------------------- since

@@ -47,6 +47,7 @@ def make_payload(
     language: str | None = "en-US",
     source: str | None = "web",
     ip: str | None = "203.0.113.7",
+    environment: str | None = "production",
 ) -> dict[str, Any]:
     """An API body as the middleware builds it (``_payload.build_payload``)."""
     path = page or "/"
@@ -59,7 +60,7 @@ def make_payload(
         "source": source,
         "language": language,
         "name": None,
-        "environment": "production",
+        "environment": environment,
         "metadata": {
             "page_path": page,
             "page_url": f"https://shop.example{path}",
