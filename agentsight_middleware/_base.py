@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ._config import Settings
+from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
 from ._delivery import BATCH, BackgroundDelivery, Sink
@@ -208,17 +208,22 @@ def _choose_delivery(
 
     _positive_int("queue_size", queue_size)
     _positive_int("delivery_concurrency", delivery_concurrency)
-    if (
-        isinstance(shutdown_timeout, bool)
-        or not isinstance(shutdown_timeout, (int, float))
-        or shutdown_timeout < 0
-    ):
-        raise ValueError(f"shutdown_timeout must be seconds >= 0, got {shutdown_timeout!r}")
+    shutdown_timeout = positive_seconds("shutdown_timeout", shutdown_timeout, allow_zero=True)
     if tracker is not None:
-        if api_key is not None or outbox is not None:
+        given = [
+            name
+            for name, value in (
+                ("api_key=", api_key),
+                ("endpoint=", endpoint),
+                ("outbox=", outbox),
+                ("local_store=", local_store),
+            )
+            if value is not None
+        ]
+        if given:
             raise ValueError(
-                "pass either tracker= (your own tracker does the sending) or api_key= / "
-                "outbox= (the built-in client sends), not both"
+                f"pass either tracker= (your own tracker does the sending) or "
+                f"{' / '.join(given)} (the built-in client sends or keeps events), not both"
             )
         adapted = adapt_tracker(tracker)
         if adapted is not tracker:
@@ -272,14 +277,33 @@ def _choose_delivery(
             "outbox= needs an API key: pass api_key= (or set AGENTSIGHT_API_KEY); "
             "without one, events are kept in the local store (local_store=)"
         )
+    if local_store is not None and not isinstance(local_store, (str, os.PathLike)):
+        raise ValueError(
+            f"local_store must be a file path (str or pathlib.Path), got {local_store!r}"
+        )
     local = LocalStore(local_store if local_store is not None else DEFAULT_PATH)
-    folder = os.path.dirname(os.path.abspath(local.path))
+    # Checked now: the file itself is only opened at the first event, and a typo must not
+    # surface as an error logged for every page view (and every event lost).
+    path = os.path.abspath(local.path)
+    folder = os.path.dirname(path)
     if not os.path.isdir(folder):
-        # Checked now: the file itself is only opened at the first event, and a typo
-        # must not surface as an error logged for every page view.
         raise ValueError(
             f"local_store={os.fspath(local.path)!r}: the folder {folder!r} does not exist; "
             "create it or pass another path"
+        )
+    if os.path.isdir(path):
+        raise ValueError(
+            f"local_store={os.fspath(local.path)!r} is a folder; name a file in it, e.g. "
+            f"{os.path.join(os.fspath(local.path), DEFAULT_PATH)!r}"
+        )
+    # SQLite writes beside the file too (its -wal and -shm files).
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
+    ):
+        raise ValueError(
+            f"local_store={os.fspath(local.path)!r}: this process cannot write "
+            f"{'it' if os.path.exists(path) else 'in ' + repr(folder)}; "
+            "pass a path it can write, or fix the permissions"
         )
     # As an API key's environment would be (AGENTSIGHT_ENVIRONMENT unless given): `send`
     # replays the stored bodies as they are.

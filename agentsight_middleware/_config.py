@@ -21,6 +21,7 @@ from ._facts import (
     TrustedProxies,
     compile_agent_matcher,
 )
+from ._log import logger
 from ._rules import RuleSet
 
 __all__ = ["NEED_BODY", "Settings", "normalise_environment"]
@@ -53,11 +54,20 @@ def normalise_environment(value: str, *, argument: str = "environment") -> str:
     return slug
 
 
-def _positive_number(name: str, value: object, *, allow_zero: bool = False) -> float:
+#: The longest wait an option may ask for: a day. Longer ones overflow the clocks that
+#: threads and event loops wait on (1e12 s), and no shutdown or tracker call should.
+MAX_SECONDS = 86400.0
+
+
+def positive_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """``value`` as seconds, or a ValueError naming ``name`` and what to write instead."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or math.isinf(value):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or value > MAX_SECONDS:
+        least = ">= 0" if allow_zero else "> 0"
+        raise ValueError(
+            f"{name} must be seconds {least} and at most {MAX_SECONDS:.0f} (a day), got {value!r}"
+        )
     return float(value)
 
 
@@ -99,6 +109,9 @@ class Settings:
                 "use letters, digits and '_' (e.g. 'agentsight_conversation_id')"
             )
         self.cookie_name = cookie_name
+        # RFC 6265bis 4.1.3: browsers drop a __Secure- or __Host- cookie set without Secure
+        # (the id would never come back), and a __Host- one with a Domain or another Path.
+        prefixed = cookie_name.startswith(("__Secure-", "__Host-"))
         if cookie_max_age is not None and (
             isinstance(cookie_max_age, bool)
             or not isinstance(cookie_max_age, int)
@@ -117,15 +130,31 @@ class Settings:
         # Set-Cookie built from precomputed pieces, indexed by "secure": it is on the
         # path of every page view.
         self._cookie_start = f"{cookie_name}=".encode("latin-1")
-        self._cookie_ends = (self._cookie_attrs, self._cookie_attrs + b"; Secure")
-        self._cookie_text = (f"{cookie_name}=", attrs, attrs + "; Secure")
+        secure = self._cookie_attrs + b"; Secure"
+        self._cookie_ends = (secure if prefixed else self._cookie_attrs, secure)
+        self._cookie_text = (
+            f"{cookie_name}=",
+            attrs + "; Secure" if prefixed else attrs,
+            attrs + "; Secure",
+        )
 
         if isinstance(conversation_id_sources, str):
             raise ValueError(
                 "conversation_id_sources must be a list such as ['header', 'cookie'], "
                 "not a single string"
             )
-        sources = tuple(conversation_id_sources)
+        try:
+            sources = tuple(conversation_id_sources)
+        except TypeError:
+            raise ValueError(
+                "conversation_id_sources must be a list such as ['header', 'cookie'], "
+                f"got {conversation_id_sources!r}"
+            ) from None
+        if not sources:
+            raise ValueError(
+                "conversation_id_sources=[] would start a new conversation on every chat "
+                f"request: name at least one of {', '.join(ID_SOURCES)}"
+            )
         unknown = [s for s in sources if s not in ID_SOURCES]
         if unknown or len(set(sources)) != len(sources):
             raise ValueError(
@@ -140,6 +169,15 @@ class Settings:
                 f"conversation_id_header={conversation_id_header!r} is not a valid header name"
             )
         self.id_header = conversation_id_header.lower()
+        if "_" in conversation_id_header and "header" in sources:
+            # Valid HTTP, but gunicorn (header_map=drop) and nginx (underscores_in_headers
+            # off) drop such headers by default: the id would silently never arrive.
+            logger.warning(
+                "conversation_id_header=%r contains '_': gunicorn and nginx drop such headers "
+                "by default, so the id may never arrive; prefer '-' (e.g. %r)",
+                conversation_id_header,
+                conversation_id_header.replace("_", "-"),
+            )
         if not isinstance(conversation_id_field, str) or not conversation_id_field:
             raise ValueError("conversation_id_field must be a non-empty string")
         self.id_field = conversation_id_field
@@ -172,7 +210,7 @@ class Settings:
             )
         self.metadata_hook = metadata
         self.has_hooks = customer_id is not None or metadata is not None
-        self.tracker_timeout = _positive_number("tracker_timeout", tracker_timeout)
+        self.tracker_timeout = positive_seconds("tracker_timeout", tracker_timeout)
 
     def set_cookie(self, conversation_id: str, *, secure: bool) -> bytes:
         return self._cookie_start + conversation_id.encode("latin-1") + self._cookie_ends[secure]

@@ -47,7 +47,14 @@ def current_conversation() -> Conversation | None:
 
 
 def is_html_success(status: int, content_type: str | None) -> bool:
-    """Whether a response with this status and ``Content-Type`` is a page someone sees."""
+    """Whether a response with this status and ``Content-Type`` is a page someone sees.
+
+    A 304 is one too: the browser shows the page from its cache, and it keeps a cookie
+    set with the 304 (a visitor whose cookie expired must get a new id, as on a 200).
+    It carries no ``Content-Type`` unless the app repeats the page's.
+    """
+    if status == 304:
+        return content_type is None or is_html(content_type)
     return 200 <= status < 300 and status != 204 and is_html(content_type)
 
 

@@ -65,7 +65,13 @@ class Credentials:
     ) -> Credentials | None:
         """Arguments first, then ``AGENTSIGHT_*`` variables; None when there is no key."""
         env = os.environ if env is None else env
+        if api_key is not None and not isinstance(api_key, str):
+            raise ValueError(f"api_key must be a string (ags_...), got {type(api_key).__name__}")
         key = api_key if api_key is not None else env.get("AGENTSIGHT_API_KEY")
+        given = endpoint if endpoint is not None else env.get("AGENTSIGHT_API_ENDPOINT")
+        # Checked with or without a key: a typo must fail at start-up, not on the day the
+        # key is set in production.
+        base = _endpoint(given, "endpoint=" if endpoint is not None else "AGENTSIGHT_API_ENDPOINT")
         if key is None or not key.strip():
             return None
         key = key.strip()
@@ -75,17 +81,37 @@ class Credentials:
                 f"{where} {mask_key(key)!r} is not an AgentSight API key: keys look like "
                 "ags_<32 hex digits>_<6 hex digits>; copy it again from the AgentSight dashboard"
             )
-        base = endpoint if endpoint is not None else env.get("AGENTSIGHT_API_ENDPOINT")
-        base = (base or DEFAULT_ENDPOINT).strip()
-        if not base.startswith(("http://", "https://")):
-            raise ValueError(
-                f"endpoint {base!r} must be an http:// or https:// URL, e.g. {DEFAULT_ENDPOINT!r}"
-            )
-        try:
-            parts = urlsplit(base)
-            parts.port  # noqa: B018 - raises for a port out of range or not a number
-        except ValueError as exc:
-            raise ValueError(f"endpoint {base!r} is not a valid URL: {exc}") from None
-        if not parts.hostname:
-            raise ValueError(f"endpoint {base!r} has no host, e.g. {DEFAULT_ENDPOINT!r}")
         return cls(api_key=key, endpoint=base, environment=resolve_environment(environment, env))
+
+
+def _endpoint(given: object, where: str) -> str:
+    """The API's base URL from what was given (None or blank: the default), or a ValueError
+    naming ``where`` and what to write."""
+    if given is not None and not isinstance(given, str):
+        raise ValueError(
+            f"{where} must be a URL string such as {DEFAULT_ENDPOINT!r}, got {type(given).__name__}"
+        )
+    base = (given or DEFAULT_ENDPOINT).strip()
+    try:
+        parts = urlsplit(base)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"{where} {base!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not base[len(parts.scheme) :].startswith(
+        "://"
+    ):
+        raise ValueError(
+            f"{where} {base!r} must be an http:// or https:// URL, e.g. {DEFAULT_ENDPOINT!r}"
+        )
+    # The scheme is case-insensitive (RFC 3986 3.1); the client compares it in lower case.
+    base = parts.scheme.lower() + base[len(parts.scheme) :]
+    if not parts.hostname or any(ch.isspace() or ch in '\\<>"{}|^`' for ch in parts.netloc):
+        raise ValueError(
+            f"{where} {base!r} has no host or an invalid one, e.g. {DEFAULT_ENDPOINT!r}"
+        )
+    if parts.query or parts.fragment or "?" in base or "#" in base:
+        raise ValueError(
+            f"{where} {base!r}: the API's base URL takes no ?query or #fragment (events go to "
+            f"<base>/api/conversations/), e.g. {DEFAULT_ENDPOINT!r}"
+        )
+    return base

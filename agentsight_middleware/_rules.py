@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
 
 __all__ = ["CHAT", "WIDGET", "Match", "Rule", "RuleSet"]
 
@@ -236,13 +237,46 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
         ):
             raise ValueError(f"{where}: no path in {item!r}; write e.g. '{item.strip()} /api/chat'")
     if not path.startswith("/"):
-        example = "/" + path.lstrip().lstrip("/")
-        raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {example!r})")
+        raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {_suggest(path)!r})")
+    _check_path(where, path)
     rule = Rule(kind, item, methods)
     regex, groups, prefix = _translate(where, item, path, position)
     if regex is None:
         return _Compiled(rule, path, None, None, (), path, position)
     return _Compiled(rule, None, regex, None, groups, prefix, position)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_GLUED_METHOD = re.compile(r"\[?([A-Za-z]+)\]?[^A-Za-z/]*(/.*)", re.DOTALL)
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _suggest(path: str) -> str:
+    """What a pattern that does not start with "/" was most likely meant to be."""
+    if _URL.match(path):
+        return urlsplit(path).path or "/"  # a whole URL: its path
+    glued = _GLUED_METHOD.fullmatch(path.strip())
+    if glued is not None and glued[1].upper() in _HTTP_METHODS:
+        return f"{glued[1].upper()} {glued[2]}"  # "POST/api/chat", "POST:/x", "[POST] /x"
+    return "/" + path.lstrip().lstrip("/")
+
+
+def _check_path(where: str, path: str) -> None:
+    """Refuse what a path the rules are matched against (decoded, without query) can never
+    hold, and would thus make a rule that silently never matches."""
+    if path != path.strip():
+        raise ValueError(f"{where}: {path!r} has blanks around it; write {path.strip()!r}")
+    cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        raise ValueError(
+            f"{where}: {path!r}: rules match the path alone, without a ?query or #fragment; "
+            f"write {path[:cut] or '/'!r}"
+        )
+    if _PERCENT.search(path):
+        raise ValueError(
+            f"{where}: {path!r}: rules match the decoded path (as the app's router sees it); "
+            f"write {unquote(path)!r}"
+        )
 
 
 def _parse_methods(where: str, kind: str, item: str, text: str) -> frozenset[str]:

@@ -70,6 +70,9 @@ class AgentSightMiddleware(MiddlewareBase):
             # At a segment boundary: "/shopping-cart" is not under "/shop"; and a
             # root_path of "/" (or ending in one) must not double the slash.
             base = root_path.rstrip("/")
+            if root_path[-1] == "/" and path.startswith(root_path + "/"):
+                # uvicorn --root-path /app/ hands over "/app//page" for "/page".
+                path = base + path[len(root_path) :]
             if base and not (
                 path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/")
             ):
@@ -448,9 +451,9 @@ _NOT_PAGE: Final = _Page.NOT_A_PAGE
 
 def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | Literal[_Page.NOT_A_PAGE]:
     """For the start of a response: ``_NOT_PAGE`` unless it starts a successful HTML
-    page; else what the app's own ``Set-Cookie`` for our cookie says (see
+    page (or a 304 for one); else what the app's own ``Set-Cookie`` for our cookie says (see
     :func:`_app_cookie`). One pass over the headers for both questions."""
-    if not 200 <= status < 300 or status == 204:
+    if (not 200 <= status < 300 or status == 204) and status != 304:
         return _NOT_PAGE
     html: bool | None = None
     own: AppCookie = NOT_SET
@@ -472,7 +475,8 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | Litera
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 own = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
-    return own if html else _NOT_PAGE
+    # A 304 without a Content-Type: the cached page (see _core.is_html_success).
+    return own if html or (html is None and status == 304) else _NOT_PAGE
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -1299,7 +1299,15 @@ async def test_the_apps_own_cookie_is_never_overridden(
 
 
 @pytest.mark.parametrize(
-    ("root_path", "path"), [("/", "/pricing"), ("/shop/", "/shop/pricing"), ("/shop/", "/pricing")]
+    ("root_path", "path"),
+    [
+        ("/", "/pricing"),
+        ("/shop/", "/shop/pricing"),
+        ("/shop/", "/pricing"),
+        # uvicorn --root-path /shop/ (and "/") prepends it to the path: "/shop//pricing".
+        ("/shop/", "/shop//pricing"),
+        ("/", "//pricing"),
+    ],
 )
 async def test_a_root_path_ending_in_a_slash_is_not_doubled(
     tracker: RecordingTracker, root_path: str, path: str
@@ -1428,3 +1436,53 @@ async def test_shutdown_timeout_bounds_a_tracker_s_shutdown_too(
     assert 0.8 < elapsed < 2.5, elapsed
     assert slow.initialized < 20
     assert "not delivered within 1.0 s" in caplog.text
+
+
+def _cached_page_app() -> Starlette:
+    async def cached(request: Request) -> Response:
+        if request.headers.get("if-none-match") == '"v1"':
+            return Response(status_code=304, headers={"etag": '"v1"'})
+        return HTMLResponse(PAGE, headers={"etag": '"v1"'})
+
+    return Starlette(routes=[Route("/", cached)])
+
+
+async def test_a_page_revalidated_with_304_is_a_page_view(tracker: RecordingTracker) -> None:
+    # A visitor whose cookie expired reloads a cached page: the 304 must carry a new id
+    # (browsers keep cookies set with a 304) and initialize it, or the chat that follows
+    # is a used conversation that never had a view.
+    mw = AgentSightMiddleware(_cached_page_app(), widget_pages=["/"], tracker=tracker)
+    cached = {**BROWSER, "if-none-match": '"v1"'}
+    async with client(mw) as c:
+        fresh = await c.get("/", headers=cached)
+        c.cookies.clear()
+        assert fresh.status_code == 304
+        minted = cookie_of(fresh)
+        assert minted is not None
+        minted_id = minted.split(";")[0].split("=", 1)[1]
+        returning = await c.get(
+            "/", headers={**cached, "cookie": f"agentsight_conversation_id={minted_id}"}
+        )
+        assert returning.status_code == 304
+        assert cookie_of(returning) == minted  # renewed, the same id
+        # Not a page view (a script's fetch): no cookie, no event.
+        api = await c.get("/", headers={"accept": "application/json", "if-none-match": '"v1"'})
+        assert api.status_code == 304
+        assert cookie_of(api) is None
+    assert mw.flush(5)
+    assert [call["conversation_id"] for call in tracker.initialized] == [minted_id]
+
+
+async def test_a_304_with_another_content_type_is_no_page_view(tracker: RecordingTracker) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 304, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    async with client(mw) as c:
+        response = await c.get("/", headers=BROWSER)
+    assert response.status_code == 304
+    assert cookie_of(response) is None
+    assert mw.flush(5)
+    assert tracker.initialized == []

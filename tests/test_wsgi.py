@@ -526,3 +526,31 @@ def test_a_body_never_read_leaves_no_conversation_behind(tracker: RecordingTrack
     result = mw(environ, lambda status, headers, exc_info=None: None)
     assert current_conversation() is None
     assert result is not None
+
+
+def test_a_page_revalidated_with_304_is_a_page_view() -> None:
+    # Flask's conditional responses, as for any ETag-validated page: see the ASGI test.
+    tracker = RecordingTracker()
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/")
+    def page() -> Any:
+        response = Response(PAGE, mimetype="text/html")
+        response.set_etag("v1")
+        return response.make_conditional(request)
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app, widget_pages=["/"], tracker=tracker
+    )
+    c = Client(flask_app)
+    first = c.get("/", headers={**BROWSER, "If-None-Match": '"v1"'})
+    assert first.status_code == 304
+    [minted] = [v for v in first.headers.getlist("Set-Cookie") if v.startswith("agentsight")]
+    minted_id = minted.split(";")[0].split("=", 1)[1]
+    again = c.get("/", headers={**BROWSER, "If-None-Match": '"v1"'})  # the client sends it back
+    assert again.status_code == 304
+    assert [v for v in again.headers.getlist("Set-Cookie") if v.startswith("agentsight")] == [
+        minted
+    ]
+    assert middleware_of(flask_app).flush(5)
+    assert [call["conversation_id"] for call in tracker.initialized] == [minted_id]

@@ -1,0 +1,142 @@
+"""Options that cannot work fail when the app starts, with a message that says what to write;
+options that can work are taken as they are, with their meaning kept."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware._credentials import Credentials
+from agentsight_middleware.testing import RecordingTracker
+
+KEY = "ags_" + "1" * 32 + "_abcdef"
+
+
+def make_app() -> Starlette:
+    return Starlette(routes=[Route("/", lambda request: HTMLResponse("<p>hi</p>"))])
+
+
+def build(**options: Any) -> AgentSightMiddleware:
+    options.setdefault("widget_pages", ["/"])
+    return AgentSightMiddleware(make_app(), **options)
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        # A wait of NaN, infinity or 1e12 s crashed close() at exit (the clocks overflow).
+        ({"shutdown_timeout": float("nan")}, "shutdown_timeout must be a number of seconds"),
+        ({"shutdown_timeout": float("inf")}, "shutdown_timeout must be seconds >= 0 and at most"),
+        ({"shutdown_timeout": 1e12}, "shutdown_timeout must be seconds >= 0 and at most 86400"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be seconds >= 0"),
+        ({"shutdown_timeout": "5"}, "shutdown_timeout must be a number of seconds, got '5'"),
+        ({"tracker_timeout": 1e12, "tracker": RecordingTracker()}, "tracker_timeout must be"),
+        ({"conversation_id_sources": None}, "conversation_id_sources must be a list"),
+        ({"conversation_id_sources": []}, "would start a new conversation on every chat"),
+        ({"api_key": 12345}, "api_key must be a string (ags_...), got int"),
+        ({"api_key": KEY, "endpoint": b"https://x"}, "endpoint= must be a URL string"),
+        (
+            {"api_key": KEY, "endpoint": "https://api.example/?region=eu"},
+            "takes no ?query or #fragment",
+        ),
+        ({"api_key": KEY, "endpoint": "https://api.example/#x"}, "takes no ?query"),
+        ({"api_key": KEY, "endpoint": "https://api example.com"}, "no host or an invalid one"),
+        # Checked without a key too: the typo must not wait for the day the key is set.
+        ({"endpoint": "not a url"}, "endpoint= 'not a url' must be an http:// or https:// URL"),
+        ({"endpoint": "ftp://api.example"}, "must be an http:// or https:// URL"),
+        ({"tracker": RecordingTracker(), "endpoint": "https://x.example"}, "or endpoint="),
+        ({"tracker": RecordingTracker(), "local_store": "events.sqlite3"}, "or local_store="),
+        ({"local_store": 5}, "local_store must be a file path (str or pathlib.Path), got 5"),
+    ],
+)
+def test_refused_at_start_up(
+    interface: str, options: dict[str, Any], fragment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    monkeypatch.delenv("AGENTSIGHT_API_ENDPOINT", raising=False)
+    cls = AgentSightMiddleware if interface == "asgi" else AgentSightWSGIMiddleware
+    with pytest.raises(ValueError) as info:  # noqa: PT011 - the message is checked below
+        cls(make_app(), widget_pages=["/"], chat_routes=["POST /c"], **options)
+    assert fragment in str(info.value)
+
+
+def test_an_endpoint_from_the_environment_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AGENTSIGHT_API_ENDPOINT", "https://api.example/?x=1")
+    with pytest.raises(ValueError, match=r"AGENTSIGHT_API_ENDPOINT 'https://api.example/\?x=1'"):
+        build(api_key=KEY)
+
+
+def test_an_upper_case_scheme_is_a_url_like_any_other() -> None:
+    credentials = Credentials.resolve(
+        api_key=KEY, endpoint="HTTPS://api.example/base", environment=None, env={}
+    )
+    assert credentials is not None
+    assert credentials.conversations_url == "https://api.example/base/api/conversations/"
+
+
+def test_a_local_store_that_is_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"is a folder; name a file in it, e\.g\. ") as info:
+        build(local_store=tmp_path)
+    assert os.path.join(str(tmp_path), "agentsight-events.sqlite3") in str(info.value)
+
+
+def test_a_local_store_in_a_folder_it_cannot_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The events were lost one batch after another, each with a logged error. The folder is
+    # made immutable (chattr +i), which even root cannot write in (tests run as root here);
+    # as another user, taking the write permission away is enough.
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    chattr = shutil.which("chattr")
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif chattr is None or subprocess.run([chattr, "+i", str(folder)]).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4): nothing else stops root writing here")
+    try:
+        with pytest.raises(ValueError, match="this process cannot write in"):
+            build(local_store=folder / "events.sqlite3")
+    finally:
+        if os.geteuid() != 0:
+            folder.chmod(0o755)
+        else:
+            subprocess.run([str(chattr), "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("name", ["__Host-conversation", "__Secure-conversation"])
+def test_prefixed_cookie_names_are_always_secure(name: str) -> None:
+    # Browsers drop a __Host- or __Secure- cookie set without Secure: on plain http (TLS
+    # ended at a proxy not named in trusted_proxies) the id never came back.
+    mw = build(tracker=RecordingTracker(), cookie_name=name)
+    settings = mw._settings
+    assert settings.set_cookie("conv_0123456789ab", secure=False).endswith(b"; Secure")
+    assert settings.set_cookie_text("conv_0123456789ab", False).endswith("; Secure")
+    plain = build(tracker=RecordingTracker())._settings
+    assert not plain.set_cookie("conv_0123456789ab", secure=False).endswith(b"; Secure")
+
+
+def test_an_id_header_with_an_underscore_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        build(tracker=RecordingTracker(), conversation_id_header="X_Conversation_Id")
+    [record] = [r for r in caplog.records if "conversation_id_header" in r.getMessage()]
+    assert "gunicorn and nginx drop such headers" in record.getMessage()
+    assert "'X-Conversation-Id'" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        build(tracker=RecordingTracker(), conversation_id_header="X-Conversation-Id")
+    assert not [r for r in caplog.records if "conversation_id_header" in r.getMessage()]
