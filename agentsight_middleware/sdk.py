@@ -235,8 +235,11 @@ class ClassicTracker:
     def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
         """A chat request: the SDK stores an ``is_used: true`` conversation item under
         ``conversation_id``; the handler's ``send_tracked_data()`` sends it with the messages.
+        One is enough: none is added while an earlier one of the conversation waits.
         """
         with _bound(conversation_id):
+            if self._unsent_record(conversation_id, alone=False):
+                return
             self.tracker.get_or_create_conversation(
                 conversation_id, **_only(fields, self._engage_keywords)
             )
@@ -245,7 +248,46 @@ class ClassicTracker:
         self, conversation_id: str, **fields: Any
     ) -> AbstractContextManager[None]:
         """Entered by the middleware around the chat handler."""
-        return _bound(conversation_id)
+        return self._scope(conversation_id)
+
+    @contextmanager
+    def _scope(self, conversation_id: str) -> Iterator[None]:
+        with _bound(conversation_id):
+            try:
+                yield
+            finally:
+                # A request whose handler tracked nothing (a body the framework refused, a
+                # failed login, a GET poll on a chat route) left the record stored above
+                # in the SDK's memory: thousands of them piled up, unbounded, and the next
+                # send_tracked_data() of the conversation posted every one.
+                self._unsent_record(conversation_id, alone=True, forget=True)
+
+    def _unsent_record(self, conversation_id: str, *, alone: bool, forget: bool = False) -> bool:
+        """Whether the SDK holds an unsent ``is_used: true`` conversation item for this id
+        (``alone``: and nothing else); ``forget`` drops the conversation's items if so.
+
+        Reads the classic SDK's private store (``_tracked_data``, guarded by ``_lock``, the
+        same from 0.0.12 to 0.0.44); any other shape answers False and changes nothing.
+        """
+        tracked = getattr(self.tracker, "_tracked_data", None)
+        lock: Any = getattr(self.tracker, "_lock", None)
+        if not isinstance(tracked, dict) or not hasattr(lock, "__enter__"):
+            return False
+        with lock:
+            entry = tracked.get(conversation_id)
+            items = entry.get("items") if isinstance(entry, dict) else None
+            if not isinstance(items, list) or not items or (alone and len(items) != 1):
+                return False
+            found = any(
+                isinstance(item, dict)
+                and item.get("type") == "conversation"
+                and isinstance(item.get("data"), dict)
+                and item["data"].get("is_used") is True
+                for item in items
+            )
+            if found and forget:
+                del tracked[conversation_id]
+            return found
 
     def __getattr__(self, name: str) -> Any:
         if name == "tracker":  # not set yet: __init__ failed

@@ -23,10 +23,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 
 from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
-from tests.apps.sdk_harness import Visitor, app_python, drive_visitors, make_visitors, serve
+from tests.apps.sdk_harness import (
+    COOKIE,
+    Visitor,
+    app_python,
+    drive_visitors,
+    make_visitors,
+    serve,
+)
 
 MODULE = "tests.apps.sdk_classic_app"
 #: The last release of each classic generation (0.0.43 is 0.0.44's code; 0.0.12 is
@@ -163,6 +171,39 @@ def test_classic_tracker_files_every_message_under_its_own_conversation(
     assert (result.misfiled, result.lost) == (0, 0), str(result)
     assert result.posts == result.expected == VISITORS * MESSAGES * 2, "each message posted once"
     assert_conversations(api, visitors)
+
+
+@pytest.mark.parametrize("framework", ["fastapi-sync", "flask"])
+def test_chat_requests_whose_handler_tracks_nothing_leave_nothing_behind(
+    sdk_version: str, framework: str, api: StandInAgentSightAPI
+) -> None:
+    # Requests to the chat route that the handler never tracks (a body FastAPI refuses with
+    # 422, a Flask handler failing with 500): the SDK's stored is_used:true record of each
+    # stayed in its memory (15,000 requests: +48 MB), and the conversation's next
+    # send_tracked_data() posted one per earlier request (61 records, 3.2 s, for one chat).
+    python = app_python(sdk_version)
+    env = {"AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+    [visitor] = make_visitors(1, 1)
+    with serve(python, MODULE, [framework, "adapter"], env) as url:
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            assert browser.get("/", headers=visitor.headers).status_code == 200
+            conversation_id = browser.cookies.get(COOKIE)
+            for _ in range(20):
+                assert browser.post("/api/chat", json={}).status_code >= 400
+        with httpx.Client(base_url=url, timeout=30) as stranger:  # no cookie: a new id each
+            for _ in range(20):
+                assert stranger.post("/api/chat", json={}).status_code >= 400
+                stranger.cookies.clear()
+            assert stranger.get("/debug/held").json() == {"conversations": 0, "items": 0}
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            browser.cookies.set(COOKIE, str(conversation_id))
+            reply = browser.post("/api/chat", json={"message": "hello"})
+            assert reply.status_code == 200
+            assert reply.json()["tracking_error"] is None
+        api.wait_for(lambda a: any(c["is_used"] is False for c in a.conversations), timeout=WAIT)
+    used = [c["conversation_id"] for c in api.conversations if c["is_used"] is True]
+    assert used == [conversation_id]
+    assert [m["conversation_id"] for m in api.messages] == [conversation_id] * 2
 
 
 def assert_conversations(api: StandInAgentSightAPI, visitors: list[Visitor]) -> None:

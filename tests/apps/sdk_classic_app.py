@@ -86,14 +86,30 @@ async def chat_async(message: str) -> dict[str, Any]:
     return {"reply": reply, "tracking_error": error}
 
 
+def held() -> dict[str, int]:
+    """What the SDK holds in memory, unsent: conversations and items."""
+    data = tracker._tracked_data
+    return {"conversations": len(data), "items": sum(len(c["items"]) for c in data.values())}
+
+
 def main() -> None:
     framework, mode, fd = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if framework == "flask":
-        serve(framework, fd, lambda: flask_shop(options(mode), chat_blocking))
+
+        def flask_app() -> Any:
+            app = flask_shop(options(mode), chat_blocking)
+            app.get("/debug/held")(held)
+            return app
+
+        serve(framework, fd, flask_app)
     else:
-        serve(
-            framework, fd, lambda: fastapi_shop(framework, options(mode), chat_blocking, chat_async)
-        )
+
+        def fastapi_app() -> Any:
+            app = fastapi_shop(framework, options(mode), chat_blocking, chat_async)
+            app.get("/debug/held")(held)
+            return app
+
+        serve(framework, fd, fastapi_app)
 
 
 if __name__ == "__main__":
