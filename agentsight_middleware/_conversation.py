@@ -419,7 +419,8 @@ class Conversation:
         return self._astuple() == other._astuple()
 
     def __hash__(self) -> int:
-        return hash(self._astuple())
+        # Over the fields that are always hashable: the metadata is a dict (the hook's).
+        return hash((self.id, self.id_source, self.kind, self.rule, self.path))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS)

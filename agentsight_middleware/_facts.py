@@ -205,9 +205,15 @@ class TrustedProxies:
             if trusted.strip() != "*":
                 # Iterating a str would trust single characters; a comma-separated
                 # string is ambiguous too, so make the caller say what they mean.
+                text = trusted.strip()
+                suggestion = (
+                    repr(int(text))
+                    if text.isdigit()
+                    else repr([part.strip() for part in text.split(",") if part.strip()])
+                )
                 raise ValueError(
-                    f"trusted proxies must be a list such as [{trusted!r}], not a bare "
-                    "string (only '*' is accepted bare)"
+                    f"trusted proxies must be a list such as {suggestion} (or a hop count), "
+                    f"not a bare string like {trusted!r} (only '*' is accepted bare)"
                 )
             self._trust_all = True
         elif isinstance(trusted, (bytes, bytearray)):
@@ -479,30 +485,34 @@ def client_scheme(
 ) -> str:
     """``"http"``/``"https"`` as the client used it, or ``scheme`` unchanged.
 
-    Uses the right-most ``proto=`` of ``Forwarded`` (else ``X-Forwarded-Proto``):
-    the one asserted by the proxy nearest to us, the only one we can vouch for.
+    Uses the ``proto=`` of the visitor's own ``Forwarded`` element (see
+    :func:`_visitor_proto`), else ``X-Forwarded-Proto``: its right-most value (the one our
+    nearest proxy wrote), or with a hop count N its N-th from the right (the edge's).
     """
     return forwarded_scheme(scheme, forwarded, x_forwarded_proto, peer, trusted)
 
 
-def _nearest_proto(elements: list[dict[str, str]], trusted: TrustedProxies) -> str | None:
-    """``proto`` of the nearest ``Forwarded`` element that states one, among those our
-    proxies wrote: walked from the right, as :func:`client_ip` walks ``for``, and never
-    past the element of the first hop we do not trust (what is left of it, the client
-    may have written)."""
+def _visitor_proto(elements: list[dict[str, str]], trusted: TrustedProxies) -> str | None:
+    """``proto`` of the ``Forwarded`` element that describes the visitor's own hop (where
+    :func:`client_ip`'s walk from the right stops: the first ``for`` we do not trust, or
+    the N-th element with a hop count), as the proxy that took the visitor's connection
+    wrote it: behind a TLS edge and an internal http hop, ``https``, not the inner
+    ``http``. When that element states none, the outermost one stated by our proxies.
+    Never read from an element left of the visitor's: the client may have written it."""
     hops = trusted.hop_count
+    outermost: str | None = None
     for walked, element in enumerate(reversed(elements), start=1):
         proto = element.get("proto")
         if proto is not None:
-            return proto
+            outermost = proto
         if hops:
             if walked >= hops:
-                return None
+                return outermost
         else:
             address = _hop_address(element.get("for"))
             if address is None or address not in trusted:
-                return None
-    return None
+                return outermost
+    return outermost
 
 
 def forwarded_scheme(
@@ -523,11 +533,19 @@ def forwarded_scheme(
         elements = _forwarded_elements(forwarded)
         if elements is None:
             return scheme
-        value = _nearest_proto(elements, trusted)
+        value = _visitor_proto(elements, trusted)
         if value is None and mode == "forwarded":
             return scheme
     if value is None and mode != "forwarded" and x_forwarded_proto:
-        value = x_forwarded_proto.rpartition(",")[2]
+        hops = trusted.hop_count
+        protos = x_forwarded_proto.split(",") if hops > 1 else None
+        # With N proxies each appending its own, the N-th from the right is the edge's (the
+        # visitor's scheme); else the nearest, the one value our proxy surely wrote.
+        value = (
+            protos[-hops]
+            if protos and len(protos) >= hops
+            else x_forwarded_proto.rpartition(",")[2]
+        )
     if value is None or len(value) > 16:
         return scheme
     known = _PAGE_SCHEMES.get(value)
@@ -902,8 +920,28 @@ def redact_query(query: str) -> str:
     # so a cut either leaves the whole name (and the parameter is dropped) or no value.
     query = _cut_query(query, MAX_URL_LENGTH)
     params = query.split("&")
-    kept = [param for param in params if not _is_secret_param(param)]
+    kept = [param for param in params if not _is_secret_param(param) and not _hides_secret(param)]
     return query if len(kept) == len(params) else "&".join(kept)
+
+
+_INNER_SEPARATOR = re.compile(r"[&;?]")
+
+
+def _hides_secret(param: str) -> bool:
+    """Whether a parameter's value holds a query of its own with a secret in it: a login
+    page's ``next=/reset?token=...``, a redirect target with an ``api_key``."""
+    value = param.partition("=")[2]
+    for _ in range(2):  # escaped once, or twice by a chain of redirects
+        if "%" not in value and "+" not in value:
+            break
+        value = unquote_plus(value, errors="replace")
+    if "=" not in value:
+        return False
+    return any(
+        _is_secret_name(part.partition("=")[0])
+        for part in _INNER_SEPARATOR.split(value)
+        if "=" in part
+    )
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}")

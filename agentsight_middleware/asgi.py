@@ -29,7 +29,8 @@ from ._conversation import (
 )
 from ._core import NOT_SET, AppCookie, is_html, is_page_view, viewed_conversation
 from ._events import ENGAGE, INITIALIZE, new_event
-from ._facts import forwarded_scheme
+from ._facts import TrustedProxies, forwarded_scheme
+from ._log import logger
 from ._rules import WIDGET, Match
 
 if TYPE_CHECKING:
@@ -328,13 +329,19 @@ def _header_dict(scope: Scope) -> dict[bytes, bytes]:
     if len(headers) == len(raw):
         return headers
     headers = {}
+    # Values of a list header collected, then joined once: joining as they come copies
+    # the growing value each time (30,000 repeated fields: 5 s on the event loop).
+    repeated: dict[bytes, list[bytes]] = {}
     for name, value in raw:
         if name not in headers:
             headers[name] = value
-        else:
-            joiner = _JOINED.get(name)
-            if joiner is not None:
-                headers[name] = headers[name] + joiner + value
+        elif name in _JOINED:
+            values = repeated.get(name)
+            if values is None:
+                values = repeated[name] = [headers[name]]
+            values.append(value)
+    for name, values in repeated.items():
+        headers[name] = _JOINED[name].join(values)
     return headers
 
 
@@ -358,6 +365,8 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
             None if forwarded_for is None else forwarded_for.decode("latin-1"),
             None if real_ip is None else real_ip.decode("latin-1"),
         )
+        if forwarding[1] is not None and peer is not None and not _rewrite_warned:
+            _warn_if_rewritten(peer, forwarding[1], trusted)
         if forwarded is not None or proto is not None:
             scheme = forwarded_scheme(
                 scheme,
@@ -376,6 +385,32 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
         None if referer is None else referer.decode("latin-1"),
         forwarding,
         trusted,
+    )
+
+
+_rewrite_warned = False
+
+
+def _warn_if_rewritten(peer: str, forwarded_for: str, trusted: TrustedProxies) -> None:
+    """Warn once if the server already replaced the socket peer with an X-Forwarded-For
+    address (uvicorn's --proxy-headers, on for 127.0.0.1 by default): the middleware then
+    reads the headers again from an address that is not the proxy's, and believes a
+    client-written one. Checked in the worker, where the facts are read."""
+    global _rewrite_warned
+    if (
+        trusted.hop_count  # proxies counted by position: the peer's address is not read
+        or peer in trusted
+        or peer not in (entry.strip() for entry in forwarded_for.split(","))
+    ):
+        return
+    _rewrite_warned = True
+    logger.warning(
+        "the ASGI server put %r from X-Forwarded-For in place of the connection's address "
+        "(uvicorn does so for connections from 127.0.0.1, --proxy-headers): with "
+        "trusted_proxies= the middleware reads the forwarding headers itself, and a client "
+        "can now choose the IP it records. Start uvicorn with --forwarded-allow-ips='' (or "
+        "--no-proxy-headers), or pass trusted_proxies=None to keep the server's answer.",
+        peer,
     )
 
 

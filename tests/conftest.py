@@ -70,9 +70,12 @@ def browser() -> Iterator[Browser]:
 
 
 @contextmanager
-def uvicorn_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with a real uvicorn on a free 127.0.0.1 port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def uvicorn_server(app: Any, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn on a free 127.0.0.1 port; yields its base URL.
+    ``options`` are more ``uvicorn.Config`` arguments."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **options)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from agentsight_middleware import AgentSightMiddleware, Conversation, current_conversation
+from agentsight_middleware import asgi as asgi_module
 from agentsight_middleware.testing import RecordingTracker
 
 from .conftest import (
@@ -1486,3 +1487,43 @@ async def test_a_304_with_another_content_type_is_no_page_view(tracker: Recordin
     assert cookie_of(response) is None
     assert mw.flush(5)
     assert tracker.initialized == []
+
+
+def test_a_server_that_rewrote_the_peer_is_warned_about(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn replaces scope["client"] with an X-Forwarded-For address for connections
+    # from 127.0.0.1 (its default --proxy-headers): the middleware, told to trust a proxy,
+    # then reads a client-chosen address. It cannot undo that, so it says what to change.
+    monkeypatch.setattr(asgi_module, "_rewrite_warned", False)
+    mw = AgentSightMiddleware(
+        _page_app(), widget_pages=["/"], tracker=tracker, trusted_proxies=["10.0.0.0/8"]
+    )
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
+            for _ in range(2):
+                c.cookies.clear()
+                response = c.get("/", headers={**BROWSER, "x-forwarded-for": "6.6.6.6"})
+                assert response.status_code == 200
+        assert mw.flush(5)
+    warnings = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+    assert len(warnings) == 1  # once per process
+    assert "'6.6.6.6'" in warnings[0]
+    assert "--forwarded-allow-ips=''" in warnings[0]
+    assert [call["customer_ip_address"] for call in tracker.initialized] == ["6.6.6.6"] * 2
+
+
+def test_no_rewrite_warning_when_the_peer_is_the_proxy(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(asgi_module, "_rewrite_warned", False)
+    mw = AgentSightMiddleware(
+        _page_app(), widget_pages=["/"], tracker=tracker, trusted_proxies=["127.0.0.1"]
+    )
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        # What --forwarded-allow-ips='' gives: the peer as it connected, trusted by us.
+        with uvicorn_server(mw, forwarded_allow_ips="") as url, httpx.Client(base_url=url) as c:
+            c.get("/", headers={**BROWSER, "x-forwarded-for": "203.0.113.5"})
+        assert mw.flush(5)
+    assert not [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+    assert [call["customer_ip_address"] for call in tracker.initialized] == ["203.0.113.5"]

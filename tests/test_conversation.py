@@ -133,6 +133,17 @@ def test_a_pending_conversation_reads_its_facts_once_on_first_use() -> None:
     assert repr(eager).startswith("Conversation(id='conv_0123456789ab', id_source='cookie'")
 
 
+def test_a_conversation_with_metadata_is_hashable() -> None:
+    # The metadata= option is a dict: hashing every field raised TypeError.
+    fields = _full()
+    assert isinstance(fields["extra_metadata"], dict)
+    conversation = Conversation(**fields)
+    same = Conversation(**fields)
+    assert hash(conversation) == hash(same)
+    assert {conversation, same} == {conversation}
+    assert len({conversation, Conversation(**{**fields, "id": "conv_ba9876543210"})}) == 2
+
+
 def test_a_conversation_is_read_only_and_not_a_sequence() -> None:
     fields = _full()
     conversation = Conversation(**fields)

@@ -38,8 +38,9 @@ LAN = ["10.0.0.0/8", "::1", "127.0.0.1"]
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ("10.0.0.1,10.0.0.2", "not a bare string"),
+        ("10.0.0.1,10.0.0.2", r"such as \['10.0.0.1', '10.0.0.2'\] .*not a bare string"),
         ("10.0.0.1", r"\['10.0.0.1'\]"),
+        ("1", "such as 1 "),
         (True, "hop count"),
         (False, "hop count"),
         (-1, ">= 1"),
@@ -57,6 +58,7 @@ LAN = ["10.0.0.0/8", "::1", "127.0.0.1"]
     ids=[
         "comma-joined-string",
         "bare-ip-string",
+        "bare-hop-count-string",
         "bool-true",
         "bool-false",
         "negative-hops",
@@ -458,7 +460,20 @@ SCHEME_CASES: list[tuple[str, Any, str | None, str | None, str | None, str]] = [
     ("xfp-garbage-ignored", LAN, "10.0.0.1", None, "https" * 100, "http"),
     ("fwd-proto", LAN, "10.0.0.1", "for=203.0.113.9;proto=https", "http", "https"),
     ("fwd-proto-quoted", LAN, "10.0.0.1", 'for=203.0.113.9;proto="https"', None, "https"),
-    ("fwd-rightmost-proto", LAN, "10.0.0.1", "proto=http, for=10.0.0.2;proto=https", None, "https"),
+    # Each element's proto is what its proxy received: the outermost trusted one is what the
+    # visitor's connection was (10.0.0.2, trusted, got plain http from someone unknown).
+    ("fwd-outermost-proto", LAN, "10.0.0.1", "proto=http, for=10.0.0.2;proto=https", None, "http"),
+    # A TLS edge, then an internal http hop: the visitor used https (found in review).
+    (
+        "fwd-tls-edge-then-http",
+        LAN,
+        "10.0.0.1",
+        "for=203.0.113.9;proto=https, for=10.0.0.2;proto=http",
+        None,
+        "https",
+    ),
+    ("xfp-hops-edge", 2, None, None, "https, http", "https"),
+    ("xfp-hops-too-few", 3, None, None, "https, http", "http"),
     ("fwd-no-proto-uses-xfp", LAN, "10.0.0.1", "for=203.0.113.9", "https", "https"),
     # Left of the first untrusted hop, the client wrote it: its proto is not believed.
     (
@@ -836,6 +851,12 @@ REDACT_CASES = [
         "page=2",
     ),
     ("semicolon-separated", "a=1;access_token=x&b=2&c=3;d=4", "b=2&c=3;d=4"),
+    # A secret in the query of another parameter's value (a login's redirect target).
+    ("nested-in-next", "next=/reset-password?token=s3cr3t&lang=de", "lang=de"),
+    ("nested-escaped", "next=%2Faccount%3Fapi_key%3DAKIA&a=1", "a=1"),
+    ("nested-escaped-twice", "r=%252Fx%253Fpassword%253Dp&a=1", "a=1"),
+    ("nested-after-amp", "return=https%3A%2F%2Fx.example%2F%3Fa%3D1%26sig%3Dz&b=2", "b=2"),
+    ("nested-harmless-kept", "next=/cart?step=2&q=a%3Db", "next=/cart?step=2&q=a%3Db"),
 ]
 
 
