@@ -9,6 +9,10 @@ worker looks for items every few milliseconds instead, and takes all it finds.
 The worker is started lazily by the first submit in the process that serves, so a
 worker inherited across ``fork()`` (gunicorn ``--preload``) is never relied on: a
 changed pid starts a fresh one.
+
+With ``concurrency`` above one, the worker hands items to that many daemon threads
+(started as needed), so that a blocking tracker 100 ms from its API sends more than
+ten page views a second, and one hung call does not stop the others.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Generic, TypeVar
 
 from ._fork import reset_in_child
 from ._log import logger
+from ._threads import DaemonThreads
 
 __all__ = ["Dispatcher", "DispatcherStats"]
 
@@ -44,15 +49,20 @@ class Dispatcher(Generic[T]):
         maxsize: int = 10_000,
         name: str = "agentsight-worker",
         shutdown_timeout: float = 5.0,
+        concurrency: int = 1,
     ) -> None:
         self._handler = handler
+        self._concurrency = concurrency
         self._maxsize = maxsize
         self._name = name
         self._shutdown_timeout = shutdown_timeout
         self._lock = threading.Lock()
         self._started = False
         self._items: deque[T] = deque()
-        self._busy = False  # an item is out of the deque and being handled
+        self._busy = 0  # items out of the deque and being handled
+        self._count_lock = threading.Lock()  # busy and the counters, from several threads
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._pool: DaemonThreads | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._atexit_registered = False
@@ -66,7 +76,11 @@ class Dispatcher(Generic[T]):
         self._started = False
         self._thread = None
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._items = deque()
+        self._busy = 0
+        self._slots = threading.BoundedSemaphore(self._concurrency)
+        self._pool = None
 
     def ensure_started(self) -> None:
         if not self._started:
@@ -106,6 +120,8 @@ class Dispatcher(Generic[T]):
             # start clean rather than inherit them.
             self._items = deque()
             self._stopping = threading.Event()
+            if self._concurrency > 1 and self._pool is None:
+                self._pool = DaemonThreads(self._concurrency, self._name)
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
             self._started = True
@@ -114,22 +130,58 @@ class Dispatcher(Generic[T]):
                 self._atexit_registered = True
 
     def _run(self) -> None:
-        items, stopping = self._items, self._stopping
+        items, stopping, pool = self._items, self._stopping, self._pool
         while True:
             if not items:
                 if stopping.is_set():
                     return
                 stopping.wait(_INTERVAL)
                 continue
-            self._busy = True
+            if pool is None:
+                self._claim()
+                self._handle(items.popleft())
+                continue
+            # A free thread first: with all of them in calls, items wait in the bounded
+            # deque (counted and dropped when it is full), not in the pool's own queue.
+            while not self._slots.acquire(timeout=_INTERVAL):
+                if stopping.is_set() and not items:
+                    return
+            self._claim()  # before the item leaves the deque: flush() sees one or the other
             try:
-                self._handler(items.popleft())
-                self.processed += 1
-            except Exception:
+                pool.submit(self._handle_in_thread, items.popleft())
+            except BaseException:
+                self._done(failed=True)
+                self._slots.release()
+                raise
+
+    def _claim(self) -> None:
+        with self._count_lock:
+            self._busy += 1
+
+    def _done(self, *, failed: bool) -> None:
+        with self._count_lock:
+            self._busy -= 1
+            if failed:
                 self.failed += 1
-                logger.exception("background delivery failed")
-            finally:
-                self._busy = False
+            else:
+                self.processed += 1
+
+    def _handle_in_thread(self, item: T) -> None:
+        try:
+            self._handle(item)
+        finally:
+            self._slots.release()
+
+    def _handle(self, item: T) -> None:
+        try:
+            self._handler(item)
+        except BaseException:
+            # Any BaseException too (a CancelledError, gevent's Timeout): one bad call
+            # stopped the worker for good, and every later page view waited forever.
+            self._done(failed=True)
+            logger.exception("background delivery failed")
+        else:
+            self._done(failed=False)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is handled; False on time-out."""
@@ -158,6 +210,9 @@ class Dispatcher(Generic[T]):
         self._thread.join(limit)
         self._thread = None
         self._started = False
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def stats(self) -> DispatcherStats:
         return DispatcherStats(

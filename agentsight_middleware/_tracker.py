@@ -3,7 +3,7 @@
 
 - ``initialize_conversation`` (page view) runs in the background worker: the
   classic SDK sends it at once over blocking HTTP (15 s timeout, 3 retries), so it
-  must never hold up the page.
+  must never hold up the page; up to :data:`INITIALIZE_THREADS` such calls at once.
 - ``get_or_create_conversation`` (chat request) runs *before* the app handles the
   request and is waited for, so that a handler using the SDK finds the
   conversation in place. Coroutine methods are awaited; blocking ones go to a
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._dispatch import Dispatcher
 from ._events import Event, is_robot_view, tracker_kwargs
+from ._fork import reset_in_child
 from ._log import LogOnce
+from ._payload import OWN_METADATA, encode_event
 
 if TYPE_CHECKING:
     import asyncio
@@ -34,12 +37,36 @@ _METHODS = ("initialize_conversation", "get_or_create_conversation")
 
 #: Blocking ``get_or_create_conversation`` calls that may run at once under ASGI.
 ENGAGE_THREADS = 16
+#: Blocking ``initialize_conversation`` calls that may run at once: one at a time, a
+#: tracker 100 ms from its API sent ten page views a second, and a hung call stopped all.
+INITIALIZE_THREADS = 8
 #: A coroutine tracker's ``initialize_conversation`` calls that may be running at once on
 #: the app's loop; past that, page views are dropped (and counted) rather than piling up
 #: tasks behind a tracker that hangs.
 INITIALIZE_IN_FLIGHT = 256
 #: Page views joining a queue this deep are compacted (``Conversation._compact``).
 COMPACT_AT = 500
+
+# Metadata as the built-in client sends it (see _payload.encode_event): a hook's date as
+# its text, NaN as null. The classic SDK's own JSON encoding failed on such a value and
+# lost the page view, and the chat's conversation row with it.
+_STRICT = json.JSONEncoder(allow_nan=False)
+_LENIENT = json.JSONEncoder(allow_nan=False, default=str, ensure_ascii=False)
+
+
+def _json_metadata(metadata: dict[str, Any], owner: TrackerDelivery) -> dict[str, Any]:
+    if metadata.keys() <= OWN_METADATA:
+        return metadata  # the middleware's own: text only
+    try:
+        _STRICT.encode(metadata)
+        return metadata
+    except (TypeError, ValueError):
+        pass
+    body, note = encode_event({"metadata": metadata}, _LENIENT.encode)
+    if note is not None:
+        owner.log_once(note, ValueError(note))
+    safe: dict[str, Any] = json.loads(body)["metadata"]
+    return safe
 
 
 def check_tracker(tracker: object) -> None:
@@ -61,7 +88,7 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
         manager.__enter__()
         entered = True
     except Exception as exc:
-        owner.errors += 1
+        owner._count("errors")
         owner.log_once("tracker.conversation_scope() enter", exc)
     if not entered:
         # Outside the except block: the app's own exception must not carry ours
@@ -74,14 +101,14 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
         try:
             manager.__exit__(type(app_exc), app_exc, app_exc.__traceback__)
         except Exception as exc:
-            owner.errors += 1
+            owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
         raise
     else:
         try:
             manager.__exit__(None, None, None)
         except Exception as exc:
-            owner.errors += 1
+            owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
 
 
@@ -141,16 +168,27 @@ class TrackerDelivery:
         self._initialize_is_async = inspect.iscoroutinefunction(self._initialize)
         self._engage_is_async = inspect.iscoroutinefunction(self._engage)
         # An adapter whose engage call does nothing (the SDK's scope does the work)
-        # says so, and the chat request is spared a useless trip to a thread.
-        self._skip_engage = bool(getattr(tracker, "agentsight_skip_engage", False))
+        # says so, and the chat request is spared a useless trip to a thread. Read from
+        # the class, and only a real True: a MagicMock answers any name truthily.
+        self._skip_engage = getattr(type(tracker), "agentsight_skip_engage", False) is True
         scope = getattr(tracker, "conversation_scope", None)
         self._scope: Callable[..., AbstractContextManager[Any]] | None = (
             scope if callable(scope) else None
         )
         self.log_once = LogOnce()
         self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
-            self._deliver_initialize, maxsize=queue_size, shutdown_timeout=shutdown_timeout
+            self._deliver_initialize,
+            maxsize=queue_size,
+            shutdown_timeout=shutdown_timeout,
+            concurrency=1 if self._initialize_is_async else INITIALIZE_THREADS,
         )
+        # Coroutine calls with no app loop to run on (under WSGI): one loop of our own,
+        # in a thread, for all of them. A loop per call (asyncio.run) broke trackers that
+        # keep loop-bound resources, such as an httpx.AsyncClient.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        reset_in_child(self._after_fork)
         # Blocking engage calls run in threads of their own number, never on the
         # app's: a slow tracker on anyio's default limiter held the 40 threads
         # Starlette runs every sync endpoint in. A slot is given back when the call
@@ -166,10 +204,33 @@ class TrackerDelivery:
         self._flying: dict[Future[Any], asyncio.AbstractEventLoop] = {}
         self._flying_lock = threading.Lock()
 
+    def _after_fork(self) -> None:
+        self._loop = None
+        self._loop_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
+        import asyncio
+
+        with self._loop_lock:
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=loop.run_forever, name="agentsight-tracker-loop", daemon=True
+                ).start()
+            return loop
+
+    def _count(self, name: str) -> None:
+        with self._count_lock:  # from the worker's threads and the app's at once
+            setattr(self, name, getattr(self, name) + 1)
+
     def _kwargs(self, event: Event) -> dict[str, Any]:
-        return tracker_kwargs(
+        kwargs = tracker_kwargs(
             event.conversation, source=self._source, environment=self._environment
         )
+        kwargs["metadata"] = _json_metadata(kwargs["metadata"], self)
+        return kwargs
 
     # -- page views: background ------------------------------------------------------
 
@@ -188,43 +249,63 @@ class TrackerDelivery:
         # The bot and probe tests read the user agent (slow when it is new), hence
         # here and not on the request path.
         if is_robot_view(event, self._is_probe):
-            self.skipped_bots += 1
+            self._count("skipped_bots")
             return
         try:
             kwargs = self._kwargs(event)
-            if not self._initialize_is_async:
-                self._initialize(**kwargs)
-            elif loop is not None and loop.is_running():
-                # A coroutine tracker may hold loop-bound resources (an AsyncClient):
-                # run it on the app's loop, without making the worker wait for it.
-                import asyncio
-
-                with self._flying_lock:
-                    if len(self._flying) >= INITIALIZE_IN_FLIGHT:
-                        self._prune()
-                    if len(self._flying) >= INITIALIZE_IN_FLIGHT:
-                        self.dropped += 1
-                        self.log_once(
-                            f"tracker.initialize_conversation() (dropped: "
-                            f"{INITIALIZE_IN_FLIGHT} calls still running)",
-                            TimeoutError(),
-                        )
-                        return
-                    future = asyncio.run_coroutine_threadsafe(self._bounded(kwargs), loop)
-                    self._flying[future] = loop
-                future.add_done_callback(self._check_future)
-            else:
-                import asyncio
-
-                # Bounded here too: a hanging tracker must not hold the worker for good.
-                asyncio.run(self._bounded(kwargs))
-        except Exception as exc:
+            if self._initialize_is_async:
+                self._start_initialize(self._initialize(**kwargs), loop)
+                return
+            started = time.monotonic()
+            result = self._initialize(**kwargs)
+            if inspect.isawaitable(result):
+                # A coroutine function behind a plain decorator: awaited as one from now on.
+                self._initialize_is_async = True
+                self._start_initialize(result, loop)
+                return
+            took = time.monotonic() - started
+            if took > self._timeout:
+                # A blocking call cannot be cut short: it held one of the worker's
+                # threads all along. Counted and said, as a coroutine's time-out is.
+                self._count("timeouts")
+                self.log_once(
+                    f"tracker.initialize_conversation() (took {took:.1f} s, over "
+                    f"tracker_timeout={self._timeout:g} s)",
+                    TimeoutError(),
+                )
+        except BaseException as exc:
+            # Any BaseException: a tracker's CancelledError (or gevent's Timeout) once
+            # stopped the worker for good.
             self._failed(exc)
 
-    async def _bounded(self, kwargs: dict[str, Any]) -> None:
+    def _start_initialize(self, call: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Run a coroutine tracker's call on the app's loop (it may hold loop-bound
+        resources, an AsyncClient), else on ours; the worker does not wait for it."""
         import asyncio
 
-        await asyncio.wait_for(self._initialize(**kwargs), self._timeout)
+        if loop is None or not loop.is_running():
+            loop = self._own_loop()
+        with self._flying_lock:
+            if len(self._flying) >= INITIALIZE_IN_FLIGHT:
+                self._prune()
+            if len(self._flying) >= INITIALIZE_IN_FLIGHT:
+                if inspect.iscoroutine(call):
+                    call.close()  # never to run: no "never awaited" warning
+                self._count("dropped")
+                self.log_once(
+                    f"tracker.initialize_conversation() (dropped: "
+                    f"{INITIALIZE_IN_FLIGHT} calls still running)",
+                    TimeoutError(),
+                )
+                return
+            future = asyncio.run_coroutine_threadsafe(self._bounded(call), loop)
+            self._flying[future] = loop
+        future.add_done_callback(self._check_future)
+
+    async def _bounded(self, call: Any) -> Any:
+        import asyncio
+
+        return await asyncio.wait_for(call, self._timeout)
 
     def _prune(self) -> None:
         """Forget the calls of loops that stopped: they will never run, and must not hold
@@ -238,20 +319,20 @@ class TrackerDelivery:
         with self._flying_lock:
             self._flying.pop(future, None)
         exc = None if future.cancelled() else future.exception()
-        if isinstance(exc, Exception):
+        if exc is not None:
             self._failed(exc)
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: BaseException) -> None:
         import asyncio
 
         # asyncio's own TimeoutError is not the built-in one before Python 3.11.
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-            self.timeouts += 1
+            self._count("timeouts")
             self.log_once(
                 f"tracker.initialize_conversation() (timed out after {self._timeout:g} s)", exc
             )
         else:
-            self.errors += 1
+            self._count("errors")
             self.log_once("tracker.initialize_conversation()", exc)
 
     # -- chat requests: before the handler -----------------------------------------
@@ -260,17 +341,35 @@ class TrackerDelivery:
         """Under WSGI: in the request's own thread, so the SDK's state is set for the handler."""
         if self._skip_engage:
             return
+        import asyncio
+
         try:
             kwargs = self._kwargs(event)
             if self._engage_is_async:
-                import asyncio
-
-                asyncio.run(self._engage(**kwargs))
+                self._wait_on_own_loop(self._engage(**kwargs))
             else:
-                self._engage(**kwargs)
-        except Exception as exc:
-            self.errors += 1
+                result = self._engage(**kwargs)
+                if inspect.isawaitable(result):
+                    self._engage_is_async = True  # behind a plain decorator
+                    self._wait_on_own_loop(result)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
+            self._count("timeouts")
+            self.log_once(
+                f"tracker.get_or_create_conversation() (timed out after {self._timeout:g} s)", exc
+            )
+        except BaseException as exc:
+            # A tracker's CancelledError (or gevent's Timeout) escaped into the request
+            # and the chat got no answer at all.
+            self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
+
+    def _wait_on_own_loop(self, call: Any) -> None:
+        import asyncio
+
+        future = asyncio.run_coroutine_threadsafe(self._bounded(call), self._own_loop())
+        future.result(self._timeout + 1)  # _bounded ends it first; this is a backstop
 
     async def engage_async(self, event: Event) -> None:
         """Under ASGI: awaited in the request's task, bounded by ``tracker_timeout``."""
@@ -286,7 +385,7 @@ class TrackerDelivery:
                 else:
                     kwargs = self._kwargs(event)
                     if not self._engage_slots.acquire(blocking=False):
-                        self.timeouts += 1
+                        self._count("timeouts")
                         self.log_once(
                             f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
                             "calls still running)",
@@ -295,32 +394,38 @@ class TrackerDelivery:
                         return
                     slot = _Slot(self._engage_slots)
 
-                    def call() -> None:
+                    def call() -> Any:
                         if slot.start():
                             try:
-                                self._engage(**kwargs)
+                                return self._engage(**kwargs)
                             finally:
                                 slot.done()
+                        return None
 
                     try:
                         # A limiter of our own, never waited on (the slots keep the calls
                         # below its total); one per call, as a limiter belongs to the
                         # async backend (asyncio, trio) that made it.
-                        await anyio.to_thread.run_sync(
+                        result = await anyio.to_thread.run_sync(
                             call,
                             abandon_on_cancel=True,
                             limiter=anyio.CapacityLimiter(ENGAGE_THREADS),
                         )
                     finally:
                         slot.give_up()
+                    if inspect.isawaitable(result):
+                        # A coroutine function behind a plain decorator: its coroutine is
+                        # awaited here, on the request's loop, and it is one from now on.
+                        self._engage_is_async = True
+                        await result
             if scope.cancelled_caught:
-                self.timeouts += 1
+                self._count("timeouts")
                 self.log_once(
                     f"tracker.get_or_create_conversation() (timed out after {self._timeout:g} s)",
                     TimeoutError(),
                 )
         except Exception as exc:
-            self.errors += 1
+            self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
 
     # -- the handler's scope --------------------------------------------------------
@@ -338,7 +443,7 @@ class TrackerDelivery:
         try:
             manager = self._scope(**self._kwargs(event))
         except Exception as exc:
-            self.errors += 1
+            self._count("errors")
             self.log_once("tracker.conversation_scope()", exc)
             return None
         return _guarded(manager, self)

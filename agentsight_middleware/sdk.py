@@ -235,59 +235,84 @@ class ClassicTracker:
     def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
         """A chat request: the SDK stores an ``is_used: true`` conversation item under
         ``conversation_id``; the handler's ``send_tracked_data()`` sends it with the messages.
-        One is enough: none is added while an earlier one of the conversation waits.
+
+        Behind the middleware this is done by :meth:`conversation_scope` instead.
         """
         with _bound(conversation_id):
-            if self._unsent_record(conversation_id, alone=False):
-                return
             self.tracker.get_or_create_conversation(
                 conversation_id, **_only(fields, self._engage_keywords)
             )
 
+    #: The middleware skips its own call of get_or_create_conversation: the scope makes it,
+    #: and so knows which stored item is this request's.
+    agentsight_skip_engage = True
+
     def conversation_scope(
         self, conversation_id: str, **fields: Any
     ) -> AbstractContextManager[None]:
-        """Entered by the middleware around the chat handler."""
-        return self._scope(conversation_id)
+        """Entered by the middleware around the chat handler: stores the conversation
+        item (the SDK keeps it in memory, no HTTP) for the handler to send."""
+        return self._scope(conversation_id, fields)
 
     @contextmanager
-    def _scope(self, conversation_id: str) -> Iterator[None]:
+    def _scope(self, conversation_id: str, fields: dict[str, Any]) -> Iterator[None]:
         with _bound(conversation_id):
+            self.tracker.get_or_create_conversation(
+                conversation_id, **_only(fields, self._engage_keywords)
+            )
+            mine = self._last_item(conversation_id)
             try:
                 yield
             finally:
-                # A request whose handler tracked nothing (a body the framework refused, a
-                # failed login, a GET poll on a chat route) left the record stored above
-                # in the SDK's memory: thousands of them piled up, unbounded, and the next
-                # send_tracked_data() of the conversation posted every one.
-                self._unsent_record(conversation_id, alone=True, forget=True)
+                # A request whose handler sent nothing (a body the framework refused, a
+                # failed login, a GET poll on a chat route) left that item in the SDK's
+                # memory: thousands piled up, unbounded, and the conversation's next
+                # send_tracked_data() posted every one. Only this request's own item
+                # goes: an overlapping request of the conversation stores its own.
+                self._forget_dangling(conversation_id, mine)
 
-    def _unsent_record(self, conversation_id: str, *, alone: bool, forget: bool = False) -> bool:
-        """Whether the SDK holds an unsent ``is_used: true`` conversation item for this id
-        (``alone``: and nothing else); ``forget`` drops the conversation's items if so.
-
-        Reads the classic SDK's private store (``_tracked_data``, guarded by ``_lock``, the
-        same from 0.0.12 to 0.0.44); any other shape answers False and changes nothing.
-        """
+    def _store(self) -> tuple[dict[Any, Any], Any] | None:
+        """The classic SDK's private store of unsent items and its lock (the same from
+        0.0.12 to 0.0.44), or None for a look-alike without them."""
         tracked = getattr(self.tracker, "_tracked_data", None)
-        lock: Any = getattr(self.tracker, "_lock", None)
+        lock = getattr(self.tracker, "_lock", None)
         if not isinstance(tracked, dict) or not hasattr(lock, "__enter__"):
-            return False
+            return None
+        return tracked, lock
+
+    def _last_item(self, conversation_id: str) -> object | None:
+        store = self._store()
+        if store is None:
+            return None
+        tracked, lock = store
         with lock:
             entry = tracked.get(conversation_id)
             items = entry.get("items") if isinstance(entry, dict) else None
-            if not isinstance(items, list) or not items or (alone and len(items) != 1):
-                return False
-            found = any(
-                isinstance(item, dict)
-                and item.get("type") == "conversation"
-                and isinstance(item.get("data"), dict)
-                and item["data"].get("is_used") is True
-                for item in items
-            )
-            if found and forget:
-                del tracked[conversation_id]
-            return found
+            return items[-1] if isinstance(items, list) and items else None
+
+    def _forget_dangling(self, conversation_id: str, item: object | None) -> None:
+        """Drop ``item`` if it is still unsent and nothing of this request follows it (it
+        is last, or another request's conversation item comes next). An item followed by
+        messages stays: a handler may track now and send later."""
+        store = self._store()
+        if store is None or item is None:
+            return
+        tracked, lock = store
+        with lock:
+            entry = tracked.get(conversation_id)
+            items = entry.get("items") if isinstance(entry, dict) else None
+            if not isinstance(items, list):
+                return
+            for index, stored in enumerate(items):
+                if stored is item:
+                    after = items[index + 1] if index + 1 < len(items) else None
+                    if after is None or (
+                        isinstance(after, dict) and after.get("type") == "conversation"
+                    ):
+                        del items[index]
+                        if not items:
+                            del tracked[conversation_id]
+                    return
 
     def __getattr__(self, name: str) -> Any:
         if name == "tracker":  # not set yet: __init__ failed

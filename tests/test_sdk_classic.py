@@ -194,7 +194,14 @@ def test_chat_requests_whose_handler_tracks_nothing_leave_nothing_behind(
             for _ in range(20):
                 assert stranger.post("/api/chat", json={}).status_code >= 400
                 stranger.cookies.clear()
-            assert stranger.get("/debug/held").json() == {"conversations": 0, "items": 0}
+            # (A WSGI server may answer before it closes the response, where the
+            # handler's scope ends: what the SDK held is looked at until it settles.)
+            deadline = time.monotonic() + 10
+            while (held := stranger.get("/debug/held").json())["items"] and (
+                time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+            assert held == {"conversations": 0, "items": 0}
         with httpx.Client(base_url=url, timeout=30) as browser:
             browser.cookies.set(COOKIE, str(conversation_id))
             reply = browser.post("/api/chat", json={"message": "hello"})
@@ -294,8 +301,10 @@ def test_classic_tracker_is_per_request_and_leaves_the_rest_alone() -> None:
     sent: dict[str, Any] = {}
 
     def request(cid: str) -> None:
-        tracker.get_or_create_conversation(cid, device="desktop")
-        with tracker.conversation_scope(cid):
+        # As the middleware does: the scope stores the conversation item (the middleware
+        # skips its own get_or_create_conversation call for this adapter).
+        assert tracker.agentsight_skip_engage is True
+        with tracker.conversation_scope(cid, device="desktop"):
             barrier.wait(5)
             inner.track_question(f"from {cid}")
             barrier.wait(5)

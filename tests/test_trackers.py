@@ -1,0 +1,316 @@
+"""Trackers that are slow, hang, raise what is not an Exception, hide their coroutines
+behind decorators or keep loop-bound resources: the page views and chats still get through,
+under real servers (uvicorn for ASGI, Werkzeug's for WSGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+import httpx
+import pytest
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from werkzeug.serving import make_server
+
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware._tracker import INITIALIZE_THREADS
+from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
+
+from .conftest import BROWSER, uvicorn_server
+
+PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
+RULES: dict[str, Any] = {"widget_pages": ["/"], "chat_routes": ["POST /api/chat"]}
+
+
+async def _page(request: Request) -> Response:
+    return HTMLResponse(PAGE)
+
+
+async def _chat(request: Request) -> Response:
+    await request.body()
+    return JSONResponse({"ok": True})
+
+
+def asgi_app(tracker: Any, **options: Any) -> AgentSightMiddleware:
+    app = Starlette(routes=[Route("/", _page), Route("/api/chat", _chat, methods=["POST"])])
+    return AgentSightMiddleware(app, tracker=tracker, **{**RULES, **options})
+
+
+def wsgi_app(tracker: Any, **options: Any) -> AgentSightWSGIMiddleware:
+    app = Flask(__name__)
+    app.add_url_rule("/", "page", lambda: PAGE)
+    app.add_url_rule("/api/chat", "chat", lambda: {"ok": True}, methods=["POST"])
+    return AgentSightWSGIMiddleware(app.wsgi_app, tracker=tracker, **{**RULES, **options})
+
+
+@contextmanager
+def werkzeug_server(app: Any) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+
+
+def visit(url: str, times: int) -> None:
+    """``times`` first visits (each a new id, so each a page view to report)."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(times):
+            client.cookies.clear()
+            assert client.get("/", headers=BROWSER).status_code == 200
+
+
+# -- blocking trackers: several page views at once ------------------------------------------
+
+
+class SlowTracker(RecordingTracker):
+    """A blocking SDK 100 ms from its API; remembers how many calls ran at once."""
+
+    def __init__(self, delay: float, block: threading.Event | None = None) -> None:
+        super().__init__()
+        self._delay = delay
+        self._block = block
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self._started = False
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            first = self.running + len(self.initialized) == 1 and not self._started
+            self._started = True
+        try:
+            if self._block is not None and first:
+                self._block.wait(30)  # the first call hangs until released
+            time.sleep(self._delay)
+        finally:
+            with self._lock:
+                self.running -= 1
+        super().initialize_conversation(conversation_id, **kwargs)
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_blocking_page_views_run_several_at_once(interface: str) -> None:
+    # One at a time, a tracker 100 ms from its API sent ten page views a second whatever
+    # the traffic, and at shutdown the rest were lost.
+    tracker = SlowTracker(0.1)
+    app = asgi_app(tracker) if interface == "asgi" else wsgi_app(tracker)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    with server(app) as url:
+        visit(url, 3 * INITIALIZE_THREADS)
+        assert app.flush(30)
+    assert len(tracker.initialized) == 3 * INITIALIZE_THREADS
+    assert tracker.most == INITIALIZE_THREADS  # bounded, and not one at a time
+    app.close()
+
+
+def test_a_hung_page_view_stops_no_other_and_is_counted_late() -> None:
+    release = threading.Event()
+    tracker = SlowTracker(0.0, block=release)
+    app = asgi_app(tracker, tracker_timeout=0.2)
+    with uvicorn_server(app) as url:
+        visit(url, 1)
+        deadline = time.monotonic() + 10
+        while tracker.running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        visit(url, 10)
+        tracker.wait_for(initialized=10, timeout=10)  # the others got through meanwhile
+        assert app.stats()["timeouts"] == 0
+        time.sleep(0.3)
+        release.set()
+        assert app.flush(10)
+    assert len(tracker.initialized) == 11
+    assert app.stats()["timeouts"] == 1  # the hung one: over tracker_timeout, said so
+    app.close()
+
+
+# -- what a tracker raises ---------------------------------------------------------------
+
+
+class CancellingTracker(RecordingTracker):
+    """Raises a BaseException (as asyncio's CancelledError or gevent's Timeout are) once."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self._method = method
+        self.raised = False
+
+    def _maybe_raise(self, method: str) -> None:
+        if method == self._method and not self.raised:
+            self.raised = True
+            raise asyncio.CancelledError
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        self._maybe_raise("initialize_conversation")
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        self._maybe_raise("get_or_create_conversation")
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_base_exception_from_a_page_view_does_not_stop_the_worker(interface: str) -> None:
+    tracker = CancellingTracker("initialize_conversation")
+    app = asgi_app(tracker) if interface == "asgi" else wsgi_app(tracker)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    with server(app) as url:
+        visit(url, 5)
+        assert app.flush(10)  # before: never again True, and shutdown waited it out
+    assert tracker.raised
+    assert len(tracker.initialized) == 4
+    assert app.stats()["errors"] == 1
+    app.close()
+
+
+def test_a_base_exception_from_a_chat_call_under_wsgi_leaves_the_chat_answered() -> None:
+    tracker = CancellingTracker("get_or_create_conversation")
+    app = wsgi_app(tracker)
+    with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        first = client.post("/api/chat", json={})
+        second = client.post("/api/chat", json={})
+    assert (first.status_code, first.json()) == (200, {"ok": True})  # before: no answer
+    assert second.status_code == 200
+    assert len(tracker.used) == 1
+    assert app.stats()["errors"] == 1
+    app.close()
+
+
+# -- coroutines ----------------------------------------------------------------------------
+
+
+def logged(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A plain decorator: its wrapper is no coroutine function, what it returns is one."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedAsyncTracker(RecordingTracker):
+    @logged
+    async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        await asyncio.sleep(0)
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    @logged
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        await asyncio.sleep(0)
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_coroutine_methods_behind_a_plain_decorator_are_awaited(interface: str) -> None:
+    # Their coroutines were thrown away unawaited: 0 calls, counted as processed.
+    tracker = DecoratedAsyncTracker()
+    app = asgi_app(tracker) if interface == "asgi" else wsgi_app(tracker)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    with server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        for _ in range(2):
+            client.cookies.clear()
+            assert client.get("/", headers=BROWSER).status_code == 200
+            assert client.post("/api/chat", json={}).status_code == 200
+        assert app.flush(10)
+    assert (len(tracker.initialized), len(tracker.used)) == (2, 2)
+    assert app.stats()["errors"] == 0
+    app.close()
+
+
+class AsyncClientTracker(RecordingTracker):
+    """A coroutine tracker keeping one httpx.AsyncClient, as an async SDK does."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._url = url
+        self._client: httpx.AsyncClient | None = None
+        self.loops: set[int] = set()
+
+    async def _send(self) -> None:
+        self.loops.add(id(asyncio.get_running_loop()))
+        if self._client is None:
+            self._client = httpx.AsyncClient()
+        await self._client.get(self._url)
+
+    async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        await self._send()
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        await self._send()
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+def test_a_coroutine_tracker_under_wsgi_keeps_one_loop() -> None:
+    # A new loop per call (asyncio.run) closed the loop the tracker's AsyncClient was
+    # bound to: "Event loop is closed" on every call after the first.
+    with StandInAgentSightAPI() as api:
+        tracker = AsyncClientTracker(api.url)
+        app = wsgi_app(tracker)
+        with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+            for _ in range(5):
+                client.cookies.clear()
+                assert client.get("/", headers=BROWSER).status_code == 200
+                assert client.post("/api/chat", json={}).status_code == 200
+            assert app.flush(10)
+    assert (len(tracker.initialized), len(tracker.used)) == (5, 5)
+    assert app.stats()["errors"] == 0
+    assert len(tracker.loops) == 1
+    app.close()
+
+
+# -- odd trackers and values ----------------------------------------------------------------
+
+
+def test_a_mock_tracker_gets_both_calls() -> None:
+    # MagicMock answers any attribute, the adapter's "skip the chat call" flag too.
+    tracker = mock.MagicMock()
+    app = asgi_app(tracker)
+    with uvicorn_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.get("/", headers=BROWSER).status_code == 200
+        assert client.post("/api/chat", json={}).status_code == 200
+        assert app.flush(10)
+    assert tracker.initialize_conversation.call_count == 1
+    assert tracker.get_or_create_conversation.call_count == 1
+    app.close()
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_tracker_gets_metadata_json_can_carry(interface: str) -> None:
+    # The classic SDK encodes the metadata itself: a date from a hook failed there, and
+    # the page view (and the chat's conversation row) was lost.
+    tracker = RecordingTracker()
+    hook = {"plan": "pro", "since": datetime.date(2026, 11, 26), "score": math.nan}
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, metadata=hook)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    with server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert client.get("/", headers=BROWSER).status_code == 200
+        assert client.post("/api/chat", json={}).status_code == 200
+        assert app.flush(10)
+    for call in (*tracker.initialized, *tracker.used):
+        metadata = call["metadata"]
+        assert (metadata["plan"], metadata["since"], metadata["score"]) == (
+            "pro",
+            "2026-11-26",
+            None,
+        )
+        assert metadata["page_path"] in ("/", "/api/chat")
+    app.close()
