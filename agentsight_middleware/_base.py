@@ -24,6 +24,30 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+# Instances built with the same rules in this process: a framework that builds one per
+# route (Litestar's middleware=[DefineMiddleware(...)] does, 62 for 21 routes) multiplies
+# the queue, the worker thread and the connections, and said "no AGENTSIGHT_API_KEY" 62
+# times. Said once, with what to do instead.
+_instances: dict[tuple[str, str], int] = {}
+_SAME_RULES_WARNING_AT = 3
+
+
+def _count_instance(name: str, rules: str) -> None:
+    key = (name, rules)
+    count = _instances[key] = _instances.get(key, 0) + 1
+    if count == _SAME_RULES_WARNING_AT and not _instances.get(("", "warned")):
+        _instances[("", "warned")] = 1
+        logger.warning(
+            "%d %s instances with the same rules in this process, each with its own queue and "
+            "background worker: the framework builds one per route (Litestar's "
+            "middleware=[DefineMiddleware(...)] does). Wrap the whole app once instead: "
+            "app = %s(Litestar(...), widget_pages=..., chat_routes=...)",
+            count,
+            name,
+            name,
+        )
+
+
 def _the_app(app: Any, options: dict[str, Any], name: str) -> Any:
     """The wrapped app, given positionally or as ``app=``."""
     if "app" in options:
@@ -159,6 +183,7 @@ class MiddlewareBase:
             shutdown_timeout=shutdown_timeout,
             delivery_concurrency=delivery_concurrency,
         )
+        _count_instance(type(self).__name__, repr(settings.rules))
         self._settings = settings
         self._core = core = Core(settings, delivery)
         self._match = settings.rules.match

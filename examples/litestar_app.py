@@ -1,11 +1,16 @@
-"""Litestar, registered through its own middleware list: ``uvicorn examples.litestar_app:app``."""
+"""Litestar, wrapped as a whole: ``uvicorn examples.litestar_app:app``.
+
+Not through ``Litestar(middleware=[DefineMiddleware(AgentSightMiddleware, ...)])``: Litestar
+builds its middleware once per route, so that way each route gets its own queue and
+worker thread, mounted apps hide their mount point from it, and it never sees lifespan
+(which flushes the events at shutdown). Wrapped, it is one middleware for the app.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from litestar import Litestar, Request, get, post
-from litestar.middleware import DefineMiddleware
 
 from agentsight_middleware import AgentSightMiddleware, current_conversation
 
@@ -27,14 +32,12 @@ async def chat(request: Request[Any, Any, Any]) -> dict[str, Any]:
     }
 
 
-def create_app(**options: Any) -> Litestar:
-    return Litestar(
-        route_handlers=[index, chat],
-        middleware=[
-            DefineMiddleware(
-                AgentSightMiddleware, widget_pages=["/"], chat_routes=["POST /api/chat"], **options
-            )
-        ],
+def create_app(**options: Any) -> AgentSightMiddleware:
+    return AgentSightMiddleware(
+        Litestar(route_handlers=[index, chat]),
+        widget_pages=["/"],
+        chat_routes=["POST /api/chat"],
+        **options,
     )
 
 

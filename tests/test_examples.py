@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -137,8 +138,8 @@ def test_django_under_real_wsgi_server(tracker: RecordingTracker) -> None:
 
 
 def test_litestar_under_real_uvicorn(tracker: RecordingTracker) -> None:
-    # Litestar builds the middleware itself, passing the app as app=; a chunked body
-    # must reach request.json() whole after the peek.
+    # The Litestar app wrapped as a whole; a chunked body must reach request.json() whole
+    # after the peek, and Litestar's lifespan goes through the middleware.
     from examples.litestar_app import create_app
 
     def body() -> Iterator[bytes]:
@@ -163,3 +164,39 @@ def test_app_given_twice_or_not_at_all_is_a_clear_error() -> None:
         AgentSightMiddleware(app, app=app, widget_pages=["/"])
     with pytest.raises(TypeError, match=r"needs the app it wraps"):
         AgentSightWSGIMiddleware(widget_pages=["/"])
+
+
+def test_one_middleware_per_route_is_warned_about(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Litestar's middleware=[DefineMiddleware(...)] builds one middleware per route: 62 for
+    # 21 routes, each with its own queue and worker thread.
+    from litestar import Litestar, get
+    from litestar.middleware import DefineMiddleware
+
+    from agentsight_middleware import _base
+
+    monkeypatch.setattr(_base, "_instances", {})
+
+    def page(n: int) -> Any:
+        @get(f"/p{n}", media_type="text/html", name=f"p{n}")
+        async def handler() -> str:
+            return "<p>page</p>"
+
+        return handler
+
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        app = Litestar(
+            route_handlers=[page(n) for n in range(5)],
+            middleware=[
+                DefineMiddleware(AgentSightMiddleware, widget_pages=["/p*"], tracker=tracker)
+            ],
+        )
+        with uvicorn_server(app) as url, httpx.Client(base_url=url) as client:
+            for n in range(5):
+                assert client.get(f"/p{n}", headers=BROWSER).status_code == 200
+    warnings = [
+        r.getMessage() for r in caplog.records if "instances with the same rules" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "Wrap the whole app once instead" in warnings[0]
