@@ -392,7 +392,12 @@ class Conversation:
         """
         peer, agent, language, scheme, host, query, referrer, forwarding, trusted = self._facts()
         if forwarding is not None:
-            forwarding = tuple(_keep_end(value) for value in forwarding)
+            forwarded, forwarded_for, real_ip = forwarding
+            forwarding = (
+                _keep_refused(forwarded, '"'),  # refused whole when over 2,048 chars
+                _keep_end(forwarded_for),
+                _keep_refused(real_ip, "-"),  # one address, never a list
+            )
         keep = _KEEP
         self._state = (
             peer,
@@ -492,6 +497,15 @@ def _keep_end(value: str | None) -> str | None:
         return value
     tail = value[-_KEEP:]
     return tail[tail.find(",") + 1 :].lstrip()
+
+
+def _keep_refused(value: str | None, refused: str) -> str | None:
+    """A header the client IP's parser reads whole or not at all: past the length it
+    refuses, a short value it refuses too (its tail could be read, and the IP would
+    depend on how far behind the worker is)."""
+    if value is None or len(value) <= _KEEP:
+        return value
+    return refused
 
 
 _new = object.__new__

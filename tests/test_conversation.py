@@ -262,3 +262,38 @@ def test_json_field_skips_the_repeated_key_scan_on_large_bodies() -> None:
     large = b'{"conversation_id": "first", "pad": "' + pad + b'", "conversation_id": "last"}'
     assert json_field(small, "conversation_id") == "last"
     assert json_field(large, "conversation_id") == "first"
+
+
+@pytest.mark.parametrize(
+    ("header", "forwarded", "forwarded_for", "real_ip"),
+    [
+        # A client pads its own Forwarded element: over 2,048 chars, the header is refused.
+        ("auto", b"x=" + b"a" * 5000 + b", for=203.0.113.9", None, None),
+        # Two X-Real-IP fields joined: one address is expected, a list is refused.
+        ("x-real-ip", None, None, b"a" * 5000 + b", 203.0.113.9"),
+        # A long X-Forwarded-For keeps its right end, where the proxies wrote: same answer.
+        ("auto", None, b"6.6.6.6, " * 700 + b"203.0.113.9", None),
+    ],
+    ids=["forwarded", "x-real-ip", "x-forwarded-for"],
+)
+def test_compacting_a_queued_event_never_changes_its_client_ip(
+    header: str, forwarded: bytes | None, forwarded_for: bytes | None, real_ip: bytes | None
+) -> None:
+    # Events joining a backed-up queue are compacted: the IP they report must not depend
+    # on how far behind the worker is.
+    from agentsight_middleware.asgi import _facts
+
+    trusted = TrustedProxies(["10.0.0.0/8"], header=header)  # type: ignore[arg-type]
+    raw = (
+        ("10.0.0.1", 5000), ("10.0.0.1", 80), "http", b"", b"Mozilla/5.0", None, None,
+        b"shop.example", trusted, forwarded, forwarded_for, real_ip, None,
+    )  # fmt: skip
+
+    def conversation() -> Conversation:
+        return pending_conversation(
+            "conv_0123456789ab", "cookie", "chat", "POST /c", "/c", None, None, _facts, raw
+        )
+
+    compacted = conversation()
+    compacted._compact()
+    assert compacted.client_ip == conversation().client_ip
