@@ -111,15 +111,22 @@ def website_answering_200() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    site = ThreadingHTTPServer(("127.0.0.1", 0), Website)
-    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Website)) as url:
+        yield url
+
+
+@contextmanager
+def serving(server: Any) -> Iterator[str]:
+    """Run a ``socketserver``-style server (``http.server``, Werkzeug's ``make_server``)
+    on 127.0.0.1 in a thread; yields its base URL, and stops it after."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{site.server_port}"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
-        site.shutdown()
-        site.server_close()
-        thread.join(5)
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 _OURS = "agentsight_conversation_id="

@@ -10,8 +10,8 @@ import functools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 from unittest import mock
 
@@ -28,7 +28,7 @@ from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware._tracker import INITIALIZE_THREADS
 from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
 
-from .conftest import BROWSER, uvicorn_server
+from .conftest import BROWSER, serving, uvicorn_server
 
 PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
 RULES: dict[str, Any] = {"widget_pages": ["/"], "chat_routes": ["POST /api/chat"]}
@@ -55,16 +55,8 @@ def wsgi_app(tracker: Any, **options: Any) -> AgentSightWSGIMiddleware:
     return AgentSightWSGIMiddleware(app.wsgi_app, tracker=tracker, **{**RULES, **options})
 
 
-@contextmanager
-def werkzeug_server(app: Any) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(10)
+def werkzeug_server(app: Any) -> AbstractContextManager[str]:
+    return serving(make_server("127.0.0.1", 0, app, threaded=True))
 
 
 def visit(url: str, times: int) -> None:
