@@ -302,10 +302,12 @@ def _choose_delivery(
             "outbox= needs an API key: pass api_key= (or set AGENTSIGHT_API_KEY); "
             "without one, events are kept in the local store (local_store=)"
         )
-    if local_store is not None and not isinstance(local_store, (str, os.PathLike)):
+    if local_store is not None and not isinstance(local_store, (str, bytes, os.PathLike)):
         raise ValueError(
             f"local_store must be a file path (str or pathlib.Path), got {local_store!r}"
         )
+    if local_store is not None:
+        local_store = os.fsdecode(local_store)  # a bytes path too, as open() takes one
     local = LocalStore(local_store if local_store is not None else DEFAULT_PATH)
     # Checked now: the file itself is only opened at the first event, and a typo must not
     # surface as an error logged for every page view (and every event lost).

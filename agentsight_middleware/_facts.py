@@ -486,8 +486,8 @@ def client_scheme(
     """``"http"``/``"https"`` as the client used it, or ``scheme`` unchanged.
 
     Uses the ``proto=`` of the visitor's own ``Forwarded`` element (see
-    :func:`_visitor_proto`), else ``X-Forwarded-Proto``: its right-most value (the one our
-    nearest proxy wrote), or with a hop count N its N-th from the right (the edge's).
+    :func:`_visitor_proto`), else ``X-Forwarded-Proto``'s right-most value (the one our
+    nearest proxy wrote).
     """
     return forwarded_scheme(scheme, forwarded, x_forwarded_proto, peer, trusted)
 
@@ -537,15 +537,10 @@ def forwarded_scheme(
         if value is None and mode == "forwarded":
             return scheme
     if value is None and mode != "forwarded" and x_forwarded_proto:
-        hops = trusted.hop_count
-        protos = x_forwarded_proto.split(",") if hops > 1 else None
-        # With N proxies each appending its own, the N-th from the right is the edge's (the
-        # visitor's scheme); else the nearest, the one value our proxy surely wrote.
-        value = (
-            protos[-hops]
-            if protos and len(protos) >= hops
-            else x_forwarded_proto.rpartition(",")[2]
-        )
+        # The right-most value, the one our nearest proxy surely wrote: unlike Forwarded,
+        # no address says which hop wrote the others (a proxy may replace the header
+        # rather than append to it, and the client's own value is then next to ours).
+        value = x_forwarded_proto.rpartition(",")[2]
     if value is None or len(value) > 16:
         return scheme
     known = _PAGE_SCHEMES.get(value)

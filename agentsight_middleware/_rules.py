@@ -249,6 +249,7 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _GLUED_METHOD = re.compile(r"\[?([A-Za-z]+)\]?[^A-Za-z/]*(/.*)", re.DOTALL)
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_PARAMETER = re.compile(r"\{[^{}]*\}")
 
 
 def _suggest(path: str) -> str:
@@ -266,16 +267,25 @@ def _check_path(where: str, path: str) -> None:
     hold, and would thus make a rule that silently never matches."""
     if path != path.strip():
         raise ValueError(f"{where}: {path!r} has blanks around it; write {path.strip()!r}")
-    cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=-1)
+    # Outside {parameters}: a template's convertor is reported as such (_translate).
+    literal = _PARAMETER.sub(lambda match: "_" * len(match[0]), path)
+    cut = min((i for i in (literal.find("?"), literal.find("#")) if i >= 0), default=-1)
     if cut >= 0:
         raise ValueError(
             f"{where}: {path!r}: rules match the path alone, without a ?query or #fragment; "
             f"write {path[:cut] or '/'!r}"
         )
-    if _PERCENT.search(path):
+    if _PERCENT.search(literal):
+        decoded = unquote(path)
+        advice = (
+            # An escaped "?" or "#": only a regex can name a path holding one.
+            f"match it with re.compile({re.escape(decoded)!r})"
+            if "?" in decoded or "#" in decoded
+            else f"write {decoded!r}"
+        )
         raise ValueError(
             f"{where}: {path!r}: rules match the decoded path (as the app's router sees it); "
-            f"write {unquote(path)!r}"
+            f"{advice}"
         )
 
 

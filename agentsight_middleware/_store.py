@@ -41,12 +41,9 @@ __all__ = [
 
 DEFAULT_PATH = "agentsight-events.sqlite3"
 
-#: Bumped on every schema change; ``PRAGMA user_version`` holds the file's.
-SCHEMA_VERSION = 2
-# What reports read. Version 1's covering index lacks ``environment``: a report on such a
-# file reads every row for it (slower, the same figures) until the app's next start, whose
-# first write migrates the file.
-_READABLE = (1, 2)
+#: Bumped on every change to the table (not to an index: older releases keep reading and
+#: writing a file whose indexes a newer one rebuilt); ``PRAGMA user_version`` holds the file's.
+SCHEMA_VERSION = 1
 
 #: Seconds a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT = 5.0
@@ -198,9 +195,16 @@ def wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
     return StoreError(f"{_describe(path)} is not a usable events file: {text}")
 
 
+def _covering_index_is_current(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'events_conversation'"
+    ).fetchone()
+    return row is not None and row[0] == _INDEXES[1].replace(" IF NOT EXISTS", "")
+
+
 def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version == SCHEMA_VERSION:
+    if version == SCHEMA_VERSION and _covering_index_is_current(conn):
         return
     if version > SCHEMA_VERSION:
         raise StoreError(
@@ -224,14 +228,13 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
             conn.execute(_TABLE.format(schema=""))
             for statement in _INDEXES:
                 conn.execute(statement)
-        elif version == 1:
-            # The covering index gains the environment (reports filter and group on it).
-            # Rebuilt under the write lock, in the transaction: a crash leaves version 1
-            # whole, and other writers wait for it (about a second per million events).
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif not _covering_index_is_current(conn):
+            # A file from before the covering index held the environment (reports filter
+            # and count on it): rebuilt under the write lock, in the transaction (a crash
+            # leaves the old one whole; other writers wait, ~2 s per million events).
             conn.execute("DROP INDEX IF EXISTS events_conversation")
             conn.execute(_INDEXES[1])
-        if version < SCHEMA_VERSION:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -608,7 +611,7 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
         tables = {
             name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
-        if tables and ("events" not in tables or version not in _READABLE):
+        if tables and ("events" not in tables or version != SCHEMA_VERSION):
             # The writer stamps its schema version: another app's table named "events"
             # carries none, and the report's queries would fail on its columns.
             raise StoreError(

@@ -3,7 +3,8 @@
 
 - ``initialize_conversation`` (page view) runs in the background worker: the
   classic SDK sends it at once over blocking HTTP (15 s timeout, 3 retries), so it
-  must never hold up the page; up to :data:`INITIALIZE_THREADS` such calls at once.
+  must never hold up the page. One call at a time, unless the tracker's class says how
+  many it takes at once (``agentsight_initialize_threads``, 8 for the classic SDK).
 - ``get_or_create_conversation`` (chat request) runs *before* the app handles the
   request and is waited for, so that a handler using the SDK finds the
   conversation in place. Coroutine methods are awaited; blocking ones go to a
@@ -37,9 +38,19 @@ _METHODS = ("initialize_conversation", "get_or_create_conversation")
 
 #: Blocking ``get_or_create_conversation`` calls that may run at once under ASGI.
 ENGAGE_THREADS = 16
-#: Blocking ``initialize_conversation`` calls that may run at once: one at a time, a
-#: tracker 100 ms from its API sent ten page views a second, and a hung call stopped all.
-INITIALIZE_THREADS = 8
+# Blocking page-view calls at once: what the tracker's class says (the classic SDK's
+# adapter: 8; one at a time, it sent ten page views a second from 100 ms away, and a hung
+# call stopped all), else one, as always: a tracker may hold what belongs to a thread (a
+# sqlite3 connection).
+
+
+def _initialize_threads(tracker: object) -> int:
+    threads = getattr(type(tracker), "agentsight_initialize_threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        return 1
+    return min(threads, 64)
+
+
 #: A coroutine tracker's ``initialize_conversation`` calls that may be running at once on
 #: the app's loop; past that, page views are dropped (and counted) rather than piling up
 #: tasks behind a tracker that hangs.
@@ -180,11 +191,12 @@ class TrackerDelivery:
             self._deliver_initialize,
             maxsize=queue_size,
             shutdown_timeout=shutdown_timeout,
-            concurrency=1 if self._initialize_is_async else INITIALIZE_THREADS,
+            concurrency=1 if self._initialize_is_async else _initialize_threads(tracker),
         )
         # Coroutine calls with no app loop to run on (under WSGI): one loop of our own,
         # in a thread, for all of them. A loop per call (asyncio.run) broke trackers that
-        # keep loop-bound resources, such as an httpx.AsyncClient.
+        # keep loop-bound resources, such as an httpx.AsyncClient. A coroutine that blocks
+        # (sync I/O in an async def) holds up the others, as on any event loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -352,16 +364,15 @@ class TrackerDelivery:
                 if inspect.isawaitable(result):
                     self._engage_is_async = True  # behind a plain decorator
                     self._wait_on_own_loop(result)
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
             self._count("timeouts")
             self.log_once(
                 f"tracker.get_or_create_conversation() (timed out after {self._timeout:g} s)", exc
             )
-        except BaseException as exc:
-            # A tracker's CancelledError (or gevent's Timeout) escaped into the request
-            # and the chat got no answer at all.
+        except (Exception, asyncio.CancelledError) as exc:
+            # A tracker's CancelledError escaped into the request, and the chat got no
+            # answer at all. Other BaseExceptions go on: a server's own time limit on the
+            # request (gevent's Timeout) must still cut it short.
             self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
 
@@ -369,7 +380,11 @@ class TrackerDelivery:
         import asyncio
 
         future = asyncio.run_coroutine_threadsafe(self._bounded(call), self._own_loop())
-        future.result(self._timeout + 1)  # _bounded ends it first; this is a backstop
+        try:
+            future.result(self._timeout + 1)  # _bounded ends it first; this is a backstop
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # not to run on after the request has gone on without it
+            raise
 
     async def engage_async(self, event: Event) -> None:
         """Under ASGI: awaited in the request's task, bounded by ``tracker_timeout``."""

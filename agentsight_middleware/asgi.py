@@ -365,7 +365,9 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
             None if forwarded_for is None else forwarded_for.decode("latin-1"),
             None if real_ip is None else real_ip.decode("latin-1"),
         )
-        if forwarding[1] is not None and peer is not None and not _rewrite_warned:
+        # uvicorn's rewrite leaves port 0 (X-Forwarded-For names none): a connection never
+        # has it, so a client sending its own address in the header cannot set this off.
+        if forwarding[1] is not None and peer is not None and not client[1] and not _rewrite_warned:
             _warn_if_rewritten(peer, forwarding[1], trusted)
         if forwarded is not None or proto is not None:
             scheme = forwarded_scheme(

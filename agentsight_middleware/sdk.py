@@ -52,12 +52,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from ._log import logger
+from ._log import LogOnce, logger
 
 __all__ = ["AgentSightSDK", "ClassicTracker", "adapt_tracker", "is_classic_tracker"]
 
@@ -191,6 +192,18 @@ def is_classic_tracker(tracker: object) -> bool:
     )
 
 
+def _holds(item: object, marker: dict[str, Any] | None) -> bool:
+    """Whether ``item`` is a conversation item of the classic SDK's store (any, when
+    ``marker`` is None; else the one stored with that very metadata dict)."""
+    if not isinstance(item, dict) or item.get("type") != "conversation":
+        return False
+    data = item.get("data")
+    return marker is None or (isinstance(data, dict) and data.get("metadata") is marker)
+
+
+_log_once = LogOnce()
+
+
 class ClassicTracker:
     """Makes a classic ``agentsight.ConversationTracker`` (0.0.12 - 0.0.44) safe under
     concurrent requests; pass it as the middleware's ``tracker``.
@@ -223,6 +236,10 @@ class ClassicTracker:
         self.tracker = tracker
         self._initialize_keywords = _accepted_keywords(tracker.initialize_conversation)
         self._engage_keywords = _accepted_keywords(tracker.get_or_create_conversation)
+        # The items chat requests stored, oldest first: id(marker) -> (id, marker, when).
+        self._unsent: dict[int, tuple[str, dict[str, Any], float]] = {}
+        self._keys_of: dict[str, list[int]] = {}  # conversation id -> its keys in _unsent
+        self._unsent_lock = threading.Lock()
 
     def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
         """A page view: sent at once by the SDK (``is_used: false``). Run by the middleware's
@@ -246,6 +263,17 @@ class ClassicTracker:
     #: The middleware skips its own call of get_or_create_conversation: the scope makes it,
     #: and so knows which stored item is this request's.
     agentsight_skip_engage = True
+    #: Page views the middleware may hand over at once, from as many threads: the SDK posts
+    #: each with blocking HTTP (retries included), and is safe to call from several threads.
+    agentsight_initialize_threads = 8
+
+    #: Seconds an item a chat request stored may wait unsent, with nothing tracked after it,
+    #: before it is dropped: a handler may track and send a while after it returned (a
+    #: background task), but a request it never tracked (a body it refused, a GET poll on
+    #: a chat route) must not leave its item in the SDK's memory for good.
+    unsent_grace = 300.0
+    #: Such items kept at most, the oldest dropped first past it.
+    max_unsent = 10_000
 
     def conversation_scope(
         self, conversation_id: str, **fields: Any
@@ -257,19 +285,31 @@ class ClassicTracker:
     @contextmanager
     def _scope(self, conversation_id: str, fields: dict[str, Any]) -> Iterator[None]:
         with _bound(conversation_id):
+            try:
+                self._store_item(conversation_id, fields)
+            except Exception as exc:
+                # The handler still runs bound to its conversation (else the SDK's
+                # process-wide id, another visitor's, would be used).
+                _log_once("ClassicTracker: the SDK's get_or_create_conversation()", exc)
+            yield
+
+    def _store_item(self, conversation_id: str, fields: dict[str, Any]) -> None:
+        # A metadata dict of our own: the SDK keeps it by reference in the item it stores,
+        # which tells this request's item from any other, whatever runs at the same time.
+        store = self._store()
+        if store is None:  # a look-alike without the SDK's store: nothing to look after
             self.tracker.get_or_create_conversation(
                 conversation_id, **_only(fields, self._engage_keywords)
             )
-            mine = self._last_item(conversation_id)
-            try:
-                yield
-            finally:
-                # A request whose handler sent nothing (a body the framework refused, a
-                # failed login, a GET poll on a chat route) left that item in the SDK's
-                # memory: thousands piled up, unbounded, and the conversation's next
-                # send_tracked_data() posted every one. Only this request's own item
-                # goes: an overlapping request of the conversation stores its own.
-                self._forget_dangling(conversation_id, mine)
+            return
+        marker = dict(fields.get("metadata") or {})
+        self._drop_stale(store, conversation_id)
+        self.tracker.get_or_create_conversation(
+            conversation_id, **_only({**fields, "metadata": marker}, self._engage_keywords)
+        )
+        with self._unsent_lock:
+            self._unsent[id(marker)] = (conversation_id, marker, time.monotonic())
+            self._keys_of.setdefault(conversation_id, []).append(id(marker))
 
     def _store(self) -> tuple[dict[Any, Any], Any] | None:
         """The classic SDK's private store of unsent items and its lock (the same from
@@ -280,39 +320,46 @@ class ClassicTracker:
             return None
         return tracked, lock
 
-    def _last_item(self, conversation_id: str) -> object | None:
-        store = self._store()
-        if store is None:
-            return None
-        tracked, lock = store
-        with lock:
-            entry = tracked.get(conversation_id)
-            items = entry.get("items") if isinstance(entry, dict) else None
-            return items[-1] if isinstance(items, list) and items else None
-
-    def _forget_dangling(self, conversation_id: str, item: object | None) -> None:
-        """Drop ``item`` if it is still unsent and nothing of this request follows it (it
-        is last, or another request's conversation item comes next). An item followed by
-        messages stays: a handler may track now and send later."""
-        store = self._store()
-        if store is None or item is None:
+    def _drop_stale(self, store: tuple[dict[Any, Any], Any], conversation_id: str) -> None:
+        """Before a chat request stores its item: drop the items earlier requests stored
+        that still wait with nothing tracked after them: those of this conversation (one
+        waiting item is enough: polls piled up, and the next send posted them all), and any
+        past ``unsent_grace`` or beyond ``max_unsent``."""
+        now = time.monotonic()
+        with self._unsent_lock:
+            unsent = self._unsent
+            doomed = self._keys_of.pop(conversation_id, [])
+            excess = len(unsent) - len(doomed) - self.max_unsent
+            for key, (cid, _, added) in unsent.items():  # oldest first
+                if cid == conversation_id:
+                    continue
+                if excess <= 0 and now - added < self.unsent_grace:
+                    break
+                excess -= 1
+                doomed.append(key)
+                keys = self._keys_of[cid]
+                keys.remove(key)
+                if not keys:
+                    del self._keys_of[cid]
+            entries = [unsent.pop(key) for key in doomed]
+        if not entries:
             return
         tracked, lock = store
         with lock:
-            entry = tracked.get(conversation_id)
-            items = entry.get("items") if isinstance(entry, dict) else None
-            if not isinstance(items, list):
-                return
-            for index, stored in enumerate(items):
-                if stored is item:
-                    after = items[index + 1] if index + 1 < len(items) else None
-                    if after is None or (
-                        isinstance(after, dict) and after.get("type") == "conversation"
-                    ):
-                        del items[index]
-                        if not items:
-                            del tracked[conversation_id]
-                    return
+            for cid, marker, _ in entries:
+                entry = tracked.get(cid)
+                items = entry.get("items") if isinstance(entry, dict) else None
+                if not isinstance(items, list):
+                    continue  # sent (and so deleted) meanwhile
+                for index, item in enumerate(items):
+                    if _holds(item, marker):
+                        after = items[index + 1] if index + 1 < len(items) else None
+                        # Followed by messages: the item they will be filed under.
+                        if after is None or _holds(after, None):
+                            del items[index]
+                            if not items:
+                                del tracked[cid]
+                        break
 
     def __getattr__(self, name: str) -> Any:
         if name == "tracker":  # not set yet: __init__ failed

@@ -1527,3 +1527,20 @@ def test_no_rewrite_warning_when_the_peer_is_the_proxy(
         assert mw.flush(5)
     assert not [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
     assert [call["customer_ip_address"] for call in tracker.initialized] == ["203.0.113.5"]
+
+
+def test_a_client_naming_itself_in_x_forwarded_for_sets_off_no_warning(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server did not rewrite (--forwarded-allow-ips=''): a direct client that writes its
+    # own address into X-Forwarded-For must not spend the one warning, nor raise it falsely.
+    monkeypatch.setattr(asgi_module, "_rewrite_warned", False)
+    mw = AgentSightMiddleware(
+        _page_app(), widget_pages=["/"], tracker=tracker, trusted_proxies=["10.0.0.0/8"]
+    )
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        with uvicorn_server(mw, forwarded_allow_ips="") as url, httpx.Client(base_url=url) as c:
+            c.get("/", headers={**BROWSER, "x-forwarded-for": "127.0.0.1"})
+        assert mw.flush(5)
+    assert not [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
+    assert [call["customer_ip_address"] for call in tracker.initialized] == ["127.0.0.1"]

@@ -472,8 +472,8 @@ SCHEME_CASES: list[tuple[str, Any, str | None, str | None, str | None, str]] = [
         None,
         "https",
     ),
-    ("xfp-hops-edge", 2, None, None, "https, http", "https"),
-    ("xfp-hops-too-few", 3, None, None, "https, http", "http"),
+    # Without addresses to say who wrote which, only the nearest proxy's value is believed.
+    ("xfp-hops-nearest", 2, None, None, "https, http", "http"),
     ("fwd-no-proto-uses-xfp", LAN, "10.0.0.1", "for=203.0.113.9", "https", "https"),
     # Left of the first untrusted hop, the client wrote it: its proto is not believed.
     (

@@ -276,6 +276,8 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
     ("fragment", W, ["/docs/#intro"], ["#fragment", "write '/docs/'"]),
     ("only-query", W, ["/?x=1"], ["write '/'"]),
     ("percent-escape", W, ["/caf%C3%A9"], ["match the decoded path", "write '/café'"]),
+    ("escaped-question-mark", W, ["/what%3F"], ["re.compile('/what\\\\?')"]),
+    ("question-mark-in-convertor", W, ["/x/{opt:ab?}"], ["unknown convertor 'ab?'"]),
     ("trailing-blank", C, ["POST /api/chat "], ["'/api/chat ' has blanks", "'/api/chat'"]),
     # Typos whose advice must be what was meant, not the text with a "/" before it.
     ("method-glued", C, ["POST/api/chat"], ["(e.g. 'POST /api/chat')"]),

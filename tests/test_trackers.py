@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import functools
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from starlette.routing import Route
 from werkzeug.serving import make_server
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
-from agentsight_middleware._tracker import INITIALIZE_THREADS
+from agentsight_middleware.sdk import ClassicTracker
 from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
 
 from .conftest import BROWSER, serving, uvicorn_server
@@ -70,8 +71,14 @@ def visit(url: str, times: int) -> None:
 # -- blocking trackers: several page views at once ------------------------------------------
 
 
+INITIALIZE_THREADS = ClassicTracker.agentsight_initialize_threads
+
+
 class SlowTracker(RecordingTracker):
-    """A blocking SDK 100 ms from its API; remembers how many calls ran at once."""
+    """A blocking SDK 100 ms from its API, safe to call from several threads (as the classic
+    SDK's adapter, it says so); remembers how many calls ran at once."""
+
+    agentsight_initialize_threads = INITIALIZE_THREADS
 
     def __init__(self, delay: float, block: threading.Event | None = None) -> None:
         super().__init__()
@@ -110,6 +117,34 @@ def test_blocking_page_views_run_several_at_once(interface: str) -> None:
         assert app.flush(30)
     assert len(tracker.initialized) == 3 * INITIALIZE_THREADS
     assert tracker.most == INITIALIZE_THREADS  # bounded, and not one at a time
+    app.close()
+
+
+class ThreadBoundTracker(RecordingTracker):
+    """Keeps a sqlite3 connection, which belongs to the thread that opened it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._db: sqlite3.Connection | None = None
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        if self._db is None:
+            self._db = sqlite3.connect(":memory:")
+            self._db.execute("CREATE TABLE views (id TEXT)")
+        self._db.execute("INSERT INTO views VALUES (?)", (conversation_id,))
+        time.sleep(0.01)
+        super().initialize_conversation(conversation_id, **kwargs)
+
+
+def test_a_tracker_that_does_not_say_otherwise_gets_one_thread() -> None:
+    tracker = ThreadBoundTracker()
+    app = asgi_app(tracker)
+    with uvicorn_server(app) as url:
+        visit(url, 20)
+        assert app.flush(30)
+    assert len(tracker.initialized) == 20
+    assert app.stats()["errors"] == 0
+    assert len({call.thread_id for call in tracker.calls}) == 1
     app.close()
 
 

@@ -18,6 +18,7 @@ message, "think" (a short sleep standing in for the LLM), record the reply, send
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -67,6 +68,8 @@ def options(mode: str) -> dict[str, Any]:
         )
     else:
         middleware_tracker = ClassicTracker(tracker)
+        if "UNSENT_GRACE" in os.environ:  # a test's: how long an untracked item may wait
+            middleware_tracker.unsent_grace = float(os.environ["UNSENT_GRACE"])
     return {
         "widget_pages": ["/"],
         "chat_routes": ["POST /api/chat"],
