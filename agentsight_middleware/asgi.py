@@ -365,10 +365,8 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
             None if forwarded_for is None else forwarded_for.decode("latin-1"),
             None if real_ip is None else real_ip.decode("latin-1"),
         )
-        # uvicorn's rewrite leaves port 0 (X-Forwarded-For names none): a connection never
-        # has it, so a client sending its own address in the header cannot set this off.
-        if forwarding[1] is not None and peer is not None and not client[1] and not _rewrite_warned:
-            _warn_if_rewritten(peer, forwarding[1], trusted)
+        if forwarding[1] is not None and peer is not None and not _rewrite_warned:
+            _warn_if_rewritten(peer, client[1], forwarding[1], trusted)
         if forwarded is not None or proto is not None:
             scheme = forwarded_scheme(
                 scheme,
@@ -393,16 +391,23 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
 _rewrite_warned = False
 
 
-def _warn_if_rewritten(peer: str, forwarded_for: str, trusted: TrustedProxies) -> None:
+def _warn_if_rewritten(
+    peer: str, port: int | None, forwarded_for: str, trusted: TrustedProxies
+) -> None:
     """Warn once if the server already replaced the socket peer with an X-Forwarded-For
     address (uvicorn's --proxy-headers, on for 127.0.0.1 by default): the middleware then
     reads the headers again from an address that is not the proxy's, and believes a
-    client-written one. Checked in the worker, where the facts are read."""
+    client-written one. Checked in the worker, where the facts are read.
+
+    Told by the port too: uvicorn takes the entry's (0 when it names none, as most do),
+    where a connection has its own, so a client naming itself does not set this off (unless
+    it writes the port its connection has as well)."""
     global _rewrite_warned
-    if (
-        trusted.hop_count  # proxies counted by position: the peer's address is not read
-        or peer in trusted
-        or peer not in (entry.strip() for entry in forwarded_for.split(","))
+    if trusted.hop_count or peer in trusted:  # by position, or the peer is our proxy
+        return
+    if not any(
+        host == peer and entry_port == (port or 0)
+        for host, entry_port in map(_host_and_port, forwarded_for.split(","))
     ):
         return
     _rewrite_warned = True
@@ -414,6 +419,19 @@ def _warn_if_rewritten(peer: str, forwarded_for: str, trusted: TrustedProxies) -
         "--no-proxy-headers), or pass trusted_proxies=None to keep the server's answer.",
         peer,
     )
+
+
+def _host_and_port(entry: str) -> tuple[str, int]:
+    """An X-Forwarded-For entry's address and port (0 when it names none)."""
+    entry = entry.strip()
+    if entry.startswith("["):  # [2001:db8::1]:443
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:  # 203.0.113.7:4711
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    return host, int(port) if port.isdigit() and len(port) <= 5 else 0
 
 
 def _is_page_view(headers: dict[bytes, bytes]) -> bool:

@@ -51,8 +51,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -192,6 +195,13 @@ def is_classic_tracker(tracker: object) -> bool:
     )
 
 
+class _Marker(dict[str, Any]):
+    """The middleware's metadata for a stored item: a dict the SDK keeps by reference (and
+    sends as any dict), that can be referred to weakly."""
+
+    __slots__ = ("__weakref__",)
+
+
 def _holds(item: object, marker: dict[str, Any] | None) -> bool:
     """Whether ``item`` is a conversation item of the classic SDK's store (any, when
     ``marker`` is None; else the one stored with that very metadata dict)."""
@@ -236,9 +246,14 @@ class ClassicTracker:
         self.tracker = tracker
         self._initialize_keywords = _accepted_keywords(tracker.initialize_conversation)
         self._engage_keywords = _accepted_keywords(tracker.get_or_create_conversation)
-        # The items chat requests stored, oldest first: id(marker) -> (id, marker, when).
-        self._unsent: dict[int, tuple[str, dict[str, Any], float]] = {}
+        # The items chat requests stored, oldest first: key -> (conversation id, a weak
+        # reference to the item's marker, when). A sent item's marker dies with it (the
+        # SDK deletes what it sent) and its key joins _sent, to be forgotten: only unsent
+        # items count towards max_unsent, and their metadata is not kept alive by us.
+        self._unsent: dict[int, tuple[str, weakref.ref[_Marker], float]] = {}
         self._keys_of: dict[str, list[int]] = {}  # conversation id -> its keys in _unsent
+        self._sent: deque[int] = deque()  # appended by weakref callbacks, from any thread
+        self._next_key = itertools.count()
         self._unsent_lock = threading.Lock()
 
     def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
@@ -294,22 +309,32 @@ class ClassicTracker:
             yield
 
     def _store_item(self, conversation_id: str, fields: dict[str, Any]) -> None:
-        # A metadata dict of our own: the SDK keeps it by reference in the item it stores,
-        # which tells this request's item from any other, whatever runs at the same time.
         store = self._store()
         if store is None:  # a look-alike without the SDK's store: nothing to look after
             self.tracker.get_or_create_conversation(
                 conversation_id, **_only(fields, self._engage_keywords)
             )
             return
-        marker = dict(fields.get("metadata") or {})
-        self._drop_stale(store, conversation_id)
+        # A metadata dict of our own: the SDK keeps it by reference in the item it stores,
+        # which tells this request's item from any other, whatever runs at the same time.
+        marker = _Marker(fields.get("metadata") or {})
         self.tracker.get_or_create_conversation(
             conversation_id, **_only({**fields, "metadata": marker}, self._engage_keywords)
         )
+        # Stored first, then the earlier ones dropped: a message tracked meanwhile by an
+        # earlier request lands behind a conversation item either way.
+        key = next(self._next_key)
+        sent = self._sent
+
+        def gone(_: object, key: int = key) -> None:
+            sent.append(key)
+
+        reference = weakref.ref(marker, gone)
         with self._unsent_lock:
-            self._unsent[id(marker)] = (conversation_id, marker, time.monotonic())
-            self._keys_of.setdefault(conversation_id, []).append(id(marker))
+            earlier = self._keys_of.get(conversation_id, [])
+            self._keys_of[conversation_id] = [key]
+            self._unsent[key] = (conversation_id, reference, time.monotonic())
+        self._drop_stale(store, earlier)
 
     def _store(self) -> tuple[dict[Any, Any], Any] | None:
         """The classic SDK's private store of unsent items and its lock (the same from
@@ -320,46 +345,64 @@ class ClassicTracker:
             return None
         return tracked, lock
 
-    def _drop_stale(self, store: tuple[dict[Any, Any], Any], conversation_id: str) -> None:
-        """Before a chat request stores its item: drop the items earlier requests stored
-        that still wait with nothing tracked after them: those of this conversation (one
-        waiting item is enough: polls piled up, and the next send posted them all), and any
-        past ``unsent_grace`` or beyond ``max_unsent``."""
+    def _drop_stale(self, store: tuple[dict[Any, Any], Any], earlier: list[int]) -> None:
+        """Drop the items earlier requests stored that still wait with nothing tracked
+        after them: ``earlier`` (this conversation's: one waiting item is enough; polls
+        piled up, and the next send posted them all), and any past ``unsent_grace`` or
+        beyond ``max_unsent``."""
         now = time.monotonic()
+        doomed: list[tuple[str, _Marker, bool]] = []  # (conversation id, marker, replaced)
         with self._unsent_lock:
-            unsent = self._unsent
-            doomed = self._keys_of.pop(conversation_id, [])
-            excess = len(unsent) - len(doomed) - self.max_unsent
-            for key, (cid, _, added) in unsent.items():  # oldest first
-                if cid == conversation_id:
-                    continue
+            while self._sent:  # sent meanwhile: nothing left to look after
+                self._forget(self._sent.popleft())
+            for key in earlier:
+                self._take(key, doomed, replaced=True)
+            excess = len(self._unsent) - self.max_unsent
+            expired = []
+            for key, (_, _, added) in self._unsent.items():  # oldest first
                 if excess <= 0 and now - added < self.unsent_grace:
                     break
                 excess -= 1
-                doomed.append(key)
-                keys = self._keys_of[cid]
-                keys.remove(key)
-                if not keys:
-                    del self._keys_of[cid]
-            entries = [unsent.pop(key) for key in doomed]
-        if not entries:
+                expired.append(key)
+            for key in expired:
+                self._take(key, doomed, replaced=False)
+        if not doomed:
             return
         tracked, lock = store
         with lock:
-            for cid, marker, _ in entries:
-                entry = tracked.get(cid)
+            for conversation_id, marker, replaced in doomed:
+                entry = tracked.get(conversation_id)
                 items = entry.get("items") if isinstance(entry, dict) else None
                 if not isinstance(items, list):
                     continue  # sent (and so deleted) meanwhile
                 for index, item in enumerate(items):
                     if _holds(item, marker):
                         after = items[index + 1] if index + 1 < len(items) else None
-                        # Followed by messages: the item they will be filed under.
-                        if after is None or _holds(after, None):
+                        # Followed by messages: the item they will be filed under. Replaced
+                        # by a newer request's item of the conversation: only when that
+                        # (or another conversation item) comes right after it.
+                        if _holds(after, None) or (after is None and not replaced):
                             del items[index]
                             if not items:
-                                del tracked[cid]
+                                del tracked[conversation_id]
                         break
+
+    def _take(self, key: int, doomed: list[tuple[str, _Marker, bool]], *, replaced: bool) -> None:
+        entry = self._forget(key)
+        marker = None if entry is None else entry[1]()
+        if entry is not None and marker is not None:
+            doomed.append((entry[0], marker, replaced))
+
+    def _forget(self, key: int) -> tuple[str, weakref.ref[_Marker], float] | None:
+        """Under the lock: ``key`` out of the bookkeeping; its entry, if it was there."""
+        entry = self._unsent.pop(key, None)
+        if entry is not None:
+            keys = self._keys_of.get(entry[0])
+            if keys is not None and key in keys:
+                keys.remove(key)
+                if not keys:
+                    del self._keys_of[entry[0]]
+        return entry
 
     def __getattr__(self, name: str) -> Any:
         if name == "tracker":  # not set yet: __init__ failed

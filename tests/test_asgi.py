@@ -1489,8 +1489,12 @@ async def test_a_304_with_another_content_type_is_no_page_view(tracker: Recordin
     assert tracker.initialized == []
 
 
+@pytest.mark.parametrize("forwarded_for", ["6.6.6.6", "6.6.6.6:4711"])
 def test_a_server_that_rewrote_the_peer_is_warned_about(
-    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tracker: RecordingTracker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    forwarded_for: str,
 ) -> None:
     # uvicorn replaces scope["client"] with an X-Forwarded-For address for connections
     # from 127.0.0.1 (its default --proxy-headers): the middleware, told to trust a proxy,
@@ -1503,7 +1507,7 @@ def test_a_server_that_rewrote_the_peer_is_warned_about(
         with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
             for _ in range(2):
                 c.cookies.clear()
-                response = c.get("/", headers={**BROWSER, "x-forwarded-for": "6.6.6.6"})
+                response = c.get("/", headers={**BROWSER, "x-forwarded-for": forwarded_for})
                 assert response.status_code == 200
         assert mw.flush(5)
     warnings = [r.getMessage() for r in caplog.records if "X-Forwarded-For" in r.getMessage()]

@@ -17,10 +17,12 @@ makes the attribute per-request, and then every message lands where it belongs.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,6 +39,7 @@ from tests.apps.sdk_harness import (
 )
 
 MODULE = "tests.apps.sdk_classic_app"
+ROOT = Path(__file__).resolve().parent.parent
 #: The last release of each classic generation (0.0.43 is 0.0.44's code; 0.0.12 is
 #: 0.0.18's without the ``name`` field).
 CLASSIC = ["0.0.44", "0.0.18"]
@@ -215,6 +218,38 @@ def test_chat_requests_whose_handler_tracks_nothing_leave_nothing_behind(
     used = [c["conversation_id"] for c in api.conversations if c["is_used"] is True]
     assert used == [conversation_id]
     assert [m["conversation_id"] for m in api.messages] == [conversation_id] * 2
+
+
+def test_classic_tracker_keeps_a_waiting_request_s_item_and_forgets_sent_ones(
+    sdk_version: str, api: StandInAgentSightAPI
+) -> None:
+    # Items already sent counted towards max_unsent: busy traffic dropped the item of a
+    # request still waiting for its LLM (its messages then filed under no conversation),
+    # and kept every sent chat's metadata alive (4.6 KiB a request, up to the cap).
+    import json
+    import subprocess
+
+    env = {
+        **os.environ,
+        "AGENTSIGHT_API_KEY": api.api_key,
+        "AGENTSIGHT_API_ENDPOINT": api.url,
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [str(app_python(sdk_version)), "-m", "tests.apps.classic_bookkeeping"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["bookkeeping_while_waiting"] <= 2  # the waiting one (and the last sent)
+    assert seen["bookkeeping_after"] == 1  # the last, empty request's own
+    rows = api.conversations
+    slow = [m for m in api.messages if m["conversation_id"] == "conv_000000005100"]
+    assert [m["content"] for m in slow] == ["slow question", "slow answer"]
+    for message in slow:
+        key = message["conversation"]
+        assert isinstance(key, int), message
+        assert rows[key - 1]["conversation_id"] == "conv_000000005100"
 
 
 def assert_conversations(api: StandInAgentSightAPI, visitors: list[Visitor]) -> None:
