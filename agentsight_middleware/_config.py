@@ -193,6 +193,10 @@ class Settings:
             )
         self.max_body_peek = max_body_peek
         self.reads_body = max_body_peek > 0 and ("json" in sources or "form" in sources)
+        # find_id's sources from a body kind on (its second call, with the body).
+        self._sources_from: dict[str, tuple[str, ...]] = {
+            kind: sources[sources.index(kind) :] for kind in ("json", "form") if kind in sources
+        }
 
         if source is not None and not isinstance(source, str):
             raise ValueError(f"source must be a string such as 'web' or None, got {source!r}")
@@ -242,7 +246,7 @@ class Settings:
         sources = self.id_sources
         if body is not None and kind is not None:
             # The second call, with the body: the sources before it were tried already.
-            sources = sources[sources.index(kind) :] if kind in sources else ()
+            sources = self._sources_from.get(kind, ())
         for source in sources:
             value: str | None = None
             if source == "path":
