@@ -49,13 +49,14 @@ Neither import needs the SDK installed until an adapter is built.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import itertools
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -201,6 +202,25 @@ class _Marker(dict[str, Any]):
 
     __slots__ = ("__weakref__",)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        # The SDK deep-copies what it sends: a plain dict, by the fast path (a subclass
+        # takes copy's generic one, ~4 us a chat), as before there was a marker.
+        copied: dict[str, Any] = copy.deepcopy(dict(self), memo)
+        return copied
+
+
+class _Entry:
+    """The bookkeeping of one item a chat request stored."""
+
+    __slots__ = ("closed_at", "conversation_id", "marker")
+
+    def __init__(self, conversation_id: str, marker: weakref.ref[_Marker]) -> None:
+        self.conversation_id = conversation_id
+        self.marker = marker
+        #: When its request ended (the grace runs from then); None while it runs: an item
+        #: whose handler may still track is never dropped.
+        self.closed_at: float | None = None
+
 
 def _holds(item: object, marker: dict[str, Any] | None) -> bool:
     """Whether ``item`` is a conversation item of the classic SDK's store (any, when
@@ -246,12 +266,13 @@ class ClassicTracker:
         self.tracker = tracker
         self._initialize_keywords = _accepted_keywords(tracker.initialize_conversation)
         self._engage_keywords = _accepted_keywords(tracker.get_or_create_conversation)
-        # The items chat requests stored, oldest first: key -> (conversation id, a weak
-        # reference to the item's marker, when). A sent item's marker dies with it (the
-        # SDK deletes what it sent) and its key joins _sent, to be forgotten: only unsent
-        # items count towards max_unsent, and their metadata is not kept alive by us.
-        self._unsent: dict[int, tuple[str, weakref.ref[_Marker], float]] = {}
-        self._keys_of: dict[str, list[int]] = {}  # conversation id -> its keys in _unsent
+        # The items chat requests stored, by key: requests still running in the order they
+        # came, ended ones in the order they ended (the grace runs from then). A sent item's
+        # marker dies with it (the SDK deletes what it sent) and its key joins _sent, to be
+        # forgotten: only unsent items count towards max_unsent, and their metadata is not
+        # kept alive by us. An OrderedDict: taken from the front, a dict slows down.
+        self._unsent: OrderedDict[int, _Entry] = OrderedDict()
+        self._keys_of: dict[str, set[int]] = {}  # conversation id -> its keys in _unsent
         self._sent: deque[int] = deque()  # appended by weakref callbacks, from any thread
         self._next_key = itertools.count()
         self._unsent_lock = threading.Lock()
@@ -300,41 +321,54 @@ class ClassicTracker:
     @contextmanager
     def _scope(self, conversation_id: str, fields: dict[str, Any]) -> Iterator[None]:
         with _bound(conversation_id):
+            key = None
             try:
-                self._store_item(conversation_id, fields)
+                key = self._store_item(conversation_id, fields)
             except Exception as exc:
                 # The handler still runs bound to its conversation (else the SDK's
                 # process-wide id, another visitor's, would be used).
                 _log_once("ClassicTracker: the SDK's get_or_create_conversation()", exc)
-            yield
+            try:
+                yield
+            finally:
+                if key is not None:
+                    self._close(key)
 
-    def _store_item(self, conversation_id: str, fields: dict[str, Any]) -> None:
+    def _store_item(self, conversation_id: str, fields: dict[str, Any]) -> int | None:
+        """Store this request's conversation item; its bookkeeping key, if it has one."""
         store = self._store()
         if store is None:  # a look-alike without the SDK's store: nothing to look after
             self.tracker.get_or_create_conversation(
                 conversation_id, **_only(fields, self._engage_keywords)
             )
-            return
+            return None
         # A metadata dict of our own: the SDK keeps it by reference in the item it stores,
         # which tells this request's item from any other, whatever runs at the same time.
         marker = _Marker(fields.get("metadata") or {})
         self.tracker.get_or_create_conversation(
             conversation_id, **_only({**fields, "metadata": marker}, self._engage_keywords)
         )
-        # Stored first, then the earlier ones dropped: a message tracked meanwhile by an
-        # earlier request lands behind a conversation item either way.
         key = next(self._next_key)
         sent = self._sent
 
         def gone(_: object, key: int = key) -> None:
-            sent.append(key)
+            sent.append(key)  # no lock: it may run anywhere, under any lock
 
-        reference = weakref.ref(marker, gone)
+        entry = _Entry(conversation_id, weakref.ref(marker, gone))
         with self._unsent_lock:
-            earlier = self._keys_of.get(conversation_id, [])
-            self._keys_of[conversation_id] = [key]
-            self._unsent[key] = (conversation_id, reference, time.monotonic())
-        self._drop_stale(store, earlier)
+            self._unsent[key] = entry
+            self._keys_of.setdefault(conversation_id, set()).add(key)
+        # Stored first, then the earlier ones dropped: a message an earlier request tracks
+        # meanwhile lands behind a conversation item either way.
+        self._drop_stale(store, conversation_id, marker)
+        return key
+
+    def _close(self, key: int) -> None:
+        with self._unsent_lock:
+            entry = self._unsent.get(key)
+            if entry is not None:
+                entry.closed_at = time.monotonic()
+                self._unsent.move_to_end(key)
 
     def _store(self) -> tuple[dict[Any, Any], Any] | None:
         """The classic SDK's private store of unsent items and its lock (the same from
@@ -345,64 +379,72 @@ class ClassicTracker:
             return None
         return tracked, lock
 
-    def _drop_stale(self, store: tuple[dict[Any, Any], Any], earlier: list[int]) -> None:
-        """Drop the items earlier requests stored that still wait with nothing tracked
-        after them: ``earlier`` (this conversation's: one waiting item is enough; polls
-        piled up, and the next send posted them all), and any past ``unsent_grace`` or
-        beyond ``max_unsent``."""
+    def _drop_stale(
+        self, store: tuple[dict[Any, Any], Any], conversation_id: str, mine: _Marker
+    ) -> None:
+        """Drop the items of requests that ended with nothing tracked after them: those of
+        this conversation stored before ``mine`` (one waiting item is enough: polls piled
+        up, and the next send posted them all), and any whose request ended more than
+        ``unsent_grace`` ago, or beyond ``max_unsent``. Items of requests still running
+        are left alone: their handler may track yet."""
         now = time.monotonic()
-        doomed: list[tuple[str, _Marker, bool]] = []  # (conversation id, marker, replaced)
+        # (key, conversation id, marker, of this conversation)
+        candidates: list[tuple[int, str, _Marker, bool]] = []
         with self._unsent_lock:
             while self._sent:  # sent meanwhile: nothing left to look after
                 self._forget(self._sent.popleft())
-            for key in earlier:
-                self._take(key, doomed, replaced=True)
+            for key in self._keys_of.get(conversation_id, ()):
+                entry = self._unsent[key]
+                marker = entry.marker()
+                if entry.closed_at is not None and marker is not None and marker is not mine:
+                    candidates.append((key, conversation_id, marker, True))
             excess = len(self._unsent) - self.max_unsent
-            expired = []
-            for key, (_, _, added) in self._unsent.items():  # oldest first
-                if excess <= 0 and now - added < self.unsent_grace:
+            for key, entry in self._unsent.items():  # running ones, then the ended by age
+                closed_at = entry.closed_at
+                if closed_at is None or entry.conversation_id == conversation_id:
+                    continue
+                if excess <= 0 and now - closed_at < self.unsent_grace:
                     break
                 excess -= 1
-                expired.append(key)
-            for key in expired:
-                self._take(key, doomed, replaced=False)
-        if not doomed:
+                marker = entry.marker()
+                if marker is not None:
+                    candidates.append((key, entry.conversation_id, marker, False))
+        if not candidates:
             return
+        settled: list[int] = []  # dropped now, or the SDK's to send: no longer ours
         tracked, lock = store
         with lock:
-            for conversation_id, marker, replaced in doomed:
-                entry = tracked.get(conversation_id)
-                items = entry.get("items") if isinstance(entry, dict) else None
+            for key, cid, marker, same in candidates:
+                stored = tracked.get(cid)
+                items = stored.get("items") if isinstance(stored, dict) else None
                 if not isinstance(items, list):
-                    continue  # sent (and so deleted) meanwhile
-                for index, item in enumerate(items):
-                    if _holds(item, marker):
-                        after = items[index + 1] if index + 1 < len(items) else None
-                        # Followed by messages: the item they will be filed under. Replaced
-                        # by a newer request's item of the conversation: only when that
-                        # (or another conversation item) comes right after it.
-                        if _holds(after, None) or (after is None and not replaced):
-                            del items[index]
-                            if not items:
-                                del tracked[conversation_id]
-                        break
+                    settled.append(key)  # sent (and so deleted) meanwhile
+                    continue
+                index = next((i for i, item in enumerate(items) if _holds(item, marker)), None)
+                if index is None:
+                    settled.append(key)
+                    continue
+                if same and not any(_holds(item, mine) for item in items[index + 1 :]):
+                    continue  # stored after this request's own: not an earlier one
+                after = items[index + 1] if index + 1 < len(items) else None
+                if after is None or _holds(after, None):
+                    del items[index]
+                    if not items:
+                        del tracked[cid]
+                settled.append(key)  # dropped, or followed by messages: the SDK's now
+        with self._unsent_lock:
+            for key in settled:
+                self._forget(key)
 
-    def _take(self, key: int, doomed: list[tuple[str, _Marker, bool]], *, replaced: bool) -> None:
-        entry = self._forget(key)
-        marker = None if entry is None else entry[1]()
-        if entry is not None and marker is not None:
-            doomed.append((entry[0], marker, replaced))
-
-    def _forget(self, key: int) -> tuple[str, weakref.ref[_Marker], float] | None:
-        """Under the lock: ``key`` out of the bookkeeping; its entry, if it was there."""
+    def _forget(self, key: int) -> None:
+        """Under the lock: ``key`` out of the bookkeeping."""
         entry = self._unsent.pop(key, None)
         if entry is not None:
-            keys = self._keys_of.get(entry[0])
-            if keys is not None and key in keys:
-                keys.remove(key)
+            keys = self._keys_of.get(entry.conversation_id)
+            if keys is not None:
+                keys.discard(key)
                 if not keys:
-                    del self._keys_of[entry[0]]
-        return entry
+                    del self._keys_of[entry.conversation_id]
 
     def __getattr__(self, name: str) -> Any:
         if name == "tracker":  # not set yet: __init__ failed
