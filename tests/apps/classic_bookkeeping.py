@@ -2,9 +2,9 @@
 bookkeeping of stored items against the real classic SDK, which posts to the stand-in API
 named by AGENTSIGHT_API_ENDPOINT. Prints what it saw as JSON.
 
-A chat request waits for its LLM while 60 other visitors chat (each tracks and sends), with
-``max_unsent`` at 50: the items those sent must not count, so the waiting request keeps its
-conversation item, and the bookkeeping keeps nothing of what was sent.
+A chat request waits for its LLM while 60 other visitors chat (each tracks and sends), then 60
+requests are never tracked, with ``max_unsent`` at 50: the sent items must not count, the
+untracked ones are dropped past the cap, and the waiting request keeps its conversation item.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ for n in range(60):
         track_agent(f"answer {n}")
         tracker.send_tracked_data()
 waiting_bookkeeping = len(adapter._unsent)
+for n in range(60, 120):  # a flood of requests the handler never tracks (422s, say)
+    with adapter.conversation_scope(f"conv_{n:012x}", metadata={"page_path": "/api/chat"}):
+        pass
+flooded_bookkeeping = len(adapter._unsent)
 answered.set()
 thread.join(30)
 with adapter.conversation_scope("conv_ffffffffffff", metadata={}):
@@ -57,6 +61,7 @@ print(
     json.dumps(
         {
             "bookkeeping_while_waiting": waiting_bookkeeping,
+            "bookkeeping_after_flood": flooded_bookkeeping,
             "bookkeeping_after": len(adapter._unsent),
             "held_after": sum(len(e["items"]) for e in tracker._tracked_data.values()),
         }
