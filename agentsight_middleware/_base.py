@@ -154,35 +154,43 @@ class MiddlewareBase:
             the events (default ``./agentsight-events.sqlite3``).
         """
         self.app = app
-        settings = Settings(
-            widget_pages=widget_pages,
-            chat_routes=chat_routes,
-            trusted_proxies=trusted_proxies,
-            trusted_proxy_header=trusted_proxy_header,
-            cookie_name=cookie_name,
-            cookie_max_age=cookie_max_age,
-            conversation_id_sources=conversation_id_sources,
-            conversation_id_header=conversation_id_header,
-            conversation_id_field=conversation_id_field,
-            max_body_peek=max_body_peek,
-            non_browser_agents=non_browser_agents,
-            source=source,
-            environment=environment,
-            customer_id=customer_id,
-            metadata=metadata,
-            tracker_timeout=tracker_timeout,
-        )
-        delivery = _choose_delivery(
-            settings,
-            tracker=tracker,
-            api_key=api_key,
-            endpoint=endpoint,
-            outbox=outbox,
-            local_store=local_store,
-            queue_size=queue_size,
-            shutdown_timeout=shutdown_timeout,
-            delivery_concurrency=delivery_concurrency,
-        )
+        try:
+            settings = Settings(
+                widget_pages=widget_pages,
+                chat_routes=chat_routes,
+                trusted_proxies=trusted_proxies,
+                trusted_proxy_header=trusted_proxy_header,
+                cookie_name=cookie_name,
+                cookie_max_age=cookie_max_age,
+                conversation_id_sources=conversation_id_sources,
+                conversation_id_header=conversation_id_header,
+                conversation_id_field=conversation_id_field,
+                max_body_peek=max_body_peek,
+                non_browser_agents=non_browser_agents,
+                source=source,
+                environment=environment,
+                customer_id=customer_id,
+                metadata=metadata,
+                tracker_timeout=tracker_timeout,
+            )
+            delivery = _choose_delivery(
+                settings,
+                tracker=tracker,
+                api_key=api_key,
+                endpoint=endpoint,
+                outbox=outbox,
+                local_store=local_store,
+                queue_size=queue_size,
+                shutdown_timeout=shutdown_timeout,
+                delivery_concurrency=delivery_concurrency,
+            )
+        except ValueError as exc:
+            # Said here too, at ERROR: Starlette builds its middleware at the first ASGI
+            # call (the lifespan's start), where uvicorn's default --lifespan auto takes
+            # the error for an app without lifespan, logs it at INFO and serves every
+            # request a 500. Start uvicorn with --lifespan on to stop on it.
+            logger.error("agentsight-middleware is misconfigured: %s", exc)
+            raise
         _count_instance(type(self).__name__, repr(settings.rules))
         self._settings = settings
         self._core = core = Core(settings, delivery)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,14 @@ from ._retry import (
     classify,
     retry_after,
 )
-from ._store import LocalStore, connect_readonly, count_unsent, mark_sent, unsent
+from ._store import (
+    LocalStore,
+    StoreError,
+    connect_readonly,
+    count_unsent,
+    mark_sent,
+    unsent,
+)
 
 __all__ = ["ReplayBusyError", "ReplaySummary", "replay"]
 
@@ -49,6 +57,8 @@ _ATTEMPTS = 4
 _THROTTLES = 10
 #: Seconds without an answer other than 429 or a network error before the run gives up.
 _STALLED = 60.0
+#: Seconds a request may take; also the least wait before resending one that timed out.
+_TIMEOUT = 15.0
 
 
 class ReplayBusyError(Exception):
@@ -126,7 +136,8 @@ def _looks_like_the_api(response: httpx.Response) -> bool:
         data = response.json()
     except ValueError:
         return False
-    return isinstance(data, dict) and isinstance(data.get("id"), int)
+    found = data.get("id") if isinstance(data, dict) else None
+    return isinstance(found, int) and not isinstance(found, bool)
 
 
 def _post(
@@ -149,6 +160,13 @@ def _post(
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
             run.stalled(f"the API could not be reached ({error})")
+            if isinstance(exc, (httpx.ReadTimeout, httpx.WriteTimeout)):
+                # The server may still process it: sent again at once, a later event of
+                # the conversation could reach the API before it (as in live delivery).
+                attempt += 1
+                if attempt < _ATTEMPTS and run.stop.wait(max(backoff(attempt), _TIMEOUT)):
+                    return _NOT_TRIED, None
+                continue
         else:
             outcome = classify(response.status_code, response.content)
             if outcome == THROTTLED:
@@ -204,13 +222,20 @@ def _send_conversation(
     url: str,
     rows: list[tuple[int, dict[str, Any] | None]],
     run: _Run,
+    accepted: Callable[[int], bool],
 ) -> _Outcome:
-    """One conversation's events, in order, each once the one before is done with."""
+    """One conversation's events, in order, each once the one before is done with.
+    ``accepted(row_id)`` marks an event in the file the moment the API took it (False:
+    it could not be, and the run stops)."""
     outcome = _Outcome(accepted=[])
     for index, (row_id, payload) in enumerate(rows):
         result, error = _post(client, url, payload, run)
         if result == _SENT:
             outcome.accepted.append(row_id)
+            if not accepted(row_id):
+                outcome.left = len(rows) - index - 1
+                outcome.held = True
+                break
             continue
         if result in (_REFUSED, _FAILED):
             outcome.failed += 1
@@ -278,7 +303,9 @@ def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
     except ImportError:  # not on Windows: runs there must not overlap
         yield
         return
-    with open(os.fspath(path) + ".send-lock", "a") as handle:
+    # Named after the file itself: through a symlink or another relative path to the same
+    # file, a second run must find the same lock.
+    with open(os.path.realpath(os.fspath(path)) + ".send-lock", "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -326,9 +353,9 @@ def replay(
     proxy = None if transport is not None else environment_proxy(url)
     with (
         _only_sender(path),
-        LocalStore(path) as store,
+        LocalStore(path, follow_path=False) as store,
         httpx.Client(
-            headers=headers, timeout=15.0, transport=transport, proxy=proxy, trust_env=False
+            headers=headers, timeout=_TIMEOUT, transport=transport, proxy=proxy, trust_env=False
         ) as client,
         _pool(concurrency) as pool,
     ):
@@ -336,11 +363,13 @@ def replay(
         held: set[Any] = set()
         after = 0
 
+        def accepted(row_id: int) -> bool:
+            # At once, not at the end of the conversation: a run killed or interrupted
+            # must not leave accepted events unmarked, to be sent again.
+            return _mark(store, row_id, run)
+
         def record(future: Future[_Outcome], conversation: Any) -> None:
             outcome = future.result()
-            # At once, not at the end of the batch: an interrupted run must not
-            # leave accepted events unmarked, to be sent again.
-            mark_sent(store, outcome.accepted)
             summary.sent += len(outcome.accepted)
             summary.failed += outcome.failed
             summary.left += outcome.left
@@ -354,15 +383,19 @@ def replay(
                 after = batch[-1][0]
                 conversations: dict[Any, list[tuple[int, dict[str, Any] | None]]] = {}
                 for row_id, payload in batch:
-                    conversation = (
-                        payload.get("conversation_id") if payload is not None else ("row", row_id)
-                    )
+                    found = None if payload is None else payload.get("conversation_id")
+                    # A damaged row (an id that is a list, say) goes alone, not as a key.
+                    conversation = found if isinstance(found, str) else ("row", row_id)
                     if conversation in held:
                         summary.left += 1
                     else:
                         conversations.setdefault(conversation, []).append((row_id, payload))
+                for rows in conversations.values():
+                    # In the order they happened: with several processes writing the file,
+                    # one may store its page view after another stored the chat.
+                    rows.sort(key=_happened)
                 pending = {
-                    pool.submit(_send_conversation, client, url, rows, run): conversation
+                    pool.submit(_send_conversation, client, url, rows, run, accepted): conversation
                     for conversation, rows in conversations.items()
                 }
                 # Once stopped, what has not started returns at once, untried.
@@ -377,6 +410,37 @@ def replay(
             summary.left += count_unsent(store, after)
     show(-1)
     return summary
+
+
+def _happened(row: tuple[int, dict[str, Any] | None]) -> str:
+    timestamp = None if row[1] is None else row[1].get("timestamp")
+    # ISO 8601 in UTC, as the middleware writes them, sort as text; a row without one
+    # keeps its place among equals (sorted() is stable).
+    return timestamp if isinstance(timestamp, str) else ""
+
+
+#: Seconds a mark may wait for a file another process holds locked (a backup, a VACUUM).
+_MARK_PATIENCE = 60.0
+
+
+def _mark(store: LocalStore, row_id: int, run: _Run) -> bool:
+    """Mark one accepted event sent, waiting out a lock; False (and the run stopped)
+    when the file cannot be written: the event would otherwise be sent again."""
+    deadline = time.monotonic() + _MARK_PATIENCE
+    while True:
+        try:
+            mark_sent(store, [row_id])
+            return True
+        except (sqlite3.OperationalError, StoreError) as exc:
+            text = str(exc)
+            if ("locked" in text or "busy" in text) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            run.halt(
+                f"could not mark an accepted event as sent in the file ({text}); the next run "
+                "sends it again"
+            )
+            return False
 
 
 def _progress_bar(stream: TextIO | None, total: int) -> Callable[[int], None]:

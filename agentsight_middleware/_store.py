@@ -299,8 +299,11 @@ class LocalStore:
     since a typo in the path should not scatter files.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, follow_path: bool = True) -> None:
         self._path = os.fspath(path)
+        # False: stay with the file first opened, even if the path comes to name another
+        # (`send` marks rows by their ids: in a new file at the path, those are others).
+        self._follow_path = follow_path
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         # The file the connection has open, and when that was last checked (see _connection).
@@ -366,7 +369,7 @@ class LocalStore:
             # A fork the at-fork hooks did not see (they cover os.fork and multiprocessing).
             _INHERITED.append(self._conn)
             self._conn = None
-        if self._conn is not None:
+        if self._conn is not None and self._follow_path:
             now = time.monotonic()
             if now - self._checked_at >= _RECHECK_PATH:
                 # The file moved or deleted under a running app (rotated after `send`,

@@ -207,6 +207,8 @@ def _run_send(args: argparse.Namespace) -> int:
         summary = replay(args.db, credentials, progress=sys.stderr)
     except (StoreError, ReplayBusyError, FileNotFoundError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # the lock file beside it, in a folder this user cannot write
+        return _fail(f"cannot send {args.db}: {exc.strerror or exc} ({exc.filename or args.db})")
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
         _fail("stopped at once: run send again (an event accepted this very moment may go twice)")
         sys.stdout.flush()

@@ -90,9 +90,14 @@ class RecordingTracker:
             while not predicate():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    # Counts and the last ten: a test that made thousands of calls must not
+                    # get a message of hundreds of kilobytes.
+                    last = [(c.method, c.conversation_id) for c in self._calls[-10:]]
+                    views = sum(1 for c in self._calls if c.method == "initialize_conversation")
                     raise AssertionError(
                         f"timed out after {timeout:g} s waiting for {what}; calls so far: "
-                        f"{[(c.method, c.conversation_id) for c in self._calls]}"
+                        f"{views} initialized and {len(self._calls) - views} used, the last "
+                        f"{len(last)}: {last}"
                     )
                 self._changed.wait(remaining)
 

@@ -12,6 +12,7 @@ import argparse
 import logging
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
@@ -46,8 +47,6 @@ def create_app(**options: Any) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     import os
 
-    import uvicorn
-
     from agentsight_middleware._store import DEFAULT_PATH
     from agentsight_middleware.cli import main as cli
 
@@ -60,7 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     has_key = bool(os.environ.get("AGENTSIGHT_API_KEY"))
     app = create_app() if has_key else create_app(local_store=args.db)
     print(f"Demo shop with a chat widget: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # lifespan="on": Starlette builds the middleware at the lifespan's start, and a bad
+    # AGENTSIGHT_API_KEY must stop the demo there, not turn every request into a 500
+    # (uvicorn's default, "auto", takes a failing lifespan for one the app lacks).
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
     if not has_key:
         print()
         cli(["report", "--db", args.db])

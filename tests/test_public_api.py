@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import agentsight_middleware
 import agentsight_middleware.sdk
 import agentsight_middleware.testing
@@ -76,3 +78,18 @@ def test_the_readme_one_liners_type_check_under_mypy_strict(tmp_path: Path) -> N
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_recording_tracker_s_time_out_message_stays_short() -> None:
+    # It listed every call: 655 KB after 16,000 calls.
+    from agentsight_middleware.testing import RecordingTracker
+
+    tracker = RecordingTracker()
+    for n in range(16_000):
+        tracker.initialize_conversation(f"conv_{n:012x}")
+    with pytest.raises(AssertionError) as failed:
+        tracker.wait_for(used=1, timeout=0.01)
+    message = str(failed.value)
+    assert len(message) < 2_000
+    assert "16000 initialized and 0 used" in message
+    assert "conv_000000003e7f" in message  # the last call

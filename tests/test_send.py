@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +335,166 @@ def test_send_leaves_an_ignored_ctrl_c_ignored(tmp_path: Path) -> None:
         _, err = run.communicate(timeout=60)
         assert run.returncode == 0, err
         assert len(api.conversations) == 200
+
+
+# -- found by a review of send ---------------------------------------------------------------
+
+
+def test_a_damaged_conversation_id_goes_alone_and_the_rest_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An id stored as a JSON list (a file edited by hand) made every run crash at once:
+    # "unhashable type: 'list'", 0 events sent.
+    import sqlite3
+
+    db = _file(tmp_path / "events.sqlite3", 10)
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE events SET payload = json_set(payload, '$.conversation_id', json('[1]'))"
+            " WHERE id = 3"
+        )
+    with StandInAgentSightAPI() as api:
+        code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+        received = len(api.conversations)
+    out = capsys.readouterr().out
+    assert code == 1
+    assert received == 9
+    assert "sent 9, skipped 0 (sent before), failed 1" in out
+
+
+def test_the_send_lock_holds_through_a_symlink(tmp_path: Path) -> None:
+    # Locked by the name given: `send --db current.sqlite3` (a symlink) ran beside a
+    # `send --db events.sqlite3`, and 349 of 400 events went twice.
+    from agentsight_middleware._replay import ReplayBusyError, _only_sender
+
+    db = _file(tmp_path / "events.sqlite3", 1)
+    link = tmp_path / "current.sqlite3"
+    link.symlink_to(db.name)
+    with _only_sender(db), pytest.raises(ReplayBusyError), _only_sender(link):
+        pass
+
+
+def test_send_stays_with_the_file_it_opened_when_the_path_is_rotated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The file moved and a new one started at the path while `send` ran: it marked rows of
+    # the new file (by the old file's row ids) as sent; 68 events were never delivered.
+    import sqlite3
+
+    db = _visits(tmp_path / "events.sqlite3", 200)
+    moved = tmp_path / "events.old.sqlite3"
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.05)  # ~2.5 s in all: the store looks at its path once a second
+        rotated = threading.Event()
+
+        def rotate() -> None:
+            deadline = time.monotonic() + 30
+            while len(api.conversations) < 50 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.replace(db, moved)
+            for suffix in ("-wal", "-shm"):
+                if Path(f"{db}{suffix}").exists():
+                    os.replace(f"{db}{suffix}", f"{moved}{suffix}")
+            _visits(db, 30)  # the app starts a new file at the path
+            rotated.set()
+
+        thread = threading.Thread(target=rotate)
+        thread.start()
+        code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+        thread.join(30)
+        assert rotated.is_set()
+        received = len(api.conversations)
+    assert code == 0, capsys.readouterr()
+    assert received == 400  # the whole file it opened
+    with sqlite3.connect(db) as conn:  # the new file: untouched, for the next run
+        assert conn.execute("SELECT count(*) FROM events WHERE sent_at IS NULL").fetchone() == (60,)
+
+
+def test_each_accepted_event_is_marked_at_once(tmp_path: Path) -> None:
+    # Marked when the whole conversation was done: a page view accepted while its chat was
+    # still on its way (or being retried) stayed unmarked, and a run killed meanwhile sent
+    # it again next time. Each answer here takes 1.5 s: the page view's comes at 1.5 s, the
+    # chat's at 3 s; at 2.3 s the page view must be marked.
+    import sqlite3
+
+    db = _visits(tmp_path / "events.sqlite3", 1)
+    with StandInAgentSightAPI() as api:
+        api.set_latency(1.5)
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(main(args)))
+        started = time.monotonic()
+        thread.start()
+        time.sleep(max(0.0, started + 2.3 - time.monotonic()))
+        with sqlite3.connect(db) as conn:
+            marked = conn.execute(
+                "SELECT json_extract(payload, '$.is_used') FROM events WHERE sent_at IS NOT NULL"
+            ).fetchall()
+        thread.join(30)
+    assert result == [0]
+    assert marked == [(0,)]  # the page view, while its chat was on its way
+
+
+def test_a_conversation_goes_in_the_order_its_events_happened(tmp_path: Path) -> None:
+    # Two processes writing one file: the page view's may store it after the chat's.
+    from tests.test_store import BASE
+
+    db = tmp_path / "events.sqlite3"
+    with LocalStore(db) as store:
+        store.write([make_payload("conv_000000000001", used=True, at=BASE + 5)])
+        store.write([make_payload("conv_000000000001", used=False, at=BASE)])
+    with StandInAgentSightAPI() as api:
+        assert main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]) == 0
+        order = [body["is_used"] for body in api.conversations]
+    assert order == [False, True]
+
+
+def test_a_locked_file_delays_the_marks_and_sends_nothing_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another process held the file locked past the 5 s busy timeout (a backup, a VACUUM):
+    # a traceback, 28 of 200 accepted events marked, 172 sent again by the next run.
+    import sqlite3
+
+    db = _visits(tmp_path / "events.sqlite3", 20)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.01)
+        holder.execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(7.0, lambda: holder.execute("COMMIT"))
+        timer.start()
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        try:
+            assert main(args) == 0
+        finally:
+            timer.join()
+            holder.close()
+        assert "sent 40" in capsys.readouterr().out
+        assert main(args) == 0
+        assert "sent 0, skipped 40" in capsys.readouterr().out
+        assert len(api.conversations) == 40
+
+
+def test_send_beside_a_file_in_a_folder_it_cannot_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The lock file could not be created: a PermissionError traceback. The folder is made
+    # immutable (chattr +i), which even root cannot write in.
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    db = _file(folder / "events.sqlite3", 1)
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)]).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4): nothing else stops root writing here")
+    try:
+        with StandInAgentSightAPI() as api:
+            code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"cannot send {db}:" in err
+    assert "Traceback" not in err
