@@ -145,9 +145,11 @@ def test_an_id_header_with_an_underscore_is_warned_about(caplog: pytest.LogCaptu
 def test_a_configuration_error_is_logged_too(caplog: pytest.LogCaptureFixture) -> None:
     # Starlette builds the middleware at the lifespan's start, where uvicorn's default
     # --lifespan auto logs the error at INFO as "lifespan unsupported" and serves 500s.
-    with caplog.at_level(logging.ERROR, logger="agentsight_middleware"):
-        with pytest.raises(ValueError, match="not an AgentSight API key"):
-            build(api_key="sk-live-1234567890abcdef")
+    with (
+        caplog.at_level(logging.ERROR, logger="agentsight_middleware"),
+        pytest.raises(ValueError, match="not an AgentSight API key"),
+    ):
+        build(api_key="sk-live-1234567890abcdef")
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.getMessage().startswith("agentsight-middleware is misconfigured: api_key=")
     assert "1234567890abcdef" not in record.getMessage()  # the key stays masked
