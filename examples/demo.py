@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="on")
     if not has_key:
         print()
+        if not os.path.exists(args.db):  # stopped before any visit: nothing was written
+            print("No events: open the shop page and chat, then stop the demo again.")
+            return
         cli(["report", "--db", args.db])
 
 

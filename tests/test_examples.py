@@ -11,6 +11,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -200,3 +201,69 @@ def test_one_middleware_per_route_is_warned_about(
     ]
     assert len(warnings) == 1
     assert "Wrap the whole app once instead" in warnings[0]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_demo_stops_at_start_up_on_a_bad_key(tmp_path: Path) -> None:
+    # Under uvicorn's default lifespan handling a bad key turned every request into a 500
+    # while the demo ran on; with lifespan "on" it stops, saying why.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AGENTSIGHT_API_KEY": "sk-live-1234567890abcdef"}
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.demo", "--port", str(_free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "agentsight-middleware is misconfigured: AGENTSIGHT_API_KEY" in done.stderr
+    assert "1234567890abcdef" not in done.stderr + done.stdout
+
+
+def test_the_demo_reports_what_it_saw_on_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    db = tmp_path / "demo.sqlite3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTSIGHT_")}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "examples.demo", "--port", str(port), "--db", str(db)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", headers=BROWSER, timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the demo did not start"
+                time.sleep(0.1)
+        assert page.status_code == 200
+        chat = httpx.post(
+            f"http://127.0.0.1:{port}/api/chat",
+            json={"message": "hello"},
+            cookies=page.cookies,
+            timeout=5,
+        )
+        assert chat.status_code == 200
+    finally:
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=60)
+    assert demo.returncode == 0, err
+    assert "1 conversation initialized, 1 used: interaction rate 100.0 %" in out
