@@ -15,9 +15,11 @@ conversation are left for the next run rather than sent out of order.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +45,7 @@ from ._retry import (
 from ._store import (
     LocalStore,
     StoreError,
+    _timestamp,
     connect_readonly,
     count_unsent,
     mark_sent,
@@ -75,6 +78,9 @@ class ReplaySummary:
     left: int = 0
     #: The server's words for the first refusal, to show the user.
     first_error: str | None = None
+    #: Accepted by the API but not marked in the file (it could not be written): the next
+    #: run sends them again.
+    unmarked: int = 0
     #: Why the run stopped before the end, if it did.
     stopped: str | None = None
     interrupted: bool = False
@@ -89,6 +95,7 @@ class _Run:
         self._lock = threading.Lock()
         self._resume_at = 0.0
         self._stalled_since: float | None = None
+        self._locked_since: float | None = None
 
     def halt(self, reason: str) -> None:
         with self._lock:
@@ -111,6 +118,19 @@ class _Run:
     def answered(self) -> None:
         with self._lock:
             self._stalled_since = None
+
+    def mark_waited(self) -> float:
+        """Seconds marks have been waiting for a locked file (one clock for all senders)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._locked_since is None:
+                self._locked_since = now
+            return now - self._locked_since
+
+    def marked(self) -> None:
+        if self._locked_since is not None:
+            with self._lock:
+                self._locked_since = None
 
     def stalled(self, why: str) -> None:
         """No answer but a throttle or a network error: give up after ``_STALLED`` s of it."""
@@ -210,6 +230,7 @@ def _post(
 @dataclass
 class _Outcome:
     accepted: list[int]
+    unmarked: int = 0
     failed: int = 0
     left: int = 0
     error: str | None = None
@@ -233,6 +254,7 @@ def _send_conversation(
         if result == _SENT:
             outcome.accepted.append(row_id)
             if not accepted(row_id):
+                outcome.unmarked += 1
                 outcome.left = len(rows) - index - 1
                 outcome.held = True
                 break
@@ -303,9 +325,7 @@ def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
     except ImportError:  # not on Windows: runs there must not overlap
         yield
         return
-    # Named after the file itself: through a symlink or another relative path to the same
-    # file, a second run must find the same lock.
-    with open(os.path.realpath(os.fspath(path)) + ".send-lock", "a") as handle:
+    with _lock_file(path) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -313,6 +333,19 @@ def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
                 f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
             ) from None
         yield
+
+
+def _lock_file(path: str | os.PathLike[str]) -> TextIO:
+    """``<file>.send-lock`` beside the file itself (through a symlink or another path to
+    it, a second run finds the same lock); where that folder takes no new file, one in
+    the temporary folder named after the file's device and inode."""
+    real = os.path.realpath(os.fspath(path))
+    try:
+        return open(real + ".send-lock", "a")
+    except OSError:
+        info = os.stat(real)
+        name = f"agentsight-send-{info.st_dev}-{info.st_ino}.lock"
+        return open(os.path.join(tempfile.gettempdir(), name), "a")
 
 
 def _counts(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -351,9 +384,10 @@ def replay(
     run = _Run()
     # The proxy the environment names, as live delivery uses it (sinks/http.py).
     proxy = None if transport is not None else environment_proxy(url)
+    store = LocalStore(path, follow_path=False)
     with (
         _only_sender(path),
-        LocalStore(path, follow_path=False) as store,
+        _closed_unless_stopped_at_once(store),
         httpx.Client(
             headers=headers, timeout=_TIMEOUT, transport=transport, proxy=proxy, trust_env=False
         ) as client,
@@ -371,6 +405,7 @@ def replay(
         def record(future: Future[_Outcome], conversation: Any) -> None:
             outcome = future.result()
             summary.sent += len(outcome.accepted)
+            summary.unmarked += outcome.unmarked
             summary.failed += outcome.failed
             summary.left += outcome.left
             if outcome.error and summary.first_error is None:
@@ -379,7 +414,7 @@ def replay(
                 held.add(conversation)
 
         with _ctrl_c_stops(run, summary):
-            while not run.stop.is_set() and (batch := unsent(store, _BATCH, after)):
+            while not run.stop.is_set() and (batch := _next_batch(store, after, run)):
                 after = batch[-1][0]
                 conversations: dict[Any, list[tuple[int, dict[str, Any] | None]]] = {}
                 for row_id, payload in batch:
@@ -407,16 +442,43 @@ def replay(
         summary.stopped = run.reason
         if run.stop.is_set():
             # Stopped early: what the loop did not reach is left too.
-            summary.left += count_unsent(store, after)
+            with contextlib.suppress(sqlite3.DatabaseError, StoreError):
+                summary.left += count_unsent(store, after)
     show(-1)
     return summary
 
 
-def _happened(row: tuple[int, dict[str, Any] | None]) -> str:
-    timestamp = None if row[1] is None else row[1].get("timestamp")
-    # ISO 8601 in UTC, as the middleware writes them, sort as text; a row without one
-    # keeps its place among equals (sorted() is stable).
-    return timestamp if isinstance(timestamp, str) else ""
+def _next_batch(
+    store: LocalStore, after: int, run: _Run
+) -> list[tuple[int, dict[str, Any] | None]]:
+    try:
+        return unsent(store, _BATCH, after)
+    except (sqlite3.DatabaseError, StoreError) as exc:
+        run.halt(f"the events file could not be used ({exc})")
+        return []
+
+
+@contextlib.contextmanager
+def _closed_unless_stopped_at_once(store: LocalStore) -> Iterator[None]:
+    """Close the store at the end, but not after a second Ctrl-C: a sender may be waiting
+    in it for a locked file, and the process is about to exit anyway."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        store.close()
+        raise
+    store.close()
+
+
+def _happened(row: tuple[int, dict[str, Any] | None]) -> float:
+    """When an event happened, as the store reads its timestamp (``Z`` or any offset: as
+    text, "20:26:40Z" sorts after "20:26:40.3+00:00"); one that cannot be read goes last."""
+    try:
+        return _timestamp(None if row[1] is None else row[1].get("timestamp"))
+    except ValueError:
+        return math.inf
 
 
 #: Seconds a mark may wait for a file another process holds locked (a backup, a VACUUM).
@@ -424,21 +486,24 @@ _MARK_PATIENCE = 60.0
 
 
 def _mark(store: LocalStore, row_id: int, run: _Run) -> bool:
-    """Mark one accepted event sent, waiting out a lock; False (and the run stopped)
+    """Mark one accepted event sent, waiting out a lock (``_MARK_PATIENCE`` for the whole
+    run, not per event, and not once the run is stopping); False, and the run stopped,
     when the file cannot be written: the event would otherwise be sent again."""
-    deadline = time.monotonic() + _MARK_PATIENCE
     while True:
         try:
             mark_sent(store, [row_id])
+            run.marked()
             return True
-        except (sqlite3.OperationalError, StoreError) as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
             text = str(exc)
-            if ("locked" in text or "busy" in text) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            locked = "locked" in text or "busy" in text
+            if locked and not run.stop.is_set() and run.mark_waited() < _MARK_PATIENCE:
+                run.stop.wait(0.2)
                 continue
             run.halt(
-                f"could not mark an accepted event as sent in the file ({text}); the next run "
-                "sends it again"
+                "the events file stayed locked by another process"
+                if locked
+                else f"the events file could not be written ({text})"
             )
             return False
 

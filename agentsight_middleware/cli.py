@@ -222,11 +222,17 @@ def _run_send(args: argparse.Namespace) -> int:
     print(line)
     if summary.stopped:
         print(f"stopped: {summary.stopped}", file=sys.stderr)
+    if summary.unmarked:
+        print(
+            f"{summary.unmarked} event(s) accepted by the API could not be marked in the file: "
+            "the next run sends them again",
+            file=sys.stderr,
+        )
     if summary.first_error:
         print(f"first failure: {summary.first_error}", file=sys.stderr)
     if summary.interrupted:
         return 130  # the shell's code for Ctrl-C
-    return 1 if summary.failed or summary.left else 0
+    return 1 if summary.failed or summary.left or summary.unmarked or summary.stopped else 0
 
 
 # --------------------------------------------------------------------------- demo

@@ -479,7 +479,8 @@ def test_send_beside_a_file_in_a_folder_it_cannot_write(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The lock file could not be created: a PermissionError traceback. The folder is made
-    # immutable (chattr +i), which even root cannot write in.
+    # immutable (chattr +i), which even root cannot write in: the lock goes to the temporary
+    # folder, and the file itself cannot be opened for marks (SQLite's -wal), said in a line.
     import shutil
     import subprocess
 
@@ -496,5 +497,56 @@ def test_send_beside_a_file_in_a_folder_it_cannot_write(
         subprocess.run([chattr, "-i", str(folder)], check=True)
     err = capsys.readouterr().err
     assert code == 1
-    assert f"cannot send {db}:" in err
+    assert "stopped: the events file could not be used" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("view_at", "chat_at"),
+    [
+        ("2026-11-26T20:26:40Z", "2026-11-26T20:26:40.300000+00:00"),
+        ("2026-11-26T22:26:40+02:00", "2026-11-26T20:26:45+00:00"),
+    ],
+    ids=["zulu-then-offset", "another-offset"],
+)
+def test_timestamps_are_compared_as_times_not_text(
+    tmp_path: Path, view_at: str, chat_at: str
+) -> None:
+    # Sorted as text, "20:26:40Z" came after "20:26:40.3+00:00": the chat went first.
+    db = tmp_path / "events.sqlite3"
+    view = make_payload("conv_000000000001", used=False)
+    chat = make_payload("conv_000000000001", used=True)
+    view["timestamp"], chat["timestamp"] = view_at, chat_at
+    with LocalStore(db) as store:
+        store.write([view, chat])
+    with StandInAgentSightAPI() as api:
+        assert main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]) == 0
+        order = [body["is_used"] for body in api.conversations]
+    assert order == [False, True]
+
+
+def test_a_file_deleted_while_send_runs_stops_it_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Only the main file deleted (its -wal and -shm left) and a new one started: "file is
+    # not a database" or "disk I/O error" came out as a traceback, with no summary.
+    db = _visits(tmp_path / "events.sqlite3", 200)
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.02)
+
+        def delete() -> None:
+            deadline = time.monotonic() + 30
+            while len(api.conversations) < 50 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            os.remove(db)
+            _visits(db, 30)  # the app starts a new file at the path, beside the old -wal
+
+        thread = threading.Thread(target=delete)
+        thread.start()
+        code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+        thread.join(30)
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "sent " in captured.out  # the summary
+    if code:  # (a run that read everything before the delete may end cleanly)
+        assert "stopped: the events file could not be" in captured.err
