@@ -384,7 +384,9 @@ def replay(
     run = _Run()
     # The proxy the environment names, as live delivery uses it (sinks/http.py).
     proxy = None if transport is not None else environment_proxy(url)
-    store = LocalStore(path, follow_path=False)
+    # A short busy timeout for the marks: _mark waits out a lock itself, within one
+    # deadline for the run, and each sender holds the store while SQLite waits.
+    store = LocalStore(path, follow_path=False, busy_timeout=0.5)
     with (
         _only_sender(path),
         _closed_unless_stopped_at_once(store),

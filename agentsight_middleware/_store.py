@@ -299,8 +299,17 @@ class LocalStore:
     since a typo in the path should not scatter files.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, follow_path: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        follow_path: bool = True,
+        busy_timeout: float = BUSY_TIMEOUT,
+    ) -> None:
         self._path = os.fspath(path)
+        # How long a write waits for another process's lock once the file is open (opening
+        # waits BUSY_TIMEOUT: the app may be rebuilding an index).
+        self._busy_timeout = busy_timeout
         # False: stay with the file first opened, even if the path comes to name another
         # (`send` marks rows by their ids: in a new file at the path, those are others).
         self._follow_path = follow_path
@@ -412,6 +421,8 @@ class LocalStore:
             # is an acceptable price for analytics events and saves an fsync per batch.
             conn.execute("PRAGMA synchronous = NORMAL")
             _retry_locked(lambda: _ensure_schema(conn, self._path), deadline)
+            if self._busy_timeout != BUSY_TIMEOUT:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except sqlite3.DatabaseError as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
