@@ -304,11 +304,11 @@ class LocalStore:
         path: str | os.PathLike[str],
         *,
         follow_path: bool = True,
-        busy_timeout: float = BUSY_TIMEOUT,
+        busy_timeout: float | None = None,
     ) -> None:
         self._path = os.fspath(path)
-        # How long a write waits for another process's lock once the file is open (opening
-        # waits BUSY_TIMEOUT: the app may be rebuilding an index).
+        # How long a write waits for another process's lock once the file is open (None:
+        # BUSY_TIMEOUT; opening waits that long anyway: the app may be rebuilding an index).
         self._busy_timeout = busy_timeout
         # False: stay with the file first opened, even if the path comes to name another
         # (`send` marks rows by their ids: in a new file at the path, those are others).
@@ -421,7 +421,7 @@ class LocalStore:
             # is an acceptable price for analytics events and saves an fsync per batch.
             conn.execute("PRAGMA synchronous = NORMAL")
             _retry_locked(lambda: _ensure_schema(conn, self._path), deadline)
-            if self._busy_timeout != BUSY_TIMEOUT:
+            if self._busy_timeout is not None:
                 conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except sqlite3.DatabaseError as exc:
             conn.close()
