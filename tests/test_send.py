@@ -413,19 +413,19 @@ def test_send_stays_with_the_file_it_opened_when_the_path_is_rotated(
 def test_each_accepted_event_is_marked_at_once(tmp_path: Path) -> None:
     # Marked when the whole conversation was done: a page view accepted while its chat was
     # still on its way (or being retried) stayed unmarked, and a run killed meanwhile sent
-    # it again next time. Each answer here takes 1.5 s: the page view's comes at 1.5 s, the
-    # chat's at 3 s; at 2.3 s the page view must be marked.
+    # it again next time. Each answer here takes 3 s: the page view's comes at 3 s, the
+    # chat's at 6 s; at 4.5 s the page view must be marked.
     import sqlite3
 
     db = _visits(tmp_path / "events.sqlite3", 1)
     with StandInAgentSightAPI() as api:
-        api.set_latency(1.5)
+        api.set_latency(3.0)
         args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(main(args)))
         started = time.monotonic()
         thread.start()
-        time.sleep(max(0.0, started + 2.3 - time.monotonic()))
+        time.sleep(max(0.0, started + 4.5 - time.monotonic()))
         with sqlite3.connect(db) as conn:
             marked = conn.execute(
                 "SELECT json_extract(payload, '$.is_used') FROM events WHERE sent_at IS NOT NULL"
