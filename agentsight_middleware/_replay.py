@@ -50,6 +50,7 @@ from ._store import (
     count_unsent,
     mark_sent,
     unsent,
+    unsent_of,
 )
 
 __all__ = ["ReplayBusyError", "ReplaySummary", "replay"]
@@ -397,12 +398,19 @@ def replay(
     ):
         # Conversations with an event not sent in this run: their later events wait.
         held: set[Any] = set()
+        # Rows of later batches already taken with their conversation (see below), and
+        # those of them marked sent.
+        taken: set[int] = set()
+        taken_marked: set[int] = set()
         after = 0
 
         def accepted(row_id: int) -> bool:
             # At once, not at the end of the conversation: a run killed or interrupted
             # must not leave accepted events unmarked, to be sent again.
-            return _mark(store, row_id, run)
+            marked = _mark(store, row_id, run)
+            if marked and row_id in taken:
+                taken_marked.add(row_id)
+            return marked
 
         def record(future: Future[_Outcome], conversation: Any) -> None:
             outcome = future.result()
@@ -420,6 +428,8 @@ def replay(
                 after = batch[-1][0]
                 conversations: dict[Any, list[tuple[int, dict[str, Any] | None]]] = {}
                 for row_id, payload in batch:
+                    if row_id in taken:
+                        continue
                     found = None if payload is None else payload.get("conversation_id")
                     # A damaged row (an id that is a list, say) goes alone, not as a key.
                     conversation = found if isinstance(found, str) else ("row", row_id)
@@ -427,10 +437,15 @@ def replay(
                         summary.left += 1
                     else:
                         conversations.setdefault(conversation, []).append((row_id, payload))
+                # Each conversation whole: with several processes writing the file, one
+                # may store its page view after another stored the chat, even batches later.
+                for row_id, payload in _rest_of(store, conversations, after, run):
+                    found = None if payload is None else payload.get("conversation_id")
+                    if isinstance(found, str) and found in conversations:
+                        conversations[found].append((row_id, payload))
+                        taken.add(row_id)
                 for rows in conversations.values():
-                    # In the order they happened: with several processes writing the file,
-                    # one may store its page view after another stored the chat.
-                    rows.sort(key=_happened)
+                    rows.sort(key=_happened)  # in the order they happened
                 pending = {
                     pool.submit(_send_conversation, client, url, rows, run, accepted): conversation
                     for conversation, rows in conversations.items()
@@ -445,9 +460,24 @@ def replay(
         if run.stop.is_set():
             # Stopped early: what the loop did not reach is left too.
             with contextlib.suppress(sqlite3.DatabaseError, StoreError):
-                summary.left += count_unsent(store, after)
+                # (Less the rows taken ahead with their conversation: counted there.)
+                summary.left += count_unsent(store, after) - len(taken - taken_marked)
     show(-1)
     return summary
+
+
+def _rest_of(
+    store: LocalStore,
+    conversations: dict[Any, list[tuple[int, dict[str, Any] | None]]],
+    after: int,
+    run: _Run,
+) -> list[tuple[int, dict[str, Any] | None]]:
+    ids = [key for key in conversations if isinstance(key, str)]
+    try:
+        return unsent_of(store, ids, after) if ids else []
+    except (sqlite3.DatabaseError, StoreError) as exc:
+        run.halt(f"the events file could not be used ({exc})")
+        return []
 
 
 def _next_batch(

@@ -476,6 +476,28 @@ def unsent(
     return [(row_id, _payload_or_none(payload)) for row_id, payload in rows]
 
 
+def unsent_of(
+    store: LocalStore, conversation_ids: Sequence[str], after_id: int
+) -> list[tuple[int, dict[str, Any] | None]]:
+    """The events of these conversations not yet replayed with ``id > after_id``: what a
+    replay's later batches hold of conversations it is sending now (served by the
+    conversation index)."""
+    found: list[tuple[int, dict[str, Any] | None]] = []
+    with store._reading() as conn:
+        for start in range(0, len(conversation_ids), _MAX_VARIABLES - 1):
+            chunk = list(conversation_ids[start : start + _MAX_VARIABLES - 1])
+            marks = ",".join("?" * len(chunk))
+            found += [
+                (row_id, _payload_or_none(payload))
+                for row_id, payload in conn.execute(
+                    f"SELECT id, payload FROM events WHERE conversation_id IN ({marks})"
+                    " AND sent_at IS NULL AND id > ? ORDER BY id",
+                    [*chunk, after_id],
+                )
+            ]
+    return found
+
+
 def _payload_or_none(text: object) -> dict[str, Any] | None:
     try:
         payload = json.loads(text)  # type: ignore[arg-type]

@@ -550,3 +550,23 @@ def test_a_file_deleted_while_send_runs_stops_it_in_one_line(
     assert "sent " in captured.out  # the summary
     if code:  # (a run that read everything before the delete may end cleanly)
         assert "stopped: the events file could not be" in captured.err
+
+
+def test_a_conversation_is_sent_whole_across_batches(tmp_path: Path) -> None:
+    # The page view stored 250 rows after its chat (another process held it back): in a later
+    # batch of 200, it went after the chat.
+    from tests.test_store import BASE
+
+    db = tmp_path / "events.sqlite3"
+    with LocalStore(db) as store:
+        store.write([make_payload("conv_late00000001", used=True, at=BASE + 5)])
+        store.write([make_payload(f"conv_{n:012x}", at=BASE + 6) for n in range(250)])
+        store.write([make_payload("conv_late00000001", used=False, at=BASE)])
+    with StandInAgentSightAPI() as api:
+        assert main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]) == 0
+        late = [
+            b["is_used"] for b in api.conversations if b["conversation_id"] == "conv_late00000001"
+        ]
+        total = len(api.conversations)
+    assert late == [False, True]
+    assert total == 252  # each event once
