@@ -138,17 +138,23 @@ class Core:
         #: headers only then.
         self.trusted = settings.trusted_proxies if settings.trusted_proxies else None
         # Whether each (scheme, peer, X-Forwarded-Proto) seen is HTTPS; see is_secure.
-        self._secure: dict[tuple[str, str | None, str | None], bool] = {}
+        self._secure: dict[tuple[str, str | None, str | bytes | None], bool] = {}
         # The built-in worker takes events with one append: no coroutine to await, no
         # handler scope to ask for, no event loop for a coroutine tracker.
         #: ``delivery.submit`` for the built-in worker, else None.
         self.submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
 
     def is_secure(
-        self, scheme: str, peer: str | None, forwarded: str | None, proto: str | None
+        self,
+        scheme: str,
+        peer: str | None,
+        forwarded: str | bytes | None,
+        proto: str | bytes | None,
     ) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag: ``scheme`` as the
-        server saw it, or what a trusted proxy says in ``Forwarded`` / ``X-Forwarded-Proto``."""
+        server saw it, or what a trusted proxy says in ``Forwarded`` / ``X-Forwarded-Proto``.
+        The header values as the glue has them: ``str`` (WSGI), or ``bytes`` (ASGI), which are
+        decoded only when the answer is not known yet."""
         trusted = self.trusted
         if trusted is None or (not forwarded and not proto):
             return scheme == "https"
@@ -160,6 +166,16 @@ class Core:
             secure = self._secure.get(key)
             if secure is not None:
                 return secure
+        if isinstance(forwarded, bytes):
+            forwarded = forwarded.decode("latin-1")
+        if isinstance(proto, bytes):
+            proto = proto.decode("latin-1")
+        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
+        if key is not None:
+            if len(self._secure) >= 1024:
+                self._secure.clear()  # clients sending their own values: stay bounded
+            self._secure[key] = secure
+        return secure
         secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
         if key is not None:
             if len(self._secure) >= 1024:

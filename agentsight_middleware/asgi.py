@@ -53,7 +53,6 @@ class AgentSightMiddleware(MiddlewareBase):
         super().__init__(_the_app(app, options, "AgentSightMiddleware"), **options)
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
-        self._secure: dict[tuple[str, str | None, bytes], bool] = {}
 
     # Typed Any: frameworks type ASGI differently (Starlette with mappings, Litestar
     # and asgiref with TypedDicts that a mapping parameter does not accept), and an
@@ -160,25 +159,8 @@ class AgentSightMiddleware(MiddlewareBase):
         if forwarded is None and proto is None:
             return scheme == "https"
         client = scope.get("client")
-        peer = client[0] if client else None
-        # Behind a proxy the same (peer, X-Forwarded-Proto) pairs come back on every chat
-        # and page view: looked up on the raw bytes, before anything is decoded.
-        key = (scheme, peer, proto) if forwarded is None and proto is not None else None
-        if key is not None:
-            known = self._secure.get(key)
-            if known is not None:
-                return known
-        secure = self._core.is_secure(
-            scheme,
-            peer,
-            None if forwarded is None else forwarded.decode("latin-1"),
-            None if proto is None else proto.decode("latin-1"),
-        )
-        if key is not None and len(key[2]) <= 16:
-            if len(self._secure) >= 1024:
-                self._secure.clear()  # clients sending their own values: stay bounded
-            self._secure[key] = secure
-        return secure
+        # The raw bytes: Core looks the answer up before anything is decoded.
+        return self._core.is_secure(scheme, client[0] if client else None, forwarded, proto)
 
     async def _widget(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str
