@@ -107,28 +107,33 @@ def _address(value: str | None) -> str | None:
 
 def _hop_address(value: str | None) -> str | None:
     """The IP in one hop of a forwarding chain (``[v6]:port``, ``ip:port``, quoted...)."""
+    return hop_address_and_port(value)[0]
+
+
+def hop_address_and_port(value: str | None) -> tuple[str | None, str]:
+    """The IP in one hop of a forwarding chain and the port written with it ("" for none)."""
     if value is None:
-        return None
+        return None, ""
     text = value.strip()
     if not text or len(text) > _MAX_ADDRESS_CHARS:
-        return None
+        return None, ""
     if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
         text = text[1:-1].strip()
     if text.startswith("["):
         end = text.find("]")
         if end == -1:
-            return None
+            return None, ""
         rest = text[end + 1 :]
         if rest and not (rest[0] == ":" and _PORT.fullmatch(rest, 1)):
-            return None
+            return None, ""
         host = text[1:end]
         # Brackets are only for IPv6; "[1.2.3.4]" is someone else's syntax.
-        return _normalise_ip(host) if ":" in host else None
+        return (_normalise_ip(host) if ":" in host else None), rest[1:]
     if text.count(":") == 1:
         host, _, port = text.partition(":")
-        return _normalise_ip(host) if _PORT.fullmatch(port) else None
+        return (_normalise_ip(host), port) if _PORT.fullmatch(port) else (None, "")
     # Zero colons: IPv4. Two or more: IPv6, which cannot carry a port without brackets.
-    return _normalise_ip(text)
+    return _normalise_ip(text), ""
 
 
 def _ipv4_network_of_mapped(network: ipaddress.IPv6Network) -> _IPNetwork:

@@ -29,7 +29,7 @@ from ._conversation import (
 )
 from ._core import NOT_SET, AppCookie, is_html, is_page_view, viewed_conversation
 from ._events import ENGAGE, INITIALIZE, new_event
-from ._facts import TrustedProxies, forwarded_scheme
+from ._facts import TrustedProxies, forwarded_scheme, hop_address_and_port, peer_address
 from ._log import logger
 from ._rules import WIDGET, Match
 
@@ -403,9 +403,11 @@ def _warn_if_rewritten(
     global _rewrite_warned
     if trusted.hop_count or peer in trusted:  # by position, or the peer is our proxy
         return
+    address = peer_address(peer)
     if not any(
-        host == peer and entry_port == (port or 0)
-        for host, entry_port in map(_host_and_port, forwarded_for.split(","))
+        host == address and int(entry_port or 0) == (port or 0)
+        for host, entry_port in map(hop_address_and_port, forwarded_for.split(","))
+        if entry_port.isdigit() or not entry_port
     ):
         return
     _rewrite_warned = True
@@ -417,19 +419,6 @@ def _warn_if_rewritten(
         "--no-proxy-headers), or pass trusted_proxies=None to keep the server's answer.",
         peer,
     )
-
-
-def _host_and_port(entry: str) -> tuple[str, int]:
-    """An X-Forwarded-For entry's address and port (0 when it names none)."""
-    entry = entry.strip()
-    if entry.startswith("["):  # [2001:db8::1]:443
-        host, _, rest = entry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif entry.count(":") == 1:  # 203.0.113.7:4711
-        host, _, port = entry.partition(":")
-    else:
-        host, port = entry, ""
-    return host, int(port) if port.isdigit() and len(port) <= 5 else 0
 
 
 def _is_page_view(headers: dict[bytes, bytes]) -> bool:
