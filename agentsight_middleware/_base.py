@@ -32,11 +32,15 @@ _instances: dict[tuple[str, str], int] = {}
 _SAME_RULES_WARNING_AT = 3
 
 
+_same_rules_warned = False
+
+
 def _count_instance(name: str, rules: str) -> None:
+    global _same_rules_warned
     key = (name, rules)
     count = _instances[key] = _instances.get(key, 0) + 1
-    if count == _SAME_RULES_WARNING_AT and not _instances.get(("", "warned")):
-        _instances[("", "warned")] = 1
+    if count == _SAME_RULES_WARNING_AT and not _same_rules_warned:
+        _same_rules_warned = True
         logger.warning(
             "%d %s instances with the same rules in this process, each with its own queue and "
             "background worker: the framework builds one per route (Litestar's "

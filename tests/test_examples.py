@@ -178,6 +178,7 @@ def test_one_middleware_per_route_is_warned_about(
     from agentsight_middleware import _base
 
     monkeypatch.setattr(_base, "_instances", {})
+    monkeypatch.setattr(_base, "_same_rules_warned", False)
 
     def page(n: int) -> Any:
         @get(f"/p{n}", media_type="text/html", name=f"p{n}")
