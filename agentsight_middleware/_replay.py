@@ -473,18 +473,21 @@ def _rest_of(
     run: _Run,
 ) -> list[tuple[int, dict[str, Any] | None]]:
     ids = [key for key in conversations if isinstance(key, str)]
-    try:
-        return unsent_of(store, ids, after) if ids else []
-    except (sqlite3.DatabaseError, StoreError) as exc:
-        run.halt(f"the events file could not be used ({exc})")
-        return []
+    return _read(run, lambda: unsent_of(store, ids, after)) if ids else []
 
 
 def _next_batch(
     store: LocalStore, after: int, run: _Run
 ) -> list[tuple[int, dict[str, Any] | None]]:
+    return _read(run, lambda: unsent(store, _BATCH, after))
+
+
+def _read(
+    run: _Run, read: Callable[[], list[tuple[int, dict[str, Any] | None]]]
+) -> list[tuple[int, dict[str, Any] | None]]:
+    """``read()``, or nothing and the run stopped when the file cannot be used."""
     try:
-        return unsent(store, _BATCH, after)
+        return read()
     except (sqlite3.DatabaseError, StoreError) as exc:
         run.halt(f"the events file could not be used ({exc})")
         return []

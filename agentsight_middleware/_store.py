@@ -476,6 +476,14 @@ def unsent(
     return [(row_id, _payload_or_none(payload)) for row_id, payload in rows]
 
 
+def _in_chunks(values: Sequence[_T]) -> Iterator[tuple[list[_T], str]]:
+    """``values`` in pieces an ``IN (...)`` takes (one ``?`` kept for another parameter),
+    each with its ``?,?,...``."""
+    for start in range(0, len(values), _MAX_VARIABLES - 1):
+        chunk = list(values[start : start + _MAX_VARIABLES - 1])
+        yield chunk, ",".join("?" * len(chunk))
+
+
 def unsent_of(
     store: LocalStore, conversation_ids: Sequence[str], after_id: int
 ) -> list[tuple[int, dict[str, Any] | None]]:
@@ -484,9 +492,7 @@ def unsent_of(
     conversation index)."""
     found: list[tuple[int, dict[str, Any] | None]] = []
     with store._reading() as conn:
-        for start in range(0, len(conversation_ids), _MAX_VARIABLES - 1):
-            chunk = list(conversation_ids[start : start + _MAX_VARIABLES - 1])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(conversation_ids):
             found += [
                 (row_id, _payload_or_none(payload))
                 for row_id, payload in conn.execute(
@@ -526,9 +532,7 @@ def mark_sent(store: LocalStore, ids: Sequence[int], *, at: float | None = None)
     when = time.time() if at is None else at
     marked = 0
     with store._transaction() as conn:
-        for start in range(0, len(ids), _MAX_VARIABLES - 1):
-            chunk = list(ids[start : start + _MAX_VARIABLES - 1])
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _in_chunks(ids):
             cursor = conn.execute(
                 f"UPDATE events SET sent_at = ? WHERE sent_at IS NULL AND id IN ({marks})",
                 [when, *chunk],
