@@ -398,23 +398,24 @@ def _breakdowns(conn: sqlite3.Connection, dimensions: list[str]) -> dict[str, tu
         f"CREATE TEMP TABLE cube AS SELECT {columns}, COUNT(*) AS initialized, SUM(used) AS used"
         f" FROM conv WHERE first_ts IS NOT NULL GROUP BY {keys}"
     )
-    result: dict[str, tuple[GroupRow, ...]] = {}
-    for name in dimensions:
-        column = DIMENSIONS[name]
-        rows = conn.execute(
-            f"SELECT {column}, SUM(initialized) AS n, SUM(used) AS u FROM cube"
-            f" GROUP BY {column} ORDER BY n DESC, u DESC, {column} IS NULL, {column}"
-        )
-        result[name] = tuple(
-            GroupRow(key, int(n), int(u), _rate(int(u), int(n))) for key, n, u in rows
-        )
-    return result
+    return {
+        name: _grouped(conn, DIMENSIONS[name], "SUM(initialized)", "cube", "")
+        for name in dimensions
+    }
 
 
 def _by_environment(conn: sqlite3.Connection) -> tuple[GroupRow, ...]:
+    return _grouped(conn, "environment", "COUNT(*)", "conv", "WHERE first_ts IS NOT NULL")
+
+
+def _grouped(
+    conn: sqlite3.Connection, column: str, initialized: str, table: str, where: str
+) -> tuple[GroupRow, ...]:
+    """One breakdown of ``table`` (conversations, or the cube of them) by ``column``, most
+    initialized first (then most used, then the key, None last)."""
     rows = conn.execute(
-        "SELECT environment, COUNT(*) AS n, SUM(used) AS u FROM conv WHERE first_ts IS NOT NULL"
-        " GROUP BY environment ORDER BY n DESC, u DESC, environment IS NULL, environment"
+        f"SELECT {column}, {initialized} AS n, SUM(used) AS u FROM {table} {where}"
+        f" GROUP BY {column} ORDER BY n DESC, u DESC, {column} IS NULL, {column}"
     )
     return tuple(GroupRow(key, int(n), int(u), _rate(int(u), int(n))) for key, n, u in rows)
 
