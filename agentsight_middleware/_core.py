@@ -176,12 +176,6 @@ class Core:
                 self._secure.clear()  # clients sending their own values: stay bounded
             self._secure[key] = secure
         return secure
-        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
-        if key is not None:
-            if len(self._secure) >= 1024:
-                self._secure.clear()  # clients sending their own values: stay bounded
-            self._secure[key] = secure
-        return secure
 
     def hooks(
         self, make_request: Callable[[Any], Any], raw: Any
