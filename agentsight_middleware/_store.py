@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+from ._log import logger
+
 __all__ = [
     "BUSY_TIMEOUT",
     "DEFAULT_PATH",
@@ -169,10 +171,6 @@ def _row(payload: Mapping[str, Any]) -> _Row:
     )
 
 
-#: Seconds between looks at whether the events file is still the one this process opened.
-_RECHECK_PATH = 1.0
-
-
 def _identity(path: str) -> tuple[int, int] | None:
     """The (device, inode) of the file at ``path``, or None when there is none."""
     try:
@@ -180,6 +178,27 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_dev, info.st_ino
+
+
+def _alone(conn: sqlite3.Connection, busy_timeout: float | None) -> bool:
+    """Whether no other connection, in any process, has ``conn``'s file open.
+
+    In WAL mode every open connection holds a shared lock on the file: an exclusive
+    one is granted only to a connection alone with it. Asked without waiting.
+    """
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError:
+            conn.execute("PRAGMA locking_mode = NORMAL").fetchall()
+            return False
+        return True
+    finally:
+        wait = BUSY_TIMEOUT if busy_timeout is None else busy_timeout
+        conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
 
 
 def _describe(path: str) -> str:
@@ -315,9 +334,12 @@ class LocalStore:
         self._follow_path = follow_path
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
-        # The file the connection has open, and when that was last checked (see _connection).
+        # The file the connection has open (see _connection).
         self._identity: tuple[int, int] | None = None
-        self._checked_at = 0.0
+        # The -wal file at the path while the file was still there (see _settle_moved),
+        # and whether this process stays with a moved file.
+        self._wal_identity: tuple[int, int] | None = None
+        self._staying = False
         self._lock = threading.Lock()
         _LIVE_STORES.add(self)
 
@@ -356,7 +378,7 @@ class LocalStore:
             if conn is None:
                 return
             if self._pid == os.getpid():
-                conn.close()
+                self._let_go(conn)
             else:
                 _INHERITED.append(conn)
 
@@ -378,23 +400,61 @@ class LocalStore:
             # A fork the at-fork hooks did not see (they cover os.fork and multiprocessing).
             _INHERITED.append(self._conn)
             self._conn = None
-        if self._conn is not None and self._follow_path:
-            now = time.monotonic()
-            if now - self._checked_at >= _RECHECK_PATH:
-                # The file moved or deleted under a running app (rotated after `send`,
-                # say): the open connection would go on writing into the old inode, and
-                # the report on the configured path would find nothing. At most once a
-                # second: one stat() call.
-                self._checked_at = now
-                if _identity(self._path) != self._identity:
-                    self._conn.close()
-                    self._conn = None
+        if self._conn is not None and self._follow_path and not self._staying:
+            # The file moved or deleted under a running app (rotated after `send`,
+            # say): the open connection would go on writing into the old inode, and
+            # the report on the configured path would find nothing. Looked at before
+            # every transaction (two stat() calls, ~3 us next to a write's ~100 us), so
+            # that no write goes into the old file once another process has moved on.
+            if _identity(self._path) == self._identity:
+                self._wal_identity = _identity(self._path + "-wal")
+            elif self._settle_moved(self._conn):
+                self._conn.close()
+                self._conn = None
+            else:
+                self._staying = True
+                logger.warning(
+                    "the events file %s was moved or deleted without its -wal and -shm"
+                    " files while other processes had it open: this process goes on"
+                    " writing into the moved file until it restarts (a new file at the"
+                    " path would share those two files with the moved one, and corrupt"
+                    " both). Stop the app before moving the file, or move all three.",
+                    _describe(self._path),
+                )
         if self._conn is None:
             self._conn = self._open()
             self._pid = pid
             self._identity = _identity(self._path)
-            self._checked_at = time.monotonic()
+            self._wal_identity = _identity(self._path + "-wal")
+            self._staying = False
         return self._conn
+
+    def _let_go(self, conn: sqlite3.Connection) -> None:
+        if _identity(self._path) != self._identity:
+            self._settle_moved(conn)
+        conn.close()
+
+    def _settle_moved(self, conn: sqlite3.Connection) -> bool:
+        """Whether ``conn``, open on a file that was moved or deleted, may be closed and a
+        new file started at the path; first moving its ``-wal`` into the file if need be.
+
+        SQLite does not checkpoint on closing a file that moved, and the ``-wal`` and
+        ``-shm`` files keep the path's names: moved alone, the file lacks its last
+        writes (all of them, under 1,000 pages). Only a connection with no other on
+        the file may checkpoint them into it and start a new file: those two files
+        would be the new file's too, and a checkpoint by another connection would
+        then copy the new file's pages into the moved one.
+        """
+        wal = _identity(self._path + "-wal")
+        if wal is None or wal != self._wal_identity:
+            return True  # moved along with the file (or removed): the names are free
+        if not _alone(conn, self._busy_timeout):
+            return False
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            return False
+        return True
 
     def _open(self) -> sqlite3.Connection:
         directory = os.path.dirname(os.path.abspath(self._path))
@@ -440,7 +500,7 @@ class LocalStore:
             return
         try:
             if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
+                self._let_go(self._conn)
                 self._conn = None
         finally:
             self._lock.release()

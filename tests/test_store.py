@@ -439,14 +439,11 @@ def test_an_event_made_huge_by_a_hook_is_kept_without_the_hook_s_values(
 
 @pytest.mark.parametrize("how", ["move", "delete"])
 def test_a_store_moved_or_deleted_under_a_running_app_is_created_again(
-    store: LocalStore, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    store: LocalStore, db: Path, tmp_path: Path, how: str
 ) -> None:
     # The README says to move or delete the file once sent: a running app's open
     # connection went on writing into the old inode (the deleted file, or the archive),
     # and the report on the configured path found no file at all.
-    from agentsight_middleware import _store
-
-    monkeypatch.setattr(_store, "_RECHECK_PATH", 0.0)
     store.write([make_payload("conv_before")])
     archive = tmp_path / "archive.sqlite3"
     for suffix in ("", "-wal", "-shm"):
@@ -460,3 +457,143 @@ def test_a_store_moved_or_deleted_under_a_running_app_is_created_again(
     assert rows(db, "SELECT conversation_id FROM events") == [("conv_after",)]
     if how == "move":
         assert rows(archive, "SELECT conversation_id FROM events") == [("conv_before",)]
+
+
+def _ids(path: Path) -> list[str]:
+    return [row[0] for row in rows(path, "SELECT conversation_id FROM events ORDER BY id")]
+
+
+@pytest.mark.parametrize("how", ["move", "replace", "delete"])
+def test_only_the_main_file_rotated_under_a_running_app(
+    store: LocalStore, db: Path, tmp_path: Path, how: str
+) -> None:
+    # Moving the main file alone left every write not yet checkpointed (all of them,
+    # under 1,000 pages) in the -wal at the old name: the moved file had no table at
+    # all; and a file moved in at the path was read with that stale -wal.
+    before = [f"conv_before{n:03d}" for n in range(50)]
+    for conversation_id in before:
+        store.write([make_payload(conversation_id)])
+    archive = tmp_path / "archive.sqlite3"
+    if how == "delete":
+        db.unlink()
+    else:
+        db.rename(archive)
+    if how == "replace":
+        # Another events file of its own put in its place (a restored backup, say).
+        with LocalStore(tmp_path / "other.sqlite3") as other:
+            other.write([make_payload("conv_other")])
+        (tmp_path / "other.sqlite3").rename(db)
+    store.write([make_payload("conv_after")])
+    store.close()
+    expected_at_path = ["conv_other", "conv_after"] if how == "replace" else ["conv_after"]
+    assert _ids(db) == expected_at_path
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    if how != "delete":
+        assert _ids(archive) == before
+        assert rows(archive, "PRAGMA integrity_check") == [("ok",)]
+        assert not Path(f"{archive}-wal").exists()  # it needs no -wal of its own
+
+
+def test_a_store_that_stays_with_its_file_keeps_its_last_writes_when_moved(
+    db: Path, tmp_path: Path
+) -> None:
+    # `send` (follow_path=False) marks rows in the file it opened; moved meanwhile,
+    # its marks stayed in the -wal at the old name, and the next run sent them again.
+    with LocalStore(db) as writer:
+        writer.write([make_payload(f"conv_{n:03d}") for n in range(20)])
+    replay = LocalStore(db, follow_path=False)
+    ids = [row_id for row_id, _ in unsent(replay, 100)]
+    archive = tmp_path / "archive.sqlite3"
+    db.rename(archive)
+    mark_sent(replay, ids)
+    replay.close()
+    assert rows(archive, "SELECT count(*) FROM events WHERE sent_at IS NOT NULL") == [(20,)]
+
+
+def _store_process(path: str, commands: Any) -> None:
+    # Writes what it is told, one transaction each, as an app's worker does; answers
+    # with what the package logged meanwhile.
+    import logging
+
+    logged: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    logging.getLogger("agentsight_middleware").addHandler(Collect())
+    with LocalStore(path) as store:
+        while True:
+            command = commands.recv()
+            if command is None:
+                break
+            store.write([make_payload(command)])
+            commands.send(logged[:])
+            logged.clear()
+
+
+def test_only_the_main_file_moved_under_two_processes(db: Path, tmp_path: Path) -> None:
+    # A new file at the path would share the -wal and -shm files with the moved one
+    # while the other process has it open: the first to notice started one, the other
+    # then checkpointed the new file's pages into the moved file (whose 30 events were
+    # gone). Both now stay with the moved file, and say so once.
+    context = multiprocessing.get_context("spawn")
+    pipes = []
+    processes = []
+    for _ in range(2):
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_store_process, args=(str(db), theirs))
+        process.start()
+        pipes.append(ours)
+        processes.append(process)
+
+    def write(which: int, conversation_id: str) -> list[str]:
+        pipes[which].send(conversation_id)
+        assert pipes[which].poll(60), "the store process did not answer"
+        logged: list[str] = pipes[which].recv()
+        return logged
+
+    logged: list[str] = []
+    try:
+        for n in range(30):
+            assert write(n % 2, f"conv_old{n:03d}") == []
+        archive = tmp_path / "archive.sqlite3"
+        db.rename(archive)
+        for n in range(30):
+            logged += write(n % 2, f"conv_new{n:03d}")
+    finally:
+        for pipe in pipes:
+            pipe.send(None)
+        for process in processes:
+            process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert _ids(archive) == [f"conv_old{n:03d}" for n in range(30)] + [
+        f"conv_new{n:03d}" for n in range(30)
+    ]
+    assert rows(archive, "PRAGMA integrity_check") == [("ok",)]
+    assert not db.exists()
+    assert len(logged) == 2
+    assert all("other processes had it open" in line for line in logged)
+
+
+def test_a_process_alone_with_a_moved_file_starts_a_new_one_after_the_others_left(
+    db: Path, tmp_path: Path
+) -> None:
+    # The other process closed before this one noticed: nothing shares the -wal any
+    # more, so this one moves it into the file and starts a new one.
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_store_process, args=(str(db), theirs))
+    process.start()
+    with LocalStore(db) as store:
+        store.write([make_payload("conv_mine")])
+        ours.send("conv_theirs")
+        assert ours.poll(60)
+        assert ours.recv() == []
+        ours.send(None)
+        process.join(timeout=60)
+        archive = tmp_path / "archive.sqlite3"
+        db.rename(archive)
+        store.write([make_payload("conv_after")])
+    assert _ids(archive) == ["conv_mine", "conv_theirs"]
+    assert _ids(db) == ["conv_after"]
