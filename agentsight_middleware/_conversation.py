@@ -140,8 +140,18 @@ def cookie_value(header: str, name: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
+def _sent_as_is(name: str) -> bool:
+    """Whether clients send ``name`` unescaped in a query or form (else "chat[id]" is
+    "chat%5Bid%5D" there, and only parsing finds it)."""
+    return _PLAIN_NAME.fullmatch(name) is not None
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.~-]+")
+
+
 def query_field(query: str, name: str) -> str | None:
-    if name not in query:
+    if name not in query and _sent_as_is(name):
         return None
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key == name:
@@ -164,8 +174,22 @@ def _json_key(name: str) -> re.Pattern[bytes]:
     return re.compile(
         rb'"'
         + re.escape(name.encode())
-        + rb'"\s*:\s*(?:"([A-Za-z0-9_.:~-]{1,128})"|(-?\d{1,30})(?=\s*[,}]))'
+        + rb'"[ \t\r\n]*:[ \t\r\n]*'
+        + rb'(?:"([A-Za-z0-9_.:~-]{1,128})"|(-?(?:0|[1-9][0-9]{0,29}))(?=[ \t\r\n]*[,}]))'
     )
+
+
+#: What JSON counts as blank space (not \v or \f, which ``\s`` would take).
+_JSON_BLANKS = b" \t\r\n"
+_OPENS_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+
+
+def _is_object_text(body: bytes) -> bool:
+    """Whether ``body`` is framed as one JSON object: "{" first, "}" last."""
+    end = len(body)
+    while end and body[end - 1] in _JSON_BLANKS:
+        end -= 1
+    return end > 0 and body[end - 1] == 0x7D and _OPENS_OBJECT.match(body) is not None
 
 
 #: Bodies up to this size are checked for a repeated id key (see json_field).
@@ -181,17 +205,25 @@ def json_field(body: bytes, name: str) -> str | None:
     mean something else: before it, the object's opening brace and no other, no
     bracket, no backslash (so no string holds a brace or a quote, and the match is
     a key of the top level), and after it the key nowhere again (the last one wins
-    in ``json.loads``). Anything else is settled by a full parse. A key written with
-    escapes (``conversation\u005fid``) is not looked for: no client writes one. Nor is
-    a repeated key in a body over 8 KiB: looking costs ~18 us on 64 KB, on every such
-    request, for a body no well-behaved client sends (there, the first key wins).
+    in ``json.loads``), and the body framed as an object ("{" first, "}" last).
+    Anything else is settled by a full parse. What lies between the braces is not
+    checked: a body broken elsewhere (a missing comma, say), which the app cannot read,
+    still gives its id. An ASCII key written with escapes (``conversation\u005fid``)
+    is not looked for: no client writes one. Nor is a repeated key in a body over
+    8 KiB: looking costs ~18 us on 64 KB, on every such request, for a body no
+    well-behaved client sends (there, the first key wins).
     """
     # Most chat bodies carry no id: skip everything when the key cannot be there.
     if name.encode() not in body:
+        if (len(body) > 1 and (body[0] in _UTF16_32_FIRST or body[1] == 0)) or not name.isascii():
+            # UTF-16 or -32 (json.loads reads those too: a NUL in the first two
+            # bytes, or a byte-order mark); or a key clients write with escapes
+            # (json.dumps writes "\u00f3"): only a parse finds it.
+            return _parsed_field(body, name)
         return None
     pattern = _json_key(name)
     match = pattern.search(body)
-    if match is not None:
+    if match is not None and _is_object_text(body):
         start = match.start()
         if (
             body.count(b"{", 0, start) == 1
@@ -202,8 +234,16 @@ def json_field(body: bytes, name: str) -> str | None:
                 len(body) > _REPEAT_SCAN or body.find(b'"' + name.encode() + b'"', match.end()) < 0
             )
         ):
-            value = match.group(1) or match.group(2)
-            return clean_id(value.decode("ascii"))
+            text, integer = match.groups()
+            # As json.loads reads it: "-0" is 0.
+            return clean_id(text.decode("ascii") if integer is None else int(integer))
+    return _parsed_field(body, name)
+
+
+_UTF16_32_FIRST = frozenset({0x00, 0xFE, 0xFF})
+
+
+def _parsed_field(body: bytes, name: str) -> str | None:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -496,7 +536,14 @@ def _keep_end(value: str | None) -> str | None:
     if value is None or len(value) <= _KEEP:
         return value
     tail = value[-_KEEP:]
-    return tail[tail.find(",") + 1 :].lstrip()
+    comma = tail.find(",")
+    if comma < 0:
+        # The last hop alone is longer than what is kept: a piece of it could read as
+        # an address. Kept whole where short once stripped (blank padding), else as
+        # a token the parser refuses, as it refuses the whole hop.
+        hop = value[value.rfind(",") + 1 :].strip()
+        return hop if len(hop) <= _KEEP else "-"
+    return tail[comma + 1 :].lstrip()
 
 
 def _keep_refused(value: str | None, refused: str) -> str | None:

@@ -31,7 +31,8 @@ _CONVERTORS = {
     "int": "[0-9]+",
     "path": ".*",
     "str": "[^/]+",
-    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    # As Starlette's: its router sends a hyphen-less UUID to the route too.
+    "uuid": "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}",
 }
 
 # Methods are only looked for when the text does not start with "/", so a

@@ -16,8 +16,10 @@ from agentsight_middleware._conversation import (
     Conversation,
     clean_id,
     cookie_value,
+    form_field,
     json_field,
     pending_conversation,
+    query_field,
 )
 from agentsight_middleware._facts import TrustedProxies
 
@@ -233,6 +235,51 @@ def test_json_field_cases_from_review(body: bytes, expected: str | None) -> None
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b'{"conversation_id": "conv_abc"',  # cut short
+        b'{"conversation_id": "conv_abc"} x',  # trailing text
+        b'x{"conversation_id": "conv_abc"}',  # leading text
+        b'{"conversation_id": 007}',  # leading zeros
+        b'{"conversation_id":\x0b"conv_abc"}',  # \v is no JSON blank
+        b'{"conversation_id": -0}',  # json.loads reads 0
+        b' \r\n{"conversation_id": 12 }\n',
+        b'\xef\xbb\xbf{"conversation_id": "conv_abc"}',  # UTF-8 with a byte-order mark
+    ],
+)
+def test_json_field_agrees_with_json_loads_on_framing_and_numbers(body: bytes) -> None:
+    # The scan answered for bodies json.loads refuses (the app then had no id, and we
+    # one), and misread -0.
+    try:
+        expected = clean_id(json.loads(body).get("conversation_id"))
+    except ValueError:
+        expected = None
+    assert json_field(body, "conversation_id") == expected
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+)
+def test_json_field_reads_utf_16_and_32_bodies_as_json_loads_does(encoding: str) -> None:
+    # Flask's get_json() and Starlette's request.json() read these; the key was looked
+    # for as UTF-8 bytes only, and the app and AgentSight had two conversations.
+    body = ' {"message": "hi", "conversation_id": "conv_abc123"}'.encode(encoding)
+    assert json_field(body, "conversation_id") == "conv_abc123"
+
+
+def test_fields_whose_names_clients_escape_are_found() -> None:
+    # In a query or form "chat[id]" arrives as "chat%5Bid%5D", and json.dumps writes a
+    # non-ASCII key as "\u00f3": the plain-text check before parsing found neither.
+    assert query_field("chat%5Bconversation_id%5D=conv_abc123", "chat[conversation_id]") == (
+        "conv_abc123"
+    )
+    assert form_field(b"conversation+id=conv_abc123", "conversation id") == "conv_abc123"
+    body = json.dumps({"conversación": "conv_abc123"}).encode()
+    assert b"\\u00f3" in body
+    assert json_field(body, "conversación") == "conv_abc123"
+
+
+@pytest.mark.parametrize(
     ("header", "expected"),
     [
         # Another cookie's value (a page can write spaces into one) is not our cookie.
@@ -273,9 +320,14 @@ def test_json_field_skips_the_repeated_key_scan_on_large_bodies() -> None:
         ("x-real-ip", None, None, b"a" * 5000 + b", 203.0.113.9"),
         # A long X-Forwarded-For keeps its right end, where the proxies wrote: same answer.
         ("auto", None, b"6.6.6.6, " * 700 + b"203.0.113.9", None),
+        # One hop padded past what is kept: a torn piece of it must not read as an address.
+        ("auto", None, b"6.6.6.6" + b" " * 4100 + b"1.2.3.4", None),
+        ("auto", None, b"6.6.6.6, 7.7.7.7" + b" " * 4100 + b"1.2.3.4", None),
     ],
-    ids=["forwarded", "x-real-ip", "x-forwarded-for"],
-)
+    ids=[
+        "forwarded", "x-real-ip", "x-forwarded-for", "padded-hop", "padded-last-hop",
+    ],
+)  # fmt: skip
 def test_compacting_a_queued_event_never_changes_its_client_ip(
     header: str, forwarded: bytes | None, forwarded_for: bytes | None, real_ip: bytes | None
 ) -> None:

@@ -66,6 +66,12 @@ PATTERNS: list[tuple[str, str | re.Pattern[str], str, dict[str, str] | None]] = 
     ("tpl-path-empty", "/f/{rest:path}", "/f/", {"rest": ""}),
     ("tpl-uuid", "/c/{id:uuid}", f"/c/{UUID}", {"id": UUID}),
     ("tpl-uuid-upper", "/c/{id:uuid}", f"/c/{UUID.upper()}", {"id": UUID.upper()}),
+    (
+        "tpl-uuid-hyphen-less",
+        "/c/{id:uuid}",
+        f"/c/{UUID.replace('-', '')}",
+        {"id": UUID.replace("-", "")},
+    ),
     ("tpl-uuid-rejects-short", "/c/{id:uuid}", "/c/123e4567", None),
     ("tpl-uuid-rejects-non-hex", "/c/{id:uuid}", f"/c/{UUID[:-1]}g", None),
     ("tpl-two-params", "/u/{user}/c/{n:int}", "/u/bo/c/7", {"user": "bo", "n": "7"}),
