@@ -8,6 +8,7 @@ the bytes read are served again before the rest of the original stream.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -17,6 +18,20 @@ __all__ = ["ReplayInput", "peek_asgi", "peek_wsgi"]
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
+
+
+#: Seconds a chat request's body may take to arrive, once its first part has, before
+#: the app is called without it (the id then comes from the sources after the body).
+#: An app may answer before reading it all (a 401, a rate limit), or a client wait
+#: for the answer before sending more: neither should wait on the peek.
+PEEK_WAIT = 0.05
+
+
+def _retrieve(future: asyncio.Future[Message]) -> None:
+    # A receive left to the app that it never asked for: its failure (a disconnect)
+    # is not an unretrieved error.
+    if not future.cancelled():
+        future.exception()
 
 
 def _declared_length(value: str | None) -> int | None:
@@ -65,8 +80,14 @@ async def peek_asgi(
     size = 0
     complete = False
     error = first_error
+    waiting: asyncio.Future[Message] | None = None
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None  # trio: no bound on the wait (see PEEK_WAIT)
     try:
         message = first
+        deadline = 0.0 if loop is None else loop.time() + PEEK_WAIT
         while message is not None:
             messages.append(message)
             if message["type"] != "http.request":
@@ -79,7 +100,17 @@ async def peek_asgi(
                 break
             if size > limit:
                 break
-            message = await receive()
+            if loop is None:
+                message = await receive()
+                continue
+            # Never cancelled: a server's receive() need not survive that. Out of
+            # time, it is the app's next message, whenever it comes.
+            waiting = asyncio.ensure_future(receive())
+            await asyncio.wait((waiting,), timeout=max(0.0, deadline - loop.time()))
+            if not waiting.done():
+                waiting.add_done_callback(_retrieve)
+                break
+            message, waiting = waiting.result(), None
     except Exception as exc:
         # The server's receive failed; the app must meet the same failure, at the
         # same point of the stream, rather than have it swallowed here.
@@ -88,10 +119,13 @@ async def peek_asgi(
     async def replay() -> Message:
         if messages:
             return messages.popleft()
-        nonlocal error
+        nonlocal error, waiting
         if error is not None:
             exc, error = error, None
             raise exc
+        if waiting is not None:
+            pending, waiting = waiting, None
+            return await pending
         return await receive()
 
     return (b"".join(chunks) if complete else b""), replay

@@ -1548,3 +1548,83 @@ def test_a_client_naming_itself_in_x_forwarded_for_sets_off_no_warning(
         assert mw.flush(5)
     assert not [r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]
     assert [call["customer_ip_address"] for call in tracker.initialized] == ["127.0.0.1"]
+
+
+def _chat_app(seen: list[tuple[str, bytes]]) -> Starlette:
+    async def first_part_then_answer(request: Request) -> Response:
+        # Answers once the first part of the body is in, then reads the rest: a duplex
+        # chat stream, or an app that refuses a request before reading it all.
+        stream = request.stream()
+        first = await stream.__anext__()
+        conversation = current_conversation()
+        assert conversation is not None
+        seen.append((conversation.id, first))
+        return Response(b"go on", status_code=401)
+
+    return Starlette(routes=[Route("/api/chat", first_part_then_answer, methods=["POST"])])
+
+
+def test_the_app_is_not_held_for_a_body_that_arrives_slowly(tracker: RecordingTracker) -> None:
+    # The body was read whole before the app ran, with no time limit: a client that waits
+    # for the answer before sending the rest got none, and an app that refuses a request
+    # unread answered only once the upload ended. The peek now waits 50 ms for the rest,
+    # then the app runs with the stream as it is, and the cookie gives the id.
+    import socket
+
+    seen: list[tuple[str, bytes]] = []
+    mw = AgentSightMiddleware(_chat_app(seen), chat_routes=["POST /api/chat"], tracker=tracker)
+    with uvicorn_server(mw) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: shop.example\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                b"Cookie: agentsight_conversation_id=conv_abcdefabcdef\r\n\r\n"
+                b'a\r\n{"m": "1",\r\n'
+            )
+            started = time.monotonic()
+            answer = client.recv(65536)
+            waited = time.monotonic() - started
+            client.sendall(b'1a\r\n "conversation_id": "x"}\r\n0\r\n\r\n')
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert waited < 2.0  # before: no answer at all, the client never sends the rest
+    assert seen == [("conv_abcdefabcdef", b'{"m": "1",')]
+    tracker.wait_for(used=1)
+    assert [call["conversation_id"] for call in tracker.used] == ["conv_abcdefabcdef"]
+
+
+def test_a_body_in_parts_that_arrive_together_is_still_read(tracker: RecordingTracker) -> None:
+    # The bound is on waiting, not on parts: a body sent in several chunks at once still
+    # gives its id, and the app reads every byte of it.
+    import socket
+
+    got: list[bytes] = []
+
+    async def echo(request: Request) -> Response:
+        got.append(await request.body())
+        return Response(b"ok")
+
+    app = Starlette(routes=[Route("/api/chat", echo, methods=["POST"])])
+    mw = AgentSightMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    body = b'{"conversation_id": "conv_fromthebody", "text": "' + b"x" * 3000 + b'"}'
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 500]), body[i : i + 500])
+        for i in range(0, len(body), 500)
+    )
+    with uvicorn_server(mw) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            for i in range(0, len(chunks), 700):
+                client.sendall(chunks[i : i + 700])
+            client.sendall(b"0\r\n\r\n")
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert got == [body]
+    tracker.wait_for(used=1)
+    assert [call["conversation_id"] for call in tracker.used] == ["conv_fromthebody"]
