@@ -14,7 +14,7 @@ from ._config import Settings
 from ._conversation import Conversation, with_app_id
 from ._delivery import BackgroundDelivery
 from ._facts import forwarded_scheme
-from ._log import LogOnce
+from ._log import LogOnce, logger
 from ._tracker import TrackerDelivery
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "is_html",
     "is_html_success",
     "is_page_view",
+    "is_shared_cacheable",
     "viewed_conversation",
 ]
 
@@ -56,6 +57,28 @@ def is_html_success(status: int, content_type: str | None) -> bool:
     if status == 304:
         return content_type is None or is_html(content_type)
     return 200 <= status < 300 and status != 204 and is_html(content_type)
+
+
+#: Cache-Control values seen, and whether each lets a shared cache store the response.
+_SHARED: dict[str, bool] = {}
+
+
+def is_shared_cacheable(cache_control: str) -> bool:
+    """Whether ``Cache-Control`` lets a shared cache (a CDN, a caching proxy) store the
+    response for other visitors: ``public`` or ``s-maxage``, unless ``private`` or
+    ``no-store`` is there too."""
+    known = _SHARED.get(cache_control)
+    if known is None:
+        directives = {
+            part.partition("=")[0].strip().lower() for part in cache_control[:1024].split(",")
+        }
+        known = bool(directives & {"public", "s-maxage"}) and not (
+            directives & {"private", "no-store"}
+        )
+        if len(_SHARED) >= 64:
+            _SHARED.clear()  # an app minting values: stay bounded
+        _SHARED[cache_control] = known
+    return known
 
 
 def is_html(content_type: str | None) -> bool:
@@ -143,6 +166,21 @@ class Core:
         # handler scope to ask for, no event loop for a coroutine tracker.
         #: ``delivery.submit`` for the built-in worker, else None.
         self.submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
+        self._told_shared = False
+
+    def shared_page(self, path: str) -> None:
+        """A widget page sent for shared caches: left as it is (see the glue); said once."""
+        if self._told_shared:
+            return
+        self._told_shared = True
+        logger.warning(
+            "the widget page %s is sent with a Cache-Control that lets shared caches (a CDN,"
+            " a caching proxy) store it: the middleware adds no cookie to such a page and"
+            " counts no view there, as a stored copy would hand one visitor's conversation to"
+            " every other (and nginx or Varnish would stop caching it). Send widget pages"
+            " with Cache-Control: private or no-cache to have them tracked.",
+            path,
+        )
 
     def is_secure(
         self,

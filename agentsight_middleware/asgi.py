@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 from ._base import MiddlewareBase, _the_app
 from ._body import peek_asgi
@@ -27,7 +27,14 @@ from ._conversation import (
     pending_conversation,
     set_cookie_value,
 )
-from ._core import NOT_SET, AppCookie, is_html, is_page_view, viewed_conversation
+from ._core import (
+    NOT_SET,
+    AppCookie,
+    is_html,
+    is_page_view,
+    is_shared_cacheable,
+    viewed_conversation,
+)
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import TrustedProxies, forwarded_scheme, hop_address_and_port, peer_address
 from ._log import logger
@@ -203,9 +210,14 @@ class AgentSightMiddleware(MiddlewareBase):
                     if own is NOT_SET:
                         # A new message and header list: the app may reuse its own objects.
                         message = {**message, "headers": [*headers, set_cookie]}
-                    chosen = (
-                        None if own is _NOT_PAGE else viewed_conversation(conversation, minted, own)
-                    )
+                    if isinstance(own, _Page):
+                        # A page shared caches may store is left as it is: a stored copy
+                        # would hand this visitor's cookie to the next ones.
+                        chosen = None
+                        if own is _SHARED_PAGE:
+                            core.shared_page(path)
+                    else:
+                        chosen = viewed_conversation(conversation, minted, own)
                     if chosen is not None:
                         event = new_event((INITIALIZE, chosen, started or time.time()))
                         if submit is not None:
@@ -486,19 +498,23 @@ def _app_cookie(headers: Any, prefix: bytes) -> AppCookie:
 
 class _Page(enum.Enum):
     NOT_A_PAGE = "not a page"
+    SHARED = "a page for shared caches"
 
 
 _NOT_PAGE: Final = _Page.NOT_A_PAGE
+_SHARED_PAGE: Final = _Page.SHARED
 
 
-def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | Literal[_Page.NOT_A_PAGE]:
+def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
     """For the start of a response: ``_NOT_PAGE`` unless it starts a successful HTML
-    page (or a 304 for one); else what the app's own ``Set-Cookie`` for our cookie says (see
-    :func:`_app_cookie`). One pass over the headers for both questions."""
+    page (or a 304 for one); ``_SHARED_PAGE`` for one that shared caches may store; else
+    what the app's own ``Set-Cookie`` for our cookie says (see :func:`_app_cookie`). One
+    pass over the headers for all three questions."""
     if (not 200 <= status < 300 or status == 204) and status != 304:
         return _NOT_PAGE
     html: bool | None = None
     own: AppCookie = NOT_SET
+    cache_control: str | None = None
     for name, value in headers:
         # Frameworks send lower case; the length tests spare lower() on the others.
         if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
@@ -517,8 +533,15 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | Litera
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 own = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
+        elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
+            text = _latin1(value).decode("latin-1")
+            cache_control = text if cache_control is None else f"{cache_control}, {text}"
     # A 304 without a Content-Type: the cached page (see _core.is_html_success).
-    return own if html or (html is None and status == 304) else _NOT_PAGE
+    if not (html or (html is None and status == 304)):
+        return _NOT_PAGE
+    if cache_control is not None and is_shared_cacheable(cache_control):
+        return _SHARED_PAGE
+    return own
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

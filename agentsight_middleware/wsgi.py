@@ -27,7 +27,14 @@ from ._conversation import (
     pending_conversation,
     set_cookie_value,
 )
-from ._core import NOT_SET, AppCookie, is_html_success, is_page_view, viewed_conversation
+from ._core import (
+    NOT_SET,
+    AppCookie,
+    is_html_success,
+    is_page_view,
+    is_shared_cacheable,
+    viewed_conversation,
+)
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
@@ -170,6 +177,11 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             if exc_info is None and is_html_success(
                 _status_code(status), _content_type(response_headers)
             ):
+                cache_control = _cache_control(response_headers)
+                if cache_control is not None and is_shared_cacheable(cache_control):
+                    # Left as it is: a stored copy would hand this cookie to others.
+                    core.shared_page(path)
+                    return _start(start_response, status, response_headers, exc_info)
                 own = _app_cookie(response_headers, cookie_prefix)
                 if own is NOT_SET:
                     response_headers = [*response_headers, set_cookie]
@@ -463,6 +475,11 @@ def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
         if name.lower() == "content-type":
             return value
     return None
+
+
+def _cache_control(headers: Iterable[tuple[str, str]]) -> str | None:
+    values = [value for name, value in headers if name.lower() == "cache-control"]
+    return ", ".join(values) if values else None
 
 
 def _werkzeug_request(environ: Environ) -> Any:

@@ -1628,3 +1628,52 @@ def test_a_body_in_parts_that_arrive_together_is_still_read(tracker: RecordingTr
     assert got == [body]
     tracker.wait_for(used=1)
     assert [call["conversation_id"] for call in tracker.used] == ["conv_fromthebody"]
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "tracked"),
+    [
+        (["public, max-age=600"], False),
+        (["max-age=60, s-maxage=600"], False),
+        (["public", "private"], True),  # two fields, read together: private wins
+        (["private, max-age=600"], True),
+        (["no-cache"], True),
+        ([], True),
+    ],
+)
+def test_a_widget_page_for_shared_caches_is_left_as_it_is(
+    tracker: RecordingTracker,
+    caplog: pytest.LogCaptureFixture,
+    cache_control: list[str],
+    tracked: bool,
+) -> None:
+    # A CDN or nginx in front stored the first visitor's Set-Cookie with the page and
+    # handed that conversation to every later visitor (or stopped caching the page).
+    async def page(request: Request) -> Response:
+        response = HTMLResponse(PAGE)
+        for value in cache_control:
+            response.headers.append("Cache-Control", value)
+        return response
+
+    app = Starlette(routes=[Route("/", page)])
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as client:
+        answers = [client.get("/", headers=BROWSER) for _ in range(2)]
+        client.cookies.clear()
+    assert [answer.text for answer in answers] == [PAGE, PAGE]
+    assert [answer.headers.get_list("cache-control") for answer in answers] == [cache_control] * 2
+    cookies = [answer.headers.get("set-cookie") for answer in answers]
+    warned = [r for r in caplog.records if "shared caches" in r.getMessage()]
+    if tracked:
+        assert all(
+            cookie and cookie.startswith("agentsight_conversation_id=") for cookie in cookies
+        )
+        tracker.wait_for(initialized=1)
+        assert warned == []
+    else:
+        assert cookies == [None, None]
+        assert mw.flush(5)
+        assert tracker.initialized == []
+        assert len(warned) == 1  # once, not on every page view
+        assert warned[0].levelname == "WARNING"
+        assert "Cache-Control: private" in warned[0].getMessage()

@@ -554,3 +554,49 @@ def test_a_page_revalidated_with_304_is_a_page_view() -> None:
     ]
     assert middleware_of(flask_app).flush(5)
     assert [call["conversation_id"] for call in tracker.initialized] == [minted_id]
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "tracked"),
+    [
+        (["public, max-age=600"], False),
+        (["s-maxage=600"], False),
+        (["public", "no-store"], True),
+        (["private"], True),
+        ([], True),
+    ],
+)
+def test_a_widget_page_for_shared_caches_is_left_as_it_is(
+    caplog: pytest.LogCaptureFixture, cache_control: list[str], tracked: bool
+) -> None:
+    # See the ASGI test: a stored copy would hand one visitor's cookie to every other.
+    from .conftest import serving
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/")
+    def page() -> Response:
+        response = Response("<!doctype html><p>shop</p>", mimetype="text/html")
+        for value in cache_control:
+            response.headers.add("Cache-Control", value)
+        return response
+
+    tracker = RecordingTracker()
+    mw = AgentSightWSGIMiddleware(flask_app, widget_pages=["/"], tracker=tracker)
+    server = make_server("127.0.0.1", 0, mw, threaded=True)
+    with serving(server) as url, httpx.Client(base_url=url) as client:
+        answers = [client.get("/", headers=BROWSER) for _ in range(2)]
+    assert [answer.headers.get_list("cache-control") for answer in answers] == [cache_control] * 2
+    cookies = [answer.headers.get("set-cookie") for answer in answers]
+    warned = [r for r in caplog.records if "shared caches" in r.getMessage()]
+    if tracked:
+        assert all(
+            cookie and cookie.startswith("agentsight_conversation_id=") for cookie in cookies
+        )
+        tracker.wait_for(initialized=1)
+        assert warned == []
+    else:
+        assert cookies == [None, None]
+        assert mw.flush(5)
+        assert tracker.initialized == []
+        assert len(warned) == 1
