@@ -238,6 +238,8 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
         ):
             raise ValueError(f"{where}: no path in {item!r}; write e.g. '{item.strip()} /api/chat'")
     if not path.startswith("/"):
+        if path.startswith("^"):
+            _check_path(where, path)  # a regex: said as such
         raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {_suggest(path)!r})")
     _check_path(where, path)
     rule = Rule(kind, item, methods)
@@ -263,6 +265,9 @@ def _suggest(path: str) -> str:
     return "/" + path.lstrip().lstrip("/")
 
 
+_REGEX_LIKE = re.compile(r"[\\|^\[\]]|\.[*+]|\$\Z")
+
+
 def _check_path(where: str, path: str) -> None:
     """Refuse what a path the rules are matched against (decoded, without query) can never
     hold, and would thus make a rule that silently never matches."""
@@ -275,6 +280,14 @@ def _check_path(where: str, path: str) -> None:
         raise ValueError(
             f"{where}: {path!r}: rules match the path alone, without a ?query or #fragment; "
             f"write {path[:cut] or '/'!r}"
+        )
+    if _REGEX_LIKE.search(literal):
+        # A path could hold these only escaped by the client (%7C): a rule that has
+        # them is a regular expression written as a string, and would never match.
+        raise ValueError(
+            f"{where}: {path!r} looks like a regular expression, but a string rule is a "
+            f"path (with *, ** and {{param}}); pass re.compile({path!r}) for a regex, or "
+            f"re.compile({re.escape(path)!r}) for a path that really holds these characters"
         )
     if _PERCENT.search(literal):
         decoded = unquote(path)

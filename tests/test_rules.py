@@ -285,6 +285,18 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
     ("escaped-question-mark", W, ["/what%3F"], ["re.compile('/what\\\\?')"]),
     ("question-mark-in-convertor", W, ["/x/{opt:ab?}"], ["unknown convertor 'ab?'"]),
     ("trailing-blank", C, ["POST /api/chat "], ["'/api/chat ' has blanks", "'/api/chat'"]),
+    # Regular expressions written as strings: they started, and never matched.
+    (
+        "regex-escape",
+        C,
+        [r"/v\d+/chat"],
+        ["looks like a regular expression", r"re.compile('/v\\d+/chat')"],
+    ),
+    ("regex-alternation", C, ["/api/(chat|message)"], ["looks like a regular expression"]),
+    ("regex-anchors", C, ["^/api/chat$"], ["looks like a regular expression"]),
+    ("regex-end-anchor", C, ["POST /api/chat$"], ["looks like a regular expression"]),
+    ("regex-dot-star", W, ["/docs/.*"], ["looks like a regular expression"]),
+    ("regex-class", W, ["/docs/[a-z]+"], ["looks like a regular expression"]),
     # Typos whose advice must be what was meant, not the text with a "/" before it.
     ("method-glued", C, ["POST/api/chat"], ["(e.g. 'POST /api/chat')"]),
     ("method-comma", C, ["POST, /api/chat"], ["(e.g. 'POST /api/chat')"]),
@@ -428,9 +440,14 @@ exact_paths = st.text(
 ).map(lambda tail: "/" + tail)
 
 
-# What a rule may be: refused are the paths no request can have (see the "query" errors).
+# What a rule may be: refused are the paths no request can have (see the "query" errors),
+# and those that look like a regex written as a string (see the "regex" ones).
 rule_paths = exact_paths.filter(
-    lambda path: path == path.strip() and not re.search(r"[?#]|%[0-9A-Fa-f]{2}", path)
+    lambda path: (
+        path == path.strip()
+        and not re.search(r"[?#]|%[0-9A-Fa-f]{2}", path)
+        and not re.search(r"[\\|^\[\]]|\.[*+]|\$\Z", path)
+    )
 )
 
 
