@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES
@@ -52,6 +52,37 @@ def _count_instance(name: str, rules: str) -> None:
         )
 
 
+class Options(TypedDict, total=False):
+    """The keyword options of the middleware, for type checkers: a misspelt option is an
+    error there, as it is at start-up (``MiddlewareBase.__init__`` documents each)."""
+
+    app: Any  # Litestar's DefineMiddleware passes the app as app=
+    widget_pages: Iterable[str | re.Pattern[str]]
+    chat_routes: Iterable[str | re.Pattern[str]]
+    tracker: Any
+    trusted_proxies: Sequence[str] | int | None
+    trusted_proxy_header: ForwardedHeader
+    cookie_name: str
+    cookie_max_age: int | None
+    conversation_id_sources: Sequence[str]
+    conversation_id_header: str
+    conversation_id_field: str
+    max_body_peek: int
+    non_browser_agents: Iterable[str]
+    source: str | None
+    environment: str | None
+    customer_id: Callable[[Any], Any] | None
+    metadata: Mapping[str, Any] | Callable[[Any], Mapping[str, Any] | None] | None
+    tracker_timeout: float
+    queue_size: int
+    api_key: str | None
+    endpoint: str | None
+    outbox: str | os.PathLike[str] | None
+    shutdown_timeout: float
+    delivery_concurrency: int
+    local_store: str | os.PathLike[str] | None
+
+
 def _the_app(app: Any, options: dict[str, Any], name: str) -> Any:
     """The wrapped app, given positionally or as ``app=``."""
     if "app" in options:
@@ -60,7 +91,24 @@ def _the_app(app: Any, options: dict[str, Any], name: str) -> Any:
         app = options.pop("app")
     if app is None:
         raise TypeError(f"{name}() needs the app it wraps: {name}(app, widget_pages=[...], ...)")
+    known = _option_names()
+    for option in options:
+        if option not in known:
+            import difflib  # only on this error path
+
+            close = difflib.get_close_matches(option, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "the options are " + ", ".join(known)
+            message = f"{name}() got an unknown option {option!r}: {hint}"
+            # At ERROR too, as the other configuration errors (see MiddlewareBase).
+            logger.error("agentsight-middleware is misconfigured: %s", message)
+            raise TypeError(message)
     return app
+
+
+def _option_names() -> list[str]:
+    """The keyword options of ``MiddlewareBase.__init__``, in their order."""
+    code = MiddlewareBase.__init__.__code__
+    return list(code.co_varnames[code.co_argcount : code.co_argcount + code.co_kwonlyargcount])
 
 
 def _open_outbox(path: str | os.PathLike[str]) -> Any:

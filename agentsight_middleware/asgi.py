@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
-from ._base import MiddlewareBase, _the_app
+from ._base import MiddlewareBase, Options, _the_app
 from ._body import peek_asgi
 from ._config import NEED_BODY
 from ._conversation import (
@@ -43,6 +43,8 @@ from ._rules import WIDGET, Match
 if TYPE_CHECKING:
     import asyncio
 
+    from typing_extensions import Unpack
+
 __all__ = ["AgentSightMiddleware"]
 
 Scope = MutableMapping[str, Any]
@@ -54,10 +56,11 @@ Send = Callable[[Message], Awaitable[None]]
 class AgentSightMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of an ASGI app."""
 
-    def __init__(self, app: Any = None, /, **options: Any) -> None:
+    def __init__(self, app: Any = None, /, **options: Unpack[Options]) -> None:
         # Positional for Starlette's add_middleware() (its factory protocol passes the
         # app positional-only), or app= as Litestar's DefineMiddleware passes it.
-        super().__init__(_the_app(app, options, "AgentSightMiddleware"), **options)
+        rest: dict[str, Any] = dict(options)
+        super().__init__(_the_app(app, rest, "AgentSightMiddleware"), **rest)
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
 

@@ -14,9 +14,9 @@ import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._base import MiddlewareBase, _the_app
+from ._base import MiddlewareBase, Options, _the_app
 from ._body import peek_wsgi
 from ._config import NEED_BODY
 from ._conversation import (
@@ -40,6 +40,9 @@ from ._facts import forwarded_scheme
 from ._fork import reset_in_child
 from ._rules import WIDGET, Match
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["AgentSightWSGIMiddleware"]
 
 Environ = MutableMapping[str, Any]
@@ -58,10 +61,11 @@ def _environ_key(header: str) -> str:
 class AgentSightWSGIMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of a WSGI app."""
 
-    def __init__(self, app: Any = None, /, **options: Any) -> None:
+    def __init__(self, app: Any = None, /, **options: Unpack[Options]) -> None:
         # Positional for Starlette's add_middleware() (its factory protocol passes the
         # app positional-only), or app= as Litestar's DefineMiddleware passes it.
-        super().__init__(_the_app(app, options, "AgentSightWSGIMiddleware"), **options)
+        rest: dict[str, Any] = dict(options)
+        super().__init__(_the_app(app, rest, "AgentSightWSGIMiddleware"), **rest)
         self._cookie_prefix = f"{self._settings.cookie_name}="
         self._id_key = _environ_key(self._settings.id_header)
         self._idle = True

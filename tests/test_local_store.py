@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,7 +56,7 @@ async def test_events_are_kept_locally_and_reported(
     mw.close()
 
 
-def _middleware(**options: object) -> AgentSightMiddleware:
+def _middleware(**options: Any) -> AgentSightMiddleware:
     app = Starlette(routes=[Route("/", page), Route("/api/chat", chat, methods=["POST"])])
     return AgentSightMiddleware(app, widget_pages=["/"], chat_routes=["POST /api/chat"], **options)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,62 @@ def test_a_recording_tracker_s_time_out_message_stays_short() -> None:
     assert len(message) < 2_000
     assert "16000 initialized and 0 used" in message
     assert "conv_000000003e7f" in message  # the last call
+
+
+def test_a_misspelt_option_is_a_type_error_for_mypy(tmp_path: Path) -> None:
+    # The options were typed **Any: mypy --strict took widget_page= and cookie_maxage=.
+    usage = tmp_path / "typo.py"
+    usage.write_text(
+        "from fastapi import FastAPI\n"
+        "from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware\n"
+        "\n"
+        "api = FastAPI()\n"
+        'api.add_middleware(AgentSightMiddleware, widget_page=["/"])\n'
+        "raw = AgentSightMiddleware(api, cookie_maxage=60)\n"
+        "wsgi = AgentSightWSGIMiddleware(object(), queue_size='big')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(usage)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert [line.split(":")[1] for line in errors] == ["5", "6", "7"], result.stdout
+    assert '"widget_page"' in errors[0]
+    assert '"cookie_maxage"' in errors[1]
+    assert '"queue_size"' in errors[2]
+
+
+@pytest.mark.parametrize(
+    ("option", "hint"),
+    [
+        ("widget_page", "did you mean 'widget_pages'?"),
+        ("cookie_maxage", "did you mean 'cookie_max_age'?"),
+        ("zzz", "the options are widget_pages, chat_routes, tracker,"),
+    ],
+)
+def test_a_misspelt_option_says_which_was_meant(
+    option: str, hint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It said "MiddlewareBase.__init__() got an unexpected keyword argument", naming an
+    # internal class, and under uvicorn's --lifespan auto it was logged at INFO only.
+    from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+
+    for middleware in (AgentSightMiddleware, AgentSightWSGIMiddleware):
+        caplog.clear()
+        options: dict[str, Any] = {option: ["/"]}
+        with pytest.raises(TypeError) as info:
+            middleware(object(), **options)
+        assert str(info.value).startswith(
+            f"{middleware.__name__}() got an unknown option {option!r}: {hint}"
+        )
+        assert [r.levelname for r in caplog.records] == ["ERROR"]
+
+
+def test_the_typed_options_are_the_constructor_s() -> None:
+    from agentsight_middleware._base import MiddlewareBase, Options, _option_names
+
+    assert list(Options.__annotations__) == ["app", *_option_names()]
+    code = MiddlewareBase.__init__.__code__
+    assert code.co_kwonlyargcount == len(_option_names()) > 20
