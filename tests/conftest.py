@@ -144,3 +144,29 @@ APP_COOKIE_CASES = [
     # The app deletes the cookie: no id of ours goes back, and nothing is counted.
     pytest.param(None, _OURS + "; Max-Age=0; Path=/", [], id="deleted"),
 ]  # fmt: skip
+
+
+def check_shared_cache_outcome(
+    answers: list[Any],
+    cache_control: list[str],
+    tracked: bool,
+    middleware: Any,
+    tracker: RecordingTracker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two page loads of a widget page sent with ``cache_control``: a page for shared
+    caches is left as it is (no cookie, no view) and said once; any other is tracked."""
+    assert [answer.headers.get_list("cache-control") for answer in answers] == [cache_control] * 2
+    cookies = [answer.headers.get("set-cookie") for answer in answers]
+    warned = [r for r in caplog.records if "shared caches" in r.getMessage()]
+    if tracked:
+        assert all(cookie and cookie.startswith(_OURS) for cookie in cookies)
+        tracker.wait_for(initialized=1)
+        assert warned == []
+    else:
+        assert cookies == [None, None]
+        assert middleware.flush(5)
+        assert tracker.initialized == []
+        assert len(warned) == 1  # once, not on every page view
+        assert warned[0].levelname == "WARNING"
+        assert "Cache-Control: private" in warned[0].getMessage()

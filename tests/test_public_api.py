@@ -72,13 +72,17 @@ def test_the_readme_one_liners_type_check_under_mypy_strict(tmp_path: Path) -> N
         'flask.wsgi_app = AgentSightWSGIMiddleware(flask.wsgi_app, widget_pages=["/"])'
         "  # type: ignore[method-assign]\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(usage)],
+    result = _mypy_strict(usage)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _mypy_strict(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(path)],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=path.parent,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_recording_tracker_s_time_out_message_stays_short() -> None:
@@ -108,12 +112,7 @@ def test_a_misspelt_option_is_a_type_error_for_mypy(tmp_path: Path) -> None:
         "raw = AgentSightMiddleware(api, cookie_maxage=60)\n"
         "wsgi = AgentSightWSGIMiddleware(object(), queue_size='big')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(usage)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = _mypy_strict(usage)
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert [line.split(":")[1] for line in errors] == ["5", "6", "7"], result.stdout
     assert '"widget_page"' in errors[0]

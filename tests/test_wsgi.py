@@ -18,7 +18,7 @@ from werkzeug.test import Client
 from agentsight_middleware import AgentSightWSGIMiddleware, Conversation, current_conversation
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import APP_COOKIE_CASES, BROWSER, GOOGLEBOT, IPHONE
+from .conftest import APP_COOKIE_CASES, BROWSER, GOOGLEBOT, IPHONE, check_shared_cache_outcome
 
 PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
 
@@ -586,17 +586,4 @@ def test_a_widget_page_for_shared_caches_is_left_as_it_is(
     server = make_server("127.0.0.1", 0, mw, threaded=True)
     with serving(server) as url, httpx.Client(base_url=url) as client:
         answers = [client.get("/", headers=BROWSER) for _ in range(2)]
-    assert [answer.headers.get_list("cache-control") for answer in answers] == [cache_control] * 2
-    cookies = [answer.headers.get("set-cookie") for answer in answers]
-    warned = [r for r in caplog.records if "shared caches" in r.getMessage()]
-    if tracked:
-        assert all(
-            cookie and cookie.startswith("agentsight_conversation_id=") for cookie in cookies
-        )
-        tracker.wait_for(initialized=1)
-        assert warned == []
-    else:
-        assert cookies == [None, None]
-        assert mw.flush(5)
-        assert tracker.initialized == []
-        assert len(warned) == 1
+    check_shared_cache_outcome(answers, cache_control, tracked, mw, tracker, caplog)
