@@ -163,7 +163,10 @@ class MiddlewareBase:
             ``"/api/chat/{conversation_id}/messages"``); a request to one calls
             ``get_or_create_conversation`` (``is_used: true``) before the app runs.
         :param tracker: an object with ``initialize_conversation()`` and
-            ``get_or_create_conversation()``, such as ``agentsight.ConversationTracker()``.
+            ``get_or_create_conversation()``, such as
+            ``agentsight_middleware.sdk.AgentSightSDK()`` (agentsight 0.1.x) or the classic
+            SDK's ``agentsight.ConversationTracker()`` (0.0.x, which needs an API key when
+            it is built).
         :param trusted_proxies: IPs/CIDRs of your reverse proxies (or a hop count);
             only then are ``Forwarded`` / ``X-Forwarded-For`` believed.
         :param trusted_proxy_header: the one header your proxy writes (``"forwarded"``,

@@ -86,7 +86,9 @@ def check_tracker(tracker: object) -> None:
         raise ValueError(
             f"tracker={type(tracker).__name__} object lacks {' and '.join(missing)}(); pass an "
             "object with initialize_conversation() and get_or_create_conversation(), such as "
-            "agentsight.ConversationTracker() or agentsight_middleware.testing.RecordingTracker()"
+            "agentsight_middleware.sdk.AgentSightSDK() (agentsight 0.1.x), "
+            "agentsight.ConversationTracker() (agentsight 0.0.x) or "
+            "agentsight_middleware.testing.RecordingTracker()"
         )
 
 

@@ -153,3 +153,13 @@ def test_a_configuration_error_is_logged_too(caplog: pytest.LogCaptureFixture) -
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert record.getMessage().startswith("agentsight-middleware is misconfigured: api_key=")
     assert "1234567890abcdef" not in record.getMessage()  # the key stays masked
+
+
+def test_a_tracker_without_the_calls_names_both_sdk_generations() -> None:
+    # The message named only agentsight.ConversationTracker(), which the SDK that
+    # `pip install agentsight` gives today (0.1.x) does not have.
+    with pytest.raises(ValueError, match="lacks initialize_conversation") as refused:
+        build(tracker=object())
+    message = str(refused.value)
+    assert "agentsight_middleware.sdk.AgentSightSDK() (agentsight 0.1.x)" in message
+    assert "agentsight.ConversationTracker() (agentsight 0.0.x)" in message
