@@ -43,6 +43,7 @@ __all__ = [
     "parse_environment",
     "parse_since",
     "render_html",
+    "unreadable_note",
 ]
 
 #: Breakdown name -> the per-conversation column it groups on.
@@ -140,6 +141,9 @@ class Report:
     #: Conversations by environment, most initialized first: more than one row means the
     #: figures above mix them (a developer's visits with the visitors').
     environments: tuple[GroupRow, ...] = ()
+    #: Events left out because their time cannot be read: not a number of Unix seconds
+    #: from 1970 to the year 9999 (a row another program wrote, or a clock far off).
+    unreadable: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -166,6 +170,7 @@ class Report:
             "daily": [row.to_dict() for row in self.daily],
             "environment": self.environment,
             "environments": [row.to_dict() for row in self.environments],
+            "unreadable": self.unreadable,
         }
 
 
@@ -245,6 +250,17 @@ GROUP BY conversation_id
 _HOUR = "CAST(first_ts AS INTEGER) % 86400 / 3600"
 _DAY_NUMBER = "CAST(first_ts AS INTEGER) / 86400"
 
+# The times a report can show: 1970-01-01 to 9999-12-31 23:59:59 UTC. A row whose ts is
+# text, or a number outside them (another program's row, a clock far off), once made the
+# report end in a traceback; such rows are left out and counted. ts has REAL affinity, so a
+# value that is not a number is stored as text (or a blob), which SQLite orders after every
+# number: the range test leaves it out. The + keeps the test off the time index, so that
+# the planner's choice of index stays the one it makes without it.
+_FIRST_TS = 0.0
+_LAST_TS = 253402300799.0
+_READABLE = "+ts BETWEEN :first_ts AND :last_ts"
+_UNREADABLE = "(ts < :first_ts OR ts > :last_ts)"
+
 
 def build_report(
     path: str | os.PathLike[str],
@@ -308,16 +324,22 @@ def _build(
     dimensions: list[str],
     generated_at: float,
 ) -> Report:
-    tests = []
-    params: dict[str, Any] = {}
+    tests = [_READABLE]
+    params: dict[str, Any] = {"first_ts": _FIRST_TS, "last_ts": _LAST_TS}
     if since is not None:
         tests.append("ts >= :since")
         params["since"] = since
+    of_environment = ""
     if environment is not None:
         # IS: NULL for the events recorded without an environment.
+        of_environment = " AND environment IS :environment"
         tests.append("environment IS :environment")
         params["environment"] = None if environment == NO_ENVIRONMENT else environment
-    where = f"WHERE {' AND '.join(tests)}" if tests else ""
+    where = f"WHERE {' AND '.join(tests)}"
+    # Whatever since says: a time that cannot be read cannot be placed before or after it.
+    (unreadable,) = conn.execute(
+        f"SELECT COUNT(*) FROM events WHERE {_UNREADABLE}{of_environment}", params
+    ).fetchone()
     events, first_at, last_at = conn.execute(
         f"SELECT COUNT(*), MIN(ts), MAX(ts) FROM events {where}", params
     ).fetchone()
@@ -338,6 +360,7 @@ def _build(
             breakdowns=dict.fromkeys(dimensions, ()),
             daily=(),
             environment=environment,
+            unreadable=unreadable,
         )
     window = events
     if since is not None and environment is not None:
@@ -367,6 +390,7 @@ def _build(
         daily=_daily(conn),
         environment=environment,
         environments=_by_environment(conn),
+        unreadable=unreadable,
     )
 
 
@@ -488,6 +512,17 @@ def mixed_environments(report: Report) -> str | None:
     )
 
 
+def unreadable_note(report: Report) -> str | None:
+    """What the report says of the events it left out (their time cannot be read), or None."""
+    if not report.unreadable:
+        return None
+    whose = "its" if report.unreadable == 1 else "their"
+    return (
+        f"{_plural(report.unreadable, 'event')} left out: {whose} time is not a Unix time from "
+        "1970 to 9999 (a row another program wrote, or a clock far off)."
+    )
+
+
 def _environment_names(report: Report) -> list[str]:
     return [NO_ENVIRONMENT if row.key is None else str(row.key) for row in report.environments]
 
@@ -542,8 +577,10 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
     """The terminal report: headline, then one aligned table per breakdown and the trend."""
     lines = [f"AgentSight interaction report: {_printable(report.path)}"]
     since = f" (since {_utc(report.since)} UTC)" if report.since is not None else ""
+    unreadable = unreadable_note(report)
     if report.is_empty and report.environment is not None:
         lines += ["", f"No events{_of_environment(report)}{since}."]
+        lines += [unreadable] if unreadable else []
         return "\n".join(lines) + "\n"
     if report.is_empty:
         lines += [
@@ -551,12 +588,15 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
             f"No events yet{since}. Run your app with the middleware, open a page with the "
             "chat widget, then run this again.",
         ]
+        lines += [unreadable] if unreadable else []
         return "\n".join(lines) + "\n"
     lines.append(f"{_period(report)}{since}")
     lines += ["", headline(report)]
     mixed = mixed_environments(report)
     if mixed is not None:
         lines.append(_printable(mixed))
+    if unreadable:
+        lines.append(unreadable)
     if report.used_without_page_view:
         lines.append(
             f"{_plural(report.used_without_page_view, 'conversation')} chatted without a "
@@ -865,6 +905,9 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
     since = f", since {_utc(report.since)} UTC" if report.since is not None else ""
     generated = f"generated {_utc(report.generated_at)} UTC"
     meta = f'<p class="meta">{_e(report.path)}{_e(since)}, {_e(generated)}</p>'
+    unreadable = unreadable_note(report)
+    if unreadable:
+        meta += f'<p class="note" id="unreadable">{_e(unreadable)}</p>'
     if report.is_empty and report.environment is not None:
         body = (
             f"<h1>{title}</h1>{meta}"
@@ -901,6 +944,8 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
     mixed = mixed_environments(report)
     if mixed is not None:
         parts.append(f'<p class="note" id="mixed-environments">{_e(mixed)}</p>')
+    if unreadable:
+        parts.append(f'<p class="note" id="unreadable">{_e(unreadable)}</p>')
     if report.used_without_page_view:
         parts.append(
             '<p class="note">Conversations that chatted without a page view are not in the '

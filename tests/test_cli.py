@@ -15,7 +15,7 @@ from agentsight_middleware import cli
 from agentsight_middleware._report import build_report
 from agentsight_middleware._store import DEFAULT_PATH, LocalStore
 
-from .test_report import DAY3, charts, dataset, mixed, write
+from .test_report import DAY3, charts, dataset, mixed, with_unreadable_times, write
 from .test_store import make_payload
 
 HEADLINE = "4 conversations initialized, 2 used: interaction rate 50.0 %, 2 abandoned (50.0 %)"
@@ -133,6 +133,19 @@ def test_missing_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         f"agentsight-middleware: no events file at {path}; run your app with the middleware first\n"
     )
     assert not path.exists()
+
+
+def test_unreadable_times_are_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = with_unreadable_times(tmp_path / "e.sqlite3")
+    code, out, err = run(capsys, "report", "--db", str(path))
+    assert (code, err) == (0, "")
+    assert HEADLINE in out
+    assert "3 events left out: their time is not a Unix time" in out
+    code, out, _ = run(capsys, "report", "--db", str(path), "--json")
+    assert code == 0
+    assert json.loads(out)["unreadable"] == 3
 
 
 def test_not_an_events_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -255,6 +255,7 @@ def test_empty_events_file(tmp_path: Path) -> None:
         "daily": [],
         "environment": None,
         "environments": [],
+        "unreadable": 0,
     }
 
 
@@ -339,6 +340,47 @@ def test_one_event_from_a_wrong_clock_does_not_list_every_day_between(tmp_path: 
     # Within ten years, the days between are listed (as gaps), as before.
     near = build_report(write(tmp_path / "near.sqlite3", dataset()))
     assert len(near.daily) == 3
+
+
+def with_unreadable_times(path: Path) -> Path:
+    """``dataset()`` and three more events whose ts another program wrote as text or far out
+    of range: the report once ended in a traceback on each (TypeError, OverflowError)."""
+    extra = [make_payload(f"conv_bad{n}", at=DAY1 + n, used=n == 2) for n in range(3)]
+    write(path, [*dataset(), *extra])
+    with closing(sqlite3.connect(path)) as conn:
+        for n, ts in enumerate(["2026-11-26 14:22:03", 1e20, -1e20]):
+            conn.execute("UPDATE events SET ts = ? WHERE conversation_id = ?", (ts, f"conv_bad{n}"))
+        conn.commit()
+    return path
+
+
+def test_events_whose_time_cannot_be_read_are_left_out_and_counted(tmp_path: Path) -> None:
+    path = with_unreadable_times(tmp_path / "e.sqlite3")
+    report = build_report(path, now=DAY3 + 86400)
+    clean = build_report(write(tmp_path / "clean.sqlite3", dataset()), now=DAY3 + 86400)
+    assert report.unreadable == 3
+    assert report.to_dict()["unreadable"] == 3
+    assert {**report.to_dict(), "path": "", "unreadable": 0} == {**clean.to_dict(), "path": ""}
+    note = "3 events left out: their time is not a Unix time from 1970 to 9999"
+    assert note in format_text(report)
+    assert note in render_html(report)
+    assert "left out" not in format_text(clean) + render_html(clean)
+    # since cannot place them: counted whatever it says; environment still chooses.
+    assert build_report(path, since=DAY3).unreadable == 3
+    assert build_report(path, environment="development").unreadable == 0
+
+
+def test_a_file_whose_every_time_cannot_be_read_is_empty_and_says_why(tmp_path: Path) -> None:
+    path = write(tmp_path / "e.sqlite3", [make_payload("conv_a")])
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE events SET ts = 'yesterday'")
+        conn.commit()
+    report = build_report(path)
+    assert report.is_empty
+    assert report.unreadable == 1
+    note = "1 event left out: its time is not a Unix time from 1970 to 9999"
+    assert note in format_text(report)
+    assert note in render_html(report)
 
 
 # --------------------------------------------------------------------------- property
