@@ -62,8 +62,14 @@ class Credentials:
         endpoint: str | None,
         environment: str | None,
         env: Mapping[str, str] | None = None,
+        names: tuple[str, str] = ("api_key=", "endpoint="),
     ) -> Credentials | None:
-        """Arguments first, then ``AGENTSIGHT_*`` variables; None when there is no key."""
+        """Arguments first, then ``AGENTSIGHT_*`` variables; None when there is no key.
+
+        ``names`` are what an error calls ``api_key`` and ``endpoint`` when they were given:
+        the arguments' names, or the command line's flags (``--api-key``, ``--endpoint``).
+        """
+        key_name, endpoint_name = names
         env = os.environ if env is None else env
         if api_key is not None and not isinstance(api_key, str):
             raise ValueError(f"api_key must be a string (ags_...), got {type(api_key).__name__}")
@@ -71,12 +77,14 @@ class Credentials:
         given = endpoint if endpoint is not None else env.get("AGENTSIGHT_API_ENDPOINT")
         # Checked with or without a key: a typo must fail at start-up, not on the day the
         # key is set in production.
-        base = _endpoint(given, "endpoint=" if endpoint is not None else "AGENTSIGHT_API_ENDPOINT")
+        base = _endpoint(
+            given, endpoint_name if endpoint is not None else "AGENTSIGHT_API_ENDPOINT"
+        )
         if key is None or not key.strip():
             return None
         key = key.strip()
         if not API_KEY_RE.fullmatch(key):
-            where = "api_key=" if api_key is not None else "AGENTSIGHT_API_KEY"
+            where = key_name if api_key is not None else "AGENTSIGHT_API_KEY"
             raise ValueError(
                 f"{where} {mask_key(key)!r} is not an AgentSight API key: keys look like "
                 "ags_<32 hex digits>_<6 hex digits>; copy it again from the AgentSight dashboard"

@@ -197,7 +197,10 @@ def _run_send(args: argparse.Namespace) -> int:
 
     try:
         credentials = Credentials.resolve(
-            api_key=args.api_key, endpoint=args.endpoint, environment=None
+            api_key=args.api_key,
+            endpoint=args.endpoint,
+            environment=None,
+            names=("--api-key", "--endpoint"),
         )
     except ValueError as exc:
         return _fail(str(exc))

@@ -79,6 +79,52 @@ def test_send_needs_a_valid_key(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["--api-key", "nope"],
+            "--api-key '********' is not an AgentSight API key",
+            id="key",
+        ),
+        pytest.param(
+            ["--api-key", "ags_" + "1" * 32 + "_abcdef", "--endpoint", "api.agentsight.io"],
+            "--endpoint 'api.agentsight.io' must be an http:// or https:// URL",
+            id="endpoint",
+        ),
+    ],
+)
+def test_send_names_the_flag_it_refuses(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    # It said "api_key= '********' ..." and "endpoint= 'x' ...": the middleware's argument
+    # names, which the command line has not.
+    monkeypatch.delenv("AGENTSIGHT_API_ENDPOINT", raising=False)
+    db = _file(tmp_path / "events.sqlite3", 1)
+    assert main(["send", "--db", str(db), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "api_key=" not in err
+    assert "endpoint=" not in err
+
+
+def test_send_names_the_variable_it_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AGENTSIGHT_API_KEY", "nope")
+    monkeypatch.setenv("AGENTSIGHT_API_ENDPOINT", "api.agentsight.io")
+    db = _file(tmp_path / "events.sqlite3", 1)
+    assert main(["send", "--db", str(db)]) == 1
+    assert "AGENTSIGHT_API_ENDPOINT 'api.agentsight.io' must be" in capsys.readouterr().err
+    monkeypatch.delenv("AGENTSIGHT_API_ENDPOINT")
+    assert main(["send", "--db", str(db)]) == 1
+    assert "AGENTSIGHT_API_KEY '********' is not an AgentSight API key" in (capsys.readouterr().err)
+
+
 def test_send_without_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key = "ags_" + "1" * 32 + "_abcdef"
     assert main(["send", "--db", str(tmp_path / "none.sqlite3"), "--api-key", key]) == 1
