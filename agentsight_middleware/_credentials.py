@@ -63,11 +63,14 @@ class Credentials:
         environment: str | None,
         env: Mapping[str, str] | None = None,
         names: tuple[str, str] = ("api_key=", "endpoint="),
+        read_environment: bool = True,
     ) -> Credentials | None:
         """Arguments first, then ``AGENTSIGHT_*`` variables; None when there is no key.
 
         ``names`` are what an error calls ``api_key`` and ``endpoint`` when they were given:
         the arguments' names, or the command line's flags (``--api-key``, ``--endpoint``).
+        With ``read_environment`` false, the environment is None and
+        ``AGENTSIGHT_ENVIRONMENT`` is not read (``send`` replays stored bodies as they are).
         """
         key_name, endpoint_name = names
         env = os.environ if env is None else env
@@ -89,6 +92,8 @@ class Credentials:
                 f"{where} {mask_key(key)!r} is not an AgentSight API key: keys look like "
                 "ags_<32 hex digits>_<6 hex digits>; copy it again from the AgentSight dashboard"
             )
+        if not read_environment:
+            return cls(api_key=key, endpoint=base, environment=None)
         return cls(api_key=key, endpoint=base, environment=resolve_environment(environment, env))
 
 

@@ -201,6 +201,9 @@ def _run_send(args: argparse.Namespace) -> int:
             endpoint=args.endpoint,
             environment=None,
             names=("--api-key", "--endpoint"),
+            # Each stored body keeps the environment it was recorded with: send never
+            # uses AGENTSIGHT_ENVIRONMENT, so a value it cannot use must not stop it.
+            read_environment=False,
         )
     except ValueError as exc:
         return _fail(str(exc))

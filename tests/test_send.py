@@ -125,6 +125,22 @@ def test_send_names_the_variable_it_refuses(
     assert "AGENTSIGHT_API_KEY '********' is not an AgentSight API key" in (capsys.readouterr().err)
 
 
+def test_send_does_not_read_agentsight_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each stored body keeps its own environment; send refused to run when the variable
+    # held a value the middleware would refuse, though it never uses it.
+    monkeypatch.setenv("AGENTSIGHT_ENVIRONMENT", "staging")
+    db = _file(tmp_path / "events.sqlite3", 3)
+    with StandInAgentSightAPI() as api:
+        code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+        environments = {body["environment"] for body in api.conversations}
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "sent 3, skipped 0 (sent before), failed 0" in captured.out
+    assert environments == {make_payload("conv_x")["environment"]}
+
+
 def test_send_without_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     key = "ags_" + "1" * 32 + "_abcdef"
     assert main(["send", "--db", str(tmp_path / "none.sqlite3"), "--api-key", key]) == 1
