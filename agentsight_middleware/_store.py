@@ -695,10 +695,15 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
     transaction it wants.
 
     Raises :class:`StoreNotFoundError` when there is no file and :class:`StoreError` when it
-    is not an events file. A file with no tables at all (an empty file, or one created but
-    never written) reads as an events file with no events.
+    is not an events file (a folder, say). A file with no tables at all (an empty file, or
+    one created but never written) reads as an events file with no events.
     """
     text = os.fspath(path)
+    if os.path.isdir(text):
+        raise StoreError(
+            f"{text} is a folder, not an events file; name the file in it, e.g. "
+            f"{os.path.join(text, DEFAULT_PATH)}"
+        )
     if not os.path.isfile(text):
         raise StoreNotFoundError(text)
     conn, version = _open_readonly(text)

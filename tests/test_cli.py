@@ -148,6 +148,18 @@ def test_unreadable_times_are_no_traceback(
     assert json.loads(out)["unreadable"] == 3
 
 
+@pytest.mark.parametrize("command", ["report", "send"])
+def test_db_is_a_folder(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # It said "no events file at <folder>", as if nothing were there.
+    key = ["--api-key", "ags_" + "1" * 32 + "_abcdef"] if command == "send" else []
+    code, out, err = run(capsys, command, "--db", str(tmp_path), *key)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"agentsight-middleware: {tmp_path} is a folder, not an events file; name the file in "
+        f"it, e.g. {tmp_path / DEFAULT_PATH}\n"
+    )
+
+
 def test_not_an_events_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("not sqlite\n" * 500)
