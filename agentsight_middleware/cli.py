@@ -289,7 +289,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each subcommand's own by name."""
     from .__version__ import __version__
 
     parser = argparse.ArgumentParser(
@@ -299,16 +300,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    by_name: dict[str, argparse.ArgumentParser] = {}
     for name, command in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        sub = by_name[name] = subparsers.add_parser(
+            name, help=command.help, description=command.help
+        )
         command.configure(sub)
         sub.set_defaults(run=command.run)
-    return parser
+    return parser, by_name
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, subcommands = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Said by the subcommand's parser, with its own usage: argparse's parse_args()
+        # has the top-level parser say it, with the usage of the command line as a whole.
+        subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -227,6 +227,27 @@ def test_html_unwritable(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"cannot write {target}" in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["report", "--jsn"], "usage: agentsight-middleware report [-h] [--db PATH]"),
+        (["send", "--jsn"], "usage: agentsight-middleware send [-h] [--db PATH]"),
+        (["--jsn"], "usage: agentsight-middleware [-h] [--version] COMMAND ..."),
+    ],
+    ids=["report", "send", "no-command"],
+)
+def test_an_unknown_option_shows_the_subcommand_s_usage(
+    argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `report --jsn` printed the top-level usage, which does not show report's options.
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage)
+    assert err.rstrip().endswith("error: unrecognized arguments: --jsn")
+
+
 def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys)
     assert code == 2
