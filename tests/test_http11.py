@@ -1615,7 +1615,9 @@ async def test_an_outage_after_a_recovery_is_logged_again(
             }])  # fmt: skip
             assert await sink.drain(time.monotonic() + 10) == 0
         await sink.aclose()
-    assert caplog.text.count("unreachable (HTTP 503)") == 2
+    # It answered: a server error, not an API that cannot be reached.
+    assert caplog.text.count("the AgentSight API answered HTTP 503 Service Unavailable;") == 2
+    assert "unreachable" not in caplog.text
     assert caplog.text.count("accepts events again") == 2
 
 
@@ -1793,7 +1795,7 @@ async def test_intermittent_failures_are_one_outage_in_the_log(
         stats = sink.stats()
         await sink.aclose()
     assert stats["retried"] >= 5
-    assert caplog.text.count("unreachable (HTTP 503)") == 1
+    assert caplog.text.count("answered HTTP 503 Service Unavailable") == 1
     assert "accepts events again" not in caplog.text
 
 

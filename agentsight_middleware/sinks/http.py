@@ -16,6 +16,7 @@ requests in flight).
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import time
 import urllib.request
@@ -88,6 +89,14 @@ def _api_error(reply: Reply) -> str:
             for field, errors in data.items()
         )
     return str(data)[:200]
+
+
+def _status_text(status: int) -> str:
+    """``HTTP 503 Service Unavailable``: the status and its standard phrase, for the log."""
+    try:
+        return f"HTTP {status} {http.HTTPStatus(status).phrase}"
+    except ValueError:  # not a standard status (599)
+        return f"HTTP {status}"
 
 
 def _is_api_answer(body: bytes) -> bool:
@@ -574,7 +583,7 @@ class HttpSink:
                     level="warning",
                 )
             elif outcome == RETRY:
-                self._retry(item, f"HTTP {reply.status}", f"HTTP {reply.status // 100}xx")
+                self._retry(item, _status_text(reply.status), f"HTTP {reply.status // 100}xx")
             else:
                 assert outcome == REJECTED
                 self._reject(item, reply)
@@ -674,6 +683,14 @@ class HttpSink:
                 "endpoint, or the CA certificates of this machine; the events are kept and "
                 "sent again",
                 reason,
+            )
+        elif kind is not None and kind.startswith("HTTP "):
+            # It answered: reachable, but failing or unavailable (a 503 during a deploy).
+            self._log_once(
+                ("retry", kind),
+                "the AgentSight API answered %s; retrying with backoff",
+                reason,
+                level="warning",
             )
         elif kind is not None:
             self._log_once(
