@@ -1,8 +1,10 @@
 # Two commands on a fresh machine with Python 3.10+:
 #   make demo   installs the package into .venv and starts the demo on http://127.0.0.1:8000
 #   make test   installs the test dependencies into .venv and runs lint, types and the tests
+# make demo DEMO_ARGS="--port 8001" passes its arguments to the demo (--host, --port, --db).
 PYTHON ?= python3
 VENV ?= .venv
+DEMO_ARGS ?=
 BIN = $(VENV)/bin
 
 .PHONY: demo test install lint types pytest chromium clean
@@ -15,7 +17,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 
 demo: install
-	$(BIN)/python -m examples.demo
+	$(BIN)/python -m examples.demo $(DEMO_ARGS)
 
 lint: install
 	$(BIN)/ruff check agentsight_middleware tests examples benchmarks

@@ -268,3 +268,18 @@ def test_the_demo_reports_what_it_saw_on_ctrl_c(tmp_path: Path) -> None:
         out, err = demo.communicate(timeout=60)
     assert demo.returncode == 0, err
     assert "1 conversation initialized, 1 used: interaction rate 100.0 %" in out
+
+
+def test_make_demo_passes_demo_args_to_the_demo() -> None:
+    # `make demo` always bound 127.0.0.1:8000: a busy port could not be changed.
+    import shutil
+    import subprocess
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(
+        [make, "-n", "demo", "DEMO_ARGS=--port 8001 --db demo.sqlite3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "-m examples.demo --port 8001 --db demo.sqlite3\n" in done.stdout
