@@ -13,10 +13,12 @@ from __future__ import annotations
 from .__version__ import __version__
 from ._conversation import Conversation
 from ._core import current_conversation
+from ._facts import DEFAULT_NON_BROWSER_AGENTS
 from .asgi import AgentSightMiddleware
 from .wsgi import AgentSightWSGIMiddleware
 
 __all__ = [
+    "DEFAULT_NON_BROWSER_AGENTS",
     "AgentSightMiddleware",
     "AgentSightWSGIMiddleware",
     "Conversation",

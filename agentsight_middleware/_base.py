@@ -182,7 +182,9 @@ class MiddlewareBase:
         :param max_body_peek: at most this many body bytes are read to find an id.
         :param non_browser_agents: user-agent substrings (any case) of probes,
             monitors and scripts whose page loads are never views (dropped by the
-            background worker, with bots).
+            background worker, with bots). A list replaces the default one,
+            ``agentsight_middleware.DEFAULT_NON_BROWSER_AGENTS``; to add to it, pass
+            ``[*DEFAULT_NON_BROWSER_AGENTS, "my-monitor"]``.
         :param source: the conversation's ``source`` field.
         :param environment: ``"production"`` or ``"development"``; None leaves it
             to the tracker (the SDK reads ``AGENTSIGHT_ENVIRONMENT``).

@@ -20,6 +20,7 @@ def test_top_level_exports() -> None:
         "AgentSightMiddleware",
         "AgentSightWSGIMiddleware",
         "Conversation",
+        "DEFAULT_NON_BROWSER_AGENTS",
         "__version__",
         "current_conversation",
     ]
@@ -33,6 +34,23 @@ def test_top_level_exports() -> None:
         and not isinstance(getattr(agentsight_middleware, name), type(agentsight_middleware))
     }
     assert public <= set(agentsight_middleware.__all__)
+
+
+def test_the_default_non_browser_agents_can_be_extended() -> None:
+    # non_browser_agents= replaces the defaults: adding one monitor made curl and
+    # kube-probe page loads views again, and the list was only in a private module.
+    from agentsight_middleware import DEFAULT_NON_BROWSER_AGENTS
+    from agentsight_middleware._config import Settings
+
+    assert isinstance(DEFAULT_NON_BROWSER_AGENTS, tuple)
+    extended = Settings(
+        widget_pages=["/"], non_browser_agents=[*DEFAULT_NON_BROWSER_AGENTS, "my-monitor"]
+    )
+    replaced = Settings(widget_pages=["/"], non_browser_agents=["my-monitor"])
+    for agent in ("my-monitor/1", "curl/8.0", "kube-probe/1.29"):
+        assert extended.is_non_browser(agent), agent
+    assert replaced.is_non_browser("my-monitor/1")
+    assert not replaced.is_non_browser("curl/8.0")
 
 
 def test_submodule_exports_exist() -> None:
