@@ -170,3 +170,24 @@ def test_the_typed_options_are_the_constructor_s() -> None:
     assert list(Options.__annotations__) == ["app", *_option_names()]
     code = MiddlewareBase.__init__.__code__
     assert code.co_kwonlyargcount == len(_option_names()) > 20
+
+
+def test_the_build_backend_floor_reads_the_license_files_list() -> None:
+    # hatchling 1.18-1.25 refuses license-files = [...] ("must be a table"): a build that
+    # picked one of them (pip --no-build-isolation) failed.
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib is Python 3.11+")
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    assert isinstance(config["project"]["license-files"], list)
+    (backend,) = [
+        Requirement(text)
+        for text in config["build-system"]["requires"]
+        if Requirement(text).name == "hatchling"
+    ]
+    assert not backend.specifier.contains(Version("1.25.0"))
+    assert backend.specifier.contains(Version("1.26.1"))
