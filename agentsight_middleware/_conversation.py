@@ -284,7 +284,10 @@ class Conversation:
 
     Handlers find it as ``request.state.agentsight`` (ASGI),
     ``environ["agentsight.conversation"]`` (WSGI) or ``current_conversation()``.
-    Read-only, and not a sequence: read its attributes (``as_dict()`` gives them all).
+    Read-only, and not a sequence: read its attributes. ``as_dict()`` gives the fields it
+    was built with (``id``, ``id_source``, ..., the raw request facts such as ``peer`` and
+    ``user_agent``), not what is worked out from them: ``client_ip``, ``language``,
+    ``device``, ``url`` and ``is_bot`` are properties, read by name.
     The request path keeps the raw header values it was given and decodes them on
     first use of any of the request facts (``user_agent``, ``host``, ``client_ip``...);
     the derived facts (language, device, URL) are computed when asked. So building

@@ -349,3 +349,20 @@ def test_compacting_a_queued_event_never_changes_its_client_ip(
     compacted = conversation()
     compacted._compact()
     assert compacted.client_ip == conversation().client_ip
+
+
+def test_the_docstring_names_what_as_dict_leaves_out() -> None:
+    # It said as_dict() "gives them all", but the facts worked out from the fields are
+    # properties that as_dict() does not hold.
+    fields = _full()
+    conversation = Conversation(**fields)
+    worked_out = [
+        name
+        for name, value in vars(Conversation).items()
+        if isinstance(value, property) and name not in conversation.as_dict()
+    ]
+    assert sorted(worked_out) == ["client_ip", "device", "is_bot", "language", "url"]
+    doc = Conversation.__doc__ or ""
+    assert "gives them all" not in doc
+    for name in worked_out:
+        assert f"``{name}``" in doc, name
