@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from ._log import logger
+
 __all__ = ["CHAT", "WIDGET", "Match", "Rule", "RuleSet"]
 
 WIDGET = "widget"
@@ -239,7 +241,10 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
             raise ValueError(f"{where}: no path in {item!r}; write e.g. '{item.strip()} /api/chat'")
     if not path.startswith("/"):
         if path.startswith("^"):
-            _check_path(where, path)  # a regex: said as such
+            raise ValueError(
+                f"{where}: {path!r} is a regular expression written as a string; "
+                f"pass re.compile({path!r})"
+            )
         raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {_suggest(path)!r})")
     _check_path(where, path)
     rule = Rule(kind, item, methods)
@@ -265,7 +270,10 @@ def _suggest(path: str) -> str:
     return "/" + path.lstrip().lstrip("/")
 
 
-_REGEX_LIKE = re.compile(r"[\\|^\[\]]|\.[*+]|\$\Z")
+# In a string rule, signs of a regular expression written as a string: "\d", "(a|b)",
+# "^...", "...$", "[a-z]", ".+" ("*" is a glob wildcard: "/v1.*" is a fine rule).
+_REGEX_LIKE = re.compile(r"[\\|^\[\]]|\.\+|\$\Z")
+_BRACKET_NAME = re.compile(r"\[([A-Za-z_][A-Za-z0-9_]*)\]")
 
 
 def _check_path(where: str, path: str) -> None:
@@ -282,12 +290,19 @@ def _check_path(where: str, path: str) -> None:
             f"write {path[:cut] or '/'!r}"
         )
     if _REGEX_LIKE.search(literal):
-        # A path could hold these only escaped by the client (%7C): a rule that has
-        # them is a regular expression written as a string, and would never match.
-        raise ValueError(
-            f"{where}: {path!r} looks like a regular expression, but a string rule is a "
-            f"path (with *, ** and {{param}}); pass re.compile({path!r}) for a regex, or "
-            f"re.compile({re.escape(path)!r}) for a path that really holds these characters"
+        # Said, not refused: the decoded path of a request for "/a%7Cb" does hold a "|".
+        bracket = _BRACKET_NAME.search(literal)
+        advice = (
+            f"write {{{bracket[1]}}} for a path parameter"
+            if bracket
+            else f"pass re.compile({path!r}) for a regular expression"
+        )
+        logger.warning(
+            "%s: %r is matched as a path, character for character (with *, ** and "
+            "{param}); it looks like a regular expression: %s",
+            where,
+            path,
+            advice,
         )
     if _PERCENT.search(literal):
         decoded = unquote(path)
