@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypedDict
+
+# At run time too: typing.get_type_hints() on the middleware's __init__ (dependency
+# injection, documentation tools) resolves it. Imported from here by the glue.
+if sys.version_info >= (3, 11):
+    from typing import Unpack as Unpack
+else:
+    from typing_extensions import Unpack as Unpack
+
+# At run time too: typing.get_type_hints() on the middleware's __init__ (dependency
+# injection, documentation tools) resolves it.
+if sys.version_info >= (3, 11):
+    pass
+else:
+    pass
 
 from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
-from ._base import MiddlewareBase, Options, _the_app
+from ._base import MiddlewareBase, Options, Unpack, _the_app
 from ._body import peek_asgi
 from ._config import NEED_BODY
 from ._conversation import (
@@ -42,8 +42,6 @@ from ._rules import WIDGET, Match
 
 if TYPE_CHECKING:
     import asyncio
-
-    from typing_extensions import Unpack
 
 __all__ = ["AgentSightMiddleware"]
 

@@ -14,9 +14,9 @@ import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._base import MiddlewareBase, Options, _the_app
+from ._base import MiddlewareBase, Options, Unpack, _the_app
 from ._body import peek_wsgi
 from ._config import NEED_BODY
 from ._conversation import (
@@ -39,9 +39,6 @@ from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
 from ._rules import WIDGET, Match
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = ["AgentSightWSGIMiddleware"]
 

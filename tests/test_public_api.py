@@ -191,3 +191,18 @@ def test_the_build_backend_floor_reads_the_license_files_list() -> None:
     ]
     assert not backend.specifier.contains(Version("1.25.0"))
     assert backend.specifier.contains(Version("1.26.1"))
+
+
+def test_the_constructors_type_hints_resolve_at_run_time() -> None:
+    # Unpack was imported for type checkers only: get_type_hints() (dependency injection
+    # containers, documentation tools) raised NameError: name 'Unpack' is not defined.
+    import inspect
+    import typing
+
+    from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+    from agentsight_middleware._base import Options
+
+    for middleware in (AgentSightMiddleware, AgentSightWSGIMiddleware):
+        hints = typing.get_type_hints(middleware.__init__)
+        assert typing.get_args(hints["options"]) == (Options,)
+        assert "options" in inspect.signature(middleware.__init__, eval_str=True).parameters
