@@ -24,7 +24,11 @@ Receive = Callable[[], Awaitable[Message]]
 #: the app is called without it (the id then comes from the sources after the body).
 #: An app may answer before reading it all (a 401, a rate limit), or a client wait
 #: for the answer before sending more: neither should wait on the peek.
-PEEK_WAIT = 0.05
+#: 200 ms: a body past the first TCP flight (~14 KB) comes one round trip later, over
+#: 100 ms on a mobile network.
+PEEK_WAIT = 0.2
+#: How late a wake-up may be before the peek gives the body a little more time.
+_LATE = 0.005
 
 
 def _retrieve(future: asyncio.Future[Message]) -> None:
@@ -107,6 +111,10 @@ async def peek_asgi(
             # time, it is the app's next message, whenever it comes.
             waiting = asyncio.ensure_future(receive())
             await asyncio.wait((waiting,), timeout=max(0.0, deadline - loop.time()))
+            if not waiting.done() and loop.time() - deadline > _LATE:
+                # Woken late (something held the loop): a part that came in time may be
+                # a few loop turns from being handed over (hypercorn takes several).
+                await asyncio.wait((waiting,), timeout=_LATE)
             if not waiting.done():
                 waiting.add_done_callback(_retrieve)
                 break

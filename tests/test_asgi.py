@@ -1568,7 +1568,7 @@ def _chat_app(seen: list[tuple[str, bytes]]) -> Starlette:
 def test_the_app_is_not_held_for_a_body_that_arrives_slowly(tracker: RecordingTracker) -> None:
     # The body was read whole before the app ran, with no time limit: a client that waits
     # for the answer before sending the rest got none, and an app that refuses a request
-    # unread answered only once the upload ended. The peek now waits 50 ms for the rest,
+    # unread answered only once the upload ended. The peek now waits 200 ms for the rest,
     # then the app runs with the stream as it is, and the cookie gives the id.
     import socket
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware, _body
 from agentsight_middleware._body import ReplayInput, _declared_length, peek_asgi, peek_wsgi
 from agentsight_middleware.testing import RecordingTracker
 
@@ -273,3 +273,41 @@ def test_asgi_nonsense_length_leaves_the_stream_alone(length: str) -> None:
 
     body, replay = anyio.run(peek_asgi, receive, length, 1024)
     assert (body, replay) == (b"", receive)
+
+
+def test_a_peek_woken_late_gives_the_rest_of_the_body_a_few_more_turns() -> None:
+    # The rest came in time, but something held the event loop past the wait: the timeout
+    # and the data were ready in the same turn, and a server that takes a few turns to
+    # hand a message over (hypercorn) lost the body's id to the timeout (10 of 10).
+    import asyncio
+    import time as time_module
+
+    head, tail = b'{"conversation_id": ', b'"conv_late0000001"}'
+    first: dict[str, Any] = {"type": "http.request", "body": head, "more_body": True}
+    rest: dict[str, Any] = {"type": "http.request", "body": tail, "more_body": False}
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+        given: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if not given:
+                given.append(first)
+                return first
+            await arrived.wait()
+            for _ in range(3):  # the server's own turns to hand it over
+                await asyncio.sleep(0)
+            return rest
+
+        async def hold_the_loop() -> None:
+            await asyncio.sleep(0.01)
+            loop.call_soon(arrived.set)
+            time_module.sleep(_body.PEEK_WAIT + 0.1)
+
+        holder = asyncio.create_task(hold_the_loop())
+        body, _ = await peek_asgi(receive, None, 1024)
+        await holder
+        return body
+
+    assert asyncio.run(main()) == head + tail
