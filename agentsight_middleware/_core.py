@@ -18,6 +18,7 @@ from ._log import LogOnce, logger
 from ._tracker import TrackerDelivery
 
 __all__ = [
+    "CDN_CACHE_HEADERS",
     "NOT_SET",
     "AppCookie",
     "Core",
@@ -59,26 +60,36 @@ def is_html_success(status: int, content_type: str | None) -> bool:
     return 200 <= status < 300 and status != 204 and is_html(content_type)
 
 
-#: Cache-Control values seen, and whether each lets a shared cache store the response.
-_SHARED: dict[str, bool] = {}
+#: Headers that tell CDNs alone how to cache (RFC 9213's, Akamai/Fastly's, Cloudflare's),
+#: in place of Cache-Control.
+CDN_CACHE_HEADERS = ("cdn-cache-control", "surrogate-control", "cloudflare-cdn-cache-control")
+
+#: (Cache-Control, CDN header) values seen, and whether a shared cache may store the page.
+_SHARED: dict[tuple[str | None, str | None], bool] = {}
 
 
-def is_shared_cacheable(cache_control: str) -> bool:
-    """Whether ``Cache-Control`` lets a shared cache (a CDN, a caching proxy) store the
-    response for other visitors: ``public`` or ``s-maxage``, unless ``private`` or
-    ``no-store`` is there too."""
-    known = _SHARED.get(cache_control)
+def is_shared_cacheable(cache_control: str | None, for_cdns: str | None = None) -> bool:
+    """Whether a response may be stored by a shared cache (a CDN, a caching proxy) for
+    other visitors: ``Cache-Control`` with ``public`` or ``s-maxage``, or a header meant
+    for CDNs (:data:`CDN_CACHE_HEADERS`, joined) with ``max-age`` too; unless ``private``
+    or ``no-store`` is there too."""
+    key = (cache_control, for_cdns)
+    known = _SHARED.get(key)
     if known is None:
-        directives = {
-            part.partition("=")[0].strip().lower() for part in cache_control[:1024].split(",")
-        }
-        known = bool(directives & {"public", "s-maxage"}) and not (
-            directives & {"private", "no-store"}
+        known = _allows(cache_control, {"public", "s-maxage"}) or _allows(
+            for_cdns, {"public", "s-maxage", "max-age"}
         )
         if len(_SHARED) >= 64:
             _SHARED.clear()  # an app minting values: stay bounded
-        _SHARED[cache_control] = known
+        _SHARED[key] = known
     return known
+
+
+def _allows(value: str | None, storing: set[str]) -> bool:
+    if not value:
+        return False
+    directives = {part.partition("=")[0].strip().lower() for part in value[:1024].split(",")}
+    return bool(directives & storing) and not directives & {"private", "no-store"}
 
 
 def is_html(content_type: str | None) -> bool:

@@ -28,6 +28,7 @@ from ._conversation import (
     set_cookie_value,
 )
 from ._core import (
+    CDN_CACHE_HEADERS,
     NOT_SET,
     AppCookie,
     is_html,
@@ -515,7 +516,7 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
         return _NOT_PAGE
     html: bool | None = None
     own: AppCookie = NOT_SET
-    cache_control: str | None = None
+    cache_control = for_cdns = None
     for name, value in headers:
         # Frameworks send lower case; the length tests spare lower() on the others.
         if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
@@ -537,12 +538,22 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
         elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
             text = _latin1(value).decode("latin-1")
             cache_control = text if cache_control is None else f"{cache_control}, {text}"
+        elif len(name) in _CDN_NAME_LENGTHS and name.lower() in _CDN_CACHE_HEADERS:
+            text = _latin1(value).decode("latin-1")
+            for_cdns = text if for_cdns is None else f"{for_cdns}, {text}"
     # A 304 without a Content-Type: the cached page (see _core.is_html_success).
     if not (html or (html is None and status == 304)):
         return _NOT_PAGE
-    if cache_control is not None and is_shared_cacheable(cache_control):
+    if (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
+        cache_control, for_cdns
+    ):
         return _SHARED_PAGE
     return own
+
+
+_CDN_CACHE_HEADERS = frozenset(name.encode() for name in CDN_CACHE_HEADERS)
+# Tested first: most other headers are not as long, and are not lowered then.
+_CDN_NAME_LENGTHS = frozenset(len(name) for name in CDN_CACHE_HEADERS)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

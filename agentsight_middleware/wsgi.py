@@ -28,6 +28,7 @@ from ._conversation import (
     set_cookie_value,
 )
 from ._core import (
+    CDN_CACHE_HEADERS,
     NOT_SET,
     AppCookie,
     is_html_success,
@@ -178,8 +179,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             if exc_info is None and is_html_success(
                 _status_code(status), _content_type(response_headers)
             ):
-                cache_control = _cache_control(response_headers)
-                if cache_control is not None and is_shared_cacheable(cache_control):
+                cache_control = _joined(response_headers, ("cache-control",))
+                for_cdns = _joined(response_headers, CDN_CACHE_HEADERS)
+                if (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns):
                     # Left as it is: a stored copy would hand this cookie to others.
                     core.shared_page(path)
                     return _start(start_response, status, response_headers, exc_info)
@@ -478,8 +480,8 @@ def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
     return None
 
 
-def _cache_control(headers: Iterable[tuple[str, str]]) -> str | None:
-    values = [value for name, value in headers if name.lower() == "cache-control"]
+def _joined(headers: Iterable[tuple[str, str]], names: tuple[str, ...]) -> str | None:
+    values = [value for name, value in headers if name.lower() in names]
     return ", ".join(values) if values else None
 
 

@@ -1640,6 +1640,11 @@ def test_a_body_in_parts_that_arrive_together_is_still_read(tracker: RecordingTr
         (["private, max-age=600"], True),
         (["no-cache"], True),
         ([], True),
+        # Headers for CDNs alone: a CDN stores the page whatever Cache-Control says.
+        (["private, max-age=0", "CDN-Cache-Control: max-age=600"], False),
+        (["private", "Surrogate-Control: max-age=600"], False),
+        (["private", "Cloudflare-CDN-Cache-Control: max-age=600"], False),
+        (["private", "CDN-Cache-Control: no-store"], True),
     ],
 )
 def test_a_widget_page_for_shared_caches_is_left_as_it_is(
@@ -1653,7 +1658,11 @@ def test_a_widget_page_for_shared_caches_is_left_as_it_is(
     async def page(request: Request) -> Response:
         response = HTMLResponse(PAGE)
         for value in cache_control:
-            response.headers.append("Cache-Control", value)
+            name, _, cdn_value = value.partition(": ")
+            if cdn_value:
+                response.headers.append(name, cdn_value)
+            else:
+                response.headers.append("Cache-Control", value)
         return response
 
     app = Starlette(routes=[Route("/", page)])

@@ -564,6 +564,8 @@ def test_a_page_revalidated_with_304_is_a_page_view() -> None:
         (["public", "no-store"], True),
         (["private"], True),
         ([], True),
+        (["private", "CDN-Cache-Control: max-age=600"], False),
+        (["private", "Surrogate-Control: no-store"], True),
     ],
 )
 def test_a_widget_page_for_shared_caches_is_left_as_it_is(
@@ -578,7 +580,11 @@ def test_a_widget_page_for_shared_caches_is_left_as_it_is(
     def page() -> Response:
         response = Response("<!doctype html><p>shop</p>", mimetype="text/html")
         for value in cache_control:
-            response.headers.add("Cache-Control", value)
+            name, _, cdn_value = value.partition(": ")
+            if cdn_value:
+                response.headers.add(name, cdn_value)
+            else:
+                response.headers.add("Cache-Control", value)
         return response
 
     tracker = RecordingTracker()
