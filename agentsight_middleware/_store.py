@@ -12,9 +12,12 @@ transaction so that no process holds the write lock for long.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -180,25 +183,62 @@ def _identity(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def _alone(conn: sqlite3.Connection, busy_timeout: float | None) -> bool:
-    """Whether no other connection, in any process, has ``conn``'s file open.
+# SQLite's unix locks (os_unix.c): every connection holds a read lock on the shared
+# range of the main file in WAL mode, and on this byte of the -shm file.
+_SHARED_FIRST = 0x40000000 + 2
+_SHARED_SIZE = 510
+_SHM_DMS = 128
 
-    In WAL mode every open connection holds a shared lock on the file: an exclusive
-    one is granted only to a connection alone with it. Asked without waiting.
+
+def _held_elsewhere(fd: int, start: int, length: int) -> bool | None:
+    """Whether another process holds a lock on these bytes of ``fd``'s file; None where
+    this cannot be asked (``F_GETLK``'s ``struct flock`` is laid out for Linux here).
+
+    Asked with F_GETLK, which takes no lock: taking one, or closing a descriptor of a
+    file, would drop the locks SQLite holds on it in this process (POSIX locks).
     """
-    conn.execute("PRAGMA busy_timeout = 0")
+    if not sys.platform.startswith("linux"):
+        return None
+    import fcntl
+    import struct
+
+    request = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
     try:
-        conn.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, request + bytes(8))
+    except OSError:
+        return None
+    return bool(struct.unpack_from("h", answer)[0] != fcntl.F_UNLCK)
+
+
+def _fd_of(identity: tuple[int, int] | None) -> int | None:
+    """A descriptor this process has open on the file ``identity`` (SQLite's own)."""
+    if identity is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    for name in os.listdir("/proc/self/fd"):
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("COMMIT")
-        except sqlite3.OperationalError:
-            conn.execute("PRAGMA locking_mode = NORMAL").fetchall()
-            return False
-        return True
+            info = os.fstat(int(name))
+        except (OSError, ValueError):
+            continue
+        if (info.st_dev, info.st_ino) == identity:
+            return int(name)
+    return None
+
+
+def _shm_in_use(path: str) -> bool:
+    """Whether another process has a connection using the -shm file at ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return bool(_held_elsewhere(fd, _SHM_DMS, 1))
     finally:
-        wait = BUSY_TIMEOUT if busy_timeout is None else busy_timeout
-        conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        os.close(fd)
+
+
+class _PathInUse(sqlite3.OperationalError):
+    """The path's -wal and -shm files are still in use for a file moved from it (its
+    text says "locked": the sink retries, as for a locked file)."""
 
 
 def _describe(path: str) -> str:
@@ -339,6 +379,7 @@ class LocalStore:
         # The -wal file at the path while the file was still there (see _settle_moved),
         # and whether this process stays with a moved file.
         self._wal_identity: tuple[int, int] | None = None
+        self._shm_identity: tuple[int, int] | None = None
         self._staying = False
         self._lock = threading.Lock()
         _LIVE_STORES.add(self)
@@ -400,7 +441,7 @@ class LocalStore:
             # A fork the at-fork hooks did not see (they cover os.fork and multiprocessing).
             _INHERITED.append(self._conn)
             self._conn = None
-        if self._conn is not None and self._follow_path and not self._staying:
+        if self._conn is not None and self._follow_path:
             # The file moved or deleted under a running app (rotated after `send`,
             # say): the open connection would go on writing into the old inode, and
             # the report on the configured path would find nothing. Looked at before
@@ -411,50 +452,106 @@ class LocalStore:
             elif self._settle_moved(self._conn):
                 self._conn.close()
                 self._conn = None
-            else:
+            elif not self._staying:
                 self._staying = True
-                logger.warning(
-                    "the events file %s was moved or deleted without its -wal and -shm"
-                    " files while other processes had it open: this process goes on"
-                    " writing into the moved file until it restarts (a new file at the"
-                    " path would share those two files with the moved one, and corrupt"
-                    " both). Stop the app before moving the file, or move all three.",
+                deleted = self._deleted()
+                logger.log(
+                    logging.ERROR if deleted else logging.WARNING,
+                    "the events file %s was %s without its -wal and -shm files while other"
+                    " processes had it open: this process goes on writing into the %s until"
+                    " no other process uses it (a new file at the path would share those two"
+                    " files with it, and corrupt both). Stop the app before moving or"
+                    " deleting the file, or move all three.",
                     _describe(self._path),
+                    "deleted" if deleted else "moved",
+                    "deleted file, and those events are lost," if deleted else "moved file",
                 )
         if self._conn is None:
             self._conn = self._open()
             self._pid = pid
             self._identity = _identity(self._path)
             self._wal_identity = _identity(self._path + "-wal")
+            self._shm_identity = _identity(self._path + "-shm")
             self._staying = False
         return self._conn
 
     def _let_go(self, conn: sqlite3.Connection) -> None:
         if _identity(self._path) != self._identity:
-            self._settle_moved(conn)
+            self._settle_moved(conn, closing=True)
         conn.close()
 
-    def _settle_moved(self, conn: sqlite3.Connection) -> bool:
+    def _settle_moved(self, conn: sqlite3.Connection, *, closing: bool = False) -> bool:
         """Whether ``conn``, open on a file that was moved or deleted, may be closed and a
         new file started at the path; first moving its ``-wal`` into the file if need be.
 
         SQLite does not checkpoint on closing a file that moved, and the ``-wal`` and
         ``-shm`` files keep the path's names: moved alone, the file lacks its last
-        writes (all of them, under 1,000 pages). Only a connection with no other on
-        the file may checkpoint them into it and start a new file: those two files
-        would be the new file's too, and a checkpoint by another connection would
-        then copy the new file's pages into the moved one.
+        writes (all of them, under 1,000 pages). A new file may be started at the path
+        only by a connection with no other on the file, nor on a new file there: those
+        two files would be the new file's too. While another file is at the path, only
+        such a connection may checkpoint, as the -wal's index may be that file's.
         """
         wal = _identity(self._path + "-wal")
         if wal is None or wal != self._wal_identity:
             return True  # moved along with the file (or removed): the names are free
-        if not _alone(conn, self._busy_timeout):
+        if self._alone():
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error:
+                return False
+            return True
+        if closing and _identity(self._path) is None:
+            # Others have the file open too, and no other file uses the -wal: what they
+            # and this one wrote goes into the file now, without waiting for anyone.
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return False
+
+    def _alone(self) -> bool:
+        """Whether no other process has this file open, nor a file using its -shm (False
+        where that cannot be known)."""
+        if self._others_here():
+            return False  # (F_GETLK does not see this process's own locks)
+        db = _fd_of(self._identity)
+        if db is None or _held_elsewhere(db, _SHARED_FIRST, _SHARED_SIZE) is not False:
             return False
+        shm = _fd_of(self._shm_identity)
+        return shm is not None and _held_elsewhere(shm, _SHM_DMS, 1) is False
+
+    def _others_here(self) -> bool:
+        """Whether another store of this process has a file at this path open."""
+        return any(
+            store is not self and store._conn is not None and store._path == self._path
+            for store in list(_LIVE_STORES)
+        )
+
+    def _deleted(self) -> bool:
+        db = _fd_of(self._identity)
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error:
+            return db is not None and os.fstat(db).st_nlink == 0
+        except OSError:
             return False
-        return True
+
+    def _check_path_free(self) -> None:
+        """Refuse to start a file at the path while the -wal and -shm there are still in
+        use for a file moved from it (see _settle_moved)."""
+        try:
+            empty = os.path.getsize(self._path) == 0
+        except OSError:
+            empty = True  # no file: SQLite would create one
+        shm = self._path + "-shm"
+        if not empty or not os.path.exists(shm):
+            return
+        # Another store of this process on the file: its SQLite locks on the -shm would
+        # go with the descriptor _shm_in_use closes, so ask no further.
+        in_use = self._others_here() or _shm_in_use(shm)
+        if in_use:
+            raise _PathInUse(
+                f"the events file {_describe(self._path)} is locked: it was moved or deleted"
+                f" without its -wal and -shm files, which processes still use for it; a new"
+                f" file is started there once they stop (stop the app before moving the file,"
+                f" or move all three)"
+            )
 
     def _open(self) -> sqlite3.Connection:
         directory = os.path.dirname(os.path.abspath(self._path))
@@ -462,6 +559,7 @@ class LocalStore:
             raise FileNotFoundError(
                 f"cannot create the events file {self._path}: directory {directory} does not exist"
             )
+        self._check_path_free()
         # isolation_level=None: the module must not open transactions behind our back;
         # every write is an explicit BEGIN IMMEDIATE. check_same_thread=False: close() may
         # come from another thread than the writer's (at exit); self._lock serialises them.

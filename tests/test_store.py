@@ -522,14 +522,60 @@ def _store_process(path: str, commands: Any) -> None:
             logged.append(record.getMessage())
 
     logging.getLogger("agentsight_middleware").addHandler(Collect())
+    reader: sqlite3.Connection | None = None
     with LocalStore(path) as store:
         while True:
             command = commands.recv()
             if command is None:
                 break
-            store.write([make_payload(command)])
+            if command == "read":  # a reader (a report, a browser) with the file open
+                reader = sqlite3.connect(path)
+                reader.execute("SELECT count(*) FROM events").fetchone()
+            elif command == "unread" and reader is not None:
+                reader.close()
+            else:
+                try:
+                    store.write([make_payload(command)])
+                except sqlite3.OperationalError as exc:
+                    logged.append(f"raised: {exc}")
             commands.send(logged[:])
             logged.clear()
+
+
+class _Processes:
+    """Store processes (see _store_process) on one path, each told what to do in turn."""
+
+    def __init__(self, path: Path, count: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipes: list[Any] = []
+        self.processes: list[Any] = []
+        for _ in range(count):
+            self.start(path, context)
+
+    def start(self, path: Path, context: Any = None) -> int:
+        context = context or multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_store_process, args=(str(path), theirs))
+        process.start()
+        self.pipes.append(ours)
+        self.processes.append(process)
+        return len(self.pipes) - 1
+
+    def tell(self, which: int, command: str) -> list[str]:
+        self.pipes[which].send(command)
+        assert self.pipes[which].poll(60), "the store process did not answer"
+        logged: list[str] = self.pipes[which].recv()
+        return logged
+
+    def stop(self, which: int) -> None:
+        self.pipes[which].send(None)
+        self.processes[which].join(timeout=60)
+        assert self.processes[which].exitcode == 0
+
+    def stop_all(self) -> None:
+        for which, process in enumerate(self.processes):
+            if process.exitcode is None:
+                self.stop(which)
 
 
 def test_only_the_main_file_moved_under_two_processes(db: Path, tmp_path: Path) -> None:
@@ -597,3 +643,54 @@ def test_a_process_alone_with_a_moved_file_starts_a_new_one_after_the_others_lef
         store.write([make_payload("conv_after")])
     assert _ids(archive) == ["conv_mine", "conv_theirs"]
     assert _ids(db) == ["conv_after"]
+
+
+def test_a_reader_at_the_move_holds_the_app_on_the_moved_file_only_while_it_reads(
+    db: Path, tmp_path: Path
+) -> None:
+    # A report open on the file when it moved kept the app on the moved file for good (and
+    # the first probe for other users left a lock that kept every later reader out of it).
+    others = _Processes(db, 1)
+    try:
+        with LocalStore(db) as store:
+            store.write([make_payload("conv_before")])
+            others.tell(0, "read")
+            archive = tmp_path / "archive.sqlite3"
+            db.rename(archive)
+            store.write([make_payload("conv_while_read")])
+            assert not db.exists()  # stays with the moved file while it is read...
+            others.tell(0, "unread")
+            store.write([make_payload("conv_after")])  # ...and starts a new one after
+        assert _ids(archive) == ["conv_before", "conv_while_read"]
+        assert _ids(db) == ["conv_after"]
+    finally:
+        others.stop_all()
+
+
+def test_a_process_started_while_others_stay_with_a_moved_file_waits_for_them(
+    db: Path, tmp_path: Path
+) -> None:
+    # A worker started meanwhile (gunicorn --max-requests, a reload) made a new file at
+    # the path, whose -wal and -shm the others were using: "disk I/O error" on its every
+    # write, and all 32 events of both files gone. It now finds the path in use, and
+    # starts the new file once the others have stopped.
+    group = _Processes(db, 2)
+    try:
+        for n in range(10):
+            group.tell(n % 2, f"conv_old{n:03d}")
+        archive = tmp_path / "archive.sqlite3"
+        db.rename(archive)
+        for n in range(10, 20):
+            group.tell(n % 2, f"conv_old{n:03d}")  # both stay with the moved file
+        late = group.start(db)
+        logged = group.tell(late, "conv_late_first")
+        assert any("raised:" in line and "is locked" in line for line in logged), logged
+        assert not db.exists() or db.stat().st_size == 0
+        group.stop(0)
+        group.stop(1)
+        group.tell(late, "conv_late")
+    finally:
+        group.stop_all()
+    assert _ids(archive) == [f"conv_old{n:03d}" for n in range(20)]
+    assert rows(archive, "PRAGMA integrity_check") == [("ok",)]
+    assert _ids(db) == ["conv_late"]
