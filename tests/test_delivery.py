@@ -202,6 +202,36 @@ async def test_refused_key_is_logged_once_masked_and_not_retried(
     mw.close()
 
 
+async def test_a_refused_key_keeps_the_events_of_a_durable_outbox(
+    api: StandInAgentSightAPI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A revoked or mistyped key deleted every event from the outbox: on disk they now
+    # wait for the fixed key, and the key problem is logged once.
+    outbox = tmp_path / "outbox.sqlite3"
+    mw = wrap(api, api_key="ags_" + "0" * 32 + "_abcdef", outbox=outbox)
+    with caplog.at_level(logging.INFO, logger="agentsight_middleware"):
+        async with client(mw) as c:
+            for _ in range(3):
+                await visit(c)
+        assert not mw.flush(1.5)
+        stats = mw.stats()
+        mw.close(1)
+    assert stats["sent"] == stats["rejected"] == 0
+    assert 1 <= len(api.requests) <= 6  # paused after the first refusals, not retried at once
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "refused the API key ags_0000********" in errors[0]
+    assert "kept in the outbox" in errors[0]
+    assert _outbox_rows(outbox) == 6
+    # The right key, same outbox: every event of the first run arrives.
+    mw = wrap(api, outbox=outbox)
+    mw._core.delivery.ensure_started()
+    api.wait_for(conversations=6, timeout=15)
+    assert mw.flush(10)
+    mw.close()
+    assert _outbox_rows(outbox) == 0
+
+
 async def test_memory_queue_is_bounded_while_the_api_is_down() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -609,10 +609,15 @@ class HttpSink:
         if self._elsewhere_run < _ELSEWHERE_RUN:
             self._retry(item, f"HTTP {reply.status}, not the AgentSight API", None)
             return
+        self._keep_and_pause(item)
+
+    def _keep_and_pause(self, item: OutboxItem) -> None:
+        """Give ``item`` back with no attempt counted, and pause delivery _ELSEWHERE_PAUSE:
+        the setup (endpoint, key) is at fault, not the event."""
         now = time.time()
         self._paused_until = max(self._paused_until, now + _ELSEWHERE_PAUSE)
         # The pause is this process's: the row itself is due again at once, so that a
-        # process started with the endpoint fixed (sharing a durable outbox) sends it.
+        # process started with the setup fixed (sharing a durable outbox) sends it.
         self._outbox.defer(item, now)
         self._resent.discard(item.id)
         self.retried += 1
@@ -701,9 +706,24 @@ class HttpSink:
             )
 
     def _reject(self, item: OutboxItem, reply: Reply) -> None:
+        status = reply.status
+        if status in (401, 403) and self._outbox.durable:
+            # The key is at fault, not the event: on disk the event waits for a fixed key
+            # (the next start, or a sibling process with another key) instead of being
+            # deleted.
+            self._log_once(
+                status,
+                "the AgentSight API refused the API key %s (%d: %s); the events are kept in "
+                "the outbox until the key is fixed (delivery pauses %g s at a time)",
+                mask_key(self._credentials.api_key),
+                status,
+                _api_error(reply),
+                _ELSEWHERE_PAUSE,
+            )
+            self._keep_and_pause(item)
+            return
         self._outbox.discard(item)
         self.rejected += 1
-        status = reply.status
         if status in (401, 403):
             self._log_once(
                 status,
