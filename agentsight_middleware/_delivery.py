@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import threading
 import time
 from collections import deque
@@ -57,6 +58,10 @@ _COMPACT_AT = 500
 
 
 class Sink(Protocol):
+    #: Monotonic time past which put() stops waiting for a file another process has
+    #: locked: infinite while running, shutdown's deadline once close() is called.
+    deadline: float
+
     @property
     def durable(self) -> bool:
         """True when undelivered events survive a restart (a durable outbox, a local file)."""
@@ -99,6 +104,7 @@ class BackgroundDelivery:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: Sink | None = None
         self._stopping = threading.Event()
+        self._stop_by = math.inf  # shutdown's deadline (monotonic), set by close()
         self._ready = threading.Event()
         self._parked: asyncio.Future[None] | None = None
         self._atexit = False
@@ -241,6 +247,8 @@ class BackgroundDelivery:
             self._ready.set()
             raise
         self._sink = sink
+        if self._stopping.is_set():  # close() came before the sink was there to be told
+            sink.deadline = self._stop_by
         self._ready.set()
         try:
             interval = _INTAKE_INTERVAL
@@ -264,7 +272,7 @@ class BackgroundDelivery:
                 interval = min(interval * 2, _INTAKE_INTERVAL)
             # Shutdown: everything within one time limit, building included, so
             # that a long backlog cannot keep the worker (and the process) alive.
-            deadline = time.monotonic() + self._shutdown_timeout
+            deadline = self._stop_by
             while self._intake and time.monotonic() < deadline:
                 if sink.backed_up():
                     await asyncio.sleep(_INTAKE_INTERVAL)
@@ -370,7 +378,12 @@ class BackgroundDelivery:
             return
         if timeout is not None:
             self._shutdown_timeout = timeout
+        # From now: a put() still waiting for a locked file when close() came gives up then.
+        self._stop_by = time.monotonic() + self._shutdown_timeout
         self._stopping.set()
+        sink = self._sink
+        if sink is not None:
+            sink.deadline = self._stop_by
         self._wake()
         self._thread.join(self._shutdown_timeout + 5)
         if self._thread.is_alive():

@@ -245,6 +245,12 @@ def _describe(path: str) -> str:
     return os.path.abspath(path)
 
 
+def is_locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` says that another connection holds the lock (past the busy timeout)."""
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 def wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
     text = str(exc)
     if "locked" in text or "busy" in text:
@@ -302,13 +308,21 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
 
 
 @contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def write_transaction(conn: sqlite3.Connection, wait: float | None = None) -> Iterator[None]:
     """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit connection, rolled back on error.
 
-    IMMEDIATE takes the write lock at the start, so a writer waits (busy timeout) for
-    another one instead of failing halfway through.
+    IMMEDIATE takes the write lock at the start, so a writer waits (busy timeout, or
+    ``wait`` seconds when given) for another one instead of failing halfway through.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    if wait is None:
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        (usual,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        conn.execute(f"PRAGMA busy_timeout = {max(int(wait * 1000), 0)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(usual)}")
     try:
         yield
         conn.execute("COMMIT")

@@ -443,6 +443,39 @@ def _drain_outbox(outbox: str, url: str, key: str) -> None:
     mw.close(5)
 
 
+async def test_a_locked_outbox_keeps_the_batch_and_stats_do_not_wait(
+    api: StandInAgentSightAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process (a backup, a sqlite3 shell) held the outbox's write lock past
+    # SQLite's busy timeout: the worker's batch (up to 100 events) was dropped, and
+    # stats() waited with the worker for the whole busy timeout.
+    import sqlite3
+    import threading
+
+    monkeypatch.setattr("agentsight_middleware.sinks.outbox._BUSY_TIMEOUT", 1.0)
+    outbox = tmp_path / "outbox.sqlite3"
+    mw = wrap(api, outbox=outbox)
+    holder = sqlite3.connect(outbox, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(2.5, holder.execute, ("COMMIT",)).start()
+    async with client(mw) as c:
+        for _ in range(3):
+            await visit(c)
+    slowest = 0.0
+    for _ in range(20):  # while the worker waits for the lock
+        started = time.monotonic()
+        mw.stats()
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+    assert mw.flush(15)
+    stats = mw.stats()
+    mw.close()
+    holder.close()
+    assert len(api.conversations) == 6
+    assert stats["errors"] == 0
+    assert slowest < 0.5
+
+
 def test_processes_sharing_an_outbox_send_each_event_once(
     api: StandInAgentSightAPI, tmp_path: Path
 ) -> None:

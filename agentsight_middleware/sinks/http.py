@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import math
+import sqlite3
 import time
 import urllib.request
 from collections import deque
@@ -41,9 +43,11 @@ from .._retry import (
     classify,
     retry_after,
 )
+from .._store import is_locked
 from .._threads import DaemonThreads
 from ._http11 import ClosedUnannounced, Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
+from .store import _LOCKED_TRIES
 
 __all__ = ["HttpSink"]
 
@@ -201,6 +205,9 @@ class HttpSink:
         self._paused_until = 0.0
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
+        #: Monotonic time past which a write waiting for the outbox's lock gives up (set
+        #: at shutdown).
+        self.deadline = math.inf
         # Events sent again uncounted once already (see _outcome: NotSent).
         self._resent: set[int] = set()
         self._logged: set[Any] = set()
@@ -339,7 +346,7 @@ class HttpSink:
             if note is not None:
                 self._log_once("json note", "%s", note, level="warning")
             items.append((payload["conversation_id"], body.encode()))
-        accepted = self._outbox.put(items)
+        accepted = await self._put_when_free(items)
         if accepted < len(items):
             self.dropped += len(items) - accepted
             self._log_once(
@@ -354,6 +361,31 @@ class HttpSink:
         idle_tick, self._idle_tick = self._idle_tick, None
         if idle_tick is not None:
             resolve(idle_tick)
+
+    async def _put_when_free(self, items: list[tuple[str, bytes]]) -> int:
+        """``outbox.put(items)``, tried again while another process holds a durable outbox's
+        write lock past SQLite's busy timeout (a backup, a VACUUM, a sqlite3 shell left in a
+        transaction): the batch waits, as the local store's does, instead of being lost.
+        Events meanwhile wait in the worker's bounded intake. No try waits past
+        ``deadline`` (shutdown's)."""
+        for attempt in range(1, _LOCKED_TRIES + 1):
+            left = self.deadline - time.monotonic()
+            try:
+                return self._outbox.put(items, None if left == math.inf else max(left, 0.0))
+            except sqlite3.OperationalError as exc:
+                if not is_locked(exc) or attempt == _LOCKED_TRIES:
+                    raise
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if attempt == 1:
+                    logger.warning(
+                        "the outbox is locked by another process (%s); the events wait and "
+                        "are written when it is free",
+                        exc,
+                    )
+                await asyncio.sleep(min(backoff(attempt, cap=5.0), left))
+        raise AssertionError("unreachable")  # the last try returns or raises
 
     def pending(self) -> int:
         return self._outbox.depth()

@@ -41,7 +41,7 @@ class Outbox(Protocol):
     #: Seconds a claim holds a row against other claimers, or None (no expiry).
     lease: float | None
 
-    def put(self, items: list[tuple[str, bytes]]) -> int: ...
+    def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int: ...
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
     def ack(self, items: list[OutboxItem]) -> None: ...
     def retry(self, item: OutboxItem, not_before: float) -> None: ...
@@ -69,7 +69,7 @@ class MemoryOutbox:
         self._size = 0
         self._next_id = 0
 
-    def put(self, items: list[tuple[str, bytes]]) -> int:
+    def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int:
         room = max(self._max - self._size, 0)
         for conversation_id, body in items[:room]:
             self._next_id += 1
@@ -134,6 +134,12 @@ class MemoryOutbox:
     def close(self) -> None:
         pass
 
+
+# How long a write waits for another process's write lock before it fails "locked".
+_BUSY_TIMEOUT = 10.0
+# How long depth() waits for the worker's use of the connection before it answers with
+# the last count.
+_DEPTH_WAIT = 0.05
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -212,6 +218,7 @@ class SQLiteOutbox:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._depth = 0  # the last count (see depth)
         self._connect()  # at construction: a path that cannot be opened fails at start-up
         reset_in_child(self._after_fork)
 
@@ -229,7 +236,7 @@ class SQLiteOutbox:
             return self._conn
         # After fork the parent's connection must not be used: open our own.
         conn = sqlite3.connect(
-            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a killed process (the OS holds the writes);
@@ -242,10 +249,12 @@ class SQLiteOutbox:
         _release_dead_leases(conn)
         return conn
 
-    def put(self, items: list[tuple[str, bytes]]) -> int:
+    def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int:
+        """Append ``items``; waits for another process's write lock up to the busy timeout,
+        or ``wait`` seconds if that is less (raising ``sqlite3.OperationalError`` then)."""
         with self._lock:
             conn = self._connect()
-            with write_transaction(conn):
+            with write_transaction(conn, None if wait is None or wait >= _BUSY_TIMEOUT else wait):
                 conn.executemany("INSERT INTO outbox (conversation_id, body) VALUES (?, ?)", items)
         return len(items)
 
@@ -320,9 +329,17 @@ class SQLiteOutbox:
         self.ack([item])
 
     def depth(self) -> int:
-        with self._lock:
+        # Asked from the app's threads too (stats(), a health endpoint): while the worker
+        # holds the lock through a wait for another process's write lock (up to the busy
+        # timeout), they get the last count rather than waiting with it.
+        if not self._lock.acquire(timeout=_DEPTH_WAIT):
+            return self._depth
+        try:
             row = self._connect().execute("SELECT count(*) FROM outbox").fetchone()
-        return int(row[0])
+        finally:
+            self._lock.release()
+        self._depth = int(row[0])
+        return self._depth
 
     def close(self) -> None:
         with self._lock:

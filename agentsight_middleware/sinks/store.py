@@ -7,25 +7,22 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 from typing import Any
 
 from .._log import LogOnce, logger
 from .._retry import backoff
-from .._store import LocalStore
+from .._store import LocalStore, is_locked
 
 __all__ = ["StoreSink"]
 
 
 #: Tries of a batch while another process holds the file's write lock (each waits up to
-#: the store's busy timeout, 5 s, plus a backoff): a VACUUM, a backup, a database browser
-#: left in a transaction. Events meanwhile wait in the worker's bounded intake.
+#: the file's busy timeout, 5 s here and 10 s for the durable outbox, plus a backoff): a
+#: VACUUM, a backup, a database browser left in a transaction. Events meanwhile wait in the
+#: worker's bounded intake.
 _LOCKED_TRIES = 12
-
-
-def _locked(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
 
 
 class StoreSink:
@@ -36,6 +33,9 @@ class StoreSink:
         self._log_once = LogOnce()
         self.stored = 0
         self.failed = 0
+        #: Monotonic time past which a write waiting for the file's lock gives up (set at
+        #: shutdown).
+        self.deadline = math.inf
 
     def __repr__(self) -> str:
         return f"StoreSink({self._store.path!r})"
@@ -51,7 +51,7 @@ class StoreSink:
                 self.stored += self._store.write(payloads)
                 return
             except sqlite3.OperationalError as exc:
-                if not _locked(exc) or attempt == _LOCKED_TRIES:
+                if not is_locked(exc) or attempt == _LOCKED_TRIES:
                     self.failed += len(payloads)
                     raise
                 if attempt == 1:
