@@ -1344,7 +1344,7 @@ class NullSink:
     def backed_up(self) -> bool:
         return False
 
-    async def drain(self, deadline: float) -> int:
+    async def drain(self, deadline: float, *, closing: bool = False) -> int:
         return 0
 
     async def aclose(self) -> None:

@@ -476,6 +476,62 @@ async def test_a_locked_outbox_keeps_the_batch_and_stats_do_not_wait(
     assert slowest < 0.5
 
 
+async def test_flush_and_close_wait_for_this_process_s_events_only(
+    api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    # A row another live process holds in a shared outbox made flush() False after its
+    # whole timeout and close() take the whole shutdown_timeout, though every event of
+    # this process was delivered.
+    import sqlite3
+
+    outbox = tmp_path / "shared.sqlite3"
+    mw = wrap(api, outbox=outbox)
+    sibling = sqlite3.connect(outbox, isolation_level=None)
+    sibling.execute(
+        "INSERT INTO outbox (conversation_id, body, lease_until, lease_owner) "
+        "VALUES ('conv_sibling00000', x'7b7d', ?, 'elsewhere:1:abcd')",
+        (time.time() + 60,),
+    )
+    sibling.close()
+    async with client(mw) as c:
+        await visit(c)
+    started = time.monotonic()
+    assert mw.flush(5)
+    flushed_in = time.monotonic() - started
+    started = time.monotonic()
+    mw.close()
+    closed_in = time.monotonic() - started
+    assert len(api.conversations) == 2
+    assert flushed_in < 2.0
+    assert closed_in < 1.0
+    assert _outbox_rows(outbox) == 1  # the sibling's, untouched
+
+
+async def test_close_does_not_wait_for_an_api_that_refuses_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Nothing can be delivered before the deadline: a recycled worker (gunicorn
+    # --max-requests) or a reloader's old process stalled the whole shutdown_timeout.
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    mw = AgentSightMiddleware(
+        make_app(),
+        widget_pages=["/"],
+        chat_routes=["POST /api/chat"],
+        api_key="ags_" + "1" * 32 + "_abcdef",
+        endpoint=dead,
+        shutdown_timeout=5,
+    )
+    async with client(mw) as c:
+        await visit(c)
+    time.sleep(0.3)  # the first attempts failed
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        mw.close()
+    closed_in = time.monotonic() - started
+    assert closed_in < 1.5
+    assert "2 event(s) not delivered" in caplog.text
+
+
 def test_processes_sharing_an_outbox_send_each_event_once(
     api: StandInAgentSightAPI, tmp_path: Path
 ) -> None:

@@ -142,3 +142,26 @@ def test_a_lock_held_at_fork_does_not_hang_the_child(tmp_path: Path) -> None:
         child.kill()
     assert child.exitcode == 0
     assert outbox.depth() == 2  # the parent goes on with its own connection
+
+
+def test_a_file_from_before_the_origin_column_is_upgraded_in_place(tmp_path: Path) -> None:
+    # Rows are marked with the process that put them (flush() and shutdown wait for their
+    # own); a file an older release created has no such column, and its rows stay theirs.
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,"
+        " body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL"
+        " DEFAULT 0, lease_until REAL NOT NULL DEFAULT 0, lease_owner TEXT)"
+    )
+    old.execute("INSERT INTO outbox (conversation_id, body) VALUES ('conv_old', x'7b7d')")
+    old.commit()
+    old.close()
+    outbox = SQLiteOutbox(path)
+    outbox.put([("conv_new", b"{}")])
+    now = time.time()
+    assert outbox.mine(now) == (1, 1)
+    assert outbox.depth() == 2
+    assert sorted(i.conversation_id for i in outbox.claim(10, now)) == ["conv_new", "conv_old"]
+    assert outbox.mine(now) == (1, 0)  # claimed here: the caller knows it is in flight
+    outbox.close()

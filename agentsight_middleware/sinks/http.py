@@ -216,6 +216,8 @@ class HttpSink:
         self._last_failure = 0.0
         # Answers from elsewhere in a row, none accepted between (see _elsewhere).
         self._elsewhere_run = 0
+        # The last attempt failed (no event accepted since): see drain.
+        self._failing = False
         self.sent = 0
         self.retried = 0
         self.throttled = 0
@@ -580,6 +582,7 @@ class HttpSink:
                     self._ack(item)
                     self.sent += 1
                     self._elsewhere_run = 0
+                    self._failing = False
                     if self._outage and time.monotonic() - self._last_failure >= _QUIET:
                         self._recovered()
                 else:
@@ -698,6 +701,7 @@ class HttpSink:
         ``kind`` names the failure for the log (one warning per kind and outage), None
         when the caller has logged it."""
         self._outage = True
+        self._failing = True
         self._last_failure = time.monotonic()
         self._resent.discard(item.id)
         if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
@@ -780,13 +784,30 @@ class HttpSink:
         self._logged.add(key)
         getattr(logger, level)(message, *args)
 
-    async def drain(self, deadline: float) -> int:
-        """Wait until nothing is waiting or in flight, or ``deadline`` (monotonic); what is left."""
-        while time.monotonic() < deadline:
-            if not self._in_flight and self._outbox.depth() == 0:
+    async def drain(self, deadline: float, *, closing: bool = False) -> int:
+        """Wait until this process's events are delivered, or until none of them can be
+        before ``deadline`` (monotonic); how many of them are left.
+
+        Events of other processes sharing a durable outbox are theirs to wait for, and an
+        event waiting for its retry (or for a pause) past the deadline will not go sooner.
+        At shutdown (``closing``), only requests in flight are waited for when the rest is
+        safe on disk, or when delivery is failing (its last attempt failed): a recycled
+        worker, a reloader's old process, must not stall for nothing.
+        """
+        while True:
+            now = time.monotonic()
+            until = time.time() + deadline - now  # the deadline on the outbox's clock
+            left, due = self._outbox.mine(until)
+            if left == 0 and not self._flying:
                 return 0
+            if now >= deadline:
+                return left
+            if not self._flying:
+                if closing and (self._outbox.durable or self._failing):
+                    return left
+                if not self._ready and (due == 0 or self._paused_until >= until):
+                    return left
             await asyncio.sleep(0.01)
-        return self._outbox.depth()
 
     async def aclose(self) -> None:
         self._closing = True

@@ -8,6 +8,7 @@ before the ``is_used: true`` one of the same id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -50,6 +51,7 @@ class Outbox(Protocol):
     def renew(self, items: list[OutboxItem], now: float) -> None: ...
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
+    def mine(self, before: float) -> tuple[int, int]: ...
     def close(self) -> None: ...
 
 
@@ -131,6 +133,17 @@ class MemoryOutbox:
     def depth(self) -> int:
         return self._size
 
+    def mine(self, before: float) -> tuple[int, int]:
+        """Events waiting (all this process's), and how many of them a claim could take
+        before ``before`` (time.time()): not claimed already, not waiting past it for a
+        retry, and not behind such an event of their conversation."""
+        due = sum(
+            1
+            for queue in self._queues.values()
+            if not queue[0].leased and queue[0].not_before < before
+        )
+        return self._size, due
+
     def close(self) -> None:
         pass
 
@@ -149,7 +162,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     not_before REAL NOT NULL DEFAULT 0,
     lease_until REAL NOT NULL DEFAULT 0,
-    lease_owner TEXT
+    lease_owner TEXT,
+    origin TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_conversation ON outbox (conversation_id, id);
 """
@@ -243,6 +257,10 @@ class SQLiteOutbox:
         # only a power cut can lose the last commits, and that is not worth an fsync each.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        # A file from before the column (its rows' origin stays unknown: NULL).
+        if "origin" not in {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+                conn.execute("ALTER TABLE outbox ADD COLUMN origin TEXT")
         self._conn = conn
         self._pid = os.getpid()
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -255,7 +273,10 @@ class SQLiteOutbox:
         with self._lock:
             conn = self._connect()
             with write_transaction(conn, None if wait is None or wait >= _BUSY_TIMEOUT else wait):
-                conn.executemany("INSERT INTO outbox (conversation_id, body) VALUES (?, ?)", items)
+                conn.executemany(
+                    "INSERT INTO outbox (conversation_id, body, origin) VALUES (?, ?, ?)",
+                    [(conversation_id, body, self._owner) for conversation_id, body in items],
+                )
         return len(items)
 
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
@@ -340,6 +361,25 @@ class SQLiteOutbox:
             self._lock.release()
         self._depth = int(row[0])
         return self._depth
+
+    def mine(self, before: float) -> tuple[int, int]:
+        """Rows this process put that are still here (another process sharing the file may
+        be sending some, and this one theirs), and how many of them may go before ``before``
+        (time.time()): not waiting past it for a retry, nor claimed here (the caller knows
+        its own claims) unless that claim runs out before then."""
+        with self._lock:
+            left, due = (
+                self._connect()
+                .execute(
+                    "SELECT count(*), "
+                    "coalesce(sum(not_before < :before "
+                    "AND (lease_owner IS NOT :origin OR lease_until < :before)), 0) "
+                    "FROM outbox WHERE origin = :origin",
+                    {"before": before, "origin": self._owner},
+                )
+                .fetchone()
+            )
+        return int(left), int(due)
 
     def close(self) -> None:
         with self._lock:

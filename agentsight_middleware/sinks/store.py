@@ -83,7 +83,7 @@ class StoreSink:
     def backed_up(self) -> bool:
         return False
 
-    async def drain(self, deadline: float) -> int:
+    async def drain(self, deadline: float, *, closing: bool = False) -> int:
         await asyncio.sleep(0)
         return 0
 
