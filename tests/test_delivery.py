@@ -532,6 +532,37 @@ async def test_close_does_not_wait_for_an_api_that_refuses_connections(
     assert "2 event(s) not delivered" in caplog.text
 
 
+async def test_a_process_stopping_mid_request_leaves_its_rows_to_nobody_else(
+    api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    # A shared outbox, an API slower than shutdown_timeout: the process stopped with its
+    # requests written and unanswered, handed their leases back, and a sibling sent the
+    # same events again at once while the API was still storing the first copies.
+    outbox = tmp_path / "shared.sqlite3"
+    api.set_latency(3)
+    mw = wrap(api, outbox=outbox, shutdown_timeout=0.5)
+    async with client(mw) as c:
+        await visit(c)
+    deadline = time.monotonic() + 10
+    while mw.stats().get("in_flight", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mw.stats()["in_flight"] == 1  # the page view; the chat waits behind it
+    mw.close()
+    sibling = SQLiteOutbox(outbox)
+    try:
+        now = time.time()
+        assert sibling.claim(10, now) == []  # not the page view, nor the chat behind it
+        # Not before as long as the request timeout, even once its lease is freed early.
+        [(not_before,)] = (
+            sibling._connect()
+            .execute("SELECT not_before FROM outbox WHERE lease_owner IS NOT NULL")
+            .fetchall()
+        )
+        assert not_before > now + 10
+    finally:
+        sibling.close()
+
+
 def test_processes_sharing_an_outbox_send_each_event_once(
     api: StandInAgentSightAPI, tmp_path: Path
 ) -> None:

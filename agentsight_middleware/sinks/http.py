@@ -202,6 +202,8 @@ class HttpSink:
         # The claimed events being sent, by sender: their leases are renewed while they are.
         self._flying: dict[int, list[OutboxItem]] = {}
         self._acks: list[OutboxItem] = []
+        # Written to the API and unanswered when shutdown cancelled their requests.
+        self._unanswered: list[OutboxItem] = []
         self._paused_until = 0.0
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
@@ -524,6 +526,9 @@ class HttpSink:
             for item, result in zip(items, results, strict=False):
                 if isinstance(result, Reply) and classify(result.status) == ACCEPTED:
                     self._outcome(item, result)
+            # The rest are written, or may be (a pipeline goes out at once), and unanswered:
+            # the API may still store them, so they must not be handed to another process.
+            self._unanswered += items[len(results) :]
             raise
         except Exception as exc:
             results = results[: len(items)]
@@ -823,7 +828,9 @@ class HttpSink:
             self._http.close()
         if self._direct is not None:
             self._direct.close()
-        self._outbox.close()
+        # Rows never written are handed back; unanswered ones wait as a timed-out request's
+        # do (see _outcome) before anyone sends them again.
+        self._outbox.close(self._unanswered, time.time() + self._timeout)
 
     def stats(self) -> dict[str, int]:
         return {

@@ -14,7 +14,9 @@ import secrets
 import socket
 import sqlite3
 import threading
+import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,7 +54,7 @@ class Outbox(Protocol):
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
     def mine(self, before: float) -> tuple[int, int]: ...
-    def close(self) -> None: ...
+    def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None: ...
 
 
 class MemoryOutbox:
@@ -144,7 +146,7 @@ class MemoryOutbox:
         )
         return self._size, due
 
-    def close(self) -> None:
+    def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None:
         pass
 
 
@@ -381,13 +383,27 @@ class SQLiteOutbox:
             )
         return int(left), int(due)
 
-    def close(self) -> None:
+    def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None:
+        """Hand back the leases of the rows this process claimed: the next start (or a
+        sibling) sends them at once. Except ``unanswered`` ones (written to the API, no
+        answer yet: it may still store them, and another sender would send them twice):
+        they keep their lease, and are not sent again before ``not_before`` even if this
+        host's next start frees the leases of dead processes early."""
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
-                # Hand our leases back: the next start (or a sibling) sends them at once.
-                self._conn.execute(
-                    "UPDATE outbox SET lease_until = 0, lease_owner = NULL WHERE lease_owner = ?",
-                    (self._owner,),
-                )
-                self._conn.close()
+                conn = self._conn
+                now = time.time()
+                with write_transaction(conn):
+                    conn.executemany(
+                        "UPDATE outbox SET not_before = ? WHERE id = ? AND lease_owner = ?",
+                        [(max(not_before, now + 1), i.id, self._owner) for i in unanswered],
+                    )
+                    # A leased row's not_before was due when it was claimed, so a later one
+                    # marks the unanswered.
+                    conn.execute(
+                        "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
+                        "WHERE lease_owner = ? AND not_before <= ?",
+                        (self._owner, now),
+                    )
+                conn.close()
             self._conn = None
