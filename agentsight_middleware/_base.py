@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -266,6 +267,10 @@ class MiddlewareBase:
         _count_instance(type(self).__name__, repr(settings.rules))
         self._settings = settings
         self._core = core = Core(settings, delivery)
+        if isinstance(delivery, BackgroundDelivery):
+            # A middleware dropped (a test suite builds hundreds) stops its worker, which
+            # delivers what it has and ends: its thread held the delivery for good.
+            weakref.finalize(self, delivery.stop).atexit = False
         self._match = settings.rules.match
         # What the glue reads on every tracked request, as plain attributes.
         self._exact_matches = settings.rules.exact_matches

@@ -18,6 +18,7 @@ import contextlib
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -76,6 +77,22 @@ class Sink(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
+# Deliveries whose worker may be running: a running worker's thread holds its delivery,
+# and a stopped one is freed with its middleware.
+_LIVE: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _close_all() -> None:
+    """At exit, every worker is told to stop at once and all are waited for together,
+    against their deadlines (not one shutdown_timeout after another)."""
+    deliveries = [delivery for delivery in list(_LIVE) if delivery._thread is not None]
+    for delivery in deliveries:
+        delivery.stop()
+    for delivery in deliveries:
+        delivery.close()
+
+
 class BackgroundDelivery:
     def __init__(
         self,
@@ -107,7 +124,6 @@ class BackgroundDelivery:
         self._stop_by = math.inf  # shutdown's deadline (monotonic), set by close()
         self._ready = threading.Event()
         self._parked: asyncio.Future[None] | None = None
-        self._atexit = False
         self._restart_at = 0.0  # a stopped worker may start again from then (0: none stopped)
         self._resolver: Callable[[int, str], ThreadPoolExecutor] | None = None
         self.enqueued = 0
@@ -210,9 +226,11 @@ class BackgroundDelivery:
             self._thread = threading.Thread(target=self._thread_main, name=self._name, daemon=True)
             self._thread.start()
             self._started = True
-            if not self._atexit:
-                atexit.register(self.close)
-                self._atexit = True
+            _LIVE.add(self)
+            global _atexit_registered
+            if not _atexit_registered:
+                atexit.register(_close_all)
+                _atexit_registered = True
 
     def _thread_main(self) -> None:
         import asyncio  # here: a WSGI app that never sends an event never loads it
@@ -378,6 +396,14 @@ class BackgroundDelivery:
             return
         if timeout is not None:
             self._shutdown_timeout = timeout
+        self.stop()
+        self._join()
+
+    def stop(self) -> None:
+        """Tell the worker to deliver what it can within the shutdown timeout and end;
+        returns at once (close() waits for it)."""
+        if not self._started or self._stopping.is_set():
+            return
         # From now: a put() still waiting for a locked file when close() came gives up then.
         self._stop_by = time.monotonic() + self._shutdown_timeout
         self._stopping.set()
@@ -385,8 +411,13 @@ class BackgroundDelivery:
         if sink is not None:
             sink.deadline = self._stop_by
         self._wake()
-        self._thread.join(self._shutdown_timeout + 5)
-        if self._thread.is_alive():
+
+    def _join(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        thread.join(max(self._stop_by + 5 - time.monotonic(), 0))
+        if thread.is_alive():
             logger.warning(
                 "the delivery worker did not finish within %.1f s at shutdown; %d event(s) "
                 "still waiting in memory are lost",

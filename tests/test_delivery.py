@@ -919,6 +919,63 @@ def test_events_left_at_exit_reach_an_endpoint_named_by_host(api: StandInAgentSi
     assert len(api.conversations) == 3
 
 
+async def test_a_dropped_middleware_stops_its_worker(api: StandInAgentSightAPI) -> None:
+    # Each worker held its delivery for good (atexit too): a test suite that built 200
+    # middlewares and dropped them kept 200 threads alive.
+    import gc
+    import threading
+
+    workers = []
+    for _ in range(5):
+        mw = wrap(api)
+        async with client(mw) as c:
+            await visit(c, chats=0)
+        assert mw.flush(10)
+        thread = mw._core.delivery._thread  # type: ignore[union-attr]
+        assert thread is not None
+        workers.append(thread)
+        del mw, c
+    gc.collect()
+    deadline = time.monotonic() + 10
+    for thread in workers:
+        thread.join(max(deadline - time.monotonic(), 0))
+    assert not any(thread.is_alive() for thread in workers)
+    assert not [t for t in threading.enumerate() if t.name == "agentsight-delivery"]
+    assert len(api.conversations) == 5
+
+
+def test_at_exit_the_workers_stop_together(api: StandInAgentSightAPI) -> None:
+    # Each delivery's close() ran at exit after the one before: four middlewares and a
+    # hanging API kept the process 4 x shutdown_timeout.
+    api.hang_next(100)
+    child = (
+        "import sys\n"
+        "from werkzeug.test import Client\n"
+        "from agentsight_middleware import AgentSightWSGIMiddleware\n"
+        "def page(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/html')])\n"
+        "    return [b'<p>shop</p>']\n"
+        "kept = []\n"
+        "for _ in range(4):\n"
+        "    mw = AgentSightWSGIMiddleware(page, widget_pages=['/'], api_key=sys.argv[1],\n"
+        "                                  endpoint=sys.argv[2], shutdown_timeout=2)\n"
+        "    headers = {'User-Agent': sys.argv[3], 'Accept': 'text/html'}\n"
+        "    assert Client(mw).get('/', headers=headers).status_code == 200\n"
+        "    kept.append(mw)\n"
+        "import time; time.sleep(0.5); print(time.monotonic(), flush=True)\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", child, api.api_key, api.url, BROWSER["user-agent"]],
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    exited_in = time.monotonic() - float(process.stdout.split()[-1])
+    assert len(api.requests) == 4  # all sent, none answered
+    assert exited_in < 4.0, process.stderr
+
+
 async def test_a_worker_that_stopped_on_an_error_starts_again(
     api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
