@@ -117,6 +117,7 @@ class BackgroundDelivery:
         self._lock = threading.Lock()
         self._started = False
         self._intake: deque[Event] = deque()
+        self._holding = 0  # events taken from the intake, in the sink's put() now
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: Sink | None = None
@@ -355,11 +356,17 @@ class BackgroundDelivery:
                 self._log_once("building an event", exc)
         if batch:
             assert self._sink is not None
+            self._holding = len(batch)
             try:
                 await self._sink.put(batch)
             except Exception as exc:
                 self.errors += len(batch)
-                self._log_once(f"{type(self._sink).__name__}.put()", exc)
+                if self._stopping.is_set() and time.monotonic() >= self._stop_by:
+                    logger.warning("%d event(s) lost at shutdown: %r", len(batch), exc)
+                else:
+                    self._log_once(f"{type(self._sink).__name__}.put()", exc)
+            finally:
+                self._holding = 0
         return taken
 
     # -- lifecycle --------------------------------------------------------------------
@@ -422,7 +429,7 @@ class BackgroundDelivery:
                 "the delivery worker did not finish within %.1f s at shutdown; %d event(s) "
                 "still waiting in memory are lost",
                 self._shutdown_timeout + 5,
-                len(self._intake),
+                len(self._intake) + self._holding,
             )
         self._thread = None
         self._started = False

@@ -411,19 +411,20 @@ class LocalStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def write(self, payloads: Sequence[Mapping[str, Any]]) -> int:
+    def write(self, payloads: Sequence[Mapping[str, Any]], wait: float | None = None) -> int:
         """Append ``payloads`` in one transaction (all or none); returns the rows written.
 
         Raises ``ValueError`` for a payload without a conversation id or ISO timestamp
         (before anything is written), :class:`StoreError` for a file that is not an events
         file, ``FileNotFoundError`` for a missing directory, and ``sqlite3.OperationalError``
-        when another process held the write lock longer than :data:`BUSY_TIMEOUT`.
+        when another process held the write lock longer than :data:`BUSY_TIMEOUT` (or
+        ``wait`` seconds, if less).
         """
         # Parsed and serialised before taking the write lock: other processes wait on it.
         rows = [_row(payload) for payload in payloads]
         if not rows:
             return 0
-        with self._transaction() as conn:
+        with self._transaction(wait) as conn:
             conn.executemany(_INSERT, rows)
         return len(rows)
 
@@ -438,10 +439,11 @@ class LocalStore:
                 _INHERITED.append(conn)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
+        busy = BUSY_TIMEOUT if self._busy_timeout is None else self._busy_timeout
         with self._lock:
             conn = self._connection()
-            with write_transaction(conn):
+            with write_transaction(conn, None if wait is None or wait >= busy else wait):
                 yield conn
 
     @contextmanager

@@ -188,3 +188,38 @@ async def test_a_batch_waits_for_a_lock_another_process_holds(
     with sqlite3.connect(db) as conn:
         ids = [row[0] for row in conn.execute("SELECT conversation_id FROM events ORDER BY id")]
     assert ids == ["conv_first", "conv_waited"]
+
+
+@pytest.mark.anyio
+async def test_close_keeps_to_its_deadline_with_the_store_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A store locked by another process for good: the batch's tries went on past
+    # shutdown's deadline, close() gave up on the worker 5 s late, and said "0 event(s)
+    # ... lost" although the batch it held was.
+    import sqlite3
+    import time
+
+    from agentsight_middleware import _store
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    monkeypatch.setattr(_store, "BUSY_TIMEOUT", 0.2)
+    db = tmp_path / "events.sqlite3"
+    mw = _middleware(local_store=db, shutdown_timeout=0.5)
+    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+        await c.get("/", headers=BROWSER)
+        assert mw.flush(10)  # the file exists
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        c.cookies.clear()
+        await c.get("/", headers=BROWSER)
+    time.sleep(0.5)  # the worker's batch waits for the lock
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        mw.close()
+    closed_in = time.monotonic() - started
+    holder.close()
+    assert closed_in < 1.5
+    assert "1 event(s) lost at shutdown" in caplog.text
+    assert mw.stats()["stored"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
+import time
 from typing import Any
 
 from .._log import LogOnce, logger
@@ -47,11 +48,16 @@ class StoreSink:
         # SQLite blocks; this loop belongs to the worker thread and has nothing
         # else to do meanwhile, so a plain call is the cheapest correct choice.
         for attempt in range(1, _LOCKED_TRIES + 1):
+            # No try waits past shutdown's deadline.
+            left = self.deadline - time.monotonic()
             try:
-                self.stored += self._store.write(payloads)
+                self.stored += self._store.write(
+                    payloads, None if left == math.inf else max(left, 0.0)
+                )
                 return
             except sqlite3.OperationalError as exc:
-                if not is_locked(exc) or attempt == _LOCKED_TRIES:
+                left = self.deadline - time.monotonic()
+                if not is_locked(exc) or attempt == _LOCKED_TRIES or left <= 0:
                     self.failed += len(payloads)
                     raise
                 if attempt == 1:
@@ -61,7 +67,7 @@ class StoreSink:
                         self._store.path,
                         exc,
                     )
-                await asyncio.sleep(backoff(attempt, cap=5.0))
+                await asyncio.sleep(min(backoff(attempt, cap=5.0), left))
             except ValueError:
                 # A payload the file cannot take must not cost the batch's others theirs.
                 if len(payloads) == 1:
