@@ -184,12 +184,13 @@ class Dispatcher(Generic[T]):
             self._done(failed=False)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted so far is handled; False on time-out."""
+        """Wait until everything submitted so far is handled; False on time-out (by default
+        the shutdown timeout, as the built-in client's flush(): a hung call never ends)."""
         if not self._started:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         while self._items or self._busy:
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
         return True

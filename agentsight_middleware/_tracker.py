@@ -469,14 +469,15 @@ class TrackerDelivery:
         self._dispatcher.ensure_started()
 
     def flush(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            timeout = self._shutdown_timeout  # as the built-in client's flush()
+        deadline = time.monotonic() + timeout
         if not self._dispatcher.flush(timeout):
             return False
         flying = self._waitable()
         if not flying:
             return True
-        # Each call ends within tracker_timeout while its loop runs: that long at most.
-        left = self._timeout + 1 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        left = max(deadline - time.monotonic(), 0.0)
         _, pending = concurrent.futures.wait(flying, left)
         return not pending
 

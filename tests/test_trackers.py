@@ -341,3 +341,37 @@ def test_a_tracker_gets_metadata_json_can_carry(interface: str) -> None:
         )
         assert metadata["page_path"] in ("/", "/api/chat")
     app.close()
+
+
+def test_flush_without_a_timeout_stops_at_the_shutdown_timeout() -> None:
+    # A blocking tracker call that hangs (tracker_timeout cannot cut a thread short):
+    # flush() with no timeout waited as long as the tracker did, where the built-in
+    # client's flush() stops at shutdown_timeout.
+    from werkzeug.test import Client
+
+    release = threading.Event()
+
+    class Hanging:
+        def initialize_conversation(self, **kwargs: Any) -> None:
+            release.wait(10)
+
+        def get_or_create_conversation(self, **kwargs: Any) -> None:
+            pass
+
+    def page(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<p>shop</p>"]
+
+    mw = AgentSightWSGIMiddleware(
+        page, widget_pages=["/"], tracker=Hanging(), tracker_timeout=1, shutdown_timeout=1
+    )
+    assert Client(mw).get("/", headers=BROWSER).status_code == 200
+    time.sleep(0.2)  # the call has started
+    started = time.monotonic()
+    try:
+        assert mw.flush() is False
+        flushed_in = time.monotonic() - started
+    finally:
+        release.set()
+    assert flushed_in < 3.0
+    mw.close()
