@@ -1331,6 +1331,7 @@ class NullSink:
     """A sink that takes events and drops them: the enqueue cost without a delivery to wait for."""
 
     durable = False
+    deadline = float("inf")
 
     async def start(self) -> None:
         pass
