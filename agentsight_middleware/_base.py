@@ -26,7 +26,7 @@ else:
 from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
-from ._delivery import BATCH, BackgroundDelivery, Sink
+from ._delivery import BATCH, HTTP_STATS, STORE_STATS, BackgroundDelivery, Sink
 from ._facts import DEFAULT_NON_BROWSER_AGENTS, ForwardedHeader
 from ._log import logger
 from ._tracker import TrackerDelivery
@@ -381,6 +381,7 @@ def _choose_delivery(
             queue_size=queue_size,
             shutdown_timeout=shutdown_timeout,
             is_probe=settings.is_non_browser,
+            stats_keys=HTTP_STATS,
         )
     if outbox is not None:
         raise ValueError(
@@ -436,4 +437,5 @@ def _choose_delivery(
         queue_size=queue_size,
         shutdown_timeout=shutdown_timeout,
         is_probe=settings.is_non_browser,
+        stats_keys=STORE_STATS,
     )

@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import Event, is_robot_view
@@ -77,6 +77,20 @@ class Sink(Protocol):
     def stats(self) -> dict[str, int]: ...
 
 
+#: The keys of each sink's stats(), known before the sink is built (with the worker, at
+#: the first event); here, as importing the HTTP sink loads httpx.
+HTTP_STATS = (
+    "sent",
+    "retried",
+    "throttled",
+    "rejected",
+    "failed",
+    "dropped",
+    "in_flight",
+    "senders",
+)
+STORE_STATS = ("stored", "failed")
+
 # Deliveries whose worker may be running: a running worker's thread holds its delivery,
 # and a stopped one is freed with its middleware.
 _LIVE: weakref.WeakSet[BackgroundDelivery] = weakref.WeakSet()
@@ -104,9 +118,13 @@ class BackgroundDelivery:
         shutdown_timeout: float = 5.0,
         name: str = "agentsight-delivery",
         is_probe: Callable[[str], bool] | None = None,
+        stats_keys: Sequence[str] = (),
     ) -> None:
         self._sink_factory = sink_factory
         self._is_probe = is_probe
+        # The sink's counts, as zeros until it is built at the first event: a health
+        # endpoint reading stats()["sent"] must not meet a KeyError before any traffic.
+        self._stats_keys = stats_keys
         self._source = source
         self._environment = environment
         self._queue_size = queue_size
@@ -450,4 +468,7 @@ class BackgroundDelivery:
                 stats["pending"] = sink.pending()
             except Exception:
                 stats["pending"] = -1
+        else:
+            for key in (*self._stats_keys, "pending"):
+                stats.setdefault(key, 0)
         return stats

@@ -223,3 +223,27 @@ async def test_close_keeps_to_its_deadline_with_the_store_locked(
     assert closed_in < 1.5
     assert "1 event(s) lost at shutdown" in caplog.text
     assert mw.stats()["stored"] == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mode", ["local store", "built-in client"])
+async def test_stats_have_every_key_before_the_first_event(tmp_path: Path, mode: str) -> None:
+    # The sink's counts appeared only once the worker had started: a health endpoint
+    # reading stats()["stored"] or ["sent"] before any traffic got a KeyError.
+    app = Starlette(routes=[Route("/", page)])
+    options: dict[str, Any] = (
+        {"local_store": str(tmp_path / "events.sqlite3")}
+        if mode == "local store"
+        else {"api_key": "ags_" + "a" * 32 + "_abcdef", "endpoint": "http://127.0.0.1:9"}
+    )
+    mw = AgentSightMiddleware(app, widget_pages=["/"], shutdown_timeout=0.5, **options)
+    try:
+        before = mw.stats()
+        assert set(before.values()) == {0}
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+            await c.get("/", headers=BROWSER)
+        mw.flush(0.5)
+        assert set(mw.stats()) == set(before)  # the same keys once the sink exists
+    finally:
+        mw.close()
