@@ -8,11 +8,13 @@ the bytes read are served again before the rest of the original stream.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["ReplayInput", "peek_asgi", "peek_wsgi"]
 
@@ -84,6 +86,10 @@ async def peek_asgi(
     size = 0
     complete = False
     error = first_error
+    # Here, not at the top: a body in one message (the common case) never gets here, and
+    # importing the package must not load asyncio (a WSGI app may never need it).
+    import asyncio
+
     waiting: asyncio.Future[Message] | None = None
     try:
         loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()

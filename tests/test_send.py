@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -591,8 +592,11 @@ def test_a_file_deleted_while_send_runs_stops_it_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Only the main file deleted (its -wal and -shm left) and a new one started: "file is
-    # not a database" or "disk I/O error" came out as a traceback, with no summary.
+    # not a database" or "disk I/O error" came out as a traceback, with no summary. The
+    # app's store no longer starts a file there while send has the old one open (it would
+    # share send's -wal and -shm); send goes on with the file it opened.
     db = _visits(tmp_path / "events.sqlite3", 200)
+    outcome: list[str] = []
     with StandInAgentSightAPI() as api:
         api.set_latency(0.02)
 
@@ -601,7 +605,12 @@ def test_a_file_deleted_while_send_runs_stops_it_in_one_line(
             while len(api.conversations) < 50 and time.monotonic() < deadline:
                 time.sleep(0.005)
             os.remove(db)
-            _visits(db, 30)  # the app starts a new file at the path, beside the old -wal
+            try:
+                _visits(db, 30)  # the app tries to start a new file at the path
+            except sqlite3.OperationalError as exc:
+                outcome.append(str(exc))
+            else:
+                outcome.append("a new file was started")
 
         thread = threading.Thread(target=delete)
         thread.start()
@@ -612,6 +621,9 @@ def test_a_file_deleted_while_send_runs_stops_it_in_one_line(
     assert "sent " in captured.out  # the summary
     if code:  # (a run that read everything before the delete may end cleanly)
         assert "stopped: the events file could not be" in captured.err
+    if len(api.conversations) < 400:  # send still had the file open when it was deleted
+        assert len(outcome) == 1
+        assert "is locked" in outcome[0]
 
 
 def test_a_conversation_is_sent_whole_across_batches(tmp_path: Path) -> None:
