@@ -507,11 +507,29 @@ async def test_flush_and_close_wait_for_this_process_s_events_only(
     assert _outbox_rows(outbox) == 1  # the sibling's, untouched
 
 
-async def test_close_does_not_wait_for_an_api_that_refuses_connections(
-    caplog: pytest.LogCaptureFixture,
+async def test_close_without_an_outbox_waits_for_an_api_that_recovers(
+    api: StandInAgentSightAPI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Nothing can be delivered before the deadline: a recycled worker (gunicorn
-    # --max-requests) or a reloader's old process stalled the whole shutdown_timeout.
+    # Events in memory have nowhere else to go: a first version of the shutdown that stops
+    # early gave up on them at the first failed attempt (0 of 20 delivered, "lost"),
+    # though the API answered again within shutdown_timeout.
+    mw = wrap(api, shutdown_timeout=5)
+    api.fail_next(2, status=500)  # the page view's first two attempts: back within ~1.5 s
+    async with client(mw) as c:
+        await visit(c)
+    time.sleep(0.3)  # the first attempts failed
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        mw.close()
+    assert len(api.conversations) == 2
+    assert "not delivered" not in caplog.text
+
+
+async def test_close_with_an_outbox_does_not_wait_for_a_failing_api(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing can be delivered and the events are safe on disk: a recycled worker
+    # (gunicorn --max-requests) or a reloader's old process stalled the whole
+    # shutdown_timeout.
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     mw = AgentSightMiddleware(
         make_app(),
@@ -519,6 +537,7 @@ async def test_close_does_not_wait_for_an_api_that_refuses_connections(
         chat_routes=["POST /api/chat"],
         api_key="ags_" + "1" * 32 + "_abcdef",
         endpoint=dead,
+        outbox=tmp_path / "outbox.sqlite3",
         shutdown_timeout=5,
     )
     async with client(mw) as c:
@@ -527,9 +546,41 @@ async def test_close_does_not_wait_for_an_api_that_refuses_connections(
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
         mw.close()
-    closed_in = time.monotonic() - started
-    assert closed_in < 1.5
-    assert "2 event(s) not delivered" in caplog.text
+    assert time.monotonic() - started < 1.5
+    assert _outbox_rows(tmp_path / "outbox.sqlite3") == 2
+
+
+async def test_close_with_an_outbox_goes_on_sending_while_the_api_accepts(
+    api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    # A first version stopped at the first moment with nothing in flight: one chat's
+    # events go one after the other, so 171 of 200 were left on disk with a healthy API,
+    # for a next start a scaled-down pod never has.
+    outbox = tmp_path / "outbox.sqlite3"
+    mw = wrap(api, outbox=outbox, shutdown_timeout=10)
+    async with client(mw) as c:
+        await visit(c)
+        for _ in range(60):
+            await c.post("/api/chat", json={"message": "hi"})
+    mw.close()
+    assert len(api.conversations) == 62
+    assert _outbox_rows(outbox) == 0
+
+
+async def test_flush_with_an_outbox_is_true_once_everything_was_accepted(
+    api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    # The API's acceptances are written to the outbox a loop turn later: flush() looked in
+    # between, found the accepted rows still there, and said False (1 in 2 to 1 in 60).
+    mw = wrap(api, outbox=tmp_path / "outbox.sqlite3")
+    results: list[bool] = []
+    async with client(mw) as c:
+        for _ in range(30):
+            await visit(c)
+            results.append(mw.flush(5))
+    mw.close()
+    assert results == [True] * 30
+    assert len(api.conversations) == 60
 
 
 async def test_a_process_stopping_mid_request_leaves_its_rows_to_nobody_else(

@@ -144,10 +144,7 @@ def test_a_lock_held_at_fork_does_not_hang_the_child(tmp_path: Path) -> None:
     assert outbox.depth() == 2  # the parent goes on with its own connection
 
 
-def test_a_file_from_before_the_origin_column_is_upgraded_in_place(tmp_path: Path) -> None:
-    # Rows are marked with the process that put them (flush() and shutdown wait for their
-    # own); a file an older release created has no such column, and its rows stay theirs.
-    path = tmp_path / "old.sqlite3"
+def _file_from_before_the_origin_column(path: Path) -> None:
     old = sqlite3.connect(path)
     old.execute(
         "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id TEXT NOT NULL,"
@@ -157,6 +154,13 @@ def test_a_file_from_before_the_origin_column_is_upgraded_in_place(tmp_path: Pat
     old.execute("INSERT INTO outbox (conversation_id, body) VALUES ('conv_old', x'7b7d')")
     old.commit()
     old.close()
+
+
+def test_a_file_from_before_the_origin_column_is_upgraded_in_place(tmp_path: Path) -> None:
+    # Rows are marked with the process that put them (flush() and shutdown wait for their
+    # own); a file an older release created has no such column, and its rows stay theirs.
+    path = tmp_path / "old.sqlite3"
+    _file_from_before_the_origin_column(path)
     outbox = SQLiteOutbox(path)
     outbox.put([("conv_new", b"{}")])
     now = time.time()
@@ -164,4 +168,29 @@ def test_a_file_from_before_the_origin_column_is_upgraded_in_place(tmp_path: Pat
     assert outbox.depth() == 2
     assert sorted(i.conversation_id for i in outbox.claim(10, now)) == ["conv_new", "conv_old"]
     assert outbox.mine(now) == (1, 0)  # claimed here: the caller knows it is in flight
+    outbox.close()
+
+
+def test_an_upgrade_meeting_a_held_write_lock_is_done_at_the_first_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process held the write lock past the busy timeout while the app started: the
+    # column was never added, and every event the process handled was lost ("table outbox
+    # has no column named origin").
+    from agentsight_middleware.sinks import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "_BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "old.sqlite3"
+    _file_from_before_the_origin_column(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    outbox = SQLiteOutbox(path)  # starts: the file is fine, only busy
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        outbox.put([("conv_new", b"{}")])  # the caller retries a locked file
+    holder.execute("COMMIT")
+    holder.close()
+    assert outbox.put([("conv_new", b"{}")]) == 1
+    assert outbox.depth() == 2
+    columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(outbox)")}
+    assert "origin" in columns
     outbox.close()

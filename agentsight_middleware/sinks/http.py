@@ -795,20 +795,26 @@ class HttpSink:
 
         Events of other processes sharing a durable outbox are theirs to wait for, and an
         event waiting for its retry (or for a pause) past the deadline will not go sooner.
-        At shutdown (``closing``), only requests in flight are waited for when the rest is
-        safe on disk, or when delivery is failing (its last attempt failed): a recycled
-        worker, a reloader's old process, must not stall for nothing.
+        At shutdown (``closing``) with a durable outbox, only requests in flight are waited
+        for while delivery is failing (its last attempt failed): the rest is safe on disk,
+        and a recycled worker, a reloader's old process, must not stall for nothing. While
+        the API accepts events, they go on being sent until the deadline: a process may
+        have no next start (a scaled-down pod, a one-off job). Without one, events in
+        memory are waited for, failing or not: they have nowhere else to go.
         """
         while True:
             now = time.monotonic()
             until = time.time() + deadline - now  # the deadline on the outbox's clock
+            # Acknowledgements are written a loop turn after the answers: rows already
+            # accepted must not count as left.
+            self._flush_acks()
             left, due = self._outbox.mine(until)
             if left == 0 and not self._flying:
                 return 0
             if now >= deadline:
                 return left
             if not self._flying:
-                if closing and (self._outbox.durable or self._failing):
+                if closing and self._outbox.durable and self._failing:
                     return left
                 if not self._ready and (due == 0 or self._paused_until >= until):
                     return left

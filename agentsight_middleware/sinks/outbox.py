@@ -8,7 +8,6 @@ before the ``is_used: true`` one of the same id.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .._fork import reset_in_child
-from .._store import _INHERITED, write_transaction
+from .._store import _INHERITED, is_locked, write_transaction
 
 __all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
 
@@ -235,7 +234,13 @@ class SQLiteOutbox:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._depth = 0  # the last count (see depth)
-        self._connect()  # at construction: a path that cannot be opened fails at start-up
+        try:
+            self._connect()  # at construction: a path that cannot be opened fails at start-up
+        except sqlite3.OperationalError as exc:
+            if not is_locked(exc):
+                raise
+            # A file that opens but is busy (another process's long write, while this one
+            # adds a column to a file from an older version): connected at the first use.
         reset_in_child(self._after_fork)
 
     def _after_fork(self) -> None:
@@ -261,8 +266,15 @@ class SQLiteOutbox:
         conn.executescript(_SCHEMA)
         # A file from before the column (its rows' origin stays unknown: NULL).
         if "origin" not in {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}:
-            with contextlib.suppress(sqlite3.OperationalError):  # another process added it
+            try:
                 conn.execute("ALTER TABLE outbox ADD COLUMN origin TEXT")
+            except sqlite3.OperationalError as exc:
+                # Another process added it meanwhile: fine. Anything else (its write lock
+                # held past the busy timeout) must not leave a connection without the
+                # column, on which every later put fails: not kept, tried again next time.
+                if "duplicate column" not in str(exc).lower():
+                    conn.close()
+                    raise
         self._conn = conn
         self._pid = os.getpid()
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
