@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +31,50 @@ Receive = Callable[[], Awaitable[Message]]
 PEEK_WAIT = 0.2
 #: How late a wake-up may be before the peek gives the body a little more time.
 _LATE = 0.005
+
+
+def _now_or_later(receive: Receive) -> tuple[Message | None, asyncio.Future[Message] | None]:
+    """``(message, None)`` when ``receive()`` has its message at once, as it does for a
+    body part the server has already read; else ``(None, a future of it)``.
+
+    A task for every part cost ~30 us: a 64 KB body in parts went from +37 to +217 us.
+    So the awaitable is stepped once by hand, and only one that has to wait becomes a
+    task, which carries on from where that step stopped.
+    """
+    import asyncio
+
+    steps = receive().__await__()
+    try:
+        waited = steps.send(None)
+    except StopIteration as done:
+        return done.value, None
+    return None, asyncio.ensure_future(_finish(steps, waited))
+
+
+async def _finish(steps: Generator[Any, None, Message], waited: Any) -> Message:
+    """Run ``steps`` on, as a task would have: ``waited`` is what its last step waits on
+    (an asyncio future, or None for a bare yield to the loop)."""
+    import asyncio
+
+    while True:
+        try:
+            if waited is None:
+                await asyncio.sleep(0)
+                waited = steps.send(None)
+                continue
+            # Taken over as a task takes what a step yields: a future yielded by an
+            # await is marked as waited on, and awaiting it again refuses that mark.
+            if getattr(waited, "_asyncio_future_blocking", False):
+                waited._asyncio_future_blocking = False
+            try:
+                await waited
+            except BaseException as exc:  # its failure (or our cancellation) goes in
+                waited = steps.throw(exc)
+            else:
+                waited = steps.send(None)
+        except StopIteration as done:
+            message: Message = done.value
+            return message
 
 
 def _retrieve(future: asyncio.Future[Message]) -> None:
@@ -113,9 +157,11 @@ async def peek_asgi(
             if loop is None:
                 message = await receive()
                 continue
+            message, waiting = _now_or_later(receive)
+            if waiting is None:
+                continue
             # Never cancelled: a server's receive() need not survive that. Out of
             # time, it is the app's next message, whenever it comes.
-            waiting = asyncio.ensure_future(receive())
             await asyncio.wait((waiting,), timeout=max(0.0, deadline - loop.time()))
             if not waiting.done() and loop.time() - deadline > _LATE:
                 # Woken late (something held the loop): a part that came in time may be

@@ -311,3 +311,29 @@ def test_a_peek_woken_late_gives_the_rest_of_the_body_a_few_more_turns() -> None
         return body
 
     assert asyncio.run(main()) == head + tail
+
+
+def test_a_receive_that_fails_after_waiting_fails_for_the_app_at_the_same_point() -> None:
+    # A part the server had to wait for is taken over by a task that carries the receive
+    # on (see _now_or_later): its failure must reach the app after the parts before it.
+    import asyncio
+
+    async def main() -> None:
+        arrived = asyncio.Event()
+        given: list[int] = []
+
+        async def receive() -> dict[str, Any]:
+            if not given:
+                given.append(1)
+                return {"type": "http.request", "body": b"{", "more_body": True}
+            await arrived.wait()
+            raise OSError("the client went away")
+
+        asyncio.get_running_loop().call_later(0.01, arrived.set)
+        body, replay = await peek_asgi(receive, None, 1024)
+        assert body == b""
+        assert (await replay())["body"] == b"{"
+        with pytest.raises(OSError, match="the client went away"):
+            await replay()
+
+    asyncio.run(main())
