@@ -9,6 +9,7 @@ the bytes read are served again before the rest of the original stream.
 from __future__ import annotations
 
 import io
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import IO, TYPE_CHECKING, Any
@@ -33,48 +34,62 @@ PEEK_WAIT = 0.2
 _LATE = 0.005
 
 
-def _now_or_later(receive: Receive) -> tuple[Message | None, asyncio.Future[Message] | None]:
-    """``(message, None)`` when ``receive()`` has its message at once, as it does for a
-    body part the server has already read; else ``(None, a future of it)``.
-
-    A task for every part cost ~30 us: a 64 KB body in parts went from +37 to +217 us.
-    So the awaitable is stepped once by hand, and only one that has to wait becomes a
-    task, which carries on from where that step stopped.
-    """
+async def _wait_bounded(
+    steps: Generator[Any, None, Message], waited: Any, deadline: float
+) -> tuple[Message | None, asyncio.Future[Message] | None]:
+    """The rest of a ``receive()`` that has to wait (``steps``, stopped on ``waited``):
+    ``(message, None)`` if it comes before ``deadline`` (``time.monotonic()``, the clock
+    of asyncio's loop), else ``(None, a future of it)``, left to the app. Under trio (no
+    asyncio loop), waited for without a bound."""
+    # Here, not at the top: most bodies never wait, and importing the package must not
+    # load asyncio (a WSGI app may never need it).
     import asyncio
 
-    steps = receive().__await__()
     try:
-        waited = steps.send(None)
-    except StopIteration as done:
-        return done.value, None
-    return None, asyncio.ensure_future(_finish(steps, waited))
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return await _Resume(steps, waited), None
+    # Never cancelled: a server's receive() need not survive that. Out of time, it is
+    # the app's next message, whenever it comes.
+    waiting: asyncio.Future[Message] = asyncio.ensure_future(_finish(steps, waited))
+    await asyncio.wait((waiting,), timeout=max(0.0, deadline - time.monotonic()))
+    if not waiting.done() and time.monotonic() - deadline > _LATE:
+        # Woken late (something held the loop): a part that came in time may be a few
+        # loop turns from being handed over (hypercorn takes several).
+        await asyncio.wait((waiting,), timeout=_LATE)
+    if not waiting.done():
+        waiting.add_done_callback(_retrieve)
+        return None, waiting
+    return waiting.result(), None
 
 
-async def _finish(steps: Generator[Any, None, Message], waited: Any) -> Message:
-    """Run ``steps`` on, as a task would have: ``waited`` is what its last step waits on
-    (an asyncio future, or None for a bare yield to the loop)."""
-    import asyncio
+class _Resume:
+    """Awaits the rest of a stepped awaitable: what it yields goes to the running task,
+    and what the task sends back (or throws) goes to it, as ``await`` would have done."""
 
-    while True:
-        try:
-            if waited is None:
-                await asyncio.sleep(0)
-                waited = steps.send(None)
-                continue
-            # Taken over as a task takes what a step yields: a future yielded by an
-            # await is marked as waited on, and awaiting it again refuses that mark.
-            if getattr(waited, "_asyncio_future_blocking", False):
-                waited._asyncio_future_blocking = False
+    def __init__(self, steps: Generator[Any, Any, Message], waited: Any) -> None:
+        self._steps = steps
+        self._waited = waited
+
+    def __await__(self) -> Generator[Any, Any, Message]:
+        steps, waited = self._steps, self._waited
+        while True:
             try:
-                await waited
-            except BaseException as exc:  # its failure (or our cancellation) goes in
-                waited = steps.throw(exc)
+                sent = yield waited
+            except BaseException as exc:
+                try:
+                    waited = steps.throw(exc)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
             else:
-                waited = steps.send(None)
-        except StopIteration as done:
-            message: Message = done.value
-            return message
+                try:
+                    waited = steps.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+
+
+async def _finish(steps: Generator[Any, Any, Message], waited: Any) -> Message:
+    return await _Resume(steps, waited)
 
 
 def _retrieve(future: asyncio.Future[Message]) -> None:
@@ -130,18 +145,10 @@ async def peek_asgi(
     size = 0
     complete = False
     error = first_error
-    # Here, not at the top: a body in one message (the common case) never gets here, and
-    # importing the package must not load asyncio (a WSGI app may never need it).
-    import asyncio
-
     waiting: asyncio.Future[Message] | None = None
-    try:
-        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None  # trio: no bound on the wait (see PEEK_WAIT)
+    deadline = 0.0  # set at the first part that has to be waited for
     try:
         message = first
-        deadline = 0.0 if loop is None else loop.time() + PEEK_WAIT
         while message is not None:
             messages.append(message)
             if message["type"] != "http.request":
@@ -154,23 +161,20 @@ async def peek_asgi(
                 break
             if size > limit:
                 break
-            if loop is None:
-                message = await receive()
+            # A part the server already has is taken at once: receive() is stepped by
+            # hand, and only one that has to wait becomes a task (a task for every part
+            # cost ~30 us: a 64 KB body in parts went from +37 to +217 us).
+            steps = receive().__await__()
+            try:
+                waited = steps.send(None)
+            except StopIteration as done:
+                message = done.value
                 continue
-            message, waiting = _now_or_later(receive)
-            if waiting is None:
-                continue
-            # Never cancelled: a server's receive() need not survive that. Out of
-            # time, it is the app's next message, whenever it comes.
-            await asyncio.wait((waiting,), timeout=max(0.0, deadline - loop.time()))
-            if not waiting.done() and loop.time() - deadline > _LATE:
-                # Woken late (something held the loop): a part that came in time may be
-                # a few loop turns from being handed over (hypercorn takes several).
-                await asyncio.wait((waiting,), timeout=_LATE)
-            if not waiting.done():
-                waiting.add_done_callback(_retrieve)
+            if not deadline:
+                deadline = time.monotonic() + PEEK_WAIT
+            message, waiting = await _wait_bounded(steps, waited, deadline)
+            if waiting is not None:
                 break
-            message, waiting = waiting.result(), None
     except Exception as exc:
         # The server's receive failed; the app must meet the same failure, at the
         # same point of the stream, rather than have it swallowed here.
