@@ -179,8 +179,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             if exc_info is None and is_html_success(
                 _status_code(status), _content_type(response_headers)
             ):
-                cache_control = _joined(response_headers, ("cache-control",))
-                for_cdns = _joined(response_headers, CDN_CACHE_HEADERS)
+                cache_control, for_cdns = _cache_headers(response_headers)
                 if (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns):
                     # Left as it is: a stored copy would hand this cookie to others.
                     core.shared_page(path)
@@ -480,9 +479,16 @@ def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
     return None
 
 
-def _joined(headers: Iterable[tuple[str, str]], names: tuple[str, ...]) -> str | None:
-    values = [value for name, value in headers if name.lower() in names]
-    return ", ".join(values) if values else None
+def _cache_headers(headers: Iterable[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """``Cache-Control``, and the headers for CDNs alone, each joined; one pass."""
+    cache_control = for_cdns = None
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "cache-control":
+            cache_control = value if cache_control is None else f"{cache_control}, {value}"
+        elif lowered in CDN_CACHE_HEADERS:
+            for_cdns = value if for_cdns is None else f"{for_cdns}, {value}"
+    return cache_control, for_cdns
 
 
 def _werkzeug_request(environ: Environ) -> Any:
