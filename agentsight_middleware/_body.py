@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import asyncio
+    pass
 
 __all__ = ["ReplayInput", "peek_asgi", "peek_wsgi"]
 
@@ -36,31 +36,47 @@ _LATE = 0.005
 
 async def _wait_bounded(
     steps: Generator[Any, None, Message], waited: Any, deadline: float
-) -> tuple[Message | None, asyncio.Future[Message] | None]:
-    """The rest of a ``receive()`` that has to wait (``steps``, stopped on ``waited``):
-    ``(message, None)`` if it comes before ``deadline`` (``time.monotonic()``, the clock
-    of asyncio's loop), else ``(None, a future of it)``, left to the app. Under trio (no
-    asyncio loop), waited for without a bound."""
-    # Here, not at the top: most bodies never wait, and importing the package must not
-    # load asyncio (a WSGI app may never need it).
+) -> tuple[Message | None, Any]:
+    """The rest of a ``receive()`` that has to wait, carried on in this very task (its
+    first step ran here: a contextvar, a cancel scope or an ``asyncio.timeout`` it
+    entered must be left here too): ``(message, None)`` if it comes before ``deadline``,
+    else ``(None, an awaitable of the rest)`` for the app to await. Under trio, or for
+    a yield asyncio does not know, relayed without a bound."""
     import asyncio
 
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return await _Resume(steps, waited), None
-    # Never cancelled: a server's receive() need not survive that. Out of time, it is
-    # the app's next message, whenever it comes.
-    waiting: asyncio.Future[Message] = asyncio.ensure_future(_finish(steps, waited))
-    await asyncio.wait((waiting,), timeout=max(0.0, deadline - time.monotonic()))
-    if not waiting.done() and time.monotonic() - deadline > _LATE:
-        # Woken late (something held the loop): a part that came in time may be a few
-        # loop turns from being handed over (hypercorn takes several).
-        await asyncio.wait((waiting,), timeout=_LATE)
-    if not waiting.done():
-        waiting.add_done_callback(_retrieve)
-        return None, waiting
-    return waiting.result(), None
+    while True:
+        throw: BaseException | None = None
+        if waited is None:  # a bare yield: one loop turn, as a task gives it
+            try:
+                await asyncio.sleep(0)
+            except BaseException as exc:  # this task cancelled: it goes in, as a task's would
+                throw = exc
+        elif getattr(waited, "_asyncio_future_blocking", None) is not None:
+            try:
+                if not waited.done():
+                    await asyncio.wait((waited,), timeout=max(0.0, deadline - time.monotonic()))
+                    if not waited.done() and time.monotonic() - deadline > _LATE:
+                        await asyncio.wait((waited,), timeout=_LATE)
+            except BaseException as exc:  # this task cancelled (an anyio scope, say)
+                throw = exc
+            else:
+                if not waited.done():
+                    return None, _Resume(steps, waited)  # blocking mark kept for the app's task
+                waited._asyncio_future_blocking = False
+                try:
+                    waited.result()
+                except BaseException as exc:
+                    throw = exc
+        else:
+            return await _Resume(steps, waited), None
+        try:
+            waited = steps.send(None) if throw is None else steps.throw(throw)
+        except StopIteration as done:
+            return done.value, None
 
 
 class _Resume:
@@ -86,17 +102,6 @@ class _Resume:
                     waited = steps.send(sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
-
-
-async def _finish(steps: Generator[Any, Any, Message], waited: Any) -> Message:
-    return await _Resume(steps, waited)
-
-
-def _retrieve(future: asyncio.Future[Message]) -> None:
-    # A receive left to the app that it never asked for: its failure (a disconnect)
-    # is not an unretrieved error.
-    if not future.cancelled():
-        future.exception()
 
 
 def _declared_length(value: str | None) -> int | None:
@@ -145,7 +150,7 @@ async def peek_asgi(
     size = 0
     complete = False
     error = first_error
-    waiting: asyncio.Future[Message] | None = None
+    waiting: Any = None
     deadline = 0.0  # set at the first part that has to be waited for
     try:
         message = first
@@ -189,7 +194,7 @@ async def peek_asgi(
             raise exc
         if waiting is not None:
             pending, waiting = waiting, None
-            return await pending
+            return await pending  # type: ignore[no-any-return]
         return await receive()
 
     return (b"".join(chunks) if complete else b""), replay
