@@ -337,3 +337,54 @@ def test_a_receive_that_fails_after_waiting_fails_for_the_app_at_the_same_point(
             await replay()
 
     asyncio.run(main())
+
+
+def test_a_receive_wrapper_keeping_state_in_its_task_is_stepped_on_in_that_task() -> None:
+    # A receive wrapper that sets a context variable around its await (OpenTelemetry's
+    # span), or enters an anyio cancel scope (Starlette's BaseHTTPMiddleware): a part
+    # that had to wait was carried on in a task of its own, and the wrapper's exit ran in
+    # another Context ("was created in a different Context"; 500s under BaseHTTPMiddleware).
+    import asyncio
+    import contextvars
+
+    span = contextvars.ContextVar("span", default="root")
+
+    async def main() -> tuple[bytes, str, str]:
+        parts: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def wrapped_receive() -> dict[str, Any]:
+            token = span.set("receive")
+            try:
+                return await parts.get()
+            finally:
+                span.reset(token)
+
+        await parts.put({"type": "http.request", "body": b'{"a":', "more_body": True})
+        asyncio.get_running_loop().call_later(
+            0.05, parts.put_nowait, {"type": "http.request", "body": b"1}", "more_body": False}
+        )
+        body, _ = await peek_asgi(wrapped_receive, None, 1024)
+        after = span.get()
+        # Out of time: the rest is the app's next receive, in the app's own task.
+        await parts.put({"type": "http.request", "body": b'{"b":', "more_body": True})
+        body_late, _ = await _late_peek(wrapped_receive, parts)
+        return body + body_late, after, span.get()
+
+    async def _late_peek(receive: Any, parts: Any) -> tuple[bytes, Any]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(
+            _body.PEEK_WAIT + 0.1,
+            parts.put_nowait,
+            {"type": "http.request", "body": b"2}", "more_body": False},
+        )
+        body, replay = await peek_asgi(receive, None, 1024)
+        assert body == b""  # gave up waiting
+        assert (await replay())["body"] == b'{"b":'
+        assert (await replay())["body"] == b"2}"  # the rest, awaited by the app itself
+        return body, replay
+
+    body, after_peek, at_end = asyncio.run(main())
+    assert body == b'{"a":1}'
+    assert after_peek == at_end == "root"
