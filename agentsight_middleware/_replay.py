@@ -48,6 +48,7 @@ from ._store import (
     _timestamp,
     connect_readonly,
     count_unsent,
+    is_locked,
     mark_sent,
     unsent,
     unsent_of,
@@ -530,15 +531,14 @@ def _mark(store: LocalStore, row_id: int, run: _Run) -> bool:
             run.marked()
             return True
         except (sqlite3.DatabaseError, StoreError) as exc:
-            text = str(exc)
-            locked = "locked" in text or "busy" in text
+            locked = is_locked(exc)
             if locked and not run.stop.is_set() and run.mark_waited() < _MARK_PATIENCE:
                 run.stop.wait(0.2)
                 continue
             run.halt(
                 "the events file stayed locked by another process"
                 if locked
-                else f"the events file could not be written ({text})"
+                else f"the events file could not be written ({exc})"
             )
             return False
 

@@ -210,18 +210,21 @@ def _held_elsewhere(fd: int, start: int, length: int) -> bool | None:
     return bool(struct.unpack_from("h", answer)[0] != fcntl.F_UNLCK)
 
 
-def _fd_of(identity: tuple[int, int] | None) -> int | None:
-    """A descriptor this process has open on the file ``identity`` (SQLite's own)."""
-    if identity is None or not os.path.isdir("/proc/self/fd"):
-        return None
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            info = os.fstat(int(name))
-        except (OSError, ValueError):
-            continue
-        if (info.st_dev, info.st_ino) == identity:
-            return int(name)
-    return None
+def _fds_of(*identities: tuple[int, int] | None) -> list[int | None]:
+    """For each file ``identity``, a descriptor this process has open on it (SQLite's
+    own), or None; one look through /proc/self/fd for all of them."""
+    found: dict[tuple[int, int], int] = {}
+    wanted = {identity for identity in identities if identity is not None}
+    if wanted and os.path.isdir("/proc/self/fd"):
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                info = os.fstat(int(name))
+            except (OSError, ValueError):
+                continue
+            key = (info.st_dev, info.st_ino)
+            if key in wanted:
+                found.setdefault(key, int(name))
+    return [None if identity is None else found.get(identity) for identity in identities]
 
 
 def _shm_in_use(path: str) -> bool:
@@ -245,7 +248,7 @@ def _describe(path: str) -> str:
     return os.path.abspath(path)
 
 
-def is_locked(exc: sqlite3.OperationalError) -> bool:
+def is_locked(exc: BaseException) -> bool:
     """Whether ``exc`` says that another connection holds the lock (past the busy timeout)."""
     text = str(exc).lower()
     return "locked" in text or "busy" in text
@@ -253,7 +256,7 @@ def is_locked(exc: sqlite3.OperationalError) -> bool:
 
 def wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
     text = str(exc)
-    if "locked" in text or "busy" in text:
+    if is_locked(exc):
         return StoreError(
             f"{_describe(path)} is locked by another process ({text}): try again in a moment"
         )
@@ -340,7 +343,7 @@ def _retry_locked(action: Callable[[], _T], deadline: float) -> _T:
         try:
             return action()
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
+            if not is_locked(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.01)
 
@@ -528,10 +531,9 @@ class LocalStore:
         where that cannot be known)."""
         if self._others_here():
             return False  # (F_GETLK does not see this process's own locks)
-        db = _fd_of(self._identity)
+        db, shm = _fds_of(self._identity, self._shm_identity)
         if db is None or _held_elsewhere(db, _SHARED_FIRST, _SHARED_SIZE) is not False:
             return False
-        shm = _fd_of(self._shm_identity)
         return shm is not None and _held_elsewhere(shm, _SHM_DMS, 1) is False
 
     def _others_here(self) -> bool:
@@ -542,7 +544,7 @@ class LocalStore:
         )
 
     def _deleted(self) -> bool:
-        db = _fd_of(self._identity)
+        [db] = _fds_of(self._identity)
         try:
             return db is not None and os.fstat(db).st_nlink == 0
         except OSError:
@@ -599,7 +601,7 @@ class LocalStore:
                 conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         except sqlite3.DatabaseError as exc:
             conn.close()
-            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            if isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
                 raise
             raise wrap_database_error(self._path, exc) from exc
         except BaseException:
