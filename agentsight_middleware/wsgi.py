@@ -176,15 +176,16 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
         ) -> Any:
             # A second call with exc_info is the error path: never a view.
-            if exc_info is None and is_html_success(
-                _status_code(status), _content_type(response_headers)
-            ):
-                cache_control, for_cdns = _cache_headers(response_headers)
+            if exc_info is None:
+                content_type, cache_control, for_cdns, own = _page_headers(
+                    response_headers, cookie_prefix
+                )
+                if not is_html_success(_status_code(status), content_type):
+                    return _start(start_response, status, response_headers, exc_info)
                 if (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns):
                     # Left as it is: a stored copy would hand this cookie to others.
                     core.shared_page(path)
                     return _start(start_response, status, response_headers, exc_info)
-                own = _app_cookie(response_headers, cookie_prefix)
                 if own is NOT_SET:
                     response_headers = [*response_headers, set_cookie]
                 chosen = viewed_conversation(conversation, minted, own)
@@ -472,23 +473,28 @@ def _status_code(status: str) -> int:
     return int(code) if code.isdigit() else 0
 
 
-def _content_type(headers: Iterable[tuple[str, str]]) -> str | None:
-    for name, value in headers:
-        if name.lower() == "content-type":
-            return value
-    return None
-
-
-def _cache_headers(headers: Iterable[tuple[str, str]]) -> tuple[str | None, str | None]:
-    """``Cache-Control``, and the headers for CDNs alone, each joined; one pass."""
-    cache_control = for_cdns = None
+def _page_headers(
+    headers: Iterable[tuple[str, str]], prefix: str
+) -> tuple[str | None, str | None, str | None, AppCookie]:
+    """``(Content-Type, Cache-Control, the headers for CDNs alone, our cookie's id)`` of a
+    response, in one pass over its headers: the first ``Content-Type``; the cache headers
+    each joined; the id as :func:`_app_cookie` reads it."""
+    content_type = cache_control = for_cdns = None
+    own: AppCookie = NOT_SET
     for name, value in headers:
         lowered = name.lower()
-        if lowered == "cache-control":
+        if lowered == "content-type":
+            if content_type is None:
+                content_type = value
+        elif lowered == "set-cookie":
+            if value.startswith(prefix):
+                # The last one: it is the one the browser keeps (a delete, then a set).
+                own = set_cookie_value(value, prefix)
+        elif lowered == "cache-control":
             cache_control = value if cache_control is None else f"{cache_control}, {value}"
         elif lowered in CDN_CACHE_HEADERS:
             for_cdns = value if for_cdns is None else f"{for_cdns}, {value}"
-    return cache_control, for_cdns
+    return content_type, cache_control, for_cdns, own
 
 
 def _werkzeug_request(environ: Environ) -> Any:
