@@ -158,4 +158,7 @@ def test_shutdown_delivers_what_is_queued(
             assert c.get("/", headers=BROWSER).status_code == 200
         assert len(api.conversations) < 16  # still on their way
     # Out of the block: uWSGI was sent SIGTERM and has exited.
-    assert len({b["conversation_id"] for b in api.conversations}) == 16
+    delivered = len({b["conversation_id"] for b in api.conversations})
+    assert delivered == 16, (
+        f"{delivered} of 16 delivered; uWSGI's log:\n{(tmp_path / 'uwsgi.log').read_text()}"
+    )
