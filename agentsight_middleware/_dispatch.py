@@ -186,8 +186,8 @@ class Dispatcher(Generic[T]):
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is handled; False on time-out (by default
         the shutdown timeout, as the built-in client's flush(): a hung call never ends)."""
-        if not self._started:
-            return True
+        if not self._started and not self._items and not self._busy:
+            return True  # (a close() that timed out leaves its worker on what it has)
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         while self._items or self._busy:
             if time.monotonic() >= deadline:
@@ -200,20 +200,23 @@ class Dispatcher(Generic[T]):
         if not self._started or self._thread is None:
             return
         limit = self._shutdown_timeout if timeout is None else timeout
-        if not self.flush(limit):
+        flushed = self.flush(limit)
+        if not flushed:
             logger.warning(
                 "%d event(s) not delivered within %.1f s at shutdown",
                 len(self._items) + self._busy,
                 limit,
             )
-            return
+        # Closed either way: the atexit close() after a lifespan's must not wait (and
+        # warn) a second time. A worker held up by a call still finishes what it has.
         self._stopping.set()
-        self._thread.join(limit)
+        if flushed:
+            self._thread.join(limit)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
         self._thread = None
         self._started = False
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        self._pool = None
 
     def stats(self) -> DispatcherStats:
         return DispatcherStats(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,7 +81,41 @@ def _json_metadata(metadata: dict[str, Any], owner: TrackerDelivery) -> dict[str
     return safe
 
 
+#: Seconds a tracker's own flush gets at shutdown even when the page views used up the
+#: shutdown timeout: what it buffered is every call that did finish.
+_LEAST_FLUSH = 1.0
+
+
+def _stray_cancel(exc: BaseException) -> bool:
+    """Whether ``exc`` is an asyncio ``CancelledError`` (a BaseException). Raised by a
+    tracker's synchronous call, it is that tracker's failure: this task's own
+    cancellation only ever comes at an await. Without asyncio loaded there is none."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and isinstance(exc, asyncio.CancelledError)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (a CancelledError is then its own),
+    rather than a tracker raising one. Python 3.10's tasks cannot tell: assumed so."""
+    import asyncio
+
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False  # no asyncio loop (trio): an asyncio CancelledError is the tracker's
+    if task is None:
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return True if cancelling is None else bool(cancelling())
+
+
 def check_tracker(tracker: object) -> None:
+    if isinstance(tracker, type):
+        # Its methods are callable, unbound: every call would fail for want of self.
+        name = tracker.__name__
+        raise ValueError(
+            f"tracker={name} is a class, not a tracker: pass an instance, tracker={name}()"
+        )
     missing = [m for m in _METHODS if not callable(getattr(tracker, m, None))]
     if missing:
         raise ValueError(
@@ -100,7 +135,9 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
     try:
         manager.__enter__()
         entered = True
-    except Exception as exc:
+    except BaseException as exc:
+        if not (isinstance(exc, Exception) or _stray_cancel(exc)):
+            raise
         owner._count("errors")
         owner.log_once("tracker.conversation_scope() enter", exc)
     if not entered:
@@ -113,14 +150,18 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
     except BaseException as app_exc:
         try:
             manager.__exit__(type(app_exc), app_exc, app_exc.__traceback__)
-        except Exception as exc:
+        except BaseException as exc:
+            if exc is app_exc or not (isinstance(exc, Exception) or _stray_cancel(exc)):
+                raise  # the app's own, handed back: not the tracker's failure
             owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
         raise
     else:
         try:
             manager.__exit__(None, None, None)
-        except Exception as exc:
+        except BaseException as exc:
+            if not (isinstance(exc, Exception) or _stray_cancel(exc)):
+                raise
             owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
 
@@ -392,6 +433,8 @@ class TrackerDelivery:
         """Under ASGI: awaited in the request's task, bounded by ``tracker_timeout``."""
         if self._skip_engage:
             return
+        import asyncio
+
         import anyio  # the ASGI server has loaded it already (Starlette's own dependency)
         import anyio.to_thread
 
@@ -415,6 +458,10 @@ class TrackerDelivery:
                         if slot.start():
                             try:
                                 return self._engage(**kwargs)
+                            except asyncio.CancelledError as exc:
+                                # Not this request's cancellation (a thread has none):
+                                # re-raised in its task, it would be taken for one.
+                                raise RuntimeError(f"the tracker raised {exc!r}") from exc
                             finally:
                                 slot.done()
                         return None
@@ -444,6 +491,14 @@ class TrackerDelivery:
         except Exception as exc:
             self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
+        except asyncio.CancelledError as exc:
+            # A coroutine tracker's own (it awaited a task cancelled elsewhere) must not
+            # end the chat unanswered; the request's cancellation (a client gone, a
+            # server stopping) goes on.
+            if _cancelling():
+                raise
+            self._count("errors")
+            self.log_once("tracker.get_or_create_conversation()", exc)
 
     # -- the handler's scope --------------------------------------------------------
 
@@ -459,7 +514,9 @@ class TrackerDelivery:
             return None
         try:
             manager = self._scope(**self._kwargs(event))
-        except Exception as exc:
+        except BaseException as exc:
+            if not (isinstance(exc, Exception) or _stray_cancel(exc)):
+                raise
             self._count("errors")
             self.log_once("tracker.conversation_scope()", exc)
             return None
@@ -475,13 +532,15 @@ class TrackerDelivery:
         if not self._dispatcher.flush(timeout):
             return False
         flying = self._waitable()
-        if not flying:
-            return True
-        left = max(deadline - time.monotonic(), 0.0)
-        _, pending = concurrent.futures.wait(flying, left)
-        return not pending
+        if flying:
+            left = max(deadline - time.monotonic(), 0.0)
+            _, pending = concurrent.futures.wait(flying, left)
+            if pending:
+                return False
+        return self._flush_tracker(deadline)
 
     def close(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         self._dispatcher.close(timeout)
         # Page views a coroutine tracker is still handling on the app's loop: given the
         # time the tracker may take (they time out by then), said when cut short.
@@ -499,6 +558,32 @@ class TrackerDelivery:
                 )
                 for future in pending:
                     future.cancel()
+        if not self._flush_tracker(max(deadline, time.monotonic() + _LEAST_FLUSH)):
+            from ._log import logger
+
+            logger.warning(
+                "the tracker's own buffer was not flushed at shutdown (%s.agentsight_flush)",
+                type(self.tracker).__name__,
+            )
+
+    def _flush_tracker(self, deadline: float) -> bool:
+        """The tracker's own buffer sent, if it has one and says how
+        (``agentsight_flush(timeout)``): the 0.1.x SDK batches what it records and
+        exports every few seconds, and its atexit flush never runs when uvicorn ends on
+        SIGTERM (it re-raises the signal after the lifespan shutdown). False if it failed
+        or ran out of time."""
+        hook = getattr(self.tracker, "agentsight_flush", None)
+        if not callable(hook):
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            return hook(left) is not False
+        except Exception as exc:
+            self._count("errors")
+            self.log_once("tracker.agentsight_flush()", exc)
+            return False
 
     def _waitable(self) -> list[Future[Any]]:
         """The page views running on loops that run, but not on this thread's own loop

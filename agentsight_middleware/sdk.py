@@ -521,6 +521,15 @@ class AgentSightSDK:
     #: Tells the middleware to skip the call (and, under ASGI, its thread hop).
     agentsight_skip_engage = True
 
+    def agentsight_flush(self, timeout: float) -> bool:
+        """Export what the SDK holds now (it batches, and exports every few seconds):
+        called by the middleware's ``flush()`` and ``close()``, so a lifespan shutdown
+        sends the last page views and turns. The SDK's own atexit flush does not run
+        when uvicorn stops on SIGTERM."""
+        if not self._sdk.is_enabled():
+            return True  # it records nothing: nothing to send
+        return bool(self._sdk.flush(max(int(timeout * 1000), 1)))
+
     def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
         """Nothing to do before the handler: in 0.1.x the handler's first turn marks the
         conversation engaged, and the scope carries the fields."""

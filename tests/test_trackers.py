@@ -220,6 +220,132 @@ def test_a_base_exception_from_a_chat_call_under_wsgi_leaves_the_chat_answered()
     app.close()
 
 
+class AsyncCancellingTracker(RecordingTracker):
+    """A coroutine tracker whose chat call awaits a task cancelled elsewhere: asyncio's
+    CancelledError comes out of it though this request's task is not cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        if not self.raised:
+            self.raised = True
+            shared = asyncio.get_running_loop().create_task(asyncio.sleep(10))
+            shared.cancel()
+            await shared
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "coroutine"])
+def test_a_cancelled_error_from_a_chat_call_under_asgi_leaves_the_chat_answered(
+    kind: str,
+) -> None:
+    tracker = (
+        CancellingTracker("get_or_create_conversation")
+        if kind == "blocking"
+        else AsyncCancellingTracker()
+    )
+    app = asgi_app(tracker)
+    with uvicorn_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        first = client.post("/api/chat", json={})
+        second = client.post("/api/chat", json={})
+    assert (first.status_code, first.json()) == (200, {"ok": True})  # before: a 500
+    assert second.status_code == 200
+    assert tracker.raised
+    assert len(tracker.used) == 1
+    assert app.stats()["errors"] == 1
+    app.close()
+
+
+def test_the_requests_own_cancellation_still_ends_it_during_a_chat_call() -> None:
+    # The task itself cancelled (a client gone, a timeout around the app) while the
+    # tracker's call runs: that CancelledError is not the tracker's, and it goes on.
+    entered = asyncio.Event()
+
+    class Slow(RecordingTracker):
+        async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+            entered.set()
+            await asyncio.sleep(10)
+
+    app = asgi_app(Slow(), tracker_timeout=30)
+    reached_app = False
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal reached_app
+        reached_app = True
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/api/chat", "raw_path": b"/api/chat", "query_string": b"",
+        "root_path": "", "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+
+    async def main() -> None:
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.wait_for(entered.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not reached_app  # the app was not run after the request was cancelled
+    assert app.stats()["errors"] == 0
+    app.close()
+
+
+@pytest.mark.parametrize("make", [RecordingTracker, ClassicTracker])
+def test_a_tracker_class_instead_of_an_instance_fails_at_start_up(make: type) -> None:
+    with pytest.raises(
+        ValueError, match=rf"tracker={make.__name__} is a class.*{make.__name__}\(\)"
+    ):
+        AgentSightMiddleware(_page, widget_pages=["/"], tracker=make)
+
+
+def test_a_timed_out_close_is_not_waited_out_again_at_exit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The lifespan's close() ran out of shutdown_timeout on a hung blocking tracker; the
+    # atexit close() after it waited (and warned) a second time: 2x shutdown_timeout.
+    from werkzeug.test import Client
+
+    release = threading.Event()
+
+    class Hanging:
+        def initialize_conversation(self, **kwargs: Any) -> None:
+            release.wait(10)
+
+        def get_or_create_conversation(self, **kwargs: Any) -> None:
+            pass
+
+    def page(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<p>shop</p>"]
+
+    mw = AgentSightWSGIMiddleware(
+        page, widget_pages=["/"], tracker=Hanging(), tracker_timeout=1, shutdown_timeout=0.5
+    )
+    try:
+        for _ in range(2):
+            client = Client(mw)
+            assert client.get("/", headers=BROWSER).status_code == 200
+        time.sleep(0.2)  # the first call has started, the second waits
+        mw.close()
+        started = time.monotonic()
+        mw.close()  # as atexit does after the lifespan's
+        again = time.monotonic() - started
+    finally:
+        release.set()
+    assert again < 0.3  # before: another 0.5 s
+    warnings = [r for r in caplog.records if "not delivered within" in r.getMessage()]
+    assert len(warnings) == 1
+    assert mw.flush(5)  # the worker still finishes what it had once the call returns
+
+
 # -- coroutines ----------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ The chat handler opens no conversation itself: the middleware's
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from typing import Any
@@ -39,8 +40,12 @@ def options() -> dict[str, Any]:
     return {
         "widget_pages": ["/"],
         "chat_routes": ["POST /api/chat"],
-        # A short export interval: the test waits for the batches.
-        "tracker": AgentSightSDK(export_interval_ms=100, auto_instrument=False),
+        # A short export interval: the test waits for the batches (one test sets a long
+        # one: what is sent then is what the shutdown flushed).
+        "tracker": AgentSightSDK(
+            export_interval_ms=int(os.environ.get("TEST_EXPORT_INTERVAL_MS", "100")),
+            auto_instrument=False,
+        ),
     }
 
 
