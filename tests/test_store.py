@@ -694,3 +694,38 @@ def test_a_process_started_while_others_stay_with_a_moved_file_waits_for_them(
     assert _ids(archive) == [f"conv_old{n:03d}" for n in range(20)]
     assert rows(archive, "PRAGMA integrity_check") == [("ok",)]
     assert _ids(db) == ["conv_late"]
+
+
+def test_staying_with_a_moved_file_looks_for_sqlite_s_descriptors_once(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a process stayed with a moved file, each write looked through /proc/self/fd
+    # for SQLite's descriptors again (4.3 ms a write with 2,000 descriptors open, 0.08 ms
+    # otherwise). They are kept while they name their files; the process still moves on
+    # once the other user has gone.
+    looks = 0
+    fds_of = _store._fds_of
+
+    def counted(*identities: tuple[int, int] | None) -> list[int | None]:
+        nonlocal looks
+        looks += 1
+        return fds_of(*identities)
+
+    monkeypatch.setattr(_store, "_fds_of", counted)
+    others = _Processes(db, 1)
+    try:
+        with LocalStore(db) as store:
+            store.write([make_payload("conv_before")])
+            others.tell(0, "read")
+            archive = tmp_path / "archive.sqlite3"
+            db.rename(archive)
+            for n in range(20):
+                store.write([make_payload(f"conv_moved{n:02d}")])
+            assert not db.exists()
+            assert looks == 1
+            others.tell(0, "unread")
+            store.write([make_payload("conv_after")])
+        assert _ids(archive) == ["conv_before"] + [f"conv_moved{n:02d}" for n in range(20)]
+        assert _ids(db) == ["conv_after"]
+    finally:
+        others.stop_all()
