@@ -88,6 +88,7 @@ HTTP_STATS = (
     "dropped",
     "in_flight",
     "senders",
+    "outbox_pending",
 )
 STORE_STATS = ("stored", "failed")
 

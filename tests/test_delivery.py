@@ -507,6 +507,44 @@ async def test_flush_and_close_wait_for_this_process_s_events_only(
     assert _outbox_rows(outbox) == 1  # the sibling's, untouched
 
 
+async def test_pending_counts_this_process_s_events_and_outbox_pending_the_file_s(
+    tmp_path: Path,
+) -> None:
+    # In a process sharing an outbox file (a gunicorn worker), stats()["pending"] counted
+    # every row of the file: each worker reported the others' backlog as its own.
+    import sqlite3
+
+    outbox = tmp_path / "shared.sqlite3"
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: the events wait
+    mw = AgentSightMiddleware(
+        make_app(),
+        widget_pages=["/"],
+        chat_routes=["POST /api/chat"],
+        api_key="ags_" + "1" * 32 + "_abcdef",
+        endpoint=dead,
+        outbox=outbox,
+        shutdown_timeout=0.5,
+    )
+    sibling = sqlite3.connect(outbox, isolation_level=None)
+    sibling.executemany(
+        "INSERT INTO outbox (conversation_id, body, lease_until, lease_owner, origin) "
+        "VALUES (?, x'7b7d', ?, 'elsewhere:1:abcd', 'elsewhere:1:abcd')",
+        [(f"conv_sibling{n:05d}", time.time() + 60) for n in range(3)],
+    )
+    sibling.close()
+    try:
+        async with client(mw) as c:
+            await visit(c)
+        deadline = time.monotonic() + 10
+        while _outbox_rows(outbox) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = mw.stats()
+        assert stats["pending"] == 2  # the page view and the chat of this process
+        assert stats["outbox_pending"] == 5  # and the sibling's three
+    finally:
+        mw.close()
+
+
 async def test_close_without_an_outbox_waits_for_an_api_that_recovers(
     api: StandInAgentSightAPI, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -392,7 +392,8 @@ class HttpSink:
         raise AssertionError("unreachable")  # the last try returns or raises
 
     def pending(self) -> int:
-        return self._outbox.depth()
+        """This process's events not yet accepted by the API (see stats)."""
+        return self._outbox.pending()
 
     def backed_up(self) -> bool:
         """True while enough events are built and waiting to keep every sender busy.
@@ -849,4 +850,13 @@ class HttpSink:
             "in_flight": self._in_flight,
             # How far delivery has grown towards ``concurrency`` (see _grow).
             "senders": self._senders,
+            # Every event in a shared outbox file: other processes' and earlier runs' too,
+            # where ``pending`` (BackgroundDelivery.stats) counts this process's.
+            "outbox_pending": self._outbox_depth(),
         }
+
+    def _outbox_depth(self) -> int:
+        try:
+            return self._outbox.depth()
+        except Exception:
+            return -1  # as for ``pending``: stats() never fails

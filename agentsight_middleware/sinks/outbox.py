@@ -52,6 +52,7 @@ class Outbox(Protocol):
     def renew(self, items: list[OutboxItem], now: float) -> None: ...
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
+    def pending(self) -> int: ...
     def mine(self, before: float) -> tuple[int, int]: ...
     def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None: ...
 
@@ -132,6 +133,10 @@ class MemoryOutbox:
         self.ack([item])
 
     def depth(self) -> int:
+        return self._size
+
+    def pending(self) -> int:
+        """Events this process put that wait for the API: all of them, in memory."""
         return self._size
 
     def mine(self, before: float) -> tuple[int, int]:
@@ -233,7 +238,9 @@ class SQLiteOutbox:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
-        self._depth = 0  # the last count (see depth)
+        # The last counts (see depth and pending).
+        self._depth = 0
+        self._pending = 0
         try:
             self._connect()  # at construction: a path that cannot be opened fails at start-up
         except sqlite3.OperationalError as exc:
@@ -251,6 +258,7 @@ class SQLiteOutbox:
         if self._conn is not None:
             _INHERITED.append(self._conn)
             self._conn = None
+        self._pending = 0  # this process has put nothing yet
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
@@ -364,17 +372,36 @@ class SQLiteOutbox:
         self.ack([item])
 
     def depth(self) -> int:
-        # Asked from the app's threads too (stats(), a health endpoint): while the worker
-        # holds the lock through a wait for another process's write lock (up to the busy
-        # timeout), they get the last count rather than waiting with it.
+        """Rows in the file, whoever put them (processes sharing it, earlier runs)."""
+        count = self._count("SELECT count(*) FROM outbox", ())
+        if count is not None:
+            self._depth = count
+        return self._depth
+
+    def pending(self) -> int:
+        """Rows this process put that are still in the file (not yet accepted by the API)."""
+        count = self._count("SELECT count(*) FROM outbox WHERE origin = ?", (self._owner,))
+        if count is not None:
+            self._pending = count
+        return self._pending
+
+    def _count(self, sql: str, parameters: tuple[object, ...]) -> int | None:
+        """One count, or None (the caller's last) when it cannot be had at once.
+
+        Asked from the app's threads (stats(), a health endpoint): while the worker holds
+        the lock through a wait for another process's write lock (up to the busy timeout),
+        they get the last count rather than waiting with it. Nor do they open the file:
+        a process not connected yet has put nothing, and opening may wait for that lock.
+        """
         if not self._lock.acquire(timeout=_DEPTH_WAIT):
-            return self._depth
+            return None
         try:
-            row = self._connect().execute("SELECT count(*) FROM outbox").fetchone()
+            if self._conn is None or self._pid != os.getpid():
+                return None
+            row = self._conn.execute(sql, parameters).fetchone()
         finally:
             self._lock.release()
-        self._depth = int(row[0])
-        return self._depth
+        return int(row[0])
 
     def mine(self, before: float) -> tuple[int, int]:
         """Rows this process put that are still here (another process sharing the file may
