@@ -59,8 +59,9 @@ _COMPACT_AT = 500
 
 
 class Sink(Protocol):
-    #: Monotonic time past which put() stops waiting for a file another process has
-    #: locked: infinite while running, shutdown's deadline once close() is called.
+    #: Monotonic time past which a write stops waiting for a file another process has
+    #: locked, one already waiting included: infinite while running, shutdown's deadline
+    #: once close() is called.
     deadline: float
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -52,6 +53,12 @@ SCHEMA_VERSION = 1
 
 #: Seconds a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT = 5.0
+
+#: How long SQLite itself waits for a lock, per try, on the writers' connections: a longer
+#: wait is made of tries (see retry_locked), so that a deadline set meanwhile (shutdown's)
+#: ends it. Once waiting, SQLite cannot be told (``interrupt()`` does not end a busy wait):
+#: with the whole busy timeout in one try, ``close(timeout=1)`` took 6 s.
+LOCK_SLICE = 0.1
 
 # The largest number of ``?`` in one statement on every SQLite still in use (3.32 raised it).
 _MAX_VARIABLES = 999
@@ -320,24 +327,18 @@ def _ensure_schema(conn: sqlite3.Connection, path: str) -> None:
 
 
 @contextmanager
-def write_transaction(conn: sqlite3.Connection, wait: float | None = None) -> Iterator[None]:
+def write_transaction(conn: sqlite3.Connection, until: Callable[[], float]) -> Iterator[None]:
     """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` on an autocommit connection, rolled back on error.
 
-    IMMEDIATE takes the write lock at the start, so a writer waits (busy timeout, or
-    ``wait`` seconds when given) for another one instead of failing halfway through.
+    IMMEDIATE takes the write lock at the start, so a writer waits for another one
+    instead of failing halfway through: until ``until()`` (see retry_locked).
     """
-    if wait is None:
-        conn.execute("BEGIN IMMEDIATE")
-    else:
-        (usual,) = conn.execute("PRAGMA busy_timeout").fetchone()
-        conn.execute(f"PRAGMA busy_timeout = {max(int(wait * 1000), 0)}")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(usual)}")
+    retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"), until)
     try:
         yield
-        conn.execute("COMMIT")
+        # In WAL mode a COMMIT never waits; in the rollback journal a file system without
+        # shared memory leaves, it waits for readers to finish.
+        retry_locked(lambda: conn.execute("COMMIT"), until)
     except BaseException:
         # A failed COMMIT leaves the transaction open; the next BEGIN would fail.
         if conn.in_transaction:
@@ -345,16 +346,24 @@ def write_transaction(conn: sqlite3.Connection, wait: float | None = None) -> It
         raise
 
 
-def _retry_locked(action: Callable[[], _T], deadline: float) -> _T:
-    # Switching a new file to WAL needs an exclusive lock, and SQLite may report that
-    # contention at once instead of calling the busy handler: retry until the deadline.
+def retry_locked(action: Callable[[], _T], until: Callable[[], float]) -> _T:
+    """``action()``, tried again while it fails because another connection holds a lock,
+    until ``until()`` (monotonic) has passed; asked after each try, so that a deadline set
+    meanwhile (by another thread) counts. Each try waits up to the connection's busy
+    timeout (LOCK_SLICE for the writers')."""
     while True:
+        started = time.monotonic()
         try:
             return action()
         except sqlite3.OperationalError as exc:
-            if not is_locked(exc) or time.monotonic() >= deadline:
+            now = time.monotonic()
+            left = until() - now
+            if not is_locked(exc) or left <= 0:
                 raise
-            time.sleep(0.01)
+            if now - started < LOCK_SLICE / 2:
+                # SQLite may report contention at once instead of calling the busy handler
+                # (switching a new file to WAL needs an exclusive lock): no spinning.
+                time.sleep(min(0.01, left))
 
 
 # Connections a forked child inherited. SQLite forbids using them across fork(), closing
@@ -409,6 +418,9 @@ class LocalStore:
         self._staying = False
         # SQLite's descriptors on the file and its -shm, once found (see _sqlite_fds).
         self._fds: list[int | None] = []
+        #: Monotonic time past which a wait for another process's lock gives up
+        #: (shutdown's, set by the sink from another thread while a write may be waiting).
+        self.deadline = math.inf
         self._lock = threading.Lock()
         _LIVE_STORES.add(self)
 
@@ -452,12 +464,20 @@ class LocalStore:
             else:
                 _INHERITED.append(conn)
 
+    def _busy(self) -> float:
+        return BUSY_TIMEOUT if self._busy_timeout is None else self._busy_timeout
+
+    def _until(self, wait: float | None = None) -> Callable[[], float]:
+        """When a wait for a lock starting now gives up: after the busy timeout (``wait``
+        seconds if less), or at ``deadline`` if that comes first, set meanwhile or not."""
+        limit = time.monotonic() + (self._busy() if wait is None else min(wait, self._busy()))
+        return lambda: min(limit, self.deadline)
+
     @contextmanager
     def _transaction(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
-        busy = BUSY_TIMEOUT if self._busy_timeout is None else self._busy_timeout
         with self._lock:
             conn = self._connection()
-            with write_transaction(conn, None if wait is None or wait >= busy else wait):
+            with write_transaction(conn, self._until(wait)):
                 yield conn
 
     @contextmanager
@@ -610,22 +630,28 @@ class LocalStore:
         # come from another thread than the writer's (at exit); self._lock serialises them.
         try:
             conn = sqlite3.connect(
-                self._path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+                self._path,
+                timeout=min(LOCK_SLICE, self._busy()),
+                isolation_level=None,
+                check_same_thread=False,
             )
         except sqlite3.DatabaseError as exc:
             raise wrap_database_error(self._path, exc) from exc
         try:
-            deadline = time.monotonic() + BUSY_TIMEOUT
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            # Opening waits BUSY_TIMEOUT whatever the writes' wait: another process may be
+            # rebuilding an index.
+            limit = time.monotonic() + BUSY_TIMEOUT
+
+            def until() -> float:
+                return min(limit, self.deadline)
+
             # A file system without shared memory (some network mounts) refuses WAL and
             # stays in its journal mode: still correct across processes, only slower.
-            _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone(), deadline)
+            retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone(), until)
             # In WAL, NORMAL never corrupts; a power cut may lose the last commits, which
             # is an acceptable price for analytics events and saves an fsync per batch.
             conn.execute("PRAGMA synchronous = NORMAL")
-            _retry_locked(lambda: _ensure_schema(conn, self._path), deadline)
-            if self._busy_timeout is not None:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            retry_locked(lambda: _ensure_schema(conn, self._path), until)
         except sqlite3.DatabaseError as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
@@ -672,11 +698,21 @@ def unsent(
     if limit <= 0:
         return []
     with store._reading() as conn:
-        rows = conn.execute(
+        rows = _select(
+            store,
+            conn,
             "SELECT id, payload FROM events WHERE id > ? AND sent_at IS NULL ORDER BY id LIMIT ?",
             (after_id, limit),
-        ).fetchall()
+        )
     return [(row_id, _payload_or_none(payload)) for row_id, payload in rows]
+
+
+def _select(
+    store: LocalStore, conn: sqlite3.Connection, sql: str, parameters: Sequence[object]
+) -> list[Any]:
+    """The rows of ``sql``; a lock (a file system without shared memory keeps readers out
+    while a writer commits) is waited for in tries, as for a write (see LOCK_SLICE)."""
+    return retry_locked(lambda: conn.execute(sql, parameters).fetchall(), store._until())
 
 
 def _in_chunks(values: Sequence[_T]) -> Iterator[tuple[list[_T], str]]:
@@ -696,14 +732,14 @@ def unsent_of(
     found: list[tuple[int, dict[str, Any] | None]] = []
     with store._reading() as conn:
         for chunk, marks in _in_chunks(conversation_ids):
-            found += [
-                (row_id, _payload_or_none(payload))
-                for row_id, payload in conn.execute(
-                    f"SELECT id, payload FROM events WHERE conversation_id IN ({marks})"
-                    " AND sent_at IS NULL AND id > ? ORDER BY id",
-                    [*chunk, after_id],
-                )
-            ]
+            rows = _select(
+                store,
+                conn,
+                f"SELECT id, payload FROM events WHERE conversation_id IN ({marks})"
+                " AND sent_at IS NULL AND id > ? ORDER BY id",
+                (*chunk, after_id),
+            )
+            found += [(row_id, _payload_or_none(payload)) for row_id, payload in rows]
     return found
 
 
@@ -718,9 +754,9 @@ def _payload_or_none(text: object) -> dict[str, Any] | None:
 def count_unsent(store: LocalStore, after_id: int = 0) -> int:
     """How many events with ``id > after_id`` are not yet replayed."""
     with store._reading() as conn:
-        (count,) = conn.execute(
-            "SELECT count(*) FROM events WHERE id > ? AND sent_at IS NULL", (after_id,)
-        ).fetchone()
+        [(count,)] = _select(
+            store, conn, "SELECT count(*) FROM events WHERE id > ? AND sent_at IS NULL", (after_id,)
+        )
     return int(count)
 
 

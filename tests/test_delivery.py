@@ -476,6 +476,37 @@ async def test_a_locked_outbox_keeps_the_batch_and_stats_do_not_wait(
     assert slowest < 0.5
 
 
+async def test_close_keeps_to_its_timeout_while_another_process_holds_the_outbox(
+    api: StandInAgentSightAPI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A write already waiting in SQLite's busy timeout (10 s) when close(timeout=1) came
+    # finished its wait: close() gave up on the worker after 6 s (timeout + 5), and the
+    # worker went on waiting behind it.
+    import sqlite3
+
+    outbox = tmp_path / "outbox.sqlite3"
+    mw = wrap(api, outbox=outbox)
+    async with client(mw) as c:
+        await visit(c)
+        assert mw.flush(10)
+        holder = sqlite3.connect(outbox, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            await visit(c)
+            time.sleep(0.5)  # the worker's batch now waits for the lock
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+                mw.close(1)
+            closed_in = time.monotonic() - started
+        finally:
+            holder.close()
+    assert closed_in < 3.0
+    assert "did not finish" not in caplog.text  # the worker ended: nothing waits behind
+    assert "2 event(s) lost at shutdown" in caplog.text  # never written: said, as before
+    assert len(api.conversations) == 2
+    assert _outbox_rows(outbox) == 0
+
+
 async def test_flush_and_close_wait_for_this_process_s_events_only(
     api: StandInAgentSightAPI, tmp_path: Path
 ) -> None:

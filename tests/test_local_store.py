@@ -226,6 +226,37 @@ async def test_close_keeps_to_its_deadline_with_the_store_locked(
 
 
 @pytest.mark.anyio
+async def test_close_ends_a_write_already_waiting_for_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A write already waiting in SQLite's busy timeout (5 s) when close(timeout=1) came
+    # finished its wait: close() took 4.5 s.
+    import sqlite3
+    import time
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    mw = _middleware(local_store=db)
+    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+        await c.get("/", headers=BROWSER)
+        assert mw.flush(10)  # the file exists
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        c.cookies.clear()
+        await c.get("/", headers=BROWSER)
+    time.sleep(0.5)  # the worker's batch waits for the lock
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        mw.close(1)
+    closed_in = time.monotonic() - started
+    holder.close()
+    assert closed_in < 3.0
+    assert "1 event(s) lost at shutdown" in caplog.text
+    assert mw.stats()["stored"] == 1
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["local store", "built-in client"])
 async def test_stats_have_every_key_before_the_first_event(tmp_path: Path, mode: str) -> None:
     # The sink's counts appeared only once the worker had started: a health endpoint

@@ -194,3 +194,63 @@ def test_an_upgrade_meeting_a_held_write_lock_is_done_at_the_first_use(
     columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(outbox)")}
     assert "origin" in columns
     outbox.close()
+
+
+def test_a_write_waiting_for_a_lock_ends_at_a_deadline_set_meanwhile(tmp_path: Path) -> None:
+    # SQLite's busy wait, once started, ran its whole 10 s whatever shutdown's deadline:
+    # the wait is now made of short tries, each looking at the deadline.
+    import threading
+
+    path = tmp_path / "o.sqlite3"
+    outbox = SQLiteOutbox(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    failed: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            outbox.put([("conv_a", b"{}")])
+        except BaseException as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=put)
+    writer.start()
+    time.sleep(0.3)  # waiting for the lock
+    outbox.deadline = time.monotonic() + 0.2
+    writer.join(5)  # the busy timeout is 10 s
+    try:
+        assert not writer.is_alive()
+        [error] = failed
+        assert "locked" in str(error)
+    finally:
+        holder.close()
+        writer.join()
+        outbox.close()
+
+
+def test_closing_with_the_file_locked_leaves_the_claims_as_they_are(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Past the deadline the leases cannot be handed back: close() then waited the whole
+    # busy timeout and raised (the worker's error, "starts again in 30 s", at exit). It now
+    # leaves the rows leased (sent once the lease runs out, or by this host's next start,
+    # which frees dead processes' leases) and says so.
+    path = tmp_path / "o.sqlite3"
+    outbox = SQLiteOutbox(path)
+    outbox.put([("conv_a", b"{}"), ("conv_b", b"{}")])
+    [claimed, _] = outbox.claim(2, time.time())
+    outbox.ack([claimed])
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    outbox.deadline = time.monotonic() + 0.3
+    try:
+        outbox.close()
+    finally:
+        holder.close()
+    assert "keeps its claim" in caplog.text
+    with sqlite3.connect(path) as conn:
+        leased = conn.execute("SELECT conversation_id, lease_owner IS NOT NULL FROM outbox")
+        assert leased.fetchall() == [("conv_b", 1)]
+    again = SQLiteOutbox(path)  # a next start: the claim is this (live) process's, kept
+    assert again.claim(10, time.time()) == []
+    again.close()

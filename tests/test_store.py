@@ -115,10 +115,25 @@ def test_schema_wal_and_version(store: LocalStore, db: Path) -> None:
     assert "ON events (conversation_id," in indexes["events_conversation"]
 
 
-def test_busy_timeout_is_set(store: LocalStore) -> None:
+def test_a_write_waits_for_another_writer_up_to_the_busy_timeout(
+    store: LocalStore, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite waits LOCK_SLICE a try; the write tries again up to BUSY_TIMEOUT.
+    import threading
+
     store.write([make_payload("conv_a")])
-    with store._reading() as conn:
-        assert conn.execute("PRAGMA busy_timeout").fetchone() == (5000,)
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(1.0, holder.execute, ("COMMIT",)).start()
+    assert store.write([make_payload("conv_b")]) == 1  # waited for the lock
+    monkeypatch.setattr(_store, "BUSY_TIMEOUT", 0.5)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.write([make_payload("conv_c")])
+    finally:
+        holder.close()
+    assert _ids(db) == ["conv_a", "conv_b"]
 
 
 def test_row_columns_and_verbatim_payload(store: LocalStore, db: Path) -> None:

@@ -231,6 +231,16 @@ class HttpSink:
     def durable(self) -> bool:
         return self._outbox.durable
 
+    @property
+    def deadline(self) -> float:
+        return self._outbox.deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        # The outbox's: a write already waiting for another process's lock when shutdown
+        # sets it gives up then, not at the end of the busy timeout.
+        self._outbox.deadline = value
+
     def __repr__(self) -> str:
         return f"HttpSink(url={self._url!r}, api_key={mask_key(self._credentials.api_key)!r})"
 

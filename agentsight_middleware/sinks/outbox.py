@@ -8,6 +8,7 @@ before the ``is_used: true`` one of the same id.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -15,13 +16,14 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from .._fork import reset_in_child
-from .._store import _INHERITED, is_locked, write_transaction
+from .._log import logger
+from .._store import _INHERITED, LOCK_SLICE, is_locked, retry_locked, write_transaction
 
 __all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
 
@@ -42,6 +44,8 @@ class Outbox(Protocol):
     durable: bool
     #: Seconds a claim holds a row against other claimers, or None (no expiry).
     lease: float | None
+    #: Monotonic time past which a wait for another process's lock gives up (shutdown's).
+    deadline: float
 
     def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int: ...
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
@@ -66,6 +70,7 @@ class MemoryOutbox:
 
     durable = False
     lease: float | None = None  # a claim holds until it is acknowledged or given back
+    deadline = math.inf  # never waits
 
     def __init__(self, max_items: int) -> None:
         self._max = max_items
@@ -154,7 +159,8 @@ class MemoryOutbox:
         pass
 
 
-# How long a write waits for another process's write lock before it fails "locked".
+# How long a write waits for another process's write lock before it fails "locked" (in
+# tries of LOCK_SLICE, so that shutdown's deadline, set meanwhile, ends the wait).
 _BUSY_TIMEOUT = 10.0
 # How long depth() waits for the worker's use of the connection before it answers with
 # the last count.
@@ -234,6 +240,9 @@ class SQLiteOutbox:
         self.path = Path(path)
         self.lease: float | None = lease
         self._lease = lease
+        #: Monotonic time past which a wait for another process's lock gives up: set at
+        #: shutdown, from another thread, while a write may be waiting.
+        self.deadline = math.inf
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -260,13 +269,34 @@ class SQLiteOutbox:
             self._conn = None
         self._pending = 0  # this process has put nothing yet
 
+    def _until(self, wait: float | None = None) -> Callable[[], float]:
+        """When a wait for a lock starting now gives up: after the busy timeout (``wait``
+        seconds if less), or at ``deadline`` if that comes first, set meanwhile or not."""
+        limit = time.monotonic() + (_BUSY_TIMEOUT if wait is None else min(wait, _BUSY_TIMEOUT))
+        return lambda: min(limit, self.deadline)
+
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         # After fork the parent's connection must not be used: open our own.
         conn = sqlite3.connect(
-            self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            self.path, timeout=LOCK_SLICE, isolation_level=None, check_same_thread=False
         )
+        try:
+            # Each step may be done already (by another process too): all tried again.
+            retry_locked(lambda: self._prepare(conn), self._until())
+        except BaseException:
+            # A connection without the origin column (its write lock held past the busy
+            # timeout) must not be kept: every later put would fail on it.
+            conn.close()
+            raise
+        self._conn = conn
+        self._pid = os.getpid()
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        return conn
+
+    @staticmethod
+    def _prepare(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a killed process (the OS holds the writes);
         # only a power cut can lose the last commits, and that is not worth an fsync each.
@@ -277,24 +307,17 @@ class SQLiteOutbox:
             try:
                 conn.execute("ALTER TABLE outbox ADD COLUMN origin TEXT")
             except sqlite3.OperationalError as exc:
-                # Another process added it meanwhile: fine. Anything else (its write lock
-                # held past the busy timeout) must not leave a connection without the
-                # column, on which every later put fails: not kept, tried again next time.
+                # Another process added it meanwhile: fine.
                 if "duplicate column" not in str(exc).lower():
-                    conn.close()
                     raise
-        self._conn = conn
-        self._pid = os.getpid()
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         _release_dead_leases(conn)
-        return conn
 
     def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int:
         """Append ``items``; waits for another process's write lock up to the busy timeout,
         or ``wait`` seconds if that is less (raising ``sqlite3.OperationalError`` then)."""
         with self._lock:
             conn = self._connect()
-            with write_transaction(conn, None if wait is None or wait >= _BUSY_TIMEOUT else wait):
+            with write_transaction(conn, self._until(wait)):
                 conn.executemany(
                     "INSERT INTO outbox (conversation_id, body, origin) VALUES (?, ?, ?)",
                     [(conversation_id, body, self._owner) for conversation_id, body in items],
@@ -304,7 +327,7 @@ class SQLiteOutbox:
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
         with self._lock:
             conn = self._connect()
-            with write_transaction(conn):
+            with write_transaction(conn, self._until()):
                 rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
                 conn.executemany(
                     "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
@@ -321,7 +344,7 @@ class SQLiteOutbox:
             return
         with self._lock:
             conn = self._connect()
-            with write_transaction(conn):
+            with write_transaction(conn, self._until()):
                 conn.executemany(sql, rows)
 
     def ack(self, items: list[OutboxItem]) -> None:
@@ -331,31 +354,28 @@ class SQLiteOutbox:
         )
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
-        with self._lock:
-            self._connect().execute(
-                "UPDATE outbox SET attempts = attempts + 1, not_before = ?, lease_until = 0, "
-                "lease_owner = NULL WHERE id = ? AND lease_owner = ?",
-                (not_before, item.id, self._owner),
-            )
+        self._for_each(
+            "UPDATE outbox SET attempts = attempts + 1, not_before = ?, lease_until = 0, "
+            "lease_owner = NULL WHERE id = ? AND lease_owner = ?",
+            [(not_before, item.id, self._owner)],
+        )
 
     def defer(self, item: OutboxItem, not_before: float) -> None:
         """Give a claimed row back for later without counting an attempt (a 429)."""
-        with self._lock:
-            self._connect().execute(
-                "UPDATE outbox SET not_before = ?, lease_until = 0, lease_owner = NULL "
-                "WHERE id = ? AND lease_owner = ?",
-                (not_before, item.id, self._owner),
-            )
+        self._for_each(
+            "UPDATE outbox SET not_before = ?, lease_until = 0, lease_owner = NULL "
+            "WHERE id = ? AND lease_owner = ?",
+            [(not_before, item.id, self._owner)],
+        )
 
     def release(self, item: OutboxItem) -> None:
         """Give a claimed row back as it was: not an attempt, claimable at once (by any
         process sharing the file)."""
-        with self._lock:
-            self._connect().execute(
-                "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
-                "WHERE id = ? AND lease_owner = ?",
-                (item.id, self._owner),
-            )
+        self._for_each(
+            "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
+            "WHERE id = ? AND lease_owner = ?",
+            [(item.id, self._owner)],
+        )
 
     def renew(self, items: list[OutboxItem], now: float) -> None:
         """Extend the leases of rows this process is still sending: a pipeline to a slow
@@ -399,6 +419,10 @@ class SQLiteOutbox:
             if self._conn is None or self._pid != os.getpid():
                 return None
             row = self._conn.execute(sql, parameters).fetchone()
+        except sqlite3.OperationalError as exc:
+            if not is_locked(exc):
+                raise
+            return None
         finally:
             self._lock.release()
         return int(row[0])
@@ -409,16 +433,16 @@ class SQLiteOutbox:
         (time.time()): not waiting past it for a retry, nor claimed here (the caller knows
         its own claims) unless that claim runs out before then."""
         with self._lock:
-            left, due = (
-                self._connect()
-                .execute(
+            conn = self._connect()
+            left, due = retry_locked(
+                lambda: conn.execute(
                     "SELECT count(*), "
                     "coalesce(sum(not_before < :before "
                     "AND (lease_owner IS NOT :origin OR lease_until < :before)), 0) "
                     "FROM outbox WHERE origin = :origin",
                     {"before": before, "origin": self._owner},
-                )
-                .fetchone()
+                ).fetchone(),
+                self._until(),
             )
         return int(left), int(due)
 
@@ -427,22 +451,43 @@ class SQLiteOutbox:
         sibling) sends them at once. Except ``unanswered`` ones (written to the API, no
         answer yet: it may still store them, and another sender would send them twice):
         they keep their lease, and are not sent again before ``not_before`` even if this
-        host's next start frees the leases of dead processes early."""
+        host's next start frees the leases of dead processes early.
+
+        With the file locked by another process past ``deadline``, nothing is written:
+        every claimed row keeps its lease (see _write_back)."""
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                conn = self._conn
-                now = time.time()
-                with write_transaction(conn):
-                    conn.executemany(
-                        "UPDATE outbox SET not_before = ? WHERE id = ? AND lease_owner = ?",
-                        [(max(not_before, now + 1), i.id, self._owner) for i in unanswered],
-                    )
-                    # A leased row's not_before was due when it was claimed, so a later one
-                    # marks the unanswered.
-                    conn.execute(
-                        "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
-                        "WHERE lease_owner = ? AND not_before <= ?",
-                        (self._owner, now),
-                    )
+            conn, self._conn = self._conn, None
+            if conn is None or self._pid != os.getpid():
+                return
+            try:
+                self._write_back(conn, unanswered, not_before)
+            except sqlite3.OperationalError as exc:
+                if not is_locked(exc):
+                    raise
+                logger.warning(
+                    "the outbox %s is locked by another process (%s): any event this process"
+                    " had claimed keeps its claim, and is sent by the next start on this host"
+                    " or, once the claim runs out (%g s), by any process sharing the file",
+                    self.path,
+                    exc,
+                    self._lease,
+                )
+            finally:
                 conn.close()
-            self._conn = None
+
+    def _write_back(
+        self, conn: sqlite3.Connection, unanswered: Sequence[OutboxItem], not_before: float
+    ) -> None:
+        now = time.time()
+        with write_transaction(conn, self._until()):
+            conn.executemany(
+                "UPDATE outbox SET not_before = ? WHERE id = ? AND lease_owner = ?",
+                [(max(not_before, now + 1), i.id, self._owner) for i in unanswered],
+            )
+            # A leased row's not_before was due when it was claimed, so a later one
+            # marks the unanswered.
+            conn.execute(
+                "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
+                "WHERE lease_owner = ? AND not_before <= ?",
+                (self._owner, now),
+            )

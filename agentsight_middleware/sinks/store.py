@@ -34,9 +34,16 @@ class StoreSink:
         self._log_once = LogOnce()
         self.stored = 0
         self.failed = 0
-        #: Monotonic time past which a write waiting for the file's lock gives up (set at
-        #: shutdown).
-        self.deadline = math.inf
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time past which a write waiting for the file's lock gives up (set at
+        shutdown): the store's, so that a write already waiting then stops too."""
+        return self._store.deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._store.deadline = value
 
     def __repr__(self) -> str:
         return f"StoreSink({self._store.path!r})"
