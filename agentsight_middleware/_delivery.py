@@ -71,7 +71,6 @@ class Sink(Protocol):
 
     async def start(self) -> None: ...
     async def put(self, payloads: list[dict[str, Any]]) -> None: ...
-    def pending(self) -> int: ...
     def backed_up(self) -> bool: ...
     async def drain(self, deadline: float, *, closing: bool = False) -> int: ...
     async def aclose(self) -> None: ...
@@ -89,9 +88,10 @@ HTTP_STATS = (
     "dropped",
     "in_flight",
     "senders",
+    "pending",
     "outbox_pending",
 )
-STORE_STATS = ("stored", "failed")
+STORE_STATS = ("stored", "failed", "pending")
 
 # Deliveries whose worker may be running: a running worker's thread holds its delivery,
 # and a stopped one is freed with its middleware.
@@ -466,11 +466,7 @@ class BackgroundDelivery:
         if sink is not None:
             for key, value in sink.stats().items():
                 stats[key] = stats.get(key, 0) + value
-            try:
-                stats["pending"] = sink.pending()
-            except Exception:
-                stats["pending"] = -1
         else:
-            for key in (*self._stats_keys, "pending"):
+            for key in self._stats_keys:
                 stats.setdefault(key, 0)
         return stats

@@ -576,6 +576,37 @@ async def test_pending_counts_this_process_s_events_and_outbox_pending_the_file_
         mw.close()
 
 
+async def test_stats_wait_once_for_a_worker_waiting_for_a_locked_outbox(
+    api: StandInAgentSightAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stats() gives up on the outbox's lock after a short wait while the worker holds it
+    # through a wait for another process's lock, and answers the last counts: once for
+    # both pending counts, not once each (a first version of outbox_pending waited twice).
+    import sqlite3
+
+    monkeypatch.setattr("agentsight_middleware.sinks.outbox._DEPTH_WAIT", 1.0)
+    outbox = tmp_path / "outbox.sqlite3"
+    mw = wrap(api, outbox=outbox)
+    async with client(mw) as c:
+        await visit(c)
+        assert mw.flush(10)
+        holder = sqlite3.connect(outbox, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            await visit(c)
+            time.sleep(0.5)  # the worker's batch now waits for the lock (10 s at most)
+            started = time.monotonic()
+            stats = mw.stats()
+            took = time.monotonic() - started
+        finally:
+            holder.close()
+    assert mw.flush(10)
+    mw.close()
+    assert took < 1.8  # one wait of 1 s
+    assert (stats["pending"], stats["outbox_pending"]) == (0, 0)  # the last counts
+    assert len(api.conversations) == 4
+
+
 async def test_close_without_an_outbox_waits_for_an_api_that_recovers(
     api: StandInAgentSightAPI, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -401,10 +401,6 @@ class HttpSink:
                 await asyncio.sleep(min(backoff(attempt, cap=5.0), left))
         raise AssertionError("unreachable")  # the last try returns or raises
 
-    def pending(self) -> int:
-        """This process's events not yet accepted by the API (see stats)."""
-        return self._outbox.pending()
-
     def backed_up(self) -> bool:
         """True while enough events are built and waiting to keep every sender busy.
 
@@ -850,6 +846,10 @@ class HttpSink:
         self._outbox.close(self._unanswered, time.time() + self._timeout)
 
     def stats(self) -> dict[str, int]:
+        try:
+            pending, outbox_pending = self._outbox.counts()
+        except Exception:
+            pending = outbox_pending = -1  # stats() never fails
         return {
             "sent": self.sent,
             "retried": self.retried,
@@ -860,13 +860,8 @@ class HttpSink:
             "in_flight": self._in_flight,
             # How far delivery has grown towards ``concurrency`` (see _grow).
             "senders": self._senders,
-            # Every event in a shared outbox file: other processes' and earlier runs' too,
-            # where ``pending`` (BackgroundDelivery.stats) counts this process's.
-            "outbox_pending": self._outbox_depth(),
+            # This process's events not yet accepted by the API, and every event in a
+            # shared outbox file (other processes' and earlier runs' too): one look.
+            "pending": pending,
+            "outbox_pending": outbox_pending,
         }
-
-    def _outbox_depth(self) -> int:
-        try:
-            return self._outbox.depth()
-        except Exception:
-            return -1  # as for ``pending``: stats() never fails

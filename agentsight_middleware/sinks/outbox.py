@@ -56,7 +56,7 @@ class Outbox(Protocol):
     def renew(self, items: list[OutboxItem], now: float) -> None: ...
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
-    def pending(self) -> int: ...
+    def counts(self) -> tuple[int, int]: ...
     def mine(self, before: float) -> tuple[int, int]: ...
     def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None: ...
 
@@ -140,9 +140,10 @@ class MemoryOutbox:
     def depth(self) -> int:
         return self._size
 
-    def pending(self) -> int:
-        """Events this process put that wait for the API: all of them, in memory."""
-        return self._size
+    def counts(self) -> tuple[int, int]:
+        """Events this process put that wait for the API, and all events waiting: the
+        same, in memory."""
+        return self._size, self._size
 
     def mine(self, before: float) -> tuple[int, int]:
         """Events waiting (all this process's), and how many of them a claim could take
@@ -162,8 +163,8 @@ class MemoryOutbox:
 # How long a write waits for another process's write lock before it fails "locked" (in
 # tries of LOCK_SLICE, so that shutdown's deadline, set meanwhile, ends the wait).
 _BUSY_TIMEOUT = 10.0
-# How long depth() waits for the worker's use of the connection before it answers with
-# the last count.
+# How long depth() and counts() wait for the worker's use of the connection before they
+# answer with the last counts.
 _DEPTH_WAIT = 0.05
 
 _SCHEMA = """
@@ -247,9 +248,8 @@ class SQLiteOutbox:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
-        # The last counts (see depth and pending).
-        self._depth = 0
-        self._pending = 0
+        # The last counts (see counts).
+        self._counts = (0, 0)
         try:
             self._connect()  # at construction: a path that cannot be opened fails at start-up
         except sqlite3.OperationalError as exc:
@@ -267,7 +267,7 @@ class SQLiteOutbox:
         if self._conn is not None:
             _INHERITED.append(self._conn)
             self._conn = None
-        self._pending = 0  # this process has put nothing yet
+        self._counts = (0, self._counts[1])  # this process has put nothing yet
 
     def _until(self, wait: float | None = None) -> Callable[[], float]:
         """When a wait for a lock starting now gives up: after the busy timeout (``wait``
@@ -392,25 +392,29 @@ class SQLiteOutbox:
         self.ack([item])
 
     def depth(self) -> int:
-        """Rows in the file, whoever put them (processes sharing it, earlier runs)."""
-        count = self._count("SELECT count(*) FROM outbox", ())
-        if count is not None:
-            self._depth = count
-        return self._depth
+        """Rows in the file, whoever put them (processes sharing it, earlier runs): the
+        second of counts(), without reading the whole table (1 ms with 100,000 rows)."""
+        row = self._ask("SELECT count(*) FROM outbox", ())
+        if row is not None:
+            self._counts = (self._counts[0], int(row[0]))
+        return self._counts[1]
 
-    def pending(self) -> int:
-        """Rows this process put that are still in the file (not yet accepted by the API)."""
-        count = self._count("SELECT count(*) FROM outbox WHERE origin = ?", (self._owner,))
-        if count is not None:
-            self._pending = count
-        return self._pending
+    def counts(self) -> tuple[int, int]:
+        """Rows this process put that are still in the file (not yet accepted by the API),
+        and all rows (other processes', earlier runs'). One read of the whole table: 0.08 ms
+        with 1,000 rows, 21 ms with 100,000."""
+        row = self._ask("SELECT coalesce(sum(origin = ?), 0), count(*) FROM outbox", (self._owner,))
+        if row is not None:
+            self._counts = (int(row[0]), int(row[1]))
+        return self._counts
 
-    def _count(self, sql: str, parameters: tuple[object, ...]) -> int | None:
-        """One count, or None (the caller's last) when it cannot be had at once.
+    def _ask(self, sql: str, parameters: tuple[object, ...]) -> tuple[int, ...] | None:
+        """The row of a count, or None (the caller's last counts) when it cannot be had at
+        once.
 
         Asked from the app's threads (stats(), a health endpoint): while the worker holds
         the lock through a wait for another process's write lock (up to the busy timeout),
-        they get the last count rather than waiting with it. Nor do they open the file:
+        they get the last counts rather than waiting with it. Nor do they open the file:
         a process not connected yet has put nothing, and opening may wait for that lock.
         """
         if not self._lock.acquire(timeout=_DEPTH_WAIT):
@@ -418,14 +422,14 @@ class SQLiteOutbox:
         try:
             if self._conn is None or self._pid != os.getpid():
                 return None
-            row = self._conn.execute(sql, parameters).fetchone()
+            row: tuple[int, ...] = self._conn.execute(sql, parameters).fetchone()
         except sqlite3.OperationalError as exc:
             if not is_locked(exc):
                 raise
             return None
         finally:
             self._lock.release()
-        return int(row[0])
+        return row
 
     def mine(self, before: float) -> tuple[int, int]:
         """Rows this process put that are still here (another process sharing the file may

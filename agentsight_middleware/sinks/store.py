@@ -90,9 +90,6 @@ class StoreSink:
                 self.failed += len(payloads)
                 raise
 
-    def pending(self) -> int:
-        return 0
-
     def backed_up(self) -> bool:
         return False
 
@@ -104,4 +101,4 @@ class StoreSink:
         self._store.close()
 
     def stats(self) -> dict[str, int]:
-        return {"stored": self.stored, "failed": self.failed}
+        return {"stored": self.stored, "failed": self.failed, "pending": 0}
