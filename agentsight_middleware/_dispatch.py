@@ -66,6 +66,7 @@ class Dispatcher(Generic[T]):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._atexit_registered = False
+        self._gave_up = False  # a close() ran out of time (see close)
         self.submitted = 0
         self.processed = 0
         self.failed = 0
@@ -81,6 +82,7 @@ class Dispatcher(Generic[T]):
         self._busy = 0
         self._slots = threading.BoundedSemaphore(self._concurrency)
         self._pool = None
+        self._gave_up = False
 
     def ensure_started(self) -> None:
         if not self._started:
@@ -186,8 +188,8 @@ class Dispatcher(Generic[T]):
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is handled; False on time-out (by default
         the shutdown timeout, as the built-in client's flush(): a hung call never ends)."""
-        if not self._started and not self._items and not self._busy:
-            return True  # (a close() that timed out leaves its worker on what it has)
+        if not self._started:
+            return True
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         while self._items or self._busy:
             if time.monotonic() >= deadline:
@@ -199,24 +201,27 @@ class Dispatcher(Generic[T]):
         """Flush within ``timeout`` (default: the shutdown timeout) and stop the worker."""
         if not self._started or self._thread is None:
             return
+        if self._gave_up:
+            return  # a close() ran out of time already: atexit's must not wait it out again
         limit = self._shutdown_timeout if timeout is None else timeout
-        flushed = self.flush(limit)
-        if not flushed:
+        if not self.flush(limit):
             logger.warning(
                 "%d event(s) not delivered within %.1f s at shutdown",
                 len(self._items) + self._busy,
                 limit,
             )
-        # Closed either way: the atexit close() after a lifespan's must not wait (and
-        # warn) a second time. A worker held up by a call still finishes what it has.
+            # The worker is left running (held up by a call, it still finishes what it
+            # has, and what comes later): stopping it here would have a later page view
+            # start a second worker beside it, two calls at once.
+            self._gave_up = True
+            return
         self._stopping.set()
-        if flushed:
-            self._thread.join(limit)
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
+        self._thread.join(limit)
         self._thread = None
         self._started = False
-        self._pool = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def stats(self) -> DispatcherStats:
         return DispatcherStats(

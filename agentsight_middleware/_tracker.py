@@ -81,9 +81,9 @@ def _json_metadata(metadata: dict[str, Any], owner: TrackerDelivery) -> dict[str
     return safe
 
 
-#: Seconds a tracker's own flush gets at shutdown even when the page views used up the
-#: shutdown timeout: what it buffered is every call that did finish.
-_LEAST_FLUSH = 1.0
+#: Seconds a tracker's own flush is waited for at least: enough for one with nothing to
+#: send to say so (``flush(0)`` right after everything was handed over).
+_LEAST_FLUSH = 0.05
 
 
 def _stray_cancel(exc: BaseException) -> bool:
@@ -109,9 +109,18 @@ def _cancelling() -> bool:
     return True if cancelling is None else bool(cancelling())
 
 
+def _is_instance_method(cls: type, name: str) -> bool:
+    """Whether ``cls`` itself (not its metaclass) defines ``name`` as a plain function."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return inspect.isfunction(vars(klass)[name])
+    return False
+
+
 def check_tracker(tracker: object) -> None:
-    if isinstance(tracker, type):
-        # Its methods are callable, unbound: every call would fail for want of self.
+    if isinstance(tracker, type) and any(_is_instance_method(tracker, m) for m in _METHODS):
+        # Callable, but unbound: every call would fail for want of self. (A class whose
+        # methods are static or class methods, or come from its metaclass, is fine.)
         name = tracker.__name__
         raise ValueError(
             f"tracker={name} is a class, not a tracker: pass an instance, tracker={name}()"
@@ -258,8 +267,10 @@ class TrackerDelivery:
         # wait for them, as they wait for the worker's queue.
         self._flying: dict[Future[Any], asyncio.AbstractEventLoop] = {}
         self._flying_lock = threading.Lock()
+        self._tracker_flush_failed = False
 
     def _after_fork(self) -> None:
+        self._tracker_flush_failed = False
         self._loop = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -540,15 +551,15 @@ class TrackerDelivery:
         return self._flush_tracker(deadline)
 
     def close(self, timeout: float | None = None) -> None:
+        # One deadline for the queue, the calls on the app's loop and the tracker's own
+        # buffer: shutdown takes shutdown_timeout at most, not once per part.
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         self._dispatcher.close(timeout)
         # Page views a coroutine tracker is still handling on the app's loop: given the
         # time the tracker may take (they time out by then), said when cut short.
         flying = self._waitable()
         if flying:
-            _, pending = concurrent.futures.wait(
-                flying, self._shutdown_timeout if timeout is None else timeout
-            )
+            _, pending = concurrent.futures.wait(flying, max(deadline - time.monotonic(), 0))
             if pending:
                 from ._log import logger
 
@@ -558,11 +569,15 @@ class TrackerDelivery:
                 )
                 for future in pending:
                     future.cancel()
-        if not self._flush_tracker(max(deadline, time.monotonic() + _LEAST_FLUSH)):
+        if self._tracker_flush_failed:
+            return  # a close() before already waited for it in vain (atexit after a lifespan)
+        if not self._flush_tracker(deadline):
+            self._tracker_flush_failed = True
             from ._log import logger
 
             logger.warning(
-                "the tracker's own buffer was not flushed at shutdown (%s.agentsight_flush)",
+                "the tracker's own buffer (%s.agentsight_flush) was not sent within the "
+                "shutdown timeout; what it still holds may be lost",
                 type(self.tracker).__name__,
             )
 
@@ -575,15 +590,24 @@ class TrackerDelivery:
         hook = getattr(self.tracker, "agentsight_flush", None)
         if not callable(hook):
             return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        try:
-            return hook(left) is not False
-        except Exception as exc:
-            self._count("errors")
-            self.log_once("tracker.agentsight_flush()", exc)
-            return False
+        left = max(deadline - time.monotonic(), _LEAST_FLUSH)
+        outcome: list[bool] = []
+
+        def run() -> None:
+            try:
+                outcome.append(hook(left) is not False)
+            except Exception as exc:
+                self._count("errors")
+                self.log_once("tracker.agentsight_flush()", exc)
+                outcome.append(False)
+
+        # In a thread of its own, waited for until the deadline: the hook's own timeout
+        # is a wish (OpenTelemetry's force_flush exports the whole queue whatever it is
+        # told: ~48 s a batch against an API that does not answer).
+        thread = threading.Thread(target=run, name="agentsight-tracker-flush", daemon=True)
+        thread.start()
+        thread.join(left)
+        return bool(outcome) and outcome[0]
 
     def _waitable(self) -> list[Future[Any]]:
         """The page views running on loops that run, but not on this thread's own loop

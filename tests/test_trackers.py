@@ -346,6 +346,110 @@ def test_a_timed_out_close_is_not_waited_out_again_at_exit(
     assert mw.flush(5)  # the worker still finishes what it had once the call returns
 
 
+def test_page_views_after_a_timed_out_close_keep_to_one_call_at_a_time() -> None:
+    # The first fix of the double wait stopped the worker at a timed-out close: the next
+    # page view started a second worker beside the first (two calls at once on a tracker
+    # that takes one), and stats() lost count of what the first still held.
+    from werkzeug.test import Client
+
+    class OneAtATime:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.running = self.most = self.done = 0
+
+        def initialize_conversation(self, **kwargs: Any) -> None:
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.3)
+            with self.lock:
+                self.running -= 1
+                self.done += 1
+
+        def get_or_create_conversation(self, **kwargs: Any) -> None:
+            pass
+
+    def page(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<p>shop</p>"]
+
+    tracker = OneAtATime()
+    mw = AgentSightWSGIMiddleware(page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.2)
+    for _ in range(3):
+        assert Client(mw).get("/", headers=BROWSER).status_code == 200
+    time.sleep(0.05)
+    mw.close()  # runs out of time: 3 x 0.3 s to go
+    for _ in range(3):
+        assert Client(mw).get("/", headers=BROWSER).status_code == 200
+    assert mw.stats()["queued"] >= 3  # what waits is still counted
+    assert mw.flush(10)
+    assert tracker.done == 6
+    assert tracker.most == 1
+
+
+class FlushingTracker(RecordingTracker):
+    """Buffers like the 0.1.x SDK; its flush takes ``delay`` whatever it is told."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.flushes = 0
+
+    def agentsight_flush(self, timeout: float) -> bool:
+        self.flushes += 1
+        time.sleep(self.delay)
+        return True
+
+
+def test_a_trackers_own_flush_is_bounded_by_the_shutdown_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # OpenTelemetry's force_flush exports its whole queue whatever timeout it is given
+    # (~48 s a batch against an API that does not answer): waited for as long, a uvicorn
+    # stop took 48 s with shutdown_timeout=1.
+    tracker = FlushingTracker(delay=5)
+    mw = AgentSightWSGIMiddleware(_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.5)
+    started = time.monotonic()
+    assert mw.flush(0.5) is False
+    mw.close()
+    mw.close()  # as atexit does after the lifespan's: the tracker is not waited for again
+    took = time.monotonic() - started
+    assert took < 2.5  # before: 15 s
+    assert tracker.flushes == 2  # flush() and the first close()
+    assert any("was not sent within the shutdown timeout" in r.getMessage() for r in caplog.records)
+
+
+def test_flush_zero_with_nothing_held_answers_true() -> None:
+    mw = AgentSightWSGIMiddleware(_page, widget_pages=["/"], tracker=FlushingTracker(delay=0))
+    assert mw.flush(0) is True  # the first version said False at once, with nothing to send
+    mw.close()
+
+
+def test_a_class_whose_methods_need_no_instance_is_a_tracker() -> None:
+    calls: list[str] = []
+
+    class Namespace:
+        @staticmethod
+        def initialize_conversation(**kwargs: Any) -> None:
+            calls.append("page view")
+
+        @classmethod
+        def get_or_create_conversation(cls, **kwargs: Any) -> None:
+            calls.append("chat")
+
+    from werkzeug.test import Client
+
+    def page(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html")])
+        return [b"<p>shop</p>"]
+
+    mw = AgentSightWSGIMiddleware(page, widget_pages=["/"], tracker=Namespace)
+    assert Client(mw).get("/", headers=BROWSER).status_code == 200
+    assert mw.flush(5)
+    assert calls == ["page view"]
+    mw.close()
+
+
 # -- coroutines ----------------------------------------------------------------------------
 
 
