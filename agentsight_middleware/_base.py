@@ -51,10 +51,13 @@ _SAME_RULES_WARNING_AT = 3
 _same_rules_warned = False
 
 
-def _count_instance(name: str, rules: str) -> None:
+def _count_instance(owner: object, name: str, rules: str) -> None:
+    """Count ``owner`` among the live instances with these rules, until it is dropped (a
+    test suite builds an app, and a middleware, per test: not one per route)."""
     global _same_rules_warned
     key = (name, rules)
     count = _instances[key] = _instances.get(key, 0) + 1
+    weakref.finalize(owner, _forget_instance, key).atexit = False
     if count == _SAME_RULES_WARNING_AT and not _same_rules_warned:
         _same_rules_warned = True
         logger.warning(
@@ -66,6 +69,14 @@ def _count_instance(name: str, rules: str) -> None:
             name,
             name,
         )
+
+
+def _forget_instance(key: tuple[str, str]) -> None:
+    left = _instances.get(key, 0) - 1
+    if left > 0:
+        _instances[key] = left
+    else:
+        _instances.pop(key, None)
 
 
 class Options(TypedDict, total=False):
@@ -264,7 +275,7 @@ class MiddlewareBase:
             # request a 500. Start uvicorn with --lifespan on to stop on it.
             logger.error("agentsight-middleware is misconfigured: %s", exc)
             raise
-        _count_instance(type(self).__name__, repr(settings.rules))
+        _count_instance(self, type(self).__name__, repr(settings.rules))
         self._settings = settings
         self._core = core = Core(settings, delivery)
         if isinstance(delivery, BackgroundDelivery):

@@ -491,7 +491,7 @@ def _app_cookie(headers: Any, prefix: bytes) -> AppCookie:
     found: AppCookie = NOT_SET
     for name, value in headers:
         if name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
-            value = _latin1(value)
+            value = _latin1(value).lstrip(b" \t")  # as Django's WSGI handler sends them
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 found = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
@@ -531,7 +531,7 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
                 _HTML_TYPES[value] = known
             html = known
         elif name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
-            value = _latin1(value)
+            value = _latin1(value).lstrip(b" \t")  # as Django's WSGI handler sends them
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 own = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))

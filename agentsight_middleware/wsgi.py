@@ -462,9 +462,12 @@ def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> AppCookie:
     none, None when it sets an empty or invalid one (deletes it, say)."""
     found: AppCookie = NOT_SET
     for name, value in headers:
-        if value.startswith(prefix) and name.lower() == "set-cookie":
-            # The last one: it is the one the browser keeps (a delete, then a set).
-            found = set_cookie_value(value, prefix)
+        if prefix in value and name.lower() == "set-cookie":
+            # Django's WSGI handler sends its cookies with a leading blank.
+            value = value.lstrip(" \t")
+            if value.startswith(prefix):
+                # The last one: it is the one the browser keeps (a delete, then a set).
+                found = set_cookie_value(value, prefix)
     return found
 
 
@@ -487,6 +490,7 @@ def _page_headers(
             if content_type is None:
                 content_type = value
         elif lowered == "set-cookie":
+            value = value.lstrip(" \t")  # Django's WSGI handler sends a leading blank
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 own = set_cookie_value(value, prefix)

@@ -138,6 +138,35 @@ def test_django_under_real_wsgi_server(tracker: RecordingTracker) -> None:
     assert isinstance(AgentSightMiddleware, type)
 
 
+def test_django_wsgi_keeps_the_cookie_the_app_sets_itself(tracker: RecordingTracker) -> None:
+    # Django's WSGI handler sends " agentsight_conversation_id=..." (SimpleCookie's output
+    # with a leading blank): our own cookie was added after it, and the browser kept ours.
+    from django.test import override_settings
+
+    from examples.django_site.wsgi import create_application
+
+    with override_settings(ROOT_URLCONF="tests.apps.django_own_cookie_urls"):
+        app = create_application(tracker=tracker)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{server.server_port}") as client:
+                page = client.get("/", headers=BROWSER)
+                kept = client.cookies.get("agentsight_conversation_id")
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+    assert page.status_code == 200
+    assert len(page.headers.get_list("set-cookie")) == 1  # the app's, and no second one
+    assert kept == "conv_restored0001"
+    tracker.wait_for(initialized=1)
+    assert [
+        (c["conversation_id"], c["metadata"]["conversation_id_source"]) for c in tracker.initialized
+    ] == [("conv_restored0001", "app")]
+
+
 def test_litestar_under_real_uvicorn(tracker: RecordingTracker) -> None:
     # The Litestar app wrapped as a whole; a chunked body must reach request.json() whole
     # after the peek, and Litestar's lifespan goes through the middleware.
@@ -202,6 +231,30 @@ def test_one_middleware_per_route_is_warned_about(
     ]
     assert len(warnings) == 1
     assert "Wrap the whole app once instead" in warnings[0]
+
+
+def test_an_app_built_per_test_is_not_taken_for_one_middleware_per_route(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test suite's app factory builds one middleware per test, each dropped before the
+    # next: the warning counted the dropped ones too, and blamed per-route building.
+    import gc
+
+    from starlette.applications import Starlette
+
+    from agentsight_middleware import _base
+
+    monkeypatch.setattr(_base, "_instances", {})
+    monkeypatch.setattr(_base, "_same_rules_warned", False)
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        for _ in range(5):
+            middleware = AgentSightMiddleware(Starlette(), widget_pages=["/"], tracker=tracker)
+            middleware.close()
+            del middleware
+            gc.collect()
+        kept = [AgentSightMiddleware(Starlette(), widget_pages=["/"], tracker=tracker)]
+    assert not [r for r in caplog.records if "instances with the same rules" in r.getMessage()]
+    kept[0].close()
 
 
 ROOT = Path(__file__).resolve().parent.parent
