@@ -607,6 +607,37 @@ async def test_stats_wait_once_for_a_worker_waiting_for_a_locked_outbox(
     assert len(api.conversations) == 4
 
 
+async def test_what_the_api_accepted_is_recorded_though_another_process_locks_the_outbox(
+    api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    # The API accepts a page view while another process holds the outbox's write lock;
+    # shutdown comes meanwhile. The acknowledgement got one 0.1 s try and was then
+    # forgotten: the row stayed (claimed), and the next start sent the event again.
+    import sqlite3
+    import threading
+
+    outbox = tmp_path / "outbox.sqlite3"
+    mw = wrap(api, outbox=outbox, shutdown_timeout=0.5)
+    async with client(mw) as c:
+        await visit(c, chats=0)
+        assert mw.flush(10)  # the file exists
+        api.set_latency(0.4)
+        await visit(c, chats=0)
+    time.sleep(0.15)  # put and claimed; its answer is on the way
+    holder = sqlite3.connect(outbox, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    # Held past shutdown's deadline (0.5 s after close), not past the 1 s grace after it.
+    release = threading.Timer(1.3, holder.close)
+    release.start()
+    try:
+        time.sleep(0.5)  # the answer came; its acknowledgement waits for the lock
+        mw.close()
+    finally:
+        release.join()
+    assert len(api.conversations) == 2
+    assert _outbox_rows(outbox) == 0  # before: 1, sent again at the next start
+
+
 async def test_close_without_an_outbox_waits_for_an_api_that_recovers(
     api: StandInAgentSightAPI, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -226,6 +226,43 @@ async def test_close_keeps_to_its_deadline_with_the_store_locked(
 
 
 @pytest.mark.anyio
+async def test_a_worker_started_after_a_close_waits_for_a_lock_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second lifespan (two TestClient blocks, a server restarting it) starts a new
+    # worker on the same store: it kept the first shutdown's deadline, long past, so a
+    # write meeting a lock got one 0.1 s try and the event was lost.
+    import sqlite3
+    import threading
+    import time
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    mw = _middleware(local_store=db, shutdown_timeout=0.5)
+    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+        await c.get("/", headers=BROWSER)
+        assert mw.flush(10)
+        mw.close()  # the first lifespan's end
+        time.sleep(0.6)  # its deadline has passed
+        holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.8, holder.close)
+        release.start()
+        try:
+            c.cookies.clear()
+            await c.get("/", headers=BROWSER)  # starts the worker again
+            assert mw.flush(10)
+        finally:
+            release.join()
+    stats = mw.stats()
+    mw.close()
+    assert stats["failed"] == 0
+    rows = sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone()[0]
+    assert rows == 2  # before: 1, the second page view lost
+
+
+@pytest.mark.anyio
 async def test_close_ends_a_write_already_waiting_for_the_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

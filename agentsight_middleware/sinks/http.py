@@ -54,6 +54,9 @@ __all__ = ["HttpSink"]
 # How often the pump looks for work it was not told about: rows whose retry
 # time came, or rows another process put into a shared outbox file.
 _POLL = 0.1
+#: Seconds past shutdown's deadline the last write to the outbox (what the API accepted,
+#: claims handed back) may wait for another process's lock.
+_FINAL_GRACE = 1.0
 # With nothing waiting in a memory outbox there is nothing to look for: the poll sleeps
 # this long, or until put() brings work (an idle process's threads stay quiet).
 _IDLE_POLL = 1.0
@@ -698,7 +701,9 @@ class HttpSink:
             try:
                 self._outbox.ack(acks)
             except Exception as exc:
-                # The rows stay on disk, leased: sent again when the lease runs out.
+                # Kept for the next try; if none succeeds, the rows stay on disk, leased,
+                # and are sent again when the lease runs out.
+                self._acks = acks + self._acks
                 self._log_once("ack", "could not mark %d sent event(s) in the outbox: %r",
                                len(acks), exc)  # fmt: skip
                 return
@@ -832,6 +837,9 @@ class HttpSink:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # What the API accepted is recorded even when the deadline has passed, or the next
+        # start sends it again: a short grace for that write (and the write-back below).
+        self.deadline = max(self.deadline, time.monotonic() + _FINAL_GRACE)
         self._flush_acks()
         if self._pool is not None:
             # Sender threads finish their request (bounded by the timeout) on their own,

@@ -31,6 +31,9 @@ class StoreSink:
 
     def __init__(self, store: LocalStore) -> None:
         self._store = store
+        # The store outlives a worker (a second lifespan starts another): the last
+        # shutdown's deadline must not cut this one's writes short.
+        store.deadline = math.inf
         self._log_once = LogOnce()
         self.stored = 0
         self.failed = 0
