@@ -402,7 +402,7 @@ class SQLiteOutbox:
     def counts(self) -> tuple[int, int]:
         """Rows this process put that are still in the file (not yet accepted by the API),
         and all rows (other processes', earlier runs'). One read of the whole table: 0.08 ms
-        with 1,000 rows, 21 ms with 100,000."""
+        with 1,000 rows, 28-144 ms with 100,000 (events of 0.3-5 KB)."""
         row = self._ask("SELECT coalesce(sum(origin = ?), 0), count(*) FROM outbox", (self._owner,))
         if row is not None:
             self._counts = (int(row[0]), int(row[1]))
