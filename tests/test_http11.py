@@ -1863,3 +1863,148 @@ async def test_after_a_spell_of_h11_the_pool_pipelines_again_without_errors(
         results = await pool.post_many([b"{}"] * 8)
         pool.close()
     assert [r.status if isinstance(r, _http11.Reply) else r for r in results] == [201] * 8
+
+
+# ---------------------------------------------------------------------------
+# Found in review of delivery to a slow and to a throttling API
+# ---------------------------------------------------------------------------
+
+
+def queueing_api(seconds: float) -> tuple[Scripted, list[bytes], list[int]]:
+    """A server that reads each connection's requests as they come (a pipeline at once)
+    and answers them one after the other, ``seconds`` each, as a busy API does; the
+    bodies it accepted, and ``[the most requests waiting on one connection]``."""
+    accepted: list[bytes] = []
+    deepest = [0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        waiting = 0
+        turn = asyncio.Lock()  # first come, first served: answers keep the requests' order
+        answers: set[asyncio.Task[None]] = set()
+
+        async def answer(body: bytes) -> None:
+            nonlocal waiting
+            async with turn:
+                await asyncio.sleep(seconds)
+                waiting -= 1
+                accepted.append(body)
+                writer.write(created())
+
+        try:
+            while True:
+                _, _, body = await read_request(reader)
+                waiting += 1
+                deepest[0] = max(deepest[0], waiting)
+                task = asyncio.create_task(answer(body))
+                answers.add(task)
+                task.add_done_callback(answers.discard)
+        finally:
+            for task in answers:
+                task.cancel()
+
+    return Scripted(handler), accepted, deepest
+
+
+async def test_a_burst_spreads_over_connections_before_pipelines_deepen() -> None:
+    # 200 events at once: the first 8 senders took 16 each in pipelines as soon as their
+    # connections had answered once, and the senders added for the backlog found
+    # little left. The server answers a connection's requests in turn, so the burst
+    # took 16 answers' time (~9 s at 0.5 s an answer; ~3 s without pipelining). No
+    # pipeline is now deeper than the burst spread over every connection allowed.
+    server, accepted, deepest = queueing_api(0.2)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await deliver(sink, 200)
+    assert sink.stats()["sent"] == 200
+    assert len(set(accepted)) == 200
+    assert deepest[0] <= 4  # 200 events over 64 connections (was 16)
+    assert server.connections > 8
+
+
+def paced(answer: Callable[[int], bytes | None], seconds: float) -> tuple[Scripted, list[int]]:
+    """A server answering request n (counted from 0 over all connections) with
+    ``answer(n)`` after ``seconds`` (None: it closes the connection unanswered); for each
+    request, how many others it was working on when it came."""
+    alongside: list[int] = []
+    working = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal working
+        while True:
+            await read_request(reader)
+            reply = answer(len(alongside))
+            alongside.append(working)
+            working += 1
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                working -= 1
+            if reply is None:
+                return  # Scripted closes it
+            writer.write(reply)
+
+    return Scripted(handler), alongside
+
+
+THROTTLED = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 0\r\nContent-Length: 2\r\n\r\n{}"
+MOVED = b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://x/\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("refusal", [THROTTLED, MOVED], ids=["429", "wrong-endpoint"])
+async def test_after_a_pause_one_request_goes_first_and_the_rest_follow_its_answer(
+    refusal: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An API throttling for a while: each time a pause ran out, every sender fired a
+    # pipeline at once into it (3 s of it cost 200 events 264 429s). Now one request goes
+    # alone, and only an answer that sets no new pause lets the others go; nothing is lost
+    # and nothing sent twice. A wrong endpoint's pause (fixed meanwhile) ends the same way.
+    monkeypatch.setattr("agentsight_middleware._retry.MIN_RETRY_AFTER", 0.2)
+    monkeypatch.setattr("agentsight_middleware.sinks.http._ELSEWHERE_PAUSE", 0.2)
+    refusing_until: list[float] = []
+
+    def answer(n: int) -> bytes:
+        if not refusing_until:
+            refusing_until.append(time.monotonic() + 1.0)
+        return refusal if time.monotonic() < refusing_until[0] else created()
+
+    server, alongside = paced(answer, 0.05)
+    refusals = 0
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        real_outcome = sink._outcome
+
+        def outcome(item: OutboxItem, result: Any) -> None:
+            nonlocal refusals
+            if isinstance(result, _http11.Reply) and result.status != 201:
+                refusals += 1
+            real_outcome(item, result)
+
+        sink._outcome = outcome  # type: ignore[method-assign]
+        await deliver(sink, 100)
+    stats = sink.stats()
+    assert (stats["sent"], stats["failed"], stats["dropped"]) == (100, 0, 0)
+    assert len(alongside) == 100 + refusals  # each event accepted once, none sent twice
+    # The first 8 requests (new connections carry one) went before any answer; then at
+    # most one a pause (0.2 s) while it lasts (1 s); the 429s were 100+ before. The first
+    # two from a wrong endpoint are those events' own failures (one could be a firewall's
+    # verdict on its body): their senders go on at once, with 2 events each at most.
+    first = 8 if refusal == THROTTLED else 8 + 2 * 2
+    assert 8 <= refusals <= first + 6
+    # Once the API took one, the others went again side by side.
+    assert max(alongside[refusals:]) > 1
+
+
+async def test_a_request_after_a_pause_that_gets_no_answer_leaves_the_next_one_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A refused connection or a cut one says nothing of the throttling: the request
+    # after it goes alone too.
+    monkeypatch.setattr("agentsight_middleware._retry.MIN_RETRY_AFTER", 0.2)
+    answers = iter([THROTTLED] * 8 + [None])
+    server, alongside = paced(lambda n: next(answers, created()), 0.05)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await deliver(sink, 100)
+    assert sink.stats()["sent"] == 100
+    assert alongside[8:10] == [0, 0]  # the cut request, then the next one: each alone
+    assert max(alongside[10:]) > 1

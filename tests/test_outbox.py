@@ -55,6 +55,17 @@ def test_oldest_events_first_so_a_busy_conversation_takes_turns(tmp_path: Path, 
     outbox.close()
 
 
+@pytest.mark.parametrize("kind", [0, 1], ids=["memory", "sqlite"])
+def test_depth_upto_counts_every_row_no_further_than_asked(tmp_path: Path, kind: int) -> None:
+    # Claimed rows and rows behind their conversation's head are waiting too.
+    outbox = _outbox(tmp_path, kind)
+    outbox.put([("a", b"a1"), ("a", b"a2"), ("b", b"b1"), ("c", b"c1")])
+    outbox.claim(1, time.time())
+    assert [outbox.depth_upto(n) for n in (1, 3, 4, 100)] == [1, 3, 4, 4]
+    assert outbox.depth_upto(100) == outbox.depth()
+    outbox.close()
+
+
 def test_memory_outbox_is_bounded() -> None:
     outbox = MemoryOutbox(3)
     assert outbox.put([(str(i), b"x") for i in range(5)]) == 3

@@ -65,6 +65,10 @@ _IDLE_POLL = 1.0
 # long round trip (64 at 50 ms carry ~1,280 events/s), while a trickle of events
 # never needs more than a few connections.
 _FIRST_SENDERS = 8
+# How long the outbox's depth, as counted for a pipeline's share (see _even_share), holds:
+# counted at every claim, it cost the SQLite outbox ~35 us a claim (~2 us an event at full
+# pipelines), and a burst is spread from its first claims all the same.
+_RECOUNT = 0.01
 # A wrong endpoint (see _retry.ELSEWHERE) is tried again this often, the events kept meanwhile.
 _ELSEWHERE_PAUSE = 30.0
 # ... once this many events in a row got such an answer.
@@ -208,6 +212,14 @@ class HttpSink:
         # Written to the API and unanswered when shutdown cancelled their requests.
         self._unanswered: list[OutboxItem] = []
         self._paused_until = 0.0
+        # After a pause, one request goes first (see _sender): the circuit is half-open until
+        # it gets an answer other than the one that paused delivery.
+        self._half_open = False
+        self._probe: asyncio.Future[None] | None = None  # resolved when that request is over
+        # Requests one sender writes at once, at most, since the last claim: see _even_share.
+        self._share = 1
+        self._waiting = 0  # the outbox's depth as last counted for it
+        self._waiting_at = -math.inf  # when (monotonic)
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
         #: Monotonic time past which a write waiting for the outbox's lock gives up (set
@@ -315,6 +327,24 @@ class HttpSink:
         """Events one sender takes at a time: one request each, written at once (pipelined)
         when the direct pool can."""
         return self._direct.depth if self._direct is not None else 1
+
+    def _even_share(self, depth: int) -> int:
+        """Requests one sender may write at once now: ``depth`` at most, and no more than
+        the events in the outbox (in flight included) spread over ``concurrency`` connections.
+
+        A server answers one connection's requests one after the other: 16 pipelined on
+        each of the first senders take 16 round trips, while the senders that growth
+        adds later (see _grow) would find nothing left. Spread over every connection
+        allowed, a burst waits in the outbox for them instead; a backlog deep enough for
+        full pipelines on all of them (a fast API that the sender's CPU cannot keep up
+        with) still gets them."""
+        if depth <= 1:
+            return 1
+        now = time.monotonic()
+        if now - self._waiting_at >= _RECOUNT:
+            self._waiting = self._outbox.depth_upto(depth * self._concurrency)
+            self._waiting_at = now
+        return max(1, min(depth, -(-self._waiting // self._concurrency)))
 
     async def _post_many(
         self, bodies: list[bytes], results: list[Reply | Exception]
@@ -466,38 +496,57 @@ class HttpSink:
             if now < self._paused_until:
                 await asyncio.sleep(self._paused_until - now)
                 continue
+            # Half-open after a pause: every sender firing its pipeline the moment a 429's
+            # Retry-After ran out met an API still throttling with as many 429s (128 at
+            # once). One request goes first; the others wait for its answer.
+            probing = self._half_open
+            if probing and self._probe is not None:
+                # Shielded: a waiter cancelled at shutdown must not cancel it for the others.
+                await asyncio.shield(self._probe)
+                continue
             items: list[OutboxItem] = []
             try:
-                depth = self._depth()
+                depth = 1 if probing else self._depth()
                 if not ready:
-                    # Only as many as the free senders take: a claimed row waiting here
-                    # would be holding its lease (a shared outbox's guard against double
-                    # sends) while time runs.
-                    limit = (self._senders - self._busy) * depth
+                    if probing:
+                        limit = 1
+                    else:
+                        self._share = depth = self._even_share(depth)
+                        # Only as many as the free senders take: a claimed row waiting here
+                        # would be holding its lease (a shared outbox's guard against double
+                        # sends) while time runs.
+                        limit = (self._senders - self._busy) * depth
                     claimed = outbox.claim(limit, now)
                     if not claimed:
                         await bell.wait()
                         continue
-                    # Until a claim finds less than it could take: a sender busy with a
-                    # long pipeline claims rarely, and the backlog it left is still there.
-                    self._claims_full = len(claimed) >= limit
+                    if not probing:
+                        # Until a claim finds less than it could take: a sender busy with a
+                        # long pipeline claims rarely, and the backlog it left is still there.
+                        self._claims_full = len(claimed) >= limit
                     ready.extend(claimed)
                 # Spread over the free senders first, one connection each, and pipeline
-                # only the rest: a server answers a connection's requests one after the
-                # other, so its connections, not a pipeline's depth, are its parallelism.
+                # only the rest, up to the even share: a server answers a connection's
+                # requests one after the other, so its connections, not a pipeline's depth,
+                # are its parallelism.
                 free = max(self._senders - self._busy, 1)
-                take = min(depth, -(-len(ready) // free))
+                take = min(depth, self._share, -(-len(ready) // free))
                 items = [ready.popleft() for _ in range(take)]
-                if ready:
+                if ready and not probing:
                     bell.ring(min(free - 1, len(ready)))  # the others are for senders that wait
+                if probing:
+                    self._probe = asyncio.get_running_loop().create_future()
                 self._busy += 1
                 flying = self._flying
                 flying[id(items)] = items
+                results: list[Reply | Exception] = []
                 try:
-                    await self._send_many(items)
+                    results = await self._send_many(items)
                 finally:
                     self._busy -= 1
                     del flying[id(items)]
+                    if probing:
+                        self._end_probe(results)
             except Exception as exc:
                 # A sender that died here would take a share of the delivery capacity
                 # with it, silently, and leave its events claimed (and their conversations
@@ -508,6 +557,22 @@ class HttpSink:
                 for item in items:
                     self._release(item, backoff(item.attempts + 1))
                 await asyncio.sleep(_POLL)
+
+    def _end_probe(self, results: list[Reply | Exception]) -> None:
+        """The request sent first after a pause is over: the others go on waiting for the
+        next one, or, once it got an answer that set no new pause, they all resume."""
+        probe, self._probe = self._probe, None
+        # No answer at all (a refused connection, a timeout) says nothing of the pause's
+        # cause: the next request goes alone again.
+        if any(isinstance(r, Reply) for r in results) and time.time() >= self._paused_until:
+            self._half_open = False
+        if probe is not None:
+            resolve(probe)
+
+    def _pause(self, until: float) -> None:
+        """No request before ``until`` (time.time()), then one alone (see _sender)."""
+        self._paused_until = max(self._paused_until, until)
+        self._half_open = True
 
     def _release_unsent(self, item: OutboxItem) -> None:
         try:
@@ -526,7 +591,8 @@ class HttpSink:
             # sent again later, the memory outbox keeps it blocked until restart.
             self._log_once("release", "could not give an event back to the outbox: %r", exc)
 
-    async def _send_many(self, items: list[OutboxItem]) -> None:
+    async def _send_many(self, items: list[OutboxItem]) -> list[Reply | Exception]:
+        """Send ``items`` and see to each one's outcome; their results, in order."""
         results: list[Reply | Exception] = []
         try:
             await self._post_many([item.body for item in items], results)
@@ -553,6 +619,7 @@ class HttpSink:
                     "sender", "unexpected error in the delivery sender: %r", exc, level="error"
                 )
                 self._release(item, backoff(item.attempts + 1))
+        return results
 
     def _outcome(self, item: OutboxItem, result: Reply | Exception) -> None:
         if isinstance(result, NotSent):
@@ -620,7 +687,7 @@ class HttpSink:
             elif outcome == THROTTLED:
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
-                self._paused_until = max(self._paused_until, time.time() + wait)
+                self._pause(time.time() + wait)
                 # Pacing, not a failure: no attempt counted (the memory outbox gives up
                 # after a few), and no backoff grown by it.
                 self._outbox.defer(item, self._paused_until)
@@ -665,7 +732,7 @@ class HttpSink:
         """Give ``item`` back with no attempt counted, and pause delivery _ELSEWHERE_PAUSE:
         the setup (endpoint, key) is at fault, not the event."""
         now = time.time()
-        self._paused_until = max(self._paused_until, now + _ELSEWHERE_PAUSE)
+        self._pause(now + _ELSEWHERE_PAUSE)
         # The pause is this process's: the row itself is due again at once, so that a
         # process started with the setup fixed (sharing a durable outbox) sends it.
         self._outbox.defer(item, now)

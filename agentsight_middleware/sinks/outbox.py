@@ -57,6 +57,7 @@ class Outbox(Protocol):
     def discard(self, item: OutboxItem) -> None: ...
     def depth(self) -> int: ...
     def counts(self) -> tuple[int, int]: ...
+    def depth_upto(self, limit: int) -> int: ...
     def mine(self, before: float) -> tuple[int, int]: ...
     def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None: ...
 
@@ -144,6 +145,9 @@ class MemoryOutbox:
         """Events this process put that wait for the API, and all events waiting: the
         same, in memory."""
         return self._size, self._size
+
+    def depth_upto(self, limit: int) -> int:
+        return min(self._size, limit)
 
     def mine(self, before: float) -> tuple[int, int]:
         """Events waiting (all this process's), and how many of them a claim could take
@@ -430,6 +434,18 @@ class SQLiteOutbox:
         finally:
             self._lock.release()
         return row
+
+    def depth_upto(self, limit: int) -> int:
+        """``depth()``, counted no further than ``limit``: the sink asks as often as every
+        10 ms while sending, and a count of all rows takes ~7 ms at 1,000,000 of them (this,
+        ~40 us up to 1,024)."""
+        with self._lock:
+            row = (
+                self._connect()
+                .execute("SELECT count(*) FROM (SELECT 1 FROM outbox LIMIT ?)", (limit,))
+                .fetchone()
+            )
+        return int(row[0])
 
     def mine(self, before: float) -> tuple[int, int]:
         """Rows this process put that are still here (another process sharing the file may
