@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -2008,3 +2009,103 @@ async def test_a_request_after_a_pause_that_gets_no_answer_leaves_the_next_one_a
     assert sink.stats()["sent"] == 100
     assert alongside[8:10] == [0, 0]  # the cut request, then the next one: each alone
     assert max(alongside[10:]) > 1
+
+
+# -- after review: held acknowledgements, a hung request sent alone, the shutdown grace ----
+
+
+def _events(tag: str, n: int, conversation: str | None = None) -> list[dict[str, Any]]:
+    return [
+        {
+            "conversation_id": conversation or f"conv_{tag}_{i:08x}",
+            "is_used": False,
+            "timestamp": f"2026-11-25T10:00:{i:02d}+00:00",
+            "environment": "production",
+        }
+        for i in range(n)
+    ]
+
+
+async def test_a_failed_acknowledgement_write_does_not_stop_later_ones(tmp_path: Path) -> None:
+    # After one failed write of acknowledgements (kept for the next try), _ack scheduled
+    # no flush while any were held: no accepted row left the outbox until shutdown, each
+    # was sent again at every lease, and a conversation's next events never went.
+    with StandInAgentSightAPI() as api:
+        outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3", lease=2.0)
+        sink = HttpSink(Credentials(api.api_key, api.url, "production"), outbox=outbox)
+        await sink.start()
+        real_ack = outbox.ack
+        failures = [1]
+
+        def ack(items: list[OutboxItem]) -> None:
+            if failures[0]:  # what losing a race for the write lock raises
+                failures[0] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            real_ack(items)
+
+        outbox.ack = ack  # type: ignore[method-assign]
+        try:
+            await sink.put(_events("a", 3))
+            await asyncio.sleep(0.5)
+            await sink.put(_events("b", 3))
+            await sink.put(_events("c", 3, conversation="conv_one_conversation"))
+            deadline = time.monotonic() + 10
+            while outbox.depth() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert outbox.depth() == 0  # before: 9 rows left
+            sent = collections.Counter(c["conversation_id"] for c in api.conversations)
+            assert sent["conv_one_conversation"] == 3  # all of its events, in turn
+            assert all(n == 1 for k, n in sent.items() if k != "conv_one_conversation")
+            assert len(api.requests) == 9  # none sent twice
+        finally:
+            await sink.aclose()
+
+
+async def test_a_request_sent_alone_after_a_pause_that_hangs_does_not_hold_the_others() -> None:
+    # The others waited for the request sent alone after a 429's pause for as long as it
+    # took: a hung one (a stuck backend worker) held all delivery for the 15 s request
+    # timeout, and a busy app's queue overflowed meanwhile.
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(1000))
+        await sink.start()
+        try:
+            api.throttle_next(8, retry_after="1")
+            await sink.put(_events("a", 8))
+            await asyncio.sleep(0.3)  # 429s: a pause of 1 s
+            api.hang_next(1)  # the first request after it
+            await sink.put(_events("b", 50))
+            started = time.monotonic()
+            while sink.sent < 57 and time.monotonic() - started < 12:
+                await asyncio.sleep(0.05)
+            assert sink.sent >= 57  # all but the hung one
+            assert time.monotonic() - started < 12  # before: nothing until 15 s
+        finally:
+            api.reset()
+            await sink.aclose()
+
+
+async def test_close_with_a_locked_outbox_and_nothing_accepted_keeps_to_its_deadline(
+    tmp_path: Path,
+) -> None:
+    # The 1 s of grace past shutdown's deadline is for recording what the API accepted:
+    # given with nothing to record, the write-back of the claims waited it out as well.
+    with StandInAgentSightAPI() as api:
+        path = tmp_path / "outbox.sqlite3"
+        outbox = SQLiteOutbox(path, lease=30.0)
+        sink = HttpSink(Credentials(api.api_key, api.url, "production"), outbox=outbox)
+        await sink.start()
+        api.set_latency(5)  # what is sent stays unanswered
+        await sink.put(_events("a", 3))
+        await asyncio.sleep(0.3)
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            sink.deadline = time.monotonic() + 0.3
+            started = time.monotonic()
+            await sink.drain(sink.deadline, closing=True)
+            await sink.aclose()
+            took = time.monotonic() - started
+        finally:
+            holder.close()
+            api.reset()
+    assert took < 1.1  # before: 1.3 s and more (the grace waited out)

@@ -57,6 +57,9 @@ _POLL = 0.1
 #: Seconds past shutdown's deadline the last write to the outbox (what the API accepted,
 #: claims handed back) may wait for another process's lock.
 _FINAL_GRACE = 1.0
+#: Seconds the other senders wait for the request sent alone after a pause before one
+#: more goes alone: one that hangs must not hold all delivery for the request timeout.
+_PROBE_WAIT = 2.0
 # With nothing waiting in a memory outbox there is nothing to look for: the poll sleeps
 # this long, or until put() brings work (an idle process's threads stay quiet).
 _IDLE_POLL = 1.0
@@ -209,6 +212,7 @@ class HttpSink:
         # The claimed events being sent, by sender: their leases are renewed while they are.
         self._flying: dict[int, list[OutboxItem]] = {}
         self._acks: list[OutboxItem] = []
+        self._ack_flush_due = False  # a _flush_acks is scheduled (see _ack)
         # Written to the API and unanswered when shutdown cancelled their requests.
         self._unanswered: list[OutboxItem] = []
         self._paused_until = 0.0
@@ -467,6 +471,8 @@ class HttpSink:
                 self._grow()
             except Exception as exc:  # this task must outlive anything: it is the poll
                 self._log_once("grow", "could not add delivery senders: %r", exc)
+            if self._acks and not self._ack_flush_due:
+                self._flush_acks()  # acknowledgements held since a failed write: again
             try:
                 self._renew_leases()
             except Exception as exc:
@@ -485,6 +491,8 @@ class HttpSink:
         old = now - lease / 2
         stale = [item for items in self._flying.values() for item in items if item.leased_at < old]
         stale += [item for item in self._ready if item.leased_at < old]
+        # Accepted, their acknowledgement held since a failed write: not to be sent again.
+        stale += [item for item in self._acks if item.leased_at < old]
         if stale:
             self._outbox.renew(stale, now)
 
@@ -502,9 +510,22 @@ class HttpSink:
             probing = self._half_open
             if probing and self._probe is not None:
                 # Shielded: a waiter cancelled at shutdown must not cancel it for the others.
-                await asyncio.shield(self._probe)
+                # Bounded: a probe that hangs (up to the request timeout, 15 s) must not
+                # hold all delivery; past the wait, one more request goes alone.
+                probe = self._probe
+                try:
+                    await asyncio.wait_for(asyncio.shield(probe), _PROBE_WAIT)
+                except asyncio.TimeoutError:
+                    if self._probe is probe:
+                        self._probe = None
+                        resolve(probe)  # the others wait for the next one
                 continue
             items: list[OutboxItem] = []
+            if time.monotonic() >= self.deadline:
+                # Shutdown's deadline passed: each claim would wait for a locked file
+                # again (0.1 s a try) and keep drain() from ending on time.
+                await bell.wait()
+                continue
             try:
                 depth = 1 if probing else self._depth()
                 if not ready:
@@ -534,8 +555,9 @@ class HttpSink:
                 items = [ready.popleft() for _ in range(take)]
                 if ready and not probing:
                     bell.ring(min(free - 1, len(ready)))  # the others are for senders that wait
+                sent_alone: asyncio.Future[None] | None = None
                 if probing:
-                    self._probe = asyncio.get_running_loop().create_future()
+                    sent_alone = self._probe = asyncio.get_running_loop().create_future()
                 self._busy += 1
                 flying = self._flying
                 flying[id(items)] = items
@@ -545,8 +567,8 @@ class HttpSink:
                 finally:
                     self._busy -= 1
                     del flying[id(items)]
-                    if probing:
-                        self._end_probe(results)
+                    if sent_alone is not None:
+                        self._end_probe(sent_alone, results)
             except Exception as exc:
                 # A sender that died here would take a share of the delivery capacity
                 # with it, silently, and leave its events claimed (and their conversations
@@ -558,16 +580,16 @@ class HttpSink:
                     self._release(item, backoff(item.attempts + 1))
                 await asyncio.sleep(_POLL)
 
-    def _end_probe(self, results: list[Reply | Exception]) -> None:
+    def _end_probe(self, probe: asyncio.Future[None], results: list[Reply | Exception]) -> None:
         """The request sent first after a pause is over: the others go on waiting for the
         next one, or, once it got an answer that set no new pause, they all resume."""
-        probe, self._probe = self._probe, None
+        if self._probe is probe:
+            self._probe = None
         # No answer at all (a refused connection, a timeout) says nothing of the pause's
         # cause: the next request goes alone again.
         if any(isinstance(r, Reply) for r in results) and time.time() >= self._paused_until:
             self._half_open = False
-        if probe is not None:
-            resolve(probe)
+        resolve(probe)
 
     def _pause(self, until: float) -> None:
         """No request before ``until`` (time.time()), then one alone (see _sender)."""
@@ -757,12 +779,15 @@ class HttpSink:
             self._outbox.ack([item])
             return
         # On disk, each acknowledgement alone is a transaction (a quarter of the
-        # worker's CPU per event); the ones of one loop iteration share one.
-        if not self._acks:
+        # worker's CPU per event); the ones of one loop iteration share one. A flag, not
+        # "none held": acks held after a failed write must not stop later ones.
+        if not self._ack_flush_due:
+            self._ack_flush_due = True
             asyncio.get_running_loop().call_soon(self._flush_acks)
         self._acks.append(item)
 
     def _flush_acks(self) -> None:
+        self._ack_flush_due = False
         acks, self._acks = self._acks, []
         if acks:
             try:
@@ -905,9 +930,14 @@ class HttpSink:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # What the API accepted is recorded even when the deadline has passed, or the next
-        # start sends it again: a short grace for that write (and the write-back below).
-        self.deadline = max(self.deadline, time.monotonic() + _FINAL_GRACE)
-        self._flush_acks()
+        # start sends it again: a short grace for that write alone.
+        if self._acks:
+            deadline = self.deadline
+            self.deadline = max(deadline, time.monotonic() + _FINAL_GRACE)
+            try:
+                self._flush_acks()
+            finally:
+                self.deadline = deadline
         if self._pool is not None:
             # Sender threads finish their request (bounded by the timeout) on their own,
             # or are dropped at exit (daemon threads).
