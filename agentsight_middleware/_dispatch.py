@@ -85,6 +85,8 @@ class Dispatcher(Generic[T]):
         self._gave_up = False
 
     def ensure_started(self) -> None:
+        # A new start (a lifespan's): its own shutdown flushes again, whatever the last did.
+        self._gave_up = False
         if not self._started:
             self._start()
 
@@ -195,6 +197,7 @@ class Dispatcher(Generic[T]):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.002)
+        self._gave_up = False  # caught up: a later close() has something to wait for again
         return True
 
     def close(self, timeout: float | None = None) -> None:

@@ -84,6 +84,9 @@ def _json_metadata(metadata: dict[str, Any], owner: TrackerDelivery) -> dict[str
 #: Seconds a tracker's own flush is waited for at least: enough for one with nothing to
 #: send to say so (``flush(0)`` right after everything was handed over).
 _LEAST_FLUSH = 0.05
+#: Seconds it gets at close() at least, past the shutdown deadline if need be: its buffer
+#: holds every earlier page view and turn, which one slow page view must not cost.
+_LEAST_CLOSE_FLUSH = 1.0
 
 
 def _stray_cancel(exc: BaseException) -> bool:
@@ -110,10 +113,12 @@ def _cancelling() -> bool:
 
 
 def _is_instance_method(cls: type, name: str) -> bool:
-    """Whether ``cls`` itself (not its metaclass) defines ``name`` as a plain function."""
+    """Whether ``cls`` itself (not its metaclass) defines ``name`` as anything but a static
+    or class method: a method that needs an instance (a function, a partialmethod, a
+    singledispatchmethod, a wrapped or compiled method)."""
     for klass in cls.__mro__:
         if name in vars(klass):
-            return inspect.isfunction(vars(klass)[name])
+            return not isinstance(vars(klass)[name], (staticmethod, classmethod))
     return False
 
 
@@ -267,10 +272,12 @@ class TrackerDelivery:
         # wait for them, as they wait for the worker's queue.
         self._flying: dict[Future[Any], asyncio.AbstractEventLoop] = {}
         self._flying_lock = threading.Lock()
-        self._tracker_flush_failed = False
+        # The tracker's own flush still running (see _flush_tracker), with its outcome.
+        self._flush_thread: threading.Thread | None = None
+        self._flush_outcome: list[bool] = []
 
     def _after_fork(self) -> None:
-        self._tracker_flush_failed = False
+        self._flush_thread = None
         self._loop = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -569,15 +576,14 @@ class TrackerDelivery:
                 )
                 for future in pending:
                     future.cancel()
-        if self._tracker_flush_failed:
-            return  # a close() before already waited for it in vain (atexit after a lifespan)
-        if not self._flush_tracker(deadline):
-            self._tracker_flush_failed = True
+        # Given a second at least: a page view that used up the shutdown timeout must not
+        # cost the whole batch the tracker holds (every earlier page view and turn).
+        if not self._flush_tracker(max(deadline, time.monotonic() + _LEAST_CLOSE_FLUSH)):
             from ._log import logger
 
             logger.warning(
-                "the tracker's own buffer (%s.agentsight_flush) was not sent within the "
-                "shutdown timeout; what it still holds may be lost",
+                "the tracker's own buffer (%s.agentsight_flush) was not sent at shutdown "
+                "(it failed or ran out of time); what it still holds may be lost",
                 type(self.tracker).__name__,
             )
 
@@ -591,23 +597,28 @@ class TrackerDelivery:
         if not callable(hook):
             return True
         left = max(deadline - time.monotonic(), _LEAST_FLUSH)
-        outcome: list[bool] = []
+        thread = self._flush_thread
+        if thread is None or not thread.is_alive():
+            outcome: list[bool] = []
 
-        def run() -> None:
-            try:
-                outcome.append(hook(left) is not False)
-            except Exception as exc:
-                self._count("errors")
-                self.log_once("tracker.agentsight_flush()", exc)
-                outcome.append(False)
+            def run() -> None:
+                try:
+                    outcome.append(hook(left) is not False)
+                except Exception as exc:
+                    self._count("errors")
+                    self.log_once("tracker.agentsight_flush()", exc)
+                    outcome.append(False)
 
-        # In a thread of its own, waited for until the deadline: the hook's own timeout
-        # is a wish (OpenTelemetry's force_flush exports the whole queue whatever it is
-        # told: ~48 s a batch against an API that does not answer).
-        thread = threading.Thread(target=run, name="agentsight-tracker-flush", daemon=True)
-        thread.start()
+            # In a thread of its own, waited for until the deadline: the hook's own timeout
+            # is a wish (OpenTelemetry's force_flush exports the whole queue whatever it is
+            # told: ~48 s a batch against an API that does not answer). One at a time: a
+            # flush() that gave up on it waits for that same one next time.
+            thread = threading.Thread(target=run, name="agentsight-tracker-flush", daemon=True)
+            self._flush_thread, self._flush_outcome = thread, outcome
+            thread.start()
         thread.join(left)
-        return bool(outcome) and outcome[0]
+        outcome = self._flush_outcome
+        return not thread.is_alive() and bool(outcome) and outcome[0]
 
     def _waitable(self) -> list[Future[Any]]:
         """The page views running on loops that run, but not on this thread's own loop
