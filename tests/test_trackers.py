@@ -56,6 +56,24 @@ def wsgi_app(tracker: Any, **options: Any) -> AgentSightWSGIMiddleware:
     return AgentSightWSGIMiddleware(app.wsgi_app, tracker=tracker, **{**RULES, **options})
 
 
+def wsgi_page(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+class Hanging:
+    """A blocking tracker whose page views hang until ``release`` is set."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self._release = release
+
+    def initialize_conversation(self, **kwargs: Any) -> None:
+        self._release.wait(10)
+
+    def get_or_create_conversation(self, **kwargs: Any) -> None:
+        pass
+
+
 def werkzeug_server(app: Any) -> AbstractContextManager[str]:
     return serving(make_server("127.0.0.1", 0, app, threaded=True))
 
@@ -322,20 +340,12 @@ def test_a_timed_out_close_is_not_waited_out_again_at_exit(
     from werkzeug.test import Client
 
     release = threading.Event()
-
-    class Hanging:
-        def initialize_conversation(self, **kwargs: Any) -> None:
-            release.wait(10)
-
-        def get_or_create_conversation(self, **kwargs: Any) -> None:
-            pass
-
-    def page(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("Content-Type", "text/html")])
-        return [b"<p>shop</p>"]
-
     mw = AgentSightWSGIMiddleware(
-        page, widget_pages=["/"], tracker=Hanging(), tracker_timeout=1, shutdown_timeout=0.5
+        wsgi_page,
+        widget_pages=["/"],
+        tracker=Hanging(release),
+        tracker_timeout=1,
+        shutdown_timeout=0.5,
     )
     try:
         for _ in range(2):
@@ -377,12 +387,10 @@ def test_page_views_after_a_timed_out_close_keep_to_one_call_at_a_time() -> None
         def get_or_create_conversation(self, **kwargs: Any) -> None:
             pass
 
-    def page(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("Content-Type", "text/html")])
-        return [b"<p>shop</p>"]
-
     tracker = OneAtATime()
-    mw = AgentSightWSGIMiddleware(page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.2)
+    mw = AgentSightWSGIMiddleware(
+        wsgi_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.2
+    )
     for _ in range(3):
         assert Client(mw).get("/", headers=BROWSER).status_code == 200
     time.sleep(0.05)
@@ -418,7 +426,9 @@ def test_a_trackers_own_flush_is_bounded_by_the_shutdown_timeout(
     # (~48 s a batch against an API that does not answer): waited for as long, a uvicorn
     # stop took 48 s with shutdown_timeout=1.
     tracker = FlushingTracker(delay=5)
-    mw = AgentSightWSGIMiddleware(_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.5)
+    mw = AgentSightWSGIMiddleware(
+        wsgi_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.5
+    )
     started = time.monotonic()
     assert mw.flush(0.5) is False
     mw.close()  # 1 s at least for the tracker's buffer (see the next tests)
@@ -432,7 +442,7 @@ def test_flush_calls_that_give_up_leave_one_tracker_flush_running() -> None:
     # Each flush() that gave up on a hook ignoring its timeout left another thread in it,
     # all running at once (20 calls, 20 threads).
     tracker = FlushingTracker(delay=2)
-    mw = AgentSightWSGIMiddleware(_page, widget_pages=["/"], tracker=tracker)
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=tracker)
     for _ in range(5):
         assert mw.flush(0.05) is False
     assert tracker.flushes == 1  # before: 5 running at once
@@ -453,12 +463,10 @@ def test_a_page_view_that_uses_up_the_shutdown_timeout_leaves_the_tracker_a_seco
 
     from werkzeug.test import Client
 
-    def page(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("Content-Type", "text/html")])
-        return [b"<p>shop</p>"]
-
     tracker = SlowViewBufferingTracker(delay=0.3)  # its export takes 0.3 s
-    mw = AgentSightWSGIMiddleware(page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.3)
+    mw = AgentSightWSGIMiddleware(
+        wsgi_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.3
+    )
     try:
         assert Client(mw).get("/", headers=BROWSER).status_code == 200
         time.sleep(0.1)
@@ -498,7 +506,7 @@ def test_a_second_lifespan_after_a_timed_out_shutdown_delivers_its_page_views() 
 
 
 def test_flush_zero_with_nothing_held_answers_true() -> None:
-    mw = AgentSightWSGIMiddleware(_page, widget_pages=["/"], tracker=FlushingTracker(delay=0))
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=FlushingTracker(delay=0))
     assert mw.flush(0) is True  # the first version said False at once, with nothing to send
     mw.close()
 
@@ -517,11 +525,7 @@ def test_a_class_whose_methods_need_no_instance_is_a_tracker() -> None:
 
     from werkzeug.test import Client
 
-    def page(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("Content-Type", "text/html")])
-        return [b"<p>shop</p>"]
-
-    mw = AgentSightWSGIMiddleware(page, widget_pages=["/"], tracker=Namespace)
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=Namespace)
     assert Client(mw).get("/", headers=BROWSER).status_code == 200
     assert mw.flush(5)
     assert calls == ["page view"]
@@ -658,20 +662,12 @@ def test_flush_without_a_timeout_stops_at_the_shutdown_timeout() -> None:
     from werkzeug.test import Client
 
     release = threading.Event()
-
-    class Hanging:
-        def initialize_conversation(self, **kwargs: Any) -> None:
-            release.wait(10)
-
-        def get_or_create_conversation(self, **kwargs: Any) -> None:
-            pass
-
-    def page(environ: Any, start_response: Any) -> list[bytes]:
-        start_response("200 OK", [("Content-Type", "text/html")])
-        return [b"<p>shop</p>"]
-
     mw = AgentSightWSGIMiddleware(
-        page, widget_pages=["/"], tracker=Hanging(), tracker_timeout=1, shutdown_timeout=1
+        wsgi_page,
+        widget_pages=["/"],
+        tracker=Hanging(release),
+        tracker_timeout=1,
+        shutdown_timeout=1,
     )
     assert Client(mw).get("/", headers=BROWSER).status_code == 200
     time.sleep(0.2)  # the call has started
