@@ -2109,3 +2109,37 @@ async def test_close_with_a_locked_outbox_and_nothing_accepted_keeps_to_its_dead
             holder.close()
             api.reset()
     assert took < 1.1  # before: 1.3 s and more (the grace waited out)
+
+
+async def test_a_claim_meeting_another_processs_lock_is_a_warning_not_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Expected (a backup, a VACUUM, a sqlite3 shell past the busy timeout), and tried again:
+    # it was logged at ERROR as "unexpected error in the delivery sender".
+    with StandInAgentSightAPI() as api:
+        outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3")
+        sink = HttpSink(Credentials(api.api_key, api.url, "production"), outbox=outbox)
+        real_claim = outbox.claim
+        failures = [1]
+
+        def claim(limit: int, now: float) -> list[OutboxItem]:
+            if failures[0]:
+                failures[0] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return real_claim(limit, now)
+
+        outbox.claim = claim  # type: ignore[method-assign]
+        await sink.start()
+        try:
+            with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+                await sink.put(_events("a", 3))
+                deadline = time.monotonic() + 10
+                while sink.sent < 3 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+        finally:
+            await sink.aclose()
+    assert sink.sent == 3
+    assert failures == [0]
+    locked = [r for r in caplog.records if "locked by another process" in r.getMessage()]
+    assert [r.levelname for r in locked] == ["WARNING"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -573,9 +573,20 @@ class HttpSink:
                 # A sender that died here would take a share of the delivery capacity
                 # with it, silently, and leave its events claimed (and their conversations
                 # stuck) for good: the outbox failing, a handler's bug.
-                self._log_once(
-                    "sender", "unexpected error in the delivery sender: %r", exc, level="error"
-                )
+                if isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
+                    # Another process holding the outbox file (a backup, a VACUUM, a sqlite3
+                    # shell) past the busy timeout: expected, and the claim is tried again.
+                    self._log_once(
+                        "sender locked",
+                        "the outbox is locked by another process (%s); delivery goes on when "
+                        "it is free",
+                        exc,
+                        level="warning",
+                    )
+                else:
+                    self._log_once(
+                        "sender", "unexpected error in the delivery sender: %r", exc, level="error"
+                    )
                 for item in items:
                     self._release(item, backoff(item.attempts + 1))
                 await asyncio.sleep(_POLL)
