@@ -113,12 +113,17 @@ def _cancelling() -> bool:
 
 
 def _is_instance_method(cls: type, name: str) -> bool:
-    """Whether ``cls`` itself (not its metaclass) defines ``name`` as anything but a static
-    or class method: a method that needs an instance (a function, a partialmethod, a
-    singledispatchmethod, a wrapped or compiled method)."""
+    """Whether ``cls`` itself (not its metaclass) defines ``name`` as a method that needs an
+    instance: anything that binds (a function, a partialmethod, a singledispatchmethod, a
+    wrapped or compiled method) but a static or class method."""
     for klass in cls.__mro__:
         if name in vars(klass):
-            return not isinstance(vars(klass)[name], (staticmethod, classmethod))
+            attribute = vars(klass)[name]
+            # What binds to an instance (has __get__): a Mock or a callable object set on
+            # the class does not, and works called through the class.
+            return hasattr(type(attribute), "__get__") and not isinstance(
+                attribute, (staticmethod, classmethod)
+            )
     return False
 
 
@@ -272,12 +277,17 @@ class TrackerDelivery:
         # wait for them, as they wait for the worker's queue.
         self._flying: dict[Future[Any], asyncio.AbstractEventLoop] = {}
         self._flying_lock = threading.Lock()
-        # The tracker's own flush still running (see _flush_tracker), with its outcome.
+        # The tracker's own flush last started (see _flush_tracker): its thread, outcome
+        # and start; and the one a close() gave up on.
+        self._flush_lock = threading.Lock()
         self._flush_thread: threading.Thread | None = None
         self._flush_outcome: list[bool] = []
+        self._flush_began = 0.0
+        self._close_gave_up_on: threading.Thread | None = None
 
     def _after_fork(self) -> None:
-        self._flush_thread = None
+        self._flush_lock = threading.Lock()
+        self._flush_thread = self._close_gave_up_on = None
         self._loop = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -559,7 +569,7 @@ class TrackerDelivery:
 
     def close(self, timeout: float | None = None) -> None:
         # One deadline for the queue, the calls on the app's loop and the tracker's own
-        # buffer: shutdown takes shutdown_timeout at most, not once per part.
+        # buffer: not shutdown_timeout once per part.
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         self._dispatcher.close(timeout)
         # Page views a coroutine tracker is still handling on the app's loop: given the
@@ -576,9 +586,17 @@ class TrackerDelivery:
                 )
                 for future in pending:
                     future.cancel()
-        # Given a second at least: a page view that used up the shutdown timeout must not
-        # cost the whole batch the tracker holds (every earlier page view and turn).
-        if not self._flush_tracker(max(deadline, time.monotonic() + _LEAST_CLOSE_FLUSH)):
+        if not callable(getattr(self.tracker, "agentsight_flush", None)):
+            return
+        running = self._flush_thread
+        if running is not None and running is self._close_gave_up_on and running.is_alive():
+            return  # a close before this one waited for that very flush in vain: not again
+        if timeout is None:
+            # Given a second at least: a page view that used up the shutdown timeout must
+            # not cost the whole batch the tracker holds (every earlier page view and turn).
+            deadline = max(deadline, time.monotonic() + _LEAST_CLOSE_FLUSH)
+        if not self._flush_tracker(deadline):
+            self._close_gave_up_on = self._flush_thread
             from ._log import logger
 
             logger.warning(
@@ -591,34 +609,49 @@ class TrackerDelivery:
         """The tracker's own buffer sent, if it has one and says how
         (``agentsight_flush(timeout)``): the 0.1.x SDK batches what it records and
         exports every few seconds, and its atexit flush never runs when uvicorn ends on
-        SIGTERM (it re-raises the signal after the lifespan shutdown). False if it failed
-        or ran out of time."""
+        SIGTERM (it re-raises the signal after the lifespan shutdown). True once a flush
+        that started after this call began has succeeded; False if it failed or ran out of
+        time.
+
+        In a thread of its own, waited for until the deadline: the hook's own timeout is a
+        wish (OpenTelemetry's force_flush exports the whole queue whatever it is told: ~48 s
+        a batch against an API that does not answer). One at a time: a caller finding one
+        that started before it waits for it, then starts its own (what was handed over
+        meanwhile is in no earlier flush); callers at once share one."""
         hook = getattr(self.tracker, "agentsight_flush", None)
         if not callable(hook):
             return True
-        left = max(deadline - time.monotonic(), _LEAST_FLUSH)
-        thread = self._flush_thread
-        if thread is None or not thread.is_alive():
-            outcome: list[bool] = []
+        called_at = time.monotonic()
+        while True:
+            with self._flush_lock:
+                thread, outcome, began = self._flush_thread, self._flush_outcome, self._flush_began
+                if thread is None or (began < called_at and not thread.is_alive()):
+                    left = max(deadline - time.monotonic(), _LEAST_FLUSH)
+                    outcome, began = [], time.monotonic()
+                    thread = threading.Thread(
+                        target=self._run_flush,
+                        args=(hook, left, outcome),
+                        name="agentsight-tracker-flush",
+                        daemon=True,
+                    )
+                    self._flush_thread, self._flush_outcome = thread, outcome
+                    self._flush_began = began
+                    thread.start()
+            thread.join(max(deadline - time.monotonic(), _LEAST_FLUSH))
+            if thread.is_alive():
+                return False
+            if began >= called_at:
+                return bool(outcome) and outcome[0]
+            if time.monotonic() >= deadline:
+                return False  # an older flush used up the time: none of our own
 
-            def run() -> None:
-                try:
-                    outcome.append(hook(left) is not False)
-                except Exception as exc:
-                    self._count("errors")
-                    self.log_once("tracker.agentsight_flush()", exc)
-                    outcome.append(False)
-
-            # In a thread of its own, waited for until the deadline: the hook's own timeout
-            # is a wish (OpenTelemetry's force_flush exports the whole queue whatever it is
-            # told: ~48 s a batch against an API that does not answer). One at a time: a
-            # flush() that gave up on it waits for that same one next time.
-            thread = threading.Thread(target=run, name="agentsight-tracker-flush", daemon=True)
-            self._flush_thread, self._flush_outcome = thread, outcome
-            thread.start()
-        thread.join(left)
-        outcome = self._flush_outcome
-        return not thread.is_alive() and bool(outcome) and outcome[0]
+    def _run_flush(self, hook: Callable[[float], Any], timeout: float, outcome: list[bool]) -> None:
+        try:
+            outcome.append(hook(timeout) is not False)
+        except Exception as exc:
+            self._count("errors")
+            self.log_once("tracker.agentsight_flush()", exc)
+            outcome.append(False)
 
     def _waitable(self) -> list[Future[Any]]:
         """The page views running on loops that run, but not on this thread's own loop

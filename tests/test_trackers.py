@@ -316,6 +316,18 @@ def test_the_requests_own_cancellation_still_ends_it_during_a_chat_call() -> Non
     app.close()
 
 
+class _ClassLevelCallables:
+    """A test fake: callables set on the class, which do not bind and work through it."""
+
+    initialize_conversation = mock.Mock()
+    get_or_create_conversation = mock.Mock()
+
+
+def test_a_class_whose_methods_do_not_bind_is_a_tracker() -> None:
+    mw = AgentSightMiddleware(_page, widget_pages=["/"], tracker=_ClassLevelCallables)
+    mw.close()
+
+
 class _PartialTracker:
     def _call(self, kind: str, conversation_id: str, **kwargs: Any) -> None:
         pass
@@ -411,11 +423,18 @@ class FlushingTracker(RecordingTracker):
         self.delay = delay
         self.flushes = 0  # started
         self.finished = 0
+        self._lock = threading.Lock()
+        self.running = self.most = 0
 
     def agentsight_flush(self, timeout: float) -> bool:
-        self.flushes += 1
+        with self._lock:
+            self.flushes += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
         time.sleep(self.delay)
-        self.finished += 1
+        with self._lock:
+            self.running -= 1
+            self.finished += 1
         return True
 
 
@@ -446,8 +465,42 @@ def test_flush_calls_that_give_up_leave_one_tracker_flush_running() -> None:
     for _ in range(5):
         assert mw.flush(0.05) is False
     assert tracker.flushes == 1  # before: 5 running at once
-    assert mw.flush(5) is True  # that same flush, finished
-    assert (tracker.flushes, tracker.finished) == (1, 1)
+    # That one, then one of its own: what was handed over after the first began is in no
+    # earlier flush (a first version answered with the old one's outcome).
+    assert mw.flush(6) is True
+    assert (tracker.flushes, tracker.finished, tracker.most) == (2, 2, 1)
+
+
+def test_flush_calls_at_once_share_one_tracker_flush() -> None:
+    # A request thread's flush() while the lifespan's close() runs, say. Unlocked, two
+    # callers often both started a flush, and one read the other's (empty) outcome.
+    tracker = FlushingTracker(delay=0.01)
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=tracker)
+    answers: list[bool] = []
+    for _ in range(50):
+        callers = [threading.Thread(target=lambda: answers.append(mw.flush(5))) for _ in range(4)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+    assert answers == [True] * 200
+    assert tracker.most == 1
+    mw.close()
+
+
+def test_a_second_close_does_not_wait_again_for_a_hung_tracker_flush(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = FlushingTracker(delay=3)
+    mw = AgentSightWSGIMiddleware(
+        wsgi_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=0.3
+    )
+    mw.close()  # gives up on it after 1 s
+    started = time.monotonic()
+    mw.close()  # the app's own close after the lifespan's, say
+    assert time.monotonic() - started < 0.3  # before: another 1 s
+    warned = [r for r in caplog.records if "was not sent at shutdown" in r.getMessage()]
+    assert len(warned) == 1
     mw.close()
 
 
