@@ -189,7 +189,7 @@ class Core:
             " a caching proxy) store it: the middleware adds no cookie to such a page and"
             " counts no view there, as a stored copy would hand one visitor's conversation to"
             " every other (and nginx or Varnish would stop caching it). Send widget pages"
-            " with Cache-Control: private or no-cache to have them tracked.",
+            " with Cache-Control: no-cache (or private, no-cache) to have them tracked.",
             path,
         )
 

@@ -170,4 +170,4 @@ def check_shared_cache_outcome(
         assert tracker.initialized == []
         assert len(warned) == 1  # once, not on every page view
         assert warned[0].levelname == "WARNING"
-        assert "Cache-Control: private" in warned[0].getMessage()
+        assert "Cache-Control: no-cache" in warned[0].getMessage()
