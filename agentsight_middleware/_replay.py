@@ -289,65 +289,77 @@ def _pool(workers: int) -> Iterator[ThreadPoolExecutor]:
         pool.shutdown(wait=not at_once, cancel_futures=True)
 
 
+#: What asks a run to stop gently: Ctrl-C, and what `timeout`, systemd, `docker stop` or
+#: Kubernetes send (SIGTERM), or a closed terminal (SIGHUP).
+_STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 @contextlib.contextmanager
 def _ctrl_c_stops(run: _Run, summary: ReplaySummary) -> Iterator[None]:
-    """Ctrl-C asks the run to stop, rather than raising wherever the main thread is
-    (half-way through taking a future's lock, or between a request's answer and its
-    mark in the file). A second Ctrl-C stops at once, as usual."""
-    previous = signal.getsignal(signal.SIGINT)
-    if (
-        threading.current_thread() is not threading.main_thread()
-        # Ignored (a shell's "send &"), or a handler not set from Python that could not
-        # be put back: leave it as it is.
-        or previous is signal.SIG_IGN
-        or previous is None
-    ):
+    """Ctrl-C (or SIGTERM, SIGHUP) asks the run to stop, rather than ending it wherever the
+    main thread is (half-way through taking a future's lock, or between a request's answer
+    and its mark in the file: killed there, the requests under way were sent again by the
+    next run). A second one stops at once, as usual."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous: dict[int, Any] = {}
+    for signum in _STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        # Ignored (a shell's "send &" ignores SIGINT; nohup SIGHUP), or a handler not set
+        # from Python that could not be put back: leave it as it is.
+        if handler is not signal.SIG_IGN and handler is not None:
+            previous[signum] = handler
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if summary.interrupted:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             raise KeyboardInterrupt
         summary.interrupted = True
         run.halt("interrupted")
 
-    signal.signal(signal.SIGINT, stop)
+    for signum in previous:
+        signal.signal(signum, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
 def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Holds ``<file>.send-lock`` so that two runs (cron and a person) never send twice."""
+    """Holds the file's send locks so that two runs (cron and a person) never send twice."""
     try:
         import fcntl
     except ImportError:  # not on Windows: runs there must not overlap
         yield
         return
-    with _lock_file(path) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ReplayBusyError(
-                f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
-            ) from None
-        yield
-
-
-def _lock_file(path: str | os.PathLike[str]) -> TextIO:
-    """``<file>.send-lock`` beside the file itself (through a symlink or another path to
-    it, a second run finds the same lock); where that folder takes no new file, one in
-    the temporary folder named after the file's device and inode."""
     real = os.path.realpath(os.fspath(path))
-    try:
-        return open(real + ".send-lock", "a")
-    except OSError:
-        info = os.stat(real)
-        name = f"agentsight-send-{info.st_dev}-{info.st_ino}.lock"
-        return open(os.path.join(tempfile.gettempdir(), name), "a")
+    with contextlib.ExitStack() as held:
+        # Two locks: ``<file>.send-lock`` beside the file (through a symlink or another
+        # path to it, a second run finds the same one), and one in the temporary folder
+        # named after the file's device and inode, which a run on the file moved or
+        # hard-linked elsewhere meanwhile finds (180 of 400 events went twice). Never the
+        # database file itself: closing any handle on it drops SQLite's locks here.
+        handles: list[TextIO] = []
+        with contextlib.suppress(OSError):  # a file not there yet: the path's lock does
+            info = os.stat(real)
+            name = f"agentsight-send-{info.st_dev}-{info.st_ino}.lock"
+            handles.append(held.enter_context(open(os.path.join(tempfile.gettempdir(), name), "a")))
+        with contextlib.suppress(OSError):  # a folder that takes no new file
+            handles.append(held.enter_context(open(real + ".send-lock", "a")))
+        for handle in handles:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ReplayBusyError(
+                    f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
+                ) from None
+        yield
 
 
 def _counts(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -462,7 +474,10 @@ def replay(
             # Stopped early: what the loop did not reach is left too.
             with contextlib.suppress(sqlite3.DatabaseError, StoreError):
                 # (Less the rows taken ahead with their conversation: counted there.)
-                summary.left += count_unsent(store, after) - len(taken - taken_marked)
+                # Those above ``after`` only: the ones below it are not in the count.
+                summary.left += count_unsent(store, after) - len(
+                    {row for row in taken - taken_marked if row > after}
+                )
     show(-1)
     return summary
 

@@ -624,3 +624,87 @@ def test_a_conversation_is_sent_whole_across_batches(tmp_path: Path) -> None:
         total = len(api.conversations)
     assert late == [False, True]
     assert total == 252  # each event once
+
+
+def test_the_send_lock_holds_for_the_file_moved_meanwhile(tmp_path: Path) -> None:
+    # Locked by the path only: a `send` on the file moved elsewhere while the first ran
+    # took another lock, and 180 of 400 events went twice.
+    import os
+
+    from agentsight_middleware._replay import ReplayBusyError, _only_sender
+
+    db = _file(tmp_path / "events.sqlite3", 1)
+    moved = tmp_path / "events-old.sqlite3"
+    with _only_sender(db):
+        os.rename(db, moved)
+        with pytest.raises(ReplayBusyError), _only_sender(moved):
+            pass
+    with _only_sender(moved):  # free again once the first is over
+        pass
+
+
+def test_sigterm_stops_send_as_ctrl_c_does(tmp_path: Path) -> None:
+    # `timeout`, systemd, `docker stop` and Kubernetes send SIGTERM: it killed the run
+    # outright, and the requests under way were sent again by the next run.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = _visits(tmp_path / "events.sqlite3", 300)
+    with StandInAgentSightAPI() as api:
+        api.set_latency(0.05)
+        env = {**os.environ, "AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+        command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while len(api.conversations) < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 130, err  # before: -15, no summary
+        assert b"stopped: interrupted" in err
+        received = len(api.conversations)
+        assert f"sent {received},".encode() in out
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        bodies = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
+    assert len(bodies) == len(set(bodies)) == 600  # every event once
+
+
+def test_left_counts_a_held_conversations_rows_once_after_a_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A failing conversation with a row taken ahead from a later batch, then the run
+    # stopped (the key refused): "left" was short by that row (998 + 1 of 1,000).
+    import json
+
+    from agentsight_middleware._standin_server import Answer
+
+    bad = "conv_badbadbadbad"
+    payloads = [make_payload(f"conv_{i:012x}") for i in range(1000)]
+    payloads[10] = make_payload(bad)
+    payloads[300] = make_payload(bad)  # taken ahead with row 11, in a later batch
+    db = tmp_path / "events.sqlite3"
+    with LocalStore(db) as store:
+        store.write(payloads)
+
+    class API(StandInAgentSightAPI):
+        def _decide(self, request: Any) -> Any:
+            if json.loads(request.body).get("conversation_id") == bad:
+                return Answer(503, {"detail": "down"})
+            if len(self.conversations) >= 700:
+                return Answer(401, {"detail": "key revoked"})
+            return super()._decide(request)
+
+    with API() as api:
+        code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+    out = capsys.readouterr().out
+    assert code == 1
+    sent, failed, left = (
+        int(out.split("sent ")[1].split(",")[0]),
+        int(out.split("failed ")[1].split(",")[0]),
+        int(out.split("left ")[1].split(" ")[0]),
+    )
+    assert sent + failed + left == 1000  # before: 999

@@ -9,6 +9,7 @@ import datetime
 import functools
 import math
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -268,11 +269,16 @@ def test_a_cancelled_error_from_a_chat_call_under_asgi_leaves_the_chat_answered(
     with uvicorn_server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         first = client.post("/api/chat", json={})
         second = client.post("/api/chat", json={})
-    assert (first.status_code, first.json()) == (200, {"ok": True})  # before: a 500
     assert second.status_code == 200
     assert tracker.raised
     assert len(tracker.used) == 1
-    assert app.stats()["errors"] == 1
+    if kind == "coroutine" and sys.version_info < (3, 11):
+        # Documented: 3.10's tasks cannot tell a tracker's own CancelledError from this
+        # request's cancellation (no Task.cancelling()), so it ends the request there.
+        assert (first.status_code, app.stats()["errors"]) == (500, 0)
+    else:
+        assert (first.status_code, first.json()) == (200, {"ok": True})  # before: a 500
+        assert app.stats()["errors"] == 1
     app.close()
 
 
