@@ -32,6 +32,7 @@ import httpx
 
 from .__version__ import __version__
 from ._credentials import Credentials
+from ._log import logger
 from ._retry import (
     ACCEPTED,
     ELSEWHERE,
@@ -86,6 +87,8 @@ class ReplaySummary:
     #: Why the run stopped before the end, if it did.
     stopped: str | None = None
     interrupted: bool = False
+    #: The signal that asked the run to stop (SIGINT for Ctrl-C), when ``interrupted``.
+    signal_number: int = 0
 
 
 class _Run:
@@ -319,6 +322,7 @@ def _ctrl_c_stops(run: _Run, summary: ReplaySummary) -> Iterator[None]:
                 signal.signal(number, handler)
             raise KeyboardInterrupt
         summary.interrupted = True
+        summary.signal_number = signum
         run.halt("interrupted")
 
     for signum in previous:
@@ -340,18 +344,22 @@ def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
         return
     real = os.path.realpath(os.fspath(path))
     with contextlib.ExitStack() as held:
-        # Two locks: ``<file>.send-lock`` beside the file (through a symlink or another
-        # path to it, a second run finds the same one), and one in the temporary folder
-        # named after the file's device and inode, which a run on the file moved or
-        # hard-linked elsewhere meanwhile finds (180 of 400 events went twice). Never the
-        # database file itself: closing any handle on it drops SQLite's locks here.
+        # ``<file>.send-lock`` beside the file: a second run by another path to it (a
+        # symlink) finds the same one. And one named after the file's device and inode in
+        # this user's own folder of the temporary folder: a run on the file moved or
+        # hard-linked elsewhere meanwhile finds that one (180 of 400 events went twice).
+        # Never the database file itself: closing any handle on it drops SQLite's locks.
         handles: list[TextIO] = []
-        with contextlib.suppress(OSError):  # a file not there yet: the path's lock does
-            info = os.stat(real)
-            name = f"agentsight-send-{info.st_dev}-{info.st_ino}.lock"
-            handles.append(held.enter_context(open(os.path.join(tempfile.gettempdir(), name), "a")))
-        with contextlib.suppress(OSError):  # a folder that takes no new file
+        beside_error: OSError | None = None
+        try:
             handles.append(held.enter_context(open(real + ".send-lock", "a")))
+        except OSError as exc:  # a folder that takes no new file
+            beside_error = exc
+        by_inode = _inode_lock(real)
+        if by_inode is not None:
+            handles.append(held.enter_context(by_inode))
+        if not handles:
+            raise beside_error or OSError(f"no lock could be taken for {real}")
         for handle in handles:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -360,6 +368,40 @@ def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
                     f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
                 ) from None
         yield
+
+
+def _inode_lock(real: str) -> TextIO | None:
+    """The lock named after the file's device and inode, in a folder of this user's own in
+    the temporary folder (made 0700; a shared /tmp must not let another user put a FIFO
+    or a symlink where the lock goes), opened without following links or blocking. None,
+    with a warning, where that cannot be had safely: the lock beside the file still holds
+    for every run by any path to the file, only not for the file moved meanwhile."""
+    import stat
+
+    try:
+        info = os.stat(real)
+        folder = os.path.join(tempfile.gettempdir(), f"agentsight-send-{os.getuid()}")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        owned = os.lstat(folder)
+        if not stat.S_ISDIR(owned.st_mode) or owned.st_uid != os.getuid() or owned.st_mode & 0o077:
+            raise OSError(f"{folder} is not a folder of this user's alone")
+        fd = os.open(
+            os.path.join(folder, f"{info.st_dev}-{info.st_ino}.lock"),
+            os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            0o600,
+        )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError("the lock is not a plain file")
+        return os.fdopen(fd, "a")
+    except OSError as exc:
+        logger.warning(
+            "send: no lock by file identity (%s); a second run on this file moved elsewhere "
+            "meanwhile would not be refused",
+            exc,
+        )
+        return None
 
 
 def _counts(path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -237,7 +237,8 @@ def _run_send(args: argparse.Namespace) -> int:
     if summary.first_error:
         print(f"first failure: {summary.first_error}", file=sys.stderr)
     if summary.interrupted:
-        return 130  # the shell's code for Ctrl-C
+        # The shell's code for the signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP.
+        return 128 + (summary.signal_number or 2)
     return 1 if summary.failed or summary.left or summary.unmarked or summary.stopped else 0
 
 

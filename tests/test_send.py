@@ -256,7 +256,12 @@ def test_an_interrupted_send_marks_what_was_accepted_and_the_next_run_sends_the_
     db = _visits(tmp_path / "events.sqlite3", 400)
     with StandInAgentSightAPI() as api:
         api.set_latency(0.02)
-        env = {**os.environ, "AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+        env = {
+            **os.environ,
+            "TMPDIR": str(tmp_path),
+            "AGENTSIGHT_API_KEY": api.api_key,
+            "AGENTSIGHT_API_ENDPOINT": api.url,
+        }
         command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
         first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # A second run while the first holds the file is refused, not run alongside.
@@ -333,7 +338,8 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     db = _file(tmp_path / "events.sqlite3", 20)
     server, url = _silent_api()
     try:
-        env = {**os.environ, "AGENTSIGHT_API_KEY": "ags_" + "a" * 32 + "_abcdef",
+        env = {**os.environ, "TMPDIR": str(tmp_path),
+               "AGENTSIGHT_API_KEY": "ags_" + "a" * 32 + "_abcdef",
                "AGENTSIGHT_API_ENDPOINT": url}  # fmt: skip
         command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -626,6 +632,14 @@ def test_a_conversation_is_sent_whole_across_batches(tmp_path: Path) -> None:
     assert total == 252  # each event once
 
 
+@pytest.fixture(autouse=True)
+def _own_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # send's lock by file identity goes in the temporary folder: this test's, not /tmp.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def test_the_send_lock_holds_for_the_file_moved_meanwhile(tmp_path: Path) -> None:
     # Locked by the path only: a `send` on the file moved elsewhere while the first ran
     # took another lock, and 180 of 400 events went twice.
@@ -655,7 +669,12 @@ def test_sigterm_stops_send_as_ctrl_c_does(tmp_path: Path) -> None:
     db = _visits(tmp_path / "events.sqlite3", 300)
     with StandInAgentSightAPI() as api:
         api.set_latency(0.05)
-        env = {**os.environ, "AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+        env = {
+            **os.environ,
+            "TMPDIR": str(tmp_path),
+            "AGENTSIGHT_API_KEY": api.api_key,
+            "AGENTSIGHT_API_ENDPOINT": api.url,
+        }
         command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
         first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 30
@@ -663,7 +682,7 @@ def test_sigterm_stops_send_as_ctrl_c_does(tmp_path: Path) -> None:
             time.sleep(0.01)
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=60)
-        assert first.returncode == 130, err  # before: -15, no summary
+        assert first.returncode == 143, err  # 128 + SIGTERM; before: killed (-15), no summary
         assert b"stopped: interrupted" in err
         received = len(api.conversations)
         assert f"sent {received},".encode() in out
@@ -708,3 +727,25 @@ def test_left_counts_a_held_conversations_rows_once_after_a_stop(
         int(out.split("left ")[1].split(" ")[0]),
     )
     assert sent + failed + left == 1000  # before: 999
+
+
+def test_a_fifo_where_the_identity_lock_goes_does_not_hang_send(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The lock by file identity has a predictable name: in a shared /tmp another user could
+    # put a FIFO there, and opening it blocked for ever. Now: this user's own 0700 folder,
+    # opened without blocking or following links; where it cannot be had, a warning, and
+    # the lock beside the file still refuses a second run by any path to it.
+    import os
+    import tempfile
+
+    from agentsight_middleware._replay import ReplayBusyError, _only_sender
+
+    db = _file(tmp_path / "events.sqlite3", 1)
+    info = os.stat(db)
+    folder = os.path.join(tempfile.gettempdir(), f"agentsight-send-{os.getuid()}")
+    os.mkdir(folder, 0o700)
+    os.mkfifo(os.path.join(folder, f"{info.st_dev}-{info.st_ino}.lock"))
+    with _only_sender(db), pytest.raises(ReplayBusyError), _only_sender(db):
+        pass
+    assert "no lock by file identity" in caplog.text
