@@ -148,6 +148,14 @@ def test_unreadable_times_are_no_traceback(
     assert json.loads(out)["unreadable"] == 3
 
 
+@pytest.fixture(autouse=True)
+def _own_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `send` keeps a lock by file identity in the temporary folder: this test's, not /tmp.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.mark.parametrize("command", ["report", "send"])
 def test_db_is_a_folder(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
     # It said "no events file at <folder>", as if nothing were there.

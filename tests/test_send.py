@@ -378,7 +378,11 @@ def test_send_leaves_an_ignored_ctrl_c_ignored(tmp_path: Path) -> None:
             "assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
             "sys.exit(code)\n"
         )
-        run = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+        run = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.0)
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=60)
