@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ._log import logger
 
@@ -346,6 +346,21 @@ def write_transaction(conn: sqlite3.Connection, until: Callable[[], float]) -> I
         raise
 
 
+class _HasDeadline(Protocol):
+    #: Monotonic time past which a wait for another process's lock gives up (shutdown's).
+    deadline: float
+
+
+def lock_wait_until(
+    owner: _HasDeadline, busy: float, wait: float | None = None
+) -> Callable[[], float]:
+    """For a wait for a lock starting now: when it gives up, after ``busy`` seconds
+    (``wait`` if less), or at ``owner.deadline`` if that comes first, set meanwhile (by
+    another thread, at shutdown) or not. The ``until`` of retry_locked."""
+    limit = time.monotonic() + (busy if wait is None else min(wait, busy))
+    return lambda: min(limit, owner.deadline)
+
+
 def retry_locked(action: Callable[[], _T], until: Callable[[], float]) -> _T:
     """``action()``, tried again while it fails because another connection holds a lock,
     until ``until()`` (monotonic) has passed; asked after each try, so that a deadline set
@@ -468,10 +483,7 @@ class LocalStore:
         return BUSY_TIMEOUT if self._busy_timeout is None else self._busy_timeout
 
     def _until(self, wait: float | None = None) -> Callable[[], float]:
-        """When a wait for a lock starting now gives up: after the busy timeout (``wait``
-        seconds if less), or at ``deadline`` if that comes first, set meanwhile or not."""
-        limit = time.monotonic() + (self._busy() if wait is None else min(wait, self._busy()))
-        return lambda: min(limit, self.deadline)
+        return lock_wait_until(self, self._busy(), wait)
 
     @contextmanager
     def _transaction(self, wait: float | None = None) -> Iterator[sqlite3.Connection]:
@@ -640,10 +652,7 @@ class LocalStore:
         try:
             # Opening waits BUSY_TIMEOUT whatever the writes' wait: another process may be
             # rebuilding an index.
-            limit = time.monotonic() + BUSY_TIMEOUT
-
-            def until() -> float:
-                return min(limit, self.deadline)
+            until = lock_wait_until(self, BUSY_TIMEOUT)
 
             # A file system without shared memory (some network mounts) refuses WAL and
             # stays in its journal mode: still correct across processes, only slower.

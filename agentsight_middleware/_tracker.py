@@ -89,10 +89,13 @@ _LEAST_FLUSH = 0.05
 _LEAST_CLOSE_FLUSH = 1.0
 
 
-def _stray_cancel(exc: BaseException) -> bool:
-    """Whether ``exc`` is an asyncio ``CancelledError`` (a BaseException). Raised by a
-    tracker's synchronous call, it is that tracker's failure: this task's own
-    cancellation only ever comes at an await. Without asyncio loaded there is none."""
+def _tracker_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a tracker's synchronous call, is that tracker's failure:
+    an Exception, or asyncio's ``CancelledError`` (a BaseException: this task's own
+    cancellation only ever comes at an await; without asyncio loaded there is none).
+    Other BaseExceptions (a server's own time limit) go on."""
+    if isinstance(exc, Exception):
+        return True
     asyncio = sys.modules.get("asyncio")
     return asyncio is not None and isinstance(exc, asyncio.CancelledError)
 
@@ -155,7 +158,7 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
         manager.__enter__()
         entered = True
     except BaseException as exc:
-        if not (isinstance(exc, Exception) or _stray_cancel(exc)):
+        if not _tracker_failure(exc):
             raise
         owner._count("errors")
         owner.log_once("tracker.conversation_scope() enter", exc)
@@ -170,7 +173,7 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
         try:
             manager.__exit__(type(app_exc), app_exc, app_exc.__traceback__)
         except BaseException as exc:
-            if exc is app_exc or not (isinstance(exc, Exception) or _stray_cancel(exc)):
+            if exc is app_exc or not _tracker_failure(exc):
                 raise  # the app's own, handed back: not the tracker's failure
             owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
@@ -179,7 +182,7 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
         try:
             manager.__exit__(None, None, None)
         except BaseException as exc:
-            if not (isinstance(exc, Exception) or _stray_cancel(exc)):
+            if not _tracker_failure(exc):
                 raise
             owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
@@ -247,6 +250,11 @@ class TrackerDelivery:
         scope = getattr(tracker, "conversation_scope", None)
         self._scope: Callable[..., AbstractContextManager[Any]] | None = (
             scope if callable(scope) else None
+        )
+        flush_hook = getattr(tracker, "agentsight_flush", None)
+        #: The tracker's own flush (see _flush_tracker), or None.
+        self._flush_hook: Callable[[float], Any] | None = (
+            flush_hook if callable(flush_hook) else None
         )
         self.log_once = LogOnce()
         self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
@@ -543,7 +551,7 @@ class TrackerDelivery:
         try:
             manager = self._scope(**self._kwargs(event))
         except BaseException as exc:
-            if not (isinstance(exc, Exception) or _stray_cancel(exc)):
+            if not _tracker_failure(exc):
                 raise
             self._count("errors")
             self.log_once("tracker.conversation_scope()", exc)
@@ -586,7 +594,7 @@ class TrackerDelivery:
                 )
                 for future in pending:
                     future.cancel()
-        if not callable(getattr(self.tracker, "agentsight_flush", None)):
+        if self._flush_hook is None:
             return
         running = self._flush_thread
         if running is not None and running is self._close_gave_up_on and running.is_alive():
@@ -618,8 +626,8 @@ class TrackerDelivery:
         a batch against an API that does not answer). One at a time: a caller finding one
         that started before it waits for it, then starts its own (what was handed over
         meanwhile is in no earlier flush); callers at once share one."""
-        hook = getattr(self.tracker, "agentsight_flush", None)
-        if not callable(hook):
+        hook = self._flush_hook
+        if hook is None:
             return True
         called_at = time.monotonic()
         while True:

@@ -573,23 +573,25 @@ class HttpSink:
                 # A sender that died here would take a share of the delivery capacity
                 # with it, silently, and leave its events claimed (and their conversations
                 # stuck) for good: the outbox failing, a handler's bug.
-                if isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
-                    # Another process holding the outbox file (a backup, a VACUUM, a sqlite3
-                    # shell) past the busy timeout: expected, and the claim is tried again.
-                    self._log_once(
-                        "sender locked",
-                        "the outbox is locked by another process (%s); delivery goes on when "
-                        "it is free",
-                        exc,
-                        level="warning",
-                    )
-                else:
-                    self._log_once(
-                        "sender", "unexpected error in the delivery sender: %r", exc, level="error"
-                    )
+                self._log_sender_error(exc)
                 for item in items:
                     self._release(item, backoff(item.attempts + 1))
                 await asyncio.sleep(_POLL)
+
+    def _log_sender_error(self, exc: Exception) -> None:
+        if isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
+            # Another process holding the outbox file (a backup, a VACUUM, a sqlite3 shell)
+            # past the busy timeout: expected, and what it stopped is tried again.
+            self._log_once(
+                "sender locked",
+                "the outbox is locked by another process (%s); delivery goes on when it is free",
+                exc,
+                level="warning",
+            )
+        else:
+            self._log_once(
+                "sender", "unexpected error in the delivery sender: %r", exc, level="error"
+            )
 
     def _end_probe(self, probe: asyncio.Future[None], results: list[Reply | Exception]) -> None:
         """The request sent first after a pause is over: the others go on waiting for the
@@ -648,9 +650,7 @@ class HttpSink:
             except Exception as exc:
                 # One event's bookkeeping failing (the outbox) must not leave the others
                 # of its pipeline claimed for ever.
-                self._log_once(
-                    "sender", "unexpected error in the delivery sender: %r", exc, level="error"
-                )
+                self._log_sender_error(exc)
                 self._release(item, backoff(item.attempts + 1))
         return results
 

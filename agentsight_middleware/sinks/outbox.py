@@ -23,7 +23,14 @@ from typing import Protocol
 
 from .._fork import reset_in_child
 from .._log import logger
-from .._store import _INHERITED, LOCK_SLICE, is_locked, retry_locked, write_transaction
+from .._store import (
+    _INHERITED,
+    LOCK_SLICE,
+    is_locked,
+    lock_wait_until,
+    retry_locked,
+    write_transaction,
+)
 
 __all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
 
@@ -274,10 +281,7 @@ class SQLiteOutbox:
         self._counts = (0, self._counts[1])  # this process has put nothing yet
 
     def _until(self, wait: float | None = None) -> Callable[[], float]:
-        """When a wait for a lock starting now gives up: after the busy timeout (``wait``
-        seconds if less), or at ``deadline`` if that comes first, set meanwhile or not."""
-        limit = time.monotonic() + (_BUSY_TIMEOUT if wait is None else min(wait, _BUSY_TIMEOUT))
-        return lambda: min(limit, self.deadline)
+        return lock_wait_until(self, _BUSY_TIMEOUT, wait)
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
@@ -486,8 +490,9 @@ class SQLiteOutbox:
                     raise
                 logger.warning(
                     "the outbox %s is locked by another process (%s): any event this process"
-                    " had claimed keeps its claim, and is sent by the next start on this host"
-                    " or, once the claim runs out (%g s), by any process sharing the file",
+                    " had claimed keeps its claim, and is sent by a start on this host after"
+                    " this process has exited or, once the claim runs out (%g s), by any"
+                    " process sharing the file",
                     self.path,
                     exc,
                     self._lease,
