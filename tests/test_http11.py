@@ -1871,12 +1871,14 @@ async def test_after_a_spell_of_h11_the_pool_pipelines_again_without_errors(
 # ---------------------------------------------------------------------------
 
 
-def queueing_api(seconds: float) -> tuple[Scripted, list[bytes], list[int]]:
+def queueing_api(seconds: float | list[float]) -> tuple[Scripted, list[bytes], list[int]]:
     """A server that reads each connection's requests as they come (a pipeline at once)
     and answers them one after the other, ``seconds`` each, as a busy API does; the
-    bodies it accepted, and ``[the most requests waiting on one connection]``."""
+    bodies it accepted, and ``[the most requests waiting on one connection]``.
+    ``seconds`` as a one-item list may be changed while it runs."""
     accepted: list[bytes] = []
     deepest = [0]
+    pace = seconds if isinstance(seconds, list) else [seconds]
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         waiting = 0
@@ -1886,7 +1888,7 @@ def queueing_api(seconds: float) -> tuple[Scripted, list[bytes], list[int]]:
         async def answer(body: bytes) -> None:
             nonlocal waiting
             async with turn:
-                await asyncio.sleep(seconds)
+                await asyncio.sleep(pace[0])
                 waiting -= 1
                 accepted.append(body)
                 writer.write(created())
@@ -1920,6 +1922,62 @@ async def test_a_burst_spreads_over_connections_before_pipelines_deepen() -> Non
     assert len(set(accepted)) == 200
     assert deepest[0] <= 4  # 200 events over 64 connections (was 16)
     assert server.connections > 8
+
+
+async def stream(sink: HttpSink, waves: int, size: int, first: int = 0) -> None:
+    """``waves`` puts of ``size`` events, 5 ms apart (as the worker hands them over under
+    a steady load), then everything delivered."""
+    for wave in range(waves):
+        start = first + wave * size
+        await sink.put(
+            [
+                {"conversation_id": f"conv_{i:012x}", "is_used": False}
+                for i in range(start, start + size)
+            ]
+        )
+        await asyncio.sleep(0.005)
+    assert await sink.drain(time.monotonic() + 10) == 0
+
+
+async def test_a_fast_api_gets_pipelines_not_a_connection_an_event(engine: str) -> None:
+    # A steady stream to an API that answers at once went one request per connection,
+    # the even spread meant for a slow API's burst: each event paid its own write, read and
+    # wake-up (118-133 us of the worker's CPU an event at 3,000 events/s to the stand-in,
+    # on 32 connections; 70-84 us since). Answers this fast make a pipeline cost its
+    # events no wait worth the spread.
+    server, accepted, deepest = queueing_api(0.0)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await stream(sink, waves=40, size=15)
+        await sink.aclose()
+    assert len(set(accepted)) == 600
+    if engine == "h11":
+        assert deepest[0] == 1  # h11's client cannot pipeline
+        return
+    assert deepest[0] >= 4  # was 1-2
+    assert server.connections <= 8  # the first senders (was 16-32)
+
+
+async def test_an_api_that_slows_down_gets_its_events_spread_again(engine: str) -> None:
+    pace = [0.0]
+    server, accepted, deepest = queueing_api(pace)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await stream(sink, waves=20, size=15)
+        fast = deepest[0]
+        pace[0] = 0.05  # 16 deep now would take 0.8 s, spread over 16 connections 0.05 s
+        await stream(sink, waves=1, size=1, first=300)  # the API's new pace, measured
+        deepest[0] = 0
+        began = time.monotonic()
+        await stream(sink, waves=1, size=128, first=301)
+        took = time.monotonic() - began
+        await sink.aclose()
+    assert len(set(accepted)) == 429
+    assert fast >= (4 if engine == "httptools" else 1)
+    assert deepest[0] <= 2  # 128 over 64 connections
+    assert took < 0.6  # 16-deep pipelines: 0.8 s at least
 
 
 def paced(answer: Callable[[int], bytes | None], seconds: float) -> tuple[Scripted, list[int]]:
@@ -2143,3 +2201,13 @@ async def test_a_claim_meeting_another_processs_lock_is_a_warning_not_an_error(
     locked = [r for r in caplog.records if "locked by another process" in r.getMessage()]
     assert [r.levelname for r in locked] == ["WARNING"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_pipeline_timed_at_zero_seconds_allows_full_depth() -> None:
+    # A clock that did not move over a pipeline (a coarse one) must not divide by zero.
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    assert sink._fast_depth(16) == 0  # nothing measured yet: the even spread
+    sink._timed(0.0, 5)
+    assert sink._fast_depth(16) == 16
+    sink._timed(1.0, 1)  # a slow answer moves the average: 0.25 s a request
+    assert sink._fast_depth(16) == 0

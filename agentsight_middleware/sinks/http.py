@@ -72,6 +72,16 @@ _FIRST_SENDERS = 8
 # counted at every claim, it cost the SQLite outbox ~35 us a claim (~2 us an event at full
 # pipelines), and a burst is spread from its first claims all the same.
 _RECOUNT = 0.01
+# How long one connection's pipeline may take, by the time the API has been taking per
+# request: a server answers a connection's requests one after the other, so with answers
+# this fast a pipeline costs its events little delay, and written at once they share one
+# write and one wake-up (spread one request per connection, each event paid for its own:
+# 118-133 us of the worker's CPU an event at 3,000 events/s to the stand-in on loopback,
+# 70-84 us pipelined). An API slower than this a request (a round trip over the internet)
+# gets the even spread.
+_PIPELINE_BUDGET = 0.01
+# Weight of the newest pipeline in that per-request time (a moving average).
+_PACE_WEIGHT = 0.25
 # A wrong endpoint (see _retry.ELSEWHERE) is tried again this often, the events kept meanwhile.
 _ELSEWHERE_PAUSE = 30.0
 # ... once this many events in a row got such an answer.
@@ -222,6 +232,9 @@ class HttpSink:
         self._probe: asyncio.Future[None] | None = None  # resolved when that request is over
         # Requests one sender writes at once, at most, since the last claim: see _even_share.
         self._share = 1
+        # Seconds a request took, its pipeline's time over its length (moving average;
+        # infinite until measured: see _even_share).
+        self._per_request = math.inf
         self._waiting = 0  # the outbox's depth as last counted for it
         self._waiting_at = -math.inf  # when (monotonic)
         self._idle_tick: asyncio.Future[None] | None = None
@@ -332,9 +345,16 @@ class HttpSink:
         when the direct pool can."""
         return self._direct.depth if self._direct is not None else 1
 
+    def _fast_depth(self, depth: int) -> int:
+        """Requests one connection may carry at once with answers as fast as they come
+        now (0 when the API is slower than :data:`_PIPELINE_BUDGET` a request)."""
+        return min(depth, int(_PIPELINE_BUDGET / max(self._per_request, 1e-6)))
+
     def _even_share(self, depth: int) -> int:
         """Requests one sender may write at once now: ``depth`` at most, and no more than
-        the events in the outbox (in flight included) spread over ``concurrency`` connections.
+        the events in the outbox (in flight included) spread over ``concurrency`` connections,
+        or, when the API answers fast, what one connection answers within the budget
+        (see :data:`_PIPELINE_BUDGET`).
 
         A server answers one connection's requests one after the other: 16 pipelined on
         each of the first senders take 16 round trips, while the senders that growth
@@ -348,7 +368,14 @@ class HttpSink:
         if now - self._waiting_at >= _RECOUNT:
             self._waiting = self._outbox.depth_upto(depth * self._concurrency)
             self._waiting_at = now
-        return max(1, min(depth, -(-self._waiting // self._concurrency)))
+        even = -(-self._waiting // self._concurrency)
+        return max(1, min(depth, max(even, self._fast_depth(depth))))
+
+    def _timed(self, seconds: float, requests: int) -> None:
+        """Fold one pipeline's time into the per-request time (see _fast_depth)."""
+        pace = seconds / requests
+        last = self._per_request
+        self._per_request = pace if last == math.inf else last + (pace - last) * _PACE_WEIGHT
 
     async def _post_many(
         self, bodies: list[bytes], results: list[Reply | Exception]
@@ -549,9 +576,12 @@ class HttpSink:
                 # Spread over the free senders first, one connection each, and pipeline
                 # only the rest, up to the even share: a server answers a connection's
                 # requests one after the other, so its connections, not a pipeline's depth,
-                # are its parallelism.
+                # are its parallelism. Unless it answers so fast that one connection's
+                # pipeline is over within the budget.
                 free = max(self._senders - self._busy, 1)
-                take = min(depth, self._share, -(-len(ready) // free))
+                waiting = len(ready)
+                spread = min(waiting, max(-(-waiting // free), self._fast_depth(depth)))
+                take = min(depth, self._share, spread)
                 items = [ready.popleft() for _ in range(take)]
                 if ready and not probing:
                     bell.ring(min(free - 1, len(ready)))  # the others are for senders that wait
@@ -562,8 +592,10 @@ class HttpSink:
                 flying = self._flying
                 flying[id(items)] = items
                 results: list[Reply | Exception] = []
+                began = time.perf_counter()  # monotonic() ticks every 15.6 ms on Windows
                 try:
                     results = await self._send_many(items)
+                    self._timed(time.perf_counter() - began, len(items))
                 finally:
                     self._busy -= 1
                     del flying[id(items)]
