@@ -1959,6 +1959,37 @@ async def test_a_fast_api_gets_pipelines_not_a_connection_an_event(engine: str) 
     assert server.connections <= 8  # the first senders (was 16-32)
 
 
+class CountingOutbox(MemoryOutbox):
+    """Counts the claims that found nothing: a sender woken for work another took."""
+
+    empty_claims = 0
+
+    def claim(self, limit: int, now: float) -> list[OutboxItem]:
+        claimed = super().claim(limit, now)
+        if not claimed:
+            self.empty_claims += 1
+        return claimed
+
+
+async def test_a_fast_api_s_senders_are_not_woken_for_work_another_takes(engine: str) -> None:
+    # Each put of 15 events woke 15 senders; with one pipeline taking them all, 14 woke
+    # to claim nothing (a task switch, a claim and a new future each, ~15 % of the
+    # worker's time holding the GIL under uvicorn).
+    server, accepted, _ = queueing_api(0.0)
+    outbox = CountingOutbox(1000)
+    async with server.running() as url:
+        sink = direct_sink(url, outbox, concurrency=64)
+        await sink.start()
+        await stream(sink, waves=10, size=15)  # the API's pace, measured
+        before = outbox.empty_claims
+        await stream(sink, waves=30, size=15, first=150)
+        futile = outbox.empty_claims - before
+        await sink.aclose()
+    assert len(set(accepted)) == 600
+    if engine == "httptools":  # h11 cannot pipeline: a sender for each event
+        assert futile < 60  # was ~240
+
+
 async def test_an_api_that_slows_down_gets_its_events_spread_again(engine: str) -> None:
     pace = [0.0]
     server, accepted, deepest = queueing_api(pace)

@@ -435,7 +435,11 @@ class HttpSink:
                 self._outbox.depth(),
                 level="warning",
             )
-        self._bell.ring(len(items))
+        # A sender for each event, or, with pipelines as fast as now, for each pipeline's
+        # worth: the others would only wake to find the work taken (the woken sender rings
+        # for what it leaves).
+        fast = self._fast_depth(self._depth())
+        self._bell.ring(-(-len(items) // fast) if fast > 1 else len(items))
         idle_tick, self._idle_tick = self._idle_tick, None
         if idle_tick is not None:
             resolve(idle_tick)
