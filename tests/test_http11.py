@@ -1001,10 +1001,10 @@ async def test_senders_survive_unexpected_errors_and_deliver_everything(
         real_send = sink._send_many
         failures = [RuntimeError("bug 1"), RuntimeError("bug 2"), RuntimeError("bug 3")]
 
-        async def flaky(items: list[OutboxItem]) -> None:
+        async def flaky(flight: Any) -> None:
             if failures:
                 raise failures.pop()
-            await real_send(items)
+            await real_send(flight)
 
         monkeypatch.setattr(sink, "_send_many", flaky)
         await deliver(sink, 10)
@@ -1959,6 +1959,54 @@ async def test_a_fast_api_gets_pipelines_not_a_connection_an_event(engine: str) 
     assert server.connections <= 8  # the first senders (was 16-32)
 
 
+async def test_a_burst_into_an_api_that_slowed_since_is_spread_all_the_same() -> None:
+    # After a spell of fast answers the pace said "fast" until a pipeline came back: a
+    # burst that met the API slowed went 16 deep on the first senders (200 events at
+    # 0.2 s an answer: 3.2 s, as before the even spread). Only what one pipeline holds
+    # is pipelined on the pace's word.
+    pace = [0.0]
+    server, accepted, deepest = queueing_api(pace)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await stream(sink, waves=20, size=15)
+        assert deepest[0] > 1 or _http11.ENGINES == ("h11",)
+        pace[0] = 0.2
+        deepest[0] = 0
+        began = time.monotonic()
+        await stream(sink, waves=1, size=200, first=300)
+        took = time.monotonic() - began
+        await sink.aclose()
+    assert len(set(accepted)) == 500
+    assert deepest[0] <= 4  # 200 over 64 connections (was 16)
+    assert took < 2.5  # was 3.2 s at least
+
+
+async def test_an_api_that_hangs_after_a_fast_spell_holds_few_events() -> None:
+    # Senders kept writing 16-deep pipelines into an API that had stopped answering, until
+    # the first timed out: 120 events held (and each charged an attempt) within 0.5 s,
+    # against 16 before pipelines followed the pace. A pipeline out for 30 ms now says the
+    # API is no longer fast.
+    pace = [0.0]
+    server, _, _ = queueing_api(pace)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(2000), concurrency=64, timeout=2.0)
+        await sink.start()
+        await stream(sink, waves=20, size=15)
+        pace[0] = 3600.0  # hangs
+        for wave in range(100):  # 0.5 s of 3,000 events/s
+            start = 1000 + wave * 15
+            await sink.put(
+                [{"conversation_id": f"conv_{i:012x}"} for i in range(start, start + 15)]
+            )
+            await asyncio.sleep(0.005)
+        in_flight = sink._in_flight
+        await sink.aclose()
+    # One request per sender (16 here) as before the pace was followed, and the one or two
+    # pipelines written before the first was overdue (30 ms): 44 here, was 120.
+    assert in_flight <= 50
+
+
 class CountingOutbox(MemoryOutbox):
     """Counts the claims that found nothing: a sender woken for work another took."""
 
@@ -2234,11 +2282,40 @@ async def test_a_claim_meeting_another_processs_lock_is_a_warning_not_an_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_a_pipeline_timed_at_zero_seconds_allows_full_depth() -> None:
-    # A clock that did not move over a pipeline (a coarse one) must not divide by zero.
+def flight_of(n: int, began: float, statuses: list[int]) -> Any:
+    """A pipeline of ``n`` events written at ``began``, answered with ``statuses``."""
+    from agentsight_middleware.sinks.http import _Flight
+
+    items = [OutboxItem(i, f"conv_{i}", b"{}") for i in range(n)]
+    flight = _Flight(items, began)
+    flight.results = [_http11.Reply(status, [], b'{"id":1}') for status in statuses]
+    return flight
+
+
+def test_the_api_s_pace_is_measured_on_accepted_pipelines_only() -> None:
     sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
     assert sink._fast_depth(16) == 0  # nothing measured yet: the even spread
-    sink._timed(0.0, 5)
+    now = time.perf_counter()
+    # An outage answering at once (503s) once made the API look fast: deep pipelines
+    # into it, and into the slow API that came back (200 events 8.5 s, deepest 16).
+    sink._timed(flight_of(5, now - 0.0005, [503] * 5), now)
+    assert sink._fast_depth(16) == 0
+    sink._timed(flight_of(5, now, [201] * 5), now)  # a clock that did not move: no error
     assert sink._fast_depth(16) == 16
-    sink._timed(1.0, 1)  # a slow answer moves the average: 0.25 s a request
+    sink._timed(flight_of(1, now - 1.0, [201]), now)  # a slow answer moves the average
+    assert sink._fast_depth(16) == 0
+
+
+def test_a_pipeline_still_out_tells_that_the_api_slowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    now = time.perf_counter()
+    sink._timed(flight_of(10, now - 0.001, [201] * 10), now)
+    assert sink._fast_depth(16) == 16
+    sink._flying[1] = flight_of(4, now - 0.2, [])  # 4 requests out for 0.2 s, unanswered
+    assert sink._fast_depth(16) == 0
+    del sink._flying[1]
+    assert sink._fast_depth(16) == 16
+    # Nothing answered for a while: the pace is measured again before pipelines deepen.
+    later = now + 6
+    monkeypatch.setattr(time, "perf_counter", lambda: later)
     assert sink._fast_depth(16) == 0

@@ -72,16 +72,25 @@ _FIRST_SENDERS = 8
 # counted at every claim, it cost the SQLite outbox ~35 us a claim (~2 us an event at full
 # pipelines), and a burst is spread from its first claims all the same.
 _RECOUNT = 0.01
-# How long one connection's pipeline may take, by the time the API has been taking per
-# request: a server answers a connection's requests one after the other, so with answers
-# this fast a pipeline costs its events little delay, and written at once they share one
-# write and one wake-up (spread one request per connection, each event paid for its own:
-# 118-133 us of the worker's CPU an event at 3,000 events/s to the stand-in on loopback,
-# 70-84 us pipelined). An API slower than this a request (a round trip over the internet)
-# gets the even spread.
-_PIPELINE_BUDGET = 0.01
-# Weight of the newest pipeline in that per-request time (a moving average).
+# A claim that fits one pipeline is written as one while the API's pipelines come back
+# within this long (a moving average of those it accepted in full): a server answers a
+# connection's requests one after the other, so with answers this fast a pipeline costs its
+# events little delay, and written at once they share one write and one wake-up (spread one
+# request per connection, each event paid for its own: 118-133 us of the worker's CPU an
+# event at 3,000 events/s to the stand-in on loopback, 70-84 us pipelined). The time of a
+# whole pipeline, not per request: most of a fast one's is the round trip and the worker's
+# waits for the GIL in a busy app, the same for one request as for 16. An API slower than
+# this (a round trip over the internet) gets the even spread.
+_PIPELINE_BUDGET = 0.02
+# A pipeline out this many times the average (and this long at least: a clock's and a busy
+# loop's jitter) says the API has slowed or hangs, before any answer does.
+_OVERDUE_TIMES = 4
+_OVERDUE_LEAST = 0.01
+# Weight of the newest pipeline in that average.
 _PACE_WEIGHT = 0.25
+# With no pipeline answered in full for this long, the API's pace is measured again (the
+# even spread until then): what an hour-old figure says of it now is a guess.
+_PACE_KEPT = 5.0
 # A wrong endpoint (see _retry.ELSEWHERE) is tried again this often, the events kept meanwhile.
 _ELSEWHERE_PAUSE = 30.0
 # ... once this many events in a row got such an answer.
@@ -176,6 +185,22 @@ class _Bell:
                 n -= 1
 
 
+class _Flight:
+    """A sender's pipeline out to the API: its events, their results as answers come, and
+    when it was written (``time.perf_counter()``)."""
+
+    __slots__ = ("began", "items", "results")
+
+    def __init__(self, items: list[OutboxItem], began: float) -> None:
+        self.items = items
+        self.results: list[Reply | Exception] = []
+        self.began = began
+
+
+def _accepted(result: Reply | Exception) -> bool:
+    return isinstance(result, Reply) and classify(result.status) == ACCEPTED
+
+
 class HttpSink:
     def __init__(
         self,
@@ -220,7 +245,7 @@ class HttpSink:
         self._ready: deque[OutboxItem] = deque()
         self._busy = 0  # senders waiting for answers
         # The claimed events being sent, by sender: their leases are renewed while they are.
-        self._flying: dict[int, list[OutboxItem]] = {}
+        self._flying: dict[int, _Flight] = {}
         self._acks: list[OutboxItem] = []
         self._ack_flush_due = False  # a _flush_acks is scheduled (see _ack)
         # Written to the API and unanswered when shutdown cancelled their requests.
@@ -232,9 +257,14 @@ class HttpSink:
         self._probe: asyncio.Future[None] | None = None  # resolved when that request is over
         # Requests one sender writes at once, at most, since the last claim: see _even_share.
         self._share = 1
-        # Seconds a request took, its pipeline's time over its length (moving average;
-        # infinite until measured: see _even_share).
-        self._per_request = math.inf
+        # Seconds a pipeline took to be answered (moving average of those the API accepted
+        # in full; infinite until measured: see _fast_depth), and when it was last measured
+        # (perf_counter).
+        self._pipeline_time = math.inf
+        self._paced_at = -math.inf
+        # Requests one connection may carry with answers that fast, as found at the last
+        # claim (0: spread; see _even_share).
+        self._pipeline = 0
         self._waiting = 0  # the outbox's depth as last counted for it
         self._waiting_at = -math.inf  # when (monotonic)
         self._idle_tick: asyncio.Future[None] | None = None
@@ -338,7 +368,9 @@ class HttpSink:
     @property
     def _in_flight(self) -> int:
         """Events in requests now."""
-        return sum(map(len, self._flying.values()))
+        # A copy first, in one C call: stats() reads it from the app's threads while the
+        # worker's loop changes the dict.
+        return sum(len(flight.items) for flight in list(self._flying.values()))
 
     def _depth(self) -> int:
         """Events one sender takes at a time: one request each, written at once (pipelined)
@@ -346,15 +378,22 @@ class HttpSink:
         return self._direct.depth if self._direct is not None else 1
 
     def _fast_depth(self, depth: int) -> int:
-        """Requests one connection may carry at once with answers as fast as they come
-        now (0 when the API is slower than :data:`_PIPELINE_BUDGET` a request)."""
-        return min(depth, int(_PIPELINE_BUDGET / max(self._per_request, 1e-6)))
+        """``depth`` while the API answers pipelines within :data:`_PIPELINE_BUDGET`, else 0
+        (the even spread): not measured lately, slower than that, or a pipeline still out
+        well past the average (an API that has just slowed down or hung)."""
+        now = time.perf_counter()
+        took = self._pipeline_time
+        if now - self._paced_at > _PACE_KEPT or took > _PIPELINE_BUDGET:
+            return 0
+        overdue = now - max(_OVERDUE_TIMES * took, _OVERDUE_LEAST)
+        for flight in self._flying.values():
+            if flight.began < overdue:
+                return 0
+        return depth
 
     def _even_share(self, depth: int) -> int:
         """Requests one sender may write at once now: ``depth`` at most, and no more than
-        the events in the outbox (in flight included) spread over ``concurrency`` connections,
-        or, when the API answers fast, what one connection answers within the budget
-        (see :data:`_PIPELINE_BUDGET`).
+        the events in the outbox (in flight included) spread over ``concurrency`` connections.
 
         A server answers one connection's requests one after the other: 16 pipelined on
         each of the first senders take 16 round trips, while the senders that growth
@@ -368,14 +407,19 @@ class HttpSink:
         if now - self._waiting_at >= _RECOUNT:
             self._waiting = self._outbox.depth_upto(depth * self._concurrency)
             self._waiting_at = now
-        even = -(-self._waiting // self._concurrency)
-        return max(1, min(depth, max(even, self._fast_depth(depth))))
+        return max(1, min(depth, -(-self._waiting // self._concurrency)))
 
-    def _timed(self, seconds: float, requests: int) -> None:
-        """Fold one pipeline's time into the per-request time (see _fast_depth)."""
-        pace = seconds / requests
-        last = self._per_request
-        self._per_request = pace if last == math.inf else last + (pace - last) * _PACE_WEIGHT
+    def _timed(self, flight: _Flight, now: float) -> None:
+        """Fold a pipeline's time into the average (see _fast_depth), when the API accepted
+        all of it: errors can come fast from an API that is down (instant 503s), or slow
+        from a timeout, and say nothing of how fast it stores events."""
+        if not all(map(_accepted, flight.results)):
+            return
+        took = now - flight.began
+        last = self._pipeline_time
+        fresh = last == math.inf or now - self._paced_at > _PACE_KEPT
+        self._pipeline_time = took if fresh else last + (took - last) * _PACE_WEIGHT
+        self._paced_at = now
 
     async def _post_many(
         self, bodies: list[bytes], results: list[Reply | Exception]
@@ -438,7 +482,7 @@ class HttpSink:
         # A sender for each event, or, with pipelines as fast as now, for each pipeline's
         # worth: the others would only wake to find the work taken (the woken sender rings
         # for what it leaves).
-        fast = self._fast_depth(self._depth())
+        fast = self._pipeline
         self._bell.ring(-(-len(items) // fast) if fast > 1 else len(items))
         idle_tick, self._idle_tick = self._idle_tick, None
         if idle_tick is not None:
@@ -520,7 +564,12 @@ class HttpSink:
             return
         now = time.time()
         old = now - lease / 2
-        stale = [item for items in self._flying.values() for item in items if item.leased_at < old]
+        stale = [
+            item
+            for flight in self._flying.values()
+            for item in flight.items
+            if item.leased_at < old
+        ]
         stale += [item for item in self._ready if item.leased_at < old]
         # Accepted, their acknowledgement held since a failed write: not to be sent again.
         stale += [item for item in self._acks if item.leased_at < old]
@@ -560,14 +609,19 @@ class HttpSink:
             try:
                 depth = 1 if probing else self._depth()
                 if not ready:
+                    fast = 0
                     if probing:
                         limit = 1
                     else:
-                        self._share = depth = self._even_share(depth)
+                        fast = self._fast_depth(depth)
+                        share = self._even_share(depth)
                         # Only as many as the free senders take: a claimed row waiting here
                         # would be holding its lease (a shared outbox's guard against double
-                        # sends) while time runs.
-                        limit = (self._senders - self._busy) * depth
+                        # sends) while time runs. With fast answers, one more than two full
+                        # pipelines hold tells a burst from the usual stream.
+                        limit = (self._senders - self._busy) * share
+                        if fast > 1:
+                            limit = max(limit, 2 * depth + 1)
                     claimed = outbox.claim(limit, now)
                     if not claimed:
                         await bell.wait()
@@ -576,6 +630,11 @@ class HttpSink:
                         # Until a claim finds less than it could take: a sender busy with a
                         # long pipeline claims rarely, and the backlog it left is still there.
                         self._claims_full = len(claimed) >= limit
+                        # Fast answers pipeline what a claim finds only when two full
+                        # pipelines would hold all of it: a burst is spread all the same, in
+                        # case the API has slowed since it was last timed.
+                        self._pipeline = fast if len(claimed) <= 2 * depth else 0
+                        self._share = max(share, self._pipeline)
                     ready.extend(claimed)
                 # Spread over the free senders first, one connection each, and pipeline
                 # only the rest, up to the even share: a server answers a connection's
@@ -584,7 +643,7 @@ class HttpSink:
                 # pipeline is over within the budget.
                 free = max(self._senders - self._busy, 1)
                 waiting = len(ready)
-                spread = min(waiting, max(-(-waiting // free), self._fast_depth(depth)))
+                spread = min(waiting, max(-(-waiting // free), self._pipeline))
                 take = min(depth, self._share, spread)
                 items = [ready.popleft() for _ in range(take)]
                 if ready and not probing:
@@ -593,18 +652,16 @@ class HttpSink:
                 if probing:
                     sent_alone = self._probe = asyncio.get_running_loop().create_future()
                 self._busy += 1
-                flying = self._flying
-                flying[id(items)] = items
-                results: list[Reply | Exception] = []
-                began = time.perf_counter()  # monotonic() ticks every 15.6 ms on Windows
+                # perf_counter: monotonic() ticks every 15.6 ms on Windows.
+                flight = self._flying[id(items)] = _Flight(items, time.perf_counter())
                 try:
-                    results = await self._send_many(items)
-                    self._timed(time.perf_counter() - began, len(items))
+                    await self._send_many(flight)
+                    self._timed(flight, time.perf_counter())
                 finally:
                     self._busy -= 1
-                    del flying[id(items)]
+                    del self._flying[id(items)]
                     if sent_alone is not None:
-                        self._end_probe(sent_alone, results)
+                        self._end_probe(sent_alone, flight.results)
             except Exception as exc:
                 # A sender that died here would take a share of the delivery capacity
                 # with it, silently, and leave its events claimed (and their conversations
@@ -662,23 +719,24 @@ class HttpSink:
             # sent again later, the memory outbox keeps it blocked until restart.
             self._log_once("release", "could not give an event back to the outbox: %r", exc)
 
-    async def _send_many(self, items: list[OutboxItem]) -> list[Reply | Exception]:
-        """Send ``items`` and see to each one's outcome; their results, in order."""
-        results: list[Reply | Exception] = []
+    async def _send_many(self, flight: _Flight) -> None:
+        """Send a pipeline's events and see to each one's outcome; their results, in order,
+        fill ``flight.results`` as answers come."""
+        items, results = flight.items, flight.results
         try:
             await self._post_many([item.body for item in items], results)
         except asyncio.CancelledError:
             # Shutting down mid-pipeline: what the API has already accepted is marked
             # so (a durable outbox would send it again at the next start otherwise).
             for item, result in zip(items, results, strict=False):
-                if isinstance(result, Reply) and classify(result.status) == ACCEPTED:
+                if _accepted(result):
                     self._outcome(item, result)
             # The rest are written, or may be (a pipeline goes out at once), and unanswered:
             # the API may still store them, so they must not be handed to another process.
             self._unanswered += items[len(results) :]
             raise
         except Exception as exc:
-            results = results[: len(items)]
+            del results[len(items) :]
             results += [exc] * (len(items) - len(results))
         for item, result in zip(items, results, strict=True):
             try:
@@ -688,7 +746,6 @@ class HttpSink:
                 # of its pipeline claimed for ever.
                 self._log_sender_error(exc)
                 self._release(item, backoff(item.attempts + 1))
-        return results
 
     def _outcome(self, item: OutboxItem, result: Reply | Exception) -> None:
         if isinstance(result, NotSent):
