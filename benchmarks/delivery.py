@@ -13,7 +13,10 @@ within ``--row-seconds`` reports the rate it reached by then (what was queued is
 dropped at close, or left in the outbox file, which is deleted).
 
 Rows: the in-memory queue (sized to hold the burst); the default ``queue_size`` (how much of
-a 20,000-request burst it keeps); the durable SQLite ``outbox=``; the classic SDK's
+a 20,000-request burst it keeps); the durable SQLite ``outbox=``; a steady stream
+(``--steady`` events a second for ``--steady-seconds``, as a busy site sends them: the
+worker finds a few events at each look, and its CPU per event is what a live app pays);
+the classic SDK's
 blocking ``initialize_conversation`` (agentsight 0.0.44 in its own venv under
 ``.sdk-venvs/``, created here if missing), called sequentially; and what the stand-in
 serves to a minimal asyncio HTTP/1.1 client sending one request at a time on each of 8
@@ -177,6 +180,53 @@ def burst(
         on_end(mw)
     row.stats = mw.stats()
     row.dropped = row.stats.get("dropped", 0)
+    mw.close(1.0)
+    api.trim()
+    return row
+
+
+def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
+    """First visits at ``rate`` a second for ``seconds``, as a busy site sends them (the
+    request loop catching up every millisecond), not as one burst: the worker then finds a
+    few events at each look, and its CPU per event is what a live app pays for delivery."""
+    mw = AgentSightMiddleware(
+        page_app,
+        widget_pages=["/"],
+        trusted_proxies=["10.0.0.0/8"],
+        api_key=api.api_key,
+        endpoint=api.url,
+    )
+    loop = asyncio.new_event_loop()
+    template = page_view_scope()
+    loop.run_until_complete(mw(dict(template), receiver(()), discard))
+    mw.flush(30)
+    baseline = api.accepted()
+
+    async def paced() -> int:
+        sent = 0
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < seconds:
+            while sent < elapsed * rate:
+                await mw(dict(template), receiver(()), discard)
+                sent += 1
+            await asyncio.sleep(0.001)
+        return sent
+
+    cpu, own = time.process_time(), time.thread_time()
+    started = time.monotonic()
+    events = loop.run_until_complete(paced())
+    loop.close()
+    mw.flush(30)
+    row = Row(name, events)
+    row.delivered = api.wait_for(baseline + events, 30) - baseline
+    row.seconds = time.monotonic() - started
+    row.complete = row.delivered >= events
+    if row.delivered:
+        background = (time.process_time() - cpu) - (time.thread_time() - own)
+        row.worker_cpu_us = background / row.delivered * 1e6
+    row.stats = mw.stats()
+    row.dropped = row.stats.get("dropped", 0)
+    row.note = f"{row.stats.get('senders', 0)} connections at the end"
     mw.close(1.0)
     api.trim()
     return row
@@ -526,6 +576,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
+        "--steady",
+        type=float,
+        default=3000.0,
+        metavar="RATE",
+        help="events a second of the steady row (default 3000; 0 skips it)",
+    )
+    parser.add_argument(
+        "--steady-seconds", type=float, default=8.0, help="how long the steady row runs"
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -558,6 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress("SQLite outbox")
         rows.append(burst(api, "ours, outbox= SQLite (durable)", n, args.row_seconds,
                           queue_size=n, outbox=os.path.join(tmp, "outbox.sqlite3")))  # fmt: skip
+        if args.steady:
+            progress(f"steady {args.steady:,.0f} events/s")
+            name = f"ours, steady {args.steady:,.0f} events/s for {args.steady_seconds:g} s"
+            rows.append(steady(api, name, args.steady, args.steady_seconds))
         if args.sdk_calls:
             progress(f"classic SDK, {args.sdk_calls} calls")
             rows.append(sdk_row(api, args.sdk_calls, progress))

@@ -67,15 +67,23 @@ def test_overhead_with_profile() -> None:
 
 
 def test_delivery_small_burst() -> None:
-    result = run("delivery.py", "--events", "300", "--sdk-calls", "0", "--row-seconds", "30")
+    result = run(
+        "delivery.py", "--events", "300", "--sdk-calls", "0", "--row-seconds", "30",
+        "--steady", "300", "--steady-seconds", "1",
+    )  # fmt: skip
     ran_cleanly(result)
     assert "Stand-in API accepted" in result.stdout
+    steady = next(line for line in result.stdout.splitlines() if "ours, steady 300" in line)
+    assert steady.split()[-4] == "300", steady  # every event of the second delivered
     assert "PROBLEMS" not in result.stdout
     assert "enqueue < 5 µs" in result.stdout
 
 
 def test_delivery_profile_splits_the_worker_cpu() -> None:
-    result = run("delivery.py", "--events", "300", "--sdk-calls", "0", "--profile", "400", "--json")
+    result = run(
+        "delivery.py", "--events", "300", "--sdk-calls", "0", "--steady", "0",
+        "--profile", "400", "--json",
+    )  # fmt: skip
     ran_cleanly(result)
     shares = json.loads(result.stdout)["worker_profile_shares"]
     assert sum(shares.values()) == pytest.approx(1.0)
