@@ -1924,9 +1924,9 @@ async def test_a_burst_spreads_over_connections_before_pipelines_deepen() -> Non
     assert server.connections > 8
 
 
-async def stream(sink: HttpSink, waves: int, size: int, first: int = 0) -> None:
-    """``waves`` puts of ``size`` events, 5 ms apart (as the worker hands them over under
-    a steady load), then everything delivered."""
+async def stream(sink: HttpSink, waves: int, size: int, first: int = 0, gap: float = 0.005) -> None:
+    """``waves`` puts of ``size`` events, ``gap`` apart (5 ms: as the worker hands them
+    over under a steady load), then everything delivered."""
     for wave in range(waves):
         start = first + wave * size
         await sink.put(
@@ -1935,7 +1935,7 @@ async def stream(sink: HttpSink, waves: int, size: int, first: int = 0) -> None:
                 for i in range(start, start + size)
             ]
         )
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(gap)
     assert await sink.drain(time.monotonic() + 10) == 0
 
 
@@ -2005,6 +2005,52 @@ async def test_an_api_that_hangs_after_a_fast_spell_holds_few_events() -> None:
     # One request per sender (16 here) as before the pace was followed, and the one or two
     # pipelines written before the first was overdue (30 ms): 44 here, was 120.
     assert in_flight <= 50
+
+
+async def test_an_api_taking_10_ms_a_request_gets_no_pipeline_past_the_budget() -> None:
+    # Pipelines followed the time of a whole pipeline, mostly one request long (11 ms), and
+    # took 16: 8 deep to a 10 ms API, 85 ms a pipeline (p90 of an event's delay 73 ms,
+    # 12 ms spread). A pipeline is now as long as the budget (20 ms) over what a request
+    # adds, measured on one short pipeline first.
+    server, accepted, deepest = queueing_api(0.01)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await stream(sink, waves=40, size=8, gap=0.02)
+        await sink.aclose()
+    assert len(set(accepted)) == 320
+    assert deepest[0] <= 4  # the first, timed pipeline (was 8)
+
+
+async def test_a_claim_takes_no_more_than_its_free_senders_send() -> None:
+    # With fast answers a claim took 33 rows to tell a burst from the stream: with 7 of 8
+    # senders in requests, the free one sent one and held 32 (their leases renewed) that
+    # another process sharing the outbox could have sent. The burst is now counted, not
+    # claimed.
+    hang = [False]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            if hang[0]:
+                await asyncio.sleep(3600)
+            writer.write(created())
+
+    server = Scripted(handler)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=8, timeout=3.0)
+        await sink.start()
+        await stream(sink, waves=20, size=15)
+        hang[0] = True
+        for i in range(7):  # 7 senders in requests that will not be answered
+            await sink.put([{"conversation_id": f"conv_s{i:06x}"}])
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
+        await sink.put([{"conversation_id": f"conv_x{i:06x}"} for i in range(40)])
+        await asyncio.sleep(0.01)
+        held = len(sink._ready)
+        await sink.aclose()
+    assert held <= 1  # was 32
 
 
 class CountingOutbox(MemoryOutbox):

@@ -72,24 +72,27 @@ _FIRST_SENDERS = 8
 # counted at every claim, it cost the SQLite outbox ~35 us a claim (~2 us an event at full
 # pipelines), and a burst is spread from its first claims all the same.
 _RECOUNT = 0.01
-# A claim that fits one pipeline is written as one while the API's pipelines come back
-# within this long (a moving average of those it accepted in full): a server answers a
-# connection's requests one after the other, so with answers this fast a pipeline costs its
-# events little delay, and written at once they share one write and one wake-up (spread one
-# request per connection, each event paid for its own: 118-133 us of the worker's CPU an
-# event at 3,000 events/s to the stand-in on loopback, 70-84 us pipelined). The time of a
-# whole pipeline, not per request: most of a fast one's is the round trip and the worker's
-# waits for the GIL in a busy app, the same for one request as for 16. An API slower than
-# this (a round trip over the internet) gets the even spread.
+# While the API answers fast, the usual stream (up to two pipelines' worth waiting) goes as
+# whole pipelines: a server answers a connection's requests one after the other, so with
+# answers this fast a pipeline costs its events little delay, and written at once they share
+# one write and one wake-up (spread one request per connection, each event paid for its own:
+# 108-133 us of the worker's CPU an event at 3,000 events/s to the stand-in on loopback,
+# 66-84 us pipelined). Fast: pipelines (moving averages of those the API accepted in full)
+# come back within this long, and a pipeline is no longer than this long over the time a
+# request adds to one (its time over its length). An API slower than that (a round trip
+# over the internet) gets the even spread.
 _PIPELINE_BUDGET = 0.02
+# Requests in a pipeline while the time a request adds is not known (not measured lately):
+# enough to measure it.
+_FIRST_PIPELINE = 4
 # A pipeline out this many times the average (and this long at least: a clock's and a busy
 # loop's jitter) says the API has slowed or hangs, before any answer does.
 _OVERDUE_TIMES = 4
 _OVERDUE_LEAST = 0.01
-# Weight of the newest pipeline in that average.
+# Weight of the newest pipeline in those averages.
 _PACE_WEIGHT = 0.25
-# With no pipeline answered in full for this long, the API's pace is measured again (the
-# even spread until then): what an hour-old figure says of it now is a guess.
+# A figure not measured for this long is measured again (the even spread, or short
+# pipelines, until then): what an hour-old figure says of the API now is a guess.
 _PACE_KEPT = 5.0
 # A wrong endpoint (see _retry.ELSEWHERE) is tried again this often, the events kept meanwhile.
 _ELSEWHERE_PAUSE = 30.0
@@ -262,6 +265,10 @@ class HttpSink:
         # (perf_counter).
         self._pipeline_time = math.inf
         self._paced_at = -math.inf
+        # Seconds a request adds to a pipeline: the time over the length of those of two
+        # requests or more (moving average), and when it was last measured.
+        self._per_request = math.inf
+        self._per_request_at = -math.inf
         # Requests one connection may carry with answers that fast, as found at the last
         # claim (0: spread; see _even_share).
         self._pipeline = 0
@@ -378,9 +385,10 @@ class HttpSink:
         return self._direct.depth if self._direct is not None else 1
 
     def _fast_depth(self, depth: int) -> int:
-        """``depth`` while the API answers pipelines within :data:`_PIPELINE_BUDGET`, else 0
-        (the even spread): not measured lately, slower than that, or a pipeline still out
-        well past the average (an API that has just slowed down or hung)."""
+        """Requests one connection may carry at once with answers as fast as they come now
+        (see :data:`_PIPELINE_BUDGET`; ``depth`` at most), or 0 (the even spread): not
+        measured lately, slower than that, or a pipeline still out well past the average
+        (an API that has just slowed down or hung)."""
         now = time.perf_counter()
         took = self._pipeline_time
         if now - self._paced_at > _PACE_KEPT or took > _PIPELINE_BUDGET:
@@ -389,7 +397,9 @@ class HttpSink:
         for flight in self._flying.values():
             if flight.began < overdue:
                 return 0
-        return depth
+        if now - self._per_request_at > _PACE_KEPT:
+            return min(depth, _FIRST_PIPELINE)
+        return min(depth, int(_PIPELINE_BUDGET / max(self._per_request, 1e-6)))
 
     def _even_share(self, depth: int) -> int:
         """Requests one sender may write at once now: ``depth`` at most, and no more than
@@ -420,6 +430,12 @@ class HttpSink:
         fresh = last == math.inf or now - self._paced_at > _PACE_KEPT
         self._pipeline_time = took if fresh else last + (took - last) * _PACE_WEIGHT
         self._paced_at = now
+        n = len(flight.items)
+        if n > 1:
+            pace, last = took / n, self._per_request
+            fresh = last == math.inf or now - self._per_request_at > _PACE_KEPT
+            self._per_request = pace if fresh else last + (pace - last) * _PACE_WEIGHT
+            self._per_request_at = now
 
     async def _post_many(
         self, bodies: list[bytes], results: list[Reply | Exception]
@@ -469,6 +485,9 @@ class HttpSink:
                 self._log_once("json note", "%s", note, level="warning")
             items.append((payload["conversation_id"], body.encode()))
         accepted = await self._put_when_free(items)
+        # Counted again by the next claim (see _even_share), not up to _RECOUNT later: a
+        # burst is known as one by the claim that follows it.
+        self._waiting_at = -math.inf
         if accepted < len(items):
             self.dropped += len(items) - accepted
             self._log_once(
@@ -615,13 +634,15 @@ class HttpSink:
                     else:
                         fast = self._fast_depth(depth)
                         share = self._even_share(depth)
+                        # Fast answers pipeline the usual stream, not a burst (more than two
+                        # pipelines' worth not yet in a request): a burst is spread all the
+                        # same, in case the API has slowed since it was last timed.
+                        if fast > 1 and self._waiting - self._in_flight > 2 * depth:
+                            fast = 0
                         # Only as many as the free senders take: a claimed row waiting here
                         # would be holding its lease (a shared outbox's guard against double
-                        # sends) while time runs. With fast answers, one more than two full
-                        # pipelines hold tells a burst from the usual stream.
-                        limit = (self._senders - self._busy) * share
-                        if fast > 1:
-                            limit = max(limit, 2 * depth + 1)
+                        # sends) while time runs.
+                        limit = (self._senders - self._busy) * max(share, fast)
                     claimed = outbox.claim(limit, now)
                     if not claimed:
                         await bell.wait()
@@ -630,11 +651,8 @@ class HttpSink:
                         # Until a claim finds less than it could take: a sender busy with a
                         # long pipeline claims rarely, and the backlog it left is still there.
                         self._claims_full = len(claimed) >= limit
-                        # Fast answers pipeline what a claim finds only when two full
-                        # pipelines would hold all of it: a burst is spread all the same, in
-                        # case the API has slowed since it was last timed.
-                        self._pipeline = fast if len(claimed) <= 2 * depth else 0
-                        self._share = max(share, self._pipeline)
+                        self._pipeline = fast
+                        self._share = max(share, fast)
                     ready.extend(claimed)
                 # Spread over the free senders first, one connection each, and pipeline
                 # only the rest, up to the even share: a server answers a connection's
