@@ -1985,8 +1985,8 @@ async def test_a_burst_into_an_api_that_slowed_since_is_spread_all_the_same() ->
 async def test_an_api_that_hangs_after_a_fast_spell_holds_few_events() -> None:
     # Senders kept writing 16-deep pipelines into an API that had stopped answering, until
     # the first timed out: 120 events held (and each charged an attempt) within 0.5 s,
-    # against 16 before pipelines followed the pace. A pipeline out for 30 ms now says the
-    # API is no longer fast.
+    # against 16 before pipelines followed the pace. A pipeline out 4x the average (10 ms at
+    # least) now says the API is no longer fast.
     pace = [0.0]
     server, _, _ = queueing_api(pace)
     async with server.running() as url:
@@ -2002,9 +2002,10 @@ async def test_an_api_that_hangs_after_a_fast_spell_holds_few_events() -> None:
             await asyncio.sleep(0.005)
         in_flight = sink._in_flight
         await sink.aclose()
-    # One request per sender (16 here) as before the pace was followed, and the one or two
-    # pipelines written before the first was overdue (30 ms): 44 here, was 120.
-    assert in_flight <= 50
+    # One request per sender (16 here) as before the pace was followed, and the pipelines
+    # written before the first was overdue (10 ms): two, 44 events, here; three on a loaded
+    # machine whose loop stalls. Was 120.
+    assert in_flight <= 64
 
 
 async def test_an_api_taking_10_ms_a_request_gets_no_pipeline_past_the_budget() -> None:
