@@ -2054,6 +2054,58 @@ async def test_a_claim_takes_no_more_than_its_free_senders_send() -> None:
     assert held <= 1  # was 32
 
 
+async def test_rows_waiting_for_a_retry_do_not_stop_the_stream_s_pipelines() -> None:
+    # The burst test counted every row in the outbox: 40 rows waiting for their retry (or
+    # another process's, in a shared outbox) made every claim of the usual stream a burst,
+    # one request a write (15 events a write without them). It counts what is put now.
+    server, accepted, _ = queueing_api(0.0)
+    outbox = MemoryOutbox(1000)
+    outbox.put([(f"conv_parked{i:05d}", b"{}") for i in range(40)])
+    for item in outbox.claim(40, time.time()):
+        outbox.retry(item, time.time() + 3600)
+    async with server.running() as url:
+        sink = direct_sink(url, outbox, concurrency=64)
+        writes: list[int] = []
+        send_many = sink._send_many
+
+        async def counted(flight: Any) -> None:
+            writes.append(len(flight.items))
+            await send_many(flight)
+
+        sink._send_many = counted  # type: ignore[method-assign]
+        await sink.start()
+
+        async def stream_past_the_parked(waves: int, first: int) -> None:
+            goal = len(accepted) + waves * 15
+            for wave in range(waves):
+                start = first + wave * 15
+                await sink.put([{"conversation_id": f"c{i}"} for i in range(start, start + 15)])
+                await asyncio.sleep(0.005)
+            deadline = time.monotonic() + 10
+            while len(accepted) < goal and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+
+        await stream_past_the_parked(20, 0)  # the pace, measured
+        writes.clear()
+        await stream_past_the_parked(40, 300)
+        await sink.aclose()
+    assert len(set(accepted)) == 900
+    if _http11.ENGINES == ("httptools",):
+        assert sum(writes) / len(writes) > 5  # events a write (was 1.0)
+
+
+def test_one_slow_pipeline_does_not_keep_pipelines_at_one_request() -> None:
+    # A stall once made a request seem to add 10 ms: pipelines of one request, which never
+    # measure what a request adds, for the 5 s the figure was kept. A request adds no more
+    # than a whole pipeline takes, which the quick ones after it bring down.
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    now = time.perf_counter()
+    sink._timed(flight_of(4, now - 0.06, [201] * 4), now)  # the stall: 15 ms a request
+    for _ in range(30):  # then quick pipelines of one request
+        sink._timed(flight_of(1, now - 0.0003, [201]), now)
+    assert sink._fast_depth(16) == 16  # was 1
+
+
 class CountingOutbox(MemoryOutbox):
     """Counts the claims that found nothing: a sender woken for work another took."""
 

@@ -270,8 +270,10 @@ class HttpSink:
         self._per_request = math.inf
         self._per_request_at = -math.inf
         # Requests one connection may carry with answers that fast, as found at the last
-        # claim (0: spread; see _even_share).
+        # claim (0: spread; see _sender).
         self._pipeline = 0
+        # Events put since the last claim: more than two pipelines' worth is a burst.
+        self._fresh = 0
         self._waiting = 0  # the outbox's depth as last counted for it
         self._waiting_at = -math.inf  # when (monotonic)
         self._idle_tick: asyncio.Future[None] | None = None
@@ -399,7 +401,10 @@ class HttpSink:
                 return 0
         if now - self._per_request_at > _PACE_KEPT:
             return min(depth, _FIRST_PIPELINE)
-        return min(depth, int(_PIPELINE_BUDGET / max(self._per_request, 1e-6)))
+        # A request adds no more than a whole pipeline takes: a figure from one slow
+        # pipeline must not keep pipelines at one request (and unmeasured) for _PACE_KEPT.
+        per_request = min(self._per_request, took)
+        return min(depth, int(_PIPELINE_BUDGET / max(per_request, 1e-6)))
 
     def _even_share(self, depth: int) -> int:
         """Requests one sender may write at once now: ``depth`` at most, and no more than
@@ -485,9 +490,7 @@ class HttpSink:
                 self._log_once("json note", "%s", note, level="warning")
             items.append((payload["conversation_id"], body.encode()))
         accepted = await self._put_when_free(items)
-        # Counted again by the next claim (see _even_share), not up to _RECOUNT later: a
-        # burst is known as one by the claim that follows it.
-        self._waiting_at = -math.inf
+        self._fresh += accepted
         if accepted < len(items):
             self.dropped += len(items) - accepted
             self._log_once(
@@ -635,10 +638,13 @@ class HttpSink:
                         fast = self._fast_depth(depth)
                         share = self._even_share(depth)
                         # Fast answers pipeline the usual stream, not a burst (more than two
-                        # pipelines' worth not yet in a request): a burst is spread all the
-                        # same, in case the API has slowed since it was last timed.
-                        if fast > 1 and self._waiting - self._in_flight > 2 * depth:
+                        # pipelines' worth put since the last claim): a burst is spread all
+                        # the same, in case the API has slowed since it was last timed.
+                        # Put, not waiting: rows waiting for a retry, or another process's
+                        # in a shared outbox, are no burst of this one's.
+                        if self._fresh > 2 * depth:
                             fast = 0
+                        self._fresh = 0
                         # Only as many as the free senders take: a claimed row waiting here
                         # would be holding its lease (a shared outbox's guard against double
                         # sends) while time runs.
