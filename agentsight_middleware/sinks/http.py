@@ -72,15 +72,15 @@ _FIRST_SENDERS = 8
 # counted at every claim, it cost the SQLite outbox ~35 us a claim (~2 us an event at full
 # pipelines), and a burst is spread from its first claims all the same.
 _RECOUNT = 0.01
-# While the API answers fast, the usual stream (up to two pipelines' worth waiting) goes as
-# whole pipelines: a server answers a connection's requests one after the other, so with
-# answers this fast a pipeline costs its events little delay, and written at once they share
+# While the API answers fast, the usual stream (up to two pipelines' worth put since the last
+# claim) goes as whole pipelines: a server answers a connection's requests one after the other, so
+# with answers this fast a pipeline costs its events little delay, and written at once they share
 # one write and one wake-up (spread one request per connection, each event paid for its own:
-# 108-133 us of the worker's CPU an event at 3,000 events/s to the stand-in on loopback,
-# 66-84 us pipelined). Fast: pipelines (moving averages of those the API accepted in full)
-# come back within this long, and a pipeline is no longer than this long over the time a
-# request adds to one (its time over its length). An API slower than that (a round trip
-# over the internet) gets the even spread.
+# 108-133 us of the worker's CPU an event at 3,000 events/s to the stand-in on loopback, 66-84 us
+# pipelined). Fast: pipelines (moving averages of those the API accepted in full) come back within
+# this long, and a pipeline is no longer than this long over the time a request adds to one (its
+# time over its length). An API slower than that (a round trip over the internet) gets the even
+# spread.
 _PIPELINE_BUDGET = 0.02
 # Requests in a pipeline while the time a request adds is not known (not measured lately):
 # enough to measure it.
