@@ -119,6 +119,27 @@ class Row:
         return self.delivered / self.seconds if self.seconds else 0.0
 
 
+def warmed_up(
+    api: StandInProcess, **options: Any
+) -> tuple[AgentSightMiddleware, asyncio.AbstractEventLoop, dict[str, Any], int]:
+    """The middleware around the page, its worker started (and the user-agent cache warm)
+    by one page view delivered; a loop to drive it, the page view's scope, and the count
+    of events the stand-in has by then."""
+    mw = AgentSightMiddleware(
+        page_app,
+        widget_pages=["/"],
+        trusted_proxies=["10.0.0.0/8"],
+        api_key=api.api_key,
+        endpoint=api.url,
+        **options,
+    )
+    loop = asyncio.new_event_loop()
+    template = page_view_scope()
+    loop.run_until_complete(mw(dict(template), receiver(()), discard))
+    mw.flush(30)
+    return mw, loop, template, api.accepted()
+
+
 def burst(
     api: StandInProcess,
     name: str,
@@ -131,20 +152,7 @@ def burst(
     **options: Any,
 ) -> Row:
     """``events`` first visits through the middleware, timed until the stand-in has them."""
-    mw = AgentSightMiddleware(
-        page_app,
-        widget_pages=["/"],
-        trusted_proxies=["10.0.0.0/8"],
-        api_key=api.api_key,
-        endpoint=api.url,
-        **options,
-    )
-    loop = asyncio.new_event_loop()
-    template = page_view_scope()
-    # Start the worker (and warm the user-agent cache) before the clock starts.
-    loop.run_until_complete(mw(dict(template), receiver(()), discard))
-    mw.flush(30)
-    baseline = api.accepted()
+    mw, loop, template, baseline = warmed_up(api, **options)
     scopes = [dict(template) for _ in range(events)]
     receives = [receiver(()) for _ in range(events)]
 
@@ -189,18 +197,7 @@ def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
     """First visits at ``rate`` a second for ``seconds``, as a busy site sends them (the
     request loop catching up every millisecond), not as one burst: the worker then finds a
     few events at each look, and its CPU per event is what a live app pays for delivery."""
-    mw = AgentSightMiddleware(
-        page_app,
-        widget_pages=["/"],
-        trusted_proxies=["10.0.0.0/8"],
-        api_key=api.api_key,
-        endpoint=api.url,
-    )
-    loop = asyncio.new_event_loop()
-    template = page_view_scope()
-    loop.run_until_complete(mw(dict(template), receiver(()), discard))
-    mw.flush(30)
-    baseline = api.accepted()
+    mw, loop, template, baseline = warmed_up(api)
 
     async def paced() -> int:
         sent = 0

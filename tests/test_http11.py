@@ -1962,8 +1962,8 @@ async def test_a_fast_api_gets_pipelines_not_a_connection_an_event(engine: str) 
 async def test_a_burst_into_an_api_that_slowed_since_is_spread_all_the_same() -> None:
     # After a spell of fast answers the pace said "fast" until a pipeline came back: a
     # burst that met the API slowed went 16 deep on the first senders (200 events at
-    # 0.2 s an answer: 3.2 s, as before the even spread). Only what one pipeline holds
-    # is pipelined on the pace's word.
+    # 0.2 s an answer: 3.2 s, as before the even spread). Only the usual stream (two
+    # pipelines' worth put since the last claim) is pipelined on the pace's word.
     pace = [0.0]
     server, accepted, deepest = queueing_api(pace)
     async with server.running() as url:
