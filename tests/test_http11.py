@@ -2106,6 +2106,37 @@ def test_one_slow_pipeline_does_not_keep_pipelines_at_one_request() -> None:
     assert sink._fast_depth(16) == 16  # was 1
 
 
+async def test_a_burst_in_small_puts_into_a_slowed_api_is_spread_after_two_pipelines() -> None:
+    # The burst rule counted what was put since the last claim: 200 events in puts of 30,
+    # each claimed whole, went as 8 deep pipelines (120 events) into an API that had just
+    # slowed. Events in requests count too: two pipelines' worth, then the spread.
+    pace = [0.0]
+    server, accepted, _ = queueing_api(pace)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        writes: list[int] = []
+        send_many = sink._send_many
+
+        async def counted(flight: Any) -> None:
+            writes.append(len(flight.items))
+            await send_many(flight)
+
+        sink._send_many = counted  # type: ignore[method-assign]
+        await sink.start()
+        await stream(sink, waves=20, size=15)
+        pace[0] = 0.05
+        writes.clear()
+        for put in range(7):
+            start = 1000 + put * 30
+            await sink.put([{"conversation_id": f"c{i}"} for i in range(start, start + 30)])
+            await asyncio.sleep(0)
+        assert await sink.drain(time.monotonic() + 10) == 0
+        await sink.aclose()
+    assert len(set(accepted)) == 510
+    # Deeper than the even spread (210 events over 64 connections: 4): 30 (was 120).
+    assert sum(n for n in writes if n > 4) <= 32
+
+
 class CountingOutbox(MemoryOutbox):
     """Counts the claims that found nothing: a sender woken for work another took."""
 

@@ -638,11 +638,12 @@ class HttpSink:
                         fast = self._fast_depth(depth)
                         share = self._even_share(depth)
                         # Fast answers pipeline the usual stream, not a burst (more than two
-                        # pipelines' worth put since the last claim): a burst is spread all
-                        # the same, in case the API has slowed since it was last timed.
-                        # Put, not waiting: rows waiting for a retry, or another process's
-                        # in a shared outbox, are no burst of this one's.
-                        if self._fresh > 2 * depth:
+                        # pipelines' worth put since the last claim or in requests): a burst
+                        # is spread all the same, in case the API has slowed since it was
+                        # last timed, however many puts it came in. Not what waits: rows
+                        # waiting for a retry, or another process's in a shared outbox, are
+                        # no burst of this one's.
+                        if self._fresh + self._in_flight > 2 * depth:
                             fast = 0
                         self._fresh = 0
                         # Only as many as the free senders take: a claimed row waiting here
