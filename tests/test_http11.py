@@ -2054,6 +2054,19 @@ async def test_a_claim_takes_no_more_than_its_free_senders_send() -> None:
     assert held <= 1  # was 32
 
 
+def count_writes(sink: HttpSink) -> list[int]:
+    """The requests of each pipeline ``sink`` writes from now on, in order."""
+    writes: list[int] = []
+    send_many = sink._send_many
+
+    async def counted(flight: Any) -> None:
+        writes.append(len(flight.items))
+        await send_many(flight)
+
+    sink._send_many = counted  # type: ignore[method-assign]
+    return writes
+
+
 async def test_rows_waiting_for_a_retry_do_not_stop_the_stream_s_pipelines() -> None:
     # The burst test counted every row in the outbox: 40 rows waiting for their retry (or
     # another process's, in a shared outbox) made every claim of the usual stream a burst,
@@ -2065,14 +2078,7 @@ async def test_rows_waiting_for_a_retry_do_not_stop_the_stream_s_pipelines() -> 
         outbox.retry(item, time.time() + 3600)
     async with server.running() as url:
         sink = direct_sink(url, outbox, concurrency=64)
-        writes: list[int] = []
-        send_many = sink._send_many
-
-        async def counted(flight: Any) -> None:
-            writes.append(len(flight.items))
-            await send_many(flight)
-
-        sink._send_many = counted  # type: ignore[method-assign]
+        writes = count_writes(sink)
         await sink.start()
 
         async def stream_past_the_parked(waves: int, first: int) -> None:
@@ -2114,14 +2120,7 @@ async def test_a_burst_in_small_puts_into_a_slowed_api_is_spread_after_two_pipel
     server, accepted, _ = queueing_api(pace)
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
-        writes: list[int] = []
-        send_many = sink._send_many
-
-        async def counted(flight: Any) -> None:
-            writes.append(len(flight.items))
-            await send_many(flight)
-
-        sink._send_many = counted  # type: ignore[method-assign]
+        writes = count_writes(sink)
         await sink.start()
         await stream(sink, waves=20, size=15)
         pace[0] = 0.05

@@ -189,8 +189,9 @@ class _Bell:
 
 
 class _Flight:
-    """A sender's pipeline out to the API: its events, their results as answers come, and
-    when it was written (``time.perf_counter()``)."""
+    """A sender's pipeline out to the API: its events, their results (filled by the pool
+    when an exchange ends, and by a cancellation), and when it was written
+    (``time.perf_counter()``)."""
 
     __slots__ = ("began", "items", "results")
 
@@ -202,6 +203,14 @@ class _Flight:
 
 def _accepted(result: Reply | Exception) -> bool:
     return isinstance(result, Reply) and classify(result.status) == ACCEPTED
+
+
+def _moving_average(last: float, value: float, measured_at: float, now: float) -> float:
+    """``value`` folded into the average ``last`` (measured at ``measured_at``), or
+    ``value`` alone when there is none or it is older than :data:`_PACE_KEPT`."""
+    if last == math.inf or now - measured_at > _PACE_KEPT:
+        return value
+    return last + (value - last) * _PACE_WEIGHT
 
 
 class HttpSink:
@@ -431,15 +440,13 @@ class HttpSink:
         if not all(map(_accepted, flight.results)):
             return
         took = now - flight.began
-        last = self._pipeline_time
-        fresh = last == math.inf or now - self._paced_at > _PACE_KEPT
-        self._pipeline_time = took if fresh else last + (took - last) * _PACE_WEIGHT
+        self._pipeline_time = _moving_average(self._pipeline_time, took, self._paced_at, now)
         self._paced_at = now
         n = len(flight.items)
         if n > 1:
-            pace, last = took / n, self._per_request
-            fresh = last == math.inf or now - self._per_request_at > _PACE_KEPT
-            self._per_request = pace if fresh else last + (pace - last) * _PACE_WEIGHT
+            self._per_request = _moving_average(
+                self._per_request, took / n, self._per_request_at, now
+            )
             self._per_request_at = now
 
     async def _post_many(
@@ -746,7 +753,7 @@ class HttpSink:
 
     async def _send_many(self, flight: _Flight) -> None:
         """Send a pipeline's events and see to each one's outcome; their results, in order,
-        fill ``flight.results`` as answers come."""
+        fill ``flight.results``."""
         items, results = flight.items, flight.results
         try:
             await self._post_many([item.body for item in items], results)
