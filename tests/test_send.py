@@ -247,27 +247,16 @@ def test_send_gives_up_on_an_unreachable_api(
 def test_an_interrupted_send_marks_what_was_accepted_and_the_next_run_sends_the_rest(
     tmp_path: Path,
 ) -> None:
-    import os
     import signal
     import subprocess
-    import sys
-    import time
 
     db = _visits(tmp_path / "events.sqlite3", 400)
     with StandInAgentSightAPI() as api:
         api.set_latency(0.02)
-        env = {
-            **os.environ,
-            "TMPDIR": str(tmp_path),
-            "AGENTSIGHT_API_KEY": api.api_key,
-            "AGENTSIGHT_API_ENDPOINT": api.url,
-        }
-        command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
+        command, env = _send_cli(tmp_path, db, api.api_key, api.url)
         first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         # A second run while the first holds the file is refused, not run alongside.
-        deadline = time.monotonic() + 30
-        while len(api.conversations) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _until_received(api, 100)
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
         assert "another `send` is replaying" in second.stderr
@@ -326,22 +315,39 @@ def _silent_api() -> tuple[Any, str]:
     return server, f"http://127.0.0.1:{server.getsockname()[1]}"
 
 
+def _send_cli(
+    tmp_path: Path, db: Path, api_key: str, endpoint: str
+) -> tuple[list[str], dict[str, str]]:
+    """The `send` command line for ``db``, and its environment (its locks in ``tmp_path``)."""
+    import sys
+
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path),
+        "AGENTSIGHT_API_KEY": api_key,
+        "AGENTSIGHT_API_ENDPOINT": endpoint,
+    }
+    return [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)], env
+
+
+def _until_received(api: StandInAgentSightAPI, count: int) -> None:
+    """Wait (30 s at most) until ``api`` has ``count`` conversations."""
+    deadline = time.monotonic() + 30
+    while len(api.conversations) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     # The first asks the run to stop and waits for the requests under way (up to their
     # 15 s timeout against an API that never answers); the second does not wait.
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
     db = _file(tmp_path / "events.sqlite3", 20)
     server, url = _silent_api()
     try:
-        env = {**os.environ, "TMPDIR": str(tmp_path),
-               "AGENTSIGHT_API_KEY": "ags_" + "a" * 32 + "_abcdef",
-               "AGENTSIGHT_API_ENDPOINT": url}  # fmt: skip
-        command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
+        command, env = _send_cli(tmp_path, db, "ags_" + "a" * 32 + "_abcdef", url)
         run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(1.5)
         run.send_signal(signal.SIGINT)
@@ -664,26 +670,15 @@ def test_the_send_lock_holds_for_the_file_moved_meanwhile(tmp_path: Path) -> Non
 def test_sigterm_stops_send_as_ctrl_c_does(tmp_path: Path) -> None:
     # `timeout`, systemd, `docker stop` and Kubernetes send SIGTERM: it killed the run
     # outright, and the requests under way were sent again by the next run.
-    import os
     import signal
     import subprocess
-    import sys
-    import time
 
     db = _visits(tmp_path / "events.sqlite3", 300)
     with StandInAgentSightAPI() as api:
         api.set_latency(0.05)
-        env = {
-            **os.environ,
-            "TMPDIR": str(tmp_path),
-            "AGENTSIGHT_API_KEY": api.api_key,
-            "AGENTSIGHT_API_ENDPOINT": api.url,
-        }
-        command = [sys.executable, "-m", "agentsight_middleware.cli", "send", "--db", str(db)]
+        command, env = _send_cli(tmp_path, db, api.api_key, api.url)
         first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while len(api.conversations) < 50 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _until_received(api, 50)
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=60)
         assert first.returncode == 143, err  # 128 + SIGTERM; before: killed (-15), no summary
