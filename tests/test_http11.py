@@ -329,6 +329,10 @@ async def test_https_with_a_verified_certificate() -> None:
         )
         assert (await pool.post(b"{}")).status == 201
         assert (await pool.post(b"{}")).status == 201
+        # A pipeline whose answers are read in one go, over TLS (the real API's way).
+        answers = await pool.post_many([b"{}"] * 16, None, 0.001)
+        assert [r.status for r in answers] == [201] * 16  # type: ignore[union-attr]
+        assert (await pool.post(b"{}")).status == 201
         pool.close()
 
         # The default context (httpx's: certifi's roots) does not trust this CA.
@@ -1097,6 +1101,79 @@ async def test_a_proven_connection_carries_a_pipeline_and_answers_keep_their_ord
     else:
         assert depth == 1  # h11's client cannot pipeline
         assert set(reads.reads[0]) == {1}
+
+
+def one_after_another(gap: float, close_after: int = 0) -> Handler:
+    """A server that answers a connection's requests one after the other, ``gap`` apart,
+    each answer written on its own as an API does (and closes after ``close_after``)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = 0
+        while not close_after or answered < close_after:
+            await read_request(reader)
+            await asyncio.sleep(gap)
+            writer.write(created())
+            await writer.drain()
+            answered += 1
+
+    return handler
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``[reads]`` from the socket by the pool's httptools connections from now on."""
+    reads = [0]
+    data_received = _http11._FastConnection.data_received
+
+    def counted(self: Any, data: bytes) -> None:
+        reads[0] += 1
+        data_received(self, data)
+
+    monkeypatch.setattr(_http11._FastConnection, "data_received", counted)
+    return reads
+
+
+async def test_a_pipeline_s_answers_are_read_in_one_go_once_their_pace_is_known(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read as each came, a pipeline's answers cost a loop wake-up, a system call and a
+    # parser feed each (~20 % of the worker's CPU an event in a steady stream).
+    reads = count_reads(monkeypatch)
+    server = Scripted(one_after_another(0.005, close_after=33))
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        await pool.post(b"{}")  # a new connection carries one request first
+        reads[0] = 0
+        as_they_come = await pool.post_many([b'{"n":%d}' % i for i in range(16)])
+        one_by_one, reads[0] = reads[0], 0
+        in_one_go = await pool.post_many([b'{"n":%d}' % i for i in range(16)], None, 0.005)
+        at_once = reads[0]
+        await asyncio.sleep(0.1)  # the server closes the connection: seen while idle
+        after_the_close = await pool.post(b"{}")
+        pool.close()
+    assert [r.status for r in as_they_come + in_one_go] == [201] * 32  # type: ignore[union-attr]
+    assert after_the_close.status == 201
+    assert server.connections == 2
+    if engine == "httptools":
+        assert one_by_one >= 10  # 5 ms apart: (nearly) one read each
+        assert at_once <= 6  # read at 3/4 of the 80 ms expected: 12 in one read, then 4
+
+
+async def test_answers_paced_otherwise_than_expected_are_read_all_the_same(engine: str) -> None:
+    server = Scripted(one_after_another(0.005))
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=2)
+        await pool.post(b"{}")
+        # Slower than said: the answers not in at the first read are read as they come.
+        slower = await pool.post_many([b"{}"] * 16, None, 1e-5)
+        started = time.monotonic()
+        # Said to take 10 s a request: read a quarter of the time limit later, not at the
+        # time limit (which would fail them all as unanswered).
+        overstated = await pool.post_many([b"{}"] * 16, None, 10.0)
+        took = time.monotonic() - started
+        pool.close()
+    assert [r.status for r in slower + overstated] == [201] * 32  # type: ignore[union-attr]
+    assert took < 1.5
+    assert server.connections == 1
 
 
 async def test_an_answer_mid_pipeline_may_fail_alone(engine: str) -> None:
@@ -1957,6 +2034,27 @@ async def test_a_fast_api_gets_pipelines_not_a_connection_an_event(engine: str) 
         return
     assert deepest[0] >= 4  # was 1-2
     assert server.connections <= 8  # the first senders (was 16-32)
+
+
+async def test_a_fast_api_s_answers_are_read_a_pipeline_at_a_time(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server answers a pipeline one request after the other: read as they came, a steady
+    # stream's answers took a read each (0.8-0.9 to the stand-in in another process); the
+    # sink now has the pool read them in one go once the pace says they should be in.
+    reads = count_reads(monkeypatch)
+    server, accepted, _ = queueing_api(0.0)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        await sink.start()
+        await stream(sink, waves=10, size=15)  # the API's pace, measured
+        reads[0] = 0
+        await stream(sink, waves=30, size=15, first=150)
+        per_answer = reads[0] / 450
+        await sink.aclose()
+    assert len(set(accepted)) == 600
+    if engine == "httptools":
+        assert per_answer < 0.5
 
 
 async def test_a_burst_into_an_api_that_slowed_since_is_spread_all_the_same() -> None:

@@ -449,12 +449,29 @@ class HttpSink:
             )
             self._per_request_at = now
 
+    def _answer_time(self, n: int) -> float:
+        """What each request of a pipeline of ``n`` is expected to add, for the pool to
+        read its answers in one go (see ``Http11Pool.post_many``): while the API is fast
+        (measured lately, see _fast_depth), else 0 (each answer read as it comes)."""
+        now = time.perf_counter()
+        took = self._pipeline_time
+        if (
+            n < 2
+            or took > _PIPELINE_BUDGET
+            or now - self._paced_at > _PACE_KEPT
+            or now - self._per_request_at > _PACE_KEPT
+        ):
+            return 0.0
+        # Never past the whole pipeline's time: the per-request figure of short
+        # pipelines is mostly the round trip's.
+        return min(self._per_request, took / n)
+
     async def _post_many(
         self, bodies: list[bytes], results: list[Reply | Exception]
     ) -> list[Reply | Exception]:
         """One result per body, appended to ``results`` as they come."""
         if self._direct is not None:
-            return await self._direct.post_many(bodies, results)
+            return await self._direct.post_many(bodies, results, self._answer_time(len(bodies)))
         for body in bodies:
             try:
                 results.append(await self._post(body))
