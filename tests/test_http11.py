@@ -1176,6 +1176,27 @@ async def test_answers_paced_otherwise_than_expected_are_read_all_the_same(engin
     assert server.connections == 1
 
 
+async def test_read_now_reads_a_waiting_pipeline_s_answers_at_once(engine: str) -> None:
+    # At shutdown (drain's closing call), an answer left unread when the time is up counts
+    # as none: the pool stops waiting to read pipelines in one go.
+    server = Scripted(one_after_another(0.0))
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=20)
+        await pool.post(b"{}")
+        started = time.monotonic()
+        pipeline = asyncio.ensure_future(pool.post_many([b"{}"] * 16, None, 1.0))  # read in 5 s
+        await asyncio.sleep(0.05)
+        pool.read_now()
+        answers = await pipeline
+        took = time.monotonic() - started
+        after = await pool.post_many([b"{}"] * 16, None, 1.0)  # no more waits
+        took_after = time.monotonic() - started - took
+        pool.close()
+    assert [r.status for r in answers + after] == [201] * 32  # type: ignore[union-attr]
+    assert took < 2.5
+    assert took_after < 2.5
+
+
 async def test_an_answer_mid_pipeline_may_fail_alone(engine: str) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:

@@ -77,6 +77,9 @@ PIPELINE = 16
 # and come in one read. Under 1: a pipeline that waited out the whole expected time would
 # be measured at least that long, and the caller's figure could only grow.
 _READ_AT = 0.75
+# Shorter pipelines are read as their answers come: pausing and resuming the reads costs
+# two system calls and a timer, and with two or three answers it saves a read at most.
+_READ_IN_ONE_GO = 4
 # A server that leaves part of a pipeline unanswered without announcing a close (it read
 # only the first request, or a proxy in front of it mishandles pipelines) gets one request
 # per connection at a time for this long; then pipelining is tried again.
@@ -179,6 +182,7 @@ class _Connection(asyncio.Protocol):
         self._timeout = 0.0
         self._progress_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._read_later: asyncio.TimerHandle | None = None  # see exchange's answer_time
         #: The answers an exchange had when it was cancelled.
         self.partial: list[Reply] = []
         self._idle = True  # between exchanges, and the last one left it reusable
@@ -258,10 +262,9 @@ class _Connection(asyncio.Protocol):
         self._progress_at = time.monotonic()
         self._timer = loop.call_later(timeout, self._time_out)
         error: Exception | None = None
-        read_later: asyncio.TimerHandle | None = None
         try:
             self._transport.write(self._frame(bodies))
-            if n > 1 and answer_time > 0.0:
+            if n >= _READ_IN_ONE_GO and answer_time > 0.0:
                 # A server answers a pipeline's requests one after the other, and read as
                 # they come, each answer costs a loop wake-up, a system call and a feed of
                 # the parser of its own: in one read, a pipeline's answers share them (~20 %
@@ -269,7 +272,7 @@ class _Connection(asyncio.Protocol):
                 self._transport.pause_reading()
                 # Well within the time limit, which runs from the last answer read.
                 pause = min(_READ_AT * n * answer_time, timeout / 4)
-                read_later = loop.call_later(pause, self._read_again)
+                self._read_later = loop.call_later(pause, self.read_now)
             await waiter
         except httpx.HTTPError as exc:
             error = exc
@@ -287,11 +290,9 @@ class _Connection(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if read_later is not None:
-                # Failed or timed out before: an idle connection must go on reading, or
-                # it would not see the server close it.
-                read_later.cancel()
-                self._read_again()
+            # Failed or timed out before: an idle connection must go on reading, or it
+            # would not see the server close it.
+            self.read_now()
             self._waiter = None
         results: list[Reply | Exception] = list(self._replies[:n])
         if error is None and len(results) == n and not self.lost and self._next_cycle():
@@ -324,10 +325,15 @@ class _Connection(asyncio.Protocol):
                 results += [error] * (n - len(results))
         return results
 
-    def _read_again(self) -> None:
+    def read_now(self) -> None:
+        """Read the answers of the pipeline out (if its reading waits) from now on."""
+        if self._read_later is None:
+            return
+        self._read_later.cancel()
+        self._read_later = None
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.resume_reading()  # (a no-op unless paused)
+            transport.resume_reading()
 
     def _time_out(self) -> None:
         waiter = self._waiter
@@ -654,6 +660,8 @@ class Http11Pool:
         self._max = max_connections
         self._timeout = timeout
         self._idle: list[_Connection] = []
+        self._exchanging: set[_Connection] = set()
+        self._read_now = False  # see read_now()
         self._closed = False
         self._no_pipelining_until = 0.0
         # Reading with h11 after an answer httptools refused, until then (0: not so).
@@ -768,21 +776,27 @@ class Http11Pool:
                 results += [exc] * n
                 return results
         start = len(results)
-        while len(results) - start < n:
-            done = len(results) - start
-            if done and not connection.usable(time.monotonic()):
-                # The server closed it after answering all it was sent so far (as it
-                # said it would, or the answer was its last): the rest were never sent.
-                results += [_not_sent()] * (n - done)
-                break
-            pipelines = connection.proven and type(connection) is _FastConnection
-            batch = bodies[done : done + (self.max_depth if pipelines else 1)]
-            try:
-                answered = await connection.exchange(batch, self._timeout, answer_time)
-            except BaseException:
-                results += connection.partial
-                raise
-            results += answered
+        self._exchanging.add(connection)
+        try:
+            while len(results) - start < n:
+                done = len(results) - start
+                if done and not connection.usable(time.monotonic()):
+                    # The server closed it after answering all it was sent so far (as it
+                    # said it would, or the answer was its last): the rest were never sent.
+                    results += [_not_sent()] * (n - done)
+                    break
+                pipelines = connection.proven and type(connection) is _FastConnection
+                batch = bodies[done : done + (self.max_depth if pipelines else 1)]
+                if self._read_now:
+                    answer_time = 0.0
+                try:
+                    answered = await connection.exchange(batch, self._timeout, answer_time)
+                except BaseException:
+                    results += connection.partial
+                    raise
+                results += answered
+        finally:
+            self._exchanging.discard(connection)
         self._learn(n, results[start:])
         if not self._closed and len(self._idle) < self._max and connection.usable(time.monotonic()):
             self._idle.append(connection)
@@ -837,6 +851,14 @@ class Http11Pool:
             if type(connection) is not cls:
                 connection.close()
         self._idle = keep
+
+    def read_now(self) -> None:
+        """Read every answer as it comes from now on, those of the pipelines out included
+        (see ``post_many``'s ``answer_time``): at shutdown, an answer left unread when the
+        time is up counts as none, and its event as unanswered."""
+        self._read_now = True
+        for connection in self._exchanging:
+            connection.read_now()
 
     def close(self) -> None:
         self._closed = True

@@ -456,7 +456,7 @@ class HttpSink:
         now = time.perf_counter()
         took = self._pipeline_time
         if (
-            n < 2
+            n < 2  # (the pool reads short pipelines as their answers come in any case)
             or took > _PIPELINE_BUDGET
             or now - self._paced_at > _PACE_KEPT
             or now - self._per_request_at > _PACE_KEPT
@@ -1059,6 +1059,11 @@ class HttpSink:
         have no next start (a scaled-down pod, a one-off job). Without one, events in
         memory are waited for, failing or not: they have nowhere else to go.
         """
+        if closing and self._direct is not None:
+            # A pipeline's answers are read in one go once most should be in: one cut off
+            # by the deadline would leave some unread, its events unanswered (sent again at
+            # the next start from a durable outbox, reported lost from memory).
+            self._direct.read_now()
         while True:
             now = time.monotonic()
             until = time.time() + deadline - now  # the deadline on the outbox's clock
