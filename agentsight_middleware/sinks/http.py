@@ -45,7 +45,7 @@ from .._retry import (
 )
 from .._store import is_locked
 from .._threads import DaemonThreads
-from ._http11 import ClosedUnannounced, Http11Pool, NotSent, Reply
+from ._http11 import READ_IN_ONE_GO, ClosedUnannounced, Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
 from .store import _LOCKED_TRIES
 
@@ -57,6 +57,9 @@ _POLL = 0.1
 #: Seconds past shutdown's deadline the last write to the outbox (what the API accepted,
 #: claims handed back) may wait for another process's lock.
 _FINAL_GRACE = 1.0
+# Seconds aclose() lets the answers already in the sockets be read before it cancels the
+# pipelines out (see aclose).
+_READ_AT_CLOSE = 0.005
 #: Seconds the other senders wait for the request sent alone after a pause before one
 #: more goes alone: one that hangs must not hold all delivery for the request timeout.
 _PROBE_WAIT = 2.0
@@ -89,6 +92,19 @@ _FIRST_PIPELINE = 4
 # loop's jitter) says the API has slowed or hangs, before any answer does.
 _OVERDUE_TIMES = 4
 _OVERDUE_LEAST = 0.01
+# Of the pipelines whose answers could be read in one go (see _answer_time), one in this
+# many reads them as they come: those alone are timed. A pipeline read late on purpose
+# would be measured with its wait, and the wait is worked out from the measure: the
+# average would climb to four times what the loop adds to a timer (0.6 to 3.5 ms a
+# pipeline against an API that answers at once).
+_TIMED_ONE_IN = 8
+# Pipelines read late are those expected to take this long. A shorter one is over before
+# the loop's timers (a millisecond's resolution) could read it late: waiting costs it a
+# millisecond and saves nothing. A longer one is not timed (but one in _TIMED_ONE_IN): the
+# check for a pipeline out too long (see _fast_depth) would rest on the others' times,
+# single requests' among them; under _OVERDUE_LEAST, no pipeline read late can fail it.
+_READ_LATE_LEAST = 0.0015
+_READ_LATE_MOST = 0.008
 # Weight of the newest pipeline in those averages.
 _PACE_WEIGHT = 0.25
 # A figure not measured for this long is measured again (the even spread, or short
@@ -193,12 +209,14 @@ class _Flight:
     when an exchange ends, and by a cancellation), and when it was written
     (``time.perf_counter()``)."""
 
-    __slots__ = ("began", "items", "results")
+    __slots__ = ("began", "items", "read_late", "results")
 
     def __init__(self, items: list[OutboxItem], began: float) -> None:
         self.items = items
         self.results: list[Reply | Exception] = []
         self.began = began
+        #: Its answers read in one go, late on purpose (see HttpSink._answer_time).
+        self.read_late = False
 
 
 def _accepted(result: Reply | Exception) -> bool:
@@ -278,6 +296,7 @@ class HttpSink:
         # requests or more (moving average), and when it was last measured.
         self._per_request = math.inf
         self._per_request_at = -math.inf
+        self._read_late_count = 0  # pipelines that could have theirs read late (see _TIMED_ONE_IN)
         # Requests one connection may carry with answers that fast, as found at the last
         # claim (0: spread; see _sender).
         self._pipeline = 0
@@ -437,7 +456,7 @@ class HttpSink:
         """Fold a pipeline's time into the average (see _fast_depth), when the API accepted
         all of it: errors can come fast from an API that is down (instant 503s), or slow
         from a timeout, and say nothing of how fast it stores events."""
-        if not all(map(_accepted, flight.results)):
+        if flight.read_late or not all(map(_accepted, flight.results)):
             return
         took = now - flight.began
         self._pipeline_time = _moving_average(self._pipeline_time, took, self._paced_at, now)
@@ -450,28 +469,32 @@ class HttpSink:
             self._per_request_at = now
 
     def _answer_time(self, n: int) -> float:
-        """What each request of a pipeline of ``n`` is expected to add, for the pool to
-        read its answers in one go (see ``Http11Pool.post_many``): while the API is fast
-        (measured lately, see _fast_depth), else 0 (each answer read as it comes)."""
+        """What each request of a pipeline of ``n`` is expected to add, for the pool to read
+        its answers in one go (see ``Http11Pool.post_many``), or 0 (read as they come): for
+        pipelines of :data:`READ_IN_ONE_GO` or more expected to take
+        :data:`_READ_LATE_LEAST` to :data:`_READ_LATE_MOST`, while the API is fast (measured
+        lately, see _fast_depth), but for one in :data:`_TIMED_ONE_IN`."""
         now = time.perf_counter()
-        took = self._pipeline_time
+        per_request = self._per_request
         if (
-            n < 2  # (the pool reads short pipelines as their answers come in any case)
-            or took > _PIPELINE_BUDGET
+            n < READ_IN_ONE_GO
+            or not _READ_LATE_LEAST <= n * per_request <= _READ_LATE_MOST
+            or self._pipeline_time > _PIPELINE_BUDGET
             or now - self._paced_at > _PACE_KEPT
             or now - self._per_request_at > _PACE_KEPT
         ):
             return 0.0
-        # Never past the whole pipeline's time: the per-request figure of short
-        # pipelines is mostly the round trip's.
-        return min(self._per_request, took / n)
+        self._read_late_count += 1
+        if self._read_late_count % _TIMED_ONE_IN == 0:
+            return 0.0
+        return per_request
 
     async def _post_many(
-        self, bodies: list[bytes], results: list[Reply | Exception]
+        self, bodies: list[bytes], results: list[Reply | Exception], answer_time: float = 0.0
     ) -> list[Reply | Exception]:
         """One result per body, appended to ``results`` as they come."""
         if self._direct is not None:
-            return await self._direct.post_many(bodies, results, self._answer_time(len(bodies)))
+            return await self._direct.post_many(bodies, results, answer_time)
         for body in bodies:
             try:
                 results.append(await self._post(body))
@@ -772,8 +795,10 @@ class HttpSink:
         """Send a pipeline's events and see to each one's outcome; their results, in order,
         fill ``flight.results``."""
         items, results = flight.items, flight.results
+        answer_time = self._answer_time(len(items))
+        flight.read_late = answer_time > 0.0
         try:
-            await self._post_many([item.body for item in items], results)
+            await self._post_many([item.body for item in items], results, answer_time)
         except asyncio.CancelledError:
             # Shutting down mid-pipeline: what the API has already accepted is marked
             # so (a durable outbox would send it again at the next start otherwise).
@@ -1084,6 +1109,14 @@ class HttpSink:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._direct is not None and self._flying:
+            # Answers already in the sockets are read before the pipelines are cancelled:
+            # left unread, their events would count as unanswered (and go again from a
+            # durable outbox at the next start). A few loop turns, a few ms at most.
+            self._direct.read_now()
+            until = time.monotonic() + _READ_AT_CLOSE
+            while self._flying and time.monotonic() < until:
+                await asyncio.sleep(0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
