@@ -98,6 +98,12 @@ _OVERDUE_LEAST = 0.01
 # average would climb to four times what the loop adds to a timer (0.6 to 3.5 ms a
 # pipeline against an API that answers at once).
 _TIMED_ONE_IN = 8
+# ... and any that comes this long after the last one timed: a sparse stream's pace does not
+# go stale (and get the even spread), and a changed API is measured within this long.
+_TIMED_WITHIN = 0.05
+# Puts this close to a pipeline read late are of the same burst as its events (see
+# _in_requests); the worker hands a steady stream over once a look, 5 ms apart.
+_BURST_SPAN = 0.002
 # Pipelines read late are those expected to take this long. A shorter one is over before
 # the loop's timers (a millisecond's resolution) could read it late: waiting costs it a
 # millisecond and saves nothing. A longer one is not timed (but one in _TIMED_ONE_IN): the
@@ -215,8 +221,9 @@ class _Flight:
         self.items = items
         self.results: list[Reply | Exception] = []
         self.began = began
-        #: Its answers read in one go, late on purpose (see HttpSink._answer_time).
-        self.read_late = False
+        #: How long it is expected to take when its answers are read in one go, late on
+        #: purpose (see HttpSink._answer_time); 0.0 when they are read as they come.
+        self.read_late = 0.0
 
 
 def _accepted(result: Reply | Exception) -> bool:
@@ -297,6 +304,7 @@ class HttpSink:
         self._per_request = math.inf
         self._per_request_at = -math.inf
         self._read_late_count = 0  # pipelines that could have theirs read late (see _TIMED_ONE_IN)
+        self._reading_now = False  # shutting down: every answer read as it comes
         # Requests one connection may carry with answers that fast, as found at the last
         # claim (0: spread; see _sender).
         self._pipeline = 0
@@ -409,6 +417,16 @@ class HttpSink:
         # worker's loop changes the dict.
         return sum(len(flight.items) for flight in list(self._flying.values()))
 
+    def _in_requests(self) -> int:
+        """Events in requests now, but those of pipelines read late written more than
+        :data:`_BURST_SPAN` ago."""
+        now = time.perf_counter()
+        return sum(
+            len(flight.items)
+            for flight in list(self._flying.values())
+            if not flight.read_late or now - flight.began < _BURST_SPAN
+        )
+
     def _depth(self) -> int:
         """Events one sender takes at a time: one request each, written at once (pipelined)
         when the direct pool can."""
@@ -478,6 +496,7 @@ class HttpSink:
         per_request = self._per_request
         if (
             n < READ_IN_ONE_GO
+            or self._reading_now
             or not _READ_LATE_LEAST <= n * per_request <= _READ_LATE_MOST
             or self._pipeline_time > _PIPELINE_BUDGET
             or now - self._paced_at > _PACE_KEPT
@@ -485,7 +504,7 @@ class HttpSink:
         ):
             return 0.0
         self._read_late_count += 1
-        if self._read_late_count % _TIMED_ONE_IN == 0:
+        if self._read_late_count % _TIMED_ONE_IN == 0 or now - self._paced_at > _TIMED_WITHIN:
             return 0.0
         return per_request
 
@@ -689,8 +708,12 @@ class HttpSink:
                         # is spread all the same, in case the API has slowed since it was
                         # last timed, however many puts it came in. Not what waits: rows
                         # waiting for a retry, or another process's in a shared outbox, are
-                        # no burst of this one's.
-                        if self._fresh + self._in_flight > 2 * depth:
+                        # no burst of this one's. Nor pipelines read late (see _answer_time)
+                        # but those just written: a few ms out by design, they made the next
+                        # look's put a burst, and a quarter of the steady stream went one
+                        # request a connection; puts in quick succession are one burst all
+                        # the same (in small puts, into an API that has just slowed).
+                        if self._fresh + self._in_requests() > 2 * depth:
                             fast = 0
                         self._fresh = 0
                         # Only as many as the free senders take: a claimed row waiting here
@@ -796,7 +819,7 @@ class HttpSink:
         fill ``flight.results``."""
         items, results = flight.items, flight.results
         answer_time = self._answer_time(len(items))
-        flight.read_late = answer_time > 0.0
+        flight.read_late = answer_time * len(items)
         try:
             await self._post_many([item.body for item in items], results, answer_time)
         except asyncio.CancelledError:
@@ -1085,6 +1108,7 @@ class HttpSink:
         memory are waited for, failing or not: they have nowhere else to go.
         """
         if closing and self._direct is not None:
+            self._reading_now = True
             # A pipeline's answers are read in one go once most should be in: one cut off
             # by the deadline would leave some unread, its events unanswered (sent again at
             # the next start from a durable outbox, reported lost from memory).
