@@ -1404,6 +1404,16 @@ async def test_a_server_that_closes_unannounced_after_an_answer_costs_no_event(
     assert depth == 1
 
 
+async def warmed_up_durable(url: str, path: Path) -> HttpSink:
+    """A one-sender sink on a durable outbox at ``path``, its connection to ``url`` opened
+    (and proven) by one event delivered."""
+    sink = direct_sink(url, SQLiteOutbox(path), concurrency=1)
+    await sink.start()
+    await sink.put([{"conversation_id": "warm-up", "is_used": False}])
+    await sink.drain(time.monotonic() + 5)
+    return sink
+
+
 async def test_answers_read_before_a_shutdown_are_acknowledged(tmp_path: Path) -> None:
     # The server answers the warm-up and the first two requests of the pipeline, then
     # holds the rest past the shutdown: the two accepted events must leave the durable
@@ -1419,10 +1429,7 @@ async def test_answers_read_before_a_shutdown_are_acknowledged(tmp_path: Path) -
     path = tmp_path / "outbox.sqlite3"
     server = Scripted(handler)
     async with server.running() as url:
-        sink = direct_sink(url, SQLiteOutbox(path), concurrency=1)
-        await sink.start()
-        await sink.put([{"conversation_id": "warm-up", "is_used": False}])
-        await sink.drain(time.monotonic() + 5)
+        sink = await warmed_up_durable(url, path)
         await sink.put([{"conversation_id": f"c{i}", "is_used": False} for i in range(5)])
         await sink.drain(time.monotonic() + 0.5)
         await sink.aclose()
@@ -1452,10 +1459,7 @@ async def test_answers_waiting_in_the_socket_at_shutdown_are_acknowledged(
     path = tmp_path / "outbox.sqlite3"
     server = Scripted(handler)
     async with server.running() as url:
-        sink = direct_sink(url, SQLiteOutbox(path), concurrency=1)
-        await sink.start()
-        await sink.put([{"conversation_id": "warm-up", "is_used": False}])
-        await sink.drain(time.monotonic() + 5)
+        sink = await warmed_up_durable(url, path)
         now = time.perf_counter()
         # 0.4 ms a request: this pipeline is read at 4.8 ms (one within 1.5-8 ms)
         sink._timed(flight_of(16, now - 0.0064, [201] * 16), now)
@@ -2146,7 +2150,8 @@ async def test_a_fast_api_s_answers_are_read_a_pipeline_at_a_time(
         await sink.aclose()
     assert len(set(accepted)) == 600
     if engine == "httptools":
-        assert per_answer < 0.5
+        # 0.2-0.3 alone, 0.63 in a full CI run on 2 loaded cores; read as they come, 1.0.
+        assert per_answer < 0.8
 
 
 async def test_pipelines_read_late_make_no_burst_of_the_next_put(engine: str) -> None:
@@ -2164,7 +2169,8 @@ async def test_pipelines_read_late_make_no_burst_of_the_next_put(engine: str) ->
     assert len(set(accepted)) == 1000
     if engine == "httptools":
         alone = sum(n for n in writes if n == 1)
-        assert alone <= 60, writes  # of 800 (was 203-273; 0-7 now)
+        # Of 800: 0-7 alone, 68 in a full CI run on 2 loaded cores; 203-273 before.
+        assert alone <= 150, writes
 
 
 @contextlib.contextmanager
