@@ -2154,6 +2154,27 @@ async def test_a_fast_api_s_answers_are_read_a_pipeline_at_a_time(
         assert per_answer < 0.8
 
 
+def test_which_pipelines_read_late_count_towards_a_burst() -> None:
+    # Out a few ms by design, a pipeline read late made the next look's put a burst; but
+    # one just written is of the same burst as a put now, and one out past its expected
+    # time says the API has slowed (a burst in puts 2-5 ms apart went 46-90 events deep
+    # into an API that had just slowed when neither counted; 0-30 before reading late).
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    now = time.perf_counter()
+
+    def out(began: float, read_late: float) -> None:
+        flight = flight_of(16, began, [])
+        flight.read_late = read_late
+        sink._flying[id(flight)] = flight
+
+    out(now - 0.004, 0.0)  # read as answers come: counts
+    out(now - 0.0005, 0.004)  # just written: counts
+    out(now - 0.003, 0.004)  # within its expected time: does not
+    out(now - 0.006, 0.004)  # past 1.25 times it: counts
+    assert sink._in_requests() == 48
+    assert sink._in_flight == 64
+
+
 async def test_pipelines_read_late_make_no_burst_of_the_next_put(engine: str) -> None:
     # A pipeline read late is out a few ms by design: counted as events in requests, it
     # made the next look's put a burst, spread one request a connection (a quarter of the
@@ -2169,7 +2190,9 @@ async def test_pipelines_read_late_make_no_burst_of_the_next_put(engine: str) ->
     assert len(set(accepted)) == 1000
     if engine == "httptools":
         alone = sum(n for n in writes if n == 1)
-        # Of 800: 0-7 alone, 68 in a full CI run on 2 loaded cores; 203-273 before.
+        # Of 800: 0-20 alone, 68 in a full CI run on 2 loaded cores; 70-175 with pipelines
+        # read late counted (and 203-273 in other runs). A loose bound: the rule itself is
+        # held by test_which_pipelines_read_late_count_towards_a_burst.
         assert alone <= 150, writes
 
 

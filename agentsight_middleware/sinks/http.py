@@ -104,6 +104,7 @@ _TIMED_WITHIN = 0.05
 # Puts this close to a pipeline read late are of the same burst as its events (see
 # _in_requests); the worker hands a steady stream over once a look, 5 ms apart.
 _BURST_SPAN = 0.002
+_LATE_TIMES = 1.25
 # Pipelines read late are those expected to take this long. A shorter one is over before
 # the loop's timers (a millisecond's resolution) could read it late: waiting costs it a
 # millisecond and saves nothing. A longer one is not timed (but one in _TIMED_ONE_IN): the
@@ -419,12 +420,14 @@ class HttpSink:
 
     def _in_requests(self) -> int:
         """Events in requests now, but those of pipelines read late written more than
-        :data:`_BURST_SPAN` ago."""
+        :data:`_BURST_SPAN` ago and not yet out :data:`_LATE_TIMES` their expected time
+        (one out longer says the API has slowed: it counts again)."""
         now = time.perf_counter()
         return sum(
             len(flight.items)
             for flight in list(self._flying.values())
-            if not flight.read_late or now - flight.began < _BURST_SPAN
+            if not flight.read_late
+            or not _BURST_SPAN <= now - flight.began <= _LATE_TIMES * flight.read_late
         )
 
     def _depth(self) -> int:
