@@ -61,6 +61,7 @@ from overhead import (
 )
 
 from agentsight_middleware import AgentSightMiddleware
+from agentsight_middleware.sinks import _http11
 
 ROOT = Path(__file__).resolve().parent.parent
 SDK_VERSION = "0.0.44"
@@ -198,6 +199,7 @@ def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
     request loop catching up every millisecond), not as one burst: the worker then finds a
     few events at each look, and its CPU per event is what a live app pays for delivery."""
     mw, loop, template, baseline = warmed_up(api)
+    reads = ReadCounter()
 
     async def paced() -> int:
         sent = 0
@@ -223,10 +225,33 @@ def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
         row.worker_cpu_us = background / row.delivered * 1e6
     row.stats = mw.stats()
     row.dropped = row.stats.get("dropped", 0)
+    reads.stop()
     row.note = f"{row.stats.get('senders', 0)} connections at the end"
+    if reads.answers:
+        # Each read is a loop wake-up, a recv and a parser feed: answers read in one go save it.
+        row.note += f"; {reads.reads / reads.answers:.2f} socket reads an answer"
     mw.close(1.0)
     api.trim()
     return row
+
+
+class ReadCounter:
+    """Socket reads of the delivery's HTTP connections, and the answers they brought, from
+    now until ``stop()`` (httptools' connections, the default engine on CPython)."""
+
+    def __init__(self) -> None:
+        self.reads = self.answers = 0
+        self._original = original = _http11._FastConnection.data_received
+
+        def counted(connection: Any, data: bytes) -> None:
+            self.reads += 1
+            self.answers += data.count(b"HTTP/1.1 ")
+            original(connection, data)
+
+        _http11._FastConnection.data_received = counted  # type: ignore[method-assign,assignment]
+
+    def stop(self) -> None:
+        _http11._FastConnection.data_received = self._original  # type: ignore[method-assign]
 
 
 def enqueue_cost(n: int) -> dict[str, float]:

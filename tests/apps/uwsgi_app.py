@@ -2,12 +2,14 @@
 
 Built at import, which under uWSGI's default (no ``--lazy-apps``) is in the master,
 before the workers are forked. AGENTSIGHT_API_KEY and AGENTSIGHT_API_ENDPOINT point at
-the stand-in API; UWSGI_TEST_PAGE is the file that ``/file`` sends.
+the stand-in API; UWSGI_TEST_PAGE is the file that ``/file`` sends, UWSGI_TEST_OUTBOX the
+outbox file (none when empty).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +36,11 @@ def _flask() -> Flask:
         # function that returns the very file object it was given.
         return send_file(os.environ["UWSGI_TEST_PAGE"], mimetype="text/html")
 
+    @app.get("/slow")
+    def slow() -> str:
+        time.sleep(60)  # a request still in progress when uWSGI is stopped
+        return "late"
+
     @app.post("/api/chat")
     def chat() -> dict[str, str]:
         return {"conversation_id": _id()}
@@ -51,6 +58,7 @@ def _flask() -> Flask:
         widget_pages=["/", "/file"],
         chat_routes=["POST /api/chat", "POST /api/stream"],
         shutdown_timeout=10,
+        outbox=os.environ.get("UWSGI_TEST_OUTBOX") or None,
     )
     return app
 
