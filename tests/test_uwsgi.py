@@ -211,8 +211,8 @@ def test_a_stop_while_a_worker_is_busy_loses_nothing_with_an_outbox(
 ) -> None:
     # uWSGI skips atexit in a worker with a request in progress (uwsgi_python_atexit): what
     # waits in memory is lost there, as at a SIGKILL. With outbox= the events are on disk
-    # within ~20 ms, and the next start sends them. (With a second worker, its own exit
-    # sends them from the shared file: one worker here.)
+    # within ~20 ms, and the next start sends them. (One worker: a second one's exit could
+    # send some from the shared file.)
     outbox = tmp_path / "outbox.sqlite3"
     api.set_latency(10)  # none answered before the stop
     with serving(api, tmp_path, outbox, processes=1) as served:
