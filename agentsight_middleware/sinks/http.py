@@ -57,8 +57,8 @@ _POLL = 0.1
 #: Seconds past shutdown's deadline the last write to the outbox (what the API accepted,
 #: claims handed back) may wait for another process's lock.
 _FINAL_GRACE = 1.0
-# Seconds aclose() lets the answers already in the sockets be read before it cancels the
-# pipelines out (see aclose).
+# Seconds shutdown lets the answers already in the sockets be read before it cancels the
+# pipelines out (see _read_answers_waiting).
 _READ_AT_CLOSE = 0.005
 #: Seconds the other senders wait for the request sent alone after a pause before one
 #: more goes alone: one that hangs must not hold all delivery for the request timeout.
@@ -315,6 +315,7 @@ class HttpSink:
         self._waiting_at = -math.inf  # when (monotonic)
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
+        self._answers_read = False  # shutdown's last read of the sockets is done
         #: Monotonic time past which a write waiting for the outbox's lock gives up (set
         #: at shutdown).
         self.deadline = math.inf
@@ -1126,6 +1127,11 @@ class HttpSink:
             if left == 0 and not self._flying:
                 return 0
             if now >= deadline:
+                if closing and self._flying and not self._answers_read:
+                    # Counted before it, events answered in the sockets would be reported
+                    # lost: the count is taken again after it.
+                    await self._read_answers_waiting()
+                    continue
                 return left
             if not self._flying:
                 if closing and self._outbox.durable and self._failing:
@@ -1134,16 +1140,21 @@ class HttpSink:
                     return left
             await asyncio.sleep(0.01)
 
-    async def aclose(self) -> None:
-        self._closing = True
+    async def _read_answers_waiting(self) -> None:
+        """Read the answers already in the sockets, once: left unread when the pipelines are
+        cancelled, their events would count as unanswered (and go again from a durable
+        outbox at the next start). A few loop turns, a few ms at most."""
+        self._answers_read = True
         if self._direct is not None and self._flying:
-            # Answers already in the sockets are read before the pipelines are cancelled:
-            # left unread, their events would count as unanswered (and go again from a
-            # durable outbox at the next start). A few loop turns, a few ms at most.
             self._direct.read_now()
             until = time.monotonic() + _READ_AT_CLOSE
             while self._flying and time.monotonic() < until:
                 await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if not self._answers_read:
+            await self._read_answers_waiting()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
