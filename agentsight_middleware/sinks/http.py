@@ -1128,9 +1128,12 @@ class HttpSink:
                 return 0
             if now >= deadline:
                 if closing and self._flying and not self._answers_read:
-                    # Counted before it, events answered in the sockets would be reported
-                    # lost: the count is taken again after it.
+                    # Counted now, events already answered would be reported lost: those
+                    # whose answers wait in the sockets, and those a pipeline still out
+                    # has had answered. Both are acknowledged by reading, then cancelling,
+                    # as aclose() would next; the count is taken again after it.
                     await self._read_answers_waiting()
+                    await self._cancel_senders()
                     continue
                 return left
             if not self._flying:
@@ -1151,13 +1154,19 @@ class HttpSink:
             while self._flying and time.monotonic() < until:
                 await asyncio.sleep(0)
 
+    async def _cancel_senders(self) -> None:
+        """Stop the senders; what pipelines still out have had accepted is acknowledged
+        (see _send_many), the rest of them is unanswered."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def aclose(self) -> None:
         self._closing = True
         if not self._answers_read:
             await self._read_answers_waiting()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._cancel_senders()
         # What the API accepted is recorded even when the deadline has passed, or the next
         # start sends it again: a short grace for that write alone.
         if self._acks:
