@@ -18,6 +18,7 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ import trustme
 
 from agentsight_middleware._credentials import Credentials
 from agentsight_middleware.sinks import _http11
-from agentsight_middleware.sinks._http11 import Http11Pool
+from agentsight_middleware.sinks._http11 import Http11Pool, Reply
 from agentsight_middleware.sinks.http import HttpSink, environment_proxy
 from agentsight_middleware.sinks.outbox import MemoryOutbox, OutboxItem, SQLiteOutbox
 from agentsight_middleware.testing import StandInAgentSightAPI
@@ -316,7 +317,7 @@ def test_rejects_urls_it_cannot_reach() -> None:
 # ---------------------------------------------------------------------------
 
 
-async def test_https_with_a_verified_certificate() -> None:
+async def test_https_with_a_verified_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_context)
@@ -331,9 +332,13 @@ async def test_https_with_a_verified_certificate() -> None:
         )
         assert (await pool.post(b"{}")).status == 201
         assert (await pool.post(b"{}")).status == 201
-        # A pipeline whose answers are read in one go, over TLS (the real API's way).
+        # A pipeline over TLS, the real API's way: read as its answers come, whatever the
+        # pace (asyncio's TLS layer reads the socket all the same, and a reset drops
+        # what it holds: 16 of 16 answers lost read late, none read as they came).
+        pauses = count_pauses(monkeypatch)
         answers = await pool.post_many([b"{}"] * 16, None, 0.001)
         assert [r.status for r in answers] == [201] * 16  # type: ignore[union-attr]
+        assert pauses == []
         assert (await pool.post(b"{}")).status == 201
         pool.close()
 
@@ -1199,6 +1204,73 @@ async def test_read_now_reads_a_waiting_pipeline_s_answers_at_once(engine: str) 
     assert [r.status for r in answers + after] == [201] * 32  # type: ignore[union-attr]
     assert took < 2.5
     assert took_after < 2.5
+
+
+async def test_a_connection_lost_while_answers_wait_to_be_read_stops_reading_late(
+    engine: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reset (a server or proxy closing with requests unread: SO_LINGER 0 here) discards
+    # the answers waiting unread in the socket, and their events go again: once is enough.
+    # Then answers are read as they come for a while.
+    pauses = count_pauses(monkeypatch)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve() -> None:
+        with listener:
+            for reset_after in (9, None):  # the warm-up and 8 of the pipeline; then all
+                conn, _ = listener.accept()
+                with conn, conn.makefile("rb") as reader:
+                    answered = 0
+                    while reset_after is None or answered < reset_after:
+                        if not reader.readline():
+                            break
+                        length = 0
+                        while (line := reader.readline()) not in (b"\r\n", b""):
+                            if line.lower().startswith(b"content-length:"):
+                                length = int(line.split(b":")[1])
+                        reader.read(length)
+                        conn.sendall(created())
+                        answered += 1
+                    if reset_after is not None:
+                        conn.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/api/conversations/"
+    pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+    assert (await pool.post(b"{}")).status == 201
+    cut = await pool.post_many([b"{}"] * 16, None, 0.002)  # read 24 ms late
+    if engine == "h11":  # one request at a time: nothing read late, nothing to stop
+        assert pauses == []
+        pool.close()
+        return
+    assert pauses == [True]
+    assert not all(isinstance(r, Reply) for r in cut)  # the reset cut the exchange
+    assert "reading answers as they come for the next 300 s" in caplog.text
+    await pool.post(b"{}")  # a new connection carries one request first
+    whole = await pool.post_many([b"{}"] * 16, None, 0.002)
+    assert [r.status for r in whole] == [201] * 16  # type: ignore[union-attr]
+    assert pauses == [True]  # read as they came
+    pool.close()
+    await asyncio.to_thread(thread.join, 5)  # the loop runs: the close reaches the server
+    assert not thread.is_alive()
+
+
+def count_pauses(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each attempt to pause a connection's reading returned, from now on."""
+    pauses: list[bool] = []
+    pause = _http11._pause_reading
+
+    def counted(transport: asyncio.Transport) -> bool:
+        pauses.append(pause(transport))
+        return pauses[-1]
+
+    monkeypatch.setattr(_http11, "_pause_reading", counted)
+    return pauses
 
 
 def test_a_transport_that_cannot_pause_is_read_as_answers_come() -> None:
