@@ -1713,7 +1713,8 @@ async def test_answers_from_elsewhere_keep_the_events(
         await sink.aclose()
     assert (stats["sent"], stats["rejected"]) == (0, 0)
     assert stats["retried"] >= 1  # the first answers: then delivery pauses (30 s)
-    assert SQLiteOutbox(tmp_path / "outbox.sqlite3").depth() == 5
+    with contextlib.closing(SQLiteOutbox(tmp_path / "outbox.sqlite3")) as left:
+        assert left.depth() == 5
     assert said in caplog.text
     assert "check the endpoint" in caplog.text
     assert caplog.text.count("check the endpoint") == 1

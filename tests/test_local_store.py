@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ async def test_the_store_records_the_environment_variable(
     mw.close()
     import sqlite3
 
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT environment FROM events").fetchall() == [("development",)]
     monkeypatch.setenv("AGENTSIGHT_ENVIRONMENT", "staging")
     with pytest.raises(ValueError, match="AGENTSIGHT_ENVIRONMENT='staging'"):
@@ -151,7 +152,7 @@ async def test_one_event_the_file_cannot_take_costs_no_other_its_place(tmp_path:
     await sink.put([*batch[:2], dated, nan, odd, *batch[2:]])
     await sink.aclose()
     assert (sink.stored, sink.failed) == (8, 0)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         kept = dict(conn.execute("SELECT conversation_id, payload FROM events").fetchall())
     assert json.loads(kept["conv_nan"])["metadata"]["score"] is None
     assert json.loads(kept["conv_dated"])["metadata"]["member_since"] == "2024-05-01"
@@ -185,7 +186,7 @@ async def test_a_batch_waits_for_a_lock_another_process_holds(
     holder.close()
     assert (sink.stored, sink.failed) == (1, 0)
     assert "is locked by another process" in caplog.text
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         ids = [row[0] for row in conn.execute("SELECT conversation_id FROM events ORDER BY id")]
     assert ids == ["conv_first", "conv_waited"]
 
@@ -258,7 +259,8 @@ async def test_a_worker_started_after_a_close_waits_for_a_lock_as_before(
     stats = mw.stats()
     mw.close()
     assert stats["failed"] == 0
-    rows = sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone()[0]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     assert rows == 2  # before: 1, the second page view lost
 
 

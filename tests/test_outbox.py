@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -202,7 +203,8 @@ def test_an_upgrade_meeting_a_held_write_lock_is_done_at_the_first_use(
     holder.close()
     assert outbox.put([("conv_new", b"{}")]) == 1
     assert outbox.depth() == 2
-    columns = {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(outbox)")}
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
     assert "origin" in columns
     outbox.close()
 
@@ -259,7 +261,7 @@ def test_closing_with_the_file_locked_leaves_the_claims_as_they_are(
     finally:
         holder.close()
     assert "keeps its claim" in caplog.text
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         leased = conn.execute("SELECT conversation_id, lease_owner IS NOT NULL FROM outbox")
         assert leased.fetchall() == [("conv_b", 1)]
     again = SQLiteOutbox(path)  # a next start: the claim is this (live) process's, kept

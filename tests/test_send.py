@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -407,7 +408,7 @@ def test_a_damaged_conversation_id_goes_alone_and_the_rest_is_sent(
     import sqlite3
 
     db = _file(tmp_path / "events.sqlite3", 10)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # committed, then closed
         conn.execute(
             "UPDATE events SET payload = json_set(payload, '$.conversation_id', json('[1]'))"
             " WHERE id = 3"
@@ -465,7 +466,8 @@ def test_send_stays_with_the_file_it_opened_when_the_path_is_rotated(
         received = len(api.conversations)
     assert code == 0, capsys.readouterr()
     assert received == 400  # the whole file it opened
-    with sqlite3.connect(db) as conn:  # the new file: untouched, for the next run
+    # The new file: untouched, for the next run.
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT count(*) FROM events WHERE sent_at IS NULL").fetchone() == (60,)
 
 
@@ -485,7 +487,7 @@ def test_each_accepted_event_is_marked_at_once(tmp_path: Path) -> None:
         started = time.monotonic()
         thread.start()
         time.sleep(max(0.0, started + 4.5 - time.monotonic()))
-        with sqlite3.connect(db) as conn:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
             marked = conn.execute(
                 "SELECT json_extract(payload, '$.is_used') FROM events WHERE sent_at IS NOT NULL"
             ).fetchall()
