@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 import time
 from typing import Literal, NamedTuple
@@ -92,6 +93,9 @@ ENGINE_PAUSE = 300.0
 # After a connection lost while a pipeline's answers waited to be read late, answers are
 # read as they come this long: the answers a reset overtakes in the socket are gone.
 READ_LATE_PAUSE = 300.0
+# A connection lost this long after its reading resumed counts as lost while reading late:
+# by then the answers that were held back are read.
+_RESUMED_LATELY = 0.05
 
 
 class Reply(NamedTuple):
@@ -211,6 +215,7 @@ class _Connection(asyncio.Protocol):
         self._late = False  # the exchange's answers are read late (see exchange)
         #: Lost before its answers read late were all in (see exchange's answer_time).
         self.lost_reading_late = False
+        self._resumed_at = -math.inf  # when reading last resumed after a pause
         # Over TLS, reading is never paused: asyncio's TLS layer goes on reading the socket
         # and drops what it holds when the connection is reset (16 of 16 answers lost
         # where read as they came none were), for a saving in calls alone.
@@ -233,8 +238,17 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         waiter = self._waiter
-        if self._late and waiter is not None and not waiter.done():
-            # A reset discards what the socket held unread: answers the server had sent.
+        if (
+            self._late
+            and waiter is not None
+            and not waiter.done()
+            and (
+                self._read_later is not None
+                or time.monotonic() - self._resumed_at < _RESUMED_LATELY
+            )
+        ):
+            # Lost while answers were held back: those the server had not got out yet die
+            # with the connection, and their events go again.
             self.lost_reading_late = True
         self._eof()
 
@@ -366,6 +380,7 @@ class _Connection(asyncio.Protocol):
             return
         self._read_later.cancel()
         self._read_later = None
+        self._resumed_at = time.monotonic()
         transport = self._transport
         if transport is not None and not transport.is_closing():
             with contextlib.suppress(AttributeError, RuntimeError):  # see _pause_reading

@@ -316,6 +316,7 @@ class HttpSink:
         self._idle_tick: asyncio.Future[None] | None = None
         self._closing = False
         self._answers_read = False  # shutdown's last read of the sockets is done
+        self._senders_cancelled = False
         #: Monotonic time past which a write waiting for the outbox's lock gives up (set
         #: at shutdown).
         self.deadline = math.inf
@@ -1132,6 +1133,7 @@ class HttpSink:
                     # whose answers wait in the sockets, and those a pipeline still out
                     # has had answered. Both are acknowledged by reading, then cancelling,
                     # as aclose() would next; the count is taken again after it.
+                    self._closing = True  # no sender claims more meanwhile
                     await self._read_answers_waiting()
                     await self._cancel_senders()
                     continue
@@ -1155,18 +1157,14 @@ class HttpSink:
                 await asyncio.sleep(0)
 
     async def _cancel_senders(self) -> None:
-        """Stop the senders; what pipelines still out have had accepted is acknowledged
-        (see _send_many), the rest of them is unanswered."""
-        self._closing = True
+        """Stop the senders (once); what pipelines still out have had accepted is
+        acknowledged (see _send_many), the rest of them is unanswered."""
+        if self._senders_cancelled:
+            return
+        self._senders_cancelled = self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def aclose(self) -> None:
-        self._closing = True
-        if not self._answers_read:
-            await self._read_answers_waiting()
-        await self._cancel_senders()
         # What the API accepted is recorded even when the deadline has passed, or the next
         # start sends it again: a short grace for that write alone.
         if self._acks:
@@ -1176,6 +1174,12 @@ class HttpSink:
                 self._flush_acks()
             finally:
                 self.deadline = deadline
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if not self._answers_read:
+            await self._read_answers_waiting()
+        await self._cancel_senders()
         if self._pool is not None:
             # Sender threads finish their request (bounded by the timeout) on their own,
             # or are dropped at exit (daemon threads).
