@@ -154,6 +154,7 @@ def test_a_lock_held_at_fork_does_not_hang_the_child(tmp_path: Path) -> None:
         child.kill()
     assert child.exitcode == 0
     assert outbox.depth() == 2  # the parent goes on with its own connection
+    outbox.close()
 
 
 def _file_from_before_the_origin_column(path: Path) -> None:
