@@ -1494,20 +1494,27 @@ async def warmed_up_durable(url: str, path: Path) -> HttpSink:
     return sink
 
 
+def answers_then_holds(count: int) -> Handler:
+    """A server that answers the first ``count`` requests of each connection, then reads
+    the others and answers none."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered = 0
+        while True:
+            await read_request(reader)
+            if answered < count:
+                answered += 1
+                writer.write(created())
+
+    return handler
+
+
 async def test_answers_read_before_a_shutdown_are_acknowledged(tmp_path: Path) -> None:
     # The server answers the warm-up and the first two requests of the pipeline, then
     # holds the rest past the shutdown: the two accepted events must leave the durable
     # outbox, or the next start would send them again.
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        answered = 0
-        while True:
-            _, _, _body = await read_request(reader)
-            if answered < 3:
-                answered += 1
-                writer.write(created())
-
     path = tmp_path / "outbox.sqlite3"
-    server = Scripted(handler)
+    server = Scripted(answers_then_holds(3))  # the warm-up, then 2 of the pipeline
     async with server.running() as url:
         sink = await warmed_up_durable(url, path)
         await sink.put([{"conversation_id": f"c{i}", "is_used": False} for i in range(5)])
@@ -1579,22 +1586,12 @@ async def test_answers_waiting_in_the_socket_at_the_deadline_are_not_counted_lef
     assert sink.stats()["sent"] == 8
 
 
-async def test_a_pipeline_partly_answered_at_the_deadline_has_its_accepted_not_counted_left() -> (
-    None
-):
+async def test_accepted_answers_of_a_pipeline_cut_off_at_the_deadline_are_not_left() -> None:
     # The server answers the warm-up and the first two of a pipeline, then holds the rest
     # past the deadline: the count of events left (logged as lost from memory) took the
     # two accepted ones in too (5 left), as the pipeline's answers reach the sink when it
     # ends (found by a review).
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        answered = 0
-        while True:
-            await read_request(reader)
-            if answered < 3:
-                answered += 1
-                writer.write(created())
-
-    server = Scripted(handler)
+    server = Scripted(answers_then_holds(3))  # the warm-up, then 2 of the pipeline
     async with server.running() as url:
         sink = direct_sink(url, MemoryOutbox(100), concurrency=1)
         await sink.start()
@@ -1613,16 +1610,8 @@ async def test_what_a_pipeline_had_accepted_is_recorded_before_the_count_in_a_lo
     # Another process sharing the outbox holds its write lock at the deadline: the two
     # accepted events of the pipeline cancelled then were counted left (5 for 3 rows), as
     # their acknowledgement waited for aclose()'s grace (found by a review).
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        answered = 0
-        while True:
-            await read_request(reader)
-            if answered < 3:  # the warm-up, then 2 of the pipeline
-                answered += 1
-                writer.write(created())
-
     path = tmp_path / "outbox.sqlite3"
-    server = Scripted(handler)
+    server = Scripted(answers_then_holds(3))  # the warm-up, then 2 of the pipeline
     async with server.running() as url:
         sink = await warmed_up_durable(url, path)
         await sink.put([{"conversation_id": f"c{i}", "is_used": False} for i in range(5)])
