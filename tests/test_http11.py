@@ -1655,6 +1655,24 @@ def test_pipelines_read_late_are_not_timed_and_one_in_eight_is_read_as_it_comes(
     assert sink._pipeline_time == pytest.approx(0.002)
 
 
+async def test_pipelines_the_pool_will_not_read_late_are_not_marked_so() -> None:
+    # Marked read late, a pipeline over TLS (read as it comes all the same) went untimed
+    # and counted otherwise towards a burst (found by a review).
+    for url, reads_late in [
+        ("https://127.0.0.1:9/api/conversations/", False),
+        ("http://127.0.0.1:9/api/conversations/", True),
+    ]:
+        sink = direct_sink(url, MemoryOutbox(10), concurrency=4)
+        await sink.start()
+        now = time.perf_counter()
+        sink._timed(flight_of(16, now - 0.002, [201] * 16), now)
+        assert any(sink._answer_time(16) for _ in range(8)) is reads_late, url
+        assert sink._direct is not None
+        sink._direct._read_late_after = time.monotonic() + 60  # a connection lost meanwhile
+        assert not any(sink._answer_time(16) for _ in range(8))
+        await sink.aclose()
+
+
 async def test_a_hanging_api_holds_one_event_per_connection_not_a_pipeline() -> None:
     # No connection has answered yet, so none may carry a pipeline: a sender takes one
     # event, and the rest stay in the outbox (free to claim) instead of waiting behind a

@@ -720,6 +720,14 @@ class Http11Pool:
         self._h11_until = 0.0
         self._tally = _Tally()
 
+    def reads_late(self) -> bool:
+        """Whether a pipeline's answers may be read in one go now (see ``post_many``'s
+        ``answer_time``): not over TLS, not after ``read_now()``, nor for
+        :data:`READ_LATE_PAUSE` after a connection was lost while answers were held back."""
+        return (
+            self._ssl is None and not self._read_now and time.monotonic() >= self._read_late_after
+        )
+
     @property
     def accepted(self) -> int:
         """2xx answers so far, counted as they arrive (a pipeline's first ones before

@@ -502,6 +502,11 @@ class HttpSink:
         if (
             n < READ_IN_ONE_GO
             or self._reading_now
+            # Marked read late, a pipeline read as it comes would go untimed, and count
+            # otherwise towards a burst (see _in_requests): through a proxy (httpx), over
+            # TLS, or for a while after a connection was lost while answers were held back.
+            or self._http is not None
+            or (self._direct is not None and not self._direct.reads_late())
             or not _READ_LATE_LEAST <= n * per_request <= _READ_LATE_MOST
             or self._pipeline_time > _PIPELINE_BUDGET
             or now - self._paced_at > _PACE_KEPT
