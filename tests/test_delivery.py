@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -502,7 +503,13 @@ async def test_close_keeps_to_its_timeout_while_another_process_holds_the_outbox
             holder.close()
     assert closed_in < 3.0
     assert "did not finish" not in caplog.text  # the worker ended: nothing waits behind
-    assert "2 event(s) lost at shutdown" in caplog.text  # never written: said, as before
+    # Never written: said, as before. One batch of both, or (the worker woken by the first
+    # before the second came, on a loaded machine) one each in the batch and the intake.
+    lost = re.findall(
+        r"(\d+) event\(s\) (?:lost at shutdown|still waiting to be built at shutdown)",
+        caplog.text,
+    )
+    assert sum(map(int, lost)) == 2, caplog.text
     assert len(api.conversations) == 2
     assert _outbox_rows(outbox) == 0
 
