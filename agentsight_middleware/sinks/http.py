@@ -305,7 +305,6 @@ class HttpSink:
         self._per_request = math.inf
         self._per_request_at = -math.inf
         self._read_late_count = 0  # pipelines that could have theirs read late (see _TIMED_ONE_IN)
-        self._reading_now = False  # shutting down: every answer read as it comes
         # Requests one connection may carry with answers that fast, as found at the last
         # claim (0: spread; see _sender).
         self._pipeline = 0
@@ -501,10 +500,10 @@ class HttpSink:
         per_request = self._per_request
         if (
             n < READ_IN_ONE_GO
-            or self._reading_now
             # Marked read late, a pipeline read as it comes would go untimed, and count
             # otherwise towards a burst (see _in_requests): through a proxy (httpx), over
-            # TLS, or for a while after a connection was lost while answers were held back.
+            # TLS, at shutdown (read_now), or for a while after a connection was lost while
+            # answers were held back.
             or self._http is not None
             or (self._direct is not None and not self._direct.reads_late())
             or not _READ_LATE_LEAST <= n * per_request <= _READ_LATE_MOST
@@ -1118,7 +1117,6 @@ class HttpSink:
         memory are waited for, failing or not: they have nowhere else to go.
         """
         if closing and self._direct is not None:
-            self._reading_now = True
             # A pipeline's answers are read in one go once most should be in: one cut off
             # by the deadline would leave some unread, its events unanswered (sent again at
             # the next start from a durable outbox, reported lost from memory).
