@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,3 +174,14 @@ def check_shared_cache_outcome(
         assert len(warned) == 1  # once, not on every page view
         assert warned[0].levelname == "WARNING"
         assert "Cache-Control: no-cache" in warned[0].getMessage()
+
+
+def outbox_rows(path: Path) -> int:
+    """Events in an outbox file: 0 before it exists, or before its table does."""
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        except sqlite3.OperationalError:  # the table is not created yet
+            return 0

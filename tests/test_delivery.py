@@ -29,7 +29,7 @@ from agentsight_middleware._retry import classify, retry_after
 from agentsight_middleware.sinks.outbox import SQLiteOutbox
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER, CHROME_DESKTOP, website_answering_200
+from .conftest import BROWSER, CHROME_DESKTOP, outbox_rows, website_answering_200
 
 pytestmark = pytest.mark.anyio
 
@@ -223,14 +223,14 @@ async def test_a_refused_key_keeps_the_events_of_a_durable_outbox(
     assert len(errors) == 1
     assert "refused the API key ags_0000********" in errors[0]
     assert "kept in the outbox" in errors[0]
-    assert _outbox_rows(outbox) == 6
+    assert outbox_rows(outbox) == 6
     # The right key, same outbox: every event of the first run arrives.
     mw = wrap(api, outbox=outbox)
     mw._core.delivery.ensure_started()
     api.wait_for(conversations=6, timeout=15)
     assert mw.flush(10)
     mw.close()
-    assert _outbox_rows(outbox) == 0
+    assert outbox_rows(outbox) == 0
 
 
 async def test_memory_queue_is_bounded_while_the_api_is_down() -> None:
@@ -383,20 +383,6 @@ def _serve(port: int, outbox: Path, api_url: str, api_key: str) -> subprocess.Po
     raise RuntimeError("the app did not start")
 
 
-def _outbox_rows(path: Path) -> int:
-    import sqlite3
-
-    if not path.exists():
-        return 0
-    conn = sqlite3.connect(path, timeout=5)
-    try:
-        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-    except sqlite3.OperationalError:  # the table is not created yet
-        return 0
-    finally:
-        conn.close()
-
-
 def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
     outbox = tmp_path / "outbox.sqlite3"
     api = StandInAgentSightAPI()  # not started yet: the API is down
@@ -414,7 +400,7 @@ def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
         # Events reach the disk within ~20 ms on an idle machine; on a loaded one
         # give the worker its time, then kill: what is on disk must all arrive.
         deadline = time.monotonic() + 10
-        while _outbox_rows(outbox) < 40 and time.monotonic() < deadline:
+        while outbox_rows(outbox) < 40 and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -430,7 +416,7 @@ def test_sigkill_during_an_outage_loses_nothing(tmp_path: Path) -> None:
             process.wait(10)
         received = [b["conversation_id"] for b in api.conversations]
     assert sorted(received) == sorted(ids), "every event enqueued before the kill, once"
-    assert _outbox_rows(outbox) == 0
+    assert outbox_rows(outbox) == 0
 
 
 def _drain_outbox(outbox: str, url: str, key: str) -> None:
@@ -511,7 +497,7 @@ async def test_close_keeps_to_its_timeout_while_another_process_holds_the_outbox
     )
     assert sum(map(int, lost)) == 2, caplog.text
     assert len(api.conversations) == 2
-    assert _outbox_rows(outbox) == 0
+    assert outbox_rows(outbox) == 0
 
 
 async def test_flush_and_close_wait_for_this_process_s_events_only(
@@ -542,7 +528,7 @@ async def test_flush_and_close_wait_for_this_process_s_events_only(
     assert len(api.conversations) == 2
     assert flushed_in < 2.0
     assert closed_in < 1.0
-    assert _outbox_rows(outbox) == 1  # the sibling's, untouched
+    assert outbox_rows(outbox) == 1  # the sibling's, untouched
 
 
 async def test_pending_counts_this_process_s_events_and_outbox_pending_the_file_s(
@@ -574,7 +560,7 @@ async def test_pending_counts_this_process_s_events_and_outbox_pending_the_file_
         async with client(mw) as c:
             await visit(c)
         deadline = time.monotonic() + 10
-        while _outbox_rows(outbox) < 5 and time.monotonic() < deadline:
+        while outbox_rows(outbox) < 5 and time.monotonic() < deadline:
             time.sleep(0.02)
         stats = mw.stats()
         assert stats["pending"] == 2  # the page view and the chat of this process
@@ -642,7 +628,7 @@ async def test_what_the_api_accepted_is_recorded_though_another_process_locks_th
     finally:
         release.join()
     assert len(api.conversations) == 2
-    assert _outbox_rows(outbox) == 0  # before: 1, sent again at the next start
+    assert outbox_rows(outbox) == 0  # before: 1, sent again at the next start
 
 
 async def test_close_without_an_outbox_waits_for_an_api_that_recovers(
@@ -685,7 +671,7 @@ async def test_close_with_an_outbox_does_not_wait_for_a_failing_api(
     with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
         mw.close()
     assert time.monotonic() - started < 1.5
-    assert _outbox_rows(tmp_path / "outbox.sqlite3") == 2
+    assert outbox_rows(tmp_path / "outbox.sqlite3") == 2
 
 
 async def test_close_with_an_outbox_goes_on_sending_while_the_api_accepts(
@@ -702,7 +688,7 @@ async def test_close_with_an_outbox_goes_on_sending_while_the_api_accepts(
             await c.post("/api/chat", json={"message": "hi"})
     mw.close()
     assert len(api.conversations) == 62
-    assert _outbox_rows(outbox) == 0
+    assert outbox_rows(outbox) == 0
 
 
 async def test_flush_with_an_outbox_is_true_once_everything_was_accepted(
@@ -795,7 +781,7 @@ def test_processes_sharing_an_outbox_send_each_event_once(
     received = [b["conversation_id"] for b in api.conversations]
     assert len(received) == 300
     assert len(set(received)) == 300
-    assert _outbox_rows(outbox) == 0
+    assert outbox_rows(outbox) == 0
 
 
 async def test_metadata_json_cannot_hold_is_sent_as_text_or_null(

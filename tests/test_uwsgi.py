@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import pytest
 
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER
+from .conftest import BROWSER, outbox_rows
 
 ROOT = Path(__file__).parent.parent
 UWSGI = Path(sys.executable).with_name("uwsgi")  # pyuwsgi's entry point, a test dependency
@@ -221,8 +220,8 @@ def test_a_stop_while_a_worker_is_busy_loses_nothing_with_an_outbox(
                 c.cookies.clear()
                 assert c.get("/", headers=BROWSER).status_code == 200
         deadline = time.monotonic() + 15
-        while stored(outbox) < 16:  # on disk: the promise starts there
-            assert time.monotonic() < deadline, f"{stored(outbox)} of 16 on disk"
+        while outbox_rows(outbox) < 16:  # on disk: the promise starts there
+            assert time.monotonic() < deadline, f"{outbox_rows(outbox)} of 16 on disk"
             time.sleep(0.02)
         slow = threading.Thread(target=_get_slow, args=(served.url,), daemon=True)
         slow.start()
@@ -235,8 +234,8 @@ def test_a_stop_while_a_worker_is_busy_loses_nothing_with_an_outbox(
         # Its claims were freed (their process is gone) by the next start, which sent them.
         api.wait_for(conversations=16, timeout=30)
         deadline = time.monotonic() + 15
-        while stored(outbox):  # every acceptance recorded
-            assert time.monotonic() < deadline, f"{stored(outbox)} left in the outbox"
+        while outbox_rows(outbox):  # every acceptance recorded
+            assert time.monotonic() < deadline, f"{outbox_rows(outbox)} left in the outbox"
             time.sleep(0.02)
     assert len({b["conversation_id"] for b in api.conversations}) == 16
 
@@ -244,11 +243,3 @@ def test_a_stop_while_a_worker_is_busy_loses_nothing_with_an_outbox(
 def _get_slow(url: str) -> None:
     with contextlib.suppress(httpx.TransportError):  # the worker dies with it in progress
         httpx.get(f"{url}/slow", timeout=30)
-
-
-def stored(outbox: Path) -> int:
-    """Events in the outbox file (0 before it exists)."""
-    if not outbox.exists():
-        return 0
-    with contextlib.closing(sqlite3.connect(outbox, timeout=5)) as db:
-        return int(db.execute("SELECT count(*) FROM outbox").fetchone()[0])
