@@ -394,9 +394,9 @@ class TrackerDelivery:
         future.add_done_callback(self._check_future)
 
     async def _bounded(self, call: Any) -> Any:
-        import asyncio
+        from ._timeout import bounded
 
-        return await asyncio.wait_for(call, self._timeout)
+        return await bounded(call, self._timeout)
 
     def _prune(self) -> None:
         """Forget the calls of loops that stopped: they will never run, and must not hold

@@ -35,6 +35,7 @@ import h11
 import httpx
 
 from .._log import logger
+from .._timeout import bounded
 
 try:
     import httptools
@@ -752,7 +753,7 @@ class Http11Pool:
         loop = asyncio.get_running_loop()
         cls, framing, tally = self._connection_class, self._framing, self._tally
         try:
-            _, connection = await asyncio.wait_for(
+            _, connection = await bounded(
                 loop.create_connection(
                     lambda: cls(framing, tally),
                     self._host,

@@ -45,6 +45,7 @@ from .._retry import (
 )
 from .._store import is_locked
 from .._threads import DaemonThreads
+from .._timeout import bounded
 from ._http11 import READ_IN_ONE_GO, ClosedUnannounced, Http11Pool, NotSent, Reply
 from .outbox import Outbox, OutboxItem
 from .store import _LOCKED_TRIES
@@ -691,7 +692,7 @@ class HttpSink:
                 # hold all delivery; past the wait, one more request goes alone.
                 probe = self._probe
                 try:
-                    await asyncio.wait_for(asyncio.shield(probe), _PROBE_WAIT)
+                    await bounded(asyncio.shield(probe), _PROBE_WAIT)
                 except asyncio.TimeoutError:
                     if self._probe is probe:
                         self._probe = None
