@@ -270,9 +270,8 @@ class MiddlewareBase:
             )
         except ValueError as exc:
             # Said here too, at ERROR: Starlette builds its middleware at the first ASGI
-            # call (the lifespan's start), where uvicorn's default --lifespan auto takes
-            # the error for an app without lifespan, logs it at INFO and serves every
-            # request a 500. Start uvicorn with --lifespan on to stop on it.
+            # call (the lifespan's start), where a server may not print the error (the
+            # ASGI glue reports it as lifespan.startup.failed there; see asgi.py).
             logger.error("agentsight-middleware is misconfigured: %s", exc)
             raise
         _count_instance(self, type(self).__name__, repr(settings.rules))

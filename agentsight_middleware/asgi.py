@@ -12,6 +12,7 @@ go straight to the app.
 from __future__ import annotations
 
 import enum
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
@@ -55,11 +56,27 @@ Send = Callable[[Message], Awaitable[None]]
 class AgentSightMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of an ASGI app."""
 
+    _error: TypeError | ValueError  # only once it has become a _Misconfigured
+
     def __init__(self, app: Any = None, /, **options: Unpack[Options]) -> None:
         # Positional for Starlette's add_middleware() (its factory protocol passes the
         # app positional-only), or app= as Litestar's DefineMiddleware passes it.
         rest: dict[str, Any] = dict(options)
-        super().__init__(_the_app(app, rest, "AgentSightMiddleware"), **rest)
+        try:
+            super().__init__(_the_app(app, rest, "AgentSightMiddleware"), **rest)
+        except (TypeError, ValueError) as error:
+            # Starlette and FastAPI build their middleware inside the first ASGI call,
+            # the lifespan's start, where uvicorn's default --lifespan auto (and the
+            # `fastapi run` / `fastapi dev` commands, which cannot change it) takes a
+            # raised error for "lifespan unsupported" and serves every request a 500.
+            # Said through the lifespan protocol instead, the error stops the server.
+            # Told by the caller's name: Starlette passes nothing that says who builds.
+            # Should it be renamed, the error is raised as before (and logged).
+            if sys._getframe(1).f_code.co_name != "build_middleware_stack":
+                raise  # built by the app's own code (the wrap form): raised at import
+            self.__class__ = _Misconfigured
+            self._error = error
+            return
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
 
@@ -577,3 +594,31 @@ def _starlette_request(scope: Scope) -> Any:
     from starlette.requests import Request
 
     return Request(scope)
+
+
+class _Misconfigured(AgentSightMiddleware):
+    """What a misconfigured middleware built by Starlette becomes: the error, told through
+    the lifespan protocol (the server stops), or raised on each request (a 500) by a
+    server that runs no lifespan."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        error = self._error
+        if scope["type"] == "lifespan":
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send(
+                    {
+                        "type": "lifespan.startup.failed",
+                        "message": f"agentsight-middleware is misconfigured: {error}",
+                    }
+                )
+                return
+        # A new exception each time: raising the same one again would lengthen its
+        # traceback with every request.
+        raise type(error)(*error.args)
+
+    def close(self, timeout: float | None = None) -> None:  # nothing was started
+        pass
+
+    def __repr__(self) -> str:
+        return f"<AgentSightMiddleware misconfigured: {self._error}>"

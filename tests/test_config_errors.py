@@ -3,10 +3,12 @@ options that can work are taken as they are, with their meaning kept."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +145,8 @@ def test_an_id_header_with_an_underscore_is_warned_about(caplog: pytest.LogCaptu
 
 
 def test_a_configuration_error_is_logged_too(caplog: pytest.LogCaptureFixture) -> None:
-    # Starlette builds the middleware at the lifespan's start, where uvicorn's default
-    # --lifespan auto logs the error at INFO as "lifespan unsupported" and serves 500s.
+    # Starlette builds the middleware at the lifespan's start, where a server need not
+    # print what stopped it.
     with (
         caplog.at_level(logging.ERROR, logger="agentsight_middleware"),
         pytest.raises(ValueError, match="not an AgentSight API key"),
@@ -163,3 +165,87 @@ def test_a_tracker_without_the_calls_names_both_sdk_generations() -> None:
     message = str(refused.value)
     assert "agentsight_middleware.sdk.AgentSightSDK() (agentsight 0.1.x)" in message
     assert "agentsight.ConversationTracker() (agentsight 0.0.x)" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"widget_pages": ["pricing"]}, "widget_pages[0]: 'pricing' must start with '/'"),
+        ({"widget_page": ["/"]}, "did you mean 'widget_pages'?"),
+    ],
+)
+def test_add_middleware_reports_an_error_through_the_lifespan(
+    options: dict[str, Any], fragment: str
+) -> None:
+    # Starlette builds the middleware inside the lifespan call; raised there, the error
+    # was taken by uvicorn's default --lifespan auto (and `fastapi run`, which cannot
+    # change it) for "lifespan unsupported", and every request got a 500. Told as
+    # lifespan.startup.failed, it stops any server.
+    import anyio
+
+    app = make_app()
+    app.add_middleware(AgentSightMiddleware, **options)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    async def lifespan() -> None:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logging.getLogger("agentsight_middleware"), "disabled", True)
+        anyio.run(lifespan)
+    [failed] = sent
+    assert failed["type"] == "lifespan.startup.failed"
+    assert fragment in failed["message"]
+    # A server without lifespan: each request raises it (a 500), a new exception each
+    # time (the same one raised again would grow its traceback with every request).
+    raised = []
+    for _ in range(2):
+        request = {"type": "http", "method": "GET", "path": "/", "headers": []}
+        with pytest.raises((TypeError, ValueError)) as error:
+            anyio.run(app, request, receive, send)
+        raised.append(error.value)
+    assert fragment in str(raised[0])
+    assert str(raised[0]) == str(raised[1])
+    assert raised[0] is not raised[1]
+    # Built by the app's own code, the error is still raised right there.
+    with pytest.raises((TypeError, ValueError), match=r"must start with|did you mean"):
+        AgentSightMiddleware(make_app(), **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"widget_pages": ["pricing"]}, "widget_pages[0]: 'pricing' must start with '/'"),
+        ({"widget_pages": ["/"], "api_key": "sk-123"}, "not an AgentSight API key"),
+    ],
+)
+def test_uvicorn_with_its_default_lifespan_stops_on_a_configuration_error(
+    options: dict[str, Any], fragment: str, tmp_path: Path
+) -> None:
+    # The README's add_middleware() line under a plain `uvicorn main:app`: the server
+    # started, and answered every request, health checks too, with a 500.
+    import sys
+
+    env = {
+        **os.environ,
+        "AGENTSIGHT_TEST_OPTIONS": json.dumps(options),
+        "AGENTSIGHT_API_KEY": "",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "tests.apps.misconfigured_app:app", "--port", "0"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0, done.stderr
+    assert "Application startup failed. Exiting." in done.stderr
+    # Said by uvicorn itself, from lifespan.startup.failed, as well as by the logger.
+    [said] = [line for line in done.stderr.splitlines() if line.startswith("ERROR:    agentsight")]
+    assert said.startswith("ERROR:    agentsight-middleware is misconfigured: ")
+    assert fragment in said
+    assert "lifespan' protocol appears unsupported" not in done.stderr
