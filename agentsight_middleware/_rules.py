@@ -245,8 +245,11 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
                 f"{where}: {path!r} is a regular expression written as a string; "
                 f"pass re.compile({path!r})"
             )
-        raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {_suggest(path)!r})")
-    _check_path(where, path)
+        # With the methods written before it: a suggestion without them would widen a
+        # POST-only rule to every method.
+        lead = item[: len(item) - len(path)]
+        raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {lead + _suggest(path)!r})")
+    _check_path(where, path, item[: len(item) - len(path)])
     rule = Rule(kind, item, methods)
     regex, groups, prefix = _translate(where, item, path, position)
     if regex is None:
@@ -276,18 +279,19 @@ _REGEX_LIKE = re.compile(r"[\\|^\[\]]|\.\+|\$\Z")
 _BRACKET_NAME = re.compile(r"\[([A-Za-z_][A-Za-z0-9_]*)\]")
 
 
-def _check_path(where: str, path: str) -> None:
+def _check_path(where: str, path: str, lead: str = "") -> None:
     """Refuse what a path the rules are matched against (decoded, without query) can never
-    hold, and would thus make a rule that silently never matches."""
+    hold, and would thus make a rule that silently never matches. ``lead`` is what the rule
+    has before its path (its methods), kept in the fix suggested."""
     if path != path.strip():
-        raise ValueError(f"{where}: {path!r} has blanks around it; write {path.strip()!r}")
+        raise ValueError(f"{where}: {path!r} has blanks around it; write {lead + path.strip()!r}")
     # Outside {parameters}: a template's convertor is reported as such (_translate).
     literal = _PARAMETER.sub(lambda match: "_" * len(match[0]), path)
     cut = min((i for i in (literal.find("?"), literal.find("#")) if i >= 0), default=-1)
     if cut >= 0:
         raise ValueError(
             f"{where}: {path!r}: rules match the path alone, without a ?query or #fragment; "
-            f"write {path[:cut] or '/'!r}"
+            f"write {lead + (path[:cut] or '/')!r}"
         )
     if _REGEX_LIKE.search(literal):
         # Said, not refused: the decoded path of a request for "/a%7Cb" does hold a "|".
@@ -310,7 +314,7 @@ def _check_path(where: str, path: str) -> None:
             # An escaped "?" or "#": only a regex can name a path holding one.
             f"match it with re.compile({re.escape(decoded)!r})"
             if "?" in decoded or "#" in decoded
-            else f"write {decoded!r}"
+            else f"write {lead + decoded!r}"
         )
         raise ValueError(
             f"{where}: {path!r}: rules match the decoded path (as the app's router sees it); "
@@ -352,7 +356,8 @@ def _translate(where: str, item: str, path: str, position: int) -> tuple[str | N
         if token == "{" or token == "}":
             side = "opening '{' has no closing '}'" if token == "{" else "'}' has no opening '{'"
             raise ValueError(
-                f"{where}: unbalanced braces in {item!r}: {side} at column {special.start()}; "
+                f"{where}: unbalanced braces in {item!r}: {side} at column "
+                f"{len(item) - len(path) + special.start()}; "
                 "write parameters as '{name}' or '{name:int}'"
             )
         if prefix is None:

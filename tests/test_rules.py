@@ -231,7 +231,7 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
         ["/", "/x", "docs/*"],
         ["'docs/*' must start with '/' (e.g. '/docs/*')"],
     ),
-    ("no-slash-after-method", C, ["POST api/chat"], ["'api/chat' must start", "'/api/chat'"]),
+    ("no-slash-after-method", C, ["POST api/chat"], ["'api/chat' must start", "'POST /api/chat'"]),
     ("leading-space", W, ["  /x"], ["'  /x' must start with '/'", "'/x'"]),
     ("word-not-path", W, ["pricing"], ["'pricing' must start with '/'", "'/pricing'"]),
     ("method-without-path", C, ["POST"], ["no path in 'POST'"]),
@@ -278,13 +278,17 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
     ("empty-regex", C, [re.compile("")], ["empty regex"]),
     # Rules that could never match the decoded path they are tried on.
     ("query", W, ["/pricing?plan=pro"], ["without a ?query or #fragment", "write '/pricing'"]),
-    ("query-chat", C, ["POST /c?stream=1"], ["'/c?stream=1'", "write '/c'"]),
+    # The fix suggested keeps the rule's methods: without them it matches every method.
+    ("query-chat", C, ["POST /c?stream=1"], ["'/c?stream=1'", "write 'POST /c'"]),
     ("fragment", W, ["/docs/#intro"], ["#fragment", "write '/docs/'"]),
     ("only-query", W, ["/?x=1"], ["write '/'"]),
     ("percent-escape", W, ["/caf%C3%A9"], ["match the decoded path", "write '/café'"]),
     ("escaped-question-mark", W, ["/what%3F"], ["re.compile('/what\\\\?')"]),
     ("question-mark-in-convertor", W, ["/x/{opt:ab?}"], ["unknown convertor 'ab?'"]),
-    ("trailing-blank", C, ["POST /api/chat "], ["'/api/chat ' has blanks", "'/api/chat'"]),
+    ("trailing-blank", C, ["POST /api/chat "], ["'/api/chat ' has blanks", "'POST /api/chat'"]),
+    ("percent-escape-chat", C, ["POST /caf%C3%A9"], ["write 'POST /café'"]),
+    # The column counts in the rule as written, methods included.
+    ("unclosed-brace-chat", C, ["POST /c/{id"], ["'{' has no closing '}' at column 8"]),
     # A regular expression written as a string: it started, and never matched.
     ("regex-anchored", C, ["^/api/chat$"], ["regular expression", "re.compile('^/api/chat$')"]),
     # Typos whose advice must be what was meant, not the text with a "/" before it.
@@ -293,7 +297,7 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
     ("method-colon", C, ["post:/api/chat"], ["(e.g. 'POST /api/chat')"]),
     ("method-brackets", C, ["[POST] /api/chat"], ["(e.g. 'POST /api/chat')"]),
     ("whole-url", W, ["https://shop.example/"], ["(e.g. '/')"]),
-    ("whole-url-path", C, ["POST https://shop.example/api/chat"], ["(e.g. '/api/chat')"]),
+    ("whole-url-path", C, ["POST https://shop.example/api/chat"], ["(e.g. 'POST /api/chat')"]),
 ]
 
 
