@@ -365,6 +365,15 @@ def _choose_delivery(
         api_key=api_key, endpoint=endpoint, environment=settings.environment
     )
     if credentials is not None:
+        if local_store is not None:
+            # Warned, not refused (as outbox= without a key is): the key may come from the
+            # environment of a deployment whose code keeps local_store= for development.
+            logger.warning(
+                "local_store=%r is not used: with an API key (%s) events go to the "
+                "AgentSight API; unset the key to keep them in the file",
+                os.fspath(local_store),
+                "api_key=" if api_key is not None else "AGENTSIGHT_API_KEY",
+            )
         # Opened now: a path that cannot be opened fails at start-up.
         durable = _open_outbox(outbox) if outbox is not None else None
 

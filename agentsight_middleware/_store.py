@@ -123,8 +123,13 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """There is no events file (yet) at the path."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        # The middleware creates the file at the first event it records, and a running
+        # app with none yet is the usual case: say what makes one.
         super().__init__(
-            f"no events file at {os.fspath(path)}; run your app with the middleware first"
+            f"no events file at {os.fspath(path)} (yet): the middleware creates it at the "
+            "first event it records. Open a widget page in a browser (page views count only "
+            "from browsers: curl, scripts, probes and bots do not), or pass --db with the "
+            "file your app writes (local_store=)"
         )
 
 

@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     has_key = bool(os.environ.get("AGENTSIGHT_API_KEY"))
     app = create_app() if has_key else create_app(local_store=args.db)
+    taken = _port_taken(args.host, args.port)
+    if taken:
+        # Before the URL is printed: it would point at whatever holds the port.
+        raise SystemExit(
+            f"{args.host}:{args.port} cannot be used ({taken}): pick another port, "
+            f'e.g. make demo DEMO_ARGS="--port {args.port + 1}" or --port {args.port + 1}'
+        )
     print(f"Demo shop with a chat widget: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
     # lifespan="on": Starlette builds the middleware at the lifespan's start, and a bad
     # AGENTSIGHT_API_KEY must stop the demo there, not turn every request into a 500
@@ -69,6 +76,23 @@ def main(argv: list[str] | None = None) -> None:
             print("No events: open the shop page and chat, then stop the demo again.")
             return
         cli(["report", "--db", args.db])
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why the demo could not listen on ``host:port`` (None when it can): uvicorn's own
+    error comes after the start-up lines, with no hint."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            # As uvicorn binds: a port left in TIME_WAIT by the last run is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 if __name__ == "__main__":

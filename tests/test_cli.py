@@ -129,9 +129,12 @@ def test_missing_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "report", "--db", str(path))
     assert code == 1
     assert out == ""
-    assert err == (
-        f"agentsight-middleware: no events file at {path}; run your app with the middleware first\n"
-    )
+    # What makes one: a running app has no file until its first event, and a curl of the
+    # page makes none ("run your app with the middleware first" said to do what was done).
+    assert err.startswith(f"agentsight-middleware: no events file at {path} (yet): ")
+    assert "Open a widget page in a browser" in err
+    assert "curl, scripts, probes and bots do not" in err
+    assert err.endswith("or pass --db with the file your app writes (local_store=)\n")
     assert not path.exists()
 
 

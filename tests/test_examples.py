@@ -285,6 +285,27 @@ def test_the_demo_stops_at_start_up_on_a_bad_key(tmp_path: Path) -> None:
     assert "1234567890abcdef" not in done.stderr + done.stdout
 
 
+def test_the_demo_says_which_port_to_try_when_its_own_is_taken(tmp_path: Path) -> None:
+    # It printed its URL (someone else's server), then failed to bind, with no hint.
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "examples.demo", "--port", str(port), "--db",
+             str(tmp_path / "demo.sqlite3")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert "Demo shop" not in done.stdout
+    assert f"127.0.0.1:{port} cannot be used (Address already in use)" in done.stderr
+    assert f'make demo DEMO_ARGS="--port {port + 1}"' in done.stderr
+
+
 def test_the_demo_reports_what_it_saw_on_ctrl_c(tmp_path: Path) -> None:
     import os
     import signal

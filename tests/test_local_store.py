@@ -70,6 +70,29 @@ def test_a_store_in_a_missing_folder_fails_at_start_up(
         _middleware(local_store=tmp_path / "no-such-folder" / "events.sqlite3")
 
 
+@pytest.mark.parametrize("key_from", ["environment", "argument"])
+def test_a_local_store_with_an_api_key_is_said_to_be_unused(
+    key_from: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Taken without a word: the events went to the API and the file named was never made.
+    key = "ags_" + "1" * 32 + "_abcdef"
+    options: dict[str, Any] = {"local_store": tmp_path / "events.sqlite3"}
+    if key_from == "environment":
+        monkeypatch.setenv("AGENTSIGHT_API_KEY", key)
+    else:
+        monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+        options["api_key"] = key
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        mw = _middleware(**options)
+    mw.close()
+    [said] = [r.getMessage() for r in caplog.records if "local_store=" in r.getMessage()]
+    assert said.startswith(f"local_store={str(tmp_path / 'events.sqlite3')!r} is not used")
+    where = "AGENTSIGHT_API_KEY" if key_from == "environment" else "api_key="
+    assert f"with an API key ({where}) events go to the AgentSight API" in said
+    assert key not in caplog.text
+    assert "stored" not in mw.stats()  # the API client's counters, not the store's
+
+
 def test_an_outbox_that_cannot_be_opened_names_the_argument(tmp_path: Path) -> None:
     key = "ags_" + "1" * 32 + "_abcdef"
     with pytest.raises(ValueError, match=r"outbox=.*cannot be used as an SQLite outbox"):
