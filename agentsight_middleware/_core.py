@@ -178,6 +178,7 @@ class Core:
         #: ``delivery.submit`` for the built-in worker, else None.
         self.submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
         self._told_shared = False
+        self._told_not_html: set[str] = set()
 
     def shared_page(self, path: str) -> None:
         """A widget page sent for shared caches: left as it is (see the glue); said once."""
@@ -191,6 +192,26 @@ class Core:
             " every other (and nginx or Varnish would stop caching it). Send widget pages"
             " with Cache-Control: no-cache (or private, no-cache) to have them tracked.",
             path,
+        )
+
+    def not_a_page(self, rule: str, path: str, status: int, content_type: str | None) -> None:
+        """A browser's view of a widget page answered 2xx with something other than HTML:
+        no cookie and no view, as for any non-page; said once for each rule, as it is
+        mostly a widget page's route answering JSON (FastAPI returns a str as JSON unless
+        told ``response_class=HTMLResponse``), which tracked nothing and said nothing."""
+        told = self._told_not_html
+        if rule in told or len(told) >= 64:
+            return
+        told.add(rule)
+        logger.warning(
+            "the widget page %s (rule %r) answered a browser's page view with %d and "
+            "Content-Type %r, not an HTML page: no cookie and no view are recorded for such "
+            "an answer. Send the page as text/html (FastAPI: response_class=HTMLResponse); "
+            "said once for each rule.",
+            path,
+            rule,
+            status,
+            content_type,
         )
 
     def is_secure(

@@ -235,6 +235,10 @@ class AgentSightMiddleware(MiddlewareBase):
                         chosen = None
                         if own is _SHARED_PAGE:
                             core.shared_page(path)
+                        elif 200 <= message["status"] < 300 and message["status"] != 204:
+                            core.not_a_page(
+                                match.rule.source, path, message["status"], _content_type(headers)
+                            )
                     else:
                         chosen = viewed_conversation(conversation, minted, own)
                     if chosen is not None:
@@ -500,6 +504,14 @@ def _latin1(value: Any) -> bytes:
     if isinstance(value, str):
         return value.encode("latin-1", "replace")
     return bytes(value)
+
+
+def _content_type(headers: Any) -> str | None:
+    """The response's first ``Content-Type``, for a message (not on the way of a page)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return _latin1(value).decode("latin-1")
+    return None
 
 
 def _app_cookie(headers: Any, prefix: bytes) -> AppCookie:

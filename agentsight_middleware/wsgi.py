@@ -180,7 +180,10 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 content_type, cache_control, for_cdns, own = _page_headers(
                     response_headers, cookie_prefix
                 )
-                if not is_html_success(_status_code(status), content_type):
+                code = _status_code(status)
+                if not is_html_success(code, content_type):
+                    if 200 <= code < 300 and code != 204:
+                        core.not_a_page(match.rule.source, path, code, content_type)
                     return _start(start_response, status, response_headers, exc_info)
                 if (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns):
                     # Left as it is: a stored copy would hand this cookie to others.

@@ -1672,3 +1672,51 @@ def test_a_widget_page_for_shared_caches_is_left_as_it_is(
         client.cookies.clear()
     assert [answer.text for answer in answers] == [PAGE, PAGE]
     check_shared_cache_outcome(answers, cache_control, tracked, mw, tracker, caplog)
+
+
+def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # FastAPI sends a returned str as JSON unless told response_class=HTMLResponse: such
+    # a widget page was never tracked, and nothing said why.
+    from fastapi import HTTPException
+    from fastapi.responses import HTMLResponse as FastAPIHTML
+
+    api = FastAPI()
+
+    @api.get("/")
+    def home() -> str:
+        return "<p>shop</p>"
+
+    @api.get("/shop/{item}")
+    def item(item: str) -> str:
+        if item == "gone":
+            raise HTTPException(status_code=404)
+        return f"<p>{item}</p>"
+
+    @api.get("/about", response_class=FastAPIHTML)
+    def about() -> str:
+        return "<p>about</p>"
+
+    mw = AgentSightMiddleware(api, widget_pages=["/", "/shop/*", "/about"], tracker=tracker)
+    with (
+        caplog.at_level(logging.WARNING, logger="agentsight_middleware"),
+        uvicorn_server(mw) as url,
+        httpx.Client(base_url=url) as client,
+    ):
+        answers = {}
+        for path in ["/", "/", "/shop/a", "/shop/b", "/shop/gone", "/about"]:
+            client.cookies.clear()
+            answers[path] = client.get(path, headers=BROWSER)
+    assert answers["/"].json() == "<p>shop</p>"  # the app's answer, as it was
+    assert "set-cookie" not in answers["/"].headers
+    assert "set-cookie" not in answers["/shop/b"].headers
+    assert answers["/about"].headers["set-cookie"].startswith("agentsight_conversation_id=")
+    said = [r.getMessage() for r in caplog.records if "not an HTML page" in r.getMessage()]
+    assert len(said) == 2  # once for "/", once for "/shop/*"; not for the 404
+    assert said[0].startswith("the widget page / (rule '/') answered a browser's page view")
+    assert "with 200 and Content-Type 'application/json'" in said[0]
+    assert "response_class=HTMLResponse" in said[0]
+    assert said[1].startswith("the widget page /shop/a (rule '/shop/*')")
+    assert mw.flush(5)
+    assert len(tracker.initialized) == 1  # /about

@@ -593,3 +593,50 @@ def test_a_widget_page_for_shared_caches_is_left_as_it_is(
     with serving(server) as url, httpx.Client(base_url=url) as client:
         answers = [client.get("/", headers=BROWSER) for _ in range(2)]
     check_shared_cache_outcome(answers, cache_control, tracked, mw, tracker, caplog)
+
+
+def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # See the ASGI test: a widget page's route answering JSON was tracked silently never.
+    import logging
+
+    from .conftest import serving
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/")
+    def home() -> Any:
+        return jsonify(page="shop")
+
+    @flask_app.get("/about")
+    def about() -> str:
+        return "<p>about</p>"
+
+    tracker = RecordingTracker()
+    mw = AgentSightWSGIMiddleware(
+        flask_app, widget_pages=["/", "/missing", "/about"], tracker=tracker
+    )
+    server = make_server("127.0.0.1", 0, mw, threaded=True)
+    with (
+        caplog.at_level(logging.WARNING, logger="agentsight_middleware"),
+        serving(server) as url,
+        httpx.Client(base_url=url) as client,
+    ):
+        answers = []
+        for path in ["/", "/", "/missing", "/about"]:
+            client.cookies.clear()
+            answers.append(client.get(path, headers=BROWSER))
+    assert answers[0].json() == {"page": "shop"}
+    assert "set-cookie" not in answers[0].headers
+    assert answers[3].headers["set-cookie"].startswith("agentsight_conversation_id=")
+    said = [r.getMessage() for r in caplog.records if "not an HTML page" in r.getMessage()]
+    assert said == [
+        "the widget page / (rule '/') answered a browser's page view with 200 and "
+        "Content-Type 'application/json', not an HTML page: no cookie and no view are "
+        "recorded for such an answer. Send the page as text/html (FastAPI: "
+        "response_class=HTMLResponse); said once for each rule."
+    ]
+    assert mw.flush(5)
+    assert len(tracker.initialized) == 1
+    mw.close()
