@@ -7,7 +7,7 @@ VENV ?= .venv
 DEMO_ARGS ?=
 BIN = $(VENV)/bin
 
-.PHONY: demo test install lint types pytest chromium clean
+.PHONY: demo test install install-demo lint types pytest chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 
-demo: install
+# The demo's own two packages, not the test toolchain (~450 MB of it).
+install-demo: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+
+demo: install-demo
 	$(BIN)/python -m examples.demo $(DEMO_ARGS)
 
 lint: install

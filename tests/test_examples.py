@@ -357,3 +357,6 @@ def test_make_demo_passes_demo_args_to_the_demo() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert "-m examples.demo --port 8001 --db demo.sqlite3\n" in done.stdout
+    # Its own extra, not the test toolchain (playwright, mypy, Django, uWSGI...: ~450 MB).
+    assert "pip install --quiet -e '.[demo]'" in done.stdout
+    assert ".[test]" not in done.stdout
