@@ -98,7 +98,9 @@ class Settings:
         if not self.rules:
             raise ValueError(
                 "no rules: pass widget_pages=[...] (pages that show the chat widget, e.g. ['/']) "
-                "and/or chat_routes=[...] (chat API routes, e.g. ['POST /api/chat'])"
+                "and/or chat_routes=[...] (chat API routes, e.g. ['POST /api/chat']). It "
+                "wraps the whole application (Django: in wsgi.py or asgi.py; it is not a "
+                "settings.MIDDLEWARE entry)"
             )
         self.trusted_proxies = TrustedProxies(trusted_proxies, header=trusted_proxy_header)
         self.is_non_browser = compile_agent_matcher(non_browser_agents)

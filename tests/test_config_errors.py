@@ -249,3 +249,18 @@ def test_uvicorn_with_its_default_lifespan_stops_on_a_configuration_error(
     assert said.startswith("ERROR:    agentsight-middleware is misconfigured: ")
     assert fragment in said
     assert "lifespan' protocol appears unsupported" not in done.stderr
+
+
+def test_put_in_django_s_middleware_setting_it_says_where_it_goes() -> None:
+    # Django builds each settings.MIDDLEWARE entry as entry(get_response): the message
+    # said only "no rules", and the rules cannot be passed there.
+    from agentsight_middleware import AgentSightWSGIMiddleware
+
+    def get_response(request: object) -> object:
+        return request
+
+    with pytest.raises(ValueError, match="no rules") as refused:
+        AgentSightWSGIMiddleware(get_response)
+    assert "Django: in wsgi.py or asgi.py; it is not a settings.MIDDLEWARE entry" in str(
+        refused.value
+    )
