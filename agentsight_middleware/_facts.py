@@ -687,6 +687,11 @@ DEFAULT_NON_BROWSER_AGENTS: tuple[str, ...] = (
     "HetrixTools",
     "Catchpoint",
     "RuxitSynthetic",  # Dynatrace synthetic monitors
+    # Browsers without a screen: no one there to chat. Puppeteer, Playwright and Selenium
+    # in headless mode (an app's own end-to-end tests), browser-based uptime checks,
+    # prerendering services, scrapers; and Lighthouse / PageSpeed Insights runs.
+    "HeadlessChrome",  # ... (KHTML, like Gecko) HeadlessChrome/126.0.0.0 Safari/537.36
+    "Chrome-Lighthouse",  # ... Chrome/120.0.0.0 Mobile Safari/537.36 Chrome-Lighthouse
     # HTTP clients and scripts. Slashes keep short names from matching inside words.
     "curl/",
     "Wget/",

@@ -17,7 +17,7 @@ from playwright.sync_api import Browser, Page
 from agentsight_middleware._report import build_report
 from examples.demo import create_app
 
-from .conftest import IPHONE, uvicorn_server
+from .conftest import CHROME_LINUX, IPHONE, uvicorn_server
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_page_reload_chat_and_a_second_visitor(
     browser: Browser, demo: tuple[str, Path], tmp_path: Path
 ) -> None:
     url, db = demo
-    first = browser.new_context(locale="fr-FR")
+    first = browser.new_context(locale="fr-FR", user_agent=CHROME_LINUX)
     page = first.new_page()
     page.goto(url)
     wait_until(lambda: len(events(db)) == 1, "the first page view")
@@ -88,7 +88,7 @@ def test_page_reload_chat_and_a_second_visitor(
     if os.environ.get("AGENTSIGHT_SCREENSHOT"):
         shutil.copy(tmp_path / "demo.png", os.environ["AGENTSIGHT_SCREENSHOT"])
 
-    second = browser.new_context(locale="en-GB")
+    second = browser.new_context(locale="en-GB", user_agent=CHROME_LINUX)
     second.new_page().goto(url)
     wait_until(lambda: len({e["conversation_id"] for e in events(db)}) == 2, "a second visitor")
     first.close()
@@ -108,4 +108,24 @@ def test_mobile_browser_is_a_mobile_device(browser: Browser, demo: tuple[str, Pa
     context.new_page().goto(url)
     wait_until(lambda: len(events(db)) == 1, "the page view")
     assert events(db)[0]["device"] == "mobile"
+    context.close()
+
+
+def test_headless_chrome_s_own_page_views_are_not_counted_its_chats_are(
+    browser: Browser, demo: tuple[str, Path]
+) -> None:
+    # A browser with no screen (an app's own Playwright tests, a browser uptime check, a
+    # scraper) has no one to chat: its views made the rate look lower than it is.
+    url, db = demo
+    context = browser.new_context()
+    page = context.new_page()
+    assert "HeadlessChrome/" in page.evaluate("navigator.userAgent")
+    page.goto(url)
+    page.click("#chat-toggle")
+    chat(page, "hello")
+    wait_until(lambda: len(events(db)) == 1, "the chat request")
+    time.sleep(0.3)
+    [only] = events(db)
+    assert only["is_used"] == 1
+    assert page.evaluate("conversationId()") == only["conversation_id"]  # the cookie held
     context.close()
