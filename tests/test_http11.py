@@ -1164,7 +1164,9 @@ async def test_a_pipeline_s_answers_are_read_in_one_go_once_their_pace_is_known(
     assert server.connections == 2
     if engine == "httptools":
         assert one_by_one >= 10  # 5 ms apart: (nearly) one read each
-        assert first_read >= 10  # read at 3/4 of the 80 ms expected: 12 in, the rest later
+        # Read at 3/4 of the 80 ms expected: 11-12 in, the rest later (7-11 with the loop's
+        # timers late on loaded cores); read as they came, the first read holds 1.
+        assert first_read >= 4
 
 
 async def test_answers_paced_otherwise_than_expected_are_read_all_the_same(engine: str) -> None:
@@ -2309,8 +2311,11 @@ async def test_a_fast_api_gets_pipelines_not_a_connection_an_event(engine: str) 
     if engine == "h11":
         assert deepest[0] == 1  # h11's client cannot pipeline
         return
-    assert deepest[0] >= 4  # was 1-2
-    assert server.connections <= 8  # the first senders (was 16-32)
+    assert deepest[0] >= 4  # was 1-2 (15 in every run, idle or with 4 CPU burners)
+    # The first senders, doubled once at most: a loop stalled while all 8 wait lets _grow
+    # add 8 (16 once in a full CI run). Not what tells the old spread apart (it gave 8-16
+    # here on today's code, 16-32 when written): deepest does.
+    assert server.connections <= 16
 
 
 async def test_a_steady_stream_to_a_fast_api_has_its_pipelines_read_late(
@@ -2606,9 +2611,10 @@ async def test_a_fast_api_s_senders_are_not_woken_for_work_another_takes(engine:
         await sink.aclose()
     assert len(set(accepted)) == 600
     if engine == "httptools":  # h11 cannot pipeline: a sender for each event
-        # Was ~240; 25-40 alone, 65 in a full CI run on 2 loaded cores, where pipelines read
-        # late stay out longer and more senders are busy when a put rings.
-        assert futile < 100
+        # Was ~240 (229-242, idle or loaded); 31-49 alone, up to 98 with 4 CPU burners on 2
+        # cores (65 in a full CI run), where pipelines read late stay out longer and more
+        # senders are busy when a put rings.
+        assert futile < 150
 
 
 async def test_an_api_that_slows_down_gets_its_events_spread_again(engine: str) -> None:
