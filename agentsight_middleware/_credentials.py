@@ -88,9 +88,14 @@ class Credentials:
         key = key.strip()
         if not API_KEY_RE.fullmatch(key):
             where = key_name if api_key is not None else "AGENTSIGHT_API_KEY"
+            if API_KEY_RE.fullmatch(key.strip("'\"")):
+                # docker --env-file and some .env loaders keep the quotes as part of the value.
+                fix = "remove the quotes around it (the tool that set it kept them)"
+            else:
+                fix = "copy it again from the AgentSight dashboard"
             raise ValueError(
                 f"{where} {mask_key(key)!r} is not an AgentSight API key: keys look like "
-                "ags_<32 hex digits>_<6 hex digits>; copy it again from the AgentSight dashboard"
+                f"ags_<32 hex digits>_<6 hex digits>; {fix}"
             )
         if not read_environment:
             return cls(api_key=key, endpoint=base, environment=None)

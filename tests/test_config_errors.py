@@ -264,3 +264,20 @@ def test_put_in_django_s_middleware_setting_it_says_where_it_goes() -> None:
     assert "Django: in wsgi.py or asgi.py; it is not a settings.MIDDLEWARE entry" in str(
         refused.value
     )
+
+
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_a_key_in_quotes_is_told_to_lose_them(quote: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # docker run --env-file keeps AGENTSIGHT_API_KEY="ags_..." with its quotes: the message
+    # said to copy the key again, which was right all along.
+    key = "ags_" + "0123456789abcdef" * 2 + "_abcdef"
+    monkeypatch.setenv("AGENTSIGHT_API_KEY", f"{quote}{key}{quote}")
+    with pytest.raises(ValueError, match="not an AgentSight API key") as refused:
+        build()
+    assert str(refused.value).endswith(
+        "; remove the quotes around it (the tool that set it kept them)"
+    )
+    assert key[8:] not in str(refused.value)
+    monkeypatch.setenv("AGENTSIGHT_API_KEY", "ags_nothex")
+    with pytest.raises(ValueError, match="copy it again from the AgentSight dashboard"):
+        build()
