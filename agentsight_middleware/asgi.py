@@ -357,7 +357,8 @@ def _header_dict(scope: Scope) -> dict[bytes, bytes]:
     """
     raw = scope["headers"]
     if type(raw) is not list:
-        raw = list(raw)
+        # Any iterable will do (ASGI): one read only once must still reach the app.
+        raw = scope["headers"] = list(raw)
     headers = dict(raw)
     if len(headers) == len(raw):
         return headers

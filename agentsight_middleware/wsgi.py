@@ -175,6 +175,10 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         def wrapped_start_response(
             status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
         ) -> Any:
+            if type(response_headers) is not list:
+                # A one-shot iterable (a generator) is read once here and once by the
+                # server: hand the server the list read.
+                response_headers = list(response_headers)
             # A second call with exc_info is the error path: never a view.
             if exc_info is None:
                 content_type, cache_control, for_cdns, own = _page_headers(
@@ -245,6 +249,8 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             def wrapped_start_response(
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
             ) -> Any:
+                if type(response_headers) is not list:
+                    response_headers = list(response_headers)  # a one-shot iterable: see above
                 # Unless the app sets the cookie itself (a new conversation, say).
                 if _app_cookie(response_headers, cookie_prefix) is NOT_SET:
                     response_headers = [*response_headers, set_cookie]
@@ -460,18 +466,31 @@ def _is_page_view(environ: Environ) -> bool:
     )
 
 
-def _app_cookie(headers: Iterable[tuple[str, str]], prefix: str) -> AppCookie:
+def _app_cookie(headers: list[tuple[str, str]], prefix: str) -> AppCookie:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say)."""
     found: AppCookie = NOT_SET
-    for name, value in headers:
-        if prefix in value and name.lower() == "set-cookie":
-            # Django's WSGI handler sends its cookies with a leading blank.
-            value = value.lstrip(" \t")
-            if value.startswith(prefix):
-                # The last one: it is the one the browser keeps (a delete, then a set).
-                found = set_cookie_value(value, prefix)
+    try:
+        for name, value in headers:
+            if prefix in value and name.lower() == "set-cookie":
+                # Django's WSGI handler sends its cookies with a leading blank.
+                value = value.lstrip(" \t")
+                if value.startswith(prefix):
+                    # The last one: it is the one the browser keeps (a delete, then a set).
+                    found = set_cookie_value(value, prefix)
+    except (TypeError, AttributeError):
+        return _app_cookie(_str_headers(headers), prefix)
     return found
+
+
+def _str_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers whose name and value are ``str``. Another (an ``int`` Content-Length)
+    breaks PEP 3333, but Werkzeug's server sends it as digits: it is passed on as it is,
+    unread, rather than fail the request here. Only then: a test on every header would
+    cost every tracked response."""
+    return [
+        (name, value) for name, value in headers if isinstance(name, str) and isinstance(value, str)
+    ]
 
 
 def _status_code(status: str) -> int:
@@ -480,27 +499,30 @@ def _status_code(status: str) -> int:
 
 
 def _page_headers(
-    headers: Iterable[tuple[str, str]], prefix: str
+    headers: list[tuple[str, str]], prefix: str
 ) -> tuple[str | None, str | None, str | None, AppCookie]:
     """``(Content-Type, Cache-Control, the headers for CDNs alone, our cookie's id)`` of a
     response, in one pass over its headers: the first ``Content-Type``; the cache headers
     each joined; the id as :func:`_app_cookie` reads it."""
     content_type = cache_control = for_cdns = None
     own: AppCookie = NOT_SET
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == "content-type":
-            if content_type is None:
-                content_type = value
-        elif lowered == "set-cookie":
-            value = value.lstrip(" \t")  # Django's WSGI handler sends a leading blank
-            if value.startswith(prefix):
-                # The last one: it is the one the browser keeps (a delete, then a set).
-                own = set_cookie_value(value, prefix)
-        elif lowered == "cache-control":
-            cache_control = value if cache_control is None else f"{cache_control}, {value}"
-        elif lowered in CDN_CACHE_HEADERS:
-            for_cdns = value if for_cdns is None else f"{for_cdns}, {value}"
+    try:
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == "content-type":
+                if content_type is None:
+                    content_type = value
+            elif lowered == "set-cookie":
+                value = value.lstrip(" \t")  # Django's WSGI handler sends a leading blank
+                if value.startswith(prefix):
+                    # The last one: it is the one the browser keeps (a delete, then a set).
+                    own = set_cookie_value(value, prefix)
+            elif lowered == "cache-control":
+                cache_control = value if cache_control is None else f"{cache_control}, {value}"
+            elif lowered in CDN_CACHE_HEADERS:
+                for_cdns = value if for_cdns is None else f"{for_cdns}, {value}"
+    except (TypeError, AttributeError):
+        return _page_headers(_str_headers(headers), prefix)
     return content_type, cache_control, for_cdns, own
 
 

@@ -1720,3 +1720,52 @@ def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
     assert said[1].startswith("the widget page /shop/a (rule '/shop/*')")
     assert mw.flush(5)
     assert len(tracker.initialized) == 1  # /about
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/"), ("POST", "/api/chat")])
+async def test_request_headers_given_as_a_one_shot_iterable_all_reach_the_app(
+    tracker: RecordingTracker, method: str, path: str
+) -> None:
+    # The scope's headers read with list() by the middleware, the app found the iterable
+    # exhausted on tracked routes (found by a differential run).
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        names = b",".join(name for name, _ in scope["headers"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": names})
+
+    mw = AgentSightMiddleware(
+        app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    _, _, body = await _raw_call(mw, method, path, (pair for pair in browser))
+    assert body == b",".join(name for name, _ in browser)
+
+
+def test_a_chat_request_whose_body_never_comes_is_answered_by_an_app_that_does_not_wait(
+    tracker: RecordingTracker,
+) -> None:
+    # Headers sent, the body not (a client waiting for the answer first, or a broken
+    # one): an app that refuses such a request unread (a 401, a rate limit) answered at
+    # once bare, and never wrapped, the body peek waiting for a first part with no limit.
+    import socket
+    import urllib.parse
+
+    async def refuse(request: Request) -> Response:
+        return PlainTextResponse("unauthorized", status_code=401)
+
+    app = Starlette(routes=[Route("/api/chat", refuse, methods=["POST"])])
+    mw = AgentSightMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    with uvicorn_server(mw) as url:
+        port = urllib.parse.urlsplit(url).port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            started = time.monotonic()
+            client.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: shop.test\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 7\r\n\r\n"
+            )
+            answer = client.recv(65536)
+            took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert answer.endswith(b"unauthorized")
+    assert took < 2.0  # the peek's 200 ms wait, then the app (was: until the client gave up)
+    tracker.wait_for(used=1)  # tracked all the same, under an id of its own

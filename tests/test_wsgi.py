@@ -640,3 +640,59 @@ def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
     assert mw.flush(5)
     assert len(tracker.initialized) == 1
     mw.close()
+
+
+@pytest.mark.parametrize("path", ["/", "/api/chat"])
+def test_headers_the_app_gives_as_a_one_shot_iterable_all_reach_the_server(path: str) -> None:
+    # PEP 3333 asks for a list, but Werkzeug's and gunicorn's servers take any iterable:
+    # read once by the middleware, the headers reached the server empty (found by a
+    # differential run; the ASGI glue already reads such headers only once).
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        headers = [("Content-Type", "text/html"), ("Cache-Control", "no-cache"), ("X-App", "1")]
+        start_response("200 OK", (header for header in headers))
+        return [PAGE.encode()]
+
+    mw = AgentSightWSGIMiddleware(
+        app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=RecordingTracker()
+    )
+    sent: list[Any] = []
+    environ = {
+        "REQUEST_METHOD": "GET" if path == "/" else "POST",
+        "PATH_INFO": path,
+        "HTTP_ACCEPT": "text/html",
+        "HTTP_USER_AGENT": BROWSER["user-agent"],
+        "CONTENT_LENGTH": "0",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    mw(environ, lambda status, headers, exc_info=None: sent.append(list(headers)))
+    names = [name for name, _ in sent[0]]
+    assert names[:3] == ["Content-Type", "Cache-Control", "X-App"]
+    assert names[3:] == ["Set-Cookie"]
+    mw.close()
+
+
+@pytest.mark.parametrize("path", ["/", "/api/chat"])
+def test_a_header_value_that_is_not_a_str_is_passed_on_unread(path: str) -> None:
+    # ("Content-Length", 46): not PEP 3333, but Werkzeug's server sends it; the chat route
+    # raised TypeError in the middleware (a 500) where the bare app worked.
+    body = PAGE.encode()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", len(body))])
+        return [body]
+
+    mw = AgentSightWSGIMiddleware(
+        app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=RecordingTracker()
+    )
+    sent: list[Any] = []
+    environ = {
+        "REQUEST_METHOD": "GET" if path == "/" else "POST",
+        "PATH_INFO": path,
+        "HTTP_ACCEPT": "text/html",
+        "HTTP_USER_AGENT": BROWSER["user-agent"],
+        "CONTENT_LENGTH": "0",
+        "wsgi.input": io.BytesIO(b""),
+    }
+    assert mw(environ, lambda status, headers, exc_info=None: sent.append(headers)) == [body]
+    assert sent[0][:2] == [("Content-Type", "text/html"), ("Content-Length", len(body))]
+    mw.close()
