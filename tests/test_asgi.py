@@ -1763,7 +1763,12 @@ def test_a_chat_request_whose_body_never_comes_is_answered_by_an_app_that_does_n
                 b"POST /api/chat HTTP/1.1\r\nHost: shop.test\r\n"
                 b"Content-Type: application/json\r\nContent-Length: 7\r\n\r\n"
             )
-            answer = client.recv(65536)
+            answer = b""
+            while not answer.endswith(b"unauthorized"):  # head and body may come apart
+                part = client.recv(65536)
+                if not part:
+                    break
+                answer += part
             took = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert answer.endswith(b"unauthorized")
