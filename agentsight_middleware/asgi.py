@@ -314,7 +314,9 @@ class AgentSightMiddleware(MiddlewareBase):
                 async def send_wrapper(message: Message) -> None:
                     if message["type"] == "http.response.start":
                         headers = list(message.get("headers", ()))
-                        # Unless the app sets the cookie itself (a new conversation, say).
+                        # Unless the app sets the cookie itself (a new conversation, say),
+                        # or sends the answer for shared caches (a stored copy would hand
+                        # the cookie on).
                         if _app_cookie(headers, cookie_prefix) is NOT_SET:
                             headers.append(set_cookie)
                         message = {**message, "headers": headers}
@@ -515,16 +517,28 @@ def _content_type(headers: Any) -> str | None:
     return None
 
 
-def _app_cookie(headers: Any, prefix: bytes) -> AppCookie:
+def _app_cookie(headers: Any, prefix: bytes) -> AppCookie | _Page:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
-    none, None when it sets an empty or invalid one (deletes it, say)."""
+    none, None when it sets an empty or invalid one (deletes it, say); ``_SHARED_PAGE``
+    for an answer that shared caches may store."""
     found: AppCookie = NOT_SET
+    cache_control = for_cdns = None
     for name, value in headers:
         if name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
             value = _latin1(value).lstrip(b" \t")  # as Django's WSGI handler sends them
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 found = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
+        elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
+            text = _latin1(value).decode("latin-1")
+            cache_control = text if cache_control is None else f"{cache_control}, {text}"
+        elif len(name) in _CDN_NAME_LENGTHS and name.lower() in _CDN_CACHE_HEADERS:
+            text = _latin1(value).decode("latin-1")
+            for_cdns = text if for_cdns is None else f"{for_cdns}, {text}"
+    if (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
+        cache_control, for_cdns
+    ):
+        return _SHARED_PAGE
     return found
 
 
@@ -540,7 +554,7 @@ _SHARED_PAGE: Final = _Page.SHARED
 def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
     """For the start of a response: ``_NOT_PAGE`` unless it starts a successful HTML
     page (or a 304 for one); ``_SHARED_PAGE`` for one that shared caches may store; else
-    what the app's own ``Set-Cookie`` for our cookie says (see :func:`_app_cookie`). One
+    what the app's own ``Set-Cookie`` for our cookie says (as :func:`_app_cookie` reads it). One
     pass over the headers for all three questions."""
     if (not 200 <= status < 300 or status == 204) and status != 304:
         return _NOT_PAGE

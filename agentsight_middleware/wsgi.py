@@ -251,8 +251,12 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             ) -> Any:
                 if type(response_headers) is not list:
                     response_headers = list(response_headers)  # a one-shot iterable: see above
-                # Unless the app sets the cookie itself (a new conversation, say).
-                if _app_cookie(response_headers, cookie_prefix) is NOT_SET:
+                _, cache_control, for_cdns, own = _page_headers(response_headers, cookie_prefix)
+                # Unless the app sets the cookie itself (a new conversation, say), or sends
+                # the answer for shared caches (a stored copy would hand the cookie on).
+                if own is NOT_SET and not (
+                    (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns)
+                ):
                     response_headers = [*response_headers, set_cookie]
                 return _start(start_response, status, response_headers, exc_info)
 
@@ -466,23 +470,6 @@ def _is_page_view(environ: Environ) -> bool:
     )
 
 
-def _app_cookie(headers: list[tuple[str, str]], prefix: str) -> AppCookie:
-    """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
-    none, None when it sets an empty or invalid one (deletes it, say)."""
-    found: AppCookie = NOT_SET
-    try:
-        for name, value in headers:
-            if prefix in value and name.lower() == "set-cookie":
-                # Django's WSGI handler sends its cookies with a leading blank.
-                value = value.lstrip(" \t")
-                if value.startswith(prefix):
-                    # The last one: it is the one the browser keeps (a delete, then a set).
-                    found = set_cookie_value(value, prefix)
-    except (TypeError, AttributeError):
-        return _app_cookie(_str_headers(headers), prefix)
-    return found
-
-
 def _str_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The headers whose name and value are ``str``. Another (an ``int`` Content-Length)
     breaks PEP 3333, but Werkzeug's server sends it as digits: it is passed on as it is,
@@ -503,7 +490,8 @@ def _page_headers(
 ) -> tuple[str | None, str | None, str | None, AppCookie]:
     """``(Content-Type, Cache-Control, the headers for CDNs alone, our cookie's id)`` of a
     response, in one pass over its headers: the first ``Content-Type``; the cache headers
-    each joined; the id as :func:`_app_cookie` reads it."""
+    each joined; the id of the app's own ``Set-Cookie`` for our cookie (``NOT_SET`` when it
+    sets none, None when it sets an empty or invalid one: deletes it, say)."""
     content_type = cache_control = for_cdns = None
     own: AppCookie = NOT_SET
     try:

@@ -1774,3 +1774,38 @@ def test_a_chat_request_whose_body_never_comes_is_answered_by_an_app_that_does_n
     assert answer.endswith(b"unauthorized")
     assert took < 2.0  # the peek's 200 ms wait, then the app (was: until the client gave up)
     tracker.wait_for(used=1)  # tracked all the same, under an id of its own
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "cookie"),
+    [
+        ("public, max-age=60", False),
+        ("s-maxage=60", False),
+        ("private, max-age=60", True),
+        (None, True),
+    ],
+)
+def test_a_chat_answer_for_shared_caches_gets_no_cookie_the_chat_counts(
+    tracker: RecordingTracker, cache_control: str | None, cookie: bool
+) -> None:
+    # As for widget pages: a CDN storing the answer with the visitor's Set-Cookie would
+    # hand that conversation to the next visitors (nginx and Varnish would stop caching).
+    async def history(request: Request) -> Response:
+        headers = {} if cache_control is None else {"cache-control": cache_control}
+        return JSONResponse({"messages": []}, headers=headers)
+
+    app = Starlette(routes=[Route("/api/chat", history, methods=["GET"])])
+    mw = AgentSightMiddleware(app, chat_routes=["GET /api/chat"], tracker=tracker)
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as client:
+        client.cookies.set("agentsight_conversation_id", "conv_0123456789ab")
+        answer = client.get("/api/chat")
+    assert answer.json() == {"messages": []}
+    assert answer.headers.get("cache-control") == cache_control
+    set_cookies = answer.headers.get_list("set-cookie")
+    assert set_cookies == (
+        ["agentsight_conversation_id=conv_0123456789ab; Path=/; SameSite=Lax; Max-Age=1800"]
+        if cookie
+        else []
+    )
+    tracker.wait_for(used=1)
+    assert tracker.used[0]["conversation_id"] == "conv_0123456789ab"

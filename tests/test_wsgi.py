@@ -696,3 +696,36 @@ def test_a_header_value_that_is_not_a_str_is_passed_on_unread(path: str) -> None
     assert mw(environ, lambda status, headers, exc_info=None: sent.append(headers)) == [body]
     assert sent[0][:2] == [("Content-Type", "text/html"), ("Content-Length", len(body))]
     mw.close()
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "cookie"),
+    [("public, max-age=60", False), ("private", True), (None, True)],
+)
+def test_a_chat_answer_for_shared_caches_gets_no_cookie_the_chat_counts(
+    cache_control: str | None, cookie: bool
+) -> None:
+    # See the ASGI test.
+    from .conftest import serving
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/api/chat")
+    def history() -> Any:
+        response = jsonify(messages=[])
+        if cache_control is not None:
+            response.headers["Cache-Control"] = cache_control
+        return response
+
+    tracker = RecordingTracker()
+    mw = AgentSightWSGIMiddleware(flask_app, chat_routes=["GET /api/chat"], tracker=tracker)
+    server = make_server("127.0.0.1", 0, mw, threaded=True)
+    with serving(server) as url, httpx.Client(base_url=url) as client:
+        client.cookies.set("agentsight_conversation_id", "conv_0123456789ab")
+        answer = client.get("/api/chat")
+    assert answer.json() == {"messages": []}
+    assert answer.headers.get("cache-control") == cache_control
+    assert bool(answer.headers.get_list("set-cookie")) is cookie
+    tracker.wait_for(used=1)
+    assert tracker.used[0]["conversation_id"] == "conv_0123456789ab"
+    mw.close()
