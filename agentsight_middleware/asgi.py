@@ -509,6 +509,12 @@ def _latin1(value: Any) -> bytes:
     return bytes(value)
 
 
+def _joined(previous: str | None, value: Any) -> str:
+    """A header's values so far, with one more field's: as a list header reads."""
+    text = _latin1(value).decode("latin-1")
+    return text if previous is None else f"{previous}, {text}"
+
+
 def _content_type(headers: Any) -> str | None:
     """The response's first ``Content-Type``, for a message (not on the way of a page)."""
     for name, value in headers:
@@ -530,11 +536,9 @@ def _app_cookie(headers: Any, prefix: bytes) -> AppCookie | _Page:
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 found = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
         elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
-            text = _latin1(value).decode("latin-1")
-            cache_control = text if cache_control is None else f"{cache_control}, {text}"
+            cache_control = _joined(cache_control, value)
         elif len(name) in _CDN_NAME_LENGTHS and name.lower() in _CDN_CACHE_HEADERS:
-            text = _latin1(value).decode("latin-1")
-            for_cdns = text if for_cdns is None else f"{for_cdns}, {text}"
+            for_cdns = _joined(for_cdns, value)
     if (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
         cache_control, for_cdns
     ):
@@ -580,11 +584,9 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 own = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
         elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
-            text = _latin1(value).decode("latin-1")
-            cache_control = text if cache_control is None else f"{cache_control}, {text}"
+            cache_control = _joined(cache_control, value)
         elif len(name) in _CDN_NAME_LENGTHS and name.lower() in _CDN_CACHE_HEADERS:
-            text = _latin1(value).decode("latin-1")
-            for_cdns = text if for_cdns is None else f"{for_cdns}, {text}"
+            for_cdns = _joined(for_cdns, value)
     # A 304 without a Content-Type: the cached page (see _core.is_html_success).
     if not (html or (html is None and status == 304)):
         return _NOT_PAGE

@@ -642,6 +642,18 @@ def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
     mw.close()
 
 
+def page_or_chat(path: str) -> dict[str, Any]:
+    """A browser's GET of "/" or an empty POST to "/api/chat", as a WSGI server hands it."""
+    return {
+        "REQUEST_METHOD": "GET" if path == "/" else "POST",
+        "PATH_INFO": path,
+        "HTTP_ACCEPT": "text/html",
+        "HTTP_USER_AGENT": BROWSER["user-agent"],
+        "CONTENT_LENGTH": "0",
+        "wsgi.input": io.BytesIO(b""),
+    }
+
+
 @pytest.mark.parametrize("path", ["/", "/api/chat"])
 def test_headers_the_app_gives_as_a_one_shot_iterable_all_reach_the_server(path: str) -> None:
     # PEP 3333 asks for a list, but Werkzeug's and gunicorn's servers take any iterable:
@@ -656,14 +668,7 @@ def test_headers_the_app_gives_as_a_one_shot_iterable_all_reach_the_server(path:
         app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=RecordingTracker()
     )
     sent: list[Any] = []
-    environ = {
-        "REQUEST_METHOD": "GET" if path == "/" else "POST",
-        "PATH_INFO": path,
-        "HTTP_ACCEPT": "text/html",
-        "HTTP_USER_AGENT": BROWSER["user-agent"],
-        "CONTENT_LENGTH": "0",
-        "wsgi.input": io.BytesIO(b""),
-    }
+    environ = page_or_chat(path)
     mw(environ, lambda status, headers, exc_info=None: sent.append(list(headers)))
     names = [name for name, _ in sent[0]]
     assert names[:3] == ["Content-Type", "Cache-Control", "X-App"]
@@ -685,14 +690,7 @@ def test_a_header_value_that_is_not_a_str_is_passed_on_unread(path: str) -> None
         app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=RecordingTracker()
     )
     sent: list[Any] = []
-    environ = {
-        "REQUEST_METHOD": "GET" if path == "/" else "POST",
-        "PATH_INFO": path,
-        "HTTP_ACCEPT": "text/html",
-        "HTTP_USER_AGENT": BROWSER["user-agent"],
-        "CONTENT_LENGTH": "0",
-        "wsgi.input": io.BytesIO(b""),
-    }
+    environ = page_or_chat(path)
     assert mw(environ, lambda status, headers, exc_info=None: sent.append(headers)) == [body]
     assert sent[0][:2] == [("Content-Type", "text/html"), ("Content-Length", len(body))]
     mw.close()
