@@ -74,6 +74,15 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._idle:
+            if getattr(self.app, "wsgi_app", None) is self:
+                # app.wsgi_app = AgentSightWSGIMiddleware(app): Flask's __call__ calls its
+                # wsgi_app, which is this, which calls the app... A RecursionError
+                # said nothing of why; said here on every request until it is fixed.
+                raise RuntimeError(
+                    "AgentSightWSGIMiddleware wraps the app whose wsgi_app it is, so it calls "
+                    "itself: wrap the app's wsgi_app instead, "
+                    "app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, ...)"
+                )
             # WSGI has no start-up hook: the first request of the serving process
             # starts the worker, so a durable outbox left by the last run is sent.
             self._idle = False

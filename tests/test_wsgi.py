@@ -727,3 +727,23 @@ def test_a_chat_answer_for_shared_caches_gets_no_cookie_the_chat_counts(
     tracker.wait_for(used=1)
     assert tracker.used[0]["conversation_id"] == "conv_0123456789ab"
     mw.close()
+
+
+def test_wrapping_the_flask_app_instead_of_its_wsgi_app_says_so() -> None:
+    # app.wsgi_app = AgentSightWSGIMiddleware(app, ...): every request raised a
+    # RecursionError, which said nothing of the cause.
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/")
+    def home() -> str:
+        return PAGE
+
+    mw = AgentSightWSGIMiddleware(flask_app, widget_pages=["/"], tracker=RecordingTracker())
+    flask_app.wsgi_app = mw  # type: ignore[method-assign]
+    client = Client(flask_app)
+    for _ in range(2):  # every request, not the first one only
+        with pytest.raises(
+            RuntimeError, match=r"app.wsgi_app = AgentSightWSGIMiddleware\(app.wsgi_app"
+        ):
+            client.get("/", headers=BROWSER)
+    mw.close()
