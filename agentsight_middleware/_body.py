@@ -123,20 +123,12 @@ async def peek_asgi(
         return b"", receive  # too big, empty or nonsense: do not touch the stream
 
     first_error: BaseException | None = None
-    first: Message | None = None
-    waiting: Any = None
     try:
-        # Stepped by hand as the later parts are (see below): a first part the server
-        # already has costs nothing more, and one that does not come within PEEK_WAIT
-        # (a client waiting for the answer before it sends the body, or one that never
-        # sends it) is left to the app, which may answer unread (a 401, a rate limit).
-        steps = receive().__await__()
-        try:
-            waited = steps.send(None)
-        except StopIteration as done:
-            first = done.value
-        else:
-            first, waiting = await _wait_bounded(steps, waited, time.monotonic() + PEEK_WAIT)
+        # Awaited without a bound: a receive left half run past one is resumed by the app,
+        # maybe in another task (an inner BaseHTTPMiddleware's), where a cancel scope it
+        # entered here (an outer one's) cannot be left: a 500 for a body one slow round
+        # trip late. A client that never sends the body holds the request until it goes.
+        first: Message | None = await receive()
     except Exception as exc:
         first, first_error = None, exc
     if first is not None and first["type"] == "http.request" and not first.get("more_body", False):
@@ -159,6 +151,7 @@ async def peek_asgi(
     size = 0
     complete = False
     error = first_error
+    waiting: Any = None
     deadline = 0.0  # set at the first part that has to be waited for
     try:
         message = first

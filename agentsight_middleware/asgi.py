@@ -641,13 +641,23 @@ class _Misconfigured(AgentSightMiddleware):
                         "message": f"agentsight-middleware is misconfigured: {error}",
                     }
                 )
-                return
+                # Raised too, as Starlette's own router does after startup.failed: a
+                # runner that reads the app's outcome rather than that message (the
+                # Starlette/FastAPI TestClient, asgi-lifespan's LifespanManager) would
+                # otherwise start the app, and wait for ever (or time out) at shutdown.
+                # uvicorn and hypercorn stop on the message and ignore the raise.
         # A new exception each time: raising the same one again would lengthen its
         # traceback with every request.
         raise type(error)(*error.args)
 
     def close(self, timeout: float | None = None) -> None:  # nothing was started
         pass
+
+    def flush(self, timeout: float | None = None) -> bool:  # nothing was queued
+        return True
+
+    def stats(self) -> dict[str, int]:  # (was an AttributeError: no _core)
+        raise type(self._error)(*self._error.args)
 
     def __repr__(self) -> str:
         return f"<AgentSightMiddleware misconfigured: {self._error}>"

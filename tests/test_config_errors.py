@@ -198,7 +198,10 @@ def test_add_middleware_reports_an_error_through_the_lifespan(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(logging.getLogger("agentsight_middleware"), "disabled", True)
-        anyio.run(lifespan)
+        # Raised too, after the message (as Starlette's router does): TestClient and
+        # asgi-lifespan read the outcome of the call, not the message.
+        with pytest.raises((TypeError, ValueError)):
+            anyio.run(lifespan)
     [failed] = sent
     assert failed["type"] == "lifespan.startup.failed"
     assert fragment in failed["message"]
@@ -281,3 +284,43 @@ def test_a_key_in_quotes_is_told_to_lose_them(quote: str, monkeypatch: pytest.Mo
     monkeypatch.setenv("AGENTSIGHT_API_KEY", "ags_nothex")
     with pytest.raises(ValueError, match="copy it again from the AgentSight dashboard"):
         build()
+
+
+# Starlette 1.x's TestClient wants httpx2 and warns when it gets httpx, which this
+# suite has: the warning is not what this test is about.
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
+def test_testclient_stops_on_a_misconfigured_middleware_and_does_not_hang() -> None:
+    # The lifespan said startup.failed and returned: Starlette's TestClient (and
+    # asgi-lifespan) read how the call ended, so the app "started", every request
+    # raised, and the TestClient's shutdown waited for ever. Raised after the message
+    # now, as Starlette's own router does (review).
+    import threading
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+
+    @app.get("/health")
+    def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(AgentSightMiddleware, widget_pages=["pricing"])
+    outcome: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            with TestClient(app):
+                outcome.append("started")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(logging.getLogger("agentsight_middleware"), "disabled", True)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(10)
+    assert not thread.is_alive(), f"TestClient hung at shutdown after {outcome}"
+    [raised] = outcome
+    assert isinstance(raised, ValueError)
+    assert "widget_pages[0]: 'pricing' must start with '/'" in str(raised)
