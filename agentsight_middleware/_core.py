@@ -161,6 +161,15 @@ def is_page_view(
     return user_agent is not None and user_agent != "" and not user_agent.isspace()
 
 
+def _looks_like_a_page_route(content_type: str | None) -> bool:
+    """Whether a widget page's non-HTML answer looks like a page route's mistake (JSON, plain
+    text, no type at all), not a file a widget pattern also takes in (a PDF, an image)."""
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    return media in ("", "text/plain", "application/json") or media.endswith("+json")
+
+
 class Core:
     def __init__(self, settings: Settings, delivery: Delivery) -> None:
         self.settings = settings
@@ -200,7 +209,7 @@ class Core:
         mostly a widget page's route answering JSON (FastAPI returns a str as JSON unless
         told ``response_class=HTMLResponse``), which tracked nothing and said nothing."""
         told = self._told_not_html
-        if rule in told or len(told) >= 64:
+        if rule in told or len(told) >= 64 or not _looks_like_a_page_route(content_type):
             return
         told.add(rule)
         logger.warning(

@@ -74,7 +74,10 @@ class AgentSightMiddleware(MiddlewareBase):
             # Should it be renamed, the error is raised as before (and logged).
             if sys._getframe(1).f_code.co_name != "build_middleware_stack":
                 raise  # built by the app's own code (the wrap form): raised at import
-            self.__class__ = _Misconfigured
+            try:
+                self.__class__ = _Misconfigured
+            except TypeError:  # a subclass whose layout differs (__slots__): as before
+                raise error from None
             self._error = error
             return
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")

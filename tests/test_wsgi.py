@@ -613,9 +613,13 @@ def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
     def about() -> str:
         return "<p>about</p>"
 
+    @flask_app.get("/files/<name>")
+    def file(name: str) -> Response:  # a file a widget pattern takes in: not warned about
+        return Response(b"%PDF-1.7", mimetype="application/pdf")
+
     tracker = RecordingTracker()
     mw = AgentSightWSGIMiddleware(
-        flask_app, widget_pages=["/", "/missing", "/about"], tracker=tracker
+        flask_app, widget_pages=["/", "/missing", "/about", "/files/*"], tracker=tracker
     )
     server = make_server("127.0.0.1", 0, mw, threaded=True)
     with (
@@ -624,7 +628,7 @@ def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
         httpx.Client(base_url=url) as client,
     ):
         answers = []
-        for path in ["/", "/", "/missing", "/about"]:
+        for path in ["/", "/", "/missing", "/about", "/files/report.pdf"]:
             client.cookies.clear()
             answers.append(client.get(path, headers=BROWSER))
     assert answers[0].json() == {"page": "shop"}
