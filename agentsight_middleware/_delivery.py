@@ -327,9 +327,13 @@ class BackgroundDelivery:
             left = await sink.drain(deadline, closing=True)
             if left:
                 logger.warning(
-                    "%d event(s) not delivered within %.1f s at shutdown%s",
+                    "%d event(s) not delivered %s at shutdown%s",
                     left,
-                    self._shutdown_timeout,
+                    # A durable outbox is not waited for while the API fails (README,
+                    # Lifecycle): the process did not spend shutdown_timeout on them.
+                    f"within {self._shutdown_timeout:.1f} s"
+                    if time.monotonic() >= deadline
+                    else "(the API was failing: not waited for)",
                     "; they stay in the outbox for the next start"
                     if sink.durable
                     else " and are lost",

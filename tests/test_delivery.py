@@ -1056,6 +1056,13 @@ async def test_an_endpoint_that_is_not_the_api_does_not_swallow_events(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "check the endpoint" in errors[0]
+    # Said to an operator who has an outbox: not to pass one, nor that 1 s was spent.
+    assert "pass outbox=" not in caplog.text
+    [stop] = [r.getMessage() for r in caplog.records if "at shutdown" in r.getMessage()]
+    assert stop.endswith(
+        "not delivered (the API was failing: not waited for) at shutdown; "
+        "they stay in the outbox for the next start"
+    )
     # The right endpoint, same outbox: every event of the first run arrives.
     mw = wrap(api, outbox=outbox)
     mw._core.delivery.ensure_started()

@@ -122,7 +122,7 @@ _PACE_KEPT = 5.0
 _ELSEWHERE_PAUSE = 30.0
 # ... once this many events in a row got such an answer.
 _ELSEWHERE_RUN = 3
-_KEPT = " (in memory up to queue_size; pass outbox='path.sqlite3' to keep every event on disk)"
+_KEPT = " in memory (up to queue_size; pass outbox='path.sqlite3' to keep every event on disk)"
 # Ids of events sent again uncounted, kept at most (a bound, not a limit one meets).
 _RESENT_KEPT = 10_000
 # A failure is "over" (logged again next time, and its end said) after this long without one.
@@ -953,7 +953,7 @@ class HttpSink:
             reply.status,
             what,
             _ELSEWHERE_PAUSE,
-            _KEPT,
+            " in the outbox" if self._outbox.durable else _KEPT,
         )
         self._elsewhere_run += 1
         if self._elsewhere_run < _ELSEWHERE_RUN:
