@@ -321,7 +321,8 @@ def _choose_delivery(
     """Your tracker if given; else the built-in client if there is a key; else the local store."""
     # Imported here, not at module level: an app that passes tracker= never loads
     # httpx or sqlite3, and importing the package stays cheap for every app.
-    from ._credentials import Credentials, resolve_environment
+    from ._credentials import Credentials, mask_key, resolve_environment
+    from ._payload import DEFAULT_ENVIRONMENT
     from ._store import DEFAULT_PATH, LocalStore
     from .sinks.outbox import MemoryOutbox, Outbox
     from .sinks.store import StoreSink
@@ -376,6 +377,16 @@ def _choose_delivery(
             )
         # Opened now: a path that cannot be opened fails at start-up.
         durable = _open_outbox(outbox) if outbox is not None else None
+        # The one line that says delivery is on (an operator could not tell from the log).
+        logger.info(
+            "sending AgentSight events to %s (key %s, environment %s), %s",
+            credentials.conversations_url,
+            mask_key(credentials.api_key),
+            credentials.environment or DEFAULT_ENVIRONMENT,
+            f"kept in the outbox {os.fspath(outbox)!r} until accepted"
+            if outbox is not None
+            else f"queued in memory (up to {queue_size})",
+        )
 
         def http_sink() -> Sink:
             from .sinks.http import HttpSink  # httpx: loaded by the worker thread

@@ -324,3 +324,24 @@ def test_testclient_stops_on_a_misconfigured_middleware_and_does_not_hang() -> N
     [raised] = outcome
     assert isinstance(raised, ValueError)
     assert "widget_pages[0]: 'pricing' must start with '/'" in str(raised)
+
+
+def test_delivery_to_the_api_is_said_at_start_up(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An operator could not tell from the log that events were being sent (an operator's
+    # run): one INFO line says where, with which key (masked) and how they are kept.
+    monkeypatch.delenv("AGENTSIGHT_ENVIRONMENT", raising=False)
+    key = "ags_" + "0123456789abcdef" * 2 + "_abcdef"
+    with caplog.at_level(logging.INFO, logger="agentsight_middleware"):
+        build(api_key=key, endpoint="http://127.0.0.1:9").close()
+        build(api_key=key, outbox=tmp_path / "outbox.sqlite3", environment="development").close()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sending")]
+    assert said == [
+        "sending AgentSight events to http://127.0.0.1:9/api/conversations/ (key ags_0123"
+        "********, environment production), queued in memory (up to 10000)",
+        "sending AgentSight events to https://api.agentsight.io/api/conversations/ (key "
+        f"ags_0123********, environment development), kept in the outbox "
+        f"{str(tmp_path / 'outbox.sqlite3')!r} until accepted",
+    ]
+    assert key[8:] not in caplog.text
