@@ -47,7 +47,7 @@ from .._store import is_locked
 from .._threads import DaemonThreads
 from .._timeout import bounded
 from ._http11 import READ_IN_ONE_GO, ClosedUnannounced, Http11Pool, NotSent, Reply
-from .outbox import Outbox, OutboxItem
+from .outbox import SETTLE, Outbox, OutboxItem
 from .store import _LOCKED_TRIES
 
 __all__ = ["HttpSink"]
@@ -555,6 +555,7 @@ class HttpSink:
 
     async def put(self, payloads: list[dict[str, Any]]) -> None:
         items = []
+        views: list[bool] = []
         for payload in payloads:
             try:
                 body, note = encode_event(payload, _encode)
@@ -565,7 +566,8 @@ class HttpSink:
             if note is not None:
                 self._log_once("json note", "%s", note, level="warning")
             items.append((payload["conversation_id"], body.encode()))
-        accepted = await self._put_when_free(items)
+            views.append(payload.get("is_used") is False)
+        accepted = await self._put_when_free(items, views)
         self._fresh += accepted
         if accepted < len(items):
             self.dropped += len(items) - accepted
@@ -582,11 +584,16 @@ class HttpSink:
         # for what it leaves).
         fast = self._pipeline
         self._bell.ring(-(-len(items) // fast) if fast > 1 else len(items))
+        settling = len(views) - sum(views)
+        if settling and self._outbox.durable:
+            # Chats wait SETTLE in a durable outbox for their page view (see outbox._CLAIM):
+            # a sender is woken when they may go, not left to the next poll.
+            asyncio.get_running_loop().call_later(SETTLE, self._bell.ring, settling)
         idle_tick, self._idle_tick = self._idle_tick, None
         if idle_tick is not None:
             resolve(idle_tick)
 
-    async def _put_when_free(self, items: list[tuple[str, bytes]]) -> int:
+    async def _put_when_free(self, items: list[tuple[str, bytes]], views: list[bool]) -> int:
         """``outbox.put(items)``, tried again while another process holds a durable outbox's
         write lock past SQLite's busy timeout (a backup, a VACUUM, a sqlite3 shell left in a
         transaction): the batch waits, as the local store's does, instead of being lost.
@@ -595,7 +602,7 @@ class HttpSink:
         for attempt in range(1, _LOCKED_TRIES + 1):
             left = self.deadline - time.monotonic()
             try:
-                return self._outbox.put(items, None if left == math.inf else max(left, 0.0))
+                return self._outbox.put(items, None if left == math.inf else max(left, 0.0), views)
             except sqlite3.OperationalError as exc:
                 if not is_locked(exc) or attempt == _LOCKED_TRIES:
                     raise

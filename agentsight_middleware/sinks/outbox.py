@@ -32,7 +32,7 @@ from .._store import (
     write_transaction,
 )
 
-__all__ = ["MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
+__all__ = ["SETTLE", "MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
 
 
 @dataclass(slots=True)
@@ -54,7 +54,9 @@ class Outbox(Protocol):
     #: Monotonic time past which a wait for another process's lock gives up (shutdown's).
     deadline: float
 
-    def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int: ...
+    def put(
+        self, items: list[tuple[str, bytes]], wait: float | None = None, views: Sequence[bool] = ()
+    ) -> int: ...
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
     def ack(self, items: list[OutboxItem]) -> None: ...
     def retry(self, item: OutboxItem, not_before: float) -> None: ...
@@ -86,7 +88,10 @@ class MemoryOutbox:
         self._size = 0
         self._next_id = 0
 
-    def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int:
+    def put(
+        self, items: list[tuple[str, bytes]], wait: float | None = None, views: Sequence[bool] = ()
+    ) -> int:
+        # ``views`` is not needed here: one process's intake is already in request order.
         room = max(self._max - self._size, 0)
         for conversation_id, body in items[:room]:
             self._next_id += 1
@@ -187,22 +192,31 @@ CREATE TABLE IF NOT EXISTS outbox (
     not_before REAL NOT NULL DEFAULT 0,
     lease_until REAL NOT NULL DEFAULT 0,
     lease_owner TEXT,
-    origin TEXT
+    origin TEXT,
+    kind INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS outbox_conversation ON outbox (conversation_id, id);
 """
 
-# The oldest row of each conversation, free to take. A leased or delayed head
-# row blocks the rows behind it, which keeps each conversation in order even
-# when several processes share the file.
+# The first row of each conversation, free to take: its page view (kind 0) if one is
+# in the file, else its oldest row. A leased or delayed head row blocks the rows behind
+# it, which keeps each conversation in order even when several processes share the
+# file. Rows are not in request order across processes: the page view a worker saw
+# may reach the file after the chat another worker saw a few ms later (each worker
+# writes within ~20 ms, its first events up to ~0.3 s), so the view goes first by
+# kind, not by id, and a chat row waits SETTLE seconds for such a view to arrive.
 _CLAIM = """
 SELECT id, conversation_id, body, attempts FROM outbox AS o
 WHERE lease_until <= :now AND not_before <= :now
   AND NOT EXISTS (
-      SELECT 1 FROM outbox AS p WHERE p.conversation_id = o.conversation_id AND p.id < o.id
+      SELECT 1 FROM outbox AS p WHERE p.conversation_id = o.conversation_id
+      AND (p.kind < o.kind OR (p.kind = o.kind AND p.id < o.id))
   )
 ORDER BY id LIMIT :limit
 """
+# How long a chat row waits before it may be claimed, for its conversation's page view
+# to be written by the worker that served it (see _CLAIM).
+SETTLE = 1.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -310,25 +324,43 @@ class SQLiteOutbox:
         # only a power cut can lose the last commits, and that is not worth an fsync each.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
-        # A file from before the column (its rows' origin stays unknown: NULL).
-        if "origin" not in {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}:
+        # A file from before the columns (its rows' origin stays unknown: NULL; their
+        # kind 1: in the order they were written, as before).
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+        for column, declaration in (("origin", "TEXT"), ("kind", "INTEGER NOT NULL DEFAULT 1")):
+            if column in columns:
+                continue
             try:
-                conn.execute("ALTER TABLE outbox ADD COLUMN origin TEXT")
+                conn.execute(f"ALTER TABLE outbox ADD COLUMN {column} {declaration}")
             except sqlite3.OperationalError as exc:
                 # Another process added it meanwhile: fine.
                 if "duplicate column" not in str(exc).lower():
                     raise
         _release_dead_leases(conn)
 
-    def put(self, items: list[tuple[str, bytes]], wait: float | None = None) -> int:
+    def put(
+        self, items: list[tuple[str, bytes]], wait: float | None = None, views: Sequence[bool] = ()
+    ) -> int:
         """Append ``items``; waits for another process's write lock up to the busy timeout,
-        or ``wait`` seconds if that is less (raising ``sqlite3.OperationalError`` then)."""
+        or ``wait`` seconds if that is less (raising ``sqlite3.OperationalError`` then).
+
+        ``views``, one flag per item when given, marks page views: they go first in their
+        conversation, and the other items wait SETTLE seconds for one (see _CLAIM)."""
+        if views:
+            settle = time.time() + SETTLE
+            rows = [
+                (conversation_id, body, self._owner, 0 if view else 1, 0.0 if view else settle)
+                for (conversation_id, body), view in zip(items, views, strict=True)
+            ]
+        else:
+            rows = [(conversation_id, body, self._owner, 1, 0.0) for conversation_id, body in items]
         with self._lock:
             conn = self._connect()
             with write_transaction(conn, self._until(wait)):
                 conn.executemany(
-                    "INSERT INTO outbox (conversation_id, body, origin) VALUES (?, ?, ?)",
-                    [(conversation_id, body, self._owner) for conversation_id, body in items],
+                    "INSERT INTO outbox (conversation_id, body, origin, kind, not_before) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows,
                 )
         return len(items)
 
