@@ -333,7 +333,10 @@ class BackgroundDelivery:
                     # Lifecycle): the process did not spend shutdown_timeout on them.
                     f"within {self._shutdown_timeout:.1f} s"
                     if time.monotonic() >= deadline
-                    else "(the API was failing: not waited for)",
+                    # Nor are rows not due before the deadline: a retry's, or a chat's
+                    # waiting outbox.SETTLE for its page view (a timeout under 1 s).
+                    else "(the API was failing, or they were not due before the deadline:"
+                    " not waited for)",
                     "; they stay in the outbox for the next start"
                     if sink.durable
                     else " and are lost",

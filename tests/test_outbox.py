@@ -299,3 +299,22 @@ def test_a_chat_with_no_page_view_goes_after_the_settle_time(tmp_path: Path) -> 
     assert outbox.claim(10, now) == []
     assert [i.body for i in outbox.claim(10, now + 1.5)] == [b"a1"]
     outbox.close()
+
+
+def test_the_claim_looks_each_conversation_up_in_one_index_search(tmp_path: Path) -> None:
+    # With (conversation_id, id) alone, each candidate's "a row of a lower kind before it?"
+    # read every row of its conversation: a claim took minutes for 50,000 chats written
+    # ahead of 50,000 page views of one conversation (review).
+    from agentsight_middleware.sinks import outbox as outbox_module
+
+    path = tmp_path / "outbox.sqlite3"
+    box = SQLiteOutbox(path)
+    box.put([("conv_one", b"{}")], None, [False])
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN " + outbox_module._CLAIM, {"now": time.time(), "limit": 10}
+        ).fetchall()
+    searches = [row[-1] for row in plan if "AS p" in row[-1] or " p " in row[-1]]
+    assert searches, plan
+    assert all("USING COVERING INDEX outbox_conversation_kind" in step for step in searches), plan
+    box.close()
