@@ -239,17 +239,17 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
             token.upper() in _HTTP_METHODS for token in _METHOD_SEPARATOR.split(item.strip())
         ):
             raise ValueError(f"{where}: no path in {item!r}; write e.g. '{item.strip()} /api/chat'")
+    # What comes before the path (its methods), kept in every fix suggested: a suggestion
+    # without them would widen a POST-only rule to every method.
+    lead = item[: len(item) - len(path)]
     if not path.startswith("/"):
         if path.startswith("^"):
             raise ValueError(
                 f"{where}: {path!r} is a regular expression written as a string; "
                 f"pass re.compile({path!r})"
             )
-        # With the methods written before it: a suggestion without them would widen a
-        # POST-only rule to every method.
-        lead = item[: len(item) - len(path)]
         raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {lead + _suggest(path)!r})")
-    _check_path(where, path, item[: len(item) - len(path)])
+    _check_path(where, path, lead)
     rule = Rule(kind, item, methods)
     regex, groups, prefix = _translate(where, item, path, position)
     if regex is None:
