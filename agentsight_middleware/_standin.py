@@ -3,11 +3,13 @@
 It validates requests the way the AgentSight backend does (route, ``Api-Key``
 authentication, JSON parsing, per-field conversation validation with errors in
 Django REST framework shape), records everything it receives, and can inject
-faults (errors, throttling, dropped connections, latency, hangs) so clients can
-be tested against the failure modes of the real service without network access.
+faults (errors, throttling, dropped connections, latency, hangs, an outage of some
+seconds) so clients can be tested against the failure modes of the real service
+without network access.
 
 It serves on one asyncio event loop of its own (``_standin_server.py``), from a
-test, or from the CLI: ``python -m agentsight_middleware._standin --port 8765``.
+test, or from the CLI (``agentsight-middleware standin --port 8765``), where the
+faults are injected over HTTP, under ``/_standin/`` (see :meth:`StandInAgentSightAPI._control`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import re
 import secrets
 import signal
 import sys
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import FrameType, TracebackType
 from typing import Any
+from urllib.parse import parse_qsl
 
 from ._standin_server import Answer, Request, Server
 
@@ -44,6 +49,18 @@ CONVERSATIONS_PATH = "/api/conversations/"
 TRACK_PATH = "/api/track/"
 INGEST_PATH = "/api/ingest/"
 _ROUTES = frozenset({CONVERSATIONS_PATH, TRACK_PATH, INGEST_PATH})
+#: Where the stand-in takes its orders over HTTP (faults, summary): not API traffic.
+CONTROL_PREFIX = "/_standin/"
+#: Each order and the query parameters it takes.
+_ORDERS: dict[str, frozenset[str]] = {
+    "down": frozenset({"seconds", "status"}),
+    "fail": frozenset({"n", "status"}),
+    "throttle": frozenset({"n", "retry_after"}),
+    "drop": frozenset({"n"}),
+    "hang": frozenset({"n"}),
+    "latency": frozenset({"seconds"}),
+    "reset": frozenset(),
+}
 
 _STRING_FIELDS = (
     "conversation_id",
@@ -254,6 +271,7 @@ class StandInAgentSightAPI:
         api_keys: Iterable[str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        keep: int | None = None,
     ) -> None:
         keys = [generate_api_key()] if api_keys is None else list(api_keys)
         if not keys:
@@ -265,8 +283,13 @@ class StandInAgentSightAPI:
                     f"api_keys[{index}] is not a well-formed AgentSight API key "
                     "(expected ags_<32 hex>_<6 hex>)"
                 )
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be at least 1 (or None: keep all), got {keep}")
         self.api_key: str = keys[0]
         self._api_keys = frozenset(keys)
+        # Recorded requests and bodies held at most (a long CLI run under load would
+        # grow without end); summary()'s counts cover every request all the same.
+        self._keep = keep
         self._host = host
         self._port = port
         # Reentrant so wait_for() predicates can read the snapshot properties
@@ -278,6 +301,11 @@ class StandInAgentSightAPI:
         self._ingested: list[RecordedRequest] = []
         self._faults: deque[_Fault] = deque()
         self._latency = 0.0
+        self._down_until = 0.0  # time.monotonic() until which every request fails
+        self._down_fault = _Fault("fail", status=503)
+        self._counts: Counter[int] = Counter()  # answers by status, 0 = none
+        self._used: Counter[bool] = Counter()  # accepted conversations by is_used
+        self._counts_messages = 0
         self._next_conversation_id = 1
         self._next_message_id = 1
         self._server: Server | None = None
@@ -408,6 +436,24 @@ class StandInAgentSightAPI:
             lines.append(f"  {req.method} {req.path} -> {answer}: {req.body[:120]!r}")
         return "\n".join(lines)
 
+    def summary(self) -> dict[str, Any]:
+        """Counts of everything received since the start (or the last :meth:`reset`),
+        also when ``keep=`` lets older requests go: ``requests``, ``by_status`` (0: no
+        answer, a dropped or hung request), ``initialized`` and ``used`` (accepted
+        conversations by ``is_used``), ``messages``; and the faults still to come."""
+        with self._cond:
+            down = max(0.0, self._down_until - time.monotonic())
+            return {
+                "requests": sum(self._counts.values()),
+                "by_status": {str(status): n for status, n in sorted(self._counts.items())},
+                "initialized": self._used[False],
+                "used": self._used[True],
+                "messages": self._counts_messages,
+                "faults_pending": len(self._faults),
+                "down_for": round(down, 3),
+                "latency": self._latency,
+            }
+
     def reset(self) -> None:
         """Forget recorded traffic, pending faults and latency; release hung requests.
 
@@ -421,6 +467,10 @@ class StandInAgentSightAPI:
             self._ingested.clear()
             self._faults.clear()
             self._latency = 0.0
+            self._down_until = 0.0
+            self._counts.clear()
+            self._used.clear()
+            self._counts_messages = 0
             self._cond.notify_all()
         if self._server is not None:
             self._server.release()
@@ -449,10 +499,27 @@ class StandInAgentSightAPI:
 
     def set_latency(self, seconds: float) -> None:
         """Delay every answer by ``seconds`` (0 disables)."""
-        if seconds < 0:
-            raise ValueError("latency must be >= 0")
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError(f"latency must be a number of seconds >= 0, got {seconds}")
         with self._cond:
             self._latency = float(seconds)
+
+    def fail_for(self, seconds: float, *, status: int = 503) -> None:
+        """An outage: answer every request with ``status`` for the next ``seconds``
+        (a 429 with ``Retry-After: 1``); faults queued with the ``*_next`` methods go first.
+        ``fail_for(0)`` ends one early."""
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError(f"seconds must be a number >= 0, got {seconds}")
+        if not 100 <= status <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {status}")
+        fault = (
+            _Fault("throttle", status=429, retry_after="1")
+            if status == 429
+            else _Fault("fail", status=status)
+        )
+        with self._cond:
+            self._down_fault = fault
+            self._down_until = time.monotonic() + seconds if seconds else 0.0
 
     def _add_faults(self, n: int, fault: _Fault) -> None:
         if n < 0:
@@ -464,8 +531,15 @@ class StandInAgentSightAPI:
 
     def _decide(self, request: Request) -> Answer:
         """What the server does with ``request``; recorded here, as answered."""
+        if request.path.startswith(CONTROL_PREFIX):
+            return self._control(request)
         with self._cond:
             fault = self._faults.popleft() if self._faults else None
+            if fault is None and self._down_until:
+                if time.monotonic() < self._down_until:
+                    fault = self._down_fault
+                else:
+                    self._down_until = 0.0
             latency = self._latency
         if fault is not None and fault.kind == "hang":
             self._record(_recorded(request, 0))
@@ -551,6 +625,67 @@ class StandInAgentSightAPI:
         assert isinstance(data, dict)
         return Answer(201, accept(_recorded(request, 201, data), data))
 
+    def _control(self, request: Request) -> Answer:
+        """Orders over HTTP, for a stand-in run from the command line (the methods of
+        the same names, for a process that cannot call them). With the API key, as
+        the API's own routes::
+
+            POST /_standin/down?seconds=20&status=503   every request fails for 20 s
+            POST /_standin/fail?n=5&status=500          the next 5 requests fail
+            POST /_standin/throttle?n=5&retry_after=2   the next 5 get a 429
+            POST /_standin/drop?n=5 | /_standin/hang?n=5
+            POST /_standin/latency?seconds=0.05         every answer 50 ms late
+            POST /_standin/reset                        forget faults, latency, counts
+            GET  /_standin/summary                      the counts (summary())
+
+        Each answers the summary as JSON. Not recorded as traffic.
+        """
+        auth_error = self._check_auth(request.headers.get("authorization"))
+        if auth_error is not None:
+            status, detail = auth_error
+            return Answer(status, {"detail": detail})
+        route, _, query = request.path[len(CONTROL_PREFIX) :].partition("?")
+        order = route.strip("/")
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        if order == "summary":
+            if request.method not in ("GET", "POST"):
+                return Answer(405, {"detail": f'Method "{request.method}" not allowed.'})
+            return Answer(200, self.summary())
+        if order not in _ORDERS:
+            names = ", ".join(sorted([*_ORDERS, "summary"]))
+            return Answer(404, {"detail": f"No order {order!r}: one of {names}."})
+        if request.method != "POST":
+            return Answer(
+                405, {"detail": f'Method "{request.method}" not allowed.'}, [("Allow", "POST")]
+            )
+        unknown = set(params) - _ORDERS[order]
+        if unknown:
+            takes = ", ".join(sorted(_ORDERS[order])) or "nothing"
+            return Answer(
+                400, {"detail": f"{order} takes {takes}; not {', '.join(sorted(unknown))}."}
+            )
+        try:
+            n = int(params.get("n", "1"))
+            if order == "down":
+                self.fail_for(float(params["seconds"]), status=int(params.get("status", "503")))
+            elif order == "fail":
+                self.fail_next(n, status=int(params.get("status", "503")))
+            elif order == "throttle":
+                self.throttle_next(n, retry_after=params.get("retry_after", "1"))
+            elif order == "drop":
+                self.drop_next(n)
+            elif order == "hang":
+                self.hang_next(n)
+            elif order == "latency":
+                self.set_latency(float(params["seconds"]))
+            else:
+                self.reset()
+        except KeyError as missing:
+            return Answer(400, {"detail": f"{order} needs {missing.args[0]}=."})
+        except ValueError as exc:
+            return Answer(400, {"detail": str(exc)})
+        return Answer(200, self.summary())
+
     def _check_auth(self, header: str | None) -> tuple[int, str] | None:
         if not header:
             return 401, "Authentication credentials were not provided."
@@ -566,7 +701,18 @@ class StandInAgentSightAPI:
     def _record(self, request: RecordedRequest) -> None:
         with self._cond:
             self._requests.append(request)
+            self._counts[request.status] += 1
+            self._trim()
             self._cond.notify_all()
+
+    def _trim(self) -> None:
+        """Past twice ``keep``, the oldest recorded requests and bodies go (in one go,
+        not one by one: a list drops its head in linear time). Called with the lock held."""
+        keep = self._keep
+        if keep is None or len(self._requests) <= 2 * keep:
+            return
+        for kept in (self._requests, self._conversations, self._messages, self._ingested):
+            del kept[:-keep]
 
     def _accept_conversation(
         self, request: RecordedRequest, data: dict[str, Any]
@@ -576,6 +722,9 @@ class StandInAgentSightAPI:
             self._next_conversation_id += 1
             self._requests.append(request)
             self._conversations.append(data)
+            self._counts[request.status] += 1
+            self._used[bool(data["is_used"])] += 1
+            self._trim()
             self._cond.notify_all()
         return {
             "id": conversation_id,
@@ -589,6 +738,9 @@ class StandInAgentSightAPI:
             self._next_message_id += 1
             self._requests.append(request)
             self._messages.append(data)
+            self._counts[request.status] += 1
+            self._counts_messages += 1
+            self._trim()
             self._cond.notify_all()
         return {"id": message_id, "conversation_id": data["conversation_id"]}
 
@@ -596,15 +748,13 @@ class StandInAgentSightAPI:
         with self._cond:
             self._requests.append(request)
             self._ingested.append(request)
+            self._counts[request.status] += 1
+            self._trim()
             self._cond.notify_all()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the stand-in in the foreground until interrupted."""
-    parser = argparse.ArgumentParser(
-        prog="python -m agentsight_middleware._standin",
-        description="Run a local stand-in for the AgentSight API.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line's options (``agentsight-middleware standin``)."""
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="port, 0 = any (default: 8765)")
     parser.add_argument(
@@ -614,11 +764,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY",
         help="accepted API key (repeatable; default: generate one)",
     )
-    parser.add_argument("--latency", type=float, default=0.0, help="delay every answer by SECONDS")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--latency", type=float, default=0.0, metavar="SECONDS", help="delay every answer"
+    )
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="recorded requests held in memory (default: 10,000); the counts cover all",
+    )
 
+
+def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the stand-in in the foreground until SIGINT or SIGTERM."""
     try:
-        api = StandInAgentSightAPI(api_keys=args.api_keys, host=args.host, port=args.port)
+        api = StandInAgentSightAPI(
+            api_keys=args.api_keys, host=args.host, port=args.port, keep=args.keep
+        )
+        api.set_latency(args.latency)
     except ValueError as exc:
         parser.error(str(exc))
     stop = threading.Event()
@@ -628,17 +792,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    try:
+        api.start()
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     with api:
-        api.set_latency(args.latency)
-        print(f"AgentSight stand-in API listening on {api.url}", flush=True)
+        url = api.url
+        print(f"AgentSight stand-in API listening on {url}", flush=True)
         print(f"API key: {api.api_key}", flush=True)
+        print(
+            f"Faults on demand: curl -X POST -H 'Authorization: Api-Key {api.api_key}' "
+            f"'{url}{CONTROL_PREFIX}down?seconds=20' (also fail, throttle, drop, hang, "
+            f"latency, reset; GET {CONTROL_PREFIX}summary for the counts)",
+            flush=True,
+        )
         print("Press Ctrl+C to stop.", flush=True)
         # A timed wait keeps the main thread responsive to signals on all platforms.
         while not stop.wait(0.5):
             pass
-        count = len(api.requests)
-    print(f"Stopped after {count} request(s).", flush=True)
+        summary = api.summary()
+    answers = ", ".join(
+        f"{'no answer' if status == '0' else status} x {n:,}"
+        for status, n in summary["by_status"].items()
+    )
+    count = summary["requests"]
+    print(f"Stopped after {count:,} request(s){': ' + answers if answers else ''}.", flush=True)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agentsight_middleware._standin``, as ``agentsight-middleware standin``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m agentsight_middleware._standin",
+        description="Run a local stand-in for the AgentSight API.",
+    )
+    add_arguments(parser)
+    return serve(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- standin
+
+
+def _configure_standin(parser: argparse.ArgumentParser) -> None:
+    from ._standin import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(parser=parser)
+
+
+def _run_standin(args: argparse.Namespace) -> int:
+    from ._standin import serve
+
+    return serve(args, args.parser)
+
+
 # --------------------------------------------------------------------------- main
 
 #: Subcommand name -> how to parse and run it, in the order ``--help`` lists them.
@@ -287,6 +303,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _configure_demo,
         _run_demo,
     ),
+    "standin": Subcommand(
+        "run a local stand-in for the AgentSight API, with faults on demand",
+        _configure_standin,
+        _run_standin,
+    ),
 }
 
 
@@ -297,7 +318,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tools for the AgentSight middleware: report and send the local "
-        "events file, run the demo.",
+        "events file, run the demo or a stand-in for the API.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

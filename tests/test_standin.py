@@ -723,6 +723,104 @@ def test_recorded_request_repr_redacts_api_key(
     assert "<redacted>" in text
 
 
+# -- an outage, counts, orders over HTTP ----------------------------------------------
+
+
+def test_fail_for_answers_every_request_with_the_status_until_the_outage_ends(
+    api: StandInAgentSightAPI, client: httpx.Client
+) -> None:
+    api.fail_for(0.5)
+    during = [client.post(CONVERSATIONS, json=conversation()).status_code for _ in range(3)]
+    time.sleep(0.6)
+    after = client.post(CONVERSATIONS, json=conversation())
+    assert during == [503, 503, 503]
+    assert after.status_code == 201
+    assert len(api.conversations) == 1
+    api.fail_for(30, status=429)
+    throttled = client.post(CONVERSATIONS, json=conversation())
+    assert throttled.status_code == 429
+    assert throttled.headers["retry-after"] == "1"
+    api.fail_for(0)  # ended early
+    assert client.post(CONVERSATIONS, json=conversation()).status_code == 201
+
+
+@pytest.mark.parametrize("seconds", [-1.0, float("nan"), float("inf")])
+def test_fail_for_and_latency_refuse_nonsense_seconds(
+    api: StandInAgentSightAPI, seconds: float
+) -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        api.fail_for(seconds)
+    with pytest.raises(ValueError, match="latency"):
+        api.set_latency(seconds)
+
+
+def test_summary_counts_every_request_when_keep_lets_old_ones_go() -> None:
+    with StandInAgentSightAPI(keep=3) as api, http_client(api) as c:
+        for i in range(10):
+            c.post(CONVERSATIONS, json=conversation(conversation_id=f"c{i}", is_used=i % 2 == 1))
+        api.fail_next(2)
+        c.post(CONVERSATIONS, json=conversation())
+        c.post(CONVERSATIONS, json=conversation())
+        c.post("/api/track/", json={"conversation_id": "c1", "message": "hi"})
+        summary = api.summary()
+        assert summary["requests"] == 13
+        assert summary["by_status"] == {"201": 11, "503": 2}
+        assert (summary["initialized"], summary["used"]) == (5, 5)
+        assert summary["messages"] == 1
+        assert 3 <= len(api.requests) <= 6  # the newest, not all 13
+        assert api.conversations[-1]["conversation_id"] == "c9"
+        api.reset()
+        assert api.summary()["requests"] == 0
+    with pytest.raises(ValueError, match="keep"):
+        StandInAgentSightAPI(keep=0)
+
+
+def test_orders_over_http_need_the_key_and_are_not_recorded(
+    api: StandInAgentSightAPI, client: httpx.Client
+) -> None:
+    with http_client(api, auth=False) as anonymous:
+        refused = anonymous.post("/_standin/down?seconds=20")
+    assert refused.status_code == 401
+    down = client.post("/_standin/down?seconds=20&status=502")
+    assert down.status_code == 200
+    assert 19 < down.json()["down_for"] <= 20
+    assert client.post(CONVERSATIONS, json=conversation()).status_code == 502
+    assert client.post("/_standin/down?seconds=0").status_code == 200
+    assert client.post("/_standin/fail?n=2&status=500").json()["faults_pending"] == 2
+    assert client.post("/_standin/throttle?retry_after=7").json()["faults_pending"] == 3
+    statuses = [client.post(CONVERSATIONS, json=conversation()).status_code for _ in range(4)]
+    assert statuses == [500, 500, 429, 201]
+    assert client.post("/_standin/latency?seconds=0.2").json()["latency"] == 0.2
+    started = time.monotonic()
+    assert client.post(CONVERSATIONS, json=conversation()).status_code == 201
+    assert time.monotonic() - started >= 0.2
+    summary = client.get("/_standin/summary").json()
+    assert summary["requests"] == 6  # the API's traffic only, not the orders
+    assert summary["by_status"] == {"201": 2, "429": 1, "500": 2, "502": 1}
+    assert [r.path for r in api.requests] == [CONVERSATIONS] * 6
+    assert client.post("/_standin/reset").json()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "detail"),
+    [
+        ("POST", "/_standin/explode", 404, "one of down, drop, fail"),
+        ("GET", "/_standin/down?seconds=1", 405, "not allowed"),
+        ("POST", "/_standin/down", 400, "down needs seconds="),
+        ("POST", "/_standin/down?seconds=soon", 400, "could not convert"),
+        ("POST", "/_standin/down?seconds=1&n=3", 400, "down takes seconds, status; not n"),
+        ("POST", "/_standin/fail?status=99", 400, "HTTP status code"),
+        ("POST", "/_standin/latency?seconds=-1", 400, "latency must be"),
+    ],
+)
+def test_a_wrong_order_says_what_is_wrong(
+    client: httpx.Client, method: str, path: str, status: int, detail: str
+) -> None:
+    answer = client.request(method, path)
+    assert answer.status_code == status
+    assert detail in answer.json()["detail"]
+
+
 # -- CLI ---------------------------------------------------------------------------------
 
 
@@ -755,7 +853,66 @@ def test_cli_serves_until_terminated() -> None:
             proc.terminate()
             out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err
-    assert "Stopped after 1 request(s)." in out
+    assert "Stopped after 1 request(s): 201 x 1." in out
+
+
+def test_the_standin_command_takes_orders_over_http_and_counts_them_at_the_end() -> None:
+    # agentsight-middleware standin: what an operator runs beside a load test.
+    key = generate_api_key()
+    with subprocess.Popen(
+        [sys.executable, "-m", "agentsight_middleware.cli", "standin", "--port", "0",
+         "--api-key", key, "--keep", "5"],
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")]),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+            assert key in proc.stdout.readline()
+            hint = proc.stdout.readline()
+            assert f"{url}/_standin/down?seconds=20" in hint
+            headers = {"Authorization": f"Api-Key {key}"}
+            with httpx.Client(base_url=url, trust_env=False, headers=headers) as c:
+                assert c.post("/_standin/down?seconds=30&status=503").status_code == 200
+                down = [c.post(CONVERSATIONS, json=conversation()).status_code for _ in range(3)]
+                assert c.post("/_standin/down?seconds=0").status_code == 200
+                for _ in range(12):
+                    assert c.post(CONVERSATIONS, json=conversation()).status_code == 201
+        finally:
+            proc.terminate()
+            out, err = proc.communicate(timeout=5)
+    assert down == [503, 503, 503]
+    assert proc.returncode == 0, err
+    assert "Stopped after 15 request(s): 201 x 12, 503 x 3." in out
+
+
+def test_the_standin_command_on_a_taken_port_says_so() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "agentsight_middleware.cli", "standin", "--port", str(port)],
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")]
+                ),
+            },
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- HTTP on the wire: raw sockets --------------------------------------------------
