@@ -1976,6 +1976,32 @@ async def test_an_outage_after_a_recovery_is_logged_again(
     assert caplog.text.count("the AgentSight API answered HTTP 503 Service Unavailable;") == 2
     assert "unreachable" not in caplog.text
     assert caplog.text.count("accepts events again") == 2
+    # Said at the level the failure was, with what it cost.
+    ended = [r for r in caplog.records if "accepts events again" in r.getMessage()]
+    assert [r.levelno for r in ended] == [logging.WARNING] * 2
+    assert "1 attempts retried, 0 throttled" in ended[0].getMessage()
+
+
+async def test_the_end_of_a_throttling_spell_is_said_with_its_counts(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agentsight_middleware.sinks.http._QUIET", 0.0)
+    caplog.set_level(logging.INFO, logger="agentsight_middleware")
+    with StandInAgentSightAPI() as api:
+        credentials = Credentials(api.api_key, api.url, "production")
+        sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=1)
+        await sink.start()
+        api.throttle_next(2, retry_after="0")
+        await sink.put([{
+            "conversation_id": "conv_00000000000a", "is_used": False,
+            "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
+        }])  # fmt: skip
+        assert await sink.drain(time.monotonic() + 10) == 0
+        await sink.aclose()
+    ended = [r for r in caplog.records if "accepts events again" in r.getMessage()]
+    assert len(ended) == 1
+    assert ended[0].levelno == logging.WARNING  # as "is throttling (429)" was
+    assert "0 attempts retried, 2 throttled" in ended[0].getMessage()
 
 
 def test_a_request_hanging_at_a_proxy_does_not_hold_up_the_exit(tmp_path: Path) -> None:

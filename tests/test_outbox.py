@@ -164,6 +164,7 @@ def _file_from_before_the_origin_column(path: Path) -> None:
         " body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, not_before REAL NOT NULL"
         " DEFAULT 0, lease_until REAL NOT NULL DEFAULT 0, lease_owner TEXT)"
     )
+    old.execute("CREATE INDEX outbox_conversation ON outbox (conversation_id, id)")
     old.execute("INSERT INTO outbox (conversation_id, body) VALUES ('conv_old', x'7b7d')")
     old.commit()
     old.close()
@@ -182,6 +183,12 @@ def test_a_file_from_before_the_origin_column_is_upgraded_in_place(tmp_path: Pat
     assert sorted(i.conversation_id for i in outbox.claim(10, now)) == ["conv_new", "conv_old"]
     assert outbox.mine(now) == (1, 0)  # claimed here: the caller knows it is in flight
     outbox.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+        }
+    # The claim's index made, the old one (which every put kept up for nothing) gone.
+    assert indexes == {"outbox_conversation_kind"}
 
 
 def test_an_upgrade_meeting_a_held_write_lock_is_done_at_the_first_use(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -323,9 +324,13 @@ class HttpSink:
         # Events sent again uncounted once already (see _outcome: NotSent).
         self._resent: set[int] = set()
         self._logged: set[Any] = set()
-        # A failure was logged, and when the last one was (see _recovered).
+        # A failure was logged, and when the last one was (see _recovered); when the
+        # outage began, the counts then, and whether it was said at WARNING.
         self._outage = False
         self._last_failure = 0.0
+        self._outage_began = 0.0
+        self._outage_counts = (0, 0)  # (retried, throttled) when it began
+        self._warned = False
         # Answers from elsewhere in a row, none accepted between (see _elsewhere).
         self._elsewhere_run = 0
         # The last attempt failed (no event accepted since): see drain.
@@ -925,14 +930,13 @@ class HttpSink:
                     f"{redirect}: that is not the AgentSight API's conversations endpoint",
                 )
             elif outcome == THROTTLED:
+                self._failure()
                 self.throttled += 1
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
                 self._pause(time.time() + wait)
                 # Pacing, not a failure: no attempt counted (the memory outbox gives up
                 # after a few), and no backoff grown by it.
                 self._outbox.defer(item, self._paused_until)
-                self._outage = True
-                self._last_failure = time.monotonic()
                 self._log_once(
                     "429",
                     "the AgentSight API is throttling (429); pausing delivery for %.1f s",
@@ -977,19 +981,40 @@ class HttpSink:
         # process started with the setup fixed (sharing a durable outbox) sends it.
         self._outbox.defer(item, now)
         self._resent.discard(item.id)
+        self._failure()
         self.retried += 1
-        self._outage = True
-        self._last_failure = time.monotonic()
+
+    def _failure(self) -> None:
+        """An attempt failed or was throttled: an outage, or more of the one going on."""
+        now = time.monotonic()
+        if not self._outage:
+            self._outage = True
+            self._outage_began = now
+            self._outage_counts = (self.retried, self.throttled)
+        self._last_failure = now
 
     def _recovered(self) -> None:
         """An event accepted after a minute without failures: the outage is over. Said,
-        and the next one is logged again (a 2 % failure rate is one outage, not many)."""
+        and the next one is logged again (a 2 % failure rate is one outage, not many).
+        At the level its failures were said at: a log kept at WARNING that showed the
+        outage begin must show it end."""
         self._outage = False
         self._logged -= {
             key for key in self._logged if isinstance(key, tuple) and key[0] == "retry"
         }
         self._logged -= {"429", "failed", "not the API"}
-        logger.info("the AgentSight API accepts events again")
+        retried, throttled = self._outage_counts
+        level = logging.WARNING if self._warned else logging.INFO
+        self._warned = False
+        logger.log(
+            level,
+            "the AgentSight API accepts events again (no failure in the last %.0f s; the "
+            "failures lasted %.0f s: %d attempts retried, %d throttled)",
+            time.monotonic() - self._last_failure,
+            self._last_failure - self._outage_began,
+            self.retried - retried,
+            self.throttled - throttled,
+        )
 
     def _ack(self, item: OutboxItem) -> None:
         self._resent.discard(item.id)
@@ -1027,9 +1052,8 @@ class HttpSink:
         """A failed attempt: ``item`` again after a backoff (or given up, in memory).
         ``kind`` names the failure for the log (one warning per kind and outage), None
         when the caller has logged it."""
-        self._outage = True
+        self._failure()
         self._failing = True
-        self._last_failure = time.monotonic()
         self._resent.discard(item.id)
         if not self._outbox.durable and item.attempts + 1 >= self._max_attempts:
             self._outbox.discard(item)
@@ -1109,6 +1133,8 @@ class HttpSink:
             logger.debug(message, *args)
             return
         self._logged.add(key)
+        if level == "warning":
+            self._warned = True
         getattr(logger, level)(message, *args)
 
     async def drain(self, deadline: float, *, closing: bool = False) -> int:
