@@ -7,7 +7,7 @@ VENV ?= .venv
 DEMO_ARGS ?=
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-demo lint types pytest chromium clean
+.PHONY: demo test install install-demo lint types pytest debian-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,16 +30,18 @@ lint: install
 types: install
 	$(BIN)/mypy --strict agentsight_middleware tests examples benchmarks
 
-# The browser tests drive Debian's Chromium (never a downloaded browser build).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+# The browser tests drive Debian's Chromium (never a downloaded browser build), and the
+# proxy tests a real nginx in front of the app: both from Debian, installed when missing.
+DEBIAN_PACKAGES = chromium nginx-light
+debian-packages:
+	@command -v chromium >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
 	  else \
-	    echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; \
+	    echo "the tests need Debian's $(DEBIAN_PACKAGES): sudo apt-get install $(DEBIAN_PACKAGES)" >&2; exit 1; \
 	  fi; }
 
-pytest: install chromium
+pytest: install debian-packages
 	$(BIN)/python -m pytest -q
 
 test: lint types pytest

@@ -321,7 +321,7 @@ def _choose_delivery(
     """Your tracker if given; else the built-in client if there is a key; else the local store."""
     # Imported here, not at module level: an app that passes tracker= never loads
     # httpx or sqlite3, and importing the package stays cheap for every app.
-    from ._credentials import Credentials, mask_key, resolve_environment
+    from ._credentials import Credentials, in_clear_warning, mask_key, resolve_environment
     from ._payload import DEFAULT_ENVIRONMENT
     from ._store import DEFAULT_PATH, LocalStore
     from .sinks.outbox import MemoryOutbox, Outbox
@@ -387,6 +387,13 @@ def _choose_delivery(
             if outbox is not None
             else f"queued in memory (up to {queue_size})",
         )
+        if credentials.in_clear:
+            logger.warning(
+                "%s",
+                in_clear_warning(
+                    credentials, "endpoint=" if endpoint is not None else "AGENTSIGHT_API_ENDPOINT"
+                ),
+            )
 
         def http_sink() -> Sink:
             from .sinks.http import HttpSink  # httpx: loaded by the worker thread

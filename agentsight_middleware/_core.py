@@ -195,7 +195,7 @@ class Core:
             return
         self._told_shared = True
         logger.warning(
-            "the widget page %s is sent with a Cache-Control that lets shared caches (a CDN,"
+            "the widget page %r is sent with a Cache-Control that lets shared caches (a CDN,"
             " a caching proxy) store it: the middleware adds no cookie to such a page and"
             " counts no view there, as a stored copy would hand one visitor's conversation to"
             " every other (and nginx or Varnish would stop caching it). Send widget pages"
@@ -213,7 +213,7 @@ class Core:
             return
         told.add(rule)
         logger.warning(
-            "the widget page %s (rule %r) answered a browser's page view with %d and "
+            "the widget page %r (rule %r) answered a browser's page view with %d and "
             "Content-Type %r, not an HTML page: no cookie and no view are recorded for such "
             "an answer. Send the page as text/html (FastAPI: response_class=HTMLResponse); "
             "said once for each rule.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -10,7 +11,14 @@ from urllib.parse import urlsplit
 
 from ._config import normalise_environment
 
-__all__ = ["API_KEY_RE", "DEFAULT_ENDPOINT", "Credentials", "mask_key", "resolve_environment"]
+__all__ = [
+    "API_KEY_RE",
+    "DEFAULT_ENDPOINT",
+    "Credentials",
+    "in_clear_warning",
+    "mask_key",
+    "resolve_environment",
+]
 
 API_KEY_RE = re.compile(r"ags_[a-f0-9]{32}_[a-f0-9]{6}", re.IGNORECASE)
 DEFAULT_ENDPOINT = "https://api.agentsight.io"
@@ -53,6 +61,21 @@ class Credentials:
     def conversations_url(self) -> str:
         # The backend has APPEND_SLASH off: the trailing slash is part of the route.
         return self.endpoint.rstrip("/") + "/api/conversations/"
+
+    @property
+    def in_clear(self) -> bool:
+        """Whether the key would cross a network unencrypted: ``http://`` to a host that is
+        not this machine (the stand-in API or a local relay on loopback is fine)."""
+        parts = urlsplit(self.endpoint)
+        if parts.scheme != "http":
+            return False
+        host = (parts.hostname or "").lower().rstrip(".")
+        if host == "localhost" or host.endswith(".localhost"):
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
 
     @classmethod
     def resolve(
@@ -133,3 +156,13 @@ def _endpoint(given: object, where: str) -> str:
             f"<base>/api/conversations/), e.g. {DEFAULT_ENDPOINT!r}"
         )
     return base
+
+
+def in_clear_warning(credentials: Credentials, where: str) -> str:
+    """What to say when :attr:`Credentials.in_clear`: ``where`` names the setting."""
+    return (
+        f"{where} {credentials.endpoint!r} is plain http:// to another host: the API key "
+        f"({mask_key(credentials.api_key)}) and the visitors' IP addresses cross the network "
+        f"in clear text, readable and reusable by anyone on the way. Use https:// "
+        f"(e.g. {DEFAULT_ENDPOINT!r})"
+    )

@@ -406,9 +406,11 @@ def _hop_chain(
     forwarded: str | None,
     x_forwarded_for: str | None,
     x_real_ip: str | None,
+    mode: ForwardedHeader | None = None,
 ) -> list[str | None] | None:
-    """The forwarding chain (left = farthest), or None if a present header is unusable."""
-    mode = trusted.header
+    """The forwarding chain (left = farthest), or None if a present header is unusable.
+    ``mode``: the header to read (``trusted.header`` when None)."""
+    mode = trusted.header if mode is None else mode
     limit = max(_MAX_HOPS, trusted.hop_count)
     if mode in ("auto", "forwarded") and forwarded and forwarded.strip():
         elements = _forwarded_elements(forwarded)
@@ -426,27 +428,46 @@ def _hop_chain(
     return []
 
 
-def client_ip(
-    peer: str | None,
-    *,
-    forwarded: str | None,
-    x_forwarded_for: str | None,
-    x_real_ip: str | None,
-    trusted: TrustedProxies,
-) -> str | None:
-    """The visitor's IP address as one canonical string, or None.
+def _auto_headers(
+    forwarded: str | None, x_forwarded_for: str | None, x_real_ip: str | None
+) -> list[ForwardedHeader]:
+    """The forwarding headers that name a client address, in "auto"'s order of preference."""
+    present: list[ForwardedHeader] = []
+    if forwarded and forwarded.strip():
+        elements = _forwarded_elements(forwarded)
+        # A malformed one counts: _hop_chain refuses the whole request for it.
+        if elements is None or _forwarded_param(elements, "for") is not None:
+            present.append("forwarded")
+    if x_forwarded_for and x_forwarded_for.strip():
+        present.append("x-forwarded-for")
+    if x_real_ip and x_real_ip.strip():
+        present.append("x-real-ip")
+    return present
 
-    ``peer`` is the socket peer (ASGI ``scope["client"][0]``, WSGI ``REMOTE_ADDR``).
-    The result is always something ``ipaddress.ip_address`` accepts, never a header
-    fragment. It is a trusted proxy's address only when every hop is one (a request
-    that started inside the trusted network); the left-most hop is the origin then.
-    """
-    peer_address = _address(peer)
-    if not trusted._peer_is_proxy(peer_address):
-        # Anyone can send forwarding headers; only a proxy we trust may vouch for them.
-        return peer_address
 
-    chain = _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip)
+_disagreement_warned = False
+
+
+def _warn_disagreement(names: list[ForwardedHeader]) -> None:
+    global _disagreement_warned
+    if _disagreement_warned:
+        return
+    _disagreement_warned = True
+    from ._log import logger
+
+    logger.warning(
+        "a request from a trusted proxy carried %s, which name different client addresses: "
+        "a proxy writes one of them and passes the others through from the client, so with "
+        "trusted_proxy_header='auto' the client could choose the IP recorded. Such requests "
+        "are recorded without an IP; set trusted_proxy_header= to the one header your proxy "
+        "writes ('x-forwarded-for' for nginx's $proxy_add_x_forwarded_for, AWS ALB, HAProxy "
+        "option forwardfor; 'x-real-ip' for nginx's X-Real-IP $remote_addr).",
+        " and ".join(names),
+    )
+
+
+def _walk(trusted: TrustedProxies, chain: list[str | None] | None) -> str | None:
+    """The client's address in ``chain`` (see :func:`client_ip`), or None."""
     if not chain:
         # A trusted proxy that says nothing is misconfigured or probing us itself;
         # its own address would attribute every visitor to the proxy.
@@ -474,6 +495,47 @@ def client_ip(
             return address
     # Every hop is a trusted proxy: the request originated inside the trusted network.
     return address
+
+
+def client_ip(
+    peer: str | None,
+    *,
+    forwarded: str | None,
+    x_forwarded_for: str | None,
+    x_real_ip: str | None,
+    trusted: TrustedProxies,
+) -> str | None:
+    """The visitor's IP address as one canonical string, or None.
+
+    ``peer`` is the socket peer (ASGI ``scope["client"][0]``, WSGI ``REMOTE_ADDR``).
+    The result is always something ``ipaddress.ip_address`` accepts, never a header
+    fragment. It is a trusted proxy's address only when every hop is one (a request
+    that started inside the trusted network); the left-most hop is the origin then.
+    """
+    peer_address = _address(peer)
+    if not trusted._peer_is_proxy(peer_address):
+        # Anyone can send forwarding headers; only a proxy we trust may vouch for them.
+        return peer_address
+
+    if trusted.header == "auto" and (
+        (forwarded is not None) + (x_forwarded_for is not None) + (x_real_ip is not None) > 1
+    ):
+        names = _auto_headers(forwarded, x_forwarded_for, x_real_ip)
+        if len(names) > 1:
+            # A proxy writes one of these and passes the others through as the client
+            # sent them (nginx, HAProxy, AWS ALB, Traefik, Caddy: none strips Forwarded):
+            # believing the first present would let the client choose its address. Only
+            # an answer all of them agree on is taken.
+            answers = {
+                _walk(trusted, _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip, name))
+                for name in names
+            }
+            if len(answers) == 1:
+                return answers.pop()
+            _warn_disagreement(names)
+            return None
+
+    return _walk(trusted, _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip))
 
 
 # WebSocket upgrades arrive as ws/wss; the page the visitor saw was http/https.

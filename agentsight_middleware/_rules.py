@@ -9,6 +9,7 @@ case, a path that matches no rule, costs one dict lookup and one
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -83,6 +84,7 @@ class _Compiled(NamedTuple):
     groups: _Groups
     prefix: str  # literal text every matching path starts with
     position: int  # index among all rules; names the rule's regex groups
+    wildcards: int = 0  # variable-length parts of a generated pattern (see _max_length)
 
 
 class _Matcher(NamedTuple):
@@ -91,6 +93,25 @@ class _Matcher(NamedTuple):
     # None for a user regex, which is matched on its own.
     dispatch: dict[str | None, tuple[Rule, _Groups]] | None
     rule: Rule | None
+    # Longer paths are not tried (see _max_length).
+    max_length: int = sys.maxsize
+
+
+def _max_length(wildcards: int) -> int:
+    """The longest path a generated pattern is tried on, by how many of its variable-length
+    parts may compete for the same characters (see _translate). ``re`` backtracks: with k
+    such parts a path of near-matches costs time of the order of its length to the k-th
+    power (``/docs/**/v/**/index.html`` held uvicorn's event loop 4.8 s on one 64 KB request
+    path; ``/d/**/v/**/w/**/z`` 0.7 s on 2 KB, 24 s on 8 KB). Bounded so that length**k
+    stays near a million steps, a few ms at worst; paths that long name no real page or
+    chat route. One such part is linear, however long the path."""
+    if wildcards <= 1:
+        return sys.maxsize
+    return int(_MATCH_BUDGET ** (1 / wildcards))
+
+
+#: The backtracking steps a pattern of several competing parts may take on one path.
+_MATCH_BUDGET = 1_000_000
 
 
 class _Table(NamedTuple):
@@ -169,7 +190,9 @@ class RuleSet:
 
 
 def _scan(matchers: tuple[_Matcher, ...], path: str, *, chat_only: bool) -> Match | None:
-    for regex, dispatch, rule in matchers:
+    for regex, dispatch, rule, max_length in matchers:
+        if len(path) > max_length:
+            continue
         found = regex.fullmatch(path)
         if found is None:
             continue
@@ -251,10 +274,20 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
         raise ValueError(f"{where}: {path!r} must start with '/' (e.g. {lead + _suggest(path)!r})")
     _check_path(where, path, lead)
     rule = Rule(kind, item, methods)
-    regex, groups, prefix = _translate(where, item, path, position)
+    regex, groups, prefix, wildcards = _translate(where, item, path, position)
     if regex is None:
         return _Compiled(rule, path, None, None, (), path, position)
-    return _Compiled(rule, None, regex, None, groups, prefix, position)
+    if wildcards >= 3:
+        logger.warning(
+            "%s: %r has %d wildcards or parameters that may match the same characters: it "
+            "is only tried on paths of up to %d characters (matching a longer one could take "
+            "seconds); fewer wildcards, or re.compile() of a regex, lift the bound",
+            where,
+            item,
+            wildcards,
+            _max_length(wildcards),
+        )
+    return _Compiled(rule, None, regex, None, groups, prefix, position, wildcards)
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -345,12 +378,18 @@ def _parse_methods(where: str, kind: str, item: str, text: str) -> frozenset[str
     return frozenset(methods)
 
 
-def _translate(where: str, item: str, path: str, position: int) -> tuple[str | None, _Groups, str]:
-    """Turn a glob/template path into regex source; None means an exact path."""
+def _translate(
+    where: str, item: str, path: str, position: int
+) -> tuple[str | None, _Groups, str, int]:
+    """Turn a glob/template path into regex source; None means an exact path. Also says
+    how many variable-length parts the pattern has."""
     parts: list[str] = []
     groups: list[tuple[str, str]] = []
     prefix: str | None = None
     literal_start = 0
+    # Parts that may compete for the same characters: every "**" or {p:path} (they cross
+    # "/"), and the most "*" or {param} of one segment (a "/" between two ends the run).
+    anywhere = in_segment = most_in_segment = 0
     for special in _SPECIAL.finditer(path):
         token = special[0]
         if token == "{" or token == "}":
@@ -362,11 +401,16 @@ def _translate(where: str, item: str, path: str, position: int) -> tuple[str | N
             )
         if prefix is None:
             prefix = path[: special.start()]
+        if "/" in path[literal_start : special.start()]:
+            in_segment = 0
         parts.append(re.escape(path[literal_start : special.start()]))
         literal_start = special.end()
         if token == "**":
+            anywhere += 1
             parts.append(".*")
         elif token == "*":
+            in_segment += 1
+            most_in_segment = max(most_in_segment, in_segment)
             parts.append("[^/]*")
         else:
             name, colon, convertor = special[1].partition(":")
@@ -387,6 +431,11 @@ def _translate(where: str, item: str, path: str, position: int) -> tuple[str | N
                 )
             if not colon:
                 convertor = "str"
+            if convertor == "path":
+                anywhere += 1
+            elif convertor != "uuid":  # a uuid's length is fixed, give or take hyphens
+                in_segment += 1
+                most_in_segment = max(most_in_segment, in_segment)
             if convertor not in _CONVERTORS:
                 raise ValueError(
                     f"{where}: unknown convertor {convertor!r} in {item!r}; "
@@ -398,9 +447,9 @@ def _translate(where: str, item: str, path: str, position: int) -> tuple[str | N
             groups.append((group, name))
             parts.append(f"(?P<{group}>{_CONVERTORS[convertor]})")
     if prefix is None:
-        return None, (), path
+        return None, (), path, 0
     parts.append(re.escape(path[literal_start:]))
-    return "".join(parts), tuple(groups), prefix
+    return "".join(parts), tuple(groups), prefix, anywhere + most_in_segment
 
 
 def _regex_prefix(pattern: re.Pattern[str]) -> str:
@@ -451,7 +500,8 @@ def _build_table(compiled: list[_Compiled], method: str | None) -> _Table:
                 f"r{c.position}": (c.rule, c.groups) for c in run
             }
             # DOTALL: a decoded path may hold "\n" and "**" promises anything.
-            matchers.append(_Matcher(re.compile(source, re.DOTALL), dispatch, None))
+            regex = re.compile(source, re.DOTALL)
+            matchers.append(_Matcher(regex, dispatch, None, _max_length(run[0].wildcards)))
             run.clear()
 
     for c in compiled:
@@ -463,6 +513,9 @@ def _build_table(compiled: list[_Compiled], method: str | None) -> _Table:
             continue
         prefixes.add(c.prefix)
         if c.user is None:
+            # One alternation per bound on the path's length (see _max_length).
+            if run and _max_length(run[0].wildcards) != _max_length(c.wildcards):
+                flush_run()
             run.append(c)
         else:
             flush_run()

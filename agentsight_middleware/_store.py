@@ -40,6 +40,7 @@ __all__ = [
     "check_unchanged",
     "connect_readonly",
     "count_unsent",
+    "create_private",
     "mark_sent",
     "unsent",
     "wrap_database_error",
@@ -273,6 +274,24 @@ def is_locked(exc: BaseException) -> bool:
     """Whether ``exc`` says that another connection holds the lock (past the busy timeout)."""
     text = str(exc).lower()
     return "locked" in text or "busy" in text
+
+
+def create_private(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` empty and readable by its owner alone (0600), unless it exists.
+
+    The file holds visitors' IP addresses, user agents, page URLs and customer ids: left
+    to SQLite it would be made with the umask's mode, world-readable under the usual
+    022. SQLite gives the -wal and -shm files the mode of the database file, so they
+    follow. Never through a symlink, as SQLite would follow one at a new file's path.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError:
+        return  # an existing file keeps the mode its owner gave it
+    except OSError:
+        return  # a folder we cannot write, say: SQLite's own error says so, as before
+    os.close(fd)
 
 
 def wrap_database_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
@@ -642,6 +661,7 @@ class LocalStore:
                 f"cannot create the events file {self._path}: directory {directory} does not exist"
             )
         self._check_path_free()
+        create_private(self._path)
         # isolation_level=None: the module must not open transactions behind our back;
         # every write is an explicit BEGIN IMMEDIATE. check_same_thread=False: close() may
         # come from another thread than the writer's (at exit); self._lock serialises them.

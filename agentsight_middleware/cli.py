@@ -123,7 +123,27 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _refuse_planted_link(path: str) -> None:
+    """A ValueError for a symlink another user owns in a folder others may write to (a
+    link planted in /tmp): the kernel refuses to follow one (``fs.protected_symlinks``),
+    and resolving it here must not do what the kernel would not."""
+    import stat
+
+    try:
+        link = os.lstat(path)
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return
+    if not stat.S_ISLNK(link.st_mode) or link.st_uid in (os.geteuid(), folder.st_uid):
+        return
+    if folder.st_mode & stat.S_IWOTH and folder.st_mode & stat.S_ISVTX:
+        raise ValueError(
+            "it is a symbolic link another user owns, in a folder everyone may write to"
+        )
+
+
 def _write_html(path: str, page: str) -> None:
+    _refuse_planted_link(path)
     # Through a symlink (into a web root, say) to its target, not over the link itself.
     path = os.path.realpath(path)
     try:
@@ -136,9 +156,13 @@ def _write_html(path: str, page: str) -> None:
         # the events file with the page.
         raise ValueError("it is an SQLite database (the events file?), not a page")
     # Written beside the target then renamed: a browser tab reloading it never sees half.
-    temporary = f"{path}.tmp{os.getpid()}"
+    # A new file of an unguessable name, never through a link (the folder may be shared).
+    import secrets
+
+    temporary = f"{path}.tmp{os.getpid()}.{secrets.token_hex(6)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        with open(temporary, "w", encoding="utf-8") as file:
+        with open(os.open(temporary, flags, 0o666), "w", encoding="utf-8") as file:
             file.write(page)
         os.replace(temporary, path)
     except BaseException:
@@ -192,7 +216,7 @@ def _configure_send(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_send(args: argparse.Namespace) -> int:
-    from ._credentials import Credentials
+    from ._credentials import Credentials, in_clear_warning
     from ._replay import ReplayBusyError, replay
 
     try:
@@ -209,6 +233,9 @@ def _run_send(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if credentials is None:
         return _fail("no API key: set AGENTSIGHT_API_KEY or pass --api-key")
+    if credentials.in_clear:
+        where = "--endpoint" if args.endpoint is not None else "AGENTSIGHT_API_ENDPOINT"
+        print(f"{PROG}: warning: {in_clear_warning(credentials, where)}", file=sys.stderr)
     try:
         summary = replay(args.db, credentials, progress=sys.stderr)
     except (StoreError, ReplayBusyError, FileNotFoundError) as exc:

@@ -248,7 +248,18 @@ IP_CASES: list[tuple[str, Any, str | None, str | None, str | None, str | None, s
     ("real-ip-garbage", LAN, "10.0.0.1", None, None, "unknown", None),
     ("real-ip-list-is-garbage", LAN, "10.0.0.1", None, None, "1.2.3.4, 5.6.7.8", None),
     ("real-ip-trusted-only", LAN, "10.0.0.1", None, None, "10.0.0.3", "10.0.0.3"),
-    ("xff-beats-real-ip", LAN, "10.0.0.1", None, "203.0.113.9", "198.51.100.1", "203.0.113.9"),
+    # "auto" with two headers that disagree: one of them passed through from the client
+    # (a proxy writes one and forwards the others), so neither is believed.
+    ("xff-and-real-ip-disagree", LAN, "10.0.0.1", None, "203.0.113.9", "198.51.100.1", None),
+    (
+        "xff-and-real-ip-agree",
+        LAN,
+        "10.0.0.1",
+        None,
+        "6.6.6.6, 203.0.113.9",
+        "203.0.113.9",
+        "203.0.113.9",
+    ),
     (
         "fwd-quoted-v6-port",
         LAN,
@@ -304,7 +315,9 @@ IP_CASES: list[tuple[str, Any, str | None, str | None, str | None, str | None, s
         None,
         "203.0.113.9",
     ),
-    ("fwd-beats-xff", LAN, "10.0.0.1", "for=203.0.113.9", "198.51.100.1", None, "203.0.113.9"),
+    ("fwd-and-xff-disagree", LAN, "10.0.0.1", "for=203.0.113.9", "198.51.100.1", None, None),
+    ("fwd-and-xff-agree", LAN, "10.0.0.1", "for=203.0.113.9", "203.0.113.9", None, "203.0.113.9"),
+    ("fwd-without-for-and-xff", LAN, "10.0.0.1", "proto=https", "203.0.113.9", None, "203.0.113.9"),
     ("fwd-unterminated-quote", LAN, "10.0.0.1", 'for="203.0.113.9', "198.51.100.1", None, None),
     (
         "fwd-quote-swallow-attack",

@@ -636,7 +636,7 @@ def test_a_widget_page_that_answers_json_is_said_once_for_each_rule(
     assert answers[3].headers["set-cookie"].startswith("agentsight_conversation_id=")
     said = [r.getMessage() for r in caplog.records if "not an HTML page" in r.getMessage()]
     assert said == [
-        "the widget page / (rule '/') answered a browser's page view with 200 and "
+        "the widget page '/' (rule '/') answered a browser's page view with 200 and "
         "Content-Type 'application/json', not an HTML page: no cookie and no view are "
         "recorded for such an answer. Send the page as text/html (FastAPI: "
         "response_class=HTMLResponse); said once for each rule."

@@ -26,6 +26,7 @@ from .._log import logger
 from .._store import (
     _INHERITED,
     LOCK_SLICE,
+    create_private,
     is_locked,
     lock_wait_until,
     retry_locked,
@@ -305,6 +306,7 @@ class SQLiteOutbox:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         # After fork the parent's connection must not be used: open our own.
+        create_private(self.path)
         conn = sqlite3.connect(
             self.path, timeout=LOCK_SLICE, isolation_level=None, check_same_thread=False
         )
