@@ -21,15 +21,39 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 
 
-#: Seconds a chat request's body may take to arrive, once its first part has, before
-#: the app is called without it (the id then comes from the sources after the body).
-#: An app may answer before reading it all (a 401, a rate limit), or a client wait
-#: for the answer before sending more: neither should wait on the peek.
+#: Seconds a chat request's body may take to start arriving, and then as long again to
+#: arrive whole, before the app is called without it (the id then comes from the sources
+#: after the body). An app may answer before reading it (a 401, a rate limit), or a
+#: client wait for the answer before sending it: neither should wait on the peek. (On
+#: Python 3.10 the first part is awaited without a bound: see _wait_handing_over.)
 #: 200 ms: a body past the first TCP flight (~14 KB) comes one round trip later, over
 #: 100 ms on a mobile network.
 PEEK_WAIT = 0.2
 #: How late a wake-up may be before the peek gives the body a little more time.
 _LATE = 0.005
+#: Loop turns a receive must have sat still, past the bound, before it is cancelled: one
+#: that has just woken may hold the message already and still have awaits to run before
+#: it returns it (Starlette's receive_or_disconnect leaves an anyio task group: three
+#: turns), and a cancel there drops the message.
+_QUIET_TURNS = 5
+
+
+def _send(steps: Any, value: Any) -> Any:
+    """``steps.send(value)``, as ``await`` does it: an awaitable's iterator need not be a
+    generator (granian's receive returns a future whose ``__await__`` is itself, with
+    ``__next__`` only)."""
+    if value is None:
+        return next(steps)
+    return steps.send(value)
+
+
+def _throw(steps: Any, exc: BaseException) -> Any:
+    """``steps.throw(exc)``, as ``await`` does it: an iterator without ``throw`` is left,
+    and the exception raised where it was awaited."""
+    throw = getattr(steps, "throw", None)
+    if throw is None:
+        raise exc
+    return throw(exc)
 
 
 async def _wait_cancelling(
@@ -55,18 +79,31 @@ async def _wait_cancelling(
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - a receive stepped outside any task
         return await resume, None
-    expired = extended = False
-    timer: asyncio.TimerHandle
+    expired = finished = False
+    seen = resume.steps
+    quiet = 0
+    timer: asyncio.Handle
 
     def expire() -> None:
-        nonlocal expired, extended, timer
+        # Past the bound: checked every loop turn until the receive has sat still for
+        # _QUIET_TURNS of them (not woken, no wake-up queued), then cancelled. One that
+        # moves (the part came: the server hands it over, a wrapper leaves its task
+        # group with the message in hand) is left to finish, up to PEEK_WAIT more.
+        nonlocal expired, timer, seen, quiet
+        if finished:
+            return
         pending = resume.waited
-        ready = getattr(pending, "_asyncio_future_blocking", None) is not None and pending.done()
-        # The part already there (its wake-up queued), or the loop held past the
-        # deadline: a few more turns, as a server may take some to hand it over.
-        if ready or (not extended and time.monotonic() - deadline > _LATE):
-            extended = True
-            timer = loop.call_later(_LATE, expire)
+        future = getattr(pending, "_asyncio_future_blocking", None) is not None
+        if resume.steps != seen or (future and pending.done()):
+            seen, quiet = resume.steps, 0
+        else:
+            quiet += 1
+        if quiet < _QUIET_TURNS and time.monotonic() < deadline + PEEK_WAIT:
+            timer = loop.call_soon(expire)
+            return
+        if future and not isinstance(pending, asyncio.Future) and not pending.cancel():
+            # A future of its own kind that will not be cancelled: Task.cancel() would
+            # put a CancelledError in place of its result, the message. Waited for.
             return
         expired = True
         task.cancel()
@@ -81,6 +118,7 @@ async def _wait_cancelling(
             raise  # this task's own cancel, one more besides ours, or the receive's error
         return None, None
     finally:
+        finished = True
         timer.cancel()
     if expired:
         task.uncancel()  # it took our cancel, and answered all the same
@@ -130,7 +168,7 @@ async def _wait_handing_over(
         else:
             return await _Resume(steps, waited), None
         try:
-            waited = steps.send(None) if throw is None else steps.throw(throw)
+            waited = next(steps) if throw is None else _throw(steps, throw)
         except StopIteration as done:
             return done.value, None
 
@@ -142,6 +180,7 @@ class _Resume:
     def __init__(self, steps: Generator[Any, Any, Message], waited: Any) -> None:
         self._steps = steps
         self.waited = waited  # what it waits on now
+        self.steps = 0  # how many times it was woken by what it waited on (not a bare yield)
 
     def __await__(self) -> Generator[Any, Any, Message]:
         steps = self._steps
@@ -149,13 +188,15 @@ class _Resume:
             try:
                 sent = yield self.waited
             except BaseException as exc:
+                self.steps += self.waited is not None
                 try:
-                    self.waited = steps.throw(exc)
+                    self.waited = _throw(steps, exc)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
             else:
+                self.steps += self.waited is not None
                 try:
-                    self.waited = steps.send(sent)
+                    self.waited = _send(steps, sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
 
@@ -196,7 +237,7 @@ async def peek_asgi(
         # sends it) is left to the app, which may answer unread (a 401, a rate limit).
         steps = receive().__await__()
         try:
-            waited = steps.send(None)
+            waited = next(steps)  # not .send: granian's is an iterator without it
         except StopIteration as done:
             first = done.value
         else:
@@ -247,7 +288,7 @@ async def peek_asgi(
             # in parts went from +37 to +217 us).
             steps = receive().__await__()
             try:
-                waited = steps.send(None)
+                waited = next(steps)  # not .send: granian's is an iterator without it
             except StopIteration as done:
                 message = done.value
                 continue
