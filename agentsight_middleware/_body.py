@@ -9,6 +9,7 @@ the bytes read are served again before the rest of the original stream.
 from __future__ import annotations
 
 import io
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
@@ -20,25 +21,121 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 
 
-#: Seconds a chat request's body may take to arrive, once its first part has, before
-#: the app is called without it (the id then comes from the sources after the body).
-#: An app may answer before reading it all (a 401, a rate limit), or a client wait
-#: for the answer before sending more: neither should wait on the peek.
+#: Seconds a chat request's body may take to start arriving, and then as long again to
+#: arrive whole, before the app is called without it (the id then comes from the sources
+#: after the body). An app may answer before reading it (a 401, a rate limit), or a
+#: client wait for the answer before sending it: neither should wait on the peek. (On
+#: Python 3.10 the first part is awaited without a bound: see _wait_handing_over.)
 #: 200 ms: a body past the first TCP flight (~14 KB) comes one round trip later, over
 #: 100 ms on a mobile network.
 PEEK_WAIT = 0.2
 #: How late a wake-up may be before the peek gives the body a little more time.
 _LATE = 0.005
+#: Loop turns a receive must have sat still, past the bound, before it is cancelled: one
+#: that has just woken may hold the message already and still have awaits to run before
+#: it returns it (Starlette's receive_or_disconnect leaves an anyio task group: three
+#: turns), and a cancel there drops the message.
+_QUIET_TURNS = 5
 
 
-async def _wait_bounded(
+def _send(steps: Any, value: Any) -> Any:
+    """``steps.send(value)``, as ``await`` does it: an awaitable's iterator need not be a
+    generator (granian's receive returns a future whose ``__await__`` is itself, with
+    ``__next__`` only)."""
+    if value is None:
+        return next(steps)
+    return steps.send(value)
+
+
+def _throw(steps: Any, exc: BaseException) -> Any:
+    """``steps.throw(exc)``, as ``await`` does it: an iterator without ``throw`` is left,
+    and the exception raised where it was awaited."""
+    throw = getattr(steps, "throw", None)
+    if throw is None:
+        raise exc
+    return throw(exc)
+
+
+async def _wait_cancelling(
+    steps: Generator[Any, None, Message], waited: Any, deadline: float
+) -> tuple[Message | None, Any]:
+    """The rest of a ``receive()`` that has to wait, carried on in this very task (its
+    first step ran here: a contextvar, a cancel scope or an ``asyncio.timeout`` it
+    entered must be left here too): ``(message, None)`` if it comes before ``deadline``,
+    else ``(None, None)``, the receive cancelled here, as a time limit on it would: the
+    app's own next ``receive()`` gets what comes (a server's receive is cancel-safe:
+    Starlette cancels a pending one itself, in ``Request.is_disconnected()``). Never
+    handed to the app half run: the app may call receive from another task (an inner
+    BaseHTTPMiddleware's ``call_next``), where a cancel scope that the receive entered
+    here (an outer BaseHTTPMiddleware's) cannot be left. Under trio, relayed without a
+    bound."""
+    import asyncio
+
+    resume = _Resume(steps, waited)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return await resume, None
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - a receive stepped outside any task
+        return await resume, None
+    expired = finished = False
+    seen = resume.steps
+    quiet = 0
+    timer: asyncio.Handle
+
+    def expire() -> None:
+        # Past the bound: checked every loop turn until the receive has sat still for
+        # _QUIET_TURNS of them (not woken, no wake-up queued), then cancelled. One that
+        # moves (the part came: the server hands it over, a wrapper leaves its task
+        # group with the message in hand) is left to finish, up to PEEK_WAIT more.
+        nonlocal expired, timer, seen, quiet
+        if finished:
+            return
+        pending = resume.waited
+        future = getattr(pending, "_asyncio_future_blocking", None) is not None
+        if resume.steps != seen or (future and pending.done()):
+            seen, quiet = resume.steps, 0
+        else:
+            quiet += 1
+        if quiet < _QUIET_TURNS and time.monotonic() < deadline + PEEK_WAIT:
+            timer = loop.call_soon(expire)
+            return
+        if future and not isinstance(pending, asyncio.Future) and not pending.cancel():
+            # A future of its own kind that will not be cancelled: Task.cancel() would
+            # put a CancelledError in place of its result, the message. Waited for.
+            return
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire)
+    try:
+        message = await resume
+    except BaseException as exc:
+        # Our cancel taken back whatever came of it (a receive may turn it into an
+        # error of its own): a count left behind would confuse the app's time limits.
+        if not expired or task.uncancel() > 0 or not isinstance(exc, asyncio.CancelledError):
+            raise  # this task's own cancel, one more besides ours, or the receive's error
+        return None, None
+    finally:
+        finished = True
+        timer.cancel()
+    if expired:
+        task.uncancel()  # it took our cancel, and answered all the same
+    return message, None
+
+
+async def _wait_handing_over(
     steps: Generator[Any, None, Message], waited: Any, deadline: float
 ) -> tuple[Message | None, Any]:
     """The rest of a ``receive()`` that has to wait, carried on in this very task (its
     first step ran here: a contextvar, a cancel scope or an ``asyncio.timeout`` it
     entered must be left here too): ``(message, None)`` if it comes before ``deadline``,
     else ``(None, an awaitable of the rest)`` for the app to await. Under trio, or for
-    a yield asyncio does not know, relayed without a bound."""
+    a yield asyncio does not know, relayed without a bound. Python 3.10 only: there,
+    anyio takes a cancel of ours in a cancel scope the receive entered for its own,
+    and swallows it (BaseHTTPMiddleware's receive then fails); the app awaiting the
+    rest in another task fails as well, so the first part is not bounded there."""
     import asyncio
 
     try:
@@ -71,7 +168,7 @@ async def _wait_bounded(
         else:
             return await _Resume(steps, waited), None
         try:
-            waited = steps.send(None) if throw is None else steps.throw(throw)
+            waited = next(steps) if throw is None else _throw(steps, throw)
         except StopIteration as done:
             return done.value, None
 
@@ -82,23 +179,31 @@ class _Resume:
 
     def __init__(self, steps: Generator[Any, Any, Message], waited: Any) -> None:
         self._steps = steps
-        self._waited = waited
+        self.waited = waited  # what it waits on now
+        self.steps = 0  # how many times it was woken by what it waited on (not a bare yield)
 
     def __await__(self) -> Generator[Any, Any, Message]:
-        steps, waited = self._steps, self._waited
+        steps = self._steps
         while True:
             try:
-                sent = yield waited
+                sent = yield self.waited
             except BaseException as exc:
+                self.steps += self.waited is not None
                 try:
-                    waited = steps.throw(exc)
+                    self.waited = _throw(steps, exc)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
             else:
+                self.steps += self.waited is not None
                 try:
-                    waited = steps.send(sent)
+                    self.waited = _send(steps, sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
+
+
+#: A part that does not come in time: its receive cancelled (3.11+), or handed over.
+_BOUND_CANCELS = sys.version_info >= (3, 11)
+_wait_bounded = _wait_cancelling if _BOUND_CANCELS else _wait_handing_over
 
 
 def _declared_length(value: str | None) -> int | None:
@@ -123,12 +228,23 @@ async def peek_asgi(
         return b"", receive  # too big, empty or nonsense: do not touch the stream
 
     first_error: BaseException | None = None
+    first: Message | None = None
+    waiting: Any = None
     try:
-        # Awaited without a bound: a receive left half run past one is resumed by the app,
-        # maybe in another task (an inner BaseHTTPMiddleware's), where a cancel scope it
-        # entered here (an outer one's) cannot be left: a 500 for a body one slow round
-        # trip late. A client that never sends the body holds the request until it goes.
-        first: Message | None = await receive()
+        # Stepped by hand as the later parts are (see below): a first part the server
+        # already has costs nothing more, and one that does not come within PEEK_WAIT
+        # (a client waiting for the answer before it sends the body, or one that never
+        # sends it) is left to the app, which may answer unread (a 401, a rate limit).
+        steps = receive().__await__()
+        try:
+            waited = next(steps)  # not .send: granian's is an iterator without it
+        except StopIteration as done:
+            first = done.value
+        else:
+            if _BOUND_CANCELS:
+                first, waiting = await _wait_bounded(steps, waited, time.monotonic() + PEEK_WAIT)
+            else:  # Python 3.10: awaited as before the bound (see _wait_handing_over)
+                first = await _Resume(steps, waited)
     except Exception as exc:
         first, first_error = None, exc
     if first is not None and first["type"] == "http.request" and not first.get("more_body", False):
@@ -151,7 +267,6 @@ async def peek_asgi(
     size = 0
     complete = False
     error = first_error
-    waiting: Any = None
     deadline = 0.0  # set at the first part that has to be waited for
     try:
         message = first
@@ -173,7 +288,7 @@ async def peek_asgi(
             # in parts went from +37 to +217 us).
             steps = receive().__await__()
             try:
-                waited = steps.send(None)
+                waited = next(steps)  # not .send: granian's is an iterator without it
             except StopIteration as done:
                 message = done.value
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +30,7 @@ from starlette.websockets import WebSocket
 
 from agentsight_middleware import AgentSightMiddleware, Conversation, current_conversation
 from agentsight_middleware import asgi as asgi_module
+from agentsight_middleware._body import PEEK_WAIT
 from agentsight_middleware.testing import RecordingTracker
 
 from .conftest import (
@@ -1742,6 +1744,45 @@ async def test_request_headers_given_as_a_one_shot_iterable_all_reach_the_app(
     assert body == b",".join(name for name, _ in browser)
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="3.10: the first part is not bounded (_body._wait_handing_over)",
+)
+def test_a_chat_request_whose_body_never_comes_is_answered_by_an_app_that_does_not_wait(
+    tracker: RecordingTracker,
+) -> None:
+    # Headers sent, the body not (a client waiting for the answer first, or a broken
+    # one): an app that refuses such a request unread (a 401, a rate limit) answered at
+    # once bare, and never wrapped, the body peek waiting for a first part with no limit.
+    import socket
+    import urllib.parse
+
+    async def refuse(request: Request) -> Response:
+        return PlainTextResponse("unauthorized", status_code=401)
+
+    app = Starlette(routes=[Route("/api/chat", refuse, methods=["POST"])])
+    mw = AgentSightMiddleware(app, chat_routes=["POST /api/chat"], tracker=tracker)
+    with uvicorn_server(mw) as url:
+        port = urllib.parse.urlsplit(url).port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            started = time.monotonic()
+            client.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: shop.test\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 7\r\n\r\n"
+            )
+            answer = b""
+            while not answer.endswith(b"unauthorized"):  # head and body may come apart
+                part = client.recv(65536)
+                if not part:
+                    break
+                answer += part
+            took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert answer.endswith(b"unauthorized")
+    assert took < 2.0  # the peek's 200 ms wait, then the app (was: until the client gave up)
+    tracker.wait_for(used=1)  # tracked all the same, under an id of its own
+
+
 @pytest.mark.parametrize(
     ("cache_control", "cookie"),
     [
@@ -1775,3 +1816,56 @@ def test_a_chat_answer_for_shared_caches_gets_no_cookie_the_chat_counts(
     )
     tracker.wait_for(used=1)
     assert tracker.used[0]["conversation_id"] == "conv_0123456789ab"
+
+
+@pytest.mark.parametrize("split", [0, 10])  # the first part late; the second part late
+@pytest.mark.parametrize("layout", ["inner", "outer", "inner+outer"])
+def test_a_late_body_part_reaches_the_app_whatever_middleware_surrounds_it(
+    layout: str, split: int
+) -> None:
+    # A body (or its rest) coming PEEK_WAIT + 0.3 s after the headers (a slow client; a
+    # client without TCP_NODELAY over a long round trip), with FastAPI's
+    # @app.middleware("http") (BaseHTTPMiddleware) inside and outside the middleware: the
+    # receive half run by the peek (in the outer one's cancel scope) was resumed by the
+    # app in the inner one's call_next task: 500, "Attempted to exit a cancel scope that
+    # isn't the current tasks's current cancel scope". Both were 500s before the bound
+    # cancelled a late receive instead of handing it to the app half run.
+    import socket
+    import urllib.parse
+
+    if layout == "inner+outer" and split and sys.version_info < (3, 11):
+        pytest.xfail("Python 3.10 keeps handing a late part over (see _wait_handing_over)")
+    tracker = RecordingTracker()
+    app = FastAPI()
+
+    @app.post("/api/chat")
+    async def chat(request: Request) -> dict[str, str]:
+        return {"got": (await request.body()).decode()}
+
+    async def passthrough(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    if "inner" in layout:
+        app.middleware("http")(passthrough)
+    app.add_middleware(AgentSightMiddleware, chat_routes=["POST /api/chat"], tracker=tracker)
+    if "outer" in layout:
+        app.middleware("http")(passthrough)
+    body = b'{"conversation_id": "conv_0123456789ab", "m": "hi"}'
+    with uvicorn_server(app) as url:
+        port = urllib.parse.urlsplit(url).port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(
+                b"POST /api/chat HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:split])
+            )
+            time.sleep(PEEK_WAIT + 0.3)
+            client.sendall(body[split:])
+            answer = b""
+            while not answer.endswith(b"}"):
+                part = client.recv(65536)
+                if not part:
+                    break
+                answer += part
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    got = answer.partition(b"\r\n\r\n")[2]
+    assert got == b'{"got":"{\\"conversation_id\\": \\"conv_0123456789ab\\", \\"m\\": \\"hi\\"}"}'
