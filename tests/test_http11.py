@@ -1954,9 +1954,11 @@ async def test_a_kept_alive_connection_closed_unannounced_is_no_failure() -> Non
     assert len(processed) == len(set(processed)) == 60
 
 
-async def test_an_outage_after_a_recovery_is_logged_again(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _outages(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, faults: list[str]
+) -> list[logging.LogRecord]:
+    """One event through each fault in turn (``fail``: a 503, ``throttle``: two 429s);
+    the log records saying an outage ended."""
     # (A recovery is declared after _QUIET seconds without a failure: none here.)
     monkeypatch.setattr("agentsight_middleware.sinks.http._QUIET", 0.0)
     caplog.set_level(logging.INFO, logger="agentsight_middleware")
@@ -1964,20 +1966,28 @@ async def test_an_outage_after_a_recovery_is_logged_again(
         credentials = Credentials(api.api_key, api.url, "production")
         sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=1)
         await sink.start()
-        for _ in range(2):
-            api.fail_next(1, status=503)
+        for fault in faults:
+            if fault == "fail":
+                api.fail_next(1, status=503)
+            else:
+                api.throttle_next(2, retry_after="0")
             await sink.put([{
                 "conversation_id": f"conv_{len(api.conversations):012x}", "is_used": False,
                 "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
             }])  # fmt: skip
             assert await sink.drain(time.monotonic() + 10) == 0
         await sink.aclose()
+    return [r for r in caplog.records if "accepts events again" in r.getMessage()]
+
+
+async def test_an_outage_after_a_recovery_is_logged_again(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = await _outages(caplog, monkeypatch, ["fail", "fail"])
     # It answered: a server error, not an API that cannot be reached.
     assert caplog.text.count("the AgentSight API answered HTTP 503 Service Unavailable;") == 2
     assert "unreachable" not in caplog.text
-    assert caplog.text.count("accepts events again") == 2
-    # Said at the level the failure was, with what it cost.
-    ended = [r for r in caplog.records if "accepts events again" in r.getMessage()]
+    # Each end said, at the level the failure was, with what it cost.
     assert [r.levelno for r in ended] == [logging.WARNING] * 2
     assert "1 attempts retried, 0 throttled" in ended[0].getMessage()
 
@@ -1985,22 +1995,8 @@ async def test_an_outage_after_a_recovery_is_logged_again(
 async def test_the_end_of_a_throttling_spell_is_said_with_its_counts(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("agentsight_middleware.sinks.http._QUIET", 0.0)
-    caplog.set_level(logging.INFO, logger="agentsight_middleware")
-    with StandInAgentSightAPI() as api:
-        credentials = Credentials(api.api_key, api.url, "production")
-        sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=1)
-        await sink.start()
-        api.throttle_next(2, retry_after="0")
-        await sink.put([{
-            "conversation_id": "conv_00000000000a", "is_used": False,
-            "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
-        }])  # fmt: skip
-        assert await sink.drain(time.monotonic() + 10) == 0
-        await sink.aclose()
-    ended = [r for r in caplog.records if "accepts events again" in r.getMessage()]
-    assert len(ended) == 1
-    assert ended[0].levelno == logging.WARNING  # as "is throttling (429)" was
+    ended = await _outages(caplog, monkeypatch, ["throttle"])
+    assert [r.levelno for r in ended] == [logging.WARNING]  # as "is throttling (429)" was
     assert "0 attempts retried, 2 throttled" in ended[0].getMessage()
 
 

@@ -290,6 +290,7 @@ def test_a_receive_on_a_future_that_cannot_be_cancelled_loses_no_message() -> No
         body, replay = await asyncio.wait_for(peek_asgi(receive, "2", 1024), 3)
         if body == b"{}":
             return  # the peek got it late: fine
+
         def disconnect() -> None:
             if pending:
                 pending.pop(0).set_result({"type": "http.disconnect"})
