@@ -818,7 +818,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for status, n in summary["by_status"].items()
     )
     count = summary["requests"]
-    print(f"Stopped after {count:,} request(s){': ' + answers if answers else ''}.", flush=True)
+    print(f"Stopped after {count} request(s){': ' + answers if answers else ''}.", flush=True)
     return 0
 
 

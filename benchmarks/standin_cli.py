@@ -59,5 +59,5 @@ class StandInCLI:
             out, _ = self.proc.communicate()
         for line in out.splitlines():
             if line.startswith("Stopped after"):
-                self.received = int(line.split()[2])
+                self.received = int(line.split()[2].replace(",", ""))
         return self.received
