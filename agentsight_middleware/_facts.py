@@ -448,22 +448,63 @@ def _auto_headers(
 _disagreement_warned = False
 
 
-def _warn_disagreement(names: list[ForwardedHeader]) -> None:
+def _warn_disagreement(names: list[ForwardedHeader], trusted: TrustedProxies) -> None:
     global _disagreement_warned
     if _disagreement_warned:
         return
     _disagreement_warned = True
     from ._log import logger
 
+    if trusted.trusts_all:
+        # Every hop trusted: a chain's left-most entry is believed, and a proxy that
+        # appends leaves that one to the client. Pinning such a header would hand it over.
+        advice = (
+            "list your proxies' addresses in trusted_proxies= instead of '*' and set "
+            "trusted_proxy_header= to the one header your proxy writes, or, keeping '*', "
+            "'x-real-ip' if your proxy sets it from the address it sees (nginx's X-Real-IP "
+            "$remote_addr); not a header it appends to, whose left-most entry is the "
+            "client's to write"
+        )
+    else:
+        advice = (
+            "set trusted_proxy_header= to the one header your proxy writes ('x-forwarded-for' "
+            "for nginx's $proxy_add_x_forwarded_for, AWS ALB, HAProxy option forwardfor; "
+            "'x-real-ip' for nginx's X-Real-IP $remote_addr)"
+        )
     logger.warning(
         "a request from a trusted proxy carried %s, which name different client addresses: "
         "a proxy writes one of them and passes the others through from the client, so with "
         "trusted_proxy_header='auto' the client could choose the IP recorded. Such requests "
-        "are recorded without an IP; set trusted_proxy_header= to the one header your proxy "
-        "writes ('x-forwarded-for' for nginx's $proxy_add_x_forwarded_for, AWS ALB, HAProxy "
-        "option forwardfor; 'x-real-ip' for nginx's X-Real-IP $remote_addr).",
-        " and ".join(names),
+        "are recorded without an IP; %s.",
+        ", ".join(names),
+        advice,
     )
+
+
+def _agreeing_chain(
+    trusted: TrustedProxies, chains: list[list[str | None] | None]
+) -> list[str | None] | None:
+    """The longest of ``chains`` when every other one names the same addresses as its
+    right end, else None. nginx behind a load balancer or CDN writes X-Real-IP
+    $remote_addr (the balancer) and appends that same address to X-Forwarded-For: the
+    shorter header is the longer one's last hops. A client cannot choose with this: the
+    walk of the longer chain leaves the shorter one's hops only past addresses that are
+    all trusted, i.e. where the shorter one (written by a proxy) ends in a trusted peer,
+    which must itself have appended to the longer header. Not under "*", where every hop
+    is trusted and the walk would always go on into what the client wrote."""
+    if trusted.trusts_all or any(not chain for chain in chains):
+        return None
+    longest = max(chains, key=len)  # type: ignore[arg-type]
+    assert longest is not None
+    for chain in chains:
+        assert chain is not None
+        if chain is longest:
+            continue
+        for hop, same in zip(chain, longest[len(longest) - len(chain) :], strict=True):
+            address = _hop_address(hop)
+            if address is None or address != _hop_address(same):
+                return None
+    return longest
 
 
 def _walk(trusted: TrustedProxies, chain: list[str | None] | None) -> str | None:
@@ -526,13 +567,16 @@ def client_ip(
             # sent them (nginx, HAProxy, AWS ALB, Traefik, Caddy: none strips Forwarded):
             # believing the first present would let the client choose its address. Only
             # an answer all of them agree on is taken.
-            answers = {
-                _walk(trusted, _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip, name))
-                for name in names
-            }
+            chains = [
+                _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip, name) for name in names
+            ]
+            answers = {_walk(trusted, chain) for chain in chains}
             if len(answers) == 1:
                 return answers.pop()
-            _warn_disagreement(names)
+            agreeing = _agreeing_chain(trusted, chains)
+            if agreeing is not None:
+                return _walk(trusted, agreeing)
+            _warn_disagreement(names, trusted)
             return None
 
     return _walk(trusted, _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip))

@@ -98,13 +98,14 @@ class _Matcher(NamedTuple):
 
 
 def _max_length(wildcards: int) -> int:
-    """The longest path a generated pattern is tried on, by how many of its variable-length
-    parts may compete for the same characters (see _translate). ``re`` backtracks: with k
-    such parts a path of near-matches costs time of the order of its length to the k-th
-    power (``/docs/**/v/**/index.html`` held uvicorn's event loop 4.8 s on one 64 KB request
-    path; ``/d/**/v/**/w/**/z`` 0.7 s on 2 KB, 24 s on 8 KB). Bounded so that length**k
-    stays near a million steps, a few ms at worst; paths that long name no real page or
-    chat route. One such part is linear, however long the path."""
+    """The longest path a generated pattern is tried on, by the degree k of its worst case
+    (see _translate: one more than its branching parts). ``re`` backtracks: a path of
+    near-matches costs time of the order of its length to the k-th power
+    (``/docs/**/v/**/index.html`` held uvicorn's event loop 4.8 s on one 64 KB request
+    path; ``/d/**/v/**/w/**/z`` 0.7 s on 2 KB, 24 s on 8 KB; ``/*-*/*-*/*-*/end``, k=4,
+    8 s on 907 chars). Bounded so that length**k stays near a million steps, a few ms
+    (tens at worst); paths that long name no real page or chat route. k <= 1 is linear,
+    however long the path."""
     if wildcards <= 1:
         return sys.maxsize
     return int(_MATCH_BUDGET ** (1 / wildcards))
@@ -281,7 +282,8 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
         logger.warning(
             "%s: %r has %d wildcards or parameters that may match the same characters: it "
             "is only tried on paths of up to %d characters (matching a longer one could take "
-            "seconds); fewer wildcards, or re.compile() of a regex, lift the bound",
+            "seconds); fewer such parts lift the bound, as does re.compile() of a regex whose "
+            "parts cannot compete (the same pattern as a regex backtracks the same)",
             where,
             item,
             wildcards,
@@ -382,14 +384,18 @@ def _translate(
     where: str, item: str, path: str, position: int
 ) -> tuple[str | None, _Groups, str, int]:
     """Turn a glob/template path into regex source; None means an exact path. Also says
-    how many variable-length parts the pattern has."""
+    the degree of its worst case on a long path (0 or 1: linear; see _max_length)."""
     parts: list[str] = []
     groups: list[tuple[str, str]] = []
     prefix: str | None = None
     literal_start = 0
-    # Parts that may compete for the same characters: every "**" or {p:path} (they cross
-    # "/"), and the most "*" or {param} of one segment (a "/" between two ends the run).
-    anywhere = in_segment = most_in_segment = 0
+    # Parts whose end a matcher may have to try at many places ("branching"): a part
+    # followed by another one, when the characters between them (or the next part itself,
+    # if they touch) could also be taken by the part. Each multiplies the work of what
+    # follows by the path's length; one that ends where the next literal starts ("{user}/",
+    # "{year:int}-"), or the last part, only scans. See _max_length.
+    branching = 0
+    previous: str | None = None  # the characters the previous variable part may take
     for special in _SPECIAL.finditer(path):
         token = special[0]
         if token == "{" or token == "}":
@@ -401,16 +407,16 @@ def _translate(
             )
         if prefix is None:
             prefix = path[: special.start()]
-        if "/" in path[literal_start : special.start()]:
-            in_segment = 0
-        parts.append(re.escape(path[literal_start : special.start()]))
+        between = path[literal_start : special.start()]
+        if previous is not None and (not between or _may_take(previous, between[0])):
+            branching += 1
+        parts.append(re.escape(between))
         literal_start = special.end()
         if token == "**":
-            anywhere += 1
+            previous = "path"
             parts.append(".*")
         elif token == "*":
-            in_segment += 1
-            most_in_segment = max(most_in_segment, in_segment)
+            previous = "str"
             parts.append("[^/]*")
         else:
             name, colon, convertor = special[1].partition(":")
@@ -431,11 +437,8 @@ def _translate(
                 )
             if not colon:
                 convertor = "str"
-            if convertor == "path":
-                anywhere += 1
-            elif convertor != "uuid":  # a uuid's length is fixed, give or take hyphens
-                in_segment += 1
-                most_in_segment = max(most_in_segment, in_segment)
+            # A uuid's length is fixed, give or take hyphens: a few ends, not the path's length.
+            previous = None if convertor == "uuid" else convertor
             if convertor not in _CONVERTORS:
                 raise ValueError(
                     f"{where}: unknown convertor {convertor!r} in {item!r}; "
@@ -449,7 +452,19 @@ def _translate(
     if prefix is None:
         return None, (), path, 0
     parts.append(re.escape(path[literal_start:]))
-    return "".join(parts), tuple(groups), prefix, anywhere + most_in_segment
+    # k branching parts: up to length**k ends tried, each followed by a linear scan.
+    return "".join(parts), tuple(groups), prefix, branching + 1 if branching else 0
+
+
+def _may_take(convertor: str, char: str) -> bool:
+    """Whether a part of this convertor ("*" is "str", "**" is "path") may match ``char``."""
+    if convertor == "path":
+        return True
+    if convertor == "int":
+        return char in "0123456789"
+    if convertor == "float":
+        return char in "0123456789."
+    return char != "/"
 
 
 def _regex_prefix(pattern: re.Pattern[str]) -> str:

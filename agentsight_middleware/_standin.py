@@ -299,7 +299,9 @@ class StandInAgentSightAPI:
         self._conversations: list[dict[str, Any]] = []
         self._messages: list[dict[str, Any]] = []
         self._ingested: list[RecordedRequest] = []
-        self._faults: deque[_Fault] = deque()
+        # Runs of faults to come, [fault, how many]: "fail?n=1000000000" is one entry.
+        self._faults: deque[list[Any]] = deque()
+        self._faults_pending = 0
         self._latency = 0.0
         self._down_until = 0.0  # time.monotonic() until which every request fails
         self._down_fault = _Fault("fail", status=503)
@@ -400,7 +402,8 @@ class StandInAgentSightAPI:
             raise ValueError("wait_for() needs a predicate and/or conversations=N")
 
         def satisfied() -> bool:
-            if conversations is not None and len(self._conversations) < conversations:
+            # Counted, not the recorded list's length: keep= lets old ones go.
+            if conversations is not None and self._accepted() < conversations:
                 return False
             return predicate is None or bool(predicate(self))
 
@@ -424,9 +427,9 @@ class StandInAgentSightAPI:
         lines = [
             f"StandInAgentSightAPI.wait_for() timed out after {timeout:g}s waiting for "
             + " and ".join(wanted),
-            f"got {len(self._conversations)} accepted conversation(s), "
-            f"{len(self._messages)} message(s), {len(self._ingested)} ingest request(s), "
-            f"{len(self._requests)} request(s) in total",
+            f"got {self._accepted()} accepted conversation(s), "
+            f"{self._counts_messages} message(s), {len(self._ingested)} ingest request(s) "
+            f"kept, {sum(self._counts.values())} request(s) in total",
         ]
         shown = self._requests[-10:]
         if len(self._requests) > len(shown):
@@ -435,6 +438,10 @@ class StandInAgentSightAPI:
             answer = str(req.status) if req.status else "no answer (fault)"
             lines.append(f"  {req.method} {req.path} -> {answer}: {req.body[:120]!r}")
         return "\n".join(lines)
+
+    def _accepted(self) -> int:
+        """Conversations accepted since the start or the last reset, kept or not."""
+        return self._used[False] + self._used[True]
 
     def summary(self) -> dict[str, Any]:
         """Counts of everything received since the start (or the last :meth:`reset`),
@@ -449,7 +456,7 @@ class StandInAgentSightAPI:
                 "initialized": self._used[False],
                 "used": self._used[True],
                 "messages": self._counts_messages,
-                "faults_pending": len(self._faults),
+                "faults_pending": self._faults_pending,
                 "down_for": round(down, 3),
                 "latency": self._latency,
             }
@@ -466,6 +473,7 @@ class StandInAgentSightAPI:
             self._messages.clear()
             self._ingested.clear()
             self._faults.clear()
+            self._faults_pending = 0
             self._latency = 0.0
             self._down_until = 0.0
             self._counts.clear()
@@ -525,7 +533,9 @@ class StandInAgentSightAPI:
         if n < 0:
             raise ValueError("n must be >= 0")
         with self._cond:
-            self._faults.extend([fault] * n)
+            if n:
+                self._faults.append([fault, n])
+                self._faults_pending += n
 
     # -- called by the server, on its thread ---------------------------------------
 
@@ -534,7 +544,14 @@ class StandInAgentSightAPI:
         if request.path.startswith(CONTROL_PREFIX):
             return self._control(request)
         with self._cond:
-            fault = self._faults.popleft() if self._faults else None
+            fault = None
+            if self._faults:
+                run = self._faults[0]
+                fault = run[0]
+                run[1] -= 1
+                self._faults_pending -= 1
+                if not run[1]:
+                    self._faults.popleft()
             if fault is None and self._down_until:
                 if time.monotonic() < self._down_until:
                     fault = self._down_fault
@@ -648,7 +665,7 @@ class StandInAgentSightAPI:
         order = route.strip("/")
         params = dict(parse_qsl(query, keep_blank_values=True))
         if order == "summary":
-            if request.method not in ("GET", "POST"):
+            if request.method not in ("GET", "HEAD", "POST"):
                 return Answer(405, {"detail": f'Method "{request.method}" not allowed.'})
             return Answer(200, self.summary())
         if order not in _ORDERS:

@@ -282,13 +282,22 @@ def create_private(path: str | os.PathLike[str]) -> None:
     The file holds visitors' IP addresses, user agents, page URLs and customer ids: left
     to SQLite it would be made with the umask's mode, world-readable under the usual
     022. SQLite gives the -wal and -shm files the mode of the database file, so they
-    follow. Never through a symlink, as SQLite would follow one at a new file's path.
+    follow. A link to a file not made yet (the file kept on a data volume) is followed
+    once, as SQLite would follow it, to make that file; never a link at the end of that.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+        fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        return  # an existing file keeps the mode its owner gave it
+        # An existing file keeps the mode its owner gave it; a dangling link's target
+        # would be made by SQLite with the umask's mode.
+        if not (os.path.islink(path) and not os.path.exists(path)):
+            return
+        try:
+            fd = os.open(os.path.realpath(path), flags, 0o600)
+        except OSError:
+            return
     except OSError:
         return  # a folder we cannot write, say: SQLite's own error says so, as before
     os.close(fd)

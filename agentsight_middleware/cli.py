@@ -125,21 +125,30 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
 
 def _refuse_planted_link(path: str) -> None:
     """A ValueError for a symlink another user owns in a folder others may write to (a
-    link planted in /tmp): the kernel refuses to follow one (``fs.protected_symlinks``),
-    and resolving it here must not do what the kernel would not."""
+    link planted in /tmp), the file's or one of its folders': the kernel refuses to
+    follow one (``fs.protected_symlinks``), and resolving it here must not do what the
+    kernel would not."""
     import stat
 
-    try:
-        link = os.lstat(path)
-        folder = os.stat(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return
-    if not stat.S_ISLNK(link.st_mode) or link.st_uid in (os.geteuid(), folder.st_uid):
-        return
-    if folder.st_mode & stat.S_IWOTH and folder.st_mode & stat.S_ISVTX:
-        raise ValueError(
-            "it is a symbolic link another user owns, in a folder everyone may write to"
-        )
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:
+        return  # Windows: no such links to plant
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts) + 1):
+        here = os.sep.join(parts[:end])
+        try:
+            link = os.lstat(here)
+            if not stat.S_ISLNK(link.st_mode):
+                continue
+            folder = os.stat(os.path.dirname(here))
+        except OSError:
+            return
+        if link.st_uid in (geteuid(), folder.st_uid):
+            continue
+        if folder.st_mode & stat.S_IWOTH and folder.st_mode & stat.S_ISVTX:
+            raise ValueError(
+                f"{here} is a symbolic link another user owns, in a folder everyone may write to"
+            )
 
 
 def _write_html(path: str, page: str) -> None:
@@ -161,6 +170,9 @@ def _write_html(path: str, page: str) -> None:
 
     temporary = f"{path}.tmp{os.getpid()}.{secrets.token_hex(6)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    # O_BINARY: os.open gives Windows a text-mode descriptor, whose "\n" the C library
+    # turns into "\r\n" after the text layer did (open(path, "w") never had it).
+    flags |= getattr(os, "O_BINARY", 0)
     try:
         with open(os.open(temporary, flags, 0o666), "w", encoding="utf-8") as file:
             file.write(page)

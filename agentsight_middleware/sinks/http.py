@@ -1133,7 +1133,8 @@ class HttpSink:
             logger.debug(message, *args)
             return
         self._logged.add(key)
-        if level == "warning":
+        if level in ("warning", "error"):
+            # Said where a WARNING-level log shows it: so is the outage's end (_recovered).
             self._warned = True
         getattr(logger, level)(message, *args)
 
