@@ -121,6 +121,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_NGINX_LINES = {
+    "x-forwarded-for": "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    "x-real-ip": "proxy_set_header X-Real-IP $remote_addr;",
+}
+
+
 @contextlib.contextmanager
 def _nginx(upstream: str, writes: str) -> Iterator[str]:
     """A real nginx in front of ``upstream``, with the header config of the docs' examples."""
@@ -130,11 +136,8 @@ def _nginx(upstream: str, writes: str) -> Iterator[str]:
     if nginx is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
     port = _free_port()
-    line = (
-        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"
-        if writes == "x-forwarded-for"
-        else "proxy_set_header X-Real-IP $remote_addr;"
-    )
+    # "x-real-ip+x-forwarded-for": both, as nginx's docs and most tutorials set them.
+    line = " ".join(_NGINX_LINES[header] for header in writes.split("+"))
     with tempfile.TemporaryDirectory() as folder:
         conf = os.path.join(folder, "nginx.conf")
         with open(conf, "w") as f:

@@ -6,15 +6,7 @@ right end of a longer one's chain agrees with it. A client still cannot choose i
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,7 +17,7 @@ from agentsight_middleware._facts import TrustedProxies, client_ip
 from agentsight_middleware.testing import RecordingTracker
 
 from .conftest import serving
-from .test_security_proxy import CLIENT, FORGED, _free_port, _python_proxy, _server
+from .test_security_proxy import CLIENT, FORGED, _nginx, _python_proxy, _server
 
 
 def _ip(trusted: Any, peer: str = "10.0.0.2", **headers: str | None) -> str | None:
@@ -99,45 +91,6 @@ def test_the_warning_does_not_advise_a_spoofable_setting_under_star(
     assert "'x-forwarded-for' for nginx" not in advice, advice
 
 
-@contextlib.contextmanager
-def _nginx_both(upstream: str) -> Iterator[str]:
-    """A real nginx writing both headers, as the nginx docs and most tutorials do."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(nginx):
-        pytest.skip("nginx is not installed")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        conf = os.path.join(folder, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(
-                f"daemon off; master_process off; pid {folder}/nginx.pid;"
-                f"error_log {folder}/error.log; events {{}}"
-                f"http {{ access_log off; client_body_temp_path {folder};"
-                f" proxy_temp_path {folder};"
-                f" server {{ listen 127.0.0.1:{port};"
-                f"  location / {{ proxy_pass {upstream}; proxy_set_header Host $host;"
-                "   proxy_set_header X-Real-IP $remote_addr;"
-                "   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }"
-                " } }"
-            )
-        process = subprocess.Popen([nginx, "-c", conf, "-p", folder])
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), 0.2),
-                ):
-                    break
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("nginx did not start")
-                time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            process.terminate()
-            process.wait(10)
-
-
 @pytest.mark.parametrize("server", ["uvicorn", "werkzeug"])
 @pytest.mark.parametrize("trusted", [["127.0.0.1"], 2], ids=["by-address", "hop-count"])
 def test_load_balancer_then_nginx_records_the_client(server: str, trusted: Any) -> None:
@@ -146,7 +99,7 @@ def test_load_balancer_then_nginx_records_the_client(server: str, trusted: Any) 
     tracker = RecordingTracker()
     with (
         _server(server, tracker, trusted_proxies=trusted) as upstream,
-        _nginx_both(upstream) as nginx,
+        _nginx(upstream, "x-real-ip+x-forwarded-for") as nginx,
         serving(_python_proxy(nginx, "x-forwarded-for")) as url,
         httpx.Client(base_url=url, transport=httpx.HTTPTransport(local_address=CLIENT)) as c,
     ):
