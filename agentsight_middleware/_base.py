@@ -419,6 +419,7 @@ def _choose_delivery(
             shutdown_timeout=shutdown_timeout,
             is_probe=settings.is_non_browser,
             stats_keys=HTTP_STATS,
+            release=durable.close if durable is not None else None,
         )
     if outbox is not None:
         raise ValueError(

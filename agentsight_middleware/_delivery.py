@@ -121,8 +121,13 @@ class BackgroundDelivery:
         name: str = "agentsight-delivery",
         is_probe: Callable[[str], bool] | None = None,
         stats_keys: Sequence[str] = (),
+        release: Callable[[], None] | None = None,
     ) -> None:
         self._sink_factory = sink_factory
+        # Frees what the sink would have closed (a durable outbox's connection, opened at
+        # start-up) when close() comes with no worker running: no event ever, or after a
+        # stopped worker. A later event opens it again.
+        self._release = release
         self._is_probe = is_probe
         # The sink's counts, as zeros until it is built at the first event: a health
         # endpoint reading stats()["sent"] must not meet a KeyError before any traffic.
@@ -427,6 +432,8 @@ class BackgroundDelivery:
                     "%d event(s) not delivered: the delivery worker had stopped (see its error)",
                     len(self._intake),
                 )
+            if self._release is not None:
+                self._release()
             return
         if timeout is not None:
             self._shutdown_timeout = timeout

@@ -345,3 +345,24 @@ def test_delivery_to_the_api_is_said_at_start_up(
         f"{str(tmp_path / 'outbox.sqlite3')!r} until accepted",
     ]
     assert key[8:] not in caplog.text
+
+
+def test_close_before_any_event_closes_the_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outbox is opened at start-up (a bad path fails there), the sink that closes it
+    # only at the first event: close() before any event left its SQLite connection open
+    # (Python 3.13's ResourceWarning, an error under filterwarnings = error).
+    from agentsight_middleware import _base
+
+    opened: list[Any] = []
+    real_open = _base._open_outbox
+
+    def recording_open(path: Any) -> Any:
+        opened.append(real_open(path))
+        return opened[-1]
+
+    monkeypatch.setattr(_base, "_open_outbox", recording_open)
+    build(api_key=KEY, outbox=tmp_path / "outbox.sqlite3").close()
+    [outbox] = opened
+    assert outbox._conn is None

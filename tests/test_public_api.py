@@ -3,6 +3,7 @@ public leaks from the package's top level."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -131,11 +132,16 @@ def test_a_misspelt_option_is_a_type_error_for_mypy(tmp_path: Path) -> None:
         "wsgi = AgentSightWSGIMiddleware(object(), queue_size='big')\n"
     )
     result = _mypy_strict(usage)
-    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
-    assert [line.split(":")[1] for line in errors] == ["5", "6", "7"], result.stdout
-    assert '"widget_page"' in errors[0]
-    assert '"cookie_maxage"' in errors[1]
-    assert '"queue_size"' in errors[2]
+    errors = {line.split(":")[1]: line for line in result.stdout.splitlines() if ": error:" in line}
+    # Starlette types add_middleware()'s options after the middleware's own from 0.41.3
+    # (its factory protocol); before, the options given there are not checked.
+    starlette = importlib.metadata.version("starlette")
+    typed = tuple(int(part) for part in starlette.split(".")[:3]) >= (0, 41, 3)
+    assert list(errors) == (["5", "6", "7"] if typed else ["6", "7"]), result.stdout
+    if typed:
+        assert '"widget_page"' in errors["5"]
+    assert '"cookie_maxage"' in errors["6"]
+    assert '"queue_size"' in errors["7"]
 
 
 @pytest.mark.parametrize(

@@ -305,12 +305,18 @@ def _silent_api() -> tuple[Any, str]:
     held: list[Any] = []
 
     def accept() -> None:
-        while True:
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            held.append(connection)
+        try:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                held.append(connection)
+        finally:
+            # Never left to the garbage collector: a ResourceWarning in whichever test
+            # runs when this thread ends (an error under filterwarnings = error).
+            for connection in held:
+                connection.close()
 
     threading.Thread(target=accept, daemon=True).start()
     return server, f"http://127.0.0.1:{server.getsockname()[1]}"
@@ -342,6 +348,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     # The first asks the run to stop and waits for the requests under way (up to their
     # 15 s timeout against an API that never answers); the second does not wait.
     import signal
+    import socket
     import subprocess
     import time
 
@@ -359,6 +366,10 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
         _, err = run.communicate(timeout=10)
         waited = time.monotonic() - started
     finally:
+        # shutdown() wakes the accept() blocked in the thread (close() alone does not, and
+        # the port kept listening until a later connection to it).
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
         server.close()
     assert run.returncode == 130
     assert b"stopped at once" in err
