@@ -131,6 +131,7 @@ class AgentSightMiddleware(MiddlewareBase):
                 # In the serving process, after any fork: events left in a durable
                 # outbox by the last run are sent now, not at the first page view.
                 self._core.delivery.ensure_started()
+                self._check_routes()
             elif message["type"] == "lifespan.shutdown.complete":
                 # Deliver what is queued while the server still waits for us; in a
                 # thread, because closing joins the worker thread.
@@ -140,6 +141,19 @@ class AgentSightMiddleware(MiddlewareBase):
             await send(message)
 
         return lifespan_send
+
+    def _check_routes(self) -> None:
+        """Rules that miss the app's routes by a little (see _routes), said once the app
+        has started: its routes are all declared by then, and no request pays for it."""
+        try:
+            from ._routes import near_misses, starlette_routes
+
+            routes = starlette_routes(self.app)
+            if routes is not None:
+                for line in near_misses(self._exact_matches, routes):
+                    logger.warning("%s", line)
+        except Exception as exc:  # a check, never in the way of the app's start
+            logger.debug("could not compare the rules with the app's routes: %r", exc)
 
     def _conversation(
         self,
