@@ -428,21 +428,28 @@ def _hop_chain(
     return []
 
 
-def _auto_headers(
-    forwarded: str | None, x_forwarded_for: str | None, x_real_ip: str | None
-) -> list[ForwardedHeader]:
-    """The forwarding headers that name a client address, in "auto"'s order of preference."""
-    present: list[ForwardedHeader] = []
-    if forwarded and forwarded.strip():
-        elements = _forwarded_elements(forwarded)
-        # A malformed one counts: _hop_chain refuses the whole request for it.
-        if elements is None or _forwarded_param(elements, "for") is not None:
-            present.append("forwarded")
-    if x_forwarded_for and x_forwarded_for.strip():
-        present.append("x-forwarded-for")
-    if x_real_ip and x_real_ip.strip():
-        present.append("x-real-ip")
-    return present
+def _auto_chains(
+    trusted: TrustedProxies,
+    forwarded: str | None,
+    x_forwarded_for: str | None,
+    x_real_ip: str | None,
+) -> dict[ForwardedHeader, list[str | None] | None]:
+    """Each forwarding header that names a client address, in "auto"'s order of
+    preference, with its chain (each header read, and a Forwarded parsed, once)."""
+    chains: dict[ForwardedHeader, list[str | None] | None] = {}
+    headers: tuple[tuple[ForwardedHeader, str | None], ...] = (
+        ("forwarded", forwarded),
+        ("x-forwarded-for", x_forwarded_for),
+        ("x-real-ip", x_real_ip),
+    )
+    for name, value in headers:
+        if value and value.strip():
+            chain = _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip, name)
+            # A Forwarded without for= names no address (a malformed one, None, counts:
+            # _hop_chain refuses the whole request for it).
+            if name != "forwarded" or chain != []:
+                chains[name] = chain
+    return chains
 
 
 _disagreement_warned = False
@@ -561,22 +568,20 @@ def client_ip(
     if trusted.header == "auto" and (
         (forwarded is not None) + (x_forwarded_for is not None) + (x_real_ip is not None) > 1
     ):
-        names = _auto_headers(forwarded, x_forwarded_for, x_real_ip)
-        if len(names) > 1:
+        by_header = _auto_chains(trusted, forwarded, x_forwarded_for, x_real_ip)
+        if len(by_header) > 1:
             # A proxy writes one of these and passes the others through as the client
             # sent them (nginx, HAProxy, AWS ALB, Traefik, Caddy: none strips Forwarded):
             # believing the first present would let the client choose its address. Only
             # an answer all of them agree on is taken.
-            chains = [
-                _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip, name) for name in names
-            ]
+            chains = list(by_header.values())
             answers = {_walk(trusted, chain) for chain in chains}
             if len(answers) == 1:
                 return answers.pop()
             agreeing = _agreeing_chain(trusted, chains)
             if agreeing is not None:
                 return _walk(trusted, agreeing)
-            _warn_disagreement(names, trusted)
+            _warn_disagreement(list(by_header), trusted)
             return None
 
     return _walk(trusted, _hop_chain(trusted, forwarded, x_forwarded_for, x_real_ip))

@@ -53,9 +53,9 @@ def near_misses(
         parameter count (a catch-all such as ``/{slug}`` serves any one-segment path,
         ``/app`` for a rule ``/app/`` written for the home page under a root_path too)."""
         others: set[str] = set()
+        scope = {"type": "http", "path": path, "root_path": "", "method": method,
+                 "headers": [], "query_string": b""}  # fmt: skip
         for route in routes:
-            scope = {"type": "http", "path": path, "root_path": "", "method": method,
-                     "headers": [], "query_string": b""}  # fmt: skip
             found, child = route.matches(scope)
             if found == RouteMatch.NONE or (literal and child.get("path_params")):
                 continue

@@ -716,6 +716,8 @@ class StandInAgentSightAPI:
         return None
 
     def _record(self, request: RecordedRequest) -> None:
+        """``request`` recorded and counted, the waiters told; also under the (reentrant)
+        lock an accepting method holds while it records the body."""
         with self._cond:
             self._requests.append(request)
             self._counts[request.status] += 1
@@ -737,12 +739,9 @@ class StandInAgentSightAPI:
         with self._cond:
             conversation_id = self._next_conversation_id
             self._next_conversation_id += 1
-            self._requests.append(request)
             self._conversations.append(data)
-            self._counts[request.status] += 1
             self._used[bool(data["is_used"])] += 1
-            self._trim()
-            self._cond.notify_all()
+            self._record(request)
         return {
             "id": conversation_id,
             "conversation_id": data["conversation_id"],
@@ -753,21 +752,15 @@ class StandInAgentSightAPI:
         with self._cond:
             message_id = self._next_message_id
             self._next_message_id += 1
-            self._requests.append(request)
             self._messages.append(data)
-            self._counts[request.status] += 1
             self._counts_messages += 1
-            self._trim()
-            self._cond.notify_all()
+            self._record(request)
         return {"id": message_id, "conversation_id": data["conversation_id"]}
 
     def _accept_ingest(self, request: RecordedRequest) -> None:
         with self._cond:
-            self._requests.append(request)
             self._ingested.append(request)
-            self._counts[request.status] += 1
-            self._trim()
-            self._cond.notify_all()
+            self._record(request)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

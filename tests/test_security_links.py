@@ -30,34 +30,26 @@ def _mode(path: Path) -> str:
     return oct(stat.S_IMODE(path.stat().st_mode))
 
 
-def test_store_behind_a_link_to_a_file_yet_to_be_made_is_private(
-    tmp_path: Path, usual_umask: None
+@pytest.mark.parametrize("kind", ["store", "outbox"])
+def test_a_file_behind_a_link_to_a_file_yet_to_be_made_is_private(
+    tmp_path: Path, usual_umask: None, kind: str
 ) -> None:
     # The events file kept on a data volume: app/agentsight-events.sqlite3 -> /data/events,
     # made before the first event. create_private meets the link (O_EXCL: EEXIST) and
-    # returns; SQLite follows it and creates the target with the umask's mode.
+    # returned; SQLite followed it and created the target with the umask's mode.
     data = tmp_path / "data"
     data.mkdir()
-    link = tmp_path / "agentsight-events.sqlite3"
+    link = tmp_path / f"{kind}.sqlite3"
     link.symlink_to(data / "events.sqlite3")
-    store = LocalStore(link)
-    try:
-        store.write([dict(dataset()[0])])
-    finally:
-        store.close()
+    if kind == "store":
+        store = LocalStore(link)
+        try:
+            store.write([dict(dataset()[0])])
+        finally:
+            store.close()
+    else:
+        SQLiteOutbox(link).close()
     assert _mode(data / "events.sqlite3") == "0o600"
-
-
-def test_outbox_behind_a_link_to_a_file_yet_to_be_made_is_private(
-    tmp_path: Path, usual_umask: None
-) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    link = tmp_path / "outbox.sqlite3"
-    link.symlink_to(data / "outbox.sqlite3")
-    outbox = SQLiteOutbox(link)
-    outbox.close()
-    assert _mode(data / "outbox.sqlite3") == "0o600"
 
 
 def test_report_does_not_follow_a_planted_link_to_a_folder(
