@@ -290,6 +290,13 @@ class MiddlewareBase:
         self._cookie_name = settings.cookie_name
         self._submit = core.submit
 
+    def _tell_near_misses(self, served: Callable[[str, str, bool], tuple[bool, set[str]]]) -> None:
+        """Warn about the rules that miss the app's routes by a little (see _routes)."""
+        from ._routes import near_misses
+
+        for line in near_misses(self._exact_matches, served):
+            logger.warning("%s", line)
+
     def stats(self) -> dict[str, int]:
         """Counts of the background work; the keys depend on where events go (README,
         "Visible"): ``enqueued``, ``sent``, ``retried``, ... with the built-in client,

@@ -146,12 +146,11 @@ class AgentSightMiddleware(MiddlewareBase):
         """Rules that miss the app's routes by a little (see _routes), said once the app
         has started: its routes are all declared by then, and no request pays for it."""
         try:
-            from ._routes import near_misses, starlette_routes
+            from ._routes import starlette_routes, starlette_served
 
             routes = starlette_routes(self.app)
             if routes is not None:
-                for line in near_misses(self._exact_matches, routes):
-                    logger.warning("%s", line)
+                self._tell_near_misses(starlette_served(routes))
         except Exception as exc:  # a check, never in the way of the app's start
             logger.debug("could not compare the rules with the app's routes: %r", exc)
 

@@ -39,6 +39,7 @@ from ._core import (
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
+from ._log import logger
 from ._rules import WIDGET, Match
 
 __all__ = ["AgentSightWSGIMiddleware"]
@@ -87,6 +88,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             # starts the worker, so a durable outbox left by the last run is sent.
             self._idle = False
             self._core.delivery.ensure_started()
+            self._check_routes(environ)
         path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         if not path.isascii():
             # PEP 3333 hands the path over as latin-1-decoded bytes; rules are text.
@@ -106,6 +108,18 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         if match.rule.kind == WIDGET:
             return self._widget(environ, start_response, match, path)
         return self._chat(environ, start_response, match, path)
+
+    def _check_routes(self, environ: Environ) -> None:
+        """Rules that miss the app's routes by a little (see _routes), said at the first
+        request: WSGI has no start-up hook, and its routes are all declared by then."""
+        try:
+            from ._routes import wsgi_served
+
+            served = wsgi_served(self.app, environ)
+            if served is not None:
+                self._tell_near_misses(served)
+        except Exception as exc:  # a check, never in the way of the request
+            logger.debug("could not compare the rules with the app's routes: %r", exc)
 
     def _conversation(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,12 +14,12 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, Router
 
-from agentsight_middleware import AgentSightMiddleware
-from agentsight_middleware._routes import near_misses, starlette_routes
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware._routes import near_misses, starlette_routes, starlette_served
 from agentsight_middleware._rules import RuleSet
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import uvicorn_server
+from .conftest import serving, uvicorn_server
 
 
 def _shop() -> FastAPI:
@@ -89,7 +90,7 @@ def test_rules_that_name_the_app_s_routes_or_no_route_at_all_say_nothing(
 
 
 def _near_misses(routes: list[Any], widget: list[str], chat: list[str]) -> list[str]:
-    return near_misses(RuleSet(widget, chat).exact_matches, routes)
+    return near_misses(RuleSet(widget, chat).exact_matches, starlette_served(routes))
 
 
 async def _page(request: Any) -> PlainTextResponse:
@@ -212,3 +213,129 @@ def test_the_headline_cases_are_still_told_with_a_catch_all() -> None:
     assert len(told) == 2, told
     assert any("write '/pricing'" in line for line in told), told
     assert any("write 'POST /api/chat'" in line for line in told), told
+
+
+# WSGI: Flask (Werkzeug's URL map) and Django (its URL conf), checked at the first request.
+def _flask_shop() -> Any:
+    from flask import Flask
+
+    app = Flask("shop")
+
+    @app.get("/pricing")
+    def pricing() -> str:
+        return "<html>prices</html>"
+
+    @app.get("/docs/")
+    def docs() -> str:
+        return "<html>docs</html>"
+
+    @app.post("/api/chat")
+    def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    return app
+
+
+def _serve_wsgi(app: Any) -> Any:
+    from werkzeug.serving import make_server
+
+    return serving(make_server("127.0.0.1", 0, app, threaded=True))
+
+
+@pytest.mark.parametrize("form", ["wsgi_app", "app"])
+def test_flask_near_misses_are_told_at_the_first_request(
+    form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    options: dict[str, Any] = {
+        # /pricing/ for the route /pricing (Flask answers 404); /docs for the route /docs/
+        # (Flask redirects, and the rule only ever sees the redirect); a GET rule for a
+        # POST route (Flask lists OPTIONS too: not worth naming).
+        "widget_pages": ["/pricing/", "/docs"],
+        "chat_routes": ["GET /api/chat"],
+        "tracker": RecordingTracker(),
+    }
+    flask_app = _flask_shop()
+    if form == "wsgi_app":  # as the README writes it, through another middleware
+        flask_app.wsgi_app = AgentSightWSGIMiddleware(ProxyFix(flask_app.wsgi_app), **options)
+        app = flask_app
+    else:
+        app = AgentSightWSGIMiddleware(flask_app, **options)
+    with caplog.at_level(logging.WARNING), _serve_wsgi(app) as url:
+        assert httpx.get(url + "/pricing").text == "<html>prices</html>"  # untouched
+        told = _told(caplog)
+        assert httpx.post(url + "/api/chat").json() == {"reply": "hi"}
+        assert _told(caplog) == told  # once, at the first request only
+    assert len(told) == 3, told
+    assert any("'/pricing/'" in line and "write '/pricing'" in line for line in told), told
+    assert any("'/docs'" in line and "write '/docs/'" in line for line in told), told
+    assert any(
+        "'GET /api/chat'" in line
+        and "takes POST, not GET" in line
+        and "write 'POST /api/chat'" in line
+        for line in told
+    ), told
+
+
+def test_flask_rules_under_a_script_name_are_checked_inside_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The shop mounted at /shop (SCRIPT_NAME): rules name the path the client sends.
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+    from werkzeug.wrappers import Response
+
+    flask_app = _flask_shop()
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(
+        flask_app.wsgi_app,
+        widget_pages=["/shop/pricing", "/shop/docs/", "/shop/nowhere", "/shop/docs"],
+        chat_routes=["POST /shop/api/chat", "/elsewhere"],
+        tracker=RecordingTracker(),
+    )
+    site = DispatcherMiddleware(Response("home"), {"/shop": flask_app})
+    with caplog.at_level(logging.WARNING), _serve_wsgi(site) as url:
+        assert httpx.get(url + "/shop/pricing").text == "<html>prices</html>"
+    # Only /shop/docs misses (Flask redirects it to /shop/docs/, which has its own
+    # rule): a path no route knows, or one outside the shop, says nothing.
+    told = _told(caplog)
+    assert len(told) == 1, told
+    assert "'/shop/docs'" in told[0], told
+    assert "write '/shop/docs/'" in told[0], told
+
+
+def test_django_slash_misses_are_told_at_the_first_request(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the example module keeps a local store in the cwd
+    from examples.django_site.wsgi import create_application
+
+    caplog.clear()  # its own application, made at import, warns that it has no key
+    app = create_application(tracker=RecordingTracker())  # the example's rules: served
+    mistaken = AgentSightWSGIMiddleware(
+        app.app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=RecordingTracker()
+    )
+    with caplog.at_level(logging.WARNING):
+        with _serve_wsgi(app) as url:
+            assert httpx.get(url + "/").status_code == 200
+        assert _told(caplog) == []
+        with _serve_wsgi(mistaken) as url:
+            assert httpx.get(url + "/").status_code == 200
+    # Django's URLs do not know methods: only the slash can be told.
+    told = _told(caplog)
+    assert len(told) == 1, told
+    assert "'POST /api/chat'" in told[0], told
+    assert "write '/api/chat/'" in told[0], told
+
+
+def test_a_wsgi_app_without_a_known_router_says_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from werkzeug.wrappers import Response
+
+    app = AgentSightWSGIMiddleware(
+        Response("plain"), widget_pages=["/pricing/"], tracker=RecordingTracker()
+    )
+    with caplog.at_level(logging.DEBUG), _serve_wsgi(app) as url:
+        assert httpx.get(url + "/pricing/").text == "plain"
+    assert [r for r in caplog.records if "compare the rules" in r.getMessage()] == []
+    assert _told(caplog) == []
