@@ -21,7 +21,7 @@ from typing import Any
 
 from ._rules import WIDGET, Match, Rule
 
-__all__ = ["near_misses", "starlette_routes", "starlette_served", "wsgi_served"]
+__all__ = ["app_served", "near_misses", "starlette_routes", "starlette_served", "wsgi_served"]
 
 #: Whether the app serves ``path`` under ``method`` (``literal``: by a route without path
 #: parameters); if not, the methods it serves ``path`` under instead.
@@ -87,11 +87,21 @@ def starlette_served(routes: Sequence[Any]) -> Served:
 
 def wsgi_served(app: Any, environ: MutableMapping[str, Any]) -> Served | None:
     """Served, asked of the Flask (Werkzeug) URL map or the Django URL conf found inside
-    ``app``, as it serves requests like ``environ`` (its host and script name); or None."""
+    ``app``, as it serves requests like ``environ`` (its script name); or None."""
+    return app_served(app, _text(environ.get("SCRIPT_NAME", "")))
+
+
+def app_served(app: Any, script_name: str) -> Served | None:
+    """Served, asked of the Werkzeug URL map (Flask) or the Django URL conf (its WSGI or
+    ASGI handler) found inside ``app``, served under ``script_name``; or None."""
     werkzeug = sys.modules.get("werkzeug.routing")
     django = sys.modules.get("django.core.handlers.base")
     seen: set[int] = set()
+    # Paths a dispatcher on the way hands to other apps (Werkzeug's DispatcherMiddleware):
+    # not asked of the router found below it.
+    mounted: list[str] = []
     layers = [app]
+    found: Served | None = None
     while layers and len(seen) < _MAX_DEPTH:
         layer = layers.pop()
         if layer is None or id(layer) in seen:
@@ -99,55 +109,109 @@ def wsgi_served(app: Any, environ: MutableMapping[str, Any]) -> Served | None:
         seen.add(id(layer))
         url_map = getattr(layer, "url_map", None)
         if werkzeug is not None and isinstance(url_map, werkzeug.Map):
-            return _werkzeug_served(url_map, environ)
+            found = _werkzeug_served(url_map)
+            break
         if django is not None and isinstance(layer, django.BaseHandler):
-            return _django_served(environ.get("SCRIPT_NAME", ""))
+            found = _django_served()
+            break
+        mounts = getattr(layer, "mounts", None)
+        if isinstance(mounts, Mapping):
+            mounted.extend(str(prefix).rstrip("/") for prefix in mounts)
         layers.extend(getattr(layer, name, None) for name in _WSGI_LAYERS)
-    return None
-
-
-def _path_info(path: str, script_name: str) -> str | None:
-    """``path`` (a rule's, as the client sends it) inside the app's script name."""
+    if found is None:
+        return None
+    router: Served = found
     script_name = script_name.rstrip("/")
-    if not script_name:
-        return path
-    if path == script_name or path.startswith(script_name + "/"):
-        return path[len(script_name) :] or "/"
-    return None
-
-
-def _werkzeug_served(url_map: Any, environ: MutableMapping[str, Any]) -> Served:
-    from werkzeug.exceptions import HTTPException, MethodNotAllowed
-
-    adapter = url_map.bind_to_environ(environ)
 
     def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
-        path_info = _path_info(path, adapter.script_name)
-        if path_info is None:
+        path_info = _path_info(path, script_name)
+        if path_info is None or any(_under(path_info, prefix) for prefix in mounted):
             return False, set()
-        try:
-            _, arguments = adapter.match(path_info, method=method)
-        except MethodNotAllowed as exc:
-            return False, set(exc.valid_methods or ())
-        except HTTPException:  # not found, or a redirect (``/pricing`` to ``/pricing/``)
-            return False, set()
-        return not (literal and arguments), set()
+        return router(path_info, method, literal)
 
     return served
 
 
-def _django_served(script_name: str) -> Served:
+def _text(wsgi: str) -> str:
+    """A WSGI (latin-1) string as text, as the middleware reads the request's path."""
+    return wsgi if wsgi.isascii() else wsgi.encode("latin-1", "replace").decode("utf-8", "replace")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def _path_info(path: str, script_name: str) -> str | None:
+    """``path`` (a rule's, as the client sends it) inside the app's script name."""
+    if not script_name:
+        return path
+    if _under(path, script_name):
+        return path[len(script_name) :] or "/"
+    return None
+
+
+def _werkzeug_served(url_map: Any) -> Served | None:
+    from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+    # Rules match the path under any host: every subdomain's (or host's) routes count, not
+    # the first request's alone. A host or subdomain with a variable part cannot be asked.
+    where = {
+        (rule.host if url_map.host_matching else rule.subdomain) or ""
+        for rule in url_map.iter_rules()
+    }
+    if any("<" in name for name in where):
+        return None
+    adapters = [
+        url_map.bind(name) if url_map.host_matching else url_map.bind("", subdomain=name)
+        for name in sorted(where)
+    ]
+
+    def served(path_info: str, method: str, literal: bool) -> tuple[bool, set[str]]:
+        others: set[str] = set()
+        for adapter in adapters:
+            try:
+                # websocket=False: HTTP routes, whatever the first request was (an upgrade
+                # matches WebSocket routes only).
+                rule, values = adapter.match(
+                    path_info, method=method, return_rule=True, websocket=False
+                )
+            except MethodNotAllowed as exc:
+                others |= set(exc.valid_methods or ())
+                continue
+            except HTTPException:  # not found, or a redirect (``/pricing`` to ``/pricing/``)
+                continue
+            # A route's defaults are no path parameters (Flask's first page of a list).
+            if not literal or values.keys() <= (rule.defaults or {}).keys():
+                return True, set()
+        return False, others
+
+    return served
+
+
+def _django_served() -> Served | None:
+    from django.conf import settings
     from django.urls import Resolver404, resolve
 
-    def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
-        path_info = _path_info(path, script_name)
-        if path_info is None:
-            return False, set()
-        try:
-            found = resolve(path_info)
-        except Resolver404:
-            return False, set()
-        return not (literal and (found.args or found.kwargs)), set()
+    if getattr(settings, "ROOT_HOSTCONF", None) or getattr(settings, "PUBLIC_SCHEMA_URLCONF", None):
+        # django-hosts, django-tenants: a URL conf per host (request.urlconf), chosen by
+        # their middleware; ROOT_URLCONF is one host's.
+        return None
+    # Django's URLs do not know methods: one answer a path.
+    answers: dict[tuple[str, bool], bool] = {}
+
+    def served(path_info: str, method: str, literal: bool) -> tuple[bool, set[str]]:
+        answer = answers.get((path_info, literal))
+        if answer is None:
+            try:
+                found = resolve(path_info)
+            except Resolver404:
+                answer = False
+            else:
+                # The kwargs a path() adds for its view are no path parameters.
+                captured = getattr(found, "captured_kwargs", found.kwargs)
+                answer = not (literal and (found.args or captured))
+            answers[(path_info, literal)] = answer
+        return answer, set()
 
     return served
 

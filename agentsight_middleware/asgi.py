@@ -82,6 +82,7 @@ class AgentSightMiddleware(MiddlewareBase):
             return
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
+        self._routes_unchecked = True  # until the lifespan's start or the first tracked request
 
     # Typed Any: frameworks type ASGI differently (Starlette with mappings, Litestar
     # and asgiref with TypedDicts that a mapping parameter does not accept), and an
@@ -120,7 +121,12 @@ class AgentSightMiddleware(MiddlewareBase):
             match = by_method[method] if method in by_method else self._match(method, path)
         if match is None:
             await self.app(scope, receive, send)
-        elif match.rule.kind == WIDGET:
+            return
+        if self._routes_unchecked:
+            # No lifespan (Django's ASGI handler has none, uvicorn --lifespan off): the
+            # first tracked request checks instead, an untracked one pays nothing.
+            self._check_routes(scope.get("root_path") or "")
+        if match.rule.kind == WIDGET:
             await self._widget(scope, receive, send, match, path)
         else:
             await self._chat(scope, receive, send, match, path)
@@ -131,7 +137,7 @@ class AgentSightMiddleware(MiddlewareBase):
                 # In the serving process, after any fork: events left in a durable
                 # outbox by the last run are sent now, not at the first page view.
                 self._core.delivery.ensure_started()
-                self._check_routes()
+                self._check_routes("")
             elif message["type"] == "lifespan.shutdown.complete":
                 # Deliver what is queued while the server still waits for us; in a
                 # thread, because closing joins the worker thread.
@@ -142,15 +148,17 @@ class AgentSightMiddleware(MiddlewareBase):
 
         return lifespan_send
 
-    def _check_routes(self) -> None:
+    def _check_routes(self, root_path: str) -> None:
         """Rules that miss the app's routes by a little (see _routes), said once the app
         has started: its routes are all declared by then, and no request pays for it."""
+        self._routes_unchecked = False
         try:
-            from ._routes import starlette_routes, starlette_served
+            from ._routes import app_served, starlette_routes, starlette_served
 
             routes = starlette_routes(self.app)
-            if routes is not None:
-                self._tell_near_misses(starlette_served(routes))
+            served = app_served(self.app, root_path) if routes is None else starlette_served(routes)
+            if served is not None:
+                self._tell_near_misses(served)
         except Exception as exc:  # a check, never in the way of the app's start
             logger.debug("could not compare the rules with the app's routes: %r", exc)
 

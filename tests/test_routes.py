@@ -13,9 +13,15 @@ from fastapi.responses import HTMLResponse
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, Router
+from werkzeug.test import Client
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
-from agentsight_middleware._routes import near_misses, starlette_routes, starlette_served
+from agentsight_middleware._routes import (
+    near_misses,
+    starlette_routes,
+    starlette_served,
+    wsgi_served,
+)
 from agentsight_middleware._rules import RuleSet
 from agentsight_middleware.testing import RecordingTracker
 
@@ -339,3 +345,346 @@ def test_a_wsgi_app_without_a_known_router_says_nothing(
         assert httpx.get(url + "/pricing/").text == "plain"
     assert [r for r in caplog.records if "compare the rules" in r.getMessage()] == []
     assert _told(caplog) == []
+
+
+# Cases from a review of the WSGI check: each failed before its fix.
+def _rule_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("agentsight_middleware")
+        and r.levelno == logging.WARNING
+        and " rule '" in r.getMessage()  # not the count of instances the tests build
+    ]
+
+
+def _first_request(
+    app: Any, caplog: pytest.LogCaptureFixture, path: str = "/", **request: Any
+) -> list[str]:
+    with caplog.at_level(logging.WARNING):
+        Client(app).open(path, **request).close()
+    return _rule_warnings(caplog)
+
+
+def _chat_page_and_api() -> Any:
+    # The chat's page and its API at one path: GET renders, POST answers.
+    from flask import Flask
+
+    app = Flask("chat")
+
+    @app.get("/chat")
+    def page() -> str:
+        return "<html>chat</html>"
+
+    @app.post("/chat")
+    def answer() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    return app
+
+
+# 1 (high): the first request of a process is a WebSocket upgrade (a chat widget's socket
+# reconnecting after a deploy): Werkzeug's adapter bound to that environ matches only
+# WebSocket routes, so each HTTP route answered 405 for the other method and both
+# correct rules were told to change ("write 'GET /chat'").
+def test_a_websocket_first_request_tells_nothing_of_correct_rules(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flask_app = _chat_page_and_api()
+
+    @flask_app.route("/ws", websocket=True)  # type: ignore[untyped-decorator]  # as flask-sock does
+    def socket() -> str:
+        return ""
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(
+        flask_app.wsgi_app,
+        widget_pages=["/chat"],
+        chat_routes=["POST /chat"],
+        tracker=RecordingTracker(),
+    )
+    upgrade = {"Connection": "keep-alive, Upgrade", "Upgrade": "websocket"}
+    assert _first_request(flask_app, caplog, "/ws", headers=upgrade) == []
+
+
+def test_a_websocket_first_request_still_tells_a_near_miss(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flask_app = _chat_page_and_api()
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(
+        flask_app.wsgi_app, chat_routes=["POST /chat/"], tracker=RecordingTracker()
+    )
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket"}
+    told = _first_request(flask_app, caplog, "/ws", headers=upgrade)
+    assert len(told) == 1, told
+    assert "write '/chat'" in told[0], told
+
+
+# 2 (medium): Flask's documented subdomain routing (SERVER_NAME, subdomain_matching,
+# a blueprint on the "api" subdomain): the check bound the map without the server name,
+# so it asked the default subdomain only, whatever the request's host, and told the API's
+# correct rule to take the page's method.
+@pytest.mark.parametrize("host", ["example.com", "api.example.com"])
+def test_routes_on_another_subdomain_count(host: str, caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Blueprint, Flask
+
+    flask_app = Flask("site", subdomain_matching=True)
+    flask_app.config["SERVER_NAME"] = "example.com"
+    api = Blueprint("api", "site", subdomain="api")
+
+    @api.post("/chat")
+    def answer() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    flask_app.register_blueprint(api)
+
+    @flask_app.get("/chat")
+    def page() -> str:
+        return "<html>chat</html>"
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app,
+        widget_pages=["/chat"],
+        chat_routes=["POST /chat"],
+        tracker=RecordingTracker(),
+    )
+    assert _first_request(flask_app, caplog, "/chat", base_url=f"http://{host}") == []
+
+
+# 2b (medium): the same with host_matching: only the first request's host was asked.
+def test_routes_of_another_host_count(caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Flask
+
+    flask_app = Flask("site", host_matching=True, static_host="www.example.com")
+
+    @flask_app.get("/chat", host="www.example.com")
+    def page() -> str:
+        return "<html>chat</html>"
+
+    @flask_app.post("/chat", host="api.example.com")
+    def answer() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app,
+        widget_pages=["/chat"],
+        chat_routes=["POST /chat"],
+        tracker=RecordingTracker(),
+    )
+    told = _first_request(flask_app, caplog, "/chat", base_url="http://www.example.com")
+    assert told == []
+
+
+# 3 (medium): the middleware around Werkzeug's DispatcherMiddleware (a Flask front end with
+# an SPA catch-all, the API mounted at /api): the walk went down the dispatcher's default
+# app only, and the front end's catch-all "took GET" at the API's path.
+def test_a_path_mounted_elsewhere_is_not_asked_of_the_default_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from flask import Flask
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    front = Flask("front")
+
+    @front.get("/", defaults={"path": ""})
+    @front.get("/<path:path>")
+    def spa(path: str) -> str:
+        return "<html>spa</html>"
+
+    api = Flask("api")
+
+    @api.post("/chat")
+    def answer() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    site = AgentSightWSGIMiddleware(
+        DispatcherMiddleware(front, {"/api": api}),
+        widget_pages=["/"],
+        chat_routes=["POST /api/chat"],
+        tracker=RecordingTracker(),
+    )
+    assert _first_request(site, caplog) == []
+
+
+def test_the_default_app_of_a_dispatcher_is_still_checked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from flask import Flask
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+    from werkzeug.wrappers import Response
+
+    front = Flask("front")
+
+    @front.get("/pricing")
+    def pricing() -> str:
+        return "<html>prices</html>"
+
+    site = AgentSightWSGIMiddleware(
+        DispatcherMiddleware(front, {"/api": Response("api")}),
+        widget_pages=["/pricing/"],
+        tracker=RecordingTracker(),
+    )
+    told = _first_request(site, caplog)
+    assert len(told) == 1, told
+    assert "write '/pricing'" in told[0], told
+
+
+# 4 (low): a first request with a Host Werkzeug cannot bind (a scanner's) lost the check
+# for the whole process (BadHost, logged at debug).
+def test_a_bad_host_on_the_first_request_does_not_lose_the_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flask_app = _chat_page_and_api()
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(
+        flask_app.wsgi_app, chat_routes=["POST /chat/"], tracker=RecordingTracker()
+    )
+    told = _first_request(flask_app, caplog, "/", headers={"Host": "a..b"})
+    assert len(told) == 1, told
+    assert "write '/chat'" in told[0], told
+
+
+# 5 (low, a missed near miss): a route's defaults were taken for path parameters, so the
+# slash was not told for Flask's own idiom of a first page with defaults.
+def test_a_route_s_defaults_are_no_path_parameters(caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Flask
+
+    flask_app = Flask("blog")
+
+    @flask_app.get("/blog/", defaults={"page": 1})
+    @flask_app.get("/blog/page/<int:page>")
+    def blog(page: int) -> str:
+        return f"<html>{page}</html>"
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app, widget_pages=["/blog"], tracker=RecordingTracker()
+    )
+    told = _first_request(flask_app, caplog)
+    assert len(told) == 1, told
+    assert "write '/blog/'" in told[0], told
+
+
+# Django: the example's URL conf ("" and "api/chat/").
+@pytest.fixture
+def django_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    monkeypatch.chdir(tmp_path)  # the example module keeps a local store in the cwd
+    from examples.django_site.wsgi import create_application
+
+    return create_application(tracker=RecordingTracker()).app
+
+
+def _environ() -> dict[str, Any]:
+    from werkzeug.test import EnvironBuilder
+
+    return EnvironBuilder("/").get_environ()
+
+
+# 6 (low-medium): django-hosts (ROOT_HOSTCONF) and django-tenants (PUBLIC_SCHEMA_URLCONF)
+# route each host with its own URL conf (request.urlconf, set by their middleware);
+# resolve() outside a request asks ROOT_URLCONF only, so a rule for another host's route
+# was told to take ROOT_URLCONF's slash.
+@pytest.mark.parametrize("setting", ["ROOT_HOSTCONF", "PUBLIC_SCHEMA_URLCONF"])
+def test_django_urls_chosen_per_host_are_not_checked(django_app: Any, setting: str) -> None:
+    from django.test import override_settings
+
+    with override_settings(**{setting: "site.hosts"}):
+        served = wsgi_served(django_app, _environ())
+        told = (
+            []
+            if served is None
+            else near_misses(RuleSet([], ["POST /api/chat"]).exact_matches, served)
+        )
+    assert told == [], told
+
+
+# 7 (low, cost): Django's URLs do not know methods, yet a chat rule without methods was
+# resolved once per method (5), then its other slash once per method again: ~0.5 ms a
+# resolve() on a 1,000-route URL conf, 60-140 ms at the first request for 20 such rules.
+def test_django_resolves_a_path_once(django_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import django.urls
+
+    calls: list[str] = []
+    resolve = django.urls.resolve
+
+    def counting(path: str, *args: Any) -> Any:
+        calls.append(path)
+        return resolve(path, *args)
+
+    monkeypatch.setattr(django.urls, "resolve", counting)
+    served = wsgi_served(django_app, _environ())
+    assert served is not None
+    assert near_misses(RuleSet([], ["/nowhere"]).exact_matches, served) == []
+    assert sorted(calls) == ["/nowhere", "/nowhere/"], calls
+
+
+# 8 (low, a missed near miss): the extra keyword arguments a path() passes its view
+# ({"template_name": ...}, sitemaps) were taken for path parameters.
+def test_django_extra_kwargs_are_no_path_parameters(
+    django_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import django.urls
+    from django.urls import ResolverMatch
+
+    resolve = django.urls.resolve
+
+    def with_extra(path: str, *args: Any) -> Any:
+        found = resolve(path, *args)
+        return ResolverMatch(
+            found.func, (), {"template_name": "x.html"}, extra_kwargs={"template_name": "x.html"}
+        )
+
+    monkeypatch.setattr(django.urls, "resolve", with_extra)
+    served = wsgi_served(django_app, _environ())
+    assert served is not None
+    told = near_misses(RuleSet(["/api/chat"], []).exact_matches, served)
+    assert len(told) == 1, told
+    assert "write '/api/chat/'" in told[0], told
+
+
+# ASGI servers without a lifespan: the first tracked request checks.
+def test_django_asgi_is_checked_at_the_first_tracked_request(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Django's ASGI handler takes no lifespan (uvicorn says "unsupported" and goes on), so
+    # the lifespan's start never comes: before this, nothing was checked under Django ASGI.
+    monkeypatch.chdir(tmp_path)  # the example module keeps a local store in the cwd
+    from examples.django_site.asgi import create_application
+
+    caplog.clear()
+    app = create_application(tracker=RecordingTracker())
+    with caplog.at_level(logging.WARNING), uvicorn_server(app) as url:
+        assert httpx.get(url + "/").status_code == 200
+    assert _rule_warnings(caplog) == []  # the example's own rules are right
+    # Behind a proxy that strips /site (the rules name the path the client sends).
+    mistaken = AgentSightMiddleware(
+        app.app,
+        widget_pages=["/site/"],
+        chat_routes=["POST /site/api/chat"],
+        tracker=RecordingTracker(),
+    )
+    with caplog.at_level(logging.WARNING), uvicorn_server(mistaken, root_path="/site") as url:
+        assert httpx.get(url + "/api/chat/").status_code == 200  # (the view takes GET too)
+        assert _rule_warnings(caplog) == []  # untracked: it pays nothing, checks nothing
+        assert httpx.get(url + "/").status_code == 200  # tracked: checked now
+        told = _rule_warnings(caplog)
+        assert httpx.get(url + "/").status_code == 200
+        assert _rule_warnings(caplog) == told  # once
+    assert len(told) == 1, told
+    assert "'POST /site/api/chat'" in told[0], told
+    assert "write '/site/api/chat/'" in told[0], told
+
+
+def test_a_starlette_app_served_without_a_lifespan_is_checked_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = _shop()
+    app.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/pricing"],
+        chat_routes=["GET /api/chat"],
+        tracker=RecordingTracker(),
+    )
+    with caplog.at_level(logging.WARNING), uvicorn_server(app, lifespan="off") as url:
+        assert _rule_warnings(caplog) == []
+        assert httpx.get(url + "/pricing").status_code == 200
+    told = _rule_warnings(caplog)
+    assert len(told) == 1, told
+    assert "takes POST, not GET" in told[0], told
