@@ -75,20 +75,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._idle:
-            if getattr(self.app, "wsgi_app", None) is self:
-                # app.wsgi_app = AgentSightWSGIMiddleware(app): Flask's __call__ calls its
-                # wsgi_app, which is this, which calls the app... A RecursionError
-                # said nothing of why; said here on every request until it is fixed.
-                raise RuntimeError(
-                    "AgentSightWSGIMiddleware wraps the app whose wsgi_app it is, so it calls "
-                    "itself: wrap the app's wsgi_app instead, "
-                    "app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, ...)"
-                )
-            # WSGI has no start-up hook: the first request of the serving process
-            # starts the worker, so a durable outbox left by the last run is sent.
-            self._idle = False
-            self._core.delivery.ensure_started()
-            self._check_routes(environ)
+            self._first_request(environ)
         path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         if not path.isascii():
             # PEP 3333 hands the path over as latin-1-decoded bytes; rules are text.
@@ -108,6 +95,26 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         if match.rule.kind == WIDGET:
             return self._widget(environ, start_response, match, path)
         return self._chat(environ, start_response, match, path)
+
+    def _first_request(self, environ: Environ) -> None:
+        try:
+            wraps_itself = getattr(self.app, "wsgi_app", None) is self
+        except Exception:  # an app whose __getattr__ raises (not AttributeError): not Flask
+            wraps_itself = False
+        if wraps_itself:
+            # app.wsgi_app = AgentSightWSGIMiddleware(app): Flask's __call__ calls its
+            # wsgi_app, which is this, which calls the app... A RecursionError said
+            # nothing of why; said here on every request until it is fixed.
+            raise RuntimeError(
+                "AgentSightWSGIMiddleware wraps the app whose wsgi_app it is, so it calls "
+                "itself: wrap the app's wsgi_app instead, "
+                "app.wsgi_app = AgentSightWSGIMiddleware(app.wsgi_app, ...)"
+            )
+        # WSGI has no start-up hook: the first request of the serving process starts
+        # the worker, so a durable outbox left by the last run is sent.
+        self._idle = False
+        self._core.delivery.ensure_started()
+        self._check_routes(environ)
 
     def _check_routes(self, environ: Environ) -> None:
         """Rules that miss the app's routes by a little (see _routes), said at the first

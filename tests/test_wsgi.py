@@ -751,3 +751,23 @@ def test_wrapping_the_flask_app_instead_of_its_wsgi_app_says_so() -> None:
         ):
             client.get("/", headers=BROWSER)
     mw.close()
+
+
+def test_an_app_whose_getattr_raises_is_served() -> None:
+    # The wrap check above asks the app for its wsgi_app: an app object answering an
+    # unknown attribute with another error than AttributeError failed every request.
+    class Strict:
+        def __getattr__(self, name: str) -> Any:
+            raise KeyError(name)
+
+        def __call__(self, environ: Any, start_response: Any) -> list[bytes]:
+            start_response("200 OK", [("Content-Type", "text/html")])
+            return [PAGE.encode()]
+
+    tracker = RecordingTracker()
+    mw = AgentSightWSGIMiddleware(Strict(), widget_pages=["/"], tracker=tracker)
+    client = Client(mw)
+    for _ in range(2):  # the first visit (an event), then the returning one
+        assert client.get("/", headers=BROWSER).text == PAGE
+    tracker.wait_for(initialized=1)
+    mw.close()
