@@ -2367,9 +2367,20 @@ async def test_a_steady_stream_to_a_fast_api_has_its_pipelines_read_late(
         await sink.start()
         await stream(sink, waves=10, size=15)  # the API's pace, measured
         answer_times.clear()
-        await stream(sink, waves=30, size=15, first=150)
+        # That pace is this process's own: on busy cores (the full suite on 2 of them) the
+        # stand-in's threads and this loop wait for a CPU, a request adds 0.5-3 ms (0.3-0.5
+        # on idle ones), and a pipeline of 15 expected to take over _READ_LATE_MOST is read
+        # as its answers come, rightly, while that lasts (no pipeline read late in 1-3 runs
+        # in 10 under 4 busy loops). A stream that met such a spell is followed by another,
+        # 4 more at most: the test fails when none of them has a pipeline read late.
+        sent = 150
+        for _ in range(5):
+            await stream(sink, waves=30, size=15, first=sent)
+            sent += 450
+            if any(answer_times) or engine == "h11":
+                break
         await sink.aclose()
-    assert len(accepted) == len(set(accepted)) == 600
+    assert len(accepted) == len(set(accepted)) == sent  # 600 unless the cores were busy
     if engine == "httptools":
         assert any(answer_times), answer_times  # 0 for every pipeline before the change
 
