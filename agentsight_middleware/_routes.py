@@ -53,15 +53,18 @@ def starlette_routes(app: Any) -> Sequence[Any] | None:
     return None
 
 
-def starlette_served(routes: Sequence[Any]) -> Served:
-    """Served, asked of Starlette routes."""
+def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
+    """Served, asked of Starlette routes, served under ``root_path`` (a mount's or the
+    server's: Starlette matches the path past it, as a rule's path includes it)."""
     from starlette.routing import Match as RouteMatch
+
+    root_path = root_path.rstrip("/")
 
     def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
         # ``literal``: a catch-all such as ``/{slug}`` serves any one-segment path, ``/app``
         # for a rule ``/app/`` written for the home page under a root_path too.
         others: set[str] = set()
-        scope = {"type": "http", "path": path, "root_path": "", "method": method,
+        scope = {"type": "http", "path": path, "root_path": root_path, "method": method,
                  "headers": [], "query_string": b""}  # fmt: skip
         for route in routes:
             found, child = route.matches(scope)

@@ -150,13 +150,20 @@ class AgentSightMiddleware(MiddlewareBase):
 
     def _check_routes(self, root_path: str) -> None:
         """Rules that miss the app's routes by a little (see _routes), said once the app
-        has started: its routes are all declared by then, and no request pays for it."""
+        has started (its routes are all declared by then): at the lifespan's start, where
+        no request pays for it, or else at the first tracked request, which does, with the
+        event loop (20 rules: 2 ms on a 1,000-route Django URL conf of includes, 125 ms on
+        a 1,000-route FastAPI app)."""
         self._routes_unchecked = False
         try:
             from ._routes import app_served, starlette_routes, starlette_served
 
             routes = starlette_routes(self.app)
-            served = app_served(self.app, root_path) if routes is None else starlette_served(routes)
+            served = (
+                app_served(self.app, root_path)
+                if routes is None
+                else starlette_served(routes, root_path)
+            )
             if served is not None:
                 self._tell_near_misses(served)
         except Exception as exc:  # a check, never in the way of the app's start

@@ -688,3 +688,116 @@ def test_a_starlette_app_served_without_a_lifespan_is_checked_too(
     told = _rule_warnings(caplog)
     assert len(told) == 1, told
     assert "takes POST, not GET" in told[0], told
+
+
+# A FastAPI sub-app mounted at /api gets no lifespan (Starlette's router does not pass it
+# on), the very case the first-tracked-request check is for; its rules name the path the
+# client sends (/api/...), yet the check asked the sub-app's routes with that path and no
+# root_path: no route ever matched, nothing was told.
+def test_a_mounted_sub_app_is_checked_under_its_mount(caplog: pytest.LogCaptureFixture) -> None:
+    api = FastAPI()
+
+    @api.get("/pricing", response_class=HTMLResponse)
+    def pricing() -> str:
+        return "<html>prices</html>"
+
+    @api.post("/chat")
+    def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    api.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/api/pricing/"],
+        chat_routes=["GET /api/chat"],
+        tracker=RecordingTracker(),
+    )
+    site = Starlette(routes=[Mount("/api", app=api)])
+    with caplog.at_level(logging.WARNING), uvicorn_server(site) as url:
+        assert _rule_warnings(caplog) == []  # no lifespan reached the sub-app
+        assert httpx.get(url + "/api/pricing/").status_code == 307  # tracked: checked
+    told = _rule_warnings(caplog)
+    assert len(told) == 2, told
+    assert any("write '/api/pricing'" in line for line in told), told
+    assert any("takes POST, not GET" in line for line in told), told
+
+
+# The same under uvicorn --root-path --lifespan off (rules written with the root path).
+def test_a_starlette_app_under_a_root_path_without_a_lifespan_is_checked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = _shop()
+    app.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/site/pricing/"],
+        chat_routes=["GET /site/api/chat"],
+        tracker=RecordingTracker(),
+    )
+    with (
+        caplog.at_level(logging.WARNING),
+        uvicorn_server(app, root_path="/site", lifespan="off") as url,
+    ):
+        # The proxy strips /site: "/pricing/" reaches uvicorn, the app sees "/site/pricing/".
+        assert httpx.get(url + "/pricing/").status_code == 307
+    told = _rule_warnings(caplog)
+    assert len(told) == 2, told
+    assert any("write '/site/pricing'" in line for line in told), told
+    assert any("takes POST, not GET" in line for line in told), told
+
+
+@pytest.mark.parametrize("root_path", ["/site", "/site/"])
+def test_right_rules_under_a_root_path_without_a_lifespan_say_nothing(
+    root_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _shop()
+
+    @app.get("/", response_class=HTMLResponse)
+    def home() -> str:
+        return "<html>home</html>"
+
+    app.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/site/", "/site/pricing"],
+        chat_routes=["POST /site/api/chat"],
+        tracker=RecordingTracker(),
+    )
+    with (
+        caplog.at_level(logging.WARNING),
+        uvicorn_server(app, root_path=root_path, lifespan="off") as url,
+    ):
+        assert httpx.get(url + "/pricing").status_code == 200
+        assert httpx.get(url + "/").status_code == 200
+    assert _rule_warnings(caplog) == []
+
+
+# Guards for the first-request check (each failed with the change it names).
+# Without its try/except, the first tracked request failed.
+def test_a_check_that_fails_at_the_first_tracked_request_does_not_fail_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Strict:
+        def __getattr__(self, name: str) -> Any:
+            raise KeyError(name)
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            assert scope["type"] == "http"  # no lifespan: the check runs at a request
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    app = AgentSightMiddleware(Strict(), widget_pages=["/"], tracker=RecordingTracker())
+    with caplog.at_level(logging.DEBUG), uvicorn_server(app, lifespan="off") as url:
+        for _ in range(2):
+            assert httpx.get(url + "/").text == "ok"
+    assert any("compare the rules" in r.getMessage() for r in caplog.records)
+
+
+# Had the lifespan's check left the flag set: told twice, at start and at the first
+# tracked request.
+def test_with_a_lifespan_the_first_tracked_request_does_not_check_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = _shop()
+    app.add_middleware(AgentSightMiddleware, widget_pages=["/pricing/"], tracker=RecordingTracker())
+    with caplog.at_level(logging.WARNING), uvicorn_server(app) as url:
+        assert len(_rule_warnings(caplog)) == 1  # at the lifespan's start
+        assert httpx.get(url + "/pricing/").status_code == 307  # tracked
+    assert len(_rule_warnings(caplog)) == 1
