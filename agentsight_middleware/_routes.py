@@ -7,10 +7,11 @@ routes are asked with their own matching, so mounts, hosts, path convertors and 
 names count as the app counts them: Starlette's ``Route.matches`` once the lifespan's start
 completes (no request pays for it), Werkzeug's ``MapAdapter.match`` (Flask) and Django's
 ``resolve`` at the first request of a WSGI process (WSGI has no start-up hook; its first
-request already starts the worker). Only exact-path rules are checked, and only a near miss
-is reported (the same path with or without its trailing slash, or the right path under
-other methods; Django's URLs do not know methods, so only the slash there): a rule for a
-path no route knows may be served by a mounted app or a catch-all, and says nothing.
+request already starts the worker), and any of them at the first tracked request of an ASGI
+app that gets no lifespan. Only exact-path rules are checked, and only a near miss is
+reported (the same path with or without its trailing slash, or the right path under other
+methods; Django's URLs do not know methods, its class-based views do): a rule for a path no
+route knows may be served by a mounted app or a catch-all, and says nothing.
 """
 
 from __future__ import annotations
@@ -199,24 +200,52 @@ def _django_served() -> Served | None:
         # django-hosts, django-tenants: a URL conf per host (request.urlconf), chosen by
         # their middleware; ROOT_URLCONF is one host's.
         return None
-    # Django's URLs do not know methods: one answer a path.
-    answers: dict[tuple[str, bool], bool] = {}
+    # One resolve() a path (~0.5 ms on a big URL conf): whether a route serves it, whether
+    # with path parameters, and the methods its view takes (None: any it may).
+    resolved: dict[str, tuple[bool, bool, frozenset[str] | None]] = {}
 
     def served(path_info: str, method: str, literal: bool) -> tuple[bool, set[str]]:
-        answer = answers.get((path_info, literal))
-        if answer is None:
+        known = resolved.get(path_info)
+        if known is None:
             try:
                 found = resolve(path_info)
             except Resolver404:
-                answer = False
+                known = (False, False, None)
             else:
                 # The kwargs a path() adds for its view are no path parameters.
                 captured = getattr(found, "captured_kwargs", found.kwargs)
-                answer = not (literal and (found.args or captured))
-            answers[(path_info, literal)] = answer
-        return answer, set()
+                known = (True, bool(found.args or captured), _django_view_methods(found.func))
+            resolved[path_info] = known
+        ok, parametrized, methods = known
+        if not ok or (literal and parametrized):
+            return False, set()
+        if methods is None or method in methods:
+            return True, set()
+        return False, set(methods)
 
     return served
+
+
+def _django_view_methods(view: Any) -> frozenset[str] | None:
+    """The methods a class-based view answers, found as Django's ``View.dispatch`` finds
+    its handlers; None for anything else (a function view may take any method, and a view
+    with a dispatch() of its own may route methods its own way)."""
+    from django.views import View
+
+    view_class = getattr(view, "view_class", None)  # set by View.as_view(), kept by wraps()
+    if not (isinstance(view_class, type) and issubclass(view_class, View)):
+        return None
+    # A dispatch() of its own (DRF's APIView, LoginRequiredMixin's) may take others: not guessed.
+    if getattr(view_class, "dispatch", None) is not View.dispatch:
+        return None
+    methods = {
+        name.upper()
+        for name in getattr(view_class, "http_method_names", ())
+        if callable(getattr(view_class, name, None))
+    }
+    if "GET" in methods:
+        methods.add("HEAD")  # View.setup() answers HEAD with get()
+    return frozenset(methods)
 
 
 def near_misses(

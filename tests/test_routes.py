@@ -326,7 +326,7 @@ def test_django_slash_misses_are_told_at_the_first_request(
         assert _told(caplog) == []
         with _serve_wsgi(mistaken) as url:
             assert httpx.get(url + "/").status_code == 200
-    # Django's URLs do not know methods: only the slash can be told.
+    # The example's views are functions, which may take any method: only the slash is told.
     told = _told(caplog)
     assert len(told) == 1, told
     assert "'POST /api/chat'" in told[0], told
@@ -801,3 +801,42 @@ def test_with_a_lifespan_the_first_tracked_request_does_not_check_again(
         assert len(_rule_warnings(caplog)) == 1  # at the lifespan's start
         assert httpx.get(url + "/pricing/").status_code == 307  # tracked
     assert len(_rule_warnings(caplog)) == 1
+
+
+# Django's class-based views know their methods (View.dispatch finds a handler by name).
+def test_django_class_based_views_have_their_methods_told(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from django.test import override_settings
+
+    monkeypatch.chdir(tmp_path)  # the example module keeps a local store in the cwd
+    from examples.django_site.wsgi import create_application
+
+    with override_settings(ROOT_URLCONF="tests.apps.django_views_urls"):
+        handler = create_application(tracker=RecordingTracker()).app
+        caplog.clear()
+        app = AgentSightWSGIMiddleware(
+            handler,
+            widget_pages=["/pricing/", "/api/chat/"],
+            # A PUT rule for a POST view; GET rules for a view with a dispatch() of its
+            # own and a function view (both may take it); a slash missing.
+            chat_routes=["PUT /api/chat/", "GET /own/", "GET /function/", "POST /pricing"],
+            tracker=RecordingTracker(),
+        )
+        with caplog.at_level(logging.WARNING), _serve_wsgi(app) as url:
+            assert httpx.get(url + "/pricing/").status_code == 200
+            assert httpx.post(url + "/api/chat/").json() == {"reply": "hi"}
+    told = _rule_warnings(caplog)
+    assert len(told) == 3, told
+    assert any(
+        "chat_routes rule 'PUT /api/chat/'" in line
+        and "takes POST, not PUT" in line  # (and OPTIONS: not named)
+        and "write 'POST /api/chat/'" in line
+        for line in told
+    ), told
+    assert any(
+        "widget_pages rule '/api/chat/'" in line and "widget rules match GET only" in line
+        for line in told
+    ), told
+    # The slash is told first, as for every framework.
+    assert any("'POST /pricing'" in line and "write '/pricing/'" in line for line in told), told
