@@ -230,19 +230,42 @@ def _django_view_methods(view: Any) -> frozenset[str] | None:
     """The methods a class-based view answers, found as Django's ``View.dispatch`` finds
     its handlers; None for anything else (a function view may take any method, and a view
     with a dispatch() of its own may route methods its own way)."""
+    try:
+        return _view_class_methods(view)
+    except Exception:  # e.g. as_view(http_method_names=None): not guessed, others still told
+        return None
+
+
+# What View.dispatch finds handlers with: a class with its own may add others (a handler
+# set on the instance in setup() or __init__, a 405 handler that serves).
+_DISPATCH_HOOKS = ("setup", "__init__", "http_method_not_allowed", "__getattr__")
+
+
+def _view_class_methods(view: Any) -> frozenset[str] | None:
     from django.views import View
 
     view_class = getattr(view, "view_class", None)  # set by View.as_view(), kept by wraps()
     if not (isinstance(view_class, type) and issubclass(view_class, View)):
         return None
-    # A dispatch() of its own (DRF's APIView, LoginRequiredMixin's) may take others: not guessed.
-    if getattr(view_class, "dispatch", None) is not View.dispatch:
+    # A dispatch() of its own (DRF's APIView, LoginRequiredMixin's) may take others: not
+    # guessed; Django's own under method_decorator(csrf_exempt, name="dispatch") is known.
+    dispatch = getattr(view_class, "dispatch", None)
+    for _ in range(_MAX_DEPTH):
+        if dispatch is View.dispatch or dispatch is None:
+            break
+        dispatch = getattr(dispatch, "__wrapped__", None)
+    if dispatch is not View.dispatch or any(
+        getattr(view_class, name, None) is not getattr(View, name, None) for name in _DISPATCH_HOOKS
+    ):
         return None
-    methods = {
-        name.upper()
-        for name in getattr(view_class, "http_method_names", ())
-        if callable(getattr(view_class, name, None))
-    }
+    # as_view(http_method_names=[...]) sets the instance's, which dispatch() reads.
+    initkwargs = getattr(view, "view_initkwargs", None)
+    names = set(
+        initkwargs["http_method_names"]
+        if isinstance(initkwargs, dict) and "http_method_names" in initkwargs
+        else getattr(view_class, "http_method_names", ())
+    )
+    methods = {name.upper() for name in names if callable(getattr(view_class, name, None))}
     if "GET" in methods:
         methods.add("HEAD")  # View.setup() answers HEAD with get()
     return frozenset(methods)

@@ -840,3 +840,40 @@ def test_django_class_based_views_have_their_methods_told(
     ), told
     # The slash is told first, as for every framework.
     assert any("'POST /pricing'" in line and "write '/pricing/'" in line for line in told), told
+
+
+# Review of the class-based view check (cbvreview).
+def _cbv_told(django_app: Any, widget: list[str], chat: list[str]) -> list[str]:
+    from django.test import override_settings
+
+    with override_settings(ROOT_URLCONF="tests.apps.django_views_urls"):
+        served = wsgi_served(django_app, _environ())
+        assert served is not None
+        return near_misses(RuleSet(widget, chat).exact_matches, served)
+
+
+# A (medium, false warning): as_view(http_method_names=[...]) sets the instance's list,
+# which View.dispatch reads; the class's was read, so POST was "not taken".
+def test_django_as_view_http_method_names_are_the_view_s(django_app: Any) -> None:
+    assert _cbv_told(django_app, [], ["POST /widened/"]) == []
+    told = _cbv_told(django_app, [], ["GET /narrowed/"])  # the narrowed one: told too
+    assert len(told) == 1, told
+    assert "takes POST, not GET" in told[0], told
+
+
+# B (low, false warning): handlers View.dispatch finds on the instance (set in setup() or
+# __init__), or a 405 handler that serves, were not seen: not guessed now.
+@pytest.mark.parametrize("path", ["/in-setup/", "/in-init/", "/any-method/"])
+def test_django_views_with_handlers_of_their_own_are_not_guessed(
+    django_app: Any, path: str
+) -> None:
+    assert _cbv_told(django_app, [], [f"POST {path}"]) == []
+
+
+# C (low, a missed near miss): Django's dispatch() under method_decorator(csrf_exempt,
+# name="dispatch"), the usual form of a JSON chat view, is Django's: its methods are told.
+def test_django_method_decorated_dispatch_is_django_s(django_app: Any) -> None:
+    told = _cbv_told(django_app, [], ["GET /exempt/"])
+    assert len(told) == 1, told
+    assert "takes POST, not GET" in told[0], told
+    assert "write 'POST /exempt/'" in told[0], told
