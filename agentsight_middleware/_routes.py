@@ -296,8 +296,10 @@ def near_misses(
                 break
             others |= taken
         else:
-            if others:
-                names = sorted(others - _IMPLIED) or sorted(others)
+            # A route that answers only HEAD or OPTIONS there takes no request a rule can
+            # name ("write 'OPTIONS /x'" would be refused at start-up): no method advice.
+            names = sorted(others - _IMPLIED)
+            if names:
                 if rule.kind == WIDGET:
                     fix = "widget rules match GET only: a chat route goes in chat_routes"
                 else:

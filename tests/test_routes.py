@@ -877,3 +877,13 @@ def test_django_method_decorated_dispatch_is_django_s(django_app: Any) -> None:
     assert len(told) == 1, told
     assert "takes POST, not GET" in told[0], told
     assert "write 'POST /exempt/'" in told[0], told
+
+
+def test_a_route_answering_only_options_gets_no_method_advice() -> None:
+    # "write 'OPTIONS /api/chat'" named a rule the middleware refuses at start-up.
+    routes = [Route("/api/chat", _page, methods=["OPTIONS"]), Route("/page/", _page)]
+    assert _near_misses(routes, [], ["POST /api/chat"]) == []
+    # The slash is still told where the other path has a route.
+    told = _near_misses(routes, ["/page"], [])
+    assert len(told) == 1, told
+    assert "write '/page/'" in told[0], told
