@@ -7,7 +7,7 @@ import re
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 # At run time too: typing.get_type_hints() on the middleware's __init__ (dependency
 # injection, documentation tools) resolves it. Imported from here by the glue.
@@ -16,12 +16,8 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import Unpack as Unpack
 
-# At run time too: typing.get_type_hints() on the middleware's __init__ (dependency
-# injection, documentation tools) resolves it.
-if sys.version_info >= (3, 11):
-    pass
-else:
-    pass
+if TYPE_CHECKING:
+    from ._routes import Served
 
 from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES
@@ -290,7 +286,7 @@ class MiddlewareBase:
         self._cookie_name = settings.cookie_name
         self._submit = core.submit
 
-    def _tell_near_misses(self, served: Callable[[str, str, bool], tuple[bool, set[str]]]) -> None:
+    def _tell_near_misses(self, served: Served) -> None:
         """Warn about the rules that miss the app's routes by a little (see _routes)."""
         from ._routes import near_misses
 

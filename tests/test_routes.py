@@ -805,18 +805,14 @@ def test_with_a_lifespan_the_first_tracked_request_does_not_check_again(
 
 # Django's class-based views know their methods (View.dispatch finds a handler by name).
 def test_django_class_based_views_have_their_methods_told(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    caplog: pytest.LogCaptureFixture, django_app: Any
 ) -> None:
     from django.test import override_settings
 
-    monkeypatch.chdir(tmp_path)  # the example module keeps a local store in the cwd
-    from examples.django_site.wsgi import create_application
-
+    # The handler reads ROOT_URLCONF at each request, so the example's serves these views.
     with override_settings(ROOT_URLCONF="tests.apps.django_views_urls"):
-        handler = create_application(tracker=RecordingTracker()).app
-        caplog.clear()
         app = AgentSightWSGIMiddleware(
-            handler,
+            django_app,
             widget_pages=["/pricing/", "/api/chat/"],
             # A PUT rule for a POST view; GET rules for a view with a dispatch() of its
             # own and a function view (both may take it); a slash missing.
