@@ -180,16 +180,33 @@ def _werkzeug_served(url_map: Any) -> Served | None:
                     path_info, method=method, return_rule=True, websocket=False
                 )
             except MethodNotAllowed as exc:
-                others |= set(exc.valid_methods or ())
+                others |= {
+                    other
+                    for other in exc.valid_methods or ()
+                    if not literal or _werkzeug_literal(adapter, path_info, other)
+                }
                 continue
             except HTTPException:  # not found, or a redirect (``/pricing`` to ``/pricing/``)
                 continue
-            # A route's defaults are no path parameters (Flask's first page of a list).
-            if not literal or values.keys() <= (rule.defaults or {}).keys():
+            if not literal or _no_parameters(rule, values):
                 return True, set()
         return False, others
 
     return served
+
+
+def _no_parameters(rule: Any, values: Mapping[str, Any]) -> bool:
+    # A route's defaults are no path parameters (Flask's first page of a list).
+    return values.keys() <= (rule.defaults or {}).keys()
+
+
+def _werkzeug_literal(adapter: Any, path_info: str, method: str) -> bool:
+    """Whether the route that serves ``path_info`` under ``method`` has no path parameters."""
+    try:
+        rule, values = adapter.match(path_info, method=method, return_rule=True, websocket=False)
+    except Exception:  # an HTTPException, or a converter that fails
+        return False
+    return _no_parameters(rule, values)
 
 
 def _django_served() -> Served | None:
@@ -291,10 +308,12 @@ def near_misses(
         )
         others: set[str] = set()
         for method in methods:
-            ok, taken = served(path, method, False)
-            if ok:
+            if served(path, method, False)[0]:
                 break
-            others |= taken
+            # Methods only from routes written for this path: a catch-all with parameters
+            # (an SPA's GET "/{path:path}") takes any path, and "write 'GET /api/chat'"
+            # would turn a chat rule into one that counts page loads.
+            others |= served(path, method, True)[1]
         else:
             # A route that answers only HEAD or OPTIONS there takes no request a rule can
             # name ("write 'OPTIONS /x'" would be refused at start-up): no method advice.
@@ -313,10 +332,11 @@ def near_misses(
             alternative = path[:-1] if path.endswith("/") and len(path) > 1 else path + "/"
             # Served there under some method: the slash is what to fix first.
             if any(any(served(alternative, method, True)) for method in methods):
+                fixed = rule.source[: len(rule.source) - len(path)] + alternative
                 told.append(
                     f"{argument} rule {rule.source!r}: no route of the app serves {path!r}, "
                     f"one serves {alternative!r} (a rule's path is matched exactly, its "
-                    f"trailing slash too): write {alternative!r}"
+                    f"trailing slash too): write {fixed!r}"
                 )
     return told
 

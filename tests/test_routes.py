@@ -330,7 +330,7 @@ def test_django_slash_misses_are_told_at_the_first_request(
     told = _told(caplog)
     assert len(told) == 1, told
     assert "'POST /api/chat'" in told[0], told
-    assert "write '/api/chat/'" in told[0], told
+    assert "write 'POST /api/chat/'" in told[0], told
 
 
 def test_a_wsgi_app_without_a_known_router_says_nothing(
@@ -416,7 +416,7 @@ def test_a_websocket_first_request_still_tells_a_near_miss(
     upgrade = {"Connection": "Upgrade", "Upgrade": "websocket"}
     told = _first_request(flask_app, caplog, "/ws", headers=upgrade)
     assert len(told) == 1, told
-    assert "write '/chat'" in told[0], told
+    assert "write 'POST /chat'" in told[0], told
 
 
 # 2 (medium): Flask's documented subdomain routing (SERVER_NAME, subdomain_matching,
@@ -539,7 +539,7 @@ def test_a_bad_host_on_the_first_request_does_not_lose_the_check(
     )
     told = _first_request(flask_app, caplog, "/", headers={"Host": "a..b"})
     assert len(told) == 1, told
-    assert "write '/chat'" in told[0], told
+    assert "write 'POST /chat'" in told[0], told
 
 
 # 5 (low, a missed near miss): a route's defaults were taken for path parameters, so the
@@ -669,7 +669,7 @@ def test_django_asgi_is_checked_at_the_first_tracked_request(
         assert _rule_warnings(caplog) == told  # once
     assert len(told) == 1, told
     assert "'POST /site/api/chat'" in told[0], told
-    assert "write '/site/api/chat/'" in told[0], told
+    assert "write 'POST /site/api/chat/'" in told[0], told
 
 
 def test_a_starlette_app_served_without_a_lifespan_is_checked_too(
@@ -835,7 +835,9 @@ def test_django_class_based_views_have_their_methods_told(
         for line in told
     ), told
     # The slash is told first, as for every framework.
-    assert any("'POST /pricing'" in line and "write '/pricing/'" in line for line in told), told
+    assert any("'POST /pricing'" in line and "write 'POST /pricing/'" in line for line in told), (
+        told
+    )
 
 
 # Review of the class-based view check (cbvreview).
@@ -883,3 +885,53 @@ def test_a_route_answering_only_options_gets_no_method_advice() -> None:
     told = _near_misses(routes, ["/page"], [])
     assert len(told) == 1, told
     assert "write '/page/'" in told[0], told
+
+
+# A GET catch-all (a single-page app's "/{path:path}") takes every path: its GET is no
+# advice for a chat rule ("write 'GET /api/chat'" would count page loads as chats).
+def test_a_catch_all_gives_no_method_advice_the_slash_still_told() -> None:
+    routes = [Route("/api/chat/", _page, methods=["POST"]), Route("/{path:path}", _page)]
+    told = _near_misses(routes, [], ["POST /api/chat"])
+    assert len(told) == 1, told
+    assert "one serves '/api/chat/'" in told[0], told
+    assert "write 'POST /api/chat/'" in told[0], told
+    assert "GET" not in told[0], told
+    # A rule whose path only the catch-all knows: nothing to say, as for any unknown path.
+    assert _near_misses(routes, [], ["POST /api/talk"]) == []
+    # The route's own methods are still told, without the catch-all's.
+    routes = [Route("/api/chat", _page, methods=["PUT"]), Route("/{path:path}", _page)]
+    told = _near_misses(routes, [], ["POST /api/chat"])
+    assert len(told) == 1, told
+    assert "takes PUT, not POST" in told[0], told
+    assert "write 'PUT /api/chat'" in told[0], told
+
+
+def test_flask_catch_all_gives_no_method_advice(caplog: pytest.LogCaptureFixture) -> None:
+    from flask import Flask
+
+    flask_app = Flask("spa")
+
+    @flask_app.post("/api/chat/")
+    def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    @flask_app.get("/", defaults={"path": ""})
+    @flask_app.get("/<path:path>")
+    def spa(path: str) -> str:
+        return "<html>app</html>"
+
+    flask_app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app,
+        widget_pages=["/"],
+        chat_routes=["POST /api/chat", "POST /api/talk", "PUT /api/chat/"],
+        tracker=RecordingTracker(),
+    )
+    told = _first_request(flask_app, caplog)
+    # The slash for the first; nothing for a path only the catch-all serves; the third
+    # rule's route takes POST: the route's own methods, not the catch-all's GET as well.
+    assert len(told) == 2, told
+    slash = next(line for line in told if "'POST /api/chat'" in line)
+    assert "write 'POST /api/chat/'" in slash, slash
+    method = next(line for line in told if "'PUT /api/chat/'" in line)
+    assert "takes POST, not PUT" in method, method
+    assert "write 'POST /api/chat/'" in method, method
