@@ -7,22 +7,31 @@ routes are asked with their own matching, so mounts, hosts, path convertors and 
 names count as the app counts them: Starlette's ``Route.matches`` once the lifespan's start
 completes (no request pays for it), Werkzeug's ``MapAdapter.match`` (Flask) and Django's
 ``resolve`` at the first request of a WSGI process (WSGI has no start-up hook; its first
-request already starts the worker), and any of them at the first tracked request of an ASGI
-app that gets no lifespan. Only exact-path rules are checked, and only a near miss is
-reported (the same path with or without its trailing slash, or the right path under other
-methods; Django's URLs do not know methods, its class-based views do): a rule for a path no
-route knows may be served by a mounted app or a catch-all, and says nothing.
+request already starts the worker), Litestar's public ``app.routes`` with the lifespan too,
+and any of them at the first tracked request of an ASGI app that gets no lifespan. Only
+exact-path rules are checked, and only a near miss is reported (the same path with or
+without its trailing slash, or the right path under other methods; Django's URLs do not
+know methods, its class-based views do): a rule for a path no route knows may be served by
+a mounted app or a catch-all, and says nothing.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._rules import WIDGET, Match, Rule
 
-__all__ = ["app_served", "near_misses", "starlette_routes", "starlette_served", "wsgi_served"]
+__all__ = [
+    "app_served",
+    "litestar_served",
+    "near_misses",
+    "starlette_routes",
+    "starlette_served",
+    "wsgi_served",
+]
 
 #: Whether the app serves ``path`` under ``method`` (``literal``: by a route without path
 #: parameters); if not, the methods it serves ``path`` under instead.
@@ -87,6 +96,82 @@ def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
         return False, others
 
     return served
+
+
+def litestar_served(app: Any, root_path: str = "") -> Served | None:
+    """Served, asked of the routes of the Litestar app in or under ``app`` (``Litestar.routes``,
+    its public list of routes), served under ``root_path``; or None.
+
+    Litestar serves a path with or without its trailing slash alike, so only methods can be
+    missed. Its router is private: a route with path parameters is taken to serve any path of
+    its shape (``{n:int}`` a ``/items/abc`` too), which can only leave a warning out.
+    """
+    module = sys.modules.get("litestar.app")
+    if module is None:
+        return None
+    for _ in range(_MAX_DEPTH):
+        if app is None or isinstance(app, module.Litestar):
+            break
+        app = getattr(app, "app", None)
+    if not isinstance(app, module.Litestar):
+        return None
+    from litestar.routes import ASGIRoute, HTTPRoute
+
+    exact: dict[str, set[str]] = {}
+    shaped: list[tuple[re.Pattern[str], frozenset[str] | None]] = []  # None: any method
+    for route in app.routes:
+        if isinstance(route, HTTPRoute):
+            methods: frozenset[str] | None = frozenset(route.methods)
+        elif isinstance(route, ASGIRoute):
+            methods = None  # an ASGI handler takes any method; a mount, any path under it
+        else:
+            continue  # a WebSocket route
+        path = _litestar_path(route.path)
+        if isinstance(route, ASGIRoute) and getattr(route.route_handler, "is_mount", False):
+            shaped.append((re.compile(re.escape(path.rstrip("/")) + "(?:/.*)?"), None))
+        elif route.path_parameters or methods is None:
+            shaped.append((_litestar_shape(path), methods))
+        else:
+            exact.setdefault(path, set()).update(methods)
+    root_path = root_path.rstrip("/")
+
+    def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
+        inside = _path_info(path, root_path)
+        if inside is None:
+            return False, set()
+        inside = _litestar_path(inside)
+        others = set(exact.get(inside, ()))
+        if method in others:
+            return True, set()
+        for shape, methods in shaped:
+            if (methods is not None and literal) or not shape.fullmatch(inside):
+                continue
+            if methods is None or method in methods:
+                return True, set()
+            others |= methods
+        return False, others
+
+    return served
+
+
+def _litestar_path(path: str) -> str:
+    # Litestar matches a path without its trailing slash.
+    return path.rstrip("/") or "/"
+
+
+_LITESTAR_PARAMETER = re.compile(r"\{[^{}:]*(?::([^{}]*))?\}")
+
+
+def _litestar_shape(path: str) -> re.Pattern[str]:
+    """A route path with parameters as a pattern: ``{p:path}`` any rest, others a segment."""
+    parts: list[str] = []
+    end = 0
+    for parameter in _LITESTAR_PARAMETER.finditer(path):
+        parts.append(re.escape(path[end : parameter.start()]))
+        parts.append(".*" if (parameter.group(1) or "").strip() == "path" else "[^/]+")
+        end = parameter.end()
+    parts.append(re.escape(path[end:]))
+    return re.compile("".join(parts))
 
 
 def wsgi_served(app: Any, environ: MutableMapping[str, Any]) -> Served | None:

@@ -156,11 +156,11 @@ class AgentSightMiddleware(MiddlewareBase):
         a 1,000-route FastAPI app)."""
         self._routes_unchecked = False
         try:
-            from ._routes import app_served, starlette_routes, starlette_served
+            from ._routes import app_served, litestar_served, starlette_routes, starlette_served
 
             routes = starlette_routes(self.app)
             served = (
-                app_served(self.app, root_path)
+                litestar_served(self.app, root_path) or app_served(self.app, root_path)
                 if routes is None
                 else starlette_served(routes, root_path)
             )

@@ -935,3 +935,84 @@ def test_flask_catch_all_gives_no_method_advice(caplog: pytest.LogCaptureFixture
     method = next(line for line in told if "'PUT /api/chat/'" in line)
     assert "takes POST, not PUT" in method, method
     assert "write 'POST /api/chat/'" in method, method
+
+
+# Litestar: its public Litestar.routes, at the lifespan's start (or the first tracked
+# request without one). It serves a path with or without its trailing slash alike.
+def _litestar_shop() -> Any:
+    from litestar import Litestar, Router, asgi, get, post
+    from litestar.params import FromPath
+    from litestar.response import Response
+
+    @get("/pricing", media_type="text/html")
+    async def pricing() -> str:
+        return "<html>prices</html>"
+
+    @post("/chat/", status_code=200)
+    async def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    @get("/items/{item_id:int}")
+    async def item(item_id: FromPath[int]) -> str:
+        return str(item_id)
+
+    @post("/upload/{rest:path}")
+    async def upload(rest: FromPath[str]) -> str:
+        return rest
+
+    @asgi("/files", is_mount=True, copy_scope=True)
+    async def files(scope: Any, receive: Any, send: Any) -> None:
+        await Response("file")(scope, receive, send)
+
+    @post("/feedback")
+    async def feedback() -> None:
+        return None
+
+    api = Router("/api", route_handlers=[chat, feedback])
+    # No logging config: Litestar's would replace the root logger's handlers, pytest's too.
+    return Litestar(route_handlers=[pricing, item, upload, files, api], logging_config=None)
+
+
+@pytest.mark.parametrize("lifespan", ["on", "off"])
+def test_litestar_methods_are_told_at_start_up(
+    lifespan: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = AgentSightMiddleware(
+        _litestar_shop(),
+        # Right (the slash too: Litestar serves /pricing/), a route with parameters, a
+        # mount: nothing. Wrong methods: told, with the route's own methods.
+        widget_pages=["/pricing/", "/items/7", "/files/a.txt", "/api/feedback"],
+        chat_routes=["GET /api/chat", "POST /upload/a/b", "PUT /pricing", "POST /nowhere"],
+        tracker=RecordingTracker(),
+    )
+    with caplog.at_level(logging.WARNING), uvicorn_server(app, lifespan=lifespan) as url:
+        if lifespan == "on":
+            assert len(_rule_warnings(caplog)) == 3  # before any request
+        assert httpx.get(url + "/pricing/").text == "<html>prices</html>"  # untouched
+        assert httpx.post(url + "/api/chat").json() == {"reply": "hi"}
+    told = _rule_warnings(caplog)
+    assert len(told) == 3, told
+    widget = next(line for line in told if "widget_pages rule '/api/feedback'" in line)
+    assert "widget rules match GET only" in widget, widget
+    chat = next(line for line in told if "'GET /api/chat'" in line)
+    assert "takes POST, not GET" in chat, chat
+    assert "write 'POST /api/chat'" in chat, chat
+    put = next(line for line in told if "'PUT /pricing'" in line)
+    assert "write 'GET /pricing'" in put, put
+
+
+def test_litestar_routes_are_asked_under_the_root_path() -> None:
+    from agentsight_middleware._routes import litestar_served
+
+    wrapped = AgentSightMiddleware(_litestar_shop(), widget_pages=["/"], tracker=RecordingTracker())
+    served = litestar_served(wrapped)  # found through the layers around it
+    assert served is not None
+    assert served("/api/chat", "POST", True) == (True, set())
+    assert served("/items/abc", "GET", False) == (True, set())  # its shape: not guessed
+    assert served("/items/7", "GET", True) == (False, set())  # no route without parameters
+    assert served("/api/chat", "GET", True) == (False, {"POST", "OPTIONS"})
+    under = litestar_served(_litestar_shop(), "/shop/")
+    assert under is not None
+    assert under("/shop/api/chat/", "POST", True) == (True, set())
+    assert under("/api/chat", "POST", False) == (False, set())  # outside the root path
+    assert litestar_served(_shop()) is None  # not Litestar
