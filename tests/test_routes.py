@@ -942,7 +942,6 @@ def test_flask_catch_all_gives_no_method_advice(caplog: pytest.LogCaptureFixture
 def _litestar_shop() -> Any:
     from litestar import Litestar, Router, asgi, get, post
     from litestar.params import FromPath
-    from litestar.response import Response
 
     @get("/pricing", media_type="text/html")
     async def pricing() -> str:
@@ -962,7 +961,8 @@ def _litestar_shop() -> Any:
 
     @asgi("/files", is_mount=True, copy_scope=True)
     async def files(scope: Any, receive: Any, send: Any) -> None:
-        await Response("file")(scope, receive, send)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"file"})
 
     @post("/feedback")
     async def feedback() -> None:
@@ -990,6 +990,7 @@ def test_litestar_methods_are_told_at_start_up(
             assert len(_rule_warnings(caplog)) == 3  # before any request
         assert httpx.get(url + "/pricing/").text == "<html>prices</html>"  # untouched
         assert httpx.post(url + "/api/chat").json() == {"reply": "hi"}
+        assert httpx.get(url + "/files/a.txt").text == "file"
     told = _rule_warnings(caplog)
     assert len(told) == 3, told
     widget = next(line for line in told if "widget_pages rule '/api/feedback'" in line)
