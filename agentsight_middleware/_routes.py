@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from ._rules import WIDGET, Match, Rule
@@ -117,7 +117,10 @@ def litestar_served(app: Any, root_path: str = "") -> Served | None:
         return None
     from litestar.routes import ASGIRoute, HTTPRoute
 
-    exact: dict[str, set[str]] = {}
+    # Litestar answers a path of a route without parameters (a "plain route", WebSocket
+    # ones too) from that route alone: its methods, else 405, whatever mount or route with
+    # parameters also takes the path. None: an ASGI handler's, any method.
+    exact: dict[str, set[str] | None] = {}
     shaped: list[tuple[re.Pattern[str], frozenset[str] | None]] = []  # None: any method
     for route in app.routes:
         if isinstance(route, HTTPRoute):
@@ -125,14 +128,19 @@ def litestar_served(app: Any, root_path: str = "") -> Served | None:
         elif isinstance(route, ASGIRoute):
             methods = None  # an ASGI handler takes any method; a mount, any path under it
         else:
-            continue  # a WebSocket route
+            methods = frozenset()  # a WebSocket route: no HTTP method
         path = _litestar_path(route.path)
         if isinstance(route, ASGIRoute) and getattr(route.route_handler, "is_mount", False):
             shaped.append((re.compile(re.escape(path.rstrip("/")) + "(?:/.*)?"), None))
-        elif route.path_parameters or methods is None:
-            shaped.append((_litestar_shape(path), methods))
+        elif route.path_parameters:
+            if methods != frozenset():
+                shaped.append((_litestar_shape(path), methods))
+        elif methods is None:
+            exact[path] = None
         else:
-            exact.setdefault(path, set()).update(methods)
+            taken = exact.setdefault(path, set())
+            if taken is not None:
+                taken.update(methods)
     root_path = root_path.rstrip("/")
 
     def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
@@ -140,16 +148,19 @@ def litestar_served(app: Any, root_path: str = "") -> Served | None:
         if inside is None:
             return False, set()
         inside = _litestar_path(inside)
-        others = set(exact.get(inside, ()))
-        if method in others:
-            return True, set()
+        if inside in exact:
+            taken = exact[inside]
+            if taken is None or method in taken:
+                return True, set()
+            return False, set(taken)
         for shape, methods in shaped:
             if (methods is not None and literal) or not shape.fullmatch(inside):
                 continue
             if methods is None or method in methods:
                 return True, set()
-            others |= methods
-        return False, others
+        # A route with parameters is not known to take the path (a static segment of
+        # another route, or its parameter's type, may win): its methods are not named.
+        return False, set()
 
     return served
 
@@ -314,9 +325,13 @@ def _django_served() -> Served | None:
             except Resolver404:
                 known = (False, False, None)
             else:
-                # The kwargs a path() adds for its view are no path parameters.
+                # The kwargs a path() adds for its view are no path parameters; a
+                # re_path() without groups (an SPA's r"^.*$") is a pattern all the same.
                 captured = getattr(found, "captured_kwargs", found.kwargs)
-                known = (True, bool(found.args or captured), _django_view_methods(found.func))
+                parametrized = bool(found.args or captured) or not _django_literal(
+                    getattr(found, "route", None), path_info
+                )
+                known = (True, parametrized, _django_view_methods(found.func))
             resolved[path_info] = known
         ok, parametrized, methods = known
         if not ok or (literal and parametrized):
@@ -326,6 +341,16 @@ def _django_served() -> Served | None:
         return False, set(methods)
 
     return served
+
+
+def _django_literal(route: Any, path_info: str) -> bool:
+    """Whether the route text ``resolve()`` matched (a path()'s, or a re_path()'s regex,
+    includes joined) names ``path_info`` alone; True if Django does not say."""
+    if not isinstance(route, str):
+        return True
+    text = route[1:] if route.startswith("^") else route
+    text = re.sub(r"(?:\$|\\Z)$", "", text)
+    return re.sub(r"\\(.)", r"\1", text) == path_info.lstrip("/")
 
 
 def _django_view_methods(view: Any) -> frozenset[str] | None:
@@ -388,18 +413,27 @@ def near_misses(
                 rules.setdefault(match.rule, path)
     for rule, path in rules.items():
         argument = "widget_pages" if rule.kind == WIDGET else "chat_routes"
-        methods: Iterable[str] = (
+        methods: Sequence[str] = (
             ("GET",) if rule.kind == WIDGET else sorted(rule.methods or _CHAT_METHODS)
         )
         others: set[str] = set()
+        shaped: set[str] = set()  # the methods of routes with path parameters there
         for method in methods:
-            if served(path, method, False)[0]:
+            ok, taken = served(path, method, False)
+            if ok:
                 break
-            # Methods only from routes written for this path: a catch-all with parameters
-            # (an SPA's GET "/{path:path}") takes any path, and "write 'GET /api/chat'"
-            # would turn a chat rule into one that counts page loads.
-            others |= served(path, method, True)[1]
+            # Methods from routes written for this path first: a catch-all with
+            # parameters (an SPA's GET "/{path:path}") takes any path, and "write 'GET
+            # /api/chat'" would turn a chat rule into one that counts page loads.
+            literal = served(path, method, True)[1]
+            others |= literal
+            shaped |= set(taken) - literal
         else:
+            if not others - _IMPLIED:
+                # None: a route with parameters written for paths like this one
+                # ("POST /api/agents/{agent}/chat") still names its methods; one that
+                # also takes a path no app routes (a catch-all) does not.
+                others = {m for m in shaped - _IMPLIED if not _takes_any(served, path, m)}
             # A route that answers only HEAD or OPTIONS there takes no request a rule can
             # name ("write 'OPTIONS /x'" would be refused at start-up): no method advice.
             names = sorted(others - _IMPLIED)
@@ -415,15 +449,45 @@ def near_misses(
                 )
                 continue
             alternative = path[:-1] if path.endswith("/") and len(path) > 1 else path + "/"
-            # Served there under some method: the slash is what to fix first.
-            if any(any(served(alternative, method, True)) for method in methods):
-                fixed = rule.source[: len(rule.source) - len(path)] + alternative
-                told.append(
-                    f"{argument} rule {rule.source!r}: no route of the app serves {path!r}, "
-                    f"one serves {alternative!r} (a rule's path is matched exactly, its "
-                    f"trailing slash too): write {fixed!r}"
-                )
+            # Served there: the slash is what to fix first; with the rule's methods if a
+            # route there takes one of them, else with the methods it takes.
+            there = [served(alternative, method, True) for method in methods]
+            if any(ok for ok, _ in there):
+                fix = f"write {rule.source[: len(rule.source) - len(path)] + alternative!r}"
+            else:
+                names = sorted(set().union(*(taken for _, taken in there)) - _IMPLIED)
+                if not names:
+                    continue
+                if rule.kind == WIDGET:
+                    fix = (
+                        f"it takes {', '.join(names)}: widget rules match GET only, a chat "
+                        "route goes in chat_routes"
+                    )
+                else:
+                    fix = f"write {','.join(names) + ' ' + alternative!r}"
+            told.append(
+                f"{argument} rule {rule.source!r}: no route of the app serves {path!r}, "
+                f"one serves {alternative!r} (a rule's path is matched exactly, its "
+                f"trailing slash too): {fix}"
+            )
     return told
+
+
+#: A path segment no app routes: what serves it is a catch-all.
+_NO_ROUTE = "agentsight-no-route-7c1f"
+
+
+def _takes_any(served: Served, path: str, method: str) -> bool:
+    """Whether what serves ``path`` under ``method`` also serves a path below it, or a
+    top-level path beside it, that no route names: a catch-all (``/{path:path}``,
+    ``/<path:path>``, ``re_path(r"^.*$")``, a top-level ``/{slug}``)."""
+    probes = [path.rstrip("/") + "/" + _NO_ROUTE]
+    if "/" not in path.strip("/"):
+        probes.append("/" + _NO_ROUTE)
+    try:
+        return any(served(probe, method, False)[0] for probe in probes)
+    except Exception:  # e.g. a converter of the app's that fails on the probe: not named
+        return True
 
 
 def _is_exact(rule: Rule, path: str) -> bool:

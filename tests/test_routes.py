@@ -834,10 +834,9 @@ def test_django_class_based_views_have_their_methods_told(
         "widget_pages rule '/api/chat/'" in line and "widget rules match GET only" in line
         for line in told
     ), told
-    # The slash is told first, as for every framework.
-    assert any("'POST /pricing'" in line and "write 'POST /pricing/'" in line for line in told), (
-        told
-    )
+    # The slash is told first, as for every framework, with the methods the view there
+    # takes: "write 'POST /pricing/'" named a rule the GET-only view answers with 405.
+    assert any("'POST /pricing'" in line and "write 'GET /pricing/'" in line for line in told), told
 
 
 # Review of the class-based view check (cbvreview).
@@ -1017,3 +1016,126 @@ def test_litestar_routes_are_asked_under_the_root_path() -> None:
     assert under("/shop/api/chat/", "POST", True) == (True, set())
     assert under("/api/chat", "POST", False) == (False, set())  # outside the root path
     assert litestar_served(_shop()) is None  # not Litestar
+
+
+# Review of the catch-all change (routereview).
+# A (medium, wrong advice): the slash advice kept the rule's methods where the route at
+# the other path takes others: "GET /api/chat" for a POST "/api/chat/" was told "write
+# 'GET /api/chat/'", a rule the app answers with 405 (the next start said so again).
+def test_the_slash_advice_names_the_methods_taken_there() -> None:
+    routes = [
+        Route("/api/chat/", _page, methods=["POST"]),
+        Route("/chat/", _page),
+        Route("/talk/", _page),
+        Route("/feedback/", _page, methods=["POST"]),
+    ]
+    told = _near_misses(routes, ["/feedback"], ["GET /api/chat", "POST /chat", "/talk"])
+    assert len(told) == 4, told
+    chat = next(line for line in told if "rule 'GET /api/chat'" in line)
+    assert "write 'POST /api/chat/'" in chat, chat
+    page = next(line for line in told if "rule 'POST /chat'" in line)
+    assert "write 'GET /chat/'" in page, page
+    anything = next(line for line in told if "rule '/talk'" in line)
+    assert "write '/talk/'" in anything, anything  # a rule without methods: as it was
+    widget = next(line for line in told if "widget_pages rule '/feedback'" in line)
+    assert "it takes POST: widget rules match GET only" in widget, widget
+    assert "write" not in widget, widget
+
+
+# B (medium, a missed near miss the old check caught): methods came only from routes
+# without parameters, so "GET /api/agents/sales/chat" for POST /api/agents/{agent}/chat
+# (405) was no longer told. A route with parameters names its methods again unless it
+# also takes a path no app routes (a catch-all).
+def test_a_route_with_parameters_names_its_methods_a_catch_all_does_not() -> None:
+    agent = Route("/api/agents/{agent}/chat", _page, methods=["POST"])
+    told = _near_misses([agent], [], ["GET /api/agents/sales/chat"])
+    assert len(told) == 1, told
+    assert "write 'POST /api/agents/sales/chat'" in told[0], told
+    # Behind a catch-all that takes GET there: served, nothing to say; under PUT, the
+    # agent route's POST only.
+    routes = [agent, Route("/{path:path}", _page)]
+    assert _near_misses(routes, [], ["GET /api/agents/sales/chat"]) == []
+    told = _near_misses(routes, [], ["PUT /api/agents/sales/chat"])
+    assert len(told) == 1, told
+    assert "takes POST, not PUT" in told[0], told
+    # Catch-alls name no methods: any path below, or a top-level one beside.
+    for catch_all in ("/{path:path}", "/{slug}"):
+        routes = [Route(catch_all, _page, methods=["GET"])]
+        assert _near_misses(routes, [], ["POST /chat"]) == [], catch_all
+    # Under a root path too.
+    served = starlette_served([agent, Route("/{path:path}", _page, methods=["PUT"])], "/app")
+    told = near_misses(RuleSet([], ["GET /app/api/agents/a/chat"]).exact_matches, served)
+    assert len(told) == 1, told
+    assert "takes POST, not GET" in told[0], told
+
+
+def test_flask_routes_with_parameters_name_their_methods() -> None:
+    from flask import Flask
+
+    flask_app = Flask("items")
+
+    @flask_app.post("/items/<int:n>")
+    def item(n: int) -> str:
+        return str(n)
+
+    served = wsgi_served(flask_app.wsgi_app, {"SCRIPT_NAME": ""})
+    assert served is not None
+    told = near_misses(RuleSet([], ["GET /items/7"]).exact_matches, served)
+    assert len(told) == 1, told
+    assert "write 'POST /items/7'" in told[0], told
+
+
+# C (medium, wrong advice): Django's SPA catch-all re_path(r"^.*$", ...) has no group,
+# so it was taken for a route written for the path: "POST /api/chat" was told "write
+# 'GET /api/chat'" (the SPA's page), and "GET /api/agents/sales/chat" "write 'GET
+# /api/agents/sales/chat/'" (the SPA again).
+def test_django_regex_catch_all_is_no_route_of_the_path(django_app: Any) -> None:
+    from django.test import override_settings
+
+    rules = RuleSet([], ["POST /api/chat", "GET /api/agents/sales/chat", "PUT /api/chat/"])
+    with override_settings(ROOT_URLCONF="tests.apps.django_spa_urls"):
+        served = wsgi_served(django_app, _environ())
+        assert served is not None
+        told = near_misses(rules.exact_matches, served)
+        # A re_path() of a literal regex is a route of its path; the catch-all is not.
+        assert served("/robots.txt", "GET", True) == (True, set())
+        assert served("/robots.txt/", "GET", True) == (False, set())
+    assert len(told) == 3, told
+    slash = next(line for line in told if "rule 'POST /api/chat'" in line)
+    assert "write 'POST /api/chat/'" in slash, slash
+    agent = next(line for line in told if "rule 'GET /api/agents/sales/chat'" in line)
+    assert "write 'POST /api/agents/sales/chat'" in agent, agent
+    put = next(line for line in told if "rule 'PUT /api/chat/'" in line)
+    assert "write 'POST /api/chat/'" in put, put
+
+
+# D (medium, a missed near miss): Litestar answers a path of a route without parameters
+# from that route alone (405 for other methods), whatever catch-all also takes it; the
+# catch-all was taken to serve it, so an SPA's "GET /api/chat" was never told. And a
+# HEAD-only route made a slash warning Litestar cannot have ("write 'POST /probe/'").
+def test_litestar_a_plain_route_decides_its_path() -> None:
+    from litestar import Litestar, get, head, post
+    from litestar.params import FromPath
+
+    from agentsight_middleware._routes import litestar_served
+
+    @get("/{p:path}", media_type="text/html")
+    async def spa(p: FromPath[str]) -> str:
+        return "<html>app</html>"
+
+    @post("/api/chat", status_code=200)
+    async def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    @head("/probe")
+    async def probe() -> None:
+        return None
+
+    app = Litestar(route_handlers=[spa, chat, probe], logging_config=None, openapi_config=None)
+    served = litestar_served(app)
+    assert served is not None
+    assert served("/api/chat", "GET", False) == (False, {"POST", "OPTIONS"})
+    assert served("/elsewhere", "GET", False) == (True, set())
+    told = near_misses(RuleSet([], ["GET /api/chat", "POST /probe"]).exact_matches, served)
+    assert len(told) == 1, told
+    assert "write 'POST /api/chat'" in told[0], told
