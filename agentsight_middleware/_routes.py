@@ -81,7 +81,12 @@ def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
             if found == RouteMatch.NONE or (literal and child.get("path_params")):
                 continue
             if found == RouteMatch.FULL:
-                return True, set()
+                if method in _STATIC_METHODS or not _is_static_files(route):
+                    return True, set()
+                # StaticFiles (an SPA's app.mount("/", StaticFiles(..., html=True))) takes
+                # the request, whatever its method, and answers 405 but to GET and HEAD:
+                # what no route before it took stops there. A catch-all: no advice.
+                return False, others if literal else others | _STATIC_METHODS
             if found == RouteMatch.PARTIAL:
                 taken = getattr(route, "methods", None)
                 if not taken:
@@ -183,6 +188,14 @@ def _litestar_shape(path: str) -> re.Pattern[str]:
         end = parameter.end()
     parts.append(re.escape(path[end:]))
     return re.compile("".join(parts))
+
+
+_STATIC_METHODS = frozenset({"GET", "HEAD"})
+
+
+def _is_static_files(route: Any) -> bool:
+    module = sys.modules.get("starlette.staticfiles")
+    return module is not None and isinstance(getattr(route, "app", None), module.StaticFiles)
 
 
 def wsgi_served(app: Any, environ: MutableMapping[str, Any]) -> Served | None:

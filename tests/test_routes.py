@@ -1139,3 +1139,36 @@ def test_litestar_a_plain_route_decides_its_path() -> None:
     told = near_misses(RuleSet([], ["GET /api/chat", "POST /probe"]).exact_matches, served)
     assert len(told) == 1, told
     assert "write 'POST /api/chat'" in told[0], told
+
+
+# F (routereview, older than the catch-all change): a Mount counted as serving every
+# method, so the most common FastAPI SPA, StaticFiles mounted at "/", hid every near miss
+# of the API's rules, while the app answers 405 to them (StaticFiles takes GET and HEAD).
+def test_static_files_mounted_at_the_root_hide_no_near_miss(tmp_path: Path) -> None:
+    from fastapi.staticfiles import StaticFiles
+
+    (tmp_path / "index.html").write_text("<html>app</html>")
+    app = FastAPI()
+
+    @app.post("/api/chat/")
+    def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    app.mount("/", StaticFiles(directory=tmp_path, html=True))
+    with uvicorn_server(app) as url:  # what the app answers, which the warning must say
+        assert httpx.post(url + "/api/chat").status_code == 405
+        assert httpx.post(url + "/api/chat/").status_code == 200
+        assert httpx.put(url + "/api/chat/").status_code == 405
+        assert httpx.get(url + "/pricing").status_code == 404
+    routes = starlette_routes(app)
+    assert routes is not None
+    told = near_misses(
+        RuleSet(["/", "/pricing"], ["POST /api/chat", "PUT /api/chat/"]).exact_matches,
+        starlette_served(routes),
+    )
+    assert len(told) == 2, told  # "/" is the SPA's page; "/pricing" is no route's at all
+    slash = next(line for line in told if "rule 'POST /api/chat'" in line)
+    assert "write 'POST /api/chat/'" in slash, slash
+    method = next(line for line in told if "rule 'PUT /api/chat/'" in line)
+    assert "takes POST, not PUT" in method, method
+    assert "GET" not in method, method  # the files' methods are no advice
