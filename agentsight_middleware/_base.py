@@ -280,6 +280,7 @@ class MiddlewareBase:
         self._match = settings.rules.match
         # What the glue reads on every tracked request, as plain attributes.
         self._exact_matches = settings.rules.exact_matches
+        self._near_misses_told: set[str] = set()
         self._prefixes = settings.rules.prefixes
         self._trusted = core.trusted
         self._has_hooks = settings.has_hooks
@@ -291,7 +292,9 @@ class MiddlewareBase:
         from ._routes import near_misses
 
         for line in near_misses(self._exact_matches, served):
-            logger.warning("%s", line)
+            if line not in self._near_misses_told:  # a second check tells what is new
+                self._near_misses_told.add(line)
+                logger.warning("%s", line)
 
     def stats(self) -> dict[str, int]:
         """Counts of the background work; the keys depend on where events go (README,

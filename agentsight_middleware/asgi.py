@@ -82,7 +82,10 @@ class AgentSightMiddleware(MiddlewareBase):
             return
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
-        self._routes_unchecked = True  # until the lifespan's start or the first tracked request
+        # Until the lifespan's start or the first tracked request; _ROOT_PATH_UNKNOWN after
+        # a lifespan's check, whose scope has no root_path: a tracked request with one
+        # checks again under it.
+        self._routes_unchecked: bool | str = True
 
     # Typed Any: frameworks type ASGI differently (Starlette with mappings, Litestar
     # and asgiref with TypedDicts that a mapping parameter does not accept), and an
@@ -137,7 +140,7 @@ class AgentSightMiddleware(MiddlewareBase):
                 # In the serving process, after any fork: events left in a durable
                 # outbox by the last run are sent now, not at the first page view.
                 self._core.delivery.ensure_started()
-                self._check_routes("")
+                self._check_routes("", lifespan=True)
             elif message["type"] == "lifespan.shutdown.complete":
                 # Deliver what is queued while the server still waits for us; in a
                 # thread, because closing joins the worker thread.
@@ -148,13 +151,17 @@ class AgentSightMiddleware(MiddlewareBase):
 
         return lifespan_send
 
-    def _check_routes(self, root_path: str) -> None:
+    def _check_routes(self, root_path: str, *, lifespan: bool = False) -> None:
         """Rules that miss the app's routes by a little (see _routes), said once the app
         has started (its routes are all declared by then): at the lifespan's start, where
         no request pays for it, or else at the first tracked request, which does, with the
         event loop (20 rules: 2 ms on a 1,000-route Django URL conf of includes, 125 ms on
-        a 1,000-route FastAPI app)."""
-        self._routes_unchecked = False
+        a 1,000-route FastAPI app). A lifespan has no root_path (``uvicorn --root-path``):
+        the first tracked request under one checks again, and tells what is new."""
+        again = self._routes_unchecked == _ROOT_PATH_UNKNOWN
+        self._routes_unchecked = _ROOT_PATH_UNKNOWN if lifespan else False
+        if again and not root_path:
+            return  # as the lifespan's check asked
         try:
             from ._routes import app_served, litestar_served, starlette_routes, starlette_served
 
@@ -379,6 +386,9 @@ _JOINED = {
     b"accept-language": b", ",
     **dict.fromkeys(_PURPOSES, b", "),
 }
+
+
+_ROOT_PATH_UNKNOWN: Final = "root_path unknown"
 
 
 def _header_dict(scope: Scope) -> dict[bytes, bytes]:
