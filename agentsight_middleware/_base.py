@@ -287,11 +287,13 @@ class MiddlewareBase:
         self._cookie_name = settings.cookie_name
         self._submit = core.submit
 
-    def _tell_near_misses(self, served: Served) -> None:
-        """Warn about the rules that miss the app's routes by a little (see _routes)."""
-        from ._routes import near_misses
+    def _tell_near_misses(self, served: Served, root_path: str = "") -> None:
+        """Warn about the rules that miss the app's routes by a little (see _routes), and
+        (ASGI) those outside the root path the app is served under."""
+        from ._routes import near_misses, outside_root_path
 
-        for line in near_misses(self._exact_matches, served):
+        lines = outside_root_path(self._exact_matches, root_path)
+        for line in lines + near_misses(self._exact_matches, served):
             if line not in self._near_misses_told:  # a second check tells what is new
                 self._near_misses_told.add(line)
                 logger.warning("%s", line)

@@ -28,6 +28,7 @@ __all__ = [
     "app_served",
     "litestar_served",
     "near_misses",
+    "outside_root_path",
     "starlette_routes",
     "starlette_served",
     "wsgi_served",
@@ -73,6 +74,10 @@ def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
     def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
         # ``literal``: a catch-all such as ``/{slug}`` serves any one-segment path, ``/app``
         # for a rule ``/app/`` written for the home page under a root_path too.
+        if root_path and not _under(path, root_path):
+            # Starlette matches such a path whole, but no request has it: the middleware
+            # puts the root path before every request's (see outside_root_path).
+            return False, set()
         others: set[str] = set()
         scope = {"type": "http", "path": path, "root_path": root_path, "method": method,
                  "headers": [], "query_string": b""}  # fmt: skip
@@ -81,12 +86,15 @@ def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
             if found == RouteMatch.NONE or (literal and child.get("path_params")):
                 continue
             if found == RouteMatch.FULL:
-                if method in _STATIC_METHODS or not _is_static_files(route):
+                if not _is_static_files(route):
                     return True, set()
                 # StaticFiles (an SPA's app.mount("/", StaticFiles(..., html=True))) takes
-                # the request, whatever its method, and answers 405 but to GET and HEAD:
-                # what no route before it took stops there. A catch-all: no advice.
-                return False, others if literal else others | _STATIC_METHODS
+                # the request, whatever its method, and answers 405 but to GET and HEAD,
+                # and 404 to those where it has no file: what no route before it took
+                # stops there. A catch-all: its methods are no advice.
+                if method in _STATIC_METHODS and _static_file(route.app, {**scope, **child}):
+                    return True, set()
+                return False, others
             if found == RouteMatch.PARTIAL:
                 taken = getattr(route, "methods", None)
                 if not taken:
@@ -196,6 +204,31 @@ _STATIC_METHODS = frozenset({"GET", "HEAD"})
 def _is_static_files(route: Any) -> bool:
     module = sys.modules.get("starlette.staticfiles")
     return module is not None and isinstance(getattr(route, "app", None), module.StaticFiles)
+
+
+def _static_file(app: Any, scope: dict[str, Any]) -> bool:
+    """Whether StaticFiles ``app`` answers a GET of ``scope`` with a file, as its
+    get_response() finds one: not with a 404 (404.html too) or the redirect that adds a
+    directory's slash. True for a subclass (an SPA's answers its index.html for any path)
+    and for what cannot be asked."""
+    import os
+    import stat
+
+    from starlette.staticfiles import StaticFiles
+
+    if type(app) is not StaticFiles:
+        return True
+    try:
+        path = app.get_path(scope)
+        found = app.lookup_path(path)[1]
+        if found is not None and stat.S_ISREG(found.st_mode):
+            return True
+        if found is None or not stat.S_ISDIR(found.st_mode) or not app.html:
+            return False
+        index = app.lookup_path(os.path.join(path, "index.html"))[1]
+        return index is not None and stat.S_ISREG(index.st_mode) and scope["path"].endswith("/")
+    except Exception:  # a path StaticFiles refuses (401), a layout of another version
+        return True
 
 
 def wsgi_served(app: Any, environ: MutableMapping[str, Any]) -> Served | None:
@@ -417,14 +450,7 @@ def near_misses(
     """What to warn about: one line for each exact-path rule that no route serves, where a
     route serves its path with the trailing slash changed, or under other methods."""
     told: list[str] = []
-    rules: dict[Rule, str] = {}
-    for path, by_method in exact_matches.items():
-        for match in by_method.values():
-            # Only the rules written for this very path: a pattern rule ("/**") that
-            # also matches it under some method is no exact-path rule.
-            if match is not None and _is_exact(match.rule, path):
-                rules.setdefault(match.rule, path)
-    for rule, path in rules.items():
+    for rule, path in _exact_rules(exact_matches).items():
         argument = "widget_pages" if rule.kind == WIDGET else "chat_routes"
         methods: Sequence[str] = (
             ("GET",) if rule.kind == WIDGET else sorted(rule.methods or _CHAT_METHODS)
@@ -484,6 +510,42 @@ def near_misses(
                 f"trailing slash too): {fix}"
             )
     return told
+
+
+def outside_root_path(
+    exact_matches: Mapping[str, Mapping[str, Match | None]], root_path: str
+) -> list[str]:
+    """One line for each exact-path rule outside ``root_path`` (the server's, ``uvicorn
+    --root-path``, or a mount's): the ASGI glue puts it before every request's path, so
+    such a rule (the app's own route path, ``/pricing`` for ``/site/pricing``) matches no
+    request, and the slash or method advice would keep it outside."""
+    base = root_path.rstrip("/")
+    if not base:
+        return []
+    told: list[str] = []
+    for rule, path in _exact_rules(exact_matches).items():
+        if _under(path, base):
+            continue
+        argument = "widget_pages" if rule.kind == WIDGET else "chat_routes"
+        fix = rule.source[: len(rule.source) - len(path)] + base + path
+        told.append(
+            f"{argument} rule {rule.source!r}: the app is served under the root path "
+            f"{base!r}, which every request's path starts with: the rule matches no "
+            f"request (write {fix!r})"
+        )
+    return told
+
+
+def _exact_rules(exact_matches: Mapping[str, Mapping[str, Match | None]]) -> dict[Rule, str]:
+    """The exact-path rules, each with its path."""
+    rules: dict[Rule, str] = {}
+    for path, by_method in exact_matches.items():
+        for match in by_method.values():
+            # Only the rules written for this very path: a pattern rule ("/**") that
+            # also matches it under some method is no exact-path rule.
+            if match is not None and _is_exact(match.rule, path):
+                rules.setdefault(match.rule, path)
+    return rules
 
 
 #: A path segment no app routes: what serves it is a catch-all.

@@ -82,9 +82,9 @@ class AgentSightMiddleware(MiddlewareBase):
             return
         self._cookie_prefix = f"{self._settings.cookie_name}=".encode("latin-1")
         self._id_header = self._settings.id_header.encode("latin-1")
-        # Until the lifespan's start or the first tracked request; _ROOT_PATH_UNKNOWN after
-        # a lifespan's check, whose scope has no root_path: a tracked request with one
-        # checks again under it.
+        # Until the lifespan's start, the first request under a root path or the first
+        # tracked request; _ROOT_PATH_UNKNOWN after a lifespan's check, whose scope has no
+        # root_path: a request with one checks again under it.
         self._routes_unchecked: bool | str = True
 
     # Typed Any: frameworks type ASGI differently (Starlette with mappings, Litestar
@@ -111,6 +111,11 @@ class AgentSightMiddleware(MiddlewareBase):
                 path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/")
             ):
                 path = base + path
+            if self._routes_unchecked:
+                # The first request under a root path checks, tracked or not: rules written
+                # with it (or a mount's) go unchecked at the lifespan's start, and with
+                # every rule a near miss, the site's own requests are never tracked.
+                self._check_routes(root_path)
         # RuleSet.match's answer without calling it for most requests (see
         # ``RuleSet.exact_matches``): this runs on every request of the app.
         by_method = self._exact_matches.get(path)
@@ -126,8 +131,9 @@ class AgentSightMiddleware(MiddlewareBase):
             await self.app(scope, receive, send)
             return
         if self._routes_unchecked:
-            # No lifespan (Django's ASGI handler has none, uvicorn --lifespan off): the
-            # first tracked request checks instead, an untracked one pays nothing.
+            # No lifespan (Django's ASGI handler has none, uvicorn --lifespan off) and no
+            # root path: the first tracked request checks instead, an untracked one pays
+            # nothing.
             self._check_routes(scope.get("root_path") or "")
         if match.rule.kind == WIDGET:
             await self._widget(scope, receive, send, match, path)
@@ -157,11 +163,11 @@ class AgentSightMiddleware(MiddlewareBase):
         no request pays for it, or else at the first tracked request, which does, with the
         event loop (20 rules: 2 ms on a 1,000-route Django URL conf of includes, 125 ms on
         a 1,000-route FastAPI app). A lifespan has no root_path (``uvicorn --root-path``):
-        the first tracked request under one checks again, and tells what is new."""
+        the first request under one checks again, tracked or not, and tells what is new."""
         again = self._routes_unchecked == _ROOT_PATH_UNKNOWN
         self._routes_unchecked = _ROOT_PATH_UNKNOWN if lifespan else False
-        if again and not root_path:
-            return  # as the lifespan's check asked
+        if again and not root_path.rstrip("/"):
+            return  # as the lifespan's check asked (a root_path of "/" is none)
         try:
             from ._routes import app_served, litestar_served, starlette_routes, starlette_served
 
@@ -172,7 +178,7 @@ class AgentSightMiddleware(MiddlewareBase):
                 else starlette_served(routes, root_path)
             )
             if served is not None:
-                self._tell_near_misses(served)
+                self._tell_near_misses(served, root_path)
         except Exception as exc:  # a check, never in the way of the app's start
             logger.debug("could not compare the rules with the app's routes: %r", exc)
 

@@ -661,10 +661,10 @@ def test_django_asgi_is_checked_at_the_first_tracked_request(
         tracker=RecordingTracker(),
     )
     with caplog.at_level(logging.WARNING), uvicorn_server(mistaken, root_path="/site") as url:
+        # Untracked, but the first request under a root path: checked now (routereview2 A).
         assert httpx.get(url + "/api/chat/").status_code == 200  # (the view takes GET too)
-        assert _rule_warnings(caplog) == []  # untracked: it pays nothing, checks nothing
-        assert httpx.get(url + "/").status_code == 200  # tracked: checked now
         told = _rule_warnings(caplog)
+        assert httpx.get(url + "/").status_code == 200  # tracked
         assert httpx.get(url + "/").status_code == 200
         assert _rule_warnings(caplog) == told  # once
     assert len(told) == 1, told
@@ -746,6 +746,64 @@ def test_a_starlette_app_under_a_root_path_is_checked(
     assert len(told) == 2, told
     assert any("write '/site/pricing'" in line for line in told), told
     assert any("takes POST, not GET" in line for line in told), told
+
+
+# routereview2 A: with every rule a near miss, the site's own requests (GET /pricing,
+# POST /api/chat) match none, so none was tracked and the check under the root path
+# never ran: the very rules the check is for went untold, lifespan or not.
+@pytest.mark.parametrize("lifespan", ["off", "on"])
+def test_under_a_root_path_rules_that_all_miss_are_told_at_the_first_request(
+    lifespan: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _shop()
+    app.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/site/pricing/"],
+        chat_routes=["GET /site/api/chat"],
+        tracker=RecordingTracker(),
+    )
+    with (
+        caplog.at_level(logging.WARNING),
+        uvicorn_server(app, root_path="/site", lifespan=lifespan) as url,
+    ):
+        assert _rule_warnings(caplog) == []  # the lifespan knows no root path
+        for _ in range(2):
+            assert httpx.get(url + "/pricing").status_code == 200  # untracked
+            assert httpx.post(url + "/api/chat").status_code == 200  # untracked
+    told = _rule_warnings(caplog)
+    assert len(told) == 2, told  # once
+    assert any("write '/site/pricing'" in line for line in told), told
+    assert any("write 'POST /site/api/chat'" in line for line in told), told
+
+
+# routereview2 B: rules written with the app's own route paths under uvicorn --root-path
+# match no request (the middleware puts /site before every path), yet the check asked
+# Starlette, which matches a path outside root_path whole, and advised "write '/pricing'",
+# "write 'POST /api/chat'": rules as dead as before.
+def test_rules_outside_the_root_path_are_told_so(caplog: pytest.LogCaptureFixture) -> None:
+    app = _shop()
+
+    @app.get("/", response_class=HTMLResponse)
+    def home() -> str:
+        return "<html>home</html>"
+
+    app.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/site/", "/pricing/"],
+        chat_routes=["GET /api/chat"],
+        tracker=RecordingTracker(),
+    )
+    with (
+        caplog.at_level(logging.WARNING),
+        uvicorn_server(app, root_path="/site", lifespan="off") as url,
+    ):
+        assert httpx.get(url + "/").status_code == 200  # tracked: checked
+        assert httpx.get(url + "/pricing").status_code == 200  # (what the rule wanted)
+    told = _rule_warnings(caplog)
+    assert len(told) == 2, told
+    assert any("'/pricing/'" in line and "write '/site/pricing/'" in line for line in told), told
+    assert any("'GET /api/chat'" in line and "write 'GET /site/api/chat'" in line for line in told)
+    assert not any("write '/pricing'" in line or "'POST /api/chat'" in line for line in told), told
 
 
 @pytest.mark.parametrize("lifespan", ["off", "on"])
@@ -1177,3 +1235,46 @@ def test_static_files_mounted_at_the_root_hide_no_near_miss(tmp_path: Path) -> N
     method = next(line for line in told if "rule 'PUT /api/chat/'" in line)
     assert "takes POST, not PUT" in method, method
     assert "GET" not in method, method  # the files' methods are no advice
+
+
+# routereview2 C: StaticFiles answered every GET in the check, so at its mount the GET
+# rules' near misses stayed hidden ("GET /api/chat" for a POST route, a directory's
+# missing slash) while it answers 404 where it has no file, 307 to a directory's slash.
+def test_static_files_answer_a_get_only_where_they_have_a_file(tmp_path: Path) -> None:
+    from fastapi.staticfiles import StaticFiles
+
+    (tmp_path / "index.html").write_text("<html>app</html>")
+    (tmp_path / "guide").mkdir()
+    (tmp_path / "guide" / "index.html").write_text("<html>guide</html>")
+
+    class SPA(StaticFiles):  # answers its index.html for any path: not asked
+        pass
+
+    for files in (StaticFiles, SPA):
+        app = FastAPI()
+
+        @app.post("/api/chat")
+        def chat() -> dict[str, str]:
+            return {"reply": "hi"}
+
+        app.mount("/", files(directory=tmp_path, html=True))
+        if files is StaticFiles:
+            with uvicorn_server(app) as url:  # what the warnings must say
+                assert httpx.get(url + "/api/chat").status_code == 404
+                assert httpx.get(url + "/guide").status_code == 307
+                assert httpx.get(url + "/guide/").status_code == 200
+                assert httpx.get(url + "/").status_code == 200
+        routes = starlette_routes(app)
+        assert routes is not None
+        told = near_misses(
+            RuleSet(["/", "/guide"], ["GET /api/chat", "POST /api/nothing"]).exact_matches,
+            starlette_served(routes),
+        )
+        if files is SPA:
+            assert told == [], told
+            continue
+        assert len(told) == 2, told  # no route takes /api/nothing: no advice
+        method = next(line for line in told if "rule 'GET /api/chat'" in line)
+        assert "takes POST, not GET" in method, method
+        slash = next(line for line in told if "rule '/guide'" in line)
+        assert "write '/guide/'" in slash, slash
