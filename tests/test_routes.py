@@ -723,37 +723,13 @@ def test_a_mounted_sub_app_is_checked_under_its_mount(caplog: pytest.LogCaptureF
 
 # The same under uvicorn --root-path (rules written with the root path). With a lifespan
 # (routereview G), whose scope has no root_path, the start-up check asked without it and
-# these rules went untold: the first tracked request under a root_path checks again.
+# these rules went untold; and with every rule a near miss (routereview2 A), the site's
+# own requests match none, so a check waiting for a tracked request never ran: the first
+# request under a root path checks, tracked or not.
+@pytest.mark.parametrize("first", ["tracked", "untracked"])
 @pytest.mark.parametrize("lifespan", ["off", "on"])
 def test_a_starlette_app_under_a_root_path_is_checked(
-    lifespan: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    app = _shop()
-    app.add_middleware(
-        AgentSightMiddleware,
-        widget_pages=["/site/pricing/"],
-        chat_routes=["GET /site/api/chat"],
-        tracker=RecordingTracker(),
-    )
-    with (
-        caplog.at_level(logging.WARNING),
-        uvicorn_server(app, root_path="/site", lifespan=lifespan) as url,
-    ):
-        # The proxy strips /site: "/pricing/" reaches uvicorn, the app sees "/site/pricing/".
-        assert httpx.get(url + "/pricing/").status_code == 307
-        assert httpx.get(url + "/pricing/").status_code == 307  # told once
-    told = _rule_warnings(caplog)
-    assert len(told) == 2, told
-    assert any("write '/site/pricing'" in line for line in told), told
-    assert any("takes POST, not GET" in line for line in told), told
-
-
-# routereview2 A: with every rule a near miss, the site's own requests (GET /pricing,
-# POST /api/chat) match none, so none was tracked and the check under the root path
-# never ran: the very rules the check is for went untold, lifespan or not.
-@pytest.mark.parametrize("lifespan", ["off", "on"])
-def test_under_a_root_path_rules_that_all_miss_are_told_at_the_first_request(
-    lifespan: str, caplog: pytest.LogCaptureFixture
+    lifespan: str, first: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = _shop()
     app.add_middleware(
@@ -767,20 +743,23 @@ def test_under_a_root_path_rules_that_all_miss_are_told_at_the_first_request(
         uvicorn_server(app, root_path="/site", lifespan=lifespan) as url,
     ):
         assert _rule_warnings(caplog) == []  # the lifespan knows no root path
-        for _ in range(2):
-            assert httpx.get(url + "/pricing").status_code == 200  # untracked
-            assert httpx.post(url + "/api/chat").status_code == 200  # untracked
+        for _ in range(2):  # told once
+            if first == "tracked":
+                # The proxy strips /site: "/pricing/" reaches uvicorn, the app sees
+                # "/site/pricing/", which the widget rule matches.
+                assert httpx.get(url + "/pricing/").status_code == 307
+            else:
+                assert httpx.get(url + "/pricing").status_code == 200
+                assert httpx.post(url + "/api/chat").status_code == 200
     told = _rule_warnings(caplog)
-    assert len(told) == 2, told  # once
+    assert len(told) == 2, told
     assert any("write '/site/pricing'" in line for line in told), told
-    assert any("write 'POST /site/api/chat'" in line for line in told), told
+    assert any(
+        "takes POST, not GET" in line and "write 'POST /site/api/chat'" in line for line in told
+    ), told
 
 
-# routereview2 B: rules written with the app's own route paths under uvicorn --root-path
-# match no request (the middleware puts /site before every path), yet the check asked
-# Starlette, which matches a path outside root_path whole, and advised "write '/pricing'",
-# "write 'POST /api/chat'": rules as dead as before.
-def test_rules_outside_the_root_path_are_told_so(caplog: pytest.LogCaptureFixture) -> None:
+def _shop_with_home(widget: list[str], chat: list[str]) -> FastAPI:
     app = _shop()
 
     @app.get("/", response_class=HTMLResponse)
@@ -788,11 +767,17 @@ def test_rules_outside_the_root_path_are_told_so(caplog: pytest.LogCaptureFixtur
         return "<html>home</html>"
 
     app.add_middleware(
-        AgentSightMiddleware,
-        widget_pages=["/site/", "/pricing/"],
-        chat_routes=["GET /api/chat"],
-        tracker=RecordingTracker(),
+        AgentSightMiddleware, widget_pages=widget, chat_routes=chat, tracker=RecordingTracker()
     )
+    return app
+
+
+# routereview2 B: rules written with the app's own route paths under uvicorn --root-path
+# match no request (the middleware puts /site before every path), yet the check asked
+# Starlette, which matches a path outside root_path whole, and advised "write '/pricing'",
+# "write 'POST /api/chat'": rules as dead as before.
+def test_rules_outside_the_root_path_are_told_so(caplog: pytest.LogCaptureFixture) -> None:
+    app = _shop_with_home(["/site/", "/pricing/"], ["GET /api/chat"])
     with (
         caplog.at_level(logging.WARNING),
         uvicorn_server(app, root_path="/site", lifespan="off") as url,
@@ -811,18 +796,7 @@ def test_rules_outside_the_root_path_are_told_so(caplog: pytest.LogCaptureFixtur
 def test_right_rules_under_a_root_path_say_nothing(
     root_path: str, lifespan: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = _shop()
-
-    @app.get("/", response_class=HTMLResponse)
-    def home() -> str:
-        return "<html>home</html>"
-
-    app.add_middleware(
-        AgentSightMiddleware,
-        widget_pages=["/site/", "/site/pricing"],
-        chat_routes=["POST /site/api/chat"],
-        tracker=RecordingTracker(),
-    )
+    app = _shop_with_home(["/site/", "/site/pricing"], ["POST /site/api/chat"])
     with (
         caplog.at_level(logging.WARNING),
         uvicorn_server(app, root_path=root_path, lifespan=lifespan) as url,
@@ -1204,6 +1178,24 @@ def test_litestar_a_plain_route_decides_its_path() -> None:
     assert "write 'POST /api/chat'" in told[0], told
 
 
+def _spa(chat_path: str, files: Any) -> FastAPI:
+    """A chat API and, mounted at "/", the single-page app's files."""
+    app = FastAPI()
+
+    @app.post(chat_path)
+    def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    app.mount("/", files)
+    return app
+
+
+def _starlette_told(app: Any, widget: list[str], chat: list[str]) -> list[str]:
+    routes = starlette_routes(app)
+    assert routes is not None
+    return near_misses(RuleSet(widget, chat).exact_matches, starlette_served(routes))
+
+
 # F (routereview, older than the catch-all change): a Mount counted as serving every
 # method, so the most common FastAPI SPA, StaticFiles mounted at "/", hid every near miss
 # of the API's rules, while the app answers 405 to them (StaticFiles takes GET and HEAD).
@@ -1211,24 +1203,13 @@ def test_static_files_mounted_at_the_root_hide_no_near_miss(tmp_path: Path) -> N
     from fastapi.staticfiles import StaticFiles
 
     (tmp_path / "index.html").write_text("<html>app</html>")
-    app = FastAPI()
-
-    @app.post("/api/chat/")
-    def chat() -> dict[str, str]:
-        return {"reply": "hi"}
-
-    app.mount("/", StaticFiles(directory=tmp_path, html=True))
+    app = _spa("/api/chat/", StaticFiles(directory=tmp_path, html=True))
     with uvicorn_server(app) as url:  # what the app answers, which the warning must say
         assert httpx.post(url + "/api/chat").status_code == 405
         assert httpx.post(url + "/api/chat/").status_code == 200
         assert httpx.put(url + "/api/chat/").status_code == 405
         assert httpx.get(url + "/pricing").status_code == 404
-    routes = starlette_routes(app)
-    assert routes is not None
-    told = near_misses(
-        RuleSet(["/", "/pricing"], ["POST /api/chat", "PUT /api/chat/"]).exact_matches,
-        starlette_served(routes),
-    )
+    told = _starlette_told(app, ["/", "/pricing"], ["POST /api/chat", "PUT /api/chat/"])
     assert len(told) == 2, told  # "/" is the SPA's page; "/pricing" is no route's at all
     slash = next(line for line in told if "rule 'POST /api/chat'" in line)
     assert "write 'POST /api/chat/'" in slash, slash
@@ -1251,25 +1232,14 @@ def test_static_files_answer_a_get_only_where_they_have_a_file(tmp_path: Path) -
         pass
 
     for files in (StaticFiles, SPA):
-        app = FastAPI()
-
-        @app.post("/api/chat")
-        def chat() -> dict[str, str]:
-            return {"reply": "hi"}
-
-        app.mount("/", files(directory=tmp_path, html=True))
+        app = _spa("/api/chat", files(directory=tmp_path, html=True))
         if files is StaticFiles:
             with uvicorn_server(app) as url:  # what the warnings must say
                 assert httpx.get(url + "/api/chat").status_code == 404
                 assert httpx.get(url + "/guide").status_code == 307
                 assert httpx.get(url + "/guide/").status_code == 200
                 assert httpx.get(url + "/").status_code == 200
-        routes = starlette_routes(app)
-        assert routes is not None
-        told = near_misses(
-            RuleSet(["/", "/guide"], ["GET /api/chat", "POST /api/nothing"]).exact_matches,
-            starlette_served(routes),
-        )
+        told = _starlette_told(app, ["/", "/guide"], ["GET /api/chat", "POST /api/nothing"])
         if files is SPA:
             assert told == [], told
             continue
