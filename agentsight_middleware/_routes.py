@@ -29,6 +29,7 @@ __all__ = [
     "litestar_served",
     "near_misses",
     "outside_root_path",
+    "script_name",
     "starlette_routes",
     "starlette_served",
     "wsgi_served",
@@ -234,7 +235,12 @@ def _static_file(app: Any, scope: dict[str, Any]) -> bool:
 def wsgi_served(app: Any, environ: MutableMapping[str, Any]) -> Served | None:
     """Served, asked of the Flask (Werkzeug) URL map or the Django URL conf found inside
     ``app``, as it serves requests like ``environ`` (its script name); or None."""
-    return app_served(app, _text(environ.get("SCRIPT_NAME", "")))
+    return app_served(app, script_name(environ))
+
+
+def script_name(environ: MutableMapping[str, Any]) -> str:
+    """The script name of ``environ`` as text: the root path of a WSGI app's requests."""
+    return _text(environ.get("SCRIPT_NAME", ""))
 
 
 def app_served(app: Any, script_name: str) -> Served | None:
@@ -516,7 +522,8 @@ def outside_root_path(
     exact_matches: Mapping[str, Mapping[str, Match | None]], root_path: str
 ) -> list[str]:
     """One line for each exact-path rule outside ``root_path`` (the server's, ``uvicorn
-    --root-path``, or a mount's): the ASGI glue puts it before every request's path, so
+    --root-path``, a mount's, WSGI's script name): the glue puts it before every request's
+    path, so
     such a rule (the app's own route path, ``/pricing`` for ``/site/pricing``) matches no
     request, and the slash or method advice would keep it outside."""
     base = root_path.rstrip("/")

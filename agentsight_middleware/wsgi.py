@@ -120,11 +120,11 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         """Rules that miss the app's routes by a little (see _routes), said at the first
         request: WSGI has no start-up hook, and its routes are all declared by then."""
         try:
-            from ._routes import wsgi_served
+            from ._routes import script_name, wsgi_served
 
             served = wsgi_served(self.app, environ)
             if served is not None:
-                self._tell_near_misses(served)
+                self._tell_near_misses(served, script_name(environ))
         except Exception as exc:  # a check, never in the way of the request
             logger.debug("could not compare the rules with the app's routes: %r", exc)
 

@@ -301,12 +301,16 @@ def test_flask_rules_under_a_script_name_are_checked_inside_it(
     site = DispatcherMiddleware(Response("home"), {"/shop": flask_app})
     with caplog.at_level(logging.WARNING), _serve_wsgi(site) as url:
         assert httpx.get(url + "/shop/pricing").text == "<html>prices</html>"
-    # Only /shop/docs misses (Flask redirects it to /shop/docs/, which has its own
-    # rule): a path no route knows, or one outside the shop, says nothing.
+    # /shop/docs misses (Flask redirects it to /shop/docs/, which has its own rule), and
+    # /elsewhere, outside the shop, matches no request the middleware sees (every path
+    # starts with its script name); a path no route knows says nothing.
     told = _told(caplog)
-    assert len(told) == 1, told
-    assert "'/shop/docs'" in told[0], told
-    assert "write '/shop/docs/'" in told[0], told
+    assert len(told) == 2, told
+    docs = next(line for line in told if "'/shop/docs'" in line)
+    assert "write '/shop/docs/'" in docs, docs
+    outside = next(line for line in told if "'/elsewhere'" in line)
+    assert "root path '/shop'" in outside, outside
+    assert "write '/shop/elsewhere'" in outside, outside
 
 
 def test_django_slash_misses_are_told_at_the_first_request(
