@@ -634,6 +634,48 @@ async def test_an_address_that_drops_packets_does_not_hide_one_that_works() -> N
         hole.close()
 
 
+@pytest.mark.parametrize("when", ["as it connects", "a loop turn after"])
+async def test_a_request_cancelled_as_its_connection_is_made_leaves_no_socket_open(
+    when: str,
+) -> None:
+    # Cancelled (shutdown, or its time limit) as its socket had connected, a sender left the
+    # socket open: asyncio's happy eyeballs race (create_connection with
+    # happy_eyeballs_delay) drops the socket that has won when the caller is cancelled
+    # before the race is over (six ResourceWarnings failed a full run under load).
+    server = Scripted(keep_alive(OK))
+    loop = asyncio.get_running_loop()
+    connect = loop.sock_connect
+    connected: list[socket.socket] = []
+    task: asyncio.Task[Reply] | None = None
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        await connect(sock, address)
+        connected.append(sock)
+        assert task is not None
+        if when == "as it connects":
+            task.cancel()
+        else:
+            loop.call_soon(task.cancel)
+
+    async with server.running() as url:
+        pool = Http11Pool(url, headers=HEADERS, max_connections=1, timeout=5)
+        loop.sock_connect = sock_connect  # type: ignore[method-assign]
+        try:
+            task = asyncio.create_task(pool.post(b"{}"))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            del loop.sock_connect
+        for _ in range(3):  # a closed transport closes its socket a loop turn later
+            await asyncio.sleep(0)
+        left_open = [sock for sock in connected if sock.fileno() != -1]
+        for sock in left_open:
+            sock.close()
+        pool.close()
+    assert len(connected) == 1
+    assert left_open == []
+
+
 async def test_endpoint_paths_are_percent_encoded_as_httpx_would() -> None:
     seen: list[bytes] = []
 

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import math
+import socket
 import ssl
 import time
-from typing import Literal, NamedTuple
+from asyncio import staggered
+from typing import Any, Literal, NamedTuple
 
 import h11
 import httpx
@@ -91,6 +95,9 @@ READ_IN_ONE_GO = 4
 PIPELINE_PAUSE = 300.0
 # After an answer only h11 could read, h11 reads this long; then httptools again.
 ENGINE_PAUSE = 300.0
+# While one of a host's addresses has not connected, the next one is tried after this long
+# (RFC 8305's Connection Attempt Delay; asyncio's happy_eyeballs_delay).
+_NEXT_ADDRESS_AFTER = 0.25
 # After a connection lost while a pipeline's answers waited to be read late, answers are
 # read as they come this long: the answers a reset overtakes in the socket are gone.
 READ_LATE_PAUSE = 300.0
@@ -660,6 +667,65 @@ class _H11Connection(_Connection):
         self.close()
 
 
+def _interleave(infos: list[Any]) -> list[Any]:
+    """A host's addresses with their families taking turns, the first one's first (RFC 8305
+    section 4; asyncio's ``interleave=1``)."""
+    families: dict[int, list[Any]] = {}
+    for info in infos:
+        families.setdefault(info[0], []).append(info)
+    turns = itertools.zip_longest(*families.values())
+    return [info for turn in turns for info in turn if info is not None]
+
+
+async def _open_socket(host: str, port: int) -> socket.socket:
+    """A socket connected to ``host``, its addresses raced as asyncio's happy eyeballs race
+    them: one time limit covers them all, and without the race an address that drops
+    packets (a broken IPv6 route) would use it all up, the working one never tried.
+
+    Every socket connected here and not returned is closed here. ``create_connection`` with
+    ``happy_eyeballs_delay`` drops the socket that has won when its caller is cancelled before
+    the race is over, a few loop turns after the connect (a sender cancelled at shutdown, or
+    at its time limit): it stayed open until the garbage collector found it."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"getaddrinfo({host!r}) returned no address")
+    connected: list[socket.socket] = []
+    errors: list[OSError] = []
+
+    async def attempt(info: Any) -> socket.socket:
+        family, type_, proto, _, address = info
+        sock = None
+        try:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, OSError):
+                errors.append(exc)
+            raise
+        connected.append(sock)
+        return sock
+
+    winner: socket.socket | None = None
+    try:
+        winner, _, _ = await staggered.staggered_race(
+            [functools.partial(attempt, info) for info in _interleave(infos)],
+            _NEXT_ADDRESS_AFTER,
+        )
+    finally:
+        for sock in connected:
+            if sock is not winner:
+                sock.close()
+    if winner is None:  # as asyncio says it: the error, or all of them if they differ
+        if len({str(exc) for exc in errors}) == 1:
+            raise errors[0]
+        raise OSError(f"Multiple exceptions: {', '.join(map(str, errors)) or 'none'}")
+    return winner
+
+
 class Http11Pool:
     """Keep-alive connections to the origin of ``url``, each used by one exchange at a time.
 
@@ -752,22 +818,20 @@ class Http11Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         cls, framing, tally = self._connection_class, self._framing, self._tally
-        try:
-            _, connection = await bounded(
-                loop.create_connection(
-                    lambda: cls(framing, tally),
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                    # One time limit covers all of a host's addresses: without racing
-                    # them, an address that drops packets (a broken IPv6 route) would
-                    # use it all up and the working one would never be tried.
-                    happy_eyeballs_delay=0.25,
-                    interleave=1,
-                ),
-                self._timeout,
+
+        async def connect() -> tuple[asyncio.BaseTransport, _Connection]:
+            sock = await _open_socket(self._host, self._port)
+            # No await between: the socket is the transport's before a cancel can come,
+            # and a transport cancelled while it is made is closed by asyncio.
+            return await loop.create_connection(
+                lambda: cls(framing, tally),
+                sock=sock,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl is not None else None,
             )
+
+        try:
+            _, connection = await bounded(connect(), self._timeout)
         except asyncio.TimeoutError:
             raise httpx.ConnectTimeout(
                 f"connecting to {self._host}:{self._port} timed out"
