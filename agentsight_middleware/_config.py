@@ -195,9 +195,16 @@ class Settings:
             )
         self.max_body_peek = max_body_peek
         self.reads_body = max_body_peek > 0 and ("json" in sources or "form" in sources)
-        # find_id's sources from a body kind on (its second call, with the body).
-        self._sources_from: dict[str, tuple[str, ...]] = {
-            kind: sources[sources.index(kind) :] for kind in ("json", "form") if kind in sources
+        # find_id's sources for each kind of body (None: no body it reads), the other
+        # body source left out; and from that kind's source on, for its second call.
+        self._plans: dict[str | None, tuple[str, ...]] = {
+            kind: tuple(s for s in sources if s == kind or s not in ("json", "form"))
+            for kind in (None, "json", "form")
+        }
+        self._plans_with_body: dict[str, tuple[str, ...]] = {
+            kind: plan[plan.index(kind) :]
+            for kind, plan in self._plans.items()
+            if kind is not None and kind in plan
         }
 
         if source is not None and not isinstance(source, str):
@@ -243,31 +250,40 @@ class Settings:
         source comes next and ``body`` is None: the glue then reads (peeks at) the
         body and asks again.
         """
-        field = self.id_field
         kind = _body_kind(content_type) if self.reads_body else None
-        sources = self.id_sources
-        if body is not None and kind is not None:
-            # The second call, with the body: the sources before it were tried already.
-            sources = self._sources_from.get(kind, ())
+        if body is None or kind is None:
+            sources = self._plans[kind]
+        else:  # the second call, with the body: the sources before it were tried already
+            sources = self._plans_with_body.get(kind, ())
+        field = self.id_field
+        # Each source returns as soon as it has an id: this runs on every chat request.
         for source in sources:
-            value: str | None = None
-            if source == "path":
-                raw = params.get(field)
-                value = clean_id(raw) if raw else None
+            if source == "cookie":
+                if cookie:
+                    value = cookie_value(cookie, self.cookie_name)
+                    if value is not None:
+                        return value, source
             elif source == "header":
-                value = clean_id(id_header.strip()) if id_header else None
-            elif source == "query":
-                value = query_field(query, field) if query else None
-            elif source == "json" or source == "form":
-                if kind != source:
-                    continue
+                if id_header:
+                    value = clean_id(id_header.strip())
+                    if value is not None:
+                        return value, source
+            elif source == "json" or source == "form":  # the body's kind (see _plans)
                 if body is None:
                     return NEED_BODY
                 value = json_field(body, field) if kind == "json" else form_field(body, field)
-            elif source == "cookie":
-                value = cookie_value(cookie, self.cookie_name) if cookie else None
-            if value is not None:
-                return value, source
+                if value is not None:
+                    return value, source
+            elif source == "path":
+                raw = params.get(field)
+                if raw:
+                    value = clean_id(raw)
+                    if value is not None:
+                        return value, source
+            elif query:
+                value = query_field(query, field)
+                if value is not None:
+                    return value, source
         return None
 
 

@@ -116,28 +116,40 @@ def cookie_value(header: str, name: str) -> str | None:
 
     A hand-rolled scan rather than ``http.cookies``: that parser is slow, and it
     gives up on the whole header when any other cookie of the site is malformed.
-    ``find`` jumps to the candidates instead of splitting every cookie of the site.
+    One regex finds the candidates whose value is an id (the name first, so the
+    search jumps from one to the next as ``find`` would); what comes before each
+    is checked by hand.
     """
-    target = name + "="
-    start = header.find(target)
-    while start >= 0:
+    pattern = _COOKIE_PATTERNS.get(name)
+    if pattern is None:
+        pattern = _cookie_pattern(name)
+    match = pattern.search(header)
+    while match is not None:
         # A real match starts the header or follows ";" and any blanks: not "xname=",
         # and not "msg=hello name=x", another cookie's value that a page can write.
-        before = start - 1
+        before = match.start() - 1
         while before >= 0 and header[before] in " \t":
             before -= 1
         if before < 0 or header[before] == ";":
-            end = header.find(";", start)
-            value = header[start + len(target) : end if end >= 0 else len(header)].strip()
-            if len(value) >= 2 and value[0] == value[-1] == '"':
-                value = value[1:-1]
-            # clean_id of a str, without its two calls: this runs on most requests.
-            if _ID_RE.fullmatch(value) is not None:
-                return value
-            # Browsers send a cookie set for a longer path first: an empty or broken
-            # one must not hide the good one after it.
-        start = header.find(target, start + 1)
+            return match.group(2)
+        # Browsers send a cookie set for a longer path first: an empty or broken one
+        # has no match at all, and one in the wrong place must not hide the good one.
+        match = pattern.search(header, match.end())
     return None
+
+
+def _cookie_pattern(name: str) -> re.Pattern[str]:
+    """``name=`` and a value that is an id once stripped (as ``str.strip`` does: ``\\s``
+    is the same whitespace) and unquoted, up to the next ";" or the end. An id holds no
+    ";", "=", quote or blank, so a match cannot hide another candidate inside it."""
+    pattern = re.compile(re.escape(name) + r'=\s*("?)(' + _ID_RE.pattern + r")\1\s*(?=;|\Z)")
+    if len(_COOKIE_PATTERNS) >= 8:
+        _COOKIE_PATTERNS.clear()  # names come from configuration: a handful at most
+    _COOKIE_PATTERNS[name] = pattern
+    return pattern
+
+
+_COOKIE_PATTERNS: dict[str, re.Pattern[str]] = {}
 
 
 @functools.lru_cache(maxsize=8)
@@ -167,29 +179,37 @@ def form_field(body: bytes, name: str) -> str | None:
     return query_field(text, name)
 
 
-@functools.lru_cache(maxsize=8)
-def _json_key(name: str) -> re.Pattern[bytes]:
-    # The key with a string or integer value (an integer ends the value: "12.5" is
-    # a float, which is no id).
-    return re.compile(
+def _json_key(name: str) -> tuple[bytes, re.Pattern[bytes], bytes]:
+    """``name`` encoded; the key with a string or integer value (an integer ends the
+    value: "12.5" is a float, which is no id); and the key alone, quoted."""
+    encoded = name.encode()
+    pattern = re.compile(
         rb'"'
-        + re.escape(name.encode())
+        + re.escape(encoded)
         + rb'"[ \t\r\n]*:[ \t\r\n]*'
         + rb'(?:"([A-Za-z0-9_.:~-]{1,128})"|(-?(?:0|[1-9][0-9]{0,29}))(?=[ \t\r\n]*[,}]))'
     )
+    if len(_JSON_KEYS) >= 8:
+        _JSON_KEYS.clear()  # names come from configuration: a handful at most
+    key = _JSON_KEYS[name] = (encoded, pattern, b'"' + encoded + b'"')
+    return key
 
+
+_JSON_KEYS: dict[str, tuple[bytes, re.Pattern[bytes], bytes]] = {}
 
 #: What JSON counts as blank space (not \v or \f, which ``\s`` would take).
 _JSON_BLANKS = b" \t\r\n"
 _OPENS_OBJECT = re.compile(rb"[ \t\r\n]*\{")
+#: What cannot come before a key of the top level (see json_field).
+_NESTED_OR_ESCAPED = re.compile(rb"[{}\[\\]")
 
 
-def _is_object_text(body: bytes) -> bool:
-    """Whether ``body`` is framed as one JSON object: "{" first, "}" last."""
+def _closes_object(body: bytes) -> bool:
+    """Whether ``body``'s last byte but blanks is "}"."""
     end = len(body)
     while end and body[end - 1] in _JSON_BLANKS:
         end -= 1
-    return end > 0 and body[end - 1] == 0x7D and _OPENS_OBJECT.match(body) is not None
+    return end > 0 and body[end - 1] == 0x7D
 
 
 #: Bodies up to this size are checked for a repeated id key (see json_field).
@@ -213,30 +233,30 @@ def json_field(body: bytes, name: str) -> str | None:
     8 KiB: looking costs ~18 us on 64 KB, on every such request, for a body no
     well-behaved client sends (there, the first key wins).
     """
+    key = _JSON_KEYS.get(name)
+    encoded, pattern, quoted = _json_key(name) if key is None else key
     # Most chat bodies carry no id: skip everything when the key cannot be there.
-    if name.encode() not in body:
+    if encoded not in body:
         if (len(body) > 1 and (body[0] in _UTF16_32_FIRST or body[1] == 0)) or not name.isascii():
             # UTF-16 or -32 (json.loads reads those too: a NUL in the first two
             # bytes, or a byte-order mark); or a key clients write with escapes
             # (json.dumps writes "\u00f3"): only a parse finds it.
             return _parsed_field(body, name)
         return None
-    pattern = _json_key(name)
     match = pattern.search(body)
-    if match is not None and _is_object_text(body):
-        start = match.start()
+    if match is not None and (body[-1] == 0x7D or _closes_object(body)):
+        opened = _OPENS_OBJECT.match(body)
         if (
-            body.count(b"{", 0, start) == 1
-            and body.find(b"}", 0, start) < 0
-            and body.find(b"[", 0, start) < 0
-            and body.find(b"\\", 0, start) < 0
-            and (
-                len(body) > _REPEAT_SCAN or body.find(b'"' + name.encode() + b'"', match.end()) < 0
-            )
+            opened is not None
+            # Between the opening brace and the key: no brace, bracket or backslash.
+            and _NESTED_OR_ESCAPED.search(body, opened.end(), match.start()) is None
+            and (len(body) > _REPEAT_SCAN or body.find(quoted, match.end()) < 0)
         ):
             text, integer = match.groups()
-            # As json.loads reads it: "-0" is 0.
-            return clean_id(text.decode("ascii") if integer is None else int(integer))
+            if integer is None:
+                value = text.decode("ascii")
+                return value if _ID_RE.fullmatch(value) is not None else None
+            return clean_id(int(integer))  # as json.loads reads it: "-0" is 0
     return _parsed_field(body, name)
 
 

@@ -17,6 +17,7 @@ from agentsight_middleware._conversation import (
     clean_id,
     cookie_value,
     form_field,
+    is_valid_id,
     json_field,
     pending_conversation,
     query_field,
@@ -82,6 +83,39 @@ def test_cookie_value_matches_the_stdlib(value: str, others: list[tuple[str, str
     assert cookie_value(header, name) == parsed[name].value == value
     # A longer cookie name ending in ours is another cookie, whatever comes first.
     assert cookie_value(f"x{name}=conv_000000000000; {header}", name) == value
+
+
+def _cookie_by_the_rules(header: str, name: str) -> str | None:
+    """What cookie_value must answer, written as the rules read: the ";"-separated
+    cookies in order, blanks before a name skipped, the first whose value (stripped,
+    then unquoted) is an id."""
+    for field in header.split(";"):
+        field = field.lstrip(" \t")
+        if field.startswith(name + "="):
+            value = field[len(name) + 1 :].strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if is_valid_id(value):
+                return value
+    return None
+
+
+@settings(max_examples=400)
+@given(
+    parts=st.lists(
+        st.one_of(
+            st.sampled_from(["agentsight_conversation_id=", "xagentsight_conversation_id=", "=",
+                             ";", "; ", " ", "\t", '"', "\n", "\xa0", "\x1c", "\x85", "a=b"]),
+            st.from_regex(r"conv_[0-9a-f]{1,12}", fullmatch=True),
+            st.text(alphabet="ab=;\" \t_.:~-", max_size=6),
+        ),
+        max_size=12,
+    )
+)  # fmt: skip
+def test_cookie_value_answers_as_the_rules_read(parts: list[str]) -> None:
+    header = "".join(parts)
+    name = "agentsight_conversation_id"
+    assert cookie_value(header, name) == _cookie_by_the_rules(header, name)
 
 
 def _full() -> dict[str, Any]:
