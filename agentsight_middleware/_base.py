@@ -283,6 +283,7 @@ class MiddlewareBase:
         self._near_misses_told: set[str] = set()
         self._prefixes = settings.rules.prefixes
         self._trusted = core.trusted
+        self._secure_answers = core.secure_answers
         self._has_hooks = settings.has_hooks
         self._cookie_name = settings.cookie_name
         self._submit = core.submit

@@ -180,8 +180,9 @@ class Core:
         #: The trusted proxies, or None when none are: the glue reads the forwarding
         #: headers only then.
         self.trusted = settings.trusted_proxies if settings.trusted_proxies else None
-        # Whether each (scheme, peer, X-Forwarded-Proto) seen is HTTPS; see is_secure.
-        self._secure: dict[tuple[str, str | None, str | bytes | None], bool] = {}
+        #: Whether each (scheme, peer, X-Forwarded-Proto) seen is HTTPS (see is_secure):
+        #: the ASGI glue looks an answer up here before it calls is_secure.
+        self.secure_answers: dict[tuple[str, str | None, str | bytes | None], bool] = {}
         # The built-in worker takes events with one append: no coroutine to await, no
         # handler scope to ask for, no event loop for a coroutine tracker.
         #: ``delivery.submit`` for the built-in worker, else None.
@@ -242,7 +243,7 @@ class Core:
         # a client sending its own must not make the cache hold its headers.
         key = (scheme, peer, proto) if not forwarded and len(proto or "") <= 16 else None
         if key is not None:
-            secure = self._secure.get(key)
+            secure = self.secure_answers.get(key)
             if secure is not None:
                 return secure
         if isinstance(forwarded, bytes):
@@ -251,9 +252,9 @@ class Core:
             proto = proto.decode("latin-1")
         secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
         if key is not None:
-            if len(self._secure) >= 1024:
-                self._secure.clear()  # clients sending their own values: stay bounded
-            self._secure[key] = secure
+            if len(self.secure_answers) >= 1024:
+                self.secure_answers.clear()  # clients sending their own values: stay bounded
+            self.secure_answers[key] = secure
         return secure
 
     def hooks(

@@ -226,11 +226,20 @@ class AgentSightMiddleware(MiddlewareBase):
             return scheme == "https"
         forwarded = headers.get(b"forwarded")
         proto = headers.get(b"x-forwarded-proto")
-        if forwarded is None and proto is None:
-            return scheme == "https"
-        client = scope.get("client")
+        if forwarded is None:
+            if proto is None:
+                return scheme == "https"
+            client = scope.get("client")
+            peer = client[0] if client else None
+            # Core's answer for the proxy's usual value, looked up without the call.
+            secure = self._secure_answers.get((scheme, peer, proto))
+            if secure is not None:
+                return secure
+        else:
+            client = scope.get("client")
+            peer = client[0] if client else None
         # The raw bytes: Core looks the answer up before anything is decoded.
-        return self._core.is_secure(scheme, client[0] if client else None, forwarded, proto)
+        return self._core.is_secure(scheme, peer, forwarded, proto)
 
     async def _widget(
         self, scope: Scope, receive: Receive, send: Send, match: Match, path: str
@@ -577,14 +586,19 @@ def _app_cookie(headers: Any, prefix: bytes) -> AppCookie | _Page:
     found: AppCookie = NOT_SET
     cache_control = for_cdns = None
     for name, value in headers:
-        if name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
+        read = _READ.get(name) if type(name) is bytes else None
+        if read is None:
+            if len(name) not in _READ_LENGTHS:
+                continue  # most of a response's headers: not one we read, by length alone
+            read = _read(name)
+        if read == _SET_COOKIE:
             value = _latin1(value).lstrip(b" \t")  # as Django's WSGI handler sends them
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 found = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
-        elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
+        elif read == _CACHE_CONTROL:
             cache_control = _joined(cache_control, value)
-        elif len(name) in _CDN_NAME_LENGTHS and name.lower() in _CDN_CACHE_HEADERS:
+        elif read == _FOR_CDNS:
             for_cdns = _joined(for_cdns, value)
     if (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
         cache_control, for_cdns
@@ -613,8 +627,12 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
     own: AppCookie = NOT_SET
     cache_control = for_cdns = None
     for name, value in headers:
-        # Frameworks send lower case; the length tests spare lower() on the others.
-        if name == b"content-type" or (len(name) == 12 and name.lower() == b"content-type"):
+        read = _READ.get(name) if type(name) is bytes else None
+        if read is None:
+            if len(name) not in _READ_LENGTHS:
+                continue  # most of a response's headers: not one we read, by length alone
+            read = _read(name)
+        if read == _CONTENT_TYPE:
             if html is not None:
                 continue  # the first one counts, as under WSGI
             value = _latin1(value)
@@ -625,14 +643,14 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
                     _HTML_TYPES.clear()  # a site minting content types: stay bounded
                 _HTML_TYPES[value] = known
             html = known
-        elif name == b"set-cookie" or (len(name) == 10 and name.lower() == b"set-cookie"):
+        elif read == _SET_COOKIE:
             value = _latin1(value).lstrip(b" \t")  # as Django's WSGI handler sends them
             if value.startswith(prefix):
                 # The last one: it is the one the browser keeps (a delete, then a set).
                 own = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
-        elif name == b"cache-control" or (len(name) == 13 and name.lower() == b"cache-control"):
+        elif read == _CACHE_CONTROL:
             cache_control = _joined(cache_control, value)
-        elif len(name) in _CDN_NAME_LENGTHS and name.lower() in _CDN_CACHE_HEADERS:
+        elif read == _FOR_CDNS:
             for_cdns = _joined(for_cdns, value)
     # A 304 without a Content-Type: the cached page (see _core.is_html_success).
     if not (html or (html is None and status == 304)):
@@ -644,9 +662,24 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
     return own
 
 
-_CDN_CACHE_HEADERS = frozenset(name.encode() for name in CDN_CACHE_HEADERS)
-# Tested first: most other headers are not as long, and are not lowered then.
-_CDN_NAME_LENGTHS = frozenset(len(name) for name in CDN_CACHE_HEADERS)
+_CONTENT_TYPE, _SET_COOKIE, _CACHE_CONTROL, _FOR_CDNS = range(4)
+#: The response headers read at its start, by lower-case name: frameworks send lower
+#: case, so one lookup settles most; the length test spares lower() on the others.
+_READ = {
+    b"content-type": _CONTENT_TYPE,
+    b"set-cookie": _SET_COOKIE,
+    b"cache-control": _CACHE_CONTROL,
+    **{name.encode(): _FOR_CDNS for name in CDN_CACHE_HEADERS},
+}
+_READ_LENGTHS = frozenset(map(len, _READ))
+
+
+def _read(name: Any) -> int | None:
+    """What ``_READ`` says of a name not sent in lower case, or not as ``bytes`` (a
+    ``bytearray`` reads as its bytes; a ``str`` is no header name we read)."""
+    if isinstance(name, (bytes, bytearray)):
+        return _READ.get(bytes(name).lower())
+    return None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -1135,8 +1135,10 @@ async def test_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
         cookie = cookie_of(response) or ""
         assert cookie, (peer, headers)
         assert ("Secure" in cookie) is secure, (peer, headers)
-    assert all(len(key[2] or b"") <= 16 for key in mw._core._secure)
-    assert len(mw._core._secure) == 3  # (peer, proto): both peers' "https", the proxy's "http"
+    assert all(len(key[2] or b"") <= 16 for key in mw._core.secure_answers)
+    assert (
+        len(mw._core.secure_answers) == 3
+    )  # (peer, proto): both peers' "https", the proxy's "http"
 
 
 async def test_a_proxy_adding_its_own_field_is_believed_as_under_wsgi() -> None:
@@ -1399,6 +1401,50 @@ async def test_odd_header_value_types_pass_through(
         assert status == 200
         assert body == b"<p>hi</p>"
         assert sent_headers[: len(headers)] == headers
+
+
+@pytest.mark.parametrize("name_type", [bytes, bytearray], ids=["bytes", "bytearray"])
+@pytest.mark.parametrize(
+    ("headers", "cookie_added"),
+    [
+        # Names read in any case: a page, but one shared caches may store (no cookie).
+        ([(b"Content-Type", b"text/html"), (b"CDN-Cache-Control", b"public, max-age=60")], False),
+        ([(b"content-type", b"text/html"), (b"Cache-Control", b"s-maxage=60")], False),
+        # The app's own cookie for ours, sent in capitals: it decides, none added.
+        ([(b"CONTENT-TYPE", b"text/html"),
+          (b"Set-Cookie", b"agentsight_conversation_id=conv_apps0000001")], False),
+        # Not HTML, in capitals: no page.
+        ([(b"Content-Type", b"application/json")], False),
+        # A page with headers we do not read, as long as some we do.
+        ([(b"content-type", b"text/html"), (b"x-frame-options", b"DENY"),
+          (b"Surrogate-Key", b"home page")], True),
+    ],
+)  # fmt: skip
+async def test_response_header_names_are_read_in_any_case_and_type(
+    tracker: RecordingTracker,
+    headers: list[tuple[bytes, bytes]],
+    cookie_added: bool,
+    name_type: type,
+) -> None:
+    sent_as = [(name_type(name), value) for name, value in headers]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(sent_as)})
+        await send({"type": "http.response.body", "body": b"<p>hi</p>"})
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    browser = [(name.encode(), value.encode()) for name, value in BROWSER.items()]
+    status, sent_headers, body = await _raw_call(mw, "GET", "/", browser)
+    assert (status, body) == (200, b"<p>hi</p>")
+    assert sent_headers[: len(sent_as)] == sent_as
+    ours = [v for n, v in sent_headers[len(sent_as) :] if n == b"set-cookie"]
+    assert bool(ours) is cookie_added
+    assert mw.flush(5)
+    apps_id = [call["conversation_id"] for call in tracker.initialized]
+    if b"conv_apps0000001" in b"".join(value for _, value in headers):
+        assert apps_id == ["conv_apps0000001"]
+    else:
+        assert len(apps_id) == (1 if cookie_added else 0)
 
 
 async def test_the_first_content_type_decides_as_under_wsgi(tracker: RecordingTracker) -> None:

@@ -228,7 +228,7 @@ def test_flask_secure_flag_follows_the_proxy_only_for_a_trusted_peer(
     ]:
         page = Client(app).get("/", headers=headers, environ_base={"REMOTE_ADDR": peer})
         assert ("Secure" in page.headers["Set-Cookie"]) is secure, (peer, headers)
-    cache = middleware_of(app)._core._secure
+    cache = middleware_of(app)._core.secure_answers
     assert len(cache) == 3
     assert all(len(key[2] or "") <= 16 for key in cache)
 
