@@ -131,7 +131,7 @@ def cookie_value(header: str, name: str) -> str | None:
         while before >= 0 and header[before] in " \t":
             before -= 1
         if before < 0 or header[before] == ";":
-            return match.group(2)
+            return match.group(3)
         # Browsers send a cookie set for a longer path first: an empty or broken one
         # has no match at all, and one in the wrong place must not hide the good one.
         match = pattern.search(header, match.end())
@@ -142,7 +142,12 @@ def _cookie_pattern(name: str) -> re.Pattern[str]:
     """``name=`` and a value that is an id once stripped (as ``str.strip`` does: ``\\s``
     is the same whitespace) and unquoted, up to the next ";" or the end. An id holds no
     ";", "=", quote or blank, so a match cannot hide another candidate inside it."""
-    pattern = re.compile(re.escape(name) + r'=\s*("?)(' + _ID_RE.pattern + r")\1\s*(?=;|\Z)")
+    # Each part atomic (``(?=(x))\\n``, as Python < 3.11 has no possessive quantifiers):
+    # none can give back what it took for the next to match, so a failing candidate
+    # costs one pass over it, not one per blank or id character it could give back.
+    pattern = re.compile(
+        re.escape(name) + r'=(?=(\s*))\1("?)(?=(' + _ID_RE.pattern + r"))\3\2(?=(\s*))\4(?=;|\Z)"
+    )
     if len(_COOKIE_PATTERNS) >= 8:
         _COOKIE_PATTERNS.clear()  # names come from configuration: a handful at most
     _COOKIE_PATTERNS[name] = pattern
@@ -187,7 +192,9 @@ def _json_key(name: str) -> tuple[bytes, re.Pattern[bytes], bytes]:
         rb'"'
         + re.escape(encoded)
         + rb'"[ \t\r\n]*:[ \t\r\n]*'
-        + rb'(?:"([A-Za-z0-9_.:~-]{1,128})"|(-?(?:0|[1-9][0-9]{0,29}))(?=[ \t\r\n]*[,}]))'
+        # The integer atomic (``(?=(x))\\2``): a key followed by 30 digits and no end of
+        # value, repeated over a body, would be tried once per digit given back.
+        + rb'(?:"([A-Za-z0-9_.:~-]{1,128})"|(?=(-?(?:0|[1-9][0-9]{0,29})))\2(?=[ \t\r\n]*[,}]))'
     )
     if len(_JSON_KEYS) >= 8:
         _JSON_KEYS.clear()  # names come from configuration: a handful at most
@@ -204,12 +211,23 @@ _OPENS_OBJECT = re.compile(rb"[ \t\r\n]*\{")
 _NESTED_OR_ESCAPED = re.compile(rb"[{}\[\\]")
 
 
+def _clean_before(body: bytes, start: int, end: int) -> bool:
+    """No brace, bracket or backslash in ``body[start:end]``: one regex pass where that
+    is short, else ``find`` (memchr) for each, ~80x faster per byte than the regex."""
+    if end - start <= 256:
+        return _NESTED_OR_ESCAPED.search(body, start, end) is None
+    return (
+        body.find(b"{", start, end) < 0
+        and body.find(b"}", start, end) < 0
+        and body.find(b"[", start, end) < 0
+        and body.find(b"\\", start, end) < 0
+    )
+
+
 def _closes_object(body: bytes) -> bool:
-    """Whether ``body``'s last byte but blanks is "}"."""
-    end = len(body)
-    while end and body[end - 1] in _JSON_BLANKS:
-        end -= 1
-    return end > 0 and body[end - 1] == 0x7D
+    """Whether ``body``'s last byte but blanks is "}" (a copy, but no loop in Python over
+    64 KB of trailing blanks: 4.7 ms)."""
+    return body.rstrip(_JSON_BLANKS)[-1:] == b"}"
 
 
 #: Bodies up to this size are checked for a repeated id key (see json_field).
@@ -249,7 +267,7 @@ def json_field(body: bytes, name: str) -> str | None:
         if (
             opened is not None
             # Between the opening brace and the key: no brace, bracket or backslash.
-            and _NESTED_OR_ESCAPED.search(body, opened.end(), match.start()) is None
+            and _clean_before(body, opened.end(), match.start())
             and (len(body) > _REPEAT_SCAN or body.find(quoted, match.end()) < 0)
         ):
             text, integer = match.groups()
