@@ -232,7 +232,10 @@ class AgentSightMiddleware(MiddlewareBase):
             client = scope.get("client")
             peer = client[0] if client else None
             # Core's answer for the proxy's usual value, looked up without the call.
-            secure = self._secure_answers.get((scheme, peer, proto))
+            try:
+                secure = self._secure_answers.get((scheme, peer, proto))
+            except TypeError:  # unhashable (a bytearray value): Core decides, as before
+                secure = None
             if secure is not None:
                 return secure
         else:
@@ -574,7 +577,8 @@ def _joined(previous: str | None, value: Any) -> str:
 def _content_type(headers: Any) -> str | None:
     """The response's first ``Content-Type``, for a message (not on the way of a page)."""
     for name, value in headers:
-        if name.lower() == b"content-type":
+        # As _page_cookie reads names: a memoryview one (no lower()) must not raise here.
+        if _read(name) == _CONTENT_TYPE:
             return _latin1(value).decode("latin-1")
     return None
 
@@ -676,8 +680,9 @@ _READ_LENGTHS = frozenset(map(len, _READ))
 
 def _read(name: Any) -> int | None:
     """What ``_READ`` says of a name not sent in lower case, or not as ``bytes`` (a
-    ``bytearray`` reads as its bytes; a ``str`` is no header name we read)."""
-    if isinstance(name, (bytes, bytearray)):
+    ``bytearray`` or ``memoryview`` reads as its bytes; a ``str`` is no header name we
+    read)."""
+    if isinstance(name, (bytes, bytearray, memoryview)):
         return _READ.get(bytes(name).lower())
     return None
 
