@@ -228,8 +228,8 @@ class Core:
         self,
         scheme: str,
         peer: str | None,
-        forwarded: str | bytes | None,
-        proto: str | bytes | None,
+        forwarded: str | bytes | bytearray | None,
+        proto: str | bytes | bytearray | None,
     ) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag: ``scheme`` as the
         server saw it, or what a trusted proxy says in ``Forwarded`` / ``X-Forwarded-Proto``.
@@ -238,11 +238,12 @@ class Core:
         trusted = self.trusted
         if trusted is None or (not forwarded and not proto):
             return scheme == "https"
-        if type(proto) is bytearray or type(forwarded) is bytearray:
-            # Not ASGI's bytes, but what a middleware in front may hand over: hashed and
-            # decoded as the bytes they hold.
-            proto = None if proto is None else bytes(proto)
-            forwarded = None if forwarded is None else bytes(forwarded)
+        # Not ASGI's bytes, but what a middleware in front may hand over: hashed and
+        # decoded as the bytes they hold.
+        if isinstance(proto, bytearray):
+            proto = bytes(proto)
+        if isinstance(forwarded, bytearray):
+            forwarded = bytes(forwarded)
         # Behind a proxy, the same few (peer, proto) pairs come back on every request:
         # the answer is looked up, not worked out again. Only short values are kept:
         # a client sending its own must not make the cache hold its headers.
