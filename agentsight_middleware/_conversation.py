@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from ._facts import (
     MAX_URL_LENGTH,
@@ -168,12 +168,61 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.~-]+")
 
 
 def query_field(query: str, name: str) -> str | None:
+    """The id in the first field ``name`` of a query string (or form body), as
+    ``parse_qsl(query, keep_blank_values=True)`` reads the fields.
+
+    Not by parsing every field: a chat request's 16 KB query or 64 KB form of fields cost
+    1.6 to 13 ms of the event loop that way. One regex finds the fields that may be the one
+    (the name as it is, or a key with an escape: "%", or "+" for a space), and only those
+    are decoded. Bounded as a client could make it slow: the first 1,000 fields are read, as
+    Django (``DATA_UPLOAD_MAX_NUMBER_FIELDS``) and Starlette (``max_fields``) read no more of
+    a form; up to 64 keys with an escape are decoded (no client sends more before the id);
+    a value too long to decode to an id is not decoded.
+    """
     if name not in query and _sent_as_is(name):
         return None
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key == name:
-            return clean_id(value)
+    if query.count("&") >= _MAX_FIELDS:
+        rest = query.split("&", _MAX_FIELDS)[_MAX_FIELDS]
+        query = query[: len(query) - len(rest) - 1]
+    pattern = _FIELD_PATTERNS.get(name)
+    if pattern is None:
+        pattern = _field_pattern(name)
+    escaped = 0
+    # "&" first: the regex then jumps from one field to the next as find() would.
+    for match in pattern.finditer("&" + query):
+        plain, key, value = match.groups()
+        if plain is None:
+            if escaped == _ESCAPED_KEYS:
+                return None
+            escaped += 1
+            if unquote(key.replace("+", " ")) != name:
+                continue
+        # The first field of that name decides, whatever its value (as parse_qsl is read).
+        if not value or len(value) > _RAW_ID:
+            return None
+        return clean_id(unquote(value.replace("+", " ")))
     return None
+
+
+def _field_pattern(name: str) -> re.Pattern[str]:
+    """The fields of a query whose key may be ``name``: as it is (unless the name holds a
+    character a client must escape there), or with an escape; and the value after "="."""
+    sent_as_is = not any(char in name for char in "%+=&")
+    exact = re.escape(name) if sent_as_is else "(?!)"  # (?!) never matches
+    pattern = re.compile(rf"&(?:({exact})|([^&=]*[%+][^&=]*))(?:=([^&]*))?(?=&|\Z)")
+    if len(_FIELD_PATTERNS) >= 8:
+        _FIELD_PATTERNS.clear()  # names come from configuration: a handful at most
+    _FIELD_PATTERNS[name] = pattern
+    return pattern
+
+
+_FIELD_PATTERNS: dict[str, re.Pattern[str]] = {}
+#: Fields of a query or form read for the id (see query_field).
+_MAX_FIELDS = 1000
+#: Keys with an escape decoded in one query or form before giving up (see query_field).
+_ESCAPED_KEYS = 64
+#: A longer value cannot decode to an id: 128 characters, each at most "%XX".
+_RAW_ID = 3 * 128
 
 
 def form_field(body: bytes, name: str) -> str | None:

@@ -66,6 +66,20 @@ def test_overhead_with_profile() -> None:
         assert len(least) == 5, verdicts
 
 
+def test_hostile_inputs() -> None:
+    result = run("hostile.py", "--repeat", "1", "--json")
+    ran_cleanly(result)
+    data = json.loads(result.stdout[result.stdout.index("{") :])
+    rows = data["rows"]
+    # Every parser on the request path and in the worker, each with a usual input first.
+    parts = {row["what"]: row for row in rows}
+    for what in ("Cookie", "JSON body", "form body", "query string", "rules", "headers",
+                 "client IP", "Accept-Language", "user agent"):  # fmt: skip
+        assert any(name.startswith(what) for name in parts), what
+    assert all(row["us_per_call"] > 0 for row in rows)
+    assert all(isinstance(row["over_budget"], bool) for row in rows)
+
+
 def test_delivery_small_burst() -> None:
     result = run(
         "delivery.py", "--events", "300", "--sdk-calls", "0", "--row-seconds", "30",

@@ -6,6 +6,7 @@ import json
 import pickle
 from http.cookies import SimpleCookie
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 import pytest
 from hypothesis import given, settings
@@ -116,6 +117,54 @@ def test_cookie_value_answers_as_the_rules_read(parts: list[str]) -> None:
     header = "".join(parts)
     name = "agentsight_conversation_id"
     assert cookie_value(header, name) == _cookie_by_the_rules(header, name)
+
+
+def _query_by_parse_qsl(query: str, name: str) -> str | None:
+    """What query_field must answer within its bounds: the first field of that name as
+    parse_qsl reads them decides."""
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return clean_id(value)
+    return None
+
+
+_QUERY_NAMES = ["conversation_id", "chat[id]", "conversation id", "a+b", "a=b", "a&b", "ó", "a%b"]
+
+
+@settings(max_examples=400)
+@given(
+    name=st.sampled_from(_QUERY_NAMES),
+    parts=st.lists(
+        st.one_of(
+            st.sampled_from(["&", "=", "+", "%", "%5F", "%5B", "%5D", "%20", "%2B", "%3D", "%26",
+                             "%C3%B3", "%zz", "conv_1", "conv_abc", " ", "x", "_", "id", ";"]),
+            st.sampled_from(_QUERY_NAMES),
+            st.sampled_from(_QUERY_NAMES).map(lambda n: quote(n, safe="") + "="),
+        ),
+        max_size=14,
+    ),
+)  # fmt: skip
+def test_query_field_answers_as_parse_qsl_reads(name: str, parts: list[str]) -> None:
+    query = "".join(parts)
+    assert query_field(query, name) == _query_by_parse_qsl(query, name)
+    assert form_field(query.encode(), name) == _query_by_parse_qsl(query, name)
+
+
+def test_query_field_bounds() -> None:
+    # The first 1,000 fields are read (as Django and Starlette read a form), no more.
+    assert query_field("a=b&" * 999 + "conversation_id=conv_x", "conversation_id") == "conv_x"
+    assert query_field("a=b&" * 1000 + "conversation_id=conv_x", "conversation_id") is None
+    # Up to 64 keys with an escape are decoded, the id's among them ("chat[id]" arrives
+    # as "chat%5Bid%5D").
+    escaped = "x%5By%5D=c&"
+    assert query_field(escaped * 63 + "chat%5Bid%5D=conv_x", "chat[id]") == "conv_x"
+    assert query_field(escaped * 64 + "chat%5Bid%5D=conv_x", "chat[id]") is None
+    # A key as it is, not counted: found after any number of escaped ones.
+    assert query_field(escaped * 64 + "chat[id]=conv_x", "chat[id]") == "conv_x"
+    # An id of 128 characters, each escaped: 384 to decode, the longest value decoded.
+    longest = "a" * 128
+    assert query_field("conversation_id=" + "%61" * 128, "conversation_id") == longest
+    assert query_field("conversation_id=" + "%61" * 128 + "a", "conversation_id") is None
 
 
 def _full() -> dict[str, Any]:
