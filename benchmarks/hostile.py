@@ -120,12 +120,18 @@ def cases() -> list[Case]:
         ("64 KB of fields", _fill_bytes(b"a=b&") + f"{FIELD}={ID}".encode()),
         ("64 KB of '%' escapes", f"{FIELD}=".encode() + _fill_bytes(b"%zz")),
         ("64 KB of escaped keys", _fill_bytes(b"a%5F=b&") + f"{FIELD}={ID}".encode()),
+        ("one 64 KB key of '%'", _fill_bytes(b"%") + f"=b&{FIELD}={ID}".encode()),
+        ("one 64 KB key of 'a'", _fill_bytes(b"a") + f"=b&{FIELD}={ID}".encode()),
+        ("one 64 KB key of '%' then 'a'", b"%" + _fill_bytes(b"a") + f"=b&{FIELD}={ID}".encode()),
+        ("64 keys of 1 KB of '%'", (b"%" * 1021 + b"=b&") * 64 + f"{FIELD}={ID}".encode()),
+        ("1,000 keys of 45 'a'", _fill_bytes(b"a" * 45 + b"=b&") + f"{FIELD}={ID}".encode()),
     ]:
         add("request", "form body: the id", label, partial(form_field, form, FIELD))
     for label, query in [
         ("usual query", f"utm_source=news&{FIELD}={ID}"),
         ("8 KB of fields", _fill("a=b&") + f"{FIELD}={ID}"),
         ("8 KB of escaped keys", _fill("a%5F=b&") + f"{FIELD}={ID}"),
+        ("one 8 KB key of '%'", _fill("%") + f"=b&{FIELD}={ID}"),
     ]:
         add("request", "query string: the id", label, partial(query_field, query, FIELD))
 
