@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import urllib.parse
 from http.cookies import SimpleCookie
 from typing import Any
@@ -122,7 +123,9 @@ def test_cookie_value_answers_as_the_rules_read(parts: list[str]) -> None:
 
 def _query_by_parse_qsl(query: str, name: str) -> str | None:
     """What query_field must answer within its bounds: the first field of that name as
-    parse_qsl reads them decides."""
+    parse_qsl reads them decides; a name clients send as it is, absent as such, is absent."""
+    if name not in query and re.fullmatch(r"[A-Za-z0-9_.~-]+", name):
+        return None
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key == name:
             return clean_id(value)
