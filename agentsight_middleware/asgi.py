@@ -587,28 +587,8 @@ def _app_cookie(headers: Any, prefix: bytes) -> AppCookie | _Page:
     """The id of the app's own ``Set-Cookie`` for our cookie: ``NOT_SET`` when it sets
     none, None when it sets an empty or invalid one (deletes it, say); ``_SHARED_PAGE``
     for an answer that shared caches may store."""
-    found: AppCookie = NOT_SET
-    cache_control = for_cdns = None
-    for name, value in headers:
-        read = _READ.get(name) if type(name) is bytes else None
-        if read is None:
-            if len(name) not in _READ_LENGTHS:
-                continue  # most of a response's headers: not one we read, by length alone
-            read = _read(name)
-        if read == _SET_COOKIE:
-            value = _latin1(value).lstrip(b" \t")  # as Django's WSGI handler sends them
-            if value.startswith(prefix):
-                # The last one: it is the one the browser keeps (a delete, then a set).
-                found = set_cookie_value(value.decode("latin-1"), prefix.decode("latin-1"))
-        elif read == _CACHE_CONTROL:
-            cache_control = _joined(cache_control, value)
-        elif read == _FOR_CDNS:
-            for_cdns = _joined(for_cdns, value)
-    if (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
-        cache_control, for_cdns
-    ):
-        return _SHARED_PAGE
-    return found
+    _, own, shared = _read_start(headers, prefix)
+    return _SHARED_PAGE if shared else own
 
 
 class _Page(enum.Enum):
@@ -623,10 +603,20 @@ _SHARED_PAGE: Final = _Page.SHARED
 def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
     """For the start of a response: ``_NOT_PAGE`` unless it starts a successful HTML
     page (or a 304 for one); ``_SHARED_PAGE`` for one that shared caches may store; else
-    what the app's own ``Set-Cookie`` for our cookie says (as :func:`_app_cookie` reads it). One
-    pass over the headers for all three questions."""
+    what the app's own ``Set-Cookie`` for our cookie says (as :func:`_app_cookie` reads it)."""
     if (not 200 <= status < 300 or status == 204) and status != 304:
         return _NOT_PAGE
+    html, own, shared = _read_start(headers, prefix)
+    # A 304 without a Content-Type: the cached page (see _core.is_html_success).
+    if not (html or (html is None and status == 304)):
+        return _NOT_PAGE
+    return _SHARED_PAGE if shared else own
+
+
+def _read_start(headers: Any, prefix: bytes) -> tuple[bool | None, AppCookie, bool]:
+    """One pass over a response start's headers: whether its first ``Content-Type`` is
+    HTML (None without one), the app's own cookie for ours (see :func:`_app_cookie`), and
+    whether shared caches may store the response."""
     html: bool | None = None
     own: AppCookie = NOT_SET
     cache_control = for_cdns = None
@@ -656,14 +646,10 @@ def _page_cookie(status: int, headers: Any, prefix: bytes) -> AppCookie | _Page:
             cache_control = _joined(cache_control, value)
         elif read == _FOR_CDNS:
             for_cdns = _joined(for_cdns, value)
-    # A 304 without a Content-Type: the cached page (see _core.is_html_success).
-    if not (html or (html is None and status == 304)):
-        return _NOT_PAGE
-    if (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
+    shared = (cache_control is not None or for_cdns is not None) and is_shared_cacheable(
         cache_control, for_cdns
-    ):
-        return _SHARED_PAGE
-    return own
+    )
+    return html, own, shared
 
 
 _CONTENT_TYPE, _SET_COOKIE, _CACHE_CONTROL, _FOR_CDNS = range(4)
