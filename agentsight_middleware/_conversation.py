@@ -142,7 +142,7 @@ def _cookie_pattern(name: str) -> re.Pattern[str]:
     """``name=`` and a value that is an id once stripped (as ``str.strip`` does: ``\\s``
     is the same whitespace) and unquoted, up to the next ";" or the end. An id holds no
     ";", "=", quote or blank, so a match cannot hide another candidate inside it."""
-    # Each part atomic (``(?=(x))\\n``, as Python < 3.11 has no possessive quantifiers):
+    # Each part atomic (``(?=(x))\N``, as Python < 3.11 has no possessive quantifiers):
     # none can give back what it took for the next to match, so a failing candidate
     # costs one pass over it, not one per blank or id character it could give back.
     pattern = re.compile(
@@ -260,7 +260,7 @@ def _json_key(name: str) -> tuple[bytes, re.Pattern[bytes], bytes]:
         rb'"'
         + re.escape(encoded)
         + rb'"[ \t\r\n]*:[ \t\r\n]*'
-        # The integer atomic (``(?=(x))\\2``): a key followed by 30 digits and no end of
+        # The integer atomic (``(?=(x))\2``): a key followed by 30 digits and no end of
         # value, repeated over a body, would be tried once per digit given back.
         + rb'(?:"([A-Za-z0-9_.:~-]{1,128})"|(?=(-?(?:0|[1-9][0-9]{0,29})))\2(?=[ \t\r\n]*[,}]))'
     )
