@@ -421,11 +421,22 @@ async def test_a_proxy_from_the_environment_is_used(
     with StandInAgentSightAPI() as api:
         credentials = Credentials(api.api_key, api.url, "production")
 
-        # A proxy that is not there: nothing can arrive, which shows it is asked.
+        # A proxy that is not there: nothing can arrive, which shows it is asked. No
+        # connection to it, so delivery pauses and the events are kept, none given up.
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
         sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=2, max_attempts=1)
-        await deliver(sink, 3)
-        assert sink.stats()["failed"] == 3
+        await sink.start()
+        await sink.put([{"conversation_id": f"conv_{i:012x}", "is_used": False} for i in range(3)])
+        for _ in range(200):
+            if sink.stats()["retried"]:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # within the first pause: no further attempt
+        stats = sink.stats()
+        # One connection attempt by each sender that was connecting (2 at first).
+        assert 1 <= stats["retried"] <= 2
+        assert (stats["failed"], stats["pending"]) == (0, 3)
+        await sink.aclose()
         assert api.conversations == []
 
         monkeypatch.setenv("HTTP_PROXY", pproxy)
@@ -435,6 +446,47 @@ async def test_a_proxy_from_the_environment_is_used(
         assert sorted(c["conversation_id"] for c in api.conversations) == [
             f"conv_{i:012x}" for i in range(5)
         ]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_an_unreachable_api_pauses_delivery_and_gives_up_no_event(
+    tmp_path: Path, durable: bool
+) -> None:
+    """No connection to the API can be made: after the senders that were connecting, one
+    attempt a pause (growing from 0.25-0.5 s), none counted against the events (each event
+    tried on its own before, a connection attempt per event and retry, and was given up
+    after max_attempts); once the API is there, everything goes, each conversation in order."""
+    port = free_port()
+    api_key = "ags_" + "2" * 32 + "_abcdef"
+    credentials = Credentials(api_key, f"http://127.0.0.1:{port}", "production")
+    outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3") if durable else MemoryOutbox(1000)
+    sink = HttpSink(credentials, outbox=outbox, concurrency=8, max_attempts=2)
+    await sink.start()
+    await sink.put(
+        [
+            {
+                "conversation_id": f"conv_{i % 50:012x}",
+                "is_used": i >= 50,
+                "timestamp": "2026-11-25T10:00:00+00:00",
+                "environment": "production",
+            }
+            for i in range(100)
+        ]
+    )
+    await asyncio.sleep(2.0)
+    stats = sink.stats()
+    # 8 senders at first, then a probe after each pause: 0.25-0.5 s, 0.5-1 s, 1-2 s.
+    assert 1 <= stats["retried"] <= 8 + 3
+    assert (stats["failed"], stats["sent"], stats["pending"]) == (0, 0, 100)
+    with StandInAgentSightAPI(api_keys=[api_key], port=port) as api:
+        left = await sink.drain(time.monotonic() + 30)
+        stats = sink.stats()
+        await sink.aclose()
+        assert (left, stats["sent"], stats["failed"]) == (0, 100, 0)
+        seen: dict[str, list[bool]] = {}
+        for conversation in api.conversations:
+            seen.setdefault(conversation["conversation_id"], []).append(conversation["is_used"])
+    assert seen == {f"conv_{i:012x}": [False, True] for i in range(50)}
 
 
 async def test_a_header_h11_refuses_is_an_httpx_error_and_nothing_is_sent() -> None:

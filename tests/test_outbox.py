@@ -93,6 +93,76 @@ def test_memory_outbox_delivers_everything_in_per_conversation_order(
         assert mine == sorted(mine)
 
 
+# One step of the sink's use of an outbox: put events of conversations, claim up to n,
+# or do something to one claimed item (acknowledge, retry later, defer, give back).
+_STEPS = st.one_of(
+    st.tuples(st.just("put"), st.lists(st.sampled_from("abcdef"), min_size=1, max_size=4)),
+    st.tuples(st.just("claim"), st.integers(1, 4)),
+    st.tuples(st.sampled_from(["ack", "retry", "defer", "release"]), st.integers(0, 7)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STEPS, max_size=60))
+def test_memory_outbox_claims_every_free_head_and_only_those(steps: list[Any]) -> None:
+    """Against a model of the rules: a claim takes as many heads as it may, each the oldest
+    event of its conversation, none in flight or waiting for a retry; what waits and what
+    is due (``mine``) agree with the model after every step."""
+    outbox = MemoryOutbox(1000)
+    queues: dict[str, list[bytes]] = {}  # the model: events waiting, by conversation
+    in_flight: dict[str, Any] = {}  # conversation -> its claimed head
+    waiting_retry: set[str] = set()  # conversations whose head waits for a retry
+    now, later = 1000.0, 5000.0
+    serial = 0
+    for step in steps:
+        if step[0] == "put":
+            events = []
+            for conversation in step[1]:
+                serial += 1
+                events.append((conversation, f"{conversation}{serial}".encode()))
+                queues.setdefault(conversation, []).append(events[-1][1])
+            assert outbox.put(events) == len(events)
+        elif step[0] == "claim":
+            free = {c for c in queues if c not in in_flight and c not in waiting_retry}
+            claimed = outbox.claim(step[1], now)
+            assert len(claimed) == min(step[1], len(free))
+            assert {i.conversation_id for i in claimed} <= free
+            assert len({i.conversation_id for i in claimed}) == len(claimed)
+            for item in claimed:
+                assert item.body == queues[item.conversation_id][0]
+                assert item.leased
+                in_flight[item.conversation_id] = item
+        elif in_flight:
+            conversation = sorted(in_flight)[step[1] % len(in_flight)]
+            item = in_flight.pop(conversation)
+            if step[0] == "ack":
+                outbox.ack([item])
+                queues[conversation].pop(0)
+                if not queues[conversation]:
+                    del queues[conversation]
+            elif step[0] == "release":
+                outbox.release(item)
+            else:  # retry or defer: due only later
+                (outbox.retry if step[0] == "retry" else outbox.defer)(item, later)
+                waiting_retry.add(conversation)
+        size = sum(map(len, queues.values()))
+        free_now = [c for c in queues if c not in in_flight and c not in waiting_retry]
+        assert outbox.depth() == size
+        assert outbox.mine(now + 1) == (size, len(free_now))
+        assert outbox.mine(later + 1) == (size, len([c for c in queues if c not in in_flight]))
+    # Past the retries' time, everything is delivered, each conversation in order.
+    for item in in_flight.values():
+        outbox.release(item)
+    delivered: dict[str, list[bytes]] = {}
+    while outbox.depth():
+        claimed = outbox.claim(3, later + 1)
+        assert claimed
+        outbox.ack(claimed)
+        for item in claimed:
+            delivered.setdefault(item.conversation_id, []).append(item.body)
+    assert delivered == queues
+
+
 class _FailingCommit:
     """A connection whose next COMMIT fails, as one does on a full disk."""
 

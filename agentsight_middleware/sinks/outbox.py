@@ -85,7 +85,13 @@ class MemoryOutbox:
 
     def __init__(self, max_items: int) -> None:
         self._max = max_items
-        self._queues: OrderedDict[str, deque[OutboxItem]] = OrderedDict()
+        self._queues: dict[str, deque[OutboxItem]] = {}
+        # The conversations whose head is not in flight, in the order they became so: a
+        # claim steps over none of the heads in flight (one per request written, up to
+        # senders x pipeline), which a scan of every queue did on each claim, new events
+        # queued behind them. An OrderedDict: a dict's deleted entries at the front would
+        # be stepped over by each iteration instead.
+        self._free: OrderedDict[str, None] = OrderedDict()
         self._size = 0
         self._next_id = 0
 
@@ -94,11 +100,13 @@ class MemoryOutbox:
     ) -> int:
         # ``views`` is not needed here: one process's intake is already in request order.
         room = max(self._max - self._size, 0)
+        queues = self._queues
         for conversation_id, body in items[:room]:
             self._next_id += 1
-            queue = self._queues.get(conversation_id)
+            queue = queues.get(conversation_id)
             if queue is None:
-                queue = self._queues[conversation_id] = deque()
+                queue = queues[conversation_id] = deque()
+                self._free[conversation_id] = None
             queue.append(OutboxItem(self._next_id, conversation_id, body))
         accepted = min(room, len(items))
         self._size += accepted
@@ -106,44 +114,55 @@ class MemoryOutbox:
 
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
         picked: list[OutboxItem] = []
-        for queue in self._queues.values():
-            head = queue[0]
-            # A head in flight or waiting for its retry blocks its conversation.
-            if head.leased or head.not_before > now:
+        queues = self._queues
+        for conversation_id in self._free:
+            head = queues[conversation_id][0]
+            # A head waiting for its retry blocks its conversation (one in flight is not here).
+            if head.not_before > now:
                 continue
             head.leased = True
             picked.append(head)
             if len(picked) >= limit:
                 break
-        # Conversations in flight go to the back: the next claim then meets free heads
-        # first instead of stepping over every event in flight (one per sender, up to 64).
-        move_to_end = self._queues.move_to_end
+        free = self._free
         for item in picked:
-            move_to_end(item.conversation_id)
+            del free[item.conversation_id]
         return picked
 
+    def _given_back(self, item: OutboxItem) -> None:
+        """``item``, claimed, is no longer in flight: its conversation may be claimed again."""
+        item.leased = False
+        queue = self._queues.get(item.conversation_id)
+        if queue and queue[0] is item:
+            self._free[item.conversation_id] = None
+
     def ack(self, items: list[OutboxItem]) -> None:
+        queues, free = self._queues, self._free
         for item in items:
-            queue = self._queues.get(item.conversation_id)
+            conversation_id = item.conversation_id
+            queue = queues.get(conversation_id)
             if queue and queue[0] is item:
                 queue.popleft()
                 self._size -= 1
-                if not queue:
-                    del self._queues[item.conversation_id]
+                if queue:
+                    free[conversation_id] = None  # its next event may go
+                else:
+                    del queues[conversation_id]
+                    free.pop(conversation_id, None)
 
     def retry(self, item: OutboxItem, not_before: float) -> None:
         item.attempts += 1
         item.not_before = not_before
-        item.leased = False
+        self._given_back(item)
 
     def defer(self, item: OutboxItem, not_before: float) -> None:
         """Give a claimed item back for later without counting an attempt (a 429)."""
         item.not_before = not_before
-        item.leased = False
+        self._given_back(item)
 
     def release(self, item: OutboxItem) -> None:
         """Give a claimed item back as it was: not an attempt, claimable at once."""
-        item.leased = False
+        self._given_back(item)
 
     def renew(self, items: list[OutboxItem], now: float) -> None:
         pass
@@ -166,11 +185,8 @@ class MemoryOutbox:
         """Events waiting (all this process's), and how many of them a claim could take
         before ``before`` (time.time()): not claimed already, not waiting past it for a
         retry, and not behind such an event of their conversation."""
-        due = sum(
-            1
-            for queue in self._queues.values()
-            if not queue[0].leased and queue[0].not_before < before
-        )
+        queues = self._queues
+        due = sum(1 for cid in self._free if queues[cid][0].not_before < before)
         return self._size, due
 
     def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None:
