@@ -109,6 +109,27 @@ def _close_all() -> None:
         delivery.close()
 
 
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """What ``asyncio.run`` does at its end, but for the default executor's shutdown, which
+    starts a thread to wait for it: Python 3.12 starts none once the interpreter has begun
+    to exit, which is when atexit has the worker deliver what is left, and asyncio.run
+    raised there after the delivery (an ERROR and a traceback at every exit). ``close()``
+    shuts the executor down without waiting: its threads are daemons (see _threads)."""
+    import asyncio
+
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except Exception as exc:  # the worker's end: said, never raised into the thread
+        logger.debug("closing the delivery worker's loop: %r", exc)
+    finally:
+        loop.close()
+
+
 class BackgroundDelivery:
     def __init__(
         self,
@@ -261,8 +282,9 @@ class BackgroundDelivery:
     def _thread_main(self) -> None:
         import asyncio  # here: a WSGI app that never sends an event never loads it
 
+        loop = asyncio.new_event_loop()
         try:
-            asyncio.run(self._main())
+            loop.run_until_complete(self._main())
         except Exception:
             logger.exception(
                 "the delivery worker stopped; events wait (up to queue_size) and it starts "
@@ -275,6 +297,8 @@ class BackgroundDelivery:
                     self._loop = None
                     self._restart_at = time.monotonic() + _RESTART_AFTER
                     self._started = False
+        finally:
+            _close_loop(loop)
 
     async def _main(self) -> None:
         import asyncio

@@ -50,8 +50,11 @@ class Dispatcher(Generic[T]):
         name: str = "agentsight-worker",
         shutdown_timeout: float = 5.0,
         concurrency: int = 1,
+        at_exit: Callable[[], None] | None = None,
     ) -> None:
         self._handler = handler
+        #: What runs at interpreter exit: close(), unless the owner has more to close.
+        self._at_exit = at_exit
         self._concurrency = concurrency
         self._maxsize = maxsize
         self._name = name
@@ -130,7 +133,7 @@ class Dispatcher(Generic[T]):
             self._thread.start()
             self._started = True
             if not self._atexit_registered:
-                atexit.register(self.close)
+                atexit.register(self._at_exit or self.close)
                 self._atexit_registered = True
 
     def _run(self) -> None:

@@ -37,15 +37,36 @@ class DaemonThreads(Executor):
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
         future: Future[_T] = Future()
+
+        def call() -> _T:
+            return fn(*args, **kwargs)
+
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._jobs.put((future, lambda: fn(*args, **kwargs)))
             if not self._idle.acquire(blocking=False) and self._workers < self._max:
-                self._workers += 1
-                threading.Thread(
-                    target=self._work, name=f"{self._name}_{self._workers}", daemon=True
-                ).start()
+                try:
+                    threading.Thread(
+                        target=self._work, name=f"{self._name}_{self._workers + 1}", daemon=True
+                    ).start()
+                except RuntimeError:
+                    # Python 3.12 starts no thread once the interpreter has begun to exit,
+                    # which is when atexit delivers what is left: the threads already
+                    # started take it in turn, or, with none, the caller runs it (the
+                    # worker died of the RuntimeError, and every queued event was lost).
+                    pass
+                else:
+                    self._workers += 1
+            if self._workers:
+                self._jobs.put((future, call))
+                return future
+        if future.set_running_or_notify_cancel():
+            try:
+                result = call()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
         return future
 
     def _work(self) -> None:

@@ -262,6 +262,9 @@ class TrackerDelivery:
             maxsize=queue_size,
             shutdown_timeout=shutdown_timeout,
             concurrency=1 if self._initialize_is_async else _initialize_threads(tracker),
+            # At exit, all of close(): the coroutine calls still running and the
+            # tracker's own buffer (agentsight_flush), not only the worker's queue.
+            at_exit=self.close,
         )
         # Coroutine calls with no app loop to run on (under WSGI): one loop of our own,
         # in a thread, for all of them. A loop per call (asyncio.run) broke trackers that
@@ -292,11 +295,15 @@ class TrackerDelivery:
         self._flush_outcome: list[bool] = []
         self._flush_began = 0.0
         self._close_gave_up_on: threading.Thread | None = None
+        # The app's loop a coroutine tracker's page views last ran on (its flush is
+        # awaited there), and the loop of the thread that asked for the flush, if any.
+        self._app_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_caller_loop: asyncio.AbstractEventLoop | None = None
 
     def _after_fork(self) -> None:
         self._flush_lock = threading.Lock()
         self._flush_thread = self._close_gave_up_on = None
-        self._loop = None
+        self._loop = self._app_loop = self._flush_caller_loop = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
 
@@ -376,6 +383,8 @@ class TrackerDelivery:
 
         if loop is None or not loop.is_running():
             loop = self._own_loop()
+        else:
+            self._app_loop = loop
         with self._flying_lock:
             if len(self._flying) >= INITIALIZE_IN_FLIGHT:
                 self._prune()
@@ -629,8 +638,12 @@ class TrackerDelivery:
         hook = self._flush_hook
         if hook is None:
             return True
+        import asyncio
+
+        self._flush_caller_loop = asyncio._get_running_loop()
         called_at = time.monotonic()
         while True:
+            inline: tuple[float, list[bool]] | None = None
             with self._flush_lock:
                 thread, outcome, began = self._flush_thread, self._flush_outcome, self._flush_began
                 if thread is None or (began < called_at and not thread.is_alive()):
@@ -644,7 +657,16 @@ class TrackerDelivery:
                     )
                     self._flush_thread, self._flush_outcome = thread, outcome
                     self._flush_began = began
-                    thread.start()
+                    try:
+                        thread.start()
+                    except RuntimeError:
+                        # Python 3.12 starts no thread once the interpreter has begun to
+                        # exit (atexit's close): the hook runs here instead.
+                        self._flush_thread = None
+                        inline = (left, outcome)
+            if inline is not None:
+                self._run_flush(hook, *inline)
+                return bool(outcome) and outcome[0]
             thread.join(max(deadline - time.monotonic(), _LEAST_FLUSH))
             if thread.is_alive():
                 return False
@@ -655,11 +677,27 @@ class TrackerDelivery:
 
     def _run_flush(self, hook: Callable[[float], Any], timeout: float, outcome: list[bool]) -> None:
         try:
-            outcome.append(hook(timeout) is not False)
+            result = hook(timeout)
+            if inspect.isawaitable(result):
+                # A coroutine tracker's flush (async def agentsight_flush): awaited where
+                # its page views ran, the app's loop while it runs, else the tracker's own.
+                result = self._await_flush(result)
+            outcome.append(result is not False)
         except Exception as exc:
             self._count("errors")
             self.log_once("tracker.agentsight_flush()", exc)
             outcome.append(False)
+
+    def _await_flush(self, awaitable: Any) -> Any:
+        import asyncio
+
+        async def wait() -> Any:
+            return await awaitable
+
+        loop = self._app_loop
+        if loop is None or not loop.is_running() or loop is self._flush_caller_loop:
+            loop = self._own_loop()
+        return asyncio.run_coroutine_threadsafe(wait(), loop).result()
 
     def _waitable(self) -> list[Future[Any]]:
         """The page views running on loops that run, but not on this thread's own loop

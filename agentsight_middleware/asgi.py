@@ -93,7 +93,8 @@ class AgentSightMiddleware(MiddlewareBase):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                send = self._lifespan_send(send)
+                await self._lifespan(scope, receive, send)
+                return
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -139,6 +140,46 @@ class AgentSightMiddleware(MiddlewareBase):
             await self._widget(scope, receive, send, match, path)
         else:
             await self._chat(scope, receive, send, match, path)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's lifespan, or, for an app that has none (Django's ASGI handler raises
+        at the lifespan scope), the middleware's own: without it the server (uvicorn's
+        ``--lifespan auto``) runs none, no shutdown ever closes the middleware, and on
+        SIGTERM uvicorn ends the process by the signal, so no atexit hook runs either:
+        what was queued, and the tracker's own buffer, were lost at every stop."""
+        answered = False
+        received: list[str] = []  # what the app read: an app that reads has a lifespan
+        lifespan_send = self._lifespan_send(send)
+
+        async def app_receive() -> Message:
+            message: Message = await receive()
+            received.append(message["type"])
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            await lifespan_send(message)
+
+        try:
+            await self.app(scope, app_receive, app_send)
+        except Exception as exc:
+            if answered or received:
+                raise  # the app's own lifespan failed: the server says so
+            logger.info(
+                "the app does not support the ASGI lifespan (%r): the middleware answers "
+                "it, to deliver what is held when the server stops",
+                exc,
+            )
+        else:
+            if answered or received:
+                return
+            # Returned without a look at it (``if scope["type"] != "http": return``): no
+            # shutdown would come to the app, nor to us.
+        await receive()  # lifespan.startup
+        await lifespan_send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await lifespan_send({"type": "lifespan.shutdown.complete"})
 
     def _lifespan_send(self, send: Send) -> Send:
         async def lifespan_send(message: Message) -> None:

@@ -92,6 +92,10 @@ _classes: dict[type, type] = {}
 _classes_lock = threading.Lock()
 
 
+#: [chat requests have been scoped in this process, told]: see _PerRequestConversationId.
+_lost: list[bool] = [False, False]
+
+
 class _PerRequestConversationId:
     """A data descriptor replacing the SDK config's plain ``conversation_id`` attribute."""
 
@@ -101,7 +105,22 @@ class _PerRequestConversationId:
         cell = _cell.get()
         if cell is not None:
             return cell[0]
-        return obj.__dict__.get("conversation_id")
+        value = obj.__dict__.get("conversation_id")
+        if value is None and _lost[0] and not _lost[1]:
+            # Chat requests ran, yet the SDK is asked for the current conversation where
+            # none was ever set: a call from a thread that did not get the request's
+            # context. Unwrapped, it read the last request's id; now it reads none, and
+            # its messages (send_tracked_data: all of them) go nowhere.
+            _lost[1] = True
+            logger.warning(
+                "the classic agentsight SDK was called outside a chat request's context, "
+                "where it has no current conversation: its messages are not filed under the "
+                "visitor's conversation (send_tracked_data() raises NoDataToSendException). "
+                "A thread started by the request must get its context: "
+                "asyncio.to_thread() or starlette.concurrency.run_in_threadpool(), not "
+                "loop.run_in_executor(), an executor's submit() or a threading.Thread"
+            )
+        return value
 
     def __set__(self, obj: object, value: Any) -> None:
         cell = _cell.get()
@@ -320,6 +339,7 @@ class ClassicTracker:
 
     @contextmanager
     def _scope(self, conversation_id: str, fields: dict[str, Any]) -> Iterator[None]:
+        _lost[0] = True
         with _bound(conversation_id):
             key = None
             try:

@@ -175,11 +175,13 @@ FIELDS: dict[str, Any] = {
 }
 
 
-def test_uvicorns_sigterm_stop_sends_what_the_sdk_still_holds() -> None:
+@pytest.mark.parametrize("framework", ["fastapi-async", "django-asgi"])
+def test_uvicorns_sigterm_stop_sends_what_the_sdk_still_holds(framework: str) -> None:
     # The SDK batches (here: nothing on its own for a minute) and flushes at exit with
     # atexit, which does not run when uvicorn stops on SIGTERM (it re-raises the signal
     # after the lifespan shutdown): every page view and turn of the last batch was lost.
-    # The middleware's close() at lifespan shutdown now flushes the SDK too.
+    # The middleware's close() at lifespan shutdown now flushes the SDK too; Django's ASGI
+    # handler has no lifespan (uvicorn ran none for it): the middleware answers it.
     python = app_python(SDK)
     visitors = make_visitors(3, 1)
     with StandInAgentSightAPI() as api:
@@ -188,7 +190,7 @@ def test_uvicorns_sigterm_stop_sends_what_the_sdk_still_holds() -> None:
             "AGENTSIGHT_API_ENDPOINT": api.url,
             "TEST_EXPORT_INTERVAL_MS": "60000",
         }
-        with serve(python, MODULE, ["fastapi-async"], env) as url:
+        with serve(python, MODULE, [framework], env) as url:
             drive_visitors(url, visitors)
             assert _count(api, "conversation") == 0  # all still in the SDK's batch
         # Out of the block: SIGTERM, and the server has exited.

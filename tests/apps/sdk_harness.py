@@ -33,10 +33,10 @@ __all__ = ["Visitor", "app_python", "drive_visitors", "serve"]
 #: itself comes from the work tree, through PYTHONPATH) and the frameworks.
 #: A venv made before a dependency was added lacks it: name every one here.
 _APP_IMPORTS = (
-    "import fastapi, flask, h11, httpx, starlette, uvicorn, user_agents, werkzeug\n"
+    "import django, fastapi, flask, h11, httpx, starlette, uvicorn, user_agents, werkzeug\n"
     "import ua_parser.regex, ua_parser_rs"
 )
-_FRAMEWORKS = ("fastapi", "uvicorn", "flask")
+_FRAMEWORKS = ("fastapi", "uvicorn", "flask", "django")
 _INSTALL_TIMEOUT = 300.0
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 10.0

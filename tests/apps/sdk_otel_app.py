@@ -5,7 +5,8 @@ Run by ``tests/test_sdk_otel.py`` under an SDK venv's interpreter as::
     python -m tests.apps.sdk_otel_app FRAMEWORK FD
 
 FRAMEWORK is ``fastapi-async`` (an ``async def`` endpoint), ``fastapi-sync`` (a ``def``
-endpoint: Starlette's thread pool) or ``flask`` (threaded werkzeug server); FD is a
+endpoint: Starlette's thread pool), ``flask`` (threaded werkzeug server) or ``django-asgi``
+(Django's ASGI handler under uvicorn, no lifespan of its own); FD is a
 listening socket. AGENTSIGHT_API_KEY and AGENTSIGHT_API_ENDPOINT point the SDK at the
 stand-in API.
 
@@ -24,7 +25,14 @@ from typing import Any
 import agentsight  # type: ignore[import-not-found]  # only in the SDK's own venv
 
 from agentsight_middleware.sdk import AgentSightSDK
-from tests.apps.sdk_shop import THINK_SECONDS, fastapi_shop, flask_shop, reply_to, serve
+from tests.apps.sdk_shop import (
+    THINK_SECONDS,
+    django_shop,
+    fastapi_shop,
+    flask_shop,
+    reply_to,
+    serve,
+)
 
 
 def chat_blocking(message: str) -> dict[str, Any]:
@@ -62,6 +70,8 @@ def main() -> None:
     framework, fd = sys.argv[1], int(sys.argv[2])
     if framework == "flask":
         serve(framework, fd, lambda: flask_shop(options(), chat_blocking))
+    elif framework == "django-asgi":
+        serve(framework, fd, lambda: django_shop(options(), chat_blocking))
     else:
         serve(framework, fd, lambda: fastapi_shop(framework, options(), chat_blocking, chat_async))
 

@@ -9,13 +9,21 @@ socket. It runs under an SDK venv's interpreter, like the apps.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 
-__all__ = ["THINK_SECONDS", "Chat", "fastapi_shop", "flask_shop", "reply_to", "serve"]
+__all__ = [
+    "THINK_SECONDS",
+    "Chat",
+    "django_shop",
+    "fastapi_shop",
+    "flask_shop",
+    "reply_to",
+    "serve",
+]
 
 #: How long the "LLM" takes: long enough for concurrent requests to overlap.
 THINK_SECONDS = 0.05
@@ -88,9 +96,50 @@ def flask_shop(options: dict[str, Any], chat_sync: ChatSync) -> Any:
     return app
 
 
+def django_shop(options: dict[str, Any], chat_sync: ChatSync) -> Any:
+    """Django's own ASGI handler, which supports no ASGI lifespan (it raises at one), with
+    sync views (run in its thread, the request's context copied)."""
+    import json
+
+    import django
+    from django.conf import settings
+    from django.core.asgi import get_asgi_application
+    from django.http import HttpRequest, HttpResponse, JsonResponse
+    from django.urls import path
+    from django.views.decorators.csrf import csrf_exempt
+
+    def page(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(PAGE)
+
+    def health(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok", content_type="text/plain")
+
+    def chat(request: HttpRequest) -> HttpResponse:
+        return JsonResponse(chat_sync(json.loads(request.body)["message"]))
+
+    class URLs:  # a URL conf need not be a module: an object with urlpatterns
+        urlpatterns: ClassVar[list[Any]] = [
+            path("", page),
+            path("health", health),
+            path("api/chat", csrf_exempt(chat)),
+        ]
+
+    settings.configure(
+        DEBUG=False,
+        ROOT_URLCONF=URLs,
+        ALLOWED_HOSTS=["*"],
+        SECRET_KEY="sdk-shop-" + "x" * 50,
+        MIDDLEWARE=[],
+        INSTALLED_APPS=[],
+    )
+    django.setup()
+    return AgentSightMiddleware(get_asgi_application(), **options)
+
+
 def serve(framework: str, fd: int, app: Callable[[], Any]) -> None:
     """Serve ``app()`` on the listening socket ``fd``: werkzeug's threaded server for
-    ``flask``, uvicorn (with lifespan) otherwise."""
+    ``flask``, uvicorn otherwise (with lifespan; for Django's handler, uvicorn's default
+    ``auto``, which runs none for an app that raises at it)."""
     if framework == "flask":
         from werkzeug.serving import make_server
 
@@ -98,5 +147,6 @@ def serve(framework: str, fd: int, app: Callable[[], Any]) -> None:
     else:
         import uvicorn
 
-        config = uvicorn.Config(app(), fd=fd, log_level="warning", lifespan="on")
+        lifespan: Literal["auto", "on"] = "auto" if framework == "django-asgi" else "on"
+        config = uvicorn.Config(app(), fd=fd, log_level="warning", lifespan=lifespan)
         uvicorn.Server(config).run()

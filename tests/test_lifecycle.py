@@ -1,0 +1,327 @@
+"""What is held when the app stops is delivered: at interpreter exit (a tracker's calls still
+running, its own buffer), at the stop of an ASGI app without lifespan (Django's), when no
+thread can be started (Python 3.12 at interpreter exit); and the classic SDK called where a
+chat request's context is lost is told."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
+from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
+
+from .conftest import BROWSER
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wsgi_page(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+class Buffering(RecordingTracker):
+    """Keeps page views in a buffer of its own until agentsight_flush(), as the 0.1.x SDK."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+        self._buffer: list[str] = []
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        self._buffer.append(conversation_id)
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    def agentsight_flush(self, timeout: float) -> bool:
+        self.flushed += self._buffer
+        self._buffer = []
+        return True
+
+
+class AsyncBuffering(Buffering):
+    """The same with coroutine methods, its flush included."""
+
+    async def initialize_conversation(  # type: ignore[override]
+        self, conversation_id: str, **kwargs: Any
+    ) -> None:
+        await asyncio.sleep(0)
+        Buffering.initialize_conversation(self, conversation_id, **kwargs)
+
+    async def get_or_create_conversation(  # type: ignore[override]
+        self, conversation_id: str, **kwargs: Any
+    ) -> None:
+        await asyncio.sleep(0)
+
+    async def agentsight_flush(self, timeout: float) -> bool:  # type: ignore[override]
+        await asyncio.sleep(0.01)
+        return Buffering.agentsight_flush(self, timeout)
+
+
+def test_a_coroutine_agentsight_flush_is_awaited() -> None:
+    # Called and never awaited ("coroutine ... was never awaited"), and flush() said True.
+    tracker = AsyncBuffering()
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=tracker)
+    assert Client(mw).get("/", headers=BROWSER).status_code == 200
+    assert mw.flush(5) is True
+    assert len(tracker.flushed) == 1
+    mw.close()
+
+
+_AT_EXIT = """
+import asyncio, sys
+from werkzeug.test import Client
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+from tests.test_lifecycle import Buffering, wsgi_page
+
+class SlowAsync(Buffering):
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        await asyncio.sleep(1.0)  # still running when the interpreter exits
+        print("page view", conversation_id, flush=True)
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        pass
+
+class Flushing(Buffering):
+    def agentsight_flush(self, timeout):
+        print("flushed", self._buffer, flush=True)
+        return True
+
+tracker = SlowAsync() if sys.argv[1] == "async" else Flushing()
+mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=tracker)
+assert Client(mw).get("/", headers=BROWSER).status_code == 200
+deadline = __import__("time").monotonic() + 5
+while mw.stats()["processed"] < 1 and __import__("time").monotonic() < deadline:
+    __import__("time").sleep(0.01)
+# no close(): a WSGI server's worker exits (gunicorn's sync worker at SIGTERM)
+"""
+
+
+@pytest.mark.parametrize("kind", ["async", "flush"])
+def test_at_exit_the_trackers_running_calls_and_own_buffer_are_delivered(kind: str) -> None:
+    # At exit only the worker's queue was flushed: a coroutine tracker's page view still
+    # running was dropped, and the tracker's own buffer (agentsight_flush) never sent.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_AT_EXIT), kind],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = "page view conv_" if kind == "async" else "flushed ['conv_"
+    assert expected in done.stdout, (done.stdout, done.stderr)
+
+
+class Bare:
+    """An ASGI app without lifespan support: raising at it, as Django's ASGIHandler, or
+    returning at once."""
+
+    def __init__(self, raises: bool = True) -> None:
+        self.raises = raises
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if not self.raises:
+                return
+            raise ValueError("Django can only handle ASGI/HTTP connections, not lifespan.")
+        headers = [(b"content-type", b"text/html")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"<p>shop</p>"})
+
+
+async def _run_lifespan(app: Any, between: Any) -> list[str]:
+    """Drive the lifespan as uvicorn does: startup, ``between()``, shutdown."""
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    answers: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message["type"])
+
+    task = asyncio.ensure_future(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send)
+    )
+    await incoming.put({"type": "lifespan.startup"})
+    for _ in range(200):
+        if answers or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()  # the app's error, as the server would see it
+    await between()
+    await incoming.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 10)
+    return answers
+
+
+@pytest.mark.parametrize("raises", [True, False], ids=["raises", "returns"])
+def test_an_app_without_lifespan_still_has_its_events_delivered_at_shutdown(raises: bool) -> None:
+    # uvicorn ran no lifespan for it ("appears unsupported"), so nothing ever closed the
+    # middleware, and a SIGTERM ends uvicorn by the signal (no atexit): the SDK's batch
+    # and what was queued were lost at every stop of a Django ASGI app.
+    tracker = Buffering()
+    app = AgentSightMiddleware(Bare(raises), widget_pages=["/"], tracker=tracker)
+
+    async def page_view() -> None:
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            assert (await client.get("/", headers=BROWSER)).status_code == 200
+
+    answers = asyncio.run(_run_lifespan(app, page_view))
+    assert answers == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert len(tracker.flushed) == 1  # closed at the shutdown: the buffer was sent
+
+
+def test_an_apps_own_failing_lifespan_still_fails() -> None:
+    class Failing:
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": "no database"})
+            raise RuntimeError("no database")
+
+    app = AgentSightMiddleware(Failing(), widget_pages=["/"], tracker=RecordingTracker())
+
+    async def nothing() -> None:
+        pass
+
+    with pytest.raises(RuntimeError, match="no database"):
+        asyncio.run(_run_lifespan(app, nothing))
+
+
+class ThreadedBuffering(Buffering):
+    agentsight_initialize_threads = 8  # as the classic SDK's adapter
+
+
+def test_page_views_are_delivered_when_no_thread_can_be_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Python 3.12 starts no thread once the interpreter has begun to exit, which is when
+    # atexit delivers what is left: the pool's first thread could not start, the worker
+    # died of the RuntimeError, and every queued page view was lost (after a wait of
+    # shutdown_timeout). Started only as needed, the pool has none yet here.
+    tracker = ThreadedBuffering()
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=tracker)
+    mw._core.delivery.ensure_started()  # the worker's own thread, as in a serving app
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    for _ in range(3):  # three visitors
+        assert Client(mw).get("/", headers=BROWSER).status_code == 200
+    assert mw.flush(5) is True
+    assert len(tracker.initialized) == 3
+    monkeypatch.undo()
+    started = time.monotonic()
+    mw.close()
+    assert time.monotonic() - started < 2
+
+
+class _Config:
+    def __init__(self) -> None:
+        self.conversation_id: str | None = None
+
+
+class _Classic:
+    """The classic SDK's shape (0.0.44): the current conversation in config."""
+
+    def __init__(self) -> None:
+        self.config = _Config()
+        self.items: dict[str | None, list[str]] = {}
+
+    def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
+        pass
+
+    def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
+        self.config.conversation_id = conversation_id
+        self.items.setdefault(conversation_id, []).append("conversation")
+
+    def track_human_message(self, text: str) -> None:
+        self.items.setdefault(self.config.conversation_id, []).append(text)
+
+    def send_tracked_data(self) -> list[str]:
+        return self.items.pop(self.config.conversation_id)
+
+
+def test_the_sdk_called_where_the_request_context_is_lost_is_told(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An async handler sending with loop.run_in_executor() (no context copied): wrapped,
+    # the SDK found no current conversation there and every send failed, with nothing said
+    # (unwrapped, one visitor at a time, it had worked).
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from agentsight_middleware import sdk
+
+    if hasattr(sdk, "_lost"):
+        monkeypatch.setattr(sdk, "_lost", [False, False])  # told once a process
+    tracker = _Classic()
+    outcomes: list[str] = []
+
+    async def chat(request: Request) -> JSONResponse:
+        tracker.track_human_message("hi")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, tracker.send_tracked_data)
+            outcomes.append("sent")
+        except KeyError:
+            outcomes.append("nothing to send")
+        return JSONResponse({})
+
+    inner = Starlette(routes=[Route("/api/chat", chat, methods=["POST"])])
+    app = AgentSightMiddleware(inner, chat_routes=["POST /api/chat"], tracker=tracker)
+
+    async def post() -> None:
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            assert (await client.post("/api/chat", json={})).status_code == 200
+
+    asyncio.run(post())
+    assert outcomes == ["nothing to send"]  # the SDK's own limitation, as documented
+    told = [r.getMessage() for r in caplog.records if "outside a chat request" in r.getMessage()]
+    assert len(told) == 1, told
+    assert "run_in_executor" in told[0], told
+
+
+def test_a_worker_ending_where_no_thread_can_start_logs_no_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncio.run() ends by starting a thread to shut its default executor down; Python 3.12
+    # starts none once the interpreter has begun to exit, which is when atexit has the
+    # worker deliver what is left: after every exit's delivery, an ERROR "the delivery
+    # worker stopped" and a traceback.
+    with StandInAgentSightAPI() as api:
+        mw = AgentSightWSGIMiddleware(
+            wsgi_page, widget_pages=["/"], api_key=api.api_key, endpoint=api.url
+        )
+        assert Client(mw).get("/", headers=BROWSER).status_code == 200
+        assert mw.flush(10) is True
+
+        def refuse(self: threading.Thread) -> None:
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+
+        monkeypatch.setattr(threading.Thread, "start", refuse)
+        assert Client(mw).get("/", headers=BROWSER).status_code == 200
+        mw.close()
+        monkeypatch.undo()
+        assert len(api.conversations) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
