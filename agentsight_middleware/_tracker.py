@@ -130,13 +130,28 @@ def _is_instance_method(cls: type, name: str) -> bool:
     return False
 
 
+def _takes_arguments(cls: type) -> bool:
+    """Whether building ``cls`` needs an argument (a parameter without a default)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        for p in parameters
+    )
+
+
 def check_tracker(tracker: object) -> None:
     if isinstance(tracker, type) and any(_is_instance_method(tracker, m) for m in _METHODS):
         # Callable, but unbound: every call would fail for want of self. (A class whose
         # methods are static or class methods, or come from its metaclass, is fine.)
         name = tracker.__name__
+        # Built with its own arguments where it takes some (ClassicTracker(tracker)).
+        takes = "..." if _takes_arguments(tracker) else ""
         raise ValueError(
-            f"tracker={name} is a class, not a tracker: pass an instance, tracker={name}()"
+            f"tracker={name} is a class, not a tracker: pass an instance, tracker={name}({takes})"
         )
     missing = [m for m in _METHODS if not callable(getattr(tracker, m, None))]
     if missing:

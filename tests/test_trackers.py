@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import functools
 import math
+import re
 import sqlite3
 import sys
 import threading
@@ -345,10 +346,18 @@ class _PartialTracker:
     get_or_create_conversation = functools.partialmethod(_call, "chat")
 
 
-@pytest.mark.parametrize("make", [RecordingTracker, ClassicTracker, _PartialTracker])
-def test_a_tracker_class_instead_of_an_instance_fails_at_start_up(make: type) -> None:
+@pytest.mark.parametrize(
+    ("make", "built"),
+    [
+        (RecordingTracker, "RecordingTracker()"),
+        # Its constructor takes the SDK's tracker: "ClassicTracker()" would fail in turn.
+        (ClassicTracker, "ClassicTracker(...)"),
+        (_PartialTracker, "_PartialTracker()"),
+    ],
+)
+def test_a_tracker_class_instead_of_an_instance_fails_at_start_up(make: type, built: str) -> None:
     with pytest.raises(
-        ValueError, match=rf"tracker={make.__name__} is a class.*{make.__name__}\(\)"
+        ValueError, match=rf"tracker={make.__name__} is a class.*tracker={re.escape(built)}$"
     ):
         AgentSightMiddleware(_page, widget_pages=["/"], tracker=make)
 
