@@ -423,30 +423,54 @@ _DISPATCH_HOOKS = ("setup", "__init__", "http_method_not_allowed", "__getattr__"
 def _view_class_methods(view: Any) -> frozenset[str] | None:
     from django.views import View
 
-    view_class = getattr(view, "view_class", None)  # set by View.as_view(), kept by wraps()
+    # Set by View.as_view() and kept by wraps(); a DRF ViewSet's as_view() sets only cls.
+    view_class = getattr(view, "view_class", None) or getattr(view, "cls", None)
     if not (isinstance(view_class, type) and issubclass(view_class, View)):
         return None
-    # A dispatch() of its own (DRF's APIView, LoginRequiredMixin's) may take others: not
-    # guessed; Django's own under method_decorator(csrf_exempt, name="dispatch") is known.
+    # A dispatch() of its own (LoginRequiredMixin's, a hand-written one) may take others:
+    # not guessed. Django's own (under method_decorator(csrf_exempt, name="dispatch") too)
+    # and Django REST framework's APIView's find handlers alike: theirs are known.
+    bases = [View]
+    drf = sys.modules.get("rest_framework.views")  # loaded by the URL conf if it uses DRF
+    api_view = getattr(drf, "APIView", None)
+    if isinstance(api_view, type) and issubclass(view_class, api_view):
+        bases.insert(0, api_view)
     dispatch = getattr(view_class, "dispatch", None)
+    known = {base.dispatch: base for base in bases}
     for _ in range(_MAX_DEPTH):
-        if dispatch is View.dispatch or dispatch is None:
+        if dispatch in known or dispatch is None:
             break
         dispatch = getattr(dispatch, "__wrapped__", None)
-    if dispatch is not View.dispatch or any(
-        getattr(view_class, name, None) is not getattr(View, name, None) for name in _DISPATCH_HOOKS
+    base = known.get(dispatch) if dispatch is not None else None
+    if base is None or any(
+        getattr(view_class, name, None) is not getattr(base, name, None) for name in _DISPATCH_HOOKS
     ):
         return None
     # as_view(http_method_names=[...]) sets the instance's, which dispatch() reads.
-    initkwargs = getattr(view, "view_initkwargs", None)
+    initkwargs = getattr(view, "view_initkwargs", None) or getattr(view, "initkwargs", None)
     names = set(
         initkwargs["http_method_names"]
         if isinstance(initkwargs, dict) and "http_method_names" in initkwargs
         else getattr(view_class, "http_method_names", ())
     )
-    methods = {name.upper() for name in names if callable(getattr(view_class, name, None))}
+    actions = getattr(view, "actions", None)
+    if base is not View and isinstance(actions, dict):
+        # A DRF ViewSet's route: as_view({"get": "list", "post": "create"}) sets each
+        # method's handler to its action on the instance; the class's other handlers
+        # (OPTIONS: the metadata) answer as on any APIView.
+        handled = {
+            method
+            for method, action in actions.items()
+            if isinstance(method, str)
+            and isinstance(action, str)
+            and callable(getattr(view_class, action, None))
+        }
+        names &= handled | {n for n in names if callable(getattr(view_class, n, None))}
+        methods = {name.upper() for name in names}
+    else:
+        methods = {name.upper() for name in names if callable(getattr(view_class, name, None))}
     if "GET" in methods:
-        methods.add("HEAD")  # View.setup() answers HEAD with get()
+        methods.add("HEAD")  # View.setup() (a ViewSet's view too) answers HEAD with get()
     return frozenset(methods)
 
 

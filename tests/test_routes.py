@@ -1252,3 +1252,56 @@ def test_static_files_answer_a_get_only_where_they_have_a_file(tmp_path: Path) -
         assert "takes POST, not GET" in method, method
         slash = next(line for line in told if "rule '/guide'" in line)
         assert "write '/guide/'" in slash, slash
+
+
+# Django REST framework: APIView.dispatch finds handlers as Django's View.dispatch does, and
+# a ViewSet's route has its methods in the actions the router gave it (none was guessed).
+def _drf_told(django_app: Any, chat: list[str]) -> list[str]:
+    from django.test import override_settings
+
+    with override_settings(ROOT_URLCONF="tests.apps.django_drf_urls"):
+        served = wsgi_served(django_app, _environ())
+        assert served is not None
+        return near_misses(RuleSet([], chat).exact_matches, served)
+
+
+@pytest.mark.parametrize(
+    ("rule", "takes"),
+    [
+        ("PUT /api/chat/", "POST"),  # an APIView with post()
+        ("GET /api/function-chat/", "POST"),  # @api_view(["POST"])
+        ("PUT /api/messages/", "GET, POST"),  # a ViewSet's list and create
+    ],
+)
+def test_drf_views_methods_are_told(django_app: Any, rule: str, takes: str) -> None:
+    told = _drf_told(django_app, [rule])
+    assert len(told) == 1, told
+    method = rule.split()[0]
+    assert f"takes {takes}, not {method}" in told[0], told
+
+
+@pytest.mark.parametrize(
+    "rule", ["POST /api/chat/", "POST /api/function-chat/", "POST /api/messages/", "PUT /api/own/"]
+)
+def test_drf_views_taking_the_rule_s_method_or_not_guessed_are_not_told(
+    django_app: Any, rule: str
+) -> None:
+    assert _drf_told(django_app, [rule]) == []
+
+
+def test_drf_chat_view_is_tracked(django_app: Any) -> None:
+    from django.test import override_settings
+
+    tracker = RecordingTracker()
+    app = AgentSightWSGIMiddleware(django_app, chat_routes=["POST /api/chat/"], tracker=tracker)
+    # No django.contrib.auth in the example: DRF's anonymous user is its model's.
+    with (
+        override_settings(
+            ROOT_URLCONF="tests.apps.django_drf_urls", REST_FRAMEWORK={"UNAUTHENTICATED_USER": None}
+        ),
+        _serve_wsgi(app) as url,
+    ):
+        answer = httpx.post(url + "/api/chat/", json={"conversation_id": "conv_0123456789ab"})
+    assert answer.json() == {"reply": "hi"}
+    assert app.flush(5)
+    assert [call["conversation_id"] for call in tracker.used] == ["conv_0123456789ab"]
