@@ -16,7 +16,9 @@ Rows: the in-memory queue (sized to hold the burst); the default ``queue_size`` 
 a 20,000-request burst it keeps); the durable SQLite ``outbox=``; a steady stream
 (``--steady`` events a second for ``--steady-seconds``, as a busy site sends them: the
 worker finds a few events at each look, and its CPU per event is what a live app pays);
-the classic SDK's
+the same stream at ``--slow-rate`` events a second to an API answering each request in
+50 ms (many requests in flight), and to an API that is down (nothing listens: the CPU per
+page view that an outage costs the app's process, and what is kept meanwhile); the classic SDK's
 blocking ``initialize_conversation`` (agentsight 0.0.44 in its own venv under
 ``.sdk-venvs/``, created here if missing), called sequentially; and what the stand-in
 serves to a minimal asyncio HTTP/1.1 client sending one request at a time on each of 8
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import cProfile
 import json
+import logging
 import os
 import pstats
 import subprocess
@@ -43,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,7 @@ from overhead import (
 )
 
 from agentsight_middleware import AgentSightMiddleware
+from agentsight_middleware._standin import generate_api_key
 from agentsight_middleware.sinks import _http11
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,12 +198,11 @@ def burst(
     return row
 
 
-def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
-    """First visits at ``rate`` a second for ``seconds``, as a busy site sends them (the
-    request loop catching up every millisecond), not as one burst: the worker then finds a
-    few events at each look, and its CPU per event is what a live app pays for delivery."""
-    mw, loop, template, baseline = warmed_up(api)
-    reads = ReadCounter()
+def _paced(
+    mw: AgentSightMiddleware, template: dict[str, Any], rate: float, seconds: float
+) -> Callable[[], Awaitable[int]]:
+    """Page views at ``rate`` a second for ``seconds``, the request loop catching up every
+    millisecond, as a busy site sends them; how many were sent."""
 
     async def paced() -> int:
         sent = 0
@@ -211,11 +214,29 @@ def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
             await asyncio.sleep(0.001)
         return sent
 
+    return paced
+
+
+def steady(
+    api: StandInProcess, name: str, rate: float, seconds: float, *, latency: float = 0.0
+) -> Row:
+    """First visits at ``rate`` a second for ``seconds``, as a busy site sends them, not as
+    one burst: the worker then finds a few events at each look, and its CPU per event is
+    what a live app pays for delivery. ``latency``: the API answers each request that late
+    (a slow API: many requests in flight at once)."""
+    mw, loop, template, baseline = warmed_up(api)
+    reads = ReadCounter()
+    if latency:
+        api.set_latency(latency)
     cpu, own = time.process_time(), time.thread_time()
     started = time.monotonic()
-    events = loop.run_until_complete(paced())
-    loop.close()
-    mw.flush(30)
+    try:
+        events = loop.run_until_complete(_paced(mw, template, rate, seconds)())
+        loop.close()
+        mw.flush(30 + 100 * latency)
+    finally:
+        if latency:
+            api.set_latency(0)
     row = Row(name, events)
     row.delivered = api.wait_for(baseline + events, 30) - baseline
     row.seconds = time.monotonic() - started
@@ -232,6 +253,47 @@ def steady(api: StandInProcess, name: str, rate: float, seconds: float) -> Row:
         row.note += f"; {reads.reads / reads.answers:.2f} socket reads an answer"
     mw.close(1.0)
     api.trim()
+    return row
+
+
+def steady_down(name: str, rate: float, seconds: float) -> Row:
+    """The steady stream while the API cannot be reached (nothing listens at its address):
+    the background CPU it costs the app's process per page view, and what is kept."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed again: refused
+    mw = AgentSightMiddleware(
+        page_app,
+        widget_pages=["/"],
+        trusted_proxies=["10.0.0.0/8"],
+        api_key=generate_api_key(),
+        endpoint=dead,
+        shutdown_timeout=0.5,
+    )
+    loop = asyncio.new_event_loop()
+    template = page_view_scope()
+    loop.run_until_complete(mw(dict(template), receiver(()), discard))
+    time.sleep(1.0)  # the worker's start (the user-agent parser's) is not the outage's cost
+    cpu, own = time.process_time(), time.thread_time()
+    events = loop.run_until_complete(_paced(mw, template, rate, seconds)())
+    loop.close()
+    row = Row(name, events)
+    row.worker_cpu_us = ((time.process_time() - cpu) - (time.thread_time() - own)) / events * 1e6
+    row.stats = mw.stats()
+    row.dropped = row.stats.get("dropped", 0)
+    row.note = (
+        f"per page view; {row.stats.get('retried', 0)} connection attempts, "
+        f"{row.stats.get('failed', 0)} events given up, "
+        f"{row.stats.get('pending', 0) + row.stats.get('queued', 0):,} kept"
+        + (f", {row.dropped:,} dropped (queue full)" if row.dropped else "")
+    )
+    logging.getLogger("agentsight_middleware").disabled = True  # the events lost at close
+    try:
+        mw.close(0.5)
+    finally:
+        logging.getLogger("agentsight_middleware").disabled = False
     return row
 
 
@@ -605,7 +667,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="events a second of the steady row (default 3000; 0 skips it)",
     )
     parser.add_argument(
-        "--steady-seconds", type=float, default=8.0, help="how long the steady row runs"
+        "--slow-rate",
+        type=float,
+        default=1000,
+        help="events a second of the rows with the API slow (50 ms an answer) and down "
+        "(default 1000; 0 skips them)",
+    )
+    parser.add_argument(
+        "--steady-seconds", type=float, default=8.0, help="how long each steady row runs"
     )
     parser.add_argument(
         "--profile",
@@ -644,6 +713,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"steady {args.steady:,.0f} events/s")
             name = f"ours, steady {args.steady:,.0f} events/s for {args.steady_seconds:g} s"
             rows.append(steady(api, name, args.steady, args.steady_seconds))
+        if args.slow_rate:
+            progress(f"steady {args.slow_rate:,.0f} events/s, API answering in 50 ms")
+            name = f"ours, steady {args.slow_rate:,.0f}/s, API answering in 50 ms"
+            rows.append(steady(api, name, args.slow_rate, args.steady_seconds, latency=0.05))
+            progress(f"steady {args.slow_rate:,.0f} events/s, API down")
+            name = f"ours, steady {args.slow_rate:,.0f}/s, API down (refused)"
+            rows.append(steady_down(name, args.slow_rate, args.steady_seconds))
         if args.sdk_calls:
             progress(f"classic SDK, {args.sdk_calls} calls")
             rows.append(sdk_row(api, args.sdk_calls, progress))

@@ -326,6 +326,9 @@ for line in sys.stdin:
             for request in api._requests:
                 counts[request.status] = counts.get(request.status, 0) + 1
         print(" ".join(f"{k}:{v}" for k, v in sorted(counts.items())), flush=True)
+    elif command == "latency":
+        api.set_latency(float(args[0]))
+        print("ok", flush=True)
     elif command == "quit":
         break
 api.stop()
@@ -366,6 +369,10 @@ class StandInProcess:
 
     def trim(self) -> int:
         return int(self._ask("trim"))
+
+    def set_latency(self, seconds: float) -> None:
+        """Answer each request ``seconds`` late from now on (0: at once)."""
+        self._ask(f"latency {seconds}")
 
     def statuses(self) -> dict[int, int]:
         text = self._ask("statuses")

@@ -83,12 +83,17 @@ def test_hostile_inputs() -> None:
 def test_delivery_small_burst() -> None:
     result = run(
         "delivery.py", "--events", "300", "--sdk-calls", "0", "--row-seconds", "30",
-        "--steady", "300", "--steady-seconds", "1",
+        "--steady", "300", "--steady-seconds", "1", "--slow-rate", "200",
     )  # fmt: skip
     ran_cleanly(result)
     assert "Stand-in API accepted" in result.stdout
-    steady = next(line for line in result.stdout.splitlines() if "ours, steady 300" in line)
+    lines = result.stdout.splitlines()
+    steady = next(line for line in lines if "ours, steady 300" in line)
     assert steady.split()[-4] == "300", steady  # every event of the second delivered
+    slow = next(line for line in lines if "ours, steady 200/s, API answering in 50 ms" in line)
+    assert slow.split()[-4] == "200", slow
+    down = lines[next(i for i, line in enumerate(lines) if "API down (refused)" in line) + 1]
+    assert "0 events given up, 201 kept" in down, down  # its warm-up's page view too
     assert "PROBLEMS" not in result.stdout
     assert "enqueue < 5 µs" in result.stdout
 
@@ -96,7 +101,7 @@ def test_delivery_small_burst() -> None:
 def test_delivery_profile_splits_the_worker_cpu() -> None:
     result = run(
         "delivery.py", "--events", "300", "--sdk-calls", "0", "--steady", "0",
-        "--profile", "400", "--json",
+        "--slow-rate", "0", "--profile", "400", "--json",
     )  # fmt: skip
     ran_cleanly(result)
     shares = json.loads(result.stdout)["worker_profile_shares"]
