@@ -391,6 +391,23 @@ class ReplayInput(io.RawIOBase):
         return line + more
 
 
+def _position(stream: Any) -> int | None:
+    """Where a seekable ``stream`` stands, or None (not seekable, or it will not say)."""
+    try:
+        seekable = getattr(stream, "seekable", None)
+        return stream.tell() if seekable is not None and seekable() else None
+    except Exception:
+        return None
+
+
+def _rewound(stream: Any, position: int) -> bool:
+    try:
+        stream.seek(position)
+    except Exception:
+        return False
+    return True
+
+
 def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     """The body if it fits in ``limit``, else b""; ``wsgi.input`` is replaced by a replay."""
     stream = environ.get("wsgi.input")
@@ -413,6 +430,7 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     else:
         return b""  # no length and no terminated stream: the app could not read it either
 
+    start = _position(stream)
     chunks: list[bytes] = []
     got = 0
     error: BaseException | None = None
@@ -426,7 +444,11 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     except Exception as exc:
         error = exc
     head = b"".join(chunks)
-    environ["wsgi.input"] = ReplayInput(head, rest, error)
+    if start is None or error is not None or not _rewound(stream, start):
+        environ["wsgi.input"] = ReplayInput(head, rest, error)
+    # else: a seekable input (waitress's buffer, a test client's BytesIO, uWSGI's with
+    # post-buffering) is left in place, rewound: the app keeps seek(), tell() and the
+    # rest, which a replay lacks (WebOb seeks an input it was told is seekable).
     if error is not None or got > limit or (declared is not None and got != declared):
         return b""
     return head

@@ -353,7 +353,17 @@ def _exit_scope(scope: AbstractContextManager[None], exc: BaseException | None) 
 
 def _is_file(result: object, environ: Environ) -> bool:
     wrapper = environ.get("wsgi.file_wrapper")
-    return isinstance(wrapper, type) and isinstance(result, wrapper)
+    if wrapper is None:
+        return False
+    if isinstance(wrapper, type):
+        return isinstance(result, wrapper)
+    # uWSGI's is a function that returns the very file object it was given, and the
+    # server sends it with sendfile() only if it gets that object back: wrapped, it
+    # iterates it by lines instead (a file without newlines read whole into memory).
+    try:
+        return callable(getattr(result, "read", None))
+    except Exception:  # a response whose __getattr__ raises: not a file
+        return False
 
 
 _END: Any = object()
