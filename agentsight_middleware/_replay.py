@@ -478,6 +478,8 @@ def replay(
             if outcome.held:
                 held.add(conversation)
 
+        if total > done:
+            _check_writable(store)
         with _ctrl_c_stops(run, summary):
             while not run.stop.is_set() and (batch := _next_batch(store, after, run)):
                 after = batch[-1][0]
@@ -522,6 +524,35 @@ def replay(
                 )
     show(-1)
     return summary
+
+
+class _RolledBack(Exception):
+    pass
+
+
+def _check_writable(store: LocalStore) -> None:
+    """Raise StoreError when the file can be read but not written (another user's, an
+    immutable or read-only one): every event sent could not be marked, and each run sent
+    the same first ones again (8 a run, for ever) and never the others. A file locked by
+    another process is not refused here: the marks wait for it (see _mark)."""
+    try:
+        with store._transaction() as conn:
+            # A write that changes nothing, rolled back: SQLite refuses it as a write.
+            conn.execute(
+                "UPDATE events SET sent_at = sent_at WHERE id = (SELECT min(id) FROM events)"
+            )
+            raise _RolledBack
+    except _RolledBack:
+        return
+    except (sqlite3.DatabaseError, StoreError, OSError) as exc:
+        # Locked: the marks wait for it. A file that cannot be opened at all: said by the
+        # run's first read, as before. Only a file opened for reading alone is refused here.
+        if "readonly" not in str(exc).lower():
+            return
+        raise StoreError(
+            f"{os.path.abspath(store.path)} cannot be written ({exc}): send marks each event "
+            "it sends in the file; run it as a user who can write the file and its folder"
+        ) from exc
 
 
 def _rest_of(

@@ -184,6 +184,34 @@ async def test_429_pauses_delivery_for_retry_after(api: StandInAgentSightAPI) ->
     mw.close()
 
 
+async def test_a_pause_set_before_the_clock_is_stepped_back_ends_on_time(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 429 paused delivery until a time of the wall clock; NTP stepping that clock back an
+    # hour then held every sender for the hour (0 of 50 events sent in the 20 s after the
+    # API was fine again), the in-memory queue filling meanwhile.
+    real = time.time
+    offset = [3600.0]  # the clock is an hour fast
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    api.throttle_next(1, retry_after="2")
+    mw = wrap(api)
+    try:
+        async with client(mw) as c:
+            await visit(c, chats=0)
+            deadline = time.monotonic() + 10
+            while mw.stats()["throttled"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert mw.stats()["throttled"] == 1
+            offset[0] = 0.0  # and is set right
+            await visit(c, chats=0)
+        deadline = time.monotonic() + 10
+        while not api.conversations and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(api.conversations) >= 1  # the second page view, once the 2 s are over
+    finally:
+        mw.close(0.5)
+
+
 async def test_refused_key_is_logged_once_masked_and_not_retried(
     api: StandInAgentSightAPI, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2965,6 +2965,36 @@ async def test_close_with_a_locked_outbox_and_nothing_accepted_keeps_to_its_dead
     assert took < 1.1  # before: 1.3 s and more (the grace waited out)
 
 
+async def test_acknowledgements_past_the_deadline_wait_for_a_locked_outbox_once(
+    tmp_path: Path,
+) -> None:
+    # Past shutdown's deadline, every answered pipeline's acknowledgement tried the locked
+    # file once more (0.1 s a try): close() ran 1.4-1.8 s past shutdown_timeout, where the
+    # README says up to ~1.3 s. They are written once, with the grace, by _cancel_senders.
+    path = tmp_path / "outbox.sqlite3"
+    outbox = SQLiteOutbox(path)
+    sink = HttpSink(Credentials("ags_" + "1" * 32 + "_abcdef", "http://127.0.0.1:9", None),
+                    outbox=outbox)  # fmt: skip
+    outbox.put([(f"conv_{i}", b"{}") for i in range(10)])
+    items = outbox.claim(10, time.time())
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        sink.deadline = time.monotonic() - 0.1  # shutdown's, passed
+        started = time.monotonic()
+        for item in items:  # one answered pipeline after another
+            sink._acks.append(item)
+            sink._flush_acks()
+        took = time.monotonic() - started
+    finally:
+        holder.close()
+    assert took < 0.3  # before: ~1 s
+    await sink._cancel_senders()  # the grace's one write
+    outbox.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
 async def test_a_claim_meeting_another_processs_lock_is_a_warning_not_an_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -395,3 +395,102 @@ def test_the_claim_looks_each_conversation_up_in_one_index_search(tmp_path: Path
     assert searches, plan
     assert all("USING COVERING INDEX outbox_conversation_kind" in step for step in searches), plan
     box.close()
+
+
+def test_rows_put_on_a_new_connection_are_this_process_s(tmp_path: Path) -> None:
+    # A put that opens the connection (after close(): a second lifespan; after a fork:
+    # gunicorn --preload, uWSGI) takes a new owner there, and its rows were marked with
+    # the old one: mine() and counts() did not see them, so flush() returned and shutdown
+    # stopped while they were still in the file (40 chats left with the API up).
+    outbox = SQLiteOutbox(tmp_path / "o.sqlite3")
+    outbox.close()
+    outbox.put([("conv_a", b"{}"), ("conv_a", b"{}")], None, [True, False])
+    assert outbox.mine(time.time() + 5) == (2, 2)
+    assert outbox.counts() == (2, 2)
+    outbox.close()
+
+
+def _put_in_child(outbox: SQLiteOutbox) -> None:
+    outbox.put([("conv_child", b"{}"), ("conv_child", b"{}")], None, [True, False])
+    left, _ = outbox.mine(time.time() + 5)
+    mine, _ = outbox.counts()
+    outbox.close()
+    raise SystemExit(0 if (left, mine) == (2, 2) else 10 + left * 3 + mine)
+
+
+def test_rows_put_in_a_forked_child_are_the_child_s(tmp_path: Path) -> None:
+    import multiprocessing
+    import warnings
+
+    outbox = SQLiteOutbox(tmp_path / "o.sqlite3")  # built in the parent (--preload)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        child = multiprocessing.get_context("fork").Process(target=_put_in_child, args=(outbox,))
+        child.start()
+        child.join(timeout=20)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0  # 10: the child counted none of its two rows as its own
+    outbox.close()
+
+
+_CLAIMER = """
+import sys, time
+from agentsight_middleware.sinks.outbox import SQLiteOutbox
+box = SQLiteOutbox(sys.argv[1])
+box.put([("conv_a", b"{}")])
+assert len(box.claim(10, time.time())) == 1
+print("claimed", flush=True)
+sys.stdin.read()  # alive, sending it, until the test is done
+"""
+
+_TAKER = """
+import sys, time
+from agentsight_middleware.sinks.outbox import SQLiteOutbox
+box = SQLiteOutbox(sys.argv[1])  # a start: frees the claims of this host's dead processes
+print(len(box.claim(10, time.time())), flush=True)
+box.close()
+"""
+
+
+def test_a_live_claim_of_another_pid_namespace_is_not_freed(tmp_path: Path) -> None:
+    # Two containers sharing the file and a host name (a Kubernetes pod's, docker
+    # --network host) number their processes each in its own PID namespace: a start in
+    # one took the other's live claims for dead (its pid named no process there), freed
+    # them and sent them a second time (40 of 40 events in flight, in a run of two apps).
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import agentsight_middleware
+
+    unshare = shutil.which("unshare")
+    namespace = [unshare or "unshare", "--pid", "--fork", "--mount-proc"]
+    if unshare is None or subprocess.run([*namespace, "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare --pid (root, or user namespaces)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(agentsight_middleware.__file__))
+    path = str(tmp_path / "o.sqlite3")
+    # The claimer is pid 4 in its namespace, the taker pid 2 in its own: no pid 4 there.
+    run = '/bin/true; /bin/true; "$0" -c "$1" "$2"; true'
+    claimer = subprocess.Popen(
+        [*namespace, "sh", "-c", run, sys.executable, _CLAIMER, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert claimer.stdout is not None
+        assert claimer.stdout.readline() == "claimed\n"
+        taker = subprocess.run(
+            [*namespace, "sh", "-c", '"$0" -c "$1" "$2"; true', sys.executable, _TAKER, path],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert taker.stdout == "0\n", taker.stderr  # "1": the live claim was freed and taken
+    finally:
+        claimer.communicate(timeout=30)

@@ -573,6 +573,33 @@ def test_send_beside_a_file_in_a_folder_it_cannot_write(
     assert "Traceback" not in err
 
 
+def test_send_refuses_a_file_it_can_read_but_not_write_before_sending(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another user's file, or an immutable one: each run sent events it could then not
+    # mark, and stopped; the next run sent the same ones again (8 a run, 20 requests for
+    # 8 events in three runs) and never the others. The file is made immutable (chattr
+    # +i), which stops root writing it too.
+    import shutil
+    import subprocess
+
+    db = _file(tmp_path / "events.sqlite3", 30)
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(db)]).returncode != 0:
+        pytest.skip("needs chattr +i (root, on ext4): nothing else stops root writing here")
+    try:
+        with StandInAgentSightAPI() as api:
+            code = main(["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url])
+            sent = len(api.requests)
+    finally:
+        subprocess.run([chattr, "-i", str(db)], check=True)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert sent == 0  # before: 8, accepted and never marked
+    assert "cannot be written" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("view_at", "chat_at"),
     [

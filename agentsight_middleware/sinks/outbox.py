@@ -250,13 +250,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """This host as a lease owner names it: its name and, where it can be told, the PID
+    namespace of this process. Processes of two containers sharing the file and a host
+    name (a Kubernetes pod's containers, ``docker --network host``) number their processes
+    each in its own namespace: a pid of the other's, looked up in this one, names no
+    process (or another one), and its live claims were freed and sent a second time."""
+    host = socket.gethostname()
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux, or no /proc: the host name alone, as before
+        return host
+    return f"{host}/pidns{namespace}"
+
+
 def _release_dead_leases(conn: sqlite3.Connection) -> None:
-    """Free the rows held by processes of this host that no longer exist.
+    """Free the rows held by processes of this host (and PID namespace) that no longer exist.
 
     A process killed mid-send (SIGKILL, OOM) leaves its rows leased; without
     this, a restart would wait out the lease before sending them.
     """
-    host = socket.gethostname()
+    host = _host()
     owners = conn.execute(
         "SELECT DISTINCT lease_owner FROM outbox WHERE lease_owner IS NOT NULL"
     ).fetchall()
@@ -290,7 +304,7 @@ class SQLiteOutbox:
         #: Monotonic time past which a wait for another process's lock gives up: set at
         #: shutdown, from another thread, while a write may be waiting.
         self.deadline = math.inf
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._owner = f"{_host()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -336,7 +350,7 @@ class SQLiteOutbox:
             raise
         self._conn = conn
         self._pid = os.getpid()
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._owner = f"{_host()}:{os.getpid()}:{secrets.token_hex(4)}"
         return conn
 
     @staticmethod
@@ -378,16 +392,20 @@ class SQLiteOutbox:
 
         ``views``, one flag per item when given, marks page views: they go first in their
         conversation, and the other items wait SETTLE seconds for one (see _CLAIM)."""
-        if views:
-            settle = time.time() + SETTLE
-            rows = [
-                (conversation_id, body, self._owner, 0 if view else 1, 0.0 if view else settle)
-                for (conversation_id, body), view in zip(items, views, strict=True)
-            ]
-        else:
-            rows = [(conversation_id, body, self._owner, 1, 0.0) for conversation_id, body in items]
         with self._lock:
+            # Connected first: a connection opened here (after a fork, after close())
+            # takes a new owner, and the rows must carry the one mine() and counts() ask
+            # for; marked with the one before, flush() and shutdown did not wait for them.
             conn = self._connect()
+            owner = self._owner
+            if views:
+                settle = time.time() + SETTLE
+                rows = [
+                    (conversation_id, body, owner, 0 if view else 1, 0.0 if view else settle)
+                    for (conversation_id, body), view in zip(items, views, strict=True)
+                ]
+            else:
+                rows = [(conversation_id, body, owner, 1, 0.0) for conversation_id, body in items]
             with write_transaction(conn, self._until(wait)):
                 conn.executemany(
                     "INSERT INTO outbox (conversation_id, body, origin, kind, not_before) "
