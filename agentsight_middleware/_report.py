@@ -578,7 +578,9 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
     lines = [f"AgentSight interaction report: {_printable(report.path)}"]
     since = f" (since {_utc(report.since)} UTC)" if report.since is not None else ""
     unreadable = unreadable_note(report)
-    if report.is_empty and report.environment is not None:
+    if report.is_empty and (report.environment is not None or report.since is not None):
+        # A file with events outside the window or of other environments: not "yet" (the
+        # advice to run the app would mislead); an earlier --since shows what is older.
         lines += ["", f"No events{_of_environment(report)}{since}."]
         lines += [unreadable] if unreadable else []
         return "\n".join(lines) + "\n"
@@ -908,7 +910,7 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
     unreadable = unreadable_note(report)
     if unreadable:
         meta += f'<p class="note" id="unreadable">{_e(unreadable)}</p>'
-    if report.is_empty and report.environment is not None:
+    if report.is_empty and (report.environment is not None or report.since is not None):
         body = (
             f"<h1>{title}</h1>{meta}"
             '<section class="empty"><h2>No events</h2>'

@@ -124,10 +124,20 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """There is no events file (yet) at the path."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        text = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(text)) if text else ""
+        if not text or not os.path.isdir(folder):
+            # No file can ever be there (the middleware refuses such a path at start-up).
+            super().__init__(
+                f"no events file at {text!r}: "
+                + (f"there is no folder {folder}" if text else "the path is empty")
+                + "; pass --db with the file your app writes (local_store=)"
+            )
+            return
         # The middleware creates the file at the first event it records, and a running
         # app with none yet is the usual case: say what makes one.
         super().__init__(
-            f"no events file at {os.fspath(path)} (yet): the middleware creates it at the "
+            f"no events file at {text} (yet): the middleware creates it at the "
             "first event it records. Open a widget page in a browser (page views count only "
             "from browsers: curl, scripts, probes and bots do not), or pass --db with the "
             "file your app writes (local_store=)"

@@ -89,7 +89,9 @@ def test_since(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert data["since"] == DAY3
     code, out, _ = run(capsys, "report", "--db", str(db), "--since", "2030-01-01")
     assert code == 0
-    assert "No events yet (since 2030-01-01 00:00 UTC)." in out
+    # Not "yet", nor told to run the app: the file has events, older than that.
+    assert "No events (since 2030-01-01 00:00 UTC)." in out
+    assert "Run your app" not in out
     code, out, _ = run(capsys, "report", "--db", str(db), "--since", "7d")
     assert code == 0
     assert "(since " in out
@@ -136,6 +138,21 @@ def test_missing_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "curl, scripts, probes and bots do not" in err
     assert err.endswith("or pass --db with the file your app writes (local_store=)\n")
     assert not path.exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "empty"])
+def test_a_db_path_no_file_can_ever_be_at_is_not_told_to_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    # It said "(yet): the middleware creates it at the first event", which it never does
+    # there (it refuses such a path at start-up).
+    path = str(tmp_path / "no-such-folder" / "events.sqlite3") if where == "folder" else ""
+    code, out, err = run(capsys, "report", "--db", path)
+    assert (code, out) == (1, "")
+    assert "(yet)" not in err
+    told = f"there is no folder {tmp_path / 'no-such-folder'}" if where == "folder" else "empty"
+    assert told in err, err
+    assert "pass --db with the file your app writes" in err
 
 
 def test_unreadable_times_are_no_traceback(
