@@ -750,7 +750,9 @@ class HttpSink:
                         # look's put a burst, and a quarter of the steady stream went one
                         # request a connection; puts in quick succession are one burst all
                         # the same (in small puts, into an API that has just slowed).
-                        if self._fresh + self._in_requests() > 2 * depth:
+                        # (Counted only when it matters: with 64 senders waiting on a slow
+                        # API, a walk over every request for each claim.)
+                        if fast and self._fresh + self._in_requests() > 2 * depth:
                             fast = 0
                         self._fresh = 0
                         # Only as many as the free senders take: a claimed row waiting here
