@@ -328,10 +328,17 @@ class TrackerDelivery:
         with self._loop_lock:
             loop = self._loop
             if loop is None or loop.is_closed():
-                loop = self._loop = asyncio.new_event_loop()
-                threading.Thread(
-                    target=loop.run_forever, name="agentsight-tracker-loop", daemon=True
-                ).start()
+                loop = asyncio.new_event_loop()
+                try:
+                    threading.Thread(
+                        target=loop.run_forever, name="agentsight-tracker-loop", daemon=True
+                    ).start()
+                except RuntimeError:
+                    # No thread (Python 3.12+ at interpreter exit): kept, a loop that never
+                    # runs would take every later call, and a flush waiting for one, for ever.
+                    loop.close()
+                    raise
+                self._loop = loop
             return loop
 
     def _count(self, name: str) -> None:
@@ -696,14 +703,14 @@ class TrackerDelivery:
             if inspect.isawaitable(result):
                 # A coroutine tracker's flush (async def agentsight_flush): awaited where
                 # its page views ran, the app's loop while it runs, else the tracker's own.
-                result = self._await_flush(result)
+                result = self._await_flush(result, timeout)
             outcome.append(result is not False)
         except Exception as exc:
             self._count("errors")
             self.log_once("tracker.agentsight_flush()", exc)
             outcome.append(False)
 
-    def _await_flush(self, awaitable: Any) -> Any:
+    def _await_flush(self, awaitable: Any, timeout: float) -> Any:
         import asyncio
 
         async def wait() -> Any:
@@ -711,7 +718,18 @@ class TrackerDelivery:
 
         loop = self._app_loop
         if loop is None or not loop.is_running() or loop is self._flush_caller_loop:
-            loop = self._own_loop()
+            try:
+                loop = self._own_loop()
+            except RuntimeError:
+                if asyncio._get_running_loop() is not None:
+                    raise
+                # No thread can start (Python 3.12+ at interpreter exit, where close()
+                # runs the flush on the caller's thread): awaited here, on a loop of its own.
+                here = asyncio.new_event_loop()
+                try:
+                    return here.run_until_complete(asyncio.wait_for(wait(), timeout))
+                finally:
+                    here.close()
         return asyncio.run_coroutine_threadsafe(wait(), loop).result()
 
     def _waitable(self) -> list[Future[Any]]:

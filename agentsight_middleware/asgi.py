@@ -166,6 +166,13 @@ class AgentSightMiddleware(MiddlewareBase):
         except Exception as exc:
             if answered or received:
                 raise  # the app's own lifespan failed: the server says so
+            if "lifespan" not in str(exc).lower():
+                # Not an app without lifespan saying so (Django's "... not lifespan.",
+                # Channels' "No application configured for scope type 'lifespan'") but one
+                # failing before its first look (Starlette building its middleware stack,
+                # start-up work done first): the server's to report, and with
+                # ``--lifespan on`` to stop on, as it did.
+                raise
             logger.info(
                 "the app does not support the ASGI lifespan (%r): the middleware answers "
                 "it, to deliver what is held when the server stops",

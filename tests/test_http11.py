@@ -489,6 +489,120 @@ async def test_an_unreachable_api_pauses_delivery_and_gives_up_no_event(
     assert seen == {f"conv_{i:012x}": [False, True] for i in range(50)}
 
 
+async def test_a_connection_refused_while_the_api_answers_others_does_not_pause_delivery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One connect in ten refused (a busy balancer, a DNS look-up that failed once, ephemeral
+    ports running out) while the API answers every request, each on a new connection: each
+    refusal paused all delivery 0.25-0.5 s as if the API were out of reach (300 events/s fell
+    to ~45 with one in twenty). Only the event whose connection failed waits."""
+    connects = itertools.count(1)
+    open_socket = _http11._open_socket
+
+    async def every_tenth_refused(host: str, port: int) -> socket.socket:
+        if next(connects) % 10 == 0:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return await open_socket(host, port)
+
+    monkeypatch.setattr(_http11, "_open_socket", every_tenth_refused)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(created(b"Connection: close\r\n"))
+        await writer.drain()
+
+    async with Scripted(handler).running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=8)
+        pauses: list[float] = []
+        pause = sink._pause
+
+        def counted(until: float) -> None:
+            pauses.append(until)
+            pause(until)
+
+        monkeypatch.setattr(sink, "_pause", counted)
+        await sink.start()
+        await sink.put([{
+            "conversation_id": f"conv_{i:012x}", "is_used": False,
+            "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
+        } for i in range(200)])  # fmt: skip
+        left = await sink.drain(time.monotonic() + 30)
+        stats = sink.stats()
+        await sink.aclose()
+    assert (left, stats["sent"], stats["failed"]) == (0, 200, 0)
+    assert stats["retried"] >= 15  # ~20 connects refused, none counted against its event
+    assert pauses == []  # each paused everything 0.25-0.5 s before
+
+
+def _fresh_events(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "conversation_id": f"conv_{i:012x}",
+            "is_used": False,
+            "timestamp": "2026-11-25T10:00:00+00:00",
+            "environment": "production",
+        }
+        for i in range(n)
+    ]
+
+
+async def _first_failures(sink: HttpSink) -> dict[str, int]:
+    for _ in range(300):
+        if sink.stats()["retried"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    return sink.stats()
+
+
+async def test_an_untrusted_certificate_is_said_at_error_with_what_to_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Taken for an API out of reach, it was said as one (a WARNING, "unreachable"), and the
+    # certificate's own message (ERROR: check the endpoint or the CA certificates) never was.
+    caplog.set_level(logging.INFO, logger="agentsight_middleware")
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    async with Scripted(keep_alive(OK)).running(server_context) as url:
+        sink = direct_sink(url, MemoryOutbox(100), concurrency=2, max_attempts=1)
+        await sink.start()
+        await sink.put(_fresh_events(3))
+        stats = await _first_failures(sink)
+        await sink.aclose()
+    said = [r for r in caplog.records if "CERTIFICATE_VERIFY_FAILED" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.ERROR]
+    assert "not trusted here" in said[0].getMessage()
+    assert (stats["failed"], stats["pending"]) == (0, 3)
+
+
+async def test_an_api_the_proxy_cannot_reach_pauses_delivery_and_gives_up_no_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Through HTTPS_PROXY the same outage is a CONNECT answered 502/503 (httpx.ProxyError):
+    # each event was retried on its own and given up after max_attempts, every event of the
+    # outage lost, where a direct connection keeps them all.
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    async with Scripted(proxy).running() as proxy_url:
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url.split("/api/")[0])
+        credentials = Credentials("key", f"https://127.0.0.1:{free_port()}", "production")
+        sink = HttpSink(credentials, outbox=MemoryOutbox(100), concurrency=2, max_attempts=1)
+        await sink.start()
+        await sink.put(_fresh_events(3))
+        stats = await _first_failures(sink)
+        await sink.aclose()
+    assert (stats["failed"], stats["pending"]) == (0, 3)
+    assert 1 <= stats["retried"] <= 2  # those connecting at first, then a pause
+
+
 async def test_a_header_h11_refuses_is_an_httpx_error_and_nothing_is_sent() -> None:
     server = Scripted(keep_alive(OK))
     async with server.running() as url:

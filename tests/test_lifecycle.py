@@ -202,6 +202,24 @@ def test_an_apps_own_failing_lifespan_still_fails() -> None:
         asyncio.run(_run_lifespan(app, nothing))
 
 
+def test_an_app_failing_before_its_first_look_at_the_lifespan_still_fails() -> None:
+    # Start-up work done before the first receive() (Starlette builds the app's middleware
+    # stack there; a hand-written app may connect to its database): the middleware took the
+    # error for "no lifespan" and answered startup.complete, so `uvicorn --lifespan on`
+    # served on with a broken app instead of stopping, and Hypercorn's warning was gone.
+    class FailingEarly:
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            raise RuntimeError("no database")
+
+    app = AgentSightMiddleware(FailingEarly(), widget_pages=["/"], tracker=RecordingTracker())
+
+    async def nothing() -> None:
+        pass
+
+    with pytest.raises(RuntimeError, match="no database"):
+        asyncio.run(_run_lifespan(app, nothing))
+
+
 class ThreadedBuffering(Buffering):
     agentsight_initialize_threads = 8  # as the classic SDK's adapter
 
@@ -325,3 +343,63 @@ def test_a_worker_ending_where_no_thread_can_start_logs_no_error(
         monkeypatch.undo()
         assert len(api.conversations) == 2
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+_AT_EXIT_NO_THREAD = """
+import asyncio, atexit, sys, threading
+import httpx
+from agentsight_middleware import AgentSightMiddleware
+from tests.conftest import BROWSER
+from tests.test_lifecycle import AsyncBuffering, Bare
+
+class Printing(AsyncBuffering):
+    async def agentsight_flush(self, timeout):
+        await asyncio.sleep(0.01)
+        print("flushed", self._buffer, flush=True)
+        self._buffer = []
+        return True
+
+tracker = Printing()
+app = AgentSightMiddleware(Bare(), widget_pages=["/"], tracker=tracker)
+
+async def main():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+        assert (await client.get("/", headers=BROWSER)).status_code == 200
+    if sys.argv[1] == "delivered":
+        while not tracker._buffer:
+            await asyncio.sleep(0.01)
+
+asyncio.run(main())  # the app's loop is gone, and no lifespan shutdown closed the middleware
+
+def refuse(self):
+    raise RuntimeError("can't create new thread at interpreter shutdown")
+
+# Registered after the middleware's own hook, so run before it: Python 3.12+ at exit.
+atexit.register(setattr, threading.Thread, "start", refuse)
+"""
+
+
+@pytest.mark.parametrize("page_view", ["delivered", "pending"])
+def test_a_coroutine_flush_at_exit_where_no_thread_can_start_is_awaited_and_never_hangs(
+    page_view: str,
+) -> None:
+    # The flush needed the tracker's own loop, whose thread cannot start there: the flush was
+    # never awaited (an ERROR and a "may be lost" WARNING at every exit, after a lifespan's
+    # close had flushed already), and with a page view still queued, whose call had left a
+    # loop that never runs as the tracker's, the exit hung for ever on the flush.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_AT_EXIT_NO_THREAD), page_view],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "agentsight_flush' was never awaited" not in done.stderr, done.stderr
+    assert "agentsight_flush() failed" not in done.stderr, done.stderr
+    if page_view == "delivered":
+        assert "flushed ['conv_" in done.stdout, (done.stdout, done.stderr)
+    else:
+        assert "flushed [" in done.stdout, (done.stdout, done.stderr)
