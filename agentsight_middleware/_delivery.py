@@ -192,6 +192,8 @@ class BackgroundDelivery:
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._intake = deque()
         self._parked = None
+        # The parent's counts are not this process's: its events were the parent's to send.
+        self.enqueued = self.dropped = self.skipped_bots = self.errors = 0
 
     # -- request path ---------------------------------------------------------------
 

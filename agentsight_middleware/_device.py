@@ -38,6 +38,7 @@ without a chat page) should not pay.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -334,6 +335,18 @@ def _build() -> tuple[str, Callable[[str], Classification]]:
 
 _lock = threading.Lock()
 _engine: tuple[str, Callable[[str], Classification]] | None = None
+
+
+def _unlock_in_child() -> None:
+    # A fork while another thread builds the engine (the worker, at its first events: 0.3 s)
+    # left the child's copy of the lock held for ever, by a thread the child does not have:
+    # its worker waited on it at its first user agent, and every event after it queued.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_in_child)
 
 
 def _get_engine() -> tuple[str, Callable[[str], Classification]]:

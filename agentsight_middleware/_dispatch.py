@@ -86,6 +86,8 @@ class Dispatcher(Generic[T]):
         self._slots = threading.BoundedSemaphore(self._concurrency)
         self._pool = None
         self._gave_up = False
+        # The parent's counts are not this process's (its queue is not either).
+        self.submitted = self.processed = self.failed = self.dropped = 0
 
     def ensure_started(self) -> None:
         # A new start (a lifespan's): its own shutdown flushes again, whatever the last did.

@@ -1047,17 +1047,19 @@ def test_a_fork_after_the_worker_started_gets_an_outbox_of_its_own() -> None:
                 )
                 own = view()
                 flushed = mw.flush(15)
-                os.write(write_end, f"{own} {flushed}".encode())
+                counted = mw.stats()["enqueued"]
+                os.write(write_end, f"{own} {flushed} {counted}".encode())
             finally:
                 os._exit(0)
         os.close(write_end)
         api.set_latency(0)
         os.waitpid(pid, 0)
-        child_view, child_flushed = os.read(read_end, 1024).decode().split()
+        child_view, child_flushed, child_counted = os.read(read_end, 1024).decode().split()
         os.close(read_end)
         assert mw.flush(15)
         sent = collections.Counter((b["conversation_id"], b["is_used"]) for b in api.conversations)
     assert child_flushed == "True"
+    assert child_counted == "2"  # its chat and its view: the parent's 6 were counted too
     assert all(count == 1 for count in sent.values()), sent
     assert all(sent[(cid, False)] == 1 for cid in parent_ids)
     assert sent[(child_view, False)] == 1

@@ -1285,3 +1285,47 @@ _PAD = " (" + "; ".join(["en-us"] * 30) + ")"
 )
 def test_a_spider_verdict_agrees_with_user_agents(ua: str) -> None:
     assert classify_user_agent(ua) == reference(ua)
+
+
+def test_a_fork_while_another_thread_builds_the_parser_does_not_hang_the_child() -> None:
+    NEW_AGENT = (  # one not classified yet in this process (the answers are cached)
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/126.0.9999.1 Safari/537.36"
+    )
+    # The worker builds the parser at its first events (~0.3 s, under a lock); a fork then
+    # (an app forking a helper, a server forking late) left the child's copy of the lock
+    # held for ever, by a thread the child does not have: the child's first user agent
+    # waited on it for good (its worker stuck, every event queued behind).
+    import os
+    import warnings
+
+    built = _device._engine
+    _device._engine = None  # not built yet: the child builds it
+    _device._lock.acquire()  # as the building thread holds it at the fork
+    try:
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                answer = threading.Thread(
+                    target=lambda: os.write(
+                        write_end, str(classify_user_agent(NEW_AGENT)).encode()
+                    ),
+                    daemon=True,
+                )
+                answer.start()
+                answer.join(20)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        _, status = os.waitpid(pid, 0)
+        told = os.read(read_end, 1024).decode()
+        os.close(read_end)
+    finally:
+        _device._lock.release()
+        _device._engine = built
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert told == "('desktop', False)"
