@@ -937,6 +937,17 @@ def connect_readonly(path: str | os.PathLike[str]) -> sqlite3.Connection:
             f"{os.path.join(text, DEFAULT_PATH)}"
         )
     if not os.path.isfile(text):
+        try:
+            os.stat(text)
+        except PermissionError as exc:
+            # A folder on the way is closed to this user (the app's own, run as another):
+            # the file may well be there; neither "no folder" nor "(yet)" is true.
+            raise StoreError(
+                f"{text} cannot be reached by this user ({exc.strerror}): run the report "
+                "as the user your app runs as, or pass --db with a copy of the file"
+            ) from None
+        except OSError:
+            pass
         raise StoreNotFoundError(text)
     conn, version = _open_readonly(text)
     try:

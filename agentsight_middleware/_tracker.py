@@ -687,7 +687,7 @@ class TrackerDelivery:
                         self._flush_thread = None
                         inline = (left, outcome)
             if inline is not None:
-                self._run_flush(hook, *inline)
+                self._run_flush(hook, *inline, bounded=True)
                 return bool(outcome) and outcome[0]
             thread.join(max(deadline - time.monotonic(), _LEAST_FLUSH))
             if thread.is_alive():
@@ -697,20 +697,28 @@ class TrackerDelivery:
             if time.monotonic() >= deadline:
                 return False  # an older flush used up the time: none of our own
 
-    def _run_flush(self, hook: Callable[[float], Any], timeout: float, outcome: list[bool]) -> None:
+    def _run_flush(
+        self,
+        hook: Callable[[float], Any],
+        timeout: float,
+        outcome: list[bool],
+        bounded: bool = False,
+    ) -> None:
         try:
             result = hook(timeout)
             if inspect.isawaitable(result):
                 # A coroutine tracker's flush (async def agentsight_flush): awaited where
                 # its page views ran, the app's loop while it runs, else the tracker's own.
-                result = self._await_flush(result, timeout)
+                result = self._await_flush(result, timeout, bounded)
             outcome.append(result is not False)
         except Exception as exc:
             self._count("errors")
             self.log_once("tracker.agentsight_flush()", exc)
             outcome.append(False)
 
-    def _await_flush(self, awaitable: Any, timeout: float) -> Any:
+    def _await_flush(self, awaitable: Any, timeout: float, bounded: bool = False) -> Any:
+        """``bounded``: run on the caller's thread (no flush thread could start), so waited
+        for ``timeout`` at most: no join() bounds it, and an exit would wait for ever."""
         import asyncio
 
         async def wait() -> Any:
@@ -730,7 +738,14 @@ class TrackerDelivery:
                     return here.run_until_complete(asyncio.wait_for(wait(), timeout))
                 finally:
                     here.close()
-        return asyncio.run_coroutine_threadsafe(wait(), loop).result()
+        future = asyncio.run_coroutine_threadsafe(wait(), loop)
+        if not bounded:
+            return future.result()
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return False
 
     def _waitable(self) -> list[Future[Any]]:
         """The page views running on loops that run, but not on this thread's own loop

@@ -207,11 +207,14 @@ def _only(fields: Mapping[str, Any], accepted: frozenset[str] | None) -> dict[st
 def is_classic_tracker(tracker: object) -> bool:
     """True for the classic SDK's ``ConversationTracker`` (and look-alikes): an object
     with ``send_tracked_data()`` whose ``config`` carries the current conversation id."""
+    config = getattr(tracker, "config", None)
     return (
         not isinstance(tracker, ClassicTracker)
         and callable(getattr(tracker, "send_tracked_data", None))
         and callable(getattr(tracker, "get_or_create_conversation", None))
-        and hasattr(getattr(tracker, "config", None), "conversation_id")
+        # Made per-request already (wrapped before: the 0.0.4x tracker is a singleton):
+        # not read, a read outside a request is what tells of an SDK call that lost it.
+        and (getattr(type(config), _MARK, False) or hasattr(config, "conversation_id"))
     )
 
 

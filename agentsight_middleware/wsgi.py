@@ -11,6 +11,7 @@ Requests whose path matches no rule go straight to the app.
 from __future__ import annotations
 
 import contextvars
+import io
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
@@ -360,10 +361,9 @@ def _is_file(result: object, environ: Environ) -> bool:
     # uWSGI's is a function that returns the very file object it was given, and the
     # server sends it with sendfile() only if it gets that object back: wrapped, it
     # iterates it by lines instead (a file without newlines read whole into memory).
-    try:
-        return callable(getattr(result, "read", None))
-    except Exception:  # a response whose __getattr__ raises: not a file
-        return False
+    # A file object only: an app's lazy body that also offers read() (an iterable-to-file
+    # adapter) produces its parts while the server iterates, with its conversation.
+    return isinstance(result, io.IOBase)
 
 
 _END: Any = object()

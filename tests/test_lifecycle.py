@@ -403,3 +403,77 @@ def test_a_coroutine_flush_at_exit_where_no_thread_can_start_is_awaited_and_neve
         assert "flushed ['conv_" in done.stdout, (done.stdout, done.stderr)
     else:
         assert "flushed [" in done.stdout, (done.stdout, done.stderr)
+
+
+_AT_EXIT_HUNG_FLUSH = """
+import asyncio, atexit, threading, time
+from werkzeug.test import Client
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+from tests.test_lifecycle import AsyncBuffering, wsgi_page
+
+class Hung(AsyncBuffering):
+    async def agentsight_flush(self, timeout):
+        await asyncio.sleep(3600)  # an export that never ends, whatever its timeout
+        return True
+
+tracker = Hung()
+mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], tracker=tracker, shutdown_timeout=1)
+assert Client(mw).get("/", headers=BROWSER).status_code == 200
+while not tracker._buffer:  # the page view ran on the tracker's own loop, which runs on
+    time.sleep(0.01)
+
+def refuse(self):
+    raise RuntimeError("can't create new thread at interpreter shutdown")
+
+# Registered after the middleware's own hook, so run before it: Python 3.12+ at exit.
+atexit.register(setattr, threading.Thread, "start", refuse)
+"""
+
+
+def test_a_coroutine_flush_at_exit_on_the_trackers_running_loop_is_given_its_timeout() -> None:
+    # Under WSGI a coroutine tracker's page views run on the tracker's own loop, in a thread
+    # that still runs at exit. Where no flush thread could start (Python 3.12+ at exit) the
+    # flush was awaited there on the caller's thread with no time limit: a flush that hung
+    # (an API that does not answer) held the process's exit for ever.
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_AT_EXIT_HUNG_FLUSH)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 15, done.stderr
+
+
+def test_wrapping_the_classic_sdk_again_after_chat_requests_is_not_told_as_a_lost_context(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An app factory building its app again (one app per test, the 0.0.4x SDK's tracker a
+    # process-wide singleton): checking that the tracker is the classic SDK's read its
+    # current conversation outside a request, which was told as the SDK called where a
+    # request's context was lost; and, told once a process, a real loss went unsaid.
+    from agentsight_middleware import sdk
+
+    monkeypatch.setattr(sdk, "_lost", [False, False])
+    tracker = _Classic()
+
+    def chat(environ: Any, start_response: Any) -> list[bytes]:
+        tracker.track_human_message("hi")
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    def build() -> AgentSightWSGIMiddleware:
+        return AgentSightWSGIMiddleware(chat, chat_routes=["POST /api/chat"], tracker=tracker)
+
+    with Client(build()).post("/api/chat", json={}) as answer:
+        assert answer.status_code == 200
+    build()
+    told = [r.getMessage() for r in caplog.records if "outside a chat request" in r.getMessage()]
+    assert told == [], told
+    tracker.track_human_message("from a bare thread")  # a real loss is still told
+    told = [r.getMessage() for r in caplog.records if "outside a chat request" in r.getMessage()]
+    assert len(told) == 1, told

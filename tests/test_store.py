@@ -742,3 +742,28 @@ def test_staying_with_a_moved_file_looks_for_sqlite_s_descriptors_once(
         assert _ids(db) == ["conv_after"]
     finally:
         others.stop_all()
+
+
+def test_a_file_behind_a_folder_closed_to_the_reader_is_not_called_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The app runs as another user, its data folder closed to the one running the report
+    # (stat() fails with EACCES, as it does under a 0700 folder): the report said "there is
+    # no folder" (or that the middleware had not created the file yet).
+    closed = tmp_path / "app"
+    (closed / "data").mkdir(parents=True)
+    path = closed / "data" / "events.sqlite3"
+    with LocalStore(path) as store:
+        store.write([make_payload("conv_a")])
+    stat = os.stat
+
+    def denied(target: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(os.fspath(target)).startswith(str(closed) + os.sep):
+            raise PermissionError(13, "Permission denied", str(target))
+        return stat(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+    with pytest.raises(StoreError) as caught:
+        connect_readonly(path)
+    assert not isinstance(caught.value, StoreNotFoundError), caught.value
+    assert "Permission denied" in str(caught.value), caught.value

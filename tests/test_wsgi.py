@@ -832,3 +832,40 @@ def test_an_app_whose_getattr_raises_is_served() -> None:
         assert client.get("/", headers=BROWSER).text == PAGE
     tracker.wait_for(initialized=1)
     mw.close()
+
+
+def test_a_lazy_body_with_a_read_method_runs_with_its_conversation_under_a_wrapper_function() -> (
+    None
+):
+    # Under uWSGI (a wsgi.file_wrapper function) any result with a read() was taken for a
+    # file and handed over unwrapped: an app's lazy body offering read() too (an
+    # iterable-to-file adapter) then produced its parts with no current conversation,
+    # where it has one under gunicorn or Werkzeug's server.
+    def uwsgi_file_wrapper(filelike: Any, block_size: int = 8192) -> Any:
+        return filelike
+
+    def part() -> bytes:
+        conversation = current_conversation()
+        return b"none" if conversation is None else conversation.id.encode()
+
+    class Lazy:
+        def __iter__(self) -> Iterator[bytes]:
+            yield part()
+
+        def read(self, size: int = -1) -> bytes:
+            return part()
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Lazy()
+
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], tracker=RecordingTracker())
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/chat",
+        "HTTP_X_CONVERSATION_ID": "conv_lazyread00001",
+        "wsgi.file_wrapper": uwsgi_file_wrapper,
+        "wsgi.input": io.BytesIO(),
+    }
+    result = mw(environ, lambda status, headers, exc_info=None: None)
+    assert b"".join(result) == b"conv_lazyread00001"
