@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from ._fork import reset_in_child
+
 __all__ = ["LogOnce", "logger"]
 
 logger = logging.getLogger("agentsight_middleware")
@@ -18,6 +20,12 @@ class LogOnce:
 
     def __init__(self) -> None:
         self._seen: set[tuple[str, type[BaseException]]] = set()
+        self._lock = threading.Lock()
+        reset_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        # Held by another thread (the worker logging) at a fork, it would stay held in the
+        # child for ever: its worker's next failure to log would hang it.
         self._lock = threading.Lock()
 
     def __call__(self, what: str, exc: BaseException) -> None:

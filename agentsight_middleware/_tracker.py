@@ -317,6 +317,9 @@ class TrackerDelivery:
 
     def _after_fork(self) -> None:
         self._flush_lock = threading.Lock()
+        # The parent's page views ran on loops this process does not have.
+        self._flying = {}
+        self._flying_lock = threading.Lock()
         self._flush_thread = self._close_gave_up_on = None
         self._loop = self._app_loop = self._flush_caller_loop = None
         self._loop_lock = threading.Lock()

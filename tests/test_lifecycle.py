@@ -477,3 +477,41 @@ def test_wrapping_the_classic_sdk_again_after_chat_requests_is_not_told_as_a_los
     tracker.track_human_message("from a bare thread")  # a real loss is still told
     told = [r.getMessage() for r in caplog.records if "outside a chat request" in r.getMessage()]
     assert len(told) == 1, told
+
+
+def test_a_log_once_held_at_a_fork_is_free_in_the_child() -> None:
+    # The worker logs a failure under LogOnce's lock; a fork at that moment left the child's
+    # copy held for ever, by a thread the child does not have: its next failure to log hung
+    # its worker. (The user-agent parser's build lock: tests/test_device.py.)
+    import os
+    import warnings
+
+    from agentsight_middleware._log import LogOnce
+
+    log_once = LogOnce()
+    log_once._lock.acquire()  # as the logging worker holds it at the fork
+    try:
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+
+                def log() -> None:
+                    log_once("a sink", RuntimeError("disk full"))
+                    os.write(write_end, b"logged")
+
+                thread = threading.Thread(target=log, daemon=True)
+                thread.start()
+                thread.join(10)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        os.waitpid(pid, 0)
+        told = os.read(read_end, 64)
+        os.close(read_end)
+    finally:
+        log_once._lock.release()
+    assert told == b"logged"
