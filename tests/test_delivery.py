@@ -1275,3 +1275,31 @@ async def test_a_backed_up_queue_keeps_only_what_the_payloads_use(
     assert payloads[0] == payloads[1]
     assert payloads[0]["language"] == "de-CH"
     assert payloads[0]["device"] == "desktop"
+
+
+async def test_the_event_a_pause_held_goes_once_the_pause_is_over_whatever_the_clock(
+    api: StandInAgentSightAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, but the event the 429 answered: given back to the outbox until the wall
+    # clock's end of the pause, it waited for the whole step (an hour) after delivery
+    # resumed (the same for every event an unreachable API held).
+    real = time.time
+    offset = [3600.0]  # the clock is an hour fast
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    api.throttle_next(1, retry_after="2")
+    mw = wrap(api)
+    try:
+        async with client(mw) as c:
+            await visit(c, chats=0)
+            deadline = time.monotonic() + 10
+            while mw.stats()["throttled"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert mw.stats()["throttled"] == 1
+            offset[0] = 0.0  # and is set right
+            await visit(c, chats=0)
+        deadline = time.monotonic() + 10
+        while len(api.conversations) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert len(api.conversations) == 2, api.conversations  # the throttled one too
+    finally:
+        mw.close(0.5)

@@ -971,8 +971,11 @@ class HttpSink:
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
                 self._pause(time.time() + wait)
                 # Pacing, not a failure: no attempt counted (the memory outbox gives up
-                # after a few), and no backoff grown by it.
-                self._outbox.defer(item, self._paused_until)
+                # after a few), and no backoff grown by it. Due at any time: the pause holds
+                # this process's senders, on both clocks; a time of the wall clock's kept
+                # with the event (the pause's end, or now) outlasted the pause by any step
+                # back of that clock.
+                self._outbox.defer(item, 0.0)
                 self._log_once(
                     "429",
                     "the AgentSight API is throttling (429); pausing delivery for %.1f s",
@@ -1018,7 +1021,7 @@ class HttpSink:
                     now
                     + backoff(self._unreachable_run, base=_UNREACHABLE_FIRST, cap=_UNREACHABLE_CAP)
                 )
-            self._outbox.defer(item, self._paused_until)
+            self._outbox.defer(item, 0.0)  # held by the pause (see the 429's)
         kind = _failure_kind(error)
         reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         kept = " in the outbox" if self._outbox.durable else _KEPT
