@@ -202,6 +202,10 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         minted = id_source == MINTED
         initialize = self._submit or core.delivery.initialize
         cookie_prefix = self._cookie_prefix
+        # The view's event, held until the response's headers are final (the app's return,
+        # or its body's first bytes): until then a start_response with exc_info may still
+        # replace the page with an error page, which is no view.
+        held: list[Any] = []
 
         def wrapped_start_response(
             status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
@@ -211,7 +215,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 # server: hand the server the list read.
                 response_headers = list(response_headers)
             # A second call with exc_info is the error path: never a view.
-            if exc_info is None:
+            if exc_info is not None:
+                held.clear()
+            else:
                 content_type, cache_control, for_cdns, own = _page_headers(
                     response_headers, cookie_prefix
                 )
@@ -228,10 +234,17 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                     response_headers = [*response_headers, set_cookie]
                 chosen = viewed_conversation(conversation, minted, own)
                 if chosen is not None:
-                    initialize(new_event((INITIALIZE, chosen, started or time.time())))
+                    held.append(new_event((INITIALIZE, chosen, started or time.time())))
             return _start(start_response, status, response_headers, exc_info)
 
-        return _respond(self.app, environ, wrapped_start_response, core.current, conversation, None)
+        def headers_final() -> None:
+            if held:
+                initialize(held.pop())
+
+        return _respond(
+            self.app, environ, wrapped_start_response, core.current, conversation, None,
+            headers_final,
+        )  # fmt: skip
 
     def _chat(
         self, environ: Environ, start_response: StartResponse, match: Match, path: str
@@ -304,6 +317,7 @@ def _respond(
     current: contextvars.ContextVar[Conversation | None],
     conversation: Conversation,
     handler_scope: AbstractContextManager[None] | None,
+    headers_final: Callable[[], None] | None = None,
 ) -> Iterable[bytes]:
     """The app's response, called and iterated with the conversation current.
 
@@ -316,6 +330,9 @@ def _respond(
     before (what the app sets there, code around it still sees), and between the
     steps nothing of ours is left set: a harness that never reads or closes the
     body (a test client) finds no stale conversation afterwards.
+
+    ``headers_final`` is called once the response's headers can no longer change: when
+    the app returns a list, tuple or file, else at its body's first bytes (or its end).
     """
     token = current.set(conversation)
     if handler_scope is not None:
@@ -333,8 +350,10 @@ def _respond(
         # paths for them, len() or sendfile, must still see them).
         if handler_scope is not None:
             _exit_scope(handler_scope, None)
+        if headers_final is not None:
+            headers_final()
         return result  # type: ignore[no-any-return]
-    streamed = _Streamed(result, current, conversation, handler_scope)
+    streamed = _Streamed(result, current, conversation, handler_scope, headers_final)
     if hasattr(result, "__len__"):
         # wsgiref and waitress work out a Content-Length from len() when there is one.
         try:
@@ -380,6 +399,7 @@ class _Streamed:
         current: contextvars.ContextVar[Conversation | None],
         conversation: Conversation,
         scope: AbstractContextManager[None] | None,
+        headers_final: Callable[[], None] | None = None,
     ) -> None:
         self._current = current
         self._conversation = conversation
@@ -387,12 +407,14 @@ class _Streamed:
         self._close = getattr(result, "close", None)
         # A generator: each step and the end of the body cost next to nothing (an
         # iterator class paid ~2 us a request).
-        self._body = self._run(result)
+        self._body = self._run(result, headers_final)
 
     def __iter__(self) -> Iterator[bytes]:
         return self._body
 
-    def _run(self, result: Iterable[bytes]) -> Iterator[bytes]:
+    def _run(
+        self, result: Iterable[bytes], headers_final: Callable[[], None] | None
+    ) -> Iterator[bytes]:
         current, conversation = self._current, self._conversation
         try:
             token = current.set(conversation)
@@ -413,6 +435,10 @@ class _Streamed:
                     reset(token)
                 if chunk is end:
                     break
+                if headers_final is not None and chunk:
+                    # The server sends the headers with the first bytes (PEP 3333).
+                    headers_final()
+                    headers_final = None
                 yield chunk
         except GeneratorExit:
             # Abandoned half-way. Not passed on to the app's iterator (``yield from``
@@ -423,6 +449,8 @@ class _Streamed:
             raise
         # The body is complete: leave the scope now rather than at close(), which a
         # server should call but a test client may never.
+        if headers_final is not None:
+            headers_final()  # an empty body: the headers went at its end
         self._leave(None)
 
     def close(self) -> None:

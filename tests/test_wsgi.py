@@ -869,3 +869,48 @@ def test_a_lazy_body_with_a_read_method_runs_with_its_conversation_under_a_wrapp
     }
     result = mw(environ, lambda status, headers, exc_info=None: None)
     assert b"".join(result) == b"conv_lazyread00001"
+
+
+@pytest.mark.parametrize("where", ["before returning", "in its body, before any bytes"])
+def test_a_page_replaced_by_an_error_page_through_exc_info_is_no_view(where: str) -> None:
+    # PEP 3333 lets an app call start_response again, with exc_info, until the first body
+    # bytes are sent: a 200 HTML page replaced so by a 500 still counted as a view (the
+    # event went at the first call). It goes once the headers are final now.
+    import sys
+
+    from .conftest import serving
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/html")])
+
+        def fail() -> None:
+            try:
+                raise RuntimeError("the template failed")
+            except RuntimeError:
+                start_response("500 Internal Server Error", [("Content-Type", "text/plain")],
+                               sys.exc_info())  # fmt: skip
+
+        if environ["PATH_INFO"] == "/ok":
+            return iter([b"", PAGE.encode()])  # an empty first part sends no headers
+        if where == "before returning":
+            fail()
+            return [b"error"]
+
+        def body() -> Iterator[bytes]:
+            fail()
+            yield b"error"
+
+        return body()
+
+    tracker = RecordingTracker()
+    mw = AgentSightWSGIMiddleware(app, widget_pages=["/", "/ok"], tracker=tracker)
+    server = make_server("127.0.0.1", 0, mw, threaded=True)
+    with serving(server) as url, httpx.Client(base_url=url) as client:
+        failed = client.get("/", headers=BROWSER)
+        shown = client.get("/ok", headers=BROWSER)
+    assert (failed.status_code, failed.text) == (500, "error")
+    assert shown.status_code == 200
+    assert mw.flush(5)
+    # The page that was shown is the one view; the error page is none.
+    assert [call["metadata"]["page_path"] for call in tracker.initialized] == ["/ok"]
+    mw.close()
