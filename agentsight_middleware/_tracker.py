@@ -324,6 +324,10 @@ class TrackerDelivery:
         self._loop = self._app_loop = self._flush_caller_loop = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
+        # The parent's engage calls hold slots their threads, not here, would give back; and
+        # the parent's counts are not this process's (the dispatcher's are reset too).
+        self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
+        self.skipped_bots = self.errors = self.timeouts = self.dropped = 0
 
     def _own_loop(self) -> asyncio.AbstractEventLoop:
         import asyncio

@@ -380,9 +380,19 @@ def _is_file(result: object, environ: Environ) -> bool:
     # uWSGI's is a function that returns the very file object it was given, and the
     # server sends it with sendfile() only if it gets that object back: wrapped, it
     # iterates it by lines instead (a file without newlines read whole into memory).
-    # A file object only: an app's lazy body that also offers read() (an iterable-to-file
-    # adapter) produces its parts while the server iterates, with its conversation.
-    return isinstance(result, io.IOBase)
+    # A file object, or anything with a file descriptor (uWSGI's test for sendfile, as
+    # PyObject_AsFileDescriptor reads it: Django's File of a FileField or a storage,
+    # tempfile's NamedTemporaryFile, neither of them io.IOBase): sent by the server, no code
+    # of the app's runs for it. An app's lazy body that only offers read() (an
+    # iterable-to-file adapter) produces its parts while the server iterates, with its
+    # conversation.
+    if isinstance(result, io.IOBase):
+        return True
+    try:
+        fd = result.fileno()  # type: ignore[attr-defined]
+    except Exception:  # none, io.UnsupportedOperation, a __getattr__ that raises
+        return False
+    return type(fd) is int and fd >= 0
 
 
 _END: Any = object()

@@ -3180,3 +3180,44 @@ def test_a_pipeline_still_out_tells_that_the_api_slowed(monkeypatch: pytest.Monk
     later = now + 6
     monkeypatch.setattr(time, "perf_counter", lambda: later)
     assert sink._fast_depth(16) == 0
+
+
+async def test_rows_a_429_held_are_not_sent_by_another_process_sharing_the_outbox(
+    tmp_path: Path,
+) -> None:
+    # Given back due at any time, the rows a 429 held back were claimed at once by a
+    # process sharing the file that no 429 had paused (a worker started meanwhile, or the
+    # next start): sent into the Retry-After, each got its own 429 (8 more here).
+    with StandInAgentSightAPI() as api:
+        api.throttle_next(8, retry_after="3")
+        credentials = Credentials(api.api_key, api.url, "production")
+        first = HttpSink(credentials, outbox=SQLiteOutbox(tmp_path / "o.sqlite3"), concurrency=8)
+        second = HttpSink(credentials, outbox=SQLiteOutbox(tmp_path / "o.sqlite3"), concurrency=8)
+        await first.start()
+        try:
+            await first.put(
+                [
+                    {
+                        "conversation_id": f"conv_{i:012x}",
+                        "is_used": False,
+                        "timestamp": "2026-11-25T10:00:00+00:00",
+                        "environment": "production",
+                    }
+                    for i in range(8)
+                ]
+            )
+            deadline = time.monotonic() + 5
+            while first.throttled < 8 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert first.throttled == 8
+            await second.start()  # within the 3 s the API asked for
+            await asyncio.sleep(1.0)
+            assert len(api.requests) == 8, [r.status for r in api.requests]
+            assert second.sent == second.throttled == 0
+            deadline = time.monotonic() + 10
+            while len(api.conversations) < 8 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(api.conversations) == 8  # once the pause is over
+        finally:
+            await first.aclose()
+            await second.aclose()

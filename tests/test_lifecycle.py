@@ -515,3 +515,77 @@ def test_a_log_once_held_at_a_fork_is_free_in_the_child() -> None:
     finally:
         log_once._lock.release()
     assert told == b"logged"
+
+
+def test_a_forked_child_s_tracker_delivery_has_its_own_counts_and_engage_slots() -> None:
+    # Engage calls hung in the parent's threads hold their slots; a fork then left the
+    # child's copy of the semaphore with those slots taken for ever (every chat's engage
+    # skipped once all 16 were), and the child's stats counted the parent's bots, errors,
+    # timeouts and drops beside its own zero submitted.
+    import json
+    import os
+    import warnings
+
+    from agentsight_middleware import AgentSightMiddleware
+    from agentsight_middleware._tracker import ENGAGE_THREADS
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=RecordingTracker())
+    delivery: Any = mw._core.delivery
+    for _ in range(ENGAGE_THREADS):
+        assert delivery._engage_slots.acquire(blocking=False)  # as hung engage calls hold them
+    delivery.skipped_bots, delivery.timeouts, delivery.errors, delivery.dropped = 3, 16, 1, 2
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            free = delivery._engage_slots.acquire(blocking=False)
+            os.write(write_end, json.dumps([free, mw.stats()]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    free, stats = json.loads(os.read(read_end, 4096))
+    os.close(read_end)
+    assert free is True
+    assert (stats["skipped_bots"], stats["timeouts"], stats["errors"], stats["dropped"]) == (
+        0,
+        0,
+        0,
+        0,
+    )
+
+
+def test_objects_reset_at_fork_add_no_fork_hook_each() -> None:
+    # os.register_at_fork cannot unregister: a hook per object (middleware, delivery,
+    # LogOnce, each worker start's sink) stayed for the process's life, and ran at every
+    # fork (a suite's 20,000 middlewares: 60,000 hooks, a fork 80 -> 232 ms).
+    import gc
+    import os
+
+    from agentsight_middleware import _fork
+    from agentsight_middleware._log import LogOnce
+
+    registered: list[Any] = []
+    real = os.register_at_fork
+
+    def register(**hooks: Any) -> None:
+        registered.append(hooks)
+
+    os.register_at_fork = register
+    try:
+        before = set(_fork._methods)
+        guards = [LogOnce() for _ in range(100)]
+        assert registered == []
+        theirs = set(_fork._methods) - before
+        assert len(theirs) == 100
+        del guards
+        gc.collect()
+        assert not theirs & set(_fork._methods)  # gone with their objects
+    finally:
+        os.register_at_fork = real

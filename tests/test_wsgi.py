@@ -914,3 +914,49 @@ def test_a_page_replaced_by_an_error_page_through_exc_info_is_no_view(where: str
     # The page that was shown is the one view; the error page is none.
     assert [call["metadata"]["page_path"] for call in tracker.initialized] == ["/ok"]
     mw.close()
+
+
+def test_a_file_proxy_with_a_descriptor_is_handed_over_under_a_wrapper_function(
+    tmp_path: Any,
+) -> None:
+    # Django's FileResponse of a FileField's or a storage's file (django.core.files.File),
+    # Werkzeug's send_file of a NamedTemporaryFile: not io.IOBase, yet uWSGI sends them
+    # with sendfile() (they have a fileno()) if it gets them back. Wrapped, uWSGI iterated
+    # them: a 50 MB file without newlines through Django's File took 14.7 s and +130 MB
+    # in the worker instead of 0.11 s.
+    import tempfile
+
+    from django.core.files import File
+
+    def uwsgi_file_wrapper(filelike: Any, block_size: int = 8192) -> Any:
+        return filelike
+
+    path = tmp_path / "page.html"
+    path.write_bytes(b"<p>a page</p>")
+    makers: list[Any] = [
+        lambda: File(path.open("rb")),
+        lambda: tempfile.NamedTemporaryFile(),  # noqa: SIM115 - closed below
+    ]
+    for make in makers:
+        page: Any = make()
+
+        def app(environ: Any, start_response: Any) -> Any:
+            start_response("200 OK", [("Content-Type", "text/html")])
+            return environ["wsgi.file_wrapper"](page, 4096)  # noqa: B023
+
+        mw = AgentSightWSGIMiddleware(app, widget_pages=["/"], tracker=RecordingTracker())
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/",
+            "wsgi.file_wrapper": uwsgi_file_wrapper,
+            "wsgi.input": io.BytesIO(),
+            "HTTP_ACCEPT": "text/html",
+            "HTTP_USER_AGENT": "Mozilla/5.0",
+        }
+        try:
+            handed = mw(environ, lambda status, headers, exc_info=None: None)
+            same = handed is page  # (an assert on "is" would narrow page's type)
+            assert same
+        finally:
+            page.close()
+            mw.close()

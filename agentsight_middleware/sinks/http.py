@@ -840,6 +840,15 @@ class HttpSink:
             self._half_open = False
         resolve(probe)
 
+    def _held_until(self) -> float:
+        """When an event a pause held back is due again. In memory, at any time: the pause
+        holds this process's senders, on both clocks, and a wall-clock time kept with the
+        event outlasted the pause by any step back of that clock. In a durable outbox, at
+        the pause's end: the row is read by the other processes sharing the file, and by
+        the next start, which no pause of this process holds (due at once, they sent it
+        into the 429's Retry-After)."""
+        return self._paused_until if self._outbox.durable else 0.0
+
     def _pause(self, until: float) -> None:
         """No request before ``until`` (time.time()), then one alone (see _sender)."""
         self._paused_until = max(self._paused_until, until)
@@ -971,11 +980,8 @@ class HttpSink:
                 wait = retry_after(reply.header(b"retry-after"), now=time.time())
                 self._pause(time.time() + wait)
                 # Pacing, not a failure: no attempt counted (the memory outbox gives up
-                # after a few), and no backoff grown by it. Due at any time: the pause holds
-                # this process's senders, on both clocks; a time of the wall clock's kept
-                # with the event (the pause's end, or now) outlasted the pause by any step
-                # back of that clock.
-                self._outbox.defer(item, 0.0)
+                # after a few), and no backoff grown by it.
+                self._outbox.defer(item, self._held_until())
                 self._log_once(
                     "429",
                     "the AgentSight API is throttling (429); pausing delivery for %.1f s",
@@ -1021,7 +1027,7 @@ class HttpSink:
                     now
                     + backoff(self._unreachable_run, base=_UNREACHABLE_FIRST, cap=_UNREACHABLE_CAP)
                 )
-            self._outbox.defer(item, 0.0)  # held by the pause (see the 429's)
+            self._outbox.defer(item, self._held_until())
         kind = _failure_kind(error)
         reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         kept = " in the outbox" if self._outbox.durable else _KEPT
