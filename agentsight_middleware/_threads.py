@@ -60,13 +60,7 @@ class DaemonThreads(Executor):
             if self._workers:
                 self._jobs.put((future, call))
                 return future
-        if future.set_running_or_notify_cancel():
-            try:
-                result = call()
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+        _run(future, call)
         return future
 
     def _work(self) -> None:
@@ -75,13 +69,7 @@ class DaemonThreads(Executor):
             if job is None:
                 return
             future, call = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = call()
-                except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+            _run(future, call)
             del job, future, call
             self._idle.release()
 
@@ -98,6 +86,17 @@ class DaemonThreads(Executor):
                         job[0].cancel()
             for _ in range(self._workers):
                 self._jobs.put(None)
+
+
+def _run(future: Future[_T], call: Callable[[], _T]) -> None:
+    """Run ``call`` for ``future`` (unless it was cancelled), as an executor's thread does."""
+    if future.set_running_or_notify_cancel():
+        try:
+            result = call()
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 class DaemonDefaultExecutor(ThreadPoolExecutor):
