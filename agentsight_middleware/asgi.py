@@ -147,13 +147,13 @@ class AgentSightMiddleware(MiddlewareBase):
         ``--lifespan auto``) runs none, no shutdown ever closes the middleware, and on
         SIGTERM uvicorn ends the process by the signal, so no atexit hook runs either:
         what was queued, and the tracker's own buffer, were lost at every stop."""
-        answered = False
-        received: list[str] = []  # what the app read: an app that reads has a lifespan
+        answered = received = False  # an app that reads or answers has a lifespan
         lifespan_send = self._lifespan_send(send)
 
         async def app_receive() -> Message:
+            nonlocal received
+            received = True
             message: Message = await receive()
-            received.append(message["type"])
             return message
 
         async def app_send(message: Message) -> None:

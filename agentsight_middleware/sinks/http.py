@@ -186,6 +186,11 @@ def _maybe_processed(error: httpx.HTTPError) -> bool:
     return isinstance(error, (httpx.ReadTimeout, httpx.WriteTimeout))
 
 
+def _described(error: BaseException) -> str:
+    """``error`` for the log: its type, and its message when it has one."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def _failure_kind(error: httpx.HTTPError) -> str:
     """What kind of failure ``error`` is, for the log: one warning per kind and outage."""
     if "CERTIFICATE_VERIFY_FAILED" in str(error):
@@ -928,7 +933,7 @@ class HttpSink:
         elif isinstance(result, httpx.HTTPError):
             self._retry(
                 item,
-                f"{type(result).__name__}: {result}" if str(result) else type(result).__name__,
+                _described(result),
                 _failure_kind(result),
                 # No answer in time: the server may still be working through it (and
                 # through what was written behind it). Sent again at once, a conversation's
@@ -1029,7 +1034,7 @@ class HttpSink:
                 )
             self._outbox.defer(item, self._held_until())
         kind = _failure_kind(error)
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        reason = _described(error)
         kept = " in the outbox" if self._outbox.durable else _KEPT
         if kind == "certificate":
             # Not an outage: this machine's trust or the endpoint is to fix (said at ERROR).
