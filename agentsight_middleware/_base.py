@@ -307,7 +307,9 @@ class MiddlewareBase:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until what was queued is delivered, stored or handed to the tracker; False
-        on time-out."""
+        on time-out. Settled counts as done: events the API refused, or that were given up
+        on after their retries, leave nothing to wait for (``stats()`` counts them as
+        ``rejected`` and ``failed``)."""
         return self._core.delivery.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from ._fork import reset_in_child
 
@@ -12,14 +13,22 @@ __all__ = ["LogOnce", "logger"]
 logger = logging.getLogger("agentsight_middleware")
 
 
+# A failure that goes on (a full disk, a hook broken for every request) is said again at
+# most this often, with how many times it happened meanwhile: counted only in stats(), a
+# loss that began an hour ago looked like one error an hour ago.
+AGAIN_EVERY = 60.0
+
+
 class LogOnce:
-    """Logs the first failure of each kind with its traceback, later ones at DEBUG.
+    """Logs the first failure of each kind with its traceback; later ones are counted, and
+    said at WARNING once every :data:`AGAIN_EVERY` seconds at most (each at DEBUG).
 
     A broken tracker or hook fails on every request: one clear error beats a flood.
     """
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, type[BaseException]]] = set()
+        # (what, type) -> [monotonic time last said, failures since]
+        self._seen: dict[tuple[str, type[BaseException]], list[float]] = {}
         self._lock = threading.Lock()
         reset_in_child(self._after_fork)
 
@@ -30,16 +39,32 @@ class LogOnce:
 
     def __call__(self, what: str, exc: BaseException) -> None:
         key = (what, type(exc))
+        now = time.monotonic()
+        again = 0
         with self._lock:
-            first = key not in self._seen
-            self._seen.add(key)
-        if first:
+            told = self._seen.get(key)
+            if told is None:
+                self._seen[key] = [now, 0]
+            else:
+                told[1] += 1
+                if now - told[0] >= AGAIN_EVERY:
+                    again = int(told[1])
+                    told[0], told[1] = now, 0
+        if told is None:
             logger.error(
                 "%s failed; the request was served regardless (further %s failures of it "
-                "are logged at DEBUG)",
+                "are counted and said once a minute)",
                 what,
                 type(exc).__name__,
                 exc_info=exc,
+            )
+        elif again:
+            logger.warning(
+                "%s failed %d more time(s) since it was last said (the last: %s: %s)",
+                what,
+                again,
+                type(exc).__name__,
+                exc,
             )
         else:
             logger.debug("%s failed again: %r", what, exc)

@@ -62,6 +62,7 @@ from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from ._fork import reset_in_child
 from ._log import LogOnce, logger
 
 __all__ = ["AgentSightSDK", "ClassicTracker", "adapt_tracker", "is_classic_tracker"]
@@ -297,6 +298,12 @@ class ClassicTracker:
         self._keys_of: dict[str, set[int]] = {}  # conversation id -> its keys in _unsent
         self._sent: deque[int] = deque()  # appended by weakref callbacks, from any thread
         self._next_key = itertools.count()
+        self._unsent_lock = threading.Lock()
+        reset_in_child(self._after_fork)
+
+    def _after_fork(self) -> None:
+        # Held at the fork by a request thread the child does not have, the child's copy
+        # stayed held: its first chat request hung for good.
         self._unsent_lock = threading.Lock()
 
     def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -191,3 +193,28 @@ def outbox_rows(path: Path) -> int:
             return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
         except sqlite3.OperationalError:  # the table is not created yet
             return 0
+
+
+def in_forked_child(work: Callable[[], bytes], *, timeout: float = 20.0) -> bytes:
+    """What ``work`` returns when run in a thread of a child forked now; b"" when it
+    raises or does not return within ``timeout`` (a lock held at the fork by a thread
+    the child does not have: the child's next use of it hangs)."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            told: list[bytes] = []
+            thread = threading.Thread(target=lambda: told.append(work()), daemon=True)
+            thread.start()
+            thread.join(timeout)
+            if told:
+                os.write(write_end, told[0])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with open(read_end, "rb") as pipe:
+        return pipe.read()

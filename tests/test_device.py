@@ -23,6 +23,8 @@ import user_agents  # type: ignore[import-untyped]
 from agentsight_middleware import _device, _facts
 from agentsight_middleware._device import backend, classify_user_agent
 
+from .conftest import in_forked_child
+
 Classification = tuple[str | None, bool]
 
 
@@ -1296,36 +1298,12 @@ def test_a_fork_while_another_thread_builds_the_parser_does_not_hang_the_child()
     # (an app forking a helper, a server forking late) left the child's copy of the lock
     # held for ever, by a thread the child does not have: the child's first user agent
     # waited on it for good (its worker stuck, every event queued behind).
-    import os
-    import warnings
-
     built = _device._engine
     _device._engine = None  # not built yet: the child builds it
     _device._lock.acquire()  # as the building thread holds it at the fork
     try:
-        read_end, write_end = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(read_end)
-                answer = threading.Thread(
-                    target=lambda: os.write(
-                        write_end, str(classify_user_agent(NEW_AGENT)).encode()
-                    ),
-                    daemon=True,
-                )
-                answer.start()
-                answer.join(20)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        _, status = os.waitpid(pid, 0)
-        told = os.read(read_end, 1024).decode()
-        os.close(read_end)
+        told = in_forked_child(lambda: str(classify_user_agent(NEW_AGENT)).encode())
     finally:
         _device._lock.release()
         _device._engine = built
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert told == "('desktop', False)"
+    assert told == b"('desktop', False)"

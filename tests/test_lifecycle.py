@@ -21,7 +21,7 @@ from werkzeug.test import Client
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
 
-from .conftest import BROWSER
+from .conftest import BROWSER, in_forked_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -483,35 +483,17 @@ def test_a_log_once_held_at_a_fork_is_free_in_the_child() -> None:
     # The worker logs a failure under LogOnce's lock; a fork at that moment left the child's
     # copy held for ever, by a thread the child does not have: its next failure to log hung
     # its worker. (The user-agent parser's build lock: tests/test_device.py.)
-    import os
-    import warnings
-
     from agentsight_middleware._log import LogOnce
 
     log_once = LogOnce()
     log_once._lock.acquire()  # as the logging worker holds it at the fork
+
+    def log() -> bytes:
+        log_once("a sink", RuntimeError("disk full"))
+        return b"logged"
+
     try:
-        read_end, write_end = os.pipe()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-            pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(read_end)
-
-                def log() -> None:
-                    log_once("a sink", RuntimeError("disk full"))
-                    os.write(write_end, b"logged")
-
-                thread = threading.Thread(target=log, daemon=True)
-                thread.start()
-                thread.join(10)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        os.waitpid(pid, 0)
-        told = os.read(read_end, 64)
-        os.close(read_end)
+        told = in_forked_child(log)
     finally:
         log_once._lock.release()
     assert told == b"logged"
@@ -523,10 +505,7 @@ def test_a_forked_child_s_tracker_delivery_has_its_own_counts_and_engage_slots()
     # skipped once all 16 were), and the child's stats counted the parent's bots, errors,
     # timeouts and drops beside its own zero submitted.
     import json
-    import os
-    import warnings
 
-    from agentsight_middleware import AgentSightMiddleware
     from agentsight_middleware._tracker import ENGAGE_THREADS
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -537,28 +516,14 @@ def test_a_forked_child_s_tracker_delivery_has_its_own_counts_and_engage_slots()
     for _ in range(ENGAGE_THREADS):
         assert delivery._engage_slots.acquire(blocking=False)  # as hung engage calls hold them
     delivery.skipped_bots, delivery.timeouts, delivery.errors, delivery.dropped = 3, 16, 1, 2
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
-        pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(read_end)
-            free = delivery._engage_slots.acquire(blocking=False)
-            os.write(write_end, json.dumps([free, mw.stats()]).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    free, stats = json.loads(os.read(read_end, 4096))
-    os.close(read_end)
+
+    def look() -> bytes:
+        free = delivery._engage_slots.acquire(blocking=False)
+        return json.dumps([free, mw.stats()]).encode()
+
+    free, stats = json.loads(in_forked_child(look))
     assert free is True
-    assert (stats["skipped_bots"], stats["timeouts"], stats["errors"], stats["dropped"]) == (
-        0,
-        0,
-        0,
-        0,
-    )
+    assert [stats[k] for k in ("skipped_bots", "timeouts", "errors", "dropped")] == [0] * 4
 
 
 def test_objects_reset_at_fork_add_no_fork_hook_each() -> None:

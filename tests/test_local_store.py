@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -340,3 +341,47 @@ async def test_stats_have_every_key_before_the_first_event(tmp_path: Path, mode:
         assert set(mw.stats()) == set(before)  # the same keys once the sink exists
     finally:
         mw.close()
+
+
+@pytest.mark.anyio
+async def test_a_store_that_keeps_failing_says_so_again_with_a_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first lost batch was an ERROR; every later one DEBUG only: a disk that stayed
+    # full lost events for hours after one line. Now said again, counted, at most once a
+    # minute (here a fraction of a second).
+    import sqlite3
+
+    from agentsight_middleware import _log
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    monkeypatch.setattr(_log, "AGAIN_EVERY", 0.3)
+    db = tmp_path / "events.sqlite3"
+    mw = _middleware(local_store=db)
+    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+        await c.get("/", headers=BROWSER)
+        assert mw.flush(10)
+        with contextlib.closing(sqlite3.connect(db)) as conn:  # every write fails from now on
+            conn.execute(
+                "CREATE TRIGGER full BEFORE INSERT ON events "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+            conn.commit()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+            for _ in range(3):  # one batch each: the worker takes what is queued
+                c.cookies.clear()
+                assert (await c.get("/", headers=BROWSER)).status_code == 200
+                assert mw.flush(10)
+            await anyio.sleep(0.35)
+            c.cookies.clear()
+            await c.get("/", headers=BROWSER)
+            assert mw.flush(10)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in said] == [logging.ERROR, logging.WARNING], said
+    assert "failed 3 more time(s)" in said[1][1]
+    assert "database or disk is full" in said[1][1]
+    assert mw.stats()["stored"] == 1
+    assert mw.stats()["failed"] == 4
+    mw.close()

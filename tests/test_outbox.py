@@ -112,7 +112,7 @@ def test_memory_outbox_claims_every_free_head_and_only_those(steps: list[Any]) -
     queues: dict[str, list[bytes]] = {}  # the model: events waiting, by conversation
     in_flight: dict[str, Any] = {}  # conversation -> its claimed head
     waiting_retry: set[str] = set()  # conversations whose head waits for a retry
-    now, later = 1000.0, 5000.0
+    now, later = 1000.0, 1060.0
     serial = 0
     for step in steps:
         if step[0] == "put":
@@ -378,6 +378,40 @@ def test_a_chat_with_no_page_view_goes_after_the_settle_time(tmp_path: Path) -> 
     outbox.close()
 
 
+@pytest.mark.parametrize("kind", [0, 1], ids=["memory", "sqlite"])
+def test_a_wait_timed_before_the_clock_was_stepped_back_is_not_waited_out(
+    tmp_path: Path, kind: int
+) -> None:
+    # A retry 2 s ahead, timed on a clock an hour fast that NTP then set right, is due
+    # an hour and 2 s ahead of the clock now: it waited out the step (a chat settling in
+    # a durable outbox as well). No wait set here is that long, so it is due now.
+    outbox = _outbox(tmp_path, kind)
+    outbox.put([("a", b"a1"), ("b", b"b1"), ("c", b"c1")])
+    now = time.time()
+    a, b, c = outbox.claim(10, now)
+    outbox.retry(a, now + 3600 + 2)  # timed by the clock before the step
+    outbox.retry(b, now + 60)  # a long backoff, on the clock as it is
+    outbox.defer(c, now + 30)  # a Retry-After
+    assert outbox.mine(now + 1) == (3, 1)
+    [again] = outbox.claim(10, now)
+    assert again.body == b"a1"
+    outbox.ack([again])
+    assert [i.body for i in outbox.claim(10, now + 61)] == [b"b1", b"c1"]
+    outbox.close()
+
+
+def test_a_chat_settling_from_before_a_clock_step_goes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = SQLiteOutbox(tmp_path / "o.sqlite3")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    outbox.put([("a", b"a-chat")], views=[False])  # settles until an hour and 1 s ahead
+    monkeypatch.setattr(time, "time", real)
+    assert [i.body for i in outbox.claim(10, time.time())] == [b"a-chat"]
+    outbox.close()
+
+
 def test_the_claim_looks_each_conversation_up_in_one_index_search(tmp_path: Path) -> None:
     # With (conversation_id, id) alone, each candidate's "a row of a lower kind before it?"
     # read every row of its conversation: a claim took minutes for 50,000 chats written
@@ -389,7 +423,8 @@ def test_the_claim_looks_each_conversation_up_in_one_index_search(tmp_path: Path
     box.put([("conv_one", b"{}")], None, [False])
     with contextlib.closing(sqlite3.connect(path)) as conn:
         plan = conn.execute(
-            "EXPLAIN QUERY PLAN " + outbox_module._CLAIM, {"now": time.time(), "limit": 10}
+            "EXPLAIN QUERY PLAN " + outbox_module._CLAIM,
+            {"now": time.time(), "limit": 10, "stepped_back": outbox_module.STEPPED_BACK},
         ).fetchall()
     searches = [row[-1] for row in plan if "AS p" in row[-1] or " p " in row[-1]]
     assert searches, plan

@@ -37,6 +37,7 @@ from tests.apps.sdk_harness import (
     make_visitors,
     serve,
 )
+from tests.conftest import in_forked_child
 
 MODULE = "tests.apps.sdk_classic_app"
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,6 +372,33 @@ def test_classic_tracker_is_per_request_and_leaves_the_rest_alone() -> None:
     assert inner.config.conversation_id == "changed"
     tracker.initialize_conversation("conv_d", device="mobile", unknown_field=1)
     assert inner.items["sent"] == [("initialize", "conv_d")]
+
+
+def test_classic_tracker_held_at_a_fork_serves_the_child_s_chats() -> None:
+    import threading
+
+    from agentsight_middleware.sdk import ClassicTracker
+
+    class WithStore(_ClassicLike):
+        # The SDK's private store and its lock, which the adapter's bookkeeping looks after.
+        def __init__(self) -> None:
+            super().__init__()
+            self._tracked_data: dict[str, Any] = {}
+            self._lock = threading.Lock()
+
+    tracker = ClassicTracker(WithStore())
+
+    def chat() -> bytes:
+        with tracker.conversation_scope("conv_child"):
+            pass
+        return b"served"
+
+    tracker._unsent_lock.acquire()  # as a request thread holds it at the fork
+    try:
+        told = in_forked_child(chat)
+    finally:
+        tracker._unsent_lock.release()
+    assert told == b"served"
 
 
 def test_classic_tracker_passes_only_fields_the_sdk_takes() -> None:

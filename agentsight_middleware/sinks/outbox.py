@@ -33,7 +33,13 @@ from .._store import (
     write_transaction,
 )
 
-__all__ = ["SETTLE", "MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
+__all__ = ["SETTLE", "STEPPED_BACK", "MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
+
+# No wait this package sets is longer than ~60 s (backoff's cap; Retry-After, pauses and a
+# request's time-out are shorter): a row due further ahead than this was timed by a wall
+# clock that has since been stepped back (NTP at boot, a VM resumed), and is due now. Else
+# a retry, or a chat settling, waited out the whole step, an hour for an hour.
+STEPPED_BACK = 120.0
 
 
 @dataclass(slots=True)
@@ -118,7 +124,7 @@ class MemoryOutbox:
         for conversation_id in self._free:
             head = queues[conversation_id][0]
             # A head waiting for its retry blocks its conversation (one in flight is not here).
-            if head.not_before > now:
+            if now < head.not_before <= now + STEPPED_BACK:
                 continue
             head.leased = True
             picked.append(head)
@@ -185,8 +191,10 @@ class MemoryOutbox:
         """Events waiting (all this process's), and how many of them a claim could take
         before ``before`` (time.time()): not claimed already, not waiting past it for a
         retry, and not behind such an event of their conversation."""
-        queues = self._queues
-        due = sum(1 for cid in self._free if queues[cid][0].not_before < before)
+        queues, stepped_back = self._queues, time.time() + STEPPED_BACK
+        due = sum(
+            1 for cid in self._free if not before <= queues[cid][0].not_before <= stepped_back
+        )
         return self._size, due
 
     def close(self, unanswered: Sequence[OutboxItem] = (), not_before: float = 0.0) -> None:
@@ -225,7 +233,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 # beside it, as before this order: no leased row blocks one of a lower kind.
 _CLAIM = """
 SELECT id, conversation_id, body, attempts FROM outbox AS o
-WHERE lease_until <= :now AND not_before <= :now
+WHERE lease_until <= :now AND (not_before <= :now OR not_before > :now + :stepped_back)
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS p
       WHERE p.conversation_id = o.conversation_id AND p.kind = o.kind AND p.id < o.id
@@ -418,7 +426,9 @@ class SQLiteOutbox:
         with self._lock:
             conn = self._connect()
             with write_transaction(conn, self._until()):
-                rows = conn.execute(_CLAIM, {"now": now, "limit": limit}).fetchall()
+                rows = conn.execute(
+                    _CLAIM, {"now": now, "limit": limit, "stepped_back": STEPPED_BACK}
+                ).fetchall()
                 conn.executemany(
                     "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
                     [(now + self._lease, self._owner, row[0]) for row in rows],
@@ -543,10 +553,14 @@ class SQLiteOutbox:
             left, due = retry_locked(
                 lambda: conn.execute(
                     "SELECT count(*), "
-                    "coalesce(sum(not_before < :before "
+                    "coalesce(sum((not_before < :before OR not_before > :stepped_back) "
                     "AND (lease_owner IS NOT :origin OR lease_until < :before)), 0) "
                     "FROM outbox WHERE origin = :origin",
-                    {"before": before, "origin": self._owner},
+                    {
+                        "before": before,
+                        "origin": self._owner,
+                        "stepped_back": time.time() + STEPPED_BACK,
+                    },
                 ).fetchone(),
                 self._until(),
             )
