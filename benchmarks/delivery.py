@@ -17,7 +17,9 @@ a 20,000-request burst it keeps); the durable SQLite ``outbox=``; a steady strea
 (``--steady`` events a second for ``--steady-seconds``, as a busy site sends them: the
 worker finds a few events at each look, and its CPU per event is what a live app pays);
 the same stream at ``--slow-rate`` events a second to an API answering each request in
-50 ms (many requests in flight), and to an API that is down (nothing listens: the CPU per
+50 ms (many requests in flight), to one answering at once but a 50 ms round trip away
+(through the delaying proxy of ``distance.py``: the real API is across the internet), and
+to an API that is down (nothing listens: the CPU per
 page view that an outage costs the app's process, and what is kept meanwhile); the classic SDK's
 blocking ``initialize_conversation`` (agentsight 0.0.44 in its own venv under
 ``.sdk-venvs/``, created here if missing), called sequentially; and what the stand-in
@@ -51,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distance import DistantAPI
 from overhead import (
     CHROME,
     NullSink,
@@ -125,17 +128,18 @@ class Row:
 
 
 def warmed_up(
-    api: StandInProcess, **options: Any
+    api: StandInProcess, endpoint: str | None = None, **options: Any
 ) -> tuple[AgentSightMiddleware, asyncio.AbstractEventLoop, dict[str, Any], int]:
     """The middleware around the page, its worker started (and the user-agent cache warm)
     by one page view delivered; a loop to drive it, the page view's scope, and the count
-    of events the stand-in has by then."""
+    of events the stand-in has by then. ``endpoint``: the API's address, if not the
+    stand-in's own (a proxy in front of it)."""
     mw = AgentSightMiddleware(
         page_app,
         widget_pages=["/"],
         trusted_proxies=["10.0.0.0/8"],
         api_key=api.api_key,
-        endpoint=api.url,
+        endpoint=endpoint or api.url,
         **options,
     )
     loop = asyncio.new_event_loop()
@@ -218,13 +222,20 @@ def _paced(
 
 
 def steady(
-    api: StandInProcess, name: str, rate: float, seconds: float, *, latency: float = 0.0
+    api: StandInProcess,
+    name: str,
+    rate: float,
+    seconds: float,
+    *,
+    latency: float = 0.0,
+    endpoint: str | None = None,
 ) -> Row:
     """First visits at ``rate`` a second for ``seconds``, as a busy site sends them, not as
     one burst: the worker then finds a few events at each look, and its CPU per event is
     what a live app pays for delivery. ``latency``: the API answers each request that late
-    (a slow API: many requests in flight at once)."""
-    mw, loop, template, baseline = warmed_up(api)
+    (a slow API: many requests in flight at once). ``endpoint``: a proxy in front of the
+    stand-in (see distance.py)."""
+    mw, loop, template, baseline = warmed_up(api, endpoint)
     reads = ReadCounter()
     if latency:
         api.set_latency(latency)
@@ -670,8 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--slow-rate",
         type=float,
         default=1000,
-        help="events a second of the rows with the API slow (50 ms an answer) and down "
-        "(default 1000; 0 skips them)",
+        help="events a second of the rows with the API slow (50 ms an answer), 50 ms away, "
+        "and down (default 1000; 0 skips them)",
     )
     parser.add_argument(
         "--steady-seconds", type=float, default=8.0, help="how long each steady row runs"
@@ -717,6 +728,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"steady {args.slow_rate:,.0f} events/s, API answering in 50 ms")
             name = f"ours, steady {args.slow_rate:,.0f}/s, API answering in 50 ms"
             rows.append(steady(api, name, args.slow_rate, args.steady_seconds, latency=0.05))
+            progress(f"steady {args.slow_rate:,.0f} events/s, API 50 ms away")
+            name = f"ours, steady {args.slow_rate:,.0f}/s, API 50 ms away, answering at once"
+            with DistantAPI(api.url, 0.025) as distant:
+                rows.append(
+                    steady(api, name, args.slow_rate, args.steady_seconds, endpoint=distant.url)
+                )
             progress(f"steady {args.slow_rate:,.0f} events/s, API down")
             name = f"ours, steady {args.slow_rate:,.0f}/s, API down (refused)"
             rows.append(steady_down(name, args.slow_rate, args.steady_seconds))
