@@ -42,8 +42,7 @@ async def test_events_are_kept_locally_and_reported(
         )
     assert f"keeping AgentSight events in {db}" in caplog.text
     assert "agentsight-middleware report" in caplog.text
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+    async with _shop(mw) as c:
         for visitor in range(4):
             c.cookies.clear()
             await c.get("/", headers=BROWSER)
@@ -56,6 +55,12 @@ async def test_events_are_kept_locally_and_reported(
     assert report.interaction_rate_percent == 50.0
     assert mw.stats()["stored"] == 6
     mw.close()
+
+
+def _shop(mw: AgentSightMiddleware) -> httpx.AsyncClient:
+    """A client of the shop, from one visitor's address."""
+    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
+    return httpx.AsyncClient(transport=transport, base_url="http://shop.test")
 
 
 def _middleware(**options: Any) -> AgentSightMiddleware:
@@ -112,9 +117,8 @@ async def test_a_broken_store_is_logged_once_not_per_page_view(
     corrupt = tmp_path / "events.sqlite3"
     corrupt.write_bytes(b"this is not a database" * 100)
     mw = _middleware(local_store=corrupt)
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
     with caplog.at_level(logging.DEBUG, logger="agentsight_middleware"):
-        async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+        async with _shop(mw) as c:
             for _ in range(20):
                 c.cookies.clear()
                 response = await c.get("/", headers=BROWSER)
@@ -136,8 +140,7 @@ async def test_the_store_records_the_environment_variable(
     monkeypatch.setenv("AGENTSIGHT_ENVIRONMENT", "dev")
     db = tmp_path / "events.sqlite3"
     mw = _middleware(local_store=db)
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+    async with _shop(mw) as c:
         await c.get("/", headers=BROWSER)
     assert mw.flush(5)
     mw.close()
@@ -231,8 +234,7 @@ async def test_close_keeps_to_its_deadline_with_the_store_locked(
     monkeypatch.setattr(_store, "BUSY_TIMEOUT", 0.2)
     db = tmp_path / "events.sqlite3"
     mw = _middleware(local_store=db, shutdown_timeout=0.5)
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+    async with _shop(mw) as c:
         await c.get("/", headers=BROWSER)
         assert mw.flush(10)  # the file exists
         holder = sqlite3.connect(db, isolation_level=None)
@@ -264,8 +266,7 @@ async def test_a_worker_started_after_a_close_waits_for_a_lock_as_before(
     monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
     db = tmp_path / "events.sqlite3"
     mw = _middleware(local_store=db, shutdown_timeout=0.5)
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+    async with _shop(mw) as c:
         await c.get("/", headers=BROWSER)
         assert mw.flush(10)
         mw.close()  # the first lifespan's end
@@ -300,8 +301,7 @@ async def test_close_ends_a_write_already_waiting_for_the_lock(
     monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
     db = tmp_path / "events.sqlite3"
     mw = _middleware(local_store=db)
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+    async with _shop(mw) as c:
         await c.get("/", headers=BROWSER)
         assert mw.flush(10)  # the file exists
         holder = sqlite3.connect(db, isolation_level=None)
@@ -358,8 +358,7 @@ async def test_a_store_that_keeps_failing_says_so_again_with_a_count(
     monkeypatch.setattr(_log, "AGAIN_EVERY", 0.3)
     db = tmp_path / "events.sqlite3"
     mw = _middleware(local_store=db)
-    transport = httpx.ASGITransport(app=mw, client=("198.51.100.3", 1))
-    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as c:
+    async with _shop(mw) as c:
         await c.get("/", headers=BROWSER)
         assert mw.flush(10)
         with contextlib.closing(sqlite3.connect(db)) as conn:  # every write fails from now on
