@@ -7,17 +7,28 @@ VENV ?= .venv
 DEMO_ARGS ?=
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-demo lint types pytest debian-packages clean
+.PHONY: demo test install install-demo venv-ok lint types pytest debian-packages clean
+
+# Python 3.10+, said before a venv is made: a venv of an older Python (or one whose pip
+# failed to install) would stay, and every later make fail on it with pip's words alone.
+NEEDS_310 = import sys; sys.exit(sys.version_info < (3, 10))
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(PYTHON) -c '$(NEEDS_310)' || { echo "$(PYTHON) is not Python 3.10 or later, which this \
+	project needs: pass one, e.g. make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet --upgrade pip \
+	  || { rm -rf $(VENV); exit 1; }
 
-install: $(BIN)/python
+# A $(VENV) made by an older Python before this check existed, or by hand.
+venv-ok: $(BIN)/python
+	@$(BIN)/python -c '$(NEEDS_310)' || { echo "$(VENV) holds a Python older than 3.10: \
+	remove it (make clean) and run make $(MAKECMDGOALS) PYTHON=python3.12" >&2; exit 1; }
+
+install: venv-ok
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 
 # The demo's own two packages, not the test toolchain (~450 MB of it).
-install-demo: $(BIN)/python
+install-demo: venv-ok
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
 
 demo: install-demo

@@ -193,8 +193,9 @@ class MiddlewareBase:
         :param trusted_proxies: IPs/CIDRs of your reverse proxies (or a hop count);
             only then are ``Forwarded`` / ``X-Forwarded-For`` believed.
         :param trusted_proxy_header: the one header your proxy writes (``"forwarded"``,
-            ``"x-forwarded-for"``, ``"x-real-ip"``); the default ``"auto"`` takes the
-            first present, which a client can exploit when the proxy only appends to one.
+            ``"x-forwarded-for"``, ``"x-real-ip"``); with the default ``"auto"``, a request
+            carrying more than one of them is recorded with the address only when they all
+            agree, else without an IP (a proxy passes the others through from the client).
         :param cookie_name: the cookie carrying the conversation id from page to chat.
         :param cookie_max_age: seconds of inactivity after which a visit is a new
             conversation (refreshed on every page view); None for a session cookie.
@@ -209,8 +210,9 @@ class MiddlewareBase:
             ``agentsight_middleware.DEFAULT_NON_BROWSER_AGENTS``; to add to it, pass
             ``[*DEFAULT_NON_BROWSER_AGENTS, "my-monitor"]``.
         :param source: the conversation's ``source`` field.
-        :param environment: ``"production"`` or ``"development"``; None leaves it
-            to the tracker (the SDK reads ``AGENTSIGHT_ENVIRONMENT``).
+        :param environment: ``"production"`` or ``"development"``; None: with
+            ``tracker``, left to the tracker (the SDK reads ``AGENTSIGHT_ENVIRONMENT``),
+            else ``AGENTSIGHT_ENVIRONMENT``, or ``"production"`` without it.
         :param customer_id: ``callable(request) -> id | None`` for signed-in users.
         :param metadata: a dict, or ``callable(request) -> dict``, merged into the metadata.
         :param tracker_timeout: seconds a chat request waits for the tracker at most (ASGI).

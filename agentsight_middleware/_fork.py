@@ -13,6 +13,7 @@ import itertools
 import os
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["reset_in_child"]
 
@@ -21,15 +22,21 @@ __all__ = ["reset_in_child"]
 # sink) stayed for the life of the process, dead or alive (a test suite building 20,000
 # middlewares: 60,000 hooks, ~2.4 KB each, a fork 80 -> 232 ms). An object's entry goes
 # when it does.
-_methods: dict[int, weakref.WeakMethod[Callable[[], None]]] = {}
+# Each entry: a weak reference to the object and the plain function to call on it. Not a
+# weakref.WeakMethod: its callback reads the WeakMethod back through a weak reference, which
+# is gone when both die in the same collection (at interpreter exit, a middleware held by a
+# module global with a test client or a Flask app), and Python printed "Exception ignored
+# in: <function WeakMethod.__new__.<locals>._cb> ... AttributeError: 'NoneType' object has
+# no attribute '_alive'" at the exit of every such WSGI app.
+_methods: dict[int, tuple[weakref.ref[Any], Callable[[Any], None]]] = {}
 _keys = itertools.count()
 
 
 def _run_in_child() -> None:
-    for ref in list(_methods.values()):
-        bound = ref()
-        if bound is not None:
-            bound()
+    for ref, function in list(_methods.values()):
+        owner = ref()
+        if owner is not None:
+            function(owner)
 
 
 if hasattr(os, "register_at_fork"):
@@ -41,8 +48,10 @@ def reset_in_child(method: Callable[[], None]) -> None:
     if not hasattr(os, "register_at_fork"):  # Windows: no fork, nothing to reset
         return
     key = next(_keys)
+    methods = _methods  # held here: at exit the module's globals may be gone first
 
     def forget(_: object) -> None:
-        _methods.pop(key, None)
+        methods.pop(key, None)
 
-    _methods[key] = weakref.WeakMethod(method, forget)
+    bound: Any = method
+    _methods[key] = (weakref.ref(bound.__self__, forget), bound.__func__)

@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
             f'e.g. make demo DEMO_ARGS="--port {args.port + 1}" or --port {args.port + 1}'
         )
     print(f"Demo shop with a chat widget: http://{args.host}:{args.port}/  (Ctrl-C to stop)")
+    # uvicorn raises the signal that stopped it again once it has shut down: a SIGTERM
+    # (kill, timeout, docker stop) then ended the demo before its report. Stopped so,
+    # it ends as after Ctrl-C (uvicorn has its own handler while it serves).
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # lifespan="on": Starlette builds the middleware at the lifespan's start, and a bad
     # AGENTSIGHT_API_KEY must stop the demo there, not turn every request into a 500
     # (uvicorn's default, "auto", takes a failing lifespan for one the app lacks).

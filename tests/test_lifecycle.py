@@ -554,3 +554,41 @@ def test_objects_reset_at_fork_add_no_fork_hook_each() -> None:
         assert not theirs & set(_fork._methods)  # gone with their objects
     finally:
         os.register_at_fork = real
+
+
+_AT_EXIT_HELD_BY_GLOBALS = """
+import sys
+
+from werkzeug.test import Client
+from agentsight_middleware import AgentSightWSGIMiddleware
+
+
+def page(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+# As a Flask app module holds it (app.wsgi_app = ...), with a test client beside it.
+middleware = AgentSightWSGIMiddleware(page, widget_pages=["/"], local_store=sys.argv[1])
+client = Client(middleware)
+"""
+
+
+def test_a_wsgi_middleware_held_by_module_globals_exits_without_a_weakref_error(
+    tmp_path: Path,
+) -> None:
+    # The at-fork registry held weakref.WeakMethod objects, whose callback reads the
+    # WeakMethod back through a weak reference that is gone when both die at interpreter
+    # exit: `flask --app examples.flask_app run` and Ctrl-C printed "Exception ignored in:
+    # <function WeakMethod.__new__.<locals>._cb> ... AttributeError: 'NoneType' object has
+    # no attribute '_alive'" at every stop.
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_AT_EXIT_HELD_BY_GLOBALS), str(tmp_path / "e.db")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
