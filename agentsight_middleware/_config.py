@@ -14,7 +14,15 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
-from ._conversation import ID_SOURCES, clean_id, cookie_value, form_field, json_field, query_field
+from ._conversation import (
+    ID_SOURCES,
+    MINTED,
+    clean_id,
+    cookie_value,
+    form_field,
+    json_field,
+    query_field,
+)
 from ._facts import (
     DEFAULT_NON_BROWSER_AGENTS,
     ForwardedHeader,
@@ -233,6 +241,15 @@ class Settings:
         start, plain, with_secure = self._cookie_text
         # Ids are ASCII (validated or minted), so this equals the bytes decoded as latin-1.
         return start + conversation_id + (with_secure if secure else plain)
+
+    def renews_cookie(self, id_source: str, conversation_id: str, cookie: str | None) -> bool:
+        """Whether a chat's answer sets the id cookie: when the id was just minted, or is the
+        one the request's own cookie carries, found there or first in another source (a
+        widget that sends the cookie's id in the header too, as a same-origin ``fetch()``
+        sends the cookie with it): the visit's cookie slides while the visitor chats."""
+        if id_source == MINTED or id_source == "cookie":
+            return True
+        return cookie is not None and cookie_value(cookie, self.cookie_name) == conversation_id
 
     def find_id(
         self,

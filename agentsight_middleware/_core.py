@@ -130,6 +130,11 @@ def viewed_conversation(
     return conversation if minted else None
 
 
+# Where a browser shows a page: a tab, or a frame (a chat widget served as an iframe's page,
+# embedded by the site's own pages or another site's). Not fetch(), an <embed>, a worker.
+_PAGE_DESTINATIONS: Final = frozenset({"document", "iframe", "frame"})
+
+
 def is_page_view(
     accept: str | None, fetch_dest: str | None, purpose: str | None, user_agent: str | None
 ) -> bool:
@@ -148,7 +153,7 @@ def is_page_view(
     if (
         fetch_dest is not None
         and fetch_dest != "document"
-        and fetch_dest.strip().lower() != "document"
+        and fetch_dest.strip().lower() not in _PAGE_DESTINATIONS
     ):
         return False
     if purpose is not None:

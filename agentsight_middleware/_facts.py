@@ -803,6 +803,25 @@ DEFAULT_NON_BROWSER_AGENTS: tuple[str, ...] = (
     # prerendering services, scrapers; and Lighthouse / PageSpeed Insights runs.
     "HeadlessChrome",  # ... (KHTML, like Gecko) HeadlessChrome/126.0.0.0 Safari/537.36
     "Chrome-Lighthouse",  # ... Chrome/120.0.0.0 Mobile Safari/537.36 Chrome-Lighthouse
+    "Cypress/",  # ... Cypress/13.6.0 Chrome/118.0.5993.159 Electron/27.1.3 (end-to-end tests)
+    # Link previews, crawlers and AI agents that user-agents takes for browsers (a Safari
+    # or Chrome token in theirs): a shared link's preview, or a model reading the page for
+    # someone, is no chance to chat.
+    "facebookexternalhit",  # iMessage's preview: Safari/601.2.4 facebookexternalhit/1.1 ...
+    "Facebot",
+    "Twitterbot",
+    "SkypeUriPreview",
+    "Teams-LinkPreview",
+    "Applebot",  # ... Version/8.0.2 Safari/600.2.5 (Applebot/0.1; +http://www.apple.com/...)
+    "Google-PageRenderer",
+    "Google-Read-Aloud",
+    "ChatGPT-User",
+    "Claude-User",
+    "Perplexity-User",
+    "vkShare",
+    "Viber/",
+    "Iframely",
+    "Embedly",
     # HTTP clients and scripts. Slashes keep short names from matching inside words.
     "curl/",
     "Wget/",

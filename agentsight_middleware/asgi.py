@@ -405,9 +405,10 @@ class AgentSightMiddleware(MiddlewareBase):
                 await delivery.engage_async(event)
                 handler_scope = delivery.scope(event)
             app_send = send
-            if id_source == MINTED or id_source == "cookie":
+            if settings.renews_cookie(id_source, conversation_id, cookie):
                 # Keep later chat requests of this browser on the same conversation
-                # (and slide the cookie's expiry while the visitor is chatting).
+                # (and slide the cookie's expiry while the visitor is chatting, whichever
+                # source the id was read from).
                 set_cookie = (
                     b"set-cookie",
                     settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),

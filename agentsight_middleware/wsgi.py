@@ -281,8 +281,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 current.reset(token)
             handler_scope = delivery.scope(event)
         app_start_response = start_response
-        if id_source == MINTED or id_source == "cookie":
-            # Keep later chat requests of this browser on the same conversation.
+        if settings.renews_cookie(id_source, conversation_id, cookie):
+            # Keep later chat requests of this browser on the same conversation (and slide
+            # the cookie's expiry while the visitor is chatting).
             set_cookie = (
                 "Set-Cookie",
                 settings.set_cookie_text(conversation_id, self._is_secure(environ)),

@@ -218,6 +218,7 @@ async def test_page_view_runs_off_the_request_path(tracker: RecordingTracker) ->
         pytest.param("/", {k: v for k, v in BROWSER.items() if k != "accept"}, id="no-accept"),
         pytest.param("/", {**BROWSER, "sec-fetch-dest": "image"}, id="sec-fetch-dest-image"),
         pytest.param("/", {**BROWSER, "sec-fetch-dest": "empty"}, id="fetch-from-script"),
+        pytest.param("/", {**BROWSER, "sec-fetch-dest": "embed"}, id="sec-fetch-dest-embed"),
         pytest.param("/", {**BROWSER, "sec-purpose": "prefetch"}, id="sec-purpose-prefetch"),
         pytest.param(
             "/", {**BROWSER, "sec-purpose": "prefetch;prerender"}, id="sec-purpose-prerender"
@@ -241,6 +242,22 @@ async def test_not_a_page_view(
     assert cookie_of(response) is None
     assert mw.flush(5)
     assert tracker.calls == []
+
+
+@pytest.mark.parametrize("destination", ["iframe", "frame"])
+async def test_a_widget_page_shown_in_a_frame_is_a_page_view(
+    tracker: RecordingTracker, destination: str
+) -> None:
+    # A chat widget served as the page of an iframe (embedded by the site's pages or
+    # another site's): browsers send Sec-Fetch-Dest: iframe, and such views were never
+    # counted, every chat then minting a conversation never initialized.
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        response = await c.get("/", headers={**BROWSER, "sec-fetch-dest": destination})
+    cookie = cookie_of(response)
+    assert cookie is not None
+    tracker.wait_for(initialized=1)
+    assert cookie.split(";")[0].endswith("=" + tracker.initialized[0]["conversation_id"])
 
 
 async def test_head_is_not_a_page_view(tracker: RecordingTracker) -> None:
@@ -492,6 +509,38 @@ async def test_chat_without_any_id_mints_one_and_sets_the_cookie(
     assert b["conversation_id"] == a["conversation_id"]
     assert b["metadata"]["conversation_id_source"] == "cookie"
     assert second.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs"),
+    [
+        pytest.param(
+            "/api/chat", {"headers": {"x-conversation-id": "conv_00000000000a"}}, id="header"
+        ),
+        pytest.param("/api/chat", {"json": {"conversation_id": "conv_00000000000a"}}, id="json"),
+        pytest.param("/api/chat/conv_00000000000a/messages", {}, id="path"),
+    ],
+)
+async def test_a_chat_sending_the_cookies_id_another_way_too_slides_the_cookie(
+    tracker: RecordingTracker, url: str, kwargs: dict[str, Any]
+) -> None:
+    # The demo widget's way (and the README's for every origin): the id read from
+    # document.cookie sent in X-Conversation-ID, the cookie going along with a same-origin
+    # fetch(). The cookie must slide as for a chat found by its cookie, or it expires
+    # cookie_max_age after the last page view while the visitor is still chatting.
+    mw = wrap(tracker)
+    async with client(mw) as c:
+        c.cookies.set("agentsight_conversation_id", "conv_00000000000a")
+        response = await c.post(url, **kwargs)
+        other = await c.post(
+            "/api/chat", headers={"x-conversation-id": "conv_00000000000b"}
+        )  # another id than the cookie's: the cookie is not the client's to change
+    assert tracker.used[0]["metadata"]["conversation_id_source"] != "cookie"
+    renewed = cookie_of(response)
+    assert renewed is not None
+    assert renewed.split(";")[0] == "agentsight_conversation_id=conv_00000000000a"
+    assert "Max-Age=1800" in renewed
+    assert cookie_of(other) is None
 
 
 async def test_options_preflight_is_not_a_chat(tracker: RecordingTracker) -> None:

@@ -723,6 +723,33 @@ PROBES = {
     "uptime-kuma": "Uptime-Kuma/1.23.11",
     "varnish": "Varnish health probe",
     "haproxy": "HAProxy health check",
+    # Link previews and AI agents that user-agents takes for browsers.
+    "imessage-preview": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_11_1) AppleWebKit/601.2.4 "
+    "(KHTML, like Gecko) Version/9.0.1 Safari/601.2.4 facebookexternalhit/1.1 Facebot "
+    "Twitterbot/1.0",
+    "skype-preview": "Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5 "
+    "skype-url-preview@microsoft.com",
+    "teams-preview": "Mozilla/5.0 (compatible; MSIE 6.0; Windows NT 5.1; SV1; .NET CLR 1.1.4322; "
+    "MS-RTC LM 8; Teams-LinkPreview)",
+    "applebot": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_10_1) AppleWebKit/600.2.5 (KHTML, "
+    "like Gecko) Version/8.0.2 Safari/600.2.5 (Applebot/0.1; +http://www.apple.com/go/applebot)",
+    "google-page-renderer": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/86.0.4240.198 Safari/537.36 Google-PageRenderer Google "
+    "(+https://developers.google.com/+/web/snippet/)",
+    "google-read-aloud": "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) "
+    "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Mobile Safari/537.36 "
+    "(compatible; Google-Read-Aloud; +https://support.google.com/webmasters/answer/1061943)",
+    "chatgpt-user": "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; "
+    "ChatGPT-User/1.0; +https://openai.com/bot)",
+    "claude-user": "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; "
+    "Claude-User/1.0; +Claude-User@anthropic.com)",
+    "perplexity-user": "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; "
+    "Perplexity-User/1.0; +https://perplexity.ai/perplexity-user)",
+    "vk-share": "Mozilla/5.0 (compatible; vkShare; +http://vk.com/dev/Share)",
+    "viber": "Viber/13.3.1.22",
+    "iframely": "Iframely/1.3.1 (+https://iframely.com/docs/about)",
+    "cypress": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Cypress/13.6.0 Chrome/118.0.5993.159 Electron/27.1.3 Safari/537.36",
     "empty": "",
     "blank": "   ",
 }

@@ -161,7 +161,8 @@ def test_wsgi_extension_method_still_matches() -> None:
 
 _VALUES = st.sampled_from(
     [b"", b" ", b"\xa0", b"text/html", b"TEXT/HTML", b"*/*", b"document", b"Document",
-     b"empty", b"prefetch", b"x", b"Mozilla/5.0", b" Mozilla", b"text/html,*/*;q=0.8"]
+     b"empty", b"iframe", b"IFrame", b"embed", b"prefetch", b"x", b"Mozilla/5.0", b" Mozilla",
+     b"text/html,*/*;q=0.8"]
 )  # fmt: skip
 _NAMES = st.sampled_from(
     [b"accept", b"sec-fetch-dest", b"user-agent", b"sec-purpose", b"purpose", b"x-purpose",

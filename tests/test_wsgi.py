@@ -143,6 +143,26 @@ def test_flask_bot_probe_and_mobile(tracker: RecordingTracker) -> None:
     assert middleware_of(app).stats()["skipped_bots"] == 2
 
 
+def test_flask_chat_sending_the_cookies_id_in_the_header_too_slides_the_cookie(
+    tracker: RecordingTracker,
+) -> None:
+    # As the demo widget sends it: the cookie's id in X-Conversation-ID, the cookie along.
+    client = Client(wrap(tracker))
+    client.set_cookie("agentsight_conversation_id", "conv_00000000000a")
+    chat = client.post(
+        "/api/chat", json={"message": "hi"}, headers={"X-Conversation-ID": "conv_00000000000a"}
+    )
+    other = client.post(
+        "/api/chat", json={"message": "hi"}, headers={"X-Conversation-ID": "conv_00000000000b"}
+    )
+    assert chat.get_json()["environ_id"] == "conv_00000000000a"
+    renewed = chat.headers.get("Set-Cookie")
+    assert renewed is not None
+    assert renewed.startswith("agentsight_conversation_id=conv_00000000000a;")
+    assert "Max-Age=1800" in renewed
+    assert "Set-Cookie" not in other.headers  # another id than the cookie's: left alone
+
+
 def test_flask_streaming_chat_passes_through(tracker: RecordingTracker) -> None:
     app = wrap(tracker)
     response = Client(app).post("/api/stream", headers={"X-Conversation-ID": "conv_s"})
