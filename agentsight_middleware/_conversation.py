@@ -621,7 +621,7 @@ class Conversation:
         facts = self._facts()
         referrer = facts[6]
         data: dict[str, Any] = {
-            "page_path": redact_path(self._path)[:MAX_URL_LENGTH],
+            "page_path": _without_nul(redact_path(self._path)[:MAX_URL_LENGTH]),
             "page_url": page_url(facts[3], facts[4], self._path, facts[5]),
             "referrer": redact_url(referrer) if referrer else None,
             "user_agent": facts[1][:255] or None,
@@ -635,6 +635,14 @@ class Conversation:
 
 
 _FIELDS: tuple[str, ...] = Conversation.__match_args__
+
+
+def _without_nul(path: str) -> str:
+    """``path`` with NUL as its escape, ``%00``: a decoded path may hold one (``/x/%00``
+    under a catch-all rule), which the API's store refuses in a string (PostgreSQL's text
+    and jsonb; Django REST framework's CharField answers 400), so the event was lost."""
+    return path.replace("\x00", "%00") if "\x00" in path else path
+
 
 #: The longest value of a request fact that Conversation._compact keeps.
 _KEEP = 2 * MAX_URL_LENGTH

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from ._conversation import Conversation
 
-__all__ = ["ENGAGE", "INITIALIZE", "Event", "is_robot_view", "new_event", "tracker_kwargs"]
+__all__ = ["ENGAGE", "INITIALIZE", "Event", "clamp", "is_robot_view", "new_event", "tracker_kwargs"]
 
 #: A widget page was viewed: the visitor had the chance to chat (``is_used: false``).
 INITIALIZE = "initialize"
@@ -50,8 +50,14 @@ def is_robot_view(event: Event, is_probe: Callable[[str], bool] | None) -> bool:
     return conversation.is_bot
 
 
-def _clamp(value: str | None) -> str | None:
-    return value[:MAX_FIELD] if value else value
+def clamp(value: str | None) -> str | None:
+    """A string field as the API takes it: at most MAX_FIELD chars, and no NUL, which
+    Django REST framework's CharField refuses (the whole event answered 400)."""
+    if not value:
+        return value
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value[:MAX_FIELD]
 
 
 def tracker_kwargs(
@@ -64,10 +70,10 @@ def tracker_kwargs(
     """
     kwargs: dict[str, Any] = {
         "conversation_id": conversation.id,
-        "customer_id": _clamp(conversation.customer_id),
+        "customer_id": clamp(conversation.customer_id),
         "customer_ip_address": conversation.client_ip,
         "device": conversation.device,
-        "source": _clamp(source),
+        "source": clamp(source),
         "language": conversation.language,
         "metadata": conversation.metadata(),
     }

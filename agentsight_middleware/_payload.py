@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._events import ENGAGE, MAX_FIELD, Event
+from ._events import ENGAGE, Event, clamp
 
 __all__ = [
     "DEFAULT_ENVIRONMENT",
@@ -53,14 +53,13 @@ def build_payload(event: Event, *, source: str | None, environment: str | None) 
     here: this runs once per event in the worker.
     """
     conversation = event.conversation
-    customer_id = conversation.customer_id
     return {
         "timestamp": iso_timestamp(event.timestamp),
         "conversation_id": conversation.id,
-        "customer_id": customer_id[:MAX_FIELD] if customer_id else customer_id,
+        "customer_id": clamp(conversation.customer_id),
         "customer_ip_address": conversation.client_ip,
         "device": conversation.device,
-        "source": source[:MAX_FIELD] if source else source,
+        "source": clamp(source),
         "language": conversation.language,
         "name": None,
         "environment": environment or DEFAULT_ENVIRONMENT,

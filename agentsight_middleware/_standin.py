@@ -193,6 +193,9 @@ def _validate_conversation(data: Any) -> dict[str, list[str]]:
             errors[field] = ["Not a valid string."]
         elif len(value) > _MAX_STRING_LENGTH:
             errors[field] = [f"Ensure this field has no more than {_MAX_STRING_LENGTH} characters."]
+        elif "\x00" in value:
+            # Django REST framework's CharField runs ProhibitNullCharactersValidator.
+            errors[field] = ["Null characters are not allowed."]
 
     if "conversation_id" not in errors:
         cid = data.get("conversation_id")

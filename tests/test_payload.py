@@ -63,8 +63,9 @@ def _conversation(**fields: Any) -> Conversation:
         ({"customer_id": "c" * 300, "extra_metadata": {"plan": "pro"}}, "s" * 300, "development"),
         ({"customer_id": "", "peer": None, "user_agent": ""}, None, None),
         ({"customer_id": "cust-1", "accept_language": None}, "", "production"),
+        ({"customer_id": "cust\x00-1", "path": "/docs/a\x00b"}, "w\x00eb", None),
     ],
-    ids=["plain", "clamped", "empty", "no-language"],
+    ids=["plain", "clamped", "empty", "no-language", "nul"],
 )
 def test_the_payload_carries_the_trackers_fields(
     kind: str, fields: dict[str, Any], source: str | None, environment: str | None
@@ -82,3 +83,16 @@ def test_the_payload_carries_the_trackers_fields(
         "environment": environment or "production",
         "is_used": kind == ENGAGE,
     }
+
+
+def test_no_nul_reaches_the_api_in_a_string() -> None:
+    # A decoded path may hold one (/docs/a%00b under a catch-all rule), a customer_id hook
+    # may return one: Django REST framework's CharField answers 400 to a NUL, PostgreSQL
+    # refuses one in text and jsonb, and the event was lost.
+    conversation = _conversation(customer_id="cust\x00-1", path="/docs/a\x00b")
+    payload = build_payload(Event(ENGAGE, conversation, 1764133697.25), source="w\x00eb",
+                            environment=None)  # fmt: skip
+    assert payload["customer_id"] == "cust-1"
+    assert payload["source"] == "web"
+    assert payload["metadata"]["page_path"] == "/docs/a%00b"
+    assert payload["metadata"]["page_url"] == "https://shop.example/docs/a%00b?utm_source=news"

@@ -333,6 +333,12 @@ VALIDATION_CASES = [
     ),
     case("255-char-field-ok", 201, conversation(name="x" * 255)),
     case(
+        "nul-in-a-string",
+        400,
+        conversation(customer_id="cust\x00-1"),
+        {"customer_id": ["Null characters are not allowed."]},
+    ),
+    case(
         "non-string-field",
         400,
         conversation(customer_id=42),
