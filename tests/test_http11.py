@@ -2763,7 +2763,7 @@ async def test_rows_waiting_for_a_retry_do_not_stop_the_stream_s_pipelines() -> 
     outbox = MemoryOutbox(1000)
     outbox.put([(f"conv_parked{i:05d}", b"{}") for i in range(40)])
     for item in outbox.claim(40, time.time()):
-        outbox.retry(item, time.time() + 3600)
+        outbox.retry(item, time.time() + 100)  # backoff's longest is 60 s; past 120, due
     async with server.running() as url:
         sink = direct_sink(url, outbox, concurrency=64)
         writes = count_writes(sink)
