@@ -619,12 +619,15 @@ class Conversation:
 
     def metadata(self) -> dict[str, Any]:
         facts = self._facts()
-        referrer = facts[6]
+        referrer = redact_url(facts[6]) if facts[6] else None
+        user_agent = facts[1]
+        if "\x00" in user_agent:  # passed through by uWSGI and Werkzeug (see _without_nul)
+            user_agent = user_agent.replace("\x00", "")
         data: dict[str, Any] = {
             "page_path": _without_nul(redact_path(self._path)[:MAX_URL_LENGTH]),
             "page_url": page_url(facts[3], facts[4], self._path, facts[5]),
-            "referrer": redact_url(referrer) if referrer else None,
-            "user_agent": facts[1][:255] or None,
+            "referrer": _without_nul(referrer) if referrer else None,
+            "user_agent": user_agent[:255] or None,
             "rule": self._rule,
             "conversation_id_source": self._id_source,
         }

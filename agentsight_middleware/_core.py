@@ -131,17 +131,25 @@ def viewed_conversation(
 
 
 # Where a browser shows a page: a tab, or a frame (a chat widget served as an iframe's page,
-# embedded by the site's own pages or another site's). Not fetch(), an <embed>, a worker.
+# embedded by the site's own pages). Not fetch(), an <embed>, a worker.
 _PAGE_DESTINATIONS: Final = frozenset({"document", "iframe", "frame"})
+_FRAMES: Final = frozenset({"iframe", "frame"})
 
 
 def is_page_view(
-    accept: str | None, fetch_dest: str | None, purpose: str | None, user_agent: str | None
+    accept: str | None,
+    fetch_dest: str | None,
+    purpose: str | None,
+    user_agent: str | None,
+    fetch_site: str | None = None,
 ) -> bool:
     """Cheap request-side tests of a real page view (the response is checked later).
 
     ``purpose`` is the ``Sec-Purpose``, ``Purpose``, ``X-Purpose`` and ``X-Moz`` headers
     that are present, joined: prefetches and previews announce themselves in one of these.
+    ``fetch_site`` is ``Sec-Fetch-Site``: a frame in another site's page is no view, as
+    its SameSite=Lax cookie is neither stored nor sent there (each load a new id, no chat
+    ever on it).
     """
     if not accept:
         return False
@@ -150,12 +158,16 @@ def is_page_view(
         accept = accept.lower()
         if "text/html" not in accept and "application/xhtml+xml" not in accept:
             return False
-    if (
-        fetch_dest is not None
-        and fetch_dest != "document"
-        and fetch_dest.strip().lower() not in _PAGE_DESTINATIONS
-    ):
-        return False
+    if fetch_dest is not None and fetch_dest != "document":
+        destination = fetch_dest.strip().lower()
+        if destination not in _PAGE_DESTINATIONS:
+            return False
+        if (
+            destination in _FRAMES
+            and fetch_site is not None
+            and fetch_site.strip().lower() == "cross-site"
+        ):
+            return False
     if purpose is not None:
         purpose = purpose.lower()
         if "prefetch" in purpose or "prerender" in purpose or "preview" in purpose:

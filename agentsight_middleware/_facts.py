@@ -819,7 +819,7 @@ DEFAULT_NON_BROWSER_AGENTS: tuple[str, ...] = (
     "Claude-User",
     "Perplexity-User",
     "vkShare",
-    "Viber/",
+    "ViberUrlDownloader",  # Viber's link preview; its in-app browser says Viber/ (people)
     "Iframely",
     "Embedly",
     # HTTP clients and scripts. Slashes keep short names from matching inside words.

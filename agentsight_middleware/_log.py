@@ -60,10 +60,9 @@ class LogOnce:
             )
         elif again:
             logger.warning(
-                "%s failed %d more time(s) since it was last said (the last: %s: %s)",
+                "%s failed %d more time(s) since it was last said (the last: %r)",
                 what,
                 again,
-                type(exc).__name__,
                 exc,
             )
         else:

@@ -545,7 +545,11 @@ def _is_page_view(environ: Environ) -> bool:
     ):
         purpose = ", ".join(str(get(key, "")) for key in _PURPOSES)
     return is_page_view(
-        get("HTTP_ACCEPT"), get("HTTP_SEC_FETCH_DEST"), purpose, get("HTTP_USER_AGENT")
+        get("HTTP_ACCEPT"),
+        get("HTTP_SEC_FETCH_DEST"),
+        purpose,
+        get("HTTP_USER_AGENT"),
+        get("HTTP_SEC_FETCH_SITE"),
     )
 
 

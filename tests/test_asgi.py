@@ -260,6 +260,26 @@ async def test_a_widget_page_shown_in_a_frame_is_a_page_view(
     assert cookie.split(";")[0].endswith("=" + tracker.initialized[0]["conversation_id"])
 
 
+@pytest.mark.parametrize("destination", ["iframe", "frame"])
+async def test_a_widget_page_framed_by_another_site_is_not_a_page_view(
+    tracker: RecordingTracker, destination: str
+) -> None:
+    # In another site's frame the SameSite=Lax cookie is neither stored nor sent (Chromium
+    # 156, tried): every load minted a view and its chats minted other conversations, views
+    # no chat could ever be linked to (a visitor who chatted counted 0 of 2 views).
+    mw = wrap(tracker)
+    headers = {**BROWSER, "sec-fetch-dest": destination, "sec-fetch-site": "cross-site"}
+    async with client(mw) as c:
+        response = await c.get("/", headers=headers)
+        same_site = await c.get(
+            "/", headers={**headers, "sec-fetch-site": "same-site"}
+        )  # the site's own pages: a view, as above
+    assert cookie_of(response) is None
+    assert cookie_of(same_site) is not None
+    assert mw.flush(5)
+    assert len(tracker.initialized) == 1
+
+
 async def test_head_is_not_a_page_view(tracker: RecordingTracker) -> None:
     mw = wrap(tracker)
     async with client(mw) as c:

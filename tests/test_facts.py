@@ -667,6 +667,19 @@ BROWSERS = {
     "android-webview": "Mozilla/5.0 (Linux; Android 13; SM-A536B Build/TP1A.220624.014; wv) "
     "AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/124.0.6367.82 "
     "Mobile Safari/537.36",
+    # In-app browsers: people who tapped a link in a messenger or a feed, and can chat.
+    # Viber's (matomo-org/device-detector, a mobile app on a smartphone) carries Viber/,
+    # its link previews ViberUrlDownloader.
+    "viber-in-app": "Mozilla/5.0 (Linux; Android 7.1.2; G011A Build/N2G48H; wv) "
+    "AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/66.0.3359.158 "
+    "Safari/537.36 Viber/11.9.5.8",
+    "facebook-in-app": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) "
+    "AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 [FBAN/FBIOS;FBAV/459.0.0.38.108;"
+    "FBBV/588166394;FBDV/iPhone15,2;FBMD/iPhone;FBSN/iOS;FBSV/17.4;FBSS/3;FBID/phone;"
+    "FBLC/en_US;FBOP/5;FBRV/590227036]",
+    "instagram-in-app": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) "
+    "AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 Instagram 327.1.6.30.88 "
+    "(iPhone15,2; iOS 17_4; en_US; en; scale=3.00; 1179x2556; 588446421)",
 }
 
 BOTS = {
@@ -746,7 +759,7 @@ PROBES = {
     "perplexity-user": "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; "
     "Perplexity-User/1.0; +https://perplexity.ai/perplexity-user)",
     "vk-share": "Mozilla/5.0 (compatible; vkShare; +http://vk.com/dev/Share)",
-    "viber": "Viber/13.3.1.22",
+    "viber-preview": "Mozilla/5.0 (Windows NT 6.1; WOW64) ViberUrlDownloader",
     "iframely": "Iframely/1.3.1 (+https://iframely.com/docs/about)",
     "cypress": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Cypress/13.6.0 Chrome/118.0.5993.159 Electron/27.1.3 Safari/537.36",

@@ -162,15 +162,15 @@ def test_wsgi_extension_method_still_matches() -> None:
 _VALUES = st.sampled_from(
     [b"", b" ", b"\xa0", b"text/html", b"TEXT/HTML", b"*/*", b"document", b"Document",
      b"empty", b"iframe", b"IFrame", b"embed", b"prefetch", b"x", b"Mozilla/5.0", b" Mozilla",
-     b"text/html,*/*;q=0.8"]
+     b"text/html,*/*;q=0.8", b"cross-site", b"Cross-Site ", b"same-origin"]
 )  # fmt: skip
 _NAMES = st.sampled_from(
     [b"accept", b"sec-fetch-dest", b"user-agent", b"sec-purpose", b"purpose", b"x-purpose",
-     b"x-moz", b"cookie"]
+     b"x-moz", b"cookie", b"sec-fetch-site"]
 )  # fmt: skip
 
 
-@given(st.dictionaries(_NAMES, _VALUES, max_size=8))
+@given(st.dictionaries(_NAMES, _VALUES, max_size=9))
 def test_page_view_fast_path_agrees_with_the_full_test(headers: dict[bytes, bytes]) -> None:
     from agentsight_middleware._core import is_page_view
     from agentsight_middleware.asgi import _is_page_view
@@ -181,5 +181,11 @@ def test_page_view_fast_path_agrees_with_the_full_test(headers: dict[bytes, byte
 
     purposes = [text(name) for name in (b"sec-purpose", b"purpose", b"x-purpose", b"x-moz")]
     purpose = ", ".join(p or "" for p in purposes) if any(p is not None for p in purposes) else None
-    expected = is_page_view(text(b"accept"), text(b"sec-fetch-dest"), purpose, text(b"user-agent"))
+    expected = is_page_view(
+        text(b"accept"),
+        text(b"sec-fetch-dest"),
+        purpose,
+        text(b"user-agent"),
+        text(b"sec-fetch-site"),
+    )
     assert _is_page_view(headers) is expected

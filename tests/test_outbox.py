@@ -412,6 +412,26 @@ def test_a_chat_settling_from_before_a_clock_step_goes_at_once(
     outbox.close()
 
 
+def test_a_row_claimed_from_before_a_clock_step_is_handed_back_at_close(
+    tmp_path: Path,
+) -> None:
+    # close() keeps the lease of a claimed row whose not_before is ahead (it takes it for
+    # one written and unanswered); a row due because the clock was stepped back is ahead
+    # too, and a sibling of this host waited out the whole lease for it.
+    path = tmp_path / "o.sqlite3"
+    outbox = SQLiteOutbox(path)
+    outbox.put([("a", b"a1")])
+    now = time.time()
+    [item] = outbox.claim(10, now)
+    outbox.retry(item, now + 3600)  # timed by the clock before the step
+    [again] = outbox.claim(10, time.time())  # due now: claimed, never written
+    assert again.body == b"a1"
+    outbox.close()
+    sibling = SQLiteOutbox(path)
+    assert [i.body for i in sibling.claim(10, time.time())] == [b"a1"]
+    sibling.close()
+
+
 def test_the_claim_looks_each_conversation_up_in_one_index_search(tmp_path: Path) -> None:
     # With (conversation_id, id) alone, each candidate's "a row of a lower kind before it?"
     # read every row of its conversation: a claim took minutes for 50,000 chats written

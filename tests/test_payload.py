@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -96,3 +97,17 @@ def test_no_nul_reaches_the_api_in_a_string() -> None:
     assert payload["source"] == "web"
     assert payload["metadata"]["page_path"] == "/docs/a%00b"
     assert payload["metadata"]["page_url"] == "https://shop.example/docs/a%00b?utm_source=news"
+
+
+def test_no_nul_reaches_the_api_in_the_user_agent_or_referrer() -> None:
+    # uWSGI and Werkzeug pass a NUL in a header value through (uvicorn and gunicorn answer
+    # 400): metadata.user_agent and metadata.referrer carried it to the API, whose store
+    # refuses it in jsonb as in text (see the test above), and the event was lost.
+    conversation = _conversation(
+        user_agent=CHROME + "\x00", referrer="https://www.example.org/a?q=x\x00y"
+    )
+    payload = build_payload(Event(INITIALIZE, conversation, 1764133697.25), source=None,
+                            environment=None)  # fmt: skip
+    assert payload["metadata"]["user_agent"] == CHROME
+    assert payload["metadata"]["referrer"] == "https://www.example.org/a?q=x%00y"
+    assert "\\u0000" not in json.dumps(payload)

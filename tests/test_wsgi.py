@@ -143,6 +143,20 @@ def test_flask_bot_probe_and_mobile(tracker: RecordingTracker) -> None:
     assert middleware_of(app).stats()["skipped_bots"] == 2
 
 
+def test_flask_widget_page_framed_by_another_site_is_not_a_page_view(
+    tracker: RecordingTracker,
+) -> None:
+    # Its SameSite=Lax cookie is neither stored nor sent there: a view no chat links to.
+    app = wrap(tracker)
+    framed = {**BROWSER, "sec-fetch-dest": "iframe"}
+    cross = Client(app).get("/", headers={**framed, "sec-fetch-site": "cross-site"})
+    own = Client(app).get("/", headers={**framed, "sec-fetch-site": "same-origin"})
+    assert "Set-Cookie" not in cross.headers
+    assert "Set-Cookie" in own.headers
+    assert middleware_of(app).flush(5)
+    assert len(tracker.initialized) == 1
+
+
 def test_flask_chat_sending_the_cookies_id_in_the_header_too_slides_the_cookie(
     tracker: RecordingTracker,
 ) -> None:

@@ -606,9 +606,10 @@ class SQLiteOutbox:
                 [(max(not_before, now + 1), i.id, self._owner) for i in unanswered],
             )
             # A leased row's not_before was due when it was claimed, so a later one
-            # marks the unanswered.
+            # marks the unanswered (set just above, at most a request's time-out ahead):
+            # one further ahead than STEPPED_BACK was due by a clock stepped back since.
             conn.execute(
                 "UPDATE outbox SET lease_until = 0, lease_owner = NULL "
-                "WHERE lease_owner = ? AND not_before <= ?",
-                (self._owner, now),
+                "WHERE lease_owner = ? AND (not_before <= ? OR not_before > ?)",
+                (self._owner, now, now + STEPPED_BACK),
             )
