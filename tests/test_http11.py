@@ -33,6 +33,7 @@ import trustme
 
 from agentsight_middleware._credentials import Credentials
 from agentsight_middleware.sinks import _http11
+from agentsight_middleware.sinks import http as http_sink
 from agentsight_middleware.sinks._http11 import Http11Pool, Reply
 from agentsight_middleware.sinks.http import HttpSink, environment_proxy
 from agentsight_middleware.sinks.outbox import MemoryOutbox, OutboxItem, SQLiteOutbox
@@ -2785,18 +2786,23 @@ async def test_rows_waiting_for_a_retry_do_not_stop_the_stream_s_pipelines() -> 
         # spell is followed by another, 4 more at most. The parked rows, the bug's cause,
         # made every stream 1.0 events a write.
         averages: list[float] = []
+        fast: list[float] = []  # those of streams the pace said fast at their end
         first = 300
         for _ in range(5):
             writes.clear()
             await stream_past_the_parked(40, first)
             first += 600
             averages.append(sum(writes) / len(writes))
+            if sink._pipeline_time <= http_sink._PIPELINE_BUDGET:
+                fast.append(averages[-1])
             if averages[-1] > 5 or _http11.ENGINES != ("httptools",):
                 break
         await sink.aclose()
     assert len(set(accepted)) == first  # 900 unless the cores were busy
     if _http11.ENGINES == ("httptools",):
-        assert max(averages) > 5, averages  # events a write (was 1.0)
+        # Events a write (the bug: 1.0 in every stream). On cores so busy that every stream
+        # met a slow spell (a CI run beside other work: 1.8-3.0), the spread is right.
+        assert max(averages) > (5 if fast else 1.5), (averages, fast)
 
 
 def test_one_slow_pipeline_does_not_keep_pipelines_at_one_request() -> None:
