@@ -68,9 +68,13 @@ async def _wait_cancelling(
     handed to the app half run: the app may call receive from another task (an inner
     BaseHTTPMiddleware's ``call_next``), where a cancel scope that the receive entered
     here (an outer BaseHTTPMiddleware's) cannot be left. Under trio, relayed without a
-    bound."""
+    bound. A future of the server's own kind is never cancelled (see :func:`_foreign`):
+    the server's receive itself is handed over at the bound (nothing of a wrapper ran in
+    this task), one inside a wrapper's is waited for without a bound."""
     import asyncio
 
+    if waited is steps and _foreign(waited):
+        return await _wait_handing_over(steps, waited, deadline)
     resume = _Resume(steps, waited)
     try:
         loop = asyncio.get_running_loop()
@@ -101,9 +105,9 @@ async def _wait_cancelling(
         if quiet < _QUIET_TURNS and time.monotonic() < deadline + PEEK_WAIT:
             timer = loop.call_soon(expire)
             return
-        if future and not isinstance(pending, asyncio.Future) and not pending.cancel():
-            # A future of its own kind that will not be cancelled: Task.cancel() would
-            # put a CancelledError in place of its result, the message. Waited for.
+        if future and _foreign(pending):
+            # A future of the server's own kind, inside a wrapper's receive: neither its
+            # cancel() nor Task.cancel() (which calls it) is safe (see _foreign). Waited for.
             return
         expired = True
         task.cancel()
@@ -132,10 +136,12 @@ async def _wait_handing_over(
     first step ran here: a contextvar, a cancel scope or an ``asyncio.timeout`` it
     entered must be left here too): ``(message, None)`` if it comes before ``deadline``,
     else ``(None, an awaitable of the rest)`` for the app to await. Under trio, or for
-    a yield asyncio does not know, relayed without a bound. Python 3.10 only: there,
-    anyio takes a cancel of ours in a cancel scope the receive entered for its own,
-    and swallows it (BaseHTTPMiddleware's receive then fails); the app awaiting the
-    rest in another task fails as well, so the first part is not bounded there."""
+    a yield asyncio does not know, relayed without a bound. On Python 3.10 for every
+    receive: there, anyio takes a cancel of ours in a cancel scope the receive entered for
+    its own, and swallows it (BaseHTTPMiddleware's receive then fails); the app awaiting
+    the rest in another task fails as well, so the first part is not bounded there. On
+    3.11+ only for a server's own future awaited as it is (granian's: see _foreign), which
+    any task may await and no cancel may touch."""
     import asyncio
 
     try:
@@ -173,6 +179,20 @@ async def _wait_handing_over(
             return done.value, None
 
 
+def _foreign(waited: Any) -> bool:
+    """Whether a receive waits on a future of the server's own kind, not asyncio's: one
+    that may not be cancelled without losing a message. granian's ``PyFutureAwaitable``
+    takes the part off the connection in its own thread and sets the result a moment later
+    on the loop; a ``cancel()`` in between says True, and that part never reaches the app (a
+    chat body whose part came at the bound: a truncated body, or a request that hangs
+    for want of its last, empty part). Another's ``cancel()`` may say False instead, and
+    ``Task.cancel()`` would then put a CancelledError in place of the message."""
+    import asyncio
+
+    blocking = getattr(waited, "_asyncio_future_blocking", None)
+    return blocking is not None and not isinstance(waited, asyncio.Future)
+
+
 class _Resume:
     """Awaits the rest of a stepped awaitable: what it yields goes to the running task,
     and what the task sends back (or throws) goes to it, as ``await`` would have done."""
@@ -181,6 +201,18 @@ class _Resume:
         self._steps = steps
         self.waited = waited  # what it waits on now
         self.steps = 0  # how many times it was woken by what it waited on (not a bare yield)
+
+    def abandon(self) -> None:
+        """A wait handed over to an app that finished without taking it up: the server's
+        own future (see :func:`_foreign`) is cancelled now, what it may hold read by no
+        one. An app that does not read leaves no receive pending without us; granian kept
+        the connection open while ours was (until more of the body came, or the client
+        gave up)."""
+        if self.waited is not self._steps:
+            return  # inside a wrapper's receive: never cancelled (see _wait_cancelling)
+        waited: Any = self.waited
+        if _foreign(waited) and not waited.done():
+            waited.cancel()
 
     def __await__(self) -> Generator[Any, Any, Message]:
         steps = self._steps
@@ -314,7 +346,20 @@ async def peek_asgi(
             return await pending  # type: ignore[no-any-return]
         return await receive()
 
+    if waiting is not None:
+
+        def abandon() -> None:
+            # The app has finished: the wait handed over at the bound, if it never took it
+            # up (see _Resume.abandon).
+            if waiting is not None:
+                waiting.abandon()
+
+        replay.abandon = abandon  # type: ignore[attr-defined]
     return (b"".join(chunks) if complete else b""), replay
+
+
+#: The size of each read of the rest of a WSGI input read to its end (see ReplayInput).
+_READ_BLOCK = 65536
 
 
 class ReplayInput(io.RawIOBase):
@@ -362,10 +407,20 @@ class ReplayInput(io.RawIOBase):
         self._raise_pending()
         if self._stream is None:
             return head
-        rest = (
-            self._stream.read() if size is None or size < 0 else self._stream.read(size - len(head))
-        )
-        return head + rest
+        if size is None or size < 0:
+            return head + self._read_to_end(self._stream)
+        return head + self._stream.read(size - len(head))
+
+    @staticmethod
+    def _read_to_end(stream: IO[bytes]) -> bytes:
+        """The rest of ``stream``, read in parts of a given size: PEP 3333 promises no
+        ``read()`` without one, and granian's input (2.x) answers one made after sized reads
+        (the peek's) with only part of what is left, the rest lost: a chunked body over the
+        peek's limit reached the app cut short (Flask's ``get_data()`` reads so)."""
+        parts = []
+        while chunk := stream.read(_READ_BLOCK):
+            parts.append(chunk)
+        return b"".join(parts)
 
     def readall(self) -> bytes:
         return self.read(-1)

@@ -195,6 +195,15 @@ class AgentSightMiddleware(MiddlewareBase):
                 # outbox by the last run are sent now, not at the first page view.
                 self._core.delivery.ensure_started()
                 self._check_routes("", lifespan=True)
+                # The user-agent parser, before the server serves: built by the worker at
+                # the first page view instead (~0.2-0.3 s, ~130 ms of it in one call into
+                # ua-parser-rs that holds the GIL), it froze every request and stream in
+                # flight. In a thread: the loop may run other lifespans meanwhile.
+                import anyio.to_thread
+
+                from ._device import backend
+
+                await anyio.to_thread.run_sync(backend)
             elif message["type"] == "lifespan.shutdown.complete":
                 # Deliver what is queued while the server still waits for us; in a
                 # thread, because closing joins the worker thread.
@@ -373,7 +382,8 @@ class AgentSightMiddleware(MiddlewareBase):
         content_type = None if raw_type is None else raw_type.decode("latin-1")
         cookie = None if raw_cookie is None else raw_cookie.decode("latin-1")
         found = settings.find_id(match.params, id_header, content_type, cookie, query, None)
-        if found is NEED_BODY:
+        found_in_body = found is NEED_BODY
+        if found_in_body:
             if b"expect" in headers:
                 # The client waits for a go-ahead (100 Continue) before it sends the
                 # body: reading it would give one on the app's behalf, to an app that
@@ -435,6 +445,10 @@ class AgentSightMiddleware(MiddlewareBase):
                     await self.app(scope, receive, app_send)
         finally:
             current.reset(token)
+            if found_in_body:
+                abandon = getattr(receive, "abandon", None)
+                if abandon is not None:
+                    abandon()  # a receive of the peek's the app never took up
 
 
 _PURPOSES = (b"sec-purpose", b"purpose", b"x-purpose", b"x-moz")

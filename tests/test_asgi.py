@@ -2019,3 +2019,24 @@ def test_a_late_body_part_reaches_the_app_whatever_middleware_surrounds_it(
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     got = answer.partition(b"\r\n\r\n")[2]
     assert got == b'{"got":"{\\"conversation_id\\": \\"conv_0123456789ab\\", \\"m\\": \\"hi\\"}"}'
+
+
+def test_the_user_agent_parser_is_built_before_the_server_serves(
+    tracker: RecordingTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The user-agent parser was built by the worker at the process's first page view:
+    # ~0.2-0.3 s, ~130 ms of it in one call into ua-parser-rs that holds the GIL, which
+    # froze every request and stream in flight (an SSE chunk due every 200 ms came 300-490
+    # ms after the last under uvicorn, hypercorn, gunicorn, waitress and Werkzeug's server).
+    # Built at the lifespan's start now: the server serves only once it is done.
+    from agentsight_middleware import _device
+
+    monkeypatch.setattr(_device, "_engine", None)  # as in a process that has not built it
+    app = Starlette(routes=[Route("/", page)])
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    with uvicorn_server(mw) as url:
+        assert _device._engine is not None  # no request yet
+        answer = httpx.get(url, headers=BROWSER)
+        assert answer.status_code == 200
+        tracker.wait_for(initialized=1)
+        assert tracker.initialized[0]["device"] == "desktop"

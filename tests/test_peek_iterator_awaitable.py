@@ -8,10 +8,12 @@ one)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import pytest
 
+from agentsight_middleware import _body
 from agentsight_middleware._body import peek_asgi
 
 
@@ -88,5 +90,80 @@ def test_a_receive_awaitable_whose_iterator_has_no_send(late: bool) -> None:
         assert body == b'{"conversation_id": "conv_0123456789ab"}'
         assert await replay() == parts[0]
         assert await replay() == parts[1]
+
+    asyncio.run(main())
+
+
+class TakenThenSetFuture(IterFuture):
+    """granian's ``PyFutureAwaitable`` as it behaves at the bound: the server takes the part
+    off the connection in its own thread and sets the result on the loop a moment later;
+    a ``cancel()`` in between says True, and the part taken is dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, server: Server) -> None:
+        super().__init__(loop)
+        self._server = server
+        self._taken: dict[str, Any] | None = None
+
+    def take(self, message: dict[str, Any]) -> None:
+        # A moment later, as the runtime's thread hands it to the loop (call_soon_threadsafe).
+        self._taken = message
+        self._fut.get_loop().call_later(0.005, self._hand_over)
+
+    def _hand_over(self) -> None:
+        if not self._fut.done():
+            self._fut.set_result(self._taken)
+        # else: cancelled in between; the part is gone, as granian's is.
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._taken is None:
+            self._server.waiting.remove(self)  # nothing taken yet: left on the connection
+        return self._fut.cancel()
+
+
+class Server:
+    """Parts of a body on a connection: each receive() takes the next one that has come."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.parts: list[dict[str, Any]] = []
+        self.waiting: list[TakenThenSetFuture] = []
+
+    def arrive(self, message: dict[str, Any]) -> None:
+        if self.waiting:
+            self.waiting.pop(0).take(message)
+        else:
+            self.parts.append(message)
+
+    def receive(self) -> TakenThenSetFuture:
+        fut = TakenThenSetFuture(self.loop, self)
+        if self.parts:
+            fut.set_result(self.parts.pop(0))
+        else:
+            self.waiting.append(fut)
+        return fut
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the bound cancels on 3.11+")
+def test_a_part_a_foreign_future_has_taken_at_the_bound_still_reaches_the_app() -> None:
+    # Under granian, the part that came just as the peek's bound expired was lost: the
+    # peek cancelled the server's pending receive, its cancel() said True, and the part it
+    # had already taken never reached the app: a truncated JSON body (a 500), or a
+    # request that hung for want of its last, empty part.
+    head, tail = b'{"conversation_id": ', b'"conv_0123456789ab"}'
+    first = {"type": "http.request", "body": head, "more_body": True}
+    rest = {"type": "http.request", "body": tail, "more_body": True}
+    end = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = Server(loop)
+        server.arrive(first)
+        # Taken by the server a moment before the bound, handed to the loop after it.
+        loop.call_later(_body.PEEK_WAIT - 0.002, server.arrive, rest)
+        loop.call_later(_body.PEEK_WAIT + 0.1, server.arrive, end)
+        body, replay = await peek_asgi(server.receive, None, 1024)
+        got = [await asyncio.wait_for(replay(), 1) for _ in range(3)]
+        assert got == [first, rest, end]
+        assert body in (b"", head + tail)
 
     asyncio.run(main())
