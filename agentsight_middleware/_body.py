@@ -163,6 +163,11 @@ async def _wait_handing_over(
                         await asyncio.wait((waited,), timeout=_LATE)
             except BaseException as exc:  # this task cancelled (an anyio scope, say)
                 throw = exc
+                if _foreign(waited) and not waited.done():
+                    # As the task's cancel() does to the future it waits on itself: this
+                    # task waited on asyncio.wait's, and a future of the server's own kind
+                    # left pending kept granian's connection open after the answer.
+                    waited.cancel()
             else:
                 if not waited.done():
                     return None, _Resume(steps, waited)  # blocking mark kept for the app's task

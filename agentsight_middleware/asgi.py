@@ -203,7 +203,12 @@ class AgentSightMiddleware(MiddlewareBase):
 
                 from ._device import backend
 
-                await anyio.to_thread.run_sync(backend)
+                try:
+                    await anyio.to_thread.run_sync(backend)
+                except Exception as exc:
+                    # Never the app's start-up: a parser that cannot be built is tried
+                    # again at the first page view, and classifies nothing (see _classify).
+                    logger.warning("could not build the user-agent parser: %r", exc)
             elif message["type"] == "lifespan.shutdown.complete":
                 # Deliver what is queued while the server still waits for us; in a
                 # thread, because closing joins the worker thread.

@@ -2040,3 +2040,31 @@ def test_the_user_agent_parser_is_built_before_the_server_serves(
         assert answer.status_code == 200
         tracker.wait_for(initialized=1)
         assert tracker.initialized[0]["device"] == "desktop"
+
+
+def test_a_user_agent_parser_that_cannot_be_built_does_not_stop_the_app_starting(
+    tracker: RecordingTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built at the lifespan's start, a parser that failed to build (a ua-parser whose rules
+    # or resolvers are not as _device expects) raised in the app's send of
+    # lifespan.startup.complete: Starlette then said lifespan.startup.failed and uvicorn
+    # exited ("Application startup failed"). Built at the first page view, as before, its
+    # failure cost only the device of each view.
+    from agentsight_middleware import _device
+
+    def broken() -> Any:
+        raise RuntimeError("ua-parser's rules are not as expected")
+
+    monkeypatch.setattr(_device, "_engine", None)
+    monkeypatch.setattr(_device, "_build", broken)
+    _device._classify.cache_clear()  # no device classified before, none kept after
+    app = Starlette(routes=[Route("/", page)])
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    try:
+        with uvicorn_server(mw) as url:
+            answer = httpx.get(url, headers=BROWSER)
+            assert answer.status_code == 200
+            tracker.wait_for(initialized=1)
+            assert tracker.initialized[0]["device"] is None
+    finally:
+        _device._classify.cache_clear()

@@ -167,3 +167,36 @@ def test_a_part_a_foreign_future_has_taken_at_the_bound_still_reaches_the_app() 
         assert body in (b"", head + tail)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("part", ["first", "later"])
+def test_a_foreign_future_awaited_by_a_peek_that_is_cancelled_is_cancelled_too(part: str) -> None:
+    # The request cancelled while the peek waits for a part (a time limit around the app,
+    # the server stopping): without the middleware the task's cancel() cancels the server's
+    # pending receive (its future is what the task waits on). The peek waits on granian's
+    # future through asyncio.wait(), so the cancel reached only that wait and the future
+    # was left pending: granian kept the connection open after the answer, until the client
+    # gave up (3 s, the client's time limit, instead of 0.1 s).
+    first = {"type": "http.request", "body": b'{"conversation_id": ', "more_body": True}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = Server(loop)
+        if part == "later":
+            server.arrive(first)
+        futures: list[TakenThenSetFuture] = []
+
+        def receive() -> TakenThenSetFuture:
+            futures.append(server.receive())
+            return futures[-1]
+
+        peek = asyncio.ensure_future(peek_asgi(receive, None, 1024))
+        await asyncio.sleep(_body.PEEK_WAIT / 4)
+        peek.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await peek
+        pending = futures[-1]
+        assert pending.cancelled(), "the server's receive was left pending"
+        assert not server.waiting
+
+    asyncio.run(main())
