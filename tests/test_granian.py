@@ -99,25 +99,30 @@ def test_a_body_part_that_comes_as_the_peek_gives_up_reaches_the_app(tmp_path: P
     assert not wrong, wrong
 
 
-def test_a_chat_refused_unread_ends_its_connection_as_without_us(tmp_path: Path) -> None:
-    # The body's rest never comes (the client waits for the answer first): the app answers
-    # unread after the peek's bound, and granian closes the connection, as it does at once
-    # without us. A receive of the peek's left pending kept it open until the client gave up.
-    with (
-        granian(tmp_path) as port,
-        socket.create_connection(("127.0.0.1", port), timeout=5) as client,
-    ):
+def _partial_chat(port: int, path: str) -> tuple[bytes, float]:
+    """A chat whose body's rest never comes (the client waits for the answer first): the
+    answer, and how long after the request the server closed the connection (up to the
+    client's own limit, 5 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
         client.sendall(
-            b"POST /api/chat/unread HTTP/1.1\r\nHost: shop.example\r\n"
+            b"POST %s HTTP/1.1\r\nHost: shop.example\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(BODY), BODY[:20])
+            % (path.encode(), len(BODY), BODY[:20])
         )
         started = time.monotonic()
         answer = b""
         with contextlib.suppress(socket.timeout):
             while chunk := client.recv(65536):
                 answer += chunk
-        closed_after = time.monotonic() - started
+        return answer, time.monotonic() - started
+
+
+def test_a_chat_refused_unread_ends_its_connection_as_without_us(tmp_path: Path) -> None:
+    # The app answers unread after the peek's bound, and granian closes the connection, as
+    # it does at once without us. A receive of the peek's left pending kept it open until
+    # the client gave up.
+    with granian(tmp_path) as port:
+        answer, closed_after = _partial_chat(port, "/api/chat/unread")
     assert answer.startswith(b"HTTP/1.1 401"), answer
     assert closed_after < _body.PEEK_WAIT + 1, closed_after
 
@@ -128,21 +133,8 @@ def test_a_request_cancelled_while_the_peek_waits_ends_its_connection(tmp_path: 
     # connection after the 504. The peek waits on it through asyncio.wait(), which the cancel
     # reached alone: the receive was left pending and the connection open until the client
     # gave up (5 s here).
-    with (
-        granian(tmp_path, app="timed") as port,
-        socket.create_connection(("127.0.0.1", port), timeout=5) as client,
-    ):
-        client.sendall(
-            b"POST /api/chat HTTP/1.1\r\nHost: shop.example\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(BODY), BODY[:20])
-        )
-        started = time.monotonic()
-        answer = b""
-        with contextlib.suppress(socket.timeout):
-            while chunk := client.recv(65536):
-                answer += chunk
-        closed_after = time.monotonic() - started
+    with granian(tmp_path, app="timed") as port:
+        answer, closed_after = _partial_chat(port, "/api/chat")
     assert answer.startswith(b"HTTP/1.1 504"), answer
     assert closed_after < 2, closed_after
 
