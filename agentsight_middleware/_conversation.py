@@ -625,7 +625,8 @@ class Conversation:
             user_agent = user_agent.replace("\x00", "")
         data: dict[str, Any] = {
             "page_path": _without_nul(redact_path(self._path)[:MAX_URL_LENGTH]),
-            "page_url": page_url(facts[3], facts[4], self._path, facts[5]),
+            # The query is kept as received: Werkzeug passes a NUL in it through.
+            "page_url": _without_nul(page_url(facts[3], facts[4], self._path, facts[5])),
             "referrer": _without_nul(referrer) if referrer else None,
             "user_agent": user_agent[:255] or None,
             "rule": self._rule,

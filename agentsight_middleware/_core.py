@@ -142,6 +142,7 @@ def is_page_view(
     purpose: str | None,
     user_agent: str | None,
     fetch_site: str | None = None,
+    storage_access: str | None = None,
 ) -> bool:
     """Cheap request-side tests of a real page view (the response is checked later).
 
@@ -149,7 +150,10 @@ def is_page_view(
     that are present, joined: prefetches and previews announce themselves in one of these.
     ``fetch_site`` is ``Sec-Fetch-Site``: a frame in another site's page is no view, as
     its SameSite=Lax cookie is neither stored nor sent there (each load a new id, no chat
-    ever on it).
+    ever on it). ``storage_access`` is ``Sec-Fetch-Storage-Access``, which Chromium sends
+    only from such a cross-site context: it also tells the loads whose ``Sec-Fetch-Site`` is
+    not ``cross-site`` there (a link or reload inside that frame, a frame of the site's own
+    page that another site frames), the cookie as lost.
     """
     if not accept:
         return False
@@ -162,10 +166,9 @@ def is_page_view(
         destination = fetch_dest.strip().lower()
         if destination not in _PAGE_DESTINATIONS:
             return False
-        if (
-            destination in _FRAMES
-            and fetch_site is not None
-            and fetch_site.strip().lower() == "cross-site"
+        if destination in _FRAMES and (
+            storage_access is not None
+            or (fetch_site is not None and fetch_site.strip().lower() == "cross-site")
         ):
             return False
     if purpose is not None:

@@ -614,12 +614,14 @@ def _is_page_view(headers: dict[bytes, bytes]) -> bool:
         purpose = ", ".join(get(name, b"").decode("latin-1") for name in _PURPOSES)
     dest = get(b"sec-fetch-dest")
     site = get(b"sec-fetch-site")
+    storage = get(b"sec-fetch-storage-access")
     return is_page_view(
         None if accept is None else accept.decode("latin-1"),
         None if dest is None else dest.decode("latin-1"),
         purpose,
         None if user_agent is None else user_agent.decode("latin-1"),
         None if site is None else site.decode("latin-1"),
+        None if storage is None else storage.decode("latin-1"),
     )
 
 

@@ -550,6 +550,7 @@ def _is_page_view(environ: Environ) -> bool:
         purpose,
         get("HTTP_USER_AGENT"),
         get("HTTP_SEC_FETCH_SITE"),
+        get("HTTP_SEC_FETCH_STORAGE_ACCESS"),
     )
 
 

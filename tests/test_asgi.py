@@ -280,6 +280,24 @@ async def test_a_widget_page_framed_by_another_site_is_not_a_page_view(
     assert len(tracker.initialized) == 1
 
 
+async def test_a_load_inside_another_sites_frame_is_not_a_page_view(
+    tracker: RecordingTracker,
+) -> None:
+    # Chromium 156, tried: a link followed (or a reload) inside a widget frame that another
+    # site frames, and a frame of the site's own page that another site frames, say
+    # Sec-Fetch-Site: same-origin, no cookie sent or stored; only Sec-Fetch-Storage-Access
+    # (sent from a cross-site context alone) tells them.
+    mw = wrap(tracker)
+    framed = {**BROWSER, "sec-fetch-dest": "iframe", "sec-fetch-site": "same-origin"}
+    async with client(mw) as c:
+        inside = await c.get("/", headers={**framed, "sec-fetch-storage-access": "none"})
+        own = await c.get("/", headers=framed)
+    assert cookie_of(inside) is None
+    assert cookie_of(own) is not None
+    assert mw.flush(5)
+    assert len(tracker.initialized) == 1
+
+
 async def test_head_is_not_a_page_view(tracker: RecordingTracker) -> None:
     mw = wrap(tracker)
     async with client(mw) as c:

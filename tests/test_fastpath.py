@@ -162,15 +162,15 @@ def test_wsgi_extension_method_still_matches() -> None:
 _VALUES = st.sampled_from(
     [b"", b" ", b"\xa0", b"text/html", b"TEXT/HTML", b"*/*", b"document", b"Document",
      b"empty", b"iframe", b"IFrame", b"embed", b"prefetch", b"x", b"Mozilla/5.0", b" Mozilla",
-     b"text/html,*/*;q=0.8", b"cross-site", b"Cross-Site ", b"same-origin"]
+     b"text/html,*/*;q=0.8", b"cross-site", b"Cross-Site ", b"same-origin", b"none"]
 )  # fmt: skip
 _NAMES = st.sampled_from(
     [b"accept", b"sec-fetch-dest", b"user-agent", b"sec-purpose", b"purpose", b"x-purpose",
-     b"x-moz", b"cookie", b"sec-fetch-site"]
+     b"x-moz", b"cookie", b"sec-fetch-site", b"sec-fetch-storage-access"]
 )  # fmt: skip
 
 
-@given(st.dictionaries(_NAMES, _VALUES, max_size=9))
+@given(st.dictionaries(_NAMES, _VALUES, max_size=10))
 def test_page_view_fast_path_agrees_with_the_full_test(headers: dict[bytes, bytes]) -> None:
     from agentsight_middleware._core import is_page_view
     from agentsight_middleware.asgi import _is_page_view
@@ -187,5 +187,6 @@ def test_page_view_fast_path_agrees_with_the_full_test(headers: dict[bytes, byte
         purpose,
         text(b"user-agent"),
         text(b"sec-fetch-site"),
+        text(b"sec-fetch-storage-access"),
     )
     assert _is_page_view(headers) is expected

@@ -111,3 +111,13 @@ def test_no_nul_reaches_the_api_in_the_user_agent_or_referrer() -> None:
     assert payload["metadata"]["user_agent"] == CHROME
     assert payload["metadata"]["referrer"] == "https://www.example.org/a?q=x%00y"
     assert "\\u0000" not in json.dumps(payload)
+
+
+def test_no_nul_reaches_the_api_in_the_page_urls_query() -> None:
+    # Werkzeug's server passes a raw NUL in the query string through (QUERY_STRING
+    # "a=b\x00c", tried): page_url keeps the query as received, and carried it to the API.
+    conversation = _conversation(query="utm_source=a\x00b")
+    payload = build_payload(Event(INITIALIZE, conversation, 1764133697.25), source=None,
+                            environment=None)  # fmt: skip
+    assert payload["metadata"]["page_url"] == "https://shop.example/pricing?utm_source=a%00b"
+    assert "\\u0000" not in json.dumps(payload)

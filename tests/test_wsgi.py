@@ -157,6 +157,21 @@ def test_flask_widget_page_framed_by_another_site_is_not_a_page_view(
     assert len(tracker.initialized) == 1
 
 
+def test_flask_load_inside_another_sites_frame_is_not_a_page_view(
+    tracker: RecordingTracker,
+) -> None:
+    # A link followed inside that frame: Sec-Fetch-Site same-origin, the cookie lost all
+    # the same; Chromium says so with Sec-Fetch-Storage-Access.
+    app = wrap(tracker)
+    framed = {**BROWSER, "sec-fetch-dest": "iframe", "sec-fetch-site": "same-origin"}
+    inside = Client(app).get("/", headers={**framed, "sec-fetch-storage-access": "none"})
+    own = Client(app).get("/", headers=framed)
+    assert "Set-Cookie" not in inside.headers
+    assert "Set-Cookie" in own.headers
+    assert middleware_of(app).flush(5)
+    assert len(tracker.initialized) == 1
+
+
 def test_flask_chat_sending_the_cookies_id_in_the_header_too_slides_the_cookie(
     tracker: RecordingTracker,
 ) -> None:
