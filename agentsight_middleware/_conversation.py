@@ -23,6 +23,7 @@ from ._facts import (
     best_language,
     classify_user_agent,
     client_ip,
+    cut_text,
     page_url,
     peer_address,
     redact_path,
@@ -641,11 +642,14 @@ class Conversation:
 _FIELDS: tuple[str, ...] = Conversation.__match_args__
 
 
-def _without_nul(path: str) -> str:
-    """``path`` with NUL as its escape, ``%00``: a decoded path may hold one (``/x/%00``
-    under a catch-all rule), which the API's store refuses in a string (PostgreSQL's text
-    and jsonb; Django REST framework's CharField answers 400), so the event was lost."""
-    return path.replace("\x00", "%00") if "\x00" in path else path
+def _without_nul(text: str) -> str:
+    """``text`` (a path or URL) with NUL as its escape, ``%00``, still within
+    :data:`MAX_URL_LENGTH`: a decoded path may hold one (``/x/%00`` under a catch-all
+    rule), which the API's store refuses in a string (PostgreSQL's text and jsonb; Django
+    REST framework's CharField answers 400), so the event was lost."""
+    if "\x00" not in text:
+        return text
+    return cut_text(text.replace("\x00", "%00"), MAX_URL_LENGTH)
 
 
 #: The longest value of a request fact that Conversation._compact keeps.

@@ -28,6 +28,7 @@ __all__ = [
     "client_ip",
     "client_scheme",
     "compile_agent_matcher",
+    "cut_text",
     "page_url",
     "redact_path",
     "redact_query",
@@ -1034,7 +1035,7 @@ def _cut_query(query: str, limit: int) -> str:
     return query[:cut] if cut > 0 else ""
 
 
-def _cut_text(text: str, limit: int) -> str:
+def cut_text(text: str, limit: int) -> str:
     """At most ``limit`` chars, without leaving a torn %-escape at the end."""
     if len(text) <= limit:
         return text
@@ -1112,7 +1113,7 @@ def _build_url(origin: str, path: str, query: str) -> str:
         path = "/" + path
     base = origin + path
     if len(base) >= MAX_URL_LENGTH:
-        return _cut_text(base, MAX_URL_LENGTH)
+        return cut_text(base, MAX_URL_LENGTH)
     # A fragment never reaches a server from a browser; if one appears it is junk.
     query = redact_query(query.partition("#")[0])
     query = _cut_query(query, MAX_URL_LENGTH - len(base) - 1)

@@ -121,3 +121,15 @@ def test_no_nul_reaches_the_api_in_the_page_urls_query() -> None:
                             environment=None)  # fmt: skip
     assert payload["metadata"]["page_url"] == "https://shop.example/pricing?utm_source=a%00b"
     assert "\\u0000" not in json.dumps(payload)
+
+
+def test_a_path_of_nuls_stays_within_the_url_length_once_escaped() -> None:
+    from agentsight_middleware._facts import MAX_URL_LENGTH
+
+    conversation = _conversation(path="/" + "\x00" * 3000)
+    payload = build_payload(Event(INITIALIZE, conversation, 1764133697.25), source=None,
+                            environment=None)  # fmt: skip
+    page_path = payload["metadata"]["page_path"]
+    assert len(page_path) <= MAX_URL_LENGTH
+    assert page_path.startswith("/%00%00")
+    assert page_path.endswith("%00")  # no torn escape
