@@ -4,7 +4,6 @@ middleware (a recording tracker: nothing leaves the process, nothing is written 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
@@ -41,18 +40,6 @@ async def echo(scope: Any, receive: Any, send: Any) -> None:
 app = AgentSightMiddleware(
     echo, chat_routes=["POST /api/chat", "POST /api/chat/unread"], tracker=RecordingTracker()
 )
-
-
-async def timed(scope: Any, receive: Any, send: Any) -> None:
-    # A time limit around the app and the middleware (0.1 s, within the peek's bound), as an
-    # outer middleware may set one: a 504 when it expires.
-    if scope["type"] != "http":
-        return await app(scope, receive, send)
-    try:
-        await asyncio.wait_for(app(scope, receive, send), 0.1)
-    except asyncio.TimeoutError:
-        await send({"type": "http.response.start", "status": 504, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
 
 
 def wsgi_echo(environ: Any, start_response: Any) -> list[bytes]:
