@@ -163,11 +163,10 @@ async def _wait_handing_over(
                         await asyncio.wait((waited,), timeout=_LATE)
             except BaseException as exc:  # this task cancelled (an anyio scope, say)
                 throw = exc
-                if _foreign(waited) and not waited.done():
-                    # As the task's cancel() does to the future it waits on itself: this
-                    # task waited on asyncio.wait's, and a future of the server's own kind
-                    # left pending kept granian's connection open after the answer.
-                    waited.cancel()
+                # As the task's cancel() does to the future it waits on itself: this task
+                # waited on asyncio.wait's, and a future of the server's own kind left
+                # pending kept granian's connection open after the answer.
+                _cancel_foreign(waited)
             else:
                 if not waited.done():
                     return None, _Resume(steps, waited)  # blocking mark kept for the app's task
@@ -198,6 +197,13 @@ def _foreign(waited: Any) -> bool:
     return blocking is not None and not isinstance(waited, asyncio.Future)
 
 
+def _cancel_foreign(waited: Any) -> None:
+    """Cancel ``waited`` if it is a future of the server's own kind still pending: once no
+    one will take what it brings (the request cancelled, or the app finished without it)."""
+    if _foreign(waited) and not waited.done():
+        waited.cancel()
+
+
 class _Resume:
     """Awaits the rest of a stepped awaitable: what it yields goes to the running task,
     and what the task sends back (or throws) goes to it, as ``await`` would have done."""
@@ -215,9 +221,7 @@ class _Resume:
         gave up)."""
         if self.waited is not self._steps:
             return  # inside a wrapper's receive: never cancelled (see _wait_cancelling)
-        waited: Any = self.waited
-        if _foreign(waited) and not waited.done():
-            waited.cancel()
+        _cancel_foreign(self.waited)
 
     def __await__(self) -> Generator[Any, Any, Message]:
         steps = self._steps

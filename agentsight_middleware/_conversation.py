@@ -33,8 +33,10 @@ from ._facts import (
 __all__ = [
     "APP",
     "ID_SOURCES",
+    "MAX_FIELD",
     "MINTED",
     "Conversation",
+    "clamp",
     "clean_id",
     "cookie_value",
     "form_field",
@@ -621,15 +623,13 @@ class Conversation:
     def metadata(self) -> dict[str, Any]:
         facts = self._facts()
         referrer = redact_url(facts[6]) if facts[6] else None
-        user_agent = facts[1]
-        if "\x00" in user_agent:  # passed through by uWSGI and Werkzeug (see _without_nul)
-            user_agent = user_agent.replace("\x00", "")
         data: dict[str, Any] = {
             "page_path": _without_nul(redact_path(self._path)[:MAX_URL_LENGTH]),
             # The query is kept as received: Werkzeug passes a NUL in it through.
             "page_url": _without_nul(page_url(facts[3], facts[4], self._path, facts[5])),
             "referrer": _without_nul(referrer) if referrer else None,
-            "user_agent": user_agent[:255] or None,
+            # A NUL dropped as in the API's fields: uWSGI and Werkzeug pass one through.
+            "user_agent": clamp(facts[1]) or None,
             "rule": self._rule,
             "conversation_id_source": self._id_source,
         }
@@ -640,6 +640,20 @@ class Conversation:
 
 
 _FIELDS: tuple[str, ...] = Conversation.__match_args__
+
+
+# The AgentSight API rejects string fields longer than this (the 0.1.x SDK clamps too).
+MAX_FIELD = 255
+
+
+def clamp(value: str | None) -> str | None:
+    """A string field as the API takes it: at most MAX_FIELD chars, and no NUL, which
+    Django REST framework's CharField refuses (the whole event answered 400)."""
+    if not value:
+        return value
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value[:MAX_FIELD]
 
 
 def _without_nul(text: str) -> str:

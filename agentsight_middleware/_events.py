@@ -6,17 +6,14 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._conversation import Conversation
+from ._conversation import Conversation, clamp
 
-__all__ = ["ENGAGE", "INITIALIZE", "Event", "clamp", "is_robot_view", "new_event", "tracker_kwargs"]
+__all__ = ["ENGAGE", "INITIALIZE", "Event", "is_robot_view", "new_event", "tracker_kwargs"]
 
 #: A widget page was viewed: the visitor had the chance to chat (``is_used: false``).
 INITIALIZE = "initialize"
 #: A chat request: the visitor really chatted (``is_used: true``).
 ENGAGE = "engage"
-
-# The AgentSight API rejects string fields longer than this (the 0.1.x SDK clamps too).
-MAX_FIELD = 255
 
 
 class Event(NamedTuple):
@@ -48,16 +45,6 @@ def is_robot_view(event: Event, is_probe: Callable[[str], bool] | None) -> bool:
     if is_probe is not None and is_probe(conversation.user_agent):
         return True
     return conversation.is_bot
-
-
-def clamp(value: str | None) -> str | None:
-    """A string field as the API takes it: at most MAX_FIELD chars, and no NUL, which
-    Django REST framework's CharField refuses (the whole event answered 400)."""
-    if not value:
-        return value
-    if "\x00" in value:
-        value = value.replace("\x00", "")
-    return value[:MAX_FIELD]
 
 
 def tracker_kwargs(

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._events import ENGAGE, Event, clamp
+from ._conversation import clamp
+from ._events import ENGAGE, Event
 
 __all__ = [
     "DEFAULT_ENVIRONMENT",
