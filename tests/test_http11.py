@@ -2697,6 +2697,127 @@ async def test_an_api_that_hangs_after_a_fast_spell_holds_few_events() -> None:
     assert in_flight <= 64
 
 
+@contextlib.asynccontextmanager
+async def at_a_distance(url: str, delay: float) -> AsyncIterator[str]:
+    """The server at ``url`` as seen from ``delay`` seconds away each way (the delaying proxy
+    of benchmarks/distance.py, in this loop): a pipeline comes back a round trip after it
+    went, as one request does. The proxy's URL."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    tasks: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(due - loop.time(), 0))
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+
+        task = asyncio.create_task(deliver())
+        tasks.add(task)
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                queue.put_nowait((loop.time() + delay, data))
+        queue.put_nowait((loop.time() + delay, b""))
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writers.append(writer)
+        api_reader, api_writer = await asyncio.open_connection(host, int(port))
+        writers.append(api_writer)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(forward(reader, api_writer), forward(api_reader, writer))
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/conversations/"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def test_an_api_far_away_that_answers_at_once_gets_pipelines(engine: str) -> None:
+    # 25 ms away each way, pipelines went past the budget (20 ms) as a whole, and the stream
+    # went one request a connection. Its answers come together: the stream is pipelined.
+    server, accepted, deepest = queueing_api(0.0)
+    async with server.running() as url, at_a_distance(url, 0.025) as far:
+        sink = direct_sink(far, MemoryOutbox(1000), concurrency=64)
+        writes = count_writes(sink)
+        await sink.start()
+        await stream(sink, waves=40, size=5, gap=0.01)
+        await sink.aclose()
+    assert len(set(accepted)) == 200
+    if engine == "h11":
+        assert max(writes) == 1  # h11's client cannot pipeline
+        return
+    # Events in pipelines of 3 or more: was none but the first (each claim a burst of the
+    # 25 events in requests, spread, and the pace over the budget).
+    assert sum(n for n in writes if n >= 3) >= 100, repr(writes)
+    assert deepest[0] >= 3  # as the server read them
+
+
+async def test_an_api_slow_per_request_gets_the_even_spread(engine: str) -> None:
+    # An API as slow but near, answering a connection's requests one after the other: a
+    # pipeline's answers come 50 ms apart, and the stream goes one request a connection
+    # but for the short pipeline that measures it.
+    server, accepted, deepest = queueing_api(0.05)
+    async with server.running() as url:
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        writes = count_writes(sink)
+        await sink.start()
+        await stream(sink, waves=40, size=3, gap=0.02)
+        fast = sink._fast_depth(16)
+        await sink.aclose()
+    assert len(set(accepted)) == 120
+    assert max(writes) <= 2, repr(writes)  # _FIRST_PIPELINE_SLOW
+    assert deepest[0] <= 2
+    assert writes.count(2) <= 2, repr(writes)
+    if engine == "httptools":  # (h11's client cannot pipeline: nothing measures it)
+        assert fast == 0  # measured: 50 ms a request
+
+
+async def test_an_api_far_away_that_hangs_stops_the_pipelines() -> None:
+    # A pipeline out four times the average (a round trip here) says the API has slowed or
+    # hangs; so does one out past 1.25 times its expected time (counted towards a burst):
+    # the stream goes one request a connection again, and the events put meanwhile wait
+    # in the outbox, free to claim.
+    pace = [0.0]
+    server, _, _ = queueing_api(pace)
+    async with server.running() as url, at_a_distance(url, 0.025) as far:
+        sink = direct_sink(far, MemoryOutbox(2000), concurrency=64, timeout=3.0)
+        writes = count_writes(sink)
+        await sink.start()
+        await stream(sink, waves=40, size=5, gap=0.01)
+        assert max(writes) > 1 or _http11.ENGINES == ("h11",)
+        pace[0] = 3600.0  # hangs
+        writes.clear()
+        for wave in range(100):  # 1 s of 500 events/s
+            start = 1000 + wave * 5
+            await sink.put([{"conversation_id": f"conv_{i:012x}"} for i in range(start, start + 5)])
+            await asyncio.sleep(0.01)
+        in_flight = sink._in_flight
+        await sink.aclose()
+    # The pipelines written before the first was found out (~0.1 s of the stream), then one
+    # request per free sender; the rest of the 500 events wait in the outbox.
+    assert writes[-1] == 1, repr(writes)
+    assert in_flight < 250, repr((in_flight, writes))
+
+
 async def test_an_api_taking_10_ms_a_request_gets_no_pipeline_past_the_budget() -> None:
     # Pipelines followed the time of a whole pipeline, mostly one request long (11 ms), and
     # took 16: 8 deep to a 10 ms API, 85 ms a pipeline (p90 of an event's delay 73 ms,
@@ -2811,7 +2932,7 @@ def test_one_slow_pipeline_does_not_keep_pipelines_at_one_request() -> None:
     # than a whole pipeline takes, which the quick ones after it bring down.
     sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
     now = time.perf_counter()
-    sink._timed(flight_of(4, now - 0.06, [201] * 4), now)  # the stall: 15 ms a request
+    sink._timed(flight_of(4, now - 0.06, [201] * 4, spacing=0.015), now)  # the stall
     for _ in range(30):  # then quick pipelines of one request
         sink._timed(flight_of(1, now - 0.0003, [201]), now)
     assert sink._fast_depth(16) == 16  # was 1
@@ -3149,13 +3270,19 @@ async def test_a_claim_meeting_another_processs_lock_is_a_warning_not_an_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def flight_of(n: int, began: float, statuses: list[int]) -> Any:
-    """A pipeline of ``n`` events written at ``began``, answered with ``statuses``."""
+def flight_of(
+    n: int, began: float, statuses: list[int], *, first: float = 0.0, spacing: float = 0.0
+) -> Any:
+    """A pipeline of ``n`` events written at ``began``, answered with ``statuses``: the
+    first answer read ``first`` seconds after it, the others ``spacing`` apart."""
     from agentsight_middleware.sinks.http import _Flight
 
     items = [OutboxItem(i, f"conv_{i}", b"{}") for i in range(n)]
     flight = _Flight(items, began)
-    flight.results = [_http11.Reply(status, [], b'{"id":1}') for status in statuses]
+    flight.results = [
+        _http11.Reply(status, [], b'{"id":1}', began + first + i * spacing)
+        for i, status in enumerate(statuses)
+    ]
     return flight
 
 
@@ -3169,8 +3296,13 @@ def test_the_api_s_pace_is_measured_on_accepted_pipelines_only() -> None:
     assert sink._fast_depth(16) == 0
     sink._timed(flight_of(5, now, [201] * 5), now)  # a clock that did not move: no error
     assert sink._fast_depth(16) == 16
-    sink._timed(flight_of(1, now - 1.0, [201]), now)  # a slow answer moves the average
-    assert sink._fast_depth(16) == 0
+    # A slow answer: what a request adds is measured again, on one short pipeline, before
+    # pipelines deepen (was the even spread until the pace came under the budget, which an
+    # API far away never does).
+    sink._timed(flight_of(1, now - 1.0, [201], first=1.0), now)
+    assert sink._fast_depth(16) == 2
+    sink._flying[1] = flight_of(2, now, [])
+    assert sink._fast_depth(16) == 0  # that pipeline is out: the even spread meanwhile
 
 
 def test_a_pipeline_still_out_tells_that_the_api_slowed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -3186,6 +3318,63 @@ def test_a_pipeline_still_out_tells_that_the_api_slowed(monkeypatch: pytest.Monk
     later = now + 6
     monkeypatch.setattr(time, "perf_counter", lambda: later)
     assert sink._fast_depth(16) == 0
+
+
+def test_pipelines_follow_the_spacing_of_answers_not_a_pipeline_s_time() -> None:
+    # Pipelines followed a whole pipeline's time over its length, and none went past 20 ms:
+    # an API 50 ms away that answers at once got one request a connection (64 connections
+    # carry ~1,280 events/s at 50 ms, ~160 us of the worker's CPU an event at 1,000/s
+    # against ~120 us pipelined). Its answers come together: a request adds nothing.
+    far = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    now = time.perf_counter()
+    far._timed(flight_of(1, now - 0.05, [201], first=0.05), now)
+    assert far._fast_depth(16) == 2  # not measured yet: one short pipeline measures it
+    far._timed(flight_of(6, now - 0.05, [201] * 6, first=0.05, spacing=0.00002), now)
+    assert far._fast_depth(16) == 16  # was 0
+    # An API that is slow per request answers a pipeline one processing time apart.
+    slow = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    slow._timed(flight_of(2, now - 0.1, [201] * 2, first=0.05, spacing=0.05), now)
+    assert slow._fast_depth(16) == 0
+    slow._timed(flight_of(1, now - 0.05, [201], first=0.05), now)
+    assert slow._fast_depth(16) == 0  # single requests leave the spacing as it was
+    mid = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    mid._timed(flight_of(4, now - 0.064, [201] * 4, first=0.05, spacing=0.0045), now)
+    assert mid._fast_depth(16) == 4  # 20 ms over 4.5 ms a request
+    # A stall in one pipeline among quick ones: counted as 20 ms at most, it leaves
+    # pipelines short, not none (which would not measure the spacing again).
+    far._timed(flight_of(2, now - 1.05, [201] * 2, first=0.05, spacing=1.0), now)
+    assert far._fast_depth(16) == 3
+
+
+def test_a_distant_api_s_pipeline_still_out_stops_pipelines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    now = time.perf_counter()
+    monkeypatch.setattr(time, "perf_counter", lambda: now)
+    for _ in range(4):
+        sink._timed(flight_of(8, now - 0.05, [201] * 8, first=0.05), now)
+    assert sink._fast_depth(16) == 16
+    sink._flying[1] = flight_of(8, now - 0.1, [])  # out twice a round trip: not overdue yet
+    assert sink._fast_depth(16) == 16
+    sink._flying[1] = flight_of(8, now - 0.25, [])  # 5 times: the API has slowed, or hangs
+    assert sink._fast_depth(16) == 0
+
+
+def test_requests_out_for_a_round_trip_are_no_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 50 ms away, a stream of 1,000 events/s has 50 events in requests: each claim's put was
+    # a burst (over two pipelines' worth), and spread. Requests within their expected time
+    # do not count; just written, or out past 1.25 times it, they do.
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    now = time.perf_counter()
+    monkeypatch.setattr(time, "perf_counter", lambda: now)
+    sink._timed(flight_of(8, now - 0.05, [201] * 8, first=0.05), now)
+    for began in (now - 0.001, now - 0.03, now - 0.09):
+        flight = flight_of(8, began, [])
+        flight.expected = sink._expected(8)
+        sink._flying[id(flight)] = flight
+    assert sink._expected(8) == pytest.approx(0.05)
+    assert sink._in_requests() == 16
 
 
 async def test_rows_a_429_held_are_not_sent_by_another_process_sharing_the_outbox(

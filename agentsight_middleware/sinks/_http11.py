@@ -110,6 +110,11 @@ class Reply(NamedTuple):
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    #: When it was read (``time.perf_counter()``; 0.0 from httpx's transport): a pipeline's
+    #: answers read as they come are as far apart as the server took to answer them, which
+    #: tells a server that is slow per request from one that is far away (see
+    #: ``HttpSink._timed``).
+    at: float = 0.0
 
     def header(self, name: bytes) -> str | None:
         for key, value in self.headers:
@@ -460,6 +465,7 @@ class _FastConnection(_Connection):
         self._read = 0
         self._chunk_end = 0
         self._answer_base = 0
+        self._read_at = 0.0  # when the last read came (perf_counter): its answers' time
 
     def _frame(self, bodies: list[bytes]) -> bytes:
         self._status = 0
@@ -480,6 +486,7 @@ class _FastConnection(_Connection):
             return
         self._read += len(data)
         self._chunk_end = self._read
+        self._read_at = time.perf_counter()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -552,7 +559,9 @@ class _FastConnection(_Connection):
         if self._stray or len(self._replies) >= self._expected:
             return
         self._keep_alive = keep_alive
-        self._replies.append(Reply(self._status, self._headers, b"".join(self._body)))
+        self._replies.append(
+            Reply(self._status, self._headers, b"".join(self._body), self._read_at)
+        )
         self._progress_at = time.monotonic()
         if self._status < 300:
             self._tally.accepted += 1
@@ -638,7 +647,14 @@ class _H11Connection(_Connection):
                         raise h11.RemoteProtocolError("response body too large")
                     self._buffer.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
-                    self._replies.append(Reply(self._status, self._headers, b"".join(self._buffer)))
+                    self._replies.append(
+                        Reply(
+                            self._status,
+                            self._headers,
+                            b"".join(self._buffer),
+                            time.perf_counter(),
+                        )
+                    )
                     if self._status < 300:
                         self._tally.accepted += 1
                     waiter.set_result(None)

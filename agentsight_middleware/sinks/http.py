@@ -77,19 +77,28 @@ _FIRST_SENDERS = 8
 # counted at every claim, it cost the SQLite outbox ~35 us a claim (~2 us an event at full
 # pipelines), and a burst is spread from its first claims all the same.
 _RECOUNT = 0.01
-# While the API answers fast, the usual stream (up to two pipelines' worth put since the last
-# claim) goes as whole pipelines: a server answers a connection's requests one after the other, so
-# with answers this fast a pipeline costs its events little delay, and written at once they share
-# one write and one wake-up (spread one request per connection, each event paid for its own:
-# 108-133 us of the worker's CPU an event at 3,000 events/s to the stand-in on loopback, 66-84 us
-# pipelined). Fast: pipelines (moving averages of those the API accepted in full) come back within
-# this long, and a pipeline is no longer than this long over the time a request adds to one (its
-# time over its length). An API slower than that (a round trip over the internet) gets the even
-# spread.
+# While a request adds little to a pipeline, the usual stream (up to two pipelines' worth put since
+# the last claim) goes as whole pipelines: written at once, its events share one write and one
+# wake-up (spread one request per connection, each event paid for its own: 108-133 us of the
+# worker's CPU an event at 3,000 events/s to the stand-in on loopback, 66-84 us pipelined; 150-175
+# us against 110-125 at 1,000 events/s to an API 50 ms away). A pipeline is no longer than this
+# long over what a request adds to one: the spacing of its answers read as they come (a moving
+# average of pipelines the API accepted in full), not its time over its length. A server answers a
+# connection's requests one after the other: from an API slow per request they come one processing
+# time apart (it gets the even spread, its connections being its parallelism), while the round trip
+# to an API far away is paid once a pipeline, and one across the internet (20-100 ms) that answers
+# at once returns 16 requests together, as fast as one. (Pipelines followed the whole pipeline's
+# time, and none went past the budget: one request a connection to any API over 20 ms away.)
 _PIPELINE_BUDGET = 0.02
+# A pipeline's spacing is counted as this much at most (what already allows no pipeline): a stall
+# (a server's collection pause) in one pipeline among quick ones must not stop pipelines, which
+# alone measure it, for _PACE_KEPT.
+_SPACING_MOST = _PIPELINE_BUDGET
 # Requests in a pipeline while the time a request adds is not known (not measured lately):
-# enough to measure it.
+# enough to measure it. Only this many while answers take longer than the budget (an API that is
+# far away, or slow per request: a pipeline's second answer waits one processing time there).
 _FIRST_PIPELINE = 4
+_FIRST_PIPELINE_SLOW = 2
 # A pipeline out this many times the average (and this long at least: a clock's and a busy
 # loop's jitter) says the API has slowed or hangs, before any answer does.
 _OVERDUE_TIMES = 4
@@ -234,7 +243,7 @@ class _Flight:
     when an exchange ends, and by a cancellation), and when it was written
     (``time.perf_counter()``)."""
 
-    __slots__ = ("began", "items", "read_late", "results")
+    __slots__ = ("began", "expected", "items", "read_late", "results")
 
     def __init__(self, items: list[OutboxItem], began: float) -> None:
         self.items = items
@@ -243,6 +252,9 @@ class _Flight:
         #: How long it is expected to take when its answers are read in one go, late on
         #: purpose (see HttpSink._answer_time); 0.0 when they are read as they come.
         self.read_late = 0.0
+        #: How long it is expected to take when read as its answers come, from the pace
+        #: measured (see HttpSink._expected); 0.0 when not known.
+        self.expected = 0.0
 
 
 def _accepted(result: Reply | Exception) -> bool:
@@ -328,9 +340,17 @@ class HttpSink:
         self._pipeline_time = math.inf
         self._paced_at = -math.inf
         # Seconds a request adds to a pipeline: the time over the length of those of two
-        # requests or more (moving average), and when it was last measured.
+        # requests or more (moving average), and when it was last measured: what a pipeline
+        # read late waits for (see _answer_time).
         self._per_request = math.inf
         self._per_request_at = -math.inf
+        # Seconds to a pipeline's first answer (moving average; a round trip and one
+        # processing time), and the spacing of its answers (what a request adds to one: see
+        # _PIPELINE_BUDGET), each with when it was last measured (perf_counter).
+        self._first_answer = math.inf
+        self._first_answer_at = -math.inf
+        self._spacing = math.inf
+        self._spacing_at = -math.inf
         self._read_late_count = 0  # pipelines that could have theirs read late (see _TIMED_ONE_IN)
         # Requests one connection may carry with answers that fast, as found at the last
         # claim (0: spread; see _sender).
@@ -451,16 +471,30 @@ class HttpSink:
         return sum(len(flight.items) for flight in list(self._flying.values()))
 
     def _in_requests(self) -> int:
-        """Events in requests now, but those of pipelines read late written more than
-        :data:`_BURST_SPAN` ago and not yet out :data:`_LATE_TIMES` their expected time
-        (one out longer says the API has slowed: it counts again)."""
+        """Events in requests now, but those of requests written more than :data:`_BURST_SPAN`
+        ago and not yet out :data:`_LATE_TIMES` their expected time (one out longer says the
+        API has slowed: it counts again). Expected: read late, or from a measured pace (see
+        _expected). A distant API has its stream's requests out for a round trip (50 events
+        at 1,000 events/s 50 ms away): counted, every claim was a burst, and spread."""
         now = time.perf_counter()
         return sum(
             len(flight.items)
             for flight in list(self._flying.values())
-            if not flight.read_late
-            or not _BURST_SPAN <= now - flight.began <= _LATE_TIMES * flight.read_late
+            if not (expected := flight.read_late or flight.expected)
+            or not _BURST_SPAN <= now - flight.began <= _LATE_TIMES * expected
         )
+
+    def _expected(self, n: int) -> float:
+        """How long a pipeline of ``n`` requests is expected to take: to its first answer, and
+        the spacing of the others (see _timed); 0.0 when not measured lately."""
+        now = time.perf_counter()
+        if now - self._first_answer_at > _PACE_KEPT:
+            return 0.0
+        if n == 1:
+            return self._first_answer
+        if now - self._spacing_at > _PACE_KEPT:
+            return 0.0
+        return self._first_answer + (n - 1) * self._spacing
 
     def _depth(self) -> int:
         """Events one sender takes at a time: one request each, written at once (pipelined)
@@ -468,24 +502,34 @@ class HttpSink:
         return self._direct.depth if self._direct is not None else 1
 
     def _fast_depth(self, depth: int) -> int:
-        """Requests one connection may carry at once with answers as fast as they come now
-        (see :data:`_PIPELINE_BUDGET`; ``depth`` at most), or 0 (the even spread): not
-        measured lately, slower than that, or a pipeline still out well past the average
-        (an API that has just slowed down or hung)."""
+        """Requests one connection may carry at once with answers as closely spaced as they
+        come now (see :data:`_PIPELINE_BUDGET`; ``depth`` at most), or 0 (the even spread):
+        not measured lately, spaced wider than that, or a pipeline still out well past the
+        average (an API that has just slowed down or hung). While the spacing is not known,
+        one short pipeline at a time measures it."""
         now = time.perf_counter()
         took = self._pipeline_time
-        if now - self._paced_at > _PACE_KEPT or took > _PIPELINE_BUDGET:
+        if now - self._paced_at > _PACE_KEPT:
+            return 0
+        measuring = now - self._spacing_at > _PACE_KEPT
+        if measuring:
+            fast = _FIRST_PIPELINE if took <= _PIPELINE_BUDGET else _FIRST_PIPELINE_SLOW
+        else:
+            # A request adds no more than a whole pipeline takes: a figure from one slow
+            # pipeline must not keep pipelines at one request (and unmeasured) for _PACE_KEPT.
+            fast = int(_PIPELINE_BUDGET / max(min(self._spacing, took), 1e-6))
+        fast = min(depth, fast)
+        if fast < 2:
+            # No pipeline: no need to walk the requests out (64 of them, at each claim, to
+            # an API that is slow per request).
             return 0
         overdue = now - max(_OVERDUE_TIMES * took, _OVERDUE_LEAST)
         for flight in self._flying.values():
             if flight.began < overdue:
                 return 0
-        if now - self._per_request_at > _PACE_KEPT:
-            return min(depth, _FIRST_PIPELINE)
-        # A request adds no more than a whole pipeline takes: a figure from one slow
-        # pipeline must not keep pipelines at one request (and unmeasured) for _PACE_KEPT.
-        per_request = min(self._per_request, took)
-        return min(depth, int(_PIPELINE_BUDGET / max(per_request, 1e-6)))
+            if measuring and len(flight.items) > 1:
+                return 0  # the pipeline that measures it is out
+        return fast
 
     def _even_share(self, depth: int) -> int:
         """Requests one sender may write at once now: ``depth`` at most, and no more than
@@ -515,6 +559,22 @@ class HttpSink:
         self._pipeline_time = _moving_average(self._pipeline_time, took, self._paced_at, now)
         self._paced_at = now
         n = len(flight.items)
+        first, last = flight.results[0], flight.results[-1]
+        if isinstance(first, Reply) and isinstance(last, Reply) and first.at >= flight.began:
+            # Read by the direct pool, as they came (answers read late come in one read).
+            wait = first.at - flight.began
+            if wait > max(_OVERDUE_TIMES * self._first_answer, _OVERDUE_LEAST):
+                # Slower than it was: an API that has just slowed down may be slow per request
+                # now. What a request adds is measured again before pipelines deepen.
+                self._spacing_at = -math.inf
+            self._first_answer = _moving_average(
+                self._first_answer, wait, self._first_answer_at, now
+            )
+            self._first_answer_at = now
+            if n > 1:
+                spacing = min((last.at - first.at) / (n - 1), _SPACING_MOST)
+                self._spacing = _moving_average(self._spacing, spacing, self._spacing_at, now)
+                self._spacing_at = now
         if n > 1:
             self._per_request = _moving_average(
                 self._per_request, took / n, self._per_request_at, now
@@ -787,8 +847,8 @@ class HttpSink:
                 # Spread over the free senders first, one connection each, and pipeline
                 # only the rest, up to the even share: a server answers a connection's
                 # requests one after the other, so its connections, not a pipeline's depth,
-                # are its parallelism. Unless it answers so fast that one connection's
-                # pipeline is over within the budget.
+                # are its parallelism. Unless a request adds so little to a pipeline that
+                # one connection's is over within the budget of its first answer.
                 free = max(self._senders - self._busy, 1)
                 waiting = len(ready)
                 spread = min(waiting, max(-(-waiting // free), self._pipeline))
@@ -883,6 +943,8 @@ class HttpSink:
         items, results = flight.items, flight.results
         answer_time = self._answer_time(len(items))
         flight.read_late = answer_time * len(items)
+        if not answer_time:
+            flight.expected = self._expected(len(items))
         try:
             await self._post_many([item.body for item in items], results, answer_time)
         except asyncio.CancelledError:
