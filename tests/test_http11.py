@@ -16,7 +16,6 @@ import logging
 import os
 import queue as queue_module
 import socket
-import socketserver
 import sqlite3
 import ssl
 import struct
@@ -1778,7 +1777,7 @@ async def test_answers_waiting_in_the_socket_at_the_deadline_are_not_counted_lef
     # Shutdown's count of events left (logged as lost from memory) was taken before the
     # answers already in the sockets were read: events the API had accepted were reported
     # lost (4 of 4 here).
-    with paced_thread_api(0.0) as (url, accepted):
+    with paced_thread_api(0.0) as (url, accepted, _):
         sink = direct_sink(url, MemoryOutbox(100), concurrency=4)
         await sink.start()
         await sink.put([{"conversation_id": f"w{i}", "is_used": False} for i in range(4)])
@@ -2572,7 +2571,7 @@ async def test_a_steady_stream_to_a_fast_api_has_its_pipelines_read_late(
         return await post_many(pool, bodies, results, answer_time)
 
     monkeypatch.setattr(Http11Pool, "post_many", spied)
-    with paced_thread_api(0.0002) as (url, accepted):
+    with paced_thread_api(0.0002) as (url, accepted, _):
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
         await sink.start()
         await stream(sink, waves=10, size=15)  # the API's pace, measured
@@ -2614,39 +2613,6 @@ def test_which_pipelines_read_late_count_towards_a_burst() -> None:
     out(now - 0.006, 0.004)  # past 1.25 times it: counts
     assert sink._in_requests() == 48
     assert sink._in_flight == 64
-
-
-@contextlib.contextmanager
-def paced_thread_api(pace: float) -> Iterator[tuple[str, list[bytes]]]:
-    """A server that answers each connection's requests one after the other, ``pace``
-    seconds each, in threads of its own: finer than the test loop's timers (a millisecond),
-    as an API on the same network is. Its URL, and the bodies it accepted."""
-    accepted: list[bytes] = []
-
-    class Handler(socketserver.StreamRequestHandler):
-        disable_nagle_algorithm = True  # each answer sent as it is written, as servers do
-
-        def handle(self) -> None:
-            while self.rfile.readline():  # the request line
-                length = 0
-                while (line := self.rfile.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.lower() == b"content-length":
-                        length = int(value)
-                body = self.rfile.read(length)
-                time.sleep(pace)
-                accepted.append(body)
-                self.wfile.write(created())
-
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/api/conversations/", accepted
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 async def test_a_burst_into_an_api_that_slowed_since_is_spread_all_the_same() -> None:
@@ -2824,24 +2790,29 @@ async def test_an_api_far_away_that_hangs_stops_the_pipelines() -> None:
 
 
 @contextlib.contextmanager
-def serial_api_in_a_thread(seconds: float) -> Iterator[tuple[str, list[int]]]:
-    """A server on its own threads (it keeps time while the test's loop is held) that
-    answers each connection's requests one after the other, ``seconds`` each; its URL and
-    ``[the most requests waiting on one connection]``."""
+def paced_thread_api(pace: float) -> Iterator[tuple[str, list[bytes], list[int]]]:
+    """A server that answers each connection's requests one after the other, ``pace``
+    seconds each, in threads of its own: finer than the test loop's timers (a millisecond),
+    as an API on the same network is, and keeping time while the test's loop is held. Its
+    URL, the bodies it accepted and ``[the most requests waiting on one connection]``."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
+    accepted: list[bytes] = []
     deepest = [0]
     sockets = [listener]
 
     def serve(conn: socket.socket) -> None:
-        queue: queue_module.Queue[bool] = queue_module.Queue()
+        # Each answer sent as it is written, as servers do.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        queue: queue_module.Queue[bytes | None] = queue_module.Queue()
         waiting = [0]
 
         def answer() -> None:
-            while queue.get():
-                time.sleep(seconds)
+            while (body := queue.get()) is not None:
+                time.sleep(pace)
                 waiting[0] -= 1
+                accepted.append(body)
                 with contextlib.suppress(OSError):
                     conn.sendall(created())
 
@@ -2855,11 +2826,11 @@ def serial_api_in_a_thread(seconds: float) -> Iterator[tuple[str, list[int]]]:
                     name, _, value = header.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
-                reader.read(length)
+                body = reader.read(length)
                 waiting[0] += 1
                 deepest[0] = max(deepest[0], waiting[0])
-                queue.put(True)
-        queue.put(False)
+                queue.put(body)
+        queue.put(None)
 
     def accept() -> None:
         with contextlib.suppress(OSError):
@@ -2870,7 +2841,7 @@ def serial_api_in_a_thread(seconds: float) -> Iterator[tuple[str, list[int]]]:
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api/conversations/", deepest
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api/conversations/", accepted, deepest
     finally:
         for sock in sockets:
             with contextlib.suppress(OSError):
@@ -2888,7 +2859,7 @@ async def test_answers_read_together_late_do_not_pipeline_an_api_slow_per_reques
     # in one go, taken for a distant API's (no spacing at all), and the stream went in
     # pipelines of 5-16 to an API taking 25 ms a request (9 waiting on one connection, an
     # event's delay up to 240 ms against 75 ms spread).
-    with serial_api_in_a_thread(0.025) as (url, deepest):
+    with paced_thread_api(0.025) as (url, _, deepest):
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
         writes = count_writes(sink)
         send_many = sink._send_many
