@@ -2896,6 +2896,88 @@ async def test_answers_read_together_late_do_not_pipeline_an_api_slow_per_reques
     assert deepest[0] <= 2
 
 
+# httptools only, as above.
+@pytest.mark.parametrize("engine", ["httptools"], indirect=True)
+async def test_answers_read_together_under_a_lasting_load_do_not_pipeline_a_slow_api(
+    engine: str,
+) -> None:
+    # The loop held off at every request, the quickest first answer of late was read late
+    # too (~100 ms from an API taking 25 ms a request): a pipeline's answers, read in one
+    # go no later than that, looked like a distant API's (no spacing), and the stream went
+    # in pipelines of 16 (two busy threads in the app did it: first answers of 70-400 ms from
+    # an API taking 10 ms, writes of 8-16). The loop's own lateness counts as spacing now.
+    with paced_thread_api(0.025) as (url, _, deepest):
+        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
+        writes = count_writes(sink)
+        send_many = sink._send_many
+        measured = asyncio.Event()
+        timed = sink._timed
+
+        holding_until = [0.0]
+
+        async def held(flight: Any) -> None:
+            # The loop held 100 ms from each write, but for one written while held (the
+            # same loop's turn): a load that lasts, not stalls adding up.
+            if not measured.is_set() and time.perf_counter() > holding_until[0]:
+                holding_until[0] = time.perf_counter() + 0.1
+                asyncio.get_running_loop().call_soon(time.sleep, 0.1)
+            await send_many(flight)
+
+        def timed_once(flight: Any, now: float) -> None:
+            timed(flight, now)
+            if len(flight.items) > 1:
+                measured.set()
+
+        sink._send_many = held  # type: ignore[method-assign]
+        sink._timed = timed_once  # type: ignore[method-assign]
+        await sink.start()
+        await stream(sink, waves=6, size=1, gap=0.03)
+        assert sink._first_least > 0.09  # read late, as every answer is
+        wave = 6
+        while not measured.is_set() and wave < 100:
+            await sink.put([{"conversation_id": f"conv_{i:012x}"} for i in range(wave, wave + 3)])
+            wave += 3
+            await asyncio.sleep(0.03)
+        assert measured.is_set()
+        assert sink._fast_depth(16) == 0  # was 16
+        writes.clear()
+        deepest[0] = 0
+        await stream(sink, waves=40, size=5, first=1000, gap=0.01)
+        await sink.aclose()
+    assert max(writes) <= 2, repr(writes)
+    assert deepest[0] <= 2
+
+
+def test_a_late_loop_s_lateness_counts_as_spacing() -> None:
+    now = time.perf_counter()
+    sink = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    for _ in range(5):  # every first answer read 100 ms late, the quickest among them
+        sink._timed(flight_of(1, now - 0.1, [201], first=0.1), now)
+    sink._lag_due = now - 0.03  # the loop's timer ran 30 ms late
+    sink._lag_probe()
+    sink._timed(flight_of(3, now - 0.1, [201] * 3, first=0.1), now)  # read in one go
+    assert sink._fast_depth(16) == 0
+    # Its timer is overdue when the answers are timed: counted as well.
+    overdue = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    for _ in range(5):
+        overdue._timed(flight_of(1, now - 0.1, [201], first=0.1), now)
+    overdue._lag_due = now - 0.03
+    overdue._timed(flight_of(3, now - 0.1, [201] * 3, first=0.1), now)
+    assert overdue._fast_depth(16) == 0
+    # On time, or late by no more than a timer's resolution: a distant API's answers, read
+    # together, still pipeline.
+    far = direct_sink("http://127.0.0.1:9/api/conversations/", MemoryOutbox(10), concurrency=4)
+    for _ in range(5):
+        far._timed(flight_of(1, now - 0.1, [201], first=0.1), now)
+    far._lag_due = now - 0.0008
+    far._lag_probe()
+    far._timed(flight_of(3, now - 0.1, [201] * 3, first=0.1), now)
+    assert far._fast_depth(16) == 16
+    # A lateness older than two windows of _LAG_KEPT is forgotten.
+    far._lag, far._lag_at = 0.5, now - 3.0
+    assert far._held(now) == 0.0
+
+
 def test_a_first_answer_read_late_counts_as_spacing() -> None:
     # Answers read in one go, late: as close together as a distant API's, unless their
     # lateness over the usual first answer counts.

@@ -123,6 +123,16 @@ _LATE_TIMES = 1.25
 # single requests' among them; under _OVERDUE_LEAST, no pipeline read late can fail it.
 _READ_LATE_LEAST = 0.0015
 _READ_LATE_MOST = 0.008
+# While a pipeline of two requests or more is out to be read as its answers come, a timer
+# this often tells how late the worker's loop runs: held off (the app's threads holding the
+# GIL, a slow outbox write), it reads answers the server spaced as close together as a
+# distant API's, and the quickest first answer of late (see _timed) is read late too under a
+# load that lasts (two busy threads in the app: first answers of 70-400 ms from an API taking
+# 10 ms a request, and pipelines of 8-16 to it). Each pipeline's spacing counts the most the
+# timer was late lately (past its own millisecond's resolution), over _LAG_KEPT.
+_LAG_PROBE = 0.005
+_TIMER_SLACK = 0.001
+_LAG_KEPT = 1.0
 # Weight of the newest pipeline in those averages.
 _PACE_WEIGHT = 0.25
 # A figure not measured for this long is measured again (the even spread, or short
@@ -357,6 +367,15 @@ class HttpSink:
         self._first_least_before = math.inf
         self._first_least_at = -math.inf
         self._read_late_count = 0  # pipelines that could have theirs read late (see _TIMED_ONE_IN)
+        # How late the loop ran (see _LAG_PROBE): the most in the window of _LAG_KEPT begun
+        # at _lag_at and in the one before it; the probe's due time (perf_counter, inf when
+        # none is set) and its handle; the pipelines out that it watches.
+        self._lag = 0.0
+        self._lag_before = 0.0
+        self._lag_at = -math.inf
+        self._lag_due = math.inf
+        self._lag_timer: asyncio.TimerHandle | None = None
+        self._spaced = 0
         # Requests one connection may carry with answers that fast, as found at the last
         # claim (0: spread; see _sender).
         self._pipeline = 0
@@ -573,7 +592,9 @@ class HttpSink:
             # as close as a distant API's (an API taking 10-25 ms a request got pipelines of
             # 16). The last came no sooner than the quickest first answer of late plus the
             # spacing, whenever it was read: the first's wait over that counts as spacing.
-            late = max(wait - min(self._first_least, self._first_least_before), 0.0)
+            late = max(
+                wait - min(self._first_least, self._first_least_before), self._held(now), 0.0
+            )
             if n == 1 or first.at != last.at:  # answers read together say nothing of it
                 if now - self._first_least_at > _PACE_KEPT:  # a new window
                     stale = now - self._first_least_at > 2 * _PACE_KEPT
@@ -597,6 +618,35 @@ class HttpSink:
                 self._per_request, took / n, self._per_request_at, now
             )
             self._per_request_at = now
+
+    def _held(self, now: float) -> float:
+        """The most the loop ran late lately (see :data:`_LAG_PROBE`), its probe's
+        resolution taken off; the probe overdue now counts."""
+        lag = max(now - self._lag_due, 0.0)
+        age = now - self._lag_at
+        if age <= _LAG_KEPT:
+            lag = max(lag, self._lag, self._lag_before)
+        elif age <= 2 * _LAG_KEPT:
+            lag = max(lag, self._lag)
+        return max(lag - _TIMER_SLACK, 0.0)
+
+    def _watch_lag(self) -> None:
+        """Time the loop while a pipeline of two or more is out (see :data:`_LAG_PROBE`)."""
+        if self._lag_timer is None:
+            self._lag_due = time.perf_counter() + _LAG_PROBE
+            self._lag_timer = asyncio.get_running_loop().call_later(_LAG_PROBE, self._lag_probe)
+
+    def _lag_probe(self) -> None:
+        now = time.perf_counter()
+        lag = now - self._lag_due
+        if now - self._lag_at > _LAG_KEPT:  # a new window
+            self._lag_before = self._lag if now - self._lag_at <= 2 * _LAG_KEPT else 0.0
+            self._lag, self._lag_at = 0.0, now
+        self._lag = max(self._lag, lag)
+        self._lag_timer = None
+        self._lag_due = math.inf
+        if self._spaced:
+            self._watch_lag()
 
     def _answer_time(self, n: int) -> float:
         """What each request of a pipeline of ``n`` is expected to add, for the pool to read
@@ -960,8 +1010,12 @@ class HttpSink:
         items, results = flight.items, flight.results
         answer_time = self._answer_time(len(items))
         flight.read_late = answer_time * len(items)
+        spaced = not answer_time and len(items) > 1
         if not answer_time:
             flight.expected = self._expected(len(items))
+        if spaced:
+            self._spaced += 1
+            self._watch_lag()
         try:
             await self._post_many([item.body for item in items], results, answer_time)
         except asyncio.CancelledError:
@@ -977,6 +1031,9 @@ class HttpSink:
         except Exception as exc:
             del results[len(items) :]
             results += [exc] * (len(items) - len(results))
+        finally:
+            if spaced:
+                self._spaced -= 1
         for item, result in zip(items, results, strict=True):
             try:
                 self._outcome(item, result)
@@ -1411,6 +1468,9 @@ class HttpSink:
         if not self._answers_read:
             await self._read_answers_waiting()
         await self._cancel_senders()
+        if self._lag_timer is not None:
+            self._lag_timer.cancel()
+            self._lag_timer = None
         if self._pool is not None:
             # Sender threads finish their request (bounded by the timeout) on their own,
             # or are dropped at exit (daemon threads).
