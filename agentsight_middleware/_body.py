@@ -49,11 +49,19 @@ def _send(steps: Any, value: Any) -> Any:
 
 def _throw(steps: Any, exc: BaseException) -> Any:
     """``steps.throw(exc)``, as ``await`` does it: an iterator without ``throw`` is left,
-    and the exception raised where it was awaited."""
+    and the exception raised where it was awaited. ``exc`` is not kept here once raised: a
+    frame that holds the exception going through it is in that exception's traceback, a
+    reference cycle only the garbage collector frees, and with it every frame it went
+    through and their locals, the server's receive among them. granian keeps a connection
+    open while its request is referenced: after a time limit's 504 over a cancelled peek,
+    until the next collection (often past the client's own time-out)."""
     throw = getattr(steps, "throw", None)
-    if throw is None:
-        raise exc
-    return throw(exc)
+    try:
+        if throw is None:
+            raise exc
+        return throw(exc)
+    finally:
+        del exc
 
 
 async def _wait_cancelling(
@@ -181,6 +189,8 @@ async def _wait_handing_over(
             waited = next(steps) if throw is None else _throw(steps, throw)
         except StopIteration as done:
             return done.value, None
+        finally:
+            throw = None  # not kept where it goes through (see _throw)
 
 
 def _foreign(waited: Any) -> bool:
@@ -349,7 +359,10 @@ async def peek_asgi(
         nonlocal error, waiting
         if error is not None:
             exc, error = error, None
-            raise exc
+            try:
+                raise exc
+            finally:
+                del exc  # not kept where it goes through (see _throw)
         if waiting is not None:
             pending, waiting = waiting, None
             return await pending  # type: ignore[no-any-return]
