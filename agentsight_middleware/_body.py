@@ -317,7 +317,7 @@ async def peek_asgi(
     chunks: list[bytes] = []
     size = 0
     complete = False
-    error = first_error
+    error, first_error = first_error, None  # replay alone holds it now (see _throw)
     deadline = 0.0  # set at the first part that has to be waited for
     try:
         message = first
@@ -400,7 +400,10 @@ class ReplayInput(io.RawIOBase):
     def _raise_pending(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
-            raise exc
+            try:
+                raise exc
+            finally:
+                del exc  # not kept where it goes through (see _throw)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
