@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sqlite3
+import sys
 import time
 import urllib.request
 from collections import deque
@@ -129,10 +130,11 @@ _READ_LATE_MOST = 0.008
 # distant API's, and the quickest first answer of late (see _timed) is read late too under a
 # load that lasts (two busy threads in the app: first answers of 70-400 ms from an API taking
 # 10 ms a request, and pipelines of 8-16 to it). Each pipeline's spacing counts the most the
-# timer was late lately (past its own millisecond's resolution), over _LAG_KEPT.
+# timer was late while that pipeline was out (past the timer's own resolution: a millisecond,
+# a clock tick of 15.6 ms on Windows): a stall before it was written says nothing of how its
+# answers were read (one GIL stall of 25 ms every 4 s cost a distant API most pipelines).
 _LAG_PROBE = 0.005
-_TIMER_SLACK = 0.001
-_LAG_KEPT = 1.0
+_TIMER_SLACK = 0.016 if sys.platform == "win32" else 0.001
 # Weight of the newest pipeline in those averages.
 _PACE_WEIGHT = 0.25
 # A figure not measured for this long is measured again (the even spread, or short
@@ -253,7 +255,7 @@ class _Flight:
     when an exchange ends, and by a cancellation), and when it was written
     (``time.perf_counter()``)."""
 
-    __slots__ = ("began", "expected", "items", "read_late", "results")
+    __slots__ = ("began", "expected", "items", "lag", "read_late", "results")
 
     def __init__(self, items: list[OutboxItem], began: float) -> None:
         self.items = items
@@ -265,6 +267,8 @@ class _Flight:
         #: How long it is expected to take when read as its answers come, from the pace
         #: measured (see HttpSink._expected); 0.0 when not known.
         self.expected = 0.0
+        #: The most the worker's loop ran late while it was out (see HttpSink._lag_probe).
+        self.lag = 0.0
 
 
 def _accepted(result: Reply | Exception) -> bool:
@@ -367,12 +371,8 @@ class HttpSink:
         self._first_least_before = math.inf
         self._first_least_at = -math.inf
         self._read_late_count = 0  # pipelines that could have theirs read late (see _TIMED_ONE_IN)
-        # How late the loop ran (see _LAG_PROBE): the most in the window of _LAG_KEPT begun
-        # at _lag_at and in the one before it; the probe's due time (perf_counter, inf when
-        # none is set) and its handle; the pipelines out that it watches.
-        self._lag = 0.0
-        self._lag_before = 0.0
-        self._lag_at = -math.inf
+        # How late the loop runs (see _LAG_PROBE): the probe's due time (perf_counter, inf
+        # when none is set) and its handle; the pipelines out that it watches.
         self._lag_due = math.inf
         self._lag_timer: asyncio.TimerHandle | None = None
         self._spaced = 0
@@ -593,7 +593,9 @@ class HttpSink:
             # 16). The last came no sooner than the quickest first answer of late plus the
             # spacing, whenever it was read: the first's wait over that counts as spacing.
             late = max(
-                wait - min(self._first_least, self._first_least_before), self._held(now), 0.0
+                wait - min(self._first_least, self._first_least_before),
+                self._held(flight, now),
+                0.0,
             )
             if n == 1 or first.at != last.at:  # answers read together say nothing of it
                 if now - self._first_least_at > _PACE_KEPT:  # a new window
@@ -619,16 +621,10 @@ class HttpSink:
             )
             self._per_request_at = now
 
-    def _held(self, now: float) -> float:
-        """The most the loop ran late lately (see :data:`_LAG_PROBE`), its probe's
-        resolution taken off; the probe overdue now counts."""
-        lag = max(now - self._lag_due, 0.0)
-        age = now - self._lag_at
-        if age <= _LAG_KEPT:
-            lag = max(lag, self._lag, self._lag_before)
-        elif age <= 2 * _LAG_KEPT:
-            lag = max(lag, self._lag)
-        return max(lag - _TIMER_SLACK, 0.0)
+    def _held(self, flight: _Flight, now: float) -> float:
+        """The most the loop ran late while ``flight`` was out (see :data:`_LAG_PROBE`),
+        its probe's resolution taken off; the probe overdue now counts."""
+        return max(flight.lag - _TIMER_SLACK, now - self._lag_due - _TIMER_SLACK, 0.0)
 
     def _watch_lag(self) -> None:
         """Time the loop while a pipeline of two or more is out (see :data:`_LAG_PROBE`)."""
@@ -639,10 +635,9 @@ class HttpSink:
     def _lag_probe(self) -> None:
         now = time.perf_counter()
         lag = now - self._lag_due
-        if now - self._lag_at > _LAG_KEPT:  # a new window
-            self._lag_before = self._lag if now - self._lag_at <= 2 * _LAG_KEPT else 0.0
-            self._lag, self._lag_at = 0.0, now
-        self._lag = max(self._lag, lag)
+        for flight in self._flying.values():
+            if lag > flight.lag:
+                flight.lag = lag
         self._lag_timer = None
         self._lag_due = math.inf
         if self._spaced:
