@@ -64,6 +64,13 @@ def _throw(steps: Any, exc: BaseException) -> Any:
         del exc
 
 
+def _caught_here(exc: BaseException) -> BaseException:
+    """``exc``, kept for later by the frame that caught it, without that frame in its
+    traceback: the frame holding it there would be a reference cycle (see _throw)."""
+    tb = exc.__traceback__
+    return exc.with_traceback(None if tb is None else tb.tb_next)
+
+
 async def _wait_cancelling(
     steps: Generator[Any, None, Message], waited: Any, deadline: float
 ) -> tuple[Message | None, Any]:
@@ -111,18 +118,21 @@ async def _wait_cancelling(
         else:
             quiet += 1
         if quiet < _QUIET_TURNS and time.monotonic() < deadline + PEEK_WAIT:
-            timer = loop.call_soon(expire)
+            timer = loop.call_soon(expire)  # noqa: F821  # deleted once finished: see below
             return
         if future and _foreign(pending):
             # A future of the server's own kind, inside a wrapper's receive: neither its
             # cancel() nor Task.cancel() (which calls it) is safe (see _foreign). Waited for.
             return
         expired = True
-        task.cancel()
+        task.cancel()  # noqa: F821  # deleted once finished: see below
 
     timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire)
     try:
         message = await resume
+        if expired:
+            task.uncancel()  # it took our cancel, and answered all the same
+        return message, None
     except BaseException as exc:
         # Our cancel taken back whatever came of it (a receive may turn it into an
         # error of its own): a count left behind would confuse the app's time limits.
@@ -132,9 +142,11 @@ async def _wait_cancelling(
     finally:
         finished = True
         timer.cancel()
-    if expired:
-        task.uncancel()  # it took our cancel, and answered all the same
-    return message, None
+        # Let go: an error going through this frame (a time limit's cancel) holds it in its
+        # traceback, and the task holds the error, a reference cycle that kept the request
+        # (the server's receive, the app's state) until the collector's next pass; expire,
+        # which schedules itself, was one too, on every peek that waited.
+        del task, expire
 
 
 async def _wait_handing_over(
@@ -297,7 +309,7 @@ async def peek_asgi(
             else:  # Python 3.10: awaited as before the bound (see _wait_handing_over)
                 first = await _Resume(steps, waited)
     except Exception as exc:
-        first, first_error = None, exc
+        first, first_error = None, _caught_here(exc)
     if first is not None and first["type"] == "http.request" and not first.get("more_body", False):
         # The common case: the whole body in one message. Hand that very message
         # back first, then the server's receive, with no buffering machinery.
@@ -317,7 +329,7 @@ async def peek_asgi(
     chunks: list[bytes] = []
     size = 0
     complete = False
-    error, first_error = first_error, None  # replay alone holds it now (see _throw)
+    error = first_error
     deadline = 0.0  # set at the first part that has to be waited for
     try:
         message = first
@@ -351,7 +363,7 @@ async def peek_asgi(
     except Exception as exc:
         # The server's receive failed; the app must meet the same failure, at the
         # same point of the stream, rather than have it swallowed here.
-        error = exc
+        error = _caught_here(exc)
 
     async def replay() -> Message:
         if messages:
@@ -529,6 +541,11 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     # else: a seekable input (waitress's buffer, a test client's BytesIO, uWSGI's with
     # post-buffering) is left in place, rewound: the app keeps seek(), tell() and the
     # rest, which a replay lacks (WebOb seeks an input it was told is seekable).
-    if error is not None or got > limit or (declared is not None and got != declared):
+    if error is not None:
+        # Let go here: this frame is in the error's traceback (see _throw); the replay
+        # alone holds it, for the app.
+        del error
+        return b""
+    if got > limit or (declared is not None and got != declared):
         return b""
     return head
