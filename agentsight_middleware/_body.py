@@ -64,11 +64,11 @@ def _throw(steps: Any, exc: BaseException) -> Any:
         del exc
 
 
-def _caught_here(exc: BaseException) -> BaseException:
-    """``exc``, kept for later by the frame that caught it, without that frame in its
-    traceback: the frame holding it there would be a reference cycle (see _throw)."""
-    tb = exc.__traceback__
-    return exc.with_traceback(None if tb is None else tb.tb_next)
+def _kept(exc: BaseException) -> BaseException:
+    """``exc``, kept to be raised where the app receives, without its traceback: the frames
+    it went through, the catching one among them (on 3.12+ through the ``f_back`` of the
+    server's), would hold it in a reference cycle (see _throw), and the request with it."""
+    return exc.with_traceback(None)
 
 
 async def _wait_cancelling(
@@ -309,7 +309,7 @@ async def peek_asgi(
             else:  # Python 3.10: awaited as before the bound (see _wait_handing_over)
                 first = await _Resume(steps, waited)
     except Exception as exc:
-        first, first_error = None, _caught_here(exc)
+        first, first_error = None, _kept(exc)
     if first is not None and first["type"] == "http.request" and not first.get("more_body", False):
         # The common case: the whole body in one message. Hand that very message
         # back first, then the server's receive, with no buffering machinery.
@@ -363,7 +363,7 @@ async def peek_asgi(
     except Exception as exc:
         # The server's receive failed; the app must meet the same failure, at the
         # same point of the stream, rather than have it swallowed here.
-        error = _caught_here(exc)
+        error = _kept(exc)
 
     async def replay() -> Message:
         if messages:
