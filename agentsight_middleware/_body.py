@@ -44,7 +44,10 @@ def _send(steps: Any, value: Any) -> Any:
     ``__next__`` only)."""
     if value is None:
         return next(steps)
-    return steps.send(value)
+    try:
+        return steps.send(value)
+    finally:
+        del value  # trio's outcome, holding the error it raises here (see _throw)
 
 
 def _throw(steps: Any, exc: BaseException) -> Any:
@@ -64,11 +67,28 @@ def _throw(steps: Any, exc: BaseException) -> Any:
         del exc
 
 
-def _kept(exc: BaseException) -> BaseException:
+def _kept(exc: BaseException, handled: BaseException | None) -> BaseException:
     """``exc``, kept to be raised where the app receives, without its traceback: the frames
     it went through, the catching one among them (on 3.12+ through the ``f_back`` of the
-    server's), would hold it in a reference cycle (see _throw), and the request with it."""
-    return exc.with_traceback(None)
+    server's), would hold it in a reference cycle (see _throw), and the request with it. The
+    same for those it was raised from or while handling (``__cause__``, ``__context__``: a
+    frame of the server's that caught one is in its traceback), short of ``handled``, the
+    error being handled where the peek began (an outer middleware's, not ours to change)."""
+    left = [exc]
+    seen = {id(handled)}
+    while left:
+        each = left.pop()
+        if id(each) not in seen:
+            seen.add(id(each))
+            each.with_traceback(None)
+            left += [e for e in (each.__cause__, each.__context__) if e is not None]
+    if sys.version_info >= (3, 11):
+        # Else the server's log would blame the middleware's replay for it.
+        exc.add_note(
+            "(the server raised this while agentsight-middleware peeked at the request body; "
+            "its traceback there was dropped)"
+        )
+    return exc
 
 
 async def _wait_cancelling(
@@ -262,6 +282,8 @@ class _Resume:
                     self.waited = _send(steps, sent)
                 except StopIteration as done:
                     return done.value  # type: ignore[no-any-return]
+                finally:
+                    sent = None  # trio sends an outcome: its error is not kept (see _send)
 
 
 #: A part that does not come in time: its receive cancelled (3.11+), or handed over.
@@ -293,6 +315,7 @@ async def peek_asgi(
     first_error: BaseException | None = None
     first: Message | None = None
     waiting: Any = None
+    handled = sys.exc_info()[1]  # see _kept
     try:
         # Stepped by hand as the later parts are (see below): a first part the server
         # already has costs nothing more, and one that does not come within PEEK_WAIT
@@ -309,7 +332,7 @@ async def peek_asgi(
             else:  # Python 3.10: awaited as before the bound (see _wait_handing_over)
                 first = await _Resume(steps, waited)
     except Exception as exc:
-        first, first_error = None, _kept(exc)
+        first, first_error = None, _kept(exc, handled)
     if first is not None and first["type"] == "http.request" and not first.get("more_body", False):
         # The common case: the whole body in one message. Hand that very message
         # back first, then the server's receive, with no buffering machinery.
@@ -363,7 +386,7 @@ async def peek_asgi(
     except Exception as exc:
         # The server's receive failed; the app must meet the same failure, at the
         # same point of the stream, rather than have it swallowed here.
-        error = _kept(exc)
+        error = _kept(exc, handled)
 
     async def replay() -> Message:
         if messages:
@@ -526,6 +549,7 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     chunks: list[bytes] = []
     got = 0
     error: BaseException | None = None
+    handled = sys.exc_info()[1]  # see _kept
     try:
         while got < want:
             chunk = stream.read(want - got)
@@ -534,7 +558,9 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
             chunks.append(chunk)
             got += len(chunk)
     except Exception as exc:
-        error = exc
+        # Kept for the app without its traceback (see _kept): this frame, and on 3.11+ its
+        # caller's through f_back, would hold it through environ, the replay's.
+        error = _kept(exc, handled)
     head = b"".join(chunks)
     if start is None or error is not None or not _rewound(stream, start):
         environ["wsgi.input"] = ReplayInput(head, rest, error)
@@ -542,8 +568,7 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     # post-buffering) is left in place, rewound: the app keeps seek(), tell() and the
     # rest, which a replay lacks (WebOb seeks an input it was told is seekable).
     if error is not None:
-        # Let go here: this frame is in the error's traceback (see _throw); the replay
-        # alone holds it, for the app.
+        # Let go here: the replay alone holds it, for the app.
         del error
         return b""
     if got > limit or (declared is not None and got != declared):
