@@ -2851,74 +2851,38 @@ def paced_thread_api(pace: float) -> Iterator[tuple[str, list[bytes], list[int]]
 
 # httptools only: the h11 engine never pipelines, so it has no spacing to misread.
 @pytest.mark.parametrize("engine", ["httptools"], indirect=True)
+@pytest.mark.parametrize("load", ["one stall", "lasting"])
 async def test_answers_read_together_late_do_not_pipeline_an_api_slow_per_request(
-    engine: str,
+    engine: str, load: str
 ) -> None:
-    # The worker's loop held off (the app's threads holding the GIL, a slow outbox write)
-    # while the pipeline measuring the spacing was out: its answers, 25 ms apart, were read
-    # in one go, taken for a distant API's (no spacing at all), and the stream went in
-    # pipelines of 5-16 to an API taking 25 ms a request (9 waiting on one connection, an
-    # event's delay up to 240 ms against 75 ms spread).
+    # One stall: the worker's loop held off (the app's threads holding the GIL, a slow
+    # outbox write) while the pipeline measuring the spacing was out: its answers, 25 ms
+    # apart, were read in one go, taken for a distant API's (no spacing at all), and the
+    # stream went in pipelines of 5-16 to an API taking 25 ms a request (9 waiting on one
+    # connection, an event's delay up to 240 ms against 75 ms spread).
+    # Lasting: the loop held off at every request, the quickest first answer of late was
+    # read late too (~100 ms): a pipeline's answers, read in one go no later than that, still
+    # looked like a distant API's, and the stream went in pipelines of 16 (two busy threads
+    # in the app did it: first answers of 70-400 ms from an API taking 10 ms, writes of
+    # 8-16). The loop's own lateness counts as spacing now.
     with paced_thread_api(0.025) as (url, _, deepest):
         sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
         writes = count_writes(sink)
         send_many = sink._send_many
         measured = asyncio.Event()
         timed = sink._timed
-
-        async def stalled(flight: Any) -> None:
-            if len(flight.items) > 1 and not measured.is_set():
-                # Held off once the pipeline is written (no await before its write).
-                asyncio.get_running_loop().call_soon(time.sleep, 0.15)
-            await send_many(flight)
-
-        def timed_once(flight: Any, now: float) -> None:
-            timed(flight, now)
-            if len(flight.items) > 1:
-                measured.set()
-
-        sink._send_many = stalled  # type: ignore[method-assign]
-        sink._timed = timed_once  # type: ignore[method-assign]
-        await sink.start()
-        await stream(sink, waves=10, size=1, gap=0.04)  # the first answer's time, measured
-        wave = 10
-        while not measured.is_set() and wave < 100:  # the pipeline that measures the spacing
-            await sink.put([{"conversation_id": f"conv_{i:012x}"} for i in range(wave, wave + 3)])
-            wave += 3
-            await asyncio.sleep(0.03)
-        assert measured.is_set()
-        assert sink._fast_depth(16) == 0  # was 16: 0 ms a request
-        writes.clear()
-        deepest[0] = 0
-        await stream(sink, waves=40, size=5, first=1000, gap=0.01)
-        await sink.aclose()
-    assert max(writes) <= 2, repr(writes)
-    assert deepest[0] <= 2
-
-
-# httptools only, as above.
-@pytest.mark.parametrize("engine", ["httptools"], indirect=True)
-async def test_answers_read_together_under_a_lasting_load_do_not_pipeline_a_slow_api(
-    engine: str,
-) -> None:
-    # The loop held off at every request, the quickest first answer of late was read late
-    # too (~100 ms from an API taking 25 ms a request): a pipeline's answers, read in one
-    # go no later than that, looked like a distant API's (no spacing), and the stream went
-    # in pipelines of 16 (two busy threads in the app did it: first answers of 70-400 ms from
-    # an API taking 10 ms, writes of 8-16). The loop's own lateness counts as spacing now.
-    with paced_thread_api(0.025) as (url, _, deepest):
-        sink = direct_sink(url, MemoryOutbox(1000), concurrency=64)
-        writes = count_writes(sink)
-        send_many = sink._send_many
-        measured = asyncio.Event()
-        timed = sink._timed
-
         holding_until = [0.0]
 
         async def held(flight: Any) -> None:
-            # The loop held 100 ms from each write, but for one written while held (the
-            # same loop's turn): a load that lasts, not stalls adding up.
-            if not measured.is_set() and time.perf_counter() > holding_until[0]:
+            # Held off once the pipeline is written (no await before its write).
+            if measured.is_set():
+                pass
+            elif load == "one stall":
+                if len(flight.items) > 1:
+                    asyncio.get_running_loop().call_soon(time.sleep, 0.15)
+            elif time.perf_counter() > holding_until[0]:
+                # 100 ms from each write, but for one written while held (the same loop's
+                # turn): a load that lasts, not stalls adding up.
                 holding_until[0] = time.perf_counter() + 0.1
                 asyncio.get_running_loop().call_soon(time.sleep, 0.1)
             await send_many(flight)
@@ -2931,15 +2895,17 @@ async def test_answers_read_together_under_a_lasting_load_do_not_pipeline_a_slow
         sink._send_many = held  # type: ignore[method-assign]
         sink._timed = timed_once  # type: ignore[method-assign]
         await sink.start()
-        await stream(sink, waves=6, size=1, gap=0.03)
-        assert sink._first_least > 0.09  # read late, as every answer is
-        wave = 6
-        while not measured.is_set() and wave < 100:
+        singles = 10 if load == "one stall" else 6
+        await stream(sink, waves=singles, size=1, gap=0.04)  # the first answer's time
+        if load == "lasting":
+            assert sink._first_least > 0.09  # read late, as every answer is
+        wave = singles
+        while not measured.is_set() and wave < 100:  # the pipeline that measures the spacing
             await sink.put([{"conversation_id": f"conv_{i:012x}"} for i in range(wave, wave + 3)])
             wave += 3
             await asyncio.sleep(0.03)
         assert measured.is_set()
-        assert sink._fast_depth(16) == 0  # was 16
+        assert sink._fast_depth(16) == 0  # was 16: 0 ms a request
         writes.clear()
         deepest[0] = 0
         await stream(sink, waves=40, size=5, first=1000, gap=0.01)
