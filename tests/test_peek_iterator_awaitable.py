@@ -22,6 +22,10 @@ from agentsight_middleware._body import peek_asgi
 class IterFuture:
     """A future-like awaitable as granian's: __await__ returns self; __next__ only."""
 
+    # On the class, as granian's (a pyo3 getter) is: asyncio.isfuture() looks there, and on
+    # Python 3.10 asyncio.wait() wrapped an instance-only one in a task that cleared it.
+    _asyncio_future_blocking = False
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._fut = loop.create_future()
         self._asyncio_future_blocking = False
