@@ -386,11 +386,16 @@ def pproxy() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.05)
+    else:
+        proc.kill()
+        proc.wait()
+        # Said here, not as a delivery test's "0 sent" later.
+        raise RuntimeError("pproxy did not start: pip install pproxy (a test dependency)")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
