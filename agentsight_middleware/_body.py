@@ -559,7 +559,7 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
             got += len(chunk)
     except Exception as exc:
         # Kept for the app without its traceback (see _kept): this frame, and on 3.11+ its
-        # caller's through f_back, would hold it through environ, the replay's.
+        # caller's through f_back, would hold it, through environ's replay and this local.
         error = _kept(exc, handled)
     head = b"".join(chunks)
     if start is None or error is not None or not _rewound(stream, start):
@@ -567,10 +567,6 @@ def peek_wsgi(environ: MutableMapping[str, Any], limit: int) -> bytes:
     # else: a seekable input (waitress's buffer, a test client's BytesIO, uWSGI's with
     # post-buffering) is left in place, rewound: the app keeps seek(), tell() and the
     # rest, which a replay lacks (WebOb seeks an input it was told is seekable).
-    if error is not None:
-        # Let go here: the replay alone holds it, for the app.
-        del error
-        return b""
-    if got > limit or (declared is not None and got != declared):
+    if error is not None or got > limit or (declared is not None and got != declared):
         return b""
     return head
