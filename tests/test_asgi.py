@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -431,6 +432,44 @@ async def test_chat_calls_get_or_create_before_the_handler(tracker: RecordingTra
     [call] = tracker.used
     assert call["customer_ip_address"] == "203.0.113.7"
     assert call["metadata"]["conversation_id_source"] == "header"
+
+
+async def test_a_wsgi_app_behind_asgiref_gets_coroutine_sends(tracker: RecordingTracker) -> None:
+    """A Flask app served as ASGI by asgiref's WsgiToAsgi (asgiref: Django's ASGI kit): it hands
+    the send it is given to ``AsyncToSync``, which warns on every request unless that send
+    is a coroutine function. The cookie-adding sends must stay ``async def``: a plain
+    function returning the server's awaitable would save ~0.4 us a page view and break this."""
+    from asgiref.wsgi import WsgiToAsgi
+    from flask import Flask, request
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/")
+    def home() -> str:
+        return "<html><body>shop</body></html>"
+
+    @flask_app.post("/api/chat")
+    def flask_chat() -> dict[str, Any]:
+        return {"cookie": request.cookies.get("agentsight_conversation_id")}
+
+    asgi_app = WsgiToAsgi(flask_app)  # type: ignore[no-untyped-call]
+    mw = AgentSightMiddleware(
+        asgi_app, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with client(mw) as c:
+            page_view = await c.get("/", headers=BROWSER)
+            chat_reply = await c.post("/api/chat", json={"message": "hi"})
+    assert mw.flush(5)
+    assert [str(w.message) for w in caught if "async" in str(w.message)] == []
+    assert page_view.text == "<html><body>shop</body></html>"
+    assert cookie_of(page_view) is not None
+    [initialized] = tracker.initialized
+    [used] = tracker.used
+    assert chat_reply.json() == {"cookie": initialized["conversation_id"]}
+    assert used["conversation_id"] == initialized["conversation_id"]
+    assert cookie_of(chat_reply) is not None  # the chat slides the cookie: the other wrapper
 
 
 async def test_page_then_chat_share_one_conversation(tracker: RecordingTracker) -> None:
