@@ -47,13 +47,15 @@ _SAME_RULES_WARNING_AT = 3
 _same_rules_warned = False
 
 
-def _count_instance(owner: object, name: str, rules: str) -> None:
-    """Count ``owner`` among the live instances with these rules, until it is dropped (a
-    test suite builds an app, and a middleware, per test: not one per route)."""
+def _count_instance(owner: object, name: str, rules: str) -> Callable[[], object]:
+    """Count ``owner`` among the live instances with these rules, until it is closed or
+    dropped (a test suite builds an app, and a middleware, per test: not one per route).
+    Calling the returned finalizer uncounts it, once."""
     global _same_rules_warned
     key = (name, rules)
     count = _instances[key] = _instances.get(key, 0) + 1
-    weakref.finalize(owner, _forget_instance, key).atexit = False
+    uncount = weakref.finalize(owner, _forget_instance, key)
+    uncount.atexit = False
     if count == _SAME_RULES_WARNING_AT and not _same_rules_warned:
         _same_rules_warned = True
         logger.warning(
@@ -65,6 +67,7 @@ def _count_instance(owner: object, name: str, rules: str) -> None:
             name,
             name,
         )
+    return uncount
 
 
 def _forget_instance(key: tuple[str, str]) -> None:
@@ -272,7 +275,11 @@ class MiddlewareBase:
             # ASGI glue reports it as lifespan.startup.failed there; see asgi.py).
             logger.error("agentsight-middleware is misconfigured: %s", exc)
             raise
-        _count_instance(self, type(self).__name__, repr(settings.rules))
+        # Closed (an ASGI lifespan's shutdown, close()) is uncounted at once: a FastAPI or
+        # Flask app holds reference cycles, so a dropped one waits for the garbage collector,
+        # and a script or test building an app per configuration was told it built one
+        # middleware per route.
+        self._uncount = _count_instance(self, type(self).__name__, repr(settings.rules))
         self._settings = settings
         self._core = core = Core(settings, delivery)
         if isinstance(delivery, BackgroundDelivery):
@@ -317,6 +324,7 @@ class MiddlewareBase:
     def close(self, timeout: float | None = None) -> None:
         """Flush and stop the background worker (also done at interpreter exit)."""
         self._core.delivery.close(timeout)
+        self._uncount()
 
 
 def _choose_delivery(

@@ -309,9 +309,10 @@ def test_console_script_is_declared() -> None:
     assert script.load() is cli.main
 
 
-def test_runs_as_a_module(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["agentsight_middleware", "agentsight_middleware.cli"])
+def test_runs_as_a_module(tmp_path: Path, module: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "agentsight_middleware.cli", "report", "--db", str(tmp_path / "x")],
+        [sys.executable, "-m", module, "report", "--db", str(tmp_path / "x")],
         capture_output=True,
         text=True,
         timeout=60,

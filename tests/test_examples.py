@@ -257,6 +257,34 @@ def test_an_app_built_per_test_is_not_taken_for_one_middleware_per_route(
     kept[0].close()
 
 
+def test_apps_served_one_after_another_are_not_taken_for_one_middleware_per_route(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A FastAPI app holds reference cycles: one a script served and stopped stays in memory
+    # until the garbage collector runs, and a third such app (a script trying three
+    # configurations) was taken for one middleware per route. Each is closed at its
+    # lifespan's shutdown; the list keeps them as an uncollected cycle would.
+    from agentsight_middleware import _base
+
+    monkeypatch.setattr(_base, "_instances", {})
+    monkeypatch.setattr(_base, "_same_rules_warned", False)
+    demo = importlib.import_module("examples.demo")
+    stopped: list[Any] = []
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        for _ in range(3):
+            app = demo.create_app(tracker=tracker)
+            with uvicorn_server(app) as url, httpx.Client(base_url=url) as client:
+                assert client.get("/", headers=BROWSER).status_code == 200
+            stopped.append(app)
+        tracker.wait_for(initialized=3)
+    assert not [r for r in caplog.records if "instances with the same rules" in r.getMessage()]
+    # Not closed, they still count: the warning is still said for them.
+    kept = [AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker) for _ in range(3)]
+    assert [r for r in caplog.records if "instances with the same rules" in r.getMessage()]
+    for middleware in kept:
+        middleware.close()
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
