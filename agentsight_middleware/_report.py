@@ -3,7 +3,11 @@
 A conversation is *initialized* when it has a page view (``is_used`` false) and *used* when
 it also has a chat (``is_used`` true). A chat whose conversation never had a page view (an
 API client, a page served before the middleware was installed, a lost cookie) is counted
-apart, so the interaction rate is used / initialized and never above 100 %.
+apart, so the interaction rate is used / initialized and never above 100 %. A conversation is
+an id within one environment: the same id in production and in development (one cookie
+domain, an id taken from the customer) is two conversations, so that the report's rate by
+environment is what ``environment=`` reports for each (grouped by id alone, a production view
+and a development chat made production's rate 100 %, where production alone said 0 %).
 
 A conversation's page, device, language, source, hour and day are those of its *first*
 page view: where the widget was first offered is the placement that earned (or did not earn)
@@ -235,14 +239,15 @@ def _dimensions(by: Sequence[str]) -> list[str]:
 # One row per conversation, grouped by id. SQLite gives the bare columns (page_path, ...)
 # the values of the row that holds the min(): with the CASE, that is the first page view,
 # whichever events come before it. SUM, not MAX, for "used": a second min/max aggregate
-# would make that row ambiguous.
+# would make that row ambiguous. Grouped by environment too (see the module's docstring):
+# ~25 % more time than by id alone (300,000 events: 0.53 s -> 0.68 s for the whole report).
 _CONVERSATIONS = """
 CREATE TEMP TABLE conv AS
 SELECT MIN(CASE WHEN is_used = 0 THEN ts END) AS first_ts,
        page_path, device, language, source, environment,
        SUM(is_used) > 0 AS used
 FROM events {index} {where}
-GROUP BY conversation_id
+GROUP BY conversation_id, environment
 """
 
 # Unix time has no leap seconds, so the UTC hour and day are plain arithmetic (events

@@ -399,10 +399,12 @@ _files = itertools.count()
 
 
 def reference(payloads: list[dict[str, Any]]) -> tuple[int, int, int, Counter[Any]]:
-    first: dict[str, dict[str, Any]] = {}
+    # A conversation is an id within an environment, as each environment is its own
+    # conversations at the API.
+    first: dict[tuple[str, Any], dict[str, Any]] = {}
     chats = set()
     for payload in sorted(payloads, key=lambda p: p["timestamp"]):
-        cid = payload["conversation_id"]
+        cid = (payload["conversation_id"], payload["environment"])
         if payload["is_used"]:
             chats.add(cid)
         else:
@@ -462,9 +464,13 @@ def test_property_matches_a_python_reference(
         got[(row.key, True)] += row.used
         got[(row.key, False)] += row.initialized - row.used
     assert +got == pages
-    # A conversation's environment is its first page view's: a breakdown of the same total.
+    # The environments are a breakdown of the same total, and each row says what a report
+    # of that environment alone says.
     assert sum(row.initialized for row in report.environments) == report.initialized
     assert sum(row.used for row in report.environments) == report.used
+    for row in report.environments:
+        alone = build_report(path, environment=str(row.key or "none"))
+        assert (row.initialized, row.used) == (alone.initialized, alone.used)
 
     for environment in ("production", "development", None):
         alone = build_report(path, environment=environment or "none")
@@ -523,6 +529,30 @@ def test_environments_are_counted_and_said_to_mix(tmp_path: Path) -> None:
         "used": 1,
         "interaction_rate_percent": 50.0,
     }
+
+
+def test_an_id_reused_in_another_environment_is_another_conversation(tmp_path: Path) -> None:
+    # A production page view and a developer's chat under the same id (one cookie domain,
+    # or a conversation id hook that uses the customer's id): counted as one conversation,
+    # the production one "used" at 100 %, the developer's visit gone, and no word that the
+    # figures mixed environments, where `--environment production` says 0 %.
+    path = write(
+        tmp_path / "events.sqlite3",
+        [
+            make_payload("conv_same", at=DAY1, environment="production"),
+            make_payload("conv_same", at=DAY1 + 60, environment="development"),
+            make_payload("conv_same", used=True, at=DAY1 + 65, environment="development"),
+        ],
+    )
+    report = build_report(path)
+    assert (report.initialized, report.used) == (2, 1)
+    assert [(r.key, r.initialized, r.used) for r in report.environments] == [
+        ("development", 1, 1),
+        ("production", 1, 0),
+    ]
+    assert "These figures mix environments" in format_text(report)
+    production = build_report(path, environment="production")
+    assert (production.initialized, production.used) == (1, 0)
 
 
 @pytest.mark.parametrize(
