@@ -196,18 +196,29 @@ def test_app_given_twice_or_not_at_all_is_a_clear_error() -> None:
         AgentSightWSGIMiddleware(widget_pages=["/"])
 
 
+@pytest.fixture
+def fresh_instance_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of live middlewares with the same rules, and its warning, from nothing."""
+    from agentsight_middleware import _base
+
+    monkeypatch.setattr(_base, "_instances", {})
+    monkeypatch.setattr(_base, "_same_rules_warned", False)
+
+
+def same_rules_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if "instances with the same rules" in r.getMessage()
+    ]
+
+
+@pytest.mark.usefixtures("fresh_instance_count")
 def test_one_middleware_per_route_is_warned_about(
-    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Litestar's middleware=[DefineMiddleware(...)] builds one middleware per route: 62 for
     # 21 routes, each with its own queue and worker thread.
     from litestar import Litestar, get
     from litestar.middleware import DefineMiddleware
-
-    from agentsight_middleware import _base
-
-    monkeypatch.setattr(_base, "_instances", {})
-    monkeypatch.setattr(_base, "_same_rules_warned", False)
 
     def page(n: int) -> Any:
         @get(f"/p{n}", media_type="text/html", name=f"p{n}")
@@ -226,15 +237,14 @@ def test_one_middleware_per_route_is_warned_about(
         with uvicorn_server(app) as url, httpx.Client(base_url=url) as client:
             for n in range(5):
                 assert client.get(f"/p{n}", headers=BROWSER).status_code == 200
-    warnings = [
-        r.getMessage() for r in caplog.records if "instances with the same rules" in r.getMessage()
-    ]
+    warnings = same_rules_warnings(caplog)
     assert len(warnings) == 1
     assert "Wrap the whole app once instead" in warnings[0]
 
 
+@pytest.mark.usefixtures("fresh_instance_count")
 def test_an_app_built_per_test_is_not_taken_for_one_middleware_per_route(
-    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A test suite's app factory builds one middleware per test, each dropped before the
     # next: the warning counted the dropped ones too, and blamed per-route building.
@@ -242,10 +252,6 @@ def test_an_app_built_per_test_is_not_taken_for_one_middleware_per_route(
 
     from starlette.applications import Starlette
 
-    from agentsight_middleware import _base
-
-    monkeypatch.setattr(_base, "_instances", {})
-    monkeypatch.setattr(_base, "_same_rules_warned", False)
     with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
         for _ in range(5):
             middleware = AgentSightMiddleware(Starlette(), widget_pages=["/"], tracker=tracker)
@@ -253,21 +259,18 @@ def test_an_app_built_per_test_is_not_taken_for_one_middleware_per_route(
             del middleware
             gc.collect()
         kept = [AgentSightMiddleware(Starlette(), widget_pages=["/"], tracker=tracker)]
-    assert not [r for r in caplog.records if "instances with the same rules" in r.getMessage()]
+    assert not same_rules_warnings(caplog)
     kept[0].close()
 
 
+@pytest.mark.usefixtures("fresh_instance_count")
 def test_apps_served_one_after_another_are_not_taken_for_one_middleware_per_route(
-    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A FastAPI app holds reference cycles: one a script served and stopped stays in memory
     # until the garbage collector runs, and a third such app (a script trying three
     # configurations) was taken for one middleware per route. Each is closed at its
     # lifespan's shutdown; the list keeps them as an uncollected cycle would.
-    from agentsight_middleware import _base
-
-    monkeypatch.setattr(_base, "_instances", {})
-    monkeypatch.setattr(_base, "_same_rules_warned", False)
     demo = importlib.import_module("examples.demo")
     stopped: list[Any] = []
     with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
@@ -277,10 +280,10 @@ def test_apps_served_one_after_another_are_not_taken_for_one_middleware_per_rout
                 assert client.get("/", headers=BROWSER).status_code == 200
             stopped.append(app)
         tracker.wait_for(initialized=3)
-    assert not [r for r in caplog.records if "instances with the same rules" in r.getMessage()]
+    assert not same_rules_warnings(caplog)
     # Not closed, they still count: the warning is still said for them.
     kept = [AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker) for _ in range(3)]
-    assert [r for r in caplog.records if "instances with the same rules" in r.getMessage()]
+    assert same_rules_warnings(caplog)
     for middleware in kept:
         middleware.close()
 

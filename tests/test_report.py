@@ -609,6 +609,11 @@ def test_an_unknown_environment_is_refused(tmp_path: Path) -> None:
         build_report(path, environment="staging")
 
 
+def query_plan(conn: sqlite3.Connection, query: str) -> str:
+    """SQLite's plan for ``query``, its steps joined."""
+    return " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
+
+
 @pytest.mark.parametrize(
     "old_columns",
     [
@@ -635,14 +640,11 @@ def test_a_file_with_the_old_index_is_read_then_reindexed(tmp_path: Path, old_co
         (index,) = conn.execute(
             "SELECT sql FROM sqlite_master WHERE name = 'events_conversation'"
         ).fetchone()
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT conversation_id, environment FROM events"
-                " WHERE environment IS 'development'"
-            )
+        plan = query_plan(
+            conn,
+            "SELECT conversation_id, environment FROM events WHERE environment IS 'development'",
         )
-    assert index == _store._INDEXES[1].replace(" IF NOT EXISTS", "")
+        assert _store._covering_index_is_current(conn), index
     assert "COVERING INDEX events_conversation" in plan
     assert build_report(path, environment="development").initialized == 3
 
@@ -655,7 +657,7 @@ def test_the_per_conversation_grouping_reads_the_index_in_order(tmp_path: Path) 
     path = mixed(tmp_path / "events.sqlite3")
     with closing(sqlite3.connect(path)) as conn:
         query = _CONVERSATIONS.format(index="", where="").split(" AS", 1)[1]
-        plan = " ".join(str(row[-1]) for row in conn.execute(f"EXPLAIN QUERY PLAN {query}"))
+        plan = query_plan(conn, query)
     assert "COVERING INDEX events_conversation" in plan
     assert "TEMP B-TREE" not in plan
 
