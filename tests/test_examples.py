@@ -299,20 +299,26 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_the_demo_stops_at_start_up_on_a_bad_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("AGENTSIGHT_API_KEY", "sk-live-1234567890abcdef"), ("AGENTSIGHT_ENVIRONMENT", "staging")],
+)
+def test_the_demo_stops_at_start_up_on_a_bad_variable(variable: str, value: str) -> None:
     # Under uvicorn's default lifespan handling a bad key turned every request into a 500
-    # while the demo ran on; with lifespan "on" it stops, saying why.
+    # while the demo ran on; then it stopped at the lifespan's start, but after printing
+    # its URL, and said the error twice. Now it stops before, saying why once.
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "AGENTSIGHT_API_KEY": "sk-live-1234567890abcdef"}
+    env = {**os.environ, variable: value}
     done = subprocess.run(
         [sys.executable, "-m", "examples.demo", "--port", str(_free_port())],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode != 0
-    assert "agentsight-middleware is misconfigured: AGENTSIGHT_API_KEY" in done.stderr
+    assert done.stderr.count(f"agentsight-middleware is misconfigured: {variable}") == 1
+    assert "http://" not in done.stdout
     assert "1234567890abcdef" not in done.stderr + done.stdout
 
 
