@@ -6,9 +6,10 @@ it, and a marked event is never sent again. (The one window left is the API
 accepting an event and the process dying before the mark: that event is sent
 again by the next run, as any retried request may be.)
 
-A conversation's events go in the order they were recorded, one after the other
-(its page view before its chat, as live delivery sends them); different
-conversations go in parallel. When an event fails, the later events of its
+A conversation's events (an id's within one environment, as the report counts
+them) go in the order they were recorded, one after the other (its page view
+before its chat, as live delivery sends them); different conversations go in
+parallel. When an event fails, the later events of its
 conversation are left for the next run rather than sent out of order.
 """
 
@@ -487,9 +488,7 @@ def replay(
                 for row_id, payload in batch:
                     if row_id in taken:
                         continue
-                    found = None if payload is None else payload.get("conversation_id")
-                    # A damaged row (an id that is a list, say) goes alone, not as a key.
-                    conversation = found if isinstance(found, str) else ("row", row_id)
+                    conversation = _conversation_key(row_id, payload)
                     if conversation in held:
                         summary.left += 1
                     else:
@@ -497,9 +496,9 @@ def replay(
                 # Each conversation whole: with several processes writing the file, one
                 # may store its page view after another stored the chat, even batches later.
                 for row_id, payload in _rest_of(store, conversations, after, run):
-                    found = None if payload is None else payload.get("conversation_id")
-                    if isinstance(found, str) and found in conversations:
-                        conversations[found].append((row_id, payload))
+                    conversation = _conversation_key(row_id, payload)
+                    if conversation in conversations:
+                        conversations[conversation].append((row_id, payload))
                         taken.add(row_id)
                 for rows in conversations.values():
                     rows.sort(key=_happened)  # in the order they happened
@@ -561,8 +560,19 @@ def _rest_of(
     after: int,
     run: _Run,
 ) -> list[tuple[int, dict[str, Any] | None]]:
-    ids = [key for key in conversations if isinstance(key, str)]
+    ids = list({key[0] for key in conversations if type(key) is tuple})
     return _read(run, lambda: unsent_of(store, ids, after)) if ids else []
+
+
+def _conversation_key(row_id: int, payload: dict[str, Any] | None) -> tuple[str, str | None] | int:
+    """What a row's order is kept within: a conversation id in one environment, as the
+    report counts a conversation (a development event of an id never waits for a failed
+    production one). A damaged row (an id that is a list, say) goes alone, by its row."""
+    found = None if payload is None else payload.get("conversation_id")
+    if not isinstance(found, str):
+        return row_id
+    environment = payload.get("environment") if payload is not None else None
+    return found, environment if isinstance(environment, str) else None
 
 
 def _next_batch(

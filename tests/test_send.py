@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
+from agentsight_middleware._credentials import Credentials
 from agentsight_middleware._store import LocalStore
 from agentsight_middleware.cli import main
 from agentsight_middleware.testing import StandInAgentSightAPI
 
 from .conftest import website_answering_200
-from .test_store import make_payload
+from .test_store import BASE, make_payload
 
 
 def _file(path: Path, count: int) -> Path:
@@ -170,6 +171,34 @@ def test_a_failed_event_holds_back_the_rest_of_its_conversation(
         assert main(args) == 0  # the next run sends both, in order
         sent = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
     assert sent == [("conv_000000000000", False), ("conv_000000000000", True)]
+
+
+def test_a_failure_in_one_environment_does_not_hold_back_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One id in two environments is two conversations (as the report counts them): a
+    # development page view that fails held back production's view and chat of that id.
+    from agentsight_middleware import _replay
+
+    monkeypatch.setattr(_replay, "backoff", lambda attempt: 0.0)
+    db = tmp_path / "events.sqlite3"
+    cid = "conv_000000000abc"
+    with LocalStore(db) as store:
+        store.write([make_payload(cid, environment="development", at=BASE)])
+        store.write([make_payload(cid, at=BASE + 1), make_payload(cid, used=True, at=BASE + 2)])
+    with StandInAgentSightAPI() as api:
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        api.fail_next(4, status=503)  # every attempt at the first event sent: development's
+        credentials = Credentials.resolve(
+            api_key=api.api_key, endpoint=api.url, environment=None, read_environment=False
+        )
+        assert credentials is not None
+        summary = _replay.replay(db, credentials, concurrency=1)
+        assert (summary.sent, summary.failed, summary.left) == (2, 1, 0)
+        sent = [(b["environment"], b["is_used"]) for b in api.conversations]
+        assert sent == [("production", False), ("production", True)]
+        assert main(args) == 0  # development's, on the next run
+        assert [b["environment"] for b in api.conversations][2:] == ["development"]
 
 
 def test_an_event_the_api_refuses_does_not_hold_back_the_rest(
