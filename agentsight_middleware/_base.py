@@ -187,7 +187,8 @@ class MiddlewareBase:
             view of one calls ``initialize_conversation`` (``is_used: false``).
         :param chat_routes: chat API routes (``"POST /api/chat"``,
             ``"/api/chat/{conversation_id}/messages"``); a request to one calls
-            ``get_or_create_conversation`` (``is_used: true``) before the app runs.
+            ``get_or_create_conversation`` (``is_used: true``), unless the app answers it
+            with a 4xx (a tracker's is called before the app runs).
         :param tracker: an object with ``initialize_conversation()`` and
             ``get_or_create_conversation()``, such as
             ``agentsight_middleware.sdk.AgentSightSDK()`` (agentsight 0.1.x) or the classic

@@ -224,6 +224,12 @@ class Core:
             path,
         )
 
+    def refused_chat(self) -> None:
+        """A chat request the app answered with a 4xx: counted, not sent (see the glue)."""
+        delivery = self.delivery
+        if isinstance(delivery, BackgroundDelivery):
+            delivery.refused_chats += 1
+
     def not_a_page(self, rule: str, path: str, status: int, content_type: str | None) -> None:
         """A browser's view of a widget page answered 2xx with something other than HTML:
         no cookie and no view, as for any non-page; said once for each rule, as it is

@@ -177,6 +177,7 @@ class BackgroundDelivery:
         self.dropped = 0
         self.skipped_bots = 0
         self.errors = 0
+        self.refused_chats = 0
         # A store that cannot be written (a deleted directory, a corrupt file) fails
         # every batch: one traceback, not one per batch.
         self._log_once = LogOnce()
@@ -194,6 +195,7 @@ class BackgroundDelivery:
         self._parked = None
         # The parent's counts are not this process's: its events were the parent's to send.
         self.enqueued = self.dropped = self.skipped_bots = self.errors = 0
+        self.refused_chats = 0
 
     # -- request path ---------------------------------------------------------------
 
@@ -499,6 +501,7 @@ class BackgroundDelivery:
             "enqueued": self.enqueued,
             "dropped": self.dropped,
             "skipped_bots": self.skipped_bots,
+            "refused_chats": self.refused_chats,
             "errors": self.errors,
             "queued": len(self._intake),
         }

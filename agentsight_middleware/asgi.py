@@ -37,7 +37,7 @@ from ._core import (
     is_shared_cacheable,
     viewed_conversation,
 )
-from ._events import ENGAGE, INITIALIZE, new_event
+from ._events import ENGAGE, INITIALIZE, Event, new_event
 from ._facts import TrustedProxies, forwarded_scheme, hop_address_and_port, peer_address
 from ._log import logger
 from ._rules import WIDGET, Match
@@ -410,16 +410,22 @@ class AgentSightMiddleware(MiddlewareBase):
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
         token = current.set(conversation)
+        submit = self._submit
+        # With the built-in delivery, the event waits for the answer: one the app refuses
+        # (a 4xx: no CSRF token, not signed in, an invalid body, throttled) is no chat,
+        # as the SDKs' own flow never reaches the handler's tracking calls then.
+        pending: Event | None = None
         try:
             event = new_event((ENGAGE, conversation, started))
             handler_scope = None
-            if self._submit is not None:
-                self._submit(event)
+            if submit is not None:
+                pending = event
             else:
                 delivery = core.delivery
                 await delivery.engage_async(event)
                 handler_scope = delivery.scope(event)
             app_send = send
+            set_cookie = None
             if settings.renews_cookie(id_source, conversation_id, cookie):
                 # Keep later chat requests of this browser on the same conversation
                 # (and slide the cookie's expiry while the visitor is chatting, whichever
@@ -428,18 +434,27 @@ class AgentSightMiddleware(MiddlewareBase):
                     b"set-cookie",
                     settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),
                 )
-
+            if set_cookie is not None or pending is not None:
                 cookie_prefix = self._cookie_prefix
 
                 async def send_wrapper(message: Message) -> None:
+                    nonlocal pending
                     if message["type"] == "http.response.start":
-                        headers = list(message.get("headers", ()))
-                        # Unless the app sets the cookie itself (a new conversation, say),
-                        # or sends the answer for shared caches (a stored copy would hand
-                        # the cookie on).
-                        if _app_cookie(headers, cookie_prefix) is NOT_SET:
-                            headers.append(set_cookie)
-                        message = {**message, "headers": headers}
+                        if pending is not None and submit is not None:
+                            chosen, pending = pending, None
+                            status = message.get("status")
+                            if type(status) is int and 400 <= status < 500:
+                                core.refused_chat()
+                            else:
+                                submit(chosen)
+                        if set_cookie is not None:
+                            headers = list(message.get("headers", ()))
+                            # Unless the app sets the cookie itself (a new conversation,
+                            # say), or sends the answer for shared caches (a stored copy
+                            # would hand the cookie on).
+                            if _app_cookie(headers, cookie_prefix) is NOT_SET:
+                                headers.append(set_cookie)
+                            message = {**message, "headers": headers}
                     await send(message)
 
                 app_send = send_wrapper
@@ -450,6 +465,10 @@ class AgentSightMiddleware(MiddlewareBase):
                     await self.app(scope, receive, app_send)
         finally:
             current.reset(token)
+            if pending is not None and submit is not None:
+                # No answer went out: the app failed (the server answers 500) or the
+                # visitor left while it worked. Either way the visitor chatted.
+                submit(pending)
             if found_in_body:
                 abandon = getattr(receive, "abandon", None)
                 if abandon is not None:

@@ -32,12 +32,13 @@ from ._core import (
     CDN_CACHE_HEADERS,
     NOT_SET,
     AppCookie,
+    Core,
     is_html_success,
     is_page_view,
     is_shared_cacheable,
     viewed_conversation,
 )
-from ._events import ENGAGE, INITIALIZE, new_event
+from ._events import ENGAGE, INITIALIZE, Event, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
 from ._log import logger
@@ -265,13 +266,16 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             conversation_id, id_source = found
         conversation = self._conversation(environ, match, path, conversation_id, id_source)
-        # In the request's own thread, before the app: a handler using the SDK
-        # finds the conversation already in place.
         event = new_event((ENGAGE, conversation, started))
-        handler_scope = None
+        handler_scope: AbstractContextManager[None] | None
+        pending = None
         if self._submit is not None:
-            self._submit(event)
+            # The built-in delivery waits for the answer's status (see asgi.py): settled
+            # at start_response, or, however the request ends without one, by the scope.
+            handler_scope = pending = _PendingChat(core, self._submit, event)
         else:
+            # In the request's own thread, before the app: a handler using the SDK
+            # finds the conversation already in place.
             delivery = core.delivery
             current = core.current
             token = current.set(conversation)
@@ -281,6 +285,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 current.reset(token)
             handler_scope = delivery.scope(event)
         app_start_response = start_response
+        set_cookie = None
         if settings.renews_cookie(id_source, conversation_id, cookie):
             # Keep later chat requests of this browser on the same conversation (and slide
             # the cookie's expiry while the visitor is chatting).
@@ -288,27 +293,64 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 "Set-Cookie",
                 settings.set_cookie_text(conversation_id, self._is_secure(environ)),
             )
-
+        if set_cookie is not None or pending is not None:
             cookie_prefix = self._cookie_prefix
 
             def wrapped_start_response(
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
             ) -> Any:
-                if type(response_headers) is not list:
-                    response_headers = list(response_headers)  # a one-shot iterable: see above
-                _, cache_control, for_cdns, own = _page_headers(response_headers, cookie_prefix)
-                # Unless the app sets the cookie itself (a new conversation, say), or sends
-                # the answer for shared caches (a stored copy would hand the cookie on).
-                if own is NOT_SET and not (
-                    (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns)
-                ):
-                    response_headers = [*response_headers, set_cookie]
+                if pending is not None:
+                    pending.answered(status)
+                if set_cookie is not None:
+                    if type(response_headers) is not list:
+                        response_headers = list(response_headers)  # one-shot: see above
+                    _, cache_control, for_cdns, own = _page_headers(response_headers, cookie_prefix)
+                    # Unless the app sets the cookie itself (a new conversation, say), or
+                    # sends the answer for shared caches (a stored copy would hand the
+                    # cookie on).
+                    if own is NOT_SET and not (
+                        (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns)
+                    ):
+                        response_headers = [*response_headers, set_cookie]
                 return _start(start_response, status, response_headers, exc_info)
 
             app_start_response = wrapped_start_response
         return _respond(
             self.app, environ, app_start_response, core.current, conversation, handler_scope
         )
+
+
+class _PendingChat:
+    """A chat request's event under the built-in delivery, waiting for the answer: a 4xx
+    (the app refused the request) is no chat; any other status, or no answer at all (the
+    app failed, the client left), is one. Entered around the app as a tracker's scope is,
+    so that the end of the request settles it however it ends."""
+
+    __slots__ = ("_core", "_event", "_submit")
+
+    def __init__(self, core: Core, submit: Callable[[Event], None], event: Event) -> None:
+        self._core = core
+        self._submit = submit
+        self._event: Event | None = event
+
+    def answered(self, status: object) -> None:
+        # The first status counts: one given again with exc_info replaces an answer
+        # that was never sent, after the app went wrong (no refusal of the request).
+        event, self._event = self._event, None
+        if event is None:
+            return
+        if type(status) is str and status[:1] == "4":
+            self._core.refused_chat()
+        else:
+            self._submit(event)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            self._submit(event)
 
 
 def _respond(
