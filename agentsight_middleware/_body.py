@@ -36,6 +36,13 @@ _LATE = 0.005
 #: it returns it (Starlette's receive_or_disconnect leaves an anyio task group: three
 #: turns), and a cancel there drops the message.
 _QUIET_TURNS = 5
+#: Parts of a body the peek holds at most. A server may hand a body over one chunk (or one
+#: HTTP/2 DATA frame, empty ones too) a message, as hypercorn does: 1-byte chunks, or empty
+#: frames, made the peek hold tens of thousands of messages, each a dict kept until the app
+#: read it (4-10 MB for one chat request, where the bare server holds 10 messages and pushes
+#: back on the socket). No client sends a chat body in more parts than this; past it the
+#: body is left to the app as one over the limit is.
+_MAX_PARTS = 1024
 
 
 def _send(steps: Any, value: Any) -> Any:
@@ -366,7 +373,7 @@ async def peek_asgi(
             if not message.get("more_body", False):
                 complete = size <= limit
                 break
-            if size > limit:
+            if size > limit or len(messages) >= _MAX_PARTS:
                 break
             # A part the server already has is taken at once: receive() is stepped by
             # hand, and only one that has to wait goes through _wait_bounded (awaiting

@@ -97,6 +97,32 @@ def test_asgi_body_over_the_limit_is_not_parsed_but_replayed() -> None:
     assert tracker.used[0]["metadata"]["conversation_id_source"] == "minted"
 
 
+def test_a_body_in_many_tiny_parts_is_not_held_part_by_part() -> None:
+    # hypercorn (and granian) hand a chunked body over one chunk a message: 64 KiB in 1-byte
+    # chunks was 65,536 messages, all held by the peek (~10 MB of dicts for one request,
+    # where the bare server holds 10 and pushes back on the socket) until the app read them.
+    parts = [{"type": "http.request", "body": b"x", "more_body": True} for _ in range(5000)]
+    parts.append({"type": "http.request", "body": b"", "more_body": False})
+    pending = list(parts)
+    taken = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal taken
+        taken += 1
+        return pending.pop(0)
+
+    async def peek_then_read() -> tuple[bytes, int, list[dict[str, Any]]]:
+        body, replay = await peek_asgi(receive, None, 64 * 1024)
+        held = taken
+        seen = [await replay() for _ in range(len(parts))]
+        return body, held, seen
+
+    body, held, seen = anyio.run(peek_then_read)
+    assert held <= 1024  # _body._MAX_PARTS
+    assert body == b""  # left to the app, as a body over the limit is
+    assert seen == parts  # the app still gets every part, in order
+
+
 def test_asgi_declared_length_over_the_limit_is_not_read() -> None:
     calls = 0
 
