@@ -111,7 +111,7 @@ def test_a_body_in_many_tiny_parts_is_not_held_part_by_part() -> None:
         taken += 1
         return pending.pop(0)
 
-    async def peek_then_read() -> tuple[bytes, int, list[dict[str, Any]]]:
+    async def peek_then_read() -> tuple[bytes, int, list[Any]]:
         body, replay = await peek_asgi(receive, None, 64 * 1024)
         held = taken
         seen = [await replay() for _ in range(len(parts))]
