@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import io
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import AbstractContextManager
@@ -70,6 +71,10 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         self._cookie_prefix = f"{self._settings.cookie_name}="
         self._id_key = _environ_key(self._settings.id_header)
         self._idle = True
+        # A server that forks a child for each request and ends it with os._exit()
+        # (socketserver's ForkingMixIn: Werkzeug's run_simple(processes=N), Flask's
+        # app.run(processes=N)) runs no exit hook: what the child queued would be lost.
+        self._flush_each = False
         reset_in_child(self._after_fork)
 
     def _after_fork(self) -> None:
@@ -95,8 +100,13 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         if match is None:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
         if match.rule.kind == WIDGET:
-            return self._widget(environ, start_response, match, path)
-        return self._chat(environ, start_response, match, path)
+            result = self._widget(environ, start_response, match, path)
+        else:
+            result = self._chat(environ, start_response, match, path)
+        if self._flush_each:
+            flushed = _SizedFlushedAtClose if hasattr(result, "__len__") else _FlushedAtClose
+            return flushed(result, self.flush)
+        return result
 
     def _first_request(self, environ: Environ) -> None:
         try:
@@ -115,6 +125,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         # WSGI has no start-up hook: the first request of the serving process starts
         # the worker, so a durable outbox left by the last run is sent.
         self._idle = False
+        self._flush_each = _in_a_child_forked_for_the_request()
         self._core.delivery.ensure_started()
         self._check_routes(environ)
 
@@ -404,6 +415,56 @@ def _respond(
         except Exception:
             pass
     return streamed
+
+
+def _in_a_child_forked_for_the_request() -> bool:
+    """Whether this request runs in a child a ``socketserver.ForkingMixIn`` server forked
+    for it alone: the child serves it, then leaves with ``os._exit()``, past every exit
+    hook (the worker's flush at exit among them)."""
+    socketserver = sys.modules.get("socketserver")
+    if socketserver is None:
+        return False
+    frame: Any = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "process_request" and isinstance(
+            frame.f_locals.get("self"), socketserver.ForkingMixIn
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _FlushedAtClose:
+    """A response whose ``close()`` also waits for the events queued so far (up to
+    ``shutdown_timeout``, as a flush at exit would): in a child that ``os._exit()`` ends
+    right after the request (see above)."""
+
+    __slots__ = ("_flush", "_result")
+
+    def __init__(self, result: Iterable[bytes], flush: Callable[[], bool]) -> None:
+        self._result = result
+        self._flush = flush
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._result)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._flush()
+
+
+class _SizedFlushedAtClose(_FlushedAtClose):
+    """:class:`_FlushedAtClose` of a response with a length, which it keeps (wsgiref works
+    out a Content-Length from it)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._result)  # type: ignore[arg-type]
 
 
 def _exit_scope(scope: AbstractContextManager[None], exc: BaseException | None) -> None:

@@ -1009,3 +1009,75 @@ def test_a_file_proxy_with_a_descriptor_is_handed_over_under_a_wrapper_function(
         finally:
             page.close()
             mw.close()
+
+
+_FORKING_APP = """
+import sys
+from flask import Flask
+from werkzeug.serving import run_simple
+from agentsight_middleware import AgentSightWSGIMiddleware
+
+app = Flask(__name__)
+
+@app.get("/")
+def page():
+    return "<!doctype html><p>shop</p>"
+
+@app.post("/api/chat")
+def chat():
+    return {"ok": True}
+
+app.wsgi_app = AgentSightWSGIMiddleware(
+    app.wsgi_app, widget_pages=["/"], chat_routes=["POST /api/chat"]
+)
+# app.run(processes=2) does the same: a child forked for each request, ended by os._exit().
+run_simple("127.0.0.1", int(sys.argv[1]), app, threaded=False, processes=2)
+"""
+
+
+def test_events_of_a_child_forked_for_its_request_are_delivered(tmp_path: Any) -> None:
+    # Werkzeug's forking server (run_simple(processes=N), Flask's app.run(processes=N)) ends
+    # each request's child with os._exit(): no exit hook runs there, and every event the
+    # child had queued was lost, silently.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from agentsight_middleware.testing import StandInAgentSightAPI
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with StandInAgentSightAPI() as api:
+        env = {**os.environ, "AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+        log = (tmp_path / "server.log").open("wb")
+        server = subprocess.Popen(
+            [sys.executable, "-c", _FORKING_APP, str(port)],
+            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"{url}/missing", timeout=0.5)
+                    break
+                except httpx.TransportError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError((tmp_path / "server.log").read_text()) from None
+                    time.sleep(0.05)
+            with httpx.Client(base_url=url, headers=BROWSER) as client:
+                page = client.get("/")
+                assert page.status_code == 200
+                chat = client.post("/api/chat", json={"message": "hi"})
+                assert chat.status_code == 200
+            api.wait_for(conversations=2, timeout=10)
+            minted = page.cookies["agentsight_conversation_id"]
+            # Each from its own process: in either order, as from two gunicorn workers.
+            sent = sorted((c["conversation_id"], c["is_used"]) for c in api.conversations)
+            assert sent == [(minted, False), (minted, True)]
+        finally:
+            server.terminate()
+            server.wait(10)
+            log.close()
