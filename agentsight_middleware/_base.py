@@ -442,6 +442,7 @@ def _choose_delivery(
             is_probe=settings.is_non_browser,
             stats_keys=HTTP_STATS,
             release=durable.close if durable is not None else None,
+            idle_counts=durable.counts if durable is not None else None,
         )
     if outbox is not None:
         raise ValueError(

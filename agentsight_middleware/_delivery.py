@@ -143,8 +143,13 @@ class BackgroundDelivery:
         is_probe: Callable[[str], bool] | None = None,
         stats_keys: Sequence[str] = (),
         release: Callable[[], None] | None = None,
+        idle_counts: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self._sink_factory = sink_factory
+        # A durable outbox's (pending, outbox_pending), read while no sink is built (before
+        # the worker's first start, or while a stopped one waits to start again): the file
+        # is open from start-up, and what earlier runs left in it is there to count.
+        self._idle_counts = idle_counts
         # Frees what the sink would have closed (a durable outbox's connection, opened at
         # start-up) when close() comes with no worker running: no event ever, or after a
         # stopped worker. A later event opens it again.
@@ -512,4 +517,9 @@ class BackgroundDelivery:
         else:
             for key in self._stats_keys:
                 stats.setdefault(key, 0)
+            if self._idle_counts is not None:
+                try:
+                    stats["pending"], stats["outbox_pending"] = self._idle_counts()
+                except Exception as exc:  # stats() never fails
+                    logger.debug("counting the outbox: %r", exc)
         return stats

@@ -597,6 +597,41 @@ async def test_pending_counts_this_process_s_events_and_outbox_pending_the_file_
         mw.close()
 
 
+def test_outbox_pending_counts_what_an_earlier_run_left_before_the_worker_starts(
+    tmp_path: Path,
+) -> None:
+    # stats() said 0 for every count until the worker had built its sink: under WSGI until
+    # the first request (and 0.3-0.7 s after it), under ASGI for as long after the
+    # lifespan's start, while the file held an outage's backlog from the last run.
+    import sqlite3
+
+    from agentsight_middleware import AgentSightWSGIMiddleware
+
+    outbox = tmp_path / "left.sqlite3"
+    SQLiteOutbox(outbox).close()
+    earlier = sqlite3.connect(outbox, isolation_level=None)
+    earlier.executemany(
+        "INSERT INTO outbox (conversation_id, body, origin) VALUES (?, x'7b7d', 'gone:1:abcd')",
+        [(f"conv_earlier{n:05d}",) for n in range(4)],
+    )
+    earlier.close()
+    dead = f"http://127.0.0.1:{_free_port()}"
+    mw = AgentSightWSGIMiddleware(
+        lambda environ, start_response: [],
+        widget_pages=["/"],
+        api_key="ags_" + "1" * 32 + "_abcdef",
+        endpoint=dead,
+        outbox=outbox,
+        shutdown_timeout=0.5,
+    )
+    try:
+        stats = mw.stats()
+        assert stats["outbox_pending"] == 4  # the last run's backlog
+        assert stats["pending"] == 0  # none of this process's
+    finally:
+        mw.close()
+
+
 async def test_stats_wait_once_for_a_worker_waiting_for_a_locked_outbox(
     api: StandInAgentSightAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -42,6 +43,32 @@ def test_a_full_queue_drops_the_newest_and_counts_them(caplog: pytest.LogCapture
     assert dispatcher.flush(10)
     assert seen == [0, 1, 2, 3, 4, 5]
     assert "queue full (5 items)" in caplog.text
+    dispatcher.close()
+
+
+def test_a_full_queue_is_said_once_a_minute_not_every_thousand_drops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A hung tracker and 1,000 page views a second: one WARNING line a second, for as
+    # long as it hung (the built-in client says its full queue once a minute).
+    release = threading.Event()
+    started = threading.Event()
+
+    def handler(item: int) -> None:
+        started.set()
+        release.wait(10)
+
+    dispatcher: Dispatcher[int] = Dispatcher(handler, maxsize=5)
+    dispatcher.submit(0)
+    assert started.wait(5)
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        for i in range(5_005):
+            dispatcher.submit(i)
+    assert dispatcher.stats()["dropped"] == 5_000
+    said = [r.getMessage() for r in caplog.records if "queue full" in r.getMessage()]
+    assert said == ["queue full (5 items), 1 event(s) dropped so far"]
+    release.set()
+    assert dispatcher.flush(10)
     dispatcher.close()
 
 

@@ -889,6 +889,32 @@ async def test_a_proxy_httpx_cannot_use_is_skipped_with_a_warning(
     assert "directly" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "ftp://alice:S3cretPassw0rd@proxy.internal:21",
+        "socks5://alice:S3cretPassw0rd@127.0.0.1:1080",
+    ],
+)
+async def test_a_proxy_skipped_with_a_warning_keeps_its_password_out_of_the_log(
+    monkeypatch: pytest.MonkeyPatch, proxy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The warning named the proxy URL as the environment had it, password included (httpx's
+    # own error masks it: "alice:[secure]@").
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(
+            Credentials(api.api_key, api.url, "production"), outbox=MemoryOutbox(100),
+            concurrency=2,
+        )  # fmt: skip
+        await deliver(sink, 1)
+    assert "cannot be used" in caplog.text
+    assert "S3cretPassw0rd" not in caplog.text
+    assert "alice:[secure]@" in caplog.text
+
+
 async def test_an_unexpected_error_while_sending_is_retried_not_stuck(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -2212,6 +2238,64 @@ async def test_the_end_of_a_throttling_spell_is_said_with_its_counts(
     ended = await _outages(caplog, monkeypatch, ["throttle"])
     assert [r.levelno for r in ended] == [logging.WARNING]  # as "is throttling (429)" was
     assert "0 attempts retried, 2 throttled" in ended[0].getMessage()
+
+
+async def test_an_api_that_hangs_is_not_said_to_be_unreachable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A request that was connected and timed out (or was cut off) was logged as "the
+    # AgentSight API is unreachable (ReadTimeout: ...)": the word the log uses for a
+    # connection that cannot be made, which pauses delivery instead.
+    caplog.set_level(logging.INFO, logger="agentsight_middleware")
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(Credentials(api.api_key, api.url, "production"),
+                        outbox=MemoryOutbox(100), concurrency=1, timeout=0.3)  # fmt: skip
+        await sink.start()
+        api.hang_next(1)
+        await sink.put([{
+            "conversation_id": "conv_000000000001", "is_used": False,
+            "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
+        }])  # fmt: skip
+        assert await sink.drain(time.monotonic() + 10) == 0
+        await sink.aclose()
+    said = [r.getMessage() for r in caplog.records if "ReadTimeout" in r.getMessage()]
+    assert len(said) == 1
+    assert "unreachable" not in said[0]
+    assert "got no answer" in said[0]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "outbox"])
+async def test_a_key_refused_again_after_a_recovery_is_logged_again(
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    durable: bool,
+) -> None:
+    # A key refused (revoked), fixed (the events accepted again, the outage's end said),
+    # then refused again days later: the second refusal was never logged (its key stayed
+    # in the set of things said), while every event was dropped (or, on disk, delivery
+    # paused) in silence. In memory, the end of the first refusal was not said either.
+    monkeypatch.setattr("agentsight_middleware.sinks.http._QUIET", 0.0)
+    monkeypatch.setattr("agentsight_middleware.sinks.http._ELSEWHERE_PAUSE", 0.1)
+    caplog.set_level(logging.INFO, logger="agentsight_middleware")
+    outbox = SQLiteOutbox(tmp_path / "outbox.sqlite3") if durable else MemoryOutbox(100)
+    with StandInAgentSightAPI() as api:
+        sink = HttpSink(Credentials(api.api_key, api.url, "production"), outbox=outbox,
+                        concurrency=1)  # fmt: skip
+        await sink.start()
+        for n, status in enumerate([401, None, 401, None]):
+            if status is not None:
+                api.fail_next(1, status=status)
+            await sink.put([{
+                "conversation_id": f"conv_{n:012x}", "is_used": False,
+                "timestamp": "2026-11-25T10:00:00+00:00", "environment": "production",
+            }])  # fmt: skip
+            assert await sink.drain(time.monotonic() + 10) == 0
+        await sink.aclose()
+    refused = [r for r in caplog.records if "refused the API key" in r.getMessage()]
+    assert [r.levelno for r in refused] == [logging.ERROR] * 2
+    ended = [r for r in caplog.records if "accepts events again" in r.getMessage()]
+    assert [r.levelno for r in ended] == [logging.WARNING] * 2
 
 
 def test_a_request_hanging_at_a_proxy_does_not_hold_up_the_exit(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from collections import deque
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -217,6 +217,18 @@ def _failure_kind(error: httpx.HTTPError) -> str:
     if "CERTIFICATE_VERIFY_FAILED" in str(error):
         return "certificate"
     return type(error).__name__
+
+
+def _without_password(url: str) -> str:
+    """``url`` for the log: a password in it as httpx shows one (``user:[secure]@``)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:[secure]@{host}"))
+    except ValueError:
+        return "<the proxy URL>"
 
 
 def environment_proxy(url: str) -> str | None:
@@ -445,7 +457,7 @@ class HttpSink:
                     "proxy",
                     "the proxy %r from the environment cannot be used (%s); connecting to the "
                     "AgentSight API directly",
-                    self._proxy,
+                    _without_password(self._proxy),
                     exc,
                     level="warning",
                 )
@@ -1242,7 +1254,9 @@ class HttpSink:
         self._logged -= {
             key for key in self._logged if isinstance(key, tuple) and key[0] == "retry"
         }
-        self._logged -= {"429", "failed", "not the API"}
+        # A refused key (401/403) is an outage's failure too: refused again after the
+        # key was fixed, it is said again (it was silent for the process's lifetime).
+        self._logged -= {"429", "failed", "not the API", 401, 403}
         retried, throttled = self._outage_counts
         level = logging.WARNING if self._warned else logging.INFO
         self._warned = False
@@ -1330,9 +1344,12 @@ class HttpSink:
                 level="warning",
             )
         elif kind is not None:
+            # Connected, then no (whole) answer: a timeout, a cut-off or dropped answer. Not
+            # "unreachable", which names a connection that cannot be made (see _unreachable),
+            # and sends an operator to check the network, DNS and firewall for an API that hangs.
             self._log_once(
                 ("retry", kind),
-                "the AgentSight API is unreachable (%s); retrying with backoff",
+                "a request to the AgentSight API got no answer (%s); retrying with backoff",
                 reason,
                 level="warning",
             )
@@ -1357,6 +1374,9 @@ class HttpSink:
         self._outbox.discard(item)
         self.rejected += 1
         if status in (401, 403):
+            # An outage's failure (README, Failures): its end is said once the fixed key's
+            # events are accepted, and a later refusal is said again.
+            self._failure()
             self._log_once(
                 status,
                 "the AgentSight API refused the API key %s (%d: %s); events are dropped until "
