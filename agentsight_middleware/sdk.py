@@ -53,6 +53,7 @@ import copy
 import importlib
 import inspect
 import itertools
+import sys
 import threading
 import time
 import weakref
@@ -127,6 +128,18 @@ class _PerRequestConversationId:
         cell = _cell.get()
         if cell is not None:
             cell[0] = value
+        elif (
+            _lost[0]
+            and not obj.__dict__.get("conversation_id")
+            and sys._getframe(1).f_code.co_name == "_get_or_generate_conversation_id"
+        ):
+            # send_tracked_data() outside a chat request's context (a bare thread,
+            # run_in_executor()), where there is no conversation: the SDK makes one up and
+            # keeps it as the process's current one. Kept, every later call from outside a
+            # request filed every visitor's messages under that one invented conversation
+            # (113 of 120 in a review's run). Not kept: such a call sends nothing, each
+            # time, as the warning above says.
+            return
         else:
             obj.__dict__["conversation_id"] = value
 
@@ -378,6 +391,13 @@ class ClassicTracker:
         self.tracker.get_or_create_conversation(
             conversation_id, **_only({**fields, "metadata": marker}, self._engage_keywords)
         )
+        tracked, lock = store
+        if None in tracked:
+            # Tracked outside any request's conversation (see _PerRequestConversationId):
+            # the SDK files such items under None, which its send_tracked_data() never
+            # sends. Nothing else takes them: left there, every such call added to them.
+            with lock:
+                tracked.pop(None, None)
         key = next(self._next_key)
         sent = self._sent
 

@@ -18,6 +18,7 @@ makes the attribute per-request, and then every message lands where it belongs.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -256,6 +257,24 @@ def test_classic_tracker_keeps_a_waiting_request_s_item_and_forgets_sent_ones(
         assert rows[key - 1]["conversation_id"] == "conv_000000005100"
 
 
+def test_the_sdk_called_outside_the_requests_context_sends_nothing(
+    sdk_version: str, api: StandInAgentSightAPI
+) -> None:
+    # The README: called from a thread without the request's context (here
+    # loop.run_in_executor()), "the SDK finds no conversation there and sends nothing".
+    # It did so once: that send_tracked_data() made a conversation id up and kept it as
+    # the process's current one, and from then on every visitor's messages were posted
+    # under that one invented conversation (113 of 120, 20 visitors at once). The
+    # messages tracked before it stayed in the SDK's memory for good.
+    visitors, result = run(sdk_version, "fastapi-executor", "adapter", api)
+    record(f"{sdk_version} adapter fastapi-executor", result)
+    errors = [reply["tracking_error"] for v in visitors for reply in v.replies]
+    assert all(str(e).startswith("NoDataToSendException") for e in errors), errors
+    assert api.messages == [], f"{len(api.messages)} message(s) posted: {result}"
+    ids = {v.conversation_id for v in visitors}
+    assert {row["conversation_id"] for row in api.conversations} <= ids
+
+
 def assert_conversations(api: StandInAgentSightAPI, visitors: list[Visitor]) -> None:
     """Issue 4's end-to-end promise: ``is_used: false`` on the page load, ``is_used: true``
     on every chat request, all under the visitor's one id, with the facts the middleware
@@ -399,6 +418,79 @@ def test_classic_tracker_held_at_a_fork_serves_the_child_s_chats() -> None:
     finally:
         tracker._unsent_lock.release()
     assert told == b"served"
+
+
+class _WithStore(_ClassicLike):
+    """The SDK's store, lock and send_tracked_data(), as 0.0.12 - 0.0.44 have them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tracked_data: dict[Any, dict[str, list[Any]]] = {}
+        self._lock = threading.Lock()
+        self.sent: list[tuple[str, list[Any]]] = []
+
+    def get_or_create_conversation(self, conversation_id: str, **fields: Any) -> None:
+        self.config.conversation_id = conversation_id
+        self._add_tracking_item("conversation", {"conversation_id": conversation_id, **fields})
+
+    def track_question(self, question: str) -> None:
+        self._add_tracking_item("question", {"content": question})
+
+    def _add_tracking_item(self, kind: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            stored = self._tracked_data.setdefault(self.config.conversation_id, {"items": []})
+            stored["items"].append({"type": kind, "data": data})
+
+    def _get_or_generate_conversation_id(self) -> str:
+        if self.config.conversation_id:
+            return str(self.config.conversation_id)
+        conversation_id = f"conv_{os.urandom(6).hex()}"
+        self.config.conversation_id = conversation_id
+        return conversation_id
+
+    def send_tracked_data(self) -> list[Any]:
+        conversation_id = self._get_or_generate_conversation_id()
+        with self._lock:
+            if conversation_id not in self._tracked_data:
+                raise LookupError(f"No tracked data found for conversation: {conversation_id}")
+            items = self._tracked_data.pop(conversation_id)["items"]
+        self.sent.append((conversation_id, items))
+        return items
+
+
+def test_the_sdk_outside_a_request_keeps_no_made_up_conversation() -> None:
+    from agentsight_middleware.sdk import ClassicTracker
+
+    inner = _WithStore()
+    tracker = ClassicTracker(inner)
+
+    def stray(question: str) -> str:
+        # As loop.run_in_executor() runs it: a thread without the request's context.
+        failure: list[str] = []
+
+        def run_it() -> None:
+            inner.track_question(question)
+            try:
+                inner.send_tracked_data()
+            except LookupError as exc:
+                failure.append(str(exc))
+
+        thread = threading.Thread(target=run_it)
+        thread.start()
+        thread.join(5)
+        return failure[0] if failure else "sent"
+
+    for visitor in ("conv_alice", "conv_bob", "conv_carol"):
+        with tracker.conversation_scope(visitor):
+            assert stray(f"{visitor}'s question").startswith("No tracked data")
+    assert inner.sent == [], "sent under a conversation the SDK made up"
+    assert inner.config.conversation_id is None
+    # What was tracked outside any conversation the SDK never sends: gone at the next chat.
+    with tracker.conversation_scope("conv_dave"):
+        pass
+    assert None not in inner._tracked_data
+    inner.config.conversation_id = "conv_set_by_the_app"  # still the app's to set
+    assert inner.config.conversation_id == "conv_set_by_the_app"
 
 
 def test_classic_tracker_passes_only_fields_the_sdk_takes() -> None:

@@ -5,7 +5,9 @@ Run by ``tests/test_sdk_classic.py`` under an SDK venv's interpreter as::
     python -m tests.apps.sdk_classic_app FRAMEWORK MODE FD
 
 FRAMEWORK is ``fastapi-sync`` (a ``def`` endpoint: Starlette's thread pool),
-``fastapi-async`` (an ``async def`` endpoint) or ``flask`` (threaded werkzeug server);
+``fastapi-async`` (an ``async def`` endpoint), ``fastapi-executor`` (an ``async def``
+endpoint calling the SDK in ``loop.run_in_executor()``, which the README says not to do:
+no request context there) or ``flask`` (threaded werkzeug server);
 MODE is ``naive`` (the middleware calls the ``ConversationTracker``'s
 ``initialize_conversation`` / ``get_or_create_conversation`` directly) or ``adapter``
 (``tracker=ClassicTracker(ConversationTracker())``); FD is a listening socket.
@@ -89,6 +91,12 @@ async def chat_async(message: str) -> dict[str, Any]:
     return {"reply": reply, "tracking_error": error}
 
 
+async def chat_in_executor(message: str) -> dict[str, Any]:
+    """The SDK called from the loop's default executor: a thread without the request's
+    context, where the SDK has no current conversation."""
+    return await asyncio.get_running_loop().run_in_executor(None, chat_blocking, message)
+
+
 def held() -> dict[str, int]:
     """What the SDK holds in memory, unsent: conversations and items."""
     data = tracker._tracked_data
@@ -108,7 +116,10 @@ def main() -> None:
     else:
 
         def fastapi_app() -> Any:
-            app = fastapi_shop(framework, options(mode), chat_blocking, chat_async)
+            if framework == "fastapi-executor":
+                app = fastapi_shop("fastapi-async", options(mode), chat_blocking, chat_in_executor)
+            else:
+                app = fastapi_shop(framework, options(mode), chat_blocking, chat_async)
             app.get("/debug/held")(held)
             return app
 
