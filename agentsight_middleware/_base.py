@@ -297,6 +297,7 @@ class MiddlewareBase:
         self._has_hooks = settings.has_hooks
         self._cookie_name = settings.cookie_name
         self._submit = core.submit
+        self._hold = core.hold
 
     def _tell_near_misses(self, served: Served, root_path: str = "") -> None:
         """Warn about the rules that miss the app's routes by a little (see _routes), and

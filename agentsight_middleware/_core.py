@@ -207,6 +207,9 @@ class Core:
         # handler scope to ask for, no event loop for a coroutine tracker.
         #: ``delivery.submit`` for the built-in worker, else None.
         self.submit = delivery.submit if isinstance(delivery, BackgroundDelivery) else None
+        #: ``delivery.hold`` for the built-in worker (a chat's event waits for the
+        #: answer: a 4xx is no chat), else None.
+        self.hold = delivery.hold if isinstance(delivery, BackgroundDelivery) else None
         self._told_shared = False
         self._told_not_html: set[str] = set()
 
@@ -223,12 +226,6 @@ class Core:
             " with Cache-Control: no-cache (or private, no-cache) to have them tracked.",
             path,
         )
-
-    def refused_chat(self) -> None:
-        """A chat request the app answered with a 4xx: counted, not sent (see the glue)."""
-        delivery = self.delivery
-        if isinstance(delivery, BackgroundDelivery):
-            delivery.refused_chats += 1
 
     def not_a_page(self, rule: str, path: str, status: int, content_type: str | None) -> None:
         """A browser's view of a widget page answered 2xx with something other than HTML:

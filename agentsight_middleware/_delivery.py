@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["BATCH", "BackgroundDelivery", "Sink"]
+__all__ = ["ANSWER_WAIT", "BATCH", "BackgroundDelivery", "HeldChat", "Sink"]
 
 # How long the worker sleeps between looks at an intake that has just gone quiet.
 _INTAKE_INTERVAL = 0.02
@@ -56,6 +56,61 @@ _RESTART_AFTER = 30.0
 # From this many events waiting, each new one keeps only what its payload will use: a
 # worker this far behind is waiting for the API, and the queue must stay bounded in bytes.
 _COMPACT_AT = 500
+#: How long a chat request's event waits for the app's answer (a 4xx is no chat) before it
+#: is queued anyway. A refusal (no CSRF token, not signed in, an invalid body, throttled)
+#: comes before the handler runs, at once; a chat the app is still working on then is one,
+#: and its event must not wait in memory for an answer that may come minutes later, or
+#: never: a process stopped meanwhile (a server's graceful timeout, gunicorn's SIGKILL after
+#: it, waitress or uWSGI on SIGTERM, uvicorn forced) or killed lost the chat, where it was
+#: queued (and with ``outbox=`` on disk) within milliseconds of the request before.
+ANSWER_WAIT = 1.0
+
+
+class HeldChat:
+    """A chat request's event waiting for the app's answer (see :data:`ANSWER_WAIT`):
+    settled once, by the answer's start (a 4xx: counted in ``refused_chats``, not sent),
+    by the request's end without one, by the worker once it has waited ``ANSWER_WAIT``,
+    or by the worker's shutdown. Under WSGI it is also the scope around the app."""
+
+    __slots__ = ("_delivery", "_event", "due")
+
+    def __init__(self, delivery: BackgroundDelivery, event: Event, due: float) -> None:
+        self._delivery = delivery
+        # Taken with list.pop(), one call that no other thread can split: the request's
+        # thread (the answer) and the worker (the wait is over) may settle it at once, and
+        # a read then a write could let both take the event and send the chat twice.
+        self._event: list[Event] = [event]
+        self.due = due
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._event)
+
+    def answered(self, refused: bool) -> None:
+        """The answer starts: the first one counts (one given again with exc_info replaces
+        an answer that was never sent, after the app went wrong)."""
+        try:
+            event = self._event.pop()
+        except IndexError:
+            return
+        if refused:
+            self._delivery.refused_chats += 1
+        else:
+            self._delivery.submit(event)
+
+    def settle(self) -> None:
+        """No answer (yet): the app failed, the visitor left, or it works on: a chat."""
+        try:
+            event = self._event.pop()
+        except IndexError:
+            return
+        self._delivery.submit(event)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.settle()
 
 
 class Sink(Protocol):
@@ -168,6 +223,9 @@ class BackgroundDelivery:
         self._lock = threading.Lock()
         self._started = False
         self._intake: deque[Event] = deque()
+        # Chat events waiting for their answer, oldest first (each waits ANSWER_WAIT):
+        # appended by the request path, taken by the worker only.
+        self._held: deque[HeldChat] = deque()
         self._holding = 0  # events taken from the intake, in the sink's put() now
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -197,6 +255,7 @@ class BackgroundDelivery:
         self._sink = None
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._intake = deque()
+        self._held = deque()
         self._parked = None
         # The parent's counts are not this process's: its events were the parent's to send.
         self.enqueued = self.dropped = self.skipped_bots = self.errors = 0
@@ -232,6 +291,31 @@ class BackgroundDelivery:
         self.enqueued += 1
         if self._parked is not None:
             self._wake()
+
+    def hold(self, event: Event) -> HeldChat:
+        """A chat request's event, queued when the app's answer starts (none if a 4xx),
+        when the request ends without one, or after ANSWER_WAIT, whichever comes first."""
+        if not self._started:
+            self._start()
+        now = time.monotonic()
+        waiting = self._held
+        if len(waiting) >= self._queue_size:
+            # A worker held up (a put() waiting for a locked file): the oldest is settled
+            # here (as a chat, if its answer has not come), so that the deque stays bounded.
+            with contextlib.suppress(IndexError):  # the worker took it meanwhile
+                waiting.popleft().settle()
+        held = HeldChat(self, event, now + ANSWER_WAIT)
+        waiting.append(held)
+        return held
+
+    def _settle_held(self, now: float) -> None:
+        """Queue the held chats that have waited long enough (all of them at shutdown),
+        and forget those their answer settled."""
+        held = self._held
+        # (IndexError: emptied meanwhile by hold() on a request thread, at a full deque.)
+        with contextlib.suppress(IndexError):
+            while held and (held[0].due <= now or not held[0].waiting):
+                held.popleft().settle()
 
     def _wake(self) -> None:
         """Wake a parked worker (from any thread)."""
@@ -329,7 +413,10 @@ class BackgroundDelivery:
         self._ready.set()
         try:
             interval = _INTAKE_INTERVAL
+            held = self._held
             while not self._stopping.is_set():
+                if held:
+                    self._settle_held(time.monotonic())
                 # Yield after every batch: the sink's sender tasks run on this same
                 # loop, and a steady stream of events must not starve them.
                 if sink.backed_up():
@@ -347,8 +434,10 @@ class BackgroundDelivery:
                     continue
                 await asyncio.sleep(interval)
                 interval = min(interval * 2, _INTAKE_INTERVAL)
-            # Shutdown: everything within one time limit, building included, so
+            # Shutdown: the chats still waiting for their answer are chats (no refusal
+            # came), then everything within one time limit, building included, so
             # that a long backlog cannot keep the worker (and the process) alive.
+            self._settle_held(math.inf)
             deadline = self._stop_by
             while self._intake and time.monotonic() < deadline:
                 if sink.backed_up():
@@ -394,8 +483,12 @@ class BackgroundDelivery:
         if self._intake or self._stopping.is_set():
             self._parked = None
             return
+        doze = _DOZE
+        held = self._held
+        if held:  # woken when the oldest held chat has waited long enough
+            doze = min(doze, max(held[0].due - time.monotonic(), 0.0))
         try:
-            await park(parked, _DOZE)
+            await park(parked, doze)
         finally:
             self._parked = None
 

@@ -37,7 +37,8 @@ from ._core import (
     is_shared_cacheable,
     viewed_conversation,
 )
-from ._events import ENGAGE, INITIALIZE, Event, new_event
+from ._delivery import HeldChat
+from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import TrustedProxies, forwarded_scheme, hop_address_and_port, peer_address
 from ._log import logger
 from ._rules import WIDGET, Match
@@ -410,16 +411,17 @@ class AgentSightMiddleware(MiddlewareBase):
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
         token = current.set(conversation)
-        submit = self._submit
+        hold = self._hold
         # With the built-in delivery, the event waits for the answer: one the app refuses
         # (a 4xx: no CSRF token, not signed in, an invalid body, throttled) is no chat,
-        # as the SDKs' own flow never reaches the handler's tracking calls then.
-        pending: Event | None = None
+        # as the SDKs' own flow never reaches the handler's tracking calls then. At most
+        # ANSWER_WAIT (_delivery): a chat the app still works on by then is one.
+        pending: HeldChat | None = None
         try:
             event = new_event((ENGAGE, conversation, started))
             handler_scope = None
-            if submit is not None:
-                pending = event
+            if hold is not None:
+                pending = hold(event)
             else:
                 delivery = core.delivery
                 await delivery.engage_async(event)
@@ -438,15 +440,12 @@ class AgentSightMiddleware(MiddlewareBase):
                 cookie_prefix = self._cookie_prefix
 
                 async def send_wrapper(message: Message) -> None:
-                    nonlocal pending
                     if message["type"] == "http.response.start":
-                        if pending is not None and submit is not None:
-                            chosen, pending = pending, None
+                        if pending is not None:
                             status = message.get("status")
-                            if type(status) is int and 400 <= status < 500:
-                                core.refused_chat()
-                            else:
-                                submit(chosen)
+                            # Any int: Starlette, FastAPI and Litestar pass an app's
+                            # HTTPStatus member on as it is.
+                            pending.answered(isinstance(status, int) and 400 <= status < 500)
                         if set_cookie is not None:
                             headers = list(message.get("headers", ()))
                             # Unless the app sets the cookie itself (a new conversation,
@@ -465,10 +464,10 @@ class AgentSightMiddleware(MiddlewareBase):
                     await self.app(scope, receive, app_send)
         finally:
             current.reset(token)
-            if pending is not None and submit is not None:
+            if pending is not None:
                 # No answer went out: the app failed (the server answers 500) or the
                 # visitor left while it worked. Either way the visitor chatted.
-                submit(pending)
+                pending.settle()
             if found_in_body:
                 abandon = getattr(receive, "abandon", None)
                 if abandon is not None:

@@ -33,13 +33,12 @@ from ._core import (
     CDN_CACHE_HEADERS,
     NOT_SET,
     AppCookie,
-    Core,
     is_html_success,
     is_page_view,
     is_shared_cacheable,
     viewed_conversation,
 )
-from ._events import ENGAGE, INITIALIZE, Event, new_event
+from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import forwarded_scheme
 from ._fork import reset_in_child
 from ._log import logger
@@ -99,14 +98,22 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             match = by_method[method] if method in by_method else self._match(method, path)
         if match is None:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
-        if match.rule.kind == WIDGET:
-            result = self._widget(environ, start_response, match, path)
-        else:
-            result = self._chat(environ, start_response, match, path)
-        if self._flush_each:
-            flushed = _SizedFlushedAtClose if hasattr(result, "__len__") else _FlushedAtClose
-            return flushed(result, self.flush)
-        return result
+        if not self._flush_each:
+            if match.rule.kind == WIDGET:
+                return self._widget(environ, start_response, match, path)
+            return self._chat(environ, start_response, match, path)
+        try:
+            if match.rule.kind == WIDGET:
+                result = self._widget(environ, start_response, match, path)
+            else:
+                result = self._chat(environ, start_response, match, path)
+        except BaseException:
+            # The app raised: no response, no close() to wait at, and the server's 500
+            # is the child's last act (a chat with no answer is one: queued as it failed).
+            self.flush()
+            raise
+        flushed = _SizedFlushedAtClose if hasattr(result, "__len__") else _FlushedAtClose
+        return flushed(result, self.flush)
 
     def _first_request(self, environ: Environ) -> None:
         try:
@@ -280,10 +287,12 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         event = new_event((ENGAGE, conversation, started))
         handler_scope: AbstractContextManager[None] | None
         pending = None
-        if self._submit is not None:
+        hold = self._hold
+        if hold is not None:
             # The built-in delivery waits for the answer's status (see asgi.py): settled
-            # at start_response, or, however the request ends without one, by the scope.
-            handler_scope = pending = _PendingChat(core, self._submit, event)
+            # at start_response, or, however the request ends without one, by the scope
+            # (or by the worker, after ANSWER_WAIT).
+            handler_scope = pending = hold(event)
         else:
             # In the request's own thread, before the app: a handler using the SDK
             # finds the conversation already in place.
@@ -311,7 +320,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 status: str, response_headers: list[tuple[str, str]], exc_info: Any = None
             ) -> Any:
                 if pending is not None:
-                    pending.answered(status)
+                    pending.answered(isinstance(status, str) and status[:1] == "4")
                 if set_cookie is not None:
                     if type(response_headers) is not list:
                         response_headers = list(response_headers)  # one-shot: see above
@@ -329,39 +338,6 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         return _respond(
             self.app, environ, app_start_response, core.current, conversation, handler_scope
         )
-
-
-class _PendingChat:
-    """A chat request's event under the built-in delivery, waiting for the answer: a 4xx
-    (the app refused the request) is no chat; any other status, or no answer at all (the
-    app failed, the client left), is one. Entered around the app as a tracker's scope is,
-    so that the end of the request settles it however it ends."""
-
-    __slots__ = ("_core", "_event", "_submit")
-
-    def __init__(self, core: Core, submit: Callable[[Event], None], event: Event) -> None:
-        self._core = core
-        self._submit = submit
-        self._event: Event | None = event
-
-    def answered(self, status: object) -> None:
-        # The first status counts: one given again with exc_info replaces an answer
-        # that was never sent, after the app went wrong (no refusal of the request).
-        event, self._event = self._event, None
-        if event is None:
-            return
-        if type(status) is str and status[:1] == "4":
-            self._core.refused_chat()
-        else:
-            self._submit(event)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        event, self._event = self._event, None
-        if event is not None:
-            self._submit(event)
 
 
 def _respond(

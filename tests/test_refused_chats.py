@@ -10,16 +10,22 @@ the client left), is a chat. Real servers, real frameworks, the local store.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Header, HTTPException
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel
 from werkzeug.serving import make_server
 
@@ -216,3 +222,225 @@ def test_django_a_chat_refused_by_its_csrf_check_is_not_sent(tmp_path: Path) -> 
         assert mw.stats()["refused_chats"] == 1
     mw.close()
     assert _used(db) == ["conv_00000000ok"]
+
+
+def test_asgi_a_refusal_given_as_an_httpstatus_member_is_no_chat(tmp_path: Path) -> None:
+    # Starlette, FastAPI and Litestar pass an app's status on as it is: an HTTPStatus
+    # member (an int) reached the server, and the 401 was counted as a chat.
+    api = FastAPI()
+
+    @api.post("/api/chat")
+    async def chat(kind: str) -> Any:
+        if kind == "401":
+            raise HTTPException(HTTPStatus.UNAUTHORIZED, "sign in first")
+        if kind == "429":
+            return JSONResponse({"error": "slow down"}, status_code=HTTPStatus.TOO_MANY_REQUESTS)
+        return JSONResponse({"reply": "hi"}, status_code=HTTPStatus.OK)
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightMiddleware(api, chat_routes=["POST /api/chat"], local_store=db)
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as client:
+        for kind, cid in (("401", "conv_00000000n401"), ("429", "conv_00000000n429"),
+                          ("200", "conv_0000000000ok")):  # fmt: skip
+            answer = client.post("/api/chat", params={"kind": kind}, headers={ID: cid})
+            assert answer.status_code == int(kind)
+        assert mw.flush(10)
+        assert mw.stats()["refused_chats"] == 2
+    assert _used(db) == ["conv_0000000000ok"]
+
+
+def _wait_for_chats(mw: Any, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while mw.stats()["enqueued"] < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mw.flush(10)
+
+
+def test_asgi_a_chat_the_app_still_works_on_is_kept_before_its_answer(tmp_path: Path) -> None:
+    # An LLM's answer may take minutes: a chat held in memory until then was lost with a
+    # process stopped or killed meanwhile (gunicorn's SIGKILL after its graceful timeout,
+    # the OOM killer, uvicorn forced), even with outbox=, where it used to be on disk
+    # within milliseconds of the request. A refusal comes at once; this is a chat.
+    release = threading.Event()
+    api = FastAPI()
+
+    @api.post("/api/chat")
+    def chat() -> Any:  # a sync endpoint: in Starlette's threadpool
+        release.wait(30)
+        return {"reply": "hi"}
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightMiddleware(api, chat_routes=["POST /api/chat"], local_store=db)
+    with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_00000000long"})
+        try:
+            _wait_for_chats(mw, 1)
+            assert _used(db) == ["conv_00000000long"]  # on disk while the app works
+        finally:
+            release.set()
+        assert asked.result(30).status_code == 200
+        assert mw.flush(10)
+        assert mw.stats()["enqueued"] == 1  # and once only
+    assert _used(db) == ["conv_00000000long"]
+
+
+def test_wsgi_a_chat_the_app_still_works_on_is_kept_before_its_answer(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        release.wait(30)
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"reply": "hi"}']
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], local_store=db)
+    with _werkzeug(mw) as url, ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_00000000long"})
+        try:
+            _wait_for_chats(mw, 1)
+            assert _used(db) == ["conv_00000000long"]
+        finally:
+            release.set()
+        assert asked.result(30).status_code == 200
+        assert mw.flush(10)
+        assert mw.stats()["enqueued"] == 1
+    mw.close()
+    assert _used(db) == ["conv_00000000long"]
+
+
+def test_a_chat_unanswered_at_shutdown_is_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's shutdown (the lifespan's, or at exit) counts the chats still waiting
+    # for their answer: no refusal came, and nothing would deliver them after.
+    # (raising=False: a version without the wait fails the test, not its set-up)
+    monkeypatch.setattr("agentsight_middleware._delivery.ANSWER_WAIT", 60.0, raising=False)
+    entered, release = threading.Event(), threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        entered.set()
+        release.wait(30)
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], local_store=db)
+    with _werkzeug(mw) as url, ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_0000000000stop"})
+        try:
+            assert entered.wait(10)  # the request is in the app
+            mw.close()  # as the lifespan's shutdown or the exit hook does
+            assert _used(db) == ["conv_0000000000stop"]
+        finally:
+            release.set()
+        assert asked.result(30).status_code == 200
+    mw.close()
+    assert _used(db) == ["conv_0000000000stop"]  # the answer added none
+
+
+_GUNICORN_APP = """
+import os, time
+from agentsight_middleware import AgentSightWSGIMiddleware
+
+def chat(environ, start_response):
+    open(os.environ["ENTERED"], "w").close()  # the test's signal to stop the server
+    time.sleep(60)  # a model that takes its time
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [b"{}"]
+
+app = AgentSightWSGIMiddleware(chat, chat_routes=["POST /api/chat"], local_store=os.environ["DB"])
+"""
+
+
+def test_wsgi_a_chat_still_running_when_gunicorn_stops_is_kept(tmp_path: Path) -> None:
+    # gunicorn's SIGTERM waits --graceful-timeout for the request, then SIGKILLs the
+    # worker: a chat held for its answer was lost (it was on disk before the app ran).
+    (tmp_path / "slow_chat.py").write_text(_GUNICORN_APP)
+    db = tmp_path / "events.sqlite3"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "gunicorn", "-w", "1", "--graceful-timeout", "5",
+        "-b", f"127.0.0.1:{port}", "--log-level", "warning", "slow_chat:app",
+    ]  # fmt: skip
+    entered = tmp_path / "entered"
+    env = {**os.environ, "DB": str(db), "ENTERED": str(entered),
+           "PYTHONPATH": os.pathsep.join(sys.path)}  # fmt: skip
+    server = subprocess.Popen(command, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("gunicorn did not start") from None
+                time.sleep(0.05)
+        with ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(
+                httpx.post, f"http://127.0.0.1:{port}/api/chat",
+                headers={ID: "conv_0000000000stop"}, timeout=60,
+            )  # fmt: skip
+            deadline = time.monotonic() + 30
+            while not entered.exists():  # the request is in the app
+                assert time.monotonic() < deadline, "the chat never reached the app"
+                time.sleep(0.02)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(30) == 0
+            with pytest.raises(httpx.TransportError):
+                asked.result(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    assert _used(db) == ["conv_0000000000stop"]
+
+
+_FORKING_RAISING_APP = """
+import sys
+from werkzeug.serving import run_simple
+from agentsight_middleware import AgentSightWSGIMiddleware
+
+def chat(environ, start_response):
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    raise RuntimeError("the model is down")  # Werkzeug answers 500
+
+app = AgentSightWSGIMiddleware(chat, chat_routes=["POST /api/chat"], local_store=sys.argv[2])
+run_simple("127.0.0.1", int(sys.argv[1]), app, threaded=False, processes=2)
+"""
+
+
+def test_wsgi_a_chat_whose_app_raises_in_a_child_forked_for_it_is_kept(tmp_path: Path) -> None:
+    # Werkzeug's run_simple(processes=N) ends each request's child with os._exit(): with
+    # no response there is no close() to wait at, and the chat queued as the app failed
+    # was lost with the child.
+    db = tmp_path / "events.sqlite3"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "server.log").open("wb")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    server = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_RAISING_APP, str(port), str(db)],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/missing", timeout=0.5)
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
+                time.sleep(0.05)
+        answer = httpx.post(f"{url}/api/chat", json={}, headers={ID: "conv_000000000500"})
+        assert answer.status_code == 500
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+    assert _used(db) == ["conv_000000000500"]
