@@ -89,9 +89,12 @@ class HeldChat:
     def answered(self, refused: bool) -> None:
         """The answer starts: the first one counts (one given again with exc_info replaces
         an answer that was never sent, after the app went wrong)."""
+        box = self._event
+        if not box:  # settled already: the usual case at the request's end (no raise)
+            return
         try:
-            event = self._event.pop()
-        except IndexError:
+            event = box.pop()
+        except IndexError:  # settled meanwhile by the other thread
             return
         if refused:
             self._delivery.refused_chats += 1
@@ -100,8 +103,11 @@ class HeldChat:
 
     def settle(self) -> None:
         """No answer (yet): the app failed, the visitor left, or it works on: a chat."""
+        box = self._event
+        if not box:
+            return
         try:
-            event = self._event.pop()
+            event = box.pop()
         except IndexError:
             return
         self._delivery.submit(event)
