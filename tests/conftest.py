@@ -4,6 +4,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 import warnings
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from playwright.sync_api import Browser, sync_playwright
@@ -99,6 +101,20 @@ def uvicorn_server(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def wait_until_serving(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait (30 s at most) until a server started in ``server`` answers at ``url`` (any
+    status); if it exits or never answers, fail with its log (``log``)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{url}/missing", timeout=0.5)
+            return
+        except httpx.TransportError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{log.read_text()}") from None
+            time.sleep(0.05)
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from werkzeug.serving import make_server
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware._store import LocalStore, unsent
 
-from .conftest import serving, uvicorn_server
+from .conftest import serving, uvicorn_server, wait_until_serving
 
 ID = "X-Conversation-ID"
 SIGNED_IN = {"x-signed-in": "yes"}
@@ -428,15 +428,7 @@ def test_wsgi_a_chat_whose_app_raises_in_a_child_forked_for_it_is_kept(tmp_path:
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/missing", timeout=0.5)
-                break
-            except httpx.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
-                time.sleep(0.05)
+        wait_until_serving(url, server, tmp_path / "server.log")
         answer = httpx.post(f"{url}/api/chat", json={}, headers={ID: "conv_000000000500"})
         assert answer.status_code == 500
     finally:

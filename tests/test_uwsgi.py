@@ -26,7 +26,7 @@ import pytest
 
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER, outbox_rows
+from .conftest import BROWSER, outbox_rows, wait_until_serving
 
 ROOT = Path(__file__).parent.parent
 UWSGI = Path(sys.executable).with_name("uwsgi")  # pyuwsgi's entry point, a test dependency
@@ -99,17 +99,7 @@ def serving(
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/missing", timeout=0.5)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"uWSGI did not start:\n{(tmp_path / 'uwsgi.log').read_text()}"
-                    ) from None
-                time.sleep(0.05)
+        wait_until_serving(url, process, tmp_path / "uwsgi.log")
         yield Served(url, stats)
     finally:
         process.send_signal(signal.SIGTERM)

@@ -18,7 +18,14 @@ from werkzeug.test import Client
 from agentsight_middleware import AgentSightWSGIMiddleware, Conversation, current_conversation
 from agentsight_middleware.testing import RecordingTracker
 
-from .conftest import APP_COOKIE_CASES, BROWSER, GOOGLEBOT, IPHONE, check_shared_cache_outcome
+from .conftest import (
+    APP_COOKIE_CASES,
+    BROWSER,
+    GOOGLEBOT,
+    IPHONE,
+    check_shared_cache_outcome,
+    wait_until_serving,
+)
 
 PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
 
@@ -1058,15 +1065,7 @@ def test_events_of_a_child_forked_for_its_request_are_delivered(tmp_path: Any) -
         )  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    httpx.get(f"{url}/missing", timeout=0.5)
-                    break
-                except httpx.TransportError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((tmp_path / "server.log").read_text()) from None
-                    time.sleep(0.05)
+            wait_until_serving(url, server, tmp_path / "server.log")
             with httpx.Client(base_url=url, headers=BROWSER) as client:
                 page = client.get("/")
                 assert page.status_code == 200
