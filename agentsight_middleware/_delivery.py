@@ -86,15 +86,21 @@ class HeldChat:
     def waiting(self) -> bool:
         return bool(self._event)
 
+    def _take(self) -> Event | None:
+        """The event, to the first of the two threads that asks; None once taken."""
+        box = self._event
+        if not box:  # settled already: the usual case at the request's end (no raise)
+            return None
+        try:
+            return box.pop()
+        except IndexError:  # settled meanwhile by the other thread
+            return None
+
     def answered(self, refused: bool) -> None:
         """The answer starts: the first one counts (one given again with exc_info replaces
         an answer that was never sent, after the app went wrong)."""
-        box = self._event
-        if not box:  # settled already: the usual case at the request's end (no raise)
-            return
-        try:
-            event = box.pop()
-        except IndexError:  # settled meanwhile by the other thread
+        event = self._take()
+        if event is None:
             return
         if refused:
             self._delivery.refused_chats += 1
@@ -103,14 +109,9 @@ class HeldChat:
 
     def settle(self) -> None:
         """No answer (yet): the app failed, the visitor left, or it works on: a chat."""
-        box = self._event
-        if not box:
-            return
-        try:
-            event = box.pop()
-        except IndexError:
-            return
-        self._delivery.submit(event)
+        event = self._take()
+        if event is not None:
+            self._delivery.submit(event)
 
     def __enter__(self) -> None:
         return None

@@ -569,9 +569,9 @@ def _conversation_key(row_id: int, payload: dict[str, Any] | None) -> tuple[str,
     report counts a conversation (a development event of an id never waits for a failed
     production one). A damaged row (an id that is a list, say) goes alone, by its row."""
     found = None if payload is None else payload.get("conversation_id")
-    if not isinstance(found, str):
+    if payload is None or not isinstance(found, str):
         return row_id
-    environment = payload.get("environment") if payload is not None else None
+    environment = payload.get("environment")
     return found, environment if isinstance(environment, str) else None
 
 

@@ -98,15 +98,11 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             match = by_method[method] if method in by_method else self._match(method, path)
         if match is None:
             return self.app(environ, start_response)  # type: ignore[no-any-return]
+        handle = self._widget if match.rule.kind == WIDGET else self._chat
         if not self._flush_each:
-            if match.rule.kind == WIDGET:
-                return self._widget(environ, start_response, match, path)
-            return self._chat(environ, start_response, match, path)
+            return handle(environ, start_response, match, path)
         try:
-            if match.rule.kind == WIDGET:
-                result = self._widget(environ, start_response, match, path)
-            else:
-                result = self._chat(environ, start_response, match, path)
+            result = handle(environ, start_response, match, path)
         except BaseException:
             # The app raised: no response, no close() to wait at, and the server's 500
             # is the child's last act (a chat with no answer is one: queued as it failed).

@@ -114,10 +114,7 @@ def test_asgi_a_chat_the_visitor_left_before_its_answer_is_sent(tmp_path: Path) 
                 b"X-Conversation-ID: conv_0000000000gone\r\n\r\n{}"
             )
             time.sleep(0.2)  # the app is waiting for the visitor's next move
-        deadline = time.monotonic() + 10
-        while mw.stats()["enqueued"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert mw.flush(10)
+        _wait_for_chats(mw, 1)
     assert _used(db) == ["conv_0000000000gone"]
 
 
@@ -256,6 +253,20 @@ def _wait_for_chats(mw: Any, count: int) -> None:
     assert mw.flush(10)
 
 
+def _check_kept_before_its_answer(mw: Any, url: str, release: threading.Event, db: Path) -> None:
+    """A chat whose app waits for ``release`` is on disk before its answer, and once only."""
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_00000000long"})
+        try:
+            _wait_for_chats(mw, 1)
+            assert _used(db) == ["conv_00000000long"]  # on disk while the app works
+        finally:
+            release.set()
+        assert asked.result(30).status_code == 200
+    assert mw.flush(10)
+    assert mw.stats()["enqueued"] == 1  # and once only
+
+
 def test_asgi_a_chat_the_app_still_works_on_is_kept_before_its_answer(tmp_path: Path) -> None:
     # An LLM's answer may take minutes: a chat held in memory until then was lost with a
     # process stopped or killed meanwhile (gunicorn's SIGKILL after its graceful timeout,
@@ -271,16 +282,8 @@ def test_asgi_a_chat_the_app_still_works_on_is_kept_before_its_answer(tmp_path: 
 
     db = tmp_path / "events.sqlite3"
     mw = AgentSightMiddleware(api, chat_routes=["POST /api/chat"], local_store=db)
-    with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_00000000long"})
-        try:
-            _wait_for_chats(mw, 1)
-            assert _used(db) == ["conv_00000000long"]  # on disk while the app works
-        finally:
-            release.set()
-        assert asked.result(30).status_code == 200
-        assert mw.flush(10)
-        assert mw.stats()["enqueued"] == 1  # and once only
+    with uvicorn_server(mw) as url:
+        _check_kept_before_its_answer(mw, url, release, db)
     assert _used(db) == ["conv_00000000long"]
 
 
@@ -294,16 +297,8 @@ def test_wsgi_a_chat_the_app_still_works_on_is_kept_before_its_answer(tmp_path: 
 
     db = tmp_path / "events.sqlite3"
     mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], local_store=db)
-    with _werkzeug(mw) as url, ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_00000000long"})
-        try:
-            _wait_for_chats(mw, 1)
-            assert _used(db) == ["conv_00000000long"]
-        finally:
-            release.set()
-        assert asked.result(30).status_code == 200
-        assert mw.flush(10)
-        assert mw.stats()["enqueued"] == 1
+    with _werkzeug(mw) as url:
+        _check_kept_before_its_answer(mw, url, release, db)
     mw.close()
     assert _used(db) == ["conv_00000000long"]
 
