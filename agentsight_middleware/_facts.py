@@ -170,6 +170,7 @@ class TrustedProxies:
     __slots__ = (
         "_contains",
         "_enabled",
+        "_everyone",
         "_hops",
         "_literals",
         "_networks",
@@ -206,6 +207,14 @@ class TrustedProxies:
                 raise ValueError(
                     f"proxy hop count must be >= 1 (or None to trust nobody), got {trusted}"
                 )
+            if trusted > 1 and header == "x-real-ip":
+                # X-Real-IP holds one address, the one the nearest proxy saw: the N-th hop
+                # from the end is never in it, and every visitor would go without an IP.
+                raise ValueError(
+                    f"trusted_proxy_header='x-real-ip' holds one address, so a hop count of "
+                    f"{trusted} never finds the client: with {trusted} proxies, read the header "
+                    "they all append to ('x-forwarded-for' or 'forwarded')"
+                )
             self._hops = trusted
         elif isinstance(trusted, str):
             if trusted.strip() != "*":
@@ -238,6 +247,11 @@ class TrustedProxies:
         self._literals = frozenset(literals)
         self._networks = tuple(networks)
         self._enabled = self._trust_all or self._hops > 0 or bool(literals or networks)
+        # "0.0.0.0/0" or "::/0" trusts every client address of its family, as "*" does:
+        # every hop is then believed, and the left-most (the client's to write) is taken.
+        # The guards that "*" needs (no agreement between headers of different lengths, the
+        # warning's advice) are needed there too.
+        self._everyone = self._trust_all or any(network.prefixlen == 0 for network in networks)
         # Bounded: a busy site sees many distinct peers; this is a hot path.
         self._contains: Callable[[str], bool] = functools.lru_cache(maxsize=1024)(self._lookup)
         # Raw peer text -> is a proxy. Behind a proxy the same few peers come every
@@ -295,6 +309,11 @@ class TrustedProxies:
     @property
     def trusts_all(self) -> bool:
         return self._trust_all
+
+    @property
+    def trusts_every_address(self) -> bool:
+        """``"*"``, or a network that holds every address of a family (``"0.0.0.0/0"``)."""
+        return self._everyone
 
     def __bool__(self) -> bool:
         """True when any forwarding header can ever be believed."""
@@ -463,11 +482,12 @@ def _warn_disagreement(names: list[ForwardedHeader], trusted: TrustedProxies) ->
     _disagreement_warned = True
     from ._log import logger
 
-    if trusted.trusts_all:
+    if trusted.trusts_every_address:
         # Every hop trusted: a chain's left-most entry is believed, and a proxy that
         # appends leaves that one to the client. Pinning such a header would hand it over.
         advice = (
-            "list your proxies' addresses in trusted_proxies= instead of '*' and set "
+            "list your proxies' addresses in trusted_proxies= instead of '*' (or a network "
+            "holding every address, such as '0.0.0.0/0') and set "
             "trusted_proxy_header= to the one header your proxy writes, or, keeping '*', "
             "'x-real-ip' if your proxy sets it from the address it sees (nginx's X-Real-IP "
             "$remote_addr); not a header it appends to, whose left-most entry is the "
@@ -499,8 +519,9 @@ def _agreeing_chain(
     walk of the longer chain leaves the shorter one's hops only past addresses that are
     all trusted, i.e. where the shorter one (written by a proxy) ends in a trusted peer,
     which must itself have appended to the longer header. Not under "*", where every hop
-    is trusted and the walk would always go on into what the client wrote."""
-    if trusted.trusts_all or any(not chain for chain in chains):
+    is trusted and the walk would always go on into what the client wrote (nor under a
+    network that holds every address, "0.0.0.0/0" or "::/0", for the same reason)."""
+    if trusted.trusts_every_address or any(not chain for chain in chains):
         return None
     longest = max(chains, key=len)  # type: ignore[arg-type]
     assert longest is not None

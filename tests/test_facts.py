@@ -84,6 +84,14 @@ def test_trusted_proxies_rejects_unknown_header() -> None:
         TrustedProxies(LAN, header="x-client-ip")  # type: ignore[arg-type]
 
 
+def test_trusted_proxies_rejects_a_hop_count_x_real_ip_cannot_hold() -> None:
+    # X-Real-IP is one address: the second hop from the end is never in it, and every
+    # visitor was recorded without an IP, silently.
+    with pytest.raises(ValueError, match="holds one address, so a hop count of 2"):
+        TrustedProxies(2, header="x-real-ip")
+    assert TrustedProxies(1, header="x-real-ip").hop_count == 1
+
+
 @pytest.mark.parametrize(
     ("config", "enabled", "hops", "trusts_all"),
     [
@@ -1162,6 +1170,8 @@ def test_client_ip_is_total_and_returns_an_ip(
     spec: Any,
     header: Any,
 ) -> None:
+    if header == "x-real-ip" and isinstance(spec, int) and spec > 1:
+        spec = 1  # refused: X-Real-IP holds one address
     trusted = TrustedProxies(spec, header=header)
     result = client_ip(
         peer, forwarded=forwarded, x_forwarded_for=xff, x_real_ip=real_ip, trusted=trusted
