@@ -457,29 +457,7 @@ def _choose_delivery(
     if local_store is not None:
         local_store = os.fsdecode(local_store)  # a bytes path too, as open() takes one
     local = LocalStore(local_store if local_store is not None else DEFAULT_PATH)
-    # Checked now: the file itself is only opened at the first event, and a typo must not
-    # surface as an error logged for every page view (and every event lost).
-    path = os.path.abspath(local.path)
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise ValueError(
-            f"local_store={os.fspath(local.path)!r}: the folder {folder!r} does not exist; "
-            "create it or pass another path"
-        )
-    if os.path.isdir(path):
-        raise ValueError(
-            f"local_store={os.fspath(local.path)!r} is a folder; name a file in it, e.g. "
-            f"{os.path.join(os.fspath(local.path), DEFAULT_PATH)!r}"
-        )
-    # SQLite writes beside the file too (its -wal and -shm files).
-    if not os.access(folder, os.W_OK | os.X_OK) or (
-        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
-    ):
-        raise ValueError(
-            f"local_store={os.fspath(local.path)!r}: this process cannot write "
-            f"{'it' if os.path.exists(path) else 'in ' + repr(folder)}; "
-            "pass a path it can write, or fix the permissions"
-        )
+    check_local_store(os.fspath(local.path))
     # As an API key's environment would be (AGENTSIGHT_ENVIRONMENT unless given): `send`
     # replays the stored bodies as they are.
     environment = resolve_environment(settings.environment)
@@ -501,3 +479,40 @@ def _choose_delivery(
         is_probe=settings.is_non_browser,
         stats_keys=STORE_STATS,
     )
+
+
+def check_local_store(local_store: str) -> None:
+    """A ValueError naming ``local_store`` when no event could be kept there.
+
+    Checked at start-up: the file itself is only opened at the first event, and a typo must
+    not surface as an error logged for every page view (and every event lost). The demo
+    asks before it prints its URL."""
+    from ._store import DEFAULT_PATH, not_writable_reason  # loaded with the store only
+
+    path = os.path.abspath(local_store)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f"local_store={local_store!r}: the folder {folder!r} does not exist; "
+            "create it or pass another path"
+        )
+    if os.path.isdir(path):
+        raise ValueError(
+            f"local_store={local_store!r} is a folder; name a file in it, e.g. "
+            f"{os.path.join(local_store, DEFAULT_PATH)!r}"
+        )
+    # SQLite writes beside the file too (its -wal and -shm files).
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
+    ):
+        raise ValueError(
+            f"local_store={local_store!r}: this process cannot write "
+            f"{'it' if os.path.exists(path) else 'in ' + repr(folder)}; "
+            "pass a path it can write, or fix the permissions"
+        )
+    # An existing file that is no events file (the app's own database, a newer release's,
+    # not SQLite at all) started the app, then lost every event with an error logged.
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        problem = not_writable_reason(path)
+        if problem is not None:
+            raise ValueError(f"local_store={local_store!r}: {problem}")

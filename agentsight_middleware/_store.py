@@ -42,6 +42,7 @@ __all__ = [
     "count_unsent",
     "create_private",
     "mark_sent",
+    "not_writable_reason",
     "unsent",
     "wrap_database_error",
 ]
@@ -833,6 +834,39 @@ def mark_sent(store: LocalStore, ids: Sequence[int], *, at: float | None = None)
             )
             marked += cursor.rowcount
     return marked
+
+
+def not_writable_reason(path: str) -> str | None:
+    """Why the existing file at ``path`` can never take events (not SQLite, another
+    program's database, a newer release's schema), or None. Read only, and without waiting:
+    a file another process keeps locked, or one this process cannot open read-only, is left
+    to the first write, which waits for it or says what went wrong."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        with contextlib.closing(
+            sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+        ) as conn:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            (tables,) = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()
+    except sqlite3.DatabaseError as exc:
+        message = str(exc)
+        if is_locked(exc) or "unable to open" in message or "readonly" in message:
+            return None
+        return str(wrap_database_error(path, exc))
+    # As _ensure_schema would say at the first write.
+    if version > SCHEMA_VERSION:
+        return (
+            f"{_describe(path)} has events schema {version}, newer than this "
+            f"agentsight-middleware understands ({SCHEMA_VERSION}): upgrade the package"
+        )
+    if version == 0 and tables:
+        return (
+            f"{_describe(path)} is a SQLite database but not an agentsight events file; "
+            "choose another path"
+        )
+    return None
 
 
 def _open_readonly(text: str) -> tuple[sqlite3.Connection, int]:

@@ -47,6 +47,7 @@ def create_app(**options: Any) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     import os
 
+    from agentsight_middleware._base import check_local_store
     from agentsight_middleware._credentials import Credentials, resolve_environment
     from agentsight_middleware._store import DEFAULT_PATH
     from agentsight_middleware.cli import main as cli
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app() if has_key else create_app(local_store=args.db)
     try:
         # As the middleware will at the lifespan's start, but before the URL is printed:
-        # a malformed AGENTSIGHT_* variable then stops the demo with one line, not a link
+        # a malformed AGENTSIGHT_* variable (or --db) then stops the demo with one line, not a link
         # to a server that is about to exit and the error twice (our log and uvicorn's).
         Credentials.resolve(api_key=None, endpoint=None, environment=None)
         resolve_environment(None)
+        if not has_key:
+            check_local_store(args.db)  # --db in a missing folder, another program's file
     except ValueError as error:
         raise SystemExit(f"agentsight-middleware is misconfigured: {error}") from None
     taken = _port_taken(args.host, args.port)

@@ -3,21 +3,24 @@ served by uvicorn on 127.0.0.1, with the local store behind it."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page
+from werkzeug.serving import make_server
 
 from agentsight_middleware._report import build_report
 from examples.demo import create_app
 
-from .conftest import CHROME_LINUX, IPHONE, uvicorn_server
+from .conftest import CHROME_LINUX, IPHONE, serving, uvicorn_server
 
 
 @pytest.fixture
@@ -129,3 +132,81 @@ def test_headless_chrome_s_own_page_views_are_not_counted_its_chats_are(
     assert only["is_used"] == 1
     assert page.evaluate("conversationId()") == only["conversation_id"]  # the cookie held
     context.close()
+
+
+@contextmanager
+def _wsgi_server(app: Any) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    with serving(server) as url:
+        yield url
+
+
+# Each example under a real server, its chat sent by the page's own widget: the demo's
+# tests post to each app's chat route by hand, and Django's widget posted to /api/chat,
+# which its site (whose route ends in a slash) answers 404: no chat was ever recorded.
+EXAMPLE_SERVERS: dict[str, Callable[[Path], AbstractContextManager[str]]] = {
+    "starlette": lambda db: uvicorn_server(
+        importlib.import_module("examples.starlette_app").create_app(local_store=db)
+    ),
+    "litestar": lambda db: uvicorn_server(
+        importlib.import_module("examples.litestar_app").create_app(local_store=db)
+    ),
+    "django asgi": lambda db: uvicorn_server(
+        importlib.import_module("examples.django_site.asgi").create_application(local_store=db)
+    ),
+    "flask": lambda db: _wsgi_server(
+        importlib.import_module("examples.flask_app").create_app(local_store=db)
+    ),
+    "django wsgi": lambda db: _wsgi_server(
+        importlib.import_module("examples.django_site.wsgi").create_application(local_store=db)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_SERVERS))
+def test_each_example_s_widget_chats_on_the_page_s_conversation(
+    browser: Browser, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    with EXAMPLE_SERVERS[name](db) as url:
+        context = browser.new_context(user_agent=CHROME_LINUX)
+        page = context.new_page()
+        page.goto(url + "/")
+        wait_until(lambda: len(events(db)) == 1, "the page view")
+        page.click("#chat-toggle")
+        page.fill("#message", "hello")
+        page.press("#message", "Enter")
+        page.wait_for_selector("#log p.bot", timeout=10_000)
+        assert page.inner_text("#log p.bot") == "You said: hello"
+        wait_until(lambda: len(events(db)) == 2, "the chat request")
+        context.close()
+    [view, used] = events(db)
+    assert (view["is_used"], used["is_used"]) == (0, 1)
+    assert used["conversation_id"] == view["conversation_id"]
+
+
+def test_a_page_left_open_past_the_cookie_s_life_chats_on_its_view_s_conversation(
+    browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A tab left open (30 minutes by default; 2 s here) whose visitor then chats: the
+    # widget read the id from the expired cookie at that moment, found none, and the chat
+    # minted a conversation that had no view, while the view's stayed unused (rate 0 %).
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    with uvicorn_server(create_app(local_store=db, cookie_max_age=2)) as url:
+        context = browser.new_context(user_agent=CHROME_LINUX)
+        page = context.new_page()
+        page.goto(url + "/")
+        wait_until(lambda: len(events(db)) == 1, "the page view")
+        time.sleep(2.5)
+        assert page.evaluate("conversationId()") is None  # the cookie has expired
+        page.click("#chat-toggle")
+        chat(page, "still there?")
+        wait_until(lambda: len(events(db)) == 2, "the chat request")
+        context.close()
+    [view, used] = events(db)
+    assert used["is_used"] == 1
+    assert used["conversation_id"] == view["conversation_id"]
+    report = build_report(db)
+    assert (report.initialized, report.used, report.used_without_page_view) == (1, 1, 0)

@@ -3,12 +3,16 @@ options that can work are taken as they are, with their meaning kept."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,10 @@ from starlette.routing import Route
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware._credentials import Credentials
+from agentsight_middleware._store import LocalStore
 from agentsight_middleware.testing import RecordingTracker
+
+from .test_store import make_payload
 
 KEY = "ags_" + "1" * 32 + "_abcdef"
 
@@ -118,6 +125,80 @@ def test_a_local_store_in_a_folder_it_cannot_write(
             folder.chmod(0o755)
         else:
             subprocess.run([str(chattr), "-i", str(folder)], check=True)
+
+
+def _other_programs_database(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE django_session (session_key TEXT)")
+        conn.commit()
+
+
+def _newer_events_file(path: Path) -> None:
+    with LocalStore(path) as store:
+        store.write([make_payload("conv_000000000001")])
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda path: path.write_bytes(b"not a database, " * 256), "file is not a database"),
+        (_other_programs_database, "is a SQLite database but not an agentsight events file"),
+        (_newer_events_file, "has events schema 2, newer than this agentsight-middleware"),
+    ],
+    ids=["not-sqlite", "another-programs-database", "newer-schema"],
+)
+def test_a_local_store_that_is_no_events_file_fails_at_start_up(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[Path], object],
+    message: str,
+) -> None:
+    # local_store="db.sqlite3" (the app's own database) or a file a newer release wrote:
+    # the app started, then lost every event, an error logged at the first.
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    path = tmp_path / "events.sqlite3"
+    make(path)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        build(local_store=path)
+    assert f"local_store={str(path)!r}" in str(info.value)
+
+
+def test_a_local_store_that_is_empty_or_an_events_file_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    events = tmp_path / "events.sqlite3"
+    with LocalStore(events) as store:
+        store.write([make_payload("conv_000000000001")])
+    for path in (empty, events):
+        build(local_store=path).close()
+
+
+def test_a_local_store_another_process_keeps_locked_is_left_to_the_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Start-up must neither wait for the lock nor take it for a bad file.
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    path = tmp_path / "events.sqlite3"
+    with LocalStore(path) as store:
+        store.write([make_payload("conv_000000000001")])
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE events SET sent_at = sent_at")
+        started = time.monotonic()
+        middleware = build(local_store=path)
+        assert time.monotonic() - started < 1.0
+        middleware.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 @pytest.mark.parametrize("name", ["__Host-conversation", "__Secure-conversation"])

@@ -6,9 +6,11 @@ project under Werkzeug's real WSGI server.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -322,6 +324,29 @@ def test_the_demo_stops_at_start_up_on_a_bad_variable(variable: str, value: str)
     assert "1234567890abcdef" not in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize("kind", ["missing-folder", "folder", "not-an-events-file"])
+def test_the_demo_stops_before_its_url_on_a_db_it_cannot_use(tmp_path: Path, kind: str) -> None:
+    # It printed its URL, then uvicorn stopped at the lifespan's start with the error twice
+    # (exit code 3); for a file that is no events file it served on, losing every event.
+    import os
+    import subprocess
+    import sys
+
+    db = {"missing-folder": tmp_path / "nowhere" / "e.sqlite3", "folder": tmp_path}.get(
+        kind, tmp_path / "notes.txt"
+    )
+    if kind == "not-an-events-file":
+        db.write_text("my notes, not a database " * 100)
+    env = {k: v for k, v in os.environ.items() if k != "AGENTSIGHT_API_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.demo", "--port", str(_free_port()), "--db", str(db)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.count("agentsight-middleware is misconfigured: local_store=") == 1
+    assert "http://" not in done.stdout
+
+
 def test_the_demo_says_which_port_to_try_when_its_own_is_taken(tmp_path: Path) -> None:
     # It printed its URL (someone else's server), then failed to bind, with no hint.
     import socket
@@ -400,3 +425,38 @@ def test_make_demo_passes_demo_args_to_the_demo() -> None:
     # Its own extra, not the test toolchain (playwright, mypy, Django, uWSGI...: ~450 MB).
     assert "pip install --quiet -e '.[demo]'" in done.stdout
     assert ".[test]" not in done.stdout
+
+
+def _readme_test_headers() -> dict[str, str]:
+    """The headers the README's "Testing your app" gives a test's page view."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Testing your app", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r'client\.get\("/", headers=(\{[^}]*\})\)', section)
+    assert match is not None, "the README's Testing section shows no page view"
+    headers = ast.literal_eval(match.group(1))
+    assert isinstance(headers, dict)
+    return headers
+
+
+# The README told tests to send Accept: text/html alone, naming httpx: under httpx (its
+# ASGITransport, as FastAPI's async tests use) that records no view, since httpx's own
+# user agent is a script's (DEFAULT_NON_BROWSER_AGENTS). Its advice must work as written.
+@pytest.mark.anyio
+async def test_the_readme_s_test_page_view_records_a_view_under_httpx(
+    tracker: RecordingTracker,
+) -> None:
+    app = importlib.import_module("examples.demo").create_app(tracker=tracker)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://shop.test") as client:
+        page = await client.get("/", headers=_readme_test_headers())
+    assert page.status_code == 200
+    tracker.wait_for(initialized=1)
+
+
+def test_the_readme_s_test_page_view_records_a_view_under_flask_s_client(
+    tracker: RecordingTracker,
+) -> None:
+    app = importlib.import_module("examples.flask_app").create_app(tracker=tracker)
+    page = app.test_client().get("/", headers=_readme_test_headers())
+    assert page.status_code == 200
+    tracker.wait_for(initialized=1)

@@ -115,8 +115,10 @@ async def test_a_broken_store_is_logged_once_not_per_page_view(
 ) -> None:
     monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
     corrupt = tmp_path / "events.sqlite3"
-    corrupt.write_bytes(b"this is not a database" * 100)
     mw = _middleware(local_store=corrupt)
+    # Broken after start-up (a file there already fails it): the store opens it at the
+    # first event.
+    corrupt.write_bytes(b"this is not a database" * 100)
     with caplog.at_level(logging.DEBUG, logger="agentsight_middleware"):
         async with _shop(mw) as c:
             for _ in range(20):

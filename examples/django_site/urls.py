@@ -6,7 +6,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
-from ..common import WIDGET_PAGE, reply_to
+from ..common import reply_to, widget_page
+
+# The widget posts to this site's chat route, trailing slash included.
+WIDGET_PAGE = widget_page("/api/chat/")
 
 
 def index(request: HttpRequest) -> HttpResponse:
