@@ -262,6 +262,9 @@ def _run_send(args: argparse.Namespace) -> int:
         # to their 15 s timeout.
         os._exit(130)
     line = f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}"
+    if summary.failed:
+        # Never marked sent: read as lost after an outage, they are in the file still.
+        line += " (tried again next run)"
     if summary.left:
         line += f", left {summary.left} for the next run"
     print(line)

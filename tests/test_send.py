@@ -167,7 +167,7 @@ def test_a_failed_event_holds_back_the_rest_of_its_conversation(
         api.fail_next(4, status=503)  # every attempt at the page view
         assert main(args) == 1
         assert api.conversations == []  # the chat was not sent before its page view
-        assert "failed 1, left 1 for the next run" in capsys.readouterr().out
+        assert "failed 1 (tried again next run), left 1 for the next run" in capsys.readouterr().out
         assert main(args) == 0  # the next run sends both, in order
         sent = [(b["conversation_id"], b["is_used"]) for b in api.conversations]
     assert sent == [("conv_000000000000", False), ("conv_000000000000", True)]
@@ -222,9 +222,9 @@ def test_an_event_the_api_refuses_does_not_hold_back_the_rest(
         again = capsys.readouterr()
         assert len(api.conversations) == 2
     assert sent == [("conv_bad000000001", True), ("conv_ok0000000001", False)]
-    assert "sent 2, skipped 0 (sent before), failed 1\n" in first.out
+    assert "sent 2, skipped 0 (sent before), failed 1 (tried again next run)\n" in first.out
     assert "HTTP 400" in first.err
-    assert "sent 0, skipped 2 (sent before), failed 1\n" in again.out
+    assert "sent 0, skipped 2 (sent before), failed 1 (tried again next run)\n" in again.out
 
 
 def test_send_stops_on_a_refused_key_and_on_an_endpoint_that_is_not_the_api(
@@ -791,7 +791,7 @@ def test_left_counts_a_held_conversations_rows_once_after_a_stop(
     assert code == 1
     sent, failed, left = (
         int(out.split("sent ")[1].split(",")[0]),
-        int(out.split("failed ")[1].split(",")[0]),
+        int(out.split("failed ")[1].split(" ")[0].rstrip(",")),
         int(out.split("left ")[1].split(" ")[0]),
     )
     assert sent + failed + left == 1000  # before: 999
