@@ -155,6 +155,15 @@ def _endpoint(given: object, where: str) -> str:
             f"{where} {base!r}: the API's base URL takes no ?query or #fragment (events go to "
             f"<base>/api/conversations/), e.g. {DEFAULT_ENDPOINT!r}"
         )
+    # The events URL pasted whole: events would go to .../api/conversations/api/conversations/,
+    # a 404 the worker only reports once the first event is out.
+    path = parts.path.rstrip("/")
+    if path.lower().endswith("/api/conversations"):
+        trimmed = base[: base.lower().rindex("/api/conversations")]
+        raise ValueError(
+            f"{where} {base!r} is the events URL itself: pass the API's base URL, "
+            f"{trimmed!r} (events go to <base>/api/conversations/)"
+        )
     return base
 
 

@@ -244,6 +244,15 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
             )
         if not pattern:
             raise ValueError(f"{where}: empty regex; it would only match an empty path")
+        if _starts_without_slash(item):
+            # A regex must match the whole path (fullmatch), which starts with "/": refused
+            # as a string rule without its "/" is, not left to match nothing in silence.
+            anchor = "^" if pattern.startswith("^") else ""
+            fixed = anchor + "/" + pattern[len(anchor) :]
+            raise ValueError(
+                f"{where}: {item!r} must match the whole path, which starts with '/'; "
+                f"write re.compile({fixed!r})"
+            )
         rule = Rule(kind, pattern, None)
         return _Compiled(rule, None, None, item, (), _regex_prefix(item), position)
     if not isinstance(item, str):
@@ -465,6 +474,20 @@ def _may_take(convertor: str, char: str) -> bool:
     if convertor == "float":
         return char in "0123456789."
     return char != "/"
+
+
+def _starts_without_slash(pattern: re.Pattern[str]) -> bool:
+    """Whether every fullmatch of ``pattern`` starts with a literal character other than
+    "/" (so it matches no path). Conservative: False when unsure."""
+    text = pattern.pattern
+    if pattern.flags & re.VERBOSE or "|" in text:
+        return False
+    if text.startswith("^"):
+        text = text[1:]
+    first, after = text[:1], text[1:2]
+    return (
+        first != "/" and (first.isalnum() or first in _REGEX_LITERAL) and after not in _QUANTIFIERS
+    )
 
 
 def _regex_prefix(pattern: re.Pattern[str]) -> str:

@@ -288,9 +288,14 @@ def _run_send(args: argparse.Namespace) -> int:
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--db", metavar="PATH", default=DEFAULT_PATH)
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default=DEFAULT_PATH,
+        help=f"the events file it writes without an API key (default: {DEFAULT_PATH})",
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from agentsight_middleware.cli import main as cli
 
     parser = argparse.ArgumentParser(description="AgentSight middleware demo shop")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--db", default=DEFAULT_PATH, help="local events file (no API key)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -289,6 +289,17 @@ def test_help_lists_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert "show the interaction rate" in capsys.readouterr().out
 
 
+def test_demo_help_says_what_each_option_is(capsys: pytest.CaptureFixture[str]) -> None:
+    # The README sends a user whose port 8000 is taken to --port: its help named the flags alone.
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["demo", "--help"])
+    assert exited.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "interface (default: 127.0.0.1)" in out
+    assert "port (default: 8000)" in out
+    assert f"without an API key (default: {DEFAULT_PATH})" in out
+
+
 def test_subcommands_are_pluggable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware._credentials import Credentials
 from agentsight_middleware._store import LocalStore
-from agentsight_middleware.testing import RecordingTracker
+from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
 
 from .test_store import make_payload
 
@@ -86,6 +86,30 @@ def test_an_endpoint_from_the_environment_is_named_as_such(
     monkeypatch.setenv("AGENTSIGHT_API_ENDPOINT", "https://api.example/?x=1")
     with pytest.raises(ValueError, match=r"AGENTSIGHT_API_ENDPOINT 'https://api.example/\?x=1'"):
         build(api_key=KEY)
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+@pytest.mark.parametrize("given", ["argument", "variable"])
+def test_the_events_url_given_as_the_endpoint_is_refused_at_start_up(
+    interface: str, given: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README names <endpoint>/api/conversations/: pasted whole, every event went to
+    # .../api/conversations/api/conversations/, a 404 said only once the first event was out.
+    cls = AgentSightMiddleware if interface == "asgi" else AgentSightWSGIMiddleware
+    with StandInAgentSightAPI() as api:
+        events_url = api.url + "/api/conversations/"
+        options: dict[str, Any] = {"api_key": api.api_key}
+        if given == "argument":
+            options["endpoint"] = events_url
+            name = "endpoint="
+        else:
+            monkeypatch.setenv("AGENTSIGHT_API_ENDPOINT", events_url)
+            name = "AGENTSIGHT_API_ENDPOINT"
+        with pytest.raises(ValueError, match="is the events URL itself") as info:
+            cls(make_app(), widget_pages=["/"], **options)
+        assert f"{name} {events_url!r}" in str(info.value)
+        assert f"pass the API's base URL, {api.url!r}" in str(info.value)
+        assert api.summary()["requests"] == 0
 
 
 def test_an_upper_case_scheme_is_a_url_like_any_other() -> None:

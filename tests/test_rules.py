@@ -276,6 +276,14 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
     ("none-item", C, [None], ["got NoneType"]),
     ("empty-pattern", W, [""], ["empty pattern"]),
     ("empty-regex", C, [re.compile("")], ["empty regex"]),
+    # A regex must match the whole path: without its "/" it matched nothing, unsaid.
+    (
+        "regex-no-leading-slash",
+        C,
+        [re.compile(r"api/v\d+/chat")],
+        ["must match the whole path, which starts with '/'", "re.compile('/api/v\\\\d+/chat')"],
+    ),
+    ("regex-anchored-no-slash", W, [re.compile("^pricing$")], ["re.compile('^/pricing$')"]),
     # Rules that could never match the decoded path they are tried on.
     ("query", W, ["/pricing?plan=pro"], ["without a ?query or #fragment", "write '/pricing'"]),
     # The fix suggested keeps the rule's methods: without them it matches every method.
@@ -314,6 +322,13 @@ def test_config_errors(argument: str, value: Any, fragments: list[str]) -> None:
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "pattern", [r".*/chat", r"a?/chat", r"x|/chat", r"(?i)/CHAT", r"\/chat", r"[/]chat", r"(/chat)"]
+)
+def test_a_regex_that_may_start_with_a_slash_is_taken(pattern: str) -> None:
+    assert RuleSet([], [re.compile(pattern)]).match("POST", "/chat") is not None
 
 
 # ---------------------------------------------------------------------------

@@ -108,6 +108,20 @@ def test_send_names_the_variable_it_refuses(
     assert "AGENTSIGHT_API_KEY '********' is not an AgentSight API key" in (capsys.readouterr().err)
 
 
+def test_send_refuses_the_events_url_as_its_endpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = _file(tmp_path / "events.sqlite3", 2)
+    with StandInAgentSightAPI() as api:
+        events_url = api.url + "/api/conversations/"
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", events_url]
+        assert main(args) == 1
+        assert api.summary()["requests"] == 0
+    err = capsys.readouterr().err
+    assert f"--endpoint {events_url!r} is the events URL itself" in err
+    assert f"pass the API's base URL, {api.url!r}" in err
+
+
 def test_send_does_not_read_agentsight_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
