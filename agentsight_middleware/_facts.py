@@ -200,12 +200,13 @@ class TrustedProxies:
         elif isinstance(trusted, bool):
             # bool is an int; True meaning "one proxy" would be a silent surprise.
             raise ValueError(
-                f"trusted proxies must be a list of addresses, '*' or a hop count, got {trusted!r}"
+                f"trusted_proxies must be a list of addresses, '*' or a hop count, got {trusted!r}"
             )
         elif isinstance(trusted, int):
             if trusted < 0:
                 raise ValueError(
-                    f"proxy hop count must be >= 1 (or None to trust nobody), got {trusted}"
+                    "trusted_proxies as a hop count must be >= 1 (0 or None: trust nobody), "
+                    f"got {trusted}"
                 )
             if trusted > 1 and header == "x-real-ip":
                 # X-Real-IP holds one address, the one the nearest proxy saw: the N-th hop
@@ -227,18 +228,18 @@ class TrustedProxies:
                     else repr([part.strip() for part in text.split(",") if part.strip()])
                 )
                 raise ValueError(
-                    f"trusted proxies must be a list such as {suggestion} (or a hop count), "
+                    f"trusted_proxies must be a list such as {suggestion} (or a hop count), "
                     f"not a bare string like {trusted!r} (only '*' is accepted bare)"
                 )
             self._trust_all = True
         elif isinstance(trusted, (bytes, bytearray)):
-            raise ValueError(f"trusted proxies must be a list of str, got {trusted!r}")
+            raise ValueError(f"trusted_proxies must be a list of str, got {trusted!r}")
         else:
             try:
                 entries = list(trusted)
             except TypeError:
                 raise ValueError(
-                    "trusted proxies must be a list of addresses, '*' or a hop count, "
+                    "trusted_proxies must be a list of addresses, '*' or a hop count, "
                     f"got {type(trusted).__name__}"
                 ) from None
             for entry in entries:
@@ -261,7 +262,7 @@ class TrustedProxies:
     def _add_entry(self, entry: object, literals: set[str], networks: list[_IPNetwork]) -> None:
         if not isinstance(entry, str):
             raise ValueError(
-                f"trusted proxy entry {entry!r} is not a string; "
+                f"trusted_proxies entry {entry!r} is not a string; "
                 f"use an IP or CIDR, {_ENTRY_EXAMPLES}"
             )
         text = entry.strip()
@@ -269,7 +270,7 @@ class TrustedProxies:
             self._trust_all = True
             return
         if not text:
-            raise ValueError(f"empty trusted proxy entry; use an IP or CIDR, {_ENTRY_EXAMPLES}")
+            raise ValueError(f"empty trusted_proxies entry; use an IP or CIDR, {_ENTRY_EXAMPLES}")
         if "/" in text:
             try:
                 network = ipaddress.ip_network(text, strict=True)
@@ -278,13 +279,14 @@ class TrustedProxies:
                     loose = ipaddress.ip_network(text, strict=False)
                 except ValueError:
                     raise ValueError(
-                        f"trusted proxy entry {entry!r} is not a valid CIDR network, "
+                        f"trusted_proxies entry {entry!r} is not a valid CIDR network, "
                         f"{_ENTRY_EXAMPLES}"
                     ) from None
                 # "10.0.0.1/8" is either a typo for /32 or for 10.0.0.0/8; guessing
                 # wrong would trust far more (or less) than intended.
                 raise ValueError(
-                    f"trusted proxy entry {entry!r} has host bits set; did you mean {str(loose)!r}?"
+                    f"trusted_proxies entry {entry!r} has host bits set; "
+                    f"did you mean {str(loose)!r}?"
                 ) from None
             if isinstance(network, ipaddress.IPv6Network):
                 network = _ipv4_network_of_mapped(network)
@@ -296,7 +298,7 @@ class TrustedProxies:
         address = _normalise_ip(text) if len(text) <= _MAX_ADDRESS_CHARS else None
         if address is None:
             raise ValueError(
-                f"trusted proxy entry {entry!r} is not an IP address or CIDR network "
+                f"trusted_proxies entry {entry!r} is not an IP address or CIDR network "
                 f"(host names are not resolved), {_ENTRY_EXAMPLES}"
             )
         literals.add(address)

@@ -1144,7 +1144,7 @@ def test_construction_errors_name_the_argument(tracker: RecordingTracker) -> Non
         (lambda: wrap(tracker, tracker_timeout=0), "tracker_timeout"),
         (lambda: wrap(tracker, customer_id="user"), "customer_id"),
         (lambda: wrap(tracker, metadata=["x"]), "metadata"),
-        (lambda: wrap(tracker, trusted_proxies="10.0.0.1"), "trusted proxies must be a list"),
+        (lambda: wrap(tracker, trusted_proxies="10.0.0.1"), "trusted_proxies must be a list"),
     ]
     for build, expected in cases:
         with pytest.raises(ValueError, match=expected):
