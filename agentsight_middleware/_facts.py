@@ -884,27 +884,27 @@ def compile_agent_matcher(agents: Iterable[str]) -> Callable[[str], bool]:
     """
     if isinstance(agents, (str, bytes, bytearray)):
         raise ValueError(
-            f"non-browser agents must be a list of substrings such as [{agents!r}], "
+            f"non_browser_agents must be a list of substrings such as [{agents!r}], "
             "not a single string"
         )
     try:
         items = list(agents)
     except TypeError:
         raise ValueError(
-            f"non-browser agents must be a list of substrings, got {type(agents).__name__}"
+            f"non_browser_agents must be a list of substrings, got {type(agents).__name__}"
         ) from None
     unique: set[str] = set()
     for position, agent in enumerate(items):
         if not isinstance(agent, str):
-            raise ValueError(f"non-browser agent #{position} must be a string, got {agent!r}")
+            raise ValueError(f"non_browser_agents[{position}] must be a string, got {agent!r}")
         text = agent.strip()
         if not text:
             raise ValueError(
-                f"non-browser agent #{position} is empty; it would match every user agent"
+                f"non_browser_agents[{position}] is empty; it would match every user agent"
             )
         if len(text) > _MAX_AGENT_TOKEN:
             raise ValueError(
-                f"non-browser agent #{position} is {len(text)} chars long; use a short, "
+                f"non_browser_agents[{position}] is {len(text)} chars long; use a short, "
                 f"distinctive token (at most {_MAX_AGENT_TOKEN} chars) such as 'kube-probe'"
             )
         unique.add(text.lower())

@@ -806,9 +806,9 @@ def test_default_agents_are_a_clean_list() -> None:
     [
         ("curl", r"not a single string"),
         (b"curl", r"not a single string"),
-        (["curl", ""], r"#1 is empty"),
-        (["  "], r"#0 is empty"),
-        (["curl", None], r"#1 must be a string"),
+        (["curl", ""], r"\[1\] is empty"),
+        (["  "], r"\[0\] is empty"),
+        (["curl", None], r"\[1\] must be a string"),
         (5, r"got int"),
         (["x" * 201], r"at most 200 chars"),
     ],
