@@ -154,6 +154,9 @@ HTTP_STATS = (
     "outbox_pending",
 )
 STORE_STATS = ("stored", "failed", "pending")
+#: The keys of a sink's stats() that say how things are now, not how many so far: a new
+#: sink's are the ones to show, where a stopped sink's counts are added to the new one's.
+_GAUGES = frozenset({"in_flight", "senders", "pending", "outbox_pending"})
 
 # Deliveries whose worker may be running: a running worker's thread holds its delivery,
 # and a stopped one is freed with its middleware.
@@ -237,6 +240,9 @@ class BackgroundDelivery:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: Sink | None = None
+        # The counts of the sinks of workers that stopped (a close() and a later start, a
+        # second lifespan, a worker stopped on an error): a new sink counts from zero.
+        self._past: dict[str, int] = {}
         self._stopping = threading.Event()
         self._stop_by = math.inf  # shutdown's deadline (monotonic), set by close()
         self._ready = threading.Event()
@@ -260,6 +266,7 @@ class BackgroundDelivery:
         self._thread = None
         self._loop = None
         self._sink = None
+        self._past = {}
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._intake = deque()
         self._held = deque()
@@ -393,7 +400,7 @@ class BackgroundDelivery:
             )
             with self._lock:
                 if self._thread is threading.current_thread():
-                    self._sink = None
+                    self._use_sink(None)
                     self._loop = None
                     self._restart_at = time.monotonic() + _RESTART_AFTER
                     self._started = False
@@ -414,7 +421,7 @@ class BackgroundDelivery:
         except Exception:
             self._ready.set()
             raise
-        self._sink = sink
+        self._use_sink(sink)
         if self._stopping.is_set():  # close() came before the sink was there to be told
             sink.deadline = self._stop_by
         self._ready.set()
@@ -453,11 +460,16 @@ class BackgroundDelivery:
                 await self._take()
                 await asyncio.sleep(0)
             if self._intake:
-                logger.warning(
-                    "%d event(s) still waiting to be built at shutdown are lost",
-                    len(self._intake),
-                )
-                self._intake.clear()
+                # Counted, as the queue's overflow is: they leave ``queued`` for nowhere. One
+                # by one, for a request thread's append meanwhile (clear() lost it uncounted).
+                lost = 0
+                intake = self._intake
+                with contextlib.suppress(IndexError):
+                    while intake:
+                        intake.popleft()
+                        lost += 1
+                self.dropped += lost
+                logger.warning("%d event(s) still waiting to be built at shutdown are lost", lost)
             left = await sink.drain(deadline, closing=True)
             if left:
                 logger.warning(
@@ -477,6 +489,26 @@ class BackgroundDelivery:
                 )
         finally:
             await sink.aclose()
+
+    def _use_sink(self, sink: Sink | None) -> None:
+        """Make ``sink`` the one stats() reads, keeping the counts of the one before: they
+        were lost with it (``sent`` back to 0 at a second lifespan, ``enqueued`` not)."""
+        old, past = self._sink, self._past
+        if old is not None:
+            past = dict(past)
+            try:
+                counts = old.stats()
+                for key, value in counts.items():
+                    if key not in _GAUGES:
+                        past[key] = past.get(key, 0) + value
+                if not old.durable:
+                    # What it kept in memory ends with it, undelivered (logged at its
+                    # shutdown): lost, as the queue's overflow is.
+                    past["dropped"] = past.get("dropped", 0) + max(counts.get("pending", 0), 0)
+            except Exception as exc:  # counts, never the worker's start
+                logger.debug("keeping a stopped sink's counts: %r", exc)
+        # Both at once, for stats() on another thread (one bytecode each, nothing between).
+        self._sink, self._past = sink, past
 
     async def _park(self) -> None:
         """Sleep until ``submit()`` (or ``close()``) wakes us, or _DOZE seconds."""
@@ -610,7 +642,9 @@ class BackgroundDelivery:
             "errors": self.errors,
             "queued": len(self._intake),
         }
-        sink = self._sink
+        sink, past = self._sink, self._past  # as _use_sink set them
+        for key, value in past.items():
+            stats[key] = stats.get(key, 0) + value
         if sink is not None:
             for key, value in sink.stats().items():
                 stats[key] = stats.get(key, 0) + value

@@ -29,7 +29,13 @@ from agentsight_middleware._retry import classify, retry_after
 from agentsight_middleware.sinks.outbox import SQLiteOutbox
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER, CHROME_DESKTOP, outbox_rows, website_answering_200
+from .conftest import (
+    BROWSER,
+    CHROME_DESKTOP,
+    outbox_rows,
+    uvicorn_server,
+    website_answering_200,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -1338,3 +1344,52 @@ async def test_the_event_a_pause_held_goes_once_the_pause_is_over_whatever_the_c
         assert len(api.conversations) == 2, api.conversations  # the throttled one too
     finally:
         mw.close(0.5)
+
+
+@pytest.mark.parametrize("sink", ["api", "local store"])
+def test_counts_add_up_across_lifespans(
+    api: StandInAgentSightAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sink: str
+) -> None:
+    # A second lifespan (a server run again in the process, two TestClient blocks) starts
+    # a new worker, whose sink counted from zero: stats() said enqueued 6, sent 3 (or
+    # stored 3) with every event delivered.
+    if sink == "api":
+        mw, done = wrap(api), "sent"
+    else:
+        monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+        mw = AgentSightMiddleware(
+            make_app(), chat_routes=["POST /api/chat"], local_store=tmp_path / "e.sqlite3"
+        )
+        done = "stored"
+    for run in (1, 2):
+        with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
+            for n in range(3):
+                asked = c.post("/api/chat", headers={"X-Conversation-ID": f"conv_{run}{n:011d}"})
+                assert asked.status_code == 200
+        stats = mw.stats()  # the lifespan's shutdown delivered them all
+        assert (stats["enqueued"], stats[done], stats["pending"]) == (3 * run, 3 * run, 0)
+
+
+def test_events_lost_at_shutdown_are_counted(api: StandInAgentSightAPI) -> None:
+    # The API down, the in-memory queue for it full: what still waits for the worker at
+    # the shutdown's deadline is lost (a warning says so), and it left stats() altogether:
+    # queued went to 0 and no count took them. So did what the in-memory queue for the
+    # API held, at the next lifespan's start (a new worker, a new queue).
+    api.fail_for(60)
+    mw = wrap(api, queue_size=50, shutdown_timeout=0.5)
+    outcomes = ("sent", "pending", "dropped", "failed", "rejected", "errors", "skipped_bots")
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
+        for n in range(400):
+            asked = c.post("/api/chat", headers={"X-Conversation-ID": f"conv_{n:012d}"})
+            assert asked.status_code == 200
+    stats = mw.stats()  # after the lifespan's shutdown
+    assert stats["queued"] == 0
+    assert sum(stats[k] for k in outcomes) == 400, stats
+    api.reset()  # up again
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url) as c:
+        for n in range(3):
+            asked = c.post("/api/chat", headers={"X-Conversation-ID": f"conv_again{n:07d}"})
+            assert asked.status_code == 200
+    stats = mw.stats()
+    assert sum(stats[k] for k in outcomes) == 403, stats
+    assert (stats["sent"], stats["pending"]) == (3, 0)

@@ -31,6 +31,7 @@ from werkzeug.serving import make_server
 
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware._store import LocalStore, unsent
+from agentsight_middleware.testing import StandInAgentSightAPI
 
 from .conftest import serving, uvicorn_server, wait_until_serving
 
@@ -431,3 +432,70 @@ def test_wsgi_a_chat_whose_app_raises_in_a_child_forked_for_it_is_kept(tmp_path:
         server.wait(10)
         log.close()
     assert _used(db) == ["conv_000000000500"]
+
+
+def _api_app(release: threading.Event) -> FastAPI:
+    api = FastAPI()
+
+    @api.post("/api/chat")
+    def chat() -> Any:  # a model that takes its time, in Starlette's threadpool
+        release.wait(30)
+        return {"reply": "hi"}
+
+    return api
+
+
+def test_a_chat_held_for_its_answer_waits_for_its_page_view_from_its_request(
+    tmp_path: Path,
+) -> None:
+    # With outbox=, a chat row waits 1 s in the file for a page view another worker
+    # writes (within ~0.3 s of that view's request, which came first). Counted from the
+    # write, a chat held for its answer waited the second twice: at the API 2.05 s after
+    # the request, where the README says about 1 s.
+    release = threading.Event()
+    with StandInAgentSightAPI() as api:
+        mw = AgentSightMiddleware(
+            _api_app(release), chat_routes=["POST /api/chat"], api_key=api.api_key,
+            endpoint=api.url, outbox=tmp_path / "outbox.sqlite3",
+        )  # fmt: skip
+        with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
+            httpx.get(f"{url}/missing")  # the worker has started
+            started = time.monotonic()
+            asked = pool.submit(
+                httpx.post, f"{url}/api/chat", headers={ID: "conv_0000000000ai"}, timeout=30
+            )
+            try:
+                api.wait_for(conversations=1, timeout=1.6)  # the held second, and no more
+                took = time.monotonic() - started
+            finally:
+                release.set()
+            assert asked.result(30).status_code == 200
+        mw.close()
+    assert 0.9 < took < 1.6
+    assert [c["conversation_id"] for c in api.conversations] == ["conv_0000000000ai"]
+
+
+def test_a_chat_held_for_its_answer_goes_within_a_short_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    # The README: a shutdown_timeout under 1 s leaves the *last second's* chats in the
+    # outbox for the next start. A chat that came in 1.3 s before the stop, held for its
+    # answer, was written at 1 s and left in the file too (due 1 s after its write).
+    release = threading.Event()
+    with StandInAgentSightAPI() as api:
+        mw = AgentSightMiddleware(
+            _api_app(release), chat_routes=["POST /api/chat"], api_key=api.api_key,
+            endpoint=api.url, outbox=tmp_path / "outbox.sqlite3",
+        )  # fmt: skip
+        with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
+            httpx.get(f"{url}/missing")  # the worker has started
+            asked = pool.submit(
+                httpx.post, f"{url}/api/chat", headers={ID: "conv_000000000old"}, timeout=30
+            )
+            try:
+                time.sleep(1.3)
+                mw.close(0.5)  # as the lifespan's shutdown does
+            finally:
+                release.set()
+            assert asked.result(30).status_code == 200
+        assert [c["conversation_id"] for c in api.conversations] == ["conv_000000000old"]

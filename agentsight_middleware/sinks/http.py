@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.request
 from collections import deque
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -166,6 +167,15 @@ _QUIET = 60.0
 # datetime in user metadata) is sent as its text. One encoder for all events:
 # json.dumps builds a new one per call when given options (~1.2 us an event).
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+
+
+def _request_time(payload: dict[str, Any]) -> float:
+    """When an event's request came in (its ``timestamp``, as build_payload wrote it); inf
+    for one that does not say, whose chat then waits SETTLE from its write."""
+    try:
+        return datetime.fromisoformat(payload["timestamp"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return math.inf
 
 
 def _api_error(reply: Reply) -> str:
@@ -720,6 +730,9 @@ class HttpSink:
     async def put(self, payloads: list[dict[str, Any]]) -> None:
         items = []
         views: list[bool] = []
+        # Each event's request time, for a durable outbox's chats (see outbox.put).
+        times: list[float] = []
+        durable = self._outbox.durable
         for payload in payloads:
             try:
                 body, note = encode_event(payload, _encode)
@@ -730,8 +743,11 @@ class HttpSink:
             if note is not None:
                 self._log_once("json note", "%s", note, level="warning")
             items.append((payload["conversation_id"], body.encode()))
-            views.append(payload.get("is_used") is False)
-        accepted = await self._put_when_free(items, views)
+            view = payload.get("is_used") is False
+            views.append(view)
+            if durable:
+                times.append(math.inf if view else _request_time(payload))
+        accepted = await self._put_when_free(items, views, times)
         self._fresh += accepted
         if accepted < len(items):
             self.dropped += len(items) - accepted
@@ -757,7 +773,9 @@ class HttpSink:
         if idle_tick is not None:
             resolve(idle_tick)
 
-    async def _put_when_free(self, items: list[tuple[str, bytes]], views: list[bool]) -> int:
+    async def _put_when_free(
+        self, items: list[tuple[str, bytes]], views: list[bool], times: list[float]
+    ) -> int:
         """``outbox.put(items)``, tried again while another process holds a durable outbox's
         write lock past SQLite's busy timeout (a backup, a VACUUM, a sqlite3 shell left in a
         transaction): the batch waits, as the local store's does, instead of being lost.
@@ -766,7 +784,9 @@ class HttpSink:
         for attempt in range(1, _LOCKED_TRIES + 1):
             left = self.deadline - time.monotonic()
             try:
-                return self._outbox.put(items, None if left == math.inf else max(left, 0.0), views)
+                return self._outbox.put(
+                    items, None if left == math.inf else max(left, 0.0), views, times
+                )
             except sqlite3.OperationalError as exc:
                 if not is_locked(exc) or attempt == _LOCKED_TRIES:
                     raise

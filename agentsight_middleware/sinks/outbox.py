@@ -62,7 +62,11 @@ class Outbox(Protocol):
     deadline: float
 
     def put(
-        self, items: list[tuple[str, bytes]], wait: float | None = None, views: Sequence[bool] = ()
+        self,
+        items: list[tuple[str, bytes]],
+        wait: float | None = None,
+        views: Sequence[bool] = (),
+        times: Sequence[float] = (),
     ) -> int: ...
     def claim(self, limit: int, now: float) -> list[OutboxItem]: ...
     def ack(self, items: list[OutboxItem]) -> None: ...
@@ -102,9 +106,14 @@ class MemoryOutbox:
         self._next_id = 0
 
     def put(
-        self, items: list[tuple[str, bytes]], wait: float | None = None, views: Sequence[bool] = ()
+        self,
+        items: list[tuple[str, bytes]],
+        wait: float | None = None,
+        views: Sequence[bool] = (),
+        times: Sequence[float] = (),
     ) -> int:
-        # ``views`` is not needed here: one process's intake is already in request order.
+        # ``views`` and ``times`` are not needed here: one process's intake is already in
+        # request order.
         room = max(self._max - self._size, 0)
         queues = self._queues
         for conversation_id, body in items[:room]:
@@ -393,13 +402,19 @@ class SQLiteOutbox:
         _release_dead_leases(conn)
 
     def put(
-        self, items: list[tuple[str, bytes]], wait: float | None = None, views: Sequence[bool] = ()
+        self,
+        items: list[tuple[str, bytes]],
+        wait: float | None = None,
+        views: Sequence[bool] = (),
+        times: Sequence[float] = (),
     ) -> int:
         """Append ``items``; waits for another process's write lock up to the busy timeout,
         or ``wait`` seconds if that is less (raising ``sqlite3.OperationalError`` then).
 
         ``views``, one flag per item when given, marks page views: they go first in their
-        conversation, and the other items wait SETTLE seconds for one (see _CLAIM)."""
+        conversation, and the other items wait for one until SETTLE seconds after their
+        request (``times``, time.time() of each item's request, when given), at most SETTLE
+        seconds from now (see _CLAIM)."""
         with self._lock:
             # Connected first: a connection opened here (after a fork, after close())
             # takes a new owner, and the rows must carry the one mine() and counts() ask
@@ -408,10 +423,21 @@ class SQLiteOutbox:
             owner = self._owner
             if views:
                 settle = time.time() + SETTLE
+                # From the request, not from now: the view it waits for was written within
+                # ~0.3 s of its own request, which came first. A chat written late (held
+                # for its answer up to ANSWER_WAIT, _delivery) waited that second twice:
+                # 2 s from request to API, and left in the file at a shutdown_timeout under
+                # 1 s however long ago it came in.
+                starts = times or [math.inf] * len(items)
                 rows = [
-                    (conversation_id, body, owner, 0 if view else 1, 0.0 if view else settle)
-                    for (conversation_id, body), view in zip(items, views, strict=True)
-                ]
+                    (
+                        conversation_id, body, owner, 0 if view else 1,
+                        0.0 if view else min(settle, start + SETTLE),
+                    )
+                    for (conversation_id, body), view, start in zip(
+                        items, views, starts, strict=True
+                    )
+                ]  # fmt: skip
             else:
                 rows = [(conversation_id, body, owner, 1, 0.0) for conversation_id, body in items]
             with write_transaction(conn, self._until(wait)):
