@@ -48,9 +48,13 @@ _same_rules_warned = False
 
 
 def _count_instance(owner: object, name: str, rules: str) -> Callable[[], object]:
-    """Count ``owner`` among the live instances with these rules, until it is closed or
-    dropped (a test suite builds an app, and a middleware, per test: not one per route).
-    Calling the returned finalizer uncounts it, once."""
+    """Count ``owner`` among the instances with these rules built and not yet serving,
+    until it serves, is closed or is dropped. A framework builds its per-route instances
+    together, before any serves; a test suite builds an app, and a middleware, per test,
+    each serving before the next is built: the earlier ones wait, uncollected, for the
+    garbage collector (FastAPI and Flask apps hold reference cycles), and with
+    ``TestClient(create_app())`` never closed, the third test was told of per-route
+    building. Calling the returned finalizer uncounts it, once."""
     global _same_rules_warned
     key = (name, rules)
     count = _instances[key] = _instances.get(key, 0) + 1
@@ -276,10 +280,10 @@ class MiddlewareBase:
             # ASGI glue reports it as lifespan.startup.failed there; see asgi.py).
             logger.error("agentsight-middleware is misconfigured: %s", exc)
             raise
-        # Closed (an ASGI lifespan's shutdown, close()) is uncounted at once: a FastAPI or
-        # Flask app holds reference cycles, so a dropped one waits for the garbage collector,
-        # and a script or test building an app per configuration was told it built one
-        # middleware per route.
+        # Serving (see _serving) or closed (an ASGI lifespan's shutdown, close()) is
+        # uncounted at once: a FastAPI or Flask app holds reference cycles, so a dropped one
+        # waits for the garbage collector, and a script or test building an app per
+        # configuration was told it built one middleware per route.
         self._uncount = _count_instance(self, type(self).__name__, repr(settings.rules))
         self._settings = settings
         self._core = core = Core(settings, delivery)
@@ -309,6 +313,11 @@ class MiddlewareBase:
             if line not in self._near_misses_told:  # a second check tells what is new
                 self._near_misses_told.add(line)
                 logger.warning("%s", line)
+
+    def _serving(self) -> None:
+        """This instance serves (its lifespan started, or its first request came): no
+        longer one of a burst built per route (see _count_instance)."""
+        self._uncount()
 
     def stats(self) -> dict[str, int]:
         """Counts of the background work; the keys depend on where events go (README,

@@ -65,12 +65,15 @@ def starlette_routes(app: Any) -> Sequence[Any] | None:
     return None
 
 
-def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
+def starlette_served(routes: Sequence[Any], root_path: str = "", depth: int = 0) -> Served:
     """Served, asked of Starlette routes, served under ``root_path`` (a mount's or the
     server's: Starlette matches the path past it, as a rule's path includes it)."""
     from starlette.routing import Match as RouteMatch
 
     root_path = root_path.rstrip("/")
+    # The routes of the Starlette apps and routers mounted here (app.mount("/shop", sub)),
+    # by mount: asked as the mount asks them, under its path.
+    inside: dict[int, Sequence[Any] | None] = {}
 
     def served(path: str, method: str, literal: bool) -> tuple[bool, set[str]]:
         # ``literal``: a catch-all such as ``/{slug}`` serves any one-segment path, ``/app``
@@ -87,6 +90,14 @@ def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
             if found == RouteMatch.NONE or (literal and child.get("path_params")):
                 continue
             if found == RouteMatch.FULL:
+                mounted = _mounted_routes(route, inside, depth)
+                if mounted is not None:
+                    # The mount takes the request (no route after it is asked), and its app
+                    # answers 404 or 405 where none of its own routes serves the path: a
+                    # rule that misses a sub-app's route by a slash or a method was said
+                    # to be served.
+                    inner_root = str(child.get("root_path", root_path))
+                    return starlette_served(mounted, inner_root, depth + 1)(path, method, literal)
                 if not _is_static_files(route):
                     return True, set()
                 # StaticFiles (an SPA's app.mount("/", StaticFiles(..., html=True))) takes
@@ -110,6 +121,20 @@ def starlette_served(routes: Sequence[Any], root_path: str = "") -> Served:
         return False, others
 
     return served
+
+
+def _mounted_routes(
+    route: Any, inside: dict[int, Sequence[Any] | None], depth: int
+) -> Sequence[Any] | None:
+    """The routes of the Starlette app or router a ``Mount`` serves, or None (not a mount, or
+    another kind of app: a mounted WSGI app, StaticFiles, an ASGI function)."""
+    key = id(route)
+    if key not in inside:
+        found = None
+        if type(route).__name__ == "Mount" and depth < _MAX_DEPTH:
+            found = starlette_routes(getattr(route, "app", None))
+        inside[key] = found
+    return inside[key]
 
 
 def litestar_served(app: Any, root_path: str = "") -> Served | None:

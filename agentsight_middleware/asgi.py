@@ -235,6 +235,7 @@ class AgentSightMiddleware(MiddlewareBase):
         the first request under one checks again, tracked or not, and tells what is new."""
         again = self._routes_unchecked == _ROOT_PATH_UNKNOWN
         self._routes_unchecked = _ROOT_PATH_UNKNOWN if lifespan else False
+        self._serving()
         if again and not root_path.rstrip("/"):
             return  # as the lifespan's check asked (a root_path of "/" is none)
         try:

@@ -128,6 +128,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         # WSGI has no start-up hook: the first request of the serving process starts
         # the worker, so a durable outbox left by the last run is sent.
         self._idle = False
+        self._serving()
         self._flush_each = _in_a_child_forked_for_the_request()
         self._core.delivery.ensure_started()
         self._check_routes(environ)

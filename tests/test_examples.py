@@ -290,6 +290,38 @@ def test_apps_served_one_after_another_are_not_taken_for_one_middleware_per_rout
         middleware.close()
 
 
+@pytest.mark.anyio
+@pytest.mark.usefixtures("fresh_instance_count")
+async def test_a_test_suite_s_app_per_test_without_lifespan_is_not_taken_for_one_per_route(
+    tracker: RecordingTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A user's suite builds the app per test and drives it with no lifespan (the README's
+    # TestClient(app) without `with`, httpx.ASGITransport, Flask's test_client): nothing
+    # closes those middlewares, and the apps' reference cycles keep them until the garbage
+    # collector runs. The third test was told its framework built one per route.
+    demo = importlib.import_module("examples.demo")
+    flask_app = importlib.import_module("examples.flask_app")
+    served: list[Any] = []  # as uncollected cycles keep them
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        for _ in range(3):
+            app = demo.create_app(tracker=tracker)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/", headers=BROWSER)).status_code == 200
+            served.append(app)
+        for _ in range(3):
+            wsgi = flask_app.create_app(tracker=tracker)
+            assert wsgi.test_client().get("/", headers=BROWSER).status_code == 200
+            served.append(wsgi)
+        tracker.wait_for(initialized=6)
+    assert not same_rules_warnings(caplog)
+    for app in served:
+        middleware = app.wsgi_app if hasattr(app, "wsgi_app") else app.middleware_stack
+        while not isinstance(middleware, (AgentSightMiddleware, AgentSightWSGIMiddleware)):
+            middleware = middleware.app
+        middleware.close()
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -460,3 +492,25 @@ def test_the_readme_s_test_page_view_records_a_view_under_flask_s_client(
     page = app.test_client().get("/", headers=_readme_test_headers())
     assert page.status_code == 200
     tracker.wait_for(initialized=1)
+
+
+def test_django_s_test_client_skips_the_middleware_the_readme_s_transport_does_not(
+    tracker: RecordingTracker,
+) -> None:
+    # Django's test Client calls Django's handler, not wsgi.py's application: the README
+    # says so, and the way it gives to test through the middleware must track.
+    application = importlib.import_module("examples.django_site.wsgi").create_application(
+        tracker=tracker
+    )
+    from django.test import Client as DjangoClient
+
+    bypassed = DjangoClient().post(
+        "/api/chat/", {"message": "hello"}, content_type="application/json"
+    )
+    assert bypassed.json()["conversation_id"] is None  # current_conversation() is None there
+    transport = httpx.WSGITransport(app=application)
+    with httpx.Client(transport=transport, base_url="http://testserver") as client:
+        page = client.get("/", headers=_readme_test_headers())
+        chat = client.post("/api/chat/", json={"message": "hello"})
+    _check(tracker, page.headers["set-cookie"], chat.json())
+    application.close()

@@ -725,6 +725,43 @@ def test_a_mounted_sub_app_is_checked_under_its_mount(caplog: pytest.LogCaptureF
     assert any("takes POST, not GET" in line for line in told), told
 
 
+# The middleware on the main app, a sub-app mounted beside its own routes (app.mount("/shop",
+# sub), Mount("/star", routes=[...])): the Mount matches every path below it, so each rule
+# there was taken as served, and the sub-apps' near misses went untold.
+def test_rules_under_a_mount_are_checked_against_the_mounted_app_s_routes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shop = FastAPI()
+
+    @shop.get("/item", response_class=HTMLResponse)
+    def item() -> str:
+        return "<html>item</html>"
+
+    @shop.post("/chat")
+    def chat() -> dict[str, str]:
+        return {"reply": "hi"}
+
+    async def star_chat(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    app = _shop()
+    app.mount("/shop", shop)
+    app.mount("/star", Router(routes=[Route("/chat", star_chat, methods=["POST"])]))
+    app.add_middleware(
+        AgentSightMiddleware,
+        widget_pages=["/shop/item/", "/shop/item", "/star/chat"],
+        chat_routes=["POST /shop/chat", "POST /star/chat/"],
+        tracker=RecordingTracker(),
+    )
+    with caplog.at_level(logging.WARNING), uvicorn_server(app) as url:
+        assert httpx.get(url + "/shop/item").status_code == 200  # the app itself is untouched
+    told = _rule_warnings(caplog)
+    assert len(told) == 3, told
+    assert any("'/shop/item/'" in line and "write '/shop/item'" in line for line in told), told
+    assert any("'/star/chat'" in line and "takes POST, not GET" in line for line in told), told
+    assert any("'POST /star/chat/'" in line and "write 'POST /star/chat'" in line for line in told)
+
+
 # The same under uvicorn --root-path (rules written with the root path). With a lifespan
 # (routereview G), whose scope has no root_path, the start-up check asked without it and
 # these rules went untold; and with every rule a near miss (routereview2 A), the site's
