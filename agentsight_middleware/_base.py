@@ -302,6 +302,7 @@ class MiddlewareBase:
         self._cookie_name = settings.cookie_name
         self._submit = core.submit
         self._hold = core.hold
+        self._nested_told = False
 
     def _tell_near_misses(self, served: Served, root_path: str = "") -> None:
         """Warn about the rules that miss the app's routes by a little (see _routes), and
@@ -313,6 +314,21 @@ class MiddlewareBase:
             if line not in self._near_misses_told:  # a second check tells what is new
                 self._near_misses_told.add(line)
                 logger.warning("%s", line)
+
+    def _tracked_further_out(self, path: str) -> None:
+        """Said once: another of ours, further out, already tracks this request (one on the
+        main app, another on an app it mounts, or the app wrapped twice). This one leaves it
+        alone: a second event would count the visit or the chat twice."""
+        if not self._nested_told:
+            self._nested_told = True
+            logger.warning(
+                "%s: %s is tracked already by another agentsight-middleware further out "
+                "(on an app that mounts this one, or the same app wrapped twice), so this one "
+                "leaves it to that one, and does for every such request: wrap the app once, "
+                "the outermost (its rules see the whole path)",
+                type(self).__name__,
+                path,
+            )
 
     def _serving(self) -> None:
         """This instance serves (its lifespan started, or its first request came): no

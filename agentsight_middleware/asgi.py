@@ -138,6 +138,13 @@ class AgentSightMiddleware(MiddlewareBase):
         if match is None:
             await self.app(scope, receive, send)
             return
+        state = scope.get("state")
+        if state and "agentsight" in state:
+            # Tracked already, by one of ours on an app that mounts this one (Starlette
+            # shares the request's state with what it mounts): once is the count.
+            self._tracked_further_out(path)
+            await self.app(scope, receive, send)
+            return
         if self._routes_unchecked:
             # No lifespan (Django's ASGI handler has none, uvicorn --lifespan off) and no
             # root path: the first tracked request checks instead, an untracked one pays
