@@ -65,8 +65,9 @@ def _count_instance(owner: object, name: str, rules: str) -> Callable[[], object
         logger.warning(
             "%d %s instances with the same rules in this process, each with its own queue and "
             "background worker: the framework builds one per route (Litestar's "
-            "middleware=[DefineMiddleware(...)] does). Wrap the whole app once instead: "
-            "app = %s(Litestar(...), widget_pages=..., chat_routes=...)",
+            "middleware=[DefineMiddleware(...)] does, as does Starlette's "
+            "Route(..., middleware=[Middleware(...)])). Wrap the whole app once instead: "
+            "app = %s(app, widget_pages=..., chat_routes=...)",
             count,
             name,
             name,
