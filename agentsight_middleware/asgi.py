@@ -138,10 +138,9 @@ class AgentSightMiddleware(MiddlewareBase):
         if match is None:
             await self.app(scope, receive, send)
             return
-        state = scope.get("state")
-        if state and "agentsight" in state:
-            # Tracked already, by one of ours on an app that mounts this one (Starlette
-            # shares the request's state with what it mounts): once is the count.
+        if self._core.current.get() is not None:
+            # Tracked already, by one of ours on an app that mounts this one (or the app
+            # wrapped twice), whose conversation is current here: once is the count.
             self._tracked_further_out(path)
             await self.app(scope, receive, send)
             return

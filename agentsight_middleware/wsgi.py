@@ -96,7 +96,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             method = environ.get("REQUEST_METHOD", "GET")
             match = by_method[method] if method in by_method else self._match(method, path)
-        if match is None or ENVIRON_KEY in environ:
+        if match is None or self._core.current.get() is not None:
             if match is not None:
                 # Tracked already, by one of ours further out (an app wrapped twice, or
                 # under a DispatcherMiddleware that is wrapped too): once is the count.
