@@ -125,6 +125,8 @@ class Sink(Protocol):
     #: locked, one already waiting included: infinite while running, shutdown's deadline
     #: once close() is called.
     deadline: float
+    #: What a failed put() was doing, for its log line: a full disk loses the batch.
+    storing: str
 
     @property
     def durable(self) -> bool:
@@ -561,7 +563,13 @@ class BackgroundDelivery:
                 if self._stopping.is_set() and time.monotonic() >= self._stop_by:
                     logger.warning("%d event(s) lost at shutdown: %r", len(batch), exc)
                 else:
-                    self._log_once(f"{type(self._sink).__name__}.put()", exc)
+                    # Said as what was lost and where: "HttpSink.put() failed" on a full
+                    # disk told an operator neither that events were lost nor which file.
+                    self._log_once(
+                        f"{self._sink.storing} (those events are lost; stats()['errors']"
+                        " counts them)",
+                        exc,
+                    )
             finally:
                 self._holding = 0
         return taken

@@ -42,6 +42,7 @@ __all__ = [
     "count_unsent",
     "create_private",
     "mark_sent",
+    "moved_file_holds",
     "not_writable_reason",
     "unsent",
     "wrap_database_error",
@@ -277,6 +278,23 @@ def _shm_in_use(path: str) -> bool:
 class _PathInUse(sqlite3.OperationalError):
     """The path's -wal and -shm files are still in use for a file moved from it (its
     text says "locked": the sink retries, as for a locked file)."""
+
+
+def moved_file_holds(path: str, held_here: Callable[[], bool]) -> bool:
+    """Whether no new file may be started at ``path``: there is none (or an empty one),
+    and its -shm is still in use for a file moved or deleted from it, by another process
+    or, as ``held_here()`` says, by this one. SQLite would take those -wal and -shm files for the
+    new file's ("disk I/O error", or a corrupt file)."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = True  # no file: SQLite would create one
+    shm = path + "-shm"
+    if not empty or not os.path.exists(shm):
+        return False
+    # In use here: asking would open and close a descriptor of the -shm, which drops the
+    # locks this process's SQLite holds on it (POSIX locks).
+    return held_here() or _shm_in_use(shm)
 
 
 def _describe(path: str) -> str:
@@ -658,17 +676,9 @@ class LocalStore:
     def _check_path_free(self) -> None:
         """Refuse to start a file at the path while the -wal and -shm there are still in
         use for a file moved from it (see _settle_moved)."""
-        try:
-            empty = os.path.getsize(self._path) == 0
-        except OSError:
-            empty = True  # no file: SQLite would create one
-        shm = self._path + "-shm"
-        if not empty or not os.path.exists(shm):
-            return
         # Another store of this process on the file: its SQLite locks on the -shm would
         # go with the descriptor _shm_in_use closes, so ask no further.
-        in_use = self._others_here() or _shm_in_use(shm)
-        if in_use:
+        if moved_file_holds(self._path, self._others_here):
             raise _PathInUse(
                 f"the events file {_describe(self._path)} is locked: it was moved or deleted"
                 f" without its -wal and -shm files, which processes still use for it; a new"

@@ -386,3 +386,39 @@ async def test_a_store_that_keeps_failing_says_so_again_with_a_count(
     assert mw.stats()["stored"] == 1
     assert mw.stats()["failed"] == 4
     mw.close()
+
+
+@pytest.mark.anyio
+async def test_a_full_disk_is_said_with_the_file_and_the_events_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On a full disk (a 2 MB tmpfs filled while gunicorn's workers wrote) the one ERROR
+    # said "StoreSink.put() failed; the request was served regardless": neither which
+    # file nor that the events were lost.
+    import sqlite3
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    mw = _middleware(local_store=db)
+    async with _shop(mw) as c:
+        await c.get("/", headers=BROWSER)
+        assert mw.flush(10)
+        with contextlib.closing(sqlite3.connect(db)) as conn:  # SQLite's own words
+            conn.execute(
+                "CREATE TRIGGER full BEFORE INSERT ON events "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+            conn.commit()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+            c.cookies.clear()
+            assert (await c.get("/", headers=BROWSER)).status_code == 200
+            assert mw.flush(10)
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    said = record.getMessage()
+    assert str(db) in said, said
+    assert "lost" in said, said
+    assert "database or disk is full" in str(record.exc_info[1])  # type: ignore[index]
+    assert mw.stats()["errors"] == 1
+    mw.close()

@@ -320,6 +320,10 @@ class HttpSink:
         self._credentials = credentials
         self._url = credentials.conversations_url
         self._outbox = outbox
+        path = getattr(outbox, "path", None)
+        self.storing = (
+            f"writing events to the outbox {path}" if path is not None else "queueing events"
+        )
         self._concurrency = concurrency
         self._timeout = timeout
         # Only bounds the in-memory queue: a durable outbox keeps an event until

@@ -26,9 +26,13 @@ from .._log import logger
 from .._store import (
     _INHERITED,
     LOCK_SLICE,
+    _fds_of,
+    _identity,
+    _PathInUse,
     create_private,
     is_locked,
     lock_wait_until,
+    moved_file_holds,
     retry_locked,
     write_transaction,
 )
@@ -353,6 +357,18 @@ class SQLiteOutbox:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         # After fork the parent's connection must not be used: open our own.
+        path = os.fspath(self.path)
+        # An outbox deleted or moved without its -wal and -shm while other processes
+        # still use them: a new file here would share them ("disk I/O error" at a
+        # worker's start, which made gunicorn stop the whole app). Taken as a lock: the
+        # middleware starts, and its writes wait (retried, then counted) until they stop.
+        if moved_file_holds(path, lambda: _fds_of(_identity(path + "-shm"))[0] is not None):
+            raise _PathInUse(
+                f"the outbox {os.path.abspath(path)} is locked: it was moved or deleted"
+                " without its -wal and -shm files, which processes still use for it; a new"
+                " file is started there once they stop (stop the app before moving or"
+                " deleting the outbox, or move all three)"
+            )
         create_private(self.path)
         conn = sqlite3.connect(
             self.path, timeout=LOCK_SLICE, isolation_level=None, check_same_thread=False

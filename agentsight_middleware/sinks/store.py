@@ -35,6 +35,7 @@ class StoreSink:
         # shutdown's deadline must not cut this one's writes short.
         store.deadline = math.inf
         self._log_once = LogOnce()
+        self.storing = f"writing events to the events file {store.path}"
         self.stored = 0
         self.failed = 0
 

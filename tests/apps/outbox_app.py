@@ -2,11 +2,13 @@
 
 Run as ``python -m tests.apps.outbox_app PORT OUTBOX`` with AGENTSIGHT_API_KEY and
 AGENTSIGHT_API_ENDPOINT set. Tests kill it with SIGKILL in the middle of an outage.
+``flask_app()`` is the same for gunicorn.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,3 +33,24 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def flask_app() -> Any:
+    """A Flask app with the outbox at $AGENTSIGHT_TEST_OUTBOX, for gunicorn (a factory:
+    ``tests.apps.outbox_app:flask_app()``); each page answers its worker's pid."""
+    import os
+
+    from flask import Flask
+
+    from agentsight_middleware import AgentSightWSGIMiddleware
+
+    app = Flask(__name__)
+
+    @app.get("/")
+    def index() -> tuple[str, dict[str, str]]:
+        return "<p>page</p>", {"X-Pid": str(os.getpid())}
+
+    app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, widget_pages=["/"], outbox=os.environ["AGENTSIGHT_TEST_OUTBOX"]
+    )
+    return app
