@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agentsight_middleware._store import WAL_SIZE_LIMIT
 from agentsight_middleware.sinks.outbox import MemoryOutbox, Outbox, SQLiteOutbox
 
 
@@ -549,3 +551,17 @@ def test_a_live_claim_of_another_pid_namespace_is_not_freed(tmp_path: Path) -> N
         assert taker.stdout == "0\n", taker.stderr  # "1": the live claim was freed and taken
     finally:
         claimer.communicate(timeout=30)
+
+
+def test_the_outbox_wal_is_cut_back_after_a_backlog(tmp_path: Path) -> None:
+    # An outage's backlog written, then delivered: the -wal kept the size it grew to.
+    path = tmp_path / "outbox.sqlite3"
+    outbox = SQLiteOutbox(path)
+    body = b"x" * 600  # about an event's JSON
+    outbox.put([(f"conv_{n:012d}", body) for n in range(30_000)])
+    assert os.path.getsize(f"{path}-wal") > 2 * WAL_SIZE_LIMIT
+    while items := outbox.claim(1000, time.time() + 60):
+        outbox.ack(items)
+    outbox.put([("conv_after", body)])
+    assert os.path.getsize(f"{path}-wal") <= WAL_SIZE_LIMIT
+    outbox.close()

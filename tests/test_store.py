@@ -767,3 +767,15 @@ def test_a_file_behind_a_folder_closed_to_the_reader_is_not_called_missing(
         connect_readonly(path)
     assert not isinstance(caught.value, StoreNotFoundError), caught.value
     assert "Permission denied" in str(caught.value), caught.value
+
+
+def test_the_wal_is_cut_back_after_a_busy_stretch(tmp_path: Path) -> None:
+    # A burst written in one go (a backlog, four workers at once) grew the -wal to its
+    # size, 10-20 MB under gunicorn -w 4, and SQLite kept the file that large for good.
+    path = tmp_path / "events.sqlite3"
+    with LocalStore(path) as store:
+        store.write([make_payload(f"conv_{n:012d}") for n in range(30_000)])
+        assert os.path.getsize(f"{path}-wal") > 2 * _store.WAL_SIZE_LIMIT
+        for n in range(5):  # the checkpoints after it
+            store.write([make_payload(f"conv_again{n:07d}")])
+        assert os.path.getsize(f"{path}-wal") <= _store.WAL_SIZE_LIMIT

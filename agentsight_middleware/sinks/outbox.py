@@ -26,6 +26,7 @@ from .._log import logger
 from .._store import (
     _INHERITED,
     LOCK_SLICE,
+    WAL_SIZE_LIMIT,
     _fds_of,
     _identity,
     _PathInUse,
@@ -392,6 +393,7 @@ class SQLiteOutbox:
         # NORMAL in WAL mode survives a killed process (the OS holds the writes);
         # only a power cut can lose the last commits, and that is not worth an fsync each.
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")  # see _store
         conn.executescript(_SCHEMA)
         # A file from before the columns (its rows' origin stays unknown: NULL; their
         # kind 1: in the order they were written, as before).
