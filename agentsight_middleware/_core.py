@@ -24,10 +24,12 @@ __all__ = [
     "Core",
     "Delivery",
     "current_conversation",
+    "handling",
     "is_html",
     "is_html_success",
     "is_page_view",
     "is_shared_cacheable",
+    "tracked_further_out",
     "viewed_conversation",
 ]
 
@@ -37,6 +39,21 @@ Delivery = TrackerDelivery | BackgroundDelivery
 _current: contextvars.ContextVar[Conversation | None] = contextvars.ContextVar(
     "agentsight_conversation", default=None
 )
+
+
+#: The conversations, by id(), whose requests one of ours is handling now (in its call into
+#: the app, or a step of a WSGI body): an inner one of ours finding one of these current is
+#: nested and steps aside. A conversation current but not in here was left behind in a
+#: context copied during its request, which a later request can run in: asyncio's transport
+#: resumed from inside a request (uvicorn, once a body passes 64 KiB, or pipelined requests)
+#: runs the connection's later requests in a copy of that request's context.
+handling: set[int] = set()
+
+
+def tracked_further_out() -> bool:
+    """Whether the conversation current here is one of ours handling this very request."""
+    conversation = _current.get()
+    return conversation is not None and id(conversation) in handling
 
 
 def current_conversation() -> Conversation | None:

@@ -11,6 +11,7 @@ go straight to the app.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import sys
 import time
@@ -32,9 +33,11 @@ from ._core import (
     CDN_CACHE_HEADERS,
     NOT_SET,
     AppCookie,
+    handling,
     is_html,
     is_page_view,
     is_shared_cacheable,
+    tracked_further_out,
     viewed_conversation,
 )
 from ._delivery import HeldChat
@@ -138,9 +141,10 @@ class AgentSightMiddleware(MiddlewareBase):
         if match is None:
             await self.app(scope, receive, send)
             return
-        if self._core.current.get() is not None:
+        if tracked_further_out():
             # Tracked already, by one of ours on an app that mounts this one (or the app
-            # wrapped twice), whose conversation is current here: once is the count.
+            # wrapped twice), handling this request with its conversation: once is the
+            # count. (Not any conversation current here: see _core.handling.)
             self._tracked_further_out(path)
             await self.app(scope, receive, send)
             return
@@ -336,10 +340,13 @@ class AgentSightMiddleware(MiddlewareBase):
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
         token = current.set(conversation)
+        key = id(conversation)
+        handling.add(key)
         try:
             if scope["method"] != "GET" or not _is_page_view(headers):
-                await self.app(scope, receive, send)
+                await self.app(scope, *_server_side(current, receive, send))
                 return
+            receive = _server_receive(current, receive)
             set_cookie = (
                 b"set-cookie",
                 self._settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),
@@ -379,10 +386,15 @@ class AgentSightMiddleware(MiddlewareBase):
                             submit(event)
                         else:
                             core.delivery.initialize(event, _get_loop())
-                await send(message)
+                unset = current.set(None)  # the server's code: see _server_side
+                try:
+                    await send(message)
+                finally:
+                    current.reset(unset)
 
             await self.app(scope, receive, send_wrapper)
         finally:
+            handling.discard(key)
             current.reset(token)
 
     async def _chat(
@@ -424,6 +436,8 @@ class AgentSightMiddleware(MiddlewareBase):
         scope.setdefault("state", {})["agentsight"] = conversation
         current = core.current
         token = current.set(conversation)
+        key = id(conversation)
+        handling.add(key)
         hold = self._hold
         # With the built-in delivery, the event waits for the answer: one the app refuses
         # (a 4xx: no CSRF token, not signed in, an invalid body, throttled) is no chat,
@@ -439,7 +453,6 @@ class AgentSightMiddleware(MiddlewareBase):
                 delivery = core.delivery
                 await delivery.engage_async(event)
                 handler_scope = delivery.scope(event)
-            app_send = send
             set_cookie = None
             if settings.renews_cookie(id_source, conversation_id, cookie):
                 # Keep later chat requests of this browser on the same conversation
@@ -449,6 +462,8 @@ class AgentSightMiddleware(MiddlewareBase):
                     b"set-cookie",
                     settings.set_cookie(conversation_id, secure=self._is_secure(scope, headers)),
                 )
+            app_receive: Receive
+            app_send: Send
             if set_cookie is not None or pending is not None:
                 cookie_prefix = self._cookie_prefix
 
@@ -467,15 +482,22 @@ class AgentSightMiddleware(MiddlewareBase):
                             if _app_cookie(headers, cookie_prefix) is NOT_SET:
                                 headers.append(set_cookie)
                             message = {**message, "headers": headers}
-                    await send(message)
+                    unset = current.set(None)  # the server's code: see _server_side
+                    try:
+                        await send(message)
+                    finally:
+                        current.reset(unset)
 
-                app_send = send_wrapper
+                app_receive, app_send = _server_receive(current, receive), send_wrapper
+            else:
+                app_receive, app_send = _server_side(current, receive, send)
             if handler_scope is None:
-                await self.app(scope, receive, app_send)
+                await self.app(scope, app_receive, app_send)
             else:
                 with handler_scope:
-                    await self.app(scope, receive, app_send)
+                    await self.app(scope, app_receive, app_send)
         finally:
+            handling.discard(key)
             current.reset(token)
             if pending is not None:
                 # No answer went out: the app failed (the server answers 500) or the
@@ -506,6 +528,40 @@ _JOINED = {
 
 
 _ROOT_PATH_UNKNOWN: Final = "root_path unknown"
+
+
+def _server_side(
+    current: contextvars.ContextVar[Conversation | None], receive: Receive, send: Send
+) -> tuple[Receive, Send]:
+    """``receive`` and ``send`` for the app, calling the server's with no conversation
+    current: the server's code they run keeps the context it runs in for the connection's
+    later requests (uvicorn resumes a paused connection's reading there, past 64 KiB of a
+    body, and starts a pipelined request's task), which ran with this one's conversation
+    (current_conversation() said it, and the middleware took them for nested ones)."""
+
+    async def server_send(message: Message) -> None:
+        token = current.set(None)
+        try:
+            await send(message)
+        finally:
+            current.reset(token)
+
+    return _server_receive(current, receive), server_send
+
+
+def _server_receive(
+    current: contextvars.ContextVar[Conversation | None], receive: Receive
+) -> Receive:
+    """``receive`` called with no conversation current (see _server_side)."""
+
+    async def server_receive() -> Message:
+        token = current.set(None)
+        try:
+            return await receive()
+        finally:
+            current.reset(token)
+
+    return server_receive
 
 
 def _header_dict(scope: Scope) -> dict[bytes, bytes]:

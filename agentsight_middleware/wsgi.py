@@ -33,9 +33,11 @@ from ._core import (
     CDN_CACHE_HEADERS,
     NOT_SET,
     AppCookie,
+    handling,
     is_html_success,
     is_page_view,
     is_shared_cacheable,
+    tracked_further_out,
     viewed_conversation,
 )
 from ._events import ENGAGE, INITIALIZE, new_event
@@ -96,7 +98,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             method = environ.get("REQUEST_METHOD", "GET")
             match = by_method[method] if method in by_method else self._match(method, path)
-        if match is None or self._core.current.get() is not None:
+        if match is None or tracked_further_out():
             if match is not None:
                 # Tracked already, by one of ours further out (an app wrapped twice, or
                 # under a DispatcherMiddleware that is wrapped too): once is the count.
@@ -366,6 +368,8 @@ def _respond(
     the app returns a list, tuple or file, else at its body's first bytes (or its end).
     """
     token = current.set(conversation)
+    key = id(conversation)
+    handling.add(key)
     if handler_scope is not None:
         handler_scope.__enter__()
     try:
@@ -375,6 +379,7 @@ def _respond(
             _exit_scope(handler_scope, exc)
         raise
     finally:
+        handling.discard(key)
         current.reset(token)
     if type(result) is list or type(result) is tuple or _is_file(result, environ):
         # No code of the app's runs while these are read (and a server's fast
@@ -507,11 +512,16 @@ class _Streamed:
         self, result: Iterable[bytes], headers_final: Callable[[], None] | None
     ) -> Iterator[bytes]:
         current, conversation = self._current, self._conversation
+        # As in _respond: an app that calls the one it wraps as its body is read (a
+        # generator) calls it here, and one of ours in there is nested.
+        key, add, discard = id(conversation), handling.add, handling.discard
         try:
             token = current.set(conversation)
+            add(key)
             try:
                 steps = iter(result)
             finally:
+                discard(key)
                 current.reset(token)
             # Set for each step, reset before the server writes what it gave: a step may
             # run in another thread's context than the last. (Set and reset in one frame
@@ -520,9 +530,11 @@ class _Streamed:
             set_, reset, end = current.set, current.reset, _END
             while True:
                 token = set_(conversation)
+                add(key)
                 try:
                     chunk = next(steps, end)
                 finally:
+                    discard(key)
                     reset(token)
                 if chunk is end:
                     break

@@ -1340,6 +1340,7 @@ class NullSink:
 
     durable = False
     deadline = float("inf")
+    storing = "dropping events"
 
     async def start(self) -> None:
         pass

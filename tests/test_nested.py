@@ -7,13 +7,15 @@ or the chat was counted twice, once under each instance's delivery.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import warnings
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from fastapi.responses import HTMLResponse
 from flask import Flask
 from starlette.applications import Starlette
@@ -137,4 +139,131 @@ def test_a_wsgi_app_wrapped_twice_is_tracked_once(
         _settled(outer, inner)
     assert seen == [cookie, cookie]
     assert [call["conversation_id"] for call in outer.used] == [cookie, cookie]
+    assert len(_nested_warnings(caplog)) == 1
+
+
+def _big_chat_then_pages(
+    url: str, also: str | None = None
+) -> tuple[dict[str, Any], list[httpx.Response]]:
+    """On one keep-alive connection: a chat whose body passes uvicorn's 64 KiB flow-control
+    mark (its reading is paused, then resumed from inside the request), then two views (and
+    a GET of ``also``)."""
+    with httpx.Client(base_url=url) as client:
+        chat = client.post("/api/chat", json={"message": "x" * 300_000})
+        assert chat.status_code == 200
+        pages = []
+        for _ in range(2):
+            client.cookies.clear()  # a first visit each: a view with an event
+            pages.append(client.get("/shop/", headers=BROWSER))
+        if also is not None:
+            pages.append(client.get(also))
+    return chat.json(), pages
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_a_later_request_on_the_connection_is_no_nested_one(
+    http: str, background: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncio's transport, resumed from inside the big chat, runs the connection's later
+    # requests in a copy of that chat's context, its conversation current there: the
+    # middleware took each for one tracked further out, and tracked nothing (no cookie, no
+    # view, a warning of a nesting there is none of), on every later request of it; and an
+    # untracked one read the chat's conversation from current_conversation(). Also while
+    # the chat's background task still runs (the chat itself not yet over).
+    tracker = RecordingTracker()
+    app = FastAPI()
+
+    @app.get("/shop/", response_class=HTMLResponse)
+    def page() -> str:
+        conversation = current_conversation()
+        return f"<html><body>{None if conversation is None else conversation.id}</body></html>"
+
+    @app.get("/other")
+    def other() -> dict[str, Any]:
+        conversation = current_conversation()
+        return {"seen": None if conversation is None else conversation.id}
+
+    @app.post("/api/chat")
+    async def chat(body: dict[str, Any], tasks: BackgroundTasks) -> dict[str, Any]:
+        if background:
+            tasks.add_task(asyncio.sleep, 1.0)
+        conversation = current_conversation()
+        return {"seen": None if conversation is None else conversation.id}
+
+    app.add_middleware(
+        AgentSightMiddleware,
+        tracker=tracker,
+        widget_pages=["/shop/"],
+        chat_routes=["POST /api/chat"],
+    )
+    with (
+        caplog.at_level(logging.WARNING, logger="agentsight_middleware"),
+        uvicorn_server(app, http=http) as url,
+    ):
+        answer, pages = _big_chat_then_pages(url, also="/other")
+        tracker.wait_for(initialized=2, used=1)
+    assert pages.pop().json() == {"seen": None}
+    ids = [str(page.cookies.get(COOKIE)) for page in pages]
+    assert "None" not in ids
+    assert answer["seen"] not in ids
+    assert [page.text for page in pages] == [f"<html><body>{id}</body></html>" for id in ids]
+    assert sorted(call["conversation_id"] for call in tracker.initialized) == sorted(ids)
+    assert _nested_warnings(caplog) == []
+
+
+def test_a_wsgi_app_under_an_asgi_one_tracks_a_later_request_on_the_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The same left-behind conversation reaches a WSGI app the ASGI app mounts (Starlette's
+    # WSGIMiddleware, as a2wsgi, runs it in a thread with a copy of the context): its own
+    # middleware stepped aside.
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated for a2wsgi, which does the same
+        from starlette.middleware.wsgi import WSGIMiddleware
+
+    outer, inner = RecordingTracker(), RecordingTracker()
+
+    async def chat(request: Any) -> JSONResponse:
+        await request.body()
+        return JSONResponse({})
+
+    shop = AgentSightWSGIMiddleware(_flask_shop().wsgi_app, tracker=inner, widget_pages=["/shop/"])
+    main = Starlette(
+        routes=[Route("/api/chat", chat, methods=["POST"]), Mount("/", WSGIMiddleware(shop))]
+    )
+    main.add_middleware(AgentSightMiddleware, tracker=outer, chat_routes=["POST /api/chat"])
+    with (
+        caplog.at_level(logging.WARNING, logger="agentsight_middleware"),
+        uvicorn_server(main) as url,
+    ):
+        _, pages = _big_chat_then_pages(url)
+        outer.wait_for(used=1)
+        inner.wait_for(initialized=2)
+    assert all(page.cookies.get(COOKIE) for page in pages)
+    assert _nested_warnings(caplog) == []
+
+
+def test_an_app_wrapped_twice_through_a_lazy_layer_is_tracked_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A layer between the two that calls the app it wraps only as its own body is read (a
+    # generator): the inner one is called from a step of the outer one's body.
+    outer, inner = RecordingTracker(), RecordingTracker()
+    wrapped = AgentSightWSGIMiddleware(_flask_shop().wsgi_app, tracker=inner, **RULES)
+
+    def lazy(environ: dict[str, Any], start_response: Any) -> Any:
+        yield from wrapped(environ, start_response)
+
+    app = AgentSightWSGIMiddleware(lazy, tracker=outer, **RULES)
+    with (
+        caplog.at_level(logging.WARNING, logger="agentsight_middleware"),
+        serving(make_server("127.0.0.1", 0, app, threaded=True)) as url,
+    ):
+        cookie, seen = _visit_and_chat(url)
+        _settled(outer, inner)
+    assert seen == [cookie, cookie]
     assert len(_nested_warnings(caplog)) == 1
