@@ -509,7 +509,8 @@ class BackgroundDelivery:
                     past["dropped"] = past.get("dropped", 0) + max(counts.get("pending", 0), 0)
             except Exception as exc:  # counts, never the worker's start
                 logger.debug("keeping a stopped sink's counts: %r", exc)
-        # Both at once, for stats() on another thread (one bytecode each, nothing between).
+        # Two stores: a stats() on another thread between them (at a worker's restart
+        # only) may count the stopped sink's figures twice or not at all, that once.
         self._sink, self._past = sink, past
 
     async def _park(self) -> None:

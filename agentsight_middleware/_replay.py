@@ -78,6 +78,8 @@ class ReplaySummary:
     #: Already sent by an earlier run: not sent again.
     skipped: int = 0
     failed: int = 0
+    #: Of ``failed``, those the API refused for good (a 400): a later run is refused again.
+    refused: int = 0
     #: Not tried: after an earlier event of their conversation failed, or the run stopped.
     left: int = 0
     #: The server's words for the first refusal, to show the user.
@@ -238,6 +240,7 @@ class _Outcome:
     accepted: list[int]
     unmarked: int = 0
     failed: int = 0
+    refused: int = 0
     left: int = 0
     error: str | None = None
     #: The conversation's later events must wait for the next run.
@@ -269,6 +272,7 @@ def _send_conversation(
             outcome.failed += 1
             outcome.error = outcome.error or error
             if result == _REFUSED:
+                outcome.refused += 1
                 # Refused for good: waiting would change nothing, as live delivery
                 # drops such an event and goes on with the next.
                 continue
@@ -473,6 +477,7 @@ def replay(
             summary.sent += len(outcome.accepted)
             summary.unmarked += outcome.unmarked
             summary.failed += outcome.failed
+            summary.refused += outcome.refused
             summary.left += outcome.left
             if outcome.error and summary.first_error is None:
                 summary.first_error = outcome.error

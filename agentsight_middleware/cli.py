@@ -264,7 +264,9 @@ def _run_send(args: argparse.Namespace) -> int:
     line = f"sent {summary.sent}, skipped {summary.skipped} (sent before), failed {summary.failed}"
     if summary.failed:
         # Never marked sent: read as lost after an outage, they are in the file still.
-        line += " (tried again next run)"
+        # One the API refused for good (a 400) will be refused again: said apart.
+        refused = f"; the API refused {summary.refused} for good" if summary.refused else ""
+        line += f" (tried again next run{refused})"
     if summary.left:
         line += f", left {summary.left} for the next run"
     print(line)
