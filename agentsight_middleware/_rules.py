@@ -249,9 +249,11 @@ def _compile(where: str, kind: str, item: object, position: int) -> _Compiled:
             # as a string rule without its "/" is, not left to match nothing in silence.
             anchor = "^" if pattern.startswith("^") else ""
             fixed = anchor + "/" + pattern[len(anchor) :]
+            flags = item.flags & ~re.UNICODE  # str patterns have it whatever was written
+            with_flags = f", {re.RegexFlag(flags)}" if flags else ""
             raise ValueError(
                 f"{where}: {item!r} must match the whole path, which starts with '/'; "
-                f"write re.compile({fixed!r})"
+                f"write re.compile({fixed!r}{with_flags})"
             )
         rule = Rule(kind, pattern, None)
         return _Compiled(rule, None, None, item, (), _regex_prefix(item), position)

@@ -284,6 +284,12 @@ ERRORS: list[tuple[str, str, Any, list[str]]] = [
         ["must match the whole path, which starts with '/'", "re.compile('/api/v\\\\d+/chat')"],
     ),
     ("regex-anchored-no-slash", W, [re.compile("^pricing$")], ["re.compile('^/pricing$')"]),
+    (
+        "regex-no-slash-flags",
+        W,
+        [re.compile("pricing", re.IGNORECASE)],
+        ["re.compile('/pricing', re.IGNORECASE)"],
+    ),
     # Rules that could never match the decoded path they are tried on.
     ("query", W, ["/pricing?plan=pro"], ["without a ?query or #fragment", "write '/pricing'"]),
     # The fix suggested keeps the rule's methods: without them it matches every method.
