@@ -470,6 +470,7 @@ def _choose_delivery(
             stats_keys=HTTP_STATS,
             release=durable.close if durable is not None else None,
             idle_counts=durable.counts if durable is not None else None,
+            starting=durable.starting if durable is not None else None,
         )
     if outbox is not None:
         raise ValueError(

@@ -211,12 +211,19 @@ class BackgroundDelivery:
         stats_keys: Sequence[str] = (),
         release: Callable[[], None] | None = None,
         idle_counts: Callable[[], tuple[int, int]] | None = None,
+        starting: Callable[[float | None], None] | None = None,
     ) -> None:
         self._sink_factory = sink_factory
         # A durable outbox's (pending, outbox_pending), read while no sink is built (before
         # the worker's first start, or while a stopped one waits to start again): the file
         # is open from start-up, and what earlier runs left in it is there to count.
         self._idle_counts = idle_counts
+        # A shared outbox's note that this process starts (see SQLiteOutbox.starting):
+        # told before the one-time work of the worker's start and after its first write.
+        self._starting = starting
+        # When the worker was last asked to start (time.time()): by the first request,
+        # before the event of any request it serves was seen.
+        self._asked_at = 0.0
         # Frees what the sink would have closed (a durable outbox's connection, opened at
         # start-up) when close() comes with no worker running: no event ever, or after a
         # stopped worker. A later event opens it again.
@@ -373,6 +380,7 @@ class BackgroundDelivery:
                 self._intake = deque()
             self._stopping = threading.Event()
             self._ready = threading.Event()
+            self._asked_at = time.time()
             # Imported here, once, not by the worker: a process that exits right after its
             # first event (a one-request job) would have the worker import it while the
             # interpreter shuts down, which concurrent.futures' thread module refuses.
@@ -417,17 +425,38 @@ class BackgroundDelivery:
         # while the interpreter exits, when atexit delivers what is left.
         assert self._resolver is not None
         loop.set_default_executor(self._resolver(4, "agentsight-resolver"))
+        starting = self._starting
+        if starting is not None:
+            self._tell_starting(starting, self._asked_at)
         try:
             sink = self._sink_factory()
             await sink.start()
         except Exception:
             self._ready.set()
+            if starting is not None:
+                self._tell_starting(starting, None)
             raise
         self._use_sink(sink)
         if self._stopping.is_set():  # close() came before the sink was there to be told
             sink.deadline = self._stop_by
         self._ready.set()
         try:
+            if starting is not None:
+                # The rest of the one-time work, before the first events are taken: with
+                # it done, they are written at once (see SQLiteOutbox.starting). Under
+                # ASGI the lifespan's start has built the parser already.
+                from ._device import backend
+
+                try:
+                    backend()
+                except Exception as exc:  # tried again at the first event, as before
+                    logger.debug("could not build the user-agent parser: %r", exc)
+                # Those that came meanwhile (all of them: a start of seconds under load
+                # may have hundreds), written before the note ends.
+                backlog = len(self._intake)
+                while backlog > 0 and self._intake and not sink.backed_up():
+                    backlog -= await self._take()
+                self._tell_starting(starting, None)
             interval = _INTAKE_INTERVAL
             held = self._held
             while not self._stopping.is_set():
@@ -491,6 +520,14 @@ class BackgroundDelivery:
                 )
         finally:
             await sink.aclose()
+
+    def _tell_starting(self, starting: Callable[[float | None], None], since: float | None) -> None:
+        try:
+            starting(since)
+        except Exception as exc:
+            # A note for the other processes, never the worker's end: what keeps the
+            # file from being written (a full disk, its folder gone) is said by the puts.
+            logger.debug("could not say in the outbox that this process starts: %r", exc)
 
     def _use_sink(self, sink: Sink | None) -> None:
         """Make ``sink`` the one stats() reads, keeping the counts of the one before: they

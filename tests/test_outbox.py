@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sqlite3
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +373,76 @@ def test_a_page_view_written_after_its_chat_by_another_process_still_goes_first(
     view_worker.close()
 
 
+def test_a_chat_waits_for_a_process_still_starting_past_the_settle_time(tmp_path: Path) -> None:
+    # gunicorn restarts a worker: its first events reach the file only after its one-time
+    # work (the HTTP client's import, the user-agent parser's build), 0.6-2.6 s on a busy
+    # machine; a chat served meanwhile by a worker up already went before its view.
+    chat_worker = SQLiteOutbox(tmp_path / "o.sqlite3")
+    new_worker = SQLiteOutbox(tmp_path / "o.sqlite3")
+    began = time.time()
+    new_worker.starting(began)
+    chat_worker.put(
+        [("before", b"before-chat"), ("a", b"a-chat")], views=[False, False],
+        times=[began - 0.1, began + 0.1],
+    )  # fmt: skip
+    later = began + 1.5  # past SETTLE for both
+    # Requested before the start began: its view was not this worker's to write.
+    assert [i.body for i in chat_worker.claim(10, later)] == [b"before-chat"]
+    assert chat_worker.claim(10, later) == []  # the other waits for the start
+    new_worker.put([("a", b"a-view")], views=[True])
+    new_worker.starting(None)
+    assert [i.body for i in chat_worker.claim(10, later)] == [b"a-view"]
+    chat_worker.close()
+    new_worker.close()
+
+
+def test_a_start_is_waited_for_no_longer_than_its_limit(tmp_path: Path) -> None:
+    from agentsight_middleware.sinks.outbox import SETTLE, STARTING_MOST
+
+    chat_worker = SQLiteOutbox(tmp_path / "o.sqlite3")
+    stalled = SQLiteOutbox(tmp_path / "o.sqlite3")
+    began = time.time()
+    stalled.starting(began)
+    chat_worker.put([("a", b"a-chat")], views=[False], times=[began])
+    assert chat_worker.claim(10, began + STARTING_MOST - 1) == []
+    assert [i.body for i in chat_worker.claim(10, began + STARTING_MOST + SETTLE)] == [b"a-chat"]
+    chat_worker.close()
+    stalled.close()
+
+
+def _start_and_die(path: Path) -> None:
+    SQLiteOutbox(path).starting(time.time())
+    os._exit(0)  # as at a SIGKILL: no close()
+
+
+def test_a_start_of_a_process_that_no_longer_runs_is_not_waited_for(tmp_path: Path) -> None:
+    # A worker killed while starting (gunicorn's timeout, the OOM killer, a deploy) held
+    # every chat for STARTING_MOST: gunicorn starts another one at once.
+    path = tmp_path / "o.sqlite3"
+    chat_worker = SQLiteOutbox(path)
+    began = time.time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:
+        _start_and_die(path)
+    os.waitpid(pid, 0)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM starting").fetchone() == (1,)
+    chat_worker.put([("a", b"a-chat")], views=[False], times=[began + 0.1])
+    assert [i.body for i in chat_worker.claim(10, began + 1.5)] == [b"a-chat"]
+    chat_worker.close()
+
+
+def test_a_process_stopped_while_starting_takes_its_start_back(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    stopped = SQLiteOutbox(path)
+    stopped.starting(time.time())
+    stopped.close()  # a SIGTERM during the start
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM starting").fetchone() == (0,)
+
+
 def test_a_chat_with_no_page_view_goes_after_the_settle_time(tmp_path: Path) -> None:
     outbox = SQLiteOutbox(tmp_path / "o.sqlite3")
     outbox.put([("a", b"a1"), ("a", b"a2")], views=[False, False])
@@ -446,7 +518,12 @@ def test_the_claim_looks_each_conversation_up_in_one_index_search(tmp_path: Path
     with contextlib.closing(sqlite3.connect(path)) as conn:
         plan = conn.execute(
             "EXPLAIN QUERY PLAN " + outbox_module._CLAIM,
-            {"now": time.time(), "limit": 10, "stepped_back": outbox_module.STEPPED_BACK},
+            {
+                "now": time.time(),
+                "limit": 10,
+                "stepped_back": outbox_module.STEPPED_BACK,
+                "hold_from": math.inf,
+            },
         ).fetchall()
     searches = [row[-1] for row in plan if "AS p" in row[-1] or " p " in row[-1]]
     assert searches, plan

@@ -38,7 +38,15 @@ from .._store import (
     write_transaction,
 )
 
-__all__ = ["SETTLE", "STEPPED_BACK", "MemoryOutbox", "Outbox", "OutboxItem", "SQLiteOutbox"]
+__all__ = [
+    "SETTLE",
+    "STARTING_MOST",
+    "STEPPED_BACK",
+    "MemoryOutbox",
+    "Outbox",
+    "OutboxItem",
+    "SQLiteOutbox",
+]
 
 # No wait this package sets is longer than ~60 s (backoff's cap; Retry-After, pauses and a
 # request's time-out are shorter): a row due further ahead than this was timed by a wall
@@ -234,6 +242,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     origin TEXT,
     kind INTEGER NOT NULL DEFAULT 1
 );
+CREATE TABLE IF NOT EXISTS starting (owner TEXT PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
 """
 
 # The first row of each conversation, free to take: its page view (kind 0) if one is
@@ -241,13 +250,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 # it, which keeps each conversation in order even when several processes share the
 # file. Rows are not in request order across processes: the page view a worker saw
 # may reach the file after the chat another worker saw a few ms later (each worker
-# writes within ~20 ms, its first events up to ~0.3 s), so the view goes first by
-# kind, not by id, and a chat row waits SETTLE seconds for such a view to arrive. A view
-# later than that (a worker stalled a second) finds its chat claimed already and goes
-# beside it, as before this order: no leased row blocks one of a lower kind.
+# writes within ~20 ms), so the view goes first by kind, not by id, and a chat row waits
+# SETTLE seconds for such a view to arrive. A worker that has just started writes its
+# first events only after its one-time work (the HTTP client's import, the user-agent
+# parser's build: 0.6-2.6 s on a busy 2-core machine, past SETTLE for a start in ten
+# under gunicorn with workers restarted): it says so in the table ``starting`` until
+# they are written, and the chats requested since its start began (not_before from
+# :hold_from) wait for that too. A view later than that (a worker stalled a second once
+# started, or starting for more than STARTING_MOST) finds its chat claimed already and
+# goes beside it, as before this order: no leased row blocks one of a lower kind.
 _CLAIM = """
 SELECT id, conversation_id, body, attempts FROM outbox AS o
 WHERE lease_until <= :now AND (not_before <= :now OR not_before > :now + :stepped_back)
+  AND (kind = 0 OR not_before < :hold_from)
   AND NOT EXISTS (
       SELECT 1 FROM outbox AS p
       WHERE p.conversation_id = o.conversation_id AND p.kind = o.kind AND p.id < o.id
@@ -260,6 +275,13 @@ ORDER BY id LIMIT :limit
 # How long a chat row waits before it may be claimed, for its conversation's page view
 # to be written by the worker that served it (see _CLAIM).
 SETTLE = 1.0
+# A start said in ``starting`` holds chats no longer than this after it began: a worker
+# stalled that long at its start, or killed then on another host (one of this host that
+# no longer runs is forgotten at once), is not waited for.
+STARTING_MOST = 10.0
+# How long the worker's start waits for another process's write lock to say it starts:
+# the note is not worth holding the start for.
+_STARTING_WAIT = 0.5
 
 
 def _pid_alive(pid: int) -> bool:
@@ -286,6 +308,17 @@ def _host() -> str:
     return f"{host}/pidns{namespace}"
 
 
+def _gone(owner: object, host: str) -> bool:
+    """Whether ``owner`` (a lease owner's name) is a process of ``host`` that no longer
+    exists (never this one)."""
+    # Owners are "host:pid:random"; the host itself may contain ":" (never the pid).
+    owner_host, _, rest = str(owner).rpartition(":")[0].rpartition(":")
+    if owner_host != host or not rest.isdigit():
+        return False
+    pid = int(rest)
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
 def _release_dead_leases(conn: sqlite3.Connection) -> None:
     """Free the rows held by processes of this host (and PID namespace) that no longer exist.
 
@@ -297,16 +330,34 @@ def _release_dead_leases(conn: sqlite3.Connection) -> None:
         "SELECT DISTINCT lease_owner FROM outbox WHERE lease_owner IS NOT NULL"
     ).fetchall()
     for (owner,) in owners:
-        # Owners are "host:pid:random"; the host itself may contain ":" (never the pid).
-        owner_host, _, rest = str(owner).rpartition(":")[0].rpartition(":")
-        if owner_host != host or not rest.isdigit():
-            continue
-        pid = int(rest)
-        if pid != os.getpid() and not _pid_alive(pid):
+        if _gone(owner, host):
             conn.execute(
                 "UPDATE outbox SET lease_until = 0, lease_owner = NULL WHERE lease_owner = ?",
                 (owner,),
             )
+    # And their starts (see SQLiteOutbox.starting), with any start too old to wait for.
+    for (owner,) in conn.execute("SELECT owner FROM starting").fetchall():
+        if _gone(owner, host):
+            conn.execute("DELETE FROM starting WHERE owner = ?", (owner,))
+    conn.execute("DELETE FROM starting WHERE since < ?", (time.time() - STARTING_MOST,))
+
+
+def _hold_from(conn: sqlite3.Connection, now: float, host: str) -> float:
+    """The earliest start said in ``starting`` that chats still wait for (see _CLAIM), or
+    inf; forgets the starts of this host's processes that no longer run (killed while
+    starting: gunicorn starts another at once)."""
+    since = math.inf
+    rows = conn.execute(
+        "SELECT owner, since FROM starting WHERE since > ? AND since < ?",
+        # Nor one ahead of the clock by more than that: written before a step back.
+        (now - STARTING_MOST, now + STARTING_MOST),
+    ).fetchall()
+    for owner, began in rows:
+        if _gone(owner, host):
+            conn.execute("DELETE FROM starting WHERE owner = ?", (owner,))
+        else:
+            since = min(since, float(began))
+    return since
 
 
 class SQLiteOutbox:
@@ -327,6 +378,9 @@ class SQLiteOutbox:
         #: shutdown, from another thread, while a write may be waiting.
         self.deadline = math.inf
         self._owner = f"{_host()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._host = _host()
+        # The owner this process's start is said under (see starting), while it is.
+        self._starting: str | None = None
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -349,6 +403,7 @@ class SQLiteOutbox:
         if self._conn is not None:
             _INHERITED.append(self._conn)
             self._conn = None
+        self._starting = None  # the parent's to take back
         self._counts = (0, self._counts[1])  # this process has put nothing yet
 
     def _until(self, wait: float | None = None) -> Callable[[], float]:
@@ -466,12 +521,51 @@ class SQLiteOutbox:
                 )
         return len(items)
 
+    def starting(self, since: float | None) -> None:
+        """Say in the file that this process starts, since ``since`` (time.time()), or
+        (None) that it has started.
+
+        A chat row waits SETTLE from its request for its page view (see _CLAIM), which
+        a worker that has just started writes only after its one-time work. While said,
+        the chats requested since ``since`` (whichever process wrote them) wait for its
+        end too, STARTING_MOST at most. Said by the worker's thread before that work and
+        ended once its first events are written. Best effort: with the file locked by
+        another process past a short wait, nothing is said."""
+        try:
+            with self._lock:
+                if since is None and self._starting is None:
+                    return
+                conn = self._connect()
+                owner = self._owner if since is not None else self._starting
+                with write_transaction(conn, self._until(_STARTING_WAIT)):
+                    if since is not None:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO starting (owner, since) VALUES (?, ?)",
+                            (owner, since),
+                        )
+                    else:
+                        conn.execute("DELETE FROM starting WHERE owner = ?", (owner,))
+                self._starting = owner if since is not None else None
+        except sqlite3.OperationalError as exc:
+            if not is_locked(exc):
+                raise
+            logger.debug("could not say in the outbox that this process starts: %r", exc)
+
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
         with self._lock:
             conn = self._connect()
             with write_transaction(conn, self._until()):
+                # Chats requested since the start began: the view of a chat requested
+                # before it came to the process, or to the one before it, not to this one.
+                hold_from = _hold_from(conn, now, self._host) + SETTLE
                 rows = conn.execute(
-                    _CLAIM, {"now": now, "limit": limit, "stepped_back": STEPPED_BACK}
+                    _CLAIM,
+                    {
+                        "now": now,
+                        "limit": limit,
+                        "stepped_back": STEPPED_BACK,
+                        "hold_from": hold_from,
+                    },
                 ).fetchall()
                 conn.executemany(
                     "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
@@ -645,6 +739,9 @@ class SQLiteOutbox:
     ) -> None:
         now = time.time()
         with write_transaction(conn, self._until()):
+            if self._starting is not None:  # stopped while starting (a SIGTERM)
+                conn.execute("DELETE FROM starting WHERE owner = ?", (self._starting,))
+                self._starting = None
             conn.executemany(
                 "UPDATE outbox SET not_before = ? WHERE id = ? AND lease_owner = ?",
                 [(max(not_before, now + 1), i.id, self._owner) for i in unanswered],

@@ -37,12 +37,28 @@ if __name__ == "__main__":
 
 def flask_app() -> Any:
     """A Flask app with the outbox at $AGENTSIGHT_TEST_OUTBOX, for gunicorn (a factory:
-    ``tests.apps.outbox_app:flask_app()``); each page answers its worker's pid."""
+    ``tests.apps.outbox_app:flask_app()``); each page and chat (``POST /api/chat``)
+    answers its worker's pid. With $AGENTSIGHT_TEST_SLOW_START (seconds), a worker's
+    one-time work at its start takes that much longer, as on a busy machine."""
     import os
 
     from flask import Flask
 
     from agentsight_middleware import AgentSightWSGIMiddleware
+
+    slow = float(os.environ.get("AGENTSIGHT_TEST_SLOW_START", "0"))
+    if slow:
+        import time
+
+        from agentsight_middleware import _device
+
+        build = _device._build
+
+        def slow_build() -> Any:
+            time.sleep(slow)
+            return build()
+
+        _device._build = slow_build
 
     app = Flask(__name__)
 
@@ -50,7 +66,14 @@ def flask_app() -> Any:
     def index() -> tuple[str, dict[str, str]]:
         return "<p>page</p>", {"X-Pid": str(os.getpid())}
 
+    @app.post("/api/chat")
+    def chat() -> tuple[str, dict[str, str]]:
+        return '{"answer": "hi"}', {"X-Pid": str(os.getpid()), "Content-Type": "application/json"}
+
     app.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
-        app.wsgi_app, widget_pages=["/"], outbox=os.environ["AGENTSIGHT_TEST_OUTBOX"]
+        app.wsgi_app,
+        widget_pages=["/"],
+        chat_routes=["POST /api/chat"],
+        outbox=os.environ["AGENTSIGHT_TEST_OUTBOX"],
     )
     return app
