@@ -443,6 +443,30 @@ def test_a_process_stopped_while_starting_takes_its_start_back(tmp_path: Path) -
         assert conn.execute("SELECT count(*) FROM starting").fetchone() == (0,)
 
 
+def test_a_start_ended_while_another_process_writes_is_not_waited_for(tmp_path: Path) -> None:
+    # The end of a start is said best effort, after a short wait for the write lock: one
+    # held longer by another process (a large batch, a backup) meanwhile left the note
+    # there, and every chat requested since waited STARTING_MOST, not for the start.
+    path = tmp_path / "o.sqlite3"
+    chat_worker = SQLiteOutbox(path)
+    new_worker = SQLiteOutbox(path)
+    began = time.time()
+    new_worker.starting(began)
+    chat_worker.put([("a", b"a-chat")], views=[False], times=[began + 0.1])
+    new_worker.put([("a", b"a-view")], views=[True])
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        new_worker.starting(None)  # gives up on the lock: the start is over all the same
+        other.execute("ROLLBACK")
+    # Its senders' next look for work (every 0.1 s): the view goes, then its chat.
+    new_worker.ack(new_worker.claim(10, began + 1.5))
+    assert [i.body for i in chat_worker.claim(10, began + 1.5)] == [b"a-chat"]
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM starting").fetchone() == (0,)
+    chat_worker.close()
+    new_worker.close()
+
+
 def test_a_chat_with_no_page_view_goes_after_the_settle_time(tmp_path: Path) -> None:
     outbox = SQLiteOutbox(tmp_path / "o.sqlite3")
     outbox.put([("a", b"a1"), ("a", b"a2")], views=[False, False])

@@ -381,6 +381,9 @@ class SQLiteOutbox:
         self._host = _host()
         # The owner this process's start is said under (see starting), while it is.
         self._starting: str | None = None
+        # Its end, said by the worker, but not written yet (the file was locked): the
+        # next claim writes it, or every chat requested since waits STARTING_MOST.
+        self._start_over = False
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
@@ -404,6 +407,7 @@ class SQLiteOutbox:
             _INHERITED.append(self._conn)
             self._conn = None
         self._starting = None  # the parent's to take back
+        self._start_over = False
         self._counts = (0, self._counts[1])  # this process has put nothing yet
 
     def _until(self, wait: float | None = None) -> Callable[[], float]:
@@ -530,11 +534,13 @@ class SQLiteOutbox:
         the chats requested since ``since`` (whichever process wrote them) wait for its
         end too, STARTING_MOST at most. Said by the worker's thread before that work and
         ended once its first events are written. Best effort: with the file locked by
-        another process past a short wait, nothing is said."""
+        another process past a short wait, nothing is said (an end, at the next claim)."""
         try:
             with self._lock:
                 if since is None and self._starting is None:
                     return
+                if since is None:
+                    self._start_over = True
                 conn = self._connect()
                 owner = self._owner if since is not None else self._starting
                 with write_transaction(conn, self._until(_STARTING_WAIT)):
@@ -546,6 +552,7 @@ class SQLiteOutbox:
                     else:
                         conn.execute("DELETE FROM starting WHERE owner = ?", (owner,))
                 self._starting = owner if since is not None else None
+                self._start_over = False
         except sqlite3.OperationalError as exc:
             if not is_locked(exc):
                 raise
@@ -554,7 +561,10 @@ class SQLiteOutbox:
     def claim(self, limit: int, now: float) -> list[OutboxItem]:
         with self._lock:
             conn = self._connect()
+            ending = self._start_over
             with write_transaction(conn, self._until()):
+                if ending:
+                    self._end_start(conn)
                 # Chats requested since the start began: the view of a chat requested
                 # before it came to the process, or to the one before it, not to this one.
                 hold_from = _hold_from(conn, now, self._host) + SETTLE
@@ -571,9 +581,16 @@ class SQLiteOutbox:
                     "UPDATE outbox SET lease_until = ?, lease_owner = ? WHERE id = ?",
                     [(now + self._lease, self._owner, row[0]) for row in rows],
                 )
+            if ending:
+                self._starting, self._start_over = None, False
         return [
             OutboxItem(row[0], row[1], row[2], row[3], leased=True, leased_at=now) for row in rows
         ]
+
+    def _end_start(self, conn: sqlite3.Connection) -> None:
+        """Take this process's start out of the file, in the caller's transaction: said
+        done once it commits."""
+        conn.execute("DELETE FROM starting WHERE owner = ?", (self._starting,))
 
     def _for_each(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         """``sql`` once per row, all in one transaction: in autocommit mode each statement
@@ -740,8 +757,7 @@ class SQLiteOutbox:
         now = time.time()
         with write_transaction(conn, self._until()):
             if self._starting is not None:  # stopped while starting (a SIGTERM)
-                conn.execute("DELETE FROM starting WHERE owner = ?", (self._starting,))
-                self._starting = None
+                self._end_start(conn)
             conn.executemany(
                 "UPDATE outbox SET not_before = ? WHERE id = ? AND lease_owner = ?",
                 [(max(not_before, now + 1), i.id, self._owner) for i in unanswered],
@@ -754,3 +770,4 @@ class SQLiteOutbox:
                 "WHERE lease_owner = ? AND (not_before <= ? OR not_before > ?)",
                 (self._owner, now, now + STEPPED_BACK),
             )
+        self._starting, self._start_over = None, False
