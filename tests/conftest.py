@@ -3,8 +3,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -18,7 +21,7 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, sync_playwright
 
-from agentsight_middleware.testing import RecordingTracker
+from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
 
 CHROME_DESKTOP = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -101,6 +104,49 @@ def uvicorn_server(app: Any, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def gunicorn_outbox_app(
+    tmp_path: Path, api: StandInAgentSightAPI, workers: int, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """gunicorn serving ``tests.apps.outbox_app:flask_app()`` with ``workers`` workers, their
+    outbox ``tmp_path / "outbox.sqlite3"``, delivering to ``api``; yields (url, the master
+    process, its log) once it serves, and stops it after. ``env`` is added to its
+    environment."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    log = tmp_path / "gunicorn.log"
+    environ = {
+        **os.environ,
+        "AGENTSIGHT_API_KEY": api.api_key,
+        "AGENTSIGHT_API_ENDPOINT": api.url,
+        "AGENTSIGHT_TEST_OUTBOX": str(tmp_path / "outbox.sqlite3"),
+        **env,
+    }
+    command = [
+        sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
+        "tests.apps.outbox_app:flask_app()",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command, env=environ, cwd=Path(__file__).resolve().parent.parent, stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, server, log)
+        yield url, server, log
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+
+
+def gunicorn_workers(master: int) -> set[int]:
+    """The pids of a gunicorn master's workers (Linux: read from /proc)."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return {int(pid) for pid in children}
 
 
 def wait_until_serving(url: str, server: subprocess.Popen[bytes], log: Path) -> None:

@@ -88,14 +88,15 @@ def test_a_mounted_app_s_middleware_leaves_the_main_app_s_requests_to_it(
     assert "wrap the app once" in told[0]
 
 
-def _flask_shop() -> Flask:
+def _flask_shop(prefix: str = "/shop") -> Flask:
+    """The shop's page and chat under ``prefix`` ("" for one mounted at /shop)."""
     shop = Flask("shop")
 
-    @shop.get("/shop/")
+    @shop.get(f"{prefix}/")
     def page() -> str:
         return "<html><body>shop</body></html>"
 
-    @shop.post("/shop/chat")
+    @shop.post(f"{prefix}/chat")
     def chat() -> dict[str, Any]:
         conversation = current_conversation()
         return {"seen": None if conversation is None else conversation.id}
@@ -104,17 +105,7 @@ def _flask_shop() -> Flask:
 
 
 def _flask_shop_under_a_dispatcher(inner: RecordingTracker) -> Any:
-    shop = Flask("shop")
-
-    @shop.get("/")
-    def page() -> str:
-        return "<html><body>shop</body></html>"
-
-    @shop.post("/chat")
-    def chat() -> dict[str, Any]:
-        conversation = current_conversation()
-        return {"seen": None if conversation is None else conversation.id}
-
+    shop = _flask_shop(prefix="")
     shop.wsgi_app = AgentSightWSGIMiddleware(  # type: ignore[method-assign]
         shop.wsgi_app, tracker=inner, **RULES
     )

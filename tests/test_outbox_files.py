@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,28 +15,13 @@ import pytest
 
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER, wait_until_serving
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import BROWSER, gunicorn_outbox_app, gunicorn_workers
 
 
 @pytest.fixture
 def api() -> Iterator[StandInAgentSightAPI]:
     with StandInAgentSightAPI() as server:
         yield server
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _workers(master: int) -> set[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return {int(pid) for pid in children}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the workers")
@@ -49,27 +33,11 @@ def test_an_outbox_deleted_under_running_workers_does_not_stop_gunicorn(
     # --max-requests) met them with a new file, failed "disk I/O error" at start-up as a
     # misconfiguration, and gunicorn stopped the whole app ("Worker failed to boot").
     outbox = tmp_path / "outbox.sqlite3"
-    port = _free_port()
-    log = tmp_path / "gunicorn.log"
-    env = {
-        **os.environ,
-        "AGENTSIGHT_API_KEY": api.api_key,
-        "AGENTSIGHT_API_ENDPOINT": api.url,
-        "AGENTSIGHT_TEST_OUTBOX": str(outbox),
-    }
-    command = [
-        sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}",
-        "tests.apps.outbox_app:flask_app()",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, server, log)
+    with gunicorn_outbox_app(tmp_path, api, workers=2) as (url, server, log):
         seen: set[int] = set()
         with httpx.Client(base_url=url) as c:
             deadline = time.monotonic() + 20
-            while seen != _workers(server.pid) and time.monotonic() < deadline:
+            while seen != gunicorn_workers(server.pid) and time.monotonic() < deadline:
                 c.cookies.clear()
                 seen.add(int(c.get("/", headers=BROWSER).headers["x-pid"]))
             api.wait_for(conversations=len(seen), timeout=15)  # both have the file open
@@ -80,10 +48,6 @@ def test_an_outbox_deleted_under_running_workers_does_not_stop_gunicorn(
             c.cookies.clear()
             assert c.get("/", headers=BROWSER).status_code == 200
         assert "failed to boot" not in log.read_text()
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
 
 
 @pytest.mark.anyio

@@ -3,9 +3,7 @@ an outbox and one of them has just started: real gunicorn workers, the stand-in 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,9 +15,8 @@ import pytest
 
 from agentsight_middleware.testing import StandInAgentSightAPI
 
-from .conftest import BROWSER, wait_until_serving
+from .conftest import BROWSER, gunicorn_outbox_app, gunicorn_workers
 
-ROOT = Path(__file__).resolve().parent.parent
 # How much longer than SETTLE (1 s) a started worker's one-time work takes here: its first
 # events, views served in that time among them, reach the file that much later.
 SLOW_START = 2.5
@@ -29,19 +26,6 @@ SLOW_START = 2.5
 def api() -> Iterator[StandInAgentSightAPI]:
     with StandInAgentSightAPI() as server:
         yield server
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _workers(master: int) -> set[int]:
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return {int(pid) for pid in children}
 
 
 def _visit(client: httpx.Client) -> tuple[str, int, int]:
@@ -66,33 +50,16 @@ def test_a_view_served_by_a_worker_still_starting_reaches_the_api_before_its_cha
     # second a chat waits in the file for its view. A chat served meanwhile by a worker
     # that had started already reached the API before its view (29-45 in 20 s of such
     # restarts, ~0.7 % of the chats).
-    outbox = tmp_path / "outbox.sqlite3"
-    port = _free_port()
-    log = tmp_path / "gunicorn.log"
-    env = {
-        **os.environ,
-        "AGENTSIGHT_API_KEY": api.api_key,
-        "AGENTSIGHT_API_ENDPOINT": api.url,
-        "AGENTSIGHT_TEST_OUTBOX": str(outbox),
-        "AGENTSIGHT_TEST_SLOW_START": str(SLOW_START),
-    }
-    command = [
-        sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}",
-        "tests.apps.outbox_app:flask_app()",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
     visits: list[tuple[str, int, int]] = []
-    try:
-        wait_until_serving(url, server, log)
+    slow = {"AGENTSIGHT_TEST_SLOW_START": str(SLOW_START)}
+    with gunicorn_outbox_app(tmp_path, api, workers=1, **slow) as (url, server, log):
         with httpx.Client(base_url=url) as c:
             visits.append(_visit(c))
         api.wait_for(conversations=2, timeout=30)  # the first worker has started
-        [started] = _workers(server.pid)
+        [started] = gunicorn_workers(server.pid)
         server.send_signal(signal.SIGTTIN)  # one more worker: it starts now
         deadline = time.monotonic() + 30
-        while len(_workers(server.pid)) < 2:
+        while len(gunicorn_workers(server.pid)) < 2:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         stop = threading.Event()
@@ -117,10 +84,6 @@ def test_a_view_served_by_a_worker_still_starting_reaches_the_api_before_its_cha
         for thread in visitors:
             thread.join(30)
         api.wait_for(conversations=2 * len(visits), timeout=60)
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
     # The case at stake happened, with a margin: views served by the new worker, their
     # chats by the one started before.
     crossed = [cid for cid, view, chat in visits if view != started and chat == started]
