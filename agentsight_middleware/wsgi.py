@@ -98,11 +98,12 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         else:
             method = environ.get("REQUEST_METHOD", "GET")
             match = by_method[method] if method in by_method else self._match(method, path)
-        if match is None or tracked_further_out():
-            if match is not None:
-                # Tracked already, by one of ours further out (an app wrapped twice, or
-                # under a DispatcherMiddleware that is wrapped too): once is the count.
-                self._tracked_further_out(path)
+        if match is None:
+            return self.app(environ, start_response)  # type: ignore[no-any-return]
+        if tracked_further_out():
+            # Tracked already, by one of ours further out (an app wrapped twice, or under a
+            # DispatcherMiddleware that is wrapped too): once is the count.
+            self._tracked_further_out(path)
             return self.app(environ, start_response)  # type: ignore[no-any-return]
         handle = self._widget if match.rule.kind == WIDGET else self._chat
         if not self._flush_each:

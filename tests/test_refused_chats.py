@@ -434,15 +434,22 @@ def test_wsgi_a_chat_whose_app_raises_in_a_child_forked_for_it_is_kept(tmp_path:
     assert _used(db) == ["conv_000000000500"]
 
 
-def _api_app(release: threading.Event) -> FastAPI:
-    api = FastAPI()
+def _slow_chat_with_outbox(
+    release: threading.Event, api: StandInAgentSightAPI, tmp_path: Path
+) -> AgentSightMiddleware:
+    """A chat route that answers once ``release`` is set (a model that takes its time, in
+    Starlette's threadpool), tracked with an outbox, delivering to ``api``."""
+    app = FastAPI()
 
-    @api.post("/api/chat")
-    def chat() -> Any:  # a model that takes its time, in Starlette's threadpool
+    @app.post("/api/chat")
+    def chat() -> Any:
         release.wait(30)
         return {"reply": "hi"}
 
-    return api
+    return AgentSightMiddleware(
+        app, chat_routes=["POST /api/chat"], api_key=api.api_key, endpoint=api.url,
+        outbox=tmp_path / "outbox.sqlite3",
+    )  # fmt: skip
 
 
 def test_a_chat_held_for_its_answer_waits_for_its_page_view_from_its_request(
@@ -454,10 +461,7 @@ def test_a_chat_held_for_its_answer_waits_for_its_page_view_from_its_request(
     # the request, where the README says about 1 s.
     release = threading.Event()
     with StandInAgentSightAPI() as api:
-        mw = AgentSightMiddleware(
-            _api_app(release), chat_routes=["POST /api/chat"], api_key=api.api_key,
-            endpoint=api.url, outbox=tmp_path / "outbox.sqlite3",
-        )  # fmt: skip
+        mw = _slow_chat_with_outbox(release, api, tmp_path)
         with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
             httpx.get(f"{url}/missing")  # the worker has started
             started = time.monotonic()
@@ -483,10 +487,7 @@ def test_a_chat_held_for_its_answer_goes_within_a_short_shutdown_timeout(
     # answer, was written at 1 s and left in the file too (due 1 s after its write).
     release = threading.Event()
     with StandInAgentSightAPI() as api:
-        mw = AgentSightMiddleware(
-            _api_app(release), chat_routes=["POST /api/chat"], api_key=api.api_key,
-            endpoint=api.url, outbox=tmp_path / "outbox.sqlite3",
-        )  # fmt: skip
+        mw = _slow_chat_with_outbox(release, api, tmp_path)
         with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
             httpx.get(f"{url}/missing")  # the worker has started
             asked = pool.submit(
