@@ -205,6 +205,7 @@ class MiddlewareBase:
             ``"x-forwarded-for"``, ``"x-real-ip"``); with the default ``"auto"``, a request
             carrying more than one of them is recorded with the address only when they all
             agree, else without an IP (a proxy passes the others through from the client).
+            The scheme (the cookie's ``Secure`` flag) is read from the same header.
         :param cookie_name: the cookie carrying the conversation id from page to chat.
         :param cookie_max_age: seconds of inactivity after which a visit is a new
             conversation (refreshed on every page view); None for a session cookie.

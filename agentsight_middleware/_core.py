@@ -270,11 +270,14 @@ class Core:
         peer: str | None,
         forwarded: str | bytes | bytearray | None,
         proto: str | bytes | bytearray | None,
+        addressed: bool = False,
     ) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag: ``scheme`` as the
         server saw it, or what a trusted proxy says in ``Forwarded`` / ``X-Forwarded-Proto``.
         The header values as the glue has them: ``str`` (WSGI), or ``bytes`` (ASGI), which are
-        decoded only when the answer is not known yet."""
+        decoded only when the answer is not known yet. ``addressed``: whether
+        ``X-Forwarded-For`` or ``X-Real-IP`` names a client (``_facts.names_address``),
+        which the glue works out only when there is a ``Forwarded``."""
         trusted = self.trusted
         if trusted is None or (not forwarded and not proto):
             return scheme == "https"
@@ -296,7 +299,7 @@ class Core:
             forwarded = forwarded.decode("latin-1")
         if isinstance(proto, bytes):
             proto = proto.decode("latin-1")
-        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted) == "https"
+        secure = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed) == "https"
         if key is not None:
             if len(self.secure_answers) >= 1024:
                 self.secure_answers.clear()  # clients sending their own values: stay bounded

@@ -164,7 +164,8 @@ class TrustedProxies:
     strips (or overwrites) every one of them it does not set itself, because a client
     can send, e.g., a ``Forwarded`` header that a proxy appending only to
     ``X-Forwarded-For`` passes through untouched. Pinning the header the proxy
-    actually writes removes that risk.
+    actually writes removes that risk. The scheme is read from the header the
+    address is read from (see :func:`client_scheme`).
     """
 
     __slots__ = (
@@ -622,14 +623,34 @@ def client_scheme(
     x_forwarded_proto: str | None,
     peer: str | None,
     trusted: TrustedProxies,
+    x_forwarded_for: str | None = None,
+    x_real_ip: str | None = None,
 ) -> str:
     """``"http"``/``"https"`` as the client used it, or ``scheme`` unchanged.
 
-    Uses the ``proto=`` of the visitor's own ``Forwarded`` element (see
-    :func:`_visitor_proto`), else ``X-Forwarded-Proto``'s right-most value (the one our
-    nearest proxy wrote).
+    Read from the header :func:`client_ip` reads the address from: the ``proto=`` of the
+    visitor's own ``Forwarded`` element (see :func:`_visitor_proto`), or
+    ``X-Forwarded-Proto``'s right-most value (the one our nearest proxy wrote) beside
+    ``X-Forwarded-For`` / ``X-Real-IP``. Under ``"auto"`` a ``Forwarded`` that names no
+    client (no ``for=``) is not read; when ``Forwarded`` and one of the others both name
+    one, a client wrote one of them, and ``https`` is taken if either says so.
     """
-    return forwarded_scheme(scheme, forwarded, x_forwarded_proto, peer, trusted)
+    return forwarded_scheme(
+        scheme,
+        forwarded,
+        x_forwarded_proto,
+        peer,
+        trusted,
+        names_address(x_forwarded_for) or names_address(x_real_ip),
+    )
+
+
+def names_address(value: str | bytes | None) -> bool:
+    """Whether an ``X-Forwarded-For`` / ``X-Real-IP`` value counts as present for "auto"'s
+    choice of header (as in :func:`_auto_chains`: a blank one does not)."""
+    if not value:
+        return False
+    return not value.isspace()
 
 
 def _visitor_proto(elements: list[dict[str, str]], trusted: TrustedProxies) -> str | None:
@@ -655,38 +676,68 @@ def _visitor_proto(elements: list[dict[str, str]], trusted: TrustedProxies) -> s
     return outermost
 
 
+def _page_scheme(value: str | None) -> str | None:
+    """``value`` (a proxy's proto) as ``"http"``/``"https"``, or None if it is neither."""
+    if value is None or len(value) > 16:
+        return None
+    known = _PAGE_SCHEMES.get(value)
+    if known is not None:
+        return known  # what proxies send: already bare and lower case
+    return _PAGE_SCHEMES.get(value.strip().strip('"').strip().lower())
+
+
 def forwarded_scheme(
     scheme: str,
     forwarded: str | None,
     x_forwarded_proto: str | None,
     peer: str | None,
     trusted: TrustedProxies,
+    addressed: bool = False,
 ) -> str:
-    """:func:`client_scheme` with positional arguments, for the request path."""
+    """:func:`client_scheme` with positional arguments, for the request path. ``addressed``:
+    ``X-Forwarded-For`` or ``X-Real-IP`` names a client (see :func:`names_address`); only
+    asked when a ``Forwarded`` is there."""
     if not forwarded and not x_forwarded_proto:
         return scheme  # the common case for direct traffic, decided without the peer
     if not trusted.peer_is_proxy(peer):
         return scheme
     mode = trusted.header
-    value: str | None = None
-    if mode in ("auto", "forwarded") and forwarded and forwarded.strip():
+    if mode in ("auto", "forwarded") and forwarded and not forwarded.isspace():
         elements = _forwarded_elements(forwarded)
-        if elements is None:
-            return scheme
-        value = _visitor_proto(elements, trusted)
-        if value is None and mode == "forwarded":
-            return scheme
-    if value is None and mode != "forwarded" and x_forwarded_proto:
-        # The right-most value, the one our nearest proxy surely wrote: unlike Forwarded,
-        # no address says which hop wrote the others (a proxy may replace the header
-        # rather than append to it, and the client's own value is then next to ours).
-        value = x_forwarded_proto.rpartition(",")[2]
-    if value is None or len(value) > 16:
+        if mode == "forwarded":
+            if elements is None:
+                return scheme
+            return _page_scheme(_visitor_proto(elements, trusted)) or scheme
+        # "auto": the scheme follows the header the client IP is read from, as a proxy
+        # writes its proto beside its address and passes the other headers through from
+        # the client. A Forwarded without for= names no client (client_ip reads another
+        # header then), so its proto= is the client's to write: nginx passes a client's
+        # "Forwarded: proto=http" on beside the X-Forwarded-Proto it sets.
+        if elements is None or _forwarded_param(elements, "for") is not None:
+            stated = None if elements is None else _visitor_proto(elements, trusted)
+            if not addressed:
+                # Forwarded alone names the client: its proxy writes Forwarded, so an
+                # X-Forwarded-Proto beside it came from the client.
+                return _page_scheme(stated) or scheme
+            # Both name a client: a proxy wrote one, the client the other, and nothing
+            # says which. https if either says so: a forged value can then only add
+            # Secure to the cookie (which a browser on plain http drops), never take it
+            # off the cookie of a visitor who came over https.
+            ours = _page_scheme(stated)
+            theirs = _page_scheme(_nearest_proto(x_forwarded_proto))
+            if "https" in (ours, theirs):
+                return "https"
+            return ours or theirs or scheme
+    if mode == "forwarded" or not x_forwarded_proto:
         return scheme
-    known = _PAGE_SCHEMES.get(value)
-    if known is not None:
-        return known  # what proxies send: already bare and lower case
-    return _PAGE_SCHEMES.get(value.strip().strip('"').strip().lower(), scheme)
+    return _page_scheme(_nearest_proto(x_forwarded_proto)) or scheme
+
+
+def _nearest_proto(x_forwarded_proto: str | None) -> str | None:
+    """The right-most value, the one our nearest proxy surely wrote: unlike Forwarded, no
+    address says which hop wrote the others (a proxy may replace the header rather than
+    append to it, and the client's own value is then next to ours)."""
+    return None if x_forwarded_proto is None else x_forwarded_proto.rpartition(",")[2]
 
 
 # ---------------------------------------------------------------------------

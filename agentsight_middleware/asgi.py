@@ -47,6 +47,7 @@ from ._facts import (
     TrustedProxies,
     forwarded_scheme,
     hop_address_and_port,
+    names_address,
     peer_address,
 )
 from ._log import logger
@@ -321,6 +322,12 @@ class AgentSightMiddleware(MiddlewareBase):
         else:
             client = scope.get("client")
             peer = client[0] if client else None
+            # Under "auto" the scheme is read from the header the IP is: Forwarded, or
+            # X-Forwarded-Proto when X-Forwarded-For or X-Real-IP names the client too.
+            addressed = names_address(headers.get(b"x-forwarded-for")) or names_address(
+                headers.get(b"x-real-ip")
+            )
+            return self._core.is_secure(scheme, peer, forwarded, proto, addressed)
         # The raw bytes: Core looks the answer up before anything is decoded.
         return self._core.is_secure(scheme, peer, forwarded, proto)
 
@@ -624,6 +631,8 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
                 None if proto is None else proto.decode("latin-1"),
                 peer,
                 trusted,
+                forwarded is not None
+                and (names_address(forwarding[1]) or names_address(forwarding[2])),
             )
     return (
         peer,

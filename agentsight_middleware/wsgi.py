@@ -41,7 +41,7 @@ from ._core import (
     viewed_conversation,
 )
 from ._events import ENGAGE, INITIALIZE, new_event
-from ._facts import forwarded_scheme
+from ._facts import TrustedProxies, forwarded_scheme, names_address
 from ._fork import reset_in_child
 from ._log import logger
 from ._rules import WIDGET, Match
@@ -183,6 +183,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             None if trusted is None else get("HTTP_X_FORWARDED_FOR"),
             None if trusted is None else get("HTTP_X_REAL_IP"),
             None if trusted is None else get("HTTP_X_FORWARDED_PROTO"),
+            # What Werkzeug's ProxyFix in front of us saw, told of in the worker (one
+            # lookup: the environ is not kept).
+            None if trusted is None else get(_PROXY_FIX_ORIG),
         )
         rule = match.rule
         conversation = pending_conversation(
@@ -195,11 +198,25 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
     def _is_secure(self, environ: Environ) -> bool:
         """Whether the visitor used HTTPS, for the cookie's Secure flag."""
         get = environ.get
+        forwarded = get("HTTP_FORWARDED")
+        if forwarded is None:
+            return self._core.is_secure(
+                get("wsgi.url_scheme", "http"),
+                get("REMOTE_ADDR"),
+                None,
+                get("HTTP_X_FORWARDED_PROTO"),
+            )
+        # Under "auto" the scheme is read from the header the IP is (see _facts): Forwarded,
+        # or X-Forwarded-Proto when X-Forwarded-For or X-Real-IP names the client too.
+        addressed = names_address(get("HTTP_X_FORWARDED_FOR")) or names_address(
+            get("HTTP_X_REAL_IP")
+        )
         return self._core.is_secure(
             get("wsgi.url_scheme", "http"),
             get("REMOTE_ADDR"),
-            get("HTTP_FORWARDED"),
+            forwarded,
             get("HTTP_X_FORWARDED_PROTO"),
+            addressed,
         )
 
     def _widget(
@@ -613,15 +630,65 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
     """A conversation's request facts (``_conversation._LAZY_FIELDS``) from the environ
     values the request path kept; called on first use, mostly by the worker."""
     (peer, host, server_name, server_port, scheme, query, user_agent, language, referer,
-     trusted, forwarded, forwarded_for, real_ip, proto) = raw  # fmt: skip
+     trusted, forwarded, forwarded_for, real_ip, proto, proxy_fixed) = raw  # fmt: skip
     if host is None and server_name:
         host = f"{server_name}:{server_port or ''}".rstrip(":")
     forwarding = None
     if trusted is not None:
         forwarding = (forwarded, forwarded_for, real_ip)
+        if proxy_fixed is not None and not _proxy_fix_warned:
+            _warn_if_proxy_fixed(peer, scheme, proxy_fixed, trusted)
         if forwarded or proto:
-            scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted)
+            addressed = bool(forwarded) and (names_address(forwarded_for) or names_address(real_ip))
+            scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed)
     return (peer, user_agent, language, scheme, host, query, referer, forwarding, trusted)
+
+
+# Where Werkzeug's ProxyFix keeps the environ values it replaced (Werkzeug 1.0+).
+_PROXY_FIX_ORIG = "werkzeug.proxy_fix.orig"
+_proxy_fix_warned = False
+
+
+def _warn_if_proxy_fixed(peer: Any, scheme: Any, original: Any, trusted: TrustedProxies) -> None:
+    """Warn once if Werkzeug's ``ProxyFix`` in front of the middleware has replaced
+    ``REMOTE_ADDR`` (from ``X-Forwarded-For``) or ``wsgi.url_scheme`` (from
+    ``X-Forwarded-Proto``): the middleware then reads the forwarding headers again from an
+    address that is not the proxy's, and ``trusted_proxies=`` no longer decides. The IP
+    recorded is ProxyFix's pick (a client's own ``X-Forwarded-For`` behind a proxy that
+    writes ``X-Real-IP`` or ``Forwarded``), or, for a client whose address is trusted, one
+    it wrote. The WSGI twin of asgi's ``_warn_if_rewritten``; ProxyFix keeps what it
+    replaced, so nothing is guessed. A hop count and ``"*"`` read the headers whatever the
+    peer is, and the scheme from them too: nothing changes for them.
+
+    Not undone (``REMOTE_ADDR`` taken from ``original``): ``original`` is only what the
+    nearest ProxyFix saw (another fixer may stand further out), ProxyFix may have set the
+    host the page URL is built from too, and the app runs on ProxyFix's answer: which of
+    two disagreeing settings is meant only their owner can say. The middleware wrapping
+    ProxyFix reads the environ before ProxyFix changes it, so both can stay."""
+    global _proxy_fix_warned
+    if trusted.hop_count or trusted.trusts_all or not isinstance(original, dict):
+        return
+    before_peer = original.get("REMOTE_ADDR")
+    before_scheme = original.get("wsgi.url_scheme")
+    if before_peer == peer and before_scheme == scheme:
+        return  # nothing forwarded on this request: ProxyFix changed nothing we read
+    _proxy_fix_warned = True
+    replaced = []
+    if before_peer != peer:
+        replaced.append(f"the connection's address {before_peer!r} with {peer!r}")
+    if before_scheme != scheme:
+        replaced.append(f"its scheme {before_scheme!r} with {scheme!r}")
+    logger.warning(
+        "Werkzeug's ProxyFix in front of the middleware replaced %s (from X-Forwarded-*): "
+        "with trusted_proxies= the middleware reads the forwarding headers itself, now from "
+        "an address that is not your proxy's, so a client can choose the IP or scheme it "
+        "records (or they are wrong). Wrap ProxyFix in the middleware instead "
+        "(AgentSightWSGIMiddleware(ProxyFix(app), trusted_proxies=...)): it then reads the "
+        "connection as it came, and the app keeps ProxyFix's answer. Or pass "
+        "trusted_proxies=None to record ProxyFix's answer, right only if its x_for= and "
+        "x_proto= count the proxies that append to X-Forwarded-For and X-Forwarded-Proto.",
+        " and ".join(replaced),
+    )
 
 
 _PURPOSES = ("HTTP_SEC_PURPOSE", "HTTP_PURPOSE", "HTTP_X_PURPOSE", "HTTP_X_MOZ")

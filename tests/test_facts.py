@@ -495,7 +495,9 @@ SCHEME_CASES: list[tuple[str, Any, str | None, str | None, str | None, str]] = [
     ),
     # Without addresses to say who wrote which, only the nearest proxy's value is believed.
     ("xfp-hops-nearest", 2, None, None, "https, http", "http"),
-    ("fwd-no-proto-uses-xfp", LAN, "10.0.0.1", "for=203.0.113.9", "https", "https"),
+    # Forwarded names the client, and no other header does: its proxy writes Forwarded, so
+    # an X-Forwarded-Proto beside it was the client's to send (see test_client_scheme_auto).
+    ("fwd-no-proto-ignores-xfp", LAN, "10.0.0.1", "for=203.0.113.9", "https", "http"),
     # Left of the first untrusted hop, the client wrote it: its proto is not believed.
     (
         "fwd-client-element-proto",
@@ -563,6 +565,49 @@ def test_client_scheme_pinned_header() -> None:
         )
         == "http"
     )
+
+
+# "auto" reads the scheme from the header the IP is read from: nginx writes X-Forwarded-For
+# (or X-Real-IP) and X-Forwarded-Proto, and passes the client's own Forwarded through.
+AUTO_SCHEME_CASES: list[tuple[str, str, str | None, str | None, str | None, str]] = [
+    # id, forwarded, x-forwarded-proto, x-forwarded-for, x-real-ip, expected (server: http)
+    ("fwd-without-for-xff", "proto=http", "https", "203.0.113.9", None, "https"),
+    ("fwd-without-for-real-ip", "proto=http", "https", None, "203.0.113.9", "https"),
+    ("fwd-without-for-no-xfp", "proto=https", None, "203.0.113.9", None, "http"),
+    ("fwd-naming-the-client-http", "for=203.0.113.9;proto=http", "https", "203.0.113.9", None,
+     "https"),
+    ("fwd-naming-the-client-https", "for=203.0.113.9;proto=https", "http", "203.0.113.9", None,
+     "https"),
+    ("both-http", "for=203.0.113.9;proto=http", "http", "203.0.113.9", None, "http"),
+    ("fwd-naming-another", "for=6.6.6.6;proto=http", "https", "203.0.113.9", None, "https"),
+    ("fwd-without-proto", "for=203.0.113.9", "https", "203.0.113.9", None, "https"),
+    ("fwd-malformed-xff", 'for="', "https", "203.0.113.9", None, "https"),
+    ("fwd-only-http", "for=203.0.113.9;proto=http", "https", None, None, "http"),
+    ("fwd-only-https", "for=203.0.113.9;proto=https", "http", None, None, "https"),
+    ("fwd-only-blank-xff", "for=203.0.113.9", "https", " ", None, "http"),
+    ("fwd-malformed-alone", 'for="', "https", None, None, "http"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "xfp", "xff", "real_ip", "expected"),
+    [case[1:] for case in AUTO_SCHEME_CASES],
+    ids=[case[0] for case in AUTO_SCHEME_CASES],
+)
+def test_client_scheme_auto(
+    forwarded: str, xfp: str | None, xff: str | None, real_ip: str | None, expected: str
+) -> None:
+    for trusted in (TrustedProxies(LAN), TrustedProxies(1)):
+        result = client_scheme(
+            "http",
+            forwarded=forwarded,
+            x_forwarded_proto=xfp,
+            peer="10.0.0.1",
+            trusted=trusted,
+            x_forwarded_for=xff,
+            x_real_ip=real_ip,
+        )
+        assert result == expected, trusted
 
 
 # ---------------------------------------------------------------------------
@@ -1179,7 +1224,13 @@ def test_client_ip_is_total_and_returns_an_ip(
     if result is not None:
         assert str(ipaddress.ip_address(result)) == result
     scheme = client_scheme(
-        "http", forwarded=forwarded, x_forwarded_proto=xff, peer=peer, trusted=trusted
+        "http",
+        forwarded=forwarded,
+        x_forwarded_proto=xff,
+        peer=peer,
+        trusted=trusted,
+        x_forwarded_for=xff,
+        x_real_ip=real_ip,
     )
     assert scheme in ("http", "https")
 

@@ -124,12 +124,14 @@ def _free_port() -> int:
 _NGINX_LINES = {
     "x-forwarded-for": "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
     "x-real-ip": "proxy_set_header X-Real-IP $remote_addr;",
+    "x-forwarded-proto": "proxy_set_header X-Forwarded-Proto $scheme;",
 }
 
 
 @contextlib.contextmanager
-def _nginx(upstream: str, writes: str) -> Iterator[str]:
-    """A real nginx in front of ``upstream``, with the header config of the docs' examples."""
+def _nginx(upstream: str, writes: str, tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """A real nginx in front of ``upstream``, with the header config of the docs' examples;
+    ``tls``: (certificate, key) files to serve https with."""
     nginx = shutil.which("nginx") or (
         "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
     )
@@ -138,6 +140,9 @@ def _nginx(upstream: str, writes: str) -> Iterator[str]:
     port = _free_port()
     # "x-real-ip+x-forwarded-for": both, as nginx's docs and most tutorials set them.
     line = " ".join(_NGINX_LINES[header] for header in writes.split("+"))
+    listen = f"127.0.0.1:{port}"
+    if tls is not None:
+        listen += f" ssl; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]}"
     with tempfile.TemporaryDirectory() as folder:
         conf = os.path.join(folder, "nginx.conf")
         with open(conf, "w") as f:
@@ -146,7 +151,7 @@ def _nginx(upstream: str, writes: str) -> Iterator[str]:
                 f"error_log {folder}/error.log; events {{}}"
                 f"http {{ access_log off; client_body_temp_path {folder};"
                 f" proxy_temp_path {folder};"
-                f" server {{ listen 127.0.0.1:{port};"
+                f" server {{ listen {listen};"
                 f"  location / {{ proxy_pass {upstream}; proxy_set_header Host $host; {line} }}"
                 " } }"
             )
@@ -162,7 +167,7 @@ def _nginx(upstream: str, writes: str) -> Iterator[str]:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise RuntimeError("nginx did not start")
                 time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}"
+            yield f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
         finally:
             process.terminate()
             process.wait(10)
