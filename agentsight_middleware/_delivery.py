@@ -64,6 +64,14 @@ _COMPACT_AT = 500
 #: it, waitress or uWSGI on SIGTERM, uvicorn forced) or killed lost the chat, where it was
 #: queued (and with ``outbox=`` on disk) within milliseconds of the request before.
 ANSWER_WAIT = 1.0
+#: Chats waiting for their answer at most, whatever ``queue_size``: each leaves within
+#: ANSWER_WAIT, so this many come only from a process taking over 10,000 chats a second.
+#: Bound by a small ``queue_size`` instead (100, for a small footprint), more chats within
+#: one second than that (or behind one still being answered) settled the oldest as a chat
+#: before its answer came, and its refusal (a 4xx) came too late to count. Past
+#: ``queue_size``, those that have waited their ANSWER_WAIT are queued at once (a worker
+#: held up does not settle them), so that only the last second's chats are held past it.
+_HELD_MAX = 10_000
 
 
 class HeldChat:
@@ -120,6 +128,13 @@ class HeldChat:
         self.settle()
 
 
+def _still_waiting(held: deque[HeldChat]) -> int:
+    """How many held chats wait for their answer (those settled leave the deque later)."""
+    # Copied in one C call first, which a request thread's append cannot split (iterating
+    # the deque itself while one is appended raises).
+    return sum(1 for chat in list(held) if chat.waiting)
+
+
 class Sink(Protocol):
     #: Monotonic time past which a write stops waiting for a file another process has
     #: locked, one already waiting included: infinite while running, shutdown's deadline
@@ -134,7 +149,12 @@ class Sink(Protocol):
         ...
 
     async def start(self) -> None: ...
-    async def put(self, payloads: list[dict[str, Any]]) -> None: ...
+    async def put(self, payloads: list[dict[str, Any]]) -> None:
+        """Take the events; those it can neither send nor keep are counted in its
+        ``failed``, those of a put() that raises included (the worker counts them nowhere
+        else: ``errors`` is for the middleware's own failures, not a full disk's)."""
+        ...
+
     def backed_up(self) -> bool: ...
     async def drain(self, deadline: float, *, closing: bool = False) -> int: ...
     async def aclose(self) -> None: ...
@@ -237,6 +257,7 @@ class BackgroundDelivery:
         self._queue_size = queue_size
         # Events joining a queue this deep are compacted (Conversation._compact).
         self._compact_at = min(_COMPACT_AT, queue_size)
+        self._held_max = max(queue_size, _HELD_MAX)
         self._shutdown_timeout = shutdown_timeout
         self._name = name
         self._lock = threading.Lock()
@@ -322,11 +343,15 @@ class BackgroundDelivery:
             self._start()
         now = time.monotonic()
         waiting = self._held
-        if len(waiting) >= self._queue_size:
-            # A worker held up (a put() waiting for a locked file): the oldest is settled
-            # here (as a chat, if its answer has not come), so that the deque stays bounded.
-            with contextlib.suppress(IndexError):  # the worker took it meanwhile
-                waiting.popleft().settle()
+        if len(waiting) >= self._queue_size:  # not the usual case: see _HELD_MAX
+            # A worker held up (a put() waiting for a locked file) settles nothing: what
+            # has waited long enough is queued from here (bounded there, drops counted).
+            self._settle_held(now)
+            if len(waiting) >= self._held_max:
+                # Only chats of the last second left: the oldest is settled now (as a
+                # chat, if its answer has not come), so that the deque stays bounded.
+                with contextlib.suppress(IndexError):  # the worker took it meanwhile
+                    waiting.popleft().settle()
         held = HeldChat(self, event, now + ANSWER_WAIT)
         waiting.append(held)
         return held
@@ -335,10 +360,17 @@ class BackgroundDelivery:
         """Queue the held chats that have waited long enough (all of them at shutdown),
         and forget those their answer settled."""
         held = self._held
-        # (IndexError: emptied meanwhile by hold() on a request thread, at a full deque.)
+        # Taken, then looked at: the worker and a request thread (hold() at a full deque)
+        # may both be here, and a look at held[0] then a popleft() could take another one,
+        # still waiting for its answer, and settle it as a chat.
+        # (IndexError: emptied meanwhile by the other thread.)
         with contextlib.suppress(IndexError):
-            while held and (held[0].due <= now or not held[0].waiting):
-                held.popleft().settle()
+            while held:
+                chat = held.popleft()
+                if chat.waiting and chat.due > now:
+                    held.appendleft(chat)  # not its time yet: back at the head
+                    return
+                chat.settle()
 
     def _wake(self) -> None:
         """Wake a parked worker (from any thread)."""
@@ -597,14 +629,14 @@ class BackgroundDelivery:
             try:
                 await self._sink.put(batch)
             except Exception as exc:
-                self.errors += len(batch)
+                # Counted by the sink, in its ``failed``: events it could not keep.
                 if self._stopping.is_set() and time.monotonic() >= self._stop_by:
                     logger.warning("%d event(s) lost at shutdown: %r", len(batch), exc)
                 else:
                     # Said as what was lost and where: "HttpSink.put() failed" on a full
                     # disk told an operator neither that events were lost nor which file.
                     self._log_once(
-                        f"{self._sink.storing} (those events are lost; stats()['errors']"
+                        f"{self._sink.storing} (those events are lost; stats()['failed']"
                         " counts them)",
                         exc,
                     )
@@ -687,6 +719,7 @@ class BackgroundDelivery:
             "refused_chats": self.refused_chats,
             "errors": self.errors,
             "queued": len(self._intake),
+            "held": _still_waiting(self._held),
         }
         sink, past = self._sink, self._past  # as _use_sink set them
         for key, value in past.items():

@@ -339,43 +339,92 @@ def _ctrl_c_stops(run: _Run, summary: ReplaySummary) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+#: Tries at a lock file that a run ending meanwhile removed (see _take_lock): each such
+#: try means another run took the file's lock and let it go in between, so a few suffice.
+_LOCK_TRIES = 10
+
+
 @contextlib.contextmanager
 def _only_sender(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Holds the file's send locks so that two runs (cron and a person) never send twice."""
+    """Holds the file's send locks so that two runs (cron and a person) never send twice.
+    Their files are removed at the end (see _take_lock)."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (only where there is one: not on Windows)
     except ImportError:  # not on Windows: runs there must not overlap
         yield
         return
     real = os.path.realpath(os.fspath(path))
+    busy = f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
     with contextlib.ExitStack() as held:
         # ``<file>.send-lock`` beside the file: a second run by another path to it (a
         # symlink) finds the same one. And one named after the file's device and inode in
         # this user's own folder of the temporary folder: a run on the file moved or
         # hard-linked elsewhere meanwhile finds that one (180 of 400 events went twice).
         # Never the database file itself: closing any handle on it drops SQLite's locks.
-        handles: list[TextIO] = []
-        beside_error: OSError | None = None
-        try:
-            handles.append(held.enter_context(open(real + ".send-lock", "a")))
-        except OSError as exc:  # a folder that takes no new file
-            beside_error = exc
-        by_inode = _inode_lock(real)
-        if by_inode is not None:
-            handles.append(held.enter_context(by_inode))
-        if not handles:
-            raise beside_error or OSError(f"no lock could be taken for {real}")
-        for handle in handles:
+        beside_error: list[OSError] = []
+
+        def beside() -> tuple[str, TextIO] | None:
+            where = real + ".send-lock"
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise ReplayBusyError(
-                    f"another `send` is replaying {os.fspath(path)}: wait for it to finish"
-                ) from None
+                return where, open(where, "a")
+            except OSError as exc:  # a folder that takes no new file
+                beside_error.append(exc)
+                return None
+
+        locked = _take_lock(held, beside, busy)
+        locked = _take_lock(held, lambda: _inode_lock(real), busy) or locked
+        if not locked:
+            raise (beside_error or [OSError(f"no lock could be taken for {real}")])[0]
         yield
 
 
-def _inode_lock(real: str) -> TextIO | None:
+def _take_lock(
+    held: contextlib.ExitStack, opener: Callable[[], tuple[str, TextIO] | None], busy: str
+) -> bool:
+    """Lock the file ``opener`` opens (False when it opens none) until ``held`` closes,
+    and remove it then, still locked: a file left behind by every run (a ``.send-lock``
+    beside the events file) is clutter. Removed, the file another run opened meanwhile may
+    be gone from its name by the time that run locks it, and a third run would lock a new
+    one at the name beside it: so a lock counts only while its file is still the one at
+    its name, and is taken again otherwise."""
+    import fcntl
+
+    for _ in range(_LOCK_TRIES):
+        opened = opener()
+        if opened is None:
+            return False
+        where, handle = opened
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ReplayBusyError(busy) from None
+        if _still_at(handle, where):
+            held.enter_context(handle)  # closed (unlocked) after its removal below
+            held.callback(_remove_if_still_at, handle, where)
+            return True
+        handle.close()  # removed by a run that ended meanwhile: the one at its name now
+    raise ReplayBusyError(busy)
+
+
+def _still_at(handle: TextIO, where: str) -> bool:
+    try:
+        at = os.stat(where)
+    except OSError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (at.st_dev, at.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _remove_if_still_at(handle: TextIO, where: str) -> None:
+    # Only this run's own file: one a person deleted meanwhile may have been made again
+    # by another run, whose lock it now is.
+    with contextlib.suppress(OSError):
+        if _still_at(handle, where):
+            os.unlink(where)
+
+
+def _inode_lock(real: str) -> tuple[str, TextIO] | None:
     """The lock named after the file's device and inode, in a folder of this user's own in
     the temporary folder (made 0700; a shared /tmp must not let another user put a FIFO
     or a symlink where the lock goes), opened without following links or blocking. None,
@@ -391,15 +440,16 @@ def _inode_lock(real: str) -> TextIO | None:
         owned = os.lstat(folder)
         if not stat.S_ISDIR(owned.st_mode) or owned.st_uid != os.getuid() or owned.st_mode & 0o077:
             raise OSError(f"{folder} is not a folder of this user's alone")
+        where = os.path.join(folder, f"{info.st_dev}-{info.st_ino}.lock")
         fd = os.open(
-            os.path.join(folder, f"{info.st_dev}-{info.st_ino}.lock"),
+            where,
             os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
             0o600,
         )
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise OSError("the lock is not a plain file")
-        return os.fdopen(fd, "a")
+        return where, os.fdopen(fd, "a")
     except OSError as exc:
         logger.warning(
             "send: no lock by file identity (%s); a second run on this file moved elsewhere "

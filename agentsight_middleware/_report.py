@@ -11,9 +11,10 @@ and a development chat made production's rate 100 %, where production alone said
 
 A conversation's page, device, language, source, hour and day are those of its *first*
 page view: where the widget was first offered is the placement that earned (or did not earn)
-the chat. With ``since``, only events at or after it count; with ``environment``, only the
-events of that AgentSight environment (``production``, ``development``, or ``none`` for
-events recorded without one).
+the chat. With ``since``, only events at or after it count (a conversation whose page view
+came before it and whose chat comes within it is counted apart, in neither the rate nor the
+chats without a page view); with ``environment``, only the events of that AgentSight
+environment (``production``, ``development``, or ``none`` for events recorded without one).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ class Report:
     last_event_at: float | None
     initialized: int
     used: int
+    #: Conversations that chatted with no page view (in the window, nor before it).
     used_without_page_view: int
     interaction_rate_percent: float | None
     abandoned: int
@@ -148,6 +150,10 @@ class Report:
     #: Events left out because their time cannot be read: not a number of Unix seconds
     #: from 1970 to the year 9999 (a row another program wrote, or a clock far off).
     unreadable: int = 0
+    #: With ``since``: conversations that chatted in the window after a page view before
+    #: it. Offered before the window, they are not in its rate (used / initialized would
+    #: count a chat whose offer it does not count), nor chats without a page view.
+    used_after_earlier_page_view: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -165,6 +171,7 @@ class Report:
             "initialized": self.initialized,
             "used": self.used,
             "used_without_page_view": self.used_without_page_view,
+            "used_after_earlier_page_view": self.used_after_earlier_page_view,
             "interaction_rate_percent": self.interaction_rate_percent,
             "abandoned": self.abandoned,
             "abandoned_percent": self.abandoned_percent,
@@ -243,11 +250,23 @@ def _dimensions(by: Sequence[str]) -> list[str]:
 # in the order of the covering index (_store._INDEXES), which then needs no sort.
 _CONVERSATIONS = """
 CREATE TEMP TABLE conv AS
-SELECT MIN(CASE WHEN is_used = 0 THEN ts END) AS first_ts,
+SELECT MIN(CASE WHEN is_used = 0 THEN ts END) AS first_ts, {conversation_id}
        page_path, device, language, source, environment,
        SUM(is_used) > 0 AS used
 FROM events {index} {where}
 GROUP BY conversation_id, environment
+"""
+
+# With ``since``: the conversations of the window that chatted in it without a page view
+# in it, but had one before it (the visitor saw the page at 9:59, a report from 10:00 sees
+# the chat at 10:01). One look-up in the covering index each, for those conversations only.
+_VIEWED_BEFORE = """
+SELECT COUNT(*) FROM conv WHERE first_ts IS NULL AND EXISTS (
+    SELECT 1 FROM events
+    WHERE events.conversation_id = conv.conversation_id
+      AND events.environment IS conv.environment
+      AND events.is_used = 0 AND events.ts < :since AND events.ts >= :first_ts
+)
 """
 
 # Unix time has no leap seconds, so the UTC hour and day are plain arithmetic (events
@@ -371,12 +390,24 @@ def _build(
     if since is not None and environment is not None:
         # The time index reads every event of the window, whatever its environment.
         (window,) = conn.execute("SELECT COUNT(*) FROM events WHERE ts >= ?", (since,)).fetchone()
-    conn.execute(_CONVERSATIONS.format(index=_scan_hint(conn, window, since), where=where), params)
+    conn.execute(
+        _CONVERSATIONS.format(
+            index=_scan_hint(conn, window, since),
+            where=where,
+            # Only where the window may have cut a conversation (for _VIEWED_BEFORE).
+            conversation_id="" if since is None else "conversation_id,",
+        ),
+        params,
+    )
     initialized, used, orphans = conn.execute(
         "SELECT COUNT(first_ts), TOTAL(first_ts IS NOT NULL AND used), TOTAL(first_ts IS NULL)"
         " FROM conv"
     ).fetchone()
     initialized, used, orphans = int(initialized), int(used), int(orphans)
+    earlier = 0
+    if since is not None and orphans:
+        (earlier,) = conn.execute(_VIEWED_BEFORE, params).fetchone()
+        orphans -= earlier
     abandoned = initialized - used
     return Report(
         path=path,
@@ -388,6 +419,7 @@ def _build(
         initialized=initialized,
         used=used,
         used_without_page_view=orphans,
+        used_after_earlier_page_view=earlier,
         interaction_rate_percent=_rate(used, initialized),
         abandoned=abandoned,
         abandoned_percent=_rate(abandoned, initialized),
@@ -608,6 +640,11 @@ def format_text(report: Report, *, max_rows: int = 20, max_days: int = 14) -> st
         lines.append(
             f"{_plural(report.used_without_page_view, 'conversation')} chatted without a "
             "page view (not counted in the rate)"
+        )
+    if report.used_after_earlier_page_view:
+        lines.append(
+            f"{_plural(report.used_after_earlier_page_view, 'conversation')} chatted after a "
+            "page view before this period (not counted in the rate)"
         )
     for name, rows in report.breakdowns.items():
         if not rows:
@@ -956,8 +993,14 @@ def render_html(report: Report, *, max_rows: int = 20) -> str:
     if report.used_without_page_view:
         parts.append(
             '<p class="note">Conversations that chatted without a page view are not in the '
-            "rate: they never showed the widget through the middleware (or showed it before "
-            "the period).</p>"
+            "rate: they never showed the widget through the middleware.</p>"
+        )
+    if report.used_after_earlier_page_view:
+        parts.append(
+            f'<p class="note" id="earlier-page-view">'
+            f"{_e(_plural(report.used_after_earlier_page_view, 'conversation'))} chatted in "
+            "this period after a page view before it: not in the rate, which counts the "
+            "conversations offered in the period.</p>"
         )
     for name, rows in report.breakdowns.items():
         chart_id = f"chart-{name}"

@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -401,3 +402,57 @@ def test_since_too_far_is_no_crash(
         assert code == 2
     else:
         assert code == 0
+
+
+def test_report_since_counts_a_chat_after_an_earlier_view_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A visitor viewed the page just before the window and chatted inside it: `report
+    # --since` said the conversation "chatted without a page view", beside one that never
+    # had one. Recorded by the middleware under a real server.
+    from datetime import datetime, timezone
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    from agentsight_middleware import AgentSightMiddleware
+
+    from .conftest import BROWSER, uvicorn_server
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse("<p>shop</p>", headers={"Cache-Control": "no-cache"})
+
+    async def chat(request: Request) -> JSONResponse:
+        return JSONResponse({"reply": "hi"})
+
+    app = Starlette(routes=[Route("/", page), Route("/api/chat", chat, methods=["POST"])])
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightMiddleware(
+        app, widget_pages=["/"], chat_routes=["POST /api/chat"], local_store=db
+    )
+    with uvicorn_server(mw) as url:
+        with httpx.Client(base_url=url, headers=BROWSER) as visitor:
+            assert visitor.get("/").status_code == 200
+            assert visitor.cookies.get("agentsight_conversation_id")
+            assert mw.flush(10)
+            since = datetime.fromtimestamp(time.time(), timezone.utc).isoformat()
+            assert visitor.post("/api/chat", json={}).status_code == 200  # its cookie's id
+        with httpx.Client(base_url=url) as script:  # a chat with no page view at all
+            assert script.post("/api/chat", json={}).status_code == 200
+        assert mw.flush(10)
+    mw.close()
+    assert cli.main(["report", "--db", str(db), "--since", since, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert (figures["events"], figures["initialized"], figures["used"]) == (2, 0, 0)
+    assert figures["used_without_page_view"] == 1
+    assert figures["used_after_earlier_page_view"] == 1
+    assert cli.main(["report", "--db", str(db), "--since", since]) == 0
+    out = capsys.readouterr().out
+    assert "1 conversation chatted without a page view" in out
+    assert "1 conversation chatted after a page view before this period" in out
+    assert cli.main(["report", "--db", str(db), "--json"]) == 0  # the whole file
+    whole = json.loads(capsys.readouterr().out)
+    assert (whole["initialized"], whole["used"], whole["used_without_page_view"]) == (1, 1, 1)

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from agentsight_middleware import AgentSightMiddleware
 from agentsight_middleware._report import build_report
 
-from .conftest import BROWSER
+from .conftest import BROWSER, uvicorn_server
 
 
 async def page(request: Request) -> Response:
@@ -129,7 +129,10 @@ async def test_a_broken_store_is_logged_once_not_per_page_view(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert errors[0].exc_info is not None
-    assert mw.stats()["errors"] == 20
+    stats = mw.stats()
+    # Events the file could not take are the store's failures, counted once: not the
+    # middleware's own errors too.
+    assert (stats["failed"], stats["errors"], stats["stored"]) == (20, 0, 0)
     mw.close()
 
 
@@ -420,5 +423,36 @@ async def test_a_full_disk_is_said_with_the_file_and_the_events_lost(
     assert str(db) in said, said
     assert "lost" in said, said
     assert "database or disk is full" in str(record.exc_info[1])  # type: ignore[index]
-    assert mw.stats()["errors"] == 1
+    assert "stats()['failed'] counts them" in said, said
+    stats = mw.stats()
+    assert (stats["stored"], stats["failed"], stats["errors"]) == (1, 1, 0)
     mw.close()
+
+
+def test_events_the_store_cannot_take_are_counted_once_under_a_real_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk counted each lost event in `failed` (the store's) and in `errors` (the
+    # worker's) too: enqueued 4 read as stored 1 + failed 3 + errors 3. The API client
+    # counts an event it cannot keep once, in `failed`; so does the store now.
+    import sqlite3
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    db = tmp_path / "events.sqlite3"
+    mw = _middleware(local_store=db)
+    with uvicorn_server(mw) as url, httpx.Client(base_url=url, headers=BROWSER) as c:
+        assert c.get("/").status_code == 200
+        assert mw.flush(10)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute(
+                "CREATE TRIGGER full BEFORE INSERT ON events "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+            conn.commit()
+        for _ in range(3):
+            c.cookies.clear()
+            assert c.get("/").status_code == 200
+        assert mw.flush(10)
+        stats = mw.stats()
+    mw.close()
+    assert (stats["enqueued"], stats["stored"], stats["failed"], stats["errors"]) == (4, 1, 3, 0)

@@ -500,3 +500,72 @@ def test_a_chat_held_for_its_answer_goes_within_a_short_shutdown_timeout(
                 release.set()
             assert asked.result(30).status_code == 200
         assert [c["conversation_id"] for c in api.conversations] == ["conv_000000000old"]
+
+
+@pytest.mark.parametrize("status", [200, 403])
+def test_a_chat_waiting_for_its_answer_is_counted_as_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    # While a chat waited for its answer it was in no count: a health check reading
+    # stats() saw requests vanish for up to a second. Now `held` counts it, and it leaves
+    # `held` for `enqueued` (a chat) or `refused_chats` (a 4xx).
+    monkeypatch.setattr("agentsight_middleware._delivery.ANSWER_WAIT", 60.0)  # no early end
+    started, release = threading.Event(), threading.Event()
+    api = FastAPI()
+
+    @api.post("/api/chat")
+    def chat() -> Any:  # a sync endpoint: in Starlette's threadpool
+        started.set()
+        release.wait(30)
+        return JSONResponse({"reply": "hi"}, status_code=status)
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightMiddleware(api, chat_routes=["POST /api/chat"], local_store=db)
+    with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_00000000held"})
+        try:
+            assert started.wait(10)
+            waiting = mw.stats()
+        finally:
+            release.set()
+        assert asked.result(30).status_code == status
+        assert mw.flush(10)
+        done = mw.stats()
+    keys = ("held", "enqueued", "refused_chats")
+    assert [waiting[key] for key in keys] == [1, 0, 0]
+    assert [done[key] for key in keys] == [0, int(status == 200), int(status == 403)]
+    assert _used(db) == (["conv_00000000held"] if status == 200 else [])
+
+
+def test_a_small_queue_size_still_tells_a_refusal_from_a_chat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The held chats were bounded by queue_size: with queue_size=2, a third chat request
+    # while one was still being refused settled that one as a chat before its 403 came.
+    monkeypatch.setattr("agentsight_middleware._delivery.ANSWER_WAIT", 60.0)  # no early end
+    started, release = threading.Event(), threading.Event()
+    api = FastAPI()
+
+    @api.post("/api/chat")
+    def chat(x_conversation_id: str = Header()) -> Any:  # in Starlette's threadpool
+        if x_conversation_id == "conv_0000000slow403":
+            started.set()
+            release.wait(30)  # a refusal that takes its time (a sign-in check)
+            return JSONResponse({"detail": "sign in first"}, status_code=403)
+        return {"reply": "hi"}
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightMiddleware(api, chat_routes=["POST /api/chat"], local_store=db, queue_size=2)
+    with uvicorn_server(mw) as url, ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(httpx.post, f"{url}/api/chat", headers={ID: "conv_0000000slow403"})
+        try:
+            assert started.wait(10)
+            for cid in ("conv_00000000chat1", "conv_00000000chat2", "conv_00000000chat3"):
+                assert httpx.post(f"{url}/api/chat", headers={ID: cid}).status_code == 200
+        finally:
+            release.set()
+        assert refused.result(30).status_code == 403
+        assert mw.flush(10)
+        stats = mw.stats()
+    assert _used(db) == ["conv_00000000chat1", "conv_00000000chat2", "conv_00000000chat3"]
+    assert (stats["refused_chats"], stats["enqueued"]) == (1, 3)

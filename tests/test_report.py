@@ -172,9 +172,42 @@ def test_since_counts_events_from_then_on(db: Path) -> None:
 
 
 def test_since_between_view_and_chat(db: Path) -> None:
-    # c1's view is before the window and its chat inside: a chat without a page view.
+    # c1's view is before the window and its chat inside: it was counted as a chat without
+    # a page view, beside c5, which never had one. Offered before the window, it is not in
+    # the window's rate either: counted apart, and said so.
     report = build_report(db, since=DAY1 + 10 * HOUR + 60)
-    assert (report.initialized, report.used, report.used_without_page_view) == (3, 1, 2)
+    assert (report.initialized, report.used, report.used_without_page_view) == (3, 1, 1)
+    assert report.used_after_earlier_page_view == 1
+    assert report.to_dict()["used_after_earlier_page_view"] == 1
+    text = format_text(report)
+    assert "1 conversation chatted without a page view" in text
+    assert "1 conversation chatted after a page view before this period" in text
+    assert 'id="earlier-page-view"' in render_html(report)
+    # Without the window, and with one that holds its view, c1 is an ordinary chat.
+    for whole in (build_report(db), build_report(db, since=DAY1 + 10 * HOUR)):
+        assert (whole.used, whole.used_without_page_view) == (2, 1)
+        assert whole.used_after_earlier_page_view == 0
+        assert "before this period" not in format_text(whole)
+
+
+def test_since_looks_for_the_earlier_view_in_the_chat_s_own_environment(
+    tmp_path: Path,
+) -> None:
+    # An id viewed in development before the window and chatting in production within it:
+    # production never offered it, a chat without a page view there.
+    path = write(
+        tmp_path / "events.sqlite3",
+        [
+            make_payload("conv_a", at=DAY1, environment="development"),
+            make_payload("conv_a", used=True, at=DAY3, environment="production"),
+            make_payload("conv_b", at=DAY1, environment="production"),
+            make_payload("conv_b", used=True, at=DAY3, environment="production"),
+        ],
+    )
+    report = build_report(path, since=DAY3 - HOUR)
+    assert (report.used_without_page_view, report.used_after_earlier_page_view) == (1, 1)
+    alone = build_report(path, since=DAY3 - HOUR, environment="production")
+    assert (alone.used_without_page_view, alone.used_after_earlier_page_view) == (1, 1)
 
 
 def test_since_after_everything_is_empty(db: Path) -> None:
@@ -248,6 +281,7 @@ def test_empty_events_file(tmp_path: Path) -> None:
         "initialized": 0,
         "used": 0,
         "used_without_page_view": 0,
+        "used_after_earlier_page_view": 0,
         "interaction_rate_percent": None,
         "abandoned": 0,
         "abandoned_percent": None,
@@ -652,14 +686,20 @@ def test_a_file_with_the_old_index_is_read_then_reindexed(tmp_path: Path, old_co
 def test_the_per_conversation_grouping_reads_the_index_in_order(tmp_path: Path) -> None:
     # Grouped by id and environment, in the covering index's order: no sort of every event
     # (with the environment last in the index, a million events took 1.83 s, 1.23 s now).
-    from agentsight_middleware._report import _CONVERSATIONS
+    from agentsight_middleware._report import _CONVERSATIONS, _VIEWED_BEFORE
 
     path = mixed(tmp_path / "events.sqlite3")
     with closing(sqlite3.connect(path)) as conn:
-        query = _CONVERSATIONS.format(index="", where="").split(" AS", 1)[1]
-        plan = query_plan(conn, query)
-    assert "COVERING INDEX events_conversation" in plan
-    assert "TEMP B-TREE" not in plan
+        for conversation_id in ("", "conversation_id,"):  # without and with --since
+            query = _CONVERSATIONS.format(index="", where="", conversation_id=conversation_id)
+            plan = query_plan(conn, query.split(" AS", 1)[1])
+            assert "COVERING INDEX events_conversation" in plan
+            assert "TEMP B-TREE" not in plan
+        # An earlier view is looked up by id in that index: no scan of the file per chat.
+        conn.execute(_CONVERSATIONS.format(index="", where="", conversation_id="conversation_id,"))
+        looked_up = _VIEWED_BEFORE.replace(":since", str(DAY3)).replace(":first_ts", "0")
+        plan = query_plan(conn, looked_up)
+    assert "SEARCH events USING COVERING INDEX events_conversation" in plan, plan
 
 
 # --------------------------------------------------------------------------- since

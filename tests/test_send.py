@@ -832,3 +832,58 @@ def test_a_fifo_where_the_identity_lock_goes_does_not_hang_send(
     with _only_sender(db), pytest.raises(ReplayBusyError), _only_sender(db):
         pass
     assert "no lock by file identity" in caplog.text
+
+
+def test_send_leaves_no_lock_file_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every run left `<file>.send-lock` beside the events file (and its lock by file
+    # identity in the temporary folder), for good.
+    db = _file(tmp_path / "events.sqlite3", 5)
+    before = set(tmp_path.rglob("*"))
+    with StandInAgentSightAPI() as api:
+        args = ["send", "--db", str(db), "--api-key", api.api_key, "--endpoint", api.url]
+        assert main(args) == 0
+    assert "sent 5, skipped 0 (sent before), failed 0" in capsys.readouterr().out
+    left = {p for p in set(tmp_path.rglob("*")) - before if not p.is_dir()}
+    assert left == set(), left
+    assert not Path(f"{db}.send-lock").exists()
+
+
+def test_the_send_lock_still_keeps_runs_apart_while_each_removes_it(tmp_path: Path) -> None:
+    # A run removes its lock files at its end: another run that opened the file just
+    # before then locks a file no longer at its name, and must take the new one, or two
+    # runs (it and a third that made the new one) would send at once.
+    from agentsight_middleware._replay import ReplayBusyError, _only_sender
+
+    db = _file(tmp_path / "events.sqlite3", 1)
+    inside: list[int] = []
+    overlaps: list[int] = []
+    runs: list[int] = []
+    guard = threading.Lock()
+    start = threading.Barrier(4)
+
+    def runner(n: int) -> None:
+        start.wait()
+        for _ in range(300):
+            try:
+                with _only_sender(db):
+                    with guard:
+                        inside.append(n)
+                        if len(inside) > 1:
+                            overlaps.append(n)
+                    time.sleep(0)  # let the others try meanwhile
+                    with guard:
+                        inside.remove(n)
+                        runs.append(n)
+            except ReplayBusyError:
+                pass
+
+    threads = [threading.Thread(target=runner, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert overlaps == []
+    assert runs  # some runs went through
+    assert not Path(f"{db}.send-lock").exists()

@@ -751,7 +751,13 @@ class HttpSink:
             views.append(view)
             if durable:
                 times.append(math.inf if view else _request_time(payload))
-        accepted = await self._put_when_free(items, views, times)
+        try:
+            accepted = await self._put_when_free(items, views, times)
+        except Exception:
+            # Kept nowhere (a full disk, an outbox another process holds past every try):
+            # lost, as an event given up on is.
+            self.failed += len(items)
+            raise
         self._fresh += accepted
         if accepted < len(items):
             self.dropped += len(items) - accepted
