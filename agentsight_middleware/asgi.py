@@ -63,6 +63,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+#: The app's answers that end a lifespan's shutdown: after either the server ends the
+#: process (uvicorn by the SIGTERM it re-raises, so no atexit hook runs).
+_SHUTDOWN_ENDS: Final = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
 
 class AgentSightMiddleware(MiddlewareBase):
     """Tracks chat-widget page views and chat requests of an ASGI app."""
@@ -166,23 +170,32 @@ class AgentSightMiddleware(MiddlewareBase):
         SIGTERM uvicorn ends the process by the signal, so no atexit hook runs either:
         what was queued, and the tracker's own buffer, were lost at every stop."""
         answered = received = False  # an app that reads or answers has a lifespan
+        shutting_down = ended = False
         lifespan_send = self._lifespan_send(send)
 
         async def app_receive() -> Message:
-            nonlocal received
+            nonlocal received, shutting_down
             received = True
             message: Message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                shutting_down = True
             return message
 
         async def app_send(message: Message) -> None:
-            nonlocal answered
+            nonlocal answered, ended
             answered = True
+            if message.get("type") in _SHUTDOWN_ENDS:
+                ended = True
             await lifespan_send(message)
 
         try:
             await self.app(scope, app_receive, app_send)
         except Exception as exc:
             if answered or received:
+                if shutting_down and not ended:
+                    # Its shutdown raised without a word to the server (a hand-written
+                    # app): what is held is delivered all the same, as at a failed one.
+                    await self._close_in_thread()
                 raise  # the app's own lifespan failed: the server says so
             if "lifespan" not in str(exc).lower():
                 # Not an app without lifespan saying so (Django's "... not lifespan.",
@@ -227,15 +240,21 @@ class AgentSightMiddleware(MiddlewareBase):
                     # Never the app's start-up: a parser that cannot be built is tried
                     # again at the first page view, and classifies nothing (see _classify).
                     logger.warning("could not build the user-agent parser: %r", exc)
-            elif message["type"] == "lifespan.shutdown.complete":
-                # Deliver what is queued while the server still waits for us; in a
-                # thread, because closing joins the worker thread.
-                import anyio.to_thread
-
-                await anyio.to_thread.run_sync(self.close)
+            elif message["type"] in _SHUTDOWN_ENDS:
+                # Deliver what is queued while the server still waits for us. At a failed
+                # shutdown too (the app's own shutdown code raised): closed only at a
+                # complete one, the tracker's buffer and the queue were lost at every such
+                # stop under uvicorn's SIGTERM (no atexit hook runs there).
+                await self._close_in_thread()
             await send(message)
 
         return lifespan_send
+
+    async def _close_in_thread(self) -> None:
+        # In a thread, because closing joins the worker thread.
+        import anyio.to_thread
+
+        await anyio.to_thread.run_sync(self.close)
 
     def _check_routes(self, root_path: str, *, lifespan: bool = False) -> None:
         """Rules that miss the app's routes by a little (see _routes), said once the app

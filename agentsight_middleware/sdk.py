@@ -53,6 +53,7 @@ import copy
 import importlib
 import inspect
 import itertools
+import re
 import sys
 import threading
 import time
@@ -508,7 +509,35 @@ class ClassicTracker:
 # -- OpenTelemetry-based SDK (0.1.x) -------------------------------------------------------
 
 
+def _installed_release() -> tuple[str, tuple[int, ...]] | None:
+    """The installed ``agentsight`` distribution's version and its leading numbers, or None
+    when there is no such distribution (a vendored or stand-in module)."""
+    import importlib.metadata  # only when an adapter is built
+
+    try:
+        version = importlib.metadata.version("agentsight")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return version, _release(version)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version: ``"0.0.44"`` -> (0, 0, 44), ``"0.1.0rc1"`` -> (0, 1, 0)."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(number) for number in match.group().split(".")) if match else ()
+
+
 def _import_agentsight() -> Any:
+    installed = _installed_release()
+    if installed is not None and () < installed[1] < (0, 1):
+        # Said before the import: 0.0.44 builds a tracker as it loads, and without an API
+        # key raised NoApiKeyException ("API Key is missing"), which sent the user after a
+        # key when the SDK release was what was wrong.
+        raise ImportError(
+            f"agentsight {installed[0]} is installed: AgentSightSDK() needs the agentsight "
+            "SDK 0.1 or later (pip install 'agentsight>=0.1'); with 0.0.x pass its "
+            "tracker=ConversationTracker() (wrapped in ClassicTracker for you)"
+        )
     try:
         agentsight = importlib.import_module("agentsight")
     except ImportError as exc:

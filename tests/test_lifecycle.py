@@ -202,6 +202,44 @@ def test_an_apps_own_failing_lifespan_still_fails() -> None:
         asyncio.run(_run_lifespan(app, nothing))
 
 
+class FailingShutdown:
+    """An app whose own lifespan shutdown raises: answering lifespan.shutdown.failed, as
+    Starlette's router does, or without a word to the server, as a hand-written app may."""
+
+    def __init__(self, says_so: bool) -> None:
+        self.says_so = says_so
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await Bare()(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        if self.says_so:
+            await send({"type": "lifespan.shutdown.failed", "message": "pool closed"})
+        raise RuntimeError("pool closed")
+
+
+@pytest.mark.parametrize("says_so", [True, False], ids=["shutdown.failed", "raises"])
+def test_a_failing_shutdown_of_the_apps_own_still_delivers_what_is_held(says_so: bool) -> None:
+    # Closed only at lifespan.shutdown.complete: under uvicorn's SIGTERM (no atexit after
+    # it) the tracker's buffer and the queue were lost at every stop whose shutdown failed.
+    tracker = Buffering()
+    app = AgentSightMiddleware(FailingShutdown(says_so), widget_pages=["/"], tracker=tracker)
+
+    async def page_view() -> None:
+        import httpx
+
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
+            assert (await client.get("/", headers=BROWSER)).status_code == 200
+
+    with pytest.raises(RuntimeError, match="pool closed"):  # still the server's to report
+        asyncio.run(_run_lifespan(app, page_view))
+    assert len(tracker.flushed) == 1
+
+
 def test_an_app_failing_before_its_first_look_at_the_lifespan_still_fails() -> None:
     # Start-up work done before the first receive() (Starlette builds the app's middleware
     # stack there; a hand-written app may connect to its database): the middleware took the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import sys
 import types
 from collections import Counter
@@ -28,6 +29,7 @@ import pytest
 
 from agentsight_middleware.testing import StandInAgentSightAPI
 from tests.apps.sdk_harness import Visitor, app_python, drive_visitors, make_visitors, serve
+from tests.sdk_env import REPO, sdk_env
 
 SDK = "0.1.4"
 MODULE = "tests.apps.sdk_otel_app"
@@ -175,13 +177,15 @@ FIELDS: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("framework", ["fastapi-async", "django-asgi"])
+@pytest.mark.parametrize("framework", ["fastapi-async", "django-asgi", "fastapi-failing-shutdown"])
 def test_uvicorns_sigterm_stop_sends_what_the_sdk_still_holds(framework: str) -> None:
     # The SDK batches (here: nothing on its own for a minute) and flushes at exit with
     # atexit, which does not run when uvicorn stops on SIGTERM (it re-raises the signal
     # after the lifespan shutdown): every page view and turn of the last batch was lost.
     # The middleware's close() at lifespan shutdown now flushes the SDK too; Django's ASGI
-    # handler has no lifespan (uvicorn ran none for it): the middleware answers it.
+    # handler has no lifespan (uvicorn ran none for it): the middleware answers it. An app
+    # whose own shutdown code raises answers lifespan.shutdown.failed: closed only at a
+    # complete one, the middleware lost the whole batch there (0 of 3 page views).
     python = app_python(SDK)
     visitors = make_visitors(3, 1)
     with StandInAgentSightAPI() as api:
@@ -239,3 +243,29 @@ def test_agentsight_sdk_refuses_the_classic_sdk(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "agentsight", classic)
     with pytest.raises(ImportError, match="ClassicTracker"):
         AgentSightSDK()
+
+
+def test_agentsight_sdk_names_the_installed_classic_release_without_a_key() -> None:
+    # agentsight 0.0.44 builds a tracker as it is imported: without an API key the import
+    # raised NoApiKeyException ("API Key is missing"), and the user went after a key when
+    # the release was what was wrong (with a key, the error named the release's lack).
+    python = app_python("0.0.44")
+    script = (
+        "from agentsight_middleware.sdk import AgentSightSDK\n"
+        "try:\n"
+        "    AgentSightSDK()\n"
+        "except BaseException as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    done = subprocess.run(
+        [str(python), "-c", script],
+        env=sdk_env({"PYTHONPATH": str(REPO)}),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ImportError agentsight 0.0.44 is installed"), done.stdout
+    assert "ConversationTracker()" in done.stdout

@@ -5,8 +5,9 @@ Run by ``tests/test_sdk_otel.py`` under an SDK venv's interpreter as::
     python -m tests.apps.sdk_otel_app FRAMEWORK FD
 
 FRAMEWORK is ``fastapi-async`` (an ``async def`` endpoint), ``fastapi-sync`` (a ``def``
-endpoint: Starlette's thread pool), ``flask`` (threaded werkzeug server) or ``django-asgi``
-(Django's ASGI handler under uvicorn, no lifespan of its own); FD is a
+endpoint: Starlette's thread pool), ``flask`` (threaded werkzeug server), ``django-asgi``
+(Django's ASGI handler under uvicorn, no lifespan of its own) or ``fastapi-failing-shutdown``
+(the async one, with a lifespan of its own that raises at shutdown); FD is a
 listening socket. AGENTSIGHT_API_KEY and AGENTSIGHT_API_ENDPOINT point the SDK at the
 stand-in API.
 
@@ -20,6 +21,8 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import agentsight  # type: ignore[import-not-found]  # only in the SDK's own venv
@@ -72,8 +75,23 @@ def main() -> None:
         serve(framework, fd, lambda: flask_shop(options(), chat_blocking))
     elif framework == "django-asgi":
         serve(framework, fd, lambda: django_shop(options(), chat_blocking))
+    elif framework == "fastapi-failing-shutdown":
+        serve(framework, fd, failing_shutdown_shop)
     else:
         serve(framework, fd, lambda: fastapi_shop(framework, options(), chat_blocking, chat_async))
+
+
+def failing_shutdown_shop() -> Any:
+    """The async shop whose own lifespan fails at shutdown (a pool closed twice, say)."""
+    app = fastapi_shop("fastapi-async", options(), chat_blocking, chat_async)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        yield
+        raise RuntimeError("the database pool was closed already")
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 if __name__ == "__main__":
