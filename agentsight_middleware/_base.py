@@ -17,7 +17,7 @@ else:
     from typing_extensions import Unpack as Unpack
 
 if TYPE_CHECKING:
-    from ._routes import Served
+    from ._routes import Prefixed, Served
 
 from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES
@@ -306,16 +306,22 @@ class MiddlewareBase:
         self._hold = core.hold
         self._nested_told = False
 
-    def _tell_near_misses(self, served: Served, root_path: str = "") -> None:
+    def _tell_near_misses(
+        self, served: Served, root_path: str = "", prefixed: Prefixed | None = None
+    ) -> None:
         """Warn about the rules that miss the app's routes by a little (see _routes), and
         (ASGI) those outside the root path the app is served under."""
-        from ._routes import near_misses, outside_root_path
+        from ._routes import near_miss_rules, outside_root_path
 
         lines = outside_root_path(self._exact_matches, root_path)
-        for line in lines + near_misses(self._exact_matches, served):
+        missed = near_miss_rules(self._exact_matches, served, prefixed)
+        for line in lines + list(missed.values()):
             if line not in self._near_misses_told:  # a second check tells what is new
                 self._near_misses_told.add(line)
                 logger.warning("%s", line)
+        for rule in missed:
+            # Their redirects (a slash added, a language prefix) are what was just said.
+            self._core.settle(rule.source)
 
     def _tracked_further_out(self, path: str) -> None:
         """Said once: another of ours, further out, already tracks this request (one on the

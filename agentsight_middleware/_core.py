@@ -9,12 +9,14 @@ import contextvars
 import enum
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Union
+from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
 from ._config import Settings
 from ._conversation import Conversation, with_app_id
 from ._delivery import BackgroundDelivery
 from ._facts import forwarded_scheme
 from ._log import LogOnce, logger
+from ._rules import WIDGET
 from ._tracker import TrackerDelivery
 
 __all__ = [
@@ -207,6 +209,38 @@ def _looks_like_a_page_route(content_type: str | None) -> bool:
     return media in ("", "text/plain", "application/json") or media.endswith("+json")
 
 
+#: The statuses that send a browser on to the ``Location``, and those it keeps.
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_PERMANENT: Final = frozenset({301, 308})
+#: Temporary redirects of a rule that answered no page, before they are told.
+_REDIRECTS_TOLD_AT: Final = 3
+
+
+def _redirect_target(path: str, location: str) -> str | None:
+    """The decoded path a redirect from ``path`` to ``location`` leads to (as rules match
+    it), or None for a location that is no URL."""
+    try:
+        target = urlsplit(urljoin(path, location.strip()))
+    except ValueError:  # e.g. an invalid IPv6 host
+        return None
+    if target.scheme and target.scheme not in ("http", "https"):
+        return None
+    return unquote(target.path) or "/"
+
+
+def _comes_back(path: str, location: str) -> bool:
+    """Whether ``location``'s query names ``path`` as the page to come back to (a sign-in
+    page's ``?next=/account``)."""
+    query = urlsplit(location).query if "?" in location else ""
+    if not query:
+        return False
+    try:
+        values = [value for _, value in parse_qsl(query)]
+    except ValueError:
+        return False
+    return any(unquote(urlsplit(value).path) == path for value in values if value)
+
+
 class Core:
     def __init__(self, settings: Settings, delivery: Delivery) -> None:
         self.settings = settings
@@ -229,6 +263,12 @@ class Core:
         self.hold = delivery.hold if isinstance(delivery, BackgroundDelivery) else None
         self._told_shared = False
         self._told_not_html: set[str] = set()
+        #: Redirected page views counted by widget rule, for the rules that have answered
+        #: no page yet: empty unless a widget page's view was redirected, so the page path
+        #: tests it and goes on (see page_served).
+        self.redirects: dict[str, int] = {}
+        # Rules that have answered a page, or whose redirects were told: not counted.
+        self._settled: set[str] = set()
 
     def shared_page(self, path: str) -> None:
         """A widget page sent for shared caches: left as it is (see the glue); said once."""
@@ -263,6 +303,60 @@ class Core:
             status,
             content_type,
         )
+
+    def redirected(self, rule: str, path: str, status: int, location: str | None) -> None:
+        """A browser's view of a widget page answered with a redirect: no cookie and no
+        view, as for any non-page. Said once for each rule whose views are redirected, to a
+        page no widget rule matches, with no page between: the app serves the page
+        elsewhere (Django's i18n_patterns at ``/en/``, a view choosing the language, a
+        trailing slash), which recorded nothing and said nothing. One temporary redirect
+        is no sign (a sign-in, a signed-in visitor sent on): told at the third, or at the
+        first permanent one (301, 308), which the browser keeps and follows without asking
+        the app again. Only the pages after a rule's first redirect are seen (the page
+        path pays nothing until then): one before it does not keep it from being told."""
+        if rule in self._settled or location is None or status not in _REDIRECTS:
+            return
+        target = _redirect_target(path, location)
+        if target is None or _comes_back(path, location):
+            return  # a sign-in's ``?next=/account``: the page is asked again after it
+        if self.is_widget_page(target):
+            return  # the view is recorded there
+        count = self.redirects.get(rule, 0) + 1
+        if count < (1 if status in _PERMANENT else _REDIRECTS_TOLD_AT):
+            self.redirects[rule] = count
+            return
+        self.redirects.pop(rule, None)
+        self._settled.add(rule)
+        answered = (
+            f"a browser's page view ({path!r}) answered with a permanent redirect ({status} to "
+            f"{location!r}), which the browser keeps"
+            if count == 1
+            else f"{count} browser page views ({path!r}, the last) answered with a redirect "
+            f"({status} to {location!r}) and none with a page since the first"
+        )
+        logger.warning(
+            "the widget page rule %r: %s. A redirect is no page view, and no widget rule "
+            "matches %r, where it leads, so nothing was recorded (no cookie, no view): add "
+            "that page to widget_pages (%r, or a pattern of every address it has); said once "
+            "for each rule.",
+            rule,
+            answered,
+            target,
+            target,
+        )
+
+    def is_widget_page(self, path: str) -> bool:
+        """Whether a browser's view of ``path`` matches a widget rule."""
+        found = self.settings.rules.match("GET", path)
+        return found is not None and found.rule.kind == WIDGET
+
+    def settle(self, rule: str) -> None:
+        """Redirects of widget rule ``rule`` are not told: it answered a page, so they are
+        normal ones (a sign-in, say), or the route check at start-up told what
+        the rule misses. The glue calls it for a page only while ``redirects`` is not
+        empty."""
+        self._settled.add(rule)  # bounded: one entry a rule at most
+        self.redirects.pop(rule, None)
 
     def is_secure(
         self,

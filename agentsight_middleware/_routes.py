@@ -11,22 +11,25 @@ request already starts the worker), Litestar's public ``app.routes`` with the li
 and any of them at the first tracked request of an ASGI app that gets no lifespan. Only
 exact-path rules are checked, and only a near miss is reported (the same path with or
 without its trailing slash, or the right path under other methods; Django's URLs do not
-know methods, its class-based views do): a rule for a path no route knows may be served by
-a mounted app or a catch-all, and says nothing.
+know methods, its class-based views do; or, in a Django URL conf of ``i18n_patterns``, the
+path under language prefixes only, where LocaleMiddleware redirects it): a rule for a path
+no route knows may be served by a mounted app or a catch-all, and says nothing.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from typing import Any, NamedTuple
 
 from ._rules import WIDGET, Match, Rule
 
 __all__ = [
     "app_served",
+    "language_prefixed",
     "litestar_served",
+    "near_miss_rules",
     "near_misses",
     "outside_root_path",
     "script_name",
@@ -273,17 +276,11 @@ def app_served(app: Any, script_name: str) -> Served | None:
     ASGI handler) found inside ``app``, served under ``script_name``; or None."""
     werkzeug = sys.modules.get("werkzeug.routing")
     django = sys.modules.get("django.core.handlers.base")
-    seen: set[int] = set()
     # Paths a dispatcher on the way hands to other apps (Werkzeug's DispatcherMiddleware):
     # not asked of the router found below it.
     mounted: list[str] = []
-    layers = [app]
     found: Served | None = None
-    while layers and len(seen) < _MAX_DEPTH:
-        layer = layers.pop()
-        if layer is None or id(layer) in seen:
-            continue
-        seen.add(id(layer))
+    for layer in _layers(app):
         url_map = getattr(layer, "url_map", None)
         if werkzeug is not None and isinstance(url_map, werkzeug.Map):
             found = _werkzeug_served(url_map)
@@ -294,7 +291,6 @@ def app_served(app: Any, script_name: str) -> Served | None:
         mounts = getattr(layer, "mounts", None)
         if isinstance(mounts, Mapping):
             mounted.extend(str(prefix).rstrip("/") for prefix in mounts)
-        layers.extend(getattr(layer, name, None) for name in _WSGI_LAYERS)
     if found is None:
         return None
     router: Served = found
@@ -307,6 +303,98 @@ def app_served(app: Any, script_name: str) -> Served | None:
         return router(path_info, method, literal)
 
     return served
+
+
+def _layers(app: Any) -> Iterator[Any]:
+    """``app`` and the WSGI (or ASGI) apps it wraps, down to the router, each once: the
+    apps a layer keeps are walked after it is handed back (not if the caller stops)."""
+    seen: set[int] = set()
+    layers = [app]
+    while layers and len(seen) < _MAX_DEPTH:
+        layer = layers.pop()
+        if layer is None or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        yield layer
+        layers.extend(getattr(layer, name, None) for name in _WSGI_LAYERS)
+
+
+#: Languages tried for a rule, at most: each is activated to resolve under its prefix (its
+#: translations loaded), and Django's own LANGUAGES, where a site sets none, lists ~100.
+_MAX_LANGUAGES = 12
+
+
+class LanguagePaths(NamedTuple):
+    """Where the app serves a path (the client's) under a language prefix (Django's
+    i18n_patterns): ``(script name, language, path inside its prefix)`` for each language
+    tried that serves it (``""``, ``"en"``, ``"/pricing/"``), none where the default
+    language's does not; and how many languages were not tried (see _MAX_LANGUAGES)."""
+
+    found: list[tuple[str, str, str]]
+    untried: int
+
+
+Prefixed = Callable[[str], LanguagePaths]
+
+
+def language_prefixed(
+    app: Any, script_name: str, covered: Callable[[str], bool] | None = None
+) -> Prefixed | None:
+    """Prefixed, for the Django app (its WSGI or ASGI handler) found inside ``app`` when
+    its URL conf puts routes under a language prefix (``i18n_patterns``); else None.
+
+    Such a route is served at ``/en/pricing/`` and ``/fr/pricing/``, not at ``/pricing``,
+    which ``LocaleMiddleware`` redirects to the visitor's language: a rule ``/pricing``
+    (or ``/``) matches nothing but that redirect, which is no page view. Paths that
+    ``covered`` says a widget rule matches already are none to add: where they all are,
+    the rule is a harmless leftover, and nothing is found."""
+    django = sys.modules.get("django.core.handlers.base")
+    if django is None or not any(isinstance(layer, django.BaseHandler) for layer in _layers(app)):
+        return None
+    from django.conf import settings
+    from django.conf.urls.i18n import is_language_prefix_patterns_used
+    from django.urls import Resolver404, resolve
+    from django.utils import translation
+
+    if getattr(settings, "ROOT_HOSTCONF", None) or getattr(settings, "PUBLIC_SCHEMA_URLCONF", None):
+        return None  # a URL conf per host (see _django_served)
+    if not is_language_prefix_patterns_used(settings.ROOT_URLCONF)[0]:
+        return None
+    every = [str(code) for code, _ in settings.LANGUAGES]
+    try:
+        default = translation.get_supported_language_variant(settings.LANGUAGE_CODE)
+    except LookupError:
+        default = settings.LANGUAGE_CODE
+    # The default language first: where LocaleMiddleware sends a visitor whose browser
+    # names no language it has.
+    codes = [default, *(code for code in every if code != default)][:_MAX_LANGUAGES]
+    untried = max(0, len(every) - len(codes))
+    base = script_name.rstrip("/")
+
+    def prefixed(path: str) -> LanguagePaths:
+        inside = _path_info(path, base)
+        if inside is None:
+            return LanguagePaths([], untried)
+        candidates = [inside]
+        if inside != "/":
+            candidates.append(inside[:-1] if inside.endswith("/") else inside + "/")
+        found: list[tuple[str, str, str]] = []
+        for code in codes:
+            with translation.override(code):
+                for candidate in candidates:
+                    try:
+                        resolve(f"/{code}{candidate}")
+                    except Resolver404:
+                        continue
+                    found.append((base, code, candidate))
+                    break
+            if not found:
+                break  # not under the default language's prefix: not what misses
+        if covered is not None and all(covered(f"{b}/{c}{r}") for b, c, r in found):
+            found = []
+        return LanguagePaths(found, untried)
+
+    return prefixed
 
 
 def _text(wsgi: str) -> str:
@@ -500,11 +588,23 @@ def _view_class_methods(view: Any) -> frozenset[str] | None:
 
 
 def near_misses(
-    exact_matches: Mapping[str, Mapping[str, Match | None]], served: Served
+    exact_matches: Mapping[str, Mapping[str, Match | None]],
+    served: Served,
+    prefixed: Prefixed | None = None,
 ) -> list[str]:
     """What to warn about: one line for each exact-path rule that no route serves, where a
-    route serves its path with the trailing slash changed, or under other methods."""
-    told: list[str] = []
+    route serves its path with the trailing slash changed, or under other methods, or
+    (``prefixed``: Django's i18n_patterns) under a language prefix."""
+    return list(near_miss_rules(exact_matches, served, prefixed).values())
+
+
+def near_miss_rules(
+    exact_matches: Mapping[str, Mapping[str, Match | None]],
+    served: Served,
+    prefixed: Prefixed | None = None,
+) -> dict[Rule, str]:
+    """:func:`near_misses`, each line by its rule."""
+    told: dict[Rule, str] = {}
     for rule, path in _exact_rules(exact_matches).items():
         argument = "widget_pages" if rule.kind == WIDGET else "chat_routes"
         methods: Sequence[str] = (
@@ -536,7 +636,7 @@ def near_misses(
                     fix = "widget rules match GET only: a chat route goes in chat_routes"
                 else:
                     fix = f"write {','.join(names) + ' ' + path!r}"
-                told.append(
+                told[rule] = (
                     f"{argument} rule {rule.source!r}: the app's route for {path!r} takes "
                     f"{', '.join(names)}, not {', '.join(methods)}: the rule matches no "
                     f"request the app serves ({fix})"
@@ -549,6 +649,10 @@ def near_misses(
             if any(ok for ok, _ in there):
                 fix = f"write {rule.source[: len(rule.source) - len(path)] + alternative!r}"
             else:
+                languages = None if prefixed is None else prefixed(path)
+                if languages is not None and languages.found:
+                    told[rule] = _language_advice(rule, argument, path, languages)
+                    continue
                 names = sorted(set().union(*(taken for _, taken in there)) - _IMPLIED)
                 if not names:
                     continue
@@ -559,12 +663,37 @@ def near_misses(
                     )
                 else:
                     fix = f"write {','.join(names) + ' ' + alternative!r}"
-            told.append(
+            told[rule] = (
                 f"{argument} rule {rule.source!r}: no route of the app serves {path!r}, "
                 f"one serves {alternative!r} (a rule's path is matched exactly, its "
                 f"trailing slash too): {fix}"
             )
     return told
+
+
+def _language_advice(rule: Rule, argument: str, path: str, languages: LanguagePaths) -> str:
+    """The line for a rule whose path the app serves under language prefixes only."""
+    found = languages.found
+    methods = rule.source[: len(rule.source) - len(path)]
+    paths = ", ".join(repr(f"{methods}{base}/{code}{rest}") for base, code, rest in found)
+    fix = f"write {paths}"
+    if not methods and len({rest for _, _, rest in found}) == 1:
+        # One regex for every language, where the paths differ by it alone (a regex rule
+        # has no methods: only for a rule without them).
+        base, _, rest = found[0]
+        # A hyphen is literal outside a class: "zh-hans", not re.escape's "zh\-hans".
+        codes = "|".join(re.escape(code).replace("\\-", "-") for _, code, _ in found)
+        fix += f", or one rule: re.compile(r'{re.escape(base)}/(?:{codes}){re.escape(rest)}')"
+    if languages.untried:
+        fix += (
+            f"; {languages.untried} more languages of LANGUAGES were not checked: set "
+            "LANGUAGES to the site's own"
+        )
+    return (
+        f"{argument} rule {rule.source!r}: no route of the app serves {path!r}, its URL conf "
+        f"serves it under a language prefix (Django's i18n_patterns), where LocaleMiddleware "
+        f"redirects visitors: a redirect is no page view, so the rule records nothing ({fix})"
+    )
 
 
 def outside_root_path(

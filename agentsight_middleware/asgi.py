@@ -269,7 +269,13 @@ class AgentSightMiddleware(MiddlewareBase):
         if again and not root_path.rstrip("/"):
             return  # as the lifespan's check asked (a root_path of "/" is none)
         try:
-            from ._routes import app_served, litestar_served, starlette_routes, starlette_served
+            from ._routes import (
+                app_served,
+                language_prefixed,
+                litestar_served,
+                starlette_routes,
+                starlette_served,
+            )
 
             routes = starlette_routes(self.app)
             served = (
@@ -278,7 +284,12 @@ class AgentSightMiddleware(MiddlewareBase):
                 else starlette_served(routes, root_path)
             )
             if served is not None:
-                self._tell_near_misses(served, root_path)
+                prefixed = (
+                    None
+                    if routes is not None
+                    else language_prefixed(self.app, root_path, self._core.is_widget_page)
+                )
+                self._tell_near_misses(served, root_path, prefixed)
         except Exception as exc:  # a check, never in the way of the app's start
             logger.debug("could not compare the rules with the app's routes: %r", exc)
 
@@ -398,13 +409,18 @@ class AgentSightMiddleware(MiddlewareBase):
                         # A page shared caches may store is left as it is: a stored copy
                         # would hand this visitor's cookie to the next ones.
                         chosen = None
+                        status = message["status"]
                         if own is _SHARED_PAGE:
                             core.shared_page(path)
-                        elif 200 <= message["status"] < 300 and message["status"] != 204:
-                            core.not_a_page(
-                                match.rule.source, path, message["status"], _content_type(headers)
-                            )
+                            if core.redirects:
+                                core.settle(match.rule.source)
+                        elif 200 <= status < 300 and status != 204:
+                            core.not_a_page(match.rule.source, path, status, _content_type(headers))
+                        elif 300 <= status < 400:
+                            core.redirected(match.rule.source, path, status, _location(headers))
                     else:
+                        if core.redirects:  # empty unless a widget page was redirected
+                            core.settle(match.rule.source)
                         chosen = viewed_conversation(conversation, minted, own)
                     if chosen is not None:
                         event = new_event((INITIALIZE, chosen, started or time.time()))
@@ -774,6 +790,15 @@ def _content_type(headers: Any) -> str | None:
         # As _page_cookie reads names: a memoryview one (no lower()) must not raise here.
         if _read(name) == _CONTENT_TYPE:
             return _latin1(value).decode("latin-1")
+    return None
+
+
+def _location(headers: Any) -> str | None:
+    """The response's ``Location``, for a redirect (not on the way of a page)."""
+    for name, value in headers:
+        if isinstance(name, (bytes, bytearray, memoryview)) and bytes(name).lower() == b"location":
+            # An IRI's UTF-8 bytes read as text, as rules match paths.
+            return _latin1(value).decode("utf-8", "replace")
     return None
 
 

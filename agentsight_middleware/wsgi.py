@@ -144,11 +144,13 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         """Rules that miss the app's routes by a little (see _routes), said at the first
         request: WSGI has no start-up hook, and its routes are all declared by then."""
         try:
-            from ._routes import script_name, wsgi_served
+            from ._routes import language_prefixed, script_name, wsgi_served
 
             served = wsgi_served(self.app, environ)
             if served is not None:
-                self._tell_near_misses(served, script_name(environ))
+                root = script_name(environ)
+                prefixed = language_prefixed(self.app, root, self._core.is_widget_page)
+                self._tell_near_misses(served, root, prefixed)
         except Exception as exc:  # a check, never in the way of the request
             logger.debug("could not compare the rules with the app's routes: %r", exc)
 
@@ -265,7 +267,11 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
                 if not is_html_success(code, content_type):
                     if 200 <= code < 300 and code != 204:
                         core.not_a_page(match.rule.source, path, code, content_type)
+                    elif 300 <= code < 400:
+                        core.redirected(match.rule.source, path, code, _location(response_headers))
                     return _start(start_response, status, response_headers, exc_info)
+                if core.redirects:  # empty unless a widget page was redirected
+                    core.settle(match.rule.source)
                 if (cache_control or for_cdns) and is_shared_cacheable(cache_control, for_cdns):
                     # Left as it is: a stored copy would hand this cookie to others.
                     core.shared_page(path)
@@ -756,6 +762,19 @@ def _page_headers(
     except (TypeError, AttributeError):
         return _page_headers(_str_headers(headers), prefix)
     return content_type, cache_control, for_cdns, own
+
+
+def _location(headers: list[tuple[str, str]]) -> str | None:
+    """The response's ``Location``, for a redirect (not on the way of a page)."""
+    for name, value in _str_headers(headers):
+        if name.lower() == "location":
+            # PEP 3333's latin-1 string; an IRI's UTF-8 bytes read as text.
+            return (
+                value
+                if value.isascii()
+                else value.encode("latin-1", "replace").decode("utf-8", "replace")
+            )
+    return None
 
 
 def _werkzeug_request(environ: Environ) -> Any:
