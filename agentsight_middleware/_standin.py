@@ -311,6 +311,7 @@ class StandInAgentSightAPI:
         self._counts: Counter[int] = Counter()  # answers by status, 0 = none
         self._used: Counter[bool] = Counter()  # accepted conversations by is_used
         self._counts_messages = 0
+        self._counts_ingested = 0
         self._next_conversation_id = 1
         self._next_message_id = 1
         self._server: Server | None = None
@@ -450,7 +451,9 @@ class StandInAgentSightAPI:
         """Counts of everything received since the start (or the last :meth:`reset`),
         also when ``keep=`` lets older requests go: ``requests``, ``by_status`` (0: no
         answer, a dropped or hung request), ``initialized`` and ``used`` (accepted
-        conversations by ``is_used``), ``messages``; and the faults still to come."""
+        conversations by ``is_used``), ``messages``, ``ingested`` (``/api/ingest/``
+        requests: all that the 0.1.x SDK, ``tracker=AgentSightSDK()``, sends); and the
+        faults still to come."""
         with self._cond:
             down = max(0.0, self._down_until - time.monotonic())
             return {
@@ -459,6 +462,7 @@ class StandInAgentSightAPI:
                 "initialized": self._used[False],
                 "used": self._used[True],
                 "messages": self._counts_messages,
+                "ingested": self._counts_ingested,
                 "faults_pending": self._faults_pending,
                 "down_for": round(down, 3),
                 "latency": self._latency,
@@ -482,6 +486,7 @@ class StandInAgentSightAPI:
             self._counts.clear()
             self._used.clear()
             self._counts_messages = 0
+            self._counts_ingested = 0
             self._cond.notify_all()
         if self._server is not None:
             self._server.release()
@@ -657,8 +662,10 @@ class StandInAgentSightAPI:
             POST /_standin/latency?seconds=0.05         every answer 50 ms late
             POST /_standin/reset                        forget faults, latency, counts
             GET  /_standin/summary                      the counts (summary())
+            GET  /_standin/conversations                the bodies kept (conversations)
 
-        Each answers the summary as JSON. Not recorded as traffic.
+        Each answers the summary as JSON (``conversations``: the bodies, under that key).
+        Not recorded as traffic.
         """
         auth_error = self._check_auth(request.headers.get("authorization"))
         if auth_error is not None:
@@ -671,9 +678,21 @@ class StandInAgentSightAPI:
             if request.method not in ("GET", "HEAD", "POST"):
                 return Answer(405, {"detail": f'Method "{request.method}" not allowed.'})
             return Answer(200, self.summary())
+        if order == "conversations":
+            # Which conversation each page view and chat was on: the counts cannot tell a
+            # chat on its page view's conversation from one on a new conversation.
+            if request.method not in ("GET", "HEAD"):
+                return Answer(
+                    405,
+                    {"detail": f'Method "{request.method}" not allowed.'},
+                    [("Allow", "GET, HEAD")],
+                )
+            return Answer(200, {"conversations": self.conversations})
         if order not in _ORDERS:
             names = ", ".join(sorted([*_ORDERS, "summary"]))
-            return Answer(404, {"detail": f"No order {order!r}: one of {names}."})
+            return Answer(
+                404, {"detail": f"No order {order!r}: one of {names}, or GET conversations."}
+            )
         if request.method != "POST":
             return Answer(
                 405, {"detail": f'Method "{request.method}" not allowed.'}, [("Allow", "POST")]
@@ -763,6 +782,7 @@ class StandInAgentSightAPI:
     def _accept_ingest(self, request: RecordedRequest) -> None:
         with self._cond:
             self._ingested.append(request)
+            self._counts_ingested += 1
             self._record(request)
 
 
@@ -818,7 +838,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(
             f"Faults on demand: curl -X POST -H 'Authorization: Api-Key {api.api_key}' "
             f"'{url}{CONTROL_PREFIX}down?seconds=20' (also fail, throttle, drop, hang, "
-            f"latency, reset; GET {CONTROL_PREFIX}summary for the counts)",
+            f"latency, reset; GET {CONTROL_PREFIX}summary for the counts, "
+            f"{CONTROL_PREFIX}conversations for the page views and chats)",
             flush=True,
         )
         print("Press Ctrl+C to stop.", flush=True)

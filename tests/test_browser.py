@@ -186,6 +186,39 @@ def test_each_example_s_widget_chats_on_the_page_s_conversation(
     assert used["conversation_id"] == view["conversation_id"]
 
 
+def test_the_widget_passes_django_s_csrf_check_of_a_page_that_sets_its_cookie(
+    browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new Django project checks CSRF: the widget's POST had no token, Django answered
+    # 403, and every chat was counted as refused (an interaction rate of 0 %).
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "examples.django_site.settings")
+    import django
+    from django.test import override_settings
+
+    django.setup()
+    db = tmp_path / "events.sqlite3"
+    csrf = override_settings(
+        ROOT_URLCONF="tests.apps.django_csrf_widget_urls",
+        MIDDLEWARE=["django.middleware.csrf.CsrfViewMiddleware"],
+    )
+    wsgi = importlib.import_module("examples.django_site.wsgi")
+    with csrf, _wsgi_server(wsgi.create_application(local_store=db)) as url:
+        context = browser.new_context(user_agent=CHROME_LINUX)
+        page = context.new_page()
+        page.goto(url + "/")
+        wait_until(lambda: len(events(db)) == 1, "the page view")
+        page.click("#chat-toggle")
+        page.fill("#message", "hello")
+        page.press("#message", "Enter")
+        page.wait_for_selector("#log p.bot", timeout=10_000)
+        assert page.inner_text("#log p.bot") == "You said: hello"
+        wait_until(lambda: len(events(db)) == 2, "the chat request")
+        context.close()
+    [view, used] = events(db)
+    assert used["conversation_id"] == view["conversation_id"]
+
+
 def test_a_page_left_open_past_the_cookie_s_life_chats_on_its_view_s_conversation(
     browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

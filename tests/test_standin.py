@@ -521,6 +521,17 @@ def test_ingest_accepts_chunked_body(api: StandInAgentSightAPI, client: httpx.Cl
     assert ingested.json == {"resourceSpans": []}
 
 
+def test_summary_counts_ingest_requests(api: StandInAgentSightAPI, client: httpx.Client) -> None:
+    # The 0.1.x SDK (tracker=AgentSightSDK()) sends only to /api/ingest/: a summary without
+    # this count showed 0 initialized and 0 used for a run that tracked every visit.
+    for _ in range(2):
+        client.post("/api/ingest/", content=b"{}", headers={"Content-Type": "application/json"})
+    assert api.summary()["ingested"] == 2
+    assert client.get("/_standin/summary").json()["ingested"] == 2
+    api.reset()
+    assert api.summary()["ingested"] == 0
+
+
 def test_ingest_requires_auth(api: StandInAgentSightAPI) -> None:
     with http_client(api, auth=False) as c:
         assert c.post("/api/ingest/", content=b"x").status_code == 401

@@ -32,3 +32,21 @@ def test_a_huge_n_is_refused_not_allocated() -> None:
 def test_head_of_summary_is_answered_as_get() -> None:
     with StandInAgentSightAPI() as api, http_client(api) as c:
         assert c.head("/_standin/summary").status_code == 200
+
+
+def test_the_conversations_it_kept_are_read_over_http() -> None:
+    # Run from the command line, the stand-in said how many page views and chats it took,
+    # never which: that a chat came on its page view's conversation could not be seen.
+    with StandInAgentSightAPI(keep=3) as api, http_client(api) as c:
+        for i in range(4):
+            c.post(CONVERSATIONS, json=conversation(conversation_id=f"c{i}", is_used=i == 3))
+        kept = c.get("/_standin/conversations").json()["conversations"]
+        assert [(k["conversation_id"], k["is_used"]) for k in kept] == [
+            ("c0", False),
+            ("c1", False),
+            ("c2", False),
+            ("c3", True),
+        ]
+        assert c.post("/_standin/conversations").status_code == 405
+        with http_client(api, auth=False) as anonymous:
+            assert anonymous.get("/_standin/conversations").status_code == 401
