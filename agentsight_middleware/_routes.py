@@ -441,10 +441,12 @@ def _werkzeug_served(url_map: Any) -> Served | None:
                     path_info, method=method, return_rule=True, websocket=False
                 )
             except MethodNotAllowed as exc:
+                # The methods of WebSocket routes too (Quart's, at GET): only those an
+                # HTTP route takes, or the advice names a rule that matches nothing either.
                 others |= {
                     other
                     for other in exc.valid_methods or ()
-                    if not literal or _werkzeug_literal(adapter, path_info, other)
+                    if _werkzeug_takes(adapter, path_info, other, literal)
                 }
                 continue
             except HTTPException:  # not found, or a redirect (``/pricing`` to ``/pricing/``)
@@ -461,13 +463,14 @@ def _no_parameters(rule: Any, values: Mapping[str, Any]) -> bool:
     return values.keys() <= (rule.defaults or {}).keys()
 
 
-def _werkzeug_literal(adapter: Any, path_info: str, method: str) -> bool:
-    """Whether the route that serves ``path_info`` under ``method`` has no path parameters."""
+def _werkzeug_takes(adapter: Any, path_info: str, method: str, literal: bool) -> bool:
+    """Whether an HTTP route serves ``path_info`` under ``method`` (with no path parameters
+    when ``literal``)."""
     try:
         rule, values = adapter.match(path_info, method=method, return_rule=True, websocket=False)
-    except Exception:  # an HTTPException, or a converter that fails
+    except Exception:  # an HTTPException (a WebSocket route's), or a converter that fails
         return False
-    return _no_parameters(rule, values)
+    return not literal or _no_parameters(rule, values)
 
 
 def _django_served() -> Served | None:

@@ -284,6 +284,40 @@ def test_flask_near_misses_are_told_at_the_first_request(
     ), told
 
 
+def test_quart_websocket_routes_are_no_http_route_to_advise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Quart's URL map is Werkzeug's, with WebSocket routes in it (at GET). A rule at a
+    # WebSocket route's path was told "takes GET, not DELETE, GET, PATCH, POST, PUT" and
+    # to write 'GET /ws', which matches no request either (websockets pass through).
+    from quart import Quart, websocket
+
+    app = Quart(__name__)
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        await websocket.send("hi")
+
+    @app.get("/live")
+    async def live_page() -> str:
+        return "<html>live</html>"
+
+    @app.websocket("/live")
+    async def live() -> None:
+        await websocket.send("hi")
+
+    middleware = AgentSightMiddleware(
+        app, chat_routes=["/ws", "POST /ws", "POST /live"], tracker=RecordingTracker()
+    )
+    with caplog.at_level(logging.WARNING), uvicorn_server(middleware) as url:
+        assert httpx.get(url + "/live").text == "<html>live</html>"
+    told = _told(caplog)
+    # An HTTP route's methods only: GET at /live, nothing at /ws (as for FastAPI's).
+    assert len(told) == 1, told
+    assert "'POST /live'" in told[0], told
+    assert "takes GET, not POST" in told[0], told
+
+
 def test_flask_rules_under_a_script_name_are_checked_inside_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
