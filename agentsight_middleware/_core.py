@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Union
 from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
@@ -228,6 +229,33 @@ def _redirect_target(path: str, location: str) -> str | None:
     return unquote(target.path) or "/"
 
 
+#: A path segment that reads as a language tag (``en``, ``pt-br``, ``zh-hans``, ``es-419``,
+#: ``en_US``): two letters, then a region or a script, as ``app`` or ``my-account`` are not.
+_LANGUAGE_SEGMENT: Final = re.compile(
+    r"[a-z]{2}(?:[-_](?:[a-z]{2}|[a-z]{4}|[0-9]{3})){0,2}", re.IGNORECASE
+)
+
+
+def _same_page_elsewhere(path: str, target: str) -> bool:
+    """Whether ``target`` is ``path`` itself at another address: its trailing slash changed,
+    or a language segment put in, taken out or changed (``/pricing`` -> ``/fr/pricing/``,
+    ``/en/`` -> ``/fr/``). Only such temporary redirects say the rule misses its page:
+    others send some visitors on (a signed-in one from ``/`` to ``/app``, a sign-in wall to
+    ``/login``) while the rule's page is served to the rest, whom the first visitors after
+    a start need not include."""
+    return not _page_forms(path).isdisjoint(_page_forms(target))
+
+
+def _page_forms(path: str) -> set[str]:
+    """``path`` without its trailing slash, and so with each language segment left out."""
+    segments = path.split("/")
+    forms = {path.rstrip("/")}
+    for index, segment in enumerate(segments):
+        if _LANGUAGE_SEGMENT.fullmatch(segment) is not None:
+            forms.add("/".join(segments[:index] + segments[index + 1 :]).rstrip("/"))
+    return forms
+
+
 def _comes_back(path: str, location: str) -> bool:
     """Whether ``location``'s query names ``path`` as the page to come back to (a sign-in
     page's ``?next=/account``)."""
@@ -310,9 +338,10 @@ class Core:
         page no widget rule matches, with no page between: the app serves the page
         elsewhere (Django's i18n_patterns at ``/en/``, a view choosing the language, a
         trailing slash), which recorded nothing and said nothing. One temporary redirect
-        is no sign (a sign-in, a signed-in visitor sent on): told at the third, or at the
-        first permanent one (301, 308), which the browser keeps and follows without asking
-        the app again. Only the pages after a rule's first redirect are seen (the page
+        is no sign: told at the third to the same page elsewhere (see _same_page_elsewhere;
+        one to another page, a signed-in visitor's to ``/app``, is none), or at the first
+        permanent one (301, 308), which the browser keeps and follows without asking the
+        app again. Only the pages after a rule's first redirect are seen (the page
         path pays nothing until then): one before it does not keep it from being told."""
         if rule in self._settled or location is None or status not in _REDIRECTS:
             return
@@ -321,8 +350,11 @@ class Core:
             return  # a sign-in's ``?next=/account``: the page is asked again after it
         if self.is_widget_page(target):
             return  # the view is recorded there
+        permanent = status in _PERMANENT
+        if not permanent and not _same_page_elsewhere(path, target):
+            return  # some visitors sent on (signed in, or to sign in): no sign of a miss
         count = self.redirects.get(rule, 0) + 1
-        if count < (1 if status in _PERMANENT else _REDIRECTS_TOLD_AT):
+        if count < (1 if permanent else _REDIRECTS_TOLD_AT):
             self.redirects[rule] = count
             return
         self.redirects.pop(rule, None)

@@ -716,9 +716,16 @@ def forwarded_scheme(
         if elements is None or _forwarded_param(elements, "for") is not None:
             stated = None if elements is None else _visitor_proto(elements, trusted)
             if not addressed:
-                # Forwarded alone names the client: its proxy writes Forwarded, so an
-                # X-Forwarded-Proto beside it came from the client.
-                return _page_scheme(stated) or scheme
+                # Forwarded alone names the client: its proxy writes Forwarded, and its
+                # proto= says the scheme. Without one (HAProxy's "set-header Forwarded
+                # for=%[src]" beside its X-Forwarded-Proto), the X-Forwarded-Proto may be
+                # the proxy's or the client's: its https is taken, as when both name the
+                # client (a forged one adds Secure, never takes it off).
+                if stated is not None or elements is None:
+                    return _page_scheme(stated) or scheme
+                if _page_scheme(_nearest_proto(x_forwarded_proto)) == "https":
+                    return "https"
+                return scheme
             # Both name a client: a proxy wrote one, the client the other, and nothing
             # says which. https if either says so: a forged value can then only add
             # Secure to the cookie (which a browser on plain http drops), never take it

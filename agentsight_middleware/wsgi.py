@@ -41,7 +41,7 @@ from ._core import (
     viewed_conversation,
 )
 from ._events import ENGAGE, INITIALIZE, new_event
-from ._facts import TrustedProxies, forwarded_scheme, names_address
+from ._facts import TrustedProxies, client_ip, forwarded_scheme, names_address
 from ._fork import reset_in_child
 from ._log import logger
 from ._rules import WIDGET, Match
@@ -643,7 +643,7 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
     if trusted is not None:
         forwarding = (forwarded, forwarded_for, real_ip)
         if proxy_fixed is not None and not _proxy_fix_warned:
-            _warn_if_proxy_fixed(peer, scheme, proxy_fixed, trusted)
+            _warn_if_proxy_fixed(peer, scheme, proxy_fixed, trusted, forwarding, proto)
         if forwarded or proto:
             addressed = bool(forwarded) and (names_address(forwarded_for) or names_address(real_ip))
             scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed)
@@ -655,7 +655,34 @@ _PROXY_FIX_ORIG = "werkzeug.proxy_fix.orig"
 _proxy_fix_warned = False
 
 
-def _warn_if_proxy_fixed(peer: Any, scheme: Any, original: Any, trusted: TrustedProxies) -> None:
+def _reading(
+    peer: Any,
+    scheme: Any,
+    forwarding: tuple[Any, Any, Any],
+    proto: Any,
+    trusted: TrustedProxies,
+) -> tuple[str | None, str]:
+    """The IP and scheme the middleware records for a request from ``peer`` over
+    ``scheme`` with these forwarding headers (as _facts and the conversation read them)."""
+    forwarded, forwarded_for, real_ip = forwarding
+    address = client_ip(
+        peer, forwarded=forwarded, x_forwarded_for=forwarded_for, x_real_ip=real_ip,
+        trusted=trusted,
+    )  # fmt: skip
+    if forwarded or proto:
+        addressed = bool(forwarded) and (names_address(forwarded_for) or names_address(real_ip))
+        scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed)
+    return address, scheme
+
+
+def _warn_if_proxy_fixed(
+    peer: Any,
+    scheme: Any,
+    original: Any,
+    trusted: TrustedProxies,
+    forwarding: tuple[Any, Any, Any],
+    proto: Any,
+) -> None:
     """Warn once if Werkzeug's ``ProxyFix`` in front of the middleware has replaced
     ``REMOTE_ADDR`` (from ``X-Forwarded-For``) or ``wsgi.url_scheme`` (from
     ``X-Forwarded-Proto``): the middleware then reads the forwarding headers again from an
@@ -670,7 +697,12 @@ def _warn_if_proxy_fixed(peer: Any, scheme: Any, original: Any, trusted: Trusted
     nearest ProxyFix saw (another fixer may stand further out), ProxyFix may have set the
     host the page URL is built from too, and the app runs on ProxyFix's answer: which of
     two disagreeing settings is meant only their owner can say. The middleware wrapping
-    ProxyFix reads the environ before ProxyFix changes it, so both can stay."""
+    ProxyFix reads the environ before ProxyFix changes it, so both can stay.
+
+    Said only when the two readings differ: ProxyFix set up as Flask's docs say (``x_for=1``
+    behind one proxy appending to ``X-Forwarded-For``) hands over the client's address,
+    which the middleware, finding it untrusted, records as it would have; a warning there
+    that a client chooses its IP was wrong. Worked out in the worker, not on the request."""
     global _proxy_fix_warned
     if trusted.hop_count or trusted.trusts_all or not isinstance(original, dict):
         return
@@ -678,6 +710,10 @@ def _warn_if_proxy_fixed(peer: Any, scheme: Any, original: Any, trusted: Trusted
     before_scheme = original.get("wsgi.url_scheme")
     if before_peer == peer and before_scheme == scheme:
         return  # nothing forwarded on this request: ProxyFix changed nothing we read
+    if _reading(peer, scheme, forwarding, proto, trusted) == _reading(
+        before_peer, before_scheme, forwarding, proto, trusted
+    ):
+        return  # the same IP and scheme as from the connection as it came: nothing lost
     _proxy_fix_warned = True
     replaced = []
     if before_peer != peer:

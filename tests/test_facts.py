@@ -495,9 +495,11 @@ SCHEME_CASES: list[tuple[str, Any, str | None, str | None, str | None, str]] = [
     ),
     # Without addresses to say who wrote which, only the nearest proxy's value is believed.
     ("xfp-hops-nearest", 2, None, None, "https, http", "http"),
-    # Forwarded names the client, and no other header does: its proxy writes Forwarded, so
-    # an X-Forwarded-Proto beside it was the client's to send (see test_client_scheme_auto).
-    ("fwd-no-proto-ignores-xfp", LAN, "10.0.0.1", "for=203.0.113.9", "https", "http"),
+    # Forwarded names the client, and no other header does, with no proto=: the
+    # X-Forwarded-Proto beside it may be its proxy's (HAProxy's "set-header Forwarded
+    # for=%[src]") or the client's: its https only is taken (see test_client_scheme_auto).
+    ("fwd-no-proto-takes-xfp-https", LAN, "10.0.0.1", "for=203.0.113.9", "https", "https"),
+    ("fwd-no-proto-xfp-http", LAN, "10.0.0.1", "for=203.0.113.9", "http", "http"),
     # Left of the first untrusted hop, the client wrote it: its proto is not believed.
     (
         "fwd-client-element-proto",
@@ -584,7 +586,9 @@ AUTO_SCHEME_CASES: list[tuple[str, str, str | None, str | None, str | None, str]
     ("fwd-malformed-xff", 'for="', "https", "203.0.113.9", None, "https"),
     ("fwd-only-http", "for=203.0.113.9;proto=http", "https", None, None, "http"),
     ("fwd-only-https", "for=203.0.113.9;proto=https", "http", None, None, "https"),
-    ("fwd-only-blank-xff", "for=203.0.113.9", "https", " ", None, "http"),
+    # A blank X-Forwarded-For names no one: Forwarded's proto= alone decides.
+    ("fwd-only-blank-xff", "for=203.0.113.9;proto=http", "https", " ", None, "http"),
+    ("fwd-only-without-proto-xfp-http", "for=203.0.113.9", "http", None, None, "http"),
     ("fwd-malformed-alone", 'for="', "https", None, None, "http"),
 ]  # fmt: skip
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Request  # at module level: the route's annotation is read from here
 from playwright.sync_api import Browser
 from werkzeug.serving import make_server
 
@@ -144,7 +145,9 @@ def _flask_site() -> Any:
         return redirect("/en/")
 
     @app.get("/en/")
-    def english() -> str:
+    def english() -> Any:
+        if request.accept_languages.best == "fr":
+            return redirect("/fr/")  # the visitor's language, served elsewhere
         return "<!doctype html><title>Home</title>"
 
     @app.get("/account")
@@ -158,6 +161,12 @@ def _flask_site() -> Any:
         if "session" in request.cookies:
             return redirect("/app")  # signed in: straight to the app
         return "<!doctype html><title>Welcome</title>"
+
+    @app.get("/portal")
+    def portal() -> Any:
+        if "session" not in request.cookies:
+            return redirect("/login")  # the page to come back to kept in the session
+        return "<!doctype html><title>Portal</title>"
 
     @app.get("/old")
     def old() -> Any:
@@ -187,6 +196,12 @@ def _fastapi_site() -> Any:
     @app.get("/en/", response_class=HTMLResponse)
     def english() -> str:
         return "<!doctype html><title>Home</title>"
+
+    @app.get("/welcome", response_class=HTMLResponse)
+    def welcome(request: Request) -> Any:
+        if "session" in request.cookies:
+            return RedirectResponse("/app")  # signed in: straight to the app
+        return "<!doctype html><title>Welcome</title>"
 
     return app
 
@@ -249,6 +264,49 @@ def test_sign_in_redirects_and_rules_that_answer_pages_say_nothing(
         assert httpx.get(url + "/account", headers=signed_in).status_code == 200
         tracker.wait_for(initialized=2)
     assert _ours(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("framework", "page"),
+    [("flask", "/welcome"), ("flask", "/portal"), ("fastapi", "/welcome")],
+    ids=["flask-signed-in-sent-on", "flask-sign-in-wall", "fastapi-signed-in-sent-on"],
+)
+def test_visitors_sent_elsewhere_before_the_first_page_say_nothing(
+    framework: str, page: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first visitors after a start are signed in (sent on to "/app"), or not and sent
+    # to sign in (no ?next=): the rule's page is served to the others, and recorded. A
+    # warning that nothing was recorded, advising "/app" or "/login" as widget pages, was
+    # wrong: only the page itself elsewhere (a language, a slash) is a sign of a miss.
+    tracker = RecordingTracker()
+    app = _wrapped(framework, tracker, [page])
+    sent_on = {**BROWSER, "cookie": "session=1"} if page == "/welcome" else BROWSER
+    shown = BROWSER if page == "/welcome" else {**BROWSER, "cookie": "session=1"}
+    with caplog.at_level(logging.WARNING), _serve(app, framework == "flask") as url:
+        for _ in range(5):
+            answer = httpx.get(url + page, headers=sent_on)
+            assert answer.status_code in (302, 307), answer
+            assert answer.headers["location"] in ("/app", "/login"), answer.headers
+        assert httpx.get(url + page, headers=shown).status_code == 200
+        tracker.wait_for(initialized=1)
+    assert [call["metadata"]["page_path"] for call in tracker.initialized] == [page]
+    assert _redirect_warnings(caplog) == []
+
+
+def test_a_page_sent_to_another_language_is_still_told(caplog: pytest.LogCaptureFixture) -> None:
+    # Only the same page elsewhere counts (a temporary redirect to another page does not):
+    # a language changed in the path is that, and French visitors' views of "/en/" are
+    # recorded nowhere.
+    tracker = RecordingTracker()
+    app = _wrapped("flask", tracker, ["/en/"])
+    french = {**BROWSER, "accept-language": "fr"}
+    with caplog.at_level(logging.WARNING), _serve(app, True) as url:
+        for _ in range(3):
+            assert httpx.get(url + "/en/", headers=french).headers["location"] == "/fr/"
+    told = _redirect_warnings(caplog)
+    assert len(told) == 1, told
+    assert "add that page to widget_pages ('/fr/'" in told[0], told
+    assert tracker.initialized == []
 
 
 @pytest.mark.parametrize("wsgi", [True, False], ids=["flask-wsgi", "django-asgi"])

@@ -125,6 +125,8 @@ _NGINX_LINES = {
     "x-forwarded-for": "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
     "x-real-ip": "proxy_set_header X-Real-IP $remote_addr;",
     "x-forwarded-proto": "proxy_set_header X-Forwarded-Proto $scheme;",
+    # RFC 7239's header with the address only, as HAProxy's "set-header Forwarded for=%[src]".
+    "forwarded-for": 'proxy_set_header Forwarded "for=$remote_addr";',
 }
 
 

@@ -138,6 +138,33 @@ def test_client_cannot_choose_its_scheme_behind_nginx(
     assert tracker.initialized[0]["customer_ip_address"] == CLIENT
 
 
+@pytest.mark.parametrize("server", ["uvicorn", "werkzeug"])
+@pytest.mark.parametrize("tls", [True, False], ids=["https", "http"])
+def test_a_proxy_writing_forwarded_for_only_keeps_its_x_forwarded_proto(
+    certificate: tuple[str, str], server: str, tls: bool
+) -> None:
+    # A proxy that writes "Forwarded: for=" (no proto=) and X-Forwarded-Proto for the
+    # scheme: its https visitors' cookies lost Secure and their pages were recorded http
+    # once the scheme followed Forwarded alone. Its https is taken (a forged one could only
+    # add Secure); on plain http nothing is added.
+    tracker = RecordingTracker()
+    scheme = "https" if tls else "http"
+    with (
+        _page_server(server, tracker, trusted_proxies=["127.0.0.1"]) as upstream,
+        _nginx(
+            upstream, "forwarded-for+x-forwarded-proto", tls=certificate if tls else None
+        ) as url,
+        _client(url, certificate[0] if tls else None) as client,
+    ):
+        response = client.get("/", headers=BROWSER)
+        tracker.wait_for(initialized=1)
+    assert response.status_code == 200
+    assert ("; Secure" in response.headers["set-cookie"]) is tls, response.headers["set-cookie"]
+    [view] = tracker.initialized
+    assert view["metadata"]["page_url"].startswith(f"{scheme}://127.0.0.1"), view["metadata"]
+    assert view["customer_ip_address"] == CLIENT
+
+
 def _proxy_fix_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "ProxyFix" in r.getMessage()]
 
@@ -212,6 +239,31 @@ def test_the_warnings_advice_records_the_client(
     assert not _proxy_fix_warnings(caplog)
     assert tracker.initialized[0]["customer_ip_address"] == CLIENT
     assert seen == [CLIENT]  # the app keeps ProxyFix's answer either way
+
+
+@pytest.mark.parametrize("forged", [{}, {"X-Forwarded-For": FORGED}], ids=["honest", "forged-xff"])
+def test_proxy_fix_in_front_that_agrees_with_the_middleware_is_not_warned_about(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, forged: dict[str, str]
+) -> None:
+    # Flask's documented set-up: ProxyFix(x_for=1, x_proto=1) behind one nginx appending to
+    # X-Forwarded-For and setting X-Forwarded-Proto, trusted_proxies= naming that nginx.
+    # ProxyFix hands over the client's address, which the middleware records as it would
+    # have from the connection as it came: the warning that a client chooses its IP was wrong.
+    monkeypatch.setattr(wsgi_module, "_proxy_fix_warned", False, raising=False)
+    tracker = RecordingTracker()
+    app = ProxyFix(_tracked(tracker, trusted_proxies=["127.0.0.1"]), x_for=1, x_proto=1)
+    with (
+        caplog.at_level(logging.WARNING, logger="agentsight_middleware"),
+        _werkzeug(app) as upstream,
+        _nginx(upstream, "x-forwarded-for+x-forwarded-proto") as url,
+        _client(url) as client,
+    ):
+        for _ in range(2):
+            client.cookies.clear()
+            assert client.get("/", headers={**BROWSER, **forged}).status_code == 200
+        tracker.wait_for(initialized=2)
+    assert not _proxy_fix_warnings(caplog)
+    assert [call["customer_ip_address"] for call in tracker.initialized] == [CLIENT] * 2
 
 
 def test_a_request_proxy_fix_left_alone_sets_off_no_warning(
