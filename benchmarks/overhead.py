@@ -1685,7 +1685,9 @@ def run_profile(
     lines = [
         "",
         "PROFILE of our request path: each piece timed alone, µs per request "
-        f"(best of 5 x {number:,} calls). 'rest' = measured p50 overhead - sum of the pieces.",
+        f"(best of 5 x {number:,} calls). 'rest' = measured p50 overhead - sum of the pieces:"
+        " in a request among others each piece costs several times its cost alone"
+        " (benchmarks/RESULTS.md, 2026-11-28, session 27).",
     ]
     data: dict[str, Any] = {}
     loop = asyncio.new_event_loop()
@@ -1722,7 +1724,7 @@ def run_profile(
                     total = pieces.total() / 1000
                     lines.append(f"    {'sum of the pieces':<62}{total:>7.2f}")
                     lines.append(
-                        f"    {'rest: frames, awaits, kwargs, GC, worker contention':<62}"
+                        f"    {'rest: the pieces in place (colder caches), frames, awaits':<62}"
                         f"{p50 - total:>7.2f}"
                     )
                 if top:
