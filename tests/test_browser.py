@@ -163,6 +163,21 @@ EXAMPLE_SERVERS: dict[str, Callable[[Path], AbstractContextManager[str]]] = {
 }
 
 
+def _view_and_chat(browser: Browser, url: str, db: Path) -> None:
+    """Load the example widget's page at ``url``, chat once, and wait for both events."""
+    context = browser.new_context(user_agent=CHROME_LINUX)
+    page = context.new_page()
+    page.goto(url + "/")
+    wait_until(lambda: len(events(db)) == 1, "the page view")
+    page.click("#chat-toggle")
+    page.fill("#message", "hello")
+    page.press("#message", "Enter")
+    page.wait_for_selector("#log p.bot", timeout=10_000)
+    assert page.inner_text("#log p.bot") == "You said: hello"
+    wait_until(lambda: len(events(db)) == 2, "the chat request")
+    context.close()
+
+
 @pytest.mark.parametrize("name", list(EXAMPLE_SERVERS))
 def test_each_example_s_widget_chats_on_the_page_s_conversation(
     browser: Browser, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -170,17 +185,7 @@ def test_each_example_s_widget_chats_on_the_page_s_conversation(
     monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
     db = tmp_path / "events.sqlite3"
     with EXAMPLE_SERVERS[name](db) as url:
-        context = browser.new_context(user_agent=CHROME_LINUX)
-        page = context.new_page()
-        page.goto(url + "/")
-        wait_until(lambda: len(events(db)) == 1, "the page view")
-        page.click("#chat-toggle")
-        page.fill("#message", "hello")
-        page.press("#message", "Enter")
-        page.wait_for_selector("#log p.bot", timeout=10_000)
-        assert page.inner_text("#log p.bot") == "You said: hello"
-        wait_until(lambda: len(events(db)) == 2, "the chat request")
-        context.close()
+        _view_and_chat(browser, url, db)
     [view, used] = events(db)
     assert (view["is_used"], used["is_used"]) == (0, 1)
     assert used["conversation_id"] == view["conversation_id"]
@@ -204,17 +209,7 @@ def test_the_widget_passes_django_s_csrf_check_of_a_page_that_sets_its_cookie(
     )
     wsgi = importlib.import_module("examples.django_site.wsgi")
     with csrf, _wsgi_server(wsgi.create_application(local_store=db)) as url:
-        context = browser.new_context(user_agent=CHROME_LINUX)
-        page = context.new_page()
-        page.goto(url + "/")
-        wait_until(lambda: len(events(db)) == 1, "the page view")
-        page.click("#chat-toggle")
-        page.fill("#message", "hello")
-        page.press("#message", "Enter")
-        page.wait_for_selector("#log p.bot", timeout=10_000)
-        assert page.inner_text("#log p.bot") == "You said: hello"
-        wait_until(lambda: len(events(db)) == 2, "the chat request")
-        context.close()
+        _view_and_chat(browser, url, db)
     [view, used] = events(db)
     assert used["conversation_id"] == view["conversation_id"]
 
