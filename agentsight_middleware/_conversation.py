@@ -22,8 +22,8 @@ from ._facts import (
     TrustedProxies,
     best_language,
     classify_user_agent,
-    client_ip,
     cut_text,
+    forwarded_client_ip,
     page_url,
     peer_address,
     redact_path,
@@ -593,14 +593,7 @@ class Conversation:
         peer, *_, forwarding, trusted = self._facts()
         if forwarding is None or trusted is None:
             return peer_address(peer)
-        forwarded, x_forwarded_for, x_real_ip = forwarding
-        return client_ip(
-            peer,
-            forwarded=forwarded,
-            x_forwarded_for=x_forwarded_for,
-            x_real_ip=x_real_ip,
-            trusted=trusted,
-        )
+        return forwarded_client_ip(peer, forwarding, trusted)
 
     @property
     def language(self) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from ._conversation import clamp
@@ -16,6 +17,7 @@ __all__ = [
     "build_payload",
     "encode_event",
     "iso_timestamp",
+    "own_json",
     "without_extra_metadata",
 ]
 
@@ -130,3 +132,68 @@ def encode_event(payload: dict[str, Any], encode: Callable[[Any], str]) -> tuple
         )
         body = encode(without_extra_metadata(payload))
     return body, note
+
+
+#: The keys build_payload writes, in its order; and Conversation.metadata's without a hook's.
+_KEYS = [
+    "timestamp",
+    "conversation_id",
+    "customer_id",
+    "customer_ip_address",
+    "device",
+    "source",
+    "language",
+    "name",
+    "environment",
+    "metadata",
+    "is_used",
+]
+_OWN_KEYS = ["page_path", "page_url", "referrer", "user_agent", "rule", "conversation_id_source"]
+
+
+def own_json(payload: dict[str, Any]) -> str | None:
+    """``payload``'s JSON as the HTTP sink's encoder (``separators=(",", ":")``, ASCII)
+    writes it, or None where this cannot tell: other keys or key order (a hook's
+    metadata), or a value other than a string or None (an ``is_used`` other than a bool).
+
+    Written from its parts by json's own C string encoder, ~2x faster than the encoder's
+    walk of the two dicts (~5.5 us an event, a tenth of the worker's CPU per event)."""
+    if type(payload) is not dict:  # a subclass may give the encoder other items
+        return None
+    metadata = payload.get("metadata")
+    if type(metadata) is not dict or list(metadata) != _OWN_KEYS or list(payload) != _KEYS:
+        return None
+    used = payload["is_used"]
+    if used is not True and used is not False:
+        return None
+    esc = encode_basestring_ascii  # TypeError for None or a value other than a string
+    # Fields build_payload may leave None are tested, the others go to esc as they are.
+    customer = payload["customer_id"]
+    address = payload["customer_ip_address"]
+    device = payload["device"]
+    source = payload["source"]
+    language = payload["language"]
+    name = payload["name"]
+    referrer = metadata["referrer"]
+    agent = metadata["user_agent"]
+    try:
+        return (
+            f'{{"timestamp":{esc(payload["timestamp"])}'
+            f',"conversation_id":{esc(payload["conversation_id"])}'
+            f',"customer_id":{"null" if customer is None else esc(customer)}'
+            f',"customer_ip_address":{"null" if address is None else esc(address)}'
+            f',"device":{"null" if device is None else esc(device)}'
+            f',"source":{"null" if source is None else esc(source)}'
+            f',"language":{"null" if language is None else esc(language)}'
+            f',"name":{"null" if name is None else esc(name)}'
+            f',"environment":{esc(payload["environment"])}'
+            f',"metadata":{{"page_path":{esc(metadata["page_path"])}'
+            f',"page_url":{esc(metadata["page_url"])}'
+            f',"referrer":{"null" if referrer is None else esc(referrer)}'
+            f',"user_agent":{"null" if agent is None else esc(agent)}'
+            f',"rule":{esc(metadata["rule"])}'
+            f',"conversation_id_source":{esc(metadata["conversation_id_source"])}}}'
+            f',"is_used":{"true" if used else "false"}}}'
+        )
+    except TypeError:  # a value other than a string (or None where it may be): the encoder's
+        return None

@@ -19,6 +19,7 @@ from agentsight_middleware._facts import (
     client_ip,
     client_scheme,
     compile_agent_matcher,
+    forwarded_client_ip,
     page_url,
     redact_query,
     redact_url,
@@ -421,6 +422,99 @@ def test_client_ip(
         peer, forwarded=forwarded, x_forwarded_for=xff, x_real_ip=real_ip, trusted=trusted
     )
     assert result == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "peer", "forwarded", "xff", "real_ip", "expected"),
+    [case[1:] for case in IP_CASES],
+    ids=[case[0] for case in IP_CASES],
+)
+def test_forwarded_client_ip_remembers_what_client_ip_answers(
+    config: Any,
+    peer: str | None,
+    forwarded: str | None,
+    xff: str | None,
+    real_ip: str | None,
+    expected: str | None,
+) -> None:
+    trusted = TrustedProxies(config)
+    forwarding = (forwarded, xff, real_ip)
+    assert forwarded_client_ip(peer, forwarding, trusted) == expected
+    assert forwarded_client_ip(peer, forwarding, trusted) == expected  # remembered
+    short = (peer is None or len(peer) <= 100) and all(
+        value is None or len(value) <= _facts._MAX_CACHED_FORWARDING for value in forwarding
+    )
+    assert trusted._clients == ({(peer, forwarding): expected} if short else {})
+
+
+def test_forwarded_client_ip_cache_is_bounded_and_skips_long_headers() -> None:
+    trusted = TrustedProxies(LAN)
+    for n in range(_facts._CACHED_CLIENTS + 10):
+        visitor = f"198.51.{n // 256}.{n % 256}"
+        assert forwarded_client_ip("10.0.0.2", (None, visitor, visitor), trusted) == visitor
+        assert len(trusted._clients) <= _facts._CACHED_CLIENTS
+    assert len(trusted._clients) == 10  # cleared when full, then filled again
+    # A padded, forged chain is answered, but never kept: a flood of them cannot fill memory.
+    padded = "6.6.6.6, " * 100 + "203.0.113.9"
+    assert len(padded) > _facts._MAX_CACHED_FORWARDING
+    for forwarding in ((None, padded, None), (padded, None, None), (None, None, padded)):
+        before = dict(trusted._clients)
+        forwarded_client_ip("10.0.0.2", forwarding, trusted)
+        assert trusted._clients == before
+    assert forwarded_client_ip("10.0.0.2", (None, padded, None), trusted) == "203.0.113.9"
+    # Each configuration its own: the same headers mean another client behind other proxies.
+    everyone = TrustedProxies("*")
+    chain = (None, "1.2.3.4, 5.6.7.8", None)
+    assert forwarded_client_ip("10.0.0.2", chain, everyone) == "1.2.3.4"
+    assert forwarded_client_ip("10.0.0.2", chain, trusted) == "5.6.7.8"
+
+
+def _ipaddress_text(host: str) -> str | None:
+    """What _normalise_ip answers, by ipaddress alone."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+@HYPOTHESIS
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789.", max_size=20),
+        st.lists(st.integers(0, 999).map(str), min_size=4, max_size=4).map(".".join),
+        st.lists(
+            st.sampled_from(["0", "00", "01", "09", "255", "256", "1\n", "\u0661", " 1"]),
+            min_size=4,
+            max_size=4,
+        ).map(".".join),
+        st.ip_addresses(v=4).map(str),
+    )
+)
+def test_normalise_ip_reads_dotted_quads_as_ipaddress_does(host: str) -> None:
+    assert _facts._normalise_ip.__wrapped__(host) == _ipaddress_text(host)
+
+
+@HYPOTHESIS
+@given(
+    st.ip_addresses(v=4),
+    st.lists(
+        st.tuples(st.ip_addresses(v=4), st.integers(0, 31)).map(
+            lambda pair: ipaddress.IPv4Network((pair[0], pair[1]), strict=False)
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_trusted_networks_hold_the_ipv4_addresses_ipaddress_says(
+    address: ipaddress.IPv4Address, networks: list[ipaddress.IPv4Network]
+) -> None:
+    trusted = TrustedProxies([str(network) for network in networks] + ["2001:db8::/32"])
+    expected = any(address in network for network in networks)
+    assert (str(address) in trusted) is expected
+    assert (f"::ffff:{address}" in trusted) is expected
 
 
 PINNED_CASES = [

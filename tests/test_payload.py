@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agentsight_middleware._conversation import Conversation
 from agentsight_middleware._events import ENGAGE, INITIALIZE, Event, tracker_kwargs
-from agentsight_middleware._payload import build_payload, iso_timestamp
+from agentsight_middleware._payload import build_payload, encode_event, iso_timestamp, own_json
+from agentsight_middleware.sinks.http import _encode, _event_json
 
 CHROME = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
@@ -133,3 +135,97 @@ def test_a_path_of_nuls_stays_within_the_url_length_once_escaped() -> None:
     assert len(page_path) <= MAX_URL_LENGTH
     assert page_path.startswith("/%00%00")
     assert page_path.endswith("%00")  # no torn escape
+
+
+_TEXT = st.text(st.characters(), max_size=40)  # NUL, non-ASCII, lone surrogates included
+
+
+@given(
+    user_agent=_TEXT,
+    accept_language=st.one_of(st.none(), _TEXT),
+    host=st.one_of(st.none(), _TEXT),
+    path=_TEXT.map(lambda text: "/" + text),
+    query=_TEXT,
+    referrer=st.one_of(st.none(), _TEXT.map(lambda text: "https://example.org/" + text)),
+    conversation_id=_TEXT,
+    customer_id=st.one_of(st.none(), _TEXT),
+    source=st.one_of(st.none(), _TEXT),
+    environment=st.one_of(st.none(), _TEXT),
+    kind=st.sampled_from([INITIALIZE, ENGAGE]),
+)
+@settings(deadline=None, max_examples=300)
+def test_own_json_writes_what_the_http_sinks_encoder_writes(
+    user_agent: str,
+    accept_language: str | None,
+    host: str | None,
+    path: str,
+    query: str,
+    referrer: str | None,
+    conversation_id: str,
+    customer_id: str | None,
+    source: str | None,
+    environment: str | None,
+    kind: str,
+) -> None:
+    conversation = _conversation(
+        id=conversation_id,
+        user_agent=user_agent,
+        accept_language=accept_language,
+        host=host,
+        path=path,
+        query=query,
+        referrer=referrer,
+        customer_id=customer_id,
+    )
+    payload = build_payload(
+        Event(kind, conversation, 1764133697.25), source=source, environment=environment
+    )
+    assert own_json(payload) == _encode(payload)
+    assert _event_json(payload) == encode_event(payload, _encode)
+
+
+class _Items(dict[str, Any]):
+    """A dict whose items() the encoder reads, and not its keys and values."""
+
+    def items(self) -> Any:
+        return [("page_path", "/other")]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p["metadata"].update(plan="pro"),  # a hook's metadata
+        lambda p: p["metadata"].update(rule=7),
+        lambda p: p.update(is_used=1),
+        lambda p: p.update(language=1.5),
+        lambda p: p.update(device=["desktop"]),
+        lambda p: p.update(metadata=None),
+        lambda p: p.pop("name"),
+        lambda p: p.update(name=p.pop("name")),  # the same keys in another order
+        lambda p: p.update(metadata=_Items(p["metadata"])),
+        lambda p: p.update(environment=None),  # None where build_payload writes none
+        lambda p: p["metadata"].update(rule=None),
+    ],
+)
+def test_own_json_leaves_to_the_encoder_what_build_payload_does_not_write(
+    change: Callable[[dict[str, Any]], None],
+) -> None:
+    payload = build_payload(
+        Event(INITIALIZE, _conversation(), 1764133697.25), source="web", environment=None
+    )
+    assert own_json(payload) is not None
+    change(payload)
+    assert own_json(payload) is None
+    assert _event_json(payload) == encode_event(payload, _encode)
+
+
+def test_event_json_leaves_an_event_too_long_to_the_encoder() -> None:
+    # Only the configuration's strings (an environment, a rule) are not cut to a length.
+    payload = build_payload(
+        Event(INITIALIZE, _conversation(), 1764133697.25), source="web", environment="e" * 70_000
+    )
+    body = own_json(payload)
+    assert body is not None
+    assert body == _encode(payload)
+    assert _event_json(payload) == encode_event(payload, _encode)
+    assert _event_json(payload)[1] is not None  # said, as before

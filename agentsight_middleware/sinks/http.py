@@ -35,7 +35,7 @@ from ..__version__ import __version__
 from .._credentials import Credentials, mask_key
 from .._log import logger
 from .._park import park, resolve
-from .._payload import encode_event
+from .._payload import MAX_EVENT_CHARS, encode_event, own_json
 from .._retry import (
     ACCEPTED,
     ELSEWHERE,
@@ -167,6 +167,15 @@ _QUIET = 60.0
 # datetime in user metadata) is sent as its text. One encoder for all events:
 # json.dumps builds a new one per call when given options (~1.2 us an event).
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str).encode
+
+
+def _event_json(payload: dict[str, Any]) -> tuple[str, str | None]:
+    """``encode_event(payload, _encode)``: written from its parts where it can be (own_json
+    writes what _encode would), by the encoder otherwise."""
+    body = own_json(payload)
+    if body is None or len(body) > MAX_EVENT_CHARS:
+        return encode_event(payload, _encode)
+    return body, None
 
 
 def _request_time(payload: dict[str, Any]) -> float:
@@ -739,7 +748,7 @@ class HttpSink:
         durable = self._outbox.durable
         for payload in payloads:
             try:
-                body, note = encode_event(payload, _encode)
+                body, note = _event_json(payload)
             except Exception as exc:
                 self.failed += 1
                 self._log_once("json", "an event could not be sent as JSON (%s); dropped", exc)
