@@ -230,10 +230,28 @@ def _redirect_target(path: str, location: str) -> str | None:
 
 
 #: A path segment that reads as a language tag (``en``, ``pt-br``, ``zh-hans``, ``es-419``,
-#: ``en_US``): two letters, then a region or a script, as ``app`` or ``my-account`` are not.
+#: ``en_US``): a language, then a region or a script, as ``app`` or ``my-account`` are not.
 _LANGUAGE_SEGMENT: Final = re.compile(
-    r"[a-z]{2}(?:[-_](?:[a-z]{2}|[a-z]{4}|[0-9]{3})){0,2}", re.IGNORECASE
+    r"([a-z]{2,3})(?:[-_](?:[a-z]{2}|[a-z]{4}|[0-9]{3})){0,2}", re.IGNORECASE
 )
+
+#: ISO 639-1's languages, and the three-letter ones Django's LANGUAGES names: any two
+#: letters read as one, and a signed-in visitor's ``/me`` or ``/hq`` was "``/`` elsewhere".
+_LANGUAGE_CODES: Final = """
+    aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu
+    cv cy da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi
+    ho hr ht hu hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks
+    ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl
+    nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl
+    sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve
+    vi vo wa wo xh yi yo za zh zu ast ckb dsb hsb kab udm
+"""
+_LANGUAGES: Final = frozenset(_LANGUAGE_CODES.split())
+
+
+def _is_language(segment: str) -> bool:
+    match = _LANGUAGE_SEGMENT.fullmatch(segment)
+    return match is not None and match[1].lower() in _LANGUAGES
 
 
 def _same_page_elsewhere(path: str, target: str) -> bool:
@@ -251,7 +269,7 @@ def _page_forms(path: str) -> set[str]:
     segments = path.split("/")
     forms = {path.rstrip("/")}
     for index, segment in enumerate(segments):
-        if _LANGUAGE_SEGMENT.fullmatch(segment) is not None:
+        if _is_language(segment):
             forms.add("/".join(segments[:index] + segments[index + 1 :]).rstrip("/"))
     return forms
 

@@ -41,7 +41,7 @@ from ._core import (
     viewed_conversation,
 )
 from ._events import ENGAGE, INITIALIZE, new_event
-from ._facts import TrustedProxies, client_ip, forwarded_scheme, names_address
+from ._facts import TrustedProxies, forwarded_client_ip, forwarded_scheme, names_address
 from ._fork import reset_in_child
 from ._log import logger
 from ._rules import WIDGET, Match
@@ -664,11 +664,10 @@ def _reading(
 ) -> tuple[str | None, str]:
     """The IP and scheme the middleware records for a request from ``peer`` over
     ``scheme`` with these forwarding headers (as _facts and the conversation read them)."""
+    # Remembered as the conversation's own IP is: this runs for every event while ProxyFix
+    # agrees (never warned), and a visitor's next events then walk no header again.
+    address = forwarded_client_ip(peer, forwarding, trusted)
     forwarded, forwarded_for, real_ip = forwarding
-    address = client_ip(
-        peer, forwarded=forwarded, x_forwarded_for=forwarded_for, x_real_ip=real_ip,
-        trusted=trusted,
-    )  # fmt: skip
     if forwarded or proto:
         addressed = bool(forwarded) and (names_address(forwarded_for) or names_address(real_ip))
         scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed)

@@ -15,9 +15,15 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 from werkzeug.serving import make_server
 
+from agentsight_middleware import AgentSightMiddleware
 from agentsight_middleware._report import build_report
+from examples.common import reply_to, widget_page
 from examples.demo import create_app
 
 from .conftest import CHROME_LINUX, IPHONE, serving, uvicorn_server
@@ -238,3 +244,55 @@ def test_a_page_left_open_past_the_cookie_s_life_chats_on_its_view_s_conversatio
     assert used["conversation_id"] == view["conversation_id"]
     report = build_report(db)
     assert (report.initialized, report.used, report.used_without_page_view) == (1, 1, 0)
+
+
+def test_the_widget_chats_with_an_api_on_another_origin_that_allows_the_readme_s_headers(
+    browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Django page sets csrftoken; its widget posts to an API on another origin whose CORS
+    # lists the headers the README names. The widget added X-CSRFToken there too: the
+    # preflight was refused and no chat got through (and the page's token went elsewhere).
+    from starlette.middleware.cors import CORSMiddleware
+
+    monkeypatch.delenv("AGENTSIGHT_API_KEY", raising=False)
+    seen: list[str | None] = []
+
+    async def chat_view(request: Request) -> Response:
+        seen.append(request.headers.get("x-csrftoken"))
+        data = await request.json()
+        return JSONResponse({"reply": reply_to(str(data.get("message", "")))})
+
+    api = CORSMiddleware(
+        AgentSightMiddleware(
+            Starlette(routes=[Route("/api/chat", chat_view, methods=["POST"])]),
+            chat_routes=["POST /api/chat"],
+            local_store=tmp_path / "api.sqlite3",
+        ),
+        allow_origin_regex=r"http://127\.0\.0\.1:[0-9]+",
+        allow_methods=["POST"],
+        allow_headers=["X-Conversation-ID"],
+    )
+    with uvicorn_server(api) as api_url:
+
+        async def index(request: Request) -> Response:
+            page = HTMLResponse(widget_page(api_url + "/api/chat"))
+            page.set_cookie("csrftoken", "s3cretToken0123456789abcdefABCDEF", samesite="lax")
+            return page
+
+        site = AgentSightMiddleware(
+            Starlette(routes=[Route("/", index)]),
+            widget_pages=["/"],
+            local_store=tmp_path / "site.sqlite3",
+        )
+        with uvicorn_server(site) as url:
+            context = browser.new_context(user_agent=CHROME_LINUX)
+            page = context.new_page()
+            page.goto(url + "/")
+            assert "csrftoken=" in page.evaluate("document.cookie")
+            page.click("#chat-toggle")
+            page.fill("#message", "hello")
+            page.press("#message", "Enter")
+            page.wait_for_selector("#log p.bot", timeout=10_000)
+            assert page.inner_text("#log p.bot") == "You said: hello"
+            context.close()
+    assert seen == [None]

@@ -414,3 +414,31 @@ def test_chromium_sent_on_by_locale_middleware(
         assert (views, cookies) == ([], [])
         [told] = _ours(caplog)
         assert "write '/en/', '/fr/', or one rule: re.compile(r'/(?:en|fr)/')" in told, told
+
+
+@pytest.mark.parametrize("home", ["/me", "/hq/", "/go"])
+def test_a_signed_in_visitor_sent_to_a_two_letter_page_says_nothing(
+    home: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "/" sends signed-in visitors to their own page, named with two letters: those read as
+    # a language segment taken out ("/me" less "me" is "/"), so their redirects were told
+    # as the page served elsewhere, advising a page that shows no widget.
+    from flask import Flask, redirect, request
+
+    site = Flask("site")
+
+    @site.get("/")
+    def home_page() -> Any:
+        if "session" in request.cookies:
+            return redirect(home)
+        return "<!doctype html><title>Welcome</title>"
+
+    tracker = RecordingTracker()
+    app = AgentSightWSGIMiddleware(site, widget_pages=["/"], tracker=tracker)
+    with caplog.at_level(logging.WARNING), _serve(app, True) as url:
+        for _ in range(5):
+            answer = httpx.get(url + "/", headers={**BROWSER, "cookie": "session=1"})
+            assert answer.headers["location"] == home, answer.headers
+        assert httpx.get(url + "/", headers=BROWSER).status_code == 200
+        tracker.wait_for(initialized=1)
+    assert _redirect_warnings(caplog) == []

@@ -284,3 +284,37 @@ def test_a_request_proxy_fix_left_alone_sets_off_no_warning(
     assert not _proxy_fix_warnings(caplog)
     assert wsgi_module._proxy_fix_warned is False
     assert tracker.initialized[0]["customer_ip_address"] == CLIENT
+
+
+def test_proxy_fix_in_front_that_agrees_costs_no_walk_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # While ProxyFix agrees it is never warned about, so both readings were worked out for
+    # every event in the worker: two walks of the forwarding headers an event, uncached,
+    # beside the conversation's own remembered one. A returning visitor now walks none.
+    import agentsight_middleware._facts as facts_module
+
+    monkeypatch.setattr(wsgi_module, "_proxy_fix_warned", False, raising=False)
+    walks: list[str | None] = []
+    walk = facts_module.client_ip
+
+    def counted(peer: str | None, **headers: Any) -> str | None:
+        walks.append(peer)
+        return walk(peer, **headers)
+
+    monkeypatch.setattr(facts_module, "client_ip", counted)
+    monkeypatch.setattr(wsgi_module, "client_ip", counted, raising=False)
+    tracker = RecordingTracker()
+    app = ProxyFix(_tracked(tracker, trusted_proxies=["127.0.0.1"]), x_for=1, x_proto=1)
+    with (
+        _werkzeug(app) as upstream,
+        _nginx(upstream, "x-forwarded-for+x-forwarded-proto") as url,
+        _client(url) as client,
+    ):
+        for count in range(1, 6):
+            client.cookies.clear()  # a new visit each time, from the same address
+            assert client.get("/", headers=BROWSER).status_code == 200
+            tracker.wait_for(initialized=count)
+    assert [call["customer_ip_address"] for call in tracker.initialized] == [CLIENT] * 5
+    # Once from the address ProxyFix handed over, once from the proxy's: not once an event.
+    assert sorted(walks, key=str) == sorted([CLIENT, "127.0.0.1"], key=str), walks
