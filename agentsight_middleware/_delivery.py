@@ -264,8 +264,14 @@ class BackgroundDelivery:
         self._started = False
         self._intake: deque[Event] = deque()
         # Chat events waiting for their answer, oldest first (each waits ANSWER_WAIT):
-        # appended by the request path, taken by the worker only.
+        # appended by the request path, taken by the worker (and by a request thread at a
+        # full deque, see hold()).
         self._held: deque[HeldChat] = deque()
+        # Taken around every take from _held: a request thread's pass at a full deque has a
+        # chat out of it for a moment, and shutdown's last pass, made then, missed it: its
+        # request's end queued it after the worker had ended (lost, uncounted). Never taken
+        # by the usual request, which only appends.
+        self._settling = threading.Lock()
         self._holding = 0  # events taken from the intake, in the sink's put() now
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -300,6 +306,7 @@ class BackgroundDelivery:
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._intake = deque()
         self._held = deque()
+        self._settling = threading.Lock()  # may have been held by another thread at fork time
         self._parked = None
         # The parent's counts are not this process's: its events were the parent's to send.
         self.enqueued = self.dropped = self.skipped_bots = self.errors = 0
@@ -350,7 +357,7 @@ class BackgroundDelivery:
             if len(waiting) >= self._held_max:
                 # Only chats of the last second left: the oldest is settled now (as a
                 # chat, if its answer has not come), so that the deque stays bounded.
-                with contextlib.suppress(IndexError):  # the worker took it meanwhile
+                with self._settling, contextlib.suppress(IndexError):  # none left meanwhile
                     waiting.popleft().settle()
         held = HeldChat(self, event, now + ANSWER_WAIT)
         waiting.append(held)
@@ -360,11 +367,10 @@ class BackgroundDelivery:
         """Queue the held chats that have waited long enough (all of them at shutdown),
         and forget those their answer settled."""
         held = self._held
-        # Taken, then looked at: the worker and a request thread (hold() at a full deque)
-        # may both be here, and a look at held[0] then a popleft() could take another one,
-        # still waiting for its answer, and settle it as a chat.
-        # (IndexError: emptied meanwhile by the other thread.)
-        with contextlib.suppress(IndexError):
+        # One pass at a time (see _settling): the worker and a request thread (hold() at a
+        # full deque) may both come here, and one's pass must not miss a chat the other
+        # has out. (Taken, then looked at, as before the lock: the guard costs nothing.)
+        with self._settling, contextlib.suppress(IndexError):
             while held:
                 chat = held.popleft()
                 if chat.waiting and chat.due > now:

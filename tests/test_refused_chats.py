@@ -9,6 +9,7 @@ the client left), is a chat. Real servers, real frameworks, the local store.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -569,3 +570,97 @@ def test_a_small_queue_size_still_tells_a_refusal_from_a_chat(
         stats = mw.stats()
     assert _used(db) == ["conv_00000000chat1", "conv_00000000chat2", "conv_00000000chat3"]
     assert (stats["refused_chats"], stats["enqueued"]) == (1, 3)
+
+
+def test_a_chat_a_request_thread_has_in_hand_at_shutdown_is_still_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At a full deque of held chats, a request thread settles what has waited long enough
+    # itself: it takes the oldest out, and puts it back when it must wait on. Shutdown's
+    # last pass over the deque, made meanwhile, did not see it: the worker ended, and the
+    # chat, settled by its own request's end, went to an intake no worker read (lost,
+    # uncounted). Forced here: the request thread is held with the chat in its hand until
+    # the worker's last pass is over, or waits for it.
+    from collections import deque
+
+    from agentsight_middleware._delivery import BackgroundDelivery, HeldChat
+
+    monkeypatch.setattr("agentsight_middleware._delivery.ANSWER_WAIT", 60.0)  # no early end
+    chats = ("conv_000000000one", "conv_000000000two", "conv_00000000third")
+    answering = {cid: threading.Event() for cid in chats}
+    started = {cid: threading.Event() for cid in chats}
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        cid = environ["HTTP_X_CONVERSATION_ID"]
+        if cid in answering:
+            started[cid].set()
+            answering[cid].wait(30)  # the app still works on it
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"reply": "hi"}']
+
+    db = tmp_path / "events.sqlite3"
+    mw = AgentSightWSGIMiddleware(app, chat_routes=["POST /api/chat"], local_store=db, queue_size=2)
+    core_delivery = mw._core.delivery
+    assert isinstance(core_delivery, BackgroundDelivery)
+    delivery: BackgroundDelivery = core_delivery  # (kept narrowed in the hooks below)
+    in_hand, last_pass = threading.Event(), threading.Event()
+
+    class Hooked(deque[HeldChat]):
+        def popleft(self) -> HeldChat:
+            chat = super().popleft()
+            if threading.current_thread() is not delivery._thread and not in_hand.is_set():
+                in_hand.set()  # a request thread took the oldest, still waiting
+                assert last_pass.wait(20)
+            return chat
+
+    class Watched:
+        """The lock around the passes over the held chats: the worker waiting at it,
+        stopping, is its last pass waiting for the request thread."""
+
+        def __init__(self) -> None:
+            self._lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            if threading.current_thread() is delivery._thread and delivery._stopping.is_set():
+                last_pass.set()
+            self._lock.acquire()
+
+        def __exit__(self, *exc_info: object) -> None:
+            self._lock.release()
+
+    settle_held = delivery._settle_held
+
+    def watched_settle_held(now: float) -> None:
+        settle_held(now)
+        if now == math.inf:
+            last_pass.set()  # the last pass is over
+
+    delivery._held = Hooked()
+    delivery._settling = Watched()  # type: ignore[assignment]
+    delivery._settle_held = watched_settle_held  # type: ignore[method-assign]
+    with _werkzeug(mw) as url, ThreadPoolExecutor(4) as pool:
+        asked = []
+        for cid in chats:
+            asked.append(pool.submit(httpx.post, f"{url}/api/chat", headers={ID: cid}, timeout=30))
+            # The third finds the deque full: its thread takes the oldest in hand.
+            assert (in_hand if cid == chats[2] else started[cid]).wait(10)
+        worker = delivery._thread
+        assert worker is not None
+        delivery.stop()  # the worker's last pass, now
+        worker.join(30)
+        assert not worker.is_alive()
+        for release in answering.values():
+            # Their requests end while the worker is gone and close() has yet to return
+            # (as while the worker drains the sink at its end): settled before, or now, into
+            # an intake no worker reads any more.
+            release.set()
+        for answer in asked:
+            assert answer.result(30).status_code == 200
+        waiting = delivery.stats()["queued"]
+        mw.close()
+    stored = _used(db)
+    assert stored[:2] == ["conv_000000000one", "conv_000000000two"]  # one was lost
+    assert waiting == 0  # was 1: the chat no worker would ever take
+    # The third, held as the worker ended, is sent or counted (queue_size is 2).
+    assert len(stored) + mw.stats()["dropped"] == 3

@@ -7,8 +7,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -850,40 +851,104 @@ def test_send_leaves_no_lock_file_behind(
     assert not Path(f"{db}.send-lock").exists()
 
 
-def test_the_send_lock_still_keeps_runs_apart_while_each_removes_it(tmp_path: Path) -> None:
-    # A run removes its lock files at its end: another run that opened the file just
-    # before then locks a file no longer at its name, and must take the new one, or two
-    # runs (it and a third that made the new one) would send at once.
-    from agentsight_middleware._replay import ReplayBusyError, _only_sender
+def test_the_send_lock_still_keeps_runs_apart_while_each_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run removes its lock files at its end: another run that opened a file just before
+    # then locks one no longer at its name, and must take the new one, or two runs (it and
+    # a third that made the new one) would send at once. The runs are threads with real
+    # files and real flock, held between opening a lock file and locking it, in the order
+    # that lets two of them in when a lock on a removed file counts: B opens the file
+    # beside the events file (A's) and locks it once A has removed it; C makes a new one,
+    # takes both locks while B waits to lock the inode lock it opened meanwhile, and
+    # removes them; D makes new ones while B holds the old. (Hoped for from 4 threads
+    # looping, that order came in 1 run of 3 with the re-check removed.)
+    from agentsight_middleware import _replay
 
     db = _file(tmp_path / "events.sqlite3", 1)
-    inside: list[int] = []
-    overlaps: list[int] = []
-    runs: list[int] = []
+    take_lock = _replay._take_lock
+    held_before_lock: dict[tuple[str, int], threading.Event] = {}
+    opened: dict[tuple[str, int], threading.Event] = {}
+    locks_taken: dict[str, int] = {}
+
+    def point(run: str, lock: int) -> tuple[threading.Event, threading.Event]:
+        key = (run, lock)
+        return opened.setdefault(key, threading.Event()), held_before_lock.setdefault(
+            key, threading.Event()
+        )
+
+    def hooked_take_lock(
+        held: contextlib.ExitStack,
+        opener: Callable[[], tuple[str, TextIO] | None],
+        busy: str,
+    ) -> bool:
+        run = threading.current_thread().name
+        lock = locks_taken[run] = locks_taken.get(run, 0) + 1  # 1: beside, 2: by inode
+        tries = [0]
+
+        def hooked_opener() -> tuple[str, TextIO] | None:
+            result = opener()
+            tries[0] += 1
+            if run == "B" and tries[0] == 1:  # only its first open of each is held
+                was_opened, go = point(run, lock)
+                was_opened.set()
+                assert go.wait(10)
+            return result
+
+        return take_lock(held, hooked_opener, busy)
+
+    monkeypatch.setattr(_replay, "_take_lock", hooked_take_lock)
+    inside: set[str] = set()
+    together: list[set[str]] = []
+    refused: list[str] = []
+    entered = {name: threading.Event() for name in "ABCD"}  # in, or refused
+    leave = {name: threading.Event() for name in "ABCD"}
     guard = threading.Lock()
-    start = threading.Barrier(4)
 
-    def runner(n: int) -> None:
-        start.wait()
-        for _ in range(300):
-            try:
-                with _only_sender(db):
-                    with guard:
-                        inside.append(n)
-                        if len(inside) > 1:
-                            overlaps.append(n)
-                    time.sleep(0)  # let the others try meanwhile
-                    with guard:
-                        inside.remove(n)
-                        runs.append(n)
-            except ReplayBusyError:
-                pass
+    def run() -> None:
+        name = threading.current_thread().name
+        try:
+            with _replay._only_sender(db):
+                with guard:
+                    inside.add(name)
+                    if len(inside) > 1:
+                        together.append(set(inside))
+                entered[name].set()
+                assert leave[name].wait(10)
+                with guard:
+                    inside.discard(name)
+        except _replay.ReplayBusyError:
+            refused.append(name)
+            entered[name].set()
 
-    threads = [threading.Thread(target=runner, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert overlaps == []
-    assert runs  # some runs went through
+    threads = {name: threading.Thread(target=run, name=name, daemon=True) for name in "ABCD"}
+
+    def start(name: str) -> None:
+        threads[name].start()
+
+    def finish(name: str) -> None:
+        leave[name].set()
+        threads[name].join(10)
+        assert not threads[name].is_alive()
+
+    start("A")
+    assert entered["A"].wait(10)
+    start("B")
+    b_beside_opened, b_beside_go = point("B", 1)
+    assert b_beside_opened.wait(10)  # B opened A's file beside the events file
+    finish("A")  # A removes its files
+    b_inode_opened, b_inode_go = point("B", 2)
+    b_beside_go.set()  # B locks the file it opened, removed by now
+    assert b_inode_opened.wait(10)  # and opened the inode lock, not locked yet
+    start("C")
+    assert entered["C"].wait(10)  # refused, unless B's lock on a removed file counted
+    finish("C")  # C, if in, removes the lock files B opened
+    b_inode_go.set()
+    assert entered["B"].wait(10)
+    start("D")
+    assert entered["D"].wait(10)
+    finish("D")
+    finish("B")
+    assert together == []  # was [{"B", "D"}] with the re-check removed
+    assert sorted(refused) == ["C", "D"]
     assert not Path(f"{db}.send-lock").exists()
