@@ -77,10 +77,10 @@ def build_payload(event: Event, *, source: str | None, environment: str | None) 
 #: (its answer holds the conversation) would pass the client's 1 MiB limit on answers.
 MAX_EVENT_CHARS = 64 * 1024
 
-#: The metadata keys the middleware writes (Conversation.metadata); the others are a hook's.
-OWN_METADATA = frozenset(
-    {"page_path", "page_url", "referrer", "user_agent", "rule", "conversation_id_source"}
-)
+#: The metadata keys the middleware writes, in Conversation.metadata's order; the others are
+#: a hook's.
+_OWN_KEYS = ["page_path", "page_url", "referrer", "user_agent", "rule", "conversation_id_source"]
+OWN_METADATA = frozenset(_OWN_KEYS)
 
 
 def without_extra_metadata(payload: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def encode_event(payload: dict[str, Any], encode: Callable[[Any], str]) -> tuple
     return body, note
 
 
-#: The keys build_payload writes, in its order; and Conversation.metadata's without a hook's.
+#: The keys build_payload writes, in its order.
 _KEYS = [
     "timestamp",
     "conversation_id",
@@ -148,7 +148,6 @@ _KEYS = [
     "metadata",
     "is_used",
 ]
-_OWN_KEYS = ["page_path", "page_url", "referrer", "user_agent", "rule", "conversation_id_source"]
 
 
 def own_json(payload: dict[str, Any]) -> str | None:
