@@ -45,7 +45,7 @@ from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import (
     _MAX_HOPS,
     TrustedProxies,
-    forwarded_scheme,
+    client_scheme,
     hop_address_and_port,
     names_address,
     peer_address,
@@ -660,14 +660,14 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
         if forwarding[1] is not None and peer is not None and not _rewrite_warned:
             _warn_if_rewritten(peer, client[1], forwarding[1], trusted)
         if forwarded is not None or proto is not None:
-            scheme = forwarded_scheme(
+            scheme = client_scheme(
                 scheme,
-                forwarding[0],
-                None if proto is None else proto.decode("latin-1"),
-                peer,
-                trusted,
-                forwarded is not None
-                and (names_address(forwarding[1]) or names_address(forwarding[2])),
+                forwarded=forwarding[0],
+                x_forwarded_proto=None if proto is None else proto.decode("latin-1"),
+                peer=peer,
+                trusted=trusted,
+                x_forwarded_for=forwarding[1],
+                x_real_ip=forwarding[2],
             )
     return (
         peer,
@@ -796,7 +796,7 @@ def _content_type(headers: Any) -> str | None:
 def _location(headers: Any) -> str | None:
     """The response's ``Location``, for a redirect (not on the way of a page)."""
     for name, value in headers:
-        if isinstance(name, (bytes, bytearray, memoryview)) and bytes(name).lower() == b"location":
+        if _lower_name(name) == b"location":
             # An IRI's UTF-8 bytes read as text, as rules match paths.
             return _latin1(value).decode("utf-8", "replace")
     return None
@@ -887,8 +887,15 @@ def _read(name: Any) -> int | None:
     """What ``_READ`` says of a name not sent in lower case, or not as ``bytes`` (a
     ``bytearray`` or ``memoryview`` reads as its bytes; a ``str`` is no header name we
     read)."""
+    lower = _lower_name(name)
+    return None if lower is None else _READ.get(lower)
+
+
+def _lower_name(name: Any) -> bytes | None:
+    """A header name in lower case, from ``bytes``, a ``bytearray`` or a ``memoryview``;
+    None for anything else (a ``str`` is no ASGI header name)."""
     if isinstance(name, (bytes, bytearray, memoryview)):
-        return _READ.get(bytes(name).lower())
+        return bytes(name).lower()
     return None
 
 

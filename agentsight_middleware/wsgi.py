@@ -41,7 +41,12 @@ from ._core import (
     viewed_conversation,
 )
 from ._events import ENGAGE, INITIALIZE, new_event
-from ._facts import TrustedProxies, forwarded_client_ip, forwarded_scheme, names_address
+from ._facts import (
+    TrustedProxies,
+    client_scheme,
+    forwarded_client_ip,
+    names_address,
+)
 from ._fork import reset_in_child
 from ._log import logger
 from ._rules import WIDGET, Match
@@ -644,9 +649,7 @@ def _facts(raw: tuple[Any, ...]) -> tuple[Any, ...]:
         forwarding = (forwarded, forwarded_for, real_ip)
         if proxy_fixed is not None and not _proxy_fix_warned:
             _warn_if_proxy_fixed(peer, scheme, proxy_fixed, trusted, forwarding, proto)
-        if forwarded or proto:
-            addressed = bool(forwarded) and (names_address(forwarded_for) or names_address(real_ip))
-            scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed)
+        scheme = _client_scheme(peer, scheme, forwarding, proto, trusted)
     return (peer, user_agent, language, scheme, host, query, referer, forwarding, trusted)
 
 
@@ -667,11 +670,17 @@ def _reading(
     # Remembered as the conversation's own IP is: this runs for every event while ProxyFix
     # agrees (never warned), and a visitor's next events then walk no header again.
     address = forwarded_client_ip(peer, forwarding, trusted)
+    return address, _client_scheme(peer, scheme, forwarding, proto, trusted)
+
+
+def _client_scheme(
+    peer: Any, scheme: Any, forwarding: tuple[Any, Any, Any], proto: Any, trusted: TrustedProxies
+) -> str:
     forwarded, forwarded_for, real_ip = forwarding
-    if forwarded or proto:
-        addressed = bool(forwarded) and (names_address(forwarded_for) or names_address(real_ip))
-        scheme = forwarded_scheme(scheme, forwarded, proto, peer, trusted, addressed)
-    return address, scheme
+    return client_scheme(
+        scheme, forwarded=forwarded, x_forwarded_proto=proto, peer=peer, trusted=trusted,
+        x_forwarded_for=forwarded_for, x_real_ip=real_ip,
+    )  # fmt: skip
 
 
 def _warn_if_proxy_fixed(
