@@ -225,7 +225,7 @@ class MiddlewareBase:
             else ``AGENTSIGHT_ENVIRONMENT``, or ``"production"`` without it.
         :param customer_id: ``callable(request) -> id | None`` for signed-in users.
         :param metadata: a dict, or ``callable(request) -> dict``, merged into the metadata.
-        :param tracker_timeout: seconds a chat request waits for the tracker at most (ASGI).
+        :param tracker_timeout: seconds a chat request waits for the tracker at most.
         :param queue_size: events waiting in memory for the background worker at most,
             and as many again waiting for the API (no outbox); past that the newest
             are dropped and counted.

@@ -55,10 +55,16 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 def normalise_environment(value: str, *, argument: str = "environment") -> str:
     slug = _ENVIRONMENTS.get(value.strip().lower()) if isinstance(value, str) else None
     if slug is None:
-        raise ValueError(
-            f"{argument}={value!r} is not an AgentSight environment; "
-            "use 'production' or 'development' (or 'prod' / 'dev')"
-        )
+        fix = "use 'production' or 'development' (or 'prod' / 'dev')"
+        if argument == "environment" and isinstance(value, str) and value.strip():
+            # With tracker=, the SDK reads the variable itself, and sends what it holds: an
+            # environment of the agent's own (0.1.x checks it against them) works there.
+            fix += (
+                f", the two every agent has; for an environment your agent has of its own, "
+                f"pass the SDK as tracker=, leave environment= out and set "
+                f"AGENTSIGHT_ENVIRONMENT={value.strip()!r}: the SDK reads it"
+            )
+        raise ValueError(f"{argument}={value!r} is not an AgentSight environment; {fix}")
     return slug
 
 

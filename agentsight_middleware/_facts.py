@@ -183,13 +183,13 @@ class TrustedProxies:
         "_contains",
         "_enabled",
         "_everyone",
+        "_header",
         "_hops",
         "_ipv4_networks",
         "_literals",
         "_networks",
         "_peers",
         "_trust_all",
-        "header",
     )
 
     def __init__(
@@ -202,7 +202,9 @@ class TrustedProxies:
             raise ValueError(
                 f"trusted_proxy_header must be one of {', '.join(_HEADER_CHOICES)}, got {header!r}"
             )
-        self.header: ForwardedHeader = header
+        # Read-only, as everything here: the caches below (_clients) hold answers read
+        # with this header and would go on giving them if it changed.
+        self._header: ForwardedHeader = header
         self._trust_all = False
         self._hops = 0
         literals: set[str] = set()
@@ -324,6 +326,11 @@ class TrustedProxies:
                 f"(host names are not resolved), {_ENTRY_EXAMPLES}"
             )
         literals.add(address)
+
+    @property
+    def header(self) -> ForwardedHeader:
+        """The forwarding header read (``"auto"``: see the class docstring)."""
+        return self._header
 
     @property
     def hop_count(self) -> int:
@@ -457,7 +464,7 @@ def _hop_chain(
 ) -> list[str | None] | None:
     """The forwarding chain (left = farthest), or None if a present header is unusable.
     ``mode``: the header to read (``trusted.header`` when None)."""
-    mode = trusted.header if mode is None else mode
+    mode = trusted._header if mode is None else mode
     limit = max(_MAX_HOPS, trusted.hop_count)
     if mode in ("auto", "forwarded") and forwarded and forwarded.strip():
         elements = _forwarded_elements(forwarded)
@@ -614,7 +621,7 @@ def client_ip(
         # Anyone can send forwarding headers; only a proxy we trust may vouch for them.
         return peer_address
 
-    if trusted.header == "auto" and (
+    if trusted._header == "auto" and (
         (forwarded is not None) + (x_forwarded_for is not None) + (x_real_ip is not None) > 1
     ):
         by_header = _auto_chains(trusted, forwarded, x_forwarded_for, x_real_ip)
@@ -773,7 +780,7 @@ def forwarded_scheme(
         return scheme  # the common case for direct traffic, decided without the peer
     if not trusted.peer_is_proxy(peer):
         return scheme
-    mode = trusted.header
+    mode = trusted._header
     if mode in ("auto", "forwarded") and forwarded and not forwarded.isspace():
         elements = _forwarded_elements(forwarded)
         if mode == "forwarded":

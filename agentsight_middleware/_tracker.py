@@ -7,13 +7,15 @@
   many it takes at once (``agentsight_initialize_threads``, 8 for the classic SDK).
 - ``get_or_create_conversation`` (chat request) runs *before* the app handles the
   request and is waited for, so that a handler using the SDK finds the
-  conversation in place. Coroutine methods are awaited; blocking ones go to a
-  thread under ASGI, never onto the event loop.
+  conversation in place, for ``tracker_timeout`` at most. Coroutine methods are
+  awaited; blocking ones go to a thread of their own (never onto the event loop under
+  ASGI, nor held by the request's thread under WSGI).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import inspect
 import json
 import sys
@@ -27,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from ._dispatch import Dispatcher
 from ._events import Event, is_robot_view, tracker_kwargs
 from ._fork import reset_in_child
-from ._log import LogOnce
+from ._log import AGAIN_EVERY, LogOnce
 from ._payload import OWN_METADATA, encode_event
+from ._threads import DaemonThreads
 
 if TYPE_CHECKING:
     import asyncio
@@ -266,6 +269,16 @@ class TrackerDelivery:
         self._scope: Callable[..., AbstractContextManager[Any]] | None = (
             scope if callable(scope) else None
         )
+        retry_in = getattr(tracker, "agentsight_retry_in", None)
+        #: The tracker's say on a failed page view (see _initialize_with_retries); only
+        #: when its class has one (a MagicMock answers any name).
+        self._retry_in: Callable[[BaseException, int], float | None] | None = (
+            retry_in
+            if callable(retry_in) and hasattr(type(tracker), "agentsight_retry_in")
+            else None
+        )
+        #: Set by close(): retries stop waiting, and the page view is given up.
+        self._closing = threading.Event()
         flush_hook = getattr(tracker, "agentsight_flush", None)
         #: The tracker's own flush (see _flush_tracker), or None.
         self._flush_hook: Callable[[float], Any] | None = (
@@ -295,10 +308,17 @@ class TrackerDelivery:
         # returns, not when the request stops waiting for it, so a hung tracker
         # holds at most this many threads (and chat requests go on without it).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
+        # Under WSGI, where blocking engage calls run (see _engage_in_thread).
+        self._engage_threads = DaemonThreads(ENGAGE_THREADS, "agentsight-tracker-engage")
         self.skipped_bots = 0
         self.errors = 0
         self.timeouts = 0
         self.dropped = 0
+        self.slow = 0
+        self.retried = 0
+        # When a slow page view was last said (see _slow), and self.slow then.
+        self._slow_said: float | None = None
+        self._slow_told = 0
         # A coroutine tracker's page views running on the app's loop: flush() and close()
         # wait for them, as they wait for the worker's queue.
         self._flying: dict[Future[Any], asyncio.AbstractEventLoop] = {}
@@ -317,6 +337,7 @@ class TrackerDelivery:
 
     def _after_fork(self) -> None:
         self._flush_lock = threading.Lock()
+        self._closing = threading.Event()
         # The parent's page views ran on loops this process does not have.
         self._flying = {}
         self._flying_lock = threading.Lock()
@@ -327,7 +348,10 @@ class TrackerDelivery:
         # The parent's engage calls hold slots their threads, not here, would give back; and
         # the parent's counts are not this process's (the dispatcher's are reset too).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
-        self.skipped_bots = self.errors = self.timeouts = self.dropped = 0
+        self._engage_threads = DaemonThreads(ENGAGE_THREADS, "agentsight-tracker-engage")
+        self.skipped_bots = self.errors = self.timeouts = self.dropped = self.slow = 0
+        self.retried = 0
+        self._slow_said, self._slow_told = None, 0
 
     def _own_loop(self) -> asyncio.AbstractEventLoop:
         import asyncio
@@ -384,7 +408,7 @@ class TrackerDelivery:
                 self._start_initialize(self._initialize(**kwargs), loop)
                 return
             started = time.monotonic()
-            result = self._initialize(**kwargs)
+            result = self._initialize_with_retries(kwargs)
             if inspect.isawaitable(result):
                 # A coroutine function behind a plain decorator: awaited as one from now on.
                 self._initialize_is_async = True
@@ -393,17 +417,48 @@ class TrackerDelivery:
             took = time.monotonic() - started
             if took > self._timeout:
                 # A blocking call cannot be cut short: it held one of the worker's
-                # threads all along. Counted and said, as a coroutine's time-out is.
-                self._count("timeouts")
-                self.log_once(
-                    f"tracker.initialize_conversation() (took {took:.1f} s, over "
-                    f"tracker_timeout={self._timeout:g} s)",
-                    TimeoutError(),
-                )
+                # threads all along. It succeeded, so it is no failure: counted as
+                # processed (and slow), and said at WARNING.
+                self._slow(took)
         except BaseException as exc:
             # Any BaseException: a tracker's CancelledError (or gevent's Timeout) once
             # stopped the worker for good.
             self._failed(exc)
+
+    def _initialize_with_retries(self, kwargs: dict[str, Any]) -> Any:
+        """A blocking page view, made again after a failure the tracker says is worth it
+        (``agentsight_retry_in(exc, attempt)``: seconds to wait, or None): the classic SDK
+        sends a 503's or 429's page view once, and it was lost where the built-in client
+        retries. In the worker, never a chat request's time; a close() ends the waiting."""
+        attempt = 1
+        while True:
+            try:
+                return self._initialize(**kwargs)
+            except Exception as exc:
+                wait = self._retry_in(exc, attempt) if self._retry_in is not None else None
+                if wait is None or self._closing.wait(wait):
+                    raise
+            self._count("retried")
+            attempt += 1
+
+    def _slow(self, took: float) -> None:
+        """A page view that succeeded after ``tracker_timeout``: said the first time, then
+        once every AGAIN_EVERY seconds at most with how many there were, as LogOnce does."""
+        now = time.monotonic()
+        with self._count_lock:
+            self.slow += 1
+            if self._slow_said is not None and now - self._slow_said < AGAIN_EVERY:
+                return
+            since, self._slow_said, self._slow_told = self.slow - self._slow_told, now, self.slow
+        from ._log import logger
+
+        logger.warning(
+            "tracker.initialize_conversation() took %.1f s, over tracker_timeout=%g s, and "
+            "succeeded (%d such page view(s) since last said, counted in stats()['slow'])",
+            took,
+            self._timeout,
+            since,
+        )
 
     def _start_initialize(self, call: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         """Run a coroutine tracker's call on the app's loop (it may hold loop-bound
@@ -467,7 +522,7 @@ class TrackerDelivery:
     # -- chat requests: before the handler -----------------------------------------
 
     def engage_sync(self, event: Event) -> None:
-        """Under WSGI: in the request's own thread, so the SDK's state is set for the handler."""
+        """Under WSGI: before the handler, bounded by ``tracker_timeout``."""
         if self._skip_engage:
             return
         import asyncio
@@ -477,7 +532,7 @@ class TrackerDelivery:
             if self._engage_is_async:
                 self._wait_on_own_loop(self._engage(**kwargs))
             else:
-                result = self._engage(**kwargs)
+                result = self._engage_in_thread(kwargs)
                 if inspect.isawaitable(result):
                     self._engage_is_async = True  # behind a plain decorator
                     self._wait_on_own_loop(result)
@@ -492,6 +547,39 @@ class TrackerDelivery:
             # request (gevent's Timeout) must still cut it short.
             self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
+
+    def _engage_in_thread(self, kwargs: dict[str, Any]) -> Any:
+        """A blocking call, in a thread of its own with a copy of the request's context,
+        waited for ``tracker_timeout`` at most, as under ASGI: in the request's thread, a
+        hung tracker held the request (and the server's worker) for as long as it hung.
+        State a tracker sets for the handler belongs in its ``conversation_scope``, which
+        is entered in the request's thread."""
+        if not self._engage_slots.acquire(blocking=False):
+            self._count("timeouts")
+            self.log_once(
+                f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
+                "calls still running)",
+                TimeoutError(),
+            )
+            return None
+        slots = self._engage_slots
+
+        def call() -> Any:
+            try:
+                return self._engage(**kwargs)
+            except BaseException as exc:
+                if _tracker_failure(exc):
+                    raise
+                # Raised in the tracker's thread, not this request's: not a time limit of
+                # the server's on this request, but the tracker's failure.
+                raise RuntimeError(f"the tracker raised {exc!r}") from exc
+            finally:
+                slots.release()
+
+        # Threads kept for the next call (a thread started per call cost ~0.4 ms a chat),
+        # daemons: a hung call must not hold up the interpreter's exit.
+        future = self._engage_threads.submit(contextvars.copy_context().run, call)
+        return future.result(self._timeout)
 
     def _wait_on_own_loop(self, call: Any) -> None:
         import asyncio
@@ -617,7 +705,14 @@ class TrackerDelivery:
         # One deadline for the queue, the calls on the app's loop and the tracker's own
         # buffer: not shutdown_timeout once per part.
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
-        self._dispatcher.close(timeout)
+        # A page view waiting to be made again is given up rather than hold the shutdown
+        # up (it was failing; the rest of the queue may not be). Only while closing: a
+        # second lifespan's page views are retried again.
+        self._closing.set()
+        try:
+            self._dispatcher.close(timeout)
+        finally:
+            self._closing.clear()
         # Page views a coroutine tracker is still handling on the app's loop: given the
         # time the tracker may take (they time out by then), said when cut short.
         flying = self._waitable()
@@ -766,6 +861,12 @@ class TrackerDelivery:
 
     def stats(self) -> dict[str, int]:
         stats: dict[str, int] = dict(self._dispatcher.stats())
-        stats.update(skipped_bots=self.skipped_bots, errors=self.errors, timeouts=self.timeouts)
+        stats.update(
+            skipped_bots=self.skipped_bots,
+            errors=self.errors,
+            timeouts=self.timeouts,
+            slow=self.slow,
+            retried=self.retried,
+        )
         stats["dropped"] += self.dropped
         return stats

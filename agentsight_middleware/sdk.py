@@ -66,6 +66,7 @@ from typing import Any
 
 from ._fork import reset_in_child
 from ._log import LogOnce, logger
+from ._retry import MIN_RETRY_AFTER, RETRY, THROTTLED, backoff, classify
 
 __all__ = ["AgentSightSDK", "ClassicTracker", "adapt_tracker", "is_classic_tracker"]
 
@@ -346,6 +347,31 @@ class ClassicTracker:
     #: each with blocking HTTP (retries included), and is safe to call from several threads.
     agentsight_initialize_threads = 8
 
+    #: Attempts at a page view the API answered with a 5xx, 408 or 429, at most.
+    page_view_attempts = 4
+
+    def agentsight_retry_in(self, exc: BaseException, attempt: int) -> float | None:
+        """Seconds before the middleware makes failed page view ``attempt`` again, or None.
+
+        The SDK posts a page view once whatever the API answers (a 503 or 429 raises its
+        ``ConversationApiException`` with the ``status_code``), and retries only network
+        errors itself (3 attempts, 1 s and 2 s apart): those are not made again here, nor
+        4xx refusals, which never succeed. Backoff as the built-in client's."""
+        status = getattr(exc, "status_code", None)
+        if (
+            attempt >= self.page_view_attempts
+            or type(exc).__name__ != "ConversationApiException"
+            or not isinstance(status, int)
+        ):
+            return None
+        verdict = classify(status)
+        if verdict == RETRY:
+            return backoff(attempt)
+        if verdict == THROTTLED:
+            # The SDK keeps no Retry-After: the least the built-in client would wait.
+            return max(backoff(attempt), MIN_RETRY_AFTER)
+        return None
+
     #: Seconds an item a chat request stored may wait unsent, with nothing tracked after it,
     #: before it is dropped: a handler may track and send a while after it returned (a
     #: background task), but a request it never tracked (a body it refused, a GET poll on
@@ -597,7 +623,7 @@ class AgentSightSDK:
         self._check_enabled()
         self._sdk.open_conversation(conversation_id, **_sdk_fields(fields))
 
-    #: Tells the middleware to skip the call (and, under ASGI, its thread hop).
+    #: Tells the middleware to skip the call (and its thread hop).
     agentsight_skip_engage = True
 
     def agentsight_flush(self, timeout: float) -> bool:

@@ -326,8 +326,8 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             # (or by the worker, after ANSWER_WAIT).
             handler_scope = pending = hold(event)
         else:
-            # In the request's own thread, before the app: a handler using the SDK
-            # finds the conversation already in place.
+            # Waited for before the app (tracker_timeout at most): a handler using the
+            # SDK finds the conversation already in place.
             delivery = core.delivery
             current = core.current
             token = current.set(conversation)

@@ -1132,7 +1132,12 @@ def test_construction_errors_name_the_argument(tracker: RecordingTracker) -> Non
             lambda: AgentSightMiddleware(make_app(), widget_pages="/", tracker=tracker),
             "widget_pages",
         ),
-        (lambda: wrap(tracker, environment="staging"), "environment='staging'"),
+        (
+            lambda: wrap(tracker, environment="staging"),
+            # Says what to do instead (the SDK reads the variable itself).
+            r"environment='staging' .* leave environment= out and set "
+            r"AGENTSIGHT_ENVIRONMENT='staging'",
+        ),
         (lambda: wrap(tracker, cookie_name="bad name"), "cookie_name"),
         (lambda: wrap(tracker, cookie_max_age=-5), "cookie_max_age"),
         (

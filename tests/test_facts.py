@@ -1504,3 +1504,15 @@ def test_a_path_of_thousands_of_parameters_is_cut_before_it_is_redacted() -> Non
     cut_secret = _facts.redact_path(head + ";jsessionid=0123456789abcdef0123/next")
     assert "jsessionid" not in cut_secret
     assert cut_secret == head
+
+
+def test_trusted_proxies_cannot_change_under_the_client_ip_cache() -> None:
+    # forwarded_client_ip remembers answers read with trusted.header: a header changed after
+    # the first request went on giving the old header's answer for the same request.
+    trusted = TrustedProxies(["10.0.0.0/8"], header="x-forwarded-for")
+    forwarding = ("for=198.51.100.7", "203.0.113.9", None)
+    assert _facts.forwarded_client_ip("10.0.0.2", forwarding, trusted) == "203.0.113.9"
+    with pytest.raises(AttributeError):
+        trusted.header = "forwarded"  # type: ignore[misc]
+    assert trusted.header == "x-forwarded-for"
+    assert _facts.forwarded_client_ip("10.0.0.2", forwarding, trusted) == "203.0.113.9"

@@ -507,3 +507,42 @@ def test_classic_tracker_passes_only_fields_the_sdk_takes() -> None:
 
     ClassicTracker(Old()).initialize_conversation("conv_x", device="mobile", name="n", source="w")
     assert received == [{"conversation_id": "conv_x", "device": "mobile"}]
+
+
+# -- the API failing a page view -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["503", "429"])
+def test_a_page_view_the_api_fails_once_is_made_again(
+    fault: str, api: StandInAgentSightAPI
+) -> None:
+    # The classic SDK posts a page view once whatever the API answers: a 503 or 429 raised
+    # ConversationApiException and the page view was lost, where the built-in client retries.
+    python = app_python("0.0.44")
+    env = {"AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+    [visitor] = make_visitors(1, 1)
+    with serve(python, MODULE, ["flask", "adapter"], env) as url:
+        if fault == "503":
+            api.fail_next(1, status=503)
+        else:
+            api.throttle_next(1, retry_after="1")
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            assert browser.get("/", headers=visitor.headers).status_code == 200
+            conversation_id = browser.cookies.get(COOKIE)
+        api.wait_for(lambda a: a.summary()["initialized"] >= 1, timeout=WAIT)
+    assert [c["conversation_id"] for c in api.conversations] == [conversation_id]
+    assert api.summary()["by_status"] == {fault: 1, "201": 1}
+
+
+def test_a_page_view_the_api_refuses_is_not_made_again(api: StandInAgentSightAPI) -> None:
+    # A 4xx never succeeds: sent once, as the built-in client does.
+    python = app_python("0.0.44")
+    env = {"AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+    [visitor] = make_visitors(1, 1)
+    with serve(python, MODULE, ["flask", "adapter"], env) as url:
+        api.fail_next(1, status=400)
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            assert browser.get("/", headers=visitor.headers).status_code == 200
+        api.wait_for(lambda a: a.summary()["requests"] >= 1, timeout=WAIT)
+        time.sleep(1.5)  # past the first backoff a retry would have waited
+        assert api.summary()["by_status"] == {"400": 1}

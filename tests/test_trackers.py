@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import logging
 import math
 import re
 import sqlite3
@@ -27,11 +28,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from werkzeug.serving import make_server
 
+import agentsight_middleware
 from agentsight_middleware import AgentSightMiddleware, AgentSightWSGIMiddleware
 from agentsight_middleware.sdk import ClassicTracker
 from agentsight_middleware.testing import RecordingTracker, StandInAgentSightAPI
 
-from .conftest import BROWSER, serving, uvicorn_server
+from .conftest import BROWSER, in_forked_child, serving, uvicorn_server
 
 PAGE = "<!doctype html><title>Shop</title><p>hello</p>"
 RULES: dict[str, Any] = {"widget_pages": ["/"], "chat_routes": ["POST /api/chat"]}
@@ -168,7 +170,9 @@ def test_a_tracker_that_does_not_say_otherwise_gets_one_thread() -> None:
     app.close()
 
 
-def test_a_hung_page_view_stops_no_other_and_is_counted_late() -> None:
+def test_a_hung_page_view_stops_no_other_and_is_counted_late(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     release = threading.Event()
     tracker = SlowTracker(0.0, block=release)
     # 1 s: the others' calls (no delay) must not count as timed out on a loaded machine,
@@ -187,7 +191,118 @@ def test_a_hung_page_view_stops_no_other_and_is_counted_late() -> None:
         release.set()
         assert app.flush(10)
     assert len(tracker.initialized) == 11
-    assert app.stats()["timeouts"] == 1  # the hung one: over tracker_timeout, said so
+    stats = app.stats()
+    # The hung one succeeded in the end: slow, not a failure (before: a time-out, said at
+    # ERROR as "failed").
+    assert (stats["slow"], stats["timeouts"], stats["errors"]) == (1, 0, 0)
+    assert stats["processed"] == 11
+    said = [r for r in caplog.records if r.name == "agentsight_middleware"]
+    assert not [r for r in said if r.levelno >= logging.ERROR]
+    [slow] = [r for r in said if "over tracker_timeout" in r.getMessage()]
+    assert slow.levelno == logging.WARNING
+    assert "succeeded" in slow.getMessage()
+    app.close()
+
+
+def test_slow_page_views_are_said_once_not_per_page_view(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every page view over tracker_timeout (an API slower than the timeout): one warning,
+    # not one a page view.
+    tracker = SlowTracker(0.05)
+    app = wsgi_app(tracker, tracker_timeout=0.01)
+    with werkzeug_server(app) as url:
+        visit(url, 10)
+        assert app.flush(30)
+    assert len(tracker.initialized) == 10
+    stats = app.stats()
+    assert (stats["slow"], stats["timeouts"], stats["processed"]) == (10, 0, 10)
+    said = [r for r in caplog.records if "over tracker_timeout" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING]
+    app.close()
+
+
+class HungChat(RecordingTracker):
+    """A blocking tracker whose chat call hangs until ``release`` is set (or 5 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.returned = threading.Event()
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        self.release.wait(5)
+        super().get_or_create_conversation(conversation_id, **kwargs)
+        self.returned.set()
+
+
+def test_a_hung_chat_call_under_wsgi_costs_at_most_the_timeout() -> None:
+    # In the request's own thread, the call held the chat (and the server's worker) for as
+    # long as the tracker hung; under ASGI it was bounded by tracker_timeout already.
+    tracker = HungChat()
+    app = wsgi_app(tracker, tracker_timeout=0.3)
+    with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        response = client.post("/api/chat", json={})
+        answered_first = not tracker.returned.is_set()
+        tracker.release.set()
+        assert tracker.returned.wait(10)
+    assert (response.status_code, response.json()) == (200, {"ok": True})
+    assert answered_first  # before: answered only once the tracker returned
+    assert app.stats()["timeouts"] == 1
+    app.close()
+
+
+def test_chat_calls_under_wsgi_go_on_in_a_forked_worker() -> None:
+    # Built in the master, forked into workers (gunicorn --preload, uWSGI without
+    # --lazy-apps): the parent's threads for these calls are not the child's.
+    from werkzeug.test import Client
+
+    tracker = RecordingTracker()
+    app = wsgi_app(tracker)
+    headers = {"X-Conversation-ID": "c1"}
+    assert Client(app).post("/api/chat", json={}, headers=headers).status_code == 200
+
+    def chat() -> bytes:
+        response = Client(app).post("/api/chat", json={}, headers=headers)
+        stats = app.stats()
+        return f"{response.status_code} {len(tracker.used)} {stats['timeouts']}".encode()
+
+    assert in_forked_child(chat) == b"200 2 0"  # the child's call made, not timed out
+    app.close()
+
+
+class SkipsEngage(RecordingTracker):
+    """As the SDK adapters: the chat call is theirs to skip (their scope does the work)."""
+
+    agentsight_skip_engage = True
+
+
+def test_an_adapter_that_skips_the_chat_call_is_not_called_under_wsgi() -> None:
+    tracker = SkipsEngage()
+    app = wsgi_app(tracker, tracker_timeout=0.3)
+    with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/api/chat", json={}).status_code == 200
+    assert tracker.used == []
+    assert app.stats()["timeouts"] == 0
+    app.close()
+
+
+def test_a_chat_call_under_wsgi_sees_the_requests_context() -> None:
+    # In a thread of its own, the call still sees what the request's context holds (as
+    # anyio's threads do under ASGI).
+    seen: list[Any] = []
+
+    class ContextTracker(RecordingTracker):
+        def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+            seen.append(agentsight_middleware.current_conversation())
+            super().get_or_create_conversation(conversation_id, **kwargs)
+
+    tracker = ContextTracker()
+    app = wsgi_app(tracker)
+    with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/api/chat", json={}, headers={"X-Conversation-ID": "c1"}).is_success
+    assert len(tracker.used) == 1
+    assert [getattr(c, "id", None) for c in seen] == ["c1"]
     app.close()
 
 
