@@ -277,8 +277,12 @@ class TrackerDelivery:
             if callable(retry_in) and hasattr(type(tracker), "agentsight_retry_in")
             else None
         )
-        #: Set by close(): retries stop waiting, and the page view is given up.
+        #: Set by close(): retries stop waiting, and the page view is given up. Cleared by
+        #: the next start or page view once no close() runs (see _reopen), not at the end
+        #: of close(): one that ran out of time leaves the worker running, and the page view
+        #: it was making was then made again, up to 3 times, after the shutdown.
         self._closing = threading.Event()
+        self._closes_running = 0
         flush_hook = getattr(tracker, "agentsight_flush", None)
         #: The tracker's own flush (see _flush_tracker), or None.
         self._flush_hook: Callable[[float], Any] | None = (
@@ -308,8 +312,10 @@ class TrackerDelivery:
         # returns, not when the request stops waiting for it, so a hung tracker
         # holds at most this many threads (and chat requests go on without it).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
-        # Under WSGI, where blocking engage calls run (see _engage_in_thread).
-        self._engage_threads = DaemonThreads(ENGAGE_THREADS, "agentsight-tracker-engage")
+        # Under WSGI, where blocking engage calls run (see _engage_in_thread); made at the
+        # first call, as the dispatcher's pool is (see _engage_in_thread).
+        self._engage_threads: DaemonThreads | None = None
+        self._engage_threads_lock = threading.Lock()
         self.skipped_bots = 0
         self.errors = 0
         self.timeouts = 0
@@ -338,6 +344,7 @@ class TrackerDelivery:
     def _after_fork(self) -> None:
         self._flush_lock = threading.Lock()
         self._closing = threading.Event()
+        self._closes_running = 0
         # The parent's page views ran on loops this process does not have.
         self._flying = {}
         self._flying_lock = threading.Lock()
@@ -348,7 +355,8 @@ class TrackerDelivery:
         # The parent's engage calls hold slots their threads, not here, would give back; and
         # the parent's counts are not this process's (the dispatcher's are reset too).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
-        self._engage_threads = DaemonThreads(ENGAGE_THREADS, "agentsight-tracker-engage")
+        self._engage_threads = None
+        self._engage_threads_lock = threading.Lock()
         self.skipped_bots = self.errors = self.timeouts = self.dropped = self.slow = 0
         self.retried = 0
         self._slow_said, self._slow_told = None, 0
@@ -387,6 +395,7 @@ class TrackerDelivery:
 
     def initialize(self, event: Event, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Queue a page view; returns at once. ``loop`` runs a coroutine tracker's call."""
+        self._reopen()
         if self._dispatcher.waiting() >= COMPACT_AT:
             # A tracker this far behind: what waits keeps only what its call will use.
             try:
@@ -407,8 +416,7 @@ class TrackerDelivery:
             if self._initialize_is_async:
                 self._start_initialize(self._initialize(**kwargs), loop)
                 return
-            started = time.monotonic()
-            result = self._initialize_with_retries(kwargs)
+            result, started = self._initialize_with_retries(kwargs)
             if inspect.isawaitable(result):
                 # A coroutine function behind a plain decorator: awaited as one from now on.
                 self._initialize_is_async = True
@@ -425,15 +433,19 @@ class TrackerDelivery:
             # stopped the worker for good.
             self._failed(exc)
 
-    def _initialize_with_retries(self, kwargs: dict[str, Any]) -> Any:
+    def _initialize_with_retries(self, kwargs: dict[str, Any]) -> tuple[Any, float]:
         """A blocking page view, made again after a failure the tracker says is worth it
         (``agentsight_retry_in(exc, attempt)``: seconds to wait, or None): the classic SDK
         sends a 503's or 429's page view once, and it was lost where the built-in client
-        retries. In the worker, never a chat request's time; a close() ends the waiting."""
+        retries. In the worker, never a chat request's time; a close() ends the waiting.
+        Returns the call's result and when its last attempt started: the backoff before it
+        is ours, not the tracker being slow (a page view retried after a 503 was counted
+        'slow' and said so at WARNING, its tracker answering in milliseconds)."""
         attempt = 1
         while True:
+            started = time.monotonic()
             try:
-                return self._initialize(**kwargs)
+                return self._initialize(**kwargs), started
             except Exception as exc:
                 wait = self._retry_in(exc, attempt) if self._retry_in is not None else None
                 if wait is None or self._closing.wait(wait):
@@ -554,11 +566,16 @@ class TrackerDelivery:
         hung tracker held the request (and the server's worker) for as long as it hung.
         State a tracker sets for the handler belongs in its ``conversation_scope``, which
         is entered in the request's thread."""
-        if not self._engage_slots.acquire(blocking=False):
+        deadline = time.monotonic() + self._timeout
+        # A slot is waited for, within the same tracker_timeout: skipped at once, a healthy
+        # tracker 100 ms from its API lost the call of 32 of 48 chats at once (each made in
+        # its request's thread before), counted as timeouts. A hung tracker still costs a
+        # chat tracker_timeout at most. (Under ASGI the request cannot wait on the loop.)
+        if not self._engage_slots.acquire(timeout=self._timeout):
             self._count("timeouts")
             self.log_once(
                 f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
-                "calls still running)",
+                f"calls still running after {self._timeout:g} s)",
                 TimeoutError(),
             )
             return None
@@ -577,9 +594,43 @@ class TrackerDelivery:
                 slots.release()
 
         # Threads kept for the next call (a thread started per call cost ~0.4 ms a chat),
-        # daemons: a hung call must not hold up the interpreter's exit.
-        future = self._engage_threads.submit(contextvars.copy_context().run, call)
-        return future.result(self._timeout)
+        # daemons: a hung call must not hold up the interpreter's exit. The pool is made at
+        # the first call, in the process and with the ``threading`` and ``queue`` that
+        # serve it: made at a fork (gunicorn ``--preload``), its queue was the C one
+        # gevent's worker patches only after the fork, and its first idle thread, a
+        # greenlet, blocked the whole worker on it.
+        context = contextvars.copy_context()
+        try:
+            for again in (True, False):
+                # Not submitted under the lock: made at a fork, it is no lock gevent's
+                # worker patched, and a thread's start waits (a greenlet's switch).
+                with self._engage_threads_lock:
+                    pool = self._engage_threads
+                    if pool is None:
+                        pool = DaemonThreads(ENGAGE_THREADS, "agentsight-tracker-engage")
+                        self._engage_threads = pool
+                try:
+                    future = pool.submit(context.run, call)
+                    break
+                except RuntimeError:
+                    # A close() shut that pool down meanwhile: the next one takes it.
+                    if not again:
+                        raise
+                    with self._engage_threads_lock:
+                        if self._engage_threads is pool:
+                            self._engage_threads = None
+        except BaseException:
+            slots.release()  # the call will never run to give it back
+            raise
+        return future.result(max(deadline - time.monotonic(), 0.0))
+
+    def _stop_engage_threads(self) -> None:
+        """Let the engage threads end (a hung call's once it returns); a later chat starts
+        new ones. Kept, each closed middleware left its threads waiting for ever."""
+        with self._engage_threads_lock:
+            pool, self._engage_threads = self._engage_threads, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _wait_on_own_loop(self, call: Any) -> None:
         import asyncio
@@ -685,7 +736,15 @@ class TrackerDelivery:
         return _guarded(manager, self)
 
     def ensure_started(self) -> None:
+        self._reopen()
         self._dispatcher.ensure_started()
+
+    def _reopen(self) -> None:
+        """Page views failing from now on are made again (see close)."""
+        if self._closing.is_set():
+            with self._count_lock:
+                if not self._closes_running:
+                    self._closing.clear()
 
     def flush(self, timeout: float | None = None) -> bool:
         if timeout is None:
@@ -706,13 +765,17 @@ class TrackerDelivery:
         # buffer: not shutdown_timeout once per part.
         deadline = time.monotonic() + (self._shutdown_timeout if timeout is None else timeout)
         # A page view waiting to be made again is given up rather than hold the shutdown
-        # up (it was failing; the rest of the queue may not be). Only while closing: a
-        # second lifespan's page views are retried again.
-        self._closing.set()
+        # up (it was failing; the rest of the queue may not be). Until the next start or
+        # page view: a second lifespan's page views are retried again.
+        self._stop_engage_threads()
+        with self._count_lock:
+            self._closes_running += 1
+            self._closing.set()
         try:
             self._dispatcher.close(timeout)
         finally:
-            self._closing.clear()
+            with self._count_lock:
+                self._closes_running -= 1
         # Page views a coroutine tracker is still handling on the app's loop: given the
         # time the tracker may take (they time out by then), said when cut short.
         flying = self._waitable()

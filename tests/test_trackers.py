@@ -222,6 +222,91 @@ def test_slow_page_views_are_said_once_not_per_page_view(
     app.close()
 
 
+class FailsFirstPageView(RecordingTracker):
+    """A page view that fails once, made again after ``wait`` s (agentsight_retry_in)."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__()
+        self._retry_wait = wait
+        self.attempts = 0
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise RuntimeError("503 Service Unavailable")
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    def agentsight_retry_in(self, exc: BaseException, attempt: int) -> float | None:
+        return self._retry_wait if attempt == 1 else None
+
+
+def test_a_retried_page_view_is_not_counted_slow_for_the_wait_before_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The wait before the second attempt is the middleware's backoff, not the tracker's
+    # time: counted as the call taking it, a page view retried after a 503 from a tracker
+    # answering at once was 'slow' and said so at WARNING.
+    tracker = FailsFirstPageView(wait=1.5)
+    app = wsgi_app(tracker, tracker_timeout=1.0)
+    with werkzeug_server(app) as url:
+        visit(url, 1)
+        assert app.flush(30)
+    assert len(tracker.initialized) == 1
+    stats = app.stats()
+    assert (stats["retried"], stats["processed"], stats["errors"]) == (1, 1, 0)
+    assert stats["slow"] == 0
+    assert not [r for r in caplog.records if "over tracker_timeout" in r.getMessage()]
+    app.close()
+
+
+class FailsFirstAttempt(RecordingTracker):
+    """Each conversation's first page-view attempt fails (the first one once ``release`` is
+    set); made again 0.2 s later (agentsight_retry_in), 4 attempts at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.attempts: list[str] = []
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        first = not self.attempts
+        self.attempts.append(conversation_id)
+        if first:
+            self.started.set()
+            self.release.wait(10)
+            raise RuntimeError("503 Service Unavailable")
+        if self.attempts.count(conversation_id) == 1:
+            raise RuntimeError("503 Service Unavailable")
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    def agentsight_retry_in(self, exc: BaseException, attempt: int) -> float | None:
+        return 0.2 if attempt < 4 else None
+
+
+def test_a_close_that_ran_out_of_time_stops_the_retries_of_the_page_view_it_left() -> None:
+    # close() cleared its flag on its way out: the page view still being attempted when it
+    # gave up waiting was made again after the shutdown, three times.
+    tracker = FailsFirstAttempt()
+    app = wsgi_app(tracker)
+    with werkzeug_server(app) as url:
+        visit(url, 1)
+        assert tracker.started.wait(10)
+        app.close(0.2)  # the attempt still runs: close gives up on it
+        tracker.release.set()
+        assert app.flush(10)
+        [first] = tracker.attempts
+        assert (app.stats()["retried"], app.stats()["errors"]) == (0, 1)
+        # A page view after the close (a second lifespan) is made again as before.
+        visit(url, 1)
+        assert app.flush(10)
+    assert tracker.attempts[0] == first
+    assert len(tracker.attempts) == 3
+    assert [call["conversation_id"] for call in tracker.initialized] == [tracker.attempts[1]]
+    assert app.stats()["retried"] == 1
+    app.close()
+
+
 class HungChat(RecordingTracker):
     """A blocking tracker whose chat call hangs until ``release`` is set (or 5 s)."""
 
@@ -252,6 +337,64 @@ def test_a_hung_chat_call_under_wsgi_costs_at_most_the_timeout() -> None:
     app.close()
 
 
+class BusyChat(RecordingTracker):
+    """A healthy blocking tracker whose chat calls all wait for ``release``; ``full`` is set
+    once as many run as the middleware runs at once."""
+
+    def __init__(self, full_at: int) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.full = threading.Event()
+        self._full_at = full_at
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        with self._lock:
+            self._running += 1
+            if self._running == self._full_at:
+                self.full.set()
+        self.release.wait(10)
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+def test_more_chats_at_once_than_threads_under_wsgi_wait_for_one() -> None:
+    # In its request's thread, every chat's call was made. With the 16 threads busy (a
+    # tracker 100 ms from its API, 48 chats at once), the 17th chat on went without its call
+    # at once, counted as a time-out: 32 of 48 chats lost theirs.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentsight_middleware._tracker import ENGAGE_THREADS
+
+    chats = ENGAGE_THREADS + 4
+    tracker = BusyChat(ENGAGE_THREADS)
+    app = wsgi_app(tracker, tracker_timeout=30)
+
+    def chat(client: httpx.Client, number: int) -> int:
+        headers = {"X-Conversation-ID": f"c{number}"}
+        return client.post("/api/chat", json={}, headers=headers).status_code
+
+    limits = httpx.Limits(max_connections=chats)
+    with (
+        werkzeug_server(app) as url,
+        httpx.Client(base_url=url, timeout=30, limits=limits) as client,
+        ThreadPoolExecutor(chats) as pool,
+    ):
+        answers = [pool.submit(chat, client, number) for number in range(chats)]
+        assert tracker.full.wait(10)
+        # Skipped, the last 4 chats are answered now; waiting for a thread, they are not.
+        deadline = time.monotonic() + 2
+        while sum(a.done() for a in answers) < chats - ENGAGE_THREADS:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        tracker.release.set()
+        assert [a.result() for a in answers] == [200] * chats
+    assert len(tracker.used) == chats
+    assert app.stats()["timeouts"] == 0
+    app.close()
+
+
 def test_chat_calls_under_wsgi_go_on_in_a_forked_worker() -> None:
     # Built in the master, forked into workers (gunicorn --preload, uWSGI without
     # --lazy-apps): the parent's threads for these calls are not the child's.
@@ -269,6 +412,61 @@ def test_chat_calls_under_wsgi_go_on_in_a_forked_worker() -> None:
 
     assert in_forked_child(chat) == b"200 2 0"  # the child's call made, not timed out
     app.close()
+
+
+def test_chat_calls_under_wsgi_use_the_queue_a_forked_worker_patched() -> None:
+    # gunicorn -k gevent --preload: the app is built in the master and the worker patches
+    # threading and queue after the fork. A pool made at the fork kept the C SimpleQueue, its
+    # idle thread (a greenlet by then) blocked the worker's only OS thread on it, and the
+    # worker never answered again (a real gevent worker hung on its first chat request).
+    import queue
+
+    from werkzeug.test import Client
+
+    tracker = RecordingTracker()
+    app = wsgi_app(tracker)
+    headers = {"X-Conversation-ID": "c1"}
+
+    def chat() -> bytes:
+        made: list[object] = []
+
+        class Patched(queue.SimpleQueue):  # type: ignore[type-arg]
+            def __init__(self) -> None:
+                made.append(self)
+
+        queue.SimpleQueue = Patched  # type: ignore[misc]  # as gevent's patch_queue does
+        response = Client(app).post("/api/chat", json={}, headers=headers)
+        return f"{response.status_code} {len(tracker.used)} {len(made)}".encode()
+
+    assert in_forked_child(chat) == b"200 1 1"  # the call ran through a queue made after
+    app.close()
+
+
+def test_closing_ends_the_threads_chat_calls_ran_in_under_wsgi() -> None:
+    # Each middleware closed after a chat left its idle threads waiting for good (a test
+    # suite building an app per test: one thread more per test).
+    from werkzeug.test import Client
+
+    def engage_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("agentsight-tracker-engage")]
+
+    assert engage_threads() == []
+    tracker = RecordingTracker()
+    app = wsgi_app(tracker)
+    client = Client(app)
+    assert client.post("/api/chat", json={}, headers={"X-Conversation-ID": "c1"}).status_code == 200
+    assert engage_threads()
+    app.close()
+    for thread in engage_threads():
+        thread.join(5)
+    assert engage_threads() == []
+    # A chat after close() (a second lifespan) still has its call made, in new threads.
+    assert client.post("/api/chat", json={}, headers={"X-Conversation-ID": "c2"}).status_code == 200
+    assert [call["conversation_id"] for call in tracker.used] == ["c1", "c2"]
+    assert app.stats()["timeouts"] == 0
+    app.close()
+    for thread in engage_threads():
+        thread.join(5)
 
 
 class SkipsEngage(RecordingTracker):
