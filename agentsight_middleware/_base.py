@@ -23,6 +23,7 @@ from ._config import Settings, positive_seconds
 from ._conversation import ID_SOURCES
 from ._core import Core, Delivery
 from ._delivery import BATCH, HTTP_STATS, STORE_STATS, BackgroundDelivery, Sink
+from ._device import build_before_fork
 from ._facts import DEFAULT_NON_BROWSER_AGENTS, ForwardedHeader
 from ._log import logger
 from ._tracker import TrackerDelivery
@@ -73,6 +74,19 @@ def _count_instance(owner: object, name: str, rules: str) -> Callable[[], object
             name,
         )
     return uncount
+
+
+def _build_before_fork() -> None:
+    """A process holding a middleware that has not served yet and forks: the app was built
+    to be served by the children (gunicorn ``--preload``, a Werkzeug server forking for
+    each request), which then inherit the user-agent parser built once, here, before any
+    of them serves (see _device.build_soon), not each at its first request."""
+    if _instances:
+        build_before_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_build_before_fork)
 
 
 def _forget_instance(key: tuple[str, str]) -> None:

@@ -44,10 +44,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from ._log import logger
+
 if TYPE_CHECKING:
     from ua_parser import Domain, Matchers, Resolver
 
-__all__ = ["backend", "classify_user_agent"]
+__all__ = ["backend", "build_before_fork", "build_soon", "classify_user_agent"]
 
 Classification = tuple[str | None, bool]
 Version = tuple[str | None, str | None, str | None]
@@ -359,6 +361,55 @@ def _get_engine() -> tuple[str, Callable[[str], Classification]]:
                 _engine = _build()
             engine = _engine
     return engine
+
+
+def build_soon() -> None:
+    """Build the engine in a thread of its own, unless it is built or being built.
+
+    For a process that serves with no start-up hook to build it in (a WSGI app, an ASGI
+    app whose server runs no lifespan), once its first request of any kind is answered:
+    the worker built it at the first page view instead, and that build, ~0.2 s, ~130 ms of
+    it in one call into ua-parser-rs that holds the GIL, froze the requests in flight then.
+    A probe or any other request first (a load balancer's, Kubernetes' readiness check),
+    and it is done before the first page view.
+    """
+    lock = _lock
+    if _engine is not None or not lock.acquire(blocking=False):
+        return  # built, or a thread builds it now
+    # Taken here and handed to the thread, which releases it once built: a thread that
+    # needs the engine meanwhile (a tracker's chat call runs on the request's own thread
+    # under WSGI) waits for this build instead of racing the new thread to make its own.
+    try:
+        threading.Thread(
+            target=_build_holding, args=(lock,), name="agentsight-ua-parser", daemon=True
+        ).start()
+    except RuntimeError:  # no new thread at interpreter exit: built when first needed
+        lock.release()
+
+
+def build_before_fork() -> None:
+    """Build the engine now, in this thread, unless it is built or being built.
+
+    For a process about to fork the ones that serve (gunicorn ``--preload``): each child
+    inherits the engine built once, instead of building its own at its first request.
+    A build in progress elsewhere is not waited for (the thread forking may be the one
+    holding the lock): the child builds its own then, as before.
+    """
+    lock = _lock
+    if _engine is None and lock.acquire(blocking=False):
+        _build_holding(lock)
+
+
+def _build_holding(lock: threading.Lock) -> None:
+    global _engine
+    try:
+        if _engine is None:
+            _engine = _build()
+    except Exception as exc:
+        # Tried again when first needed, which then classifies nothing (see _classify).
+        logger.warning("could not build the user-agent parser: %r", exc)
+    finally:
+        lock.release()
 
 
 def backend() -> str:

@@ -40,6 +40,7 @@ from ._core import (
     tracked_further_out,
     viewed_conversation,
 )
+from ._device import build_soon
 from ._events import ENGAGE, INITIALIZE, new_event
 from ._facts import (
     TrustedProxies,
@@ -88,7 +89,7 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if self._idle:
-            self._first_request(environ)
+            return self._first_request(environ, start_response)
         path: str = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         if not path.isascii():
             # PEP 3333 hands the path over as latin-1-decoded bytes; rules are text.
@@ -120,10 +121,9 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
             # is the child's last act (a chat with no answer is one: queued as it failed).
             self.flush()
             raise
-        flushed = _SizedFlushedAtClose if hasattr(result, "__len__") else _FlushedAtClose
-        return flushed(result, self.flush)
+        return _at_close(result, self.flush)
 
-    def _first_request(self, environ: Environ) -> None:
+    def _first_request(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         try:
             wraps_itself = getattr(self.app, "wsgi_app", None) is self
         except Exception:  # an app whose __getattr__ raises (not AttributeError): not Flask
@@ -144,6 +144,21 @@ class AgentSightWSGIMiddleware(MiddlewareBase):
         self._flush_each = _in_a_child_forked_for_the_request()
         self._core.delivery.ensure_started()
         self._check_routes(environ)
+        # And, tracked or not, once it is answered, the user-agent parser's build (see
+        # _device.build_soon): before the first page view when anything else comes first
+        # (a probe), and not beside the first request itself, whose handler would share
+        # the GIL with the build's Python half (+5-13 ms, started as it came).
+        try:
+            result = self(environ, start_response)
+        except BaseException:
+            build_soon()
+            raise
+        if _as_it_is(result, environ):
+            # Not wrapped (the server's fast paths, len() and sendfile, must see them): the
+            # app has answered, and the build starts while the server sends it.
+            build_soon()
+            return result
+        return _at_close(result, build_soon)
 
     def _check_routes(self, environ: Environ) -> None:
         """Rules that miss the app's routes by a little (see _routes), said at the first
@@ -410,7 +425,7 @@ def _respond(
     finally:
         handling.discard(key)
         current.reset(token)
-    if type(result) is list or type(result) is tuple or _is_file(result, environ):
+    if _as_it_is(result, environ):
         # No code of the app's runs while these are read (and a server's fast
         # paths for them, len() or sendfile, must still see them).
         if handler_scope is not None:
@@ -445,16 +460,23 @@ def _in_a_child_forked_for_the_request() -> bool:
     return False
 
 
-class _FlushedAtClose:
-    """A response whose ``close()`` also waits for the events queued so far (up to
-    ``shutdown_timeout``, as a flush at exit would): in a child that ``os._exit()`` ends
-    right after the request (see above)."""
+def _at_close(result: Iterable[bytes], then: Callable[[], object]) -> Iterable[bytes]:
+    """``result``, whose ``close()`` (the server's, once the answer is sent) calls ``then``
+    after the app's own."""
+    return _SizedAtClose(result, then) if hasattr(result, "__len__") else _AtClose(result, then)
 
-    __slots__ = ("_flush", "_result")
 
-    def __init__(self, result: Iterable[bytes], flush: Callable[[], bool]) -> None:
+class _AtClose:
+    """A response whose ``close()`` also calls ``then``: the flush that waits for the events
+    queued so far (up to ``shutdown_timeout``, as a flush at exit would) in a child that
+    ``os._exit()`` ends right after the request (see above), or the user-agent parser's
+    build after a process's first request."""
+
+    __slots__ = ("_result", "_then")
+
+    def __init__(self, result: Iterable[bytes], then: Callable[[], object]) -> None:
         self._result = result
-        self._flush = flush
+        self._then = then
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._result)
@@ -465,12 +487,12 @@ class _FlushedAtClose:
             if close is not None:
                 close()
         finally:
-            self._flush()
+            self._then()
 
 
-class _SizedFlushedAtClose(_FlushedAtClose):
-    """:class:`_FlushedAtClose` of a response with a length, which it keeps (wsgiref works
-    out a Content-Length from it)."""
+class _SizedAtClose(_AtClose):
+    """:class:`_AtClose` of a response with a length, which it keeps (wsgiref works out a
+    Content-Length from it)."""
 
     __slots__ = ()
 
@@ -484,6 +506,11 @@ def _exit_scope(scope: AbstractContextManager[None], exc: BaseException | None) 
         scope.__exit__(None, None, None)
     else:
         scope.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _as_it_is(result: object, environ: Environ) -> bool:
+    """Whether ``result`` is handed to the server unwrapped: a list, a tuple or a file."""
+    return type(result) is list or type(result) is tuple or _is_file(result, environ)
 
 
 def _is_file(result: object, environ: Environ) -> bool:

@@ -73,6 +73,36 @@ CHROMIUM_ARGS = [
 ]
 
 
+@pytest.fixture
+def unbuilt_parser(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """This process as one that has not built the user-agent parser yet; the names of the
+    threads that build it from now on."""
+    from agentsight_middleware import _device
+
+    build = _device._build
+    builders: list[str] = []
+
+    def recorded() -> Any:
+        builders.append(threading.current_thread().name)
+        return build()
+
+    monkeypatch.setattr(_device, "_engine", None)
+    monkeypatch.setattr(_device, "_build", recorded)
+    _device._classify.cache_clear()  # no agent classified yet: each asks for the parser
+    yield builders
+    _device._lock.acquire()  # a build still under way ends before the next test
+    _device._lock.release()
+
+
+def wait_for_the_parser(client: httpx.Client) -> None:
+    """Until the app's ``/parser`` (see tests.apps.parser_app) says the user-agent parser is
+    built; fails after 10 s."""
+    deadline = time.monotonic() + 10
+    while (state := client.get("/parser").text.split()[0]) != "built":
+        assert time.monotonic() < deadline, f"the user-agent parser is {state!r}, not built"
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if CHROMIUM is None:

@@ -42,6 +42,7 @@ from .conftest import (
     IPHONE,
     check_shared_cache_outcome,
     uvicorn_server,
+    wait_for_the_parser,
 )
 
 pytestmark = pytest.mark.anyio
@@ -2108,6 +2109,30 @@ def test_the_user_agent_parser_is_built_before_the_server_serves(
         assert answer.status_code == 200
         tracker.wait_for(initialized=1)
         assert tracker.initialized[0]["device"] == "desktop"
+
+
+def test_without_a_lifespan_the_first_answered_request_starts_the_parser_s_build(
+    tracker: RecordingTracker, unbuilt_parser: list[str]
+) -> None:
+    # A server that runs no lifespan (Daphne, uvicorn --lifespan off) had the worker build
+    # the parser at the first page view, freezing the requests and streams in flight. The
+    # first request of any kind starts it now, once answered, in a thread of its own: a
+    # probe or any other page first, and the first page view finds it built.
+    from .apps.parser_app import parser_state
+
+    async def parser(request: Request) -> Response:
+        return PlainTextResponse(parser_state())
+
+    app = Starlette(routes=[Route("/", page), Route("/parser", parser)])
+    mw = AgentSightMiddleware(app, widget_pages=["/"], tracker=tracker)
+    with uvicorn_server(mw, lifespan="off") as url, httpx.Client(base_url=url) as client:
+        assert client.get("/parser").text == "none"  # not while it is served
+        wait_for_the_parser(client)  # no page view yet
+        assert client.get("/", headers=BROWSER).status_code == 200
+        tracker.wait_for(initialized=1)
+    mw.close()
+    assert unbuilt_parser == ["agentsight-ua-parser"]
+    assert tracker.initialized[0]["device"] == "desktop"
 
 
 def test_a_user_agent_parser_that_cannot_be_built_does_not_stop_the_app_starting(

@@ -3,6 +3,7 @@ and through Werkzeug's real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
@@ -24,6 +25,7 @@ from .conftest import (
     GOOGLEBOT,
     IPHONE,
     check_shared_cache_outcome,
+    wait_for_the_parser,
     wait_until_serving,
 )
 
@@ -1080,3 +1082,89 @@ def test_events_of_a_child_forked_for_its_request_are_delivered(tmp_path: Any) -
             server.terminate()
             server.wait(10)
             log.close()
+
+
+def test_the_user_agent_parser_is_built_once_the_first_request_is_answered(
+    unbuilt_parser: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # WSGI has no start-up hook: the worker built the user-agent parser (~0.2 s, ~130 ms of
+    # it in one call into ua-parser-rs that holds the GIL) at the process's first page
+    # view, freezing the requests in flight then. The first request of any kind (a probe,
+    # say) starts the build now, in a thread of its own, once it is answered: the first
+    # page view finds it built, and no request's thread or handler runs beside it.
+    import sqlite3
+
+    from .apps.parser_app import make_app
+    from .conftest import serving
+
+    monkeypatch.setenv("PARSER_TEST_STORE", str(tmp_path / "events.sqlite3"))
+    app = make_app()
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    with serving(server) as url, httpx.Client(base_url=url, headers=BROWSER) as client:
+        assert client.get("/parser").text.split()[0] == "none"  # not while it is served
+        wait_for_the_parser(client)  # no page view yet
+        assert client.get("/").status_code == 200
+    app.wsgi_app.close()  # type: ignore[attr-defined]
+    assert unbuilt_parser == ["agentsight-ua-parser"]
+    with contextlib.closing(sqlite3.connect(tmp_path / "events.sqlite3")) as conn:
+        assert conn.execute("SELECT device FROM events").fetchall() == [("desktop",)]
+
+
+def test_gunicorn_preload_workers_inherit_the_parser_built_before_the_fork(
+    tmp_path: Any,
+) -> None:
+    # With --preload the app, and the middleware, are built in gunicorn's master: the
+    # parser is built there too, once, before it forks, and no worker builds one (each did
+    # at its first page view, and a worker restarted under traffic froze its first requests).
+    import os
+    import signal
+    import socket
+    import sqlite3
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "events.sqlite3"
+    command = [
+        sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", f"127.0.0.1:{port}",
+        "tests.apps.parser_app:make_app()",
+    ]  # fmt: skip
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command,
+            env={**os.environ, "PARSER_TEST_STORE": str(store)},
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # No other request first: the first one a worker serves asks how its parser is.
+        states: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 30
+        while not states:
+            try:
+                state, pid = httpx.get(f"{url}/parser", timeout=5).text.split()
+                states.append((int(pid), state))
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gunicorn did not start:\n{log.read_text()}") from None
+                time.sleep(0.05)
+        with httpx.Client(base_url=url) as client:
+            for _ in range(10):
+                client.cookies.clear()
+                assert client.get("/", headers=BROWSER).status_code == 200
+                state, pid = client.get("/parser").text.split()
+                states.append((int(pid), state))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    assert {state for _, state in states} == {"built"}, states
+    assert server.pid not in {pid for pid, _ in states}  # answered by the workers
+    with contextlib.closing(sqlite3.connect(store)) as conn:
+        devices = conn.execute("SELECT device FROM events").fetchall()
+    assert devices == [("desktop",)] * 10
