@@ -7,7 +7,7 @@ import re
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 # At run time too: typing.get_type_hints() on the middleware's __init__ (dependency
 # injection, documentation tools) resolves it. Imported from here by the glue.
@@ -76,13 +76,24 @@ def _count_instance(owner: object, name: str, rules: str) -> Callable[[], object
     return uncount
 
 
+# Forks whose children serve no request: subprocess's (with ``preexec_fn``: the child
+# runs another program at once) and multiprocessing's and Celery's billiard's (the child
+# runs the tasks it is handed). A process that never serves (a test suite, a script, a
+# Celery master importing the project) built the parser there: ~0.15 s and ~28 MB for none.
+_FORKS_FOR_OTHER_WORK: Final = frozenset({"subprocess", "multiprocessing", "billiard"})
+
+
 def _build_before_fork() -> None:
     """A process holding a middleware that has not served yet and forks: the app was built
     to be served by the children (gunicorn ``--preload``, a Werkzeug server forking for
     each request), which then inherit the user-agent parser built once, here, before any
     of them serves (see _device.build_soon), not each at its first request."""
     if _instances:
-        build_before_fork()
+        # Who called os.fork(): none when a server forks from C (uWSGI's fork hooks).
+        caller = sys._getframe().f_back
+        forking = "" if caller is None else str(caller.f_globals.get("__name__", ""))
+        if forking.partition(".")[0] not in _FORKS_FOR_OTHER_WORK:
+            build_before_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -337,18 +337,56 @@ def _build() -> tuple[str, Callable[[str], Classification]]:
 
 _lock = threading.Lock()
 _engine: tuple[str, Callable[[str], Classification]] | None = None
+# The thread running _build, while one does (see _finish_build_before_fork).
+_builder: int | None = None
+# How long a fork waits for another thread's build: ~0.2-0.3 s, more on a busy machine.
+_FORK_WAIT: Final = 5.0
 
 
 def _unlock_in_child() -> None:
     # A fork while another thread builds the engine (the worker, at its first events: 0.3 s)
     # left the child's copy of the lock held for ever, by a thread the child does not have:
     # its worker waited on it at its first user agent, and every event after it queued.
-    global _lock
+    global _lock, _builder
     _lock = threading.Lock()
+    _builder = None
+
+
+def _finish_build_before_fork() -> None:
+    # A fork while another thread builds the engine (build_soon's, after a process's first
+    # request; the worker's, at its first events) copied a build half done: ua_parser half
+    # imported, its import lock held by a thread the child does not have. The child's own
+    # build then hung on that import, or took ua_parser for missing and classified with
+    # user-agents' parser for good (0.4-1 ms an agent, see above). The fork waits for the
+    # build instead, and the child inherits the engine.
+    lock = _lock
+    builder = _builder
+    if builder is None or builder == threading.get_ident():
+        # No build under way (a lock taken but no _build started yet leaves the child
+        # nothing half done: it builds its own), or this thread's own (its _build forks).
+        return
+    if lock.acquire(timeout=_FORK_WAIT):
+        lock.release()
+    else:
+        logger.warning(
+            "forking while the user-agent parser is still being built after %.0f s: "
+            "the child may classify with the slower user-agents parser",
+            _FORK_WAIT,
+        )
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_in_child)
+    os.register_at_fork(before=_finish_build_before_fork, after_in_child=_unlock_in_child)
+
+
+def _build_here() -> tuple[str, Callable[[str], Classification]]:
+    """:func:`_build`, in this thread, which holds ``_lock``."""
+    global _builder
+    _builder = threading.get_ident()
+    try:
+        return _build()
+    finally:
+        _builder = None
 
 
 def _get_engine() -> tuple[str, Callable[[str], Classification]]:
@@ -358,7 +396,7 @@ def _get_engine() -> tuple[str, Callable[[str], Classification]]:
         # Building takes ~0.3 s and ~30 MB: two threads racing must not both pay it.
         with _lock:
             if _engine is None:
-                _engine = _build()
+                _engine = _build_here()
             engine = _engine
     return engine
 
@@ -392,8 +430,7 @@ def build_before_fork() -> None:
 
     For a process about to fork the ones that serve (gunicorn ``--preload``): each child
     inherits the engine built once, instead of building its own at its first request.
-    A build in progress elsewhere is not waited for (the thread forking may be the one
-    holding the lock): the child builds its own then, as before.
+    A build in progress in another thread is waited for (see _finish_build_before_fork).
     """
     lock = _lock
     if _engine is None and lock.acquire(blocking=False):
@@ -404,7 +441,7 @@ def _build_holding(lock: threading.Lock) -> None:
     global _engine
     try:
         if _engine is None:
-            _engine = _build()
+            _engine = _build_here()
     except Exception as exc:
         # Tried again when first needed, which then classifies nothing (see _classify).
         logger.warning("could not build the user-agent parser: %r", exc)

@@ -1168,3 +1168,45 @@ def test_gunicorn_preload_workers_inherit_the_parser_built_before_the_fork(
     with contextlib.closing(sqlite3.connect(store)) as conn:
         devices = conn.execute("SELECT device FROM events").fetchall()
     assert devices == [("desktop",)] * 10
+
+
+def test_a_fork_while_the_parser_is_being_built_leaves_the_child_a_working_parser() -> None:
+    # The first request starts the parser's build in a thread; a fork then (a warm-up request
+    # in gunicorn --preload's master, an app forking a helper) copied ua_parser half imported,
+    # its import lock held by a thread the child does not have: the child's own build hung
+    # at that import, or took ua_parser for missing and classified with user-agents' parser,
+    # 0.4-1 ms an agent, for good. The fork waits for the build; the child inherits it.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.apps.fork_mid_build"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().split() == ["ua-parser-rs"], done.stderr.decode()
+
+
+def test_a_fork_for_other_work_builds_no_parser(
+    unbuilt_parser: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process holding a middleware it has not served (a test suite, a script, a Celery
+    # master importing the project) built the parser (~0.15 s, ~28 MB) at any fork: for a
+    # subprocess's preexec_fn, whose child runs another program, or a multiprocessing
+    # pool's, whose children run tasks. Only a fork whose child may serve builds it.
+    import multiprocessing
+    import subprocess
+    import sys
+
+    from .apps.parser_app import make_app
+
+    monkeypatch.setenv("PARSER_TEST_STORE", str(tmp_path / "events.sqlite3"))
+    app = make_app()  # built, not served
+    subprocess.run([sys.executable, "-c", "pass"], check=True, preexec_fn=lambda: None)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.map(abs, [-1]) == [1]
+    assert unbuilt_parser == []
+    app.wsgi_app.close()  # type: ignore[attr-defined]
