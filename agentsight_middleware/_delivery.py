@@ -425,14 +425,27 @@ class BackgroundDelivery:
             from ._threads import DaemonDefaultExecutor
 
             self._resolver = DaemonDefaultExecutor
-            self._thread = threading.Thread(target=self._thread_main, name=self._name, daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._thread_main, name=self._name, daemon=True)
+            self._thread = thread
             self._started = True
             _LIVE.add(self)
             global _atexit_registered
             if not _atexit_registered:
                 atexit.register(_close_all)
                 _atexit_registered = True
+        # Started once the lock is let go: under gevent a thread's start waits (a greenlet's
+        # switch), and a lock made before the worker patched ``threading`` (at a gunicorn
+        # --preload fork) is the OS's: the next request's greenlet waiting for it blocked
+        # the whole worker, for good. Those that come meanwhile find the worker started and
+        # queue their events for it.
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+                    self._started = False
+            raise
 
     def _thread_main(self) -> None:
         import asyncio  # here: a WSGI app that never sends an event never loads it
@@ -704,7 +717,9 @@ class BackgroundDelivery:
 
     def _join(self) -> None:
         thread = self._thread
-        if thread is None:
+        if thread is None or thread.ident is None:
+            # Not started yet (_start starts it once its lock is let go): it sees the stop
+            # when it starts, and join() would raise.
             return
         thread.join(max(self._stop_by + 5 - time.monotonic(), 0))
         if thread.is_alive():

@@ -140,12 +140,22 @@ class Dispatcher(Generic[T]):
             self._stopping = threading.Event()
             if self._concurrency > 1 and self._pool is None:
                 self._pool = DaemonThreads(self._concurrency, self._name)
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread = thread
             self._started = True
             if not self._atexit_registered:
                 atexit.register(self._at_exit or self.close)
                 self._atexit_registered = True
+        # Outside the lock, as the delivery worker's (see BackgroundDelivery._start): under
+        # gevent a start switches greenlets, and the lock may be one gevent never patched.
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
+                    self._started = False
+            raise
 
     def _run(self) -> None:
         items, stopping, pool = self._items, self._stopping, self._pool

@@ -366,19 +366,26 @@ class TrackerDelivery:
 
         with self._loop_lock:
             loop = self._loop
-            if loop is None or loop.is_closed():
-                loop = asyncio.new_event_loop()
-                try:
-                    threading.Thread(
-                        target=loop.run_forever, name="agentsight-tracker-loop", daemon=True
-                    ).start()
-                except RuntimeError:
-                    # No thread (Python 3.12+ at interpreter exit): kept, a loop that never
-                    # runs would take every later call, and a flush waiting for one, for ever.
-                    loop.close()
-                    raise
-                self._loop = loop
-            return loop
+            if loop is not None and not loop.is_closed():
+                return loop
+            loop = self._loop = asyncio.new_event_loop()
+        # Its thread started once the lock is let go, as the delivery worker's (see
+        # BackgroundDelivery._start): under gevent a start switches greenlets, and a lock
+        # made at a gunicorn --preload fork is no lock gevent patched. A call meanwhile
+        # queues on the loop, which runs it once started.
+        try:
+            threading.Thread(
+                target=loop.run_forever, name="agentsight-tracker-loop", daemon=True
+            ).start()
+        except RuntimeError:
+            # No thread (Python 3.12+ at interpreter exit): not kept, a loop that never
+            # runs would take every later call, and a flush waiting for one, for ever.
+            with self._loop_lock:
+                if self._loop is loop:
+                    self._loop = None
+            loop.close()
+            raise
+        return loop
 
     def _count(self, name: str) -> None:
         with self._count_lock:  # from the worker's threads and the app's at once

@@ -1,0 +1,206 @@
+"""The WSGI middleware under gunicorn's gevent worker (``-k gevent``), with and without
+``--preload``: page views and chats answer at once, the worker keeps answering, and every
+event reaches the stand-in API, the local store or a tracker, what is queued at SIGTERM
+included.
+
+The worker monkey-patches ``threading``, ``socket`` and ``time`` after the fork: with
+``--preload`` the middleware was built in the master, and the locks it made there (and in its
+at-fork hooks, which run before the patching) are the operating system's. One held across a
+thread's start, which under gevent switches greenlets, froze the whole worker for good when
+the next request's greenlet waited for it: each worker's first requests come at once here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agentsight_middleware.testing import StandInAgentSightAPI
+
+from .apps.gevent_app import PAGE
+from .conftest import BROWSER
+
+ROOT = Path(__file__).parent.parent
+COOKIE = "agentsight_conversation_id"
+BURST = 24
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def workers(self) -> list[int]:
+        """The pids of the workers gunicorn booted, from its log."""
+        return [
+            int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", self.log.read_text())
+        ]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Its workers stopped (SIGSTOP) meanwhile: the connections made wait in the listening
+        socket's backlog, and a worker let go takes them together, a greenlet each."""
+        workers = self.workers()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+
+    def stop(self) -> int:
+        """SIGTERM, as a container's stop sends; the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+@pytest.fixture
+def api() -> Iterator[StandInAgentSightAPI]:
+    with StandInAgentSightAPI() as api:
+        # Answers come after the stop is sent: the stop itself must deliver them.
+        api.set_latency(0.3)
+        yield api
+
+
+@contextlib.contextmanager
+def serving(
+    api: StandInAgentSightAPI, tmp_path: Path, *, sink: str, preload: bool, workers: int
+) -> Iterator[Server]:
+    port = _free_port()
+    env = {**os.environ, "GEVENT_TEST_SINK": sink, "GEVENT_TEST_FILE": str(tmp_path / sink)}
+    env.pop("AGENTSIGHT_API_KEY", None)
+    if sink == "api":
+        env.update(AGENTSIGHT_API_KEY=api.api_key, AGENTSIGHT_API_ENDPOINT=api.url)
+    command = [
+        sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--timeout", "60",
+        "-b", f"127.0.0.1:{port}", *(["--preload"] if preload else []),
+        "tests.apps.gevent_app:app",
+    ]  # fmt: skip
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 30
+        while len(re.findall("Booting worker", log.read_text())) < workers:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        while True:  # /health is the app's, not the middleware's: no worker has seen a request
+            try:
+                httpx.get(f"{server.url}/health", timeout=0.5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        time.sleep(0.5)  # every worker listening
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+            # A frozen worker never sees its master go: killed too, or it stays for good.
+            for pid in server.workers():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def visit_and_chat(url: str, i: int) -> str:
+    """A visitor's page view then chat; the conversation."""
+    with httpx.Client(base_url=url, timeout=10) as c:
+        page = c.get("/", headers=BROWSER)
+        assert (page.status_code, page.content) == (200, PAGE)
+        conversation = c.cookies[COOKIE]
+        chat = c.post("/api/chat", json={"message": f"hi {i}"})
+        assert chat.headers["x-conversation"] == conversation
+    return conversation
+
+
+def chat_only(url: str, i: int) -> str:
+    """A chat naming its conversation in the JSON body, with no page view before it."""
+    conversation = f"conv_{i:012x}"
+    chat = httpx.post(f"{url}/api/chat", json={"conversation_id": conversation}, timeout=10)
+    assert chat.headers["x-conversation"] == conversation
+    return conversation
+
+
+def received(api: StandInAgentSightAPI, sink: str, tmp_path: Path) -> set[tuple[str, bool]]:
+    """(conversation id, is_used) of what reached the sink."""
+    path = tmp_path / sink
+    if sink == "api":
+        return {(body["conversation_id"], body["is_used"]) for body in api.conversations}
+    if sink == "store":
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            rows = conn.execute("SELECT conversation_id, is_used FROM events").fetchall()
+        return {(conversation_id, bool(is_used)) for conversation_id, is_used in rows}
+    calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {
+        (call["conversation_id"], call["method"] == "get_or_create_conversation") for call in calls
+    }
+
+
+# One worker takes every connection waiting at once (a greenlet each) and so meets the first
+# requests together; with more, gunicorn has each take one connection per turn of its loop,
+# and they meet only by chance.
+@pytest.mark.parametrize(
+    ("sink", "preload", "workers"),
+    [
+        pytest.param("api", True, 2, id="api-preload"),
+        pytest.param("api", False, 2, id="api"),
+        pytest.param("api", True, 1, id="api-preload-1"),
+        pytest.param("store", True, 1, id="store-preload-1"),
+        pytest.param("tracker", True, 1, id="tracker-preload-1"),
+        pytest.param("pooled-tracker", True, 1, id="pooled-tracker-preload-1"),
+        pytest.param("async-tracker", True, 1, id="async-tracker-preload-1"),
+    ],
+)
+def test_gevent_workers_answer_and_deliver(
+    sink: str, preload: bool, workers: int, api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    with serving(api, tmp_path, sink=sink, preload=preload, workers=workers) as server:
+        # Each worker's first requests at once: one waiting for a lock another holds while it
+        # switches greenlets would block its worker, and every request after it, for good.
+        with ThreadPoolExecutor(2 * BURST) as pool:
+            with server.paused():
+                # Chats and page views taking turns: a chat's tracker call and a page view's
+                # worker each start a thread of their own at the first.
+                chats, visits = [], []
+                for i in range(BURST):
+                    chats.append(pool.submit(chat_only, server.url, i))
+                    visits.append(pool.submit(visit_and_chat, server.url, i))
+                time.sleep(0.5)  # the page views and chats sent, none answered
+            first = [visit.result() for visit in visits]
+            chatted = {(chat.result(), True) for chat in chats}
+        then = [visit_and_chat(server.url, i) for i in range(BURST, BURST + 100)]
+        expected = {(c, used) for c in first + then for used in (False, True)} | chatted
+        assert len(expected) == 2 * (BURST + 100) + BURST
+        if sink == "api":  # the stand-in answers in 0.3 s: the stop itself must deliver
+            assert received(api, sink, tmp_path) < expected
+        assert server.stop() == 0, server.log.read_text()
+    assert received(api, sink, tmp_path) == expected, server.log.read_text()
+    if sink == "api":
+        (view, *_) = [body for body in api.conversations if not body["is_used"]]
+        assert view["device"] == "desktop"
