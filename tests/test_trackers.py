@@ -447,8 +447,15 @@ def test_closing_ends_the_threads_chat_calls_ran_in_under_wsgi() -> None:
     # suite building an app per test: one thread more per test).
     from werkzeug.test import Client
 
+    # Other tests' middlewares, never closed, may have left theirs: only this one's count.
+    earlier = set(threading.enumerate())
+
     def engage_threads() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith("agentsight-tracker-engage")]
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith("agentsight-tracker-engage") and t not in earlier
+        ]
 
     assert engage_threads() == []
     tracker = RecordingTracker()
