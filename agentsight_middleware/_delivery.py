@@ -445,6 +445,9 @@ class BackgroundDelivery:
                 if self._thread is thread:
                     self._thread = None
                     self._started = False
+                    # Events queued meanwhile are kept for the next start (which replaces
+                    # the intake of a worker that ended well), as a failed worker's are.
+                    self._restart_at = time.monotonic()
             raise
 
     def _thread_main(self) -> None:
@@ -717,9 +720,14 @@ class BackgroundDelivery:
 
     def _join(self) -> None:
         thread = self._thread
-        if thread is None or thread.ident is None:
-            # Not started yet (_start starts it once its lock is let go): it sees the stop
-            # when it starts, and join() would raise.
+        if thread is None:
+            return
+        from ._threads import wait_started
+
+        # Not started yet (_start starts it once its lock is let go): waited for, as for its
+        # end. Left as it was, the close returned before the delivery, and the worker ended
+        # on the stop with _started still set: later events queued for nobody.
+        if not wait_started(thread, lambda: self._thread is thread, self._stop_by + 5):
             return
         thread.join(max(self._stop_by + 5 - time.monotonic(), 0))
         if thread.is_alive():

@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 from ._fork import reset_in_child
 from ._log import logger
-from ._threads import DaemonThreads
+from ._threads import DaemonThreads, wait_started
 
 __all__ = ["Dispatcher", "DispatcherStats"]
 
@@ -134,9 +134,8 @@ class Dispatcher(Generic[T]):
         with self._lock:
             if self._started:
                 return
-            # After a fork the parent's deque may hold items its worker owned:
-            # start clean rather than inherit them.
-            self._items = deque()
+            # The deque is kept (a fork's child has a new one, see _after_fork): what a
+            # failed start's window queued (see below) is the next worker's to handle.
             self._stopping = threading.Event()
             if self._concurrency > 1 and self._pool is None:
                 self._pool = DaemonThreads(self._concurrency, self._name)
@@ -231,6 +230,12 @@ class Dispatcher(Generic[T]):
         if self._gave_up:
             return  # a close() ran out of time already: atexit's must not wait it out again
         limit = self._shutdown_timeout if timeout is None else timeout
+        thread = self._thread
+        # One not started yet (see _start), waited for first: join() raised on it, and the
+        # worker it became ended on the stop with _started still set (every later item
+        # queued for nobody) before the item of the submit that started it was queued.
+        if not wait_started(thread, lambda: self._thread is thread, time.monotonic() + limit):
+            return  # its start failed (given up: nothing to stop) or never came
         if not self.flush(limit):
             logger.warning(
                 "%d event(s) not delivered within %.1f s at shutdown",

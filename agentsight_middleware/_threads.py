@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["DaemonDefaultExecutor", "DaemonThreads"]
+__all__ = ["DaemonDefaultExecutor", "DaemonThreads", "wait_started"]
 
 _T = TypeVar("_T")
+
+
+def wait_started(thread: threading.Thread, still: Callable[[], bool], deadline: float) -> bool:
+    """Whether ``thread`` has started, waited for until ``deadline`` (monotonic) while
+    ``still()`` (its owner's start has not given it up). A worker's thread is started once
+    its owner's lock is let go (see BackgroundDelivery._start): a close() meeting one not
+    started yet must wait for it, as join() raises on it and is_alive() says it ended."""
+    while thread.ident is None:
+        if not still() or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)  # gevent's, once patched: the starting greenlet runs meanwhile
+    return True
 
 
 class DaemonThreads(Executor):

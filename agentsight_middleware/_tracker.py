@@ -31,7 +31,7 @@ from ._events import Event, is_robot_view, tracker_kwargs
 from ._fork import reset_in_child
 from ._log import AGAIN_EVERY, LogOnce
 from ._payload import OWN_METADATA, encode_event
-from ._threads import DaemonThreads
+from ._threads import DaemonThreads, wait_started
 
 if TYPE_CHECKING:
     import asyncio
@@ -838,9 +838,13 @@ class TrackerDelivery:
         called_at = time.monotonic()
         while True:
             inline: tuple[float, list[bool]] | None = None
+            start = False
             with self._flush_lock:
                 thread, outcome, began = self._flush_thread, self._flush_outcome, self._flush_began
-                if thread is None or (began < called_at and not thread.is_alive()):
+                # One not started yet (ident None: its caller starts it once the lock is let
+                # go) is not one that ended: waited for, not replaced.
+                ended = thread is not None and thread.ident is not None and not thread.is_alive()
+                if thread is None or (began < called_at and ended):
                     left = max(deadline - time.monotonic(), _LEAST_FLUSH)
                     outcome, began = [], time.monotonic()
                     thread = threading.Thread(
@@ -851,16 +855,30 @@ class TrackerDelivery:
                     )
                     self._flush_thread, self._flush_outcome = thread, outcome
                     self._flush_began = began
-                    try:
-                        thread.start()
-                    except RuntimeError:
-                        # Python 3.12 starts no thread once the interpreter has begun to
-                        # exit (atexit's close): the hook runs here instead.
-                        self._flush_thread = None
-                        inline = (left, outcome)
+                    start = True
+            if start:
+                # Once the lock is let go, as the delivery worker's (see
+                # BackgroundDelivery._start): under gevent a start switches greenlets, and
+                # this lock, made before a --preload worker patched threading, is the OS's:
+                # a second flush meanwhile blocked the whole worker on it, for good.
+                try:
+                    thread.start()
+                except RuntimeError:
+                    # Python 3.12 starts no thread once the interpreter has begun to
+                    # exit (atexit's close): the hook runs here instead.
+                    with self._flush_lock:
+                        if self._flush_thread is thread:
+                            self._flush_thread = None
+                    inline = (left, outcome)
             if inline is not None:
                 self._run_flush(hook, *inline, bounded=True)
                 return bool(outcome) and outcome[0]
+
+            def still(mine: threading.Thread = thread) -> bool:
+                return self._flush_thread is mine
+
+            if not wait_started(thread, still, deadline):
+                return False  # its start failed (its caller runs the hook) or never came
             thread.join(max(deadline - time.monotonic(), _LEAST_FLUSH))
             if thread.is_alive():
                 return False

@@ -204,3 +204,116 @@ def test_gevent_workers_answer_and_deliver(
     if sink == "api":
         (view, *_) = [body for body in api.conversations if not body["is_used"]]
         assert view["device"] == "desktop"
+
+
+# A close() meeting a worker's start under way: under gevent the start switches greenlets
+# once the lock is let go, and a close() run meanwhile found the thread set but not started.
+_CLOSE_DURING_START = """
+import json, sqlite3, sys
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from agentsight_middleware._dispatch import Dispatcher
+from tests.conftest import BROWSER
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+handled = []
+dispatcher = Dispatcher(handled.append, name="agentsight-test", shutdown_timeout=5.0)
+started = gevent.spawn(dispatcher.submit, "item")
+closed = gevent.spawn(dispatcher.close)
+gevent.joinall([started, closed])
+later = dispatcher.submit("later")
+dispatcher.close()
+
+mw = AgentSightWSGIMiddleware(shop, widget_pages=["/"], local_store=sys.argv[1])
+delivery = mw._core.delivery
+starting = gevent.spawn(delivery.ensure_started)
+closing = gevent.spawn(delivery.close, 5.0)
+gevent.joinall([starting, closing])
+worker = delivery._thread
+if worker is not None:  # a close() that did not wait for it: it ends on the stop now
+    worker.join(10)
+Client(mw).get("/", headers=BROWSER)  # a page view after the close: a worker starts again
+flushed = mw.flush(5.0)
+mw.close(5.0)
+with sqlite3.connect(sys.argv[1]) as conn:
+    try:
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    except sqlite3.OperationalError:  # no table: nothing was ever written
+        rows = 0
+print(json.dumps({
+    "close": repr(closed.exception), "handled": handled, "flushed": flushed, "rows": rows,
+}))
+"""
+
+
+def test_a_close_meeting_a_start_under_way_waits_for_it(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSE_DURING_START, str(tmp_path / "store.db")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    # join() on the thread not started raised; the worker it became ended on the stop with
+    # the dispatcher still "started": the next item was queued for nobody.
+    assert outcome == {"close": "None", "handled": ["item", "later"], "flushed": True, "rows": 1}
+
+
+# A tracker's own flush under a --preload worker: the middleware (and its locks) made before
+# gevent patched threading, the flush's thread started under one of those locks.
+_FLUSHES_AT_ONCE = """
+import json
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from agentsight_middleware.testing import RecordingTracker
+
+
+class Flushing(RecordingTracker):
+    def agentsight_flush(self, timeout):
+        return True
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [])
+    return [b""]
+
+
+mw = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=Flushing())
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+
+flushes = [gevent.spawn(mw.flush, 5.0) for _ in range(2)]
+gevent.joinall(flushes)
+print(json.dumps([flush.value for flush in flushes]))
+"""
+
+
+def test_flushes_at_once_in_a_preloaded_gevent_worker() -> None:
+    # The second flush waited for the lock the first held while its thread's start switched
+    # greenlets: an OS lock, it blocked the process for good (killed by the timeout here).
+    done = subprocess.run(
+        [sys.executable, "-c", _FLUSHES_AT_ONCE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,  # a frozen process is killed then (subprocess.run kills it)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [True, True]

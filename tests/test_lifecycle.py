@@ -630,3 +630,40 @@ def test_a_wsgi_middleware_held_by_module_globals_exits_without_a_weakref_error(
     )
     assert done.returncode == 0, done.stderr
     assert "Exception ignored" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("sink", ["store", "tracker"])
+def test_events_queued_during_a_start_that_failed_are_kept_for_the_next(
+    sink: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The worker's thread is started once its lock is let go (gevent, see
+    # BackgroundDelivery._start): a request meanwhile finds the worker started and queues
+    # its event. A start that then failed (no thread could start) was rolled back, and the
+    # next start made a new queue: that event was lost, counted as queued, never as dropped.
+    tracker = RecordingTracker()
+    options: dict[str, Any] = (
+        {"local_store": tmp_path / "store.db"} if sink == "store" else {"tracker": tracker}
+    )
+    mw = AgentSightWSGIMiddleware(wsgi_page, widget_pages=["/"], **options)
+
+    def visit() -> None:  # a new visitor each: no cookie from the one before
+        assert Client(mw).get("/", headers=BROWSER).status_code == 200
+
+    def refuse(self: threading.Thread) -> None:
+        monkeypatch.undo()  # the next start succeeds
+        # A second visitor's request, on another thread, while this start goes on.
+        other = threading.Thread(target=visit)
+        other.start()
+        other.join()
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError):  # as before the start left the lock
+        Client(mw).get("/", headers=BROWSER)
+    visit()  # starts the worker
+    assert mw.flush(5) is True
+    mw.close()
+    if sink == "store":
+        assert mw.stats()["stored"] == 2
+    else:
+        assert len(tracker.initialized) == 2
