@@ -79,7 +79,15 @@ def _json_metadata(metadata: dict[str, Any], owner: TrackerDelivery) -> dict[str
         pass
     body, note = encode_event({"metadata": metadata}, _LENIENT.encode)
     if note is not None:
-        owner.log_once(note, ValueError(note))
+        # Said as the built-in client says it (HttpSink's "json note"): nothing failed,
+        # the event goes, so a WARNING once, not log_once's "failed" ERROR with a traceback.
+        from ._log import logger
+
+        if owner.metadata_noted:
+            logger.debug("%s", note)
+        else:
+            owner.metadata_noted = True
+            logger.warning("%s", note)
     safe: dict[str, Any] = json.loads(body)["metadata"]
     return safe
 
@@ -289,6 +297,8 @@ class TrackerDelivery:
             flush_hook if callable(flush_hook) else None
         )
         self.log_once = LogOnce()
+        #: Whether _json_metadata has said what it changed: once, as the built-in client does.
+        self.metadata_noted = False
         self._dispatcher: Dispatcher[tuple[Event, asyncio.AbstractEventLoop | None]] = Dispatcher(
             self._deliver_initialize,
             maxsize=queue_size,

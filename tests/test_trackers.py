@@ -1042,6 +1042,36 @@ def test_a_tracker_gets_metadata_json_can_carry(interface: str) -> None:
     app.close()
 
 
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_metadata_value_sent_as_null_is_a_warning_not_a_failure(
+    interface: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing failed: the event goes, NaN as null (README, Delivery), and the built-in
+    # client says so in one WARNING. With tracker= it was an ERROR with a traceback,
+    # "... sent as null failed; the request was served regardless".
+    tracker = RecordingTracker()
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, metadata={"score": math.nan})
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    with (
+        caplog.at_level(logging.INFO, logger="agentsight_middleware"),
+        server(app) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        for _ in range(2):
+            client.cookies.clear()
+            assert client.get("/", headers=BROWSER).status_code == 200
+            assert client.post("/api/chat", json={}).status_code == 200
+        assert app.flush(10)
+    assert len(tracker.initialized) == len(tracker.used) == 2
+    assert all(call["metadata"]["score"] is None for call in (*tracker.initialized, *tracker.used))
+    said = [r for r in caplog.records if "sent as null" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING]
+    assert "failed" not in said[0].getMessage()
+    assert said[0].exc_info is None
+    assert app.stats()["errors"] == 0
+    app.close()
+
+
 def test_flush_without_a_timeout_stops_at_the_shutdown_timeout() -> None:
     # A blocking tracker call that hangs (tracker_timeout cannot cut a thread short):
     # flush() with no timeout waited as long as the tracker did, where the built-in
