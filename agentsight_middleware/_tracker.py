@@ -9,7 +9,9 @@
   request and is waited for, so that a handler using the SDK finds the
   conversation in place, for ``tracker_timeout`` at most. Coroutine methods are
   awaited; blocking ones go to a thread of their own (never onto the event loop under
-  ASGI, nor held by the request's thread under WSGI).
+  ASGI, nor held by the request's thread under WSGI), and what such a call returns to
+  be awaited (a coroutine method behind a plain decorator) is awaited within the same
+  ``tracker_timeout``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from ._dispatch import Dispatcher
@@ -212,6 +214,100 @@ def _guarded(manager: AbstractContextManager[Any], owner: TrackerDelivery) -> It
                 raise
             owner._count("errors")
             owner.log_once("tracker.conversation_scope() exit", exc)
+
+
+def _discard(awaitable: Any) -> None:
+    """Let go of what a tracker's call returned to be awaited that will never be: a
+    coroutine closed (it never ran: no "coroutine ... was never awaited" warning at its
+    collection), an asyncio future cancelled on its own loop, as a call that ran out of
+    time is; anything else is dropped."""
+    if inspect.iscoroutine(awaitable) or inspect.isgenerator(awaitable):
+        awaitable.close()
+        return
+    asyncio = sys.modules.get("asyncio")  # an asyncio future, if any, loaded it
+    if asyncio is not None and asyncio.isfuture(awaitable):
+        get_loop = getattr(awaitable, "get_loop", None)
+        if callable(get_loop):
+            with suppress(RuntimeError):  # its loop is closed: it will never run anyway
+                get_loop().call_soon_threadsafe(awaitable.cancel)
+
+
+async def _awaited(awaitable: Any) -> Any:
+    """``awaitable`` awaited on the running loop; a result that is no awaitable (a method
+    that returns a coroutine only at times) is the call's result. An asyncio future of
+    another loop (a tracker's own, in a thread) is waited for on that loop, where it
+    belongs: awaited here, asyncio refused it ("attached to a different loop") and every
+    call was counted an error."""
+    import asyncio
+
+    if not inspect.isawaitable(awaitable):
+        return awaitable
+    get_loop = getattr(awaitable, "get_loop", None)
+    if asyncio.isfuture(awaitable) and callable(get_loop):
+        its = get_loop()
+        if its is not asyncio.get_running_loop():
+            return await _on_its_loop(awaitable, its)
+    return await awaitable
+
+
+async def _on_its_loop(future: Any, its: asyncio.AbstractEventLoop) -> Any:
+    """The outcome of ``future``, an asyncio future of loop ``its``, waited for here: its
+    callbacks run on ``its``, and it is cancelled there when this wait is."""
+    import asyncio
+
+    here = asyncio.get_running_loop()
+    mirror: asyncio.Future[Any] = here.create_future()
+
+    def copy(done: Any) -> None:  # on this loop
+        if mirror.done():
+            return
+        if done.cancelled():
+            mirror.cancel()
+        elif done.exception() is not None:
+            mirror.set_exception(done.exception())
+        else:
+            mirror.set_result(done.result())
+
+    def settled(done: Any) -> None:  # on its loop
+        with suppress(RuntimeError):  # this loop is closed: no one waits
+            here.call_soon_threadsafe(copy, done)
+
+    its.call_soon_threadsafe(future.add_done_callback, settled)  # RuntimeError: its is closed
+    try:
+        return await mirror
+    except asyncio.CancelledError:
+        _discard(future)  # this request's time is up (or the request itself ended)
+        raise
+
+
+class _Handoff:
+    """What a tracker's call made in a thread returned to be awaited, handed to the
+    request waiting for it, or closed by that thread if the request has stopped waiting:
+    returned through the thread's future, it was dropped unawaited when the call came
+    back after tracker_timeout ("coroutine ... was never awaited")."""
+
+    __slots__ = ("_gone", "_item", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._item: Any = None
+        self._gone = False
+
+    def put(self, awaitable: Any) -> None:
+        """From the tracker's thread."""
+        with self._lock:
+            if not self._gone:
+                self._item = awaitable
+                return
+        _discard(awaitable)
+
+    def take(self) -> Any:
+        """From the request, once it waits for the thread no more: the awaitable, or None;
+        one that comes later is the thread's to close."""
+        with self._lock:
+            self._gone = True
+            item, self._item = self._item, None
+        return item
 
 
 class _Slot:
@@ -435,8 +531,10 @@ class TrackerDelivery:
                 return
             result, started = self._initialize_with_retries(kwargs)
             if inspect.isawaitable(result):
-                # A coroutine function behind a plain decorator: awaited as one from now on.
-                self._initialize_is_async = True
+                # A coroutine function behind a plain decorator. Not taken for a coroutine
+                # function from now on: a method that returns a coroutine only at times
+                # failed every later page view its plain result ("can't be used in 'await'
+                # expression").
                 self._start_initialize(result, loop)
                 return
             took = time.monotonic() - started
@@ -502,8 +600,7 @@ class TrackerDelivery:
             if len(self._flying) >= INITIALIZE_IN_FLIGHT:
                 self._prune()
             if len(self._flying) >= INITIALIZE_IN_FLIGHT:
-                if inspect.iscoroutine(call):
-                    call.close()  # never to run: no "never awaited" warning
+                _discard(call)  # never to run: no "never awaited" warning
                 self._count("dropped")
                 self.log_once(
                     f"tracker.initialize_conversation() (dropped: "
@@ -511,14 +608,15 @@ class TrackerDelivery:
                     TimeoutError(),
                 )
                 return
-            future = asyncio.run_coroutine_threadsafe(self._bounded(call), loop)
+            future = asyncio.run_coroutine_threadsafe(self._bounded(call, self._timeout), loop)
             self._flying[future] = loop
         future.add_done_callback(self._check_future)
 
-    async def _bounded(self, call: Any) -> Any:
+    @staticmethod
+    async def _bounded(call: Any, seconds: float) -> Any:
         from ._timeout import bounded
 
-        return await bounded(call, self._timeout)
+        return await bounded(_awaited(call), seconds)
 
     def _prune(self) -> None:
         """Forget the calls of loops that stopped: they will never run, and must not hold
@@ -556,15 +654,22 @@ class TrackerDelivery:
             return
         import asyncio
 
+        # One tracker_timeout for all of it: the wait for a thread, the call and what it
+        # returned to be awaited (a coroutine method behind a plain decorator). That was
+        # awaited for a tracker_timeout of its own: a hung one cost the chat up to twice it.
+        deadline = time.monotonic() + self._timeout
         try:
             kwargs = self._kwargs(event)
             if self._engage_is_async:
-                self._wait_on_own_loop(self._engage(**kwargs))
+                # Called on the loop that awaits it, not in the request's thread: a plain
+                # decorator's wrapper (or a method returning a coroutine only at times)
+                # may block before it returns, and held the request for as long.
+                self._wait_on_own_loop(lambda: self._engage(**kwargs), deadline)
             else:
-                result = self._engage_in_thread(kwargs)
-                if inspect.isawaitable(result):
+                awaitable = self._engage_in_thread(kwargs, deadline)
+                if awaitable is not None:
                     self._engage_is_async = True  # behind a plain decorator
-                    self._wait_on_own_loop(result)
+                    self._wait_on_own_loop(lambda: awaitable, deadline, awaitable)
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
             self._count("timeouts")
             self.log_once(
@@ -577,18 +682,18 @@ class TrackerDelivery:
             self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
 
-    def _engage_in_thread(self, kwargs: dict[str, Any]) -> Any:
+    def _engage_in_thread(self, kwargs: dict[str, Any], deadline: float) -> Any:
         """A blocking call, in a thread of its own with a copy of the request's context,
-        waited for ``tracker_timeout`` at most, as under ASGI: in the request's thread, a
+        waited for until ``deadline`` at most, as under ASGI: in the request's thread, a
         hung tracker held the request (and the server's worker) for as long as it hung.
         State a tracker sets for the handler belongs in its ``conversation_scope``, which
-        is entered in the request's thread."""
-        deadline = time.monotonic() + self._timeout
+        is entered in the request's thread. Returns what the call returned to be awaited,
+        else None."""
         # A slot is waited for, within the same tracker_timeout: skipped at once, a healthy
         # tracker 100 ms from its API lost the call of 32 of 48 chats at once (each made in
         # its request's thread before), counted as timeouts. A hung tracker still costs a
         # chat tracker_timeout at most. (Under ASGI the request cannot wait on the loop.)
-        if not self._engage_slots.acquire(timeout=self._timeout):
+        if not self._engage_slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             self._count("timeouts")
             self.log_once(
                 f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
@@ -597,10 +702,11 @@ class TrackerDelivery:
             )
             return None
         slots = self._engage_slots
+        handoff = _Handoff()
 
-        def call() -> Any:
+        def call() -> None:
             try:
-                return self._engage(**kwargs)
+                result = self._engage(**kwargs)
             except BaseException as exc:
                 if _tracker_failure(exc):
                     raise
@@ -609,6 +715,8 @@ class TrackerDelivery:
                 raise RuntimeError(f"the tracker raised {exc!r}") from exc
             finally:
                 slots.release()
+            if inspect.isawaitable(result):
+                handoff.put(result)
 
         # Threads kept for the next call (a thread started per call cost ~0.4 ms a chat),
         # daemons: a hung call must not hold up the interpreter's exit. The pool is made at
@@ -639,7 +747,12 @@ class TrackerDelivery:
         except BaseException:
             slots.release()  # the call will never run to give it back
             raise
-        return future.result(max(deadline - time.monotonic(), 0.0))
+        try:
+            future.result(max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            _discard(handoff.take())
+            raise
+        return handoff.take()
 
     def _stop_engage_threads(self) -> None:
         """Let the engage threads end (a hung call's once it returns); a later chat starts
@@ -649,12 +762,35 @@ class TrackerDelivery:
         if pool is not None:
             pool.shutdown(wait=False)
 
-    def _wait_on_own_loop(self, call: Any) -> None:
+    def _wait_on_own_loop(self, make: Callable[[], Any], deadline: float, made: Any = None) -> None:
+        """``make()`` (a coroutine tracker's call) run on our loop and what it returns
+        awaited there, waited for until ``deadline``. ``made``: the awaitable ``make``
+        returns, closed if it never gets to the loop."""
         import asyncio
 
-        future = asyncio.run_coroutine_threadsafe(self._bounded(call), self._own_loop())
         try:
-            future.result(self._timeout + 1)  # _bounded ends it first; this is a backstop
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            loop = self._own_loop()
+        except BaseException:
+            _discard(made)
+            raise
+
+        async def run() -> Any:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # The loop came to it late (held by another call): the request has gone
+                # on, and the call is not made now.
+                _discard(made)
+                return None
+            return await self._bounded(make(), left)
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            # Until the deadline, not a second past it: the loop may be late to start
+            # the call (a coroutine of the tracker's blocking it), and the request waited
+            # that long on top of the call's own tracker_timeout.
+            future.result(max(deadline - time.monotonic(), 0.0))
         except concurrent.futures.TimeoutError:
             future.cancel()  # not to run on after the request has gone on without it
             raise
@@ -671,7 +807,7 @@ class TrackerDelivery:
         try:
             with anyio.move_on_after(self._timeout) as scope:
                 if self._engage_is_async:
-                    await self._engage(**self._kwargs(event))
+                    await _awaited(self._engage(**self._kwargs(event)))
                 else:
                     kwargs = self._kwargs(event)
                     if not self._engage_slots.acquire(blocking=False):
@@ -683,35 +819,41 @@ class TrackerDelivery:
                         )
                         return
                     slot = _Slot(self._engage_slots)
+                    handoff = _Handoff()
 
-                    def call() -> Any:
+                    def call() -> None:
                         if slot.start():
                             try:
-                                return self._engage(**kwargs)
+                                result = self._engage(**kwargs)
                             except asyncio.CancelledError as exc:
                                 # Not this request's cancellation (a thread has none):
                                 # re-raised in its task, it would be taken for one.
                                 raise RuntimeError(f"the tracker raised {exc!r}") from exc
                             finally:
                                 slot.done()
-                        return None
+                            if inspect.isawaitable(result):
+                                handoff.put(result)
 
                     try:
                         # A limiter of our own, never waited on (the slots keep the calls
                         # below its total); one per call, as a limiter belongs to the
                         # async backend (asyncio, trio) that made it.
-                        result = await anyio.to_thread.run_sync(
+                        await anyio.to_thread.run_sync(
                             call,
                             abandon_on_cancel=True,
                             limiter=anyio.CapacityLimiter(ENGAGE_THREADS),
                         )
+                    except BaseException:
+                        _discard(handoff.take())
+                        raise
                     finally:
                         slot.give_up()
-                    if inspect.isawaitable(result):
+                    awaitable = handoff.take()
+                    if awaitable is not None:
                         # A coroutine function behind a plain decorator: its coroutine is
                         # awaited here, on the request's loop, and it is one from now on.
                         self._engage_is_async = True
-                        await result
+                        await _awaited(awaitable)
             if scope.cancelled_caught:
                 self._count("timeouts")
                 self.log_once(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import inspect
 import logging
 import math
 import re
@@ -14,11 +15,12 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 from unittest import mock
 
+import anyio
 import httpx
 import pytest
 from flask import Flask
@@ -80,6 +82,42 @@ class Hanging:
 
 def werkzeug_server(app: Any) -> AbstractContextManager[str]:
     return serving(make_server("127.0.0.1", 0, app, threaded=True))
+
+
+@contextmanager
+def hypercorn_trio_server(app: Any) -> Iterator[str]:
+    """Serve ``app`` with Hypercorn's trio worker, in a thread; yields its base URL."""
+    trio = pytest.importorskip("trio")
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    bound: list[str] = []
+    stop: list[Callable[[], None]] = []
+    ready = threading.Event()
+
+    async def main() -> None:
+        stopping = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        stop.append(lambda: token.run_sync_soon(stopping.set))
+        async with trio.open_nursery() as nursery:
+            bound.extend(
+                await nursery.start(
+                    functools.partial(serve, app, config, shutdown_trigger=stopping.wait)
+                )
+            )
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10), "hypercorn did not start"
+        yield bound[0]
+    finally:
+        if stop:
+            stop[0]()
+        thread.join(10)
 
 
 def visit(url: str, times: int) -> None:
@@ -933,23 +971,29 @@ def logged(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class DecoratedAsyncTracker(RecordingTracker):
+    """anyio's sleep: a chat's coroutine runs on the request's loop, trio's under trio."""
+
     @logged
     async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
-        await asyncio.sleep(0)
+        await anyio.sleep(0)
         super().initialize_conversation(conversation_id, **kwargs)
 
     @logged
     async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:
-        await asyncio.sleep(0)
+        await anyio.sleep(0)
         super().get_or_create_conversation(conversation_id, **kwargs)
 
 
-@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+@pytest.mark.parametrize("interface", ["asgi", "asgi-trio", "wsgi"])
 def test_coroutine_methods_behind_a_plain_decorator_are_awaited(interface: str) -> None:
-    # Their coroutines were thrown away unawaited: 0 calls, counted as processed.
+    # Their coroutines were thrown away unawaited: 0 calls, counted as processed. Under
+    # trio, the chat call's thread handed its coroutine back, which trio refuses ("Trio
+    # expected a sync function"): every chat's call failed.
     tracker = DecoratedAsyncTracker()
-    app = asgi_app(tracker) if interface == "asgi" else wsgi_app(tracker)
-    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    app = wsgi_app(tracker) if interface == "wsgi" else asgi_app(tracker)
+    server = {"asgi": uvicorn_server, "asgi-trio": hypercorn_trio_server}.get(
+        interface, werkzeug_server
+    )
     with server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
         for _ in range(2):
             client.cookies.clear()
@@ -1000,6 +1044,223 @@ def test_a_coroutine_tracker_under_wsgi_keeps_one_loop() -> None:
     assert (len(tracker.initialized), len(tracker.used)) == (5, 5)
     assert app.stats()["errors"] == 0
     assert len(tracker.loops) == 1
+    app.close()
+
+
+class SlowDecoratorTracker(RecordingTracker):
+    """A coroutine chat method behind a plain decorator whose wrapper does blocking work
+    first (``block`` s: from the ``block_from``-th call on, or until ``release`` is set);
+    its coroutine hangs (cancelled at tracker_timeout). Keeps the coroutines it made."""
+
+    def __init__(self, block: float, block_from: int = 1) -> None:
+        super().__init__()
+        self.block, self.block_from = block, block_from
+        self.release = threading.Event()
+        self.returned = threading.Event()
+        self.coroutines: list[Any] = []
+        self._calls_made = 0
+
+    async def _hang(self, conversation_id: str) -> None:
+        super().get_or_create_conversation(conversation_id)
+        await asyncio.sleep(30)
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> Any:
+        self._calls_made += 1
+        if self._calls_made >= self.block_from:
+            self.release.wait(self.block)
+        coroutine = self._hang(conversation_id)
+        self.coroutines.append(coroutine)
+        self.returned.set()
+        return coroutine
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_decorated_coroutine_chat_call_that_hangs_costs_one_timeout_not_two(
+    interface: str,
+) -> None:
+    # Under WSGI the coroutine got a tracker_timeout of its own after its wrapper's work (in a
+    # pool thread at the first chat, in the request's thread after): 3.2 s a chat, not 2.
+    timeout = 2.0
+    tracker = SlowDecoratorTracker(block=1.2)
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, tracker_timeout=timeout)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    took = []
+    with server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        for number in range(2):
+            started = time.monotonic()
+            headers = {"X-Conversation-ID": f"c{number}"}
+            assert client.post("/api/chat", json={}, headers=headers).status_code == 200
+            took.append(time.monotonic() - started)
+    assert max(took) < timeout + 0.9, took  # before: 3.2 s each
+    assert app.stats()["timeouts"] == 2
+    app.close()
+
+
+def test_a_decorated_coroutine_chat_call_under_wsgi_never_holds_the_request() -> None:
+    # Taken for a coroutine function after its first call, its wrapper was called in the
+    # request's thread from then on: blocking there, it held the chat for as long.
+    tracker = SlowDecoratorTracker(block=10, block_from=2)
+    app = wsgi_app(tracker, tracker_timeout=0.3)
+    with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/api/chat", json={}).status_code == 200
+        tracker.returned.clear()
+        assert client.post("/api/chat", json={}).status_code == 200
+        answered_first = not tracker.returned.is_set()
+        tracker.release.set()
+        assert tracker.returned.wait(10)
+    assert answered_first  # before: answered only once the wrapper returned
+    app.close()
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_coroutine_that_comes_back_after_the_timeout_is_closed_not_left_unawaited(
+    interface: str,
+) -> None:
+    # The request had gone on; what the wrapper returned then was dropped with the thread's
+    # result, never awaited nor closed ("coroutine ... was never awaited" at its collection).
+    tracker = SlowDecoratorTracker(block=10)
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, tracker_timeout=0.3)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    with server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.post("/api/chat", json={}).status_code == 200
+        answered_first = not tracker.returned.is_set()
+        tracker.release.set()
+        assert tracker.returned.wait(10)
+        deadline = time.monotonic() + 5
+        while inspect.getcoroutinestate(tracker.coroutines[0]) != inspect.CORO_CLOSED:
+            assert time.monotonic() < deadline, inspect.getcoroutinestate(tracker.coroutines[0])
+            time.sleep(0.02)
+    assert answered_first
+    assert tracker.used == []  # closed, not run after the request went on without it
+    assert app.stats()["timeouts"] == 1
+    app.close()
+
+
+class LoopHeldTracker(RecordingTracker):
+    """A coroutine tracker whose page view does blocking work (until ``release``), holding
+    the loop its calls run on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.holding = threading.Event()
+
+    async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        self.holding.set()
+        self.release.wait(10)
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+def test_a_chat_call_under_wsgi_waits_one_timeout_for_a_held_loop() -> None:
+    # The chat's coroutine, queued behind the page view on the tracker's loop, was waited
+    # for tracker_timeout + 1 s: its own time limit starts only once the loop runs it.
+    timeout = 1.5
+    tracker = LoopHeldTracker()
+    app = wsgi_app(tracker, tracker_timeout=timeout)
+    try:
+        with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/", headers=BROWSER).status_code == 200
+            assert tracker.holding.wait(10)
+            started = time.monotonic()
+            assert client.post("/api/chat", json={}).status_code == 200
+            took = time.monotonic() - started
+    finally:
+        tracker.release.set()
+    assert took < timeout + 0.75, took  # before: 2.5 s
+    assert app.stats()["timeouts"] == 1
+    app.close()
+
+
+class SometimesCoroutine(RecordingTracker):
+    """Plain methods that return a coroutine every other call, and act at once otherwise
+    (an SDK that sends through its async client when it has one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made = {"initialize_conversation": 0, "get_or_create_conversation": 0}
+
+    def _call(self, method: str, kwargs: dict[str, Any]) -> Any:
+        self._made[method] += 1
+
+        async def later() -> None:
+            self._record(method, kwargs)
+
+        if self._made[method] % 2:
+            return later()
+        self._record(method, kwargs)
+        return None
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> Any:
+        return self._call("initialize_conversation", {"conversation_id": conversation_id})
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> Any:
+        return self._call("get_or_create_conversation", {"conversation_id": conversation_id})
+
+
+class OwnLoopTracker(RecordingTracker):
+    """Plain methods handing back a future of the tracker's own loop, in a thread of its own
+    (an SDK that runs its async client there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.loops: set[int] = set()
+
+    async def _send(self, method: str, conversation_id: str) -> None:
+        await asyncio.sleep(0.01)
+        self.loops.add(id(asyncio.get_running_loop()))
+        self._record(method, {"conversation_id": conversation_id})
+
+    def _future(self, method: str, conversation_id: str) -> Any:
+        running = asyncio.run_coroutine_threadsafe(self._send(method, conversation_id), self.loop)
+        return asyncio.wrap_future(running, loop=self.loop)
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> Any:
+        return self._future("initialize_conversation", conversation_id)
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> Any:
+        return self._future("get_or_create_conversation", conversation_id)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.mark.parametrize("make", [SometimesCoroutine, OwnLoopTracker])
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_methods_returning_something_else_to_await_have_every_call_made(
+    interface: str, make: Callable[[], RecordingTracker]
+) -> None:
+    # A method that returned a coroutine once was taken for a coroutine function, and its
+    # plain result next time failed ("can't be used in 'await' expression"); a future of
+    # the tracker's own loop was awaited on another ("attached to a different loop"):
+    # errors, and the chat went on without waiting for its call.
+    tracker = make()
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    try:
+        with server(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+            for number in range(4):
+                client.cookies.clear()
+                assert client.get("/", headers=BROWSER).status_code == 200
+                headers = {"X-Conversation-ID": f"c{number}"}
+                assert client.post("/api/chat", json={}, headers=headers).status_code == 200
+                # The chat's call was waited for: made by the time the chat is answered.
+                assert len(tracker.used) == number + 1
+            assert app.flush(10)
+    finally:
+        if isinstance(tracker, OwnLoopTracker):
+            tracker.stop()
+    assert (len(tracker.initialized), len(tracker.used)) == (4, 4)
+    assert app.stats()["errors"] == 0
+    if isinstance(tracker, OwnLoopTracker):
+        assert tracker.loops == {id(tracker.loop)}
     app.close()
 
 
