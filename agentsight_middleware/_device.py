@@ -37,6 +37,7 @@ without a chat page) should not pay.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -411,18 +412,26 @@ def build_soon() -> None:
     A probe or any other request first (a load balancer's, Kubernetes' readiness check),
     and it is done before the first page view.
     """
-    lock = _lock
-    if _engine is not None or not lock.acquire(blocking=False):
+    if _engine is not None or _lock.locked():
         return  # built, or a thread builds it now
-    # Taken here and handed to the thread, which releases it once built: a thread that
-    # needs the engine meanwhile (a tracker's chat call runs on the request's own thread
-    # under WSGI) waits for this build instead of racing the new thread to make its own.
-    try:
+    # The lock is taken by the new thread, not here and handed over: under gevent a
+    # thread's start switches greenlets, and the lock, made before the worker patched
+    # threading (the package imported in gunicorn's master by a config file's hook), is
+    # the OS's. Held across the start, the worker's greenlet reaching the parser meanwhile
+    # blocked the process on it for good. A thread needing the engine before the new one
+    # takes the lock builds it itself (the build never yields to another greenlet), and the
+    # new one then finds it built or being built: never two builds.
+    # No new thread at interpreter exit: built when first needed.
+    with contextlib.suppress(RuntimeError):
         threading.Thread(
-            target=_build_holding, args=(lock,), name="agentsight-ua-parser", daemon=True
+            target=_build_unless_begun, name="agentsight-ua-parser", daemon=True
         ).start()
-    except RuntimeError:  # no new thread at interpreter exit: built when first needed
-        lock.release()
+
+
+def _build_unless_begun() -> None:
+    lock = _lock
+    if _engine is None and lock.acquire(blocking=False):
+        _build_holding(lock)
 
 
 def build_before_fork() -> None:

@@ -62,6 +62,25 @@ BUSY_TIMEOUT = 5.0
 #: ends it. Once waiting, SQLite cannot be told (``interrupt()`` does not end a busy wait):
 #: with the whole busy timeout in one try, ``close(timeout=1)`` took 6 s.
 LOCK_SLICE = 0.1
+#: The same under gevent (see lock_slice): a try finding the lock taken ends at once, and
+#: retry_locked's sleep before the next is gevent's, which lets the other greenlets run.
+_GREENLET_LOCK_SLICE = 0.002
+
+
+def lock_slice() -> float:
+    """SQLite's own wait for a lock, per try, on the writers' connections made now.
+
+    LOCK_SLICE, but a few milliseconds under gevent's monkey-patching (gunicorn ``-k
+    gevent``): SQLite's busy wait sleeps in C, which stops the one thread every greenlet of
+    the process runs on. A worker waiting for a file another process held (a backup, a
+    VACUUM, a sqlite3 shell in a transaction) answered no request for the whole busy timeout,
+    5 s for the local store and 10 s for the outbox a try, tries chained: gunicorn's
+    ``--timeout`` killed it, and the events it held were lost."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("time"):
+        return _GREENLET_LOCK_SLICE
+    return LOCK_SLICE
+
 
 # The largest number of ``?`` in one statement on every SQLite still in use (3.32 raised it).
 _MAX_VARIABLES = 999
@@ -704,7 +723,7 @@ class LocalStore:
         try:
             conn = sqlite3.connect(
                 self._path,
-                timeout=min(LOCK_SLICE, self._busy()),
+                timeout=min(lock_slice(), self._busy()),
                 isolation_level=None,
                 check_same_thread=False,
             )

@@ -622,8 +622,12 @@ class TrackerDelivery:
         """Forget the calls of loops that stopped: they will never run, and must not hold
         places or be waited for (a test harness closing its loop). Under the lock; not
         cancelled here (their callbacks take the lock, and the loop is gone anyway)."""
+        own = self._loop
         for future, loop in list(self._flying.items()):
-            if loop.is_closed() or not loop.is_running():
+            # Our own loop runs once its thread gets to it (see _own_loop): not running yet,
+            # its calls were forgotten, and a flush() or close() meanwhile returned before
+            # the page view queued on it was made.
+            if loop.is_closed() or (not loop.is_running() and loop is not own):
                 del self._flying[future]
 
     def _check_future(self, future: Future[Any]) -> None:

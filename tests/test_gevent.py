@@ -91,7 +91,7 @@ def serving(
     port = _free_port()
     env = {**os.environ, "GEVENT_TEST_SINK": sink, "GEVENT_TEST_FILE": str(tmp_path / sink)}
     env.pop("AGENTSIGHT_API_KEY", None)
-    if sink == "api":
+    if sink in ("api", "outbox"):
         env.update(AGENTSIGHT_API_KEY=api.api_key, AGENTSIGHT_API_ENDPOINT=api.url)
     command = [
         sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers), "--timeout", "60",
@@ -150,7 +150,7 @@ def chat_only(url: str, i: int) -> str:
 def received(api: StandInAgentSightAPI, sink: str, tmp_path: Path) -> set[tuple[str, bool]]:
     """(conversation id, is_used) of what reached the sink."""
     path = tmp_path / sink
-    if sink == "api":
+    if sink in ("api", "outbox"):
         return {(body["conversation_id"], body["is_used"]) for body in api.conversations}
     if sink == "store":
         with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -317,3 +317,88 @@ def test_flushes_at_once_in_a_preloaded_gevent_worker() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [True, True]
+
+
+# The user-agent parser's build in a thread (a WSGI process's first request answered) in a
+# gevent worker whose package was imported before gevent patched threading (gunicorn's master
+# importing it for a config file's hook): the build's lock, the OS's, was taken and then held
+# across the thread's start, which switches greenlets.
+_BUILD_SOON = """
+import json
+
+from agentsight_middleware import _device
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+
+UA = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"
+# A first request's build, and the worker classifying a page view while it starts.
+jobs = [gevent.spawn(_device.build_soon), gevent.spawn(_device.classify_user_agent, UA)]
+gevent.joinall(jobs)
+print(json.dumps(jobs[1].value))
+"""
+
+
+def test_the_parsers_build_in_a_thread_does_not_block_a_gevent_worker() -> None:
+    # The classifying greenlet waited for the lock the first held while its thread's start
+    # switched greenlets: an OS lock, it blocked the process for good (in a gunicorn worker,
+    # until --timeout killed it, losing what it held; killed by the timeout here).
+    done = subprocess.run(
+        [sys.executable, "-c", _BUILD_SOON],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,  # a frozen process is killed then (subprocess.run kills it)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["mobile", False]
+
+
+def written(api: StandInAgentSightAPI, sink: str, tmp_path: Path) -> set[tuple[str, bool]]:
+    """received(), none while the local store's file is not made (a look would make it)."""
+    if sink == "store" and not (tmp_path / sink).exists():
+        return set()
+    try:
+        return received(api, sink, tmp_path)
+    except sqlite3.OperationalError:  # no table yet
+        return set()
+
+
+# A worker waiting for the events file's write lock, held by another process (a backup, a
+# VACUUM, a sqlite3 shell left in a transaction, another worker's long claim): SQLite's busy
+# wait sleeps in C, which under gevent stops the one thread every greenlet runs on.
+@pytest.mark.parametrize(
+    ("sink", "preload"),
+    [pytest.param("store", True, id="store-preload"), pytest.param("outbox", False, id="outbox")],
+)
+def test_a_worker_waiting_for_a_locked_file_keeps_answering(
+    sink: str, preload: bool, api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    api.set_latency(0)
+    with serving(api, tmp_path, sink=sink, preload=preload, workers=1) as server:
+        first = visit_and_chat(server.url, 0)
+        deadline = time.monotonic() + 10
+        while len(written(api, sink, tmp_path)) < 2:  # the worker started, the file made
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.05)
+        with contextlib.closing(sqlite3.connect(tmp_path / sink, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                waiting = visit_and_chat(server.url, 1)  # its events wait for the lock
+                time.sleep(0.5)  # the worker has taken them, and waits
+                began = time.monotonic()
+                answer = httpx.get(f"{server.url}/nowhere", timeout=30)  # touches no file
+                took = time.monotonic() - began
+            finally:
+                other.execute("COMMIT")
+        assert answer.status_code == 404
+        # Not held up by the wait (up to the busy timeout, 5 s for the store and 10 s for the
+        # outbox a try, tries chained: gunicorn's --timeout killed a worker waiting longer).
+        assert took < 1.0
+        then = visit_and_chat(server.url, 2)
+        assert server.stop() == 0, server.log.read_text()
+    expected = {(c, used) for c in (first, waiting, then) for used in (False, True)}
+    assert received(api, sink, tmp_path) == expected, server.log.read_text()

@@ -1264,6 +1264,57 @@ def test_methods_returning_something_else_to_await_have_every_call_made(
     app.close()
 
 
+class AsyncRecording(RecordingTracker):
+    """A coroutine tracker: under WSGI its page views run on the middleware's own loop."""
+
+    async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+
+@pytest.mark.parametrize("ending", ["flush", "close"])
+def test_a_page_view_queued_before_the_own_loop_runs_is_waited_for(
+    ending: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The middleware's own loop made and its thread started, but not running yet (here held
+    # back until released; on a busy machine, for as long as its thread waits for the GIL):
+    # the page view queued on it was taken for one of a loop that had stopped, forgotten, and
+    # flush() said True, close() returned (and the process exited) before it was made.
+    release = threading.Event()
+    made = asyncio.new_event_loop
+
+    def held_back() -> asyncio.AbstractEventLoop:
+        loop = made()
+        run = loop.run_forever
+
+        def run_forever() -> None:
+            release.wait(10)
+            run()
+
+        loop.run_forever = run_forever  # type: ignore[method-assign]
+        return loop
+
+    monkeypatch.setattr(asyncio, "new_event_loop", held_back)
+    tracker = AsyncRecording()
+    app = wsgi_app(tracker, shutdown_timeout=10)
+    with werkzeug_server(app) as url:
+        visit(url, 1)
+        deadline = time.monotonic() + 10
+        while app.stats()["processed"] < 1:  # handed to the loop, which does not run yet
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert tracker.initialized == []
+        threading.Timer(0.5, release.set).start()
+        if ending == "flush":
+            assert app.flush(10) is True
+        else:
+            app.close()
+        assert len(tracker.initialized) == 1
+    app.close()
+
+
 # -- odd trackers and values ----------------------------------------------------------------
 
 

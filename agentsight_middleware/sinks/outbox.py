@@ -25,13 +25,13 @@ from .._fork import reset_in_child
 from .._log import logger
 from .._store import (
     _INHERITED,
-    LOCK_SLICE,
     WAL_SIZE_LIMIT,
     _fds_of,
     _identity,
     _PathInUse,
     create_private,
     is_locked,
+    lock_slice,
     lock_wait_until,
     moved_file_holds,
     retry_locked,
@@ -431,7 +431,7 @@ class SQLiteOutbox:
             )
         create_private(self.path)
         conn = sqlite3.connect(
-            self.path, timeout=LOCK_SLICE, isolation_level=None, check_same_thread=False
+            self.path, timeout=lock_slice(), isolation_level=None, check_same_thread=False
         )
         try:
             # Each step may be done already (by another process too): all tried again.

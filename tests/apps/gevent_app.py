@@ -2,7 +2,8 @@
 
 GEVENT_TEST_SINK picks where the events go: ``api`` (the built-in client, AGENTSIGHT_API_KEY
 and AGENTSIGHT_API_ENDPOINT pointing at the stand-in API), ``store`` (no key: the local store,
-GEVENT_TEST_FILE), ``tracker`` (a tracker of blocking methods writing one line per call to
+GEVENT_TEST_FILE), ``outbox`` (the built-in client with a durable outbox, GEVENT_TEST_FILE),
+``tracker`` (a tracker of blocking methods writing one line per call to
 GEVENT_TEST_FILE), ``pooled-tracker`` (the same, taking 8 page views at once) or
 ``async-tracker`` (the same, of coroutines). ``/health`` is answered before the middleware: a
 test waiting for the server to start does not make the first request the middleware sees."""
@@ -71,6 +72,8 @@ def _options() -> dict[str, Any]:
     }
     if SINK == "store":
         return {**rules, "local_store": FILE}
+    if SINK == "outbox":
+        return {**rules, "outbox": FILE}
     if SINK == "tracker":
         return {**rules, "tracker": FileTracker(FILE)}
     if SINK == "pooled-tracker":
