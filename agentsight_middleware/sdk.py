@@ -356,7 +356,8 @@ class ClassicTracker:
         The SDK posts a page view once whatever the API answers (a 503 or 429 raises its
         ``ConversationApiException`` with the ``status_code``), and retries only network
         errors itself (3 attempts, 1 s and 2 s apart): those are not made again here, nor
-        4xx refusals, which never succeed. Backoff as the built-in client's."""
+        4xx refusals, which never succeed. Backoff as the built-in client's; while the API
+        accepts no page view, the middleware has every page view wait it out, not this one only."""
         status = getattr(exc, "status_code", None)
         if (
             attempt >= self.page_view_attempts

@@ -534,6 +534,35 @@ def test_a_page_view_the_api_fails_once_is_made_again(
     assert api.summary()["by_status"] == {fault: 1, "201": 1}
 
 
+def test_page_views_wait_out_an_outage_and_go_through_once_the_api_is_back(
+    api: StandInAgentSightAPI,
+) -> None:
+    # The API answering 503 to everything for 8 s. Each page view sleeping out its own backoff
+    # on one of the 8 threads made its 4 attempts within 1.75-3.5 s, then the next took its
+    # thread: all 16 lost, 64 requests to the failing API. They wait together now, one
+    # attempt alone after each wait, and go through once the API is back.
+    python = app_python("0.0.44")
+    env = {"AGENTSIGHT_API_KEY": api.api_key, "AGENTSIGHT_API_ENDPOINT": api.url}
+    visitors = make_visitors(16, 1)
+    with serve(python, MODULE, ["flask", "adapter"], env) as url:
+        api.fail_for(8.0)
+        ids = []
+        with httpx.Client(base_url=url, timeout=30) as browser:
+            for visitor in visitors:
+                browser.cookies.clear()
+                assert browser.get("/", headers=visitor.headers).status_code == 200
+                ids.append(browser.cookies.get(COOKIE))
+        time.sleep(8.0)  # the outage
+        # One attempt goes alone per wait (0.25-2 s), and a page view is lost only once 4 of
+        # its own failed: most wait the outage out (2 lost, typically).
+        api.wait_for(lambda a: a.summary()["initialized"] >= 8, timeout=WAIT)
+        time.sleep(1.0)  # the rest, if any
+    delivered = [c["conversation_id"] for c in api.conversations]
+    assert set(delivered) <= set(ids)
+    assert len(delivered) == len(set(delivered))
+    assert api.summary()["by_status"]["503"] < 3 * len(visitors), api.summary()
+
+
 def test_a_page_view_the_api_refuses_is_not_made_again(api: StandInAgentSightAPI) -> None:
     # A 4xx never succeeds: sent once, as the built-in client does.
     python = app_python("0.0.44")

@@ -345,6 +345,73 @@ def test_a_close_that_ran_out_of_time_stops_the_retries_of_the_page_view_it_left
     app.close()
 
 
+class FailingAPI(RecordingTracker):
+    """A blocking tracker on 8 threads, as the classic SDK's adapter, whose API answers 503
+    to every page view until ``up`` is set (``fail_calls``: only those calls, by number
+    from 1); a failure is made again ``wait`` s later, 4 attempts at most (its
+    ``agentsight_retry_in``, shaped as ``ClassicTracker``'s)."""
+
+    agentsight_initialize_threads = INITIALIZE_THREADS
+
+    def __init__(self, wait: float, fail_calls: frozenset[int] | None = None) -> None:
+        super().__init__()
+        self.up = threading.Event()
+        self._retry_wait = wait
+        self._fail_calls = fail_calls
+        self._lock = threading.Lock()
+        self.attempts = 0
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        with self._lock:
+            self.attempts += 1
+            call = self.attempts
+        failing = call in self._fail_calls if self._fail_calls is not None else True
+        if failing and not self.up.is_set():
+            raise RuntimeError("503 Service Unavailable")
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    def agentsight_retry_in(self, exc: BaseException, attempt: int) -> float | None:
+        return self._retry_wait if attempt < 4 else None
+
+
+def test_page_views_wait_out_an_outage_together_and_go_through_after_it() -> None:
+    # Each page view sleeping out its own backoff on one of the 8 threads used its 4 attempts
+    # within ~1 s here, and the next one took its thread: 16 of 20 lost in a 2 s outage, 60
+    # requests to an API answering 503. They wait together now, one attempt alone after each
+    # wait, and those queued go through once the API is back.
+    tracker = FailingAPI(wait=0.3)
+    app = wsgi_app(tracker)
+    with werkzeug_server(app) as url:
+        visit(url, 20)
+        time.sleep(2.0)  # the outage
+        during = tracker.attempts
+        tracker.up.set()
+        assert app.flush(30)
+    stats = app.stats()
+    # The 8 first attempts, then one alone every 0.3 s; a page view is lost after 4.
+    assert during <= 8 + 10, during
+    assert len(tracker.initialized) >= 18, stats
+    assert stats["errors"] == 20 - len(tracker.initialized)
+    app.close()
+
+
+def test_one_page_view_the_api_fails_among_others_it_takes_waits_alone() -> None:
+    # A 503 from one instance behind a balancer, while the API takes the other page views:
+    # that page view waits out its backoff (30 s here), the others go on meanwhile.
+    tracker = FailingAPI(wait=30.0, fail_calls=frozenset({5}))
+    app = wsgi_app(tracker)
+    with werkzeug_server(app) as url:
+        visit(url, 4)
+        tracker.wait_for(initialized=4, timeout=10)
+        visit(url, 16)  # the first of them fails
+        tracker.wait_for(initialized=19, timeout=20)
+        started = time.monotonic()
+        app.close(0.5)  # gives up the page view still waiting
+        assert time.monotonic() - started < 10  # not its 30 s
+    stats = app.stats()
+    assert (stats["errors"], stats["retried"]) == (1, 0)
+
+
 class HungChat(RecordingTracker):
     """A blocking tracker whose chat call hangs until ``release`` is set (or 5 s)."""
 
