@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -206,6 +207,20 @@ def test_gevent_workers_answer_and_deliver(
         assert view["device"] == "desktop"
 
 
+def last_json_line(script: str, *args: str, timeout: float) -> Any:
+    """What ``script``, run in a fresh interpreter, printed last, as JSON; a process frozen
+    for ``timeout`` seconds is killed (subprocess.run kills it) and fails the test."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 # A close() meeting a worker's start under way: under gevent the start switches greenlets
 # once the lock is let go, and a close() run meanwhile found the thread set but not started.
 _CLOSE_DURING_START = """
@@ -258,15 +273,7 @@ print(json.dumps({
 
 
 def test_a_close_meeting_a_start_under_way_waits_for_it(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _CLOSE_DURING_START, str(tmp_path / "store.db")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    outcome = json.loads(done.stdout.splitlines()[-1])
+    outcome = last_json_line(_CLOSE_DURING_START, str(tmp_path / "store.db"), timeout=120)
     # join() on the thread not started raised; the worker it became ended on the stop with
     # the dispatcher still "started": the next item was queued for nobody.
     assert outcome == {"close": "None", "handled": ["item", "later"], "flushed": True, "rows": 1}
@@ -308,15 +315,7 @@ print(json.dumps([flush.value for flush in flushes]))
 def test_flushes_at_once_in_a_preloaded_gevent_worker() -> None:
     # The second flush waited for the lock the first held while its thread's start switched
     # greenlets: an OS lock, it blocked the process for good (killed by the timeout here).
-    done = subprocess.run(
-        [sys.executable, "-c", _FLUSHES_AT_ONCE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,  # a frozen process is killed then (subprocess.run kills it)
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == [True, True]
+    assert last_json_line(_FLUSHES_AT_ONCE, timeout=60) == [True, True]
 
 
 # The user-agent parser's build in a thread (a WSGI process's first request answered) in a
@@ -346,15 +345,7 @@ def test_the_parsers_build_in_a_thread_does_not_block_a_gevent_worker() -> None:
     # The classifying greenlet waited for the lock the first held while its thread's start
     # switched greenlets: an OS lock, it blocked the process for good (in a gunicorn worker,
     # until --timeout killed it, losing what it held; killed by the timeout here).
-    done = subprocess.run(
-        [sys.executable, "-c", _BUILD_SOON],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,  # a frozen process is killed then (subprocess.run kills it)
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.splitlines()[-1]) == ["mobile", False]
+    assert last_json_line(_BUILD_SOON, timeout=30) == ["mobile", False]
 
 
 def written(api: StandInAgentSightAPI, sink: str, tmp_path: Path) -> set[tuple[str, bool]]:
