@@ -781,14 +781,15 @@ class TrackerDelivery:
         try:
             kwargs = self._kwargs(event)
             if self._engage_is_async:
-                # Called on the loop that awaits it, not in the request's thread: a plain
-                # decorator's wrapper (or a method returning a coroutine only at times)
-                # may block before it returns, and held the request for as long.
                 self._wait_on_own_loop(lambda: self._engage(**kwargs), deadline)
             else:
+                # A method that is no coroutine function goes to a thread at every call,
+                # even once it has returned a coroutine (one behind a plain decorator): its
+                # wrapper, or the call that returns a coroutine only at times, may block.
+                # Taken for a coroutine function, it was called on our one loop: the chats'
+                # calls were made one at a time, and the others timed out behind it.
                 awaitable = self._engage_in_thread(kwargs, deadline)
                 if awaitable is not None:
-                    self._engage_is_async = True  # behind a plain decorator
                     self._wait_on_own_loop(lambda: awaitable, deadline, awaitable)
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError) as exc:
             self._count("timeouts")
@@ -971,8 +972,9 @@ class TrackerDelivery:
                     awaitable = handoff.take()
                     if awaitable is not None:
                         # A coroutine function behind a plain decorator: its coroutine is
-                        # awaited here, on the request's loop, and it is one from now on.
-                        self._engage_is_async = True
+                        # awaited here, on the request's loop. Its wrapper stays in a thread
+                        # at every call (see engage_sync): taken for a coroutine function,
+                        # it was called on the app's loop, and held every request.
                         await _awaited(awaitable)
             if scope.cancelled_caught:
                 self._count("timeouts")

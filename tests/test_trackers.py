@@ -1179,6 +1179,63 @@ def test_a_decorated_coroutine_chat_call_under_wsgi_never_holds_the_request() ->
     app.close()
 
 
+class HeldWrapperTracker(RecordingTracker):
+    """A coroutine chat method behind a plain decorator whose wrapper, for conversation
+    ``held``, does blocking work until ``release`` is set (a lock another thread holds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.holding = threading.Event()
+
+    async def _send(self, conversation_id: str) -> None:
+        await asyncio.sleep(0)
+        super().get_or_create_conversation(conversation_id)
+
+    def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> Any:
+        if conversation_id == "held":
+            self.holding.set()
+            self.release.wait(10)
+        return self._send(conversation_id)
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_a_decorated_coroutine_chat_call_blocking_in_its_wrapper_holds_no_other_chat(
+    interface: str,
+) -> None:
+    # Taken for a coroutine function after its first call, its wrapper was called on the
+    # loop that awaits its coroutine: under ASGI the app's, so every request waited for the
+    # wrapper; under WSGI the tracker's one loop, so the chats' calls were made one at a time
+    # and another chat's timed out, never made.
+    tracker = HeldWrapperTracker()
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, tracker_timeout=3)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+    fail_safe = threading.Timer(8, tracker.release.set)
+    with server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+
+        def held() -> None:
+            with httpx.Client(base_url=url, timeout=30) as other:
+                other.post("/api/chat", json={}, headers={"X-Conversation-ID": "held"})
+
+        assert client.post("/api/chat", json={}, headers={"X-Conversation-ID": "c0"}).is_success
+        holder = threading.Thread(target=held)
+        holder.start()
+        fail_safe.start()
+        try:
+            assert tracker.holding.wait(10)
+            response = client.post("/api/chat", json={}, headers={"X-Conversation-ID": "c1"})
+            answered_while_held = not tracker.release.is_set()
+            made = [call["conversation_id"] for call in tracker.used]
+        finally:
+            tracker.release.set()
+            fail_safe.cancel()
+            holder.join(10)
+    assert response.is_success
+    assert answered_while_held  # before, under ASGI: only once the wrapper let the loop go
+    assert made == ["c0", "c1"]  # before, under WSGI: c1 timed out behind the wrapper
+    app.close()
+
+
 @pytest.mark.parametrize("interface", ["asgi", "wsgi"])
 def test_a_coroutine_that_comes_back_after_the_timeout_is_closed_not_left_unawaited(
     interface: str,
