@@ -59,7 +59,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -603,13 +603,26 @@ class AgentSightSDK:
 
     ``init_options``, if given, are passed to ``agentsight.init()`` (which ignores a second
     call); otherwise call ``agentsight.init()`` yourself at start-up.
+
+    Page views are paced into the SDK: its export queue (``max_queue_size``, 2,048 spans by
+    default) drops its oldest span for each one past full, so a page view is handed over
+    only while that queue is less than half full, and otherwise waits in the middleware's
+    own queue (``queue_size``, counted in ``stats()``) for up to :attr:`queue_wait` seconds.
     """
+
+    #: Seconds a page view waits for room in the SDK's export queue at most; past that it is
+    #: not handed over (counted in ``stats()['errors']`` and said): the API is taking no
+    #: batches, and the SDK would have dropped an older span for it.
+    queue_wait = 4.0
 
     def __init__(self, **init_options: Any) -> None:
         self._sdk = _import_agentsight()
         if init_options:
             self._sdk.init(**init_options)
         self._warned = False
+        # (the SDK's export queue, the length a page view waits below), once found.
+        self._queue: tuple[Sized, int] | None = None
+        self._queue_unknown = False
 
     def _check_enabled(self) -> None:
         if self._warned or self._sdk.is_enabled():
@@ -622,7 +635,74 @@ class AgentSightSDK:
 
     def initialize_conversation(self, conversation_id: str, **fields: Any) -> None:
         self._check_enabled()
+        self._wait_for_room()
         self._sdk.open_conversation(conversation_id, **_sdk_fields(fields))
+
+    def _wait_for_room(self) -> None:
+        """Wait, up to :attr:`queue_wait`, while the SDK's export queue is half full.
+
+        OpenTelemetry's BatchSpanProcessor drops the oldest span for each one emitted past
+        a full queue, said once per 20 s on its own logger and nowhere else: a burst of
+        page views faster than the exporter, or an API that is slow, throttling or down
+        while the exporter retries, lost thousands of conversations with ``stats()``
+        showing every one processed. Waiting here keeps the page views in the middleware's
+        queue, bounded and counted. Half, not full: the other half is for the turns chat
+        handlers record (they cannot wait), and the SDK waits out a 429 only below half
+        full (above it, it drops the throttled batch).
+        """
+        found = self._export_queue()
+        if found is None:
+            return
+        spans, limit = found
+        if len(spans) < limit:
+            return
+        deadline = time.monotonic() + self.queue_wait
+        while len(spans) >= limit:
+            if time.monotonic() >= deadline:
+                raise _ExportQueueFull(
+                    f"the agentsight SDK's export queue stayed at {len(spans)} spans "
+                    f"(its page views' share) for {self.queue_wait:g} s: its exporter is not "
+                    "getting batches through (the API is down, hanging or throttling); "
+                    "the page view was not handed to the SDK, which would have dropped an "
+                    "older span for it"
+                )
+            time.sleep(_ROOM_POLL)
+
+    def _export_queue(self) -> tuple[Sized, int] | None:
+        """The SDK's span export queue and the length page views wait below, or None when
+        the SDK is not initialised or its pipeline is not the one 0.1.x builds.
+
+        Read from OpenTelemetry's internals, as the SDK's own exporter reads it for its
+        throttling (``AgentSightSpanExporter._queue_pressure``); whatever is not found
+        leaves page views unpaced, as before."""
+        if self._queue is not None or self._queue_unknown:
+            return self._queue
+        core = sys.modules.get("agentsight.sdk.core")
+        provider = getattr(getattr(core, "_state", None), "provider", None)
+        if provider is None:
+            return None  # not initialised yet: looked for again at the next page view
+        try:
+            for processor in provider._active_span_processor._span_processors:
+                while hasattr(processor, "_downstream"):  # the SDK's TurnBufferingProcessor
+                    processor = processor._downstream
+                batch = getattr(processor, "_batch_processor", processor)
+                spans = getattr(batch, "_queue", None)
+                capacity = getattr(batch, "_max_queue_size", None)
+                batch_size = getattr(batch, "_max_export_batch_size", None)
+                if isinstance(spans, Sized) and isinstance(capacity, int) and capacity > 1:
+                    # Under half once a page view is in (the SDK reads exactly half as
+                    # full enough to drop a throttled batch), but not below one export
+                    # batch: the exporter wakes at a full batch, else only after
+                    # export_interval_ms (5 s by default).
+                    least = batch_size if isinstance(batch_size, int) else 0
+                    limit = max((capacity - 1) // 2, least)
+                    self._queue = (spans, min(limit, capacity - 1))
+                    return self._queue
+        except Exception as exc:  # an OpenTelemetry that moved its internals
+            logger.debug("agentsight SDK's export queue not found: %r", exc)
+        self._queue_unknown = True
+        logger.debug("agentsight SDK's export queue not found: page views are not paced")
+        return None
 
     #: Tells the middleware to skip the call (and its thread hop).
     agentsight_skip_engage = True
@@ -648,6 +728,14 @@ class AgentSightSDK:
             conversation_id, **_sdk_fields(fields)
         )
         return manager
+
+
+#: Seconds between looks at the SDK's export queue while a page view waits for room.
+_ROOM_POLL = 0.005
+
+
+class _ExportQueueFull(RuntimeError):
+    """A page view not handed to the 0.1.x SDK: its export queue stayed half full."""
 
 
 def adapt_tracker(tracker: Any) -> Any:
