@@ -558,6 +558,9 @@ class TrackerDelivery:
         self.skipped_bots = self.errors = self.timeouts = self.dropped = self.slow = 0
         self.retried = 0
         self._slow_said, self._slow_told = None, 0
+        # Said again by each process, as the built-in client's sink (made at each worker
+        # start) and LogOnce do.
+        self.metadata_noted = False
 
     def _own_loop(self) -> asyncio.AbstractEventLoop:
         import asyncio
@@ -1218,6 +1221,14 @@ class TrackerDelivery:
         import asyncio
 
         here = asyncio._get_running_loop()
+        # Under gevent every greenlet shares the OS thread's running loop: our own loop,
+        # running in its thread's greenlet, was taken for the caller's, and flush() and
+        # close() waited for none of its page views (True at once, the calls not made).
+        if here is not None and getattr(here, "_thread_id", None) not in (
+            None,
+            threading.get_ident(),
+        ):
+            here = None
         with self._flying_lock:
             self._prune()
             return [future for future, loop in self._flying.items() if loop is not here]

@@ -393,3 +393,63 @@ def test_a_worker_waiting_for_a_locked_file_keeps_answering(
         assert server.stop() == 0, server.log.read_text()
     expected = {(c, used) for c in (first, waiting, then) for used in (False, True)}
     assert received(api, sink, tmp_path) == expected, server.log.read_text()
+
+
+# A coroutine tracker in a gevent worker: its page views run on the middleware's own loop,
+# whose thread is a greenlet. Every greenlet shares the OS thread's running loop, so the
+# caller of flush() and close() seemed to run on that loop, and its calls were not waited for.
+_WAITS_FOR_THE_OWN_LOOP = """
+import asyncio, json
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+
+
+class Slow:
+    def __init__(self):
+        self.initialized = []
+
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        await asyncio.sleep(0.3)  # its API's answer
+        self.initialized.append(conversation_id)
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        pass
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+tracker = Slow()
+mw = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=tracker, shutdown_timeout=30)
+made = []
+for ending in (mw.flush, mw.close):
+    Client(mw).get("/", headers=BROWSER)
+    while mw.stats()["processed"] < len(made) + 1:  # handed to the loop
+        gevent.sleep(0.01)
+    flushed = ending(30)
+    made.append([flushed, len(tracker.initialized)])
+print(json.dumps(made))
+"""
+
+
+def test_flush_and_close_wait_for_a_coroutine_trackers_page_views_under_gevent() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _WAITS_FOR_THE_OWN_LOOP],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    # flush() said True and close() returned before the call was made (each found none).
+    assert json.loads(done.stdout.splitlines()[-1]) == [[True, 1], [None, 2]]

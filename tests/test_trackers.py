@@ -1508,6 +1508,42 @@ def test_a_metadata_value_sent_as_null_is_a_warning_not_a_failure(
     app.close()
 
 
+def test_a_forked_worker_says_its_own_metadata_warning() -> None:
+    # Built and used in the parent, then forked (uWSGI without --lazy-apps, a Werkzeug
+    # server forking for each request): the child's first metadata value sent as null went
+    # at DEBUG only, where the built-in client, whose sink each process makes anew, says it
+    # again at WARNING, and so does every other one-time message here (LogOnce).
+    from werkzeug.test import Client
+
+    tracker = RecordingTracker()
+    app = wsgi_app(tracker, metadata={"score": math.nan})
+    headers = {"X-Conversation-ID": "c1"}
+    assert Client(app).post("/api/chat", json={}, headers=headers).status_code == 200
+
+    said: list[logging.LogRecord] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record)
+
+    def chat() -> bytes:
+        handler = Said()
+        logger = logging.getLogger("agentsight_middleware")
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.DEBUG)
+        try:
+            Client(app).post("/api/chat", json={}, headers=headers)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        levels = [r.levelname for r in said if "sent as null" in r.getMessage()]
+        return " ".join(levels).encode()
+
+    assert in_forked_child(chat) == b"WARNING"
+    app.close()
+
+
 def test_flush_without_a_timeout_stops_at_the_shutdown_timeout() -> None:
     # A blocking tracker call that hangs (tracker_timeout cannot cut a thread short):
     # flush() with no timeout waited as long as the tracker did, where the built-in
