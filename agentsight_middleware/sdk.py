@@ -620,9 +620,11 @@ class AgentSightSDK:
         if init_options:
             self._sdk.init(**init_options)
         self._warned = False
-        # (the SDK's export queue, the length a page view waits below), once found.
-        self._queue: tuple[Sized, int] | None = None
-        self._queue_unknown = False
+        # The SDK's provider last looked at, and in it (its export queue, the length a
+        # page view waits below), or None where not found. Per provider: a shutdown() and
+        # a second init() build a new pipeline, and the old queue (full, its exporter
+        # stopped, when the API hung at shutdown) held every page view queue_wait for ever.
+        self._queue_of: tuple[object, tuple[Sized, int] | None] | None = None
 
     def _check_enabled(self) -> None:
         if self._warned or self._sdk.is_enabled():
@@ -670,39 +672,27 @@ class AgentSightSDK:
 
     def _export_queue(self) -> tuple[Sized, int] | None:
         """The SDK's span export queue and the length page views wait below, or None when
-        the SDK is not initialised or its pipeline is not the one 0.1.x builds.
+        the SDK is not initialised, disabled or shut down, or its pipeline is not the one
+        0.1.x builds.
 
         Read from OpenTelemetry's internals, as the SDK's own exporter reads it for its
         throttling (``AgentSightSpanExporter._queue_pressure``); whatever is not found
         leaves page views unpaced, as before."""
-        if self._queue is not None or self._queue_unknown:
-            return self._queue
         core = sys.modules.get("agentsight.sdk.core")
         provider = getattr(getattr(core, "_state", None), "provider", None)
-        if provider is None:
-            return None  # not initialised yet: looked for again at the next page view
-        try:
-            for processor in provider._active_span_processor._span_processors:
-                while hasattr(processor, "_downstream"):  # the SDK's TurnBufferingProcessor
-                    processor = processor._downstream
-                batch = getattr(processor, "_batch_processor", processor)
-                spans = getattr(batch, "_queue", None)
-                capacity = getattr(batch, "_max_queue_size", None)
-                batch_size = getattr(batch, "_max_export_batch_size", None)
-                if isinstance(spans, Sized) and isinstance(capacity, int) and capacity > 1:
-                    # Under half once a page view is in (the SDK reads exactly half as
-                    # full enough to drop a throttled batch), but not below one export
-                    # batch: the exporter wakes at a full batch, else only after
-                    # export_interval_ms (5 s by default).
-                    least = batch_size if isinstance(batch_size, int) else 0
-                    limit = max((capacity - 1) // 2, least)
-                    self._queue = (spans, min(limit, capacity - 1))
-                    return self._queue
-        except Exception as exc:  # an OpenTelemetry that moved its internals
-            logger.debug("agentsight SDK's export queue not found: %r", exc)
-        self._queue_unknown = True
-        logger.debug("agentsight SDK's export queue not found: page views are not paced")
-        return None
+        if provider is None or not self._sdk.is_enabled():
+            # Not initialised yet (looked for again at the next page view), disabled or
+            # shut down: the SDK records nothing, and a queue its shutdown left behind
+            # never drains.
+            return None
+        cached = self._queue_of
+        if cached is not None and cached[0] is provider:
+            return cached[1]
+        found = _find_export_queue(provider)
+        if found is None:
+            logger.debug("agentsight SDK's export queue not found: page views are not paced")
+        self._queue_of = (provider, found)
+        return found
 
     #: Tells the middleware to skip the call (and its thread hop).
     agentsight_skip_engage = True
@@ -728,6 +718,42 @@ class AgentSightSDK:
             conversation_id, **_sdk_fields(fields)
         )
         return manager
+
+
+def _find_export_queue(provider: Any) -> tuple[Sized, int] | None:
+    """The export queue of the pipeline 0.1.x builds under ``provider``, and the length
+    page views wait below; None if it is not that pipeline."""
+    try:
+        for processor in provider._active_span_processor._span_processors:
+            while hasattr(processor, "_downstream"):  # the SDK's TurnBufferingProcessor
+                processor = processor._downstream
+            batch = getattr(processor, "_batch_processor", processor)
+            # OpenTelemetry 1.34 moved them into a BatchProcessor, with a leading
+            # underscore; the SDK takes opentelemetry-sdk 1.20 and later, where they sat
+            # on the BatchSpanProcessor without one (and drop the oldest span alike).
+            spans = _first(batch, "_queue", "queue")
+            capacity = _first(batch, "_max_queue_size", "max_queue_size")
+            batch_size = _first(batch, "_max_export_batch_size", "max_export_batch_size")
+            if isinstance(spans, Sized) and isinstance(capacity, int) and capacity > 1:
+                # Under half once a page view is in (the SDK reads exactly half as full
+                # enough to drop a throttled batch), but not below one export batch: the
+                # exporter wakes at a full batch, else only after export_interval_ms (5 s
+                # by default).
+                least = batch_size if isinstance(batch_size, int) else 0
+                limit = max((capacity - 1) // 2, least)
+                return spans, min(limit, capacity - 1)
+    except Exception as exc:  # an OpenTelemetry that moved its internals
+        logger.debug("agentsight SDK's export queue not found: %r", exc)
+    return None
+
+
+def _first(holder: object, *names: str) -> Any:
+    """The first of ``names`` that ``holder`` has (None-valued counts as absent)."""
+    for name in names:
+        value = getattr(holder, name, None)
+        if value is not None:
+            return value
+    return None
 
 
 #: Seconds between looks at the SDK's export queue while a page view waits for room.

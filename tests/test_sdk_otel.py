@@ -15,8 +15,10 @@ conversation fields, "metadata", "spans": [...]}]}``, gzip-compressed only when
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ import types
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,7 +43,7 @@ from tests.apps.sdk_harness import (
     make_visitors,
     serve,
 )
-from tests.sdk_env import REPO, sdk_env
+from tests.sdk_env import REPO, SDK_VENVS, sdk_env
 
 SDK = "0.1.4"
 MODULE = "tests.apps.sdk_otel_app"
@@ -265,6 +268,81 @@ def test_page_views_the_sdk_cannot_take_are_counted_and_said() -> None:
     # None unaccounted for: handled, or still waiting (one may be in the tracker's hands).
     assert stats["processed"] + stats["queued"] >= 399
     assert any("export queue stayed at" in line for line in report["said"]), report["said"]
+
+
+PACING_PROBE = "tests.apps.sdk_pacing_probe"
+#: OpenTelemetry before 1.34 (the SDK takes opentelemetry-sdk 1.20 and later): the batch
+#: processor's queue and sizes sat on the BatchSpanProcessor, without a leading underscore.
+OLDER_OTEL = ("opentelemetry-sdk==1.33.0", "opentelemetry-api==1.33.0")
+
+
+def pacing_probe(mode: str, python_path: str = "") -> dict[str, Any]:
+    done = subprocess.run(
+        [str(app_python(SDK)), "-m", PACING_PROBE, mode],
+        env=sdk_env(
+            {
+                "PYTHONPATH": python_path + str(REPO),
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "50",
+            }
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def check_paced(report: dict[str, Any]) -> None:
+    """300 page views against a queue of 200 whose exporter hangs: at most 99 (its page
+    views' share) waited in it, 50 more in the exporter's hands, the rest not handed over."""
+    assert report["most_queued"] <= 99, report
+    assert report["errors"] >= 300 - 99 - 50, report
+
+
+def older_opentelemetry() -> Path:
+    """A directory holding OpenTelemetry 1.33, put ahead of the SDK venv's own (1.45)."""
+    target = SDK_VENVS / "opentelemetry-1.33"
+    done = target / ".complete"
+    with (SDK_VENVS / ".opentelemetry-1.33.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            # Resolved for the SDK venv's interpreter, which runs it.
+            command = [sys.executable, "-m", "pip", "--python", str(app_python(SDK)), "install"]
+            command += ["--disable-pip-version-check", "--no-input", "--quiet"]
+            command += ["--target", str(target), *OLDER_OTEL]
+            subprocess.run(command, capture_output=True, timeout=300, check=True)
+            done.touch()
+    return target
+
+
+def test_page_views_are_paced_again_after_the_sdk_is_initialised_again() -> None:
+    # The export queue was looked up once: after agentsight.shutdown() and a second
+    # init(), page views were paced against the first pipeline's queue, and the new one
+    # dropped its oldest spans again (all 300 handed over to a queue of 200, 0 errors).
+    for mode in ("paced", "reinit"):
+        check_paced(pacing_probe(mode))
+
+
+def test_a_page_view_does_not_wait_for_the_queue_of_a_shut_down_sdk() -> None:
+    # A shutdown against an API that hangs leaves the queue full for good (its exporter
+    # stopped): every later page view waited queue_wait (here 5 s; 4 by default) for
+    # room and was counted in errors, one at a time, while the SDK records nothing anyway.
+    report = pacing_probe("shutting-down")
+    assert report["queued"] == 99
+    assert report["raised"] is None
+    assert report["took"] < 2.5  # not the 5 s queue_wait
+
+
+def test_page_views_are_paced_on_an_opentelemetry_before_1_34() -> None:
+    # agentsight 0.1.x takes opentelemetry-sdk 1.20 and later; before 1.34 the queue was
+    # BatchSpanProcessor.queue, not _batch_processor._queue, and page views went unpaced,
+    # said only at DEBUG (300 into a queue of 200: 0 errors, the oldest spans dropped).
+    older = older_opentelemetry()
+    check_paced(pacing_probe("paced", f"{older}{os.pathsep}"))
 
 
 # -- the adapter, in process, against a fake ``agentsight`` module -----------------------------
