@@ -409,11 +409,10 @@ class _Pause:
                 self._end(alone)
             if wait is None:
                 return False
-            if (
-                alone is None
-                and not self._half_open
-                and now - self._succeeded_at < _ANSWERED_WITHIN
-            ):
+            # Also for one that went alone (``alone``) once the API took another: it hung
+            # past _ALONE_WAIT, one went beside it and was taken. Its late failure (a 504)
+            # paused every page view, the API taking them all along.
+            if not self._half_open and now - self._succeeded_at < _ANSWERED_WITHIN:
                 return True
             self._until = max(self._until, now + wait)
             self._half_open = True

@@ -412,6 +412,66 @@ def test_one_page_view_the_api_fails_among_others_it_takes_waits_alone() -> None
     assert (stats["errors"], stats["retried"]) == (1, 0)
 
 
+class HangsOnceBackAfterAnOutage(RecordingTracker):
+    """A blocking tracker on 8 threads whose API answers 503 until ``up`` is set; then its
+    first page view hangs until ``release`` is set and ends in a 504, made again ``LATE_WAIT``
+    s later (its ``agentsight_retry_in``), the others are taken. A 503 is made again 0.2 s
+    later, 4 attempts at most."""
+
+    agentsight_initialize_threads = INITIALIZE_THREADS
+    LATE_WAIT = 30.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = threading.Event()
+        self.release = threading.Event()
+        self.failed = threading.Event()
+        self._lock = threading.Lock()
+        self._after_up = 0
+
+    def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:
+        if not self.up.is_set():
+            self.failed.set()
+            raise RuntimeError("503 Service Unavailable")
+        with self._lock:
+            self._after_up += 1
+            hangs = self._after_up == 1
+        if hangs:
+            self.release.wait(20)
+            raise RuntimeError("504 Gateway Timeout")
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    def agentsight_retry_in(self, exc: BaseException, attempt: int) -> float | None:
+        if attempt >= 4:
+            return None
+        return self.LATE_WAIT if "504" in str(exc) else 0.2
+
+
+def test_a_page_view_gone_alone_that_fails_late_once_others_are_taken_waits_alone() -> None:
+    # After an outage the page view going alone hung; another went beside it 2 s later and
+    # was taken, and the rest with it. The hung one's late 504 then paused every page view
+    # for its 30 s backoff, the API taking them all along: its failure is its own, as any
+    # failure among page views the API takes.
+    tracker = HangsOnceBackAfterAnOutage()
+    app = wsgi_app(tracker)
+    with werkzeug_server(app) as url:
+        visit(url, 1)
+        assert tracker.failed.wait(10)  # the outage: all page views wait 0.2 s
+        tracker.up.set()
+        visit(url, 5)  # one goes alone and hangs, one goes beside it after 2 s
+        tracker.wait_for(initialized=5, timeout=20)
+        visit(url, 1)
+        tracker.wait_for(initialized=6, timeout=20)
+        tracker.release.set()  # the hung one fails now, a page view taken just before
+        time.sleep(0.5)
+        visit(url, 5)
+        tracker.wait_for(initialized=11, timeout=10)  # not its 30 s
+        started = time.monotonic()
+        app.close(0.5)  # gives up the page view waiting out its 30 s
+        assert time.monotonic() - started < 10
+    assert app.stats()["errors"] == 1
+
+
 class HungChat(RecordingTracker):
     """A blocking tracker whose chat call hangs until ``release`` is set (or 5 s)."""
 
