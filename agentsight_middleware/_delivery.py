@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._events import Event, is_robot_view
 from ._fork import reset_in_child
+from ._greenlets import unseen_loop
 from ._log import LogOnce, logger
 from ._park import park, resolve
 from ._payload import build_payload
@@ -453,23 +454,24 @@ class BackgroundDelivery:
     def _thread_main(self) -> None:
         import asyncio  # here: a WSGI app that never sends an event never loads it
 
-        loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self._main())
-        except Exception:
-            logger.exception(
-                "the delivery worker stopped; events wait (up to queue_size) and it starts "
-                "again in %g s",
-                _RESTART_AFTER,
-            )
-            with self._lock:
-                if self._thread is threading.current_thread():
-                    self._use_sink(None)
-                    self._loop = None
-                    self._restart_at = time.monotonic() + _RESTART_AFTER
-                    self._started = False
-        finally:
-            _close_loop(loop)
+        with unseen_loop():
+            loop = asyncio.new_event_loop()
+            try:
+                loop.run_until_complete(self._main())
+            except Exception:
+                logger.exception(
+                    "the delivery worker stopped; events wait (up to queue_size) and it "
+                    "starts again in %g s",
+                    _RESTART_AFTER,
+                )
+                with self._lock:
+                    if self._thread is threading.current_thread():
+                        self._use_sink(None)
+                        self._loop = None
+                        self._restart_at = time.monotonic() + _RESTART_AFTER
+                        self._started = False
+            finally:
+                _close_loop(loop)
 
     async def _main(self) -> None:
         import asyncio

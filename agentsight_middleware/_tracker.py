@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ._dispatch import Dispatcher
 from ._events import Event, is_robot_view, tracker_kwargs
 from ._fork import reset_in_child
+from ._greenlets import unseen_loop
 from ._log import AGAIN_EVERY, LogOnce
 from ._payload import OWN_METADATA, encode_event
 from ._threads import DaemonThreads, wait_started
@@ -249,6 +250,13 @@ async def _awaited(awaitable: Any) -> Any:
         if its is not asyncio.get_running_loop():
             return await _on_its_loop(awaitable, its)
     return await awaitable
+
+
+def _run_unseen(loop: asyncio.AbstractEventLoop) -> None:
+    """The own loop's thread: under gevent, a greenlet the app's greenlets must not take
+    for theirs (see unseen_loop)."""
+    with unseen_loop():
+        loop.run_forever()
 
 
 async def _on_its_loop(future: Any, its: asyncio.AbstractEventLoop) -> Any:
@@ -575,7 +583,7 @@ class TrackerDelivery:
         # queues on the loop, which runs it once started.
         try:
             threading.Thread(
-                target=loop.run_forever, name="agentsight-tracker-loop", daemon=True
+                target=_run_unseen, args=(loop,), name="agentsight-tracker-loop", daemon=True
             ).start()
         except RuntimeError:
             # No thread (Python 3.12+ at interpreter exit): not kept, a loop that never

@@ -453,3 +453,92 @@ def test_flush_and_close_wait_for_a_coroutine_trackers_page_views_under_gevent()
     assert done.returncode == 0, done.stderr
     # flush() said True and close() returned before the call was made (each found none).
     assert json.loads(done.stdout.splitlines()[-1]) == [[True, 1], [None, 2]]
+
+
+# A view running asyncio in a gevent worker (asyncio.run(), Flask's ``async def`` views):
+# Python keeps the running loop per OS thread, and the middleware's loops (the delivery
+# worker's, a coroutine tracker's own) run in threads that are greenlets of that one thread.
+@pytest.mark.parametrize("sink", ["store", "api", "async-tracker"])
+def test_a_views_asyncio_runs_beside_the_middlewares_loops_under_gevent(
+    sink: str, api: StandInAgentSightAPI, tmp_path: Path
+) -> None:
+    api.set_latency(0)
+    with serving(api, tmp_path, sink=sink, preload=False, workers=1) as server:
+        first = visit_and_chat(server.url, 0)  # the middleware's loop started
+        with ThreadPoolExecutor(4) as pool:
+            # Its loop busy meanwhile. The views one at a time: two loops of the app's at
+            # once in a gevent worker collide without the middleware too.
+            visits = [pool.submit(visit_and_chat, server.url, i) for i in range(1, 9)]
+            answers = [
+                httpx.get(f"{server.url}{path}", timeout=10)
+                for _ in range(4)
+                for path in ("/run", "/async")
+            ]
+            conversations = [first] + [visit.result() for visit in visits]
+        # "asyncio.run() cannot be called from a running event loop" (a 500) from the first.
+        assert [(a.status_code, a.content) for a in answers] == [(200, b"looked up")] * 8, (
+            server.log.read_text()
+        )
+        assert server.stop() == 0, server.log.read_text()
+    expected = {(c, used) for c in conversations for used in (False, True)}
+    assert received(api, sink, tmp_path) == expected, server.log.read_text()
+
+
+# The middleware's loops starting while a view runs a loop of its own (asyncio.run()) in its
+# greenlet, which switched out meanwhile: the OS thread's running loop was the view's, and
+# ours would not run ("Cannot run the event loop while another loop is running").
+_STARTS_BESIDE_A_VIEWS_LOOP = """
+import asyncio, json, sqlite3, sys
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+
+
+class Tracker:
+    def __init__(self):
+        self.initialized = []
+
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        self.initialized.append(conversation_id)
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        pass
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+tracker = Tracker()
+stored = AgentSightWSGIMiddleware(shop, widget_pages=["/"], local_store=sys.argv[1])
+tracked = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=tracker)
+view = gevent.spawn(asyncio.run, asyncio.sleep(0.5))  # another request's view
+gevent.sleep(0.05)
+for mw in (stored, tracked):
+    Client(mw).get("/", headers=BROWSER)
+flushed = [mw.flush(3) for mw in (stored, tracked)]
+view.join()
+for mw in (stored, tracked):
+    mw.close(3)
+with sqlite3.connect(sys.argv[1]) as conn:
+    try:
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    except sqlite3.OperationalError:  # no table: nothing was ever written
+        rows = 0
+print(json.dumps({"flushed": flushed, "rows": rows, "made": len(tracker.initialized)}))
+"""
+
+
+def test_the_middlewares_loops_start_beside_a_views_loop_under_gevent(tmp_path: Path) -> None:
+    outcome = last_json_line(_STARTS_BESIDE_A_VIEWS_LOOP, str(tmp_path / "store.db"), timeout=60)
+    # The delivery worker stopped on the error (its events waited for its restart) and the
+    # tracker's own loop never ran: flush() gave up, the page view was never made.
+    assert outcome == {"flushed": [True, True], "rows": 1, "made": 1}

@@ -10,6 +10,7 @@ test waiting for the server to start does not make the first request the middlew
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -100,6 +101,23 @@ def chat() -> Response:
         content_type="application/octet-stream",
         headers={"X-Conversation": named},
     )
+
+
+async def _looked_up() -> bytes:
+    await asyncio.sleep(0.05)  # a coroutine library's request: the greenlet switches out
+    return b"looked up"
+
+
+@shop.get("/run")
+def run() -> Response:
+    """A view using a coroutine library, as a WSGI app does: in a loop of its own."""
+    return Response(asyncio.run(_looked_up()), content_type="text/plain")
+
+
+@shop.get("/async")
+async def async_view() -> Response:
+    """Flask's ``async def`` view (asgiref's AsyncToSync)."""
+    return Response(await _looked_up(), content_type="text/plain")
 
 
 shop.wsgi_app = AgentSightWSGIMiddleware(shop.wsgi_app, **_options())  # type: ignore[method-assign]
