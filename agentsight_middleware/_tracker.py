@@ -516,6 +516,8 @@ class TrackerDelivery:
         # returns, not when the request stops waiting for it, so a hung tracker
         # holds at most this many threads (and chat requests go on without it).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
+        # When a slot was last taken or given back (see _engage_hung).
+        self._engage_free_at = time.monotonic()
         # Under WSGI, where blocking engage calls run (see _engage_in_thread); made at the
         # first call, as the dispatcher's pool is (see _engage_in_thread).
         self._engage_threads: DaemonThreads | None = None
@@ -560,6 +562,7 @@ class TrackerDelivery:
         # The parent's engage calls hold slots their threads, not here, would give back; and
         # the parent's counts are not this process's (the dispatcher's are reset too).
         self._engage_slots = threading.BoundedSemaphore(ENGAGE_THREADS)
+        self._engage_free_at = time.monotonic()
         self._engage_threads = None
         self._engage_threads_lock = threading.Lock()
         self.skipped_bots = self.errors = self.timeouts = self.dropped = self.slow = 0
@@ -822,9 +825,13 @@ class TrackerDelivery:
         else None."""
         # A slot is waited for, within the same tracker_timeout: skipped at once, a healthy
         # tracker 100 ms from its API lost the call of 32 of 48 chats at once (each made in
-        # its request's thread before), counted as timeouts. A hung tracker still costs a
-        # chat tracker_timeout at most. (Under ASGI the request cannot wait on the loop.)
-        if not self._engage_slots.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+        # its request's thread before), counted as timeouts. A hung tracker costs a chat
+        # tracker_timeout at most, and none once its calls have held every slot that long
+        # (_engage_hung). (Under ASGI the wait is in short sleeps: _engage_slot.)
+        if not self._engage_slots.acquire(blocking=False) and (
+            self._engage_hung()
+            or not self._engage_slots.acquire(timeout=max(deadline - time.monotonic(), 0.0))
+        ):
             self._count("timeouts")
             self.log_once(
                 f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
@@ -832,6 +839,7 @@ class TrackerDelivery:
                 TimeoutError(),
             )
             return None
+        self._engage_free_at = time.monotonic()
         slots = self._engage_slots
         handoff = _Handoff()
 
@@ -845,6 +853,7 @@ class TrackerDelivery:
                 # the server's on this request, but the tracker's failure.
                 raise RuntimeError(f"the tracker raised {exc!r}") from exc
             finally:
+                self._engage_free_at = time.monotonic()
                 slots.release()
             if inspect.isawaitable(result):
                 handoff.put(result)
@@ -935,17 +944,18 @@ class TrackerDelivery:
         import anyio  # the ASGI server has loaded it already (Starlette's own dependency)
         import anyio.to_thread
 
+        deadline = time.monotonic() + self._timeout
         try:
             with anyio.move_on_after(self._timeout) as scope:
                 if self._engage_is_async:
                     await _awaited(self._engage(**self._kwargs(event)))
                 else:
                     kwargs = self._kwargs(event)
-                    if not self._engage_slots.acquire(blocking=False):
+                    if not await self._engage_slot(deadline):
                         self._count("timeouts")
                         self.log_once(
                             f"tracker.get_or_create_conversation() (skipped: {ENGAGE_THREADS} "
-                            "calls still running)",
+                            f"calls still running after {self._timeout:g} s)",
                             TimeoutError(),
                         )
                         return
@@ -961,6 +971,7 @@ class TrackerDelivery:
                                 # re-raised in its task, it would be taken for one.
                                 raise RuntimeError(f"the tracker raised {exc!r}") from exc
                             finally:
+                                self._engage_free_at = time.monotonic()
                                 slot.done()
                             if inspect.isawaitable(result):
                                 handoff.put(result)
@@ -1003,6 +1014,31 @@ class TrackerDelivery:
                 raise
             self._count("errors")
             self.log_once("tracker.get_or_create_conversation()", exc)
+
+    async def _engage_slot(self, deadline: float) -> bool:
+        """Take a slot for a blocking call, waiting (on the request's loop, in short sleeps:
+        the slots are a thread's semaphore, shared by every loop) until ``deadline`` at
+        most, as under WSGI. Skipped at once, a burst of chats lost the calls the loop took
+        slots for before the threads had given them back: up to 52 of 200 chats at once to
+        a coroutine method behind a plain decorator, whose wrapper returns at once."""
+        import anyio
+
+        pause = 0.001
+        while not self._engage_slots.acquire(blocking=False):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._engage_hung():
+                return False
+            await anyio.sleep(min(pause, left))
+            pause = min(pause * 2, 0.05)
+        self._engage_free_at = time.monotonic()
+        return True
+
+    def _engage_hung(self) -> bool:
+        """All the slots taken and none taken or given back for ``tracker_timeout``: the
+        tracker hangs, and a chat goes on without its call at once. Waiting for a slot
+        there cost every chat tracker_timeout (200 chats behind 16 hung calls: 4.5 s, not
+        0.56), where a burst to a healthy tracker frees slots within milliseconds."""
+        return time.monotonic() - self._engage_free_at >= self._timeout
 
     # -- the handler's scope --------------------------------------------------------
 

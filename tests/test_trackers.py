@@ -523,17 +523,22 @@ class BusyChat(RecordingTracker):
         super().get_or_create_conversation(conversation_id, **kwargs)
 
 
-def test_more_chats_at_once_than_threads_under_wsgi_wait_for_one() -> None:
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_more_chats_at_once_than_threads_wait_for_one(interface: str) -> None:
     # In its request's thread, every chat's call was made. With the 16 threads busy (a
     # tracker 100 ms from its API, 48 chats at once), the 17th chat on went without its call
-    # at once, counted as a time-out: 32 of 48 chats lost theirs.
+    # at once, counted as a time-out: 32 of 48 chats lost theirs. Under ASGI too: a burst
+    # of 200 chats to a coroutine method behind a plain decorator (its wrapper in a thread
+    # at every chat) lost up to 52 calls, the loop taking the slots before the threads
+    # gave them back.
     from concurrent.futures import ThreadPoolExecutor
 
     from agentsight_middleware._tracker import ENGAGE_THREADS
 
     chats = ENGAGE_THREADS + 4
     tracker = BusyChat(ENGAGE_THREADS)
-    app = wsgi_app(tracker, tracker_timeout=30)
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, tracker_timeout=30)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
 
     def chat(client: httpx.Client, number: int) -> int:
         headers = {"X-Conversation-ID": f"c{number}"}
@@ -541,7 +546,7 @@ def test_more_chats_at_once_than_threads_under_wsgi_wait_for_one() -> None:
 
     limits = httpx.Limits(max_connections=chats)
     with (
-        werkzeug_server(app) as url,
+        server(app) as url,
         httpx.Client(base_url=url, timeout=30, limits=limits) as client,
         ThreadPoolExecutor(chats) as pool,
     ):
@@ -557,6 +562,48 @@ def test_more_chats_at_once_than_threads_under_wsgi_wait_for_one() -> None:
         assert [a.result() for a in answers] == [200] * chats
     assert len(tracker.used) == chats
     assert app.stats()["timeouts"] == 0
+    app.close()
+
+
+@pytest.mark.parametrize("interface", ["asgi", "wsgi"])
+def test_chats_go_on_at_once_once_a_hung_tracker_holds_every_thread(interface: str) -> None:
+    # Waiting for a thread within tracker_timeout, every chat behind 16 hung calls paid the
+    # whole tracker_timeout (200 chats: 4.5 s against 0.56): once the slots have been held
+    # that long, the tracker hangs, and a chat goes on without its call at once.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentsight_middleware._tracker import ENGAGE_THREADS
+
+    tracker = BusyChat(ENGAGE_THREADS)
+    timeout = 3.0
+    app = (asgi_app if interface == "asgi" else wsgi_app)(tracker, tracker_timeout=timeout)
+    server = uvicorn_server if interface == "asgi" else werkzeug_server
+
+    def chat(client: httpx.Client, number: int) -> int:
+        headers = {"X-Conversation-ID": f"c{number}"}
+        return client.post("/api/chat", json={}, headers=headers).status_code
+
+    later = 6
+    limits = httpx.Limits(max_connections=ENGAGE_THREADS + later)
+    try:
+        with (
+            server(app) as url,
+            httpx.Client(base_url=url, timeout=30, limits=limits) as client,
+            ThreadPoolExecutor(ENGAGE_THREADS + later) as pool,
+        ):
+            first = [pool.submit(chat, client, number) for number in range(ENGAGE_THREADS)]
+            assert tracker.full.wait(10)
+            hung_since = time.monotonic()
+            assert [a.result() for a in first] == [200] * ENGAGE_THREADS  # each after 3 s
+            time.sleep(max(hung_since + timeout - time.monotonic(), 0.0))
+            started = time.monotonic()
+            then = [pool.submit(chat, client, 100 + n) for n in range(later)]
+            assert [a.result() for a in then] == [200] * later
+            took = time.monotonic() - started
+    finally:
+        tracker.release.set()
+    assert took < timeout / 2, took  # before: each waited the whole 3 s for a thread
+    assert app.stats()["timeouts"] == ENGAGE_THREADS + later
     app.close()
 
 
