@@ -221,10 +221,9 @@ def last_json_line(script: str, *args: str, timeout: float) -> Any:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-# A close() meeting a worker's start under way: under gevent the start switches greenlets
-# once the lock is let go, and a close() run meanwhile found the thread set but not started.
-_CLOSE_DURING_START = """
-import json, sqlite3, sys
+# What the scripts below run first: gevent's patching, then a WSGI shop to wrap.
+_GEVENT_SHOP = """
+import asyncio, json, sqlite3, sys
 
 from gevent import monkey
 
@@ -234,13 +233,21 @@ import gevent
 from werkzeug.test import Client
 
 from agentsight_middleware import AgentSightWSGIMiddleware
-from agentsight_middleware._dispatch import Dispatcher
 from tests.conftest import BROWSER
 
 
 def shop(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/html")])
     return [b"<p>shop</p>"]
+"""
+
+
+# A close() meeting a worker's start under way: under gevent the start switches greenlets
+# once the lock is let go, and a close() run meanwhile found the thread set but not started.
+_CLOSE_DURING_START = (
+    _GEVENT_SHOP
+    + """
+from agentsight_middleware._dispatch import Dispatcher
 
 handled = []
 dispatcher = Dispatcher(handled.append, name="agentsight-test", shutdown_timeout=5.0)
@@ -270,6 +277,7 @@ print(json.dumps({
     "close": repr(closed.exception), "handled": handled, "flushed": flushed, "rows": rows,
 }))
 """
+)
 
 
 def test_a_close_meeting_a_start_under_way_waits_for_it(tmp_path: Path) -> None:
@@ -398,19 +406,9 @@ def test_a_worker_waiting_for_a_locked_file_keeps_answering(
 # A coroutine tracker in a gevent worker: its page views run on the middleware's own loop,
 # whose thread is a greenlet. Every greenlet shares the OS thread's running loop, so the
 # caller of flush() and close() seemed to run on that loop, and its calls were not waited for.
-_WAITS_FOR_THE_OWN_LOOP = """
-import asyncio, json
-
-from gevent import monkey
-
-monkey.patch_all()
-
-import gevent
-from werkzeug.test import Client
-
-from agentsight_middleware import AgentSightWSGIMiddleware
-from tests.conftest import BROWSER
-
+_WAITS_FOR_THE_OWN_LOOP = (
+    _GEVENT_SHOP
+    + """
 
 class Slow:
     def __init__(self):
@@ -424,10 +422,6 @@ class Slow:
         pass
 
 
-def shop(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/html")])
-    return [b"<p>shop</p>"]
-
 
 tracker = Slow()
 mw = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=tracker, shutdown_timeout=30)
@@ -440,19 +434,12 @@ for ending in (mw.flush, mw.close):
     made.append([flushed, len(tracker.initialized)])
 print(json.dumps(made))
 """
+)
 
 
 def test_flush_and_close_wait_for_a_coroutine_trackers_page_views_under_gevent() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _WAITS_FOR_THE_OWN_LOOP],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
     # flush() said True and close() returned before the call was made (each found none).
-    assert json.loads(done.stdout.splitlines()[-1]) == [[True, 1], [None, 2]]
+    assert last_json_line(_WAITS_FOR_THE_OWN_LOOP, timeout=120) == [[True, 1], [None, 2]]
 
 
 # A view running asyncio in a gevent worker (asyncio.run(), Flask's ``async def`` views):
@@ -487,19 +474,9 @@ def test_a_views_asyncio_runs_beside_the_middlewares_loops_under_gevent(
 # The middleware's loops starting while a view runs a loop of its own (asyncio.run()) in its
 # greenlet, which switched out meanwhile: the OS thread's running loop was the view's, and
 # ours would not run ("Cannot run the event loop while another loop is running").
-_STARTS_BESIDE_A_VIEWS_LOOP = """
-import asyncio, json, sqlite3, sys
-
-from gevent import monkey
-
-monkey.patch_all()
-
-import gevent
-from werkzeug.test import Client
-
-from agentsight_middleware import AgentSightWSGIMiddleware
-from tests.conftest import BROWSER
-
+_STARTS_BESIDE_A_VIEWS_LOOP = (
+    _GEVENT_SHOP
+    + """
 
 class Tracker:
     def __init__(self):
@@ -511,10 +488,6 @@ class Tracker:
     async def get_or_create_conversation(self, conversation_id, **kwargs):
         pass
 
-
-def shop(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/html")])
-    return [b"<p>shop</p>"]
 
 
 tracker = Tracker()
@@ -535,6 +508,7 @@ with sqlite3.connect(sys.argv[1]) as conn:
         rows = 0
 print(json.dumps({"flushed": flushed, "rows": rows, "made": len(tracker.initialized)}))
 """
+)
 
 
 def test_the_middlewares_loops_start_beside_a_views_loop_under_gevent(tmp_path: Path) -> None:
