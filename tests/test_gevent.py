@@ -516,3 +516,214 @@ def test_the_middlewares_loops_start_beside_a_views_loop_under_gevent(tmp_path: 
     # The delivery worker stopped on the error (its events waited for its restart) and the
     # tracker's own loop never ran: flush() gave up, the page view was never made.
     assert outcome == {"flushed": [True, True], "rows": 1, "made": 1}
+
+
+# A coroutine tracker reading a response in chunks (an async generator, as httpx's
+# aiter_bytes) while a view's asyncio.run() runs beside it: Python keeps the asyncgen hooks
+# per OS thread too, the view's loop took the generator for its own, and closed it as it
+# ended (shutdown_asyncgens) at the generator's first yield.
+_CHUNKS_BESIDE_A_VIEWS_LOOP = """
+import asyncio, json
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+
+read = []
+
+
+async def chunks():
+    for i in range(5):
+        yield i
+
+
+class Tracker:
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        async for chunk in chunks():
+            read.append(chunk)
+            await asyncio.sleep(0.05)  # meanwhile the generator waits at its yield
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        pass
+
+
+async def view():
+    while not read:  # ends once the tracker has read its first chunk
+        await asyncio.sleep(0.005)
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+tracked = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=Tracker())
+Client(tracked).get("/", headers=BROWSER)  # the tracker's own loop started
+flushed = [tracked.flush(10)]
+read.clear()
+viewing = gevent.spawn(asyncio.run, view())  # another request's view
+gevent.sleep(0.05)
+Client(tracked).get("/", headers=BROWSER)
+flushed.append(tracked.flush(10))
+viewing.join()
+tracked.close(3)
+print(json.dumps({"flushed": flushed, "read": read}))
+"""
+
+
+def test_a_views_loop_leaves_a_coroutine_trackers_async_generators_alone_under_gevent() -> None:
+    outcome = last_json_line(_CHUNKS_BESIDE_A_VIEWS_LOOP, timeout=60)
+    # The view's loop closed the tracker's generator: its ``async for`` ended after one chunk.
+    assert outcome == {"flushed": [True, True], "read": [0, 1, 2, 3, 4]}
+
+
+# The middleware in OS threads of the app's own (gevent's unpatched threads, each with a hub
+# of its own), one after another: the second took the first's ident once it ended, and was
+# taken for a thread whose greenlet tracer was ours already.
+_IN_OS_THREADS_ONE_AFTER_ANOTHER = """
+import asyncio, json, sys
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import gevent
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+
+start_new_thread = monkey.get_original("_thread", "start_new_thread")
+allocate_lock = monkey.get_original("_thread", "allocate_lock")
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+def view():
+    try:
+        asyncio.run(asyncio.sleep(0.05))
+        return "ran"
+    except RuntimeError as error:
+        return str(error)
+
+
+def serve(store, views):
+    middleware = AgentSightWSGIMiddleware(shop, widget_pages=["/"], local_store=store)
+    Client(middleware).get("/", headers=BROWSER)  # its worker's loop started in this thread
+    gevent.sleep(0.05)
+    viewing = gevent.spawn(view)
+    middleware.flush(5)
+    viewing.join()
+    middleware.close(5)
+    views.append(viewing.value)
+
+
+views = []
+for n in range(2):
+    done = allocate_lock()
+    done.acquire()
+
+    def run(store=f"{sys.argv[1]}{n}.db"):
+        try:
+            serve(store, views)
+        finally:
+            done.release()
+
+    start_new_thread(run, ())
+    done.acquire()
+    monkey.get_original("time", "sleep")(0.1)  # the thread ended
+print(json.dumps(views))
+"""
+
+
+def test_the_middlewares_loops_in_os_threads_one_after_another_under_gevent(
+    tmp_path: Path,
+) -> None:
+    views = last_json_line(_IN_OS_THREADS_ONE_AFTER_ANOTHER, str(tmp_path / "store"), timeout=60)
+    # The second: "asyncio.run() cannot be called from a running event loop".
+    assert views == ["ran", "ran"]
+
+
+# asyncio without its C accelerator (as on PyPy), imported after gevent's patching: it keeps
+# the running loop in a threading.local, gevent's, a greenlet's own already. The tracer runs
+# in the greenlet switched to, and set that one's: ours ran with none ("no running event
+# loop"), the delivery worker stopped and the tracker's page views were never made.
+_WITHOUT_ASYNCIOS_ACCELERATOR = """
+import json, sqlite3, sys
+
+sys.modules["_asyncio"] = None
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import asyncio
+
+import gevent
+from werkzeug.test import Client
+
+from agentsight_middleware import AgentSightWSGIMiddleware
+from tests.conftest import BROWSER
+
+
+class Tracker:
+    def __init__(self):
+        self.initialized = []
+
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        await asyncio.sleep(0.01)
+        self.initialized.append(conversation_id)
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        pass
+
+
+def shop(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<p>shop</p>"]
+
+
+def view():
+    try:
+        asyncio.run(asyncio.sleep(0.2))
+        return "ran"
+    except RuntimeError as error:
+        return str(error)
+
+
+tracker = Tracker()
+stored = AgentSightWSGIMiddleware(shop, widget_pages=["/"], local_store=sys.argv[1])
+tracked = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=tracker)
+flushed = []
+for _ in range(2):  # the second beside a view's loop
+    viewing = gevent.spawn(view) if flushed else None
+    for mw in (stored, tracked):
+        Client(mw).get("/", headers=BROWSER)
+    flushed += [mw.flush(3) for mw in (stored, tracked)]
+gevent.joinall([viewing])
+for mw in (stored, tracked):
+    mw.close(3)
+with sqlite3.connect(sys.argv[1]) as conn:
+    try:
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    except sqlite3.OperationalError:  # no table: nothing was ever written
+        rows = 0
+print(json.dumps({"flushed": flushed, "rows": rows, "made": len(tracker.initialized),
+                  "view": viewing.value}))
+"""
+
+
+def test_the_middlewares_loops_run_under_gevent_with_asyncio_without_its_accelerator(
+    tmp_path: Path,
+) -> None:
+    outcome = last_json_line(_WITHOUT_ASYNCIOS_ACCELERATOR, str(tmp_path / "store.db"), timeout=60)
+    assert outcome == {"flushed": [True] * 4, "rows": 2, "made": 2, "view": "ran"}
