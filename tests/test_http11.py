@@ -2832,23 +2832,23 @@ KEPT_TIME = 0.005
 
 
 async def stream_while_on_time(
-    sink: HttpSink, writes: list[int], waves: int, size: int, gap: float
+    sink: HttpSink, writes: list[int], waves: int, size: int, gap: float, first: int = 0
 ) -> tuple[int, bool]:
     """Streams (see stream()) until one ran while the loop kept time (:data:`KEPT_TIME`), 5
     at most: a loop running late reads a distant API's answers as a slow one's, and its
     pipelines give way to the even spread by design (benchmarks/RESULTS.md, "the worker
-    loop's own lateness"). ``writes`` holds that stream's writes. The events sent, and
-    whether the loop kept time."""
+    loop's own lateness"). ``writes`` holds that stream's writes. The events sent (ids from
+    ``first`` on), and whether the loop kept time."""
     watch = LoopWatch()
-    sent = 0
+    sent = first
     for _ in range(5):
         writes.clear()
         with watch.watching():
             await stream(sink, waves=waves, size=size, first=sent, gap=gap)
         sent += waves * size
         if watch.most <= KEPT_TIME:
-            return sent, True
-    return sent, False
+            return sent - first, True
+    return sent - first, False
 
 
 async def test_an_api_far_away_that_answers_at_once_gets_pipelines(engine: str) -> None:
@@ -2861,7 +2861,17 @@ async def test_an_api_far_away_that_answers_at_once_gets_pipelines(engine: str) 
         sink = direct_sink(far, MemoryOutbox(1000), concurrency=64)
         writes = count_writes(sink)
         await sink.start()
-        sent, on_time = await stream_while_on_time(sink, writes, waves=40, size=5, gap=0.01)
+        sent = 0
+        for _ in range(3):
+            more, on_time = await stream_while_on_time(
+                sink, writes, waves=40, size=5, gap=0.01, first=sent
+            )
+            sent += more
+            # A stream on time with its pipelines late to form (the loop kept time, the
+            # distance's own thread did not, on a machine loaded with other test runs):
+            # streamed again.
+            if engine == "h11" or not on_time or sum(n for n in writes if n >= 3) >= 100:
+                break
         await sink.aclose()
     assert len(set(accepted)) == sent
     if engine == "h11":
@@ -2905,8 +2915,12 @@ async def test_an_api_far_away_that_hangs_stops_the_pipelines() -> None:
         sink = direct_sink(far, MemoryOutbox(2000), concurrency=64, timeout=3.0)
         writes = count_writes(sink)
         await sink.start()
+        sent = 0
         for _ in range(3):
-            _, on_time = await stream_while_on_time(sink, writes, waves=40, size=5, gap=0.01)
+            more, on_time = await stream_while_on_time(
+                sink, writes, waves=40, size=5, gap=0.01, first=sent
+            )
+            sent += more  # ids below 3,000: the hung stream's start at 10,000
             # Pipelines to stop (none while the loop ran late: the even spread already). A
             # stream on time went one request a connection on a machine loaded with other
             # test runs (a clean-clone run beside 4 others): streamed again.
