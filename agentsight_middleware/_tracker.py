@@ -102,6 +102,10 @@ _LEAST_FLUSH = 0.05
 #: Seconds it gets at close() at least, past the shutdown deadline if need be: its buffer
 #: holds every earlier page view and turn, which one slow page view must not cost.
 _LEAST_CLOSE_FLUSH = 1.0
+# How long close() waits at most (within its own deadline) for its own loop's thread to
+# end once stopped: the rest (calls still running, given up to tracker_timeout) goes on
+# without it.
+_LOOP_JOIN = 1.0
 
 
 def _tracker_failure(exc: BaseException) -> bool:
@@ -252,11 +256,33 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _run_unseen(loop: asyncio.AbstractEventLoop) -> None:
+def _run_unseen(loop: asyncio.AbstractEventLoop, grace: float) -> None:
     """The own loop's thread: under gevent, a greenlet the app's greenlets must not take
-    for theirs (see unseen_loop)."""
+    for theirs (see unseen_loop). Once stopped (see TrackerDelivery._stop_own_loop), the
+    calls still on it get ``grace`` seconds to end, then are cancelled, and it is closed."""
     with unseen_loop():
-        loop.run_forever()
+        try:
+            loop.run_forever()
+        finally:
+            _wind_up(loop, grace)
+
+
+def _wind_up(loop: asyncio.AbstractEventLoop, grace: float) -> None:
+    import asyncio
+
+    try:
+        # Not cancelled at once: a chat's call under way as close() ran (each is bounded by
+        # its tracker_timeout) is made still, as the engage threads' are.
+        tasks = asyncio.all_tasks(loop)
+        if tasks:
+            _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=grace))
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 async def _on_its_loop(future: Any, its: asyncio.AbstractEventLoop) -> Any:
@@ -507,6 +533,7 @@ class TrackerDelivery:
         # keep loop-bound resources, such as an httpx.AsyncClient. A coroutine that blocks
         # (sync I/O in an async def) holds up the others, as on any event loop.
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
         reset_in_child(self._after_fork)
@@ -557,6 +584,7 @@ class TrackerDelivery:
         self._flying_lock = threading.Lock()
         self._flush_thread = self._close_gave_up_on = None
         self._loop = self._app_loop = self._flush_caller_loop = None
+        self._loop_thread = None
         self._loop_lock = threading.Lock()
         self._count_lock = threading.Lock()
         # The parent's engage calls hold slots their threads, not here, would give back; and
@@ -580,23 +608,46 @@ class TrackerDelivery:
             if loop is not None and not loop.is_closed():
                 return loop
             loop = self._loop = asyncio.new_event_loop()
+            thread = self._loop_thread = threading.Thread(
+                target=_run_unseen,
+                args=(loop, self._timeout),
+                name="agentsight-tracker-loop",
+                daemon=True,
+            )
         # Its thread started once the lock is let go, as the delivery worker's (see
         # BackgroundDelivery._start): under gevent a start switches greenlets, and a lock
         # made at a gunicorn --preload fork is no lock gevent patched. A call meanwhile
         # queues on the loop, which runs it once started.
         try:
-            threading.Thread(
-                target=_run_unseen, args=(loop,), name="agentsight-tracker-loop", daemon=True
-            ).start()
+            thread.start()
         except RuntimeError:
             # No thread (Python 3.12+ at interpreter exit): not kept, a loop that never
             # runs would take every later call, and a flush waiting for one, for ever.
             with self._loop_lock:
                 if self._loop is loop:
-                    self._loop = None
+                    self._loop = self._loop_thread = None
             loop.close()
             raise
         return loop
+
+    def _stop_own_loop(self, deadline: float) -> None:
+        """Let our loop's thread end (see _wind_up); a later call makes a new loop. Kept,
+        each closed middleware left a thread (a greenlet under gevent) running its loop
+        for the life of the process."""
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+            thread, self._loop_thread = self._loop_thread, None
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            return  # closed already (its thread never started)
+        # Briefly: one held by a call that blocks (sync I/O in an async def) ends once the
+        # call returns, and closes its loop then.
+        if thread is not None and thread is not threading.current_thread():
+            with suppress(RuntimeError):  # never started (a close() racing _own_loop)
+                thread.join(min(_LOOP_JOIN, max(deadline - time.monotonic(), 0.0)))
 
     def _count(self, name: str) -> None:
         with self._count_lock:  # from the worker's threads and the app's at once
@@ -1118,6 +1169,13 @@ class TrackerDelivery:
                 )
                 for future in pending:
                     future.cancel()
+        try:
+            self._close_flush(timeout, deadline)
+        finally:
+            # Last: a coroutine tracker's flush is awaited on our loop.
+            self._stop_own_loop(deadline)
+
+    def _close_flush(self, timeout: float | None, deadline: float) -> None:
         if self._flush_hook is None:
             return
         running = self._flush_thread
@@ -1251,7 +1309,14 @@ class TrackerDelivery:
                     here.close()
         future = asyncio.run_coroutine_threadsafe(wait(), loop)
         if not bounded:
-            return future.result()
+            try:
+                return future.result()
+            except concurrent.futures.CancelledError:
+                if loop is self._loop or loop is self._app_loop:
+                    raise
+                # Cancelled as a close() that gave it up ended our loop (see _wind_up): no
+                # failure of the tracker's, and that close() said what it means.
+                return False
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -442,6 +442,66 @@ def test_flush_and_close_wait_for_a_coroutine_trackers_page_views_under_gevent()
     assert last_json_line(_WAITS_FOR_THE_OWN_LOOP, timeout=120) == [[True, 1], [None, 2]]
 
 
+# Middlewares with a coroutine tracker closed in a gevent worker (an app factory's): each
+# kept its loop's greenlet running for good. One used after close() makes a new loop.
+_CLOSES_ITS_LOOP = (
+    _GEVENT_SHOP
+    + """
+import threading, time
+
+
+class Recording:
+    def __init__(self):
+        self.calls = []
+
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        await asyncio.sleep(0)
+        self.calls.append("page view")
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        await asyncio.sleep(0)
+        self.calls.append("chat")
+
+
+def loops():
+    return [t for t in threading.enumerate() if t.name.startswith("agentsight-tracker-loop")]
+
+
+def ended():
+    deadline = time.monotonic() + 10  # generous: not hung
+    for thread in loops():
+        thread.join(max(deadline - time.monotonic(), 0))
+    return len(loops())
+
+
+def use(mw):
+    Client(mw).get("/", headers=BROWSER)
+    Client(mw).post("/api/chat", headers={"X-Conversation-ID": "c1"})
+    return mw.flush(30)
+
+
+made = []
+for _ in range(5):
+    tracker = Recording()
+    mw = AgentSightWSGIMiddleware(
+        shop, widget_pages=["/"], chat_routes=["POST /api/chat"], tracker=tracker
+    )
+    made.append([use(mw), sorted(tracker.calls)])
+    mw.close()
+left = ended()
+made.append([use(mw), sorted(tracker.calls)])
+mw.close()
+print(json.dumps([left, ended(), made]))
+"""
+)
+
+
+def test_closing_ends_a_coroutine_trackers_loop_under_gevent() -> None:
+    once = [True, ["chat", "page view"]]
+    again = [True, ["chat", "chat", "page view", "page view"]]
+    assert last_json_line(_CLOSES_ITS_LOOP, timeout=120) == [0, 0, [once] * 5 + [again]]
+
+
 # A view running asyncio in a gevent worker (asyncio.run(), Flask's ``async def`` views):
 # Python keeps the running loop per OS thread, and the middleware's loops (the delivery
 # worker's, a coroutine tracker's own) run in threads that are greenlets of that one thread.

@@ -1221,6 +1221,98 @@ def test_a_coroutine_tracker_under_wsgi_keeps_one_loop() -> None:
     app.close()
 
 
+class AsyncTracker(RecordingTracker):
+    """A coroutine tracker with a coroutine flush: under WSGI all three run on the
+    middleware's own loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = 0
+
+    async def initialize_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().initialize_conversation(conversation_id, **kwargs)
+
+    async def get_or_create_conversation(self, conversation_id: str, **kwargs: Any) -> None:  # type: ignore[override]
+        await asyncio.sleep(0)
+        super().get_or_create_conversation(conversation_id, **kwargs)
+
+    async def agentsight_flush(self, timeout: float) -> bool:
+        await asyncio.sleep(0)
+        self.flushed += 1
+        return True
+
+
+def test_closing_ends_the_loop_coroutine_calls_ran_on_under_wsgi() -> None:
+    # Each closed middleware kept its loop's thread running for the life of the process
+    # (an app factory or a test suite building and closing 8 middlewares: 8 threads).
+    earlier = set(threading.enumerate())
+
+    def loop_threads() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith("agentsight-tracker-loop") and t not in earlier
+        ]
+
+    def ended() -> list[threading.Thread]:
+        deadline = time.monotonic() + 10  # generous: not hung
+        for thread in loop_threads():
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        return loop_threads()
+
+    def use(app: AgentSightWSGIMiddleware, conversation_id: str) -> None:
+        with werkzeug_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/", headers=BROWSER).status_code == 200
+            headers = {"X-Conversation-ID": conversation_id}
+            assert client.post("/api/chat", json={}, headers=headers).status_code == 200
+
+    trackers = [AsyncTracker() for _ in range(8)]
+    apps = [wsgi_app(tracker) for tracker in trackers]
+    for number, app in enumerate(apps):
+        use(app, f"c{number}")
+        assert loop_threads()
+        app.close()
+    assert ended() == []
+    for tracker in trackers:  # each call made, and each flush, before its loop ended
+        assert (len(tracker.initialized), len(tracker.used), tracker.flushed) == (1, 1, 1)
+    # Used after close() (a second lifespan), a middleware makes its calls on a new loop.
+    app, tracker = apps[0], trackers[0]
+    use(app, "again")
+    assert app.flush(10)
+    assert (len(tracker.initialized), len(tracker.used), tracker.flushed) == (2, 2, 2)
+    assert tracker.used[-1]["conversation_id"] == "again"
+    assert sum(app.stats()[name] for name in ("errors", "timeouts", "dropped")) == 0
+    app.close()
+    assert ended() == []
+
+
+class HungFlush(AsyncTracker):
+    async def agentsight_flush(self, timeout: float) -> bool:
+        await asyncio.sleep(60)  # an API that does not answer
+        return True
+
+
+def test_a_coroutine_flush_close_gave_up_on_ends_with_its_loop_under_wsgi(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its thread waited on the loop for ever; cancelled by the loop's end, it is no failure
+    # of the tracker's (close() said the buffer was not sent).
+    earlier = set(threading.enumerate())
+    app = wsgi_app(HungFlush(), tracker_timeout=0.5)
+    with caplog.at_level(logging.WARNING, logger="agentsight_middleware"):
+        app.close(0.2)
+    ours = [t for t in threading.enumerate() if t not in earlier]
+    assert {t.name for t in ours} >= {"agentsight-tracker-flush", "agentsight-tracker-loop"}
+    deadline = time.monotonic() + 10  # generous: not hung
+    for thread in ours:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    assert [t.name for t in ours if t.is_alive()] == []
+    assert app.stats()["errors"] == 0
+    assert [r.getMessage() for r in caplog.records if "flush() failed" in r.getMessage()] == []
+    assert any("was not sent at shutdown" in r.getMessage() for r in caplog.records)
+
+
 class SlowDecoratorTracker(RecordingTracker):
     """A coroutine chat method behind a plain decorator whose wrapper does blocking work
     first (``block`` s: from the ``block_from``-th call on, or until ``release`` is set);
