@@ -2725,25 +2725,33 @@ async def test_an_api_that_hangs_after_a_fast_spell_holds_few_events() -> None:
     # the first timed out: 120 events held (and each charged an attempt) within 0.5 s,
     # against 16 before pipelines followed the pace. A pipeline out 4x the average (10 ms at
     # least) now says the API is no longer fast.
-    pace = [0.0]
-    server, _, _ = queueing_api(pace)
-    async with server.running() as url:
-        sink = direct_sink(url, MemoryOutbox(2000), concurrency=64, timeout=2.0)
-        await sink.start()
-        await stream(sink, waves=20, size=15)
-        pace[0] = 3600.0  # hangs
-        for wave in range(100):  # 0.5 s of 3,000 events/s
-            start = 1000 + wave * 15
-            await sink.put(
-                [{"conversation_id": f"conv_{i:012x}"} for i in range(start, start + 15)]
-            )
-            await asyncio.sleep(0.005)
-        in_flight = sink._in_flight
-        await sink.aclose()
+    watch = LoopWatch()
+    for _ in range(3):
+        pace = [0.0]
+        server, _, _ = queueing_api(pace)
+        async with server.running() as url:
+            sink = direct_sink(url, MemoryOutbox(2000), concurrency=64, timeout=2.0)
+            await sink.start()
+            with watch.watching():
+                await stream(sink, waves=20, size=15)
+                pace[0] = 3600.0  # hangs
+                for wave in range(100):  # 0.5 s of 3,000 events/s
+                    start = 1000 + wave * 15
+                    await sink.put(
+                        [{"conversation_id": f"conv_{i:012x}"} for i in range(start, start + 15)]
+                    )
+                    await asyncio.sleep(0.005)
+            in_flight = sink._in_flight
+            await sink.aclose()
+        # A loop running late (a machine loaded with other test runs: 107 held in one
+        # clean-clone run) finds the first pipeline overdue late, and writes more before:
+        # run again. One that kept time is judged as it is.
+        if in_flight <= 64 or watch.most <= KEPT_TIME:
+            break
     # One request per sender (16 here) as before the pace was followed, and the pipelines
     # written before the first was overdue (10 ms): two, 44 events, here; three on a loaded
     # machine whose loop stalls. Was 120.
-    assert in_flight <= 64
+    assert in_flight <= 64, (in_flight, watch.most)
 
 
 @contextlib.asynccontextmanager
