@@ -1328,15 +1328,9 @@ class TrackerDelivery:
         (waiting there would block the very calls waited for)."""
         import asyncio
 
+        # Under gevent our own loop is no other greenlet's running loop (see _greenlets):
+        # taken for the caller's, flush() and close() waited for none of its page views.
         here = asyncio._get_running_loop()
-        # Under gevent every greenlet shares the OS thread's running loop: our own loop,
-        # running in its thread's greenlet, was taken for the caller's, and flush() and
-        # close() waited for none of its page views (True at once, the calls not made).
-        if here is not None and getattr(here, "_thread_id", None) not in (
-            None,
-            threading.get_ident(),
-        ):
-            here = None
         with self._flying_lock:
             self._prune()
             return [future for future, loop in self._flying.items() if loop is not here]

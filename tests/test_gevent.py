@@ -239,6 +239,21 @@ from tests.conftest import BROWSER
 def shop(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/html")])
     return [b"<p>shop</p>"]
+
+
+# A coroutine tracker: the page views it made, each delay s after its call.
+class Tracker:
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.initialized = []
+
+    async def initialize_conversation(self, conversation_id, **kwargs):
+        if self.delay:
+            await asyncio.sleep(self.delay)  # its API's answer
+        self.initialized.append(conversation_id)
+
+    async def get_or_create_conversation(self, conversation_id, **kwargs):
+        pass
 """
 
 
@@ -409,21 +424,7 @@ def test_a_worker_waiting_for_a_locked_file_keeps_answering(
 _WAITS_FOR_THE_OWN_LOOP = (
     _GEVENT_SHOP
     + """
-
-class Slow:
-    def __init__(self):
-        self.initialized = []
-
-    async def initialize_conversation(self, conversation_id, **kwargs):
-        await asyncio.sleep(0.3)  # its API's answer
-        self.initialized.append(conversation_id)
-
-    async def get_or_create_conversation(self, conversation_id, **kwargs):
-        pass
-
-
-
-tracker = Slow()
+tracker = Tracker(delay=0.3)
 mw = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=tracker, shutdown_timeout=30)
 made = []
 for ending in (mw.flush, mw.close):
@@ -537,19 +538,6 @@ def test_a_views_asyncio_runs_beside_the_middlewares_loops_under_gevent(
 _STARTS_BESIDE_A_VIEWS_LOOP = (
     _GEVENT_SHOP
     + """
-
-class Tracker:
-    def __init__(self):
-        self.initialized = []
-
-    async def initialize_conversation(self, conversation_id, **kwargs):
-        self.initialized.append(conversation_id)
-
-    async def get_or_create_conversation(self, conversation_id, **kwargs):
-        pass
-
-
-
 tracker = Tracker()
 stored = AgentSightWSGIMiddleware(shop, widget_pages=["/"], local_store=sys.argv[1])
 tracked = AgentSightWSGIMiddleware(shop, widget_pages=["/"], tracker=tracker)
